@@ -1,0 +1,121 @@
+"""Command-line entry point: `dnsoverride serve | check | registry | ca`.
+
+This module only parses arguments and dispatches; each command lives with the
+component it runs. Implementations are imported lazily so that `dnsoverride check`
+does not pay for the registry's imports and the reverse.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from dnsoverride import __version__
+from dnsoverride.errors import UserError
+from dnsoverride.log import LEVELS
+
+
+def _add_logging_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--log-format",
+        choices=("json", "console"),
+        default=None,
+        help="log output format (default: console on a terminal, JSON lines otherwise)",
+    )
+    parser.add_argument("--log-level", choices=LEVELS, default=None, help="minimum log level")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full argument parser; kept separate from `main` so tests can inspect it."""
+    parser = argparse.ArgumentParser(
+        prog="dnsoverride",
+        description="Split-horizon override DNS server and pull-through registry cache.",
+    )
+    parser.add_argument("--version", action="version", version=f"dnsoverride {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the override DNS server")
+    serve.add_argument("--config", metavar="FILE", help="daemon config file (YAML)")
+    serve.add_argument("--zones", metavar="DIR", help="zones directory (default ./zones)")
+    serve.add_argument(
+        "--listen",
+        metavar="HOST:PORT",
+        action="append",
+        help="UDP+TCP listen address; repeat for several (default 127.0.0.1:5353)",
+    )
+    serve.add_argument(
+        "--upstream",
+        metavar="HOST[:PORT]",
+        action="append",
+        help="upstream resolver; repeat for several (default: /etc/resolv.conf)",
+    )
+    serve.add_argument(
+        "--metrics", metavar="HOST:PORT", help="admin listener for /metrics, /healthz, /readyz"
+    )
+    _add_logging_flags(serve)
+
+    check = commands.add_parser("check", help="validate config and zones without serving")
+    check.add_argument("--config", metavar="FILE", help="daemon config file (YAML)")
+    check.add_argument("--zones", metavar="DIR", help="zones directory (default ./zones)")
+
+    registry = commands.add_parser("registry", help="run the pull-through registry cache")
+    registry.add_argument("--config", metavar="FILE", help="registry config file (YAML)")
+    registry.add_argument("--listen", metavar="HOST:PORT", help="default 127.0.0.1:5000")
+    registry.add_argument(
+        "--upstream", metavar="URL", help="default upstream (default https://registry-1.docker.io)"
+    )
+    registry.add_argument("--storage", metavar="DIR", help="blob store directory")
+    registry.add_argument("--max-size", metavar="SIZE", help="store budget, e.g. 20G")
+    registry.add_argument("--tls-cert", metavar="FILE", help="TLS certificate (PEM)")
+    registry.add_argument("--tls-key", metavar="FILE", help="TLS private key (PEM)")
+    registry.add_argument(
+        "--metrics", metavar="HOST:PORT", help="admin listener for /metrics, /healthz, /readyz"
+    )
+    _add_logging_flags(registry)
+
+    ca = commands.add_parser("ca", help="internal CA and certificates for overridden names")
+    ca_commands = ca.add_subparsers(dest="ca_command", required=True, metavar="ACTION")
+    ca_init = ca_commands.add_parser("init", help="create the CA key and certificate")
+    ca_init.add_argument("--dir", required=True, metavar="DIR", help="CA directory")
+    ca_issue = ca_commands.add_parser("issue", help="issue a server certificate")
+    ca_issue.add_argument("--dir", required=True, metavar="DIR", help="CA directory")
+    ca_issue.add_argument("names", nargs="*", metavar="NAME", help="DNS names for the SANs")
+    ca_issue.add_argument(
+        "--from-zones", metavar="DIR", help="add every name the zones point at the cache"
+    )
+    return parser
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "serve":
+        from dnsoverride.dns.daemon import run as run_serve
+
+        return run_serve(args)
+    if args.command == "check":
+        from dnsoverride.check import run as run_check
+
+        return run_check(args)
+    if args.command == "registry":
+        from dnsoverride.registry.daemon import run as run_registry
+
+        return run_registry(args)
+    from dnsoverride.ca import run as run_ca
+
+    return run_ca(args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse `argv`, run the command, and map user errors to a message and exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except UserError as error:
+        print(f"dnsoverride: error: {error}", file=sys.stderr)
+        return 1 if args.command == "check" else 2
+    except KeyboardInterrupt:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

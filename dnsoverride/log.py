@@ -1,0 +1,41 @@
+"""structlog configuration shared by every daemon and command.
+
+JSON lines when stdout is not a terminal (journald, files, pipes) or when asked for;
+coloured key=value console output on a terminal. Everything is an event with fields.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Literal
+
+import structlog
+
+LogFormat = Literal["json", "console"]
+LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+def configure(log_format: LogFormat | None = None, level: str = "info") -> None:
+    """Configure structlog for the process; `log_format=None` picks by whether stdout is a tty."""
+    if log_format is None:
+        log_format = "console" if sys.stdout.isatty() else "json"
+    renderer: structlog.types.Processor
+    if log_format == "json":
+        renderer = structlog.processors.JSONRenderer()
+    else:
+        renderer = structlog.dev.ConsoleRenderer()
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(
+            logging.getLevelNamesMapping()[level.upper()]
+        ),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stdout),
+        cache_logger_on_first_use=True,
+    )
