@@ -1,0 +1,76 @@
+"""The admin HTTP listener each daemon runs beside its service port.
+
+Owns three endpoints and nothing else: `/metrics` (Prometheus exposition of the
+daemon's own CollectorRegistry), `/healthz` (the process answers) and `/readyz`
+(the daemon's `ready()` says it can do its job). It is a separate listener so that
+metrics never share a port, an ACL or a TLS setup with DNS or registry clients.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import structlog
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from dnsoverride.errors import UserError
+
+log = structlog.get_logger(__name__)
+
+
+class AdminServer:
+    """A running admin listener; `close()` stops it."""
+
+    def __init__(self, runner: web.AppRunner) -> None:
+        self._runner = runner
+
+    @property
+    def port(self) -> int:
+        """The bound TCP port (useful when started with port 0)."""
+        return int(self._runner.addresses[0][1])
+
+    async def close(self) -> None:
+        await self._runner.cleanup()
+
+
+def _build_app(registry: CollectorRegistry, ready: Callable[[], bool]) -> web.Application:
+    async def metrics(_: web.Request) -> web.Response:
+        return web.Response(
+            body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
+        )
+
+    async def healthz(_: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    async def readyz(_: web.Request) -> web.Response:
+        if ready():
+            return web.Response(text="ready\n")
+        return web.Response(status=503, text="not ready\n")
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    return app
+
+
+async def start_admin(
+    host: str, port: int, registry: CollectorRegistry, ready: Callable[[], bool]
+) -> AdminServer:
+    """Serve /metrics, /healthz and /readyz on host:port until `close()`.
+
+    Raises UserError when the address cannot be bound (port in use, bad host).
+    """
+    # Scrapes every few seconds would drown the daemon's own events in access logs.
+    runner = web.AppRunner(_build_app(registry, ready), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    try:
+        await site.start()
+    except OSError as error:
+        await runner.cleanup()
+        raise UserError(f"admin listener {host}:{port}: {error.strerror or error}") from error
+    server = AdminServer(runner)
+    log.info("admin_listening", host=host, port=server.port)
+    return server
