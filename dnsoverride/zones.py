@@ -1,0 +1,491 @@
+"""Zone files: YAML on disk -> one immutable, validated `ZoneSet`, and the live holder.
+
+Owns the zone file format, its validation (every problem reported as `file:line: reason`,
+all of them at once), the lookup rules for overridden names and wildcards, and
+`LiveZones`, the single holder the DNS server reads and `reload.py` swaps.
+
+Format (every `*.yaml` / `*.yml` in the zones directory)::
+
+    ttl: 60                       # optional default TTL for the file
+    records:
+      registry-1.docker.io:
+        A: 10.0.0.5               # a value or a list of values
+        ttl: 30                   # optional per-name TTL
+      "*.apps.ci.example":
+        CNAME: ingress.ci.example.
+
+Names are absolute with or without the trailing dot and case-insensitive. Keys of a name
+are record types or `ttl`; anything else is rejected so that a typo (or a feature this
+version does not have yet) is an error rather than silently ignored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import dnslib
+
+from dnsoverride import yamlsource
+
+DEFAULT_TTL = 60
+MAX_TTL = 2**31 - 1
+ZONE_SUFFIXES = (".yaml", ".yml")
+FILE_KEYS = ("ttl", "records")
+NAME_KEYS = ("ttl",)
+RECORD_TYPES = ("A", "AAAA", "CNAME", "TXT", "MX", "SRV", "PTR", "NS")
+
+_LABEL = re.compile(r"^[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?$")
+
+
+@dataclass(frozen=True)
+class ZoneProblem:
+    """One thing wrong with a zone file, at a 1-based line."""
+
+    file: str
+    line: int
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}: {self.reason}"
+
+
+class ZoneSetError(Exception):
+    """The zone set is not valid; `problems` lists every problem found, in file order."""
+
+    def __init__(self, problems: Iterable[ZoneProblem]) -> None:
+        self.problems = tuple(problems)
+        super().__init__("\n".join(str(problem) for problem in self.problems))
+
+
+@dataclass(frozen=True)
+class RRSet:
+    """The records of one type at one name; `rdatas` are ready-made dnslib RDATA objects."""
+
+    rtype: int
+    ttl: int
+    rdatas: tuple[Any, ...]
+    texts: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class NameEntry:
+    """An overridden name (or wildcard `*.suffix`) and all its data, from one file."""
+
+    name: str
+    file: str
+    line: int
+    ttl: int
+    rrsets: Mapping[int, RRSet]
+
+    @property
+    def cname(self) -> str | None:
+        """The CNAME target (lowercase, no trailing dot) when this name is an alias."""
+        rrset = self.rrsets.get(dnslib.QTYPE.CNAME)
+        return rrset.texts[0].rstrip(".") if rrset else None
+
+    def canonical(self) -> str:
+        """A stable text form of the data, for hashing and diffing."""
+        lines = [f"{self.name} ttl={self.ttl}"]
+        for rtype in sorted(self.rrsets):
+            rrset = self.rrsets[rtype]
+            for text in sorted(rrset.texts):
+                lines.append(f"  {dnslib.QTYPE.get(rtype)} {rrset.ttl} {text}")
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class ZoneFile:
+    """One zone file: its name in the directory (e.g. `ci.yaml`) and its entries."""
+
+    name: str
+    path: str
+    entries: Mapping[str, NameEntry]
+
+    def matches(self, selector: str) -> bool:
+        """Views name files by file name (`ci.yaml`) or stem (`ci`)."""
+        return selector in (self.name, Path(self.name).stem)
+
+
+@dataclass(frozen=True)
+class Overrides:
+    """The merged overrides one view sees; `lookup` applies the ownership rules."""
+
+    entries: Mapping[str, NameEntry]
+
+    def lookup(self, qname: str) -> NameEntry | None:
+        """The entry answering `qname` (lowercase, no trailing dot), or None to forward.
+
+        An exact name wins; otherwise the closest enclosing wildcard `*.parent` answers,
+        but an overridden parent without a wildcard stops the search: names below an
+        override are forwarded.
+        """
+        entry = self.entries.get(qname)
+        if entry is not None:
+            return entry
+        labels = qname.split(".")
+        for index in range(1, len(labels)):
+            parent = ".".join(labels[index:])
+            wildcard = self.entries.get("*." + parent)
+            if wildcard is not None:
+                return wildcard
+            if parent in self.entries:
+                return None
+        return None
+
+
+@dataclass(frozen=True)
+class ZoneSet:
+    """Every zone file of a directory, parsed and validated; never changes once built."""
+
+    directory: str
+    files: tuple[ZoneFile, ...]
+    content_hash: str
+    _selections: dict[frozenset[str] | None, Overrides] = field(
+        default_factory=dict, compare=False, repr=False
+    )
+
+    def names(self) -> frozenset[str]:
+        """Every overridden name (lowercase, no trailing dot) across all files."""
+        return frozenset(name for zone in self.files for name in zone.entries)
+
+    def records_digest(self, name: str) -> str:
+        """A digest of everything any file says about `name`, to tell what changed."""
+        key = normalize_name(name)
+        digest = hashlib.sha256()
+        for zone in self.files:
+            entry = zone.entries.get(key)
+            if entry is not None:
+                digest.update(f"{zone.name}\n{entry.canonical()}\n".encode())
+        return digest.hexdigest()
+
+    def select(self, selectors: frozenset[str] | None) -> Overrides:
+        """The overrides of the files a view names (None: every file), merged in file order."""
+        cached = self._selections.get(selectors)
+        if cached is not None:
+            return cached
+        merged: dict[str, NameEntry] = {}
+        for zone in self.files:
+            if selectors is None or any(zone.matches(s) for s in selectors):
+                for name, entry in zone.entries.items():
+                    merged.setdefault(name, entry)
+        overrides = Overrides(MappingProxyType(merged))
+        self._selections[selectors] = overrides
+        return overrides
+
+    def view_problems(self, view: str, selectors: frozenset[str] | None) -> list[ZoneProblem]:
+        """Problems with one view's choice of files: unknown files, a name in two files."""
+        problems = []
+        for selector in sorted(selectors or ()):
+            if not any(zone.matches(selector) for zone in self.files):
+                problems.append(
+                    ZoneProblem(
+                        self.directory,
+                        0,
+                        f"view {view!r} names zone file {selector!r}, which does not exist",
+                    )
+                )
+        seen: dict[str, NameEntry] = {}
+        for zone in self.files:
+            if selectors is not None and not any(zone.matches(s) for s in selectors):
+                continue
+            for name, entry in zone.entries.items():
+                first = seen.setdefault(name, entry)
+                if first is not entry:
+                    problems.append(
+                        ZoneProblem(
+                            entry.file,
+                            entry.line,
+                            f"{name} is already defined in "
+                            f"{first.file}:{first.line} (both files are in view {view!r})",
+                        )
+                    )
+        return problems
+
+
+class LiveZones:
+    """The one holder of the current ZoneSet; `swap` replaces it atomically.
+
+    The (zone set, generation) pair lives in a single attribute so a reader never sees
+    a new set with an old generation. The DNS answer cache tags local answers with the
+    generation, so a swap invalidates them all without scanning the cache.
+    """
+
+    def __init__(self, zone_set: ZoneSet) -> None:
+        self._state = (zone_set, 1)
+
+    @property
+    def current(self) -> ZoneSet:
+        """The zone set being served."""
+        return self._state[0]
+
+    @property
+    def generation(self) -> int:
+        """Bumped by every swap, starting at 1."""
+        return self._state[1]
+
+    def snapshot(self) -> tuple[ZoneSet, int]:
+        """The current set and its generation, read together."""
+        return self._state
+
+    def swap(self, new: ZoneSet) -> int:
+        """Serve `new` from now on; returns its generation."""
+        generation = self._state[1] + 1
+        self._state = (new, generation)
+        return generation
+
+
+def normalize_name(name: str) -> str:
+    """Lowercase, without the trailing dot: the form names are compared in."""
+    return name.rstrip(".").lower() if name != "." else ""
+
+
+def name_problem(name: str, wildcard_ok: bool) -> str | None:
+    """Why `name` is not a valid domain name (None when it is)."""
+    text = normalize_name(name)
+    if not text:
+        return "empty name"
+    if len(text) > 253:
+        return f"name {name!r} is longer than 253 characters"
+    labels = text.split(".")
+    for index, label in enumerate(labels):
+        if label == "*" and index == 0 and wildcard_ok and len(labels) > 1:
+            continue
+        if label == "*" or "*" in label:
+            return f"name {name!r}: '*' is only allowed as the whole first label of an owner"
+        if not label:
+            return f"name {name!r} has an empty label"
+        if len(label) > 63:
+            return f"name {name!r} has a label longer than 63 characters"
+        if not _LABEL.match(label):
+            return (
+                f"name {name!r}: label {label!r} may only hold letters, digits, '-' and '_' "
+                "and may not start or end with '-'"
+            )
+    return None
+
+
+def load_zone_set(
+    directory: Path, views: Mapping[str, frozenset[str] | None] | None = None
+) -> ZoneSet:
+    """Parse and validate every zone file in `directory`; raise ZoneSetError with ALL problems.
+
+    `views` (view name -> zone file selectors, None meaning every file) adds the checks
+    that need the daemon config: every named file exists, no name is defined twice in
+    one view.
+    """
+    if not directory.is_dir():
+        raise ZoneSetError([ZoneProblem(str(directory), 0, "zones directory does not exist")])
+    problems: list[ZoneProblem] = []
+    files = []
+    paths = sorted(
+        p for p in directory.iterdir() if p.suffix in ZONE_SUFFIXES and not p.name.startswith(".")
+    )
+    for path in paths:
+        zone, file_problems = _load_file(path)
+        problems.extend(file_problems)
+        files.append(zone)
+    digest = hashlib.sha256()
+    for zone in files:
+        digest.update(f"== {zone.name}\n".encode())
+        for name in sorted(zone.entries):
+            digest.update(zone.entries[name].canonical().encode() + b"\n")
+    zone_set = ZoneSet(str(directory), tuple(files), digest.hexdigest())
+    for view, selectors in (views or {}).items():
+        problems.extend(zone_set.view_problems(view, selectors))
+    if problems:
+        raise ZoneSetError(sorted(problems, key=lambda p: (p.file, p.line)))
+    return zone_set
+
+
+class _Problems:
+    """The problems of one file, collected while parsing it."""
+
+    def __init__(self, file: str) -> None:
+        self.file = file
+        self.items: list[ZoneProblem] = []
+
+    def add(self, line: int, reason: str) -> None:
+        self.items.append(ZoneProblem(self.file, line, reason))
+
+    def duplicates(self, mapping: yamlsource.LineMap) -> None:
+        for key, line in mapping.duplicates:
+            self.add(line, f"duplicate key {key!r} (first at line {mapping.key_lines[key]})")
+
+    def ttl(self, value: Any, line: int) -> int | None:
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_TTL:
+            self.add(line, f"bad TTL {value!r}: expected an integer from 0 to {MAX_TTL} (seconds)")
+            return None
+        return value
+
+
+def _load_file(path: Path) -> tuple[ZoneFile, list[ZoneProblem]]:
+    problems = _Problems(str(path))
+    entries: dict[str, NameEntry] = {}
+    zone = ZoneFile(path.name, str(path), MappingProxyType(entries))
+    try:
+        document = yamlsource.load_file(path)
+    except yamlsource.YamlSyntaxError as error:
+        problems.add(error.line, f"YAML syntax error: {error.reason}")
+        return zone, problems.items
+    except (OSError, UnicodeDecodeError) as error:
+        problems.add(0, f"cannot read: {error}")
+        return zone, problems.items
+    if document is None:
+        return zone, problems.items
+    if not isinstance(document, yamlsource.LineMap):
+        problems.add(1, "a zone file must be a mapping with 'records' (and optionally 'ttl')")
+        return zone, problems.items
+    problems.duplicates(document)
+    for key in document:
+        if key not in FILE_KEYS:
+            problems.add(
+                document.key_lines[key], f"unknown key {key!r} (expected one of: ttl, records)"
+            )
+    file_ttl = DEFAULT_TTL
+    if "ttl" in document:
+        file_ttl = problems.ttl(document["ttl"], document.key_lines["ttl"]) or DEFAULT_TTL
+    records = document.get("records")
+    if records is None:
+        return zone, problems.items
+    if not isinstance(records, yamlsource.LineMap):
+        problems.add(document.key_lines["records"], "'records' must be a mapping of name -> types")
+        return zone, problems.items
+    problems.duplicates(records)
+    for raw_name, body in records.items():
+        line = records.key_lines[raw_name]
+        if not isinstance(raw_name, str):
+            problems.add(line, f"name {raw_name!r} must be a string")
+            continue
+        reason = name_problem(raw_name, wildcard_ok=True)
+        if reason:
+            problems.add(line, reason)
+            continue
+        entry = _entry(normalize_name(raw_name), line, file_ttl, body, problems)
+        if entry is not None:
+            entries[entry.name] = entry
+    return zone, problems.items
+
+
+def _entry(name: str, line: int, file_ttl: int, body: Any, problems: _Problems) -> NameEntry | None:
+    if not isinstance(body, yamlsource.LineMap) or not body:
+        problems.add(line, f"{name}: expected a mapping of record types, e.g. 'A: 10.0.0.5'")
+        return None
+    before = len(problems.items)
+    problems.duplicates(body)
+    ttl = file_ttl
+    if "ttl" in body:
+        ttl = problems.ttl(body["ttl"], body.key_lines["ttl"]) or file_ttl
+    rrsets: dict[int, RRSet] = {}
+    for key, value in body.items():
+        if key in NAME_KEYS:
+            continue
+        key_line = body.key_lines[key]
+        rtype = key.upper() if isinstance(key, str) else key
+        if rtype not in RECORD_TYPES:
+            problems.add(
+                key_line,
+                f"{name}: unknown record type or key {key!r} "
+                f"(supported: {', '.join(RECORD_TYPES)}, ttl)",
+            )
+            continue
+        rrset = _rrset(name, rtype, value, key_line, ttl=ttl, problems=problems)
+        if rrset is not None:
+            rrsets[rrset.rtype] = rrset
+    if dnslib.QTYPE.CNAME in rrsets and len(rrsets) > 1:
+        others = sorted(str(dnslib.QTYPE.get(t)) for t in rrsets if t != dnslib.QTYPE.CNAME)
+        problems.add(
+            line, f"{name}: CNAME cannot be combined with other data ({', '.join(others)})"
+        )
+    if len(problems.items) != before:
+        return None
+    if not rrsets:
+        problems.add(line, f"{name}: no records")
+        return None
+    return NameEntry(name, problems.file, line, ttl, MappingProxyType(rrsets))
+
+
+def _rrset(
+    name: str, rtype: str, value: Any, line: int, *, ttl: int, problems: _Problems
+) -> RRSet | None:
+    if isinstance(value, yamlsource.LineList):
+        items = list(zip(value, value.item_lines, strict=True))
+    else:
+        items = [(value, line)]
+    if not items:
+        problems.add(line, f"{name}: {rtype} has no values")
+        return None
+    if rtype == "CNAME" and len(items) > 1:
+        problems.add(line, f"{name}: CNAME takes exactly one target")
+        return None
+    before = len(problems.items)
+    rdatas = []
+    texts: list[str] = []
+    for item, item_line in items:
+        parsed = _rdata(rtype, item)
+        if isinstance(parsed, str):
+            problems.add(item_line, f"{name}: bad {rtype} value {item!r}: {parsed}")
+        elif parsed[1] not in texts:
+            rdatas.append(parsed[0])
+            texts.append(parsed[1])
+    if len(problems.items) != before:
+        return None
+    return RRSet(getattr(dnslib.QTYPE, rtype), ttl, tuple(rdatas), tuple(texts))
+
+
+def _rdata(rtype: str, value: Any) -> tuple[Any, str] | str:
+    """(dnslib RDATA, canonical text) for one value, or why the value is bad."""
+    if rtype == "TXT":
+        if isinstance(value, bool) or not isinstance(value, str | int | float):
+            return "expected a string"
+        data = str(value).encode()
+        chunks = [data[i : i + 255] for i in range(0, len(data), 255)] or [b""]
+        return dnslib.TXT(chunks), '"' + str(value).replace('"', '\\"') + '"'
+    if not isinstance(value, str):
+        return "expected a string (quote it)"
+    text = value.strip()
+    if rtype == "A":
+        try:
+            return dnslib.A(str(ipaddress.IPv4Address(text))), text
+        except ValueError:
+            return "not an IPv4 address"
+    if rtype == "AAAA":
+        try:
+            address = ipaddress.IPv6Address(text)
+        except ValueError:
+            return "not an IPv6 address"
+        return dnslib.AAAA(address.compressed), address.compressed
+    if rtype in ("CNAME", "PTR", "NS"):
+        reason = name_problem(text, wildcard_ok=False)
+        if reason:
+            return reason
+        target = normalize_name(text) + "."
+        cls = {"CNAME": dnslib.CNAME, "PTR": dnslib.PTR, "NS": dnslib.NS}[rtype]
+        return cls(target), target
+    fields = text.split()
+    if rtype == "MX":
+        if len(fields) != 2 or not fields[0].isdigit() or int(fields[0]) > 65535:
+            return "expected 'PREFERENCE HOST', e.g. '10 mail.example.'"
+        reason = name_problem(fields[1], wildcard_ok=False)
+        if reason:
+            return reason
+        target = normalize_name(fields[1]) + "."
+        return dnslib.MX(target, int(fields[0])), f"{int(fields[0])} {target}"
+    # SRV
+    if len(fields) != 4 or not all(f.isdigit() and int(f) <= 65535 for f in fields[:3]):
+        return "expected 'PRIORITY WEIGHT PORT TARGET', e.g. '10 5 443 host.example.'"
+    reason = name_problem(fields[3], wildcard_ok=False) if fields[3] != "." else None
+    if reason:
+        return reason
+    target = normalize_name(fields[3]) + "."
+    priority, weight, port = (int(f) for f in fields[:3])
+    return (
+        dnslib.SRV(priority, weight, port, target),
+        f"{priority} {weight} {port} {target}",
+    )
