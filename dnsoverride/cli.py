@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--metrics", metavar="HOST:PORT", help="admin listener for /metrics, /healthz, /readyz"
     )
+    serve.add_argument(
+        "--query-log", action="store_true", default=None, help="log every query (off by default)"
+    )
     _add_logging_flags(serve)
 
     check = commands.add_parser("check", help="validate config and zones without serving")

@@ -1,0 +1,400 @@
+"""The DNS daemon's configuration: YAML file + command-line flags -> frozen `ServeConfig`.
+
+Precedence: flags over the config file over the embedded defaults. Everything is parsed
+and validated here, once, so the server only ever sees typed values. Problems are
+reported together as `file:line: reason` in one `ConfigError` (a `UserError`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dnsoverride import yamlsource
+from dnsoverride.errors import UserError
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+DEFAULT_LISTEN = "127.0.0.1:5353"
+DEFAULT_ZONES = "zones"
+RESOLV_CONF = Path("/etc/resolv.conf")
+# Loopback, RFC 1918, RFC 4193 (ULA), link-local: the private ranges, never the internet.
+DEFAULT_ALLOW = (
+    "127.0.0.0/8",
+    "10.0.0.0/8",
+    "172.16.0.0/12",
+    "192.168.0.0/16",
+    "169.254.0.0/16",
+    "::1/128",
+    "fc00::/7",
+    "fe80::/10",
+)
+DEFAULT_VIEW = "default"
+TOP_KEYS = (
+    "listen",
+    "zones",
+    "upstreams",
+    "allow",
+    "views",
+    "default_view",
+    "cache",
+    "timeout",
+    "attempt_timeout",
+    "edns_udp_size",
+    "query_log",
+    "metrics",
+)
+VIEW_KEYS = ("name", "clients", "zones")
+CACHE_KEYS = ("size", "min_ttl", "max_ttl", "negative_max_ttl", "stale_ttl")
+
+
+class ConfigError(UserError):
+    """The config is invalid; `problems` holds one `file:line: reason` string each."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = tuple(problems)
+        super().__init__("invalid configuration:\n  " + "\n  ".join(problems))
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """A host (IP literal) and port."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class View:
+    """Clients in `clients` see the zone files in `zones` (None: every file)."""
+
+    name: str
+    clients: tuple[IPNetwork, ...]
+    zones: frozenset[str] | None
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Response cache bounds (entries) and TTL clamps (seconds)."""
+
+    size: int = 10000
+    min_ttl: int = 0
+    max_ttl: int = 86400
+    negative_max_ttl: int = 3600
+    stale_ttl: int = 86400
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Everything `dnsoverride serve` needs, validated."""
+
+    listen: tuple[Endpoint, ...]
+    zones: Path
+    upstreams: tuple[Endpoint, ...]
+    allow: tuple[IPNetwork, ...]
+    views: tuple[View, ...]
+    default_view: str
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    timeout: float = 2.0
+    attempt_timeout: float = 0.8
+    edns_udp_size: int = 1232
+    query_log: bool = False
+    metrics: Endpoint | None = None
+
+    def view_selectors(self) -> dict[str, frozenset[str] | None]:
+        """View name -> zone file selectors, as `zones.load_zone_set(views=...)` wants."""
+        return {view.name: view.zones for view in self.views}
+
+
+def parse_endpoint(text: str, default_port: int | None) -> Endpoint:
+    """`HOST:PORT`, `[V6]:PORT`, or (with a default port) `HOST` / `V6`; raises ValueError."""
+    text = text.strip()
+    host, port = text, None
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        if rest:
+            if not rest.startswith(":"):
+                raise ValueError(f"bad address {text!r}")
+            port = rest[1:]
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    host = host.split("%")[0]  # a link-local scope; the address is what we compare
+    if port is None:
+        if default_port is None:
+            raise ValueError(f"{text!r} needs a port (HOST:PORT)")
+        return Endpoint(str(ipaddress.ip_address(host)), default_port)
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"bad port in {text!r}")
+    return Endpoint(str(ipaddress.ip_address(host)), int(port))
+
+
+def resolv_conf_upstreams(path: Path = RESOLV_CONF) -> tuple[Endpoint, ...]:
+    """The `nameserver` lines of resolv.conf, port 53."""
+    try:
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return ()
+    found = []
+    for line in lines:
+        words = line.split()
+        if len(words) >= 2 and words[0] == "nameserver":
+            try:
+                found.append(parse_endpoint(words[1], 53))
+            except ValueError:
+                continue
+    return tuple(found)
+
+
+class _Reader:
+    """Reads one config document, collecting every problem with its line."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.problems: list[str] = []
+
+    def add(self, line: int, reason: str) -> None:
+        self.problems.append(f"{self.source}:{line}: {reason}")
+
+    def list_of(self, value: Any, line: int, key: str, parse: Callable[[Any], Any]) -> list[Any]:
+        items = value if isinstance(value, list) else [value]
+        lines = getattr(value, "item_lines", None) or [line] * len(items)
+        parsed = []
+        for item, item_line in zip(items, lines, strict=True):
+            try:
+                parsed.append(parse(item))
+            except (ValueError, TypeError) as error:
+                self.add(item_line, f"{key}: {error}")
+        return parsed
+
+    def number(
+        self, mapping: yamlsource.LineMap, key: str, low: float, high: float, integer: bool
+    ) -> Any:
+        value: Any = mapping[key]
+        numeric = isinstance(value, int) or (not integer and isinstance(value, float))
+        if isinstance(value, bool) or not numeric or not low <= value <= high:
+            kind = "an integer" if integer else "a number"
+            self.add(mapping.key_lines[key], f"{key}: expected {kind} from {low} to {high}")
+            return None
+        return value
+
+
+def _network(text: Any) -> IPNetwork:
+    if not isinstance(text, str):
+        raise TypeError(f"expected a CIDR string, got {text!r}")
+    try:
+        return ipaddress.ip_network(text.strip(), strict=False)
+    except ValueError:
+        raise ValueError(f"not an IP network: {text!r}") from None
+
+
+def _endpoint_parser(default_port: int | None) -> Callable[[Any], Endpoint]:
+    def parse(text: Any) -> Endpoint:
+        if not isinstance(text, str):
+            raise TypeError(f"expected 'HOST:PORT', got {text!r}")
+        try:
+            return parse_endpoint(text, default_port)
+        except ValueError as error:
+            raise ValueError(f"bad address {text!r} ({error})") from None
+
+    return parse
+
+
+def _read_file(path: Path) -> tuple[dict[str, Any], list[str]]:
+    """The config file's settings as keyword values for ServeConfig, plus problems."""
+    reader = _Reader(str(path))
+    try:
+        document = yamlsource.load_file(path)
+    except yamlsource.YamlSyntaxError as error:
+        return {}, [f"{path}:{error.line}: YAML syntax error: {error.reason}"]
+    except (OSError, UnicodeDecodeError) as error:
+        raise UserError(f"cannot read config file {path}: {error}") from None
+    if document is None:
+        return {}, []
+    if not isinstance(document, yamlsource.LineMap):
+        return {}, [f"{path}:1: the config must be a mapping of settings"]
+    for key, line in document.duplicates:
+        reader.add(line, f"duplicate key {key!r}")
+    values: dict[str, Any] = {}
+    lines = document.key_lines
+    for key, value in document.items():
+        line = lines[key]
+        if key not in TOP_KEYS:
+            reader.add(line, f"unknown key {key!r} (known: {', '.join(TOP_KEYS)})")
+        elif key == "listen":
+            values["listen"] = tuple(reader.list_of(value, line, key, _endpoint_parser(None)))
+        elif key == "upstreams":
+            values["upstreams"] = tuple(reader.list_of(value, line, key, _endpoint_parser(53)))
+        elif key == "allow":
+            values["allow"] = tuple(reader.list_of(value, line, key, _network))
+        elif key == "zones":
+            if not isinstance(value, str):
+                reader.add(line, "zones: expected a directory path")
+            else:
+                values["zones"] = path.parent / value
+        elif key == "views":
+            values["views"] = _views(reader, value, line)
+        elif key == "default_view":
+            if not isinstance(value, str):
+                reader.add(line, "default_view: expected a view name")
+            else:
+                values["default_view"] = value
+        elif key == "cache":
+            values["cache"] = _cache(reader, value, line)
+        elif key in ("timeout", "attempt_timeout"):
+            values[key] = reader.number(document, key, 0.05, 30, integer=False)
+        elif key == "edns_udp_size":
+            values[key] = reader.number(document, key, 512, 4096, integer=True)
+        elif key == "query_log":
+            if not isinstance(value, bool):
+                reader.add(line, "query_log: expected true or false")
+            else:
+                values[key] = value
+        elif key == "metrics":
+            values[key] = next(iter(reader.list_of(value, line, key, _endpoint_parser(None))), None)
+    return {k: v for k, v in values.items() if v is not None}, reader.problems
+
+
+def _views(reader: _Reader, value: Any, line: int) -> tuple[View, ...]:
+    if not isinstance(value, yamlsource.LineList):
+        reader.add(line, "views: expected a list of {name, clients, zones}")
+        return ()
+    views: list[View] = []
+    for item, item_line in zip(value, value.item_lines, strict=True):
+        if not isinstance(item, yamlsource.LineMap):
+            reader.add(item_line, "views: each view is a mapping with name, clients, zones")
+            continue
+        for key in item:
+            if key not in VIEW_KEYS:
+                reader.add(
+                    item.key_lines[key], f"view: unknown key {key!r} (known: name, clients, zones)"
+                )
+        name = item.get("name")
+        if not isinstance(name, str) or not name:
+            reader.add(item_line, "view: 'name' is required")
+            continue
+        if name in (v.name for v in views):
+            reader.add(item_line, f"view {name!r} is defined twice")
+        clients = item.get("clients", [])
+        clients_line = item.key_lines.get("clients", item_line)
+        networks = reader.list_of(clients, clients_line, f"view {name} clients", _network)
+        zones: frozenset[str] | None = None
+        if "zones" in item:
+            raw = item["zones"]
+            if raw == "all":
+                zones = None
+            elif isinstance(raw, list) and all(isinstance(z, str) for z in raw):
+                zones = frozenset(raw)
+            else:
+                reader.add(
+                    item.key_lines["zones"],
+                    f"view {name}: zones must be a list of zone file names, [] or 'all'",
+                )
+        views.append(View(name, tuple(networks), zones))
+    return tuple(views)
+
+
+def _cache(reader: _Reader, value: Any, line: int) -> CacheConfig | None:
+    if not isinstance(value, yamlsource.LineMap):
+        reader.add(line, f"cache: expected a mapping with {', '.join(CACHE_KEYS)}")
+        return None
+    numbers: dict[str, int] = {}
+    for key in value:
+        if key not in CACHE_KEYS:
+            reader.add(
+                value.key_lines[key], f"cache: unknown key {key!r} (known: {', '.join(CACHE_KEYS)})"
+            )
+            continue
+        low = 1 if key == "size" else 0
+        number = reader.number(value, key, low, 2**31 - 1, integer=True)
+        if number is not None:
+            numbers[key] = number
+    cache = CacheConfig(**numbers)
+    if cache.min_ttl > cache.max_ttl:
+        reader.add(line, "cache: min_ttl is larger than max_ttl")
+    return cache
+
+
+def _is_local_address(host: str) -> bool:
+    """Whether `host` is an address of this machine: binding to it succeeds only then."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.bind((host, 0))
+    except OSError:
+        return False
+    return True
+
+
+def _forwarding_loops(listen: tuple[Endpoint, ...], upstreams: tuple[Endpoint, ...]) -> list[str]:
+    problems = []
+    for upstream in upstreams:
+        for endpoint in listen:
+            wildcard = ipaddress.ip_address(endpoint.host).is_unspecified
+            if upstream.port != endpoint.port:
+                continue
+            if upstream.host == endpoint.host or (wildcard and _is_local_address(upstream.host)):
+                problems.append(
+                    f"upstream {upstream} is our own listening address {endpoint}: queries would "
+                    "loop back to this server (is /etc/resolv.conf pointing at it? set "
+                    "'upstreams' or --upstream)"
+                )
+    return problems
+
+
+def load_config(args: argparse.Namespace, resolv_conf: Path = RESOLV_CONF) -> ServeConfig:
+    """Build the config from `args.config` (optional), the flags in `args` and the defaults."""
+    values: dict[str, Any] = {}
+    problems: list[str] = []
+    config_path = getattr(args, "config", None)
+    if config_path:
+        path = Path(config_path)
+        if not path.is_file():
+            raise UserError(f"config file {path} does not exist")
+        values, problems = _read_file(path)
+    flag_problems = []
+    try:
+        if getattr(args, "listen", None):
+            values["listen"] = tuple(parse_endpoint(text, None) for text in args.listen)
+        if getattr(args, "upstream", None):
+            values["upstreams"] = tuple(parse_endpoint(text, 53) for text in args.upstream)
+        if getattr(args, "metrics", None):
+            values["metrics"] = parse_endpoint(args.metrics, None)
+    except ValueError as error:
+        flag_problems.append(f"command line: {error}")
+    if getattr(args, "zones", None):
+        values["zones"] = Path(args.zones)
+    if getattr(args, "query_log", False):
+        values["query_log"] = True
+    problems.extend(flag_problems)
+    values.setdefault("listen", (parse_endpoint(DEFAULT_LISTEN, None),))
+    values.setdefault("zones", Path(DEFAULT_ZONES))
+    values.setdefault("allow", tuple(ipaddress.ip_network(n) for n in DEFAULT_ALLOW))
+    values.setdefault("views", ())
+    values.setdefault("default_view", DEFAULT_VIEW)
+    if "upstreams" not in values:
+        values["upstreams"] = resolv_conf_upstreams(resolv_conf)
+        if not values["upstreams"]:
+            problems.append(
+                f"no upstream resolvers: {resolv_conf} has no usable 'nameserver' line; "
+                "set 'upstreams' in the config or pass --upstream"
+            )
+    names = [view.name for view in values["views"]]
+    if values["default_view"] not in names:
+        if values["default_view"] != DEFAULT_VIEW:
+            problems.append(f"default_view {values['default_view']!r} is not one of the views")
+        else:
+            values["views"] = (*values["views"], View(DEFAULT_VIEW, (), None))
+    if values.get("timeout", 2.0) < values.get("attempt_timeout", 0.8):
+        values["attempt_timeout"] = values.get("timeout", 2.0)
+    problems.extend(_forwarding_loops(values["listen"], values["upstreams"]))
+    if problems:
+        raise ConfigError(problems)
+    return ServeConfig(**values)

@@ -1,0 +1,269 @@
+"""Zone file parsing, validation (file:line for every problem) and lookup rules."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import dnslib
+import pytest
+
+from dnsoverride.zones import LiveZones, ZoneSetError, load_zone_set
+
+MINIMAL = """\
+ttl: 60                      # optional default TTL for this file
+records:
+  registry-1.docker.io:
+    A: 10.0.0.5              # a value or a list
+  mirrorlist.centos.org:
+    A: [10.0.0.6, 10.0.0.7]
+    AAAA: fd00::6
+  "*.apps.ci.example":
+    CNAME: ingress.ci.example.
+"""
+
+
+def write(directory: Path, name: str, text: str) -> Path:
+    path = directory / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def problems_of(directory: Path) -> list[str]:
+    with pytest.raises(ZoneSetError) as caught:
+        load_zone_set(directory)
+    return [str(p) for p in caught.value.problems]
+
+
+def test_minimal_form_from_the_issue(tmp_path: Path) -> None:
+    write(tmp_path, "ci.yaml", MINIMAL)
+    zone_set = load_zone_set(tmp_path)
+    assert zone_set.names() == {
+        "registry-1.docker.io",
+        "mirrorlist.centos.org",
+        "*.apps.ci.example",
+    }
+    overrides = zone_set.select(None)
+    entry = overrides.lookup("mirrorlist.centos.org")
+    assert entry is not None
+    assert entry.ttl == 60
+    assert [str(r) for r in entry.rrsets[dnslib.QTYPE.A].rdatas] == ["10.0.0.6", "10.0.0.7"]
+    assert entry.rrsets[dnslib.QTYPE.AAAA].texts == ("fd00::6",)
+    wildcard = overrides.lookup("build-7.apps.ci.example")
+    assert wildcard is not None
+    assert wildcard.cname == "ingress.ci.example"
+
+
+def test_all_record_types_and_per_name_ttl(tmp_path: Path) -> None:
+    write(
+        tmp_path,
+        "all.yml",
+        """\
+        records:
+          Host.Example.:
+            ttl: 5
+            A: 192.0.2.1
+            AAAA: 2001:db8::1
+            TXT: ["hello world", "v=spf1 -all"]
+            MX: 10 mail.example.
+            NS: ns1.example
+          _https._tcp.example:
+            SRV: 10 5 443 host.example.
+          1.2.0.192.in-addr.arpa:
+            PTR: host.example.
+        """,
+    )
+    overrides = load_zone_set(tmp_path).select(None)
+    entry = overrides.lookup("host.example")
+    assert entry is not None
+    assert entry.ttl == 5
+    assert entry.rrsets[dnslib.QTYPE.MX].texts == ("10 mail.example.",)
+    assert entry.rrsets[dnslib.QTYPE.TXT].ttl == 5
+    srv = overrides.lookup("_https._tcp.example")
+    assert srv is not None
+    assert srv.ttl == 60  # the embedded default
+    assert srv.rrsets[dnslib.QTYPE.SRV].texts == ("10 5 443 host.example.",)
+    assert overrides.lookup("1.2.0.192.in-addr.arpa") is not None
+
+
+def test_every_problem_is_reported_with_file_and_line(tmp_path: Path) -> None:
+    bad = write(
+        tmp_path,
+        "bad.yaml",
+        """\
+        ttl: 60
+        records:
+          ip.example:
+            A: 10.0.0.300
+          type.example:
+            BOGUS: x
+          alias.example:
+            CNAME: other.example.
+            A: 10.0.0.1
+          ttl.example:
+            ttl: -5
+            A: 10.0.0.1
+          bad..name:
+            A: 10.0.0.1
+          -dash.example:
+            A: 10.0.0.1
+          list.example:
+            A: [10.0.0.1, nope]
+          health.example:
+            A: 10.0.0.1
+            health: {http: "http://10.0.0.1/"}
+        """,
+    )
+    broken = write(tmp_path, "broken.yml", "records:\n  a.example: [\n")
+    problems = problems_of(tmp_path)
+    assert problems[0].startswith(f"{bad}:4: ip.example: bad A value '10.0.0.300'")
+    assert problems[1].startswith(f"{bad}:6: type.example: unknown record type or key 'BOGUS'")
+    assert problems[2].startswith(f"{bad}:7: alias.example: CNAME cannot be combined")
+    assert problems[3].startswith(f"{bad}:11: bad TTL -5")
+    assert problems[4].startswith(f"{bad}:13: name 'bad..name' has an empty label")
+    assert problems[5].startswith(f"{bad}:15: name '-dash.example'")
+    assert problems[6].startswith(f"{bad}:18: list.example: bad A value 'nope'")
+    assert problems[7].startswith(f"{bad}:21: health.example: unknown record type or key 'health'")
+    assert problems[8].startswith(f"{broken}:3: YAML syntax error")
+    assert len(problems) == 9
+
+
+def test_duplicate_keys_and_bad_shapes(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "dup.yaml",
+        """\
+        records:
+          a.example:
+            A: 10.0.0.1
+          a.example:
+            A: 10.0.0.2
+          b.example: 10.0.0.3
+          c.example:
+            CNAME: [x.example, y.example]
+        extra: 1
+        """,
+    )
+    problems = problems_of(tmp_path)
+    assert problems == [
+        f"{path}:4: duplicate key 'a.example' (first at line 2)",
+        f"{path}:6: b.example: expected a mapping of record types, e.g. 'A: 10.0.0.5'",
+        f"{path}:8: c.example: CNAME takes exactly one target",
+        f"{path}:9: unknown key 'extra' (expected one of: ttl, records)",
+    ]
+
+
+def test_ownership_and_wildcard_rules(tmp_path: Path) -> None:
+    write(
+        tmp_path,
+        "z.yaml",
+        """\
+        records:
+          owned.example: {A: 10.0.0.1}
+          "*.wild.example": {A: 10.0.0.2}
+          exact.wild.example: {A: 10.0.0.3}
+        """,
+    )
+    overrides = load_zone_set(tmp_path).select(None)
+    assert overrides.lookup("below.owned.example") is None  # forwarded
+    assert overrides.lookup("example") is None
+    deep = overrides.lookup("a.b.wild.example")
+    assert deep is not None
+    assert deep.name == "*.wild.example"
+    exact = overrides.lookup("exact.wild.example")
+    assert exact is not None
+    assert exact.name == "exact.wild.example"
+    assert overrides.lookup("wild.example") is None  # the wildcard does not cover its parent
+
+
+def test_views_select_files_and_conflicts_are_problems(tmp_path: Path) -> None:
+    write(tmp_path, "ci.yaml", "records:\n  r.example: {A: 10.0.0.1}\n")
+    other = write(tmp_path, "dc2.yaml", "records:\n  r.example: {A: 10.0.0.2}\n")
+    zone_set = load_zone_set(tmp_path, {"ci": frozenset({"ci"}), "dc2": frozenset({"dc2.yaml"})})
+    ci = zone_set.select(frozenset({"ci"})).lookup("r.example")
+    dc2 = zone_set.select(frozenset({"dc2.yaml"})).lookup("r.example")
+    assert ci is not None
+    assert dc2 is not None
+    assert (ci.rrsets[1].texts, dc2.rrsets[1].texts) == (("10.0.0.1",), ("10.0.0.2",))
+    assert zone_set.select(frozenset()).lookup("r.example") is None
+    with pytest.raises(ZoneSetError) as caught:
+        load_zone_set(tmp_path, {"both": None, "typo": frozenset({"nope"})})
+    reasons = [str(p) for p in caught.value.problems]
+    assert any(r.startswith(f"{other}:2: r.example is already defined in") for r in reasons)
+    assert any("view 'typo' names zone file 'nope', which does not exist" in r for r in reasons)
+
+
+def test_hashes_and_digests_track_content(tmp_path: Path) -> None:
+    path = write(
+        tmp_path, "a.yaml", "records:\n  x.example: {A: 10.0.0.1}\n  y.example: {A: 10.0.0.9}\n"
+    )
+    first = load_zone_set(tmp_path)
+    path.write_text("# a comment only changes nothing\n" + path.read_text())
+    same = load_zone_set(tmp_path)
+    path.write_text("records:\n  x.example: {A: 10.0.0.2}\n  y.example: {A: 10.0.0.9}\n")
+    changed = load_zone_set(tmp_path)
+    assert first.content_hash == same.content_hash != changed.content_hash
+    assert first.records_digest("X.example.") != changed.records_digest("x.example")
+    assert first.records_digest("y.example") == changed.records_digest("y.example")
+
+
+def test_live_zones_swap_bumps_generation(tmp_path: Path) -> None:
+    write(tmp_path, "a.yaml", MINIMAL)
+    first = load_zone_set(tmp_path)
+    live = LiveZones(first)
+    assert live.snapshot() == (first, 1)
+    second = load_zone_set(tmp_path)
+    assert live.swap(second) == 2
+    assert live.current is second
+    assert live.generation == 2
+
+
+def test_empty_directory_and_missing_directory(tmp_path: Path) -> None:
+    assert load_zone_set(tmp_path).names() == frozenset()
+    problems = problems_of(tmp_path / "missing")
+    assert problems == [f"{tmp_path / 'missing'}:0: zones directory does not exist"]
+
+
+def test_check_command_prints_problems_and_exits_1(tmp_path: Path) -> None:
+    write(tmp_path, "bad.yaml", "records:\n  a.example:\n    A: 300.1.1.1\n")
+    config = tmp_path.parent / f"{tmp_path.name}-config.yaml"
+    config.write_text("upstreams: [192.0.2.53]\n")
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dnsoverride",
+            "check",
+            "--config",
+            str(config),
+            "--zones",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        f"{tmp_path / 'bad.yaml'}:3: a.example: bad A value '300.1.1.1': not an IPv4 address"
+    )
+    (tmp_path / "bad.yaml").write_text(MINIMAL)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dnsoverride",
+            "check",
+            "--config",
+            str(config),
+            "--zones",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "3 names" in result.stdout
