@@ -81,11 +81,29 @@ def build_parser() -> argparse.ArgumentParser:
     ca_commands = ca.add_subparsers(dest="ca_command", required=True, metavar="ACTION")
     ca_init = ca_commands.add_parser("init", help="create the CA key and certificate")
     ca_init.add_argument("--dir", required=True, metavar="DIR", help="CA directory")
+    ca_init.add_argument("--days", type=int, default=3650, help="CA validity (default 3650)")
+    ca_init.add_argument(
+        "--name-constraint",
+        metavar="NAME",
+        action="append",
+        help="only allow certificates for NAME and names below it; repeat for several",
+    )
+    ca_init.add_argument("--force", action="store_true", help="replace an existing CA")
     ca_issue = ca_commands.add_parser("issue", help="issue a server certificate")
     ca_issue.add_argument("--dir", required=True, metavar="DIR", help="CA directory")
     ca_issue.add_argument("names", nargs="*", metavar="NAME", help="DNS names for the SANs")
     ca_issue.add_argument(
         "--from-zones", metavar="DIR", help="add every name the zones point at the cache"
+    )
+    ca_issue.add_argument(
+        "--cache-address",
+        metavar="ADDR",
+        action="append",
+        help="the cache's address for --from-zones; repeat for several",
+    )
+    ca_issue.add_argument("--days", type=int, default=365, help="validity (default 365, max 397)")
+    ca_issue.add_argument(
+        "--out", metavar="PREFIX", help="write PREFIX.crt and PREFIX.key (default DIR/FIRST-NAME)"
     )
     return parser
 
