@@ -1,0 +1,431 @@
+"""Health checks of override targets: which health-gated overrides are withdrawn right now.
+
+Owns the `health:` key of a zone record set (parsed once into a frozen `HealthCheck`), the
+probes, the per-target fall/rise state machine, one checker task per gated name, and the
+immutable set of withdrawn names handed to the DNS answer path.
+
+A probe runs against the override's OWN addresses: the TCP probe connects to each address;
+the HTTPS probe connects to each address while the URL keeps the overridden name, so SNI,
+Host and certificate verification (against the configured CA file) all use that name,
+exactly as a CI client would. While every target of a name is down the override is
+withdrawn, and the DNS server forwards the name upstream instead; CI then falls back to the
+real registry rather than failing. Targets start "up" so a restart does not withdraw
+overrides before the first checks have run; `fall` consecutive failures take a target down,
+`rise` consecutive successes bring it back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import ssl
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+from urllib.parse import urlsplit
+
+import structlog
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    import aiohttp
+
+log = structlog.get_logger(__name__)
+
+DEFAULT_INTERVAL = 5.0
+DEFAULT_TIMEOUT = 2.0
+DEFAULT_FALL = 3
+DEFAULT_RISE = 2
+# A registry's /v2/ answers 200 or 401 depending on auth; anything that is not an error
+# status shows the service is answering.
+DEFAULT_EXPECT = frozenset(range(200, 400))
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, None: 1.0}
+_KEYS = {"https", "tcp", "expect", "ca", "interval", "timeout", "fall", "rise"}
+
+
+class HealthSpecError(ValueError):
+    """A `health:` value that cannot be used; the message is the reason (no file or line)."""
+
+
+@dataclass(frozen=True)
+class HealthCheck:
+    """A parsed `health:` key. `port` is the port probed on every address of the override."""
+
+    kind: Literal["tcp", "https"]
+    port: int
+    path: str = "/"
+    expect: frozenset[int] = DEFAULT_EXPECT
+    ca_file: Path | None = None
+    interval: float = DEFAULT_INTERVAL
+    timeout: float = DEFAULT_TIMEOUT
+    fall: int = DEFAULT_FALL
+    rise: int = DEFAULT_RISE
+
+
+@dataclass(frozen=True)
+class GatedOverride:
+    """One overridden name whose answer depends on its health check."""
+
+    name: str
+    check: HealthCheck
+    addresses: tuple[str, ...]
+
+
+def _duration(key: str, value: object) -> float:
+    if isinstance(value, bool):
+        raise HealthSpecError(f"health {key} must be a duration like 5, 5s or 500ms")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    else:
+        match = _DURATION.match(str(value))
+        if match is None:
+            raise HealthSpecError(
+                f"health {key} must be a duration like 5, 5s or 500ms, not {value!r}"
+            )
+        seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    if seconds <= 0:
+        raise HealthSpecError(f"health {key} must be greater than zero")
+    return seconds
+
+
+def _count(key: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise HealthSpecError(f"health {key} must be a whole number of checks, at least 1")
+    return value
+
+
+def _port(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 65536:
+        raise HealthSpecError(f"health tcp must be a port number (1-65535), not {value!r}")
+    return value
+
+
+def _statuses(value: object) -> frozenset[int]:
+    items = value if isinstance(value, list) else [value]
+    if not items or any(
+        isinstance(item, bool) or not isinstance(item, int) or not 100 <= item <= 599
+        for item in items
+    ):
+        raise HealthSpecError(
+            f"health expect must be an HTTP status or a list of them, not {value!r}"
+        )
+    return frozenset(items)
+
+
+def _https_target(name: str, value: object) -> tuple[int, str]:
+    """Port and path of an `https:` URL; its host, if any, must be the overridden name."""
+    if not isinstance(value, str) or not value:
+        raise HealthSpecError("health https must be a URL or a path, e.g. /v2/")
+    if value.startswith("/"):
+        return 443, value
+    parts = urlsplit(value)
+    if parts.scheme != "https" or not parts.hostname:
+        raise HealthSpecError(f"health https must be an https:// URL or a path, not {value!r}")
+    if parts.hostname.rstrip(".").lower() != name.rstrip(".").lower():
+        raise HealthSpecError(
+            f"health https URL host {parts.hostname!r} is not the overridden name {name!r}: "
+            "the check sends the overridden name as SNI and Host to the override's addresses"
+        )
+    try:
+        port = parts.port or 443
+    except ValueError as error:
+        raise HealthSpecError(f"health https URL has a bad port: {error}") from None
+    path = parts.path or "/"
+    return port, f"{path}?{parts.query}" if parts.query else path
+
+
+def _ca_file(value: object, base_dir: Path) -> Path:
+    if not isinstance(value, str) or not value:
+        raise HealthSpecError("health ca must be the path of a PEM CA certificate file")
+    path = base_dir / value
+    try:
+        ssl.create_default_context(cafile=str(path))
+    except (OSError, ssl.SSLError) as error:
+        raise HealthSpecError(
+            f"health ca {str(path)!r} is not a readable PEM CA: {error}"
+        ) from None
+    return path
+
+
+def parse_health(name: str, raw: object, base_dir: Path) -> HealthCheck:
+    """Parse the `health:` value of record set `name`; `ca` paths are relative to `base_dir`.
+
+    Raises HealthSpecError with a reason; the zone loader adds the file and line.
+    """
+    if name.startswith("*"):
+        raise HealthSpecError("a wildcard cannot be health-checked: there is no name to send")
+    if not isinstance(raw, dict):
+        raise HealthSpecError('health must be a mapping, e.g. {tcp: 443} or {https: "/v2/"}')
+    unknown = sorted(str(key) for key in raw if key not in _KEYS)
+    if unknown:
+        raise HealthSpecError(
+            f"unknown health key(s) {', '.join(unknown)} (known: {', '.join(sorted(_KEYS))})"
+        )
+    if ("https" in raw) == ("tcp" in raw):
+        raise HealthSpecError("health needs exactly one of https: URL or tcp: PORT")
+    if "tcp" in raw:
+        for key in ("expect", "ca"):
+            if key in raw:
+                raise HealthSpecError(f"health {key} only applies to https checks")
+        kind: Literal["tcp", "https"] = "tcp"
+        port, path = _port(raw["tcp"]), "/"
+    else:
+        kind = "https"
+        port, path = _https_target(name, raw["https"])
+    check = HealthCheck(
+        kind=kind,
+        port=port,
+        path=path,
+        expect=_statuses(raw["expect"]) if "expect" in raw else DEFAULT_EXPECT,
+        ca_file=_ca_file(raw["ca"], base_dir) if "ca" in raw else None,
+        interval=_duration("interval", raw.get("interval", DEFAULT_INTERVAL)),
+        timeout=_duration("timeout", raw.get("timeout", DEFAULT_TIMEOUT)),
+        fall=_count("fall", raw.get("fall", DEFAULT_FALL)),
+        rise=_count("rise", raw.get("rise", DEFAULT_RISE)),
+    )
+    if check.timeout > check.interval:
+        raise HealthSpecError("health timeout must not be longer than its interval")
+    return check
+
+
+@dataclass(frozen=True)
+class TargetState:
+    """Health of one address: `up`, and how many results in a row contradicted it."""
+
+    up: bool = True
+    streak: int = 0
+
+    def advance(self, ok: bool, fall: int, rise: int) -> TargetState:
+        """The state after one probe result; flips after `fall` failures / `rise` successes."""
+        if ok == self.up:
+            return TargetState(self.up, 0)
+        streak = self.streak + 1
+        if streak >= (rise if ok else fall):
+            return TargetState(ok, 0)
+        return TargetState(self.up, streak)
+
+
+class Prober:
+    """Runs one check against the addresses of one name, over connections it owns."""
+
+    def __init__(self, name: str, check: HealthCheck) -> None:
+        # zones.py imports this module for parse_health; aiohttp is imported only here so
+        # that `dnsoverride check` does not pay for it.
+        import aiohttp
+
+        self._aiohttp = aiohttp
+        self._name = name
+        self._check = check
+        self._sessions: dict[str, aiohttp.ClientSession] = {}
+        self._ssl = ssl.create_default_context(cafile=str(check.ca_file) if check.ca_file else None)
+        self._ssl.minimum_version = ssl.TLSVersion.TLSv1_2
+
+    async def probe(self, address: str) -> str | None:
+        """None when `address` passes the check, otherwise why it failed."""
+        try:
+            async with asyncio.timeout(self._check.timeout):
+                if self._check.kind == "tcp":
+                    _, writer = await asyncio.open_connection(address, self._check.port)
+                    writer.close()
+                    return None
+                return await self._probe_https(address)
+        except TimeoutError:
+            return f"no answer within {self._check.timeout:g}s"
+        except (OSError, self._aiohttp.ClientError) as error:
+            return self._reason(error)
+
+    def _reason(self, error: Exception) -> str:
+        if isinstance(error, ssl.SSLError | self._aiohttp.ClientSSLError):
+            return str(error)
+        # asyncio's connect errors repeat the address; the log event already has it.
+        if isinstance(error, OSError) and error.errno:
+            return os.strerror(error.errno)
+        return str(error) or type(error).__name__
+
+    async def _probe_https(self, address: str) -> str | None:
+        session = self._sessions.get(address)
+        if session is None:
+            # The resolver pins the overridden name to this one target; force_close makes
+            # every probe a fresh TCP+TLS handshake, which is what clients will do.
+            from dnsoverride.resolve import UpstreamResolver
+
+            connector = self._aiohttp.TCPConnector(
+                resolver=UpstreamResolver(hosts={self._name: [address]}),
+                ssl=self._ssl,
+                force_close=True,
+                use_dns_cache=False,
+            )
+            session = self._aiohttp.ClientSession(connector=connector)
+            self._sessions[address] = session
+        url = f"https://{self._name}:{self._check.port}{self._check.path}"
+        async with session.get(url, allow_redirects=False) as response:
+            if response.status in self._check.expect:
+                return None
+            return f"HTTP status {response.status}"
+
+    async def close(self) -> None:
+        for session in self._sessions.values():
+            await session.close()
+        self._sessions.clear()
+
+
+@dataclass
+class _NameHealth:
+    """The mutable health of one gated name; written only by that name's checker task."""
+
+    override: GatedOverride
+    targets: dict[str, TargetState]
+    checks: dict[tuple[str, bool], int] = field(default_factory=dict)
+    flips: dict[str, int] = field(default_factory=dict)
+    task: asyncio.Task[None] | None = None
+
+    @property
+    def withdrawn(self) -> bool:
+        return not any(state.up for state in self.targets.values())
+
+
+class HealthMonitor:
+    """One checker task per gated name; publishes the withdrawn names as one frozenset.
+
+    `on_change` receives every new withdrawn set (the DNS server swaps it in and bumps its
+    answer-cache generation). Call `update` with the gated overrides of each new zone set.
+    """
+
+    def __init__(self, on_change: Callable[[frozenset[str]], None]) -> None:
+        self._on_change = on_change
+        self._names: dict[str, _NameHealth] = {}
+        self._withdrawn: frozenset[str] = frozenset()
+
+    @property
+    def withdrawn(self) -> frozenset[str]:
+        return self._withdrawn
+
+    def update(self, overrides: Iterable[GatedOverride]) -> None:
+        """Start, restart or stop checker tasks to match `overrides`; unchanged ones keep state."""
+        wanted = {override.name.rstrip(".").lower(): override for override in overrides}
+        for name in list(self._names):
+            if name not in wanted or self._names[name].override != wanted[name]:
+                self._stop(name)
+        for name, override in wanted.items():
+            if name not in self._names:
+                health = _NameHealth(
+                    override, {address: TargetState() for address in override.addresses}
+                )
+                health.task = asyncio.get_running_loop().create_task(
+                    self._run(name, health), name=f"health-{name}"
+                )
+                self._names[name] = health
+        self._publish()
+
+    def _stop(self, name: str) -> None:
+        health = self._names.pop(name)
+        if health.task is not None:
+            health.task.cancel()
+
+    async def close(self) -> None:
+        tasks = [health.task for health in self._names.values() if health.task is not None]
+        for name in list(self._names):
+            self._stop(name)
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _publish(self) -> None:
+        withdrawn = frozenset(name for name, health in self._names.items() if health.withdrawn)
+        if withdrawn != self._withdrawn:
+            self._withdrawn = withdrawn
+            self._on_change(withdrawn)
+
+    async def _run(self, name: str, health: _NameHealth) -> None:
+        check = health.override.check
+        prober = Prober(name, check)
+        try:
+            while True:
+                addresses = list(health.targets)
+                results = await asyncio.gather(*(prober.probe(address) for address in addresses))
+                was_withdrawn = health.withdrawn
+                for address, failure in zip(addresses, results, strict=True):
+                    self._record(name, health, address, failure)
+                if health.withdrawn != was_withdrawn:
+                    if health.withdrawn:
+                        log.warning("override_withdrawn", name=name, targets=addresses)
+                    else:
+                        log.info(
+                            "override_restored",
+                            name=name,
+                            up=[a for a, state in health.targets.items() if state.up],
+                        )
+                    self._publish()
+                await asyncio.sleep(check.interval)
+        finally:
+            await prober.close()
+
+    @staticmethod
+    def _record(name: str, health: _NameHealth, address: str, failure: str | None) -> None:
+        check = health.override.check
+        before = health.targets[address]
+        after = before.advance(failure is None, check.fall, check.rise)
+        health.targets[address] = after
+        key = (address, failure is None)
+        health.checks[key] = health.checks.get(key, 0) + 1
+        if after.up != before.up:
+            health.flips[address] = health.flips.get(address, 0) + 1
+            if after.up:
+                log.info("health_target_up", name=name, address=address, successes=check.rise)
+            else:
+                log.warning(
+                    "health_target_down",
+                    name=name,
+                    address=address,
+                    failures=check.fall,
+                    reason=failure,
+                )
+
+    def states(self) -> Mapping[str, Mapping[str, TargetState]]:
+        """Current state of every target of every gated name (for metrics and tests)."""
+        return {name: dict(health.targets) for name, health in self._names.items()}
+
+    def collector(self) -> Collector:
+        """A prometheus collector of this monitor, to register in the daemon's registry."""
+        return _HealthCollector(self)
+
+
+class _HealthCollector(Collector):
+    def __init__(self, monitor: HealthMonitor) -> None:
+        self._monitor = monitor
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        up = GaugeMetricFamily(
+            "dnsoverride_health_target_up",
+            "Whether a health-gated override target passes its check (1) or not (0)",
+            labels=["name", "address"],
+        )
+        withdrawn = GaugeMetricFamily(
+            "dnsoverride_override_withdrawn",
+            "Whether a health-gated override is withdrawn and the name forwarded (1)",
+            labels=["name"],
+        )
+        checks = CounterMetricFamily(
+            "dnsoverride_health_checks",
+            "Health probes run, by result",
+            labels=["name", "address", "result"],
+        )
+        flips = CounterMetricFamily(
+            "dnsoverride_health_flips",
+            "Times a target changed between up and down",
+            labels=["name", "address"],
+        )
+        for name, health in list(self._monitor._names.items()):
+            withdrawn.add_metric([name], 1.0 if health.withdrawn else 0.0)
+            for address, state in list(health.targets.items()):
+                up.add_metric([name, address], 1.0 if state.up else 0.0)
+                flips.add_metric([name, address], health.flips.get(address, 0))
+                for ok in (True, False):
+                    checks.add_metric(
+                        [name, address, "pass" if ok else "fail"],
+                        health.checks.get((address, ok), 0),
+                    )
+        yield from (up, withdrawn, checks, flips)

@@ -1,0 +1,231 @@
+"""Name resolution that does not go through the system resolver, and the forwarding-loop check.
+
+In transparent mode the cache host's own resolvers answer `registry-1.docker.io` with the
+cache itself, so the registry's upstream client must be able to bypass them: fixed
+addresses per name (`hosts`) and/or DNS servers asked directly (`servers`). Health checks use
+the same fixed mapping to pin a check to one override target while the URL keeps the
+overridden name (so SNI, Host and certificate verification use that name).
+
+aiohttp's own AsyncResolver needs aiodns, which is not a dependency; queries here are built
+and parsed with dnslib and sent over UDP, retried over TCP when truncated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import secrets
+import socket
+import struct
+from collections.abc import Iterable, Mapping, Sequence
+
+import structlog
+from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.resolver import ThreadedResolver
+from dnslib import QTYPE, RCODE, DNSRecord
+
+from dnsoverride.errors import UserError
+
+log = structlog.get_logger(__name__)
+
+_QTYPES = {socket.AF_INET: QTYPE.A, socket.AF_INET6: QTYPE.AAAA}
+
+
+class _UdpExchange(asyncio.DatagramProtocol):
+    """One query over UDP: resolves with the first datagram that is a reply to it."""
+
+    def __init__(self, server: tuple[str, int], query_id: int) -> None:
+        self.reply: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self._server = server
+        self._query_id = query_id
+
+    def datagram_received(self, data: bytes, addr: tuple[str | object, ...]) -> None:
+        # Spoofing defence: only the server we asked, only our ID.
+        if (
+            addr[:2] == self._server
+            and len(data) >= 2
+            and struct.unpack("!H", data[:2])[0] == self._query_id
+            and not self.reply.done()
+        ):
+            self.reply.set_result(data)
+
+    def error_received(self, exc: Exception) -> None:
+        if not self.reply.done():
+            self.reply.set_exception(exc)
+
+
+async def _exchange_udp(server: tuple[str, int], packet: bytes, query_id: int) -> bytes:
+    loop = asyncio.get_running_loop()
+    transport, protocol = await loop.create_datagram_endpoint(
+        lambda: _UdpExchange(server, query_id), remote_addr=server
+    )
+    try:
+        transport.sendto(packet)
+        return await protocol.reply
+    finally:
+        transport.close()
+
+
+async def _exchange_tcp(server: tuple[str, int], packet: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection(*server)
+    try:
+        writer.write(struct.pack("!H", len(packet)) + packet)
+        await writer.drain()
+        (length,) = struct.unpack("!H", await reader.readexactly(2))
+        return await reader.readexactly(length)
+    finally:
+        writer.close()
+
+
+class UpstreamResolver(AbstractResolver):
+    """aiohttp resolver: fixed `hosts` first, then the DNS `servers`, else the system resolver.
+
+    With `servers` configured the system resolver is never asked: a name they cannot resolve
+    is an error, not a silent fallback into the override loop.
+    """
+
+    def __init__(
+        self,
+        hosts: Mapping[str, Sequence[str]] | None = None,
+        servers: Sequence[tuple[str, int]] = (),
+        timeout: float = 2.0,
+    ) -> None:
+        self._hosts = {
+            name.rstrip(".").lower(): tuple(addresses) for name, addresses in (hosts or {}).items()
+        }
+        self._servers = tuple(servers)
+        self._timeout = timeout
+        self._system: ThreadedResolver | None = None
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        if not self._servers and host.rstrip(".").lower() not in self._hosts:
+            if self._system is None:
+                self._system = ThreadedResolver()
+            return await self._system.resolve(host, port, family)
+        return [
+            ResolveResult(
+                hostname=host,
+                host=address,
+                port=port,
+                family=socket.AF_INET6 if ":" in address else socket.AF_INET,
+                proto=0,
+                flags=socket.AI_NUMERICHOST | socket.AI_NUMERICSERV,
+            )
+            for address in await self.addresses(host, family)
+        ]
+
+    async def addresses(
+        self, host: str, family: socket.AddressFamily = socket.AF_UNSPEC
+    ) -> list[str]:
+        """The addresses of `host` (an IP literal is its own address); OSError if there are none."""
+        try:
+            return [str(ipaddress.ip_address(host))]
+        except ValueError:
+            pass
+        key = host.rstrip(".").lower()
+        families = [family] if family in _QTYPES else [socket.AF_INET, socket.AF_INET6]
+        if key in self._hosts:
+            found = [
+                address
+                for address in self._hosts[key]
+                if socket.AF_INET6 in families or ":" not in address
+                if socket.AF_INET in families or ":" in address
+            ]
+        elif self._servers:
+            found = []
+            for qfamily in families:
+                found += await self._query(key, _QTYPES[qfamily])
+        else:
+            infos = await asyncio.get_running_loop().getaddrinfo(
+                host, None, family=family, type=socket.SOCK_STREAM
+            )
+            found = list(dict.fromkeys(str(info[4][0]) for info in infos))
+        if not found:
+            raise OSError(f"{host}: no address found")
+        return found
+
+    async def _query(self, name: str, qtype: int) -> list[str]:
+        failures: list[str] = []
+        for server in self._servers:
+            query_id = secrets.randbelow(0x10000)
+            request = DNSRecord.question(name, QTYPE[qtype])
+            request.header.id = query_id
+            packet = request.pack()
+            try:
+                async with asyncio.timeout(self._timeout):
+                    reply = DNSRecord.parse(await _exchange_udp(server, packet, query_id))
+                    if reply.header.tc:
+                        reply = DNSRecord.parse(await _exchange_tcp(server, packet))
+            except (OSError, TimeoutError, asyncio.IncompleteReadError) as error:
+                failures.append(f"{server[0]}:{server[1]}: {error or type(error).__name__}")
+                continue
+            except Exception as error:  # dnslib raises assorted errors on garbage
+                failures.append(f"{server[0]}:{server[1]}: unparsable reply ({error})")
+                continue
+            if reply.header.id != query_id or str(reply.q.qname).rstrip(".").lower() != name:
+                failures.append(f"{server[0]}:{server[1]}: reply does not match the question")
+                continue
+            rcode = reply.header.rcode
+            if rcode == RCODE.NXDOMAIN:
+                return []
+            if rcode != RCODE.NOERROR:
+                failures.append(f"{server[0]}:{server[1]}: {RCODE[rcode]}")
+                continue
+            # The answer may hold a CNAME chain; every record of the asked type is the name's.
+            return [str(rr.rdata) for rr in reply.rr if rr.rtype == qtype]
+        log.warning("resolve_failed", name=name, qtype=QTYPE[qtype], failures=failures)
+        raise OSError(f"{name}: no resolver answered ({'; '.join(failures)})")
+
+    async def close(self) -> None:
+        if self._system is not None:
+            await self._system.close()
+
+
+def _is_local_address(address: str) -> bool:
+    """Whether this host owns `address`: binding to a foreign address fails."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.bind((address, 0))
+        except OSError:
+            return False
+    return True
+
+
+def _listener_owns(listener: tuple[str, int], address: str, port: int) -> bool:
+    host, listen_port = listener
+    if listen_port != port:
+        return False
+    if host in ("", "0.0.0.0", "::"):
+        return _is_local_address(address)
+    return ipaddress.ip_address(host) == ipaddress.ip_address(address)
+
+
+async def refuse_loop(
+    upstreams: Iterable[tuple[str, int]],
+    listeners: Iterable[tuple[str, int]],
+    resolver: UpstreamResolver,
+) -> None:
+    """Raise UserError when an upstream (host, port) resolves to one of our own listeners.
+
+    That is the transparent-mode trap: the cache host asks the resolvers that point the
+    upstream's name at the cache, and every miss would be fetched from itself. A name that
+    does not resolve now is not an error (the upstream may be down at start-up).
+    """
+    listening = list(listeners)
+    for host, port in upstreams:
+        try:
+            addresses = await resolver.addresses(host)
+        except OSError as error:
+            log.warning("upstream_unresolved", upstream=host, reason=str(error))
+            continue
+        for address in addresses:
+            if any(_listener_owns(listener, address, port) for listener in listening):
+                raise UserError(
+                    f"upstream {host}:{port} resolves to {address}, which is this registry's own "
+                    "listening address (a forwarding loop: the resolvers this host asks point "
+                    f"{host} at the cache). Give the registry `resolvers:` that return the real "
+                    "address, or put the cache host in a view without overrides."
+                )
