@@ -48,6 +48,7 @@ TOP_KEYS = (
     "edns_udp_size",
     "query_log",
     "metrics",
+    "reload_interval",
 )
 VIEW_KEYS = ("name", "clients", "zones")
 CACHE_KEYS = ("size", "min_ttl", "max_ttl", "negative_max_ttl", "stale_ttl")
@@ -108,6 +109,7 @@ class ServeConfig:
     edns_udp_size: int = 1232
     query_log: bool = False
     metrics: Endpoint | None = None
+    reload_interval: float = 30.0
 
     def view_selectors(self) -> dict[str, frozenset[str] | None]:
         """View name -> zone file selectors, as `zones.load_zone_set(views=...)` wants."""
@@ -250,6 +252,8 @@ def _read_file(path: Path) -> tuple[dict[str, Any], list[str]]:
             values["cache"] = _cache(reader, value, line)
         elif key in ("timeout", "attempt_timeout"):
             values[key] = reader.number(document, key, 0.05, 30, integer=False)
+        elif key == "reload_interval":
+            values[key] = reader.number(document, key, 0, 86400, integer=False)
         elif key == "edns_udp_size":
             values[key] = reader.number(document, key, 512, 4096, integer=True)
         elif key == "query_log":

@@ -271,6 +271,27 @@ def name_problem(name: str, wildcard_ok: bool) -> str | None:
     return None
 
 
+def zone_files(directory: Path) -> list[Path]:
+    """The files `load_zone_set` reads, sorted: `*.yaml`/`*.yml`, hidden names skipped
+    (editor locks `.#x.yaml`, Ansible's `.ansible_tmp*x.yaml`, ConfigMap `..data`)."""
+    return sorted(
+        p for p in directory.iterdir() if p.suffix in ZONE_SUFFIXES and not p.name.startswith(".")
+    )
+
+
+def zone_files(directory: Path) -> list[Path]:
+    """The zone files of a directory, sorted: top-level `*.yaml`/`*.yml`, symlinks followed.
+
+    Hidden names are skipped: editor lock files (`.#x.yaml`), atomic-write temporaries
+    (`.ansible_tmp...yaml`) and Kubernetes ConfigMap internals (`..data`).
+    """
+    return sorted(
+        path
+        for path in directory.iterdir()
+        if path.suffix in ZONE_SUFFIXES and not path.name.startswith(".") and path.is_file()
+    )
+
+
 def load_zone_set(
     directory: Path, views: Mapping[str, frozenset[str] | None] | None = None
 ) -> ZoneSet:
@@ -284,10 +305,7 @@ def load_zone_set(
         raise ZoneSetError([ZoneProblem(str(directory), 0, "zones directory does not exist")])
     problems: list[ZoneProblem] = []
     files = []
-    paths = sorted(
-        p for p in directory.iterdir() if p.suffix in ZONE_SUFFIXES and not p.name.startswith(".")
-    )
-    for path in paths:
+    for path in zone_files(directory):
         zone, file_problems = _load_file(path)
         problems.extend(file_problems)
         files.append(zone)
