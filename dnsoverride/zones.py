@@ -272,14 +272,6 @@ def name_problem(name: str, wildcard_ok: bool) -> str | None:
 
 
 def zone_files(directory: Path) -> list[Path]:
-    """The files `load_zone_set` reads, sorted: `*.yaml`/`*.yml`, hidden names skipped
-    (editor locks `.#x.yaml`, Ansible's `.ansible_tmp*x.yaml`, ConfigMap `..data`)."""
-    return sorted(
-        p for p in directory.iterdir() if p.suffix in ZONE_SUFFIXES and not p.name.startswith(".")
-    )
-
-
-def zone_files(directory: Path) -> list[Path]:
     """The zone files of a directory, sorted: top-level `*.yaml`/`*.yml`, symlinks followed.
 
     Hidden names are skipped: editor lock files (`.#x.yaml`), atomic-write temporaries
