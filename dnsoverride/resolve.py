@@ -135,8 +135,15 @@ class UpstreamResolver(AbstractResolver):
             ]
         elif self._servers:
             found = []
+            failure: OSError | None = None
             for qfamily in families:
-                found += await self._query(key, _QTYPES[qfamily])
+                # A server that fails AAAA but answers A still gives a usable address.
+                try:
+                    found += await self._query(key, _QTYPES[qfamily])
+                except OSError as error:
+                    failure = error
+            if not found and failure is not None:
+                raise failure
         else:
             infos = await asyncio.get_running_loop().getaddrinfo(
                 host, None, family=family, type=socket.SOCK_STREAM
