@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import grp
 import ipaddress
 import os
 import socket
@@ -79,9 +80,10 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("no names to certify: give NAME... or --from-zones DIR")
     ca = load_ca(directory)
     out = Path(args.out) if args.out else directory / _file_stem(names[0])
-    cert_path, key_path = issue(ca, names, out, days=args.days)
+    cert_path, key_path = issue(ca, names, out, days=args.days, group=args.group)
     leaf = x509.load_pem_x509_certificate(cert_path.read_bytes())
-    print(f"wrote {cert_path} and {key_path} (mode 0600)")
+    mode = f"mode 0640, group {args.group}" if args.group else "mode 0600"
+    print(f"wrote {cert_path} and {key_path} ({mode})")
     print(f"names: {' '.join(_unique_names(names))}")
     print(f"valid until {leaf.not_valid_after_utc:%Y-%m-%d}; reissue with the same command")
     return 0
@@ -187,15 +189,22 @@ def load_ca(directory: Path) -> CertificateAuthority:
 
 
 def issue(
-    ca: CertificateAuthority, names: Sequence[str], out: Path, *, days: int = LEAF_DAYS
+    ca: CertificateAuthority,
+    names: Sequence[str],
+    out: Path,
+    *,
+    days: int = LEAF_DAYS,
+    group: str | None = None,
 ) -> tuple[Path, Path]:
     """Issue a server certificate for `names` (DNS names or IP addresses).
 
-    Writes `<out>.crt` and `<out>.key` (0600), replacing earlier ones atomically, and
-    returns their paths. The leaf never outlives the CA.
+    Writes `<out>.crt` and `<out>.key` (0600, or 0640 owned by `group` so that a daemon
+    running as that group can read it), replacing earlier ones atomically, and returns
+    their paths. The leaf never outlives the CA.
     """
     if not 0 < days <= MAX_LEAF_DAYS:
         raise UserError(f"--days must be from 1 to {MAX_LEAF_DAYS} for a server certificate")
+    gid = _group_id(group) if group else None
     unique = _unique_names(names)
     sans = [_san(name) for name in unique]
     _check_constraints(ca.cert, sans)
@@ -245,9 +254,10 @@ def issue(
     # Key first: a reader that sees the new certificate also finds its key.
     _write_files(
         [
-            (key_path, _key_pem(key), 0o600),
+            (key_path, _key_pem(key), 0o600 if gid is None else 0o640),
             (cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644),
-        ]
+        ],
+        gid=gid,
     )
     return cert_path, key_path
 
@@ -346,6 +356,13 @@ def _check_constraints(ca_cert: x509.Certificate, sans: Sequence[x509.GeneralNam
             )
 
 
+def _group_id(group: str) -> int:
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise UserError(f"--group {group}: no such group") from None
+
+
 def _file_stem(name: str) -> str:
     return name.replace("*", "wildcard")
 
@@ -358,11 +375,11 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     )
 
 
-def _write_files(files: Sequence[tuple[Path, bytes, int]]) -> None:
+def _write_files(files: Sequence[tuple[Path, bytes, int]], gid: int | None = None) -> None:
     """Write every file to a temporary sibling, fsync, then rename them all into place.
 
-    The key is created 0600 from the start (not chmod-ed later), so it is never readable
-    by others, not even briefly.
+    Temporary files are created 0600 and get their final mode and group before any data
+    is written, so a key is never readable by others, not even briefly.
     """
     staged: list[tuple[str, Path]] = []
     try:
@@ -370,6 +387,8 @@ def _write_files(files: Sequence[tuple[Path, bytes, int]]) -> None:
             fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
             staged.append((temporary, path))
             with os.fdopen(fd, "wb") as handle:
+                if gid is not None:
+                    os.fchown(handle.fileno(), -1, gid)
                 os.fchmod(handle.fileno(), mode)
                 handle.write(data)
                 handle.flush()

@@ -105,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     ca_issue.add_argument(
         "--out", metavar="PREFIX", help="write PREFIX.crt and PREFIX.key (default DIR/FIRST-NAME)"
     )
+    ca_issue.add_argument(
+        "--group", metavar="GROUP", help="make the key 0640 and owned by GROUP (the daemon's)"
+    )
     return parser
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import grp
+import os
 import shutil
 import ssl
 import stat
@@ -330,3 +332,23 @@ def test_issue_without_a_ca_says_how_to_make_one(
 ) -> None:
     assert main(["ca", "issue", "--dir", str(tmp_path / "none"), "quay.io"]) == 2
     assert "dnsoverride ca init --dir" in capsys.readouterr().err
+
+
+def test_group_makes_the_key_readable_by_that_group_only(ca_dir: Path, tmp_path: Path) -> None:
+    # As root, a group other than our own proves the chown; otherwise only our own is allowed.
+    others = [g for g in grp.getgrall() if g.gr_gid != os.getgid()]
+    chosen = others[0] if os.geteuid() == 0 and others else grp.getgrgid(os.getgid())
+    group = chosen.gr_name
+    out = tmp_path / "grouped"
+    assert (
+        main(["ca", "issue", "--dir", str(ca_dir), "quay.io", "--out", str(out), "--group", group])
+        == 0
+    )
+    key = tmp_path / "grouped.key"
+    assert _mode(key) == 0o640
+    assert key.stat().st_gid == chosen.gr_gid
+
+
+def test_unknown_group_is_a_user_error(ca_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["ca", "issue", "--dir", str(ca_dir), "quay.io", "--group", "no-such-group-x"]) == 2
+    assert "no such group" in capsys.readouterr().err
