@@ -66,6 +66,15 @@ class HealthCheck:
     fall: int = DEFAULT_FALL
     rise: int = DEFAULT_RISE
 
+    def canonical(self) -> str:
+        """A stable text form, for zone content hashes and diffs."""
+        target = f"tcp {self.port}" if self.kind == "tcp" else f"https :{self.port}{self.path}"
+        expect = ",".join(str(status) for status in sorted(self.expect))
+        return (
+            f"{target} expect={expect} ca={self.ca_file or '-'} interval={self.interval:g} "
+            f"timeout={self.timeout:g} fall={self.fall} rise={self.rise}"
+        )
+
 
 @dataclass(frozen=True)
 class GatedOverride:

@@ -15,8 +15,9 @@ Format (every `*.yaml` / `*.yml` in the zones directory)::
         CNAME: ingress.ci.example.
 
 Names are absolute with or without the trailing dot and case-insensitive. Keys of a name
-are record types or `ttl`; anything else is rejected so that a typo (or a feature this
-version does not have yet) is an error rather than silently ignored.
+are record types, `ttl` or `health` (a check that withdraws the override while its addresses
+fail, see `dnsoverride.health`); anything else is rejected so that a typo (or a feature
+this version does not have yet) is an error rather than silently ignored.
 """
 
 from __future__ import annotations
@@ -33,12 +34,13 @@ from typing import Any
 import dnslib
 
 from dnsoverride import yamlsource
+from dnsoverride.health import GatedOverride, HealthCheck, HealthSpecError, parse_health
 
 DEFAULT_TTL = 60
 MAX_TTL = 2**31 - 1
 ZONE_SUFFIXES = (".yaml", ".yml")
 FILE_KEYS = ("ttl", "records")
-NAME_KEYS = ("ttl",)
+NAME_KEYS = ("ttl", "health")
 RECORD_TYPES = ("A", "AAAA", "CNAME", "TXT", "MX", "SRV", "PTR", "NS")
 
 _LABEL = re.compile(r"^[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?$")
@@ -83,6 +85,7 @@ class NameEntry:
     line: int
     ttl: int
     rrsets: Mapping[int, RRSet]
+    health: HealthCheck | None = None
 
     @property
     def cname(self) -> str | None:
@@ -97,6 +100,8 @@ class NameEntry:
             rrset = self.rrsets[rtype]
             for text in sorted(rrset.texts):
                 lines.append(f"  {dnslib.QTYPE.get(rtype)} {rrset.ttl} {text}")
+        if self.health is not None:
+            lines.append(f"  health {self.health.canonical()}")
         return "\n".join(lines)
 
 
@@ -164,6 +169,21 @@ class ZoneSet:
             if entry is not None:
                 digest.update(f"{zone.name}\n{entry.canonical()}\n".encode())
         return digest.hexdigest()
+
+    def health_gated(self) -> tuple[GatedOverride, ...]:
+        """Every name with a health check and the addresses it checks (first file wins)."""
+        gated: dict[str, GatedOverride] = {}
+        for zone in self.files:
+            for name, entry in zone.entries.items():
+                if entry.health is not None and name not in gated:
+                    addresses = tuple(
+                        text
+                        for rtype in (dnslib.QTYPE.A, dnslib.QTYPE.AAAA)
+                        if rtype in entry.rrsets
+                        for text in entry.rrsets[rtype].texts
+                    )
+                    gated[name] = GatedOverride(name, entry.health, addresses)
+        return tuple(gated.values())
 
     def select(self, selectors: frozenset[str] | None) -> Overrides:
         """The overrides of the files a view names (None: every file), merged in file order."""
@@ -413,12 +433,22 @@ def _entry(name: str, line: int, file_ttl: int, body: Any, problems: _Problems) 
         problems.add(
             line, f"{name}: CNAME cannot be combined with other data ({', '.join(others)})"
         )
+    health = None
+    if "health" in body:
+        try:
+            health = parse_health(name, body["health"], Path(problems.file).parent)
+        except HealthSpecError as error:
+            problems.add(body.key_lines["health"], f"{name}: {error}")
+        if not {dnslib.QTYPE.A, dnslib.QTYPE.AAAA} & rrsets.keys():
+            problems.add(
+                body.key_lines["health"], f"{name}: a health check needs A or AAAA records"
+            )
     if len(problems.items) != before:
         return None
     if not rrsets:
         problems.add(line, f"{name}: no records")
         return None
-    return NameEntry(name, problems.file, line, ttl, MappingProxyType(rrsets))
+    return NameEntry(name, problems.file, line, ttl, MappingProxyType(rrsets), health)
 
 
 def _rrset(

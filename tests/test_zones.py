@@ -125,7 +125,7 @@ def test_every_problem_is_reported_with_file_and_line(tmp_path: Path) -> None:
     assert problems[4].startswith(f"{bad}:13: name 'bad..name' has an empty label")
     assert problems[5].startswith(f"{bad}:15: name '-dash.example'")
     assert problems[6].startswith(f"{bad}:18: list.example: bad A value 'nope'")
-    assert problems[7].startswith(f"{bad}:21: health.example: unknown record type or key 'health'")
+    assert problems[7].startswith(f"{bad}:21: health.example: unknown health key(s) http")
     assert problems[8].startswith(f"{broken}:3: YAML syntax error")
     assert len(problems) == 9
 
