@@ -1,0 +1,241 @@
+"""Blob serving: sendfile for hits, one shared upstream fetch for misses.
+
+A miss starts exactly one download task per digest. It writes into a temp file in the
+store, hashing and counting bytes as they arrive; every request for that digest (the
+first and all that join while it runs) streams from the growing file, so each client
+gets its first byte without waiting for the whole blob. Only a blob whose length and
+digest match is fsynced and renamed into the store. On a mismatch or an upstream
+failure the temp file is removed and every waiting response is cut short, so the
+client's own digest check fails. The download is a task of its own: a client that
+disconnects does not cancel it for the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+from pathlib import Path
+
+import structlog
+from aiohttp import web
+
+from dnsoverride.registry.errors import RegistryError
+from dnsoverride.registry.names import Digest
+from dnsoverride.registry.stats import Stats
+from dnsoverride.registry.store import Store
+from dnsoverride.registry.upstream import Upstream, as_registry_error
+
+log = structlog.get_logger(__name__)
+
+_CHUNK = 1 << 20
+BLOB_TYPE = "application/octet-stream"
+
+
+class DownloadFailedError(Exception):
+    """The shared download ended without a verified blob; waiting responses are aborted."""
+
+
+class Download:
+    """One in-flight upstream fetch of one blob into a growing temp file."""
+
+    def __init__(self, digest: Digest, temp: Path) -> None:
+        self.digest = digest
+        self.temp = temp
+        self.size: int | None = None  # expected length, from upstream Content-Length
+        self.written = 0
+        self.final: Path | None = None
+        self.error: RegistryError | None = None
+        # Resolved once upstream headers arrived (size known) or the fetch failed.
+        self.started: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._changed = asyncio.Event()
+
+    @property
+    def finished(self) -> bool:
+        return self.final is not None or self.error is not None
+
+    def notify(self) -> None:
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    async def wait_change(self) -> None:
+        await self._changed.wait()
+
+    async def wait_finished(self) -> None:
+        while not self.finished:
+            await self.wait_change()
+
+
+class Blobs:
+    def __init__(self, store: Store, stats: Stats) -> None:
+        self.store = store
+        self.stats = stats
+        self._downloads: dict[str, Download] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def serve(
+        self, request: web.Request, upstream: Upstream, name: str, digest: Digest
+    ) -> web.StreamResponse:
+        headers = {"Docker-Content-Digest": str(digest), "Content-Type": BLOB_TYPE}
+        path = self.store.lookup("blobs", digest)
+        if path is not None:
+            self.stats.hits["blob"] += 1
+            return await self._send_file(request, digest, path, headers)
+        if request.method == "HEAD":
+            return await self._head_upstream(request, upstream, name, digest, headers)
+        self.stats.misses["blob"] += 1
+        download = self._downloads.get(str(digest))
+        if download is None:
+            download = self._start(upstream, name, digest)
+        else:
+            self.stats.coalesced += 1
+        await asyncio.shield(download.started)
+        if download.error is not None:
+            raise download.error
+        if download.final is not None or "Range" in request.headers:
+            # Ranges are served from the finished file (FileResponse handles them).
+            await download.wait_finished()
+            if download.final is None:
+                raise download.error or RegistryError("UNAVAILABLE", "download failed")
+            return await self._send_file(request, digest, download.final, headers)
+        return await self._stream(request, download, headers)
+
+    async def _send_file(
+        self, request: web.Request, digest: Digest, path: Path, headers: dict[str, str]
+    ) -> web.StreamResponse:
+        response = web.FileResponse(path, headers=headers)
+        with self.store.pinned("blobs", digest):
+            # Prepared here, not by the framework, so the pin covers the whole transfer.
+            await response.prepare(request)
+            await response.write_eof()
+        if request.method == "GET":
+            self.stats.bytes_served += response.content_length or 0
+        return response
+
+    async def _stream(
+        self, request: web.Request, download: Download, headers: dict[str, str]
+    ) -> web.StreamResponse:
+        # Opened before any await: the temp file cannot be renamed or removed under us
+        # in between, and once open the descriptor stays valid through both.
+        fd = os.open(download.temp, os.O_RDONLY)
+        try:
+            response = web.StreamResponse(headers=headers)
+            if download.size is not None:
+                response.content_length = download.size
+            await response.prepare(request)
+            sent = 0
+            while True:
+                available = download.written - sent
+                if available > 0:
+                    data = os.pread(fd, min(available, _CHUNK), sent)
+                    await response.write(data)
+                    sent += len(data)
+                    self.stats.bytes_served += len(data)
+                elif download.final is not None:
+                    break
+                elif download.error is not None:
+                    # Cut the connection short: the client must not take this as complete.
+                    raise DownloadFailedError(download.error.message)
+                else:
+                    await download.wait_change()
+            await response.write_eof()
+            return response
+        finally:
+            os.close(fd)
+
+    async def _head_upstream(
+        self,
+        request: web.Request,
+        upstream: Upstream,
+        name: str,
+        digest: Digest,
+        headers: dict[str, str],
+    ) -> web.StreamResponse:
+        self.stats.misses["blob"] += 1
+        upstream_response = await upstream.call("HEAD", name, f"blobs/{digest}")
+        with contextlib.closing(upstream_response):
+            if upstream_response.status == 404:
+                raise RegistryError("BLOB_UNKNOWN", f"blob unknown upstream: {digest}")
+            response = web.StreamResponse(headers=headers)
+            if upstream_response.content_length is not None:
+                response.content_length = upstream_response.content_length
+            await response.prepare(request)
+            await response.write_eof()
+            return response
+
+    def _start(self, upstream: Upstream, name: str, digest: Digest) -> Download:
+        fd, temp = self.store.new_temp()
+        download = Download(digest, temp)
+        self._downloads[str(digest)] = download
+        task = asyncio.create_task(self._fetch(upstream, name, download, fd))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return download
+
+    async def _fetch(self, upstream: Upstream, name: str, download: Download, fd: int) -> None:
+        digest = download.digest
+        closed = False
+        try:
+            response = await upstream.call("GET", name, f"blobs/{digest}")
+            with contextlib.closing(response):
+                if response.status == 404:
+                    raise RegistryError("BLOB_UNKNOWN", f"blob unknown upstream: {digest}")
+                download.size = response.content_length
+                download.started.set_result(None)
+                hasher = hashlib.new(digest.algorithm)
+                async for chunk in response.content.iter_chunked(_CHUNK):
+                    _write_all(fd, chunk)
+                    hasher.update(chunk)
+                    download.written += len(chunk)
+                    self.stats.upstream_bytes[upstream.name] += len(chunk)
+                    if download.size is not None and download.written > download.size:
+                        raise _verify_failed(digest, "longer than its Content-Length")
+                    download.notify()
+            if download.size is not None and download.written != download.size:
+                raise RegistryError(
+                    "UNAVAILABLE", f"upstream closed blob {digest} short", status=502
+                )
+            if hasher.hexdigest() != digest.hex:
+                self.stats.verify_failures += 1
+                raise _verify_failed(digest, "content does not match its digest")
+            closed = True
+            await asyncio.to_thread(Store.sync_close, fd)
+            download.final = self.store.commit("blobs", digest, download.temp, download.written)
+            log.info(
+                "blob_stored", digest=str(digest), size=download.written, upstream=upstream.name
+            )
+        except (Exception, asyncio.CancelledError) as error:
+            download.error = as_registry_error(error)
+            log.warning(
+                "blob_fetch_failed",
+                digest=str(digest),
+                upstream=upstream.name,
+                received=download.written,
+                error=download.error.message,
+            )
+            if not closed:
+                os.close(fd)
+            Store.discard(download.temp)
+            if isinstance(error, asyncio.CancelledError):
+                raise
+        finally:
+            if not download.started.done():
+                download.started.set_result(None)
+            del self._downloads[str(digest)]
+            download.notify()
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _verify_failed(digest: Digest, why: str) -> RegistryError:
+    return RegistryError("DIGEST_INVALID", f"upstream blob {digest}: {why}", status=502)

@@ -1,0 +1,245 @@
+"""Registry cache configuration: YAML file + command-line flags -> frozen dataclasses.
+
+Parsed once at start-up; everything downstream receives typed values. Embedded
+defaults make `dnsoverride registry` work with no config file at all: listen on
+127.0.0.1:5000, mirror Docker Hub, store under the user's cache directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+
+from dnsoverride.errors import UserError
+
+DEFAULT_LISTEN = "127.0.0.1:5000"
+DEFAULT_UPSTREAM = "https://registry-1.docker.io"
+# Docker Hub serves official images under `library/`; clients may leave the prefix out.
+DOCKER_HUB_HOSTS = ("registry-1.docker.io", "docker.io", "index.docker.io")
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B?)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+_HOSTNAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?(:\d{1,5})?$")
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Upstream client timeouts in seconds; short so a dead upstream fails fast to stale."""
+
+    connect: float = 5.0
+    idle: float = 30.0
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    """One upstream registry and the host names (Host header or `?ns=`) that select it."""
+
+    name: str
+    url: str
+    aliases: tuple[str, ...] = ()
+    username: str | None = None
+    password: str | None = None
+    # Prepend `library/` to single-component names (Docker Hub's official images).
+    library_prefix: bool = False
+
+    @property
+    def hosts(self) -> tuple[str, ...]:
+        return (self.name, *self.aliases)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Store size cap: evict least-recently-used content from `high` down to `low` bytes."""
+
+    max_size: int
+    high_watermark: float = 0.95
+    low_watermark: float = 0.85
+
+    @property
+    def high(self) -> int:
+        return int(self.max_size * self.high_watermark)
+
+    @property
+    def low(self) -> int:
+        return int(self.max_size * self.low_watermark)
+
+
+@dataclass(frozen=True)
+class RegistryConfig:
+    host: str
+    port: int
+    storage: Path
+    upstreams: tuple[UpstreamConfig, ...]
+    default_upstream: str
+    budget: Budget | None = None
+    tag_ttl: float = 300.0
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    metrics: str | None = None
+
+    def upstream(self, name: str) -> UpstreamConfig:
+        for upstream in self.upstreams:
+            if upstream.name == name:
+                return upstream
+        raise KeyError(name)
+
+
+def default_storage() -> Path:
+    """`$XDG_CACHE_HOME/dnsoverride/registry`, else `~/.cache/dnsoverride/registry`."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "dnsoverride" / "registry"
+
+
+def parse_size(text: str | int) -> int:
+    """`20G`, `512M`, `1.5GiB`, `1000` -> bytes (binary units)."""
+    if isinstance(text, int):
+        return text
+    match = _SIZE.match(str(text))
+    if not match:
+        raise UserError(f"invalid size {text!r} (expected e.g. 20G, 512M, 1000000)")
+    return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise UserError(f"invalid listen address {text!r} (expected HOST:PORT)")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def _upstream_from_url(url: str, name: str | None = None, **extra: Any) -> UpstreamConfig:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise UserError(f"invalid upstream URL {url!r} (expected http(s)://host[:port])")
+    name = name or parts.netloc
+    if not _HOSTNAME.match(name):
+        raise UserError(f"invalid upstream name {name!r}")
+    # Docker Hub by URL, or by name when the URL points at a stand-in (tests, relays).
+    hub = parts.hostname in DOCKER_HUB_HOSTS or name in DOCKER_HUB_HOSTS
+    aliases = tuple(extra.pop("aliases", None) or (("docker.io", "index.docker.io") if hub else ()))
+    for alias in aliases:
+        if not isinstance(alias, str) or not _HOSTNAME.match(alias):
+            raise UserError(f"upstream {name}: invalid alias {alias!r}")
+    return UpstreamConfig(
+        name=name,
+        url=url.rstrip("/"),
+        aliases=aliases,
+        username=extra.pop("username", None),
+        password=extra.pop("password", None),
+        library_prefix=bool(extra.pop("library_prefix", hub)),
+    )
+
+
+def _mapping(value: Any, where: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise UserError(f"{where}: expected a mapping")
+    return value
+
+
+def _read_file(path: str) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as stream:
+            return _mapping(yaml.safe_load(stream), path)
+    except OSError as error:
+        raise UserError(f"cannot read config {path}: {error.strerror}") from error
+    except yaml.YAMLError as error:
+        raise UserError(f"{path}: invalid YAML: {error}") from error
+
+
+_KNOWN = {
+    "listen",
+    "storage",
+    "max_size",
+    "high_watermark",
+    "low_watermark",
+    "tag_ttl",
+    "timeouts",
+    "upstreams",
+    "default_upstream",
+    "tls",
+    "metrics",
+}
+_UPSTREAM_KEYS = {"name", "url", "aliases", "username", "password", "library_prefix"}
+
+
+def load(args: argparse.Namespace) -> RegistryConfig:
+    """Merge the config file (if any) with flags; flags win. Raises UserError when invalid."""
+    raw = _read_file(args.config) if getattr(args, "config", None) else {}
+    where = getattr(args, "config", None) or "config"
+    unknown = set(raw) - _KNOWN
+    if unknown:
+        raise UserError(f"{where}: unknown keys: {', '.join(sorted(unknown))}")
+
+    host, port = parse_listen(getattr(args, "listen", None) or raw.get("listen") or DEFAULT_LISTEN)
+    storage = Path(getattr(args, "storage", None) or raw.get("storage") or default_storage())
+
+    upstreams: list[UpstreamConfig] = []
+    for index, item in enumerate(raw.get("upstreams") or ()):
+        entry = dict(_mapping(item, f"{where}: upstreams[{index}]"))
+        bad = set(entry) - _UPSTREAM_KEYS
+        if bad or "url" not in entry:
+            raise UserError(f"{where}: upstreams[{index}]: needs url; unknown keys {sorted(bad)}")
+        url = entry.pop("url")
+        upstreams.append(_upstream_from_url(str(url), entry.pop("name", None), **entry))
+    flag_url = getattr(args, "upstream", None)
+    default_name = raw.get("default_upstream")
+    if flag_url:
+        flag_upstream = _upstream_from_url(flag_url)
+        upstreams = [u for u in upstreams if u.name != flag_upstream.name] + [flag_upstream]
+        default_name = flag_upstream.name
+    if not upstreams:
+        upstreams.append(_upstream_from_url(DEFAULT_UPSTREAM))
+    names = [u.name for u in upstreams]
+    if len(set(names)) != len(names):
+        raise UserError(f"{where}: duplicate upstream names")
+    default_name = default_name or names[0]
+    if default_name not in names:
+        raise UserError(f"{where}: default_upstream {default_name!r} is not an upstream")
+
+    max_size = getattr(args, "max_size", None) or raw.get("max_size")
+    budget = None
+    if max_size:
+        budget = Budget(
+            parse_size(max_size),
+            float(raw.get("high_watermark", 0.95)),
+            float(raw.get("low_watermark", 0.85)),
+        )
+        if not 0 < budget.low_watermark < budget.high_watermark <= 1:
+            raise UserError(f"{where}: need 0 < low_watermark < high_watermark <= 1")
+
+    timeouts_raw = _mapping(raw.get("timeouts"), f"{where}: timeouts")
+    tls = _mapping(raw.get("tls"), f"{where}: tls")
+    tls_cert = getattr(args, "tls_cert", None) or tls.get("cert")
+    tls_key = getattr(args, "tls_key", None) or tls.get("key")
+    if bool(tls_cert) != bool(tls_key):
+        raise UserError("--tls-cert and --tls-key go together")
+    try:
+        timeouts = Timeouts(
+            float(timeouts_raw.get("connect", 5.0)), float(timeouts_raw.get("idle", 30.0))
+        )
+        tag_ttl = float(raw.get("tag_ttl", 300.0))
+    except (TypeError, ValueError) as error:
+        raise UserError(f"{where}: timeouts and tag_ttl are seconds: {error}") from error
+    return RegistryConfig(
+        host=host,
+        port=port,
+        storage=storage,
+        upstreams=tuple(upstreams),
+        default_upstream=default_name,
+        budget=budget,
+        tag_ttl=tag_ttl,
+        timeouts=timeouts,
+        tls_cert=Path(tls_cert) if tls_cert else None,
+        tls_key=Path(tls_key) if tls_key else None,
+        metrics=getattr(args, "metrics", None) or raw.get("metrics"),
+    )

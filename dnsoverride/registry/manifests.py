@@ -1,0 +1,261 @@
+"""Manifests: immutable by digest, cached by tag with a TTL and HEAD revalidation.
+
+By digest, a manifest is fetched once, verified against the digest and kept in the
+store. A tag maps to a digest for `tag_ttl` seconds; after that one upstream HEAD
+(which Docker Hub does not count as a pull) revalidates it, and the manifest is
+re-fetched only if the digest changed. Concurrent requests for one tag share one
+upstream request. When the upstream fails, times out or answers 429/5xx, the last
+known manifest is served stale, provided the content it references is still stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import structlog
+
+from dnsoverride.registry.errors import RegistryError
+from dnsoverride.registry.names import Digest, parse_digest
+from dnsoverride.registry.stats import Stats
+from dnsoverride.registry.store import Store, TagRecord
+from dnsoverride.registry.upstream import (
+    MANIFEST_TYPES,
+    Upstream,
+    UpstreamDeniedError,
+    UpstreamUnavailableError,
+    as_registry_error,
+)
+
+log = structlog.get_logger(__name__)
+
+MAX_MANIFEST = 4 << 20  # the spec lets registries refuse manifests above 4 MiB
+_MEMORY_ENTRIES = 1024
+_ACCEPT = ", ".join(MANIFEST_TYPES)
+_INDEX_TYPES = frozenset(MANIFEST_TYPES[0::2])  # OCI index, Docker manifest list
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    data: bytes
+    digest: str
+    media_type: str
+
+    def references(self) -> list[tuple[str, str]]:
+        """(kind, digest) of the content a client needs next to pull this manifest."""
+        document: dict[str, Any] = json.loads(self.data)
+        if "manifests" in document:
+            return [("manifests", m["digest"]) for m in document["manifests"]]
+        refs = [("blobs", layer["digest"]) for layer in document.get("layers", [])]
+        if "config" in document:
+            refs.append(("blobs", document["config"]["digest"]))
+        return refs
+
+
+def sniff_media_type(data: bytes) -> str:
+    """The media type of a stored manifest, from its own content."""
+    try:
+        document = json.loads(data)
+    except ValueError:
+        return "application/octet-stream"
+    media_type = document.get("mediaType") if isinstance(document, dict) else None
+    if isinstance(media_type, str):
+        return media_type
+    if isinstance(document, dict) and "manifests" in document:
+        return "application/vnd.oci.image.index.v1+json"
+    if isinstance(document, dict) and document.get("schemaVersion") == 1:
+        return "application/vnd.docker.distribution.manifest.v1+prettyjws"
+    return "application/vnd.oci.image.manifest.v1+json"
+
+
+class Manifests:
+    def __init__(self, store: Store, stats: Stats, tag_ttl: float) -> None:
+        self.store = store
+        self.stats = stats
+        self.tag_ttl = tag_ttl
+        self._memory: OrderedDict[str, Manifest] = OrderedDict()
+        self._tags: dict[tuple[str, str, str], TagRecord] = {}
+        self._inflight: dict[object, asyncio.Future[Any]] = {}
+
+    # -- lookups ------------------------------------------------------------------------
+    def local(self, digest: Digest) -> Manifest | None:
+        key = str(digest)
+        manifest = self._memory.get(key)
+        if manifest is not None:
+            self._memory.move_to_end(key)
+            # Keep the store's LRU order honest for manifests served from memory.
+            if self.store.lookup("manifests", digest) is not None:
+                return manifest
+            del self._memory[key]
+            return None
+        path = self.store.lookup("manifests", digest)
+        if path is None:
+            return None
+        data = path.read_bytes()
+        manifest = Manifest(data, key, sniff_media_type(data))
+        self._remember(manifest)
+        return manifest
+
+    async def by_digest(self, upstream: Upstream, name: str, digest: Digest) -> Manifest:
+        manifest = self.local(digest)
+        if manifest is not None:
+            self.stats.hits["manifest"] += 1
+            return manifest
+        self.stats.misses["manifest"] += 1
+        return await self._single_flight(
+            ("digest", str(digest)), lambda: self._fetch(upstream, name, str(digest), digest)
+        )
+
+    async def by_tag(self, upstream: Upstream, name: str, tag: str) -> Manifest:
+        key = (upstream.name, name, tag)
+        record = self._tags.get(key)
+        if record is None:
+            record = self.store.read_tag(*key)
+            if record is not None:
+                self._tags[key] = record
+        if record is not None and time.time() - record.checked < self.tag_ttl:
+            manifest = self.local(parse_digest(record.digest))
+            if manifest is not None:
+                self.stats.hits["manifest"] += 1
+                return manifest
+        self.stats.misses["manifest"] += 1
+        return await self._single_flight(
+            ("tag", *key), lambda: self._revalidate(upstream, name, tag, record)
+        )
+
+    # -- upstream -----------------------------------------------------------------------
+    async def _single_flight(self, key: object, work: Callable[[], Awaitable[T]]) -> T:
+        future = self._inflight.get(key)
+        if future is not None:
+            self.stats.coalesced += 1
+            return await asyncio.shield(future)
+        future = asyncio.get_running_loop().create_future()
+        self._inflight[key] = future
+        try:
+            result = await work()
+        except BaseException as error:
+            future.set_exception(error)
+            future.exception()  # mark retrieved: nobody else may be waiting
+            raise
+        else:
+            future.set_result(result)
+            return result
+        finally:
+            del self._inflight[key]
+
+    async def _revalidate(
+        self, upstream: Upstream, name: str, tag: str, record: TagRecord | None
+    ) -> Manifest:
+        known = self.local(parse_digest(record.digest)) if record else None
+        try:
+            if known is not None:
+                response = await upstream.request(
+                    "HEAD", name, f"manifests/{tag}", {"Accept": _ACCEPT}
+                )
+                response.release()
+                if response.status == 200 and (
+                    response.headers.get("Docker-Content-Digest") == known.digest
+                ):
+                    self._record_tag(upstream, name, tag, known)
+                    return known
+            manifest = await self._fetch(upstream, name, tag, None)
+        except (UpstreamUnavailableError, UpstreamDeniedError, TimeoutError) as error:
+            if known is None:
+                raise as_registry_error(error) from error
+            self._check_complete(known)
+            self.stats.stale_serves += 1
+            log.warning(
+                "manifest_stale", upstream=upstream.name, name=name, tag=tag, error=str(error)
+            )
+            return known
+        self._record_tag(upstream, name, tag, manifest)
+        return manifest
+
+    async def _fetch(
+        self, upstream: Upstream, name: str, reference: str, digest: Digest | None
+    ) -> Manifest:
+        """GET a manifest; verify it against `digest`, or the upstream's digest header."""
+        response = await upstream.request(
+            "GET", name, f"manifests/{reference}", {"Accept": _ACCEPT}
+        )
+        try:
+            if response.status == 404:
+                raise RegistryError("MANIFEST_UNKNOWN", f"manifest unknown: {name}:{reference}")
+            if (response.content_length or 0) > MAX_MANIFEST:
+                raise RegistryError("MANIFEST_INVALID", "upstream manifest is too large", 502)
+            data = await response.content.read(MAX_MANIFEST + 1)
+            if len(data) > MAX_MANIFEST:
+                raise RegistryError("MANIFEST_INVALID", "upstream manifest is too large", 502)
+            media_type = response.headers.get("Content-Type", "").split(";")[0].strip()
+            claimed = response.headers.get("Docker-Content-Digest")
+        finally:
+            response.release()
+        self.stats.upstream_bytes[upstream.name] += len(data)
+        if digest is None:
+            digest = parse_digest(claimed) if claimed else Digest("sha256", "")
+        actual = hashlib.new(digest.algorithm, data).hexdigest()
+        if digest.hex and actual != digest.hex:
+            self.stats.verify_failures += 1
+            raise RegistryError(
+                "DIGEST_INVALID", f"upstream manifest {name}:{reference} fails its digest", 502
+            )
+        digest = Digest(digest.algorithm, actual)
+        if not media_type or media_type in ("application/json", "text/plain"):
+            media_type = sniff_media_type(data)
+        manifest = Manifest(data, str(digest), media_type)
+        self.store.put_bytes("manifests", digest, data)
+        self._remember(manifest)
+        return manifest
+
+    # -- bookkeeping --------------------------------------------------------------------
+    def _record_tag(self, upstream: Upstream, name: str, tag: str, manifest: Manifest) -> None:
+        record = TagRecord(manifest.digest, manifest.media_type, time.time())
+        self._tags[(upstream.name, name, tag)] = record
+        self.store.write_tag(upstream.name, name, tag, record)
+
+    def _remember(self, manifest: Manifest) -> None:
+        self._memory[manifest.digest] = manifest
+        self._memory.move_to_end(manifest.digest)
+        while len(self._memory) > _MEMORY_ENTRIES:
+            self._memory.popitem(last=False)
+
+    def _check_complete(self, manifest: Manifest) -> None:
+        """Refuse to serve (stale) a manifest whose content has been evicted."""
+        for kind, reference in manifest.references():
+            digest = parse_digest(reference)
+            if kind == "manifests":
+                child = self.local(digest)
+                if child is None:
+                    continue  # other platforms of an index need not all be cached
+                self._check_complete(child)
+            elif self.store.lookup("blobs", digest) is None:
+                raise RegistryError(
+                    "UNAVAILABLE", f"upstream unreachable and {reference} is not cached"
+                )
+
+    def negotiate(self, manifest: Manifest, accept: list[str]) -> str | None:
+        """The digest of the index entry to serve instead when the client can't take an index.
+
+        None means serve `manifest` itself.
+        """
+        if not accept or manifest.media_type in accept or "*/*" in accept:
+            return None
+        if manifest.media_type not in _INDEX_TYPES:
+            return None
+        document = json.loads(manifest.data)
+        for entry in document.get("manifests", []):
+            platform = entry.get("platform") or {}
+            if (
+                platform.get("os") == "linux"
+                and platform.get("architecture") == "amd64"
+                and entry.get("mediaType") in accept
+            ):
+                return str(entry["digest"])
+        return None

@@ -1,0 +1,230 @@
+"""Content-addressed on-disk store for blobs and manifests, plus tag records.
+
+Layout under the storage root::
+
+    blobs/sha256/ab/abcd...        verified blob bytes
+    manifests/sha256/ab/abcd...    verified manifest bytes (exact upstream bytes)
+    tags/<upstream>/<name>/_tags/<tag>   JSON: digest, media type, last upstream check
+    tmp/                           downloads in progress (removed at start-up)
+
+Content is written to `tmp/`, fsynced, then renamed into place, so a reader never sees
+a half-written file. The store tracks access order itself (not filesystem atime) and
+evicts least-recently-used content down to the low watermark when the budget's high
+watermark is passed, skipping anything pinned (being served). It knows nothing of HTTP.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import structlog
+
+from dnsoverride.registry.config import Budget
+from dnsoverride.registry.names import Digest
+
+log = structlog.get_logger(__name__)
+
+Kind = Literal["blobs", "manifests"]
+KINDS: tuple[Kind, ...] = ("blobs", "manifests")
+
+
+@dataclass(frozen=True)
+class TagRecord:
+    digest: str
+    media_type: str
+    checked: float  # wall-clock time of the last successful upstream check
+
+
+@dataclass
+class StoreStats:
+    entries: int = 0
+    size: int = 0
+    evictions: int = 0
+    evicted_bytes: int = 0
+    temp_removed: int = 0
+
+
+class Store:
+    def __init__(self, root: Path, budget: Budget | None = None) -> None:
+        self.root = root
+        self.budget = budget
+        self.tmp_dir = root / "tmp"
+        # key "kind/algo:hex" -> size; order = least recently used first.
+        self._entries: OrderedDict[str, int] = OrderedDict()
+        self._pins: Counter[str] = Counter()
+        self._touched: set[str] = set()
+        self.stats = StoreStats()
+
+    # -- start-up -----------------------------------------------------------------------
+    def open(self) -> None:
+        """Create the layout, remove leftover temp files, and index what is stored."""
+        for sub in (*KINDS, "tags", "tmp"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        for leftover in self.tmp_dir.iterdir():
+            with contextlib.suppress(OSError):
+                leftover.unlink()
+                self.stats.temp_removed += 1
+        found: list[tuple[float, str, int]] = []
+        for kind in KINDS:
+            for path in (self.root / kind).glob("*/*/*"):
+                algorithm = path.parent.parent.name
+                try:
+                    info = path.stat()
+                except OSError:
+                    continue
+                found.append((info.st_mtime, f"{kind}/{algorithm}:{path.name}", info.st_size))
+        # The mtime of stored files is the cache's own record of last access (see flush).
+        for _, key, size in sorted(found):
+            self._entries[key] = size
+            self.stats.size += size
+        self.stats.entries = len(self._entries)
+        log.info(
+            "store_opened",
+            root=str(self.root),
+            entries=self.stats.entries,
+            size=self.stats.size,
+            temp_removed=self.stats.temp_removed,
+        )
+
+    # -- content ------------------------------------------------------------------------
+    def path(self, kind: Kind, digest: Digest) -> Path:
+        return self.root / kind / digest.algorithm / digest.hex[:2] / digest.hex
+
+    def lookup(self, kind: Kind, digest: Digest) -> Path | None:
+        """The stored file for `digest`, marking it recently used; None when absent."""
+        key = f"{kind}/{digest}"
+        if key not in self._entries:
+            return None
+        path = self.path(kind, digest)
+        if not path.exists():  # removed behind our back: forget it
+            self._forget(key)
+            return None
+        self._entries.move_to_end(key)
+        self._touched.add(key)
+        return path
+
+    def new_temp(self) -> tuple[int, Path]:
+        fd, name = tempfile.mkstemp(dir=self.tmp_dir, prefix="dl-")
+        return fd, Path(name)
+
+    @staticmethod
+    def sync_close(fd: int) -> None:
+        """fsync and close a finished temp file (blocking: run it in a thread)."""
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def commit(self, kind: Kind, digest: Digest, temp: Path, size: int) -> Path:
+        """Rename a verified, synced temp file into place and account for it."""
+        target = self.path(kind, digest)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(temp, target)
+        key = f"{kind}/{digest}"
+        if key in self._entries:
+            self.stats.size -= self._entries[key]
+        self._entries[key] = size
+        self._entries.move_to_end(key)
+        self.stats.size += size
+        self.stats.entries = len(self._entries)
+        self.evict()
+        return target
+
+    def put_bytes(self, kind: Kind, digest: Digest, data: bytes) -> Path:
+        """Store small verified content (manifests) synchronously."""
+        fd, temp = self.new_temp()
+        try:
+            os.write(fd, data)
+        except BaseException:
+            os.close(fd)
+            self.discard(temp)
+            raise
+        self.sync_close(fd)
+        return self.commit(kind, digest, temp, len(data))
+
+    @staticmethod
+    def discard(temp: Path) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            temp.unlink()
+
+    @contextlib.contextmanager
+    def pinned(self, kind: Kind, digest: Digest) -> Iterator[None]:
+        """Keep `digest` from eviction while it is being served."""
+        key = f"{kind}/{digest}"
+        self._pins[key] += 1
+        try:
+            yield
+        finally:
+            self._pins[key] -= 1
+            if self._pins[key] <= 0:
+                del self._pins[key]
+
+    def evict(self) -> None:
+        """Evict least-recently-used unpinned content from the high to the low watermark."""
+        if self.budget is None or self.stats.size <= self.budget.high:
+            return
+        before = self.stats.size
+        for key in list(self._entries):
+            if self.stats.size <= self.budget.low:
+                break
+            if self._pins.get(key):
+                continue
+            kind, _, digest = key.partition("/")
+            algorithm, _, hex_part = digest.partition(":")
+            with contextlib.suppress(FileNotFoundError):
+                (self.root / kind / algorithm / hex_part[:2] / hex_part).unlink()
+            self.stats.evictions += 1
+            self._forget(key)
+        self.stats.evicted_bytes += before - self.stats.size
+        log.info("store_evicted", freed=before - self.stats.size, size=self.stats.size)
+
+    def _forget(self, key: str) -> None:
+        self.stats.size -= self._entries.pop(key)
+        self.stats.entries = len(self._entries)
+        self._touched.discard(key)
+
+    def flush_access(self) -> None:
+        """Persist access order as file mtimes so LRU survives a restart."""
+        now = time.time()
+        for key in self._touched:
+            kind, _, digest = key.partition("/")
+            algorithm, _, hex_part = digest.partition(":")
+            with contextlib.suppress(OSError):
+                os.utime(self.root / kind / algorithm / hex_part[:2] / hex_part, (now, now))
+        self._touched.clear()
+
+    # -- tags ---------------------------------------------------------------------------
+    def _tag_path(self, upstream: str, name: str, tag: str) -> Path:
+        # `_tags` cannot be a repository component (components start with [a-z0-9]).
+        return self.root / "tags" / upstream / name / "_tags" / tag
+
+    def read_tag(self, upstream: str, name: str, tag: str) -> TagRecord | None:
+        try:
+            raw = json.loads(self._tag_path(upstream, name, tag).read_bytes())
+            return TagRecord(str(raw["digest"]), str(raw["media_type"]), float(raw["checked"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def write_tag(self, upstream: str, name: str, tag: str, record: TagRecord) -> None:
+        path = self._tag_path(upstream, name, tag)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, temp = self.new_temp()
+        with os.fdopen(fd, "w") as stream:
+            json.dump(
+                {
+                    "digest": record.digest,
+                    "media_type": record.media_type,
+                    "checked": record.checked,
+                },
+                stream,
+            )
+        os.replace(temp, path)

@@ -1,0 +1,521 @@
+"""Real peers for the registry-cache tests and bench.
+
+- `DistributionRegistry`: the distribution registry (`docker-registry serve`) on a random
+  loopback port with filesystem storage in a temp dir; optionally `auth: token` or proxy
+  mode (`proxy: remoteurl:`).
+- `build_image`: an OCI image layout on disk, made here with tar+gzip layers, config
+  JSON and manifests; several random layers, optionally a multi-arch index.
+- `push` / `pull`: skopeo copying into a registry and out of one (verifying digests).
+- `CacheProcess`: `dnsoverride registry` started as a real process.
+- `TestProxy`: an HTTP proxy between the cache and the registry that counts the bytes
+  the upstream sends, and on request throttles, cuts, corrupts or redirects blobs.
+- `TokenServer`: a token realm issuing JWTs signed with a test key (RS256, `x5c`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import datetime
+import gzip
+import hashlib
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cryptography.x509.oid import NameOID
+
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+OCI_LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(host: str, port: int, timeout: float = 15.0, proc: Any = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before listening")
+        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.2):
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"{host}:{port} did not start listening")
+
+
+def _sha256(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+# -- images -------------------------------------------------------------------------------
+@dataclass
+class Image:
+    layout: Path
+    tag: str
+    top_digest: str  # index digest (multi-arch) or manifest digest
+    # digest -> size of every blob (layers and configs) and every manifest
+    blobs: dict[str, int] = field(default_factory=dict)
+    manifests: dict[str, int] = field(default_factory=dict)
+    # platform "os/arch" -> its manifest digest
+    platforms: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def blob_bytes(self) -> int:
+        return sum(self.blobs.values())
+
+
+def _layer(size: int) -> tuple[bytes, str]:
+    payload = os.urandom(size)
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w") as tar:
+        info = tarfile.TarInfo(f"data-{hashlib.sha1(payload[:64]).hexdigest()[:8]}.bin")
+        info.size = len(payload)
+        info.mtime = 0
+        tar.addfile(info, io.BytesIO(payload))
+    tar_bytes = raw.getvalue()
+    return gzip.compress(tar_bytes, compresslevel=1, mtime=0), _sha256(tar_bytes)
+
+
+def build_image(
+    directory: Path,
+    tag: str = "v1",
+    layer_sizes: tuple[int, ...] = (200_000, 150_000, 100_000),
+    platforms: tuple[str, ...] = ("linux/amd64", "linux/arm64"),
+) -> Image:
+    """Write an OCI layout; one manifest per platform, under an index when several."""
+    blobs_dir = directory / "blobs" / "sha256"
+    blobs_dir.mkdir(parents=True, exist_ok=True)
+    image = Image(directory, tag, "")
+
+    def put(data: bytes) -> str:
+        digest = _sha256(data)
+        (blobs_dir / digest.split(":")[1]).write_bytes(data)
+        return digest
+
+    descriptors = []
+    for platform in platforms:
+        os_name, arch = platform.split("/")
+        layers, diff_ids = [], []
+        for size in layer_sizes:
+            blob, diff_id = _layer(size)
+            digest = put(blob)
+            image.blobs[digest] = len(blob)
+            layers.append({"mediaType": OCI_LAYER, "digest": digest, "size": len(blob)})
+            diff_ids.append(diff_id)
+        config = json.dumps(
+            {
+                "architecture": arch,
+                "os": os_name,
+                "config": {"Cmd": ["/bin/true"]},
+                "rootfs": {"type": "layers", "diff_ids": diff_ids},
+            }
+        ).encode()
+        config_digest = put(config)
+        image.blobs[config_digest] = len(config)
+        manifest = json.dumps(
+            {
+                "schemaVersion": 2,
+                "mediaType": OCI_MANIFEST,
+                "config": {"mediaType": OCI_CONFIG, "digest": config_digest, "size": len(config)},
+                "layers": layers,
+            }
+        ).encode()
+        manifest_digest = put(manifest)
+        image.manifests[manifest_digest] = len(manifest)
+        image.platforms[platform] = manifest_digest
+        descriptors.append(
+            {
+                "mediaType": OCI_MANIFEST,
+                "digest": manifest_digest,
+                "size": len(manifest),
+                "platform": {"os": os_name, "architecture": arch},
+            }
+        )
+    if len(descriptors) > 1:
+        index = json.dumps(
+            {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": descriptors}
+        ).encode()
+        top = {"mediaType": OCI_INDEX, "digest": put(index), "size": len(index)}
+        image.manifests[top["digest"]] = len(index)
+    else:
+        top = {k: v for k, v in descriptors[0].items() if k != "platform"}
+    image.top_digest = str(top["digest"])
+    top["annotations"] = {"org.opencontainers.image.ref.name": tag}
+    (directory / "oci-layout").write_text(json.dumps({"imageLayoutVersion": "1.0.0"}))
+    (directory / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [top]}))
+    return image
+
+
+async def _run(*argv: str) -> tuple[int, str]:
+    proc = await asyncio.create_subprocess_exec(
+        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+    )
+    try:
+        async with asyncio.timeout(120):
+            out, _ = await proc.communicate()
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise
+    return proc.returncode or 0, out.decode(errors="replace")
+
+
+async def push(image: Image, target: str, creds: str | None = None) -> None:
+    """skopeo copy the layout to `host:port/name:tag` (all platforms, digests preserved)."""
+    argv = ["skopeo", "copy", "-q", "--all", "--preserve-digests", "--dest-tls-verify=false"]
+    if creds:
+        argv += ["--dest-creds", creds]
+    code, out = await _run(*argv, f"oci:{image.layout}:{image.tag}", f"docker://{target}")
+    if code != 0:
+        raise RuntimeError(f"skopeo push failed: {out}")
+
+
+async def pull(source: str, out_dir: Path, all_platforms: bool = False) -> tuple[int, str]:
+    """skopeo copy `host:port/name:ref` into a dir: layout; returns (exit code, output)."""
+    argv = ["skopeo", "copy", "-q", "--src-tls-verify=false"]
+    if all_platforms:
+        argv.append("--all")
+    return await _run(*argv, f"docker://{source}", f"dir:{out_dir}")
+
+
+def verify_dir(out_dir: Path) -> set[str]:
+    """Check every blob skopeo wrote against its digest name; return the digests."""
+    digests = set()
+    for path in out_dir.iterdir():
+        if path.name in ("manifest.json", "version") or path.name.endswith(".manifest.json"):
+            continue
+        actual = hashlib.sha256(path.read_bytes()).hexdigest()
+        assert actual == path.name, f"{path.name} has content {actual}"
+        digests.add(f"sha256:{actual}")
+    return digests
+
+
+# -- the distribution registry ------------------------------------------------------------
+class DistributionRegistry:
+    """`docker-registry serve` on a random loopback port, storage in `root`."""
+
+    def __init__(self, root: Path, extra: dict[str, Any] | None = None, port: int = 0) -> None:
+        self.root = root
+        self.port = port or free_port()
+        self.extra = extra or {}
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.address}"
+
+    def start(self) -> DistributionRegistry:
+        self.root.mkdir(parents=True, exist_ok=True)
+        config = {
+            "version": 0.1,
+            "log": {"level": "warn", "accesslog": {"disabled": True}},
+            "storage": {
+                "filesystem": {"rootdirectory": str(self.root / "data")},
+                "cache": {"blobdescriptor": "inmemory"},
+            },
+            "http": {"addr": self.address, "secret": "test-secret"},
+            **self.extra,
+        }
+        (self.root / "config.yml").write_text(json.dumps(config))
+        self.log = (self.root / "registry.log").open("ab")
+        self.proc = subprocess.Popen(
+            ["docker-registry", "serve", str(self.root / "config.yml")],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+        wait_for_port("127.0.0.1", self.port, proc=self.proc)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+        with contextlib.suppress(AttributeError):
+            self.log.close()
+
+
+# -- the cache as a process ---------------------------------------------------------------
+class CacheProcess:
+    """`dnsoverride registry` as a real process on a random loopback port."""
+
+    def __init__(
+        self, storage: Path, upstream: str, *extra: str, config: dict[str, Any] | None = None
+    ) -> None:
+        self.storage = storage
+        self.upstream = upstream
+        self.extra = extra
+        self.config = config
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = storage.parent / f"cache-{self.port}.log"
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.address}"
+
+    def start(self) -> CacheProcess:
+        argv = [sys.executable, "-m", "dnsoverride", "registry"]
+        argv += ["--listen", self.address, "--storage", str(self.storage)]
+        argv += ["--log-format", "json", *self.extra]
+        if self.config is not None:
+            path = self.storage.parent / f"cache-{self.port}.yaml"
+            path.write_text(json.dumps(self.config))
+            argv += ["--config", str(path)]
+        else:
+            argv += ["--upstream", self.upstream]
+        self.log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT)
+        wait_for_port("127.0.0.1", self.port, proc=self.proc)
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM) -> int | None:
+        code = None
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.proc.send_signal(sig)
+            try:
+                code = self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                code = self.proc.wait()
+        self.proc = None
+        with contextlib.suppress(AttributeError):
+            self.log.close()
+        return code
+
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stored_blobs(self) -> set[str]:
+        root = self.storage / "blobs" / "sha256"
+        return {f"sha256:{p.name}" for p in root.glob("*/*")} if root.exists() else set()
+
+    def temp_files(self) -> list[Path]:
+        tmp = self.storage / "tmp"
+        return list(tmp.iterdir()) if tmp.exists() else []
+
+
+# -- a fault-injecting HTTP proxy ----------------------------------------------------------
+_HOP = {"connection", "keep-alive", "transfer-encoding", "host", "content-length", "upgrade"}
+
+
+class TestProxy:
+    """HTTP reverse proxy in front of a registry, run in the test's event loop.
+
+    Counts response body bytes by kind (blob/manifest/other) as sent by the upstream;
+    can throttle blob bodies, cut them after N bytes, corrupt one byte of chosen
+    digests, or answer blob GETs with a 307 to a second listener ("CDN") on another
+    loopback address. Records request headers for inspection.
+    """
+
+    __test__ = False
+
+    def __init__(self, target: str, host: str = "127.0.0.1") -> None:
+        self.target = target.rstrip("/")
+        self.host = host
+        self.port = free_port(host)
+        self.bytes: Counter[str] = Counter()
+        self.requests: list[tuple[str, str, dict[str, str]]] = []
+        self.throttle: float | None = None  # bytes per second for blob bodies
+        self.cut_after: int | None = None  # abort the connection after N blob bytes
+        self.cut_started = asyncio.Event()
+        self.corrupt: set[str] = set()
+        self.redirect_blobs_to: str | None = None
+        self.runner: web.AppRunner | None = None
+        self.session: aiohttp.ClientSession | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    async def start(self) -> TestProxy:
+        self.session = aiohttp.ClientSession(auto_decompress=False)
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        self.runner = web.AppRunner(app, access_log=None)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, self.host, self.port).start()
+        return self
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+            self.runner = None
+        if self.session is not None:
+            await self.session.close()
+
+    def blob_requests(self, method: str = "GET") -> list[str]:
+        return [path for m, path, _ in self.requests if m == method and "/blobs/" in path]
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        assert self.session is not None
+        path = request.path_qs
+        self.requests.append((request.method, path, dict(request.headers)))
+        kind = "blob" if "/blobs/" in path else "manifest" if "/manifests/" in path else "other"
+        if kind == "blob" and self.redirect_blobs_to and request.method == "GET":
+            raise web.HTTPTemporaryRedirect(self.redirect_blobs_to + path)
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP}
+        async with self.session.request(
+            request.method, self.target + path, headers=headers, allow_redirects=False
+        ) as upstream:
+            response = web.StreamResponse(status=upstream.status)
+            for key, value in upstream.headers.items():
+                if key.lower() not in _HOP:
+                    response.headers.add(key, value)
+            if upstream.content_length is not None:
+                response.content_length = upstream.content_length
+            await response.prepare(request)
+            if request.method == "HEAD":
+                return response
+            digest = path.split("/blobs/")[-1].split("?")[0] if kind == "blob" else ""
+            sent = 0
+            flipped = False
+            async for data in upstream.content.iter_chunked(16384):
+                chunk = data
+                if kind == "blob" and digest in self.corrupt and not flipped:
+                    chunk = bytes([chunk[0] ^ 0xFF]) + chunk[1:]
+                    flipped = True
+                if (
+                    kind == "blob"
+                    and self.cut_after is not None
+                    and sent + len(chunk) > (self.cut_after)
+                ):
+                    await response.write(chunk[: self.cut_after - sent])
+                    self.bytes[kind] += self.cut_after - sent
+                    self.cut_started.set()
+                    assert request.transport is not None
+                    request.transport.abort()
+                    return response
+                await response.write(chunk)
+                sent += len(chunk)
+                self.bytes[kind] += len(chunk)
+                if kind == "blob" and self.throttle:
+                    await asyncio.sleep(len(chunk) / self.throttle)
+            await response.write_eof()
+            return response
+
+
+# -- a token server for `auth: token` --------------------------------------------------------
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+class TokenServer:
+    """The realm of a token-auth distribution registry, with one user."""
+
+    def __init__(self, root: Path, user: str = "ci", password: str = "s3cret") -> None:
+        self.root = root
+        self.user, self.password = user, password
+        self.port = free_port()
+        self.issued: list[str] = []  # scopes of issued tokens
+        self.refused = 0
+        self.key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test token signer")])
+        now = datetime.datetime.now(datetime.UTC)
+        self.cert = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(self.key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(self.key, hashes.SHA256())
+        )
+        self.bundle = root / "token-signer.pem"
+        root.mkdir(parents=True, exist_ok=True)
+        self.bundle.write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
+        self.runner: web.AppRunner | None = None
+
+    @property
+    def realm(self) -> str:
+        return f"http://127.0.0.1:{self.port}/token"
+
+    def registry_auth(self) -> dict[str, Any]:
+        return {
+            "auth": {
+                "token": {
+                    "realm": self.realm,
+                    "service": "test-registry",
+                    "issuer": "test-issuer",
+                    "rootcertbundle": str(self.bundle),
+                }
+            }
+        }
+
+    async def start(self) -> TokenServer:
+        app = web.Application()
+        app.router.add_get("/token", self.token)
+        self.runner = web.AppRunner(app, access_log=None)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
+        return self
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+
+    async def token(self, request: web.Request) -> web.Response:
+        auth = request.headers.get("Authorization", "")
+        expected = "Basic " + base64.b64encode(f"{self.user}:{self.password}".encode()).decode()
+        if auth != expected:
+            self.refused += 1
+            return web.json_response({"errors": [{"code": "UNAUTHORIZED"}]}, status=401)
+        access = []
+        for scope in request.query.getall("scope", []):
+            kind, _, rest = scope.partition(":")
+            name, _, actions = rest.rpartition(":")
+            access.append({"type": kind, "name": name, "actions": actions.split(",")})
+            self.issued.append(scope)
+        now = int(time.time())
+        claims = {
+            "iss": "test-issuer",
+            "sub": self.user,
+            "aud": request.query.get("service", ""),
+            "exp": now + 300,
+            "nbf": now - 10,
+            "iat": now,
+            "jti": _b64(os.urandom(12)),
+            "access": access,
+        }
+        der = self.cert.public_bytes(serialization.Encoding.DER)
+        header = {"typ": "JWT", "alg": "RS256", "x5c": [base64.b64encode(der).decode()]}
+        signing_input = f"{_b64(json.dumps(header).encode())}.{_b64(json.dumps(claims).encode())}"
+        signature = self.key.sign(signing_input.encode(), padding.PKCS1v15(), hashes.SHA256())
+        token = f"{signing_input}.{_b64(signature)}"
+        return web.json_response({"token": token, "expires_in": 300})

@@ -1,0 +1,210 @@
+"""Pulls through the cache from a real distribution registry, with skopeo; API surface."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+import yarl
+
+from tests.registry_peers import (
+    OCI_INDEX,
+    OCI_MANIFEST,
+    CacheProcess,
+    DistributionRegistry,
+    Image,
+    build_image,
+    pull,
+    push,
+    verify_dir,
+)
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+def upstream(tmp_path: Path) -> Iterator[DistributionRegistry]:
+    registry = DistributionRegistry(tmp_path / "upstream").start()
+    try:
+        yield registry
+    finally:
+        registry.stop()
+
+
+@pytest.fixture
+async def image(tmp_path: Path, upstream: DistributionRegistry) -> Image:
+    image = build_image(tmp_path / "layout")
+    await push(image, f"{upstream.address}/team/app:v1")
+    return image
+
+
+@pytest.fixture
+def cache(tmp_path: Path, upstream: DistributionRegistry) -> Iterator[CacheProcess]:
+    process = CacheProcess(tmp_path / "store", upstream.url).start()
+    try:
+        yield process
+    finally:
+        assert process.stop() == 0, process.logs()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(auto_decompress=False) as session:
+        yield session
+
+
+async def test_skopeo_pulls_every_platform_through_the_cache(
+    tmp_path: Path, image: Image, cache: CacheProcess
+) -> None:
+    code, out = await pull(f"{cache.address}/team/app:v1", tmp_path / "out", all_platforms=True)
+    assert code == 0, out + cache.logs()
+    assert verify_dir(tmp_path / "out") == set(image.blobs)
+    # Everything the client got is now stored, verified, under its digest.
+    assert cache.stored_blobs() == set(image.blobs)
+    for digest in image.manifests:
+        hex_digest = digest.split(":")[1]
+        stored = cache.storage / "manifests" / "sha256" / hex_digest[:2] / hex_digest
+        assert hashlib.sha256(stored.read_bytes()).hexdigest() == hex_digest
+    assert cache.temp_files() == []
+
+    # A second pull of one platform by digest is served from the store.
+    amd64 = image.platforms["linux/amd64"]
+    code, out = await pull(f"{cache.address}/team/app@{amd64}", tmp_path / "again")
+    assert code == 0, out
+    assert verify_dir(tmp_path / "again") <= set(image.blobs)
+
+
+async def test_manifest_headers_and_accept(
+    image: Image, cache: CacheProcess, http: aiohttp.ClientSession
+) -> None:
+    async with http.get(f"{cache.url}/v2/") as response:
+        assert response.status == 200
+        assert response.headers["Docker-Distribution-API-Version"] == "registry/2.0"
+
+    accept = {"Accept": f"{OCI_INDEX}, {OCI_MANIFEST}"}
+    url = f"{cache.url}/v2/team/app/manifests/v1"
+    async with http.get(url, headers=accept) as response:
+        body = await response.read()
+        assert response.status == 200
+        assert response.headers["Content-Type"] == OCI_INDEX
+        assert response.headers["Docker-Content-Digest"] == image.top_digest
+        assert response.headers["ETag"] == f'"{image.top_digest}"'
+        assert int(response.headers["Content-Length"]) == len(body)
+        assert "sha256:" + hashlib.sha256(body).hexdigest() == image.top_digest
+    async with http.head(url, headers=accept) as response:
+        assert response.status == 200
+        assert response.headers["Docker-Content-Digest"] == image.top_digest
+        assert int(response.headers["Content-Length"]) == len(body)
+
+    # A client that cannot take an index gets the linux/amd64 manifest.
+    async with http.get(url, headers={"Accept": OCI_MANIFEST}) as response:
+        assert response.status == 200
+        assert response.headers["Content-Type"] == OCI_MANIFEST
+        assert response.headers["Docker-Content-Digest"] == image.platforms["linux/amd64"]
+
+
+async def test_blob_head_get_and_range(
+    image: Image, cache: CacheProcess, http: aiohttp.ClientSession
+) -> None:
+    digest, size = max(image.blobs.items(), key=lambda item: item[1])
+    url = f"{cache.url}/v2/team/app/blobs/{digest}"
+    async with http.head(url) as response:  # a miss: answered from an upstream HEAD
+        assert response.status == 200
+        assert int(response.headers["Content-Length"]) == size
+        assert response.headers["Docker-Content-Digest"] == digest
+    async with http.get(url) as response:  # a miss: fetched and streamed
+        data = await response.read()
+        assert response.status == 200
+        assert "sha256:" + hashlib.sha256(data).hexdigest() == digest
+    async with http.get(url, headers={"Range": "bytes=10-19"}) as response:  # a hit
+        assert response.status == 206
+        assert await response.read() == data[10:20]
+        assert response.headers["Content-Range"] == f"bytes 10-19/{size}"
+    async with http.head(url) as response:  # a hit
+        assert response.status == 200
+        assert int(response.headers["Content-Length"]) == size
+
+
+async def test_tags_list_passes_through(
+    image: Image, cache: CacheProcess, http: aiohttp.ClientSession
+) -> None:
+    async with http.get(f"{cache.url}/v2/team/app/tags/list") as response:
+        assert response.status == 200
+        assert (await response.json())["tags"] == ["v1"]
+
+
+async def _error(response: aiohttp.ClientResponse) -> str:
+    body = json.loads(await response.read())
+    return str(body["errors"][0]["code"])
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status", "code"),
+    [
+        ("GET", "/v2/Team/App/manifests/v1", 400, "NAME_INVALID"),
+        ("GET", "/v2/team/../etc/manifests/v1", 400, "NAME_INVALID"),
+        ("GET", "/v2/team/.hidden/manifests/v1", 400, "NAME_INVALID"),
+        ("GET", "/v2/team/app/manifests/bad%21tag", 400, "TAG_INVALID"),
+        ("GET", "/v2/team/app/blobs/sha256:1234", 400, "DIGEST_INVALID"),
+        ("GET", "/v2/team/app/blobs/md5:" + "a" * 32, 400, "DIGEST_INVALID"),
+        ("GET", "/v2/team/app/manifests/nosuchtag", 404, "MANIFEST_UNKNOWN"),
+        ("GET", "/v2/team/app/blobs/sha256:" + "0" * 64, 404, "BLOB_UNKNOWN"),
+        ("GET", "/v2/team/app/manifests/v1?ns=quay.example", 404, "NAME_UNKNOWN"),
+        ("POST", "/v2/team/app/blobs/uploads/", 405, "UNSUPPORTED"),
+        ("PUT", "/v2/team/app/manifests/v1", 405, "UNSUPPORTED"),
+        ("DELETE", "/v2/team/app/manifests/v1", 405, "UNSUPPORTED"),
+        ("PATCH", "/v2/team/app/blobs/uploads/abc", 405, "UNSUPPORTED"),
+        ("GET", "/v2/_catalog", 404, "UNSUPPORTED"),
+    ],
+)
+async def test_bad_requests_get_oci_errors(
+    image: Image,
+    cache: CacheProcess,
+    http: aiohttp.ClientSession,
+    method: str,
+    path: str,
+    status: int,
+    code: str,
+) -> None:
+    # encoded=True: send the path as written, `..` included.
+    async with http.request(method, yarl.URL(cache.url + path, encoded=True)) as response:
+        assert response.status == status
+        assert response.headers["Content-Type"].startswith("application/json")
+        assert await _error(response) == code
+    assert not list(cache.storage.rglob("etc"))
+
+
+async def test_library_prefix_and_ns_routing(
+    tmp_path: Path, upstream: DistributionRegistry
+) -> None:
+    """`alpine` means `library/alpine` on a Docker Hub upstream; `?ns=` picks the upstream."""
+    image = build_image(tmp_path / "layout", platforms=("linux/amd64",), layer_sizes=(5000,))
+    await push(image, f"{upstream.address}/library/alpine:3")
+    config = {
+        "upstreams": [
+            {"name": "registry-1.docker.io", "url": upstream.url, "library_prefix": True},
+            {"name": "ghcr.io", "url": "http://127.0.0.1:9"},
+        ],
+        "default_upstream": "ghcr.io",
+    }
+    cache = CacheProcess(tmp_path / "store", "", config=config).start()
+    try:
+        async with aiohttp.ClientSession() as http:
+            url = f"{cache.url}/v2/alpine/manifests/3"
+            async with http.get(url, params={"ns": "docker.io"}) as response:
+                assert response.status == 200
+                assert response.headers["Docker-Content-Digest"] == image.top_digest
+            # Host decides when there is no ns (transparent mode).
+            headers = {"Host": "registry-1.docker.io"}
+            async with http.get(url, headers=headers) as response:
+                assert response.status == 200
+            # Otherwise the default upstream (here unreachable) is used.
+            async with http.get(url) as response:
+                assert response.status == 503
+                assert await _error(response) == "UNAVAILABLE"
+    finally:
+        assert cache.stop() == 0
