@@ -1,0 +1,225 @@
+"""packaging/: units checked by systemd's own tools, the spec by rpmspec, configs by the
+daemons' real config loaders."""
+
+from __future__ import annotations
+
+import argparse
+import configparser
+import re
+import shutil
+import stat
+import subprocess
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from dnsoverride import config as serve_config
+from dnsoverride import zones
+from dnsoverride.registry import config as registry_config
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGING = ROOT / "packaging"
+UNITS = PACKAGING / "systemd"
+UNIT_FILES = sorted([*UNITS.glob("*.service"), *UNITS.glob("*.socket")])
+SERVICES = [path for path in UNIT_FILES if path.suffix == ".service"]
+CONFIG = PACKAGING / "config"
+
+needs_systemd = pytest.mark.skipif(
+    shutil.which("systemd-analyze") is None, reason="needs systemd-analyze"
+)
+
+
+def _unit(path: Path) -> configparser.RawConfigParser:
+    # strict=False: systemd allows repeating a key (ExecReload=, SystemCallFilter=).
+    parser = configparser.RawConfigParser(strict=False)
+    parser.optionxform = str  # type: ignore[assignment,method-assign]
+    parser.read(path)
+    return parser
+
+
+def _installed_units(tmp_path: Path) -> list[Path]:
+    """The units as installed, with ExecStart= pointing at this environment's entry point
+    (systemd-analyze verify insists that the binary exists)."""
+    dnsoverride = shutil.which("dnsoverride")
+    assert dnsoverride, "the project must be installed (pip install -e .)"
+    copies = []
+    for unit in UNIT_FILES:
+        copy = tmp_path / unit.name
+        copy.write_text(unit.read_text().replace("/usr/bin/dnsoverride", dnsoverride))
+        copies.append(copy)
+    return copies
+
+
+@needs_systemd
+def test_systemd_analyze_verify_passes_without_warnings(tmp_path: Path) -> None:
+    units = _installed_units(tmp_path)
+    result = subprocess.run(
+        ["systemd-analyze", "verify", "--man=no", *map(str, units)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    # verify exits 0 even for unknown keys or unparsable values; it only warns about them.
+    ours = [
+        line
+        for line in result.stderr.splitlines()
+        if str(tmp_path) in line or "dnsoverride" in line
+    ]
+    assert result.returncode == 0, result.stderr
+    assert ours == []
+
+
+@needs_systemd
+def test_systemd_analyze_verify_would_catch_a_typo(tmp_path: Path) -> None:
+    """The check above is only worth something if a misspelt hardening option shows up."""
+    (unit,) = [u for u in _installed_units(tmp_path) if u.name == "dnsoverride.service"]
+    unit.write_text(unit.read_text().replace("ProtectHome=yes", "ProtectHme=yes"))
+    result = subprocess.run(
+        ["systemd-analyze", "verify", "--man=no", str(unit)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert "Unknown key" in result.stderr
+
+
+@needs_systemd
+@pytest.mark.parametrize("service", SERVICES, ids=lambda p: p.name)
+def test_services_are_hardened(tmp_path: Path, service: Path) -> None:
+    """systemd's own exposure score (0 best .. 10 worst) stays at 2.0 or below."""
+    (unit,) = [u for u in _installed_units(tmp_path) if u.name == service.name]
+    result = subprocess.run(
+        ["systemd-analyze", "security", "--offline=yes", "--threshold=20", str(unit)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    if "unrecognized option" in result.stderr:
+        pytest.skip("systemd-analyze security --offline needs systemd >= 250")
+    assert result.returncode == 0, result.stdout[-2000:]
+
+
+@pytest.mark.parametrize("service", SERVICES, ids=lambda p: p.name)
+def test_services_follow_the_daemon_protocol(service: Path) -> None:
+    section = _unit(service)["Service"]
+    assert section["Type"] == "notify"
+    assert "/bin/kill -HUP $MAINPID" in section["ExecReload"]
+    assert section["User"] == "dnsoverride"
+    assert section["ProtectSystem"] == "strict"
+    assert section["NoNewPrivileges"] == "yes"
+    assert int(section["WatchdogSec"].removesuffix("s")) > 0
+    assert "--log-format json" in section["ExecStart"]
+
+
+def test_socket_passes_udp_before_tcp_on_port_53() -> None:
+    # The daemon tells the sockets apart by type, but the README and the notes promise
+    # fd 3 = UDP, fd 4 = TCP; ConfigParser keeps only the last of repeated keys, so read lines.
+    lines = (UNITS / "dnsoverride.socket").read_text().splitlines()
+    listen = [line for line in lines if line.startswith("Listen")]
+    assert listen == ["ListenDatagram=53", "ListenStream=53"]
+    assert _unit(UNITS / "dnsoverride.service")["Unit"]["Requires"] == "dnsoverride.socket"
+
+
+def test_registry_keeps_its_blobs_in_the_cache_directory() -> None:
+    section = _unit(UNITS / "dnsoverride-registry.service")["Service"]
+    store = Path("/var/cache") / section["CacheDirectory"]
+    args = argparse.Namespace(config=str(CONFIG / "registry.yaml"))
+    assert registry_config.load(args).storage == store
+
+
+@pytest.mark.skipif(
+    shutil.which("systemd-sysusers") is None or shutil.which("systemd-tmpfiles") is None,
+    reason="needs systemd-sysusers and systemd-tmpfiles",
+)
+def test_sysusers_and_tmpfiles_create_the_user_and_directories(tmp_path: Path) -> None:
+    (tmp_path / "etc").mkdir()
+    subprocess.run(
+        ["systemd-sysusers", f"--root={tmp_path}", str(UNITS / "dnsoverride.sysusers.conf")],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    passwd = (tmp_path / "etc" / "passwd").read_text()
+    (entry,) = [line for line in passwd.splitlines() if line.startswith("dnsoverride:")]
+    uid, gid = (int(field) for field in entry.split(":")[2:4])
+    assert 0 < uid < 1000  # a system user
+    assert entry.endswith("nologin")
+    subprocess.run(
+        [
+            "systemd-tmpfiles",
+            f"--root={tmp_path}",
+            "--create",
+            str(UNITS / "dnsoverride.tmpfiles.conf"),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    tls = (tmp_path / "etc/dnsoverride/tls").stat()
+    store = (tmp_path / "var/cache/dnsoverride/registry").stat()
+    assert (stat.S_IMODE(tls.st_mode), tls.st_uid, tls.st_gid) == (0o750, 0, gid)
+    assert (stat.S_IMODE(store.st_mode), store.st_uid, store.st_gid) == (0o750, uid, gid)
+    assert (tmp_path / "etc/dnsoverride/zones").is_dir()
+
+
+@pytest.mark.skipif(shutil.which("rpmspec") is None, reason="needs rpmspec (rpm package)")
+def test_rpm_spec_parses_and_matches_the_project() -> None:
+    result = subprocess.run(
+        ["rpmspec", "-P", str(PACKAGING / "rpm" / "dnsoverride.spec")],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    spec = result.stdout
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert re.search(rf"^Version:\s+{re.escape(project['version'])}$", spec, re.MULTILINE)
+    assert re.search(rf"^Name:\s+{project['name']}$", spec, re.MULTILINE)
+    # Every packaged file is installed by the spec.
+    shipped = [*UNITS.iterdir(), *CONFIG.rglob("*.yaml"), *(PACKAGING / "grafana").glob("*.json")]
+    for path in shipped:
+        assert f"packaging/{path.relative_to(PACKAGING)} " in spec, path
+    for unit in UNIT_FILES:
+        assert f"/usr/lib/systemd/system/{unit.name}" in spec
+
+
+def _documented_keys(path: Path) -> set[str]:
+    """Keys that appear in the file as `key:`, active or in a commented-out example."""
+    pattern = re.compile(r"^[#\s-]*([a-z_]+):", re.MULTILINE)
+    return set(pattern.findall(path.read_text()))
+
+
+def test_dnsoverride_yaml_parses_with_the_serve_config_loader(tmp_path: Path) -> None:
+    # A resolv.conf of our own: parsing must not depend on this machine's resolver.
+    resolv = tmp_path / "resolv.conf"
+    resolv.write_text("nameserver 192.0.2.53\n")
+    path = CONFIG / "dnsoverride.yaml"
+    loaded = serve_config.load_config(argparse.Namespace(config=str(path)), resolv_conf=resolv)
+    assert loaded.zones == CONFIG / "zones"
+    assert loaded.metrics is not None
+    # Every setting the daemon knows is documented in the shipped file.
+    documented = _documented_keys(path)
+    known = {*serve_config.TOP_KEYS, *serve_config.CACHE_KEYS, *serve_config.VIEW_KEYS}
+    assert known - documented == set()
+    # Names are used consistently by the daemons' own loader.
+    assert zones.load_zone_set(loaded.zones, loaded.view_selectors()).names()
+
+
+def test_registry_yaml_parses_with_the_registry_config_loader() -> None:
+    path = CONFIG / "registry.yaml"
+    loaded = registry_config.load(argparse.Namespace(config=str(path)))
+    assert loaded.metrics is not None
+    assert loaded.budget is not None
+    documented = _documented_keys(path)
+    known = {*registry_config._KNOWN, *registry_config._UPSTREAM_KEYS}
+    assert known - documented == set()
+
+
+def test_example_zone_loads() -> None:
+    loaded = zones.load_zone_set(CONFIG / "zones")
+    assert "registry-1.docker.io" in loaded.names()
