@@ -222,4 +222,5 @@ def test_registry_yaml_parses_with_the_registry_config_loader() -> None:
 
 def test_example_zone_loads() -> None:
     loaded = zones.load_zone_set(CONFIG / "zones")
-    assert "registry-1.docker.io" in loaded.names()
+    assert loaded.names() == {"registry-1.docker.io", "mirrorlist.centos.org", "*.apps.ci.example"}
+    assert [gated.name for gated in loaded.health_gated()] == ["registry-1.docker.io"]
