@@ -1,0 +1,565 @@
+"""Hot reload of the zone set: notice a change, load the whole set off the loop, swap it in.
+
+Owns *when* and *how* the served ZoneSet is replaced, not what a zone file means (that is
+`zones.load_zone_set`, the same validator `dnsoverride check` runs). Three things ask
+for a reload:
+
+- file events (watchdog/inotify) on the zones directory, on its parent (so a swapped
+  symlink or a replaced directory is seen, as in a Kubernetes ConfigMap `..data` swap)
+  and on the config file's directory (editors and tools save by renaming);
+- SIGHUP, which the daemon routes to `Reloader.request("sighup")` (`systemctl reload`);
+- a periodic check, for file systems whose events never arrive (NFS, some bind mounts).
+
+Every request takes one path: wait until the files have been quiet for a debounce period
+and no writer still has one open, take a content fingerprint, load and validate the whole
+set in a worker thread, take the fingerprint again (a file that changed under the reader
+means the read may be torn: start over), and only then swap the holder on the event loop
+thread. A set that fails to load is logged problem by problem and the last good set keeps
+being served, in full. An unchanged fingerprint skips the load, so events from editor
+scratch files or from our own reads cost one hash of the zone files, not a reparse.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import os
+import re
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Generic, Literal, Protocol, TypeVar
+
+import structlog
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector, CollectorRegistry
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers import Observer
+from watchdog.observers.api import BaseObserver
+
+from dnsoverride import systemd
+from dnsoverride.config import ConfigError, ServeConfig, load_config
+from dnsoverride.errors import UserError
+from dnsoverride.zones import (
+    LiveZones,
+    ZoneProblem,
+    ZoneSet,
+    ZoneSetError,
+    load_zone_set,
+    zone_files,
+)
+
+log = structlog.get_logger(__name__)
+
+Trigger = Literal["event", "sighup", "periodic"]
+# When several arrive together, the event is logged as the most deliberate one.
+_TRIGGER_PRIORITY: tuple[Trigger, ...] = ("sighup", "event", "periodic")
+
+DEFAULT_INTERVAL = 30.0
+DEFAULT_DEBOUNCE = 0.15
+# A writer that keeps a file open longer than this does not hold reloads back forever.
+DEFAULT_SETTLE_MAX = 2.0
+# Files still changing after this many back-to-back reads: give up until the next event.
+MAX_TORN_READS = 5
+# How many names per category a reload event lists (the counts are always complete).
+SUMMARY_SAMPLE = 10
+
+
+class ZoneSetLike(Protocol):
+    """What the reloader needs from a loaded set: an identity and a per-name digest."""
+
+    @property
+    def content_hash(self) -> str: ...
+
+    def names(self) -> frozenset[str]: ...
+
+    def records_digest(self, name: str) -> str: ...
+
+
+S = TypeVar("S", bound=ZoneSetLike)
+R = TypeVar("R")
+
+
+def is_editor_scratch(name: str) -> bool:
+    """Files editors and tools create beside the real one while saving; never a reason to reload.
+
+    vim: `.x.swp`/`.swo`/`.swx`, backups `x~`, the write test file `4913`; Emacs: lock
+    `.#x`, autosave `#x#`; Kubernetes' ConfigMap internals start with `..` but ARE a reason
+    (the `..data` swap), so only single-dot vim swap names are matched by suffix.
+    """
+    return (
+        name.endswith(("~", ".swp", ".swo", ".swx", ".swpx"))
+        or name.startswith(".#")
+        or (name.startswith("#") and name.endswith("#"))
+        or name == "4913"
+    )
+
+
+@dataclass
+class ReloadStats:
+    """Outcome counters of reload attempts, read by the metrics collector and by tests."""
+
+    successes: int = 0
+    failures: int = 0
+    last_success_unix: float | None = None
+    last_duration_seconds: float | None = None
+
+
+class ReloadCollector(Collector):
+    """Exposes `ReloadStats` as `dnsoverride_zone_reload*` metrics at scrape time."""
+
+    def __init__(self, stats: ReloadStats) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        reloads = CounterMetricFamily(
+            "dnsoverride_zone_reloads",
+            "Zone set reload attempts by result (a failure keeps the last good set).",
+            labels=["result"],
+        )
+        reloads.add_metric(["success"], self._stats.successes)
+        reloads.add_metric(["failure"], self._stats.failures)
+        yield reloads
+        if self._stats.last_success_unix is not None:
+            yield GaugeMetricFamily(
+                "dnsoverride_zone_reload_last_success_timestamp_seconds",
+                "Unix time of the last successful zone set reload.",
+                value=self._stats.last_success_unix,
+            )
+        if self._stats.last_duration_seconds is not None:
+            yield GaugeMetricFamily(
+                "dnsoverride_zone_reload_duration_seconds",
+                "Load + validate + swap time of the last successful reload.",
+                value=self._stats.last_duration_seconds,
+            )
+
+
+@dataclass(frozen=True)
+class ChangeSummary:
+    """Which names a reload added, removed or changed (compared by records_digest)."""
+
+    added: tuple[str, ...]
+    removed: tuple[str, ...]
+    changed: tuple[str, ...]
+
+    @classmethod
+    def between(cls, old: ZoneSetLike, new: ZoneSetLike) -> ChangeSummary:
+        old_names, new_names = old.names(), new.names()
+        changed = (
+            name
+            for name in old_names & new_names
+            if old.records_digest(name) != new.records_digest(name)
+        )
+        return cls(
+            tuple(sorted(new_names - old_names)),
+            tuple(sorted(old_names - new_names)),
+            tuple(sorted(changed)),
+        )
+
+    def log_fields(self) -> dict[str, object]:
+        return {
+            "added": len(self.added),
+            "removed": len(self.removed),
+            "changed": len(self.changed),
+            "added_names": list(self.added[:SUMMARY_SAMPLE]),
+            "removed_names": list(self.removed[:SUMMARY_SAMPLE]),
+            "changed_names": list(self.changed[:SUMMARY_SAMPLE]),
+        }
+
+
+@dataclass(frozen=True)
+class _Loaded(Generic[S]):
+    zone_set: S
+    changes: ChangeSummary
+
+
+@dataclass(frozen=True)
+class _Failed:
+    problems: tuple[ZoneProblem, ...]
+
+
+def fingerprint(zones_dir: Path, config_file: Path | None) -> str:
+    """A hash of the name and bytes of every file a reload would read.
+
+    Content, not mtime/size/inode: an in-place rewrite of the same length within one
+    timestamp tick must still count as a change, and the files are small next to the
+    cost of the parse this saves.
+    """
+    digest = hashlib.blake2b(digest_size=16)
+    try:
+        paths = zone_files(zones_dir)
+    except OSError as error:
+        paths = []
+        digest.update(f"zones directory unreadable: {error}".encode())
+    if config_file is not None:
+        paths.append(config_file)
+    for path in paths:
+        try:
+            data = path.read_bytes()
+        except OSError as error:
+            data = f"unreadable: {error}".encode()
+        digest.update(f"{path}\0{len(data)}\0".encode())
+        digest.update(data)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class _Watch:
+    """One watched directory; `names` limits which entries matter (None: all but scratch).
+
+    `inode` makes a directory replaced under the same path (`mv zones.new zones`) a
+    different watch, so the observer is moved off the old, now unreachable, directory.
+    """
+
+    directory: str
+    names: frozenset[str] | None
+    inode: tuple[int, int] | None
+
+    def wants(self, path: str) -> bool:
+        parent, name = os.path.split(path)
+        if parent != self.directory or is_editor_scratch(name):
+            return False
+        # ConfigMap mounts swap a `..data` symlink beside the files the config names.
+        return self.names is None or name in self.names or name.startswith("..")
+
+
+def watch_plan(zones_dir: Path, config_file: Path | None) -> frozenset[_Watch]:
+    """The directories to watch, with symlinks resolved as they are right now.
+
+    The zones directory itself (every entry), its parent (only the entry that is the
+    zones directory, so a replaced or re-pointed directory is seen), and the directory
+    of the config file and of whatever its symlink points at.
+    """
+    plan = {_watch(zones_dir.resolve(), None)}
+    for path in (zones_dir, config_file):
+        if path is None:
+            continue
+        absolute = path.absolute()
+        plan.add(_watch(absolute.parent.resolve(), absolute.name))
+        resolved = absolute.resolve()
+        if resolved != absolute and path is config_file:
+            plan.add(_watch(resolved.parent, resolved.name))
+    return frozenset(plan)
+
+
+def _watch(directory: Path, name: str | None) -> _Watch:
+    try:
+        stat = directory.stat()
+    except OSError:
+        inode = None
+    else:
+        inode = (stat.st_dev, stat.st_ino)
+    return _Watch(str(directory), None if name is None else frozenset({name}), inode)
+
+
+class _EventHandler(FileSystemEventHandler):
+    """Runs on the watchdog thread: filters events and hands the rest to the loop."""
+
+    # Our own reads open and close the files; only changes matter.
+    _IGNORED = frozenset({"opened", "closed_no_write"})
+
+    def __init__(
+        self, on_change: Callable[[str, str], None], loop: asyncio.AbstractEventLoop
+    ) -> None:
+        self._on_change = on_change
+        self._loop = loop
+        self.plan: frozenset[_Watch] = frozenset()
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        # A directory's "modified" is watchdog's summary of changes to its entries, and
+        # those arrive (and are filtered) one by one.
+        if event.event_type in self._IGNORED or (
+            event.is_directory and event.event_type == "modified"
+        ):
+            return
+        paths = [os.fsdecode(event.src_path)]
+        if event.dest_path:
+            paths.append(os.fsdecode(event.dest_path))
+        wanted = [p for p in paths if any(w.wants(p) for w in self.plan)]
+        if wanted:
+            self._loop.call_soon_threadsafe(self._on_change, event.event_type, wanted[-1])
+
+
+@dataclass
+class _Pending:
+    """What has been asked for since the last reload cycle started (loop thread only)."""
+
+    triggers: set[Trigger] = field(default_factory=set)
+    last_event: float = 0.0
+    writing: set[str] = field(default_factory=set)
+
+
+def _config_problem(text: str) -> ZoneProblem:
+    """ConfigError holds `file:line: reason` strings; log them with the same fields as zones."""
+    match = re.match(r"(.*?):(\d+): (.*)", text, re.DOTALL)
+    if match is None:
+        return ZoneProblem("", 0, text)
+    return ZoneProblem(match[1], int(match[2]), match[3])
+
+
+class Reloader(Generic[S]):
+    """Keeps the served zone set in step with the files; see the module docstring.
+
+    `load` must build and validate a complete set (raising ZoneSetError, or UserError for
+    a bad config); it runs in a worker thread. `swap` installs a set and runs on the
+    event loop thread. `current` is the set being served when the reloader starts.
+    """
+
+    def __init__(
+        self,
+        *,
+        load: Callable[[], S],
+        swap: Callable[[S], object],
+        current: S,
+        zones_dir: Path,
+        config_file: Path | None = None,
+        interval: float = DEFAULT_INTERVAL,
+        debounce: float = DEFAULT_DEBOUNCE,
+        settle_max: float = DEFAULT_SETTLE_MAX,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        self._load = load
+        self._swap = swap
+        self._current = current
+        self._zones_dir = zones_dir
+        self._config_file = config_file
+        self._interval = interval
+        self._debounce = debounce
+        self._settle_max = settle_max
+        self.stats = ReloadStats()
+        if registry is not None:
+            registry.register(ReloadCollector(self.stats))
+        self._pending = _Pending()
+        self._wake = asyncio.Event()
+        self._seen: str | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zone-reload")
+        self._observer: BaseObserver | None = None
+        self._handler: _EventHandler | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    @property
+    def current(self) -> S:
+        """The set most recently swapped in (or the one given at start)."""
+        return self._current
+
+    async def start(self) -> None:
+        """Take the starting fingerprint, start watching, and start the periodic check."""
+        loop = asyncio.get_running_loop()
+        self._seen = await self._in_thread(fingerprint, self._zones_dir, self._config_file)
+        self._observer = Observer()
+        self._observer.daemon = True
+        self._handler = _EventHandler(self._file_changed, loop)
+        await self._in_thread(self._rewatch)
+        self._observer.start()
+        self._tasks.append(asyncio.create_task(self._worker(), name="zone-reload"))
+        if self._interval > 0:
+            self._tasks.append(asyncio.create_task(self._periodic(), name="zone-reload-periodic"))
+        log.info(
+            "zone_reload_watching",
+            zones=str(self._zones_dir),
+            config=str(self._config_file) if self._config_file else None,
+            interval=self._interval,
+        )
+
+    async def stop(self) -> None:
+        """Stop watching and cancel pending work; a reload in progress is abandoned."""
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        if self._observer is not None:
+            self._observer.stop()
+            await self._in_thread(self._observer.join)
+            self._observer = None
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def request(self, trigger: Trigger) -> None:
+        """Ask for a reload (loop thread). `sighup` reloads even if nothing seems changed."""
+        self._pending.triggers.add(trigger)
+        self._wake.set()
+
+    def _file_changed(self, kind: str, path: str) -> None:
+        pending = self._pending
+        pending.last_event = time.monotonic()
+        if kind == "modified":
+            pending.writing.add(path)
+        elif kind in ("closed", "deleted", "moved"):
+            pending.writing.discard(path)
+        self.request("event")
+
+    async def _in_thread(self, func: Callable[..., R], *args: object) -> R:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, func, *args)
+
+    def _rewatch(self) -> None:
+        """(Re)schedule the observer when symlinks now resolve elsewhere (worker thread)."""
+        assert self._observer is not None and self._handler is not None
+        plan = watch_plan(self._zones_dir, self._config_file)
+        if plan == self._handler.plan:
+            return
+        self._observer.unschedule_all()
+        for directory in sorted({watch.directory for watch in plan}):
+            try:
+                self._observer.schedule(self._handler, directory, recursive=False)
+            except OSError as error:
+                # Missing for now; the parent watch or the periodic check will bring it back.
+                log.warning("zone_watch_failed", directory=directory, error=str(error))
+        self._handler.plan = plan
+
+    async def _periodic(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            self.request("periodic")
+
+    async def _worker(self) -> None:
+        while True:
+            await self._wake.wait()
+            if self._pending.triggers == {"event"}:
+                await self._settle()
+            self._wake.clear()
+            triggers, self._pending.triggers = self._pending.triggers, set()
+            self._pending.writing.clear()
+            trigger = next(t for t in _TRIGGER_PRIORITY if t in triggers)
+            try:
+                await self._cycle(trigger)
+            except Exception:
+                # A bug here must not end reloading for the life of the daemon.
+                log.exception("zone_reload_crashed", trigger=trigger)
+            if self._handler is not None:
+                await self._in_thread(self._rewatch)
+
+    async def _settle(self) -> None:
+        """Wait until events stopped for `debounce` and no file is mid-write (bounded)."""
+        deadline = time.monotonic() + self._settle_max
+        while True:
+            now = time.monotonic()
+            quiet = now - self._pending.last_event
+            if quiet >= self._debounce and (not self._pending.writing or now >= deadline):
+                return
+            await asyncio.sleep(max(self._debounce - quiet, 0.02))
+
+    async def _cycle(self, trigger: Trigger) -> None:
+        if trigger == "sighup":
+            systemd.notify_reloading()
+        started = time.perf_counter()
+        outcome: _Loaded[S] | _Failed | None = None
+        for _ in range(MAX_TORN_READS):
+            before = await self._in_thread(fingerprint, self._zones_dir, self._config_file)
+            if before == self._seen and trigger != "sighup":
+                log.debug("zones_unchanged", trigger=trigger)
+                return
+            started = time.perf_counter()
+            outcome = await self._in_thread(self._load_and_compare)
+            after = await self._in_thread(fingerprint, self._zones_dir, self._config_file)
+            if after == before and isinstance(outcome, _Failed) and trigger == "event":
+                # A save seen halfway (truncate, then write) fails to parse; if the files
+                # move again within one more debounce period, it was that, not a bad file.
+                await asyncio.sleep(self._debounce)
+                after = await self._in_thread(fingerprint, self._zones_dir, self._config_file)
+            if after == before:
+                break
+            log.debug("zones_changed_while_reading", trigger=trigger)
+        else:
+            self._record_failure(
+                trigger,
+                (ZoneProblem(str(self._zones_dir), 0, "files kept changing while being read"),),
+            )
+            return
+        self._seen = before
+        if isinstance(outcome, _Loaded):
+            self._swap(outcome.zone_set)
+            self._current = outcome.zone_set
+            self._record_success(trigger, outcome, time.perf_counter() - started)
+        elif isinstance(outcome, _Failed):
+            self._record_failure(trigger, outcome.problems)
+        if trigger == "sighup":
+            systemd.notify("READY=1", f"STATUS=serving {len(self._current.names())} names")
+
+    def _load_and_compare(self) -> _Loaded[S] | _Failed:
+        """Load and diff against the current set; runs in the worker thread."""
+        try:
+            new = self._load()
+        except ZoneSetError as error:
+            return _Failed(error.problems)
+        except ConfigError as error:
+            return _Failed(tuple(_config_problem(text) for text in error.problems))
+        except UserError as error:
+            return _Failed((ZoneProblem(str(self._config_file or self._zones_dir), 0, str(error)),))
+        return _Loaded(new, ChangeSummary.between(self._current, new))
+
+    def _record_success(self, trigger: Trigger, loaded: _Loaded[S], seconds: float) -> None:
+        stats = self.stats
+        stats.successes += 1
+        stats.last_success_unix = time.time()
+        stats.last_duration_seconds = seconds
+        log.info(
+            "zones_reloaded",
+            trigger=trigger,
+            content_hash=loaded.zone_set.content_hash,
+            names=len(loaded.zone_set.names()),
+            seconds=round(seconds, 4),
+            **loaded.changes.log_fields(),
+        )
+
+    def _record_failure(self, trigger: Trigger, problems: Iterable[ZoneProblem]) -> None:
+        self.stats.failures += 1
+        problems = tuple(problems)
+        for problem in problems:
+            log.error("zone_problem", file=problem.file, line=problem.line, reason=problem.reason)
+        log.error(
+            "zones_reload_failed",
+            trigger=trigger,
+            problems=len(problems),
+            reasons=[str(p) for p in problems[:SUMMARY_SAMPLE]],
+            kept_content_hash=self._current.content_hash,
+        )
+
+
+def serve_loader(config: ServeConfig, args: argparse.Namespace) -> Callable[[], ZoneSet]:
+    """What `dnsoverride serve` reloads: the zones, validated exactly as `dnsoverride check`
+    would validate them now (the config file re-read, its views applied).
+
+    Only zones are hot: the daemon keeps the listeners, upstreams, cache and view table it
+    started with, so a changed config is reported as needing a restart. The zones must also
+    satisfy the views still being served, or a view would silently lose its files.
+    """
+
+    def load() -> ZoneSet:
+        edited = load_config(args) if getattr(args, "config", None) else config
+        zone_set = load_zone_set(config.zones, edited.view_selectors())
+        if edited != config:
+            changed = [
+                f.name for f in fields(config) if getattr(edited, f.name) != getattr(config, f.name)
+            ]
+            log.warning("config_change_needs_restart", config=args.config, keys=changed)
+            problems = [
+                problem
+                for view, selectors in config.view_selectors().items()
+                for problem in zone_set.view_problems(view, selectors)
+            ]
+            if problems:
+                raise ZoneSetError(problems)
+        return zone_set
+
+    return load
+
+
+def serve_reloader(
+    live: LiveZones,
+    config: ServeConfig,
+    args: argparse.Namespace,
+    registry: CollectorRegistry | None = None,
+) -> Reloader[ZoneSet]:
+    """The reloader of `dnsoverride serve`: swaps `live`, watches the zones and config file."""
+    config_path = getattr(args, "config", None)
+    return Reloader(
+        load=serve_loader(config, args),
+        swap=live.swap,
+        current=live.current,
+        zones_dir=config.zones,
+        config_file=Path(config_path) if config_path else None,
+        interval=config.reload_interval,
+        registry=registry,
+    )

@@ -1,0 +1,402 @@
+"""Reloader mechanics on real files with a real watchdog observer and the real zone loader.
+
+Each save style editors and tools use is performed for real (vim, sed -i, rename, a
+ConfigMap `..data` swap, ...) and the test waits, with a deadline, for the served set
+to change. The DNS wire side is covered by test_reload_server.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import dnslib
+import pytest
+import structlog
+from prometheus_client import CollectorRegistry
+
+from dnsoverride.config import load_config
+from dnsoverride.reload import Reloader, is_editor_scratch, serve_loader
+from dnsoverride.zones import LiveZones, ZoneSet, load_zone_set
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def zone_text(records: dict[str, str]) -> str:
+    lines = ["records:"]
+    for name, address in records.items():
+        lines += [f"  {name}:", f"    A: {address}"]
+    return "\n".join(lines) + "\n"
+
+
+def addresses(zone_set: ZoneSet, name: str) -> tuple[str, ...] | None:
+    entry = zone_set.select(None).lookup(name)
+    if entry is None:
+        return None
+    return entry.rrsets[dnslib.QTYPE.A].texts
+
+
+class Harness:
+    """A started Reloader over `zones`, with every swapped-in set recorded."""
+
+    def __init__(self, zones: Path, load: Callable[[], ZoneSet], config: Path | None) -> None:
+        self.zones = zones
+        self.live = LiveZones(load())
+        self.swapped: list[ZoneSet] = []
+        self.registry = CollectorRegistry()
+        self.reloader = Reloader(
+            load=load,
+            swap=self._swap,
+            current=self.live.current,
+            zones_dir=zones,
+            config_file=config,
+            interval=0,
+            registry=self.registry,
+        )
+
+    def _swap(self, new: ZoneSet) -> None:
+        self.swapped.append(new)
+        self.live.swap(new)
+
+    def answer(self, name: str) -> tuple[str, ...] | None:
+        return addresses(self.live.current, name)
+
+    async def until(self, predicate: Callable[[], bool], within: float = 2.0) -> None:
+        deadline = asyncio.get_running_loop().time() + within
+        while not predicate():
+            assert asyncio.get_running_loop().time() < deadline, "timed out"
+            await asyncio.sleep(0.01)
+
+    async def answer_becomes(self, name: str, expected: tuple[str, ...] | None) -> None:
+        await self.until(lambda: self.answer(name) == expected)
+
+
+async def run(*argv: str) -> None:
+    process = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL)
+    assert await asyncio.wait_for(process.wait(), 10) == 0, argv
+
+
+@asynccontextmanager
+async def reloading(
+    zones: Path, load: Callable[[], ZoneSet] | None = None, config: Path | None = None
+) -> AsyncIterator[Harness]:
+    harness = Harness(zones, load or (lambda: load_zone_set(zones)), config)
+    await harness.reloader.start()
+    try:
+        yield harness
+    finally:
+        await harness.reloader.stop()
+
+
+@pytest.fixture
+def zones(tmp_path: Path) -> Path:
+    directory = tmp_path / "zones"
+    directory.mkdir()
+    (directory / "a.yaml").write_text(zone_text({"a.test": "10.0.0.1", "keep.test": "10.9.9.9"}))
+    return directory
+
+
+async def test_in_place_truncate_and_write(zones: Path) -> None:
+    async with reloading(zones) as h:
+        with (zones / "a.yaml").open("w") as file:
+            file.write(zone_text({"a.test": "10.0.0.2", "keep.test": "10.9.9.9"}))
+        await h.answer_becomes("a.test", ("10.0.0.2",))
+        assert h.reloader.stats.successes == 1
+        assert h.reloader.stats.failures == 0
+
+
+async def test_slow_in_place_writer_is_never_seen_half_written(zones: Path) -> None:
+    """The first half is valid YAML on its own; serving it would drop keep.test."""
+    full = zone_text({"a.test": "10.0.0.2", "keep.test": "10.9.9.9"})
+    half = full[: full.index("  keep.test")]
+    async with reloading(zones) as h:
+        with (zones / "a.yaml").open("w") as file:
+            file.write(half)
+            file.flush()
+            # A writer that stalls mid-file for longer than the debounce period.
+            await asyncio.sleep(0.6)
+            file.write(full[len(half) :])
+        await h.answer_becomes("a.test", ("10.0.0.2",))
+        assert all(addresses(s, "keep.test") == ("10.9.9.9",) for s in h.swapped)
+        assert h.reloader.stats.failures == 0
+
+
+@pytest.mark.parametrize("backupcopy", ["yes", "no"])
+async def test_vim_save(zones: Path, backupcopy: str) -> None:
+    """backupcopy=yes rewrites in place; =no renames the original to a backup and writes a
+    new file (vim skips backups under /tmp unless `backupskip` is cleared)."""
+    inode = (zones / "a.yaml").stat().st_ino
+    async with reloading(zones) as h:
+        await run(
+            "vim", "-Es", "-u", "NONE", "-c", f"set backupcopy={backupcopy} backupskip=",
+            "-c", "%s/10.0.0.1/10.0.0.3/", "-c", "wq", str(zones / "a.yaml"),
+        )  # fmt: skip
+        await h.answer_becomes("a.test", ("10.0.0.3",))
+        assert ((zones / "a.yaml").stat().st_ino == inode) == (backupcopy == "yes")
+        assert h.reloader.stats.failures == 0
+
+
+async def test_sed_in_place(zones: Path) -> None:
+    async with reloading(zones) as h:
+        await run("sed", "-i", "s/10.0.0.1/10.0.0.4/", str(zones / "a.yaml"))
+        await h.answer_becomes("a.test", ("10.0.0.4",))
+
+
+async def test_write_hidden_temp_then_rename(zones: Path) -> None:
+    """Ansible's atomic_move: a hidden temp file in the same directory, fsync, rename."""
+    async with reloading(zones) as h:
+        temp = zones / ".ansible_tmp1234a.yaml"
+        with temp.open("w") as file:
+            file.write(zone_text({"a.test": "10.0.0.5", "keep.test": "10.9.9.9"}))
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temp, zones / "a.yaml")
+        await h.answer_becomes("a.test", ("10.0.0.5",))
+        assert len(h.swapped) == 1
+        assert h.reloader.stats.failures == 0
+
+
+async def test_file_deleted_and_added(zones: Path) -> None:
+    async with reloading(zones) as h:
+        (zones / "b.yml").write_text(zone_text({"b.test": "10.0.1.1"}))
+        await h.answer_becomes("b.test", ("10.0.1.1",))
+        (zones / "a.yaml").unlink()
+        await h.answer_becomes("a.test", None)
+        assert h.answer("b.test") == ("10.0.1.1",)
+        assert h.reloader.stats.successes == 2
+
+
+def configmap(root: Path, stamp: str, files: dict[str, str]) -> None:
+    """What the kubelet does: new timestamped dir, `..data_tmp` symlink, rename to `..data`."""
+    data = root / f"..{stamp}"
+    data.mkdir()
+    for name, text in files.items():
+        (data / name).write_text(text)
+        link = root / name
+        if not link.is_symlink():
+            link.symlink_to(Path("..data") / name)
+    old = os.readlink(root / "..data") if (root / "..data").is_symlink() else None
+    (root / "..data_tmp").symlink_to(data.name)
+    os.replace(root / "..data_tmp", root / "..data")
+    if old:
+        for child in (root / old).iterdir():
+            child.unlink()
+        (root / old).rmdir()
+
+
+async def test_kubernetes_configmap_data_swap(tmp_path: Path) -> None:
+    root = tmp_path / "configmap"
+    root.mkdir()
+    configmap(root, "2026_11_28_18_00_00.1", {"ci.yaml": zone_text({"a.test": "10.0.0.1"})})
+    async with reloading(root) as h:
+        assert h.answer("a.test") == ("10.0.0.1",)
+        configmap(root, "2026_11_28_18_05_00.2", {"ci.yaml": zone_text({"a.test": "10.0.0.6"})})
+        await h.answer_becomes("a.test", ("10.0.0.6",))
+        assert h.reloader.stats.failures == 0
+
+
+async def test_zones_directory_symlink_repointed(tmp_path: Path) -> None:
+    """`ln -sfn v2 zones` style: the old directory is left alone, the new one is watched."""
+    for version, address in (("v1", "10.0.0.1"), ("v2", "10.0.0.7")):
+        (tmp_path / version).mkdir()
+        (tmp_path / version / "a.yaml").write_text(zone_text({"a.test": address}))
+    zones = tmp_path / "zones"
+    zones.symlink_to("v1")
+    async with reloading(zones) as h:
+        (tmp_path / "zones.new").symlink_to("v2")
+        os.replace(tmp_path / "zones.new", zones)
+        await h.answer_becomes("a.test", ("10.0.0.7",))
+        # The watch followed the link: an edit inside v2 is seen, one inside v1 is not served.
+        (tmp_path / "v2" / "a.yaml").write_text(zone_text({"a.test": "10.0.0.8"}))
+        await h.answer_becomes("a.test", ("10.0.0.8",))
+
+
+def test_editor_scratch_names() -> None:
+    for name in (".a.yaml.swp", ".a.yaml.swx", "a.yaml~", ".#a.yaml", "#a.yaml#", "4913"):
+        assert is_editor_scratch(name), name
+    for name in ("a.yaml", "..data", "..2026_11_28", "4914.yaml", "sedAbc123"):
+        assert not is_editor_scratch(name), name
+
+
+async def test_editor_scratch_files_do_not_reload(zones: Path) -> None:
+    with structlog.testing.capture_logs() as logs:
+        async with reloading(zones) as h:
+            (zones / ".#a.yaml").symlink_to("root@host.4242")  # Emacs lock: dangling link
+            (zones / "a.yaml~").write_text("not: [valid")
+            (zones / ".a.yaml.swp").write_bytes(b"\x00binary")
+            (zones / "4913").write_text("")
+            # Nothing may happen; give a reload more than its debounce period to show up.
+            await asyncio.sleep(0.5)
+            assert not [e for e in logs if e["event"].startswith("zones_")]
+            (zones / "a.yaml").write_text(zone_text({"a.test": "10.0.0.9"}))
+            await h.answer_becomes("a.test", ("10.0.0.9",))
+    assert h.reloader.stats.failures == 0
+    assert [e["event"] for e in logs if e["event"].startswith("zones_")] == ["zones_reloaded"]
+
+
+BROKEN = {
+    "yaml syntax error": ("records:\n  a.test:\n\tA: 10.0.0.2\n", 3, "YAML syntax error"),
+    "unknown type": ("records:\n  a.test:\n    AXFR: 10.0.0.2\n", 3, "unknown record type"),
+    "bad ip": ("records:\n  a.test:\n    A: 10.0.0.256\n", 3, "not an IPv4 address"),
+    "cname beside data": (
+        "records:\n  a.test:\n    CNAME: x.test.\n    A: 10.0.0.2\n",
+        2,
+        "CNAME cannot be combined",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN))
+async def test_broken_file_keeps_last_good_set_then_fix_reloads(zones: Path, case: str) -> None:
+    text, line, reason = BROKEN[case]
+    (zones / "b.yaml").write_text(zone_text({"b.test": "10.0.1.1"}))
+    with structlog.testing.capture_logs() as logs:
+        async with reloading(zones) as h:
+            before = h.live.current
+            (zones / "a.yaml").write_text(text)
+            await h.until(lambda: h.reloader.stats.failures == 1)
+            assert h.live.current is before
+            assert h.answer("a.test") == ("10.0.0.1",)
+            assert h.answer("keep.test") == ("10.9.9.9",)
+            problems = [e for e in logs if e["event"] == "zone_problem"]
+            assert len(problems) == 1
+            assert problems[0]["file"] == str(zones / "a.yaml")
+            assert problems[0]["line"] == line
+            assert reason in problems[0]["reason"]
+            assert problems[0]["log_level"] == "error"
+            failed = [e for e in logs if e["event"] == "zones_reload_failed"]
+            assert len(failed) == 1
+            assert failed[0]["kept_content_hash"] == before.content_hash
+            # Editing the broken file into shape makes the next reload succeed.
+            (zones / "a.yaml").write_text(zone_text({"a.test": "10.0.0.2"}))
+            await h.answer_becomes("a.test", ("10.0.0.2",))
+            assert h.answer("b.test") == ("10.0.1.1",)
+            assert h.reloader.stats.failures == 1
+            sample = h.registry.get_sample_value
+            assert sample("dnsoverride_zone_reloads_total", {"result": "failure"}) == 1
+            assert sample("dnsoverride_zone_reloads_total", {"result": "success"}) == 1
+            assert sample("dnsoverride_zone_reload_last_success_timestamp_seconds") is not None
+
+
+async def test_success_event_has_hash_and_change_summary(zones: Path) -> None:
+    with structlog.testing.capture_logs() as logs:
+        async with reloading(zones) as h:
+            (zones / "a.yaml").write_text(zone_text({"a.test": "10.0.0.2", "new.test": "10.0.0.3"}))
+            await h.answer_becomes("new.test", ("10.0.0.3",))
+    [event] = [e for e in logs if e["event"] == "zones_reloaded"]
+    assert event["content_hash"] == h.live.current.content_hash
+    assert event["trigger"] == "event"
+    assert (event["added"], event["removed"], event["changed"]) == (1, 1, 1)
+    assert event["added_names"] == ["new.test"]
+    assert event["removed_names"] == ["keep.test"]
+    assert event["changed_names"] == ["a.test"]
+
+
+def write_unseen(zones: Path, elsewhere: Path, name: str, text: str) -> None:
+    """Change a zone file without an inotify event on the zones directory (as over NFS).
+
+    Writing through a hard link in another directory changes the same inode, but
+    inotify reports it only to watches on the directory the writer went through.
+    """
+    elsewhere.mkdir(exist_ok=True)
+    link = elsewhere / name
+    if not link.exists():
+        os.link(zones / name, link)
+    with link.open("r+") as file:
+        file.truncate(0)
+        file.write(text)
+
+
+async def test_sighup_request_reloads_what_events_missed(zones: Path, tmp_path: Path) -> None:
+    with structlog.testing.capture_logs() as logs:
+        async with reloading(zones) as h:
+            write_unseen(zones, tmp_path / "other", "a.yaml", zone_text({"a.test": "10.0.0.2"}))
+            h.reloader.request("sighup")
+            await h.answer_becomes("a.test", ("10.0.0.2",))
+            # A forced reload runs even when nothing changed.
+            h.reloader.request("sighup")
+            await h.until(lambda: h.reloader.stats.successes == 2)
+    triggers = [e["trigger"] for e in logs if e["event"] == "zones_reloaded"]
+    assert triggers == ["sighup", "sighup"]
+
+
+async def test_periodic_check_catches_missed_changes(zones: Path, tmp_path: Path) -> None:
+    load = lambda: load_zone_set(zones)  # noqa: E731
+    harness = Harness(zones, load, None)
+    harness.reloader = Reloader(
+        load=load,
+        swap=harness._swap,
+        current=harness.live.current,
+        zones_dir=zones,
+        interval=0.2,
+    )
+    with structlog.testing.capture_logs() as logs:
+        await harness.reloader.start()
+        try:
+            write_unseen(zones, tmp_path / "other", "a.yaml", zone_text({"a.test": "10.0.0.2"}))
+            await harness.answer_becomes("a.test", ("10.0.0.2",))
+            # Unchanged files: later periodic checks do not reload again.
+            await harness.until(lambda: sum(e["event"] == "zones_unchanged" for e in logs) >= 2)
+        finally:
+            await harness.reloader.stop()
+    assert [e["trigger"] for e in logs if e["event"] == "zones_reloaded"] == ["periodic"]
+
+
+VIEW_CONFIG = "upstreams: [127.0.0.1:1]\nviews:\n  - name: ci\n    clients: [127.0.0.0/8]\n"
+
+
+@asynccontextmanager
+async def serving_config(zones: Path, config: Path) -> AsyncIterator[Harness]:
+    """A reloader built as `dnsoverride serve --config` builds it (serve_loader)."""
+    args = argparse.Namespace(config=str(config))
+    running = load_config(args)
+    async with reloading(zones, serve_loader(running, args), config) as harness:
+        yield harness
+
+
+def save_by_rename(path: Path, text: str) -> None:
+    temp = path.with_name(path.name + ".tmp")
+    temp.write_text(text)
+    os.replace(temp, path)
+
+
+async def test_config_view_naming_missing_zone_file_fails_reload(zones: Path) -> None:
+    """The edited config is validated as `dnsoverride check` would, views included."""
+    config = zones.parent / "dnsoverride.yaml"
+    config.write_text(VIEW_CONFIG + f"    zones: [a]\nzones: {zones.name}\n")
+    with structlog.testing.capture_logs() as logs:
+        async with serving_config(zones, config) as h:
+            save_by_rename(config, VIEW_CONFIG + f"    zones: [missing]\nzones: {zones.name}\n")
+            await h.until(lambda: h.reloader.stats.failures == 1)
+            [problem] = [e for e in logs if e["event"] == "zone_problem"]
+            assert "'missing'" in problem["reason"]
+            assert h.answer("a.test") == ("10.0.0.1",)
+            save_by_rename(config, VIEW_CONFIG + f"    zones: [a.yaml]\nzones: {zones.name}\n")
+            await h.until(lambda: h.reloader.stats.successes == 1)
+
+
+async def test_config_syntax_error_fails_reload_with_file_and_line(zones: Path) -> None:
+    config = zones.parent / "dnsoverride.yaml"
+    config.write_text(f"zones: {zones.name}\nupstreams: [127.0.0.1:1]\n")
+    with structlog.testing.capture_logs() as logs:
+        async with serving_config(zones, config) as h:
+            config.write_text(f"zones: {zones.name}\nupstreams: [127.0.0.1:1]\nbogus: 1\n")
+            await h.until(lambda: h.reloader.stats.failures == 1)
+    [problem] = [e for e in logs if e["event"] == "zone_problem"]
+    assert (problem["file"], problem["line"]) == (str(config), 3)
+    assert "unknown key 'bogus'" in problem["reason"]
+
+
+async def test_config_change_of_start_time_keys_is_reported(zones: Path) -> None:
+    config = zones.parent / "dnsoverride.yaml"
+    config.write_text(f"zones: {zones.name}\nupstreams: [127.0.0.1:1]\n")
+    with structlog.testing.capture_logs() as logs:
+        async with serving_config(zones, config) as h:
+            config.write_text(f"zones: {zones.name}\nupstreams: [127.0.0.1:1]\ntimeout: 1.5\n")
+            await h.until(lambda: h.reloader.stats.successes == 1)
+    [warning] = [e for e in logs if e["event"] == "config_change_needs_restart"]
+    assert warning["keys"] == ["timeout"]
