@@ -6,7 +6,8 @@ first and all that join while it runs) streams from the growing file, so each cl
 gets its first byte without waiting for the whole blob. Only a blob whose length and
 digest match is fsynced and renamed into the store. On a mismatch or an upstream
 failure the temp file is removed and every waiting response is cut short, so the
-client's own digest check fails. The download is a task of its own: a client that
+client's own digest check fails (the last byte of a stream is only sent once the blob is
+verified and stored). The download is a task of its own: a client that
 disconnects does not cancel it for the others.
 """
 
@@ -131,7 +132,10 @@ class Blobs:
             await response.prepare(request)
             sent = 0
             while True:
-                available = download.written - sent
+                # The last byte is held back until the blob is verified and stored, so no
+                # client ever holds a complete copy of bytes that failed verification.
+                landed = download.written if download.final is not None else download.written - 1
+                available = landed - sent
                 if available > 0:
                     data = os.pread(fd, min(available, _CHUNK), sent)
                     await response.write(data)

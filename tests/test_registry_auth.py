@@ -1,0 +1,122 @@
+"""Upstream auth: the Bearer token flow against distribution with `auth: token`, and
+redirects to a CDN host that must not receive the registry's Authorization."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.registry_peers import (
+    CacheProcess,
+    DistributionRegistry,
+    Image,
+    TestProxy,
+    TokenServer,
+    build_image,
+    pull,
+    push,
+    verify_dir,
+)
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+async def tokens(tmp_path: Path) -> AsyncIterator[TokenServer]:
+    server = await TokenServer(tmp_path / "tokens").start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+@pytest.fixture
+def secured(tmp_path: Path, tokens: TokenServer) -> Iterator[DistributionRegistry]:
+    registry = DistributionRegistry(tmp_path / "secured", tokens.registry_auth()).start()
+    try:
+        yield registry
+    finally:
+        registry.stop()
+
+
+@pytest.fixture
+async def image(tmp_path: Path, secured: DistributionRegistry, tokens: TokenServer) -> Image:
+    image = build_image(tmp_path / "layout", platforms=("linux/amd64",))
+    await push(image, f"{secured.address}/team/private:v1", creds="ci:s3cret")
+    return image
+
+
+def _config(url: str, **credentials: str) -> dict[str, object]:
+    return {"upstreams": [{"name": "private.example", "url": url, **credentials}]}
+
+
+async def test_token_flow_with_credentials_and_token_cache(
+    tmp_path: Path, secured: DistributionRegistry, tokens: TokenServer, image: Image
+) -> None:
+    config = _config(secured.url, username="ci", password="s3cret")
+    cache = CacheProcess(tmp_path / "store", "", config=config).start()
+    try:
+        async with aiohttp.ClientSession() as http, http.get(f"{secured.url}/v2/") as response:
+            assert response.status == 401  # the upstream really wants a token
+        code, out = await pull(f"{cache.address}/team/private:v1", tmp_path / "out")
+        assert code == 0, out + cache.logs()
+        assert verify_dir(tmp_path / "out") == set(image.blobs)
+        # One token for the pull scope, reused for the manifest and every blob.
+        assert tokens.issued.count("repository:team/private:pull") == 1
+    finally:
+        assert cache.stop() == 0
+
+
+async def test_wrong_credentials_give_unauthorized(
+    tmp_path: Path, secured: DistributionRegistry, tokens: TokenServer, image: Image
+) -> None:
+    config = _config(secured.url, username="ci", password="wrong")
+    cache = CacheProcess(tmp_path / "store", "", config=config).start()
+    try:
+        async with aiohttp.ClientSession() as http:
+            url = f"{cache.url}/v2/team/private/manifests/v1"
+            async with http.get(url) as response:
+                assert response.status == 401
+                body = await response.json()
+                assert body["errors"][0]["code"] == "UNAUTHORIZED"
+        assert tokens.refused >= 1
+    finally:
+        assert cache.stop() == 0
+
+
+async def test_redirect_to_cdn_drops_authorization(
+    tmp_path: Path, secured: DistributionRegistry, tokens: TokenServer, image: Image
+) -> None:
+    """Blob GETs are redirected (307) to a "CDN" on another loopback host."""
+    plain = DistributionRegistry(tmp_path / "cdn-origin").start()
+    cdn = front = None
+    try:
+        await push(image, f"{plain.address}/team/private:v1")
+        cdn = await TestProxy(plain.url, host="127.0.0.2").start()
+        front = await TestProxy(secured.url).start()
+        front.redirect_blobs_to = cdn.url
+        cache = CacheProcess(
+            tmp_path / "store", "", config=_config(front.url, username="ci", password="s3cret")
+        ).start()
+        try:
+            code, out = await pull(f"{cache.address}/team/private:v1", tmp_path / "out")
+            assert code == 0, out + cache.logs()
+            assert verify_dir(tmp_path / "out") == set(image.blobs)
+        finally:
+            assert cache.stop() == 0
+        assert sorted(cdn.blob_requests()) == sorted(
+            f"/v2/team/private/blobs/{d}" for d in image.blobs
+        )
+        assert all("Authorization" not in headers for _, _, headers in cdn.requests)
+        registry_auth = [
+            h.get("Authorization", "") for _, p, h in front.requests if "/v2/team" in p
+        ]
+        assert any(value.startswith("Bearer ") for value in registry_auth)
+    finally:
+        for proxy in (cdn, front):
+            if proxy is not None:
+                await proxy.stop()
+        plain.stop()

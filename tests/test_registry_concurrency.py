@@ -1,0 +1,104 @@
+"""One upstream fetch per blob, however many clients pull at once; streaming while it lands."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.registry_peers import (
+    CacheProcess,
+    DistributionRegistry,
+    TestProxy,
+    build_image,
+    pull,
+    push,
+    verify_dir,
+)
+
+pytestmark = pytest.mark.timeout(180)
+
+
+@pytest.fixture
+def upstream(tmp_path: Path) -> Iterator[DistributionRegistry]:
+    registry = DistributionRegistry(tmp_path / "upstream").start()
+    try:
+        yield registry
+    finally:
+        registry.stop()
+
+
+@pytest.fixture
+async def proxy(upstream: DistributionRegistry) -> AsyncIterator[TestProxy]:
+    counting = await TestProxy(upstream.url).start()
+    try:
+        yield counting
+    finally:
+        await counting.stop()
+
+
+@pytest.fixture
+def cache(tmp_path: Path, proxy: TestProxy) -> Iterator[CacheProcess]:
+    process = CacheProcess(tmp_path / "store", proxy.url).start()
+    try:
+        yield process
+    finally:
+        assert process.stop() == 0, process.logs()
+
+
+async def test_eight_concurrent_cold_pulls_fetch_each_blob_once(
+    tmp_path: Path, upstream: DistributionRegistry, proxy: TestProxy, cache: CacheProcess
+) -> None:
+    image = build_image(
+        tmp_path / "layout", platforms=("linux/amd64",), layer_sizes=(900_000, 600_000, 300_000)
+    )
+    await push(image, f"{upstream.address}/ci/big:v1")
+    proxy.throttle = 4_000_000  # bytes/s: the pulls overlap the downloads for sure
+
+    results = await asyncio.gather(
+        *(pull(f"{cache.address}/ci/big:v1", tmp_path / f"out{i}") for i in range(8))
+    )
+    for i, (code, out) in enumerate(results):
+        assert code == 0, out + cache.logs()
+        assert verify_dir(tmp_path / f"out{i}") == set(image.blobs)
+
+    # Measured on the upstream's side: every blob byte crossed exactly once (1.0x).
+    assert proxy.bytes["blob"] == image.blob_bytes
+    assert sorted(proxy.blob_requests()) == sorted(
+        f"/v2/ci/big/blobs/{digest}" for digest in image.blobs
+    )
+    manifest_gets = [p for m, p, _ in proxy.requests if m == "GET" and "/manifests/" in p]
+    assert len(manifest_gets) == 1  # eight tag requests shared one upstream GET
+
+
+async def test_first_bytes_stream_before_the_blob_lands_and_disconnect_does_not_cancel(
+    tmp_path: Path, upstream: DistributionRegistry, proxy: TestProxy, cache: CacheProcess
+) -> None:
+    image = build_image(tmp_path / "layout", platforms=("linux/amd64",), layer_sizes=(2_000_000,))
+    await push(image, f"{upstream.address}/ci/slow:v1")
+    digest, size = max(image.blobs.items(), key=lambda item: item[1])
+    url = f"{cache.url}/v2/ci/slow/blobs/{digest}"
+    proxy.throttle = 1_000_000
+
+    async with aiohttp.ClientSession() as first:
+        response = await first.get(url)
+        assert response.status == 200
+        assert int(response.headers["Content-Length"]) == size
+        head = await response.content.readexactly(100_000)
+        # The client has bytes while the upstream is still sending the rest.
+        assert proxy.bytes["blob"] < size
+        response.close()  # this client gives up
+
+    # A second client joins the same download and gets the whole verified blob.
+    async with aiohttp.ClientSession() as second, second.get(url) as response:
+        data = await response.read()
+    assert data[:100_000] == head
+    assert "sha256:" + hashlib.sha256(data).hexdigest() == digest
+    # The last byte is only sent after the blob is stored.
+    assert digest in cache.stored_blobs()
+    assert proxy.bytes["blob"] == size
+    assert len(proxy.blob_requests()) == 1
