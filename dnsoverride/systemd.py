@@ -41,7 +41,9 @@ def notify(*fields: str) -> bool:
     if not target.startswith(("/", "@")):
         log.warning("sd_notify_unsupported_address", address=target)
         return False
-    message = "\n".join(fields).encode()
+    # The protocol is one assignment per line: a newline inside a value (say, an error
+    # message in STATUS=) would start a bogus assignment.
+    message = "\n".join(field.replace("\n", " ") for field in fields).encode()
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
             sock.sendto(message, _notify_address(target))

@@ -43,6 +43,11 @@ def test_notify_sends_all_fields_in_one_datagram(notify_socket: socket.socket) -
     assert _fields(notify_socket) == ["READY=1", "STATUS=serving 12 names"]
 
 
+def test_notify_keeps_one_assignment_per_line(notify_socket: socket.socket) -> None:
+    assert systemd.notify("STATUS=reload failed:\nzones/a.yaml:3: bad A", "READY=1")
+    assert _fields(notify_socket) == ["STATUS=reload failed: zones/a.yaml:3: bad A", "READY=1"]
+
+
 def test_notify_to_abstract_socket(monkeypatch: pytest.MonkeyPatch) -> None:
     name = f"dnsoverride-test-{uuid.uuid4().hex}"
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
