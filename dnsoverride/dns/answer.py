@@ -1,0 +1,151 @@
+"""Building replies with dnslib: local answers from the zone set, errors, and the final
+packing step every reply goes through (flags, EDNS OPT, UDP truncation).
+
+An override owns its whole name: defined types get their records, every other type gets
+NOERROR/NODATA with a synthesized SOA, so no AAAA or HTTPS record from upstream can lead
+a client around the override. A CNAME is followed through local data; when it leaves
+local data, the caller resolves the remaining target upstream and appends it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import dnslib
+
+from dnsoverride.zones import NameEntry, Overrides, RRSet
+
+MAX_CNAME_CHAIN = 8
+SOA_MNAME = "ns.dnsoverride.invalid."
+SOA_RNAME = "hostmaster.dnsoverride.invalid."
+# RFC 8767 section 4: stale answers go out with a TTL of 30 seconds.
+STALE_TTL = 30
+QTYPE_ANY = 255
+QTYPE_OPT = 41
+HINFO = 13
+
+
+@dataclass(frozen=True)
+class ClientEdns:
+    """What the client said with its OPT record (`present=False` when it sent none)."""
+
+    present: bool
+    udp_size: int
+    do: bool
+    version: int = 0
+
+
+@dataclass
+class LocalAnswer:
+    """A local answer; `forward` is the CNAME target still to resolve upstream, if any."""
+
+    reply: dnslib.DNSRecord
+    forward: str | None
+
+
+def client_edns(request: dnslib.DNSRecord) -> ClientEdns | None:
+    """The request's EDNS parameters; None when it carries more than one OPT (FORMERR)."""
+    opts = [rr for rr in request.ar if rr.rtype == QTYPE_OPT]
+    if not opts:
+        return ClientEdns(False, 512, False)
+    if len(opts) > 1:
+        return None
+    opt = opts[0]
+    return ClientEdns(True, max(opt.rclass, 512), bool(opt.ttl & 0x8000), (opt.ttl >> 16) & 0xFF)
+
+
+def new_reply(request: dnslib.DNSRecord, rcode: int = 0, aa: bool = False) -> dnslib.DNSRecord:
+    """An empty reply to `request` with its ID, question (in its case), RD and CD echoed."""
+    header = dnslib.DNSHeader(
+        id=request.header.id,
+        qr=1,
+        aa=int(aa),
+        rd=request.header.rd,
+        ra=1,
+        cd=request.header.cd,
+        rcode=rcode,
+    )
+    return dnslib.DNSRecord(header, q=request.q)
+
+
+def soa_record(owner: dnslib.DNSLabel, minimum: int, serial: int) -> dnslib.RR:
+    """The synthesized SOA for NODATA answers; its TTL and MINIMUM are the name's TTL."""
+    soa = dnslib.SOA(SOA_MNAME, SOA_RNAME, (serial, 3600, 600, 86400, minimum))
+    return dnslib.RR(owner, dnslib.QTYPE.SOA, rdata=soa, ttl=minimum)
+
+
+def local_answer(
+    request: dnslib.DNSRecord, entry: NameEntry, overrides: Overrides, serial: int
+) -> LocalAnswer:
+    """The authoritative answer for an overridden name, following CNAMEs locally."""
+    reply = new_reply(request, aa=True)
+    qtype = request.q.qtype
+    owner = request.q.qname
+    current = entry
+    for _ in range(MAX_CNAME_CHAIN):
+        if qtype == QTYPE_ANY:
+            # RFC 8482: answer ANY with one RRset, never everything.
+            _add(reply, owner, current.rrsets[min(current.rrsets)])
+            return LocalAnswer(reply, None)
+        rrset = current.rrsets.get(qtype)
+        if rrset is not None:
+            _add(reply, owner, rrset)
+            return LocalAnswer(reply, None)
+        cname = current.rrsets.get(dnslib.QTYPE.CNAME)
+        if cname is None:
+            reply.add_auth(soa_record(owner, current.ttl, serial))
+            return LocalAnswer(reply, None)
+        _add(reply, owner, cname)
+        target = current.cname or ""
+        owner = dnslib.DNSLabel(target + ".")
+        following = overrides.lookup(target)
+        if following is None:
+            return LocalAnswer(reply, target)
+        current = following
+    reply.header.rcode = dnslib.RCODE.SERVFAIL  # a CNAME loop in the zones
+    return LocalAnswer(reply, None)
+
+
+def _add(reply: dnslib.DNSRecord, owner: dnslib.DNSLabel, rrset: RRSet) -> None:
+    for rdata in rrset.rdatas:
+        reply.add_answer(dnslib.RR(owner, rrset.rtype, rdata=rdata, ttl=rrset.ttl))
+
+
+def minimal_any(request: dnslib.DNSRecord) -> dnslib.DNSRecord:
+    """RFC 8482 section 4.2: ANY for a forwarded name gets a synthesized HINFO, not a lookup."""
+    reply = new_reply(request)
+    hinfo = dnslib.RD(b"\x07RFC8482\x00")
+    reply.add_answer(dnslib.RR(request.q.qname, HINFO, rdata=hinfo, ttl=3600))
+    return reply
+
+
+def from_upstream(
+    request: dnslib.DNSRecord, upstream: dnslib.DNSRecord, edns: ClientEdns
+) -> dnslib.DNSRecord:
+    """The client's reply carrying an upstream answer: the client's ID, question and flags."""
+    reply = new_reply(request, rcode=upstream.header.rcode)
+    # RFC 6840 5.8: AD only for clients that asked for DNSSEC data (DO) or set AD.
+    reply.header.ad = upstream.header.ad if (edns.do or request.header.ad) else 0
+    reply.rr = list(upstream.rr)
+    reply.auth = list(upstream.auth)
+    reply.ar = [rr for rr in upstream.ar if rr.rtype != QTYPE_OPT]
+    return reply
+
+
+def pack(reply: dnslib.DNSRecord, edns: ClientEdns, our_udp_size: int, limit: int) -> bytes:
+    """Wire bytes with our OPT when the client sent one; over `limit` bytes -> TC, no records.
+
+    `limit` is the client's UDP size for UDP and 65535 for TCP.
+    """
+    if edns.present:
+        reply.ar = [rr for rr in reply.ar if rr.rtype != QTYPE_OPT]
+        reply.add_ar(dnslib.EDNS0(udp_len=our_udp_size, flags="do" if edns.do else ""))
+    wire: bytes = reply.pack()
+    if len(wire) <= limit:
+        return wire
+    reply.header.tc = 1
+    reply.rr = []
+    reply.auth = []
+    reply.ar = [rr for rr in reply.ar if rr.rtype == QTYPE_OPT]
+    packed: bytes = reply.pack()
+    return packed

@@ -1,0 +1,192 @@
+"""The two caches of the resolver.
+
+`ResponseCache` holds upstream answers by question (name, type, class, DO, CD): TTLs
+clamped to the configured bounds, negative answers cached for the SOA's negative TTL
+(RFC 2308), entries kept past expiry for serve-stale (RFC 8767), bounded by LRU.
+
+`AnswerCache` is the hot path: finished reply bytes keyed by the view and the raw
+question key from `wire.fast_key`. A hit costs a dict lookup and a few byte slices: the
+client's ID and question (in its case) are spliced in, and forwarded answers have their
+TTLs aged. Entries carry the zone generation they were built under, so swapping the zone
+set invalidates them all without a scan.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import dnslib
+
+from dnsoverride.config import CacheConfig
+from dnsoverride.dns import wire
+
+ResponseKey = tuple[str, int, int, bool, bool]
+AnswerKey = tuple[int, bytes]
+
+
+@dataclass
+class _Response:
+    wire: bytes
+    stored_at: float
+    ttl: int
+
+
+class ResponseCache:
+    """Upstream answers by question, with TTL clamps, negative caching and serve-stale."""
+
+    def __init__(self, config: CacheConfig) -> None:
+        self.config = config
+        self._entries: OrderedDict[ResponseKey, _Response] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def cache_ttl(self, reply: dnslib.DNSRecord) -> int:
+        """How long `reply` may be cached (0: not at all)."""
+        rcode = reply.header.rcode
+        records = [rr for rr in (*reply.rr, *reply.auth, *reply.ar) if rr.rtype != wire.OPT]
+        negative = rcode == dnslib.RCODE.NXDOMAIN or (
+            rcode == dnslib.RCODE.NOERROR and not reply.rr
+        )
+        if negative:
+            soas = [rr for rr in reply.auth if rr.rtype == dnslib.QTYPE.SOA]
+            if not soas:
+                return 0  # RFC 2308 section 5: no SOA, no negative caching
+            ttl = min(soas[0].ttl, soas[0].rdata.times[4])
+            return max(min(ttl, self.config.negative_max_ttl), self.config.min_ttl)
+        if rcode != dnslib.RCODE.NOERROR:
+            return 0
+        ttl = min(rr.ttl for rr in records)
+        return max(min(ttl, self.config.max_ttl), self.config.min_ttl)
+
+    def put(self, key: ResponseKey, reply: dnslib.DNSRecord, now: float) -> int:
+        """Store an upstream reply; returns the TTL it was cached for (0: not cached)."""
+        ttl = self.cache_ttl(reply)
+        if ttl <= 0:
+            return 0
+        self._entries[key] = _Response(reply.pack(), now, ttl)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.config.size:
+            self._entries.popitem(last=False)
+        return ttl
+
+    def get(self, key: ResponseKey, now: float) -> tuple[dnslib.DNSRecord, int] | None:
+        """A fresh cached reply with aged TTLs, and the seconds it stays fresh."""
+        entry = self._entries.get(key)
+        if entry is None:
+            self.misses += 1
+            return None
+        age = int(now - entry.stored_at)
+        if age >= entry.ttl:
+            self.misses += 1
+            if age >= entry.ttl + self.config.stale_ttl:
+                del self._entries[key]
+            return None
+        self.hits += 1
+        self._entries.move_to_end(key)
+        return self._with_ttl(entry, lambda ttl: max(min(ttl, entry.ttl) - age, 0)), entry.ttl - age
+
+    def get_stale(self, key: ResponseKey, now: float) -> dnslib.DNSRecord | None:
+        """An expired reply still inside the serve-stale window, with TTLs of 30 s."""
+        entry = self._entries.get(key)
+        if entry is None or now - entry.stored_at >= entry.ttl + self.config.stale_ttl:
+            return None
+        return self._with_ttl(entry, lambda ttl: min(ttl, STALE_TTL))
+
+    @staticmethod
+    def _with_ttl(entry: _Response, ttl_of: object) -> dnslib.DNSRecord:
+        reply = dnslib.DNSRecord.parse(entry.wire)
+        for rr in (*reply.rr, *reply.auth, *reply.ar):
+            if rr.rtype != wire.OPT:
+                rr.ttl = ttl_of(rr.ttl)  # type: ignore[operator]
+        return reply
+
+
+STALE_TTL = 30
+
+
+class _Answer:
+    __slots__ = ("age", "base", "expires", "generation", "offsets", "reply", "stat", "stored_at")
+
+    def __init__(
+        self,
+        reply: bytes,
+        *,
+        generation: int,
+        stored_at: float,
+        expires: float,
+        offsets: tuple[tuple[int, int], ...],
+        stat: tuple[str, str, str, str],
+    ) -> None:
+        self.base = reply
+        self.reply = reply
+        self.generation = generation
+        self.stored_at = stored_at
+        self.expires = expires
+        self.offsets = offsets
+        self.age = 0
+        self.stat = stat
+
+
+class AnswerCache:
+    """Finished UDP reply bytes by (view, question key); the fast path."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._entries: OrderedDict[AnswerKey, _Answer] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def lookup(
+        self, key: AnswerKey, data: bytes, qend: int, generation: int, now: float
+    ) -> tuple[bytes, tuple[str, str, str, str]] | None:
+        """The reply for query `data` and the stats key it counts under, or None on a miss."""
+        entry = self._entries.get(key)
+        if entry is None or entry.generation != generation or now >= entry.expires:
+            self.misses += 1
+            return None
+        self.hits += 1
+        if entry.offsets:
+            age = int(now - entry.stored_at)
+            if age != entry.age:
+                entry.reply = wire.aged(entry.base, entry.offsets, age)
+                entry.age = age
+        reply = entry.reply
+        return data[:2] + reply[2:12] + data[12:qend] + reply[qend:], entry.stat
+
+    def store(
+        self,
+        key: AnswerKey,
+        reply: bytes,
+        *,
+        generation: int,
+        now: float,
+        ttl: float,
+        stat: tuple[str, str, str, str],
+        age_ttls: bool,
+    ) -> None:
+        """Keep `reply` for `ttl` seconds (math.inf for local answers: generations guard them)."""
+        if ttl <= 0:
+            return
+        offsets = wire.ttl_offsets(reply) if age_ttls else ()
+        self._entries[key] = _Answer(
+            reply,
+            generation=generation,
+            stored_at=now,
+            expires=now + ttl,
+            offsets=offsets,
+            stat=stat,
+        )
+        self._entries.move_to_end(key)
+        if len(self._entries) > self.size:
+            self._entries.popitem(last=False)
+
+
+FOREVER = math.inf

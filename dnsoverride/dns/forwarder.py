@@ -1,0 +1,168 @@
+"""Forwarding to upstream resolvers, honestly.
+
+Every upstream query gets a fresh random ID and a fresh socket (so a fresh random source
+port); a reply is accepted only from the upstream's address (a connected UDP socket),
+with the same ID and the same question. TC -> the same question again over TCP.
+Timeout, SERVFAIL, REFUSED or garbage -> the next upstream. The whole attempt is bounded
+by the timeout budget; when every upstream fails the caller gets `UpstreamFailedError` in
+time to answer SERVFAIL (or stale). Identical questions in flight share one upstream
+query. An upstream that failed moves to the back of the order, so one dead resolver
+does not cost every query an attempt timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import socket
+import struct
+
+import dnslib
+import structlog
+
+from dnsoverride.config import Endpoint
+from dnsoverride.dns import wire
+from dnsoverride.dns.stats import DnsStats
+
+log = structlog.get_logger(__name__)
+
+Question = tuple[str, int, int, bool, bool]  # name (lowercase), type, class, DO, CD
+_RETRY_RCODES = {dnslib.RCODE.SERVFAIL: "servfail", dnslib.RCODE.REFUSED: "refused"}
+
+
+class UpstreamFailedError(Exception):
+    """No upstream produced an acceptable answer within the budget."""
+
+
+class Forwarder:
+    """Sends questions to the upstreams; `resolve` is the only entry point."""
+
+    def __init__(
+        self,
+        upstreams: tuple[Endpoint, ...],
+        budget: float,
+        attempt_timeout: float,
+        edns_udp_size: int,
+        stats: DnsStats,
+    ) -> None:
+        self._order = list(upstreams)
+        self._budget = budget
+        self._attempt_timeout = attempt_timeout
+        self._edns_udp_size = edns_udp_size
+        self._stats = stats
+        self._inflight: dict[Question, asyncio.Future[dnslib.DNSRecord]] = {}
+        self._answering = True
+
+    def answering(self) -> bool:
+        """Whether the last forwarded question got an answer (readiness)."""
+        return self._answering
+
+    async def resolve(self, question: Question) -> dnslib.DNSRecord:
+        """The upstream answer to `question`, shared with identical concurrent callers."""
+        pending = self._inflight.get(question)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        future: asyncio.Future[dnslib.DNSRecord] = asyncio.get_running_loop().create_future()
+        self._inflight[question] = future
+        try:
+            answer = await self._ask_all(question)
+        except UpstreamFailedError as error:
+            future.set_exception(error)
+            future.exception()  # retrieved: waiters may be none
+            raise
+        else:
+            future.set_result(answer)
+            return answer
+        finally:
+            del self._inflight[question]
+
+    async def _ask_all(self, question: Question) -> dnslib.DNSRecord:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._budget
+        for upstream in list(self._order):
+            remaining = deadline - loop.time()
+            if remaining <= 0.01:
+                break
+            name = str(upstream)
+            started = loop.time()
+            try:
+                answer = await asyncio.wait_for(
+                    self._ask(upstream, question), min(self._attempt_timeout, remaining)
+                )
+            except TimeoutError:
+                self._failed(upstream, "timeout")
+                continue
+            except (OSError, dnslib.DNSError, ValueError, struct.error, EOFError) as error:
+                log.warning("upstream_error", upstream=name, error=str(error) or repr(error))
+                self._failed(upstream, "error")
+                continue
+            reason = _RETRY_RCODES.get(answer.header.rcode)
+            if reason is not None:
+                self._failed(upstream, reason)
+                continue
+            self._stats.upstream_answered(name, loop.time() - started)
+            self._answering = True
+            return answer
+        self._answering = False
+        raise UpstreamFailedError(question[0])
+
+    def _failed(self, upstream: Endpoint, reason: str) -> None:
+        self._stats.upstream_failed(str(upstream), reason)
+        if self._order[0] == upstream and len(self._order) > 1:
+            self._order.append(self._order.pop(0))
+
+    async def _ask(self, upstream: Endpoint, question: Question) -> dnslib.DNSRecord:
+        name, qtype, qclass, do, cd = question
+        query = dnslib.DNSRecord(
+            dnslib.DNSHeader(id=secrets.randbits(16), rd=1, cd=int(cd)),
+            q=dnslib.DNSQuestion(name + ".", qtype, qclass),
+        )
+        query.add_ar(dnslib.EDNS0(udp_len=self._edns_udp_size, flags="do" if do else ""))
+        packet = query.pack()
+        answer = await self._udp(upstream, packet)
+        if answer.header.tc:
+            answer = await self._tcp(upstream, packet)
+        return answer
+
+    async def _udp(self, upstream: Endpoint, packet: bytes) -> dnslib.DNSRecord:
+        loop = asyncio.get_running_loop()
+        family = socket.AF_INET6 if ":" in upstream.host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_DGRAM) as sock:
+            sock.setblocking(False)
+            # connect() picks a random ephemeral port and makes the kernel drop
+            # datagrams from any other address.
+            sock.connect((upstream.host, upstream.port))
+            await loop.sock_sendall(sock, packet)
+            while True:
+                data = await loop.sock_recv(sock, 65535)
+                answer = _matching(packet, data)
+                if answer is not None:
+                    return answer
+                self._stats.upstream_failed(str(upstream), "mismatch")
+
+    async def _tcp(self, upstream: Endpoint, packet: bytes) -> dnslib.DNSRecord:
+        reader, writer = await asyncio.open_connection(upstream.host, upstream.port)
+        try:
+            writer.write(struct.pack("!H", len(packet)) + packet)
+            await writer.drain()
+            (length,) = struct.unpack("!H", await reader.readexactly(2))
+            data = await reader.readexactly(length)
+        finally:
+            writer.close()
+        answer = _matching(packet, data)
+        if answer is None:
+            raise ValueError("TCP reply does not match the query")
+        return answer
+
+
+def _matching(query: bytes, data: bytes) -> dnslib.DNSRecord | None:
+    """The parsed reply when it answers `query` (same ID, QR set, same question)."""
+    qend = wire.question_end(query)
+    if len(data) < qend or data[:2] != query[:2] or not data[2] & 0x80:
+        return None
+    if data[4:6] != b"\x00\x01" or data[12:qend].lower() != query[12:qend].lower():
+        return None
+    try:
+        return dnslib.DNSRecord.parse(data)
+    except (dnslib.DNSError, ValueError, struct.error, IndexError):
+        return None

@@ -1,0 +1,123 @@
+"""DNS metrics: plain integer counters on the hot path, turned into Prometheus metrics
+only when scraped (a labelled `Counter.inc()` per query would cost more than the answer).
+
+Exposed names:
+  dnsoverride_dns_queries_total{view,qtype,rcode,source}   source: override, cache,
+                                                           upstream, stale, synthesized, error
+  dnsoverride_dns_upstream_latency_seconds{upstream}       histogram of answered queries
+  dnsoverride_dns_upstream_failures_total{upstream,reason} reason: timeout, servfail,
+                                                           refused, error, mismatch
+  dnsoverride_dns_cache_entries{cache}                     cache: answer, response
+  dnsoverride_dns_cache_hits_total{cache} / _misses_total{cache}
+  dnsoverride_dns_cache_hit_ratio{cache}
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterator
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from dnsoverride.dns.cache import AnswerCache, ResponseCache
+
+QueryKey = tuple[str, str, str, str]
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0)
+
+
+class DnsStats:
+    """The counters; `count` is called once per answered query."""
+
+    def __init__(self) -> None:
+        self.queries: dict[QueryKey, int] = {}
+        self.failures: dict[tuple[str, str], int] = {}
+        self.latency: dict[str, list[float]] = {}
+
+    def count(self, key: QueryKey) -> None:
+        """One more query with labels (view, qtype, rcode, source)."""
+        queries = self.queries
+        queries[key] = queries.get(key, 0) + 1
+
+    def upstream_answered(self, upstream: str, seconds: float) -> None:
+        """An upstream answered after `seconds`: one histogram observation."""
+        buckets = self.latency.get(upstream)
+        if buckets is None:
+            # one count per bucket plus +Inf, then the sum in the last slot
+            buckets = self.latency[upstream] = [0.0] * (len(LATENCY_BUCKETS) + 2)
+        buckets[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        buckets[-1] += seconds
+
+    def upstream_failed(self, upstream: str, reason: str) -> None:
+        """An upstream attempt failed for `reason`."""
+        key = (upstream, reason)
+        self.failures[key] = self.failures.get(key, 0) + 1
+
+
+class DnsCollector(Collector):
+    """Reads `DnsStats` and the caches at scrape time."""
+
+    def __init__(self, stats: DnsStats, answers: AnswerCache, responses: ResponseCache) -> None:
+        self._stats = stats
+        self._caches: dict[str, AnswerCache | ResponseCache] = {
+            "answer": answers,
+            "response": responses,
+        }
+
+    def collect(self) -> Iterator[Metric]:
+        """Yield the metric families (called by prometheus_client on scrape)."""
+        queries = CounterMetricFamily(
+            "dnsoverride_dns_queries",
+            "DNS queries answered, by view, query type, response code and answer source",
+            labels=("view", "qtype", "rcode", "source"),
+        )
+        for labels, value in list(self._stats.queries.items()):
+            queries.add_metric(labels, value)
+        yield queries
+        latency = HistogramMetricFamily(
+            "dnsoverride_dns_upstream_latency_seconds",
+            "Time for an upstream resolver to answer a forwarded query",
+            labels=("upstream",),
+        )
+        for upstream, counts in list(self._stats.latency.items()):
+            cumulative = 0.0
+            buckets = []
+            for bound, count in zip((*LATENCY_BUCKETS, float("inf")), counts, strict=False):
+                cumulative += count
+                buckets.append((str(bound) if bound != float("inf") else "+Inf", cumulative))
+            latency.add_metric([upstream], buckets, sum_value=counts[-1])
+        yield latency
+        failures = CounterMetricFamily(
+            "dnsoverride_dns_upstream_failures",
+            "Upstream query attempts that failed, by upstream and reason",
+            labels=("upstream", "reason"),
+        )
+        for (upstream, reason), value in list(self._stats.failures.items()):
+            failures.add_metric([upstream, reason], value)
+        yield failures
+        entries = GaugeMetricFamily(
+            "dnsoverride_dns_cache_entries", "Entries in the DNS caches", labels=("cache",)
+        )
+        hits = CounterMetricFamily(
+            "dnsoverride_dns_cache_hits", "DNS cache lookups that hit", labels=("cache",)
+        )
+        misses = CounterMetricFamily(
+            "dnsoverride_dns_cache_misses", "DNS cache lookups that missed", labels=("cache",)
+        )
+        ratio = GaugeMetricFamily(
+            "dnsoverride_dns_cache_hit_ratio",
+            "Hits / lookups of the DNS caches since start",
+            labels=("cache",),
+        )
+        for name, cache in self._caches.items():
+            entries.add_metric([name], len(cache))
+            hits.add_metric([name], cache.hits)
+            misses.add_metric([name], cache.misses)
+            total = cache.hits + cache.misses
+            ratio.add_metric([name], cache.hits / total if total else 0.0)
+        yield from (entries, hits, misses, ratio)

@@ -1,0 +1,121 @@
+"""The few DNS wire-format reads the hot path does by hand, without dnslib.
+
+dnslib builds Python objects for every label and record; at tens of thousands of
+queries a second that parse costs more than answering. The fast path only needs to
+recognise an ordinary query and derive its cache key, patch an ID, and age TTLs in a
+cached reply, which are simple byte offsets. Everything else is parsed by dnslib.
+"""
+
+from __future__ import annotations
+
+import struct
+
+HEADER_SIZE = 12
+OPT = 41
+MAX_LABEL = 63
+_TTL = struct.Struct("!I")
+_RR_FIXED = struct.Struct("!HHIH")
+# A query with QDCOUNT=1 and ANCOUNT=NSCOUNT=0.
+_SIMPLE_COUNTS = b"\x00\x01\x00\x00\x00\x00"
+
+
+def fast_key(data: bytes, max_udp: int) -> tuple[bytes, int] | None:
+    """(answer cache key, end of question) for an ordinary query; None for anything else.
+
+    The key holds the RD and CD bits, the client's EDNS presence, DO bit and UDP size
+    (clamped to `max_udp`), and the question lowercased: label length bytes are below
+    0x40, so `bytes.lower()` only touches the letters. Anything unusual (opcode, flags,
+    counts, EDNS version or trailing bytes) returns None and takes the dnslib path.
+    """
+    size = len(data)
+    if size < 17 or data[2] & 0xFE or data[4:10] != _SIMPLE_COUNTS:
+        return None
+    index = HEADER_SIZE
+    try:
+        length = data[index]
+        while length:
+            if length > MAX_LABEL:
+                return None
+            index += length + 1
+            length = data[index]
+    except IndexError:
+        return None
+    qend = index + 5
+    additional = data[10:12]
+    if additional == b"\x00\x00":
+        if qend != size:
+            return None
+        edns = b"\x00\x00\x00"
+    elif additional == b"\x00\x01":
+        # OPT: root owner, TYPE 41, CLASS = UDP size, TTL = ext-rcode/version/flags, RDLEN.
+        if size < qend + 11 or data[qend] or data[qend + 1 : qend + 3] != b"\x00\x29":
+            return None
+        if data[qend + 6] or qend + 11 + ((data[qend + 9] << 8) | data[qend + 10]) != size:
+            return None
+        udp = min(max((data[qend + 3] << 8) | data[qend + 4], 512), max_udp)
+        edns = bytes((0x01 | (data[qend + 7] & 0x80), udp >> 8, udp & 0xFF))
+    else:
+        return None
+    flags = bytes(((data[2] & 0x01) | (data[3] & 0x10),))
+    return flags + edns + data[HEADER_SIZE:qend].lower(), qend
+
+
+def refused(data: bytes, qend: int) -> bytes:
+    """A REFUSED reply to a query `fast_key` accepted: header and question only."""
+    return (
+        data[:2]
+        + bytes((0x80 | (data[2] & 0x01), 0x05 | (data[3] & 0x10)))
+        + _SIMPLE_COUNTS
+        + b"\x00\x00"
+        + data[HEADER_SIZE:qend]
+    )
+
+
+def format_error(data: bytes) -> bytes | None:
+    """A header-only FORMERR reply, or None when there is not even a header to answer."""
+    if len(data) < HEADER_SIZE or data[2] & 0x80:
+        return None
+    return data[:2] + bytes((0x80 | (data[2] & 0x79), 0x01)) + bytes(8)
+
+
+def _skip_name(message: bytes, offset: int) -> int:
+    while True:
+        length = message[offset]
+        if length >= 0xC0:
+            return offset + 2
+        if length == 0:
+            return offset + 1
+        offset += length + 1
+
+
+def question_end(message: bytes) -> int:
+    """Offset just past the (first) question of a well-formed message."""
+    return _skip_name(message, HEADER_SIZE) + 4
+
+
+def ttl_offsets(message: bytes) -> tuple[tuple[int, int], ...]:
+    """(offset, TTL) of every resource record's TTL field, OPT excluded.
+
+    Used to age a cached reply's TTLs in place of re-encoding it. `message` is a reply
+    this process packed or accepted from dnslib, so it is well-formed.
+    """
+    counts = struct.unpack_from("!HHHH", message, 4)
+    offset = HEADER_SIZE
+    for _ in range(counts[0]):
+        offset = _skip_name(message, offset) + 4
+    found = []
+    for _ in range(counts[1] + counts[2] + counts[3]):
+        offset = _skip_name(message, offset)
+        rtype, _rclass, ttl, rdlength = _RR_FIXED.unpack_from(message, offset)
+        if rtype != OPT:
+            found.append((offset + 4, ttl))
+        offset += 10 + rdlength
+    return tuple(found)
+
+
+def aged(message: bytes, offsets: tuple[tuple[int, int], ...], age: int) -> bytes:
+    """`message` with every TTL at `offsets` lowered by `age` seconds (not below 0)."""
+    buffer = bytearray(message)
+    for offset, ttl in offsets:
+        _TTL.pack_into(buffer, offset, max(ttl - age, 0))
+    return bytes(buffer)
