@@ -170,7 +170,7 @@ _CHILD = textwrap.dedent(
 )
 
 
-def _free_port() -> int:
+def free_udp_tcp_port() -> int:
     # One port number free for both UDP and TCP, like port 53 in the .socket unit.
     while True:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
@@ -187,7 +187,7 @@ def _free_port() -> int:
 @pytest.mark.skipif(shutil.which("systemd-socket-activate") is None, reason="needs systemd")
 @pytest.mark.timeout(30)
 def test_inherited_sockets_under_systemd_socket_activate(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_udp_tcp_port()
     address = f"127.0.0.1:{port}"
     # systemd-socket-activate passes through descriptors it inherited, so nesting a
     # datagram activator around a stream one hands the child UDP on fd 3, TCP on fd 4,
