@@ -8,6 +8,7 @@ defaults make `dnsoverride registry` work with no config file at all: listen on
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import re
 from dataclasses import dataclass, field
@@ -81,8 +82,12 @@ class RegistryConfig:
     budget: Budget | None = None
     tag_ttl: float = 300.0
     timeouts: Timeouts = field(default_factory=Timeouts)
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
+    # HTTPS: certificate/key pairs chosen by SNI (registry/tls.py). With `tls_listen` HTTPS
+    # is served there and `host:port` stays plain HTTP; without it `host:port` is HTTPS.
+    tls_pairs: tuple[tuple[Path, Path], ...] = ()
+    tls_listen: tuple[str, int] | None = None
+    # DNS servers the upstream client asks instead of the system resolver (dnsoverride/resolve.py).
+    resolvers: tuple[tuple[str, int], ...] = ()
     metrics: str | None = None
 
     def upstream(self, name: str) -> UpstreamConfig:
@@ -167,9 +172,57 @@ _KNOWN = {
     "upstreams",
     "default_upstream",
     "tls",
+    "resolvers",
     "metrics",
 }
+_TLS_KEYS = {"cert", "key", "certificates", "listen"}
 _UPSTREAM_KEYS = {"name", "url", "aliases", "username", "password", "library_prefix"}
+
+
+def _tls_pairs(
+    args: argparse.Namespace, tls: dict[str, Any], where: str
+) -> tuple[tuple[Path, Path], ...]:
+    """The flag pair (else `tls: cert/key`) first, then every `tls: certificates` entry."""
+    unknown = set(tls) - _TLS_KEYS
+    if unknown:
+        raise UserError(f"{where}: tls: unknown keys: {', '.join(sorted(unknown))}")
+    cert = getattr(args, "tls_cert", None) or tls.get("cert")
+    key = getattr(args, "tls_key", None) or tls.get("key")
+    if bool(cert) != bool(key):
+        raise UserError("--tls-cert and --tls-key go together")
+    pairs = [(Path(cert), Path(key))] if cert and key else []
+    for index, item in enumerate(tls.get("certificates") or ()):
+        entry = _mapping(item, f"{where}: tls: certificates[{index}]")
+        if set(entry) != {"cert", "key"}:
+            raise UserError(f"{where}: tls: certificates[{index}] needs exactly cert and key")
+        pairs.append((Path(str(entry["cert"])), Path(str(entry["key"]))))
+    return tuple(pairs)
+
+
+def _resolvers(value: Any, where: str) -> tuple[tuple[str, int], ...]:
+    """`["10.0.0.53", "10.0.0.54:5353", "[fd00::53]:53"]` -> ((address, port), ...)."""
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise UserError(f"{where}: resolvers must be a list of IP[:PORT]")
+    servers = []
+    for item in value:
+        text = str(item)
+        host, port = text, 53
+        if text.startswith("["):
+            host, _, rest = text[1:].partition("]")
+            port = int(rest[1:]) if rest.startswith(":") and rest[1:].isdigit() else -1
+        elif text.count(":") == 1:
+            host, _, port_text = text.partition(":")
+            port = int(port_text) if port_text.isdigit() else -1
+        try:
+            address = str(ipaddress.ip_address(host))
+        except ValueError:
+            address = ""
+        if not address or not 0 < port < 65536:
+            raise UserError(f"{where}: resolvers: {text!r} is not IP or IP:PORT")
+        servers.append((address, port))
+    return tuple(servers)
 
 
 def load(args: argparse.Namespace) -> RegistryConfig:
@@ -219,10 +272,10 @@ def load(args: argparse.Namespace) -> RegistryConfig:
 
     timeouts_raw = _mapping(raw.get("timeouts"), f"{where}: timeouts")
     tls = _mapping(raw.get("tls"), f"{where}: tls")
-    tls_cert = getattr(args, "tls_cert", None) or tls.get("cert")
-    tls_key = getattr(args, "tls_key", None) or tls.get("key")
-    if bool(tls_cert) != bool(tls_key):
-        raise UserError("--tls-cert and --tls-key go together")
+    tls_pairs = _tls_pairs(args, tls, where)
+    tls_listen = parse_listen(str(tls["listen"])) if tls.get("listen") else None
+    if tls_listen is not None and not tls_pairs:
+        raise UserError(f"{where}: tls: listen needs a certificate (cert/key or certificates)")
     try:
         timeouts = Timeouts(
             float(timeouts_raw.get("connect", 5.0)), float(timeouts_raw.get("idle", 30.0))
@@ -239,7 +292,8 @@ def load(args: argparse.Namespace) -> RegistryConfig:
         budget=budget,
         tag_ttl=tag_ttl,
         timeouts=timeouts,
-        tls_cert=Path(tls_cert) if tls_cert else None,
-        tls_key=Path(tls_key) if tls_key else None,
+        tls_pairs=tls_pairs,
+        tls_listen=tls_listen,
+        resolvers=_resolvers(raw.get("resolvers"), where),
         metrics=getattr(args, "metrics", None) or raw.get("metrics"),
     )

@@ -4,7 +4,8 @@ Runs on the default asyncio loop on purpose: aiohttp's FileResponse uses
 `loop.sendfile` there, which uvloop lacks (3x slower blob hits; see DESIGN.md).
 The store is opened (temp files removed, content indexed) before the listener binds;
 the upstream is not contacted at start-up, so the cache serves what it has even
-when the upstream is unreachable.
+when the upstream is unreachable (its name is resolved once, to refuse a forwarding
+loop back to our own listeners).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import asyncio
 import signal
 import ssl
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import structlog
 from aiohttp import web
@@ -27,7 +29,9 @@ from dnsoverride.registry.config import RegistryConfig
 from dnsoverride.registry.manifests import Manifests
 from dnsoverride.registry.stats import Stats
 from dnsoverride.registry.store import Store
-from dnsoverride.registry.upstream import Upstream
+from dnsoverride.registry.tls import CertificateSet
+from dnsoverride.registry.upstream import Upstream, make_session
+from dnsoverride.resolve import UpstreamResolver, refuse_loop
 
 log = structlog.get_logger(__name__)
 
@@ -59,43 +63,56 @@ def build_cache(config: RegistryConfig) -> Cache:
         store.open()
     except OSError as error:
         raise UserError(f"cannot use storage {config.storage}: {error.strerror}") from error
-    upstreams = {u.name: Upstream(u, config.timeouts, stats) for u in config.upstreams}
+    resolver = UpstreamResolver(servers=config.resolvers) if config.resolvers else None
+    upstreams = {
+        u.name: Upstream(u, config.timeouts, stats, make_session(config.timeouts, resolver))
+        for u in config.upstreams
+    }
     manifests = Manifests(store, stats, config.tag_ttl)
     blobs = Blobs(store, stats)
     routes = Routes(upstreams, config.default_upstream, manifests, blobs, stats)
     return Cache(config, store, stats, upstreams, manifests, blobs, build_app(routes, stats))
 
 
-def tls_context(config: RegistryConfig) -> ssl.SSLContext | None:
-    if config.tls_cert is None or config.tls_key is None:
-        return None
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    try:
-        context.load_cert_chain(config.tls_cert, config.tls_key)
-    except (OSError, ssl.SSLError) as error:
-        raise UserError(f"cannot load TLS certificate/key: {error}") from error
-    return context
+def listeners(
+    config: RegistryConfig, certificates: CertificateSet | None
+) -> list[tuple[str, int, ssl.SSLContext | None]]:
+    """(host, port, TLS context or None for plain HTTP) of every listener."""
+    tls = certificates.server_context() if certificates else None
+    if config.tls_listen is None:
+        return [(config.host, config.port, tls)]
+    return [(config.host, config.port, None), (*config.tls_listen, tls)]
+
+
+async def refuse_upstream_loop(config: RegistryConfig) -> None:
+    """Refuse to start when an upstream's name leads back to one of our own listeners."""
+    upstreams = []
+    for upstream in config.upstreams:
+        url = urlsplit(upstream.url)
+        upstreams.append((url.hostname or "", url.port or (443 if url.scheme == "https" else 80)))
+    own = [(host, port) for host, port, _ in listeners(config, None)]
+    await refuse_loop(upstreams, own, UpstreamResolver(servers=config.resolvers))
 
 
 async def serve(config: RegistryConfig) -> int:
+    await refuse_upstream_loop(config)
+    certificates = CertificateSet(config.tls_pairs) if config.tls_pairs else None
     cache = build_cache(config)
     runner = web.AppRunner(cache.app, access_log=None, handle_signals=False)
     await runner.setup()
-    site = web.TCPSite(runner, config.host, config.port, ssl_context=tls_context(config))
-    try:
-        await site.start()
-    except OSError as error:
-        await runner.cleanup()
-        await cache.close()
-        raise UserError(
-            f"cannot listen on {config.host}:{config.port}: {error.strerror}"
-        ) from error
+    for host, port, tls in listeners(config, certificates):
+        try:
+            await web.TCPSite(runner, host, port, ssl_context=tls).start()
+        except OSError as error:
+            await runner.cleanup()
+            await cache.close()
+            raise UserError(f"cannot listen on {host}:{port}: {error.strerror}") from error
     log.info(
         "registry_listening",
         host=config.host,
         port=config.port,
-        tls=config.tls_cert is not None,
+        tls=certificates is not None,
+        tls_listen=config.tls_listen,
         upstreams=[u.name for u in config.upstreams],
         default_upstream=config.default_upstream,
         storage=str(config.storage),
@@ -104,6 +121,9 @@ async def serve(config: RegistryConfig) -> int:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    if certificates is not None:
+        # New handshakes get the re-read certificates; open connections are untouched.
+        loop.add_signal_handler(signal.SIGHUP, certificates.reload)
     await stop.wait()
     log.info("registry_stopping")
     await runner.cleanup()

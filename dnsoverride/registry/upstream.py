@@ -20,6 +20,7 @@ from urllib.parse import urljoin, urlsplit
 
 import aiohttp
 import structlog
+from aiohttp.abc import AbstractResolver
 from multidict import CIMultiDict
 
 from dnsoverride.registry.config import Timeouts, UpstreamConfig
@@ -59,8 +60,14 @@ class _Token:
     expires: float
 
 
-def make_session(timeouts: Timeouts) -> aiohttp.ClientSession:
-    """The upstream HTTP client; the single place to configure transport."""
+def make_session(
+    timeouts: Timeouts, resolver: AbstractResolver | None = None
+) -> aiohttp.ClientSession:
+    """The upstream HTTP client; the single place to configure transport.
+
+    `resolver` replaces the system resolver (config `resolvers:`), so that the cache does
+    not resolve its upstream through the overrides that point at itself.
+    """
     return aiohttp.ClientSession(
         timeout=aiohttp.ClientTimeout(
             total=None,
@@ -68,7 +75,7 @@ def make_session(timeouts: Timeouts) -> aiohttp.ClientSession:
             sock_connect=timeouts.connect,
             sock_read=timeouts.idle,
         ),
-        connector=aiohttp.TCPConnector(limit=100, ttl_dns_cache=60),
+        connector=aiohttp.TCPConnector(limit=100, ttl_dns_cache=60, resolver=resolver),
         # Blobs and manifests are passed through byte for byte.
         auto_decompress=False,
     )
