@@ -315,10 +315,15 @@ class CacheProcess:
         self.proc = None
         with contextlib.suppress(AttributeError):
             self.log.close()
+        self.assert_clean_logs()
         return code
 
     def logs(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def assert_clean_logs(self) -> None:
+        """No traceback ever reached the log (every failure is handled)."""
+        assert "Traceback" not in self.logs(), self.logs()
 
     def stored_blobs(self) -> set[str]:
         root = self.storage / "blobs" / "sha256"

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import structlog
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
+from aiohttp.web_request import BaseRequest
 
 from dnsoverride.registry.errors import RegistryError
 from dnsoverride.registry.names import Digest
@@ -32,10 +34,6 @@ log = structlog.get_logger(__name__)
 
 _CHUNK = 1 << 20
 BLOB_TYPE = "application/octet-stream"
-
-
-class DownloadFailedError(Exception):
-    """The shared download ended without a verified blob; waiting responses are aborted."""
 
 
 class Download:
@@ -66,6 +64,29 @@ class Download:
     async def wait_finished(self) -> None:
         while not self.finished:
             await self.wait_change()
+
+
+class _PinnedFileResponse(web.FileResponse):
+    """A sendfile response that keeps its blob pinned (not evictable) while it is sent."""
+
+    def __init__(
+        self,
+        path: Path,
+        pin: contextlib.AbstractContextManager[None],
+        stats: Stats,
+        headers: dict[str, str],
+    ) -> None:
+        super().__init__(path, headers=headers)
+        self._pin = pin
+        self._stats = stats
+
+    async def prepare(self, request: BaseRequest) -> AbstractStreamWriter | None:
+        # FileResponse.prepare sends the whole file (sendfile) before it returns.
+        with self._pin:
+            writer = await super().prepare(request)
+        if request.method == "GET":
+            self._stats.bytes_served += self.content_length or 0
+        return writer
 
 
 class Blobs:
@@ -110,14 +131,8 @@ class Blobs:
     async def _send_file(
         self, request: web.Request, digest: Digest, path: Path, headers: dict[str, str]
     ) -> web.StreamResponse:
-        response = web.FileResponse(path, headers=headers)
-        with self.store.pinned("blobs", digest):
-            # Prepared here, not by the framework, so the pin covers the whole transfer.
-            await response.prepare(request)
-            await response.write_eof()
-        if request.method == "GET":
-            self.stats.bytes_served += response.content_length or 0
-        return response
+        pin = self.store.pinned("blobs", digest)
+        return _PinnedFileResponse(path, pin, self.stats, headers=headers)
 
     async def _stream(
         self, request: web.Request, download: Download, headers: dict[str, str]
@@ -125,10 +140,10 @@ class Blobs:
         # Opened before any await: the temp file cannot be renamed or removed under us
         # in between, and once open the descriptor stays valid through both.
         fd = os.open(download.temp, os.O_RDONLY)
+        response = web.StreamResponse(headers=headers)
+        if download.size is not None:
+            response.content_length = download.size
         try:
-            response = web.StreamResponse(headers=headers)
-            if download.size is not None:
-                response.content_length = download.size
             await response.prepare(request)
             sent = 0
             while True:
@@ -145,13 +160,19 @@ class Blobs:
                     break
                 elif download.error is not None:
                     # Cut the connection short: the client must not take this as complete.
-                    raise DownloadFailedError(download.error.message)
+                    log.warning("blob_stream_aborted", digest=str(download.digest), sent=sent)
+                    if request.transport is not None:
+                        request.transport.abort()
+                    return response
                 else:
                     await download.wait_change()
             await response.write_eof()
-            return response
+        except ConnectionResetError:
+            # The client went away; the download carries on for the others.
+            log.debug("client_disconnected", digest=str(download.digest))
         finally:
             os.close(fd)
+        return response
 
     async def _head_upstream(
         self,
