@@ -68,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
         )
         print(f"wrote {directory / CA_CERT} and {directory / CA_KEY} (mode 0600)")
         print(f"CA {cert.subject.rfc4514_string()} valid until {cert.not_valid_after_utc:%Y-%m-%d}")
-        print(f"trust {directory / CA_CERT} on the CI nodes (see README, 'Trusting the CA')")
+        print(f"trust {directory / CA_CERT} on the CI nodes")
+        print("(README, 'The internal CA and trusting it')")
         return 0
     names = list(args.names)
     if args.from_zones:

@@ -15,6 +15,8 @@ import time
 
 import structlog
 
+from dnsoverride.errors import UserError
+
 log = structlog.get_logger(__name__)
 
 # sd_listen_fds(3): passed descriptors start right after stdin/stdout/stderr.
@@ -119,7 +121,12 @@ def inherited_sockets() -> list[socket.socket]:
         return []
     sockets = []
     for fd in range(_LISTEN_FDS_START, _LISTEN_FDS_START + n):
-        os.set_inheritable(fd, False)
-        sockets.append(socket.socket(fileno=fd))
+        try:
+            os.set_inheritable(fd, False)
+            sockets.append(socket.socket(fileno=fd))
+        except OSError as error:
+            raise UserError(
+                f"socket activation: LISTEN_FDS={n}, but fd {fd} is not a socket ({error.strerror})"
+            ) from None
     log.info("sockets_inherited", count=len(sockets))
     return sockets

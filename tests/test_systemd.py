@@ -146,6 +146,27 @@ def test_inherited_sockets_ignores_another_process_fds(monkeypatch: pytest.Monke
     assert "LISTEN_PID" not in os.environ
 
 
+def test_inherited_sockets_rejects_a_descriptor_that_is_no_socket() -> None:
+    # In a child: fd 3 is /dev/null there, and wrapping fds must not touch pytest's own.
+    child = textwrap.dedent(
+        """
+        import os
+                from dnsoverride.systemd import inherited_sockets
+
+        os.dup2(os.open(os.devnull, os.O_RDONLY), 3)
+        os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS="1")
+        try:
+            inherited_sockets()
+        except UserError as error:
+            print(error)
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", child], capture_output=True, text=True, check=True, timeout=30
+    )
+    assert "LISTEN_FDS=1, but fd 3 is not a socket" in result.stdout
+
+
 # The child reports what inherited_sockets() returned over the sockets themselves:
 # it answers the first datagram on the UDP socket and the first connection on the TCP one.
 _CHILD = textwrap.dedent(
