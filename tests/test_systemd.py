@@ -151,7 +151,8 @@ def test_inherited_sockets_rejects_a_descriptor_that_is_no_socket() -> None:
     child = textwrap.dedent(
         """
         import os
-                from dnsoverride.systemd import inherited_sockets
+        from dnsoverride.errors import UserError
+        from dnsoverride.systemd import inherited_sockets
 
         os.dup2(os.open(os.devnull, os.O_RDONLY), 3)
         os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS="1")
