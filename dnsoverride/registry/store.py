@@ -136,7 +136,8 @@ class Store:
         self._entries.move_to_end(key)
         self.stats.size += size
         self.stats.entries = len(self._entries)
-        self.evict()
+        # What was just written is about to be served: never its own eviction victim.
+        self.evict(keep=key)
         return target
 
     def put_bytes(self, kind: Kind, digest: Digest, data: bytes) -> Path:
@@ -168,7 +169,7 @@ class Store:
             if self._pins[key] <= 0:
                 del self._pins[key]
 
-    def evict(self) -> None:
+    def evict(self, keep: str = "") -> None:
         """Evict least-recently-used unpinned content from the high to the low watermark."""
         if self.budget is None or self.stats.size <= self.budget.high:
             return
@@ -176,7 +177,7 @@ class Store:
         for key in list(self._entries):
             if self.stats.size <= self.budget.low:
                 break
-            if self._pins.get(key):
+            if self._pins.get(key) or key == keep:
                 continue
             kind, _, digest = key.partition("/")
             algorithm, _, hex_part = digest.partition(":")
