@@ -124,6 +124,7 @@ def test_cli_reports_bad_config_without_traceback(tmp_path: Path) -> None:
         capture_output=True,
         text=True,
         timeout=30,
+        check=False,
     )
     assert result.returncode == 2
     assert result.stderr.startswith("dnsoverride: error: invalid size")
