@@ -28,6 +28,7 @@ from dnsoverride.errors import UserError
 
 log = structlog.get_logger(__name__)
 
+_LOOP_CHECK_SECONDS = 5.0
 _QTYPES = {socket.AF_INET: QTYPE.A, socket.AF_INET6: QTYPE.AAAA}
 
 
@@ -224,9 +225,11 @@ async def refuse_loop(
     listening = list(listeners)
     for host, port in upstreams:
         try:
-            addresses = await resolver.addresses(host)
-        except OSError as error:
-            log.warning("upstream_unresolved", upstream=host, reason=str(error))
+            # Bounded: a slow resolver must not hold up serving what is cached.
+            async with asyncio.timeout(_LOOP_CHECK_SECONDS):
+                addresses = await resolver.addresses(host)
+        except (OSError, TimeoutError) as error:
+            log.warning("upstream_unresolved", upstream=host, reason=str(error) or "timeout")
             continue
         for address in addresses:
             if any(_listener_owns(listener, address, port) for listener in listening):

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import socket
-import subprocess
 from collections.abc import Iterator
 
 import aiohttp
 import pytest
 from aiohttp import web
+from transparent_dnsmasq import dnsmasq as run_dnsmasq
+from transparent_dnsmasq import free_udp_port
 
 from dnsoverride.errors import UserError
 from dnsoverride.resolve import UpstreamResolver, refuse_loop
@@ -16,57 +17,19 @@ from dnsoverride.resolve import UpstreamResolver, refuse_loop
 BIG_RRSET = 40  # A records: more than fit a 512-byte UDP reply, so dnsmasq sets TC
 
 
-def free_port(kind: socket.SocketKind = socket.SOCK_DGRAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def dnsmasq() -> Iterator[tuple[str, int]]:
-    port = free_port()
     records = [f"--host-record=big.test,127.0.1.{i}" for i in range(1, BIG_RRSET + 1)]
-    process = subprocess.Popen(
-        [
-            "dnsmasq",
-            "--keep-in-foreground",
-            "--conf-file=/dev/null",
-            "--no-resolv",
-            "--no-hosts",
-            "--listen-address=127.0.0.1",
-            "--bind-interfaces",
-            f"--port={port}",
-            "--address=/up.test/127.0.0.9",
-            "--address=/nx.test/",
-            "--host-record=target.test,127.0.0.11",
-            "--cname=alias.test,target.test",
-            "--host-record=dual.test,127.0.0.10,fd00::10",
-            *records,
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        _wait_for_dns(port, process)
-        yield ("127.0.0.1", port)
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
-
-
-def _wait_for_dns(port: int, process: subprocess.Popen[bytes]) -> None:
-    import dns.exception
-    import dns.message
-    import dns.query
-
-    for _ in range(100):
-        assert process.poll() is None, "dnsmasq exited"
-        try:
-            dns.query.udp(dns.message.make_query("up.test", "A"), "127.0.0.1", 0.1, port)
-            return
-        except dns.exception.Timeout:
-            continue
-    raise AssertionError("dnsmasq did not answer")
+    options = [
+        "--address=/up.test/127.0.0.9",
+        "--address=/nx.test/",
+        "--host-record=target.test,127.0.0.11",
+        "--cname=alias.test,target.test",
+        "--host-record=dual.test,127.0.0.10,fd00::10",
+        *records,
+    ]
+    with run_dnsmasq(options, "up.test") as server:
+        yield server
 
 
 async def test_queries_the_given_servers(dnsmasq: tuple[str, int]) -> None:
@@ -101,7 +64,7 @@ async def test_nxdomain_and_refused_are_errors(dnsmasq: tuple[str, int]) -> None
 
 
 async def test_dead_server_is_skipped(dnsmasq: tuple[str, int]) -> None:
-    dead = ("127.0.0.1", free_port())  # nothing listens: ICMP port unreachable
+    dead = ("127.0.0.1", free_udp_port())  # nothing listens: ICMP port unreachable
     resolver = UpstreamResolver(servers=[dead, dnsmasq], timeout=1.0)
     assert await resolver.addresses("up.test", socket.AF_INET) == ["127.0.0.9"]
     with pytest.raises(OSError, match="no resolver answered"):

@@ -95,8 +95,8 @@ async def refuse_upstream_loop(config: RegistryConfig) -> None:
 
 
 async def serve(config: RegistryConfig) -> int:
-    await refuse_upstream_loop(config)
     certificates = CertificateSet(config.tls_pairs) if config.tls_pairs else None
+    await refuse_upstream_loop(config)
     cache = build_cache(config)
     runner = web.AppRunner(cache.app, access_log=None, handle_signals=False)
     await runner.setup()
