@@ -25,7 +25,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -239,6 +239,8 @@ class LiveZones:
 
     def __init__(self, zone_set: ZoneSet) -> None:
         self._state = (zone_set, 1)
+        self._withdrawn: frozenset[str] = frozenset()
+        self._swap_listeners: list[Callable[[ZoneSet], object]] = []
 
     @property
     def current(self) -> ZoneSet:
@@ -258,6 +260,28 @@ class LiveZones:
         """Serve `new` from now on; returns its generation."""
         generation = self._state[1] + 1
         self._state = (new, generation)
+        for listener in self._swap_listeners:
+            listener(new)
+        return generation
+
+    def on_swap(self, listener: Callable[[ZoneSet], object]) -> None:
+        """Call `listener(new_set)` after every swap (the health monitor follows the zones)."""
+        self._swap_listeners.append(listener)
+
+    @property
+    def withdrawn(self) -> frozenset[str]:
+        """Health-gated names whose override is withdrawn: they are forwarded upstream."""
+        return self._withdrawn
+
+    def withdraw(self, names: frozenset[str]) -> int:
+        """Replace the withdrawn names (from dnsoverride.health); returns the new generation.
+
+        The generation bump drops every cached answer for a name whose override just went
+        or came back, exactly like a zone swap does.
+        """
+        self._withdrawn = names
+        generation = self._state[1] + 1
+        self._state = (self._state[0], generation)
         return generation
 
 

@@ -9,7 +9,7 @@ import pytest
 from transparent_certs import make_ca
 
 from dnsoverride.health import GatedOverride, HealthCheck
-from dnsoverride.zones import ZoneSetError, load_zone_set
+from dnsoverride.zones import LiveZones, ZoneSet, ZoneSetError, load_zone_set
 
 
 def write(directory: Path, name: str, text: str) -> Path:
@@ -98,3 +98,18 @@ def test_bad_health_is_a_zone_problem_at_its_line(
     (problem,) = caught.value.problems
     assert str(problem).startswith(f"{path}:{line}: mirror.test: ")
     assert reason in problem.reason
+
+
+def test_live_zones_withdraw_bumps_generation_and_swap_notifies(tmp_path: Path) -> None:
+    write(tmp_path, "ci.yaml", "records:\n  mirror.test:\n    A: 10.0.0.7\n    health: {tcp: 80}\n")
+    zone_set = load_zone_set(tmp_path)
+    live = LiveZones(zone_set)
+    seen: list[ZoneSet] = []
+    live.on_swap(seen.append)
+    generation = live.generation
+    assert live.withdraw(frozenset({"mirror.test"})) == generation + 1
+    assert live.withdrawn == {"mirror.test"}
+    assert live.snapshot() == (zone_set, generation + 1)
+    live.swap(zone_set)
+    assert seen == [zone_set]
+    assert live.generation == generation + 2

@@ -29,9 +29,9 @@ from registry_peers import (
     wait_for_port,
 )
 from transparent_certs import CertAuthority, make_ca
-from transparent_dnsmasq import dnsmasq
 
 from dnsoverride.resolve import UpstreamResolver
+from tests.peers import dnsmasq
 
 HUB = "registry-1.docker.io"
 
@@ -39,10 +39,10 @@ pytestmark = pytest.mark.timeout(120)
 
 
 @pytest.fixture(scope="module")
-def names() -> Iterator[tuple[str, int]]:
+def names(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, int]]:
     options = ["--host-record=origin.test,127.0.0.1", "--host-record=loop.test,127.0.0.1"]
-    with dnsmasq(options, "origin.test") as server:
-        yield server
+    with dnsmasq(tmp_path_factory.mktemp("dnsmasq"), *options) as server:
+        yield (server.host, server.port)
 
 
 @pytest.fixture

@@ -8,17 +8,16 @@ from collections.abc import Iterator
 import aiohttp
 import pytest
 from aiohttp import web
-from transparent_dnsmasq import dnsmasq as run_dnsmasq
-from transparent_dnsmasq import free_udp_port
 
 from dnsoverride.errors import UserError
 from dnsoverride.resolve import UpstreamResolver, refuse_loop
+from tests import peers
 
 BIG_RRSET = 40  # A records: more than fit a 512-byte UDP reply, so dnsmasq sets TC
 
 
 @pytest.fixture(scope="module")
-def dnsmasq() -> Iterator[tuple[str, int]]:
+def dnsmasq(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, int]]:
     records = [f"--host-record=big.test,127.0.1.{i}" for i in range(1, BIG_RRSET + 1)]
     options = [
         "--address=/up.test/127.0.0.9",
@@ -28,8 +27,8 @@ def dnsmasq() -> Iterator[tuple[str, int]]:
         "--host-record=dual.test,127.0.0.10,fd00::10",
         *records,
     ]
-    with run_dnsmasq(options, "up.test") as server:
-        yield server
+    with peers.dnsmasq(tmp_path_factory.mktemp("dnsmasq"), *options) as server:
+        yield (server.host, server.port)
 
 
 async def test_queries_the_given_servers(dnsmasq: tuple[str, int]) -> None:
@@ -64,7 +63,7 @@ async def test_nxdomain_and_refused_are_errors(dnsmasq: tuple[str, int]) -> None
 
 
 async def test_dead_server_is_skipped(dnsmasq: tuple[str, int]) -> None:
-    dead = ("127.0.0.1", free_udp_port())  # nothing listens: ICMP port unreachable
+    dead = ("127.0.0.1", peers.free_port())  # nothing listens: ICMP port unreachable
     resolver = UpstreamResolver(servers=[dead, dnsmasq], timeout=1.0)
     assert await resolver.addresses("up.test", socket.AF_INET) == ["127.0.0.9"]
     with pytest.raises(OSError, match="no resolver answered"):

@@ -181,6 +181,8 @@ class Resolver:
         name = normalize_name(str(request.q.qname))
         qtype = request.q.qtype
         entry = overrides.lookup(name)
+        if entry is not None and entry.health is not None and name in self.zones.withdrawn:
+            entry = None  # its health check failed: forward it like any other name
         if entry is not None:
             local = answer.local_answer(request, entry, overrides, generation)
             if local.forward is None:
