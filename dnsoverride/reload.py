@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import hashlib
 import os
 import re
@@ -170,10 +171,7 @@ class ChangeSummary:
         }
 
 
-@dataclass(frozen=True)
-class _Loaded(Generic[S]):
-    zone_set: S
-    changes: ChangeSummary
+NO_CHANGES = ChangeSummary((), (), ())
 
 
 @dataclass(frozen=True)
@@ -443,15 +441,15 @@ class Reloader(Generic[S]):
     async def _cycle(self, trigger: Trigger) -> None:
         if trigger == "sighup":
             systemd.notify_reloading()
-        started = time.perf_counter()
-        outcome: _Loaded[S] | _Failed | None = None
+        outcome: S | _Failed | None = None
         for _ in range(MAX_TORN_READS):
             before = await self._in_thread(fingerprint, self._zones_dir, self._config_file)
             if before == self._seen and trigger != "sighup":
                 log.debug("zones_unchanged", trigger=trigger)
                 return
             started = time.perf_counter()
-            outcome = await self._in_thread(self._load_and_compare)
+            outcome = await self._in_thread(self._load_set)
+            loaded_in = time.perf_counter() - started
             after = await self._in_thread(fingerprint, self._zones_dir, self._config_file)
             if after == before and isinstance(outcome, _Failed) and trigger == "event":
                 # A save seen halfway (truncate, then write) fails to parse; if the files
@@ -468,40 +466,53 @@ class Reloader(Generic[S]):
             )
             return
         self._seen = before
-        if isinstance(outcome, _Loaded):
-            self._swap(outcome.zone_set)
-            self._current = outcome.zone_set
-            self._record_success(trigger, outcome, time.perf_counter() - started)
-        elif isinstance(outcome, _Failed):
+        if isinstance(outcome, _Failed):
             self._record_failure(trigger, outcome.problems)
+        elif outcome is not None:
+            await self._install(trigger, outcome, loaded_in)
         if trigger == "sighup":
             systemd.notify("READY=1", f"STATUS=serving {len(self._current.names())} names")
 
-    def _load_and_compare(self) -> _Loaded[S] | _Failed:
-        """Load and diff against the current set; runs in the worker thread."""
+    def _load_set(self) -> S | _Failed:
+        """Run the loader (worker thread), turning the errors it may raise into problems."""
+        # Building ~10^6 objects would trigger repeated full collections that also walk the
+        # set being served: 3x slower for 100,000 names. Nothing cyclic is left behind.
+        collecting = gc.isenabled()
+        gc.disable()
         try:
-            new = self._load()
+            return self._load()
         except ZoneSetError as error:
             return _Failed(error.problems)
         except ConfigError as error:
             return _Failed(tuple(_config_problem(text) for text in error.problems))
         except UserError as error:
             return _Failed((ZoneProblem(str(self._config_file or self._zones_dir), 0, str(error)),))
-        return _Loaded(new, ChangeSummary.between(self._current, new))
+        finally:
+            if collecting:
+                gc.enable()
 
-    def _record_success(self, trigger: Trigger, loaded: _Loaded[S], seconds: float) -> None:
-        stats = self.stats
-        stats.successes += 1
-        stats.last_success_unix = time.time()
-        stats.last_duration_seconds = seconds
+    async def _install(self, trigger: Trigger, new: S, loaded_in: float) -> None:
+        """Swap `new` in unless it is identical, then log what changed (diffed after the swap,
+        so the summary never delays serving the new set)."""
+        old = self._current
+        swapped = new.content_hash != old.content_hash
+        if swapped:
+            self._swap(new)
+            self._current = new
+        changes = await self._in_thread(ChangeSummary.between, old, new) if swapped else NO_CHANGES
         log.info(
             "zones_reloaded",
             trigger=trigger,
-            content_hash=loaded.zone_set.content_hash,
-            names=len(loaded.zone_set.names()),
-            seconds=round(seconds, 4),
-            **loaded.changes.log_fields(),
+            content_hash=new.content_hash,
+            swapped=swapped,
+            names=len(new.names()),
+            seconds=round(loaded_in, 4),
+            **changes.log_fields(),
         )
+        stats = self.stats
+        stats.successes += 1
+        stats.last_success_unix = time.time()
+        stats.last_duration_seconds = loaded_in
 
     def _record_failure(self, trigger: Trigger, problems: Iterable[ZoneProblem]) -> None:
         self.stats.failures += 1

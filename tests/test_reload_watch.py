@@ -105,7 +105,7 @@ async def test_in_place_truncate_and_write(zones: Path) -> None:
         with (zones / "a.yaml").open("w") as file:
             file.write(zone_text({"a.test": "10.0.0.2", "keep.test": "10.9.9.9"}))
         await h.answer_becomes("a.test", ("10.0.0.2",))
-        assert h.reloader.stats.successes == 1
+        await h.until(lambda: h.reloader.stats.successes == 1)
         assert h.reloader.stats.failures == 0
 
 
@@ -167,7 +167,7 @@ async def test_file_deleted_and_added(zones: Path) -> None:
         (zones / "a.yaml").unlink()
         await h.answer_becomes("a.test", None)
         assert h.answer("b.test") == ("10.0.1.1",)
-        assert h.reloader.stats.successes == 2
+        await h.until(lambda: h.reloader.stats.successes == 2)
 
 
 def configmap(root: Path, stamp: str, files: dict[str, str]) -> None:
@@ -234,6 +234,7 @@ async def test_editor_scratch_files_do_not_reload(zones: Path) -> None:
             assert not [e for e in logs if e["event"].startswith("zones_")]
             (zones / "a.yaml").write_text(zone_text({"a.test": "10.0.0.9"}))
             await h.answer_becomes("a.test", ("10.0.0.9",))
+            await h.until(lambda: h.reloader.stats.successes == 1)
     assert h.reloader.stats.failures == 0
     assert [e["event"] for e in logs if e["event"].startswith("zones_")] == ["zones_reloaded"]
 
@@ -275,6 +276,7 @@ async def test_broken_file_keeps_last_good_set_then_fix_reloads(zones: Path, cas
             (zones / "a.yaml").write_text(zone_text({"a.test": "10.0.0.2"}))
             await h.answer_becomes("a.test", ("10.0.0.2",))
             assert h.answer("b.test") == ("10.0.1.1",)
+            await h.until(lambda: h.reloader.stats.successes == 1)
             assert h.reloader.stats.failures == 1
             sample = h.registry.get_sample_value
             assert sample("dnsoverride_zone_reloads_total", {"result": "failure"}) == 1
@@ -287,6 +289,7 @@ async def test_success_event_has_hash_and_change_summary(zones: Path) -> None:
         async with reloading(zones) as h:
             (zones / "a.yaml").write_text(zone_text({"a.test": "10.0.0.2", "new.test": "10.0.0.3"}))
             await h.answer_becomes("new.test", ("10.0.0.3",))
+            await h.until(lambda: h.reloader.stats.successes == 1)
     [event] = [e for e in logs if e["event"] == "zones_reloaded"]
     assert event["content_hash"] == h.live.current.content_hash
     assert event["trigger"] == "event"
