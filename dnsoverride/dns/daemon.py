@@ -25,6 +25,7 @@ from dnsoverride.dns.listener import UdpListener, tcp_handler
 from dnsoverride.dns.resolver import Resolver
 from dnsoverride.dns.stats import DnsCollector, DnsStats
 from dnsoverride.errors import UserError
+from dnsoverride.reload import serve_reloader
 from dnsoverride.zones import LiveZones, ZoneSet, ZoneSetError, load_zone_set
 
 log = structlog.get_logger(__name__)
@@ -46,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(args)
     zone_set = load_zones(config)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(_serve(config, zone_set))
+        return runner.run(_serve(config, zone_set, args))
 
 
 class _Bound:
@@ -95,7 +96,7 @@ async def _bind(config: ServeConfig, resolver: Resolver, tasks: set[asyncio.Task
     return bound
 
 
-async def _serve(config: ServeConfig, zone_set: ZoneSet) -> int:
+async def _serve(config: ServeConfig, zone_set: ZoneSet, args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     zones = LiveZones(zone_set)
     stats = DnsStats()
@@ -108,7 +109,9 @@ async def _serve(config: ServeConfig, zone_set: ZoneSet) -> int:
     tasks: set[asyncio.Task[None]] = set()
     bound = await _bind(config, resolver, tasks)
     admin: AdminServer | None = None
+    reloader = serve_reloader(zones, config, args, registry)
     try:
+        await reloader.start()
         if config.metrics is not None:
             admin = await start_admin(
                 config.metrics.host, config.metrics.port, registry, forwarder.answering
@@ -116,6 +119,7 @@ async def _serve(config: ServeConfig, zone_set: ZoneSet) -> int:
         stop = asyncio.Event()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, reloader.request, "sighup")
         log.info(
             "started",
             listeners=bound.names,
@@ -136,6 +140,7 @@ async def _serve(config: ServeConfig, zone_set: ZoneSet) -> int:
         if watchdog is not None:
             watchdog.cancel()
     finally:
+        await reloader.stop()
         await _close(bound, tasks, admin)
     log.info("stopped")
     return 0
