@@ -328,28 +328,59 @@ def zone_files(directory: Path) -> list[Path]:
     )
 
 
+@dataclass(frozen=True)
+class _ParsedFile:
+    zone: ZoneFile
+    problems: tuple[ZoneProblem, ...]
+    digest: str
+
+
+class ZoneFileCache:
+    """Parsed files by path and content digest, so a reload re-parses only what changed.
+
+    Keyed on the bytes actually parsed (never on mtime, which is too coarse to notice a
+    quick rewrite); keeps only the files of the most recent load.
+    """
+
+    def __init__(self) -> None:
+        self._files: dict[tuple[str, bytes], _ParsedFile] = {}
+
+    def parse(self, paths: Iterable[Path]) -> list[_ParsedFile]:
+        files: dict[tuple[str, bytes], _ParsedFile] = {}
+        for path in paths:
+            try:
+                data = path.read_bytes()
+            except OSError as error:
+                problem = ZoneProblem(str(path), 0, f"cannot read: {error}")
+                files[(str(path), b"")] = _ParsedFile(
+                    ZoneFile(path.name, str(path), MappingProxyType({})), (problem,), ""
+                )
+                continue
+            key = (str(path), hashlib.sha256(data).digest())
+            files[key] = self._files.get(key) or _parse_file(path, data)
+        self._files = files
+        return list(files.values())
+
+
 def load_zone_set(
-    directory: Path, views: Mapping[str, frozenset[str] | None] | None = None
+    directory: Path,
+    views: Mapping[str, frozenset[str] | None] | None = None,
+    cache: ZoneFileCache | None = None,
 ) -> ZoneSet:
     """Parse and validate every zone file in `directory`; raise ZoneSetError with ALL problems.
 
     `views` (view name -> zone file selectors, None meaning every file) adds the checks
     that need the daemon config: every named file exists, no name is defined twice in
-    one view.
+    one view. `cache` (kept by the reloader) spares re-parsing unchanged files.
     """
     if not directory.is_dir():
         raise ZoneSetError([ZoneProblem(str(directory), 0, "zones directory does not exist")])
-    problems: list[ZoneProblem] = []
-    files = []
-    for path in zone_files(directory):
-        zone, file_problems = _load_file(path)
-        problems.extend(file_problems)
-        files.append(zone)
+    parsed = (cache or ZoneFileCache()).parse(zone_files(directory))
+    problems = [problem for file in parsed for problem in file.problems]
+    files = [file.zone for file in parsed]
     digest = hashlib.sha256()
-    for zone in files:
-        digest.update(f"== {zone.name}\n".encode())
-        for name in sorted(zone.entries):
-            digest.update(zone.entries[name].canonical().encode() + b"\n")
+    for file in parsed:
+        digest.update(f"== {file.zone.name} {file.digest}\n".encode())
     zone_set = ZoneSet(str(directory), tuple(files), digest.hexdigest())
     for view, selectors in (views or {}).items():
         problems.extend(zone_set.view_problems(view, selectors))
@@ -379,16 +410,24 @@ class _Problems:
         return value
 
 
-def _load_file(path: Path) -> tuple[ZoneFile, list[ZoneProblem]]:
+def _parse_file(path: Path, data: bytes) -> _ParsedFile:
+    zone, problems = _load_file(path, data)
+    digest = hashlib.sha256()
+    for name in sorted(zone.entries):
+        digest.update(zone.entries[name].canonical().encode() + b"\n")
+    return _ParsedFile(zone, tuple(problems), digest.hexdigest())
+
+
+def _load_file(path: Path, data: bytes) -> tuple[ZoneFile, list[ZoneProblem]]:
     problems = _Problems(str(path))
     entries: dict[str, NameEntry] = {}
     zone = ZoneFile(path.name, str(path), MappingProxyType(entries))
     try:
-        document = yamlsource.load_file(path)
+        document = yamlsource.load(data.decode("utf-8"))
     except yamlsource.YamlSyntaxError as error:
         problems.add(error.line, f"YAML syntax error: {error.reason}")
         return zone, problems.items
-    except (OSError, UnicodeDecodeError) as error:
+    except UnicodeDecodeError as error:
         problems.add(0, f"cannot read: {error}")
         return zone, problems.items
     if document is None:
