@@ -46,6 +46,7 @@ from dnsoverride.config import ConfigError, ServeConfig, load_config
 from dnsoverride.errors import UserError
 from dnsoverride.zones import (
     LiveZones,
+    ZoneFileCache,
     ZoneProblem,
     ZoneSet,
     ZoneSetError,
@@ -55,9 +56,9 @@ from dnsoverride.zones import (
 
 log = structlog.get_logger(__name__)
 
-Trigger = Literal["event", "sighup", "periodic"]
+Trigger = Literal["event", "sighup", "periodic", "startup"]
 # When several arrive together, the event is logged as the most deliberate one.
-_TRIGGER_PRIORITY: tuple[Trigger, ...] = ("sighup", "event", "periodic")
+_TRIGGER_PRIORITY: tuple[Trigger, ...] = ("sighup", "event", "periodic", "startup")
 
 DEFAULT_INTERVAL = 30.0
 DEFAULT_DEBOUNCE = 0.15
@@ -318,6 +319,7 @@ class Reloader(Generic[S]):
         debounce: float = DEFAULT_DEBOUNCE,
         settle_max: float = DEFAULT_SETTLE_MAX,
         registry: CollectorRegistry | None = None,
+        baseline: str | None = None,
     ) -> None:
         self._load = load
         self._swap = swap
@@ -332,7 +334,9 @@ class Reloader(Generic[S]):
             registry.register(ReloadCollector(self.stats))
         self._pending = _Pending()
         self._wake = asyncio.Event()
-        self._seen: str | None = None
+        # The fingerprint of the files `current` was loaded from, when the caller took one
+        # before loading; otherwise taken at start(), blind to edits made in between.
+        self._seen = baseline
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zone-reload")
         self._observer: BaseObserver | None = None
         self._handler: _EventHandler | None = None
@@ -346,7 +350,11 @@ class Reloader(Generic[S]):
     async def start(self) -> None:
         """Take the starting fingerprint, start watching, and start the periodic check."""
         loop = asyncio.get_running_loop()
-        self._seen = await self._in_thread(fingerprint, self._zones_dir, self._config_file)
+        now = await self._in_thread(fingerprint, self._zones_dir, self._config_file)
+        if self._seen is None:
+            self._seen = now
+        elif now != self._seen:
+            self.request("startup")
         self._observer = Observer()
         self._observer.daemon = True
         self._handler = _EventHandler(self._file_changed, loop)
@@ -535,11 +543,14 @@ def serve_loader(config: ServeConfig, args: argparse.Namespace) -> Callable[[], 
     Only zones are hot: the daemon keeps the listeners, upstreams, cache and view table it
     started with, so a changed config is reported as needing a restart. The zones must also
     satisfy the views still being served, or a view would silently lose its files.
+    Unchanged files are not parsed again (a ZoneFileCache lives as long as the loader).
     """
+
+    cache = ZoneFileCache()
 
     def load() -> ZoneSet:
         edited = load_config(args) if getattr(args, "config", None) else config
-        zone_set = load_zone_set(config.zones, edited.view_selectors())
+        zone_set = load_zone_set(config.zones, edited.view_selectors(), cache)
         if edited != config:
             changed = [
                 f.name for f in fields(config) if getattr(edited, f.name) != getattr(config, f.name)
@@ -552,6 +563,9 @@ def serve_loader(config: ServeConfig, args: argparse.Namespace) -> Callable[[], 
             ]
             if problems:
                 raise ZoneSetError(problems)
+        # Merge each served view's files now, in this thread, not on the first query.
+        for selectors in config.view_selectors().values():
+            zone_set.select(selectors)
         return zone_set
 
     return load
@@ -562,8 +576,12 @@ def serve_reloader(
     config: ServeConfig,
     args: argparse.Namespace,
     registry: CollectorRegistry | None = None,
+    baseline: str | None = None,
 ) -> Reloader[ZoneSet]:
-    """The reloader of `dnsoverride serve`: swaps `live`, watches the zones and config file."""
+    """The reloader of `dnsoverride serve`: swaps `live`, watches the zones and config file.
+
+    `baseline` is `fingerprint(config.zones, config file)` taken before the initial load.
+    """
     config_path = getattr(args, "config", None)
     return Reloader(
         load=serve_loader(config, args),
@@ -573,4 +591,5 @@ def serve_reloader(
         config_file=Path(config_path) if config_path else None,
         interval=config.reload_interval,
         registry=registry,
+        baseline=baseline,
     )

@@ -20,8 +20,8 @@ import structlog
 from prometheus_client import CollectorRegistry
 
 from dnsoverride.config import load_config
-from dnsoverride.reload import Reloader, is_editor_scratch, serve_loader
-from dnsoverride.zones import LiveZones, ZoneSet, load_zone_set
+from dnsoverride.reload import Reloader, fingerprint, is_editor_scratch, serve_loader
+from dnsoverride.zones import LiveZones, ZoneFileCache, ZoneSet, load_zone_set
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -403,3 +403,39 @@ async def test_config_change_of_start_time_keys_is_reported(zones: Path) -> None
             await h.until(lambda: h.reloader.stats.successes == 1)
     [warning] = [e for e in logs if e["event"] == "config_change_needs_restart"]
     assert warning["keys"] == ["timeout"]
+
+
+async def test_edit_between_initial_load_and_start_is_noticed(zones: Path) -> None:
+    """The daemon fingerprints before its initial load; an edit made meanwhile reloads."""
+    baseline = fingerprint(zones, None)
+    live = LiveZones(load_zone_set(zones))
+    (zones / "a.yaml").write_text(zone_text({"a.test": "10.0.0.2"}))
+    reloader = Reloader(
+        load=lambda: load_zone_set(zones),
+        swap=live.swap,
+        current=live.current,
+        zones_dir=zones,
+        interval=0,
+        baseline=baseline,
+    )
+    await reloader.start()
+    try:
+        deadline = asyncio.get_running_loop().time() + 2
+        while addresses(live.current, "a.test") != ("10.0.0.2",):
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.01)
+    finally:
+        await reloader.stop()
+
+
+def test_file_cache_reparses_only_changed_files(zones: Path) -> None:
+    (zones / "b.yaml").write_text(zone_text({"b.test": "10.0.1.1"}))
+    cache = ZoneFileCache()
+    first = load_zone_set(zones, cache=cache)
+    (zones / "b.yaml").write_text(zone_text({"b.test": "10.0.1.2"}))
+    second = load_zone_set(zones, cache=cache)
+    assert second.files[0] is first.files[0]  # a.yaml: same bytes, same parsed object
+    assert second.files[1] is not first.files[1]
+    assert addresses(second, "b.test") == ("10.0.1.2",)
+    # Same definition of the hash with or without a cache.
+    assert second.content_hash == load_zone_set(zones).content_hash != first.content_hash
