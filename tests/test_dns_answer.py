@@ -1,0 +1,160 @@
+"""Answer building, the hand-written wire reads and the response cache, without sockets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import dnslib
+import pytest
+
+from dnsoverride.config import CacheConfig
+from dnsoverride.dns import answer, wire
+from dnsoverride.dns.cache import AnswerCache, ResponseCache
+from dnsoverride.zones import Overrides, load_zone_set
+
+
+@pytest.fixture
+def overrides(tmp_path: Path) -> Overrides:
+    (tmp_path / "z.yaml").write_text(
+        "records:\n"
+        "  a.example: {A: [10.0.0.1, 10.0.0.2], ttl: 30}\n"
+        "  alias.example: {CNAME: a.example}\n"
+        "  out.example: {CNAME: www.upstream.test}\n"
+        "  loop1.example: {CNAME: loop2.example}\n"
+        "  loop2.example: {CNAME: loop1.example}\n"
+    )
+    return load_zone_set(tmp_path).select(None)
+
+
+def ask(overrides: Overrides, name: str, qtype: str) -> answer.LocalAnswer:
+    request = dnslib.DNSRecord.question(name, qtype)
+    entry = overrides.lookup(name.lower().rstrip("."))
+    assert entry is not None
+    return answer.local_answer(request, entry, overrides, serial=7)
+
+
+def test_nodata_carries_a_soa_with_the_names_ttl(overrides: Overrides) -> None:
+    local = ask(overrides, "a.example", "AAAA")
+    assert local.forward is None
+    assert local.reply.rr == []
+    assert local.reply.header.aa == 1
+    (soa,) = local.reply.auth
+    assert soa.rtype == dnslib.QTYPE.SOA
+    assert soa.ttl == 30
+    assert soa.rdata.times[0] == 7
+
+
+def test_cname_chain_local_and_upstream(overrides: Overrides) -> None:
+    local = ask(overrides, "Alias.Example", "A")
+    assert [(str(rr.rname), rr.rtype) for rr in local.reply.rr] == [
+        ("Alias.Example.", dnslib.QTYPE.CNAME),
+        ("a.example.", dnslib.QTYPE.A),
+        ("a.example.", dnslib.QTYPE.A),
+    ]
+    out = ask(overrides, "out.example", "AAAA")
+    assert out.forward == "www.upstream.test"
+    assert len(out.reply.rr) == 1
+    looped = ask(overrides, "loop1.example", "A")
+    assert looped.reply.header.rcode == dnslib.RCODE.SERVFAIL
+
+
+def test_truncation_keeps_opt_and_sets_tc(overrides: Overrides) -> None:
+    reply = ask(overrides, "a.example", "A").reply
+    edns = answer.ClientEdns(True, 512, False)
+    packed = answer.pack(reply, edns, 1232, limit=40)
+    parsed = dnslib.DNSRecord.parse(packed)
+    assert parsed.header.tc == 1
+    assert parsed.rr == []
+    assert [rr.rtype for rr in parsed.ar] == [41]
+
+
+def test_fast_key_is_case_insensitive_and_strict() -> None:
+    upper = dnslib.DNSRecord.question("A.Example", "A").pack()
+    lower = dnslib.DNSRecord.question("a.example", "A").pack()
+    key_upper, qend = wire.fast_key(upper, 1232) or (b"", 0)
+    key_lower, _ = wire.fast_key(lower, 1232) or (b"", 0)
+    assert key_upper == key_lower != b""
+    assert qend == len(upper)
+    edns = dnslib.DNSRecord.question("a.example", "A")
+    edns.add_ar(dnslib.EDNS0(udp_len=4096, flags="do"))
+    key_edns, _ = wire.fast_key(edns.pack(), 1232) or (b"", 0)
+    assert key_edns not in (b"", key_lower)
+    assert key_edns[1:4] == bytes((0x81, 1232 >> 8, 1232 & 0xFF))
+    assert wire.fast_key(upper + b"x", 1232) is None  # trailing garbage
+    assert wire.fast_key(upper[:-1], 1232) is None
+    response = bytearray(upper)
+    response[2] |= 0x80
+    assert wire.fast_key(bytes(response), 1232) is None
+
+
+def test_ttls_age_in_cached_bytes() -> None:
+    reply = dnslib.DNSRecord.question("a.example", "A").reply()
+    reply.add_answer(dnslib.RR("a.example", rdata=dnslib.A("10.0.0.1"), ttl=100))
+    reply.add_ar(dnslib.EDNS0(udp_len=1232))
+    packed = reply.pack()
+    offsets = wire.ttl_offsets(packed)
+    assert [ttl for _, ttl in offsets] == [100]
+    aged = dnslib.DNSRecord.parse(wire.aged(packed, offsets, 42))
+    assert aged.rr[0].ttl == 58
+    assert aged.ar[0].rtype == 41
+
+
+def test_answer_cache_splices_id_and_case_and_honours_generation() -> None:
+    cache = AnswerCache(2)
+    query = dnslib.DNSRecord.question("a.example", "A")
+    packed = query.reply().pack()
+    key, qend = wire.fast_key(query.pack(), 1232) or (b"", 0)
+    cache.store(
+        (0, key),
+        packed,
+        generation=1,
+        now=0.0,
+        ttl=10,
+        stat=("v", "A", "NOERROR", "x"),
+        age_ttls=False,
+    )
+    other = dnslib.DNSRecord.question("A.EXAMPLE", "A")
+    other.header.id = 4242
+    hit = cache.lookup((0, key), other.pack(), qend, 1, now=1.0)
+    assert hit is not None
+    parsed = dnslib.DNSRecord.parse(hit[0])
+    assert parsed.header.id == 4242
+    assert str(parsed.q.qname) == "A.EXAMPLE."
+    assert cache.lookup((0, key), other.pack(), qend, 2, now=1.0) is None  # zones swapped
+    assert cache.lookup((0, key), other.pack(), qend, 1, now=10.0) is None  # expired
+
+
+def upstream_reply(rcode: int, ttl: int, soa_minimum: int | None = None) -> dnslib.DNSRecord:
+    reply = dnslib.DNSRecord.question("x.test", "A").reply()
+    reply.header.rcode = rcode
+    if rcode == dnslib.RCODE.NOERROR and soa_minimum is None:
+        reply.add_answer(dnslib.RR("x.test", rdata=dnslib.A("192.0.2.1"), ttl=ttl))
+    if soa_minimum is not None:
+        soa = dnslib.SOA("ns.test", "h.test", (1, 2, 3, 4, soa_minimum))
+        reply.add_auth(dnslib.RR("test", dnslib.QTYPE.SOA, rdata=soa, ttl=ttl))
+    return reply
+
+
+def test_response_cache_clamps_negative_caching_and_stale() -> None:
+    cache = ResponseCache(
+        CacheConfig(size=2, min_ttl=5, max_ttl=100, negative_max_ttl=50, stale_ttl=60)
+    )
+    key = ("x.test", 1, 1, False, False)
+    assert cache.put(key, upstream_reply(dnslib.RCODE.NOERROR, 1000), now=0) == 100
+    assert cache.put(key, upstream_reply(dnslib.RCODE.NOERROR, 1), now=0) == 5
+    assert cache.put(key, upstream_reply(dnslib.RCODE.NXDOMAIN, 3600, soa_minimum=20), now=0) == 20
+    assert cache.put(key, upstream_reply(dnslib.RCODE.NXDOMAIN, 3600, soa_minimum=900), now=0) == 50
+    assert cache.put(key, upstream_reply(dnslib.RCODE.NXDOMAIN, 3600), now=0) == 0  # no SOA
+    assert cache.put(key, upstream_reply(dnslib.RCODE.SERVFAIL, 3600), now=0) == 0
+    cache.put(key, upstream_reply(dnslib.RCODE.NOERROR, 10), now=0)
+    fresh = cache.get(key, now=4)
+    assert fresh is not None
+    assert fresh[0].rr[0].ttl == 6
+    assert cache.get(key, now=11) is None
+    stale = cache.get_stale(key, now=11)
+    assert stale is not None
+    assert stale.rr[0].ttl == 10  # min(original, 30)
+    assert cache.get_stale(key, now=71) is None
+    for index in range(3):  # LRU bound of 2
+        cache.put((f"n{index}.test", 1, 1, False, False), upstream_reply(0, 10), now=0)
+    assert len(cache) == 2
