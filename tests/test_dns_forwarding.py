@@ -69,7 +69,8 @@ class ScriptedUpstream:
             other = dns.message.make_query("evil.example", "A")
             other.id = query.id
             forged = dns.message.make_response(other)
-            forged.answer.append(dns.rrset.from_text("evil.example.", 60, "IN", "A", "203.0.113.67"))
+            evil = dns.rrset.from_text("evil.example.", 60, "IN", "A", "203.0.113.67")
+            forged.answer.append(evil)
             self.sock.sendto(forged.to_wire(), peer)
             good = dns.message.make_response(query)
             good.answer.append(
