@@ -305,7 +305,7 @@ class HealthMonitor:
     answer-cache generation). Call `update` with the gated overrides of each new zone set.
     """
 
-    def __init__(self, on_change: Callable[[frozenset[str]], None]) -> None:
+    def __init__(self, on_change: Callable[[frozenset[str]], object]) -> None:
         self._on_change = on_change
         self._names: dict[str, _NameHealth] = {}
         self._withdrawn: frozenset[str] = frozenset()

@@ -25,7 +25,8 @@ from dnsoverride.dns.listener import UdpListener, tcp_handler
 from dnsoverride.dns.resolver import Resolver
 from dnsoverride.dns.stats import DnsCollector, DnsStats
 from dnsoverride.errors import UserError
-from dnsoverride.reload import serve_reloader
+from dnsoverride.health import HealthMonitor
+from dnsoverride.reload import serve_fingerprint, serve_reloader
 from dnsoverride.zones import LiveZones, ZoneSet, ZoneSetError, load_zone_set
 
 log = structlog.get_logger(__name__)
@@ -45,9 +46,11 @@ def run(args: argparse.Namespace) -> int:
     """Serve until SIGTERM/SIGINT; returns the exit status (0 after a clean shutdown)."""
     logging_setup.configure(args.log_format, args.log_level or "info")
     config = load_config(args)
+    # Before the zones are read: an edit made during a long initial load still reloads.
+    baseline = serve_fingerprint(config, args)
     zone_set = load_zones(config)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(_serve(config, zone_set, args))
+        return runner.run(_serve(config, zone_set, args, baseline))
 
 
 class _Bound:
@@ -96,7 +99,9 @@ async def _bind(config: ServeConfig, resolver: Resolver, tasks: set[asyncio.Task
     return bound
 
 
-async def _serve(config: ServeConfig, zone_set: ZoneSet, args: argparse.Namespace) -> int:
+async def _serve(
+    config: ServeConfig, zone_set: ZoneSet, args: argparse.Namespace, baseline: str
+) -> int:
     loop = asyncio.get_running_loop()
     zones = LiveZones(zone_set)
     stats = DnsStats()
@@ -106,10 +111,15 @@ async def _serve(config: ServeConfig, zone_set: ZoneSet, args: argparse.Namespac
     resolver = Resolver(config, zones, forwarder, stats)
     registry = CollectorRegistry()
     registry.register(DnsCollector(stats, resolver.answers, resolver.responses))
+    # Health-gated overrides: checker tasks that follow every zone swap and withdraw names.
+    health = HealthMonitor(zones.withdraw)
+    registry.register(health.collector())
+    health.update(zone_set.health_gated())
+    zones.on_swap(lambda new: health.update(new.health_gated()))
     tasks: set[asyncio.Task[None]] = set()
     bound = await _bind(config, resolver, tasks)
     admin: AdminServer | None = None
-    reloader = serve_reloader(zones, config, args, registry)
+    reloader = serve_reloader(zones, config, args, registry, baseline)
     try:
         await reloader.start()
         if config.metrics is not None:
@@ -140,6 +150,7 @@ async def _serve(config: ServeConfig, zone_set: ZoneSet, args: argparse.Namespac
         if watchdog is not None:
             watchdog.cancel()
     finally:
+        await health.close()
         await reloader.stop()
         await _close(bound, tasks, admin)
     log.info("stopped")
