@@ -571,6 +571,16 @@ def serve_loader(config: ServeConfig, args: argparse.Namespace) -> Callable[[], 
     return load
 
 
+def _config_file(args: argparse.Namespace) -> Path | None:
+    path = getattr(args, "config", None)
+    return Path(path) if path else None
+
+
+def serve_fingerprint(config: ServeConfig, args: argparse.Namespace) -> str:
+    """The `baseline` for serve_reloader; take it before the initial load."""
+    return fingerprint(config.zones, _config_file(args))
+
+
 def serve_reloader(
     live: LiveZones,
     config: ServeConfig,
@@ -580,15 +590,14 @@ def serve_reloader(
 ) -> Reloader[ZoneSet]:
     """The reloader of `dnsoverride serve`: swaps `live`, watches the zones and config file.
 
-    `baseline` is `fingerprint(config.zones, config file)` taken before the initial load.
+    `baseline` is `serve_fingerprint(config, args)` taken before the initial load.
     """
-    config_path = getattr(args, "config", None)
     return Reloader(
         load=serve_loader(config, args),
         swap=live.swap,
         current=live.current,
         zones_dir=config.zones,
-        config_file=Path(config_path) if config_path else None,
+        config_file=_config_file(args),
         interval=config.reload_interval,
         registry=registry,
         baseline=baseline,
