@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import configparser
 import re
+import shlex
 import shutil
 import stat
 import subprocess
@@ -16,6 +17,7 @@ import pytest
 
 from dnsoverride import config as serve_config
 from dnsoverride import zones
+from dnsoverride.cli import build_parser
 from dnsoverride.registry import config as registry_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -113,6 +115,25 @@ def test_services_follow_the_daemon_protocol(service: Path) -> None:
     assert section["NoNewPrivileges"] == "yes"
     assert int(section["WatchdogSec"].removesuffix("s")) > 0
     assert "--log-format json" in section["ExecStart"]
+
+
+def _commands(unit: Path) -> list[list[str]]:
+    lines = unit.read_text().splitlines()
+    return [
+        shlex.split(line.split("=", 1)[1])
+        for line in lines
+        if line.startswith(("ExecStart=", "ExecReload=", "ExecStartPre=", "ExecStop="))
+    ]
+
+
+@pytest.mark.parametrize("service", SERVICES, ids=lambda p: p.name)
+def test_unit_command_lines_parse_with_the_real_cli(service: Path) -> None:
+    """A renamed or removed flag breaks the units; catch it here, not on the servers."""
+    parser = build_parser()
+    ours = [argv for argv in _commands(service) if argv[0] == "/usr/bin/dnsoverride"]
+    assert ours
+    for argv in ours:
+        parser.parse_args(argv[1:])  # argparse exits (SystemExit) on an unknown flag
 
 
 def test_socket_passes_udp_before_tcp_on_port_53() -> None:
