@@ -75,9 +75,16 @@ def soa_record(owner: dnslib.DNSLabel, minimum: int, serial: int) -> dnslib.RR:
 
 
 def local_answer(
-    request: dnslib.DNSRecord, entry: NameEntry, overrides: Overrides, serial: int
+    request: dnslib.DNSRecord,
+    entry: NameEntry,
+    overrides: Overrides,
+    serial: int,
+    withdrawn: frozenset[str] = frozenset(),
 ) -> LocalAnswer:
-    """The authoritative answer for an overridden name, following CNAMEs locally."""
+    """The authoritative answer for an overridden name, following CNAMEs locally.
+
+    A CNAME target whose health-gated override is `withdrawn` counts as not local.
+    """
     reply = new_reply(request, aa=True)
     qtype = request.q.qtype
     owner = request.q.qname
@@ -99,7 +106,7 @@ def local_answer(
         target = current.cname or ""
         owner = dnslib.DNSLabel(target + ".")
         following = overrides.lookup(target)
-        if following is None:
+        if following is None or (following.health is not None and target in withdrawn):
             return LocalAnswer(reply, target)
         current = following
     reply.header.rcode = dnslib.RCODE.SERVFAIL  # a CNAME loop in the zones

@@ -181,10 +181,11 @@ class Resolver:
         name = normalize_name(str(request.q.qname))
         qtype = request.q.qtype
         entry = overrides.lookup(name)
-        if entry is not None and entry.health is not None and name in self.zones.withdrawn:
+        withdrawn = self.zones.withdrawn
+        if entry is not None and entry.health is not None and name in withdrawn:
             entry = None  # its health check failed: forward it like any other name
         if entry is not None:
-            local = answer.local_answer(request, entry, overrides, generation)
+            local = answer.local_answer(request, entry, overrides, generation, withdrawn)
             if local.forward is None:
                 return _Outcome(local.reply, "override", math.inf, ages=False)
             question = (local.forward, qtype, QCLASS_IN, edns.do, bool(request.header.cd))
