@@ -22,6 +22,7 @@ this version does not have yet) is an error rather than silently ignored.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import ipaddress
 import re
@@ -375,7 +376,22 @@ def load_zone_set(
     """
     if not directory.is_dir():
         raise ZoneSetError([ZoneProblem(str(directory), 0, "zones directory does not exist")])
-    parsed = (cache or ZoneFileCache()).parse(zone_files(directory))
+    # Building ~10^6 objects triggers repeated full collections that also walk everything
+    # already alive (the set being served): 3x slower for 100,000 names. What is built
+    # here is acyclic, so reference counting alone frees whatever is dropped.
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        return _load_zone_set(directory, views, cache or ZoneFileCache())
+    finally:
+        if collecting:
+            gc.enable()
+
+
+def _load_zone_set(
+    directory: Path, views: Mapping[str, frozenset[str] | None] | None, cache: ZoneFileCache
+) -> ZoneSet:
+    parsed = cache.parse(zone_files(directory))
     problems = [problem for file in parsed for problem in file.problems]
     files = [file.zone for file in parsed]
     digest = hashlib.sha256()
