@@ -13,6 +13,7 @@ import signal
 import ssl
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -183,3 +184,17 @@ def test_bad_transparent_config_is_a_clear_error(
     assert result.returncode == 2
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_sighup_without_tls_does_not_stop_the_cache(tmp_path: Path) -> None:
+    cache = CacheProcess(tmp_path / "store", "http://127.0.0.1:9").start()
+    try:
+        assert cache.proc is not None
+        cache.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while '"reload_ignored"' not in cache.logs() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert '"reload_ignored"' in cache.logs()
+        assert cache.proc.poll() is None
+    finally:
+        assert cache.stop() == 0

@@ -94,6 +94,13 @@ async def refuse_upstream_loop(config: RegistryConfig) -> None:
     await refuse_loop(upstreams, own, UpstreamResolver(servers=config.resolvers))
 
 
+def reload_certificates(certificates: CertificateSet | None) -> None:
+    if certificates is None:
+        log.info("reload_ignored", reason="no TLS certificates configured")
+    else:
+        certificates.reload()
+
+
 async def serve(config: RegistryConfig) -> int:
     certificates = CertificateSet(config.tls_pairs) if config.tls_pairs else None
     await refuse_upstream_loop(config)
@@ -121,9 +128,9 @@ async def serve(config: RegistryConfig) -> int:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    if certificates is not None:
-        # New handshakes get the re-read certificates; open connections are untouched.
-        loop.add_signal_handler(signal.SIGHUP, certificates.reload)
+    # SIGHUP (`systemctl reload`) re-reads the certificates: new handshakes get them, open
+    # connections are untouched. Without TLS it must still not kill the process.
+    loop.add_signal_handler(signal.SIGHUP, reload_certificates, certificates)
     await stop.wait()
     log.info("registry_stopping")
     await runner.cleanup()
