@@ -41,7 +41,15 @@ def netns_unsupported() -> str | None:
     )
     if result.returncode != 0:
         return f"ip netns add is not supported here: {result.stderr.strip()}"
-    subprocess.run(["ip", "netns", "delete", probe], check=False, capture_output=True)
+    try:
+        # `exec` also needs a private mount namespace (for /etc/netns and /sys).
+        result = subprocess.run(
+            ["ip", "netns", "exec", probe, "true"], check=False, capture_output=True, text=True
+        )
+    finally:
+        subprocess.run(["ip", "netns", "delete", probe], check=False, capture_output=True)
+    if result.returncode != 0:
+        return f"ip netns exec is not supported here: {result.stderr.strip()}"
     return None
 
 
