@@ -247,6 +247,9 @@ class Prober:
             return f"no answer within {self._check.timeout:g}s"
         except (OSError, self._aiohttp.ClientError) as error:
             return self._reason(error)
+        except Exception as error:  # anything else costs one check, never the checker task
+            log.exception("health_probe_error", name=self._name, address=address)
+            return f"{type(error).__name__}: {error}"
 
     def _reason(self, error: Exception) -> str:
         if isinstance(error, ssl.SSLError | self._aiohttp.ClientSSLError):
