@@ -568,29 +568,36 @@ def _config_file(args: argparse.Namespace) -> Path | None:
     return Path(path) if path else None
 
 
-def serve_fingerprint(config: ServeConfig, args: argparse.Namespace) -> str:
-    """The `baseline` for serve_reloader; take it before the initial load."""
-    return fingerprint(config.zones, _config_file(args))
+@dataclass(frozen=True)
+class ServeStart:
+    """Taken before `dnsoverride serve` reads its zones: the files' fingerprint at that
+    moment (so an edit made during a long first load still reloads) and the loader that
+    the first load and every reload share (its parse cache spares unchanged files)."""
+
+    baseline: str
+    load: Callable[[], ZoneSet]
+
+
+def serve_start(config: ServeConfig, args: argparse.Namespace) -> ServeStart:
+    """Call before the first load, then load with `.load()`."""
+    return ServeStart(fingerprint(config.zones, _config_file(args)), serve_loader(config, args))
 
 
 def serve_reloader(
     live: LiveZones,
     config: ServeConfig,
     args: argparse.Namespace,
+    start: ServeStart,
     registry: CollectorRegistry | None = None,
-    baseline: str | None = None,
 ) -> Reloader[ZoneSet]:
-    """The reloader of `dnsoverride serve`: swaps `live`, watches the zones and config file.
-
-    `baseline` is `serve_fingerprint(config, args)` taken before the initial load.
-    """
+    """The reloader of `dnsoverride serve`: swaps `live`, watches the zones and config file."""
     return Reloader(
-        load=serve_loader(config, args),
+        load=start.load,
         swap=live.swap,
         current=live.current,
         zones_dir=config.zones,
         config_file=_config_file(args),
         interval=config.reload_interval,
         registry=registry,
-        baseline=baseline,
+        baseline=start.baseline,
     )

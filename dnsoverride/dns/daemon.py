@@ -26,18 +26,18 @@ from dnsoverride.dns.resolver import Resolver
 from dnsoverride.dns.stats import DnsCollector, DnsStats
 from dnsoverride.errors import UserError
 from dnsoverride.health import HealthMonitor
-from dnsoverride.reload import serve_fingerprint, serve_reloader
-from dnsoverride.zones import LiveZones, ZoneSet, ZoneSetError, load_zone_set
+from dnsoverride.reload import ServeStart, serve_reloader, serve_start
+from dnsoverride.zones import LiveZones, ZoneSet, ZoneSetError
 
 log = structlog.get_logger(__name__)
 
 SHUTDOWN_GRACE = 2.0
 
 
-def load_zones(config: ServeConfig) -> ZoneSet:
+def load_zones(start: ServeStart) -> ZoneSet:
     """The zone set the config names, or a UserError listing every problem."""
     try:
-        return load_zone_set(config.zones, config.view_selectors())
+        return start.load()
     except ZoneSetError as error:
         raise UserError("invalid zones:\n  " + "\n  ".join(map(str, error.problems))) from None
 
@@ -46,11 +46,10 @@ def run(args: argparse.Namespace) -> int:
     """Serve until SIGTERM/SIGINT; returns the exit status (0 after a clean shutdown)."""
     logging_setup.configure(args.log_format, args.log_level or "info")
     config = load_config(args)
-    # Before the zones are read: an edit made during a long initial load still reloads.
-    baseline = serve_fingerprint(config, args)
-    zone_set = load_zones(config)
+    start = serve_start(config, args)
+    zone_set = load_zones(start)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(_serve(config, zone_set, args, baseline))
+        return runner.run(_serve(config, zone_set, args, start))
 
 
 class _Bound:
@@ -100,7 +99,7 @@ async def _bind(config: ServeConfig, resolver: Resolver, tasks: set[asyncio.Task
 
 
 async def _serve(
-    config: ServeConfig, zone_set: ZoneSet, args: argparse.Namespace, baseline: str
+    config: ServeConfig, zone_set: ZoneSet, args: argparse.Namespace, start: ServeStart
 ) -> int:
     loop = asyncio.get_running_loop()
     zones = LiveZones(zone_set)
@@ -119,7 +118,7 @@ async def _serve(
     tasks: set[asyncio.Task[None]] = set()
     bound = await _bind(config, resolver, tasks)
     admin: AdminServer | None = None
-    reloader = serve_reloader(zones, config, args, registry, baseline)
+    reloader = serve_reloader(zones, config, args, start, registry)
     try:
         await reloader.start()
         if config.metrics is not None:
