@@ -40,6 +40,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.x509.oid import NameOID
+from multidict import CIMultiDict
 
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -181,9 +182,15 @@ async def _run(*argv: str) -> tuple[int, str]:
     return proc.returncode or 0, out.decode(errors="replace")
 
 
-async def push(image: Image, target: str, creds: str | None = None) -> None:
-    """skopeo copy the layout to `host:port/name:tag` (all platforms, digests preserved)."""
-    argv = ["skopeo", "copy", "-q", "--all", "--preserve-digests", "--dest-tls-verify=false"]
+async def push(
+    image: Image, target: str, creds: str | None = None, docker_v2: bool = False
+) -> None:
+    """skopeo copy the layout to `host:port/name:tag` (all platforms, digests preserved).
+
+    `docker_v2` converts the manifest to Docker schema 2 (blob digests stay the same).
+    """
+    argv = ["skopeo", "copy", "-q", "--all", "--dest-tls-verify=false"]
+    argv += ["--format", "v2s2"] if docker_v2 else ["--preserve-digests"]
     if creds:
         argv += ["--dest-creds", creds]
     code, out = await _run(*argv, f"oci:{image.layout}:{image.tag}", f"docker://{target}")
@@ -393,7 +400,8 @@ class TestProxy:
         kind = "blob" if "/blobs/" in path else "manifest" if "/manifests/" in path else "other"
         if kind == "blob" and self.redirect_blobs_to and request.method == "GET":
             raise web.HTTPTemporaryRedirect(self.redirect_blobs_to + path)
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP}
+        # A multidict: clients such as distribution's proxy send several Accept headers.
+        headers = CIMultiDict((k, v) for k, v in request.headers.items() if k.lower() not in _HOP)
         async with self.session.request(
             request.method, self.target + path, headers=headers, allow_redirects=False
         ) as upstream:

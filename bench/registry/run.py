@@ -1,0 +1,263 @@
+"""Benchmark: `dnsoverride registry` against the distribution registry's proxy mode.
+
+Both caches sit in front of the same upstream (a distribution registry on loopback
+holding one generated image) and are measured in the same run:
+
+1. upstream bytes for 8 concurrent cold pulls of the image, as a ratio to its size,
+   counted by a byte-counting HTTP proxy (its own process) in front of the upstream;
+2. warm blob throughput (MB/s) of concurrent GETs of the largest layer;
+3. manifest-by-tag requests/s on a warm cache.
+
+The load is an aiohttp client in this process, bounded by time. Usage:
+
+    python bench/registry/run.py [--layer-mb 32] [--layers 3] [--seconds 5] [--clients 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import json
+import multiprocessing
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
+
+import aiohttp
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from tests.registry_peers import (
+    OCI_MANIFEST,
+    CacheProcess,
+    DistributionRegistry,
+    TestProxy,
+    build_image,
+    free_port,
+    push,
+    wait_for_port,
+)
+
+ACCEPT = f"application/vnd.docker.distribution.manifest.v2+json, {OCI_MANIFEST}"
+NAME, TAG = "bench/app", "v1"
+
+
+# -- a counting proxy in its own process (so it does not share the load client's CPU) ------
+def _proxy_main(target: str, port: int, conn: Connection) -> None:
+    async def main() -> None:
+        proxy = TestProxy(target)
+        proxy.port = port
+        await proxy.start()
+        loop = asyncio.get_running_loop()
+        while (await loop.run_in_executor(None, conn.recv)) == "stats":
+            conn.send(dict(proxy.bytes))
+        await proxy.stop()
+
+    asyncio.run(main())
+
+
+@contextlib.contextmanager
+def counting_proxy(target: str) -> Iterator[tuple[str, Connection]]:
+    port = free_port()
+    # spawn, not fork: a forked child would inherit this process's running event loop.
+    context = multiprocessing.get_context("spawn")
+    parent, child = context.Pipe()
+    process = context.Process(target=_proxy_main, args=(target, port, child), daemon=True)
+    process.start()
+    try:
+        wait_for_port("127.0.0.1", port)
+        yield f"http://127.0.0.1:{port}", parent
+    finally:
+        parent.send("stop")
+        process.join(10)
+
+
+def upstream_bytes(conn: Connection) -> int:
+    conn.send("stats")
+    counts: dict[str, int] = conn.recv()
+    return sum(counts.values())
+
+
+# -- load ------------------------------------------------------------------------------------
+async def pull_image(session: aiohttp.ClientSession, base: str) -> int:
+    """Pull manifest by tag and every blob; verify digests; return blob bytes."""
+    async with session.get(f"{base}/v2/{NAME}/manifests/{TAG}", headers={"Accept": ACCEPT}) as r:
+        r.raise_for_status()
+        manifest = json.loads(await r.read())
+    digests = [manifest["config"]["digest"]] + [layer["digest"] for layer in manifest["layers"]]
+
+    async def blob(digest: str) -> int:
+        hasher = hashlib.sha256()
+        async with session.get(f"{base}/v2/{NAME}/blobs/{digest}") as response:
+            response.raise_for_status()
+            async for chunk in response.content.iter_chunked(1 << 20):
+                hasher.update(chunk)
+        assert "sha256:" + hasher.hexdigest() == digest, f"bad blob {digest}"
+        return response.content_length or 0
+
+    return sum(await asyncio.gather(*(blob(d) for d in digests)))
+
+
+async def cold_pulls(base: str, clients: int) -> float:
+    started = time.perf_counter()
+    sessions = [aiohttp.ClientSession() for _ in range(clients)]
+    try:
+        await asyncio.gather(*(pull_image(s, base) for s in sessions))
+    finally:
+        for session in sessions:
+            await session.close()
+    return time.perf_counter() - started
+
+
+async def blob_throughput(base: str, digest: str, clients: int, seconds: float) -> float:
+    url = f"{base}/v2/{NAME}/blobs/{digest}"
+    total = 0
+    deadline = time.perf_counter() + seconds
+
+    async def worker(session: aiohttp.ClientSession) -> None:
+        nonlocal total
+        while time.perf_counter() < deadline:
+            async with session.get(url) as response:
+                async for chunk in response.content.iter_chunked(1 << 20):
+                    total += len(chunk)
+
+    started = time.perf_counter()
+    async with aiohttp.ClientSession() as session:
+        await asyncio.gather(*(worker(session) for _ in range(clients)))
+    return total / (time.perf_counter() - started) / 1e6
+
+
+async def manifest_rate(base: str, clients: int, seconds: float) -> float:
+    url = f"{base}/v2/{NAME}/manifests/{TAG}"
+    count = 0
+    deadline = time.perf_counter() + seconds
+
+    async def worker(session: aiohttp.ClientSession) -> None:
+        nonlocal count
+        while time.perf_counter() < deadline:
+            async with session.get(url, headers={"Accept": ACCEPT}) as response:
+                await response.read()
+                assert response.status == 200, response.status
+                count += 1
+
+    started = time.perf_counter()
+    connector = aiohttp.TCPConnector(limit=clients)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        await asyncio.gather(*(worker(session) for _ in range(clients)))
+    return count / (time.perf_counter() - started)
+
+
+@dataclass
+class Result:
+    name: str
+    upstream_bytes: int = 0
+    cold_seconds: float = 0.0
+    blob_mbps: float = 0.0
+    manifest_rps: float = 0.0
+
+
+def report(result: Result, image_bytes: int) -> None:
+    print(
+        f"  {result.name:<22} upstream {result.upstream_bytes / 1e6:8.1f} MB "
+        f"({result.upstream_bytes / image_bytes:.2f}x image)  cold {result.cold_seconds:5.1f} s  "
+        f"warm blob {result.blob_mbps:7.0f} MB/s  manifest-by-tag {result.manifest_rps:7.0f} req/s",
+        flush=True,
+    )
+
+
+async def cold_phase(root: Path, upstream: DistributionRegistry, clients: int) -> list[Result]:
+    """8 concurrent cold pulls through each cache; upstream bytes counted per cache."""
+    results = []
+    with (
+        counting_proxy(upstream.url) as (theirs_up, theirs_conn),
+        counting_proxy(upstream.url) as (ours_up, ours_conn),
+    ):
+        contenders = [
+            (
+                "distribution proxy",
+                DistributionRegistry(root / "distribution", {"proxy": {"remoteurl": theirs_up}}),
+                theirs_conn,
+            ),
+            ("dnsoverride registry", CacheProcess(root / "store", ours_up), ours_conn),
+        ]
+        for name, server, conn in contenders:
+            server.start()
+            try:
+                result = Result(name)
+                before = upstream_bytes(conn)
+                result.cold_seconds = await cold_pulls(server.url, clients)
+                result.upstream_bytes = upstream_bytes(conn) - before
+                results.append(result)
+            finally:
+                server.stop()
+    return results
+
+
+async def warm_phase(
+    root: Path, upstream: DistributionRegistry, results: list[Result], digest: str, seconds: float
+) -> None:
+    """Warm blob and manifest-by-tag rates; both caches restarted on their warm stores and
+    pointed straight at the upstream, so the counting proxy slows neither."""
+    servers = [
+        DistributionRegistry(root / "distribution", {"proxy": {"remoteurl": upstream.url}}),
+        CacheProcess(root / "store", upstream.url),
+    ]
+    for result, server in zip(results, servers, strict=True):
+        server.start()
+        try:
+            result.blob_mbps = await blob_throughput(server.url, digest, 4, seconds)
+            result.manifest_rps = await manifest_rate(server.url, 16, seconds)
+        finally:
+            server.stop()
+
+
+async def main(args: argparse.Namespace) -> int:
+    with tempfile.TemporaryDirectory(prefix="bench-registry-") as tmp:
+        root = Path(tmp)
+        image = build_image(
+            root / "layout",
+            TAG,
+            layer_sizes=tuple([args.layer_mb << 20] * args.layers),
+            platforms=("linux/amd64",),
+        )
+        image_bytes = image.blob_bytes
+        digest = max(image.blobs, key=lambda d: image.blobs[d])
+        upstream = DistributionRegistry(root / "upstream").start()
+        try:
+            # Docker schema 2, like the Docker Hub images distribution's proxy is used for.
+            await push(image, f"{upstream.address}/{NAME}:{TAG}", docker_v2=True)
+            print(
+                f"image: {args.layers} layers, {image_bytes / 1e6:.1f} MB; {args.clients} clients"
+            )
+            results = await cold_phase(root, upstream, args.clients)
+            await warm_phase(root, upstream, results, digest, args.seconds)
+        finally:
+            upstream.stop()
+    for result in results:
+        report(result, image_bytes)
+    theirs, ours = results
+    print("ratios (dnsoverride / distribution proxy):")
+    print(
+        f"  upstream bytes for {args.clients} cold pulls: "
+        f"{ours.upstream_bytes / image_bytes:.2f}x vs {theirs.upstream_bytes / image_bytes:.2f}x "
+        f"image size (target 1.0x)"
+    )
+    print(f"  warm blob throughput: {ours.blob_mbps / theirs.blob_mbps:.2f}x (target >= 1.0x)")
+    print(
+        f"  manifest-by-tag req/s: {ours.manifest_rps / theirs.manifest_rps:.1f}x (target >= 10x)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layer-mb", type=int, default=32)
+    parser.add_argument("--layers", type=int, default=3)
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    sys.exit(asyncio.run(main(parser.parse_args())))
