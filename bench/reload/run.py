@@ -1,0 +1,231 @@
+#!/usr/bin/env python3
+"""Reload benchmark: a zone set of 100,000 names, dnsoverride against dnsmasq, one run.
+
+dnsoverride serves --names overridden names spread over --files zone files; dnsmasq
+serves the same names from an `--addn-hosts` file (re-read on SIGHUP, its only way to
+reload). Measured, each from the moment the edit is saved to the first DNS answer that
+shows it (queried over loopback UDP):
+
+  edit one file      dnsoverride: file event -> debounce -> re-parse that file -> swap
+  rewrite all files  dnsoverride: every file re-parsed (the worst case)
+  SIGHUP             dnsoverride: forced full reload; dnsmasq: re-reads its hosts file
+
+plus the load+validate+swap time dnsoverride logs for each reload (`seconds`), the
+resident memory (VmRSS) of both daemons after the reloads and dnsoverride's peak
+(VmHWM), and the worst query latency seen while a full reload runs (the reload happens
+in a worker thread; this shows what it costs the event loop). Targets: reload < 2 s,
+RSS < 300 MB.
+
+    python3 bench/reload/run.py [--names 100000] [--files 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import dns.exception  # after the sys.path line
+import dns.rcode
+
+from tests.peers import DnsPeer, dnsmasq, dnsoverride_serve
+
+
+def address(index: int, version: int) -> str:
+    return f"10.{version}.{index // 250 % 250}.{index % 250 + 1}"
+
+
+def name(index: int) -> str:
+    return f"host{index}.zone{index % 97}.bench.test"
+
+
+def write_zones(directory: Path, names: int, versions: dict[int, int]) -> None:
+    """Write (by rename) the files in `versions`, each name at that file's version (the
+    second octet of its address); names are dealt round-robin over all the files."""
+    files = len(list(directory.glob("zone*.yaml"))) or len(versions)
+    for file, version in versions.items():
+        lines = ["ttl: 300", "records:"]
+        for index in range(file, names, files):
+            lines.append(f"  {name(index)}: {{A: {address(index, version)}}}")
+        temp = directory / f".zone{file}.yaml.tmp"
+        temp.write_text("\n".join(lines) + "\n")
+        temp.replace(directory / f"zone{file}.yaml")
+
+
+def write_hosts(path: Path, names: int, version: int) -> None:
+    text = "".join(f"{address(i, version)} {name(i)}\n" for i in range(names))
+    temp = path.with_suffix(".tmp")
+    temp.write_text(text)
+    temp.replace(path)
+
+
+def memory_mb(pid: int) -> dict[str, float]:
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            fields[key] = int(value.split()[0]) / 1024
+    return fields
+
+
+def answers(server: DnsPeer, qname: str) -> str | None:
+    try:
+        response = server.query(qname, timeout=1)
+    except dns.exception.Timeout:
+        return None
+    if response.rcode() != dns.rcode.NOERROR or not response.answer:
+        return dns.rcode.to_text(response.rcode())
+    return str(response.answer[0][0])
+
+
+def seconds_until(predicate: Callable[[], bool], since: float, within: float = 60) -> float:
+    while not predicate():
+        if time.monotonic() - since > within:
+            raise RuntimeError(f"no change within {within}s")
+        time.sleep(0.002)
+    return time.monotonic() - since
+
+
+def reload_events(server: DnsPeer) -> list[dict[str, object]]:
+    events = []
+    for line in server.log_text().splitlines():
+        if '"zones_reloaded"' in line:
+            events.append(json.loads(line))
+    return events
+
+
+class LatencyProbe:
+    """Queries one name back to back in a thread; keeps the worst round trip."""
+
+    def __init__(self, server: DnsPeer, qname: str) -> None:
+        self.server, self.qname = server, qname
+        self.worst = 0.0
+        self.count = 0
+        self.lost = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            started = time.monotonic()
+            if answers(self.server, self.qname) is None:
+                self.lost += 1
+            self.worst = max(self.worst, time.monotonic() - started)
+            self.count += 1
+
+    def __enter__(self) -> LatencyProbe:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def bench_dnsoverride(work: Path, upstream: DnsPeer, names: int, files: int) -> dict[str, float]:
+    zones = work / "zones"
+    zones.mkdir()
+    write_zones(zones, names, dict.fromkeys(range(files), 1))
+    probe_index = 0  # in file 0
+    results: dict[str, float] = {}
+    started = time.monotonic()
+    with dnsoverride_serve(
+        work, zones, [upstream.address], config="reload_interval: 3600\n"
+    ) as server:
+        results["startup (s)"] = time.monotonic() - started
+        results["RSS after start (MB)"] = memory_mb(server.process.pid)["VmRSS"]
+        qname = name(probe_index)
+
+        def shows(version: int) -> Callable[[], bool]:
+            return lambda: answers(server, qname) == address(probe_index, version)
+
+        # One file of `files` edited (by rename, like most tools).
+        edited = time.monotonic()
+        write_zones(zones, names, {0: 2})
+        results["edit one file: saved -> answered (s)"] = seconds_until(shows(2), edited)
+        seconds_until(lambda: len(reload_events(server)) >= 1, edited)
+        results["edit one file: load+validate+swap (s)"] = float(
+            reload_events(server)[-1]["seconds"]  # type: ignore[arg-type]
+        )
+        # Every file rewritten: the full parse, with a probe measuring query latency.
+        with LatencyProbe(server, name(names - 1)) as probe:
+            edited = time.monotonic()
+            write_zones(zones, names, dict.fromkeys(range(files), 3))
+            results["rewrite all: saved -> answered (s)"] = seconds_until(shows(3), edited)
+            seconds_until(lambda: len(reload_events(server)) >= 2, edited)
+        results["rewrite all: load+validate+swap (s)"] = float(
+            reload_events(server)[-1]["seconds"]  # type: ignore[arg-type]
+        )
+        results["rewrite all: worst query latency (ms)"] = probe.worst * 1000
+        results["rewrite all: queries lost"] = probe.lost
+        # SIGHUP: the forced full reload of unchanged files (nothing cached is re-used
+        # by the answer path, but parsed files are: this is the cheapest full reload).
+        sent = time.monotonic()
+        server.process.send_signal(signal.SIGHUP)
+        seconds_until(lambda: len(reload_events(server)) >= 3, sent)
+        results["SIGHUP: signal -> reloaded (s)"] = time.monotonic() - sent
+        memory = memory_mb(server.process.pid)
+        results["RSS after reloads (MB)"] = memory["VmRSS"]
+        results["peak RSS (MB)"] = memory["VmHWM"]
+    return results
+
+
+def bench_dnsmasq(work: Path, names: int) -> dict[str, float]:
+    hosts = work / "hosts"
+    work.chmod(0o755)  # dnsmasq drops to nobody before it reads (and re-reads) the file
+    write_hosts(hosts, names, 1)
+    results: dict[str, float] = {}
+    started = time.monotonic()
+    with dnsmasq(work, f"--addn-hosts={hosts}") as server:
+        results["startup (s)"] = time.monotonic() - started
+        results["RSS after start (MB)"] = memory_mb(server.process.pid)["VmRSS"]
+        qname = name(0)
+        assert answers(server, qname) == address(0, 1), answers(server, qname)
+        write_hosts(hosts, names, 2)
+        sent = time.monotonic()
+        server.process.send_signal(signal.SIGHUP)
+        results["SIGHUP: signal -> answered (s)"] = seconds_until(
+            lambda: answers(server, qname) == address(0, 2), sent
+        )
+        memory = memory_mb(server.process.pid)
+        results["RSS after reloads (MB)"] = memory["VmRSS"]
+        results["peak RSS (MB)"] = memory["VmHWM"]
+    return results
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--names", type=int, default=100_000)
+    parser.add_argument("--files", type=int, default=10)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench-reload-") as tmp:
+        work = Path(tmp)
+        with dnsmasq(work, "--address=/test/") as upstream:
+            ours = bench_dnsoverride(work, upstream, args.names, args.files)
+        theirs = bench_dnsmasq(work, args.names)
+    print(f"zone set: {args.names} names in {args.files} files")
+    print(f"{'measure':<44}{'dnsoverride':>12}{'dnsmasq':>10}")
+    for key, value in ours.items():
+        other = theirs.get(key)
+        print(f"{key:<44}{value:>12.3f}{'' if other is None else f'{other:10.3f}'}")
+    for key, value in theirs.items():
+        if key not in ours:
+            print(f"{key:<44}{'':>12}{value:>10.3f}")
+    ratio = ours["RSS after reloads (MB)"] / theirs["RSS after reloads (MB)"]
+    print(f"RSS ratio dnsoverride/dnsmasq: {ratio:.1f}x")
+    worst = max(v for k, v in ours.items() if "load+validate+swap" in k)
+    verdict = "ok" if worst < 2 and ours["RSS after reloads (MB)"] < 300 else "MISSED"
+    print(f"targets (reload < 2 s, RSS after reload < 300 MB): {verdict}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
