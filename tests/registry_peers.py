@@ -367,6 +367,7 @@ class TestProxy:
         self.cut_started = asyncio.Event()
         self.corrupt: set[str] = set()
         self.redirect_blobs_to: str | None = None
+        self.fail_status: int | None = None  # answer every request with this status
         self.runner: web.AppRunner | None = None
         self.session: aiohttp.ClientSession | None = None
 
@@ -398,6 +399,8 @@ class TestProxy:
         path = request.path_qs
         self.requests.append((request.method, path, dict(request.headers)))
         kind = "blob" if "/blobs/" in path else "manifest" if "/manifests/" in path else "other"
+        if self.fail_status is not None:
+            return web.Response(status=self.fail_status, headers={"ratelimit-remaining": "0"})
         if kind == "blob" and self.redirect_blobs_to and request.method == "GET":
             raise web.HTTPTemporaryRedirect(self.redirect_blobs_to + path)
         # A multidict: clients such as distribution's proxy send several Accept headers.

@@ -210,3 +210,29 @@ async def test_store_stays_under_budget_evicting_least_recently_used(
         assert code == 0, out
     finally:
         assert cache.stop() == 0
+
+
+async def test_rate_limited_or_failing_upstream_serves_stale_tags(
+    tmp_path: Path, proxy: TestProxy, image: Image
+) -> None:
+    config = {"upstreams": [{"url": proxy.url}], "tag_ttl": 0}
+    cache = CacheProcess(tmp_path / "store", "", config=config).start()
+    try:
+        code, out = await pull(f"{cache.address}/ci/app:v1", tmp_path / "warm")
+        assert code == 0, out
+        for status in (429, 500, 503):
+            proxy.fail_status = status
+            code, out = await pull(f"{cache.address}/ci/app:v1", tmp_path / f"stale{status}")
+            assert code == 0, out + cache.logs()
+        async with aiohttp.ClientSession() as http:
+            proxy.fail_status = 429
+            async with http.get(f"{cache.url}/v2/ci/app/manifests/other") as response:
+                assert response.status == 429
+                assert (await response.json())["errors"][0]["code"] == "TOOMANYREQUESTS"
+            proxy.fail_status = 502
+            async with http.get(f"{cache.url}/v2/ci/other/blobs/sha256:{'1' * 64}") as response:
+                assert response.status == 503
+                assert (await response.json())["errors"][0]["code"] == "UNAVAILABLE"
+        assert cache.logs().count('"manifest_stale"') == 3
+    finally:
+        assert cache.stop() == 0

@@ -227,15 +227,23 @@ class Manifests:
             self._memory.popitem(last=False)
 
     def _check_complete(self, manifest: Manifest) -> None:
-        """Refuse to serve (stale) a manifest whose content has been evicted."""
-        for kind, reference in manifest.references():
-            digest = parse_digest(reference)
-            if kind == "manifests":
-                child = self.local(digest)
-                if child is None:
-                    continue  # other platforms of an index need not all be cached
-                self._check_complete(child)
-            elif self.store.lookup("blobs", digest) is None:
+        """Refuse to serve (stale) a manifest whose content has been evicted.
+
+        An index passes when at least one of its platforms is complete: the others need
+        not all have been pulled through this cache.
+        """
+        refs = manifest.references()
+        children = [parse_digest(d) for kind, d in refs if kind == "manifests"]
+        if children:
+            for child in filter(None, map(self.local, children)):
+                try:
+                    self._check_complete(child)
+                except RegistryError:
+                    continue
+                return
+            raise RegistryError("UNAVAILABLE", "upstream unreachable and no platform is cached")
+        for _, reference in refs:
+            if self.store.lookup("blobs", parse_digest(reference)) is None:
                 raise RegistryError(
                     "UNAVAILABLE", f"upstream unreachable and {reference} is not cached"
                 )
