@@ -13,6 +13,7 @@ import signal
 import subprocess
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +25,7 @@ import dns.rcode
 import dns.rdatatype
 import pytest
 
-from tests.peers import DnsPeer, dnsmasq, dnsoverride_serve
+from tests.peers import DnsPeer, dnsmasq, dnsoverride_serve, free_port
 from tests.test_reload_watch import BROKEN, configmap, write_unseen, zone_text
 
 pytestmark = pytest.mark.timeout(90)
@@ -153,7 +154,8 @@ def test_broken_files_change_nothing_and_fixing_reloads(tmp_path: Path, upstream
     (zones / "a.yaml").write_text(good)
     (zones / "b.yaml").write_text(zone_text({"b.test": "10.0.1.1"}))
     expected = {"a.test": ("10.0.0.1",), "b.test": ("10.0.1.1",), "c.test": ("10.0.0.3",)}
-    with dnsoverride_serve(tmp_path, zones, [upstream.address]) as server:
+    metrics = f"127.0.0.1:{free_port()}"
+    with dnsoverride_serve(tmp_path, zones, [upstream.address], "--metrics", metrics) as server:
         for count, (case, (text, line, reason)) in enumerate(sorted(BROKEN.items()), 1):
             (zones / "a.yaml").write_text(text)
             poll(
@@ -172,6 +174,13 @@ def test_broken_files_change_nothing_and_fixing_reloads(tmp_path: Path, upstream
         (zones / "a.yaml").write_text(good.replace("10.0.0.1", "10.0.0.9"))
         answer_becomes(server, "a.test", ("10.0.0.9",))
         assert a_records(server, "b.test") == ("10.0.1.1",)
+        poll(lambda: bool(events(server, "zones_reloaded")), 2, "reload event")
+        with urllib.request.urlopen(f"http://{metrics}/metrics", timeout=5) as response:
+            exposition = response.read().decode()
+        assert 'dnsoverride_zone_reloads_total{result="success"} 1.0' in exposition
+        failures = f'dnsoverride_zone_reloads_total{{result="failure"}} {len(BROKEN)}.0'
+        assert failures in exposition
+        assert "dnsoverride_zone_reload_last_success_timestamp_seconds " in exposition
 
 
 def test_sighup_reloads_a_change_no_file_event_reported(tmp_path: Path, upstream: DnsPeer) -> None:
