@@ -20,6 +20,8 @@ from urllib.parse import urlsplit
 import structlog
 from aiohttp import web
 
+from dnsoverride import systemd
+from dnsoverride.admin import start_admin
 from dnsoverride.errors import UserError
 from dnsoverride.log import configure
 from dnsoverride.registry import config as registry_config
@@ -27,6 +29,7 @@ from dnsoverride.registry.app import Routes, build_app
 from dnsoverride.registry.blobs import Blobs
 from dnsoverride.registry.config import RegistryConfig
 from dnsoverride.registry.manifests import Manifests
+from dnsoverride.registry.metrics import build_registry
 from dnsoverride.registry.stats import Stats
 from dnsoverride.registry.store import Store
 from dnsoverride.registry.tls import CertificateSet
@@ -124,6 +127,20 @@ async def serve(config: RegistryConfig) -> int:
         default_upstream=config.default_upstream,
         storage=str(config.storage),
     )
+    admin = None
+    if config.metrics:
+        metrics_host, metrics_port = registry_config.parse_listen(config.metrics)
+        admin = await start_admin(
+            metrics_host,
+            metrics_port,
+            build_registry(cache.stats, cache.store),
+            cache.store.writable,
+        )
+    pinger = asyncio.create_task(systemd.watchdog_pinger()) if systemd.watchdog_interval() else None
+    systemd.notify(
+        "READY=1",
+        f"STATUS=serving {cache.store.stats.entries} stored items from {config.storage}",
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -133,6 +150,11 @@ async def serve(config: RegistryConfig) -> int:
     loop.add_signal_handler(signal.SIGHUP, reload_certificates, certificates)
     await stop.wait()
     log.info("registry_stopping")
+    systemd.notify("STOPPING=1")
+    if pinger is not None:
+        pinger.cancel()
+    if admin is not None:
+        await admin.close()
     await runner.cleanup()
     await cache.close()
     return 0

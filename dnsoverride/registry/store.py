@@ -95,6 +95,10 @@ class Store:
             temp_removed=self.stats.temp_removed,
         )
 
+    def writable(self) -> bool:
+        """Whether new downloads can be written (the daemon's readiness)."""
+        return os.access(self.tmp_dir, os.W_OK | os.X_OK)
+
     # -- content ------------------------------------------------------------------------
     def path(self, kind: Kind, digest: Digest) -> Path:
         return self.root / kind / digest.algorithm / digest.hex[:2] / digest.hex

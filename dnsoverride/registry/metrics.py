@@ -1,0 +1,85 @@
+"""Prometheus exposition of the registry cache's counters, read at scrape time.
+
+The request path only bumps plain integers in `Stats` and `StoreStats`; this collector
+turns them into metric families when /metrics is scraped, in the daemon's own
+CollectorRegistry (never the global default one).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from dnsoverride.registry.stats import Stats
+from dnsoverride.registry.store import Store
+
+PREFIX = "dnsoverride_registry"
+
+
+class RegistryCollector(Collector):
+    def __init__(self, stats: Stats, store: Store) -> None:
+        self.stats = stats
+        self.store = store
+
+    def collect(self) -> Iterator[Metric]:
+        stats, store = self.stats, self.store.stats
+        requests = CounterMetricFamily(
+            f"{PREFIX}_requests",
+            "Requests answered, by endpoint and HTTP status.",
+            labels=["endpoint", "status"],
+        )
+        for (endpoint, status), count in sorted(stats.requests.items()):
+            requests.add_metric([endpoint, str(status)], count)
+        yield requests
+        for name, counts, text in (
+            ("cache_hits", stats.hits, "Requests answered from the store, by kind."),
+            ("cache_misses", stats.misses, "Requests that needed the upstream, by kind."),
+        ):
+            family = CounterMetricFamily(f"{PREFIX}_{name}", text, labels=["kind"])
+            for kind in ("blob", "manifest"):
+                family.add_metric([kind], counts[kind])
+            yield family
+        for name, counts, text in (
+            ("upstream_bytes", stats.upstream_bytes, "Body bytes received from each upstream."),
+            ("upstream_errors", stats.upstream_errors, "Failed upstream requests."),
+        ):
+            family = CounterMetricFamily(f"{PREFIX}_{name}", text, labels=["upstream"])
+            for upstream, count in sorted(counts.items()):
+                family.add_metric([upstream], count)
+            yield family
+        ratelimit = GaugeMetricFamily(
+            f"{PREFIX}_upstream_ratelimit_remaining",
+            "Last ratelimit-remaining an upstream reported.",
+            labels=["upstream"],
+        )
+        for upstream, value in sorted(stats.ratelimit_remaining.items()):
+            ratelimit.add_metric([upstream], value)
+        yield ratelimit
+        for name, value, text in (
+            ("served_bytes", stats.bytes_served, "Blob bytes sent to clients."),
+            ("coalesced", stats.coalesced, "Requests that joined an upstream fetch in flight."),
+            ("stale_serves", stats.stale_serves, "Manifests served stale (upstream failing)."),
+            ("verify_failures", stats.verify_failures, "Upstream content failing its digest."),
+            ("evictions", store.evictions, "Store entries evicted to stay under budget."),
+            ("evicted_bytes", store.evicted_bytes, "Bytes evicted to stay under budget."),
+        ):
+            yield CounterMetricFamily(f"{PREFIX}_{name}", text, value=value)
+        yield GaugeMetricFamily(f"{PREFIX}_store_bytes", "Bytes in the store.", value=store.size)
+        yield GaugeMetricFamily(
+            f"{PREFIX}_store_entries", "Blobs and manifests in the store.", value=store.entries
+        )
+        if self.store.budget is not None:
+            yield GaugeMetricFamily(
+                f"{PREFIX}_store_budget_bytes",
+                "The store's size cap.",
+                value=self.store.budget.max_size,
+            )
+
+
+def build_registry(stats: Stats, store: Store) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=True)
+    registry.register(RegistryCollector(stats, store))
+    return registry
