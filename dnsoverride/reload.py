@@ -59,7 +59,6 @@ Trigger = Literal["event", "sighup", "periodic", "startup"]
 # When several arrive together, the event is logged as the most deliberate one.
 _TRIGGER_PRIORITY: tuple[Trigger, ...] = ("sighup", "event", "periodic", "startup")
 
-DEFAULT_INTERVAL = 30.0
 DEFAULT_DEBOUNCE = 0.15
 # A writer that keeps a file open longer than this does not hold reloads back forever.
 DEFAULT_SETTLE_MAX = 2.0
@@ -88,8 +87,8 @@ def is_editor_scratch(name: str) -> bool:
     """Files editors and tools create beside the real one while saving; never a reason to reload.
 
     vim: `.x.swp`/`.swo`/`.swx`, backups `x~`, the write test file `4913`; Emacs: lock
-    `.#x`, autosave `#x#`; Kubernetes' ConfigMap internals start with `..` but ARE a reason
-    (the `..data` swap), so only single-dot vim swap names are matched by suffix.
+    `.#x`, autosave `#x#`. (Other hidden names are not scratch: a ConfigMap's `..data`
+    swap is exactly the event that matters.)
     """
     return (
         name.endswith(("~", ".swp", ".swo", ".swx", ".swpx"))
@@ -304,6 +303,7 @@ class Reloader(Generic[S]):
     `load` must build and validate a complete set (raising ZoneSetError, or UserError for
     a bad config); it runs in a worker thread. `swap` installs a set and runs on the
     event loop thread. `current` is the set being served when the reloader starts.
+    `interval` is the periodic check's period in seconds (0: none).
     """
 
     def __init__(
@@ -313,8 +313,8 @@ class Reloader(Generic[S]):
         swap: Callable[[S], object],
         current: S,
         zones_dir: Path,
+        interval: float,
         config_file: Path | None = None,
-        interval: float = DEFAULT_INTERVAL,
         debounce: float = DEFAULT_DEBOUNCE,
         settle_max: float = DEFAULT_SETTLE_MAX,
         registry: CollectorRegistry | None = None,
@@ -446,8 +446,18 @@ class Reloader(Generic[S]):
             await asyncio.sleep(max(self._debounce - quiet, 0.02))
 
     async def _cycle(self, trigger: Trigger) -> None:
-        if trigger == "sighup":
-            systemd.notify_reloading()
+        if trigger != "sighup":
+            await self._reload(trigger)
+            return
+        # systemd (Type=notify-reload or ExecReload=kill -HUP) waits for READY=1 after
+        # RELOADING=1, whatever the outcome: the daemon keeps serving either way.
+        systemd.notify_reloading()
+        try:
+            await self._reload(trigger)
+        finally:
+            systemd.notify("READY=1", f"STATUS=serving {len(self._current.names())} names")
+
+    async def _reload(self, trigger: Trigger) -> None:
         outcome: S | _Failed | None = None
         for _ in range(MAX_TORN_READS):
             before = await self._in_thread(fingerprint, self._zones_dir, self._config_file)
@@ -477,8 +487,6 @@ class Reloader(Generic[S]):
             self._record_failure(trigger, outcome.problems)
         elif outcome is not None:
             await self._install(trigger, outcome, loaded_in)
-        if trigger == "sighup":
-            systemd.notify("READY=1", f"STATUS=serving {len(self._current.names())} names")
 
     def _load_set(self) -> S | _Failed:
         """Run the loader (worker thread), turning the errors it may raise into problems."""
