@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -155,6 +156,8 @@ def test_broken_files_change_nothing_and_fixing_reloads(tmp_path: Path, upstream
     (zones / "b.yaml").write_text(zone_text({"b.test": "10.0.1.1"}))
     expected = {"a.test": ("10.0.0.1",), "b.test": ("10.0.1.1",), "c.test": ("10.0.0.3",)}
     metrics = f"127.0.0.1:{free_port()}"
+    check_config = tmp_path / "check.yaml"
+    check_config.write_text(f"zones: {zones.name}\nupstreams: [{upstream.address}]\n")
     with dnsoverride_serve(tmp_path, zones, [upstream.address], "--metrics", metrics) as server:
         for count, (case, (text, line, reason)) in enumerate(sorted(BROKEN.items()), 1):
             (zones / "a.yaml").write_text(text)
@@ -168,6 +171,15 @@ def test_broken_files_change_nothing_and_fixing_reloads(tmp_path: Path, upstream
             assert problem["line"] == line, case
             assert reason in problem["reason"], case
             assert problem["level"] == "error"
+            # `dnsoverride check` says exactly the same: one validator for both.
+            check = subprocess.run(
+                [sys.executable, "-m", "dnsoverride", "check", f"--config={check_config}"],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            assert check.returncode == 1, check.stderr
+            assert check.stderr == f"{problem['file']}:{problem['line']}: {problem['reason']}\n"
             for name, addresses in expected.items():
                 assert a_records(server, name) == addresses, (case, name)
             assert server.process.poll() is None
