@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from peers import free_port
 from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -86,19 +86,19 @@ def exposed(tmp_path_factory: pytest.TempPathFactory) -> set[str]:
     # loopback port).
     (zones / "ci.yaml").write_text(
         "records:\n  registry-1.docker.io:\n    A: 127.0.0.1\n"
-        f"    health: {{tcp: {_free_port()}, interval: 1s, timeout: 1s}}\n"
+        f"    health: {{tcp: {free_port()}, interval: 1s, timeout: 1s}}\n"
     )
-    dns_metrics, registry_metrics = _free_port(), _free_port()
-    dead = f"127.0.0.1:{_free_port()}"  # nothing is forwarded anywhere real
+    dns_metrics, registry_metrics = free_port(), free_port()
+    dead = f"127.0.0.1:{free_port()}"  # nothing is forwarded anywhere real
     commands = [
         [
             sys.executable, "-m", "dnsoverride", "serve", "--zones", str(zones),
-            "--listen", f"127.0.0.1:{_free_port()}", "--upstream", dead,
+            "--listen", f"127.0.0.1:{free_port()}", "--upstream", dead,
             "--metrics", f"127.0.0.1:{dns_metrics}",
         ],
         [
             sys.executable, "-m", "dnsoverride", "registry", "--storage", str(base / "store"),
-            "--listen", f"127.0.0.1:{_free_port()}", "--upstream", f"http://{dead}",
+            "--listen", f"127.0.0.1:{free_port()}", "--upstream", f"http://{dead}",
             "--max-size", "1G", "--metrics", f"127.0.0.1:{registry_metrics}",
         ],
     ]  # fmt: skip
@@ -139,12 +139,6 @@ SAMPLE_SUFFIXES = {
     "histogram": ("_bucket", "_sum", "_count", "_created"),
     "summary": ("", "_sum", "_count", "_created"),
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _scrape(port: int, process: subprocess.Popen[bytes]) -> str:

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from peers import free_port
 
 from dnsoverride import systemd
 
@@ -192,24 +193,10 @@ _CHILD = textwrap.dedent(
 )
 
 
-def free_udp_tcp_port() -> int:
-    # One port number free for both UDP and TCP, like port 53 in the .socket unit.
-    while True:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
-            tcp.bind(("127.0.0.1", 0))
-            port = tcp.getsockname()[1]
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-                try:
-                    udp.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
-                return int(port)
-
-
 @pytest.mark.skipif(shutil.which("systemd-socket-activate") is None, reason="needs systemd")
 @pytest.mark.timeout(30)
 def test_inherited_sockets_under_systemd_socket_activate(tmp_path: Path) -> None:
-    port = free_udp_tcp_port()
+    port = free_port()
     address = f"127.0.0.1:{port}"
     # systemd-socket-activate passes through descriptors it inherited, so nesting a
     # datagram activator around a stream one hands the child UDP on fd 3, TCP on fd 4,

@@ -21,7 +21,7 @@ import dns.message
 import dns.query
 import dns.rdatatype
 import pytest
-from test_systemd import free_udp_tcp_port
+from peers import free_port
 
 OVERRIDE = "registry-1.docker.io"
 ADDRESS = "10.0.0.5"
@@ -94,7 +94,7 @@ def _clean_env(**extra: str) -> dict[str, str]:
 def _serve_command(zones: Path, *extra: str) -> list[str]:
     # The upstream is a closed loopback port: these tests only ask for overridden names,
     # and nothing may go to the machine's real resolver.
-    dead_upstream = f"127.0.0.1:{free_udp_tcp_port()}"
+    dead_upstream = f"127.0.0.1:{free_port()}"
     return [
         sys.executable, "-m", "dnsoverride", "serve", "--zones", str(zones),
         "--upstream", dead_upstream, "--log-format", "json", *extra,
@@ -128,7 +128,7 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
 def test_serve_notifies_ready_reloading_and_stopping(
     tmp_path: Path, zones: Path, notify_socket: NotifySocket
 ) -> None:
-    port = free_udp_tcp_port()
+    port = free_port()
     with (tmp_path / "serve.log").open("wb") as log:
         process = subprocess.Popen(
             _serve_command(zones, "--listen", f"127.0.0.1:{port}"),
@@ -168,7 +168,7 @@ def test_serve_notifies_ready_reloading_and_stopping(
 
 @pytest.mark.timeout(60)
 def test_serve_pings_the_watchdog(tmp_path: Path, zones: Path, notify_socket: NotifySocket) -> None:
-    port = free_udp_tcp_port()
+    port = free_port()
     env = _clean_env(NOTIFY_SOCKET=str(notify_socket.path), WATCHDOG_USEC="400000")
     with (tmp_path / "serve.log").open("wb") as log:
         process = subprocess.Popen(
@@ -198,7 +198,7 @@ def test_serve_pings_the_watchdog(tmp_path: Path, zones: Path, notify_socket: No
 def test_serve_on_sockets_from_systemd_socket_activate(
     tmp_path: Path, zones: Path, notify_socket: NotifySocket
 ) -> None:
-    port = free_udp_tcp_port()
+    port = free_port()
     address = f"127.0.0.1:{port}"
     # As dnsoverride.socket does it: UDP on fd 3, TCP on fd 4, same port. The nested
     # activator passes the outer one's datagram socket through. No --listen: the daemon
