@@ -102,3 +102,34 @@ async def test_first_bytes_stream_before_the_blob_lands_and_disconnect_does_not_
     assert digest in cache.stored_blobs()
     assert proxy.bytes["blob"] == size
     assert len(proxy.blob_requests()) == 1
+
+
+async def test_tag_revalidation_uses_head_and_refetches_only_on_change(
+    tmp_path: Path, upstream: DistributionRegistry, proxy: TestProxy
+) -> None:
+    first = build_image(tmp_path / "one", platforms=("linux/amd64",), layer_sizes=(1000,))
+    second = build_image(tmp_path / "two", platforms=("linux/amd64",), layer_sizes=(1000,))
+    await push(first, f"{upstream.address}/ci/tagged:v1")
+    config = {"upstreams": [{"url": proxy.url}], "tag_ttl": 0}
+    cache = CacheProcess(tmp_path / "store", "", config=config).start()
+    url = f"{cache.url}/v2/ci/tagged/manifests/v1"
+
+    def manifest_calls() -> list[str]:
+        return [m for m, p, _ in proxy.requests if "/manifests/" in p]
+
+    try:
+        async with aiohttp.ClientSession() as http:
+            async with http.get(url) as response:
+                assert response.headers["Docker-Content-Digest"] == first.top_digest
+            assert manifest_calls() == ["GET"]
+            async with http.get(url) as response:  # expired, unchanged: one HEAD, no GET
+                assert response.headers["Docker-Content-Digest"] == first.top_digest
+            assert manifest_calls() == ["GET", "HEAD"]
+            await push(second, f"{upstream.address}/ci/tagged:v1")
+            before = len(proxy.requests)
+            async with http.get(url) as response:  # changed upstream: HEAD, then GET
+                assert response.headers["Docker-Content-Digest"] == second.top_digest
+            assert manifest_calls()[-2:] == ["HEAD", "GET"]
+            assert len([p for _, p, _ in proxy.requests[before:] if "/manifests/" in p]) == 2
+    finally:
+        assert cache.stop() == 0

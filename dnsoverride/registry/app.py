@@ -145,8 +145,7 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     except RegistryError as error:
         response = error.response(head)
     except web.HTTPException as error:
-        code = "UNSUPPORTED" if error.status == 405 else "NAME_UNKNOWN"
-        response = RegistryError(code, error.reason, status=error.status).response(head)
+        response = RegistryError("UNSUPPORTED", error.reason, status=error.status).response(head)
     stats.requests[(_endpoint(request.path), response.status)] += 1
     return response
 

@@ -132,23 +132,24 @@ class Manifests:
 
     # -- upstream -----------------------------------------------------------------------
     async def _single_flight(self, key: object, work: Callable[[], Awaitable[T]]) -> T:
-        future = self._inflight.get(key)
-        if future is not None:
-            self.stats.coalesced += 1
-            return await asyncio.shield(future)
-        future = asyncio.get_running_loop().create_future()
-        self._inflight[key] = future
-        try:
-            result = await work()
-        except BaseException as error:
-            future.set_exception(error)
-            future.exception()  # mark retrieved: nobody else may be waiting
-            raise
+        """Run `work` once for every concurrent caller with the same key.
+
+        The work is a task of its own, so a caller that goes away does not cancel it for
+        the others.
+        """
+        task = self._inflight.get(key)
+        if task is None:
+            task = asyncio.ensure_future(work())
+            self._inflight[key] = task
+            task.add_done_callback(lambda done: self._finish(key, done))
         else:
-            future.set_result(result)
-            return result
-        finally:
-            del self._inflight[key]
+            self.stats.coalesced += 1
+        return await asyncio.shield(task)
+
+    def _finish(self, key: object, task: asyncio.Future[Any]) -> None:
+        del self._inflight[key]
+        if not task.cancelled():
+            task.exception()  # retrieved here too, in case every caller went away
 
     async def _revalidate(
         self, upstream: Upstream, name: str, tag: str, record: TagRecord | None
