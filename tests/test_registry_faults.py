@@ -236,3 +236,23 @@ async def test_rate_limited_or_failing_upstream_serves_stale_tags(
         assert cache.logs().count('"manifest_stale"') == 3
     finally:
         assert cache.stop() == 0
+
+
+async def test_sigterm_mid_download_lets_the_client_finish_and_exits_zero(
+    tmp_path: Path, proxy: TestProxy, image: Image
+) -> None:
+    cache = CacheProcess(tmp_path / "store", proxy.url).start()
+    digest, size = _largest(image)
+    proxy.throttle = 400_000  # about a second for the whole blob
+    try:
+        async with aiohttp.ClientSession() as http:
+            response = await http.get(f"{cache.url}/v2/ci/app/blobs/{digest}")
+            first = await response.content.readexactly(10_000)
+            stopping = asyncio.create_task(asyncio.to_thread(cache.stop, signal.SIGTERM))
+            rest = await response.content.read()
+            assert len(first + rest) == size
+            assert await stopping == 0
+        assert "registry_stopping" in cache.logs()
+        assert digest in cache.stored_blobs()
+    finally:
+        cache.stop()
