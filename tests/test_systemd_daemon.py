@@ -101,10 +101,10 @@ def _serve_command(zones: Path, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
-def _ask(port: int, tcp: bool = False, timeout: float = 2.0) -> str:
+def _ask(port: int, tcp: bool = False, timeout: float = 2.0, host: str = "127.0.0.1") -> str:
     query = dns.message.make_query(OVERRIDE, dns.rdatatype.A)
     send = dns.query.tcp if tcp else dns.query.udp
-    response = send(query, "127.0.0.1", port=port, timeout=timeout)
+    response = send(query, host, port=port, timeout=timeout)
     (rrset,) = response.answer
     return str(rrset[0])
 
@@ -195,11 +195,25 @@ def test_serve_pings_the_watchdog(tmp_path: Path, zones: Path, notify_socket: No
 
 @pytest.mark.skipif(shutil.which("systemd-socket-activate") is None, reason="needs systemd")
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    ("listen", "clients"),
+    [
+        ("127.0.0.1:{port}", ("127.0.0.1",)),
+        # Exactly as dnsoverride.socket binds: `ListenDatagram=53` is [::]:53, dual-stack,
+        # so IPv4 clients arrive as ::ffff:a.b.c.d and must still pass the ACL.
+        ("{port}", ("127.0.0.1", "::1")),
+    ],
+    ids=["ipv4", "dual-stack"],
+)
 def test_serve_on_sockets_from_systemd_socket_activate(
-    tmp_path: Path, zones: Path, notify_socket: NotifySocket
+    tmp_path: Path,
+    zones: Path,
+    notify_socket: NotifySocket,
+    listen: str,
+    clients: tuple[str, ...],
 ) -> None:
     port = free_port()
-    address = f"127.0.0.1:{port}"
+    address = listen.format(port=port)
     # As dnsoverride.socket does it: UDP on fd 3, TCP on fd 4, same port. The nested
     # activator passes the outer one's datagram socket through. No --listen: the daemon
     # must not bind anything itself (its default listen address stays free). The
@@ -223,11 +237,14 @@ def test_serve_on_sockets_from_systemd_socket_activate(
         assert _ask_until_answered(port, deadline=time.monotonic() + 30) == ADDRESS
         ready = notify_socket.next_with("READY")
         assert ready.pid == process.pid  # the activators exec, so systemd's pid is ours
-        assert _ask(port, tcp=True) == ADDRESS
-        for _ in range(3):
-            assert _ask(port) == ADDRESS
+        for client in clients:
+            assert _ask(port, host=client) == ADDRESS
+            assert _ask(port, host=client, tcp=True) == ADDRESS
         listening = _listening(process.pid)
-        assert {("udp", address), ("tcp", address)} <= listening
+        assert {proto for proto, local in listening if local.endswith(f":{port}")} == {
+            "udp",
+            "tcp",
+        }
         # It bound nothing of its own (the default listen address is 127.0.0.1:5353).
         assert not any(local.endswith(":5353") for _, local in listening), listening
         process.send_signal(signal.SIGTERM)
