@@ -71,15 +71,18 @@ def test_truncation_keeps_opt_and_sets_tc(overrides: Overrides) -> None:
 def test_fast_key_is_case_insensitive_and_strict() -> None:
     upper = dnslib.DNSRecord.question("A.Example", "A").pack()
     lower = dnslib.DNSRecord.question("a.example", "A").pack()
-    key_upper, qend = wire.fast_key(upper, 1232) or (b"", 0)
-    key_lower, _ = wire.fast_key(lower, 1232) or (b"", 0)
-    assert key_upper == key_lower != b""
-    assert qend == len(upper)
+    key_upper = wire.fast_key(upper, 1232)
+    key_lower = wire.fast_key(lower, 1232)
+    assert key_upper is not None
+    assert key_upper == key_lower
+    assert wire.key_question_end(key_upper) == len(upper)
     edns = dnslib.DNSRecord.question("a.example", "A")
     edns.add_ar(dnslib.EDNS0(udp_len=4096, flags="do"))
-    key_edns, _ = wire.fast_key(edns.pack(), 1232) or (b"", 0)
-    assert key_edns not in (b"", key_lower)
+    key_edns = wire.fast_key(edns.pack(), 1232)
+    assert key_edns is not None
+    assert key_edns != key_lower
     assert key_edns[1:4] == bytes((0x81, 1232 >> 8, 1232 & 0xFF))
+    assert wire.key_question_end(key_edns) == len(lower)
     assert wire.fast_key(upper + b"x", 1232) is None  # trailing garbage
     assert wire.fast_key(upper[:-1], 1232) is None
     response = bytearray(upper)
@@ -100,28 +103,39 @@ def test_ttls_age_in_cached_bytes() -> None:
 
 
 def test_answer_cache_splices_id_and_case_and_honours_generation() -> None:
-    cache = AnswerCache(2)
+    cache = AnswerCache(2, views=1)
     query = dnslib.DNSRecord.question("a.example", "A")
     packed = query.reply().pack()
-    key, qend = wire.fast_key(query.pack(), 1232) or (b"", 0)
-    cache.store(
-        (0, key),
-        packed,
-        generation=1,
-        now=0.0,
-        ttl=10,
-        stat=("v", "A", "NOERROR", "x"),
-        age_ttls=False,
-    )
+    key = wire.fast_key(query.pack(), 1232)
+    assert key is not None
+    counter = [0]
+    cache.store(0, key, packed, generation=1, now=0.0, ttl=10, counter=counter, age_ttls=False)
     other = dnslib.DNSRecord.question("A.EXAMPLE", "A")
     other.header.id = 4242
-    hit = cache.lookup((0, key), other.pack(), qend, 1, now=1.0)
+    hit = cache.lookup(0, key, other.pack(), 1, now=1.0)
     assert hit is not None
-    parsed = dnslib.DNSRecord.parse(hit[0])
+    parsed = dnslib.DNSRecord.parse(hit)
     assert parsed.header.id == 4242
     assert str(parsed.q.qname) == "A.EXAMPLE."
-    assert cache.lookup((0, key), other.pack(), qend, 2, now=1.0) is None  # zones swapped
-    assert cache.lookup((0, key), other.pack(), qend, 1, now=10.0) is None  # expired
+    assert counter == [1]
+    assert cache.lookup(0, key, other.pack(), 2, now=1.0) is None  # zones swapped
+    assert cache.lookup(0, key, other.pack(), 1, now=10.0) is None  # expired
+    for name in ("b.example", "c.example"):  # bounded: the oldest goes
+        extra = dnslib.DNSRecord.question(name, "A")
+        extra_key = wire.fast_key(extra.pack(), 1232)
+        assert extra_key is not None
+        cache.store(
+            0,
+            extra_key,
+            extra.reply().pack(),
+            generation=1,
+            now=0.0,
+            ttl=10,
+            counter=counter,
+            age_ttls=False,
+        )
+    assert len(cache) == 2
+    assert cache.lookup(0, key, other.pack(), 1, now=1.0) is None
 
 
 def upstream_reply(rcode: int, ttl: int, soa_minimum: int | None = None) -> dnslib.DNSRecord:

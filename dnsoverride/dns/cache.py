@@ -23,7 +23,6 @@ from dnsoverride.config import CacheConfig
 from dnsoverride.dns import wire
 
 ResponseKey = tuple[str, int, int, bool, bool]
-AnswerKey = tuple[int, bytes]
 
 
 @dataclass
@@ -110,83 +109,109 @@ STALE_TTL = 30
 
 
 class _Answer:
-    __slots__ = ("age", "base", "expires", "generation", "offsets", "reply", "stat", "stored_at")
+    """A finished reply split around the question, so a hit only splices in the client's."""
+
+    __slots__ = (
+        "base",
+        "counter",
+        "expires",
+        "generation",
+        "head",
+        "offsets",
+        "qend",
+        "rendered_age",
+        "stored_at",
+        "tail",
+    )
 
     def __init__(
         self,
         reply: bytes,
         *,
+        qend: int,
         generation: int,
         stored_at: float,
         expires: float,
         offsets: tuple[tuple[int, int], ...],
-        stat: tuple[str, str, str, str],
+        counter: list[int],
     ) -> None:
         self.base = reply
-        self.reply = reply
+        self.head = reply[2:12]
+        self.tail = reply[qend:]
+        self.qend = qend
         self.generation = generation
         self.stored_at = stored_at
         self.expires = expires
         self.offsets = offsets
-        self.age = 0
-        self.stat = stat
+        self.rendered_age = 0
+        self.counter = counter
 
 
 class AnswerCache:
-    """Finished UDP reply bytes by (view, question key); the fast path."""
+    """Finished UDP reply bytes by view and question key (`wire.fast_key`); the fast path.
 
-    def __init__(self, size: int) -> None:
+    One dict per view, each bounded to `size` entries; the oldest insertion goes first
+    (hits do not reorder: the fast path stays a plain dict lookup; `ResponseCache` is
+    the LRU that keeps upstream data).
+    """
+
+    def __init__(self, size: int, views: int) -> None:
         self.size = size
-        self._entries: OrderedDict[AnswerKey, _Answer] = OrderedDict()
+        self._views: list[dict[bytes, _Answer]] = [{} for _ in range(views)]
         self.hits = 0
         self.misses = 0
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return sum(len(entries) for entries in self._views)
 
     def lookup(
-        self, key: AnswerKey, data: bytes, qend: int, generation: int, now: float
-    ) -> tuple[bytes, tuple[str, str, str, str]] | None:
-        """The reply for query `data` and the stats key it counts under, or None on a miss."""
-        entry = self._entries.get(key)
+        self, view: int, key: bytes, data: bytes, generation: int, now: float
+    ) -> bytes | None:
+        """The reply for query `data` (counted in its stats cell), or None on a miss."""
+        entry = self._views[view].get(key)
         if entry is None or entry.generation != generation or now >= entry.expires:
             self.misses += 1
             return None
         self.hits += 1
+        entry.counter[0] += 1
         if entry.offsets:
             age = int(now - entry.stored_at)
-            if age != entry.age:
-                entry.reply = wire.aged(entry.base, entry.offsets, age)
-                entry.age = age
-        reply = entry.reply
-        return data[:2] + reply[2:12] + data[12:qend] + reply[qend:], entry.stat
+            if age != entry.rendered_age:
+                entry.tail = wire.aged(entry.base, entry.offsets, age)[entry.qend :]
+                entry.rendered_age = age
+        return data[:2] + entry.head + data[12 : entry.qend] + entry.tail
 
     def store(
         self,
-        key: AnswerKey,
+        view: int,
+        key: bytes,
         reply: bytes,
         *,
         generation: int,
         now: float,
         ttl: float,
-        stat: tuple[str, str, str, str],
+        counter: list[int],
         age_ttls: bool,
     ) -> None:
-        """Keep `reply` for `ttl` seconds (math.inf for local answers: generations guard them)."""
+        """Keep `reply` for `ttl` seconds (math.inf for local answers: generations guard them).
+
+        `counter` is the stats cell a hit increments (see `DnsStats.cell`).
+        """
         if ttl <= 0:
             return
-        offsets = wire.ttl_offsets(reply) if age_ttls else ()
-        self._entries[key] = _Answer(
+        entries = self._views[view]
+        entries.pop(key, None)
+        entries[key] = _Answer(
             reply,
+            qend=wire.key_question_end(key),
             generation=generation,
             stored_at=now,
             expires=now + ttl,
-            offsets=offsets,
-            stat=stat,
+            offsets=wire.ttl_offsets(reply) if age_ttls else (),
+            counter=counter,
         )
-        self._entries.move_to_end(key)
-        if len(self._entries) > self.size:
-            self._entries.popitem(last=False)
+        if len(entries) > self.size:
+            del entries[next(iter(entries))]
 
 
 FOREVER = math.inf

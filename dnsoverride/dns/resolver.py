@@ -52,7 +52,7 @@ class Resolver:
         self.zones = zones
         self.forwarder = forwarder
         self.stats = stats
-        self.answers = AnswerCache(config.cache.size)
+        self.answers = AnswerCache(config.cache.size, len(config.views))
         self.responses = ResponseCache(config.cache)
         self._acl = Acl(config.allow)
         self._views = ViewTable(config.views, config.default_view)
@@ -81,28 +81,19 @@ class Resolver:
 
     def fast(self, data: bytes, host: str) -> bytes | None:
         """The reply from the answer cache (or REFUSED), or None to take `resolve`."""
-        found = wire.fast_key(data, self._udp_size)
-        if found is None:
+        key = wire.fast_key(data, self._udp_size)
+        if key is None:
             return None
-        key, qend = found
         index = self._clients.get(host)
         if index is None:
             index = self._classify(host)
         if index == REFUSED:
+            qend = wire.key_question_end(key)
             self.stats.count(("", _qtype_name(data, qend), "REFUSED", "error"))
             return wire.refused(data, qend)
-        hit = self.answers.lookup(
-            (index, key), data, qend, self.zones.generation, self._loop.time()
-        )
-        if hit is None:
-            return None
-        reply, stat = hit
-        queries = self.stats.queries
-        queries[stat] = queries.get(stat, 0) + 1
-        if self._query_log:
-            log.info(
-                "query", client=host, view=stat[0], qtype=stat[1], rcode=stat[2], source=stat[3]
-            )
+        reply = self.answers.lookup(index, key, data, self.zones.state[1], self._loop.time())
+        if reply is not None and self._query_log:
+            log.info("query", client=host, view=self._views.views[index].name, cached=True)
         return reply
 
     async def resolve(self, data: bytes, host: str, tcp: bool) -> bytes | None:
@@ -142,7 +133,7 @@ class Resolver:
             reply.add_ar(dnslib.EDNS0(ext_rcode=1, udp_len=self._udp_size))  # BADVERS
             return answer.pack(reply, answer.ClientEdns(False, 512, False), 0, TCP_LIMIT)
         view = self._views.views[index]
-        generation = self.zones.generation
+        generation = self.zones.state[1]
         outcome = await self._answer(request, edns, view)
         limit = TCP_LIMIT if tcp else min(edns.udp_size, self._udp_size)
         packed = answer.pack(outcome.reply, edns, self._udp_size, limit)
@@ -159,16 +150,17 @@ class Resolver:
                 rcode=rcode_name,
                 source=outcome.source,
             )
-        found = None if tcp else wire.fast_key(data, self._udp_size)
-        if found is not None and outcome.cache_for > 0:
+        key = None if tcp else wire.fast_key(data, self._udp_size)
+        if key is not None and outcome.cache_for > 0:
             hit_source = "cache" if outcome.source == "upstream" else outcome.source
             self.answers.store(
-                (index, found[0]),
+                index,
+                key,
                 packed,
                 generation=generation,
                 now=self._loop.time(),
                 ttl=outcome.cache_for,
-                stat=(view.name, qtype, rcode_name, hit_source),
+                counter=self.stats.cell((view.name, qtype, rcode_name, hit_source)),
                 age_ttls=outcome.ages,
             )
         return packed

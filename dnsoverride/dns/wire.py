@@ -17,35 +17,32 @@ _TTL = struct.Struct("!I")
 _RR_FIXED = struct.Struct("!HHIH")
 # A query with QDCOUNT=1 and ANCOUNT=NSCOUNT=0.
 _SIMPLE_COUNTS = b"\x00\x01\x00\x00\x00\x00"
+_NO_EDNS = b"\x00\x00\x00"
+_FLAGS = [bytes((value,)) for value in range(0x20)]  # RD (0x01) | CD (0x10) as one byte
 
 
-def fast_key(data: bytes, max_udp: int) -> tuple[bytes, int] | None:
-    """(answer cache key, end of question) for an ordinary query; None for anything else.
+def fast_key(data: bytes, max_udp: int) -> bytes | None:
+    """The answer cache key of an ordinary query; None for anything else.
 
     The key holds the RD and CD bits, the client's EDNS presence, DO bit and UDP size
     (clamped to `max_udp`), and the question lowercased: label length bytes are below
-    0x40, so `bytes.lower()` only touches the letters. Anything unusual (opcode, flags,
-    counts, EDNS version or trailing bytes) returns None and takes the dnslib path.
+    0x40, so `bytes.lower()` only touches the letters. The question is taken to end at
+    the first zero byte: should a label hide a zero, the key is still the exact bytes of
+    the packet (less ID and letter case), which only ever map to the answer computed for
+    those same bytes. The question ends at `len(key) + 8`. Anything unusual (opcode,
+    flags, counts, EDNS version or trailing bytes) returns None and takes the dnslib path.
     """
     size = len(data)
     if size < 17 or data[2] & 0xFE or data[4:10] != _SIMPLE_COUNTS:
         return None
-    index = HEADER_SIZE
-    try:
-        length = data[index]
-        while length:
-            if length > MAX_LABEL:
-                return None
-            index += length + 1
-            length = data[index]
-    except IndexError:
+    qend = data.find(0, HEADER_SIZE) + 5
+    if qend < 17:
         return None
-    qend = index + 5
     additional = data[10:12]
     if additional == b"\x00\x00":
         if qend != size:
             return None
-        edns = b"\x00\x00\x00"
+        edns = _NO_EDNS
     elif additional == b"\x00\x01":
         # OPT: root owner, TYPE 41, CLASS = UDP size, TTL = ext-rcode/version/flags, RDLEN.
         if size < qend + 11 or data[qend] or data[qend + 1 : qend + 3] != b"\x00\x29":
@@ -56,8 +53,12 @@ def fast_key(data: bytes, max_udp: int) -> tuple[bytes, int] | None:
         edns = bytes((0x01 | (data[qend + 7] & 0x80), udp >> 8, udp & 0xFF))
     else:
         return None
-    flags = bytes(((data[2] & 0x01) | (data[3] & 0x10),))
-    return flags + edns + data[HEADER_SIZE:qend].lower(), qend
+    return _FLAGS[(data[2] & 0x01) | (data[3] & 0x10)] + edns + data[HEADER_SIZE:qend].lower()
+
+
+def key_question_end(key: bytes) -> int:
+    """Where the question ends in the query a `fast_key` key was made from."""
+    return len(key) + 8
 
 
 def refused(data: bytes, qend: int) -> bytes:
