@@ -66,9 +66,11 @@ class Forwarder:
         self._inflight[question] = future
         try:
             answer = await self._ask_all(question)
-        except UpstreamFailedError as error:
-            future.set_exception(error)
-            future.exception()  # retrieved: waiters may be none
+        except BaseException as error:
+            # Waiters must never hang: even a cancelled lookup (shutdown) fails them.
+            failure = error if isinstance(error, UpstreamFailedError) else None
+            future.set_exception(failure or UpstreamFailedError(question[0]))
+            future.exception()  # retrieved: there may be no waiters
             raise
         else:
             future.set_result(answer)
