@@ -19,7 +19,7 @@ import dns.rcode
 import dns.rdatatype
 import pytest
 
-from tests.peers import DnsPeer, dnsmasq, dnsoverride_serve, free_port
+from tests.peers import DnsPeer, dnsmasq, dnsoverride_serve, free_port, unbound
 
 ZONE = """\
 ttl: 60
@@ -364,3 +364,43 @@ def test_sigterm_and_sigint_exit_0_with_start_event(
         assert f'"listeners": ["127.0.0.1:{server.port}"]' in log
         assert '"event": "query"' in log
         assert '"event": "stopped"' in log
+
+
+def test_negative_answers_are_cached_from_the_soa(workdir: Path, zones: Path) -> None:
+    upstream_dir = workdir / "negative"
+    upstream_dir.mkdir()
+    with (
+        unbound(
+            upstream_dir,
+            [
+                "neg.test. 3600 IN SOA ns.neg.test. h.neg.test. 1 3600 600 86400 120",
+                "a.neg.test. 300 IN A 192.0.2.8",
+            ],
+            local_zones=['"neg.test." static'],
+        ) as real,
+        dnsoverride_serve(workdir, zones, [real.address]) as server,
+    ):
+        first = server.query("missing.neg.test")
+        assert first.rcode() == dns.rcode.NXDOMAIN
+        assert [dns.rdatatype.to_text(r.rdtype) for r in first.authority] == ["SOA"]
+        nodata = server.query("a.neg.test", "AAAA")
+        assert nodata.rcode() == dns.rcode.NOERROR
+        assert nodata.answer == []
+        real.stop()
+        # Upstream gone: both negative answers still come from the cache (RFC 2308).
+        assert server.query("MISSING.neg.test").rcode() == dns.rcode.NXDOMAIN
+        assert server.query("a.neg.test", "AAAA", tcp=True).rcode() == dns.rcode.NOERROR
+        cached = server.query("missing.neg.test", tcp=True)
+        assert 0 < cached.authority[0].ttl <= 120
+
+
+def test_ipv6_listener(workdir: Path, zones: Path, upstream: DnsPeer) -> None:
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6")
+    try:
+        free_port("::1")
+    except OSError:
+        pytest.skip("no ::1")
+    with dnsoverride_serve(workdir, zones, [upstream.address], host="::1") as server:
+        assert addresses(server.query("registry-1.docker.io")) == ["10.0.0.5"]
+        assert addresses(server.query("www.forwarded.test", tcp=True)) == ["192.0.2.1"]
