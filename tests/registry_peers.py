@@ -368,6 +368,8 @@ class TestProxy:
         self.corrupt: set[str] = set()
         self.redirect_blobs_to: str | None = None
         self.fail_status: int | None = None  # answer every request with this status
+        self.basic_auth: str | None = None  # "user:password" required, like an htpasswd registry
+        self.extra_headers: dict[str, str] = {}  # added to every upstream answer
         self.runner: web.AppRunner | None = None
         self.session: aiohttp.ClientSession | None = None
 
@@ -401,6 +403,11 @@ class TestProxy:
         kind = "blob" if "/blobs/" in path else "manifest" if "/manifests/" in path else "other"
         if self.fail_status is not None:
             return web.Response(status=self.fail_status, headers={"ratelimit-remaining": "0"})
+        if self.basic_auth is not None:
+            expected = "Basic " + base64.b64encode(self.basic_auth.encode()).decode()
+            if request.headers.get("Authorization") != expected:
+                challenge = {"WWW-Authenticate": 'Basic realm="test"'}
+                return web.Response(status=401, headers=challenge)
         if kind == "blob" and self.redirect_blobs_to and request.method == "GET":
             raise web.HTTPTemporaryRedirect(self.redirect_blobs_to + path)
         # A multidict: clients such as distribution's proxy send several Accept headers.
@@ -408,7 +415,7 @@ class TestProxy:
         async with self.session.request(
             request.method, self.target + path, headers=headers, allow_redirects=False
         ) as upstream:
-            response = web.StreamResponse(status=upstream.status)
+            response = web.StreamResponse(status=upstream.status, headers=self.extra_headers)
             for key, value in upstream.headers.items():
                 if key.lower() not in _HOP:
                     response.headers.add(key, value)

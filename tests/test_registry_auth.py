@@ -16,6 +16,7 @@ from tests.registry_peers import (
     TestProxy,
     TokenServer,
     build_image,
+    free_port,
     pull,
     push,
     verify_dir,
@@ -119,4 +120,40 @@ async def test_redirect_to_cdn_drops_authorization(
         for proxy in (cdn, front):
             if proxy is not None:
                 await proxy.stop()
+        plain.stop()
+
+
+async def test_basic_auth_and_ratelimit_header_recorded(tmp_path: Path) -> None:
+    plain = DistributionRegistry(tmp_path / "plain").start()
+    guard = None
+    try:
+        image = build_image(tmp_path / "layout", platforms=("linux/amd64",), layer_sizes=(2000,))
+        await push(image, f"{plain.address}/team/basic:v1")
+        guard = await TestProxy(plain.url).start()
+        guard.basic_auth = "ci:pw"
+        guard.extra_headers = {"ratelimit-remaining": "97;w=21600"}
+        metrics_port = free_port()
+        config = {
+            "upstreams": [
+                {"name": "basic.example", "url": guard.url, "username": "ci", "password": "pw"}
+            ],
+            "metrics": f"127.0.0.1:{metrics_port}",
+        }
+        cache = CacheProcess(tmp_path / "store", "", config=config).start()
+        try:
+            code, out = await pull(f"{cache.address}/team/basic:v1", tmp_path / "out")
+            assert code == 0, out + cache.logs()
+            assert verify_dir(tmp_path / "out") == set(image.blobs)
+            metrics = f"http://127.0.0.1:{metrics_port}/metrics"
+            async with aiohttp.ClientSession() as http, http.get(metrics) as response:
+                text = await response.text()
+            gauge = "dnsoverride_registry_upstream_ratelimit_remaining"
+            assert f'{gauge}{{upstream="basic.example"}} 97.0' in text
+        finally:
+            assert cache.stop() == 0
+        sent = {h.get("Authorization") for _, p, h in guard.requests if "/v2/team" in p}
+        assert "Basic Y2k6cHc=" in sent
+    finally:
+        if guard is not None:
+            await guard.stop()
         plain.stop()
