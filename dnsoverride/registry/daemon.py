@@ -104,6 +104,13 @@ def reload_certificates(certificates: CertificateSet | None) -> None:
         certificates.reload()
 
 
+async def _flush_access(store: Store, interval: float = 60.0) -> None:
+    """Persist the LRU order now and then, so a crash loses at most `interval` of it."""
+    while True:
+        await asyncio.sleep(interval)
+        store.flush_access()
+
+
 async def serve(config: RegistryConfig) -> int:
     certificates = CertificateSet(config.tls_pairs) if config.tls_pairs else None
     await refuse_upstream_loop(config)
@@ -137,6 +144,7 @@ async def serve(config: RegistryConfig) -> int:
             cache.store.writable,
         )
     pinger = asyncio.create_task(systemd.watchdog_pinger()) if systemd.watchdog_interval() else None
+    flusher = asyncio.create_task(_flush_access(cache.store))
     systemd.notify(
         "READY=1",
         f"STATUS=serving {cache.store.stats.entries} stored items from {config.storage}",
@@ -151,6 +159,7 @@ async def serve(config: RegistryConfig) -> int:
     await stop.wait()
     log.info("registry_stopping")
     systemd.notify("STOPPING=1")
+    flusher.cancel()
     if pinger is not None:
         pinger.cancel()
     if admin is not None:
