@@ -173,8 +173,6 @@ class Upstream:
             if urlsplit(url).netloc != self._origin:
                 # A CDN URL is pre-signed; the registry's credentials stay with the registry.
                 request_headers.pop("Authorization", None)
-            if response.status == 303:
-                method = "GET" if method != "HEAD" else "HEAD"
         raise aiohttp.TooManyRedirects(response.request_info, ())
 
     def _record_ratelimit(self, response: aiohttp.ClientResponse) -> None:
