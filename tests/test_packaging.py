@@ -14,6 +14,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from peers import dnsmasq, dnsoverride_serve, free_port
 
 from dnsoverride import config as serve_config
 from dnsoverride import zones
@@ -245,3 +246,34 @@ def test_example_zone_loads() -> None:
     loaded = zones.load_zone_set(CONFIG / "zones")
     assert loaded.names() == {"registry-1.docker.io", "mirrorlist.centos.org", "*.apps.ci.example"}
     assert [gated.name for gated in loaded.health_gated()] == ["registry-1.docker.io"]
+
+
+@pytest.mark.skipif(shutil.which("dnsmasq") is None, reason="needs dnsmasq")
+@pytest.mark.timeout(60)
+def test_packaged_config_and_example_zone_serve(tmp_path: Path) -> None:
+    """The shipped dnsoverride.yaml and example zone, run by the real daemon."""
+    zones_dir = tmp_path / "zones"
+    zones_dir.mkdir()
+    # Tests talk to loopback only: the example's 10.0.0.x targets (health-probed!) move there.
+    example = (CONFIG / "zones" / "example.yaml").read_text()
+    (zones_dir / "example.yaml").write_text(re.sub(r"\b10\.0\.0\.", "127.0.0.", example))
+    config = (CONFIG / "dnsoverride.yaml").read_text()
+    with (
+        dnsmasq(tmp_path, "--address=/forwarded.test/192.0.2.1") as upstream,
+        # --listen, --upstream and --metrics override the packaged values, as the unit's
+        # socket does for `listen`.
+        dnsoverride_serve(
+            tmp_path,
+            zones_dir,
+            [upstream.address],
+            "--metrics",
+            f"127.0.0.1:{free_port()}",
+            config=config,
+        ) as server,
+    ):
+        (rrset,) = server.query("registry-1.docker.io").answer
+        assert str(rrset[0]) == "127.0.0.5"
+        (rrset,) = server.query("mirrorlist.centos.org").answer
+        assert str(rrset[0]) == "127.0.0.6"
+        (rrset,) = server.query("forwarded.test").answer
+        assert str(rrset[0]) == "192.0.2.1"
