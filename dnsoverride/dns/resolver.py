@@ -93,7 +93,16 @@ class Resolver:
             return wire.refused(data, qend)
         reply = self.answers.lookup(index, key, data, self.zones.state[1], self._loop.time())
         if reply is not None and self._query_log:
-            log.info("query", client=host, view=self._views.views[index].name, cached=True)
+            qend = wire.key_question_end(key)
+            log.info(
+                "query",
+                client=host,
+                view=self._views.views[index].name,
+                name=str(dnslib.DNSRecord.parse(data).q.qname),
+                qtype=_qtype_name(data, qend),
+                rcode=dnslib.RCODE.get(reply[3] & 0x0F),
+                source="answer_cache",
+            )
         return reply
 
     async def resolve(self, data: bytes, host: str, tcp: bool) -> bytes | None:
