@@ -352,3 +352,12 @@ def test_group_makes_the_key_readable_by_that_group_only(ca_dir: Path, tmp_path:
 def test_unknown_group_is_a_user_error(ca_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["ca", "issue", "--dir", str(ca_dir), "quay.io", "--group", "no-such-group-x"]) == 2
     assert "no such group" in capsys.readouterr().err
+
+
+def test_a_leaf_never_outlives_its_ca(tmp_path: Path) -> None:
+    directory = tmp_path / "short"
+    assert main(["ca", "init", "--dir", str(directory), "--days", "30"]) == 0
+    out = tmp_path / "leaf"
+    assert main(["ca", "issue", "--dir", str(directory), "quay.io", "--out", str(out)]) == 0
+    ca, leaf = _cert(directory / "ca.crt"), _cert(tmp_path / "leaf.crt")
+    assert leaf.not_valid_after_utc == ca.not_valid_after_utc
