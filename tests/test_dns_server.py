@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import signal
 import socket
 import struct
@@ -404,3 +405,20 @@ def test_ipv6_listener(workdir: Path, zones: Path, upstream: DnsPeer) -> None:
     with dnsoverride_serve(workdir, zones, [upstream.address], host="::1") as server:
         assert addresses(server.query("registry-1.docker.io")) == ["10.0.0.5"]
         assert addresses(server.query("www.forwarded.test", tcp=True)) == ["192.0.2.1"]
+
+
+def test_fuzzed_queries_never_stop_the_server(server: DnsPeer) -> None:
+    rng = random.Random(2308)
+    valid = dns.message.make_query("registry-1.docker.io", "A", use_edns=0).to_wire()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        for _ in range(400):
+            packet = bytearray(valid)
+            for _ in range(rng.randint(1, 6)):
+                packet[rng.randrange(len(packet))] = rng.randrange(256)
+            sock.sendto(bytes(packet[: rng.randint(1, len(packet))]), (server.host, server.port))
+        for _ in range(100):
+            sock.sendto(rng.randbytes(rng.randint(0, 600)), (server.host, server.port))
+    for tcp in (False, True):
+        assert addresses(server.query("registry-1.docker.io", tcp=tcp)) == ["10.0.0.5"]
+    assert server.process.poll() is None
+    assert "Traceback" not in server.log_text()

@@ -61,6 +61,30 @@ class _Bound:
         self.names: list[str] = []
 
 
+UDP_RECEIVE_BUFFER = 4 << 20
+
+
+def _grow_receive_buffer(sock: socket.socket) -> None:
+    # A burst of queries (CI jobs starting together) overflows the 208 KiB default and
+    # the kernel drops datagrams before we see them; the kernel caps this at rmem_max.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_RECEIVE_BUFFER)
+
+
+def _udp_socket(endpoint: Endpoint) -> socket.socket:
+    family = socket.AF_INET6 if ":" in endpoint.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        _grow_receive_buffer(sock)
+        sock.bind((endpoint.host, endpoint.port))
+    except OSError:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
+
+
 async def _bind(config: ServeConfig, resolver: Resolver, tasks: set[asyncio.Task[None]]) -> _Bound:
     loop = asyncio.get_running_loop()
     bound = _Bound()
@@ -74,6 +98,7 @@ async def _bind(config: ServeConfig, resolver: Resolver, tasks: set[asyncio.Task
         for sock in inherited:
             sockname = sock.getsockname()
             if sock.type == socket.SOCK_DGRAM:
+                _grow_receive_buffer(sock)
                 transport, _ = await loop.create_datagram_endpoint(udp_protocol, sock=sock)
                 bound.udp.append(transport)
                 bound.names.append(f"udp {sockname[0]}:{sockname[1]} (systemd)")
@@ -84,7 +109,7 @@ async def _bind(config: ServeConfig, resolver: Resolver, tasks: set[asyncio.Task
     for endpoint in config.listen:
         try:
             transport, _ = await loop.create_datagram_endpoint(
-                udp_protocol, local_addr=(endpoint.host, endpoint.port)
+                udp_protocol, sock=_udp_socket(endpoint)
             )
             bound.udp.append(transport)
             port = transport.get_extra_info("sockname")[1]
