@@ -1,4 +1,4 @@
-"""`dnsoverride serve` speaking the systemd protocols, observed the way systemd sees them:
+"""The daemons speaking the systemd protocols, observed the way systemd sees them:
 notify messages on a real AF_UNIX datagram socket (with the sender's credentials), and
 sockets passed in by `systemd-socket-activate`."""
 
@@ -12,6 +12,7 @@ import struct
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -191,6 +192,39 @@ def test_serve_pings_the_watchdog(tmp_path: Path, zones: Path, notify_socket: No
             process.wait(timeout=15)
         finally:
             _stop(process)
+
+
+@pytest.mark.timeout(60)
+def test_registry_notifies_pings_and_survives_reload(
+    tmp_path: Path, notify_socket: NotifySocket
+) -> None:
+    port = free_port()
+    command = [
+        sys.executable, "-m", "dnsoverride", "registry", "--storage", str(tmp_path / "store"),
+        "--listen", f"127.0.0.1:{port}", "--upstream", f"http://127.0.0.1:{free_port()}",
+        "--log-format", "json",
+    ]  # fmt: skip
+    env = _clean_env(NOTIFY_SOCKET=str(notify_socket.path), WATCHDOG_USEC="400000")
+    with (tmp_path / "registry.log").open("wb") as log:
+        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        ready = notify_socket.next_with("READY")
+        assert ready.pid == process.pid
+        assert ready.fields.get("STATUS")
+        # READY means the API answers now, without a retry.
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/", timeout=2) as answer:
+            assert answer.status == 200
+        pings = [notify_socket.next_with("WATCHDOG", timeout=2.0) for _ in range(2)]
+        assert all(p.pid == process.pid for p in pings)
+        # `systemctl reload` (ExecReload=kill -HUP) must never kill it, TLS or not.
+        process.send_signal(signal.SIGHUP)
+        notify_socket.next_with("WATCHDOG", timeout=2.0)
+        assert process.poll() is None
+        process.send_signal(signal.SIGTERM)
+        assert notify_socket.next_with("STOPPING").fields["STOPPING"] == "1"
+        assert process.wait(timeout=15) == 0
+    finally:
+        _stop(process)
 
 
 @pytest.mark.skipif(shutil.which("systemd-socket-activate") is None, reason="needs systemd")
