@@ -216,8 +216,12 @@ def test_registry_notifies_pings_and_survives_reload(
             assert answer.status == 200
         pings = [notify_socket.next_with("WATCHDOG", timeout=2.0) for _ in range(2)]
         assert all(p.pid == process.pid for p in pings)
-        # `systemctl reload` (ExecReload=kill -HUP) must never kill it, TLS or not.
+        # `systemctl reload` (ExecReload=kill -HUP) must never kill it, TLS or not, and
+        # systemd hears RELOADING=1 then READY=1 so the reload job completes.
         process.send_signal(signal.SIGHUP)
+        assert notify_socket.next_with("RELOADING").fields["RELOADING"] == "1"
+        reloaded = notify_socket.next_with("READY")
+        assert reloaded.fields["STATUS"] == "nothing to reload"
         notify_socket.next_with("WATCHDOG", timeout=2.0)
         assert process.poll() is None
         process.send_signal(signal.SIGTERM)

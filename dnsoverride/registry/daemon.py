@@ -98,10 +98,14 @@ async def refuse_upstream_loop(config: RegistryConfig) -> None:
 
 
 def reload_certificates(certificates: CertificateSet | None) -> None:
+    """SIGHUP: re-read the TLS pairs, framed by RELOADING=1 / READY=1 for `systemctl reload`."""
+    systemd.notify_reloading()
     if certificates is None:
         log.info("reload_ignored", reason="no TLS certificates configured")
+        result = "nothing to reload"
     else:
-        certificates.reload()
+        result = "certificates reloaded" if certificates.reload() else "certificate reload failed"
+    systemd.notify("READY=1", f"STATUS={result}")
 
 
 async def _flush_access(store: Store, interval: float = 60.0) -> None:
