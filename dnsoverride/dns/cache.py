@@ -197,13 +197,14 @@ class AnswerCache:
 
         `counter` is the stats cell a hit increments (see `DnsStats.cell`).
         """
-        if ttl <= 0:
-            return
+        qend = wire.key_question_end(key)
+        if ttl <= 0 or reply[12:qend].lower() != key[4:] or wire.question_end(reply) != qend:
+            return  # not a reply to exactly this question: never splice it onto one
         entries = self._views[view]
         entries.pop(key, None)
         entries[key] = _Answer(
             reply,
-            qend=wire.key_question_end(key),
+            qend=qend,
             generation=generation,
             stored_at=now,
             expires=now + ttl,

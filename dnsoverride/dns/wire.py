@@ -17,8 +17,9 @@ _TTL = struct.Struct("!I")
 _RR_FIXED = struct.Struct("!HHIH")
 # A query with QDCOUNT=1 and ANCOUNT=NSCOUNT=0.
 _SIMPLE_COUNTS = b"\x00\x01\x00\x00\x00\x00"
-_NO_EDNS = b"\x00\x00\x00"
+_PLAIN_COUNTS = _SIMPLE_COUNTS + b"\x00\x00"
 _FLAGS = [bytes((value,)) for value in range(0x20)]  # RD (0x01) | CD (0x10) as one byte
+_PLAIN_PREFIX = [flag + b"\x00\x00\x00" for flag in _FLAGS]  # ... and "no EDNS"
 
 
 def fast_key(data: bytes, max_udp: int) -> bytes | None:
@@ -27,23 +28,25 @@ def fast_key(data: bytes, max_udp: int) -> bytes | None:
     The key holds the RD and CD bits, the client's EDNS presence, DO bit and UDP size
     (clamped to `max_udp`), and the question lowercased: label length bytes are below
     0x40, so `bytes.lower()` only touches the letters. The question is taken to end at
-    the first zero byte: should a label hide a zero, the key is still the exact bytes of
-    the packet (less ID and letter case), which only ever map to the answer computed for
-    those same bytes. The question ends at `len(key) + 8`. Anything unusual (opcode,
-    flags, counts, EDNS version or trailing bytes) returns None and takes the dnslib path.
+    the last byte (no EDNS) or the first zero byte (before an OPT record) without
+    walking the labels: the key is then still the exact bytes of the packet, less ID
+    and letter case, and `AnswerCache.store` only keeps a reply whose question matches
+    it. The question ends at `len(key) + 8`. Anything unusual (opcode, flags, counts,
+    EDNS version) returns None and takes the dnslib path.
     """
     size = len(data)
-    if size < 17 or data[2] & 0xFE or data[4:10] != _SIMPLE_COUNTS:
+    if size < 17 or data[2] & 0xFE:
+        return None
+    flags = (data[2] & 0x01) | (data[3] & 0x10)
+    if data[4:12] == _PLAIN_COUNTS:
+        # The common case (no EDNS): the question must run to the end of the packet.
+        return _PLAIN_PREFIX[flags] + data[HEADER_SIZE:].lower() if not data[size - 5] else None
+    if data[4:10] != _SIMPLE_COUNTS:
         return None
     qend = data.find(0, HEADER_SIZE) + 5
     if qend < 17:
         return None
-    additional = data[10:12]
-    if additional == b"\x00\x00":
-        if qend != size:
-            return None
-        edns = _NO_EDNS
-    elif additional == b"\x00\x01":
+    if data[10:12] == b"\x00\x01":
         # OPT: root owner, TYPE 41, CLASS = UDP size, TTL = ext-rcode/version/flags, RDLEN.
         if size < qend + 11 or data[qend] or data[qend + 1 : qend + 3] != b"\x00\x29":
             return None
@@ -53,7 +56,7 @@ def fast_key(data: bytes, max_udp: int) -> bytes | None:
         edns = bytes((0x01 | (data[qend + 7] & 0x80), udp >> 8, udp & 0xFF))
     else:
         return None
-    return _FLAGS[(data[2] & 0x01) | (data[3] & 0x10)] + edns + data[HEADER_SIZE:qend].lower()
+    return _FLAGS[flags] + edns + data[HEADER_SIZE:qend].lower()
 
 
 def key_question_end(key: bytes) -> int:
