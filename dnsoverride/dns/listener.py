@@ -27,18 +27,19 @@ class UdpListener(asyncio.DatagramProtocol):
 
     def __init__(self, resolver: Resolver, tasks: set[asyncio.Task[None]]) -> None:
         self._resolver = resolver
+        self._fast = resolver.fast  # bound once: the hot path is a handful of lookups
         self._tasks = tasks
         self._transport: asyncio.DatagramTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's UDPTransport implements DatagramTransport without subclassing it.
         self._transport = cast(asyncio.DatagramTransport, transport)
+        self._send = self._transport.sendto
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
-        reply = self._resolver.fast(data, addr[0])
+        reply = self._fast(data, addr[0])
         if reply is not None:
-            assert self._transport is not None
-            self._transport.sendto(reply, addr)
+            self._send(reply, addr)
             return
         task = asyncio.get_running_loop().create_task(self._slow(data, addr))
         self._tasks.add(task)
