@@ -336,12 +336,22 @@ class _ParsedFile:
     problems: tuple[ZoneProblem, ...]
     digest: str
 
+    @property
+    def reusable(self) -> bool:
+        """Whether the file's bytes alone decide this result. Not so with problems (one may
+        be an unreadable health `ca` file that gets fixed) or with a `ca` file at all."""
+        return not self.problems and not any(
+            entry.health is not None and entry.health.ca_file is not None
+            for entry in self.zone.entries.values()
+        )
+
 
 class ZoneFileCache:
     """Parsed files by path and content digest, so a reload re-parses only what changed.
 
     Keyed on the bytes actually parsed (never on mtime, which is too coarse to notice a
-    quick rewrite); keeps only the files of the most recent load.
+    quick rewrite); keeps only the reusable files of the most recent load, so whatever
+    `dnsoverride check` would say about the files now, a cached load says too.
     """
 
     def __init__(self) -> None:
@@ -360,7 +370,7 @@ class ZoneFileCache:
                 continue
             key = (str(path), hashlib.sha256(data).digest())
             files[key] = self._files.get(key) or _parse_file(path, data)
-        self._files = files
+        self._files = {key: file for key, file in files.items() if file.reusable}
         return list(files.values())
 
 
