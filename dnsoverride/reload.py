@@ -398,12 +398,13 @@ class Reloader(Generic[S]):
     async def _in_thread(self, func: Callable[..., R], *args: object) -> R:
         return await asyncio.get_running_loop().run_in_executor(self._executor, func, *args)
 
-    def _rewatch(self) -> None:
-        """(Re)schedule the observer when symlinks now resolve elsewhere (worker thread)."""
+    def _rewatch(self) -> bool:
+        """(Re)schedule the observer when symlinks now resolve elsewhere (worker thread);
+        True when the watches moved."""
         assert self._observer is not None and self._handler is not None
         plan = watch_plan(self._zones_dir, self._config_file)
         if plan == self._handler.plan:
-            return
+            return False
         self._observer.unschedule_all()
         for directory in sorted({watch.directory for watch in plan}):
             try:
@@ -412,6 +413,7 @@ class Reloader(Generic[S]):
                 # Missing for now; the parent watch or the periodic check will bring it back.
                 log.warning("zone_watch_failed", directory=directory, error=str(error))
         self._handler.plan = plan
+        return True
 
     async def _periodic(self) -> None:
         while True:
@@ -432,8 +434,9 @@ class Reloader(Generic[S]):
             except Exception:
                 # A bug here must not end reloading for the life of the daemon.
                 log.exception("zone_reload_crashed", trigger=trigger)
-            if self._handler is not None:
-                await self._in_thread(self._rewatch)
+            if await self._in_thread(self._rewatch):
+                # An edit made in the new directory before it was watched had no event.
+                self.request("event")
 
     async def _settle(self) -> None:
         """Wait until events stopped for `debounce` and no file is mid-write (bounded)."""

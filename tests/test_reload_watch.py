@@ -18,10 +18,11 @@ import dnslib
 import pytest
 import structlog
 from prometheus_client import CollectorRegistry
+from transparent_certs import make_ca
 
 from dnsoverride.config import load_config
 from dnsoverride.reload import Reloader, fingerprint, is_editor_scratch, serve_loader
-from dnsoverride.zones import LiveZones, ZoneFileCache, ZoneSet, load_zone_set
+from dnsoverride.zones import LiveZones, ZoneFileCache, ZoneSet, ZoneSetError, load_zone_set
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -439,3 +440,21 @@ def test_file_cache_reparses_only_changed_files(zones: Path) -> None:
     assert addresses(second, "b.test") == ("10.0.1.2",)
     # Same definition of the hash with or without a cache.
     assert second.content_hash == load_zone_set(zones).content_hash != first.content_hash
+
+
+def test_file_cache_rechecks_a_file_that_names_a_health_ca(zones: Path) -> None:
+    """Such a file's validity also depends on the CA file: never served from the cache."""
+    ca = make_ca(zones)
+    (zones / "b.yaml").write_text(
+        "records:\n  b.test:\n    A: 10.0.1.1\n"
+        f"    health: {{https: 'https://b.test/', ca: '{ca.cert_file.name}'}}\n"
+    )
+    cache = ZoneFileCache()
+    load_zone_set(zones, cache=cache)
+    good = ca.cert_file.read_bytes()
+    ca.cert_file.write_text("not a certificate\n")
+    with pytest.raises(ZoneSetError) as error:
+        load_zone_set(zones, cache=cache)
+    assert [p.file for p in error.value.problems] == [str(zones / "b.yaml")]
+    ca.cert_file.write_bytes(good)
+    assert addresses(load_zone_set(zones, cache=cache), "b.test") == ("10.0.1.1",)
