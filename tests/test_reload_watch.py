@@ -11,7 +11,7 @@ import argparse
 import asyncio
 import os
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 
 import dnslib
@@ -44,7 +44,14 @@ def addresses(zone_set: ZoneSet, name: str) -> tuple[str, ...] | None:
 class Harness:
     """A started Reloader over `zones`, with every swapped-in set recorded."""
 
-    def __init__(self, zones: Path, load: Callable[[], ZoneSet], config: Path | None) -> None:
+    def __init__(
+        self,
+        zones: Path,
+        load: Callable[[], ZoneSet],
+        config: Path | None,
+        interval: float = 0,
+        baseline: str | None = None,
+    ) -> None:
         self.zones = zones
         self.live = LiveZones(load())
         self.swapped: list[ZoneSet] = []
@@ -55,8 +62,9 @@ class Harness:
             current=self.live.current,
             zones_dir=zones,
             config_file=config,
-            interval=0,
+            interval=interval,
             registry=self.registry,
+            baseline=baseline,
         )
 
     def _swap(self, new: ZoneSet) -> None:
@@ -82,15 +90,21 @@ async def run(*argv: str) -> None:
 
 
 @asynccontextmanager
-async def reloading(
-    zones: Path, load: Callable[[], ZoneSet] | None = None, config: Path | None = None
-) -> AsyncIterator[Harness]:
-    harness = Harness(zones, load or (lambda: load_zone_set(zones)), config)
+async def running(harness: Harness) -> AsyncIterator[Harness]:
     await harness.reloader.start()
     try:
         yield harness
     finally:
         await harness.reloader.stop()
+
+
+def reloading(
+    zones: Path,
+    load: Callable[[], ZoneSet] | None = None,
+    config: Path | None = None,
+    interval: float = 0,
+) -> AbstractAsyncContextManager[Harness]:
+    return running(Harness(zones, load or (lambda: load_zone_set(zones)), config, interval))
 
 
 @pytest.fixture
@@ -329,24 +343,12 @@ async def test_sighup_request_reloads_what_events_missed(zones: Path, tmp_path: 
 
 
 async def test_periodic_check_catches_missed_changes(zones: Path, tmp_path: Path) -> None:
-    load = lambda: load_zone_set(zones)  # noqa: E731
-    harness = Harness(zones, load, None)
-    harness.reloader = Reloader(
-        load=load,
-        swap=harness._swap,
-        current=harness.live.current,
-        zones_dir=zones,
-        interval=0.2,
-    )
     with structlog.testing.capture_logs() as logs:
-        await harness.reloader.start()
-        try:
+        async with reloading(zones, interval=0.2) as h:
             write_unseen(zones, tmp_path / "other", "a.yaml", zone_text({"a.test": "10.0.0.2"}))
-            await harness.answer_becomes("a.test", ("10.0.0.2",))
+            await h.answer_becomes("a.test", ("10.0.0.2",))
             # Unchanged files: later periodic checks do not reload again.
-            await harness.until(lambda: sum(e["event"] == "zones_unchanged" for e in logs) >= 2)
-        finally:
-            await harness.reloader.stop()
+            await h.until(lambda: sum(e["event"] == "zones_unchanged" for e in logs) >= 2)
     assert [e["trigger"] for e in logs if e["event"] == "zones_reloaded"] == ["periodic"]
 
 
@@ -409,24 +411,10 @@ async def test_config_change_of_start_time_keys_is_reported(zones: Path) -> None
 async def test_edit_between_initial_load_and_start_is_noticed(zones: Path) -> None:
     """The daemon fingerprints before its initial load; an edit made meanwhile reloads."""
     baseline = fingerprint(zones, None)
-    live = LiveZones(load_zone_set(zones))
+    harness = Harness(zones, lambda: load_zone_set(zones), None, baseline=baseline)
     (zones / "a.yaml").write_text(zone_text({"a.test": "10.0.0.2"}))
-    reloader = Reloader(
-        load=lambda: load_zone_set(zones),
-        swap=live.swap,
-        current=live.current,
-        zones_dir=zones,
-        interval=0,
-        baseline=baseline,
-    )
-    await reloader.start()
-    try:
-        deadline = asyncio.get_running_loop().time() + 2
-        while addresses(live.current, "a.test") != ("10.0.0.2",):
-            assert asyncio.get_running_loop().time() < deadline
-            await asyncio.sleep(0.01)
-    finally:
-        await reloader.stop()
+    async with running(harness) as h:
+        await h.answer_becomes("a.test", ("10.0.0.2",))
 
 
 def test_file_cache_reparses_only_changed_files(zones: Path) -> None:
