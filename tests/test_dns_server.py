@@ -422,3 +422,10 @@ def test_fuzzed_queries_never_stop_the_server(server: DnsPeer) -> None:
         assert addresses(server.query("registry-1.docker.io", tcp=tcp)) == ["10.0.0.5"]
     assert server.process.poll() is None
     assert "Traceback" not in server.log_text()
+
+
+def test_zone_transfers_are_refused(server: DnsPeer) -> None:
+    for rdtype in ("AXFR", "IXFR"):
+        reply = server.query("registry-1.docker.io", rdtype, tcp=True)
+        assert reply.rcode() == dns.rcode.REFUSED
+        assert reply.answer == []

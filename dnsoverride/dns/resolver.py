@@ -33,6 +33,7 @@ REFUSED = -1
 MAX_CLIENTS_CACHED = 65536
 TCP_LIMIT = 65535
 QCLASS_IN = 1
+ZONE_TRANSFERS = (251, 252)  # IXFR, AXFR
 
 
 @dataclass
@@ -131,6 +132,8 @@ class Resolver:
             rcode = dnslib.RCODE.FORMERR
         elif index == REFUSED or request.q.qclass != QCLASS_IN:
             rcode = dnslib.RCODE.REFUSED
+        elif request.q.qtype in ZONE_TRANSFERS:
+            rcode = dnslib.RCODE.REFUSED  # there is no zone to transfer; never forwarded
         if rcode is not None or edns is None:
             reply = answer.new_reply(request, rcode=rcode or dnslib.RCODE.FORMERR)
             reply.questions = request.questions[:1]
