@@ -317,16 +317,17 @@ def name_problem(name: str, wildcard_ok: bool) -> str | None:
     return None
 
 
-def zone_files(directory: Path) -> list[Path]:
-    """The zone files of a directory, sorted: top-level `*.yaml`/`*.yml`, symlinks followed.
+def is_zone_file_name(name: str) -> bool:
+    """`*.yaml`/`*.yml`, not hidden: hidden names are editor lock files (`.#x.yaml`),
+    atomic-write temporaries (`.ansible_tmp...yaml`) and ConfigMap internals (`..data`)."""
+    return name.endswith(ZONE_SUFFIXES) and not name.startswith(".")
 
-    Hidden names are skipped: editor lock files (`.#x.yaml`), atomic-write temporaries
-    (`.ansible_tmp...yaml`) and Kubernetes ConfigMap internals (`..data`).
-    """
+
+def zone_files(directory: Path) -> list[Path]:
+    """The zone files of a directory, sorted: top-level, named as `is_zone_file_name` says,
+    symlinks followed."""
     return sorted(
-        path
-        for path in directory.iterdir()
-        if path.suffix in ZONE_SUFFIXES and not path.name.startswith(".") and path.is_file()
+        path for path in directory.iterdir() if is_zone_file_name(path.name) and path.is_file()
     )
 
 
