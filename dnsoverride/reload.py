@@ -15,8 +15,8 @@ and no writer still has one open, take a content fingerprint, load and validate 
 set in a worker thread, take the fingerprint again (a file that changed under the reader
 means the read may be torn: start over), and only then swap the holder on the event loop
 thread. A set that fails to load is logged problem by problem and the last good set keeps
-being served, in full. An unchanged fingerprint skips the load, so events from editor
-scratch files or from our own reads cost one hash of the zone files, not a reparse.
+being served, in full. Events for names the loader would not read are ignored, and an
+unchanged fingerprint skips the load, so a stray event costs one hash of the zone files.
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ from dnsoverride.zones import (
     ZoneProblem,
     ZoneSet,
     ZoneSetError,
+    is_zone_file_name,
     load_zone_set,
     zone_files,
 )
@@ -81,21 +82,6 @@ class ZoneSetLike(Protocol):
 
 S = TypeVar("S", bound=ZoneSetLike)
 R = TypeVar("R")
-
-
-def is_editor_scratch(name: str) -> bool:
-    """Files editors and tools create beside the real one while saving; never a reason to reload.
-
-    vim: `.x.swp`/`.swo`/`.swx`, backups `x~`, the write test file `4913`; Emacs: lock
-    `.#x`, autosave `#x#`. (Other hidden names are not scratch: a ConfigMap's `..data`
-    swap is exactly the event that matters.)
-    """
-    return (
-        name.endswith(("~", ".swp", ".swo", ".swx", ".swpx"))
-        or name.startswith(".#")
-        or (name.startswith("#") and name.endswith("#"))
-        or name == "4913"
-    )
 
 
 @dataclass
@@ -205,7 +191,7 @@ def fingerprint(zones_dir: Path, config_file: Path | None) -> str:
 
 @dataclass(frozen=True)
 class _Watch:
-    """One watched directory; `names` limits which entries matter (None: all but scratch).
+    """One watched directory; `names` limits which entries matter (None: zone file names).
 
     `inode` makes a directory replaced under the same path (`mv zones.new zones`) a
     different watch, so the observer is moved off the old, now unreachable, directory.
@@ -217,10 +203,14 @@ class _Watch:
 
     def wants(self, path: str) -> bool:
         parent, name = os.path.split(path)
-        if parent != self.directory or is_editor_scratch(name):
+        if parent != self.directory:
             return False
-        # ConfigMap mounts swap a `..data` symlink beside the files the config names.
-        return self.names is None or name in self.names or name.startswith("..")
+        # ConfigMap mounts swap a `..data` symlink beside the files they hold. Editor
+        # scratch files (`.x.swp`, `x~`, `4913`, `.#x.yaml`) and temporaries renamed into
+        # place (whose rename names the real file) are not zone file names.
+        if name.startswith(".."):
+            return True
+        return name in self.names if self.names is not None else is_zone_file_name(name)
 
 
 def watch_plan(zones_dir: Path, config_file: Path | None) -> frozenset[_Watch]:
@@ -439,12 +429,14 @@ class Reloader(Generic[S]):
                 self.request("event")
 
     async def _settle(self) -> None:
-        """Wait until events stopped for `debounce` and no file is mid-write (bounded)."""
+        """Wait until events stopped for `debounce` and no file is mid-write, at most
+        `settle_max` (a file rewritten non-stop must not starve reloads: the torn-read
+        check still keeps a half-written set out)."""
         deadline = time.monotonic() + self._settle_max
         while True:
             now = time.monotonic()
             quiet = now - self._pending.last_event
-            if quiet >= self._debounce and (not self._pending.writing or now >= deadline):
+            if now >= deadline or (quiet >= self._debounce and not self._pending.writing):
                 return
             await asyncio.sleep(max(self._debounce - quiet, 0.02))
 
