@@ -27,6 +27,7 @@ from dnsoverride.dns.stats import DnsStats
 log = structlog.get_logger(__name__)
 
 Question = tuple[str, int, int, bool, bool]  # name (lowercase), type, class, DO, CD
+MAX_INFLIGHT = 512
 _RETRY_RCODES = {dnslib.RCODE.SERVFAIL: "servfail", dnslib.RCODE.REFUSED: "refused"}
 
 
@@ -62,6 +63,11 @@ class Forwarder:
         pending = self._inflight.get(question)
         if pending is not None:
             return await asyncio.shield(pending)
+        if len(self._inflight) >= MAX_INFLIGHT:
+            # A flood of distinct names must not take every file descriptor (one socket
+            # per upstream query): beyond this many, fail fast (SERVFAIL or stale).
+            self._stats.upstream_failed("*", "busy")
+            raise UpstreamFailedError(question[0])
         future: asyncio.Future[dnslib.DNSRecord] = asyncio.get_running_loop().create_future()
         self._inflight[question] = future
         try:

@@ -6,7 +6,9 @@ Exposed names:
                                                            upstream, stale, synthesized, error
   dnsoverride_dns_upstream_latency_seconds{upstream}       histogram of answered queries
   dnsoverride_dns_upstream_failures_total{upstream,reason} reason: timeout, servfail,
-                                                           refused, error, mismatch
+                                                           refused, error, mismatch;
+                                                           upstream "*", reason busy: too
+                                                           many questions in flight
   dnsoverride_dns_cache_entries{cache}                     cache: answer, response
   dnsoverride_dns_cache_hits_total{cache} / _misses_total{cache}
   dnsoverride_dns_cache_hit_ratio{cache}
