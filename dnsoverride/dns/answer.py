@@ -18,8 +18,6 @@ from dnsoverride.zones import NameEntry, Overrides, RRSet
 MAX_CNAME_CHAIN = 8
 SOA_MNAME = "ns.dnsoverride.invalid."
 SOA_RNAME = "hostmaster.dnsoverride.invalid."
-# RFC 8767 section 4: stale answers go out with a TTL of 30 seconds.
-STALE_TTL = 30
 QTYPE_ANY = 255
 QTYPE_OPT = 41
 HINFO = 13

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import dnslib
@@ -23,6 +24,8 @@ from dnsoverride.config import CacheConfig
 from dnsoverride.dns import wire
 
 ResponseKey = tuple[str, int, int, bool, bool]
+# RFC 8767 section 4: stale answers go out with a TTL of 30 seconds.
+STALE_TTL = 30
 
 
 @dataclass
@@ -97,15 +100,12 @@ class ResponseCache:
         return self._with_ttl(entry, lambda ttl: min(ttl, STALE_TTL))
 
     @staticmethod
-    def _with_ttl(entry: _Response, ttl_of: object) -> dnslib.DNSRecord:
+    def _with_ttl(entry: _Response, ttl_of: Callable[[int], int]) -> dnslib.DNSRecord:
         reply = dnslib.DNSRecord.parse(entry.wire)
         for rr in (*reply.rr, *reply.auth, *reply.ar):
             if rr.rtype != wire.OPT:
-                rr.ttl = ttl_of(rr.ttl)  # type: ignore[operator]
+                rr.ttl = ttl_of(rr.ttl)
         return reply
-
-
-STALE_TTL = 30
 
 
 class _Answer:
