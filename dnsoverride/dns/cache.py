@@ -13,7 +13,6 @@ set invalidates them all without a scan.
 
 from __future__ import annotations
 
-import math
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -213,6 +212,3 @@ class AnswerCache:
         )
         if len(entries) > self.size:
             del entries[next(iter(entries))]
-
-
-FOREVER = math.inf
