@@ -8,6 +8,7 @@ a real socket in a thread whose replies the test chooses.
 from __future__ import annotations
 
 import socket
+import struct
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -123,3 +124,51 @@ def test_one_upstream_query_for_identical_questions_and_forged_replies_ignored(
         others = [entry for entry in scripted.seen if entry[2].endswith("nx.example.")]
         assert len({port for port, _, _ in others}) >= len(others) - 1
         assert len({query_id for _, query_id, _ in others}) >= len(others) - 1
+
+
+def _framed(message: dns.message.Message) -> bytes:
+    wire = message.to_wire()
+    return struct.pack("!H", len(wire)) + wire
+
+
+def _read_framed(sock: socket.socket) -> dns.message.Message:
+    def exactly(count: int) -> bytes:
+        data = b""
+        while len(data) < count:
+            chunk = sock.recv(count - len(data))
+            assert chunk, "connection closed"
+            data += chunk
+        return data
+
+    (length,) = struct.unpack("!H", exactly(2))
+    return dns.message.from_wire(exactly(length))
+
+
+def test_pipelined_tcp_queries_are_answered_out_of_order(
+    tmp_path: Path, scripted: ScriptedUpstream
+) -> None:
+    zones = tmp_path / "zones"
+    zones.mkdir()
+    (zones / "z.yaml").write_text("records:\n  over.example: {A: 10.0.0.1}\n")
+    with (
+        dnsoverride_serve(tmp_path, zones, [f"127.0.0.1:{scripted.port}"]) as server,
+        socket.create_connection((server.host, server.port), timeout=5) as sock,
+    ):
+        slow = dns.message.make_query("b.slow.test", "A")
+        local = dns.message.make_query("over.example", "A")
+        forwarded = dns.message.make_query("c.nx.example", "A")
+        # One segment, three queries: the slow one first.
+        sock.sendall(_framed(slow) + _framed(local) + _framed(forwarded))
+        assert scripted.first_held.wait(5)
+        first, second = _read_framed(sock), _read_framed(sock)
+        assert {first.id, second.id} == {local.id, forwarded.id}
+        by_id = {first.id: first, second.id: second}
+        assert [str(rdata) for rrset in by_id[local.id].answer for rdata in rrset] == ["10.0.0.1"]
+        assert by_id[forwarded.id].rcode() == dns.rcode.NXDOMAIN
+        scripted.release.set()
+        last = _read_framed(sock)
+        assert last.id == slow.id
+        assert [str(rdata) for rrset in last.answer for rdata in rrset] == ["192.0.2.55"]
+        # Same connection, still open, and a repeat is a cache hit answered in order.
+        sock.sendall(_framed(local))
+        assert _read_framed(sock).id == local.id

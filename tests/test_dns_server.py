@@ -20,6 +20,7 @@ import dns.rcode
 import dns.rdatatype
 import pytest
 
+from dnsoverride.dns.listener import TCP_IDLE_TIMEOUT, TCP_MAX_CONNECTIONS
 from tests.peers import DnsPeer, dnsmasq, dnsoverride_serve, free_port, unbound
 
 ZONE = """\
@@ -174,6 +175,10 @@ def test_edns_is_echoed_and_large_udp_answers_are_truncated(server: DnsPeer) -> 
     assert not edns_reply.flags & dns.flags.TC
     full = server.query("big.ci.example", "A", tcp=True)
     assert len(addresses(full)) == BIG
+    # TCP answers come from the answer cache too, never the truncated UDP one.
+    again = server.query("big.ci.example", "A", tcp=True)
+    assert not again.flags & dns.flags.TC
+    assert len(addresses(again)) == BIG
 
 
 def test_upstream_truncation_is_retried_over_tcp(server: DnsPeer) -> None:
@@ -429,3 +434,27 @@ def test_zone_transfers_are_refused(server: DnsPeer) -> None:
         reply = server.query("registry-1.docker.io", rdtype, tcp=True)
         assert reply.rcode() == dns.rcode.REFUSED
         assert reply.answer == []
+
+
+@pytest.mark.timeout(60)
+def test_tcp_connection_cap_and_idle_timeout(server: DnsPeer) -> None:
+    idle = socket.create_connection((server.host, server.port), timeout=20)
+    opened_at = time.monotonic()
+    held = []
+    try:
+        for _ in range(TCP_MAX_CONNECTIONS - 1):
+            held.append(socket.create_connection((server.host, server.port), timeout=5))
+        # The server is at its cap: one more is accepted by the kernel, then closed at once.
+        with socket.create_connection((server.host, server.port), timeout=5) as extra:
+            assert extra.recv(2) == b""
+        # A connection within the cap still answers.
+        query = dns.message.make_query("registry-1.docker.io", "A")
+        reply = dns.query.tcp(query, server.host, 3, server.port, sock=held[-1])
+        assert addresses(reply) == ["10.0.0.5"]
+    finally:
+        for sock in held:
+            sock.close()
+    with idle:
+        assert idle.recv(2) == b""  # closed by the server, not by our 20 s timeout
+        waited = time.monotonic() - opened_at
+    assert TCP_IDLE_TIMEOUT - 0.5 <= waited <= TCP_IDLE_TIMEOUT + 3

@@ -2,8 +2,9 @@
 
 UDP is a plain `asyncio.DatagramProtocol`: a cache hit is answered inside
 `datagram_received` without creating a task; a miss becomes a task. TCP reads
-length-prefixed messages (several per connection, RFC 7766) until the client goes
-quiet. Neither knows anything about DNS beyond the framing.
+length-prefixed messages (several per connection, answered concurrently and out of
+order, RFC 7766) until the client goes quiet; cache hits are answered from the same
+answer cache as UDP. Neither knows anything about DNS beyond the framing.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from dnsoverride.dns.resolver import Resolver
 
 log = structlog.get_logger(__name__)
 
-TCP_IDLE_TIMEOUT = 10.0
+TCP_IDLE_TIMEOUT = 10.0  # seconds without a query (RFC 7766 6.2.3: seconds, not minutes)
+TCP_PIPELINE = 100  # queries of one connection in flight at once
+TCP_MAX_CONNECTIONS = 512  # open connections; more are closed at once
 
 
 class UdpListener(asyncio.DatagramProtocol):
@@ -59,24 +62,75 @@ TcpHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[No
 
 
 def tcp_handler(resolver: Resolver) -> TcpHandler:
-    """The `asyncio.start_server` callback for DNS over TCP."""
+    """The `asyncio.start_server` callback for DNS over TCP (RFC 7766).
+
+    Queries pipelined on one connection are answered concurrently, each as soon as it is
+    ready (out of order): an answer-cache hit at once, a forwarded one when the upstream
+    replies. At most `TCP_PIPELINE` queries of one connection are in flight (reading
+    stops until one finishes), at most `TCP_MAX_CONNECTIONS` connections are open (a new
+    one beyond that is closed at once), and a connection with nothing in flight and no
+    complete query for `TCP_IDLE_TIMEOUT` seconds is closed.
+    """
+    fast = resolver.fast
+    open_connections = [0]
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if open_connections[0] >= TCP_MAX_CONNECTIONS:
+            resolver.stats.tcp_refused += 1
+            writer.close()
+            return
+        open_connections[0] += 1
         peer = writer.get_extra_info("peername")
         host = peer[0] if peer else ""
+        slots = asyncio.Semaphore(TCP_PIPELINE)
+        pending: set[asyncio.Task[None]] = set()
+        loop = asyncio.get_running_loop()
+        idle: asyncio.Timeout | None = None
+
+        async def answer(data: bytes) -> None:
+            try:
+                reply = await resolver.resolve(data, host, tcp=True)
+                if reply is not None and not writer.is_closing():
+                    # One write per answer: concurrent answers never interleave.
+                    writer.write(struct.pack("!H", len(reply)) + reply)
+            finally:
+                slots.release()
+                if len(pending) == 1 and idle is not None and not idle.expired():
+                    idle.reschedule(loop.time() + TCP_IDLE_TIMEOUT)  # the last one in flight
+
         try:
             while True:
-                prefix = await asyncio.wait_for(reader.readexactly(2), TCP_IDLE_TIMEOUT)
-                (length,) = struct.unpack("!H", prefix)
-                data = await asyncio.wait_for(reader.readexactly(length), TCP_IDLE_TIMEOUT)
-                reply = await resolver.resolve(data, host, tcp=True)
-                if reply is None:
-                    continue
-                writer.write(struct.pack("!H", len(reply)) + reply)
+                # The idle clock only runs while nothing is in flight: a client waiting
+                # for a slow forwarded answer is not idle.
+                async with asyncio.timeout(None if pending else TCP_IDLE_TIMEOUT) as idle:
+                    prefix = await reader.readexactly(2)
+                    idle.reschedule(loop.time() + TCP_IDLE_TIMEOUT)
+                    data = await reader.readexactly(struct.unpack("!H", prefix)[0])
+                idle = None
+                reply = fast(data, host, True)
+                if reply is not None:
+                    writer.write(struct.pack("!H", len(reply)) + reply)
+                else:
+                    await slots.acquire()
+                    task = loop.create_task(answer(data))
+                    pending.add(task)
+                    task.add_done_callback(pending.discard)
                 await writer.drain()
         except (asyncio.IncompleteReadError, TimeoutError, ConnectionError):
             pass
         finally:
-            writer.close()
+            open_connections[0] -= 1
+            try:
+                if pending:
+                    # The client may have half-closed after its last query: it still
+                    # gets the answers (each bounded by the forwarding budget).
+                    await asyncio.wait(pending)
+                    await writer.drain()
+            except ConnectionError:
+                pass
+            finally:
+                for task in pending:
+                    task.cancel()
+                writer.close()
 
     return handle

@@ -80,11 +80,13 @@ class Resolver:
         self._clients[host] = index
         return index
 
-    def fast(self, data: bytes, host: str) -> bytes | None:
+    def fast(self, data: bytes, host: str, tcp: bool = False) -> bytes | None:
         """The reply from the answer cache (or REFUSED), or None to take `resolve`."""
         key = wire.fast_key(data, self._udp_size)
         if key is None:
             return None
+        if tcp:
+            key = wire.tcp_key(key)
         index = self._clients.get(host)
         if index is None:
             index = self._classify(host)
@@ -162,7 +164,9 @@ class Resolver:
                 rcode=rcode_name,
                 source=outcome.source,
             )
-        key = None if tcp else wire.fast_key(data, self._udp_size)
+        key = wire.fast_key(data, self._udp_size)
+        if key is not None and tcp:
+            key = wire.tcp_key(key)
         if key is not None and outcome.cache_for > 0:
             hit_source = "cache" if outcome.source == "upstream" else outcome.source
             self.answers.store(

@@ -12,6 +12,7 @@ Exposed names:
   dnsoverride_dns_cache_entries{cache}                     cache: answer, response
   dnsoverride_dns_cache_hits_total{cache} / _misses_total{cache}
   dnsoverride_dns_cache_hit_ratio{cache}
+  dnsoverride_dns_tcp_connections_refused_total            closed at once: too many open
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ class DnsStats:
         self.queries: dict[QueryKey, list[int]] = {}
         self.failures: dict[tuple[str, str], int] = {}
         self.latency: dict[str, list[float]] = {}
+        self.tcp_refused = 0  # connections closed at once: the connection cap was reached
 
     def cell(self, key: QueryKey) -> list[int]:
         """The one-element counter for labels (view, qtype, rcode, source).
@@ -112,6 +114,11 @@ class DnsCollector(Collector):
         for (upstream, reason), value in list(self._stats.failures.items()):
             failures.add_metric([upstream, reason], value)
         yield failures
+        yield CounterMetricFamily(
+            "dnsoverride_dns_tcp_connections_refused",
+            "TCP connections closed on accept because too many were open",
+            value=self._stats.tcp_refused,
+        )
         entries = GaugeMetricFamily(
             "dnsoverride_dns_cache_entries", "Entries in the DNS caches", labels=("cache",)
         )

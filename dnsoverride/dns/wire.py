@@ -59,6 +59,15 @@ def fast_key(data: bytes, max_udp: int) -> bytes | None:
     return _FLAGS[flags] + edns + data[HEADER_SIZE:qend].lower()
 
 
+def tcp_key(key: bytes) -> bytes:
+    """The answer cache key of the same query over TCP.
+
+    A UDP reply may be truncated to the client's size, a TCP one never is, so they are
+    cached apart: the first key byte only uses its low 5 bits (RD, CD), 0x80 marks TCP.
+    """
+    return bytes((key[0] | 0x80,)) + key[1:]
+
+
 def key_question_end(key: bytes) -> int:
     """Where the question ends in the query a `fast_key` key was made from."""
     return len(key) + 8
