@@ -65,6 +65,17 @@ def wait_for_port(host: str, port: int, timeout: float = 15.0, proc: Any = None)
     raise TimeoutError(f"{host}:{port} did not start listening")
 
 
+def stop_process(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> int:
+    """Signal `proc` (unless it already exited), wait, kill it if it hangs; its exit code."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+    try:
+        return proc.wait(15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait()
+
+
 def _sha256(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
@@ -218,15 +229,10 @@ def verify_dir(out_dir: Path) -> set[str]:
     return digests
 
 
-# -- the distribution registry ------------------------------------------------------------
-class DistributionRegistry:
-    """`docker-registry serve` on a random loopback port, storage in `root`."""
+class _OnLoopback:
+    """A server on 127.0.0.1:`port` that speaks plain HTTP."""
 
-    def __init__(self, root: Path, extra: dict[str, Any] | None = None, port: int = 0) -> None:
-        self.root = root
-        self.port = port or free_port()
-        self.extra = extra or {}
-        self.proc: subprocess.Popen[bytes] | None = None
+    port: int
 
     @property
     def address(self) -> str:
@@ -235,6 +241,17 @@ class DistributionRegistry:
     @property
     def url(self) -> str:
         return f"http://{self.address}"
+
+
+# -- the distribution registry ------------------------------------------------------------
+class DistributionRegistry(_OnLoopback):
+    """`docker-registry serve` on a random loopback port, storage in `root`."""
+
+    def __init__(self, root: Path, extra: dict[str, Any] | None = None, port: int = 0) -> None:
+        self.root = root
+        self.port = port or free_port()
+        self.extra = extra or {}
+        self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> DistributionRegistry:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -259,20 +276,21 @@ class DistributionRegistry:
         return self
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            stop_process(self.proc)
         self.proc = None
         with contextlib.suppress(AttributeError):
             self.log.close()
 
+    def __enter__(self) -> DistributionRegistry:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
 
 # -- the cache as a process ---------------------------------------------------------------
-class CacheProcess:
+class CacheProcess(_OnLoopback):
     """`dnsoverride registry` as a real process on a random loopback port."""
 
     def __init__(
@@ -285,14 +303,6 @@ class CacheProcess:
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = storage.parent / f"cache-{self.port}.log"
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.address}"
 
     def start(self) -> CacheProcess:
         argv = [sys.executable, "-m", "dnsoverride", "registry"]
@@ -310,15 +320,7 @@ class CacheProcess:
         return self
 
     def stop(self, sig: int = signal.SIGTERM) -> int | None:
-        code = None
-        if self.proc is not None:
-            if self.proc.poll() is None:
-                self.proc.send_signal(sig)
-            try:
-                code = self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                code = self.proc.wait()
+        code = None if self.proc is None else stop_process(self.proc, sig)
         self.proc = None
         with contextlib.suppress(AttributeError):
             self.log.close()
@@ -392,6 +394,12 @@ class TestProxy:
             self.runner = None
         if self.session is not None:
             await self.session.close()
+
+    async def __aenter__(self) -> TestProxy:
+        return await self.start()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
 
     def blob_requests(self, method: str = "GET") -> list[str]:
         return [path for m, path, _ in self.requests if m == method and "/blobs/" in path]
@@ -512,6 +520,12 @@ class TokenServer:
     async def stop(self) -> None:
         if self.runner is not None:
             await self.runner.cleanup()
+
+    async def __aenter__(self) -> TokenServer:
+        return await self.start()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
 
     async def token(self, request: web.Request) -> web.Response:
         auth = request.headers.get("Authorization", "")

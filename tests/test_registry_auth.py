@@ -3,12 +3,13 @@ redirects to a CDN host that must not receive the registry's Authorization."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import aiohttp
 import pytest
 
+from tests.registry_fixtures import Publish, StartCache
 from tests.registry_peers import (
     CacheProcess,
     DistributionRegistry,
@@ -27,20 +28,14 @@ pytestmark = pytest.mark.timeout(120)
 
 @pytest.fixture
 async def tokens(tmp_path: Path) -> AsyncIterator[TokenServer]:
-    server = await TokenServer(tmp_path / "tokens").start()
-    try:
+    async with TokenServer(tmp_path / "tokens") as server:
         yield server
-    finally:
-        await server.stop()
 
 
 @pytest.fixture
 def secured(tmp_path: Path, tokens: TokenServer) -> Iterator[DistributionRegistry]:
-    registry = DistributionRegistry(tmp_path / "secured", tokens.registry_auth()).start()
-    try:
+    with DistributionRegistry(tmp_path / "secured", tokens.registry_auth()) as registry:
         yield registry
-    finally:
-        registry.stop()
 
 
 @pytest.fixture
@@ -50,86 +45,87 @@ async def image(tmp_path: Path, secured: DistributionRegistry, tokens: TokenServ
     return image
 
 
+@pytest.fixture
+def private_cache(
+    start_cache: StartCache, secured: DistributionRegistry
+) -> Callable[[str], CacheProcess]:
+    """A cache whose upstream is the token-secured registry, with user `ci` and a password."""
+    return lambda password: start_cache(
+        config=_config(secured.url, username="ci", password=password)
+    )
+
+
 def _config(url: str, **credentials: str) -> dict[str, object]:
     return {"upstreams": [{"name": "private.example", "url": url, **credentials}]}
 
 
 async def test_token_flow_with_credentials_and_token_cache(
-    tmp_path: Path, secured: DistributionRegistry, tokens: TokenServer, image: Image
+    tmp_path: Path,
+    secured: DistributionRegistry,
+    tokens: TokenServer,
+    image: Image,
+    private_cache: Callable[[str], CacheProcess],
+    http: aiohttp.ClientSession,
 ) -> None:
-    config = _config(secured.url, username="ci", password="s3cret")
-    cache = CacheProcess(tmp_path / "store", "", config=config).start()
-    try:
-        async with aiohttp.ClientSession() as http, http.get(f"{secured.url}/v2/") as response:
-            assert response.status == 401  # the upstream really wants a token
-        code, out = await pull(f"{cache.address}/team/private:v1", tmp_path / "out")
-        assert code == 0, out + cache.logs()
-        assert verify_dir(tmp_path / "out") == set(image.blobs)
-        # One token for the pull scope, reused for the manifest and every blob.
-        assert tokens.issued.count("repository:team/private:pull") == 1
-    finally:
-        assert cache.stop() == 0
+    cache = private_cache("s3cret")
+    async with http.get(f"{secured.url}/v2/") as response:
+        assert response.status == 401  # the upstream really wants a token
+    code, out = await pull(f"{cache.address}/team/private:v1", tmp_path / "out")
+    assert code == 0, out + cache.logs()
+    assert verify_dir(tmp_path / "out") == set(image.blobs)
+    # One token for the pull scope, reused for the manifest and every blob.
+    assert tokens.issued.count("repository:team/private:pull") == 1
 
 
 async def test_wrong_credentials_give_unauthorized(
-    tmp_path: Path, secured: DistributionRegistry, tokens: TokenServer, image: Image
+    tokens: TokenServer,
+    image: Image,
+    private_cache: Callable[[str], CacheProcess],
+    http: aiohttp.ClientSession,
 ) -> None:
-    config = _config(secured.url, username="ci", password="wrong")
-    cache = CacheProcess(tmp_path / "store", "", config=config).start()
-    try:
-        async with aiohttp.ClientSession() as http:
-            url = f"{cache.url}/v2/team/private/manifests/v1"
-            async with http.get(url) as response:
-                assert response.status == 401
-                body = await response.json()
-                assert body["errors"][0]["code"] == "UNAUTHORIZED"
-        assert tokens.refused >= 1
-    finally:
-        assert cache.stop() == 0
+    cache = private_cache("wrong")
+    async with http.get(f"{cache.url}/v2/team/private/manifests/v1") as response:
+        assert response.status == 401
+        body = await response.json()
+        assert body["errors"][0]["code"] == "UNAUTHORIZED"
+    assert tokens.refused >= 1
 
 
 async def test_redirect_to_cdn_drops_authorization(
-    tmp_path: Path, secured: DistributionRegistry, tokens: TokenServer, image: Image
+    tmp_path: Path,
+    secured: DistributionRegistry,
+    tokens: TokenServer,
+    image: Image,
+    start_cache: StartCache,
 ) -> None:
     """Blob GETs are redirected (307) to a "CDN" on another loopback host."""
-    plain = DistributionRegistry(tmp_path / "cdn-origin").start()
-    cdn = front = None
-    try:
+    with DistributionRegistry(tmp_path / "cdn-origin") as plain:
         await push(image, f"{plain.address}/team/private:v1")
-        cdn = await TestProxy(plain.url, host="127.0.0.2").start()
-        front = await TestProxy(secured.url).start()
-        front.redirect_blobs_to = cdn.url
-        cache = CacheProcess(
-            tmp_path / "store", "", config=_config(front.url, username="ci", password="s3cret")
-        ).start()
-        try:
+        async with (
+            TestProxy(plain.url, host="127.0.0.2") as cdn,
+            TestProxy(secured.url) as front,
+        ):
+            front.redirect_blobs_to = cdn.url
+            cache = start_cache(config=_config(front.url, username="ci", password="s3cret"))
             code, out = await pull(f"{cache.address}/team/private:v1", tmp_path / "out")
             assert code == 0, out + cache.logs()
             assert verify_dir(tmp_path / "out") == set(image.blobs)
-        finally:
             assert cache.stop() == 0
-        assert sorted(cdn.blob_requests()) == sorted(
-            f"/v2/team/private/blobs/{d}" for d in image.blobs
-        )
-        assert all("Authorization" not in headers for _, _, headers in cdn.requests)
-        registry_auth = [
-            h.get("Authorization", "") for _, p, h in front.requests if "/v2/team" in p
-        ]
-        assert any(value.startswith("Bearer ") for value in registry_auth)
-    finally:
-        for proxy in (cdn, front):
-            if proxy is not None:
-                await proxy.stop()
-        plain.stop()
+    assert sorted(cdn.blob_requests()) == sorted(f"/v2/team/private/blobs/{d}" for d in image.blobs)
+    assert all("Authorization" not in headers for _, _, headers in cdn.requests)
+    registry_auth = [h.get("Authorization", "") for _, p, h in front.requests if "/v2/team" in p]
+    assert any(value.startswith("Bearer ") for value in registry_auth)
 
 
-async def test_basic_auth_and_ratelimit_header_recorded(tmp_path: Path) -> None:
-    plain = DistributionRegistry(tmp_path / "plain").start()
-    guard = None
-    try:
-        image = build_image(tmp_path / "layout", platforms=("linux/amd64",), layer_sizes=(2000,))
-        await push(image, f"{plain.address}/team/basic:v1")
-        guard = await TestProxy(plain.url).start()
+async def test_basic_auth_and_ratelimit_header_recorded(
+    tmp_path: Path,
+    upstream: DistributionRegistry,
+    publish: Publish,
+    start_cache: StartCache,
+    http: aiohttp.ClientSession,
+) -> None:
+    image = await publish("team/basic:v1", platforms=("linux/amd64",), layer_sizes=(2000,))
+    async with TestProxy(upstream.url) as guard:
         guard.basic_auth = "ci:pw"
         guard.extra_headers = {"ratelimit-remaining": "97;w=21600"}
         metrics_port = free_port()
@@ -139,21 +135,14 @@ async def test_basic_auth_and_ratelimit_header_recorded(tmp_path: Path) -> None:
             ],
             "metrics": f"127.0.0.1:{metrics_port}",
         }
-        cache = CacheProcess(tmp_path / "store", "", config=config).start()
-        try:
-            code, out = await pull(f"{cache.address}/team/basic:v1", tmp_path / "out")
-            assert code == 0, out + cache.logs()
-            assert verify_dir(tmp_path / "out") == set(image.blobs)
-            metrics = f"http://127.0.0.1:{metrics_port}/metrics"
-            async with aiohttp.ClientSession() as http, http.get(metrics) as response:
-                text = await response.text()
-            gauge = "dnsoverride_registry_upstream_ratelimit_remaining"
-            assert f'{gauge}{{upstream="basic.example"}} 97.0' in text
-        finally:
-            assert cache.stop() == 0
-        sent = {h.get("Authorization") for _, p, h in guard.requests if "/v2/team" in p}
-        assert "Basic Y2k6cHc=" in sent
-    finally:
-        if guard is not None:
-            await guard.stop()
-        plain.stop()
+        cache = start_cache(config=config)
+        code, out = await pull(f"{cache.address}/team/basic:v1", tmp_path / "out")
+        assert code == 0, out + cache.logs()
+        assert verify_dir(tmp_path / "out") == set(image.blobs)
+        async with http.get(f"http://127.0.0.1:{metrics_port}/metrics") as response:
+            text = await response.text()
+        gauge = "dnsoverride_registry_upstream_ratelimit_remaining"
+        assert f'{gauge}{{upstream="basic.example"}} 97.0' in text
+        assert cache.stop() == 0
+    sent = {h.get("Authorization") for _, p, h in guard.requests if "/v2/team" in p}
+    assert "Basic Y2k6cHc=" in sent

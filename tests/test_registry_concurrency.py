@@ -4,59 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import aiohttp
 import pytest
 
-from tests.registry_peers import (
-    CacheProcess,
-    DistributionRegistry,
-    TestProxy,
-    build_image,
-    pull,
-    push,
-    verify_dir,
-)
+from tests.registry_fixtures import Publish, StartCache
+from tests.registry_peers import CacheProcess, TestProxy, pull, verify_dir
 
 pytestmark = pytest.mark.timeout(180)
 
 
-@pytest.fixture
-def upstream(tmp_path: Path) -> Iterator[DistributionRegistry]:
-    registry = DistributionRegistry(tmp_path / "upstream").start()
-    try:
-        yield registry
-    finally:
-        registry.stop()
-
-
-@pytest.fixture
-async def proxy(upstream: DistributionRegistry) -> AsyncIterator[TestProxy]:
-    counting = await TestProxy(upstream.url).start()
-    try:
-        yield counting
-    finally:
-        await counting.stop()
-
-
-@pytest.fixture
-def cache(tmp_path: Path, proxy: TestProxy) -> Iterator[CacheProcess]:
-    process = CacheProcess(tmp_path / "store", proxy.url).start()
-    try:
-        yield process
-    finally:
-        assert process.stop() == 0, process.logs()
-
-
 async def test_eight_concurrent_cold_pulls_fetch_each_blob_once(
-    tmp_path: Path, upstream: DistributionRegistry, proxy: TestProxy, cache: CacheProcess
+    tmp_path: Path, publish: Publish, proxy: TestProxy, cache: CacheProcess
 ) -> None:
-    image = build_image(
-        tmp_path / "layout", platforms=("linux/amd64",), layer_sizes=(900_000, 600_000, 300_000)
+    image = await publish(
+        "ci/big:v1", platforms=("linux/amd64",), layer_sizes=(900_000, 600_000, 300_000)
     )
-    await push(image, f"{upstream.address}/ci/big:v1")
     proxy.throttle = 4_000_000  # bytes/s: the pulls overlap the downloads for sure
 
     results = await asyncio.gather(
@@ -76,10 +40,9 @@ async def test_eight_concurrent_cold_pulls_fetch_each_blob_once(
 
 
 async def test_first_bytes_stream_before_the_blob_lands_and_disconnect_does_not_cancel(
-    tmp_path: Path, upstream: DistributionRegistry, proxy: TestProxy, cache: CacheProcess
+    publish: Publish, proxy: TestProxy, cache: CacheProcess
 ) -> None:
-    image = build_image(tmp_path / "layout", platforms=("linux/amd64",), layer_sizes=(2_000_000,))
-    await push(image, f"{upstream.address}/ci/slow:v1")
+    image = await publish("ci/slow:v1", platforms=("linux/amd64",), layer_sizes=(2_000_000,))
     digest, size = max(image.blobs.items(), key=lambda item: item[1])
     url = f"{cache.url}/v2/ci/slow/blobs/{digest}"
     proxy.throttle = 1_000_000
@@ -105,31 +68,24 @@ async def test_first_bytes_stream_before_the_blob_lands_and_disconnect_does_not_
 
 
 async def test_tag_revalidation_uses_head_and_refetches_only_on_change(
-    tmp_path: Path, upstream: DistributionRegistry, proxy: TestProxy
+    publish: Publish, proxy: TestProxy, start_cache: StartCache, http: aiohttp.ClientSession
 ) -> None:
-    first = build_image(tmp_path / "one", platforms=("linux/amd64",), layer_sizes=(1000,))
-    second = build_image(tmp_path / "two", platforms=("linux/amd64",), layer_sizes=(1000,))
-    await push(first, f"{upstream.address}/ci/tagged:v1")
-    config = {"upstreams": [{"url": proxy.url}], "tag_ttl": 0}
-    cache = CacheProcess(tmp_path / "store", "", config=config).start()
+    first = await publish("ci/tagged:v1", platforms=("linux/amd64",), layer_sizes=(1000,))
+    cache = start_cache(config={"upstreams": [{"url": proxy.url}], "tag_ttl": 0})
     url = f"{cache.url}/v2/ci/tagged/manifests/v1"
 
     def manifest_calls() -> list[str]:
         return [m for m, p, _ in proxy.requests if "/manifests/" in p]
 
-    try:
-        async with aiohttp.ClientSession() as http:
-            async with http.get(url) as response:
-                assert response.headers["Docker-Content-Digest"] == first.top_digest
-            assert manifest_calls() == ["GET"]
-            async with http.get(url) as response:  # expired, unchanged: one HEAD, no GET
-                assert response.headers["Docker-Content-Digest"] == first.top_digest
-            assert manifest_calls() == ["GET", "HEAD"]
-            await push(second, f"{upstream.address}/ci/tagged:v1")
-            before = len(proxy.requests)
-            async with http.get(url) as response:  # changed upstream: HEAD, then GET
-                assert response.headers["Docker-Content-Digest"] == second.top_digest
-            assert manifest_calls()[-2:] == ["HEAD", "GET"]
-            assert len([p for _, p, _ in proxy.requests[before:] if "/manifests/" in p]) == 2
-    finally:
-        assert cache.stop() == 0
+    async with http.get(url) as response:
+        assert response.headers["Docker-Content-Digest"] == first.top_digest
+    assert manifest_calls() == ["GET"]
+    async with http.get(url) as response:  # expired, unchanged: one HEAD, no GET
+        assert response.headers["Docker-Content-Digest"] == first.top_digest
+    assert manifest_calls() == ["GET", "HEAD"]
+    second = await publish("ci/tagged:v1", platforms=("linux/amd64",), layer_sizes=(1000,))
+    before = len(proxy.requests)
+    async with http.get(url) as response:  # changed upstream: HEAD, then GET
+        assert response.headers["Docker-Content-Digest"] == second.top_digest
+    assert manifest_calls()[-2:] == ["HEAD", "GET"]
+    assert len([p for _, p, _ in proxy.requests[before:] if "/manifests/" in p]) == 2

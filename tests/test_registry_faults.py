@@ -5,20 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import aiohttp
 import pytest
 
+from tests.registry_fixtures import Publish, StartCache
 from tests.registry_peers import (
     CacheProcess,
     DistributionRegistry,
     Image,
     TestProxy,
-    build_image,
     pull,
-    push,
     verify_dir,
 )
 
@@ -26,30 +24,8 @@ pytestmark = pytest.mark.timeout(120)
 
 
 @pytest.fixture
-def upstream(tmp_path: Path) -> Iterator[DistributionRegistry]:
-    registry = DistributionRegistry(tmp_path / "upstream").start()
-    try:
-        yield registry
-    finally:
-        registry.stop()
-
-
-@pytest.fixture
-async def proxy(upstream: DistributionRegistry) -> AsyncIterator[TestProxy]:
-    faulty = await TestProxy(upstream.url).start()
-    try:
-        yield faulty
-    finally:
-        await faulty.stop()
-
-
-@pytest.fixture
-async def image(tmp_path: Path, upstream: DistributionRegistry) -> Image:
-    image = build_image(
-        tmp_path / "layout", platforms=("linux/amd64",), layer_sizes=(400_000, 300_000)
-    )
-    await push(image, f"{upstream.address}/ci/app:v1")
-    return image
+async def image(publish: Publish) -> Image:
+    return await publish("ci/app:v1", platforms=("linux/amd64",), layer_sizes=(400_000, 300_000))
 
 
 def _largest(image: Image) -> tuple[str, int]:
@@ -66,193 +42,170 @@ async def _get_blob(url: str) -> tuple[int, bytes | None]:
 
 
 async def test_upstream_cut_mid_blob_fails_clients_and_stores_nothing(
-    tmp_path: Path, proxy: TestProxy, image: Image
+    tmp_path: Path, proxy: TestProxy, image: Image, cache: CacheProcess
 ) -> None:
-    cache = CacheProcess(tmp_path / "store", proxy.url).start()
-    try:
-        digest, _ = _largest(image)
-        proxy.cut_after = 100_000
-        url = f"{cache.url}/v2/ci/app/blobs/{digest}"
-        results = await asyncio.gather(_get_blob(url), _get_blob(url))
-        assert results == [(200, None), (200, None)]  # both cut short, neither "complete"
-        code, out = await pull(f"{cache.address}/ci/app:v1", tmp_path / "failed")
-        assert code != 0
-        assert digest not in cache.stored_blobs()
-        assert cache.temp_files() == []
-        assert "blob_fetch_failed" in cache.logs()
+    digest, _ = _largest(image)
+    proxy.cut_after = 100_000
+    url = f"{cache.url}/v2/ci/app/blobs/{digest}"
+    results = await asyncio.gather(_get_blob(url), _get_blob(url))
+    assert results == [(200, None), (200, None)]  # both cut short, neither "complete"
+    code, out = await pull(f"{cache.address}/ci/app:v1", tmp_path / "failed")
+    assert code != 0
+    assert digest not in cache.stored_blobs()
+    assert cache.temp_files() == []
+    assert "blob_fetch_failed" in cache.logs()
 
-        proxy.cut_after = None
-        code, out = await pull(f"{cache.address}/ci/app:v1", tmp_path / "out")
-        assert code == 0, out
-        assert verify_dir(tmp_path / "out") == set(image.blobs) == cache.stored_blobs()
-    finally:
-        assert cache.stop() == 0
+    proxy.cut_after = None
+    code, out = await pull(f"{cache.address}/ci/app:v1", tmp_path / "out")
+    assert code == 0, out
+    assert verify_dir(tmp_path / "out") == set(image.blobs) == cache.stored_blobs()
 
 
 async def test_wrong_bytes_for_a_digest_are_rejected_not_stored(
-    tmp_path: Path, proxy: TestProxy, image: Image
+    tmp_path: Path, proxy: TestProxy, image: Image, cache: CacheProcess
 ) -> None:
-    cache = CacheProcess(tmp_path / "store", proxy.url).start()
-    try:
-        digest, _ = _largest(image)
-        proxy.corrupt = {digest}
-        status, body = await _get_blob(f"{cache.url}/v2/ci/app/blobs/{digest}")
-        assert (status, body) == (200, None)
-        code, _ = await pull(f"{cache.address}/ci/app:v1", tmp_path / "failed")
-        assert code != 0
-        assert digest not in cache.stored_blobs()
-        assert cache.temp_files() == []
-        assert "does not match its digest" in cache.logs()
+    digest, _ = _largest(image)
+    proxy.corrupt = {digest}
+    status, body = await _get_blob(f"{cache.url}/v2/ci/app/blobs/{digest}")
+    assert (status, body) == (200, None)
+    code, _ = await pull(f"{cache.address}/ci/app:v1", tmp_path / "failed")
+    assert code != 0
+    assert digest not in cache.stored_blobs()
+    assert cache.temp_files() == []
+    assert "does not match its digest" in cache.logs()
 
-        proxy.corrupt = set()
-        code, out = await pull(f"{cache.address}/ci/app:v1", tmp_path / "out")
-        assert code == 0, out
-        assert digest in cache.stored_blobs()
-    finally:
-        assert cache.stop() == 0
+    proxy.corrupt = set()
+    code, out = await pull(f"{cache.address}/ci/app:v1", tmp_path / "out")
+    assert code == 0, out
+    assert digest in cache.stored_blobs()
 
 
 async def test_upstream_down_serves_cached_tags_and_blobs(
-    tmp_path: Path, upstream: DistributionRegistry, image: Image
+    tmp_path: Path,
+    upstream: DistributionRegistry,
+    image: Image,
+    start_cache: StartCache,
+    http: aiohttp.ClientSession,
 ) -> None:
     # tag_ttl 0: every tag request revalidates, so this exercises the stale path.
     config = {"upstreams": [{"url": upstream.url}], "tag_ttl": 0, "timeouts": {"connect": 1}}
-    cache = CacheProcess(tmp_path / "store", "", config=config).start()
-    try:
-        code, out = await pull(f"{cache.address}/ci/app:v1", tmp_path / "warm")
-        assert code == 0, out
-        upstream.stop()
+    cache = start_cache(config=config)
+    code, out = await pull(f"{cache.address}/ci/app:v1", tmp_path / "warm")
+    assert code == 0, out
+    upstream.stop()
 
-        code, out = await pull(f"{cache.address}/ci/app:v1", tmp_path / "stale")
-        assert code == 0, out + cache.logs()
-        assert verify_dir(tmp_path / "stale") == set(image.blobs)
-        assert "manifest_stale" in cache.logs()
+    code, out = await pull(f"{cache.address}/ci/app:v1", tmp_path / "stale")
+    assert code == 0, out + cache.logs()
+    assert verify_dir(tmp_path / "stale") == set(image.blobs)
+    assert "manifest_stale" in cache.logs()
 
-        # A restarted cache starts without its upstream and still serves.
-        assert cache.stop() == 0
-        cache.start()
-        code, out = await pull(f"{cache.address}/ci/app:v1", tmp_path / "restarted")
-        assert code == 0, out + cache.logs()
+    # A restarted cache starts without its upstream and still serves.
+    assert cache.stop() == 0
+    cache.start()
+    code, out = await pull(f"{cache.address}/ci/app:v1", tmp_path / "restarted")
+    assert code == 0, out + cache.logs()
 
-        # A manifest whose blobs are gone is not served as complete.
-        digest, _ = _largest(image)
-        hex_digest = digest.split(":")[1]
-        (cache.storage / "blobs" / "sha256" / hex_digest[:2] / hex_digest).unlink()
-        async with aiohttp.ClientSession() as http:
-            async with http.get(f"{cache.url}/v2/ci/app/manifests/v1") as response:
-                assert response.status == 503
-                assert (await response.json())["errors"][0]["code"] == "UNAVAILABLE"
-            async with http.get(f"{cache.url}/v2/ci/app/manifests/nope") as response:
-                assert response.status == 503
-    finally:
-        assert cache.stop() == 0
+    # A manifest whose blobs are gone is not served as complete.
+    digest, _ = _largest(image)
+    hex_digest = digest.split(":")[1]
+    (cache.storage / "blobs" / "sha256" / hex_digest[:2] / hex_digest).unlink()
+    async with http.get(f"{cache.url}/v2/ci/app/manifests/v1") as response:
+        assert response.status == 503
+        assert (await response.json())["errors"][0]["code"] == "UNAVAILABLE"
+    async with http.get(f"{cache.url}/v2/ci/app/manifests/nope") as response:
+        assert response.status == 503
 
 
 async def test_cache_killed_mid_download_cleans_up_and_recovers(
-    tmp_path: Path, proxy: TestProxy, image: Image
+    tmp_path: Path, proxy: TestProxy, image: Image, cache: CacheProcess
 ) -> None:
-    cache = CacheProcess(tmp_path / "store", proxy.url).start()
-    try:
-        digest, size = _largest(image)
-        proxy.throttle = 200_000  # bytes/s: the download is in flight for a while
-        async with aiohttp.ClientSession() as http:
-            response = await http.get(f"{cache.url}/v2/ci/app/blobs/{digest}")
-            await response.content.readexactly(20_000)
-            assert len(cache.temp_files()) == 1  # the growing temp file
-            cache.stop(signal.SIGKILL)  # a crash, not a clean stop
-            response.close()
-        assert len(cache.temp_files()) == 1
-        assert digest not in cache.stored_blobs()
+    digest, size = _largest(image)
+    proxy.throttle = 200_000  # bytes/s: the download is in flight for a while
+    async with aiohttp.ClientSession() as http:
+        response = await http.get(f"{cache.url}/v2/ci/app/blobs/{digest}")
+        await response.content.readexactly(20_000)
+        assert len(cache.temp_files()) == 1  # the growing temp file
+        cache.stop(signal.SIGKILL)  # a crash, not a clean stop
+        response.close()
+    assert len(cache.temp_files()) == 1
+    assert digest not in cache.stored_blobs()
 
-        proxy.throttle = None
-        cache.start()
-        assert cache.temp_files() == []
-        assert '"temp_removed": 1' in cache.logs()
-        code, out = await pull(f"{cache.address}/ci/app:v1", tmp_path / "out")
-        assert code == 0, out
-        assert digest in cache.stored_blobs()
-        assert (tmp_path / "out" / digest.split(":")[1]).stat().st_size == size
-    finally:
-        cache.stop()
+    proxy.throttle = None
+    cache.start()
+    assert cache.temp_files() == []
+    assert '"temp_removed": 1' in cache.logs()
+    code, out = await pull(f"{cache.address}/ci/app:v1", tmp_path / "out")
+    assert code == 0, out
+    assert digest in cache.stored_blobs()
+    assert (tmp_path / "out" / digest.split(":")[1]).stat().st_size == size
 
 
 async def test_store_stays_under_budget_evicting_least_recently_used(
-    tmp_path: Path, upstream: DistributionRegistry
+    tmp_path: Path, upstream: DistributionRegistry, publish: Publish, start_cache: StartCache
 ) -> None:
-    images = []
-    for n in range(3):
-        image = build_image(
-            tmp_path / f"layout{n}", platforms=("linux/amd64",), layer_sizes=(150_000, 150_000)
-        )
-        await push(image, f"{upstream.address}/ci/img{n}:v1")
-        images.append(image)
+    images = [
+        await publish(f"ci/img{n}:v1", platforms=("linux/amd64",), layer_sizes=(150_000, 150_000))
+        for n in range(3)
+    ]
     budget = 820_000  # room for two of the three images (~302 kB each)
-    cache = CacheProcess(tmp_path / "store", upstream.url, "--max-size", str(budget)).start()
-    try:
-        for n in range(len(images)):
-            code, out = await pull(f"{cache.address}/ci/img{n}:v1", tmp_path / f"out{n}")
-            assert code == 0, out
-            if n == 1:  # touch img0 again before img2 arrives: img1 becomes the LRU
-                code, out = await pull(f"{cache.address}/ci/img0:v1", tmp_path / "again")
-                assert code == 0, out
-            stored = sum(p.stat().st_size for p in cache.storage.rglob("*") if p.is_file())
-            assert stored <= budget
-        kept = cache.stored_blobs()
-        assert set(images[2].blobs) <= kept
-        assert set(images[0].blobs) <= kept
-        # img1 was least recently used: its layers went (its tiny config may stay).
-        layers1 = {d for d, size in images[1].blobs.items() if size > 100_000}
-        assert not layers1 & kept
-        assert "store_evicted" in cache.logs()
-
-        # Evicted content is fetched again on demand.
-        code, out = await pull(f"{cache.address}/ci/img1:v1", tmp_path / "refetch")
+    cache = start_cache(upstream.url, "--max-size", str(budget))
+    for n in range(len(images)):
+        code, out = await pull(f"{cache.address}/ci/img{n}:v1", tmp_path / f"out{n}")
         assert code == 0, out
-    finally:
-        assert cache.stop() == 0
+        if n == 1:  # touch img0 again before img2 arrives: img1 becomes the LRU
+            code, out = await pull(f"{cache.address}/ci/img0:v1", tmp_path / "again")
+            assert code == 0, out
+        stored = sum(p.stat().st_size for p in cache.storage.rglob("*") if p.is_file())
+        assert stored <= budget
+    kept = cache.stored_blobs()
+    assert set(images[2].blobs) <= kept
+    assert set(images[0].blobs) <= kept
+    # img1 was least recently used: its layers went (its tiny config may stay).
+    layers1 = {d for d, size in images[1].blobs.items() if size > 100_000}
+    assert not layers1 & kept
+    assert "store_evicted" in cache.logs()
+
+    # Evicted content is fetched again on demand.
+    code, out = await pull(f"{cache.address}/ci/img1:v1", tmp_path / "refetch")
+    assert code == 0, out
 
 
 async def test_rate_limited_or_failing_upstream_serves_stale_tags(
-    tmp_path: Path, proxy: TestProxy, image: Image
+    tmp_path: Path,
+    proxy: TestProxy,
+    image: Image,
+    start_cache: StartCache,
+    http: aiohttp.ClientSession,
 ) -> None:
-    config = {"upstreams": [{"url": proxy.url}], "tag_ttl": 0}
-    cache = CacheProcess(tmp_path / "store", "", config=config).start()
-    try:
-        code, out = await pull(f"{cache.address}/ci/app:v1", tmp_path / "warm")
-        assert code == 0, out
-        for status in (429, 500, 503):
-            proxy.fail_status = status
-            code, out = await pull(f"{cache.address}/ci/app:v1", tmp_path / f"stale{status}")
-            assert code == 0, out + cache.logs()
-        async with aiohttp.ClientSession() as http:
-            proxy.fail_status = 429
-            async with http.get(f"{cache.url}/v2/ci/app/manifests/other") as response:
-                assert response.status == 429
-                assert (await response.json())["errors"][0]["code"] == "TOOMANYREQUESTS"
-            proxy.fail_status = 502
-            async with http.get(f"{cache.url}/v2/ci/other/blobs/sha256:{'1' * 64}") as response:
-                assert response.status == 503
-                assert (await response.json())["errors"][0]["code"] == "UNAVAILABLE"
-        assert cache.logs().count('"manifest_stale"') == 3
-    finally:
-        assert cache.stop() == 0
+    cache = start_cache(config={"upstreams": [{"url": proxy.url}], "tag_ttl": 0})
+    code, out = await pull(f"{cache.address}/ci/app:v1", tmp_path / "warm")
+    assert code == 0, out
+    for status in (429, 500, 503):
+        proxy.fail_status = status
+        code, out = await pull(f"{cache.address}/ci/app:v1", tmp_path / f"stale{status}")
+        assert code == 0, out + cache.logs()
+    proxy.fail_status = 429
+    async with http.get(f"{cache.url}/v2/ci/app/manifests/other") as response:
+        assert response.status == 429
+        assert (await response.json())["errors"][0]["code"] == "TOOMANYREQUESTS"
+    proxy.fail_status = 502
+    async with http.get(f"{cache.url}/v2/ci/other/blobs/sha256:{'1' * 64}") as response:
+        assert response.status == 503
+        assert (await response.json())["errors"][0]["code"] == "UNAVAILABLE"
+    assert cache.logs().count('"manifest_stale"') == 3
 
 
 async def test_sigterm_mid_download_lets_the_client_finish_and_exits_zero(
-    tmp_path: Path, proxy: TestProxy, image: Image
+    proxy: TestProxy, image: Image, cache: CacheProcess, http: aiohttp.ClientSession
 ) -> None:
-    cache = CacheProcess(tmp_path / "store", proxy.url).start()
     digest, size = _largest(image)
     proxy.throttle = 400_000  # about a second for the whole blob
-    try:
-        async with aiohttp.ClientSession() as http:
-            response = await http.get(f"{cache.url}/v2/ci/app/blobs/{digest}")
-            first = await response.content.readexactly(10_000)
-            stopping = asyncio.create_task(asyncio.to_thread(cache.stop, signal.SIGTERM))
-            rest = await response.content.read()
-            assert len(first + rest) == size
-            assert await stopping == 0
-        assert "registry_stopping" in cache.logs()
-        assert digest in cache.stored_blobs()
-    finally:
-        cache.stop()
+    response = await http.get(f"{cache.url}/v2/ci/app/blobs/{digest}")
+    first = await response.content.readexactly(10_000)
+    stopping = asyncio.create_task(asyncio.to_thread(cache.stop, signal.SIGTERM))
+    rest = await response.content.read()
+    assert len(first + rest) == size
+    assert await stopping == 0
+    response.release()
+    assert "registry_stopping" in cache.logs()
+    assert digest in cache.stored_blobs()

@@ -5,32 +5,16 @@ from __future__ import annotations
 import os
 import signal
 import socket
-from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.registry_peers import (
-    CacheProcess,
-    DistributionRegistry,
-    build_image,
-    free_port,
-    pull,
-    push,
-)
+from tests.registry_fixtures import Publish
+from tests.registry_peers import CacheProcess, DistributionRegistry, free_port, pull
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture
-def upstream(tmp_path: Path) -> Iterator[DistributionRegistry]:
-    registry = DistributionRegistry(tmp_path / "upstream").start()
-    try:
-        yield registry
-    finally:
-        registry.stop()
 
 
 def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -42,10 +26,9 @@ def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 
 async def test_metrics_count_known_traffic_and_notify_readiness(
-    tmp_path: Path, upstream: DistributionRegistry
+    tmp_path: Path, upstream: DistributionRegistry, publish: Publish
 ) -> None:
-    image = build_image(tmp_path / "layout", platforms=("linux/amd64",))
-    await push(image, f"{upstream.address}/ci/app:v1")
+    image = await publish("ci/app:v1", platforms=("linux/amd64",))
     notify_path = tmp_path / "notify.sock"
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify.bind(str(notify_path))

@@ -4,22 +4,20 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import aiohttp
 import pytest
 import yarl
 
+from tests.registry_fixtures import Publish, StartCache
 from tests.registry_peers import (
     OCI_INDEX,
     OCI_MANIFEST,
     CacheProcess,
     DistributionRegistry,
     Image,
-    build_image,
     pull,
-    push,
     verify_dir,
 )
 
@@ -27,34 +25,8 @@ pytestmark = pytest.mark.timeout(120)
 
 
 @pytest.fixture
-def upstream(tmp_path: Path) -> Iterator[DistributionRegistry]:
-    registry = DistributionRegistry(tmp_path / "upstream").start()
-    try:
-        yield registry
-    finally:
-        registry.stop()
-
-
-@pytest.fixture
-async def image(tmp_path: Path, upstream: DistributionRegistry) -> Image:
-    image = build_image(tmp_path / "layout")
-    await push(image, f"{upstream.address}/team/app:v1")
-    return image
-
-
-@pytest.fixture
-def cache(tmp_path: Path, upstream: DistributionRegistry) -> Iterator[CacheProcess]:
-    process = CacheProcess(tmp_path / "store", upstream.url).start()
-    try:
-        yield process
-    finally:
-        assert process.stop() == 0, process.logs()
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(auto_decompress=False) as session:
-        yield session
+async def image(publish: Publish) -> Image:
+    return await publish("team/app:v1")
 
 
 async def test_skopeo_pulls_every_platform_through_the_cache(
@@ -179,11 +151,13 @@ async def test_bad_requests_get_oci_errors(
 
 
 async def test_library_prefix_and_ns_routing(
-    tmp_path: Path, upstream: DistributionRegistry
+    upstream: DistributionRegistry,
+    publish: Publish,
+    start_cache: StartCache,
+    http: aiohttp.ClientSession,
 ) -> None:
     """`alpine` means `library/alpine` on a Docker Hub upstream; `?ns=` picks the upstream."""
-    image = build_image(tmp_path / "layout", platforms=("linux/amd64",), layer_sizes=(5000,))
-    await push(image, f"{upstream.address}/library/alpine:3")
+    image = await publish("library/alpine:3", platforms=("linux/amd64",), layer_sizes=(5000,))
     config = {
         "upstreams": [
             {"name": "registry-1.docker.io", "url": upstream.url, "library_prefix": True},
@@ -191,20 +165,16 @@ async def test_library_prefix_and_ns_routing(
         ],
         "default_upstream": "ghcr.io",
     }
-    cache = CacheProcess(tmp_path / "store", "", config=config).start()
-    try:
-        async with aiohttp.ClientSession() as http:
-            url = f"{cache.url}/v2/alpine/manifests/3"
-            async with http.get(url, params={"ns": "docker.io"}) as response:
-                assert response.status == 200
-                assert response.headers["Docker-Content-Digest"] == image.top_digest
-            # Host decides when there is no ns (transparent mode).
-            headers = {"Host": "registry-1.docker.io"}
-            async with http.get(url, headers=headers) as response:
-                assert response.status == 200
-            # Otherwise the default upstream (here unreachable) is used.
-            async with http.get(url) as response:
-                assert response.status == 503
-                assert await _error(response) == "UNAVAILABLE"
-    finally:
-        assert cache.stop() == 0
+    cache = start_cache(config=config)
+    url = f"{cache.url}/v2/alpine/manifests/3"
+    async with http.get(url, params={"ns": "docker.io"}) as response:
+        assert response.status == 200
+        assert response.headers["Docker-Content-Digest"] == image.top_digest
+    # Host decides when there is no ns (transparent mode).
+    headers = {"Host": "registry-1.docker.io"}
+    async with http.get(url, headers=headers) as response:
+        assert response.status == 200
+    # Otherwise the default upstream (here unreachable) is used.
+    async with http.get(url) as response:
+        assert response.status == 503
+        assert await _error(response) == "UNAVAILABLE"

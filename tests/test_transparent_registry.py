@@ -19,20 +19,18 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from registry_peers import (
-    CacheProcess,
-    DistributionRegistry,
-    build_image,
-    free_port,
-    pull,
-    push,
-    verify_dir,
-    wait_for_port,
-)
 from transparent_certs import CertAuthority, make_ca
 
 from dnsoverride.resolve import UpstreamResolver
 from tests.peers import dnsmasq
+from tests.registry_fixtures import Publish, StartCache
+from tests.registry_peers import (
+    DistributionRegistry,
+    free_port,
+    pull,
+    verify_dir,
+    wait_for_port,
+)
 
 HUB = "registry-1.docker.io"
 
@@ -44,15 +42,6 @@ def names(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, int]]
     options = ["--host-record=origin.test,127.0.0.1", "--host-record=loop.test,127.0.0.1"]
     with dnsmasq(tmp_path_factory.mktemp("dnsmasq"), *options) as server:
         yield (server.host, server.port)
-
-
-@pytest.fixture
-def origin(tmp_path: Path) -> Iterator[DistributionRegistry]:
-    registry = DistributionRegistry(tmp_path / "origin").start()
-    try:
-        yield registry
-    finally:
-        registry.stop()
 
 
 def run_registry(config: dict[str, object], path: Path) -> subprocess.CompletedProcess[str]:
@@ -76,17 +65,20 @@ async def served_names(port: int, ca: CertAuthority, name: str) -> list[str]:
 
 
 async def test_https_by_sni_beside_http_with_own_resolvers(
-    tmp_path: Path, names: tuple[str, int], origin: DistributionRegistry
+    tmp_path: Path,
+    names: tuple[str, int],
+    upstream: DistributionRegistry,
+    publish: Publish,
+    start_cache: StartCache,
 ) -> None:
-    image = build_image(tmp_path / "image", tag="1.0", platforms=("linux/amd64",))
-    await push(image, f"{origin.address}/library/transparent:1.0")
+    image = await publish("library/transparent:1.0", tag="1.0", platforms=("linux/amd64",))
     ca = make_ca(tmp_path)
     hub_pair = ca.issue(tmp_path, "hub", HUB)
     quay_pair = ca.issue(tmp_path, "quay", "quay.io")
     tls_port = free_port()
     config = {
         # origin.test exists only in the dnsmasq: the system resolver cannot find it.
-        "upstreams": [{"name": HUB, "url": f"http://origin.test:{origin.port}"}],
+        "upstreams": [{"name": HUB, "url": f"http://origin.test:{upstream.port}"}],
         "resolvers": [f"{names[0]}:{names[1]}"],
         "tls": {
             "listen": f"127.0.0.1:{tls_port}",
@@ -96,43 +88,40 @@ async def test_https_by_sni_beside_http_with_own_resolvers(
             ],
         },
     }
-    cache = CacheProcess(tmp_path / "store", "", config=config).start()
-    try:
-        assert cache.proc is not None
-        wait_for_port("127.0.0.1", tls_port, proc=cache.proc)
+    cache = start_cache(config=config)
+    assert cache.proc is not None
+    wait_for_port("127.0.0.1", tls_port, proc=cache.proc)
 
-        # Plain HTTP (mirror mode) still works, and fetches through the configured resolvers.
-        code, output = await pull(f"{cache.address}/library/transparent:1.0", tmp_path / "out")
-        assert code == 0, output + cache.logs()
-        assert verify_dir(tmp_path / "out") == set(image.blobs)
+    # Plain HTTP (mirror mode) still works, and fetches through the configured resolvers.
+    code, output = await pull(f"{cache.address}/library/transparent:1.0", tmp_path / "out")
+    assert code == 0, output + cache.logs()
+    assert verify_dir(tmp_path / "out") == set(image.blobs)
 
-        # HTTPS as a transparent-mode client sees it: the real name, the internal CA.
-        client_tls = ssl.create_default_context(cafile=ca.cert_file)
-        connector = aiohttp.TCPConnector(
-            ssl=client_tls, resolver=UpstreamResolver(hosts={HUB: ["127.0.0.1"]})
-        )
-        async with aiohttp.ClientSession(connector=connector) as session:
-            url = f"https://{HUB}:{tls_port}/v2/library/transparent/manifests/1.0"
-            async with session.get(url, headers={"Accept": image_accept()}) as response:
-                assert response.status == 200
-                assert response.headers["Docker-Content-Digest"] == image.top_digest
-            assert await served_names(tls_port, ca, "quay.io") == ["quay.io"]
+    # HTTPS as a transparent-mode client sees it: the real name, the internal CA.
+    client_tls = ssl.create_default_context(cafile=ca.cert_file)
+    connector = aiohttp.TCPConnector(
+        ssl=client_tls, resolver=UpstreamResolver(hosts={HUB: ["127.0.0.1"]})
+    )
+    async with aiohttp.ClientSession(connector=connector) as session:
+        url = f"https://{HUB}:{tls_port}/v2/library/transparent/manifests/1.0"
+        async with session.get(url, headers={"Accept": image_accept()}) as response:
+            assert response.status == 200
+            assert response.headers["Docker-Content-Digest"] == image.top_digest
+        assert await served_names(tls_port, ca, "quay.io") == ["quay.io"]
 
-            # Re-issue the Docker Hub certificate in place and SIGHUP: new handshakes get it
-            # (that open connections survive a reload is tested in test_transparent_tls.py).
-            ca.issue(tmp_path, "hub", HUB, "docker.io")
-            cache.proc.send_signal(signal.SIGHUP)
-            async with asyncio.timeout(10):
-                while True:  # poll: the reload has no event the test can wait on
-                    if await served_names(tls_port, ca, HUB) == [HUB, "docker.io"]:
-                        break
-                    await asyncio.sleep(0.05)
-            async with session.get(url, headers={"Accept": image_accept()}) as response:
-                assert response.status == 200
-        assert cache.proc.poll() is None
-        assert '"tls_reloaded"' in cache.logs()
-    finally:
-        cache.stop()
+        # Re-issue the Docker Hub certificate in place and SIGHUP: new handshakes get it
+        # (that open connections survive a reload is tested in test_transparent_tls.py).
+        ca.issue(tmp_path, "hub", HUB, "docker.io")
+        cache.proc.send_signal(signal.SIGHUP)
+        async with asyncio.timeout(10):
+            while True:  # poll: the reload has no event the test can wait on
+                if await served_names(tls_port, ca, HUB) == [HUB, "docker.io"]:
+                    break
+                await asyncio.sleep(0.05)
+        async with session.get(url, headers={"Accept": image_accept()}) as response:
+            assert response.status == 200
+    assert cache.proc.poll() is None
+    assert '"tls_reloaded"' in cache.logs()
 
 
 def image_accept() -> str:
@@ -186,15 +175,12 @@ def test_bad_transparent_config_is_a_clear_error(
     assert "Traceback" not in result.stderr
 
 
-def test_sighup_without_tls_does_not_stop_the_cache(tmp_path: Path) -> None:
-    cache = CacheProcess(tmp_path / "store", "http://127.0.0.1:9").start()
-    try:
-        assert cache.proc is not None
-        cache.proc.send_signal(signal.SIGHUP)
-        deadline = time.monotonic() + 10
-        while '"reload_ignored"' not in cache.logs() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert '"reload_ignored"' in cache.logs()
-        assert cache.proc.poll() is None
-    finally:
-        assert cache.stop() == 0
+def test_sighup_without_tls_does_not_stop_the_cache(start_cache: StartCache) -> None:
+    cache = start_cache("http://127.0.0.1:9")
+    assert cache.proc is not None
+    cache.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while '"reload_ignored"' not in cache.logs() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert '"reload_ignored"' in cache.logs()
+    assert cache.proc.poll() is None

@@ -24,7 +24,7 @@ import multiprocessing
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -114,42 +114,48 @@ async def cold_pulls(base: str, clients: int) -> float:
     return time.perf_counter() - started
 
 
-async def blob_throughput(base: str, digest: str, clients: int, seconds: float) -> float:
-    url = f"{base}/v2/{NAME}/blobs/{digest}"
+async def sustained(
+    clients: int, seconds: float, one: Callable[[aiohttp.ClientSession], Awaitable[int]]
+) -> float:
+    """Run `one` in `clients` parallel loops for `seconds`; the units it returned, per second."""
     total = 0
     deadline = time.perf_counter() + seconds
 
     async def worker(session: aiohttp.ClientSession) -> None:
         nonlocal total
         while time.perf_counter() < deadline:
-            async with session.get(url) as response:
-                async for chunk in response.content.iter_chunked(1 << 20):
-                    total += len(chunk)
+            total += await one(session)
 
     started = time.perf_counter()
-    async with aiohttp.ClientSession() as session:
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=clients)) as session:
         await asyncio.gather(*(worker(session) for _ in range(clients)))
-    return total / (time.perf_counter() - started) / 1e6
+    return total / (time.perf_counter() - started)
+
+
+async def blob_throughput(base: str, digest: str, clients: int, seconds: float) -> float:
+    """MB/s of whole-blob GETs."""
+
+    async def get_blob(session: aiohttp.ClientSession) -> int:
+        received = 0
+        async with session.get(f"{base}/v2/{NAME}/blobs/{digest}") as response:
+            async for chunk in response.content.iter_chunked(1 << 20):
+                received += len(chunk)
+        return received
+
+    return await sustained(clients, seconds, get_blob) / 1e6
 
 
 async def manifest_rate(base: str, clients: int, seconds: float) -> float:
+    """Requests/s of manifest GETs by tag."""
     url = f"{base}/v2/{NAME}/manifests/{TAG}"
-    count = 0
-    deadline = time.perf_counter() + seconds
 
-    async def worker(session: aiohttp.ClientSession) -> None:
-        nonlocal count
-        while time.perf_counter() < deadline:
-            async with session.get(url, headers={"Accept": ACCEPT}) as response:
-                await response.read()
-                assert response.status == 200, response.status
-                count += 1
+    async def get_manifest(session: aiohttp.ClientSession) -> int:
+        async with session.get(url, headers={"Accept": ACCEPT}) as response:
+            await response.read()
+            assert response.status == 200, response.status
+        return 1
 
-    started = time.perf_counter()
-    connector = aiohttp.TCPConnector(limit=clients)
-    async with aiohttp.ClientSession(connector=connector) as session:
-        await asyncio.gather(*(worker(session) for _ in range(clients)))
-    return count / (time.perf_counter() - started)
+    return await sustained(clients, seconds, get_manifest)
 
 
 @dataclass

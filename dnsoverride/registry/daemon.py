@@ -119,6 +119,15 @@ async def serve(config: RegistryConfig) -> int:
     certificates = CertificateSet(config.tls_pairs) if config.tls_pairs else None
     await refuse_upstream_loop(config)
     cache = build_cache(config)
+    # Handlers go in before the listeners bind: a signal sent as soon as the port answers
+    # must not meet the default action (SIGHUP would kill the process).
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    # SIGHUP (`systemctl reload`) re-reads the certificates: new handshakes get them, open
+    # connections are untouched. Without TLS it must still not kill the process.
+    loop.add_signal_handler(signal.SIGHUP, reload_certificates, certificates)
     runner = web.AppRunner(cache.app, access_log=None, handle_signals=False)
     await runner.setup()
     for host, port, tls in listeners(config, certificates):
@@ -153,13 +162,6 @@ async def serve(config: RegistryConfig) -> int:
         "READY=1",
         f"STATUS=serving {cache.store.stats.entries} stored items from {config.storage}",
     )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    # SIGHUP (`systemctl reload`) re-reads the certificates: new handshakes get them, open
-    # connections are untouched. Without TLS it must still not kill the process.
-    loop.add_signal_handler(signal.SIGHUP, reload_certificates, certificates)
     await stop.wait()
     log.info("registry_stopping")
     systemd.notify("STOPPING=1")

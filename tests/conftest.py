@@ -1,0 +1,3 @@
+"""Fixture plugins shared by several test modules."""
+
+pytest_plugins = ("tests.registry_fixtures",)
