@@ -133,14 +133,17 @@ def running(
 
 
 @contextlib.contextmanager
-def dnsmasq(directory: Path, *options: str, host: str = "127.0.0.1") -> Iterator[DnsPeer]:
+def dnsmasq(
+    directory: Path, *options: str, host: str = "127.0.0.1", port: int | None = None
+) -> Iterator[DnsPeer]:
     """dnsmasq answering only from its options (no resolv.conf, no hosts, no forwarding).
 
     Useful options: `--address=/forwarded.test/192.0.2.1` (A for the name and below),
     `--address=/nx.test/` (NXDOMAIN), `--host-record=name,ip[,ip6]`, `--local-ttl=N`
-    (dnsmasq's own answers have TTL 0 unless set).
+    (dnsmasq's own answers have TTL 0 unless set). `port`: a given one (to restart an
+    upstream where a server expects it) instead of a free one.
     """
-    port = free_port(host)
+    port = port or free_port(host)
     command = [
         "dnsmasq",
         "--keep-in-foreground",

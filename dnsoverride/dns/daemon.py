@@ -142,6 +142,7 @@ async def _serve(
     zones.on_swap(lambda new: health.update(new.health_gated()))
     tasks: set[asyncio.Task[None]] = set()
     bound = await _bind(config, resolver, tasks)
+    probing = forwarder.start_probing()  # upstream health for readiness and ordering
     admin: AdminServer | None = None
     reloader = serve_reloader(zones, config, args, start, registry)
     try:
@@ -174,6 +175,7 @@ async def _serve(
         if watchdog is not None:
             watchdog.cancel()
     finally:
+        probing.cancel()
         await health.close()
         await reloader.stop()
         await _close(bound, tasks, admin)

@@ -6,13 +6,22 @@ with the same ID and the same question. TC -> the same question again over TCP.
 Timeout, SERVFAIL, REFUSED or garbage -> the next upstream. The whole attempt is bounded
 by the timeout budget; when every upstream fails the caller gets `UpstreamFailedError` in
 time to answer SERVFAIL (or stale). Identical questions in flight share one upstream
-query. An upstream that failed moves to the back of the order, so one dead resolver
-does not cost every query an attempt timeout.
+query.
+
+Upstream health: an upstream that timed out (or refused the connection) without having
+answered anything since the failed query was sent is marked down, and upstreams are
+tried healthy first, in configured order, so one dead resolver does not cost every
+query an attempt timeout. Off the hot path, `probe` asks `. NS` of every upstream that
+is down or has answered nothing for `PROBE_INTERVAL` seconds (no traffic, or traffic
+going elsewhere): any well-formed reply, whatever its rcode, means the upstream is
+answering. That keeps readiness ("at least one upstream answering") true to the
+upstreams with no client traffic, and brings a recovered upstream back within seconds.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import secrets
 import socket
 import struct
@@ -28,6 +37,8 @@ log = structlog.get_logger(__name__)
 
 Question = tuple[str, int, int, bool, bool]  # name (lowercase), type, class, DO, CD
 MAX_INFLIGHT = 512
+PROBE_INTERVAL = 2.0  # seconds between probes of a quiet or dead upstream
+PROBE_QUESTION: Question = ("", dnslib.QTYPE.NS, 1, False, False)  # ". NS": every resolver has it
 _RETRY_RCODES = {dnslib.RCODE.SERVFAIL: "servfail", dnslib.RCODE.REFUSED: "refused"}
 
 
@@ -35,8 +46,18 @@ class UpstreamFailedError(Exception):
     """No upstream produced an acceptable answer within the budget."""
 
 
+class _Health:
+    """What the forwarder knows of one upstream."""
+
+    __slots__ = ("last_answer", "up")
+
+    def __init__(self) -> None:
+        self.up = True  # until shown otherwise: the first probe runs at start
+        self.last_answer = -math.inf  # loop time of its last well-formed reply
+
+
 class Forwarder:
-    """Sends questions to the upstreams; `resolve` is the only entry point."""
+    """Sends questions to the upstreams; `resolve` is the entry point, `probe` runs beside it."""
 
     def __init__(
         self,
@@ -46,17 +67,49 @@ class Forwarder:
         edns_udp_size: int,
         stats: DnsStats,
     ) -> None:
-        self._order = list(upstreams)
+        self._upstreams = upstreams
+        self._health = {upstream: _Health() for upstream in upstreams}
+        self._order = list(upstreams)  # healthy first, each group in configured order
+        stats.upstream_up.update((str(upstream), True) for upstream in upstreams)
         self._budget = budget
         self._attempt_timeout = attempt_timeout
         self._edns_udp_size = edns_udp_size
         self._stats = stats
         self._inflight: dict[Question, asyncio.Future[dnslib.DNSRecord]] = {}
-        self._answering = True
 
     def answering(self) -> bool:
-        """Whether the last forwarded question got an answer (readiness)."""
-        return self._answering
+        """Whether at least one upstream is answering (readiness)."""
+        return any(health.up for health in self._health.values())
+
+    def start_probing(self) -> asyncio.Task[None]:
+        """Run `probe` every `PROBE_INTERVAL` seconds until the returned task is cancelled."""
+        return asyncio.get_running_loop().create_task(self._probe_forever())
+
+    async def _probe_forever(self) -> None:
+        while True:
+            await self.probe()
+            await asyncio.sleep(PROBE_INTERVAL)
+
+    async def probe(self) -> None:
+        """Ask `. NS` of every upstream that is down or has been quiet for `PROBE_INTERVAL`."""
+        now = asyncio.get_running_loop().time()
+        due = [
+            upstream
+            for upstream, health in self._health.items()
+            if not health.up or now - health.last_answer >= PROBE_INTERVAL
+        ]
+        await asyncio.gather(*(self._probe_one(upstream) for upstream in due))
+
+    async def _probe_one(self, upstream: Endpoint) -> None:
+        started = asyncio.get_running_loop().time()
+        try:
+            await asyncio.wait_for(self._ask(upstream, PROBE_QUESTION), self._attempt_timeout)
+        except TimeoutError:
+            self._failed(upstream, "timeout", started)
+        except (OSError, dnslib.DNSError, ValueError, struct.error, EOFError):
+            self._failed(upstream, "error", started)
+        else:
+            self._answered(upstream)
 
     async def resolve(self, question: Question) -> dnslib.DNSRecord:
         """The upstream answer to `question`, shared with identical concurrent callers."""
@@ -87,9 +140,12 @@ class Forwarder:
     async def _ask_all(self, question: Question) -> dnslib.DNSRecord:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._budget
+        replied = False
         for upstream in list(self._order):
             remaining = deadline - loop.time()
-            if remaining <= 0.01:
+            if remaining <= 0.01 or (replied and not self._health[upstream].up):
+                # Upstreams marked down are a last resort for when no upstream replied at
+                # all: a SERVFAIL from a live one is not worth a dead one's timeout.
                 break
             name = str(upstream)
             started = loop.time()
@@ -98,26 +154,43 @@ class Forwarder:
                     self._ask(upstream, question), min(self._attempt_timeout, remaining)
                 )
             except TimeoutError:
-                self._failed(upstream, "timeout")
+                self._failed(upstream, "timeout", started)
                 continue
             except (OSError, dnslib.DNSError, ValueError, struct.error, EOFError) as error:
                 log.warning("upstream_error", upstream=name, error=str(error) or repr(error))
-                self._failed(upstream, "error")
+                self._failed(upstream, "error", started)
                 continue
+            self._answered(upstream)
+            replied = True
             reason = _RETRY_RCODES.get(answer.header.rcode)
             if reason is not None:
-                self._failed(upstream, reason)
+                self._stats.upstream_failed(name, reason)
                 continue
             self._stats.upstream_answered(name, loop.time() - started)
-            self._answering = True
             return answer
-        self._answering = False
         raise UpstreamFailedError(question[0])
 
-    def _failed(self, upstream: Endpoint, reason: str) -> None:
+    def _answered(self, upstream: Endpoint) -> None:
+        health = self._health[upstream]
+        health.last_answer = asyncio.get_running_loop().time()
+        if not health.up:
+            health.up = True
+            self._reorder()
+            log.info("upstream_up", upstream=str(upstream))
+
+    def _failed(self, upstream: Endpoint, reason: str, started: float) -> None:
         self._stats.upstream_failed(str(upstream), reason)
-        if self._order[0] == upstream and len(self._order) > 1:
-            self._order.append(self._order.pop(0))
+        health = self._health[upstream]
+        # One slow name is no dead upstream: down only if nothing came back since `started`.
+        if health.up and health.last_answer < started:
+            health.up = False
+            self._reorder()
+            log.warning("upstream_down", upstream=str(upstream), reason=reason)
+
+    def _reorder(self) -> None:
+        for upstream, health in self._health.items():
+            self._stats.upstream_up[str(upstream)] = health.up
+        self._order = sorted(self._upstreams, key=lambda upstream: not self._health[upstream].up)
 
     async def _ask(self, upstream: Endpoint, question: Question) -> dnslib.DNSRecord:
         name, qtype, qclass, do, cd = question

@@ -102,11 +102,13 @@ def tcp_handler(resolver: Resolver) -> TcpHandler:
             while True:
                 # The idle clock only runs while nothing is in flight: a client waiting
                 # for a slow forwarded answer is not idle.
-                async with asyncio.timeout(None if pending else TCP_IDLE_TIMEOUT) as idle:
-                    prefix = await reader.readexactly(2)
-                    idle.reschedule(loop.time() + TCP_IDLE_TIMEOUT)
-                    data = await reader.readexactly(struct.unpack("!H", prefix)[0])
-                idle = None
+                try:
+                    async with asyncio.timeout(None if pending else TCP_IDLE_TIMEOUT) as idle:
+                        prefix = await reader.readexactly(2)
+                        idle.reschedule(loop.time() + TCP_IDLE_TIMEOUT)
+                        data = await reader.readexactly(struct.unpack("!H", prefix)[0])
+                finally:
+                    idle = None
                 reply = fast(data, host, True)
                 if reply is not None:
                     writer.write(struct.pack("!H", len(reply)) + reply)

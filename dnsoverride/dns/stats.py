@@ -12,6 +12,7 @@ Exposed names:
   dnsoverride_dns_cache_entries{cache}                     cache: answer, response
   dnsoverride_dns_cache_hits_total{cache} / _misses_total{cache}
   dnsoverride_dns_cache_hit_ratio{cache}
+  dnsoverride_dns_upstream_up{upstream}                    1 answering, 0 marked down
   dnsoverride_dns_tcp_connections_refused_total            closed at once: too many open
 """
 
@@ -41,6 +42,7 @@ class DnsStats:
         self.queries: dict[QueryKey, list[int]] = {}
         self.failures: dict[tuple[str, str], int] = {}
         self.latency: dict[str, list[float]] = {}
+        self.upstream_up: dict[str, bool] = {}  # the forwarder's health verdict
         self.tcp_refused = 0  # connections closed at once: the connection cap was reached
 
     def cell(self, key: QueryKey) -> list[int]:
@@ -114,6 +116,14 @@ class DnsCollector(Collector):
         for (upstream, reason), value in list(self._stats.failures.items()):
             failures.add_metric([upstream, reason], value)
         yield failures
+        up = GaugeMetricFamily(
+            "dnsoverride_dns_upstream_up",
+            "Whether the upstream is answering (1) or marked down by a timeout or probe (0)",
+            labels=("upstream",),
+        )
+        for upstream, value in list(self._stats.upstream_up.items()):
+            up.add_metric([upstream], int(value))
+        yield up
         yield CounterMetricFamily(
             "dnsoverride_dns_tcp_connections_refused",
             "TCP connections closed on accept because too many were open",

@@ -1,0 +1,108 @@
+"""Upstream health: active probes keep /readyz honest with no client traffic, and a dead
+first upstream stops costing every query its attempt timeout once it is marked down."""
+
+from __future__ import annotations
+
+import socket
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+import dns.message
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from dnsoverride.dns.forwarder import PROBE_INTERVAL
+from tests.peers import dnsmasq, dnsoverride_serve, free_port
+
+ATTEMPT_TIMEOUT = 0.8  # the default `attempt_timeout`
+# A probe is due at most PROBE_INTERVAL after the change and takes at most one attempt.
+NOTICED_WITHIN = PROBE_INTERVAL + ATTEMPT_TIMEOUT + 1.5
+
+
+def _status(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as answer:
+            return int(answer.status)
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+def _seconds_until(condition: Callable[[], bool], timeout: float) -> float:
+    """Poll `condition` (no DNS traffic) until true; seconds it took, or fail at `timeout`."""
+    started = time.monotonic()
+    while not condition():
+        assert time.monotonic() - started < timeout, f"not true within {timeout} s"
+        time.sleep(0.05)
+    return time.monotonic() - started
+
+
+def _upstream_up(metrics_port: int, upstream: str) -> float | None:
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "dnsoverride_dns_upstream_up" and sample.labels == {
+                "upstream": upstream
+            }:
+                return sample.value
+    return None
+
+
+@pytest.mark.timeout(60)
+def test_readyz_follows_the_only_upstream_without_client_traffic(tmp_path: Path) -> None:
+    zones = tmp_path / "zones"
+    zones.mkdir()
+    metrics_port = free_port()
+    readyz = f"http://127.0.0.1:{metrics_port}/readyz"
+    with dnsmasq(tmp_path, "--address=/fwd.test/192.0.2.1") as upstream:
+        port = upstream.port
+        with dnsoverride_serve(
+            tmp_path, zones, [upstream.address], "--metrics", f"127.0.0.1:{metrics_port}"
+        ) as server:
+            _seconds_until(lambda: _status(readyz) == 200, NOTICED_WITHIN)
+            upstream.stop()
+            # Not one client query from here on: only the probes can notice.
+            _seconds_until(lambda: _status(readyz) == 503, NOTICED_WITHIN)
+            with dnsmasq(tmp_path, "--address=/fwd.test/192.0.2.1", port=port):
+                _seconds_until(lambda: _status(readyz) == 200, NOTICED_WITHIN)
+                reply = server.query("www.fwd.test")
+                assert [str(rdata) for rrset in reply.answer for rdata in rrset] == ["192.0.2.1"]
+
+
+@pytest.mark.timeout(60)
+def test_a_dead_first_upstream_is_skipped_once_probed(tmp_path: Path) -> None:
+    zones = tmp_path / "zones"
+    zones.mkdir()
+    metrics_port = free_port()
+    # A black hole: a bound socket that never answers, so every attempt costs a timeout.
+    with (
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as hole,
+        dnsmasq(tmp_path, "--address=/fwd.test/192.0.2.1") as alive,
+    ):
+        hole.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{hole.getsockname()[1]}"
+        with dnsoverride_serve(
+            tmp_path, zones, [dead, alive.address], "--metrics", f"127.0.0.1:{metrics_port}"
+        ) as server:
+            _seconds_until(lambda: _upstream_up(metrics_port, dead) == 0, NOTICED_WITHIN)
+            assert _upstream_up(metrics_port, alive.address) == 1
+            for index in range(10):
+                started = time.monotonic()
+                reply = server.query(f"n{index}.fwd.test", timeout=5)
+                took = time.monotonic() - started
+                assert [str(rdata) for rrset in reply.answer for rdata in rrset] == ["192.0.2.1"]
+                assert took < ATTEMPT_TIMEOUT / 2, f"query {index} took {took:.2f} s"
+            assert _status(f"http://127.0.0.1:{metrics_port}/readyz") == 200
+        hole.setblocking(False)
+        asked = []
+        while True:
+            try:
+                asked.append(dns.message.from_wire(hole.recv(65535)).question[0].name.to_text())
+            except BlockingIOError:
+                break
+    # The dead upstream saw probes (and the startup poll's name), never the names above.
+    assert "." in asked
+    assert not [name for name in asked if name.endswith("fwd.test.")]
