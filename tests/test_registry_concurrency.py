@@ -67,6 +67,53 @@ async def test_first_bytes_stream_before_the_blob_lands_and_disconnect_does_not_
     assert len(proxy.blob_requests()) == 1
 
 
+async def test_range_and_head_of_a_blob_still_downloading_answer_as_bytes_land(
+    publish: Publish, proxy: TestProxy, cache: CacheProcess, http: aiohttp.ClientSession
+) -> None:
+    image = await publish("ci/ranged:v1", platforms=("linux/amd64",), layer_sizes=(2_000_000,))
+    digest, size = max(image.blobs.items(), key=lambda item: item[1])
+    url = f"{cache.url}/v2/ci/ranged/blobs/{digest}"
+    proxy.throttle = 500_000  # bytes/s: about four seconds for the whole blob
+
+    async def ranged(spec: str) -> tuple[int, str, bytes]:
+        async with http.get(url, headers={"Range": spec}) as response:
+            return response.status, response.headers.get("Content-Range", ""), await response.read()
+
+    whole = await http.get(url)  # starts the one download
+    first = await whole.content.readexactly(1)
+
+    async with http.head(url) as response:  # answered from the download's upstream length
+        assert response.status == 200
+        assert int(response.headers["Content-Length"]) == size
+        assert response.headers["Docker-Content-Digest"] == digest
+    assert proxy.blob_requests("HEAD") == []
+    assert await ranged(f"bytes={size}-") == (416, f"bytes */{size}", b"")
+
+    # Served once those bytes have landed, while the rest is still on its way.
+    head_status, head_range, head_bytes = await ranged("bytes=0-99")
+    middle = size // 2
+    mid_status, mid_range, mid_bytes = await ranged(f"bytes={middle}-{middle + 9999}")
+    assert proxy.bytes["blob"] < size
+    assert digest not in cache.stored_blobs()
+    assert (head_status, head_range, len(head_bytes)) == (206, f"bytes 0-99/{size}", 100)
+    assert (mid_status, mid_range) == (206, f"bytes {middle}-{middle + 9999}/{size}")
+
+    # A range with the last byte in it waits for the verified, stored blob.
+    tail_status, tail_range, tail_bytes = await ranged("bytes=-10")
+    assert (tail_status, tail_range) == (206, f"bytes {size - 10}-{size - 1}/{size}")
+    assert digest in cache.stored_blobs()
+
+    data = first + await whole.read()
+    whole.release()
+    assert "sha256:" + hashlib.sha256(data).hexdigest() == digest
+    assert (head_bytes, mid_bytes, tail_bytes) == (
+        data[:100],
+        data[middle : middle + 10000],
+        data[-10:],
+    )
+    assert len(proxy.blob_requests()) == 1
+
+
 async def test_tag_revalidation_uses_head_and_refetches_only_on_change(
     publish: Publish, proxy: TestProxy, start_cache: StartCache, http: aiohttp.ClientSession
 ) -> None:

@@ -9,6 +9,10 @@ failure the temp file is removed and every waiting response is cut short, so the
 client's own digest check fails (the last byte of a stream is only sent once the blob is
 verified and stored). The download is a task of its own: a client that
 disconnects does not cancel it for the others.
+
+While a blob downloads, a HEAD answers at once with the upstream's Content-Length, and a
+`Range` request (206) is sent as soon as its bytes have landed in the growing file; a range
+that takes in the last byte waits for the verified blob like a whole GET does.
 """
 
 from __future__ import annotations
@@ -57,6 +61,18 @@ class Download:
     def notify(self) -> None:
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
+
+    @property
+    def landed(self) -> int:
+        """How many bytes from the start may be sent to clients now.
+
+        The blob's last byte is held back until it is verified and stored, so no client
+        ever holds a complete copy of bytes that failed verification.
+        """
+        if self.final is not None:
+            return self.written
+        end = self.size if self.size is not None else self.written
+        return min(self.written, end - 1)
 
     async def wait_change(self) -> None:
         await self._changed.wait()
@@ -109,10 +125,10 @@ class Blobs:
         if path is not None:
             self.stats.hits["blob"] += 1
             return await self._send_file(request, digest, path, headers)
-        if request.method == "HEAD":
-            return await self._head_upstream(request, upstream, name, digest, headers)
         self.stats.misses["blob"] += 1
         download = self._downloads.get(str(digest))
+        if download is None and request.method == "HEAD":
+            return await self._head_upstream(request, upstream, name, digest, headers)
         if download is None:
             download = self._start(upstream, name, digest)
         else:
@@ -120,13 +136,30 @@ class Blobs:
         await asyncio.shield(download.started)
         if download.error is not None:
             raise download.error
-        if download.final is not None or "Range" in request.headers:
-            # Ranges are served from the finished file (FileResponse handles them).
-            await download.wait_finished()
-            if download.final is None:
-                raise download.error or RegistryError("UNAVAILABLE", "download failed")
+        if download.final is not None:
             return await self._send_file(request, digest, download.final, headers)
-        return await self._stream(request, download, headers)
+        if download.size is None:
+            # No upstream Content-Length: neither a length nor a range can be given until
+            # the blob has landed (FileResponse handles ranges of the finished file).
+            if request.method == "HEAD" or "Range" in request.headers:
+                await download.wait_finished()
+                if download.final is None:
+                    raise download.error or RegistryError("UNAVAILABLE", "download failed")
+                return await self._send_file(request, digest, download.final, headers)
+            return await self._stream(request, download, headers, (0, None))
+        if request.method == "HEAD":
+            # In flight: the length is the upstream's, known since its headers arrived.
+            return web.Response(headers={**headers, "Content-Length": str(download.size)})
+        if "Range" not in request.headers:
+            return await self._stream(request, download, headers, (0, download.size))
+        window = _range(request, download.size)
+        if window is None:
+            return web.Response(
+                status=416, headers={**headers, "Content-Range": f"bytes */{download.size}"}
+            )
+        start, stop = window
+        headers["Content-Range"] = f"bytes {start}-{stop - 1}/{download.size}"
+        return await self._stream(request, download, headers, (start, stop), status=206)
 
     async def _send_file(
         self, request: web.Request, digest: Digest, path: Path, headers: dict[str, str]
@@ -135,28 +168,32 @@ class Blobs:
         return _PinnedFileResponse(path, pin, self.stats, headers=headers)
 
     async def _stream(
-        self, request: web.Request, download: Download, headers: dict[str, str]
+        self,
+        request: web.Request,
+        download: Download,
+        headers: dict[str, str],
+        window: tuple[int, int | None],
+        status: int = 200,
     ) -> web.StreamResponse:
+        """Send bytes [start, stop) of the growing file as they land; stop None = to the end."""
         # Opened before any await: the temp file cannot be renamed or removed under us
         # in between, and once open the descriptor stays valid through both.
+        start, stop = window
         fd = os.open(download.temp, os.O_RDONLY)
-        response = web.StreamResponse(headers=headers)
-        if download.size is not None:
-            response.content_length = download.size
+        response = web.StreamResponse(status=status, headers=headers)
+        if stop is not None:
+            response.content_length = stop - start
         try:
             await response.prepare(request)
-            sent = 0
+            sent = start
             while True:
-                # The last byte is held back until the blob is verified and stored, so no
-                # client ever holds a complete copy of bytes that failed verification.
-                landed = download.written if download.final is not None else download.written - 1
-                available = landed - sent
-                if available > 0:
-                    data = os.pread(fd, min(available, _CHUNK), sent)
+                landed = download.landed if stop is None else min(download.landed, stop)
+                if sent < landed:
+                    data = os.pread(fd, min(landed - sent, _CHUNK), sent)
                     await response.write(data)
                     sent += len(data)
                     self.stats.bytes_served += len(data)
-                elif download.final is not None:
+                elif sent == stop or download.final is not None:
                     break
                 elif download.error is not None:
                     # Cut the connection short: the client must not take this as complete.
@@ -182,7 +219,6 @@ class Blobs:
         digest: Digest,
         headers: dict[str, str],
     ) -> web.StreamResponse:
-        self.stats.misses["blob"] += 1
         upstream_response = await upstream.call("HEAD", name, f"blobs/{digest}")
         with contextlib.closing(upstream_response):
             if upstream_response.status == 404:
@@ -254,6 +290,19 @@ class Blobs:
                 download.started.set_result(None)
             del self._downloads[str(digest)]
             download.notify()
+
+
+def _range(request: web.Request, size: int) -> tuple[int, int] | None:
+    """[start, stop) of the request's single byte range within `size`; None: unsatisfiable."""
+    try:
+        wanted = request.http_range
+    except ValueError:
+        return None
+    start, stop = wanted.start or 0, wanted.stop
+    if start < 0:  # bytes=-N: the last N bytes
+        start, stop = max(size + start, 0), size
+    stop = size if stop is None else min(stop, size)
+    return (start, stop) if start < stop else None
 
 
 def _write_all(fd: int, data: bytes) -> None:
