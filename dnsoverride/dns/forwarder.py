@@ -16,6 +16,10 @@ is down or has answered nothing for `PROBE_INTERVAL` seconds (no traffic, or tra
 going elsewhere): any well-formed reply, whatever its rcode, means the upstream is
 answering. That keeps readiness ("at least one upstream answering") true to the
 upstreams with no client traffic, and brings a recovered upstream back within seconds.
+
+Failures are counted every time (stats) but logged as `upstream_failed` at most once per
+upstream per `FAILURE_LOG_INTERVAL`, with the number of failures suppressed since the
+last event: a dead upstream under load must not flood the journal.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ import math
 import secrets
 import socket
 import struct
+import time
+from collections.abc import Callable
 
 import dnslib
 import structlog
@@ -38,12 +44,38 @@ log = structlog.get_logger(__name__)
 Question = tuple[str, int, int, bool, bool]  # name (lowercase), type, class, DO, CD
 MAX_INFLIGHT = 512
 PROBE_INTERVAL = 2.0  # seconds between probes of a quiet or dead upstream
+FAILURE_LOG_INTERVAL = 10.0  # seconds between two `upstream_failed` events of one upstream
 PROBE_QUESTION: Question = ("", dnslib.QTYPE.NS, 1, False, False)  # ". NS": every resolver has it
 _RETRY_RCODES = {dnslib.RCODE.SERVFAIL: "servfail", dnslib.RCODE.REFUSED: "refused"}
 
 
 class UpstreamFailedError(Exception):
     """No upstream produced an acceptable answer within the budget."""
+
+
+class FailureLog:
+    """`upstream_failed` events, at most one per upstream per `interval` seconds."""
+
+    def __init__(
+        self, interval: float = FAILURE_LOG_INTERVAL, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._interval = interval
+        self._clock = clock
+        self._quiet_until: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+
+    def failed(self, upstream: str, reason: str, **fields: object) -> bool:
+        """Log the failure, or count it as suppressed; True when it was logged."""
+        now = self._clock()
+        if now < self._quiet_until.get(upstream, -math.inf):
+            self._suppressed[upstream] = self._suppressed.get(upstream, 0) + 1
+            return False
+        self._quiet_until[upstream] = now + self._interval
+        suppressed = self._suppressed.pop(upstream, 0)
+        log.warning(
+            "upstream_failed", upstream=upstream, reason=reason, suppressed=suppressed, **fields
+        )
+        return True
 
 
 class _Health:
@@ -76,6 +108,7 @@ class Forwarder:
         self._edns_udp_size = edns_udp_size
         self._stats = stats
         self._inflight: dict[Question, asyncio.Future[dnslib.DNSRecord]] = {}
+        self._failure_log = FailureLog()
 
     def answering(self) -> bool:
         """Whether at least one upstream is answering (readiness)."""
@@ -105,9 +138,9 @@ class Forwarder:
         try:
             await asyncio.wait_for(self._ask(upstream, PROBE_QUESTION), self._attempt_timeout)
         except TimeoutError:
-            self._failed(upstream, "timeout", started)
-        except (OSError, dnslib.DNSError, ValueError, struct.error, EOFError):
-            self._failed(upstream, "error", started)
+            self._failed(upstream, "timeout", PROBE_QUESTION, started)
+        except (OSError, dnslib.DNSError, ValueError, struct.error, EOFError) as error:
+            self._failed(upstream, "error", PROBE_QUESTION, started, error)
         else:
             self._answered(upstream)
 
@@ -120,6 +153,7 @@ class Forwarder:
             # A flood of distinct names must not take every file descriptor (one socket
             # per upstream query): beyond this many, fail fast (SERVFAIL or stale).
             self._stats.upstream_failed("*", "busy")
+            self._failure_log.failed("*", "busy", name=question[0])
             raise UpstreamFailedError(question[0])
         future: asyncio.Future[dnslib.DNSRecord] = asyncio.get_running_loop().create_future()
         self._inflight[question] = future
@@ -147,26 +181,24 @@ class Forwarder:
                 # Upstreams marked down are a last resort for when no upstream replied at
                 # all: a SERVFAIL from a live one is not worth a dead one's timeout.
                 break
-            name = str(upstream)
             started = loop.time()
             try:
                 answer = await asyncio.wait_for(
                     self._ask(upstream, question), min(self._attempt_timeout, remaining)
                 )
             except TimeoutError:
-                self._failed(upstream, "timeout", started)
+                self._failed(upstream, "timeout", question, started)
                 continue
             except (OSError, dnslib.DNSError, ValueError, struct.error, EOFError) as error:
-                log.warning("upstream_error", upstream=name, error=str(error) or repr(error))
-                self._failed(upstream, "error", started)
+                self._failed(upstream, "error", question, started, error)
                 continue
             self._answered(upstream)
             replied = True
             reason = _RETRY_RCODES.get(answer.header.rcode)
             if reason is not None:
-                self._stats.upstream_failed(name, reason)
+                self._failed(upstream, reason, question, started)
                 continue
-            self._stats.upstream_answered(name, loop.time() - started)
+            self._stats.upstream_answered(str(upstream), loop.time() - started)
             return answer
         raise UpstreamFailedError(question[0])
 
@@ -178,11 +210,27 @@ class Forwarder:
             self._reorder()
             log.info("upstream_up", upstream=str(upstream))
 
-    def _failed(self, upstream: Endpoint, reason: str, started: float) -> None:
-        self._stats.upstream_failed(str(upstream), reason)
+    def _failed(
+        self,
+        upstream: Endpoint,
+        reason: str,
+        question: Question,
+        started: float,
+        error: Exception | None = None,
+    ) -> None:
+        name = str(upstream)
+        self._stats.upstream_failed(name, reason)
+        fields: dict[str, object] = {
+            "name": question[0] or ".",
+            "qtype": dnslib.QTYPE.get(question[1]),
+        }
+        if error is not None:
+            fields["error"] = str(error) or repr(error)
+        self._failure_log.failed(name, reason, **fields)
         health = self._health[upstream]
-        # One slow name is no dead upstream: down only if nothing came back since `started`.
-        if health.up and health.last_answer < started:
+        # One slow name is no dead upstream: down only if nothing came back since `started`,
+        # and an upstream that replied (SERVFAIL, REFUSED) is not down at all.
+        if reason in ("timeout", "error") and health.up and health.last_answer < started:
             health.up = False
             self._reorder()
             log.warning("upstream_down", upstream=str(upstream), reason=reason)

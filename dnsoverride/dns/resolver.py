@@ -225,10 +225,7 @@ class Resolver:
         except UpstreamFailedError:
             stale = self.responses.get_stale(question, self._loop.time())
             if stale is None:
-                log.warning(
-                    "upstream_failed", name=question[0], qtype=dnslib.QTYPE.get(question[1])
-                )
-                raise
+                raise  # logged by the forwarder, rate-limited per upstream
             return stale, STALE_TTL, "stale"
         ttl = self.responses.put(question, reply, self._loop.time())
         return reply, ttl, "upstream"
