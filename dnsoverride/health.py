@@ -7,7 +7,8 @@ immutable set of withdrawn names handed to the DNS answer path.
 A probe runs against the override's OWN addresses: the TCP probe connects to each address;
 the HTTPS probe connects to each address while the URL keeps the overridden name, so SNI,
 Host and certificate verification (against the configured CA file) all use that name,
-exactly as a CI client would. While every target of a name is down the override is
+exactly as a CI client would (the CA file is stat'ed on every probe and re-read when it
+was replaced or rewritten, so a rotated CA needs no zone change). While every target of a name is down the override is
 withdrawn, and the DNS server forwards the name upstream instead; CI then falls back to the
 real registry rather than failing. Targets start "up" so a restart does not withdraw
 overrides before the first checks have run; `fall` consecutive failures take a target down,
@@ -202,6 +203,12 @@ def parse_health(name: str, raw: object, base_dir: Path) -> HealthCheck:
     return check
 
 
+def _client_context(ca_file: Path | None) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
+
+
 @dataclass(frozen=True)
 class TargetState:
     """Health of one address: `up`, and how many results in a row contradicted it."""
@@ -231,8 +238,47 @@ class Prober:
         self._name = name
         self._check = check
         self._sessions: dict[str, aiohttp.ClientSession] = {}
-        self._ssl = ssl.create_default_context(cafile=str(check.ca_file) if check.ca_file else None)
-        self._ssl.minimum_version = ssl.TLSVersion.TLSv1_2
+        self._ssl: ssl.SSLContext | None = None
+        self._ssl_error = ""
+        self._ca_version: tuple[int, int, int] | None = None
+        self._closing: list[asyncio.Future[None]] = []
+
+    def _trust(self) -> ssl.SSLContext | None:
+        """The probes' TLS context, rebuilt when the CA file is replaced or rewritten.
+
+        One stat per probe: a rotated CA is picked up by the next check without a zone
+        change. A CA file that cannot be read keeps the last good context (and logs).
+        """
+        ca_file = self._check.ca_file
+        if ca_file is None:
+            if self._ssl is None:
+                self._ssl = _client_context(None)
+            return self._ssl
+        try:
+            info = ca_file.stat()
+            version = (info.st_ino, info.st_mtime_ns, info.st_size)
+        except OSError as error:
+            version, reason = None, os.strerror(error.errno or 0)
+        if version is not None and version == self._ca_version:
+            return self._ssl
+        if version is not None:
+            try:
+                context = _client_context(ca_file)
+            except (OSError, ssl.SSLError) as error:
+                reason = str(error)
+            else:
+                if self._ssl is not None:
+                    log.info("health_ca_reloaded", name=self._name, ca=str(ca_file))
+                self._ssl, self._ca_version = context, version
+                # Open sessions carry the old context; the next probes make new ones.
+                old, self._sessions = self._sessions, {}
+                for session in old.values():
+                    self._closing.append(asyncio.ensure_future(session.close()))
+                return context
+        if reason != self._ssl_error:
+            log.warning("health_ca_unusable", name=self._name, ca=str(ca_file), error=reason)
+        self._ssl_error, self._ca_version = reason, version
+        return self._ssl
 
     async def probe(self, address: str) -> str | None:
         """None when `address` passes the check, otherwise why it failed."""
@@ -260,6 +306,9 @@ class Prober:
         return str(error) or type(error).__name__
 
     async def _probe_https(self, address: str) -> str | None:
+        context = self._trust()
+        if context is None:
+            return f"CA file unusable: {self._ssl_error}"
         session = self._sessions.get(address)
         if session is None:
             # The resolver pins the overridden name to this one target; force_close makes
@@ -268,7 +317,7 @@ class Prober:
 
             connector = self._aiohttp.TCPConnector(
                 resolver=UpstreamResolver(hosts={self._name: [address]}),
-                ssl=self._ssl,
+                ssl=context,
                 force_close=True,
                 use_dns_cache=False,
             )
@@ -284,6 +333,8 @@ class Prober:
         for session in self._sessions.values():
             await session.close()
         self._sessions.clear()
+        await asyncio.gather(*self._closing)
+        self._closing.clear()
 
 
 @dataclass

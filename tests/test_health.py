@@ -7,6 +7,7 @@ test; the monitor test stops and restarts those servers and waits for the flips.
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import ssl
 from collections.abc import AsyncIterator, Callable
@@ -214,6 +215,39 @@ async def test_https_probe_verifies_certificate_against_ca(
     assert failure is not None
     assert "certificate verify failed" in failure
     assert server.hosts == []  # no request was sent over the unverified connection
+
+
+async def test_https_probe_rereads_the_ca_file_when_it_changes(
+    tmp_path: Path, server: TlsServer, ca: CertAuthority
+) -> None:
+    port = await server.start("127.0.0.1")
+    stranger = make_ca(tmp_path / "..", "another test CA")
+    ca_file = tmp_path / "trusted-ca.pem"
+    ca_file.write_bytes(stranger.cert_file.read_bytes())
+    prober = Prober(NAME, https_check(port, ca, ca_file=ca_file))
+    try:
+        assert "certificate verify failed" in (await prober.probe("127.0.0.1") or "")
+        # Replaced by a rename (a new inode), as configuration management does it.
+        staged = tmp_path / "trusted-ca.pem.new"
+        staged.write_bytes(ca.cert_file.read_bytes())
+        staged.replace(ca_file)
+        assert await prober.probe("127.0.0.1") is None
+        # A broken file keeps the last good CA, and says so once.
+        with structlog.testing.capture_logs() as logs:
+            ca_file.write_text("not a certificate\n")
+            assert await prober.probe("127.0.0.1") is None
+            assert await prober.probe("127.0.0.1") is None
+        assert [entry["event"] for entry in logs] == ["health_ca_unusable"]
+        # Rewritten in place (same inode). The kernel stamps mtimes from a coarse clock,
+        # so a rewrite within the same tick is made visible by moving the mtime on.
+        inode = ca_file.stat().st_ino
+        ca_file.write_bytes(stranger.cert_file.read_bytes())
+        stamp = ca_file.stat().st_mtime_ns + 1_000_000_000
+        os.utime(ca_file, ns=(stamp, stamp))
+        assert ca_file.stat().st_ino == inode
+        assert "certificate verify failed" in (await prober.probe("127.0.0.1") or "")
+    finally:
+        await prober.close()
 
 
 async def test_https_probe_verifies_certificate_name(tmp_path: Path, ca: CertAuthority) -> None:
