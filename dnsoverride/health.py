@@ -8,11 +8,11 @@ A probe runs against the override's OWN addresses: the TCP probe connects to eac
 the HTTPS probe connects to each address while the URL keeps the overridden name, so SNI,
 Host and certificate verification (against the configured CA file) all use that name,
 exactly as a CI client would (the CA file is stat'ed on every probe and re-read when it
-was replaced or rewritten, so a rotated CA needs no zone change). While every target of a name is down the override is
-withdrawn, and the DNS server forwards the name upstream instead; CI then falls back to the
-real registry rather than failing. Targets start "up" so a restart does not withdraw
-overrides before the first checks have run; `fall` consecutive failures take a target down,
-`rise` consecutive successes bring it back.
+was replaced or rewritten, so a rotated CA needs no zone change). While every target of a
+name is down the override is withdrawn, and the DNS server forwards the name upstream
+instead; CI then falls back to the real registry rather than failing. Targets start "up"
+so a restart does not withdraw overrides before the first checks have run; `fall`
+consecutive failures take a target down, `rise` consecutive successes bring it back.
 """
 
 from __future__ import annotations
