@@ -27,7 +27,7 @@ import hashlib
 import os
 import re
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -70,14 +70,14 @@ SUMMARY_SAMPLE = 10
 
 
 class ZoneSetLike(Protocol):
-    """What the reloader needs from a loaded set: an identity and a per-name digest."""
+    """What the reloader needs from a loaded set: an identity and per-name digests."""
 
     @property
     def content_hash(self) -> str: ...
 
     def names(self) -> frozenset[str]: ...
 
-    def records_digest(self, name: str) -> str: ...
+    def name_digests(self) -> Mapping[str, object]: ...
 
 
 S = TypeVar("S", bound=ZoneSetLike)
@@ -125,7 +125,7 @@ class ReloadCollector(Collector):
 
 @dataclass(frozen=True)
 class ChangeSummary:
-    """Which names a reload added, removed or changed (compared by records_digest)."""
+    """Which names a reload added, removed or changed (compared by their digests)."""
 
     added: tuple[str, ...]
     removed: tuple[str, ...]
@@ -133,15 +133,11 @@ class ChangeSummary:
 
     @classmethod
     def between(cls, old: ZoneSetLike, new: ZoneSetLike) -> ChangeSummary:
-        old_names, new_names = old.names(), new.names()
-        changed = (
-            name
-            for name in old_names & new_names
-            if old.records_digest(name) != new.records_digest(name)
-        )
+        before, after = old.name_digests(), new.name_digests()
+        changed = (name for name, digest in after.items() if before.get(name, digest) != digest)
         return cls(
-            tuple(sorted(new_names - old_names)),
-            tuple(sorted(old_names - new_names)),
+            tuple(sorted(after.keys() - before.keys())),
+            tuple(sorted(before.keys() - after.keys())),
             tuple(sorted(changed)),
         )
 

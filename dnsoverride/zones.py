@@ -26,11 +26,12 @@ import gc
 import hashlib
 import ipaddress
 import re
+import socket
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, NamedTuple
 
 import dnslib
 
@@ -45,6 +46,12 @@ NAME_KEYS = ("ttl", "health")
 RECORD_TYPES = ("A", "AAAA", "CNAME", "TXT", "MX", "SRV", "PTR", "NS")
 
 _LABEL = re.compile(r"^[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?$")
+# Every label valid at once: the common case, one regex call instead of one per label.
+_LABELS = r"(?:[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?\.)*[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?"
+_VALID_NAME = re.compile(_LABELS)
+_VALID_OWNER = re.compile(r"(?:\*\.)?" + _LABELS)
+_QTYPES = {rtype: int(getattr(dnslib.QTYPE, rtype)) for rtype in RECORD_TYPES}
+QTYPE_A, QTYPE_AAAA, QTYPE_CNAME = _QTYPES["A"], _QTYPES["AAAA"], _QTYPES["CNAME"]
 
 
 @dataclass(frozen=True)
@@ -67,19 +74,29 @@ class ZoneSetError(Exception):
         super().__init__("\n".join(str(problem) for problem in self.problems))
 
 
-@dataclass(frozen=True)
-class RRSet:
-    """The records of one type at one name; `rdatas` are ready-made dnslib RDATA objects."""
+# RRSet and NameEntry are NamedTuples rather than frozen dataclasses: as immutable, and
+# built 3x faster and smaller, which counts at 100,000 names per reload.
+class RRSet(NamedTuple):
+    """The records of one type at one name, as canonical texts (validated when loaded)."""
 
     rtype: int
     ttl: int
-    rdatas: tuple[Any, ...]
     texts: tuple[str, ...]
 
+    @property
+    def rdatas(self) -> tuple[Any, ...]:
+        """The records as dnslib RDATA objects. Built on use, not kept: a local answer is
+        packed once and then served from the answer cache, while keeping them costs
+        memory and load time for every name of a large set."""
+        build = _RDATA_FROM_TEXT[self.rtype]
+        return tuple(build(text) for text in self.texts)
 
-@dataclass(frozen=True)
-class NameEntry:
-    """An overridden name (or wildcard `*.suffix`) and all its data, from one file."""
+
+class NameEntry(NamedTuple):
+    """An overridden name (or wildcard `*.suffix`) and all its data, from one file.
+
+    `digest` identifies the data (`canonical()`), for content hashes and reload diffs.
+    """
 
     name: str
     file: str
@@ -87,26 +104,31 @@ class NameEntry:
     ttl: int
     rrsets: Mapping[int, RRSet]
     health: HealthCheck | None = None
+    digest: bytes = b""
 
     @property
     def cname(self) -> str | None:
         """The CNAME target (lowercase, no trailing dot) when this name is an alias."""
-        rrset = self.rrsets.get(dnslib.QTYPE.CNAME)
+        rrset = self.rrsets.get(QTYPE_CNAME)
         return rrset.texts[0].rstrip(".") if rrset else None
 
     def canonical(self) -> str:
         """A stable text form of the data, for hashing and diffing."""
-        lines = [f"{self.name} ttl={self.ttl}"]
-        for rtype in sorted(self.rrsets):
-            rrset = self.rrsets[rtype]
-            for text in sorted(rrset.texts):
-                lines.append(f"  {dnslib.QTYPE.get(rtype)} {rrset.ttl} {text}")
-        if self.health is not None:
-            lines.append(f"  health {self.health.canonical()}")
-        return "\n".join(lines)
+        return _canonical(self.name, self.ttl, self.rrsets, self.health)
 
 
-@dataclass(frozen=True)
+def _canonical(name: str, ttl: int, rrsets: Mapping[int, RRSet], health: HealthCheck | None) -> str:
+    lines = [f"{name} ttl={ttl}"]
+    for rtype in sorted(rrsets):
+        rrset = rrsets[rtype]
+        for text in sorted(rrset.texts):
+            lines.append(f"  {_TYPE_NAMES[rtype]} {rrset.ttl} {text}")
+    if health is not None:
+        lines.append(f"  health {health.canonical()}")
+    return "\n".join(lines)
+
+
+@dataclass(frozen=True, slots=True)
 class ZoneFile:
     """One zone file: its name in the directory (e.g. `ci.yaml`) and its entries."""
 
@@ -119,7 +141,7 @@ class ZoneFile:
         return selector in (self.name, Path(self.name).stem)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Overrides:
     """The merged overrides one view sees; `lookup` applies the ownership rules."""
 
@@ -168,8 +190,23 @@ class ZoneSet:
         for zone in self.files:
             entry = zone.entries.get(key)
             if entry is not None:
-                digest.update(f"{zone.name}\n{entry.canonical()}\n".encode())
+                digest.update(f"{zone.name}\n".encode() + entry.digest)
         return digest.hexdigest()
+
+    def name_digests(self) -> dict[str, object]:
+        """Every name -> a value that changes when its data changes, for diffing whole sets
+        in one pass (the entries carry their digests); a name defined in several files is
+        marked by each file's name and data, as view selection may tell them apart."""
+        digests: dict[str, object] = {}
+        several: dict[str, list[tuple[str, bytes]]] = {}
+        for zone in self.files:
+            for name, entry in zone.entries.items():
+                if digests.setdefault(name, entry.digest) is not entry.digest:
+                    several.setdefault(name, []).append((zone.name, entry.digest))
+        for name, marks in several.items():
+            first = next(z for z in self.files if name in z.entries)
+            digests[name] = ((first.name, first.entries[name].digest), *marks)
+        return digests
 
     def health_gated(self) -> tuple[GatedOverride, ...]:
         """Every name with a health check and the addresses it checks (first file wins)."""
@@ -179,7 +216,7 @@ class ZoneSet:
                 if entry.health is not None and name not in gated:
                     addresses = tuple(
                         text
-                        for rtype in (dnslib.QTYPE.A, dnslib.QTYPE.AAAA)
+                        for rtype in (QTYPE_A, QTYPE_AAAA)
                         if rtype in entry.rrsets
                         for text in entry.rrsets[rtype].texts
                     )
@@ -299,6 +336,8 @@ def name_problem(name: str, wildcard_ok: bool) -> str | None:
         return "empty name"
     if len(text) > 253:
         return f"name {name!r} is longer than 253 characters"
+    if (_VALID_OWNER if wildcard_ok else _VALID_NAME).fullmatch(text):
+        return None
     labels = text.split(".")
     for index, label in enumerate(labels):
         if label == "*" and index == 0 and wildcard_ok and len(labels) > 1:
@@ -447,7 +486,7 @@ def _parse_file(path: Path, data: bytes) -> _ParsedFile:
     zone, problems = _load_file(path, data)
     digest = hashlib.sha256()
     for name in sorted(zone.entries):
-        digest.update(zone.entries[name].canonical().encode() + b"\n")
+        digest.update(zone.entries[name].digest)
     return _ParsedFile(zone, tuple(problems), digest.hexdigest())
 
 
@@ -504,17 +543,19 @@ def _entry(name: str, line: int, file_ttl: int, body: Any, problems: _Problems) 
         problems.add(line, f"{name}: expected a mapping of record types, e.g. 'A: 10.0.0.5'")
         return None
     before = len(problems.items)
-    problems.duplicates(body)
+    if body.duplicates:
+        problems.duplicates(body)
     ttl = file_ttl
     if "ttl" in body:
         ttl = problems.ttl(body["ttl"], body.key_lines["ttl"]) or file_ttl
     rrsets: dict[int, RRSet] = {}
+    key_lines = body.key_lines
     for key, value in body.items():
         if key in NAME_KEYS:
             continue
-        key_line = body.key_lines[key]
+        key_line = key_lines[key]
         rtype = key.upper() if isinstance(key, str) else key
-        if rtype not in RECORD_TYPES:
+        if rtype not in _QTYPES:
             problems.add(
                 key_line,
                 f"{name}: unknown record type or key {key!r} "
@@ -524,8 +565,8 @@ def _entry(name: str, line: int, file_ttl: int, body: Any, problems: _Problems) 
         rrset = _rrset(name, rtype, value, key_line, ttl=ttl, problems=problems)
         if rrset is not None:
             rrsets[rrset.rtype] = rrset
-    if dnslib.QTYPE.CNAME in rrsets and len(rrsets) > 1:
-        others = sorted(str(dnslib.QTYPE.get(t)) for t in rrsets if t != dnslib.QTYPE.CNAME)
+    if QTYPE_CNAME in rrsets and len(rrsets) > 1:
+        others = sorted(_TYPE_NAMES[t] for t in rrsets if t != QTYPE_CNAME)
         problems.add(
             line, f"{name}: CNAME cannot be combined with other data ({', '.join(others)})"
         )
@@ -535,7 +576,7 @@ def _entry(name: str, line: int, file_ttl: int, body: Any, problems: _Problems) 
             health = parse_health(name, body["health"], Path(problems.file).parent)
         except HealthSpecError as error:
             problems.add(body.key_lines["health"], f"{name}: {error}")
-        if not {dnslib.QTYPE.A, dnslib.QTYPE.AAAA} & rrsets.keys():
+        if not {QTYPE_A, QTYPE_AAAA} & rrsets.keys():
             problems.add(
                 body.key_lines["health"], f"{name}: a health check needs A or AAAA records"
             )
@@ -544,7 +585,9 @@ def _entry(name: str, line: int, file_ttl: int, body: Any, problems: _Problems) 
     if not rrsets:
         problems.add(line, f"{name}: no records")
         return None
-    return NameEntry(name, problems.file, line, ttl, MappingProxyType(rrsets), health)
+    canonical = _canonical(name, ttl, rrsets, health).encode()
+    digest = hashlib.blake2b(canonical, digest_size=16).digest()
+    return NameEntry(name, problems.file, line, ttl, MappingProxyType(rrsets), health, digest)
 
 
 def _rrset(
@@ -561,67 +604,89 @@ def _rrset(
         problems.add(line, f"{name}: CNAME takes exactly one target")
         return None
     before = len(problems.items)
-    rdatas = []
     texts: list[str] = []
     for item, item_line in items:
-        parsed = _rdata(rtype, item)
-        if isinstance(parsed, str):
-            problems.add(item_line, f"{name}: bad {rtype} value {item!r}: {parsed}")
-        elif parsed[1] not in texts:
-            rdatas.append(parsed[0])
-            texts.append(parsed[1])
+        text, reason = _rdata(rtype, item)
+        if reason:
+            problems.add(item_line, f"{name}: bad {rtype} value {item!r}: {reason}")
+        elif text not in texts:
+            texts.append(text)
     if len(problems.items) != before:
         return None
-    return RRSet(getattr(dnslib.QTYPE, rtype), ttl, tuple(rdatas), tuple(texts))
+    return RRSet(_QTYPES[rtype], ttl, tuple(texts))
 
 
-def _rdata(rtype: str, value: Any) -> tuple[Any, str] | str:
-    """(dnslib RDATA, canonical text) for one value, or why the value is bad."""
+def _rdata(rtype: str, value: Any) -> tuple[str, str | None]:
+    """(canonical text, None) for one valid value, or ("", why the value is bad).
+
+    The canonical text is what `RRSet.rdatas` builds the record from."""
     if rtype == "TXT":
         if isinstance(value, bool) or not isinstance(value, str | int | float):
-            return "expected a string"
-        data = str(value).encode()
-        chunks = [data[i : i + 255] for i in range(0, len(data), 255)] or [b""]
-        return dnslib.TXT(chunks), '"' + str(value).replace('"', '\\"') + '"'
+            return "", "expected a string"
+        return '"' + str(value).replace('"', '\\"') + '"', None
     if not isinstance(value, str):
-        return "expected a string (quote it)"
+        return "", "expected a string (quote it)"
     text = value.strip()
     if rtype == "A":
+        # inet_pton is as strict as ipaddress (no leading zeros, four parts) and 5x faster.
         try:
-            return dnslib.A(str(ipaddress.IPv4Address(text))), text
-        except ValueError:
-            return "not an IPv4 address"
+            socket.inet_pton(socket.AF_INET, text)
+        except (OSError, ValueError):
+            return "", "not an IPv4 address"
+        return text, None
     if rtype == "AAAA":
         try:
             address = ipaddress.IPv6Address(text)
         except ValueError:
-            return "not an IPv6 address"
-        return dnslib.AAAA(address.compressed), address.compressed
+            return "", "not an IPv6 address"
+        return address.compressed, None
     if rtype in ("CNAME", "PTR", "NS"):
         reason = name_problem(text, wildcard_ok=False)
         if reason:
-            return reason
-        target = normalize_name(text) + "."
-        cls = {"CNAME": dnslib.CNAME, "PTR": dnslib.PTR, "NS": dnslib.NS}[rtype]
-        return cls(target), target
+            return "", reason
+        return normalize_name(text) + ".", None
     fields = text.split()
     if rtype == "MX":
         if len(fields) != 2 or not fields[0].isdigit() or int(fields[0]) > 65535:
-            return "expected 'PREFERENCE HOST', e.g. '10 mail.example.'"
+            return "", "expected 'PREFERENCE HOST', e.g. '10 mail.example.'"
         reason = name_problem(fields[1], wildcard_ok=False)
         if reason:
-            return reason
-        target = normalize_name(fields[1]) + "."
-        return dnslib.MX(target, int(fields[0])), f"{int(fields[0])} {target}"
+            return "", reason
+        return f"{int(fields[0])} {normalize_name(fields[1])}.", None
     # SRV
     if len(fields) != 4 or not all(f.isdigit() and int(f) <= 65535 for f in fields[:3]):
-        return "expected 'PRIORITY WEIGHT PORT TARGET', e.g. '10 5 443 host.example.'"
+        return "", "expected 'PRIORITY WEIGHT PORT TARGET', e.g. '10 5 443 host.example.'"
     reason = name_problem(fields[3], wildcard_ok=False) if fields[3] != "." else None
     if reason:
-        return reason
-    target = normalize_name(fields[3]) + "."
+        return "", reason
     priority, weight, port = (int(f) for f in fields[:3])
-    return (
-        dnslib.SRV(priority, weight, port, target),
-        f"{priority} {weight} {port} {target}",
-    )
+    return f"{priority} {weight} {port} {normalize_name(fields[3])}.", None
+
+
+def _txt(text: str) -> Any:
+    value = text[1:-1].replace('\\"', '"').encode()
+    return dnslib.TXT([value[i : i + 255] for i in range(0, len(value), 255)] or [b""])
+
+
+def _mx(text: str) -> Any:
+    preference, target = text.split()
+    return dnslib.MX(target, int(preference))
+
+
+def _srv(text: str) -> Any:
+    priority, weight, port, target = text.split()
+    return dnslib.SRV(int(priority), int(weight), int(port), target)
+
+
+# Canonical text (as `_rdata` makes it) -> dnslib RDATA.
+_RDATA_FROM_TEXT: dict[int, Callable[[str], Any]] = {
+    _QTYPES["A"]: dnslib.A,
+    _QTYPES["AAAA"]: dnslib.AAAA,
+    _QTYPES["CNAME"]: dnslib.CNAME,
+    _QTYPES["PTR"]: dnslib.PTR,
+    _QTYPES["NS"]: dnslib.NS,
+    _QTYPES["TXT"]: _txt,
+    _QTYPES["MX"]: _mx,
+    _QTYPES["SRV"]: _srv,
+}
+_TYPE_NAMES = {number: rtype for rtype, number in _QTYPES.items()}

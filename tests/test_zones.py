@@ -209,6 +209,50 @@ def test_hashes_and_digests_track_content(tmp_path: Path) -> None:
     assert first.records_digest("y.example") == changed.records_digest("y.example")
 
 
+@pytest.mark.parametrize(
+    "value", ["010.0.0.1", "1.2.3", "1.2.3.4.5", "0x1.2.3.4", "256.0.0.1", "1.2.3.4/32", "::1"]
+)
+def test_a_values_are_strict_dotted_quads(tmp_path: Path, value: str) -> None:
+    write(tmp_path, "a.yaml", f"records:\n  a.example:\n    A: '{value}'\n")
+    assert problems_of(tmp_path) == [
+        f"{tmp_path / 'a.yaml'}:3: a.example: bad A value '{value}': not an IPv4 address"
+    ]
+
+
+def test_records_are_built_from_their_canonical_texts(tmp_path: Path) -> None:
+    write(
+        tmp_path,
+        "a.yaml",
+        """\
+        records:
+          a.example:
+            TXT: ['say "hi" \\" ok', "%s"]
+            MX: 10 Mail.Example
+          b.example: {SRV: 1 2 443 Host.Example., AAAA: "2001:DB8:0::1"}
+        """
+        % ("x" * 300),
+    )
+    entries = load_zone_set(tmp_path).files[0].entries
+    txt = entries["a.example"].rrsets[dnslib.QTYPE.TXT].rdatas
+    assert txt[0].data == [b'say "hi" \\" ok']
+    assert txt[1].data == [b"x" * 255, b"x" * 45]
+    assert str(entries["a.example"].rrsets[dnslib.QTYPE.MX].rdatas[0]) == "10 mail.example."
+    b = entries["b.example"].rrsets
+    assert str(b[dnslib.QTYPE.SRV].rdatas[0]) == "1 2 443 host.example."
+    assert str(b[dnslib.QTYPE.AAAA].rdatas[0]) == "2001:db8::1"
+
+
+def test_name_digests_mark_exactly_the_changed_names(tmp_path: Path) -> None:
+    write(tmp_path, "a.yaml", "records:\n  x.example: {A: 10.0.0.1}\n  y.example: {A: 10.0.0.9}\n")
+    write(tmp_path, "b.yaml", "records:\n  y.example: {A: 10.0.0.8}\n")
+    first = load_zone_set(tmp_path).name_digests()
+    write(tmp_path, "b.yaml", "records:\n  y.example: {A: 10.0.0.7}\n  z.example: {A: 1.1.1.1}\n")
+    second = load_zone_set(tmp_path).name_digests()
+    assert first["x.example"] == second["x.example"]
+    assert first["y.example"] != second["y.example"]  # defined twice; one of them changed
+    assert set(second) - set(first) == {"z.example"}
+
+
 def test_live_zones_swap_bumps_generation(tmp_path: Path) -> None:
     write(tmp_path, "a.yaml", MINIMAL)
     first = load_zone_set(tmp_path)
