@@ -173,7 +173,7 @@ def test_response_cache_clamps_negative_caching_and_stale() -> None:
     assert cache.get(key, now=11) is None
     stale = cache.get_stale(key, now=11)
     assert stale is not None
-    assert stale.rr[0].ttl == 10  # min(original, 30)
+    assert stale.rr[0].ttl == 30  # RFC 8767: above 0, recommended 30 s
     assert cache.get_stale(key, now=71) is None
     for index in range(3):  # LRU bound of 2
         cache.put((f"n{index}.test", 1, 1, False, False), upstream_reply(0, 10), now=0)

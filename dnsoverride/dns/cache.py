@@ -23,8 +23,12 @@ from dnsoverride.config import CacheConfig
 from dnsoverride.dns import wire
 
 ResponseKey = tuple[str, int, int, bool, bool]
-# RFC 8767 section 4: stale answers go out with a TTL of 30 seconds.
+# RFC 8767 section 4: stale records go out with a TTL above 0, recommended 30 seconds.
 STALE_TTL = 30
+# ... but the answer cache reuses a stale reply for only this long: then the next query
+# for it asks the upstreams again (in the background while all are down), so a recovered
+# upstream's fresh answer replaces the stale one within seconds, not STALE_TTL.
+STALE_REUSE = 2.0
 
 
 @dataclass
@@ -96,7 +100,7 @@ class ResponseCache:
         entry = self._entries.get(key)
         if entry is None or now - entry.stored_at >= entry.ttl + self.config.stale_ttl:
             return None
-        return self._with_ttl(entry, lambda ttl: min(ttl, STALE_TTL))
+        return self._with_ttl(entry, lambda ttl: STALE_TTL)
 
     @staticmethod
     def _with_ttl(entry: _Response, ttl_of: Callable[[int], int]) -> dnslib.DNSRecord:

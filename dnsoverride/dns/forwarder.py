@@ -109,6 +109,7 @@ class Forwarder:
         self._stats = stats
         self._inflight: dict[Question, asyncio.Future[dnslib.DNSRecord]] = {}
         self._failure_log = FailureLog()
+        self._refreshing: set[asyncio.Task[None]] = set()  # referenced until done
 
     def answering(self) -> bool:
         """Whether at least one upstream is answering (readiness)."""
@@ -170,6 +171,25 @@ class Forwarder:
             return answer
         finally:
             del self._inflight[question]
+
+    def refresh(
+        self, question: Question, store: Callable[[Question, dnslib.DNSRecord], object]
+    ) -> None:
+        """Ask for `question` in the background; `store(question, answer)` if it comes."""
+        if question in self._inflight:
+            return
+        task = asyncio.get_running_loop().create_task(self._refresh(question, store))
+        self._refreshing.add(task)
+        task.add_done_callback(self._refreshing.discard)
+
+    async def _refresh(
+        self, question: Question, store: Callable[[Question, dnslib.DNSRecord], object]
+    ) -> None:
+        try:
+            answer = await self.resolve(question)
+        except UpstreamFailedError:
+            return  # counted and logged; the caller keeps serving stale
+        store(question, answer)
 
     async def _ask_all(self, question: Question) -> dnslib.DNSRecord:
         loop = asyncio.get_running_loop()

@@ -21,7 +21,7 @@ import structlog
 from dnsoverride.config import ServeConfig, View
 from dnsoverride.dns import answer, wire
 from dnsoverride.dns.acl import Acl, client_address
-from dnsoverride.dns.cache import STALE_TTL, AnswerCache, ResponseCache
+from dnsoverride.dns.cache import STALE_REUSE, AnswerCache, ResponseCache
 from dnsoverride.dns.forwarder import Forwarder, Question, UpstreamFailedError
 from dnsoverride.dns.stats import DnsStats
 from dnsoverride.dns.views import ViewTable
@@ -220,15 +220,25 @@ class Resolver:
         cached = self.responses.get(question, self._loop.time())
         if cached is not None:
             return cached[0], cached[1], "cache"
+        if not self.forwarder.answering():
+            # Every upstream is known down: stale now (RFC 8767), the upstreams asked in
+            # the background, so the answer is fresh again soon after they recover.
+            stale = self.responses.get_stale(question, self._loop.time())
+            if stale is not None:
+                self.forwarder.refresh(question, self._store)
+                return stale, STALE_REUSE, "stale"
         try:
             reply = await self.forwarder.resolve(question)
         except UpstreamFailedError:
             stale = self.responses.get_stale(question, self._loop.time())
             if stale is None:
                 raise  # logged by the forwarder, rate-limited per upstream
-            return stale, STALE_TTL, "stale"
-        ttl = self.responses.put(question, reply, self._loop.time())
+            return stale, STALE_REUSE, "stale"
+        ttl = self._store(question, reply)
         return reply, ttl, "upstream"
+
+    def _store(self, question: Question, reply: dnslib.DNSRecord) -> int:
+        return self.responses.put(question, reply, self._loop.time())
 
 
 def _qtype_name(data: bytes, qend: int) -> str:
