@@ -104,16 +104,9 @@ async def test_upstream_down_serves_cached_tags_and_blobs(
     cache.start()
     code, out = await pull(f"{cache.address}/ci/app:v1", tmp_path / "restarted")
     assert code == 0, out + cache.logs()
-
-    # A manifest whose blobs are gone is not served as complete.
-    digest, _ = _largest(image)
-    hex_digest = digest.split(":")[1]
-    (cache.storage / "blobs" / "sha256" / hex_digest[:2] / hex_digest).unlink()
-    async with http.get(f"{cache.url}/v2/ci/app/manifests/v1") as response:
-        assert response.status == 503
-        assert (await response.json())["errors"][0]["code"] == "UNAVAILABLE"
     async with http.get(f"{cache.url}/v2/ci/app/manifests/nope") as response:
         assert response.status == 503
+        assert (await response.json())["errors"][0]["code"] == "UNAVAILABLE"
 
 
 async def test_cache_killed_mid_download_cleans_up_and_recovers(
@@ -141,7 +134,11 @@ async def test_cache_killed_mid_download_cleans_up_and_recovers(
 
 
 async def test_store_stays_under_budget_evicting_least_recently_used(
-    tmp_path: Path, upstream: DistributionRegistry, publish: Publish, start_cache: StartCache
+    tmp_path: Path,
+    upstream: DistributionRegistry,
+    publish: Publish,
+    start_cache: StartCache,
+    http: aiohttp.ClientSession,
 ) -> None:
     images = [
         await publish(f"ci/img{n}:v1", platforms=("linux/amd64",), layer_sizes=(150_000, 150_000))
@@ -152,9 +149,13 @@ async def test_store_stays_under_budget_evicting_least_recently_used(
     for n in range(len(images)):
         code, out = await pull(f"{cache.address}/ci/img{n}:v1", tmp_path / f"out{n}")
         assert code == 0, out
-        if n == 1:  # touch img0 again before img2 arrives: img1 becomes the LRU
+        if n == 1:
+            # Touch img0 again before img2 arrives: img1's blobs become the LRU. Its
+            # manifest is asked for once more (as by `skopeo inspect`), so it stays.
             code, out = await pull(f"{cache.address}/ci/img0:v1", tmp_path / "again")
             assert code == 0, out
+            async with http.get(f"{cache.url}/v2/ci/img1/manifests/v1") as response:
+                assert response.status == 200
         stored = sum(p.stat().st_size for p in cache.storage.rglob("*") if p.is_file())
         assert stored <= budget
     kept = cache.stored_blobs()
@@ -164,10 +165,29 @@ async def test_store_stays_under_budget_evicting_least_recently_used(
     layers1 = {d for d, size in images[1].blobs.items() if size > 100_000}
     assert not layers1 & kept
     assert "store_evicted" in cache.logs()
+    hex1 = images[1].top_digest.split(":")[1]
+    assert (cache.storage / "manifests" / "sha256" / hex1[:2] / hex1).exists()
 
-    # Evicted content is fetched again on demand.
+    # With the upstream gone, a manifest whose layers were evicted is not served as
+    # complete, by tag (within its TTL) or by digest; complete images still are.
+    upstream.stop()
+    for reference in ("v1", images[1].top_digest):
+        async with http.get(f"{cache.url}/v2/ci/img1/manifests/{reference}") as response:
+            assert response.status == 503
+            error = (await response.json())["errors"][0]
+            assert error["code"] == "UNAVAILABLE"
+            assert "is not cached" in error["message"]
+    code, out = await pull(f"{cache.address}/ci/img0:v1", tmp_path / "offline")
+    assert code == 0, out + cache.logs()
+    assert "manifest_incomplete" in cache.logs()
+
+    # With the upstream back, the manifest is served and evicted content is fetched
+    # again on demand.
+    upstream.start()
     code, out = await pull(f"{cache.address}/ci/img1:v1", tmp_path / "refetch")
     assert code == 0, out
+    assert verify_dir(tmp_path / "refetch") == set(images[1].blobs)
+    assert layers1 <= cache.stored_blobs()
 
 
 async def test_rate_limited_or_failing_upstream_serves_stale_tags(

@@ -6,6 +6,12 @@ store. A tag maps to a digest for `tag_ttl` seconds; after that one upstream HEA
 re-fetched only if the digest changed. Concurrent requests for one tag share one
 upstream request. When the upstream fails, times out or answers 429/5xx, the last
 known manifest is served stale, provided the content it references is still stored.
+
+A manifest is never served as complete when the content it references is gone (evicted)
+and cannot come back: a stored manifest whose blobs were evicted is served only after the
+upstream has answered for it (then the blobs are fetched again on demand, as on any miss);
+with the upstream unreachable the client gets 503 UNAVAILABLE at the manifest, where
+docker falls back to its next mirror or the registry itself, instead of failing mid-pull.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, TypeVar
 
 import structlog
@@ -24,7 +31,7 @@ import structlog
 from dnsoverride.registry.errors import RegistryError
 from dnsoverride.registry.names import Digest, parse_digest
 from dnsoverride.registry.stats import Stats
-from dnsoverride.registry.store import Store, TagRecord
+from dnsoverride.registry.store import Kind, Store, TagRecord
 from dnsoverride.registry.upstream import (
     MANIFEST_TYPES,
     Upstream,
@@ -42,21 +49,33 @@ _INDEX_TYPES = frozenset(MANIFEST_TYPES[0::2])  # OCI index, Docker manifest lis
 T = TypeVar("T")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class Manifest:
     data: bytes
     digest: str
     media_type: str
 
-    def references(self) -> list[tuple[str, str]]:
-        """(kind, digest) of the content a client needs next to pull this manifest."""
-        document: dict[str, Any] = json.loads(self.data)
-        if "manifests" in document:
-            return [("manifests", m["digest"]) for m in document["manifests"]]
-        refs = [("blobs", layer["digest"]) for layer in document.get("layers", [])]
-        if "config" in document:
-            refs.append(("blobs", document["config"]["digest"]))
-        return refs
+    @cached_property
+    def references(self) -> tuple[tuple[Kind, Digest], ...]:
+        """(kind, digest) of the content a client needs next to pull this manifest.
+
+        Empty when the document names nothing we can read (then nothing can be missing).
+        """
+        try:
+            document = json.loads(self.data)
+            if "manifests" in document:
+                found = [("manifests", entry["digest"]) for entry in document["manifests"]]
+            else:
+                found = [("blobs", layer["digest"]) for layer in document.get("layers", [])]
+                found += [("blobs", layer["blobSum"]) for layer in document.get("fsLayers", [])]
+                if "config" in document:
+                    found.append(("blobs", document["config"]["digest"]))
+            return tuple(
+                ("manifests" if kind == "manifests" else "blobs", parse_digest(digest))
+                for kind, digest in found
+            )
+        except (ValueError, TypeError, KeyError, AttributeError, RegistryError):
+            return ()
 
 
 def sniff_media_type(data: bytes) -> str:
@@ -105,10 +124,15 @@ class Manifests:
 
     async def by_digest(self, upstream: Upstream, name: str, digest: Digest) -> Manifest:
         manifest = self.local(digest)
-        if manifest is not None:
+        if manifest is not None and self._missing(manifest) is None:
             self.stats.hits["manifest"] += 1
             return manifest
         self.stats.misses["manifest"] += 1
+        if manifest is not None:
+            known = manifest
+            return await self._single_flight(
+                ("confirm", str(digest)), lambda: self._confirm(upstream, name, known)
+            )
         return await self._single_flight(
             ("digest", str(digest)), lambda: self._fetch(upstream, name, str(digest), digest)
         )
@@ -122,7 +146,9 @@ class Manifests:
                 self._tags[key] = record
         if record is not None and time.time() - record.checked < self.tag_ttl:
             manifest = self.local(parse_digest(record.digest))
-            if manifest is not None:
+            # Content evicted since: revalidate, which also shows whether the upstream
+            # is there to fetch it again.
+            if manifest is not None and self._missing(manifest) is None:
                 self.stats.hits["manifest"] += 1
                 return manifest
         self.stats.misses["manifest"] += 1
@@ -179,6 +205,21 @@ class Manifests:
         self._record_tag(upstream, name, tag, manifest)
         return manifest
 
+    async def _confirm(self, upstream: Upstream, name: str, manifest: Manifest) -> Manifest:
+        """Serve a stored manifest whose content was evicted only if upstream can refill it."""
+        try:
+            response = await upstream.request(
+                "HEAD", name, f"manifests/{manifest.digest}", {"Accept": _ACCEPT}
+            )
+            response.release()
+            reason = "" if response.status == 200 else f"upstream answered {response.status}"
+        except (UpstreamUnavailableError, UpstreamDeniedError, TimeoutError) as error:
+            reason = str(error)
+        if reason:
+            log.warning("manifest_incomplete", upstream=upstream.name, name=name, error=reason)
+            self._check_complete(manifest)  # unless a download completed it meanwhile
+        return manifest
+
     async def _fetch(
         self, upstream: Upstream, name: str, reference: str, digest: Digest | None
     ) -> Manifest:
@@ -227,27 +268,29 @@ class Manifests:
         while len(self._memory) > _MEMORY_ENTRIES:
             self._memory.popitem(last=False)
 
-    def _check_complete(self, manifest: Manifest) -> None:
-        """Refuse to serve (stale) a manifest whose content has been evicted.
+    def _missing(self, manifest: Manifest) -> str | None:
+        """What of the content `manifest` leads to is not stored; None when all of it is.
 
         An index passes when at least one of its platforms is complete: the others need
-        not all have been pulled through this cache.
+        not all have been pulled through this cache. Blobs are looked up in the store's
+        index only (no file system access), so this is cheap enough for every hit.
         """
-        refs = manifest.references()
-        children = [parse_digest(d) for kind, d in refs if kind == "manifests"]
+        children = [digest for kind, digest in manifest.references if kind == "manifests"]
         if children:
             for child in filter(None, map(self.local, children)):
-                try:
-                    self._check_complete(child)
-                except RegistryError:
-                    continue
-                return
-            raise RegistryError("UNAVAILABLE", "upstream unreachable and no platform is cached")
-        for _, reference in refs:
-            if self.store.lookup("blobs", parse_digest(reference)) is None:
-                raise RegistryError(
-                    "UNAVAILABLE", f"upstream unreachable and {reference} is not cached"
-                )
+                if self._missing(child) is None:
+                    return None
+            return "no platform of the index is cached"
+        for kind, digest in manifest.references:
+            if not self.store.has(kind, digest):
+                return f"{digest} is not cached"
+        return None
+
+    def _check_complete(self, manifest: Manifest) -> None:
+        """Refuse to serve a manifest whose content is gone while the upstream can't refill it."""
+        missing = self._missing(manifest)
+        if missing is not None:
+            raise RegistryError("UNAVAILABLE", f"upstream unreachable and {missing}")
 
     def negotiate(self, manifest: Manifest, accept: list[str]) -> str | None:
         """The digest of the index entry to serve instead when the client can't take an index.

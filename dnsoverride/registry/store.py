@@ -116,6 +116,10 @@ class Store:
         self._touched.add(key)
         return path
 
+    def has(self, kind: Kind, digest: Digest) -> bool:
+        """Whether `digest` is stored, from the index alone (no stat, no LRU touch)."""
+        return f"{kind}/{digest}" in self._entries
+
     def new_temp(self) -> tuple[int, Path]:
         fd, name = tempfile.mkstemp(dir=self.tmp_dir, prefix="dl-")
         return fd, Path(name)
