@@ -40,12 +40,15 @@ def upstream(tmp_path: Path) -> Iterator[DistributionRegistry]:
 
 @pytest.fixture
 def publish(tmp_path: Path, upstream: DistributionRegistry) -> Publish:
-    """`await publish("team/app:v1", **build_image_kwargs)` -> the pushed Image."""
+    """`await publish("team/app:v1", docker_v2=False, **build_image_kwargs)` -> the Image.
+
+    `docker_v2` pushes Docker schema 2 media types (a manifest list for several platforms).
+    """
     layouts = iter(range(1_000))
 
-    async def publish(reference: str, **build: Any) -> Image:
+    async def publish(reference: str, docker_v2: bool = False, **build: Any) -> Image:
         image = build_image(tmp_path / f"layout{next(layouts)}", **build)
-        await push(image, f"{upstream.address}/{reference}")
+        await push(image, f"{upstream.address}/{reference}", docker_v2=docker_v2)
         return image
 
     return publish

@@ -75,6 +75,11 @@ async def test_token_flow_with_credentials_and_token_cache(
     assert verify_dir(tmp_path / "out") == set(image.blobs)
     # One token for the pull scope, reused for the manifest and every blob.
     assert tokens.issued.count("repository:team/private:pull") == 1
+    # tags/list is passed through with the same upstream authentication.
+    async with http.get(f"{cache.url}/v2/team/private/tags/list") as response:
+        assert response.status == 200
+        assert (await response.json())["tags"] == ["v1"]
+    assert tokens.issued.count("repository:team/private:pull") == 1
 
 
 async def test_wrong_credentials_give_unauthorized(

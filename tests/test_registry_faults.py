@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import time
 from pathlib import Path
 
 import aiohttp
@@ -107,6 +108,21 @@ async def test_upstream_down_serves_cached_tags_and_blobs(
     async with http.get(f"{cache.url}/v2/ci/app/manifests/nope") as response:
         assert response.status == 503
         assert (await response.json())["errors"][0]["code"] == "UNAVAILABLE"
+
+
+async def test_silent_upstream_hits_the_configured_idle_timeout(
+    proxy: TestProxy, image: Image, start_cache: StartCache
+) -> None:
+    config = {"upstreams": [{"url": proxy.url}], "timeouts": {"connect": 1, "idle": 0.5}}
+    cache = start_cache(config=config)
+    digest, _ = _largest(image)
+    proxy.throttle = 8_000  # bytes/s: one 16 KiB chunk, then two seconds of silence
+    started = time.monotonic()
+    assert await _get_blob(f"{cache.url}/v2/ci/app/blobs/{digest}") == (200, None)
+    assert time.monotonic() - started < 1.9  # cut by the idle timeout, not the next chunk
+    assert "blob_fetch_failed" in cache.logs()
+    assert digest not in cache.stored_blobs()
+    assert cache.temp_files() == []
 
 
 async def test_cache_killed_mid_download_cleans_up_and_recovers(

@@ -17,11 +17,15 @@ from tests.registry_peers import (
     CacheProcess,
     DistributionRegistry,
     Image,
+    TestProxy,
     pull,
     verify_dir,
 )
 
 pytestmark = pytest.mark.timeout(120)
+
+DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 
 
 @pytest.fixture
@@ -71,12 +75,52 @@ async def test_manifest_headers_and_accept(
         assert response.status == 200
         assert response.headers["Docker-Content-Digest"] == image.top_digest
         assert int(response.headers["Content-Length"]) == len(body)
+    etag = f'"{image.top_digest}"'
+    for method in ("GET", "HEAD"):
+        conditional = {**accept, "If-None-Match": etag}
+        async with http.request(method, url, headers=conditional) as response:
+            assert response.status == 304
+            assert response.headers["ETag"] == etag
+            assert await response.read() == b""
+    async with http.get(url, headers={**accept, "If-None-Match": '"sha256:0"'}) as response:
+        assert response.status == 200
+        assert await response.read() == body
 
     # A client that cannot take an index gets the linux/amd64 manifest.
     async with http.get(url, headers={"Accept": OCI_MANIFEST}) as response:
         assert response.status == 200
         assert response.headers["Content-Type"] == OCI_MANIFEST
         assert response.headers["Docker-Content-Digest"] == image.platforms["linux/amd64"]
+
+
+async def test_accept_negotiation_for_docker_media_types(
+    publish: Publish, cache: CacheProcess, http: aiohttp.ClientSession
+) -> None:
+    image = await publish("team/docker:v1", docker_v2=True)  # two platforms: a manifest list
+    url = f"{cache.url}/v2/team/docker/manifests/v1"
+    async with http.get(url, headers={"Accept": f"{DOCKER_LIST}, {DOCKER_MANIFEST}"}) as response:
+        body = await response.read()
+        assert response.status == 200
+        assert response.headers["Content-Type"] == DOCKER_LIST
+        assert response.headers["Docker-Content-Digest"] == _digest(body)
+    amd64 = next(
+        entry
+        for entry in json.loads(body)["manifests"]
+        if entry["platform"]["architecture"] == "amd64"
+    )
+    assert amd64["mediaType"] == DOCKER_MANIFEST
+    # A client that cannot take a manifest list gets the linux/amd64 manifest.
+    async with http.get(url, headers={"Accept": DOCKER_MANIFEST}) as response:
+        manifest = await response.read()
+        assert response.status == 200
+        assert response.headers["Content-Type"] == DOCKER_MANIFEST
+        assert response.headers["Docker-Content-Digest"] == amd64["digest"] == _digest(manifest)
+    layers = {layer["digest"] for layer in json.loads(manifest)["layers"]}
+    assert layers <= set(image.blobs)
+
+
+def _digest(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 async def test_blob_head_get_and_range(
@@ -101,12 +145,25 @@ async def test_blob_head_get_and_range(
         assert int(response.headers["Content-Length"]) == size
 
 
-async def test_tags_list_passes_through(
-    image: Image, cache: CacheProcess, http: aiohttp.ClientSession
+async def test_tags_list_passes_through_with_pagination(
+    image: Image,
+    publish: Publish,
+    proxy: TestProxy,
+    cache: CacheProcess,
+    http: aiohttp.ClientSession,
 ) -> None:
+    await publish("team/app:v2", platforms=("linux/amd64",), layer_sizes=(1000,))
     async with http.get(f"{cache.url}/v2/team/app/tags/list") as response:
         assert response.status == 200
-        assert (await response.json())["tags"] == ["v1"]
+        assert (await response.json())["tags"] == ["v1", "v2"]
+    # distribution 2.8 does not paginate; the proxy adds the Link a paginating one sends.
+    link = '</v2/team/app/tags/list?last=v1&n=1>; rel="next"'
+    proxy.extra_headers = {"Link": link}
+    params = {"n": "1", "last": "v0", "other": "x"}
+    async with http.get(f"{cache.url}/v2/team/app/tags/list", params=params) as response:
+        assert response.status == 200
+        assert response.headers["Link"] == link
+    assert proxy.requests[-1][1] == "/v2/team/app/tags/list?n=1&last=v0"
 
 
 async def _error(response: aiohttp.ClientResponse) -> str:
@@ -170,6 +227,12 @@ async def test_library_prefix_and_ns_routing(
     async with http.get(url, params={"ns": "docker.io"}) as response:
         assert response.status == 200
         assert response.headers["Docker-Content-Digest"] == image.top_digest
+    # containerd sends ns with blob requests too.
+    digest = next(iter(image.blobs))
+    params = {"ns": "docker.io"}
+    async with http.get(f"{cache.url}/v2/alpine/blobs/{digest}", params=params) as response:
+        assert response.status == 200
+        assert _digest(await response.read()) == digest
     # Host decides when there is no ns (transparent mode).
     headers = {"Host": "registry-1.docker.io"}
     async with http.get(url, headers=headers) as response:

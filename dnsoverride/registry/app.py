@@ -95,12 +95,15 @@ class Routes:
         replacement = self.manifests.negotiate(manifest, accept)
         if replacement is not None:
             manifest = await self.manifests.by_digest(upstream, name, parse_digest(replacement))
+        etag = f'"{manifest.digest}"'
         headers = {
             **API_VERSION,
             "Docker-Content-Digest": manifest.digest,
-            "ETag": f'"{manifest.digest}"',
+            "ETag": etag,
             "Content-Type": manifest.media_type,
         }
+        if _matches(request.headers.getall("If-None-Match", []), etag):
+            return web.Response(status=304, headers=headers)
         if request.method == "HEAD":
             headers["Content-Length"] = str(len(manifest.data))
             return web.Response(headers=headers)
@@ -121,9 +124,18 @@ class Routes:
             if response.status == 404:
                 raise RegistryError("NAME_UNKNOWN", f"repository unknown: {name}")
             body = await response.read()
+            # Pagination: the next page is a path on this same API, so it is passed as is.
+            link = response.headers.get("Link")
         finally:
             response.release()
-        return web.Response(body=body, content_type="application/json", headers=API_VERSION)
+        headers = {**API_VERSION, **({"Link": link} if link else {})}
+        return web.Response(body=body, content_type="application/json", headers=headers)
+
+
+def _matches(if_none_match: list[str], etag: str) -> bool:
+    """Whether an If-None-Match header names `etag` (or `*`); weak tags compare equal."""
+    tags = {tag.strip().removeprefix("W/") for value in if_none_match for tag in value.split(",")}
+    return "*" in tags or etag in tags
 
 
 def _endpoint(path: str) -> str:
