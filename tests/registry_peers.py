@@ -351,8 +351,8 @@ class TestProxy:
     """HTTP reverse proxy in front of a registry, run in the test's event loop.
 
     Counts response body bytes by kind (blob/manifest/other) as sent by the upstream;
-    can throttle blob bodies, cut them after N bytes, corrupt one byte of chosen
-    digests, or answer blob GETs with a 307 to a second listener ("CDN") on another
+    can throttle blob bodies, cut them after N bytes, corrupt one byte of chosen blobs
+    or manifests, or answer blob GETs with a 307 to a second listener ("CDN") on another
     loopback address. Records request headers for inspection.
     """
 
@@ -367,7 +367,7 @@ class TestProxy:
         self.throttle: float | None = None  # bytes per second for blob bodies
         self.cut_after: int | None = None  # abort the connection after N blob bytes
         self.cut_started = asyncio.Event()
-        self.corrupt: set[str] = set()
+        self.corrupt: set[str] = set()  # blob digests, manifest digests or tags
         self.redirect_blobs_to: str | None = None
         self.fail_status: int | None = None  # answer every request with this status
         self.basic_auth: str | None = None  # "user:password" required, like an htpasswd registry
@@ -432,12 +432,12 @@ class TestProxy:
             await response.prepare(request)
             if request.method == "HEAD":
                 return response
-            digest = path.split("/blobs/")[-1].split("?")[0] if kind == "blob" else ""
+            reference = request.path.rsplit("/", 1)[-1]  # a blob's or manifest's digest or tag
             sent = 0
             flipped = False
             async for data in upstream.content.iter_chunked(16384):
                 chunk = data
-                if kind == "blob" and digest in self.corrupt and not flipped:
+                if reference in self.corrupt and kind != "other" and not flipped:
                     chunk = bytes([chunk[0] ^ 0xFF]) + chunk[1:]
                     flipped = True
                 if (
@@ -473,6 +473,7 @@ class TokenServer:
         self.user, self.password = user, password
         self.port = free_port()
         self.issued: list[str] = []  # scopes of issued tokens
+        self.expires_in = 300  # seconds, as announced to the client
         self.refused = 0
         self.key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test token signer")])
@@ -544,7 +545,7 @@ class TokenServer:
             "iss": "test-issuer",
             "sub": self.user,
             "aud": request.query.get("service", ""),
-            "exp": now + 300,
+            "exp": now + self.expires_in,
             "nbf": now - 10,
             "iat": now,
             "jti": _b64(os.urandom(12)),
@@ -555,4 +556,4 @@ class TokenServer:
         signing_input = f"{_b64(json.dumps(header).encode())}.{_b64(json.dumps(claims).encode())}"
         signature = self.key.sign(signing_input.encode(), padding.PKCS1v15(), hashes.SHA256())
         token = f"{signing_input}.{_b64(signature)}"
-        return web.json_response({"token": token, "expires_in": 300})
+        return web.json_response({"token": token, "expires_in": self.expires_in})

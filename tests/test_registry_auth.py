@@ -3,6 +3,7 @@ redirects to a CDN host that must not receive the registry's Authorization."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
@@ -80,6 +81,25 @@ async def test_token_flow_with_credentials_and_token_cache(
         assert response.status == 200
         assert (await response.json())["tags"] == ["v1"]
     assert tokens.issued.count("repository:team/private:pull") == 1
+
+
+async def test_token_is_reused_until_it_expires(
+    tokens: TokenServer,
+    image: Image,
+    private_cache: Callable[[str], CacheProcess],
+    http: aiohttp.ClientSession,
+) -> None:
+    tokens.expires_in = 11  # the cache renews 10 s early: good for one second here
+    cache = private_cache("s3cret")
+    url = f"{cache.url}/v2/team/private/tags/list"  # never cached: always asks upstream
+    for _ in range(2):
+        async with http.get(url) as response:
+            assert response.status == 200
+    assert tokens.issued.count("repository:team/private:pull") == 1
+    await asyncio.sleep(1.2)  # expiry is a matter of time: there is no event to wait for
+    async with http.get(url) as response:
+        assert response.status == 200
+    assert tokens.issued.count("repository:team/private:pull") == 2
 
 
 async def test_wrong_credentials_give_unauthorized(

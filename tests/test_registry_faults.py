@@ -81,6 +81,26 @@ async def test_wrong_bytes_for_a_digest_are_rejected_not_stored(
     assert digest in cache.stored_blobs()
 
 
+async def test_wrong_bytes_for_a_manifest_are_rejected_not_stored(
+    proxy: TestProxy, image: Image, cache: CacheProcess, http: aiohttp.ClientSession
+) -> None:
+    hex_digest = image.top_digest.split(":")[1]
+    stored = cache.storage / "manifests" / "sha256" / hex_digest[:2] / hex_digest
+    # By digest it is checked against the digest asked for; by tag against the upstream's
+    # Docker-Content-Digest.
+    for reference in (image.top_digest, "v1"):
+        proxy.corrupt = {reference}
+        async with http.get(f"{cache.url}/v2/ci/app/manifests/{reference}") as response:
+            assert response.status == 502
+            assert (await response.json())["errors"][0]["code"] == "DIGEST_INVALID"
+        assert not stored.exists()
+    proxy.corrupt = set()
+    async with http.get(f"{cache.url}/v2/ci/app/manifests/v1") as response:
+        assert response.status == 200
+        assert response.headers["Docker-Content-Digest"] == image.top_digest
+    assert stored.exists()
+
+
 async def test_upstream_down_serves_cached_tags_and_blobs(
     tmp_path: Path,
     upstream: DistributionRegistry,
