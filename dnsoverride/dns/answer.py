@@ -9,6 +9,7 @@ local data, the caller resolves the remaining target upstream and appends it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import dnslib
@@ -20,6 +21,7 @@ SOA_MNAME = "ns.dnsoverride.invalid."
 SOA_RNAME = "hostmaster.dnsoverride.invalid."
 QTYPE_ANY = 255
 QTYPE_OPT = 41
+EDNS_COOKIE = 10
 HINFO = 13
 
 
@@ -31,6 +33,7 @@ class ClientEdns:
     udp_size: int
     do: bool
     version: int = 0
+    cookie: bytes = b""  # the COOKIE option's data (RFC 7873), b"" when none was sent
 
 
 @dataclass
@@ -42,14 +45,20 @@ class LocalAnswer:
 
 
 def client_edns(request: dnslib.DNSRecord) -> ClientEdns | None:
-    """The request's EDNS parameters; None when it carries more than one OPT (FORMERR)."""
+    """The request's EDNS parameters; None (FORMERR) for more than one OPT or a malformed
+    COOKIE option (RFC 7873 5.2.2: 8 bytes of client cookie, optionally 8-32 of server's)."""
     opts = [rr for rr in request.ar if rr.rtype == QTYPE_OPT]
     if not opts:
         return ClientEdns(False, 512, False)
     if len(opts) > 1:
         return None
     opt = opts[0]
-    return ClientEdns(True, max(opt.rclass, 512), bool(opt.ttl & 0x8000), (opt.ttl >> 16) & 0xFF)
+    cookies = [option.data for option in opt.rdata if option.code == EDNS_COOKIE]
+    if len(cookies) > 1 or (cookies and not (len(cookies[0]) == 8 or 16 <= len(cookies[0]) <= 40)):
+        return None
+    version = (opt.ttl >> 16) & 0xFF
+    cookie = cookies[0] if cookies else b""
+    return ClientEdns(True, max(opt.rclass, 512), bool(opt.ttl & 0x8000), version, cookie)
 
 
 def new_reply(request: dnslib.DNSRecord, rcode: int = 0, aa: bool = False) -> dnslib.DNSRecord:
@@ -137,14 +146,22 @@ def from_upstream(
     return reply
 
 
-def pack(reply: dnslib.DNSRecord, edns: ClientEdns, our_udp_size: int, limit: int) -> bytes:
-    """Wire bytes with our OPT when the client sent one; over `limit` bytes -> TC, no records.
+def pack(
+    reply: dnslib.DNSRecord,
+    edns: ClientEdns,
+    our_udp_size: int,
+    limit: int,
+    options: Sequence[dnslib.EDNSOption] = (),
+) -> bytes:
+    """Wire bytes with our OPT (and `options`) when the client sent one; over `limit`
+    bytes -> TC, no records.
 
     `limit` is the client's UDP size for UDP and 65535 for TCP.
     """
     if edns.present:
         reply.ar = [rr for rr in reply.ar if rr.rtype != QTYPE_OPT]
-        reply.add_ar(dnslib.EDNS0(udp_len=our_udp_size, flags="do" if edns.do else ""))
+        flags = "do" if edns.do else ""
+        reply.add_ar(dnslib.EDNS0(udp_len=our_udp_size, flags=flags, opts=list(options)))
     wire: bytes = reply.pack()
     if len(wire) <= limit:
         return wire

@@ -22,9 +22,10 @@ from dnsoverride.config import ServeConfig, View
 from dnsoverride.dns import answer, wire
 from dnsoverride.dns.acl import Acl, client_address
 from dnsoverride.dns.cache import STALE_REUSE, AnswerCache, ResponseCache
+from dnsoverride.dns.cookies import Cookies
 from dnsoverride.dns.forwarder import Forwarder, Question, UpstreamFailedError
 from dnsoverride.dns.stats import DnsStats
-from dnsoverride.dns.views import ViewTable
+from dnsoverride.dns.views import Routing, ViewTable
 from dnsoverride.zones import LiveZones, normalize_name
 
 log = structlog.get_logger(__name__)
@@ -61,6 +62,14 @@ class Resolver:
         self._query_log = config.query_log
         self._clients: dict[str, int] = {}
         self._loop = asyncio.get_running_loop()
+        self.cookies = Cookies()
+
+    def route(self, routing: Routing) -> None:
+        """Serve with a reloaded ACL and view table. Call it in the same step (on the loop
+        thread) as the swap of `routing.zone_set` into `zones`: that swap's new generation
+        retires every cached answer, and the client -> view memo is started afresh."""
+        self._acl, self._views, self._clients = routing.acl, routing.views, {}
+        self.answers.grow(len(routing.views.views))
 
     def _classify(self, host: str) -> int:
         """The client's view index, or REFUSED; remembered per address."""
@@ -95,6 +104,9 @@ class Resolver:
             self.stats.count(("", _qtype_name(data, qend), "REFUSED", "error"))
             return wire.refused(data, qend)
         reply = self.answers.lookup(index, key, data, self.zones.state[1], self._loop.time())
+        if reply is not None and len(data) > wire.options_start(key):
+            limit = TCP_LIMIT if tcp else (key[2] << 8) | key[3]
+            reply = self.cookies.add_to_hit(reply, data, wire.options_start(key), host, limit)
         if reply is not None and self._query_log:
             qend = wire.key_question_end(key)
             log.info(
@@ -127,6 +139,7 @@ class Resolver:
         if request.header.qr:
             return None
         edns = answer.client_edns(request)
+        options = self._cookie_option(edns, host)
         rcode = None
         if request.header.opcode != 0:
             rcode = dnslib.RCODE.NOTIMP
@@ -141,10 +154,11 @@ class Resolver:
             reply.questions = request.questions[:1]
             self.stats.count(("", "", dnslib.RCODE.get(reply.header.rcode), "error"))
             edns_out = edns or answer.ClientEdns(False, 512, False)
-            return answer.pack(reply, edns_out, self._udp_size, TCP_LIMIT)
+            return answer.pack(reply, edns_out, self._udp_size, TCP_LIMIT, options)
         if edns.version > 0:
+            # RFC 6891 6.1.3: BADVERS (16: 1 in the OPT's extended rcode), our version 0.
             reply = answer.new_reply(request)
-            reply.add_ar(dnslib.EDNS0(ext_rcode=1, udp_len=self._udp_size))  # BADVERS
+            reply.add_ar(dnslib.EDNS0(ext_rcode=1, udp_len=self._udp_size, opts=options))
             return answer.pack(reply, answer.ClientEdns(False, 512, False), 0, TCP_LIMIT)
         view = self._views.views[index]
         generation = self.zones.state[1]
@@ -179,7 +193,15 @@ class Resolver:
                 counter=self.stats.cell((view.name, qtype, rcode_name, hit_source)),
                 age_ttls=outcome.ages,
             )
+        if options:  # the cache keeps the reply without this client's cookie
+            return answer.pack(outcome.reply, edns, self._udp_size, limit, options)
         return packed
+
+    def _cookie_option(self, edns: answer.ClientEdns | None, host: str) -> list[dnslib.EDNSOption]:
+        """Our COOKIE option for the reply, when the client sent a (well-formed) cookie."""
+        if edns is None or not edns.cookie:
+            return []
+        return [dnslib.EDNSOption(wire.COOKIE, self.cookies.reply_option(edns.cookie, host))]
 
     async def _answer(
         self, request: dnslib.DNSRecord, edns: answer.ClientEdns, view: View

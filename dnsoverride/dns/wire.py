@@ -12,6 +12,7 @@ import struct
 
 HEADER_SIZE = 12
 OPT = 41
+COOKIE = 10  # EDNS option code (RFC 7873)
 MAX_LABEL = 63
 _TTL = struct.Struct("!I")
 _RR_FIXED = struct.Struct("!HHIH")
@@ -31,8 +32,10 @@ def fast_key(data: bytes, max_udp: int) -> bytes | None:
     the last byte (no EDNS) or the first zero byte (before an OPT record) without
     walking the labels: the key is then still the exact bytes of the packet, less ID
     and letter case, and `AnswerCache.store` only keeps a reply whose question matches
-    it. The question ends at `len(key) + 8`. Anything unusual (opcode, flags, counts,
-    EDNS version) returns None and takes the dnslib path.
+    it. The question ends at `len(key) + 8`. EDNS options are not part of the key (the
+    caller adds our COOKIE option to a hit, see `options_start`). Anything unusual
+    (opcode, flags, counts, EDNS version, options that do not tile the OPT data, a
+    malformed COOKIE) returns None and takes the dnslib path.
     """
     size = len(data)
     if size < 17 or data[2] & 0xFE:
@@ -52,11 +55,57 @@ def fast_key(data: bytes, max_udp: int) -> bytes | None:
             return None
         if data[qend + 6] or qend + 11 + ((data[qend + 9] << 8) | data[qend + 10]) != size:
             return None
+        if size > qend + 11 and not _options_ok(data, qend + 11):
+            return None
         udp = min(max((data[qend + 3] << 8) | data[qend + 4], 512), max_udp)
         edns = bytes((0x01 | (data[qend + 7] & 0x80), udp >> 8, udp & 0xFF))
     else:
         return None
     return _FLAGS[flags] + edns + data[HEADER_SIZE:qend].lower()
+
+
+def _options_ok(data: bytes, offset: int) -> bool:
+    """Whether the EDNS options from `offset` fill the packet exactly, COOKIE well-formed."""
+    size = len(data)
+    cookies = 0
+    while offset < size:
+        if offset + 4 > size:
+            return False
+        code = (data[offset] << 8) | data[offset + 1]
+        length = (data[offset + 2] << 8) | data[offset + 3]
+        if code == COOKIE:
+            # RFC 7873 5.2.2: 8 bytes of client cookie, optionally 8..32 of server cookie.
+            cookies += 1
+            if cookies > 1 or not (length == 8 or 16 <= length <= 40):
+                return False
+        offset += 4 + length
+    return offset == size
+
+
+def options_start(key: bytes) -> int:
+    """Where the EDNS options begin in the query a `fast_key` key was made from.
+
+    The query carries options exactly when it is longer than that.
+    """
+    return len(key) + 19
+
+
+def find_option(data: bytes, offset: int, code: int) -> bytes | None:
+    """The data of EDNS option `code` in options starting at `offset` (validated by
+    `fast_key`), or None."""
+    size = len(data)
+    while offset < size:
+        length = (data[offset + 2] << 8) | data[offset + 3]
+        if (data[offset] << 8) | data[offset + 1] == code:
+            return data[offset + 4 : offset + 4 + length]
+        offset += 4 + length
+    return None
+
+
+def with_option(reply: bytes, code: int, value: bytes) -> bytes:
+    """`reply`, whose last record is an OPT without options, with one option added."""
+    option = struct.pack("!HH", code, len(value)) + value
+    return reply[:-2] + struct.pack("!H", len(option)) + option
 
 
 def tcp_key(key: bytes) -> bytes:
