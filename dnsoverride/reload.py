@@ -1,8 +1,9 @@
 """Hot reload of the zone set: notice a change, load the whole set off the loop, swap it in.
 
-Owns *when* and *how* the served ZoneSet is replaced, not what a zone file means (that is
-`zones.load_zone_set`, the same validator `dnsoverride check` runs). Three things ask
-for a reload:
+Owns *when* and *how* the served zone set (for `dnsoverride serve`: the `Routing` of
+zones, ACL and views) is replaced, not what a zone file or the config means (that is
+`zones.load_zone_set` and `config.load_config`, the validators `dnsoverride check` runs).
+Three things ask for a reload:
 
 - file events (watchdog/inotify) on the zones directory, on its parent (so a swapped
   symlink or a replaced directory is seen, as in a Kubernetes ConfigMap `..data` swap)
@@ -29,7 +30,7 @@ import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Generic, Literal, Protocol, TypeVar
 
@@ -42,12 +43,11 @@ from watchdog.observers.api import BaseObserver
 
 from dnsoverride import systemd
 from dnsoverride.config import ConfigError, ServeConfig, load_config
+from dnsoverride.dns.views import Routing
 from dnsoverride.errors import UserError
 from dnsoverride.zones import (
-    LiveZones,
     ZoneFileCache,
     ZoneProblem,
-    ZoneSet,
     ZoneSetError,
     is_zone_file_name,
     load_zone_set,
@@ -289,7 +289,8 @@ class Reloader(Generic[S]):
     `load` must build and validate a complete set (raising ZoneSetError, or UserError for
     a bad config); it runs in a worker thread. `swap` installs a set and runs on the
     event loop thread. `current` is the set being served when the reloader starts.
-    `interval` is the periodic check's period in seconds (0: none).
+    `interval` is the periodic check's period in seconds (0: none). `stats` may already
+    count the first load.
     """
 
     def __init__(
@@ -305,6 +306,7 @@ class Reloader(Generic[S]):
         settle_max: float = DEFAULT_SETTLE_MAX,
         registry: CollectorRegistry | None = None,
         baseline: str | None = None,
+        stats: ReloadStats | None = None,
     ) -> None:
         self._load = load
         self._swap = swap
@@ -314,7 +316,7 @@ class Reloader(Generic[S]):
         self._interval = interval
         self._debounce = debounce
         self._settle_max = settle_max
-        self.stats = ReloadStats()
+        self.stats = stats or ReloadStats()
         if registry is not None:
             registry.register(ReloadCollector(self.stats))
         self._pending = _Pending()
@@ -527,37 +529,41 @@ class Reloader(Generic[S]):
         )
 
 
-def serve_loader(config: ServeConfig, args: argparse.Namespace) -> Callable[[], ZoneSet]:
-    """What `dnsoverride serve` reloads: the zones, validated exactly as `dnsoverride check`
-    would validate them now (the config file re-read, its views applied).
+# What a config reload applies at once (with the zones); every other key is read at start.
+HOT_CONFIG_KEYS = frozenset({"allow", "views", "default_view"})
 
-    Only zones are hot: the daemon keeps the listeners, upstreams, cache and view table it
-    started with, so a changed config is reported as needing a restart. The zones must also
-    satisfy the views still being served, or a view would silently lose its files.
-    Unchanged files are not parsed again (a ZoneFileCache lives as long as the loader).
+
+def serve_loader(config: ServeConfig, args: argparse.Namespace) -> Callable[[], Routing]:
+    """What `dnsoverride serve` reloads: the config file and the zones, validated exactly as
+    `dnsoverride check` would validate them now, as one `Routing` (ACL, views, zone set).
+
+    `allow`, `views` and `default_view` take effect with the reload; a change to any other
+    key (listeners, upstreams, cache, ...) is logged as needing a restart and the running
+    value stays. The zones directory is always the running one. Unchanged zone files are
+    not parsed again (a ZoneFileCache lives as long as the loader).
     """
 
     cache = ZoneFileCache()
+    reported: list[str] = []
 
-    def load() -> ZoneSet:
+    def load() -> Routing:
         edited = load_config(args) if getattr(args, "config", None) else config
-        zone_set = load_zone_set(config.zones, edited.view_selectors(), cache)
-        if edited != config:
-            changed = [
-                f.name for f in fields(config) if getattr(edited, f.name) != getattr(config, f.name)
-            ]
-            log.warning("config_change_needs_restart", config=args.config, keys=changed)
-            problems = [
-                problem
-                for view, selectors in config.view_selectors().items()
-                for problem in zone_set.view_problems(view, selectors)
-            ]
-            if problems:
-                raise ZoneSetError(problems)
-        # Merge each served view's files now, in this thread, not on the first query.
-        for selectors in config.view_selectors().values():
+        restart = [
+            f.name
+            for f in fields(config)
+            if f.name not in HOT_CONFIG_KEYS and getattr(edited, f.name) != getattr(config, f.name)
+        ]
+        if restart != reported:
+            # Once per distinct change, not on every reload after it.
+            reported[:] = restart
+            if restart:
+                log.warning("config_change_needs_restart", config=args.config, keys=restart)
+        hot = replace(config, **{key: getattr(edited, key) for key in HOT_CONFIG_KEYS})
+        zone_set = load_zone_set(config.zones, hot.view_selectors(), cache)
+        # Merge each view's files now, in this thread, not on the first query.
+        for selectors in hot.view_selectors().values():
             zone_set.select(selectors)
-        return zone_set
+        return Routing(hot, zone_set)
 
     return load
 
@@ -567,14 +573,25 @@ def _config_file(args: argparse.Namespace) -> Path | None:
     return Path(path) if path else None
 
 
-@dataclass(frozen=True)
+@dataclass
 class ServeStart:
     """Taken before `dnsoverride serve` reads its zones: the files' fingerprint at that
-    moment (so an edit made during a long first load still reloads) and the loader that
-    the first load and every reload share (its parse cache spares unchanged files)."""
+    moment (so an edit made during a long first load still reloads), the loader that the
+    first load and every reload share (its parse cache spares unchanged files), and the
+    stats that the first load already counts in (so the metrics exist from the start)."""
 
     baseline: str
-    load: Callable[[], ZoneSet]
+    loader: Callable[[], Routing]
+    stats: ReloadStats = field(default_factory=ReloadStats)
+
+    def load(self) -> Routing:
+        """The first load, counted as a successful reload."""
+        started = time.perf_counter()
+        routing = self.loader()
+        self.stats.successes += 1
+        self.stats.last_success_unix = time.time()
+        self.stats.last_duration_seconds = time.perf_counter() - started
+        return routing
 
 
 def serve_start(config: ServeConfig, args: argparse.Namespace) -> ServeStart:
@@ -583,20 +600,24 @@ def serve_start(config: ServeConfig, args: argparse.Namespace) -> ServeStart:
 
 
 def serve_reloader(
-    live: LiveZones,
+    install: Callable[[Routing], object],
+    current: Routing,
+    *,
     config: ServeConfig,
     args: argparse.Namespace,
     start: ServeStart,
     registry: CollectorRegistry | None = None,
-) -> Reloader[ZoneSet]:
-    """The reloader of `dnsoverride serve`: swaps `live`, watches the zones and config file."""
+) -> Reloader[Routing]:
+    """The reloader of `dnsoverride serve`: watches the zones and the config file and hands
+    every new `Routing` to `install` (on the loop thread)."""
     return Reloader(
-        load=start.load,
-        swap=live.swap,
-        current=live.current,
+        load=start.loader,
+        swap=install,
+        current=current,
         zones_dir=config.zones,
         config_file=_config_file(args),
         interval=config.reload_interval,
         registry=registry,
         baseline=start.baseline,
+        stats=start.stats,
     )

@@ -159,6 +159,12 @@ def test_broken_files_change_nothing_and_fixing_reloads(tmp_path: Path, upstream
     check_config = tmp_path / "check.yaml"
     check_config.write_text(f"zones: {zones.name}\nupstreams: [{upstream.address}]\n")
     with dnsoverride_serve(tmp_path, zones, [upstream.address], "--metrics", metrics) as server:
+        # The first load counts: a fresh daemon's dashboards are not empty.
+        with urllib.request.urlopen(f"http://{metrics}/metrics", timeout=5) as response:
+            fresh = response.read().decode()
+        assert 'dnsoverride_zone_reloads_total{result="success"} 1.0' in fresh
+        assert "dnsoverride_zone_reload_last_success_timestamp_seconds " in fresh
+        assert "dnsoverride_zone_reload_duration_seconds " in fresh
         for count, (case, (text, line, reason)) in enumerate(sorted(BROKEN.items()), 1):
             (zones / "a.yaml").write_text(text)
             poll(
@@ -189,7 +195,7 @@ def test_broken_files_change_nothing_and_fixing_reloads(tmp_path: Path, upstream
         poll(lambda: bool(events(server, "zones_reloaded")), 2, "reload event")
         with urllib.request.urlopen(f"http://{metrics}/metrics", timeout=5) as response:
             exposition = response.read().decode()
-        assert 'dnsoverride_zone_reloads_total{result="success"} 1.0' in exposition
+        assert 'dnsoverride_zone_reloads_total{result="success"} 2.0' in exposition
         failures = f'dnsoverride_zone_reloads_total{{result="failure"}} {len(BROKEN)}.0'
         assert failures in exposition
         assert "dnsoverride_zone_reload_last_success_timestamp_seconds " in exposition

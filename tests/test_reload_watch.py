@@ -369,7 +369,8 @@ async def serving_config(zones: Path, config: Path) -> AsyncIterator[Harness]:
     """A reloader built as `dnsoverride serve --config` builds it (serve_loader)."""
     args = argparse.Namespace(config=str(config))
     running = load_config(args)
-    async with reloading(zones, serve_loader(running, args), config) as harness:
+    load = serve_loader(running, args)
+    async with reloading(zones, lambda: load().zone_set, config) as harness:
         yield harness
 
 

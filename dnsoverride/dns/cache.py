@@ -167,6 +167,12 @@ class AnswerCache:
     def __len__(self) -> int:
         return sum(len(entries) for entries in self._views)
 
+    def grow(self, views: int) -> None:
+        """Room for `views` views (a config reload added some). Never shrinks: a reply
+        still being resolved may be stored under an index of the old view table; its
+        generation is stale by then, so it is never served."""
+        self._views.extend({} for _ in range(views - len(self._views)))
+
     def lookup(
         self, view: int, key: bytes, data: bytes, generation: int, now: float
     ) -> bytes | None:

@@ -24,18 +24,19 @@ from dnsoverride.dns.forwarder import Forwarder
 from dnsoverride.dns.listener import UdpListener, tcp_handler
 from dnsoverride.dns.resolver import Resolver
 from dnsoverride.dns.stats import DnsCollector, DnsStats
+from dnsoverride.dns.views import Routing
 from dnsoverride.errors import UserError
 from dnsoverride.health import HealthMonitor
 from dnsoverride.reload import ServeStart, serve_reloader, serve_start
-from dnsoverride.zones import LiveZones, ZoneSet, ZoneSetError
+from dnsoverride.zones import LiveZones, ZoneSetError
 
 log = structlog.get_logger(__name__)
 
 SHUTDOWN_GRACE = 2.0
 
 
-def load_zones(start: ServeStart) -> ZoneSet:
-    """The zone set the config names, or a UserError listing every problem."""
+def load_zones(start: ServeStart) -> Routing:
+    """The zone set the config names (with its views), or a UserError listing every problem."""
     try:
         return start.load()
     except ZoneSetError as error:
@@ -47,9 +48,9 @@ def run(args: argparse.Namespace) -> int:
     logging_setup.configure(args.log_format, args.log_level or "info")
     config = load_config(args)
     start = serve_start(config, args)
-    zone_set = load_zones(start)
+    routing = load_zones(start)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(_serve(config, zone_set, args, start))
+        return runner.run(_serve(config, routing, args, start))
 
 
 class _Bound:
@@ -124,15 +125,17 @@ async def _bind(config: ServeConfig, resolver: Resolver, tasks: set[asyncio.Task
 
 
 async def _serve(
-    config: ServeConfig, zone_set: ZoneSet, args: argparse.Namespace, start: ServeStart
+    config: ServeConfig, routing: Routing, args: argparse.Namespace, start: ServeStart
 ) -> int:
     loop = asyncio.get_running_loop()
+    zone_set = routing.zone_set
     zones = LiveZones(zone_set)
     stats = DnsStats()
     forwarder = Forwarder(
         config.upstreams, config.timeout, config.attempt_timeout, config.edns_udp_size, stats
     )
     resolver = Resolver(config, zones, forwarder, stats)
+    resolver.route(routing)  # the views the first load was validated with
     registry = CollectorRegistry()
     registry.register(DnsCollector(stats, resolver.answers, resolver.responses))
     # Health-gated overrides: checker tasks that follow every zone swap and withdraw names.
@@ -144,7 +147,16 @@ async def _serve(
     bound = await _bind(config, resolver, tasks)
     probing = forwarder.start_probing()  # upstream health for readiness and ordering
     admin: AdminServer | None = None
-    reloader = serve_reloader(zones, config, args, start, registry)
+
+    def install(new: Routing) -> None:
+        # One synchronous step on the loop thread: no query runs between the two, and the
+        # swap's generation bump retires every answer cached under the old routing.
+        resolver.route(new)
+        zones.swap(new.zone_set)
+
+    reloader = serve_reloader(
+        install, routing, config=config, args=args, start=start, registry=registry
+    )
     try:
         await reloader.start()
         if config.metrics is not None:

@@ -25,7 +25,7 @@ from dnsoverride.dns.cache import STALE_REUSE, AnswerCache, ResponseCache
 from dnsoverride.dns.cookies import Cookies
 from dnsoverride.dns.forwarder import Forwarder, Question, UpstreamFailedError
 from dnsoverride.dns.stats import DnsStats
-from dnsoverride.dns.views import ViewTable
+from dnsoverride.dns.views import Routing, ViewTable
 from dnsoverride.zones import LiveZones, normalize_name
 
 log = structlog.get_logger(__name__)
@@ -63,6 +63,13 @@ class Resolver:
         self._clients: dict[str, int] = {}
         self._loop = asyncio.get_running_loop()
         self.cookies = Cookies()
+
+    def route(self, routing: Routing) -> None:
+        """Serve with a reloaded ACL and view table. Call it in the same step (on the loop
+        thread) as the swap of `routing.zone_set` into `zones`: that swap's new generation
+        retires every cached answer, and the client -> view memo is started afresh."""
+        self._acl, self._views, self._clients = routing.acl, routing.views, {}
+        self.answers.grow(len(routing.views.views))
 
     def _classify(self, host: str) -> int:
         """The client's view index, or REFUSED; remembered per address."""

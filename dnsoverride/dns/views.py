@@ -1,4 +1,5 @@
-"""Split horizon: which view (set of zone files) a client's source address selects.
+"""Split horizon: which view (set of zone files) a client's source address selects, and
+`Routing`, the ACL + views + zone set that the server routes queries by.
 
 The first view whose `clients` networks contain the address wins; allowed clients that
 match none get the configured default view. A view with no zone files forwards
@@ -7,10 +8,12 @@ everything, which is how the cache host itself sees the real public names.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import hashlib
+from collections.abc import Iterable, Mapping
 
-from dnsoverride.config import View
-from dnsoverride.dns.acl import IPAddress
+from dnsoverride.config import ServeConfig, View
+from dnsoverride.dns.acl import Acl, IPAddress
+from dnsoverride.zones import ZoneSet
 
 
 class ViewTable:
@@ -26,3 +29,28 @@ class ViewTable:
             if any(address in network for network in view.clients):
                 return view
         return self.default
+
+
+class Routing:
+    """Who may query (ACL), which view each client gets, and the zone set the views select
+    from: built from one config and one zone load, and only ever replaced as a whole, so
+    a query never meets new views with old zones (or the reverse). What the reloader
+    swaps; its identity covers the zones and the routing part of the config.
+    """
+
+    def __init__(self, config: ServeConfig, zone_set: ZoneSet) -> None:
+        self.acl = Acl(config.allow)
+        self.views = ViewTable(config.views, config.default_view)
+        self.zone_set = zone_set
+        routing = repr((config.allow, config.views, config.default_view))
+        self.content_hash = hashlib.sha256(
+            f"{zone_set.content_hash}\n{routing}".encode()
+        ).hexdigest()
+
+    def names(self) -> frozenset[str]:
+        """Every overridden name of the zone set."""
+        return self.zone_set.names()
+
+    def name_digests(self) -> Mapping[str, object]:
+        """The zone set's per-name digests (what a reload diff compares)."""
+        return self.zone_set.name_digests()

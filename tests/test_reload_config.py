@@ -1,0 +1,170 @@
+"""Config file hot reload over real sockets: `allow`, `views` (their networks and their zone
+files) take effect with the zones, within a second, without a restart; a broken config keeps
+everything as it was; keys that need a restart say so.
+
+Clients are told apart by the source address they bind (127.0.0.1, .2, .3).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import dns.exception
+import pytest
+
+from tests.peers import DnsPeer, dnsmasq, dnsoverride_serve, free_port, running
+from tests.test_reload_server import RELOAD_DEADLINE, events, poll
+from tests.test_reload_watch import zone_text
+
+pytestmark = pytest.mark.timeout(60)
+
+CI = "127.0.0.2"
+OTHER = "127.0.0.1"
+OUTSIDER = "127.0.0.3"
+
+
+def config_text(
+    ci_clients: str = f"{CI}/32",
+    ci_zones: str = "[ci]",
+    allow: str = f"[{OTHER}/32, {CI}/32]",
+    extra: str = "",
+) -> str:
+    return (
+        f"allow: {allow}\n"
+        "views:\n"
+        "  - name: ci\n"
+        f"    clients: [{ci_clients}]\n"
+        f"    zones: {ci_zones}\n"
+        "reload_interval: 0\n" + extra
+    )
+
+
+def save(path: Path, text: str) -> None:
+    """As editors and config management save: a new file renamed over the old one."""
+    temp = path.with_name("." + path.name + ".tmp")
+    temp.write_text(text)
+    os.replace(temp, path)
+
+
+def seen(server: DnsPeer, name: str, source: str) -> str:
+    """What a client at `source` gets for `name`: its address, or the rcode's name."""
+    try:
+        response = server.query(name, source=source, timeout=1)
+    except dns.exception.Timeout:
+        return "timeout"
+    if response.rcode() != 0:
+        return str(dns.rcode.to_text(response.rcode()))
+    return " ".join(sorted(r.address for rrset in response.answer for r in rrset))
+
+
+def becomes(server: DnsPeer, expected: dict[tuple[str, str], str]) -> float:
+    """Seconds until every (name, source) is answered as expected (at most the deadline)."""
+
+    def now() -> dict[tuple[str, str], str]:
+        return {key: seen(server, *key) for key in expected}
+
+    return poll(lambda: now() == expected, RELOAD_DEADLINE, f"{expected} (now {now()})")
+
+
+@pytest.fixture
+def upstream(tmp_path: Path) -> Iterator[DnsPeer]:
+    # Names not overridden in a client's view are NXDOMAIN upstream.
+    with dnsmasq(tmp_path, "--address=/test/") as peer:
+        yield peer
+
+
+@pytest.fixture
+def zones(tmp_path: Path) -> Path:
+    directory = tmp_path / "zones"
+    directory.mkdir()
+    (directory / "ci.yaml").write_text(zone_text({"registry.test": "10.0.0.1"}))
+    (directory / "other.yaml").write_text(zone_text({"other.test": "10.0.0.5"}))
+    return directory
+
+
+@pytest.fixture
+def server(tmp_path: Path, zones: Path, upstream: DnsPeer) -> Iterator[DnsPeer]:
+    with dnsoverride_serve(tmp_path, zones, [upstream.address], config=config_text()) as peer:
+        # The ci view sees ci.yaml only; everyone else (the default view) sees every file.
+        assert seen(peer, "other.test", CI) == "NXDOMAIN"
+        assert seen(peer, "other.test", OTHER) == "10.0.0.5"
+        assert seen(peer, "registry.test", CI) == "10.0.0.1"
+        assert seen(peer, "other.test", OUTSIDER) == "REFUSED"
+        yield peer
+
+
+def config_of(server: DnsPeer, tmp_path: Path) -> Path:
+    return tmp_path / f"dnsoverride-{server.port}.yaml"
+
+
+def test_view_networks_change_without_restart(server: DnsPeer, tmp_path: Path) -> None:
+    save(config_of(server, tmp_path), config_text(ci_clients=f"{OTHER}/32"))
+    becomes(server, {("other.test", OTHER): "NXDOMAIN", ("other.test", CI): "10.0.0.5"})
+    assert server.process.poll() is None
+    assert not events(server, "config_change_needs_restart")
+    [reloaded] = events(server, "zones_reloaded")
+    assert reloaded["swapped"] is True
+
+
+def test_view_zone_files_change_without_restart(server: DnsPeer, tmp_path: Path) -> None:
+    save(config_of(server, tmp_path), config_text(ci_zones="[ci, other]"))
+    becomes(server, {("other.test", CI): "10.0.0.5", ("registry.test", CI): "10.0.0.1"})
+    save(config_of(server, tmp_path), config_text(ci_zones="[other]"))
+    becomes(server, {("registry.test", CI): "NXDOMAIN", ("registry.test", OTHER): "10.0.0.1"})
+    assert not events(server, "config_change_needs_restart")
+
+
+def test_allow_change_without_restart(server: DnsPeer, tmp_path: Path) -> None:
+    save(config_of(server, tmp_path), config_text(allow=f"[{OTHER}/32, {OUTSIDER}/32]"))
+    becomes(
+        server,
+        {
+            ("other.test", OUTSIDER): "10.0.0.5",  # newly allowed, default view
+            ("registry.test", CI): "REFUSED",  # no longer allowed
+            ("other.test", OTHER): "10.0.0.5",
+        },
+    )
+
+
+def test_broken_config_keeps_config_and_zones(server: DnsPeer, tmp_path: Path, zones: Path) -> None:
+    config = config_of(server, tmp_path)
+    save(config, config_text(ci_clients=f"{OTHER}/32") + "bogus: 1\n")
+    poll(lambda: bool(events(server, "zones_reload_failed")), RELOAD_DEADLINE, "failure")
+    [problem] = events(server, "zone_problem")
+    assert (problem["file"], problem["line"]) == (str(config), 7)
+    assert "unknown key 'bogus'" in problem["reason"]
+    # Nor is a zone edit made meanwhile served: the config and zones load as one.
+    (zones / "other.yaml").write_text(zone_text({"other.test": "10.0.0.6"}))
+    poll(lambda: len(events(server, "zones_reload_failed")) >= 2, RELOAD_DEADLINE, "failure")
+    assert seen(server, "other.test", OTHER) == "10.0.0.5"
+    assert seen(server, "other.test", CI) == "NXDOMAIN"
+    # A view naming a zone file that does not exist is a broken config too.
+    save(config, config_text(ci_zones="[ci, nope]"))
+    poll(lambda: len(events(server, "zones_reload_failed")) >= 3, RELOAD_DEADLINE, "failure")
+    assert "'nope'" in events(server, "zone_problem")[-1]["reason"]
+    assert seen(server, "other.test", OTHER) == "10.0.0.5"
+    # Fixed: the config and the zone edit both apply.
+    save(config, config_text(ci_clients=f"{OTHER}/32"))
+    becomes(server, {("other.test", OTHER): "NXDOMAIN", ("other.test", CI): "10.0.0.6"})
+
+
+def test_listen_change_needs_restart_and_the_rest_applies(
+    tmp_path: Path, zones: Path, upstream: DnsPeer
+) -> None:
+    # Not dnsoverride_serve: `listen` must come from the file, not from a flag.
+    port = free_port()
+    config = tmp_path / "serve.yaml"
+    listen = f"listen: ['127.0.0.1:{port}']\nupstreams: ['{upstream.address}']\n"
+    listen += f"zones: {zones}\n"
+    config.write_text(config_text(extra=listen))
+    command = [sys.executable, "-m", "dnsoverride", "serve", "--config", str(config)]
+    command += ["--log-format", "json"]
+    with running("dnsoverride", command, "127.0.0.1", port, tmp_path / "serve.log") as server:
+        moved = listen.replace(str(port), str(free_port()))
+        save(config, config_text(ci_clients=f"{OTHER}/32", extra=moved))
+        becomes(server, {("other.test", OTHER): "NXDOMAIN", ("other.test", CI): "10.0.0.5"})
+        [warning] = events(server, "config_change_needs_restart")
+        assert warning["keys"] == ["listen"]
