@@ -104,7 +104,7 @@ class Resolver:
             self.stats.count(("", _qtype_name(data, qend), "REFUSED", "error"))
             return wire.refused(data, qend)
         reply = self.answers.lookup(index, key, data, self.zones.state[1], self._loop.time())
-        if reply is not None and len(data) > wire.options_start(key):
+        if reply is not None and len(data) > len(key) + 19:  # EDNS options: wire.options_start
             limit = TCP_LIMIT if tcp else (key[2] << 8) | key[3]
             reply = self.cookies.add_to_hit(reply, data, wire.options_start(key), host, limit)
         if reply is not None and self._query_log:
