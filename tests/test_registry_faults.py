@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -128,6 +129,27 @@ async def test_upstream_down_serves_cached_tags_and_blobs(
     async with http.get(f"{cache.url}/v2/ci/app/manifests/nope") as response:
         assert response.status == 503
         assert (await response.json())["errors"][0]["code"] == "UNAVAILABLE"
+
+
+async def test_unanswered_connect_hits_the_configured_connect_timeout(
+    start_cache: StartCache, http: aiohttp.ClientSession
+) -> None:
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        # One connection nobody accepts fills the queue: the kernel drops the next SYNs.
+        with socket.create_connection(("127.0.0.1", port)):
+            config = {
+                "upstreams": [{"url": f"http://127.0.0.1:{port}"}],
+                "timeouts": {"connect": 0.5},
+            }
+            cache = start_cache(config=config)
+            started = time.monotonic()
+            async with http.get(f"{cache.url}/v2/ci/app/manifests/v1") as response:
+                assert response.status == 503
+                assert (await response.json())["errors"][0]["code"] == "UNAVAILABLE"
+            assert time.monotonic() - started < 3  # the default connect timeout is 5 s
 
 
 async def test_silent_upstream_hits_the_configured_idle_timeout(
