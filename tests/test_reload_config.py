@@ -168,3 +168,20 @@ def test_listen_change_needs_restart_and_the_rest_applies(
         becomes(server, {("other.test", OTHER): "NXDOMAIN", ("other.test", CI): "10.0.0.5"})
         [warning] = events(server, "config_change_needs_restart")
         assert warning["keys"] == ["listen"]
+
+
+def test_added_view_without_restart(server: DnsPeer, tmp_path: Path) -> None:
+    outsiders = "  - name: outsiders\n    clients: [127.0.0.3/32]\n    zones: [other]\n"
+    text = config_text(allow=f"[{OTHER}/32, {CI}/32, {OUTSIDER}/32]")
+    save(
+        config_of(server, tmp_path), text.replace("reload_interval", outsiders + "reload_interval")
+    )
+    becomes(
+        server,
+        {
+            ("other.test", OUTSIDER): "10.0.0.5",
+            ("registry.test", OUTSIDER): "NXDOMAIN",  # only other.yaml in that view
+            ("registry.test", CI): "10.0.0.1",
+            ("other.test", CI): "NXDOMAIN",
+        },
+    )
