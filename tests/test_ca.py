@@ -55,7 +55,7 @@ def test_init_creates_a_root_ca_with_a_private_key(ca_dir: Path) -> None:
     basic = ca.extensions.get_extension_for_class(x509.BasicConstraints)
     assert basic.critical and basic.value.ca and basic.value.path_length == 0
     usage = ca.extensions.get_extension_for_class(x509.KeyUsage).value
-    assert usage.key_cert_sign and usage.crl_sign
+    assert usage.key_cert_sign and usage.crl_sign and not usage.digital_signature
     ski = ca.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
     assert ski == x509.SubjectKeyIdentifier.from_public_key(ca.public_key())
     years = (ca.not_valid_after_utc - ca.not_valid_before_utc).days / 365
@@ -77,6 +77,9 @@ def test_issue_signs_a_server_certificate_for_the_names(
     eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     assert list(eku) == [ExtendedKeyUsageOID.SERVER_AUTH]
     assert not cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    usage = cert.extensions.get_extension_for_class(x509.KeyUsage)
+    assert usage.critical and usage.value.digital_signature
+    assert not (usage.value.key_cert_sign or usage.value.crl_sign)
     aki = cert.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
     ski = ca.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
     assert aki.key_identifier == ski.digest
