@@ -206,7 +206,7 @@ async def test_https_probe_verifies_certificate_against_ca(
     tmp_path: Path, server: TlsServer
 ) -> None:
     port = await server.start("127.0.0.1")
-    stranger = make_ca(tmp_path / "..", "another test CA")
+    stranger = make_ca(tmp_path / "stranger")
     prober = Prober(NAME, https_check(port, stranger))
     try:
         failure = await prober.probe("127.0.0.1")
@@ -221,7 +221,7 @@ async def test_https_probe_rereads_the_ca_file_when_it_changes(
     tmp_path: Path, server: TlsServer, ca: CertAuthority
 ) -> None:
     port = await server.start("127.0.0.1")
-    stranger = make_ca(tmp_path / "..", "another test CA")
+    stranger = make_ca(tmp_path / "stranger")
     ca_file = tmp_path / "trusted-ca.pem"
     ca_file.write_bytes(stranger.cert_file.read_bytes())
     prober = Prober(NAME, https_check(port, ca, ca_file=ca_file))
