@@ -270,11 +270,8 @@ def test_empty_directory_and_missing_directory(tmp_path: Path) -> None:
     assert problems == [f"{tmp_path / 'missing'}:0: zones directory does not exist"]
 
 
-def test_check_command_prints_problems_and_exits_1(tmp_path: Path) -> None:
-    write(tmp_path, "bad.yaml", "records:\n  a.example:\n    A: 300.1.1.1\n")
-    config = tmp_path.parent / f"{tmp_path.name}-config.yaml"
-    config.write_text("upstreams: [192.0.2.53]\n")
-    result = subprocess.run(
+def dnsoverride_check(config: Path, zones: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
         [
             sys.executable,
             "-m",
@@ -283,31 +280,24 @@ def test_check_command_prints_problems_and_exits_1(tmp_path: Path) -> None:
             "--config",
             str(config),
             "--zones",
-            str(tmp_path),
+            str(zones),
         ],
         capture_output=True,
         text=True,
         check=False,
     )
+
+
+def test_check_command_prints_problems_and_exits_1(tmp_path: Path) -> None:
+    write(tmp_path, "bad.yaml", "records:\n  a.example:\n    A: 300.1.1.1\n")
+    config = tmp_path.parent / f"{tmp_path.name}-config.yaml"
+    config.write_text("upstreams: [192.0.2.53]\n")
+    result = dnsoverride_check(config, tmp_path)
     assert result.returncode == 1
     assert result.stderr.strip() == (
         f"{tmp_path / 'bad.yaml'}:3: a.example: bad A value '300.1.1.1': not an IPv4 address"
     )
     (tmp_path / "bad.yaml").write_text(MINIMAL)
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "dnsoverride",
-            "check",
-            "--config",
-            str(config),
-            "--zones",
-            str(tmp_path),
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    result = dnsoverride_check(config, tmp_path)
     assert result.returncode == 0, result.stderr
     assert "3 names" in result.stdout
