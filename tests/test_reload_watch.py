@@ -10,9 +10,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, MutableMapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import dnslib
 import pytest
@@ -395,25 +396,34 @@ async def test_config_view_naming_missing_zone_file_fails_reload(zones: Path) ->
             await h.until(lambda: h.reloader.stats.successes == 1)
 
 
-async def test_config_syntax_error_fails_reload_with_file_and_line(zones: Path) -> None:
+async def append_to_config(
+    zones: Path, line: str, done: Callable[[Harness], bool]
+) -> tuple[Path, list[MutableMapping[str, Any]]]:
+    """Serve with a two-line config, append `line` to it in place, wait until `done`;
+    the config file and what was logged meanwhile."""
     config = zones.parent / "dnsoverride.yaml"
-    config.write_text(f"zones: {zones.name}\nupstreams: [127.0.0.1:1]\n")
+    text = f"zones: {zones.name}\nupstreams: [127.0.0.1:1]\n"
+    config.write_text(text)
     with structlog.testing.capture_logs() as logs:
         async with serving_config(zones, config) as h:
-            config.write_text(f"zones: {zones.name}\nupstreams: [127.0.0.1:1]\nbogus: 1\n")
-            await h.until(lambda: h.reloader.stats.failures == 1)
+            config.write_text(text + line)
+            await h.until(lambda: done(h))
+    return config, logs
+
+
+async def test_config_syntax_error_fails_reload_with_file_and_line(zones: Path) -> None:
+    config, logs = await append_to_config(
+        zones, "bogus: 1\n", lambda h: h.reloader.stats.failures == 1
+    )
     [problem] = [e for e in logs if e["event"] == "zone_problem"]
     assert (problem["file"], problem["line"]) == (str(config), 3)
     assert "unknown key 'bogus'" in problem["reason"]
 
 
 async def test_config_change_of_start_time_keys_is_reported(zones: Path) -> None:
-    config = zones.parent / "dnsoverride.yaml"
-    config.write_text(f"zones: {zones.name}\nupstreams: [127.0.0.1:1]\n")
-    with structlog.testing.capture_logs() as logs:
-        async with serving_config(zones, config) as h:
-            config.write_text(f"zones: {zones.name}\nupstreams: [127.0.0.1:1]\ntimeout: 1.5\n")
-            await h.until(lambda: h.reloader.stats.successes == 1)
+    _, logs = await append_to_config(
+        zones, "timeout: 1.5\n", lambda h: h.reloader.stats.successes == 1
+    )
     [warning] = [e for e in logs if e["event"] == "config_change_needs_restart"]
     assert warning["keys"] == ["timeout"]
 
