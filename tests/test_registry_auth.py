@@ -48,9 +48,10 @@ async def image(tmp_path: Path, secured: DistributionRegistry, tokens: TokenServ
 
 @pytest.fixture
 def private_cache(
-    start_cache: StartCache, secured: DistributionRegistry
+    start_cache: StartCache, secured: DistributionRegistry, image: Image
 ) -> Callable[[str], CacheProcess]:
-    """A cache whose upstream is the token-secured registry, with user `ci` and a password."""
+    """A cache whose upstream is the token-secured registry holding `image`, with user `ci`
+    and a password."""
     return lambda password: start_cache(
         config=_config(secured.url, username="ci", password=password)
     )
@@ -85,7 +86,6 @@ async def test_token_flow_with_credentials_and_token_cache(
 
 async def test_token_is_reused_until_it_expires(
     tokens: TokenServer,
-    image: Image,
     private_cache: Callable[[str], CacheProcess],
     http: aiohttp.ClientSession,
 ) -> None:
@@ -104,7 +104,6 @@ async def test_token_is_reused_until_it_expires(
 
 async def test_wrong_credentials_give_unauthorized(
     tokens: TokenServer,
-    image: Image,
     private_cache: Callable[[str], CacheProcess],
     http: aiohttp.ClientSession,
 ) -> None:
