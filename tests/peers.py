@@ -20,6 +20,8 @@ import subprocess
 import sys
 import textwrap
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,6 +94,15 @@ class DnsPeer:
     def log_text(self) -> str:
         """Everything the process wrote to stdout and stderr so far."""
         return self.log.read_text(errors="replace")
+
+
+def http_status(url: str) -> int:
+    """The status a GET of `url` answers with (e.g. a daemon's /readyz), error codes too."""
+    try:
+        with urllib.request.urlopen(url, timeout=5) as answer:
+            return int(answer.status)
+    except urllib.error.HTTPError as error:
+        return error.code
 
 
 def wait_until_answers(peer: DnsPeer, timeout: float = STARTUP_TIMEOUT) -> None:

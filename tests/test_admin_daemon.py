@@ -5,26 +5,16 @@ from __future__ import annotations
 import contextlib
 import shutil
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
 import dns.exception
 import pytest
-from peers import dnsmasq, dnsoverride_serve, free_port
+from peers import dnsmasq, dnsoverride_serve, free_port, http_status
 
 pytestmark = pytest.mark.skipif(shutil.which("dnsmasq") is None, reason="needs dnsmasq")
 
 FORWARDED = "forwarded.test"
-
-
-def _status(url: str) -> int:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as answer:
-            return int(answer.status)
-    except urllib.error.HTTPError as error:
-        return error.code
 
 
 def _wait_for_status(
@@ -34,7 +24,7 @@ def _wait_for_status(
     deadline = time.monotonic() + timeout
     while True:
         poke()
-        status = _status(url)
+        status = http_status(url)
         if status == expected:
             return
         assert time.monotonic() < deadline, f"{url} stayed {status}, expected {expected}"
@@ -66,13 +56,13 @@ def test_readyz_flips_when_the_upstream_stops(tmp_path: Path) -> None:
             with contextlib.suppress(dns.exception.DNSException, OSError):
                 server.query(FORWARDED, timeout=3.0)
 
-        assert _status(f"{admin}/healthz") == 200
+        assert http_status(f"{admin}/healthz") == 200
         _wait_for_status(f"{admin}/readyz", 200, ask)
 
         assert upstream.stop() == 0
         _wait_for_status(f"{admin}/readyz", 503, ask)
         # Liveness is not readiness: the process is fine, it is the upstream that is gone.
-        assert _status(f"{admin}/healthz") == 200
+        assert http_status(f"{admin}/healthz") == 200
         # Overrides still answer while not ready.
         (rrset,) = server.query("registry-1.docker.io").answer
         assert str(rrset[0]) == "10.0.0.5"

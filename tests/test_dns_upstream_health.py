@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import socket
 import time
-import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -15,19 +14,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from dnsoverride.dns.forwarder import PROBE_INTERVAL
-from tests.peers import dnsmasq, dnsoverride_serve, free_port
+from tests.peers import dnsmasq, dnsoverride_serve, free_port, http_status
 
 ATTEMPT_TIMEOUT = 0.8  # the default `attempt_timeout`
 # A probe is due at most PROBE_INTERVAL after the change and takes at most one attempt.
 NOTICED_WITHIN = PROBE_INTERVAL + ATTEMPT_TIMEOUT + 1.5
-
-
-def _status(url: str) -> int:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as answer:
-            return int(answer.status)
-    except urllib.error.HTTPError as error:
-        return error.code
 
 
 def _seconds_until(condition: Callable[[], bool], timeout: float) -> float:
@@ -62,12 +53,12 @@ def test_readyz_follows_the_only_upstream_without_client_traffic(tmp_path: Path)
         with dnsoverride_serve(
             tmp_path, zones, [upstream.address], "--metrics", f"127.0.0.1:{metrics_port}"
         ) as server:
-            _seconds_until(lambda: _status(readyz) == 200, NOTICED_WITHIN)
+            _seconds_until(lambda: http_status(readyz) == 200, NOTICED_WITHIN)
             upstream.stop()
             # Not one client query from here on: only the probes can notice.
-            _seconds_until(lambda: _status(readyz) == 503, NOTICED_WITHIN)
+            _seconds_until(lambda: http_status(readyz) == 503, NOTICED_WITHIN)
             with dnsmasq(tmp_path, "--address=/fwd.test/192.0.2.1", port=port):
-                _seconds_until(lambda: _status(readyz) == 200, NOTICED_WITHIN)
+                _seconds_until(lambda: http_status(readyz) == 200, NOTICED_WITHIN)
                 reply = server.query("www.fwd.test")
                 assert [str(rdata) for rrset in reply.answer for rdata in rrset] == ["192.0.2.1"]
 
@@ -95,7 +86,7 @@ def test_a_dead_first_upstream_is_skipped_once_probed(tmp_path: Path) -> None:
                 took = time.monotonic() - started
                 assert [str(rdata) for rrset in reply.answer for rdata in rrset] == ["192.0.2.1"]
                 assert took < ATTEMPT_TIMEOUT / 2, f"query {index} took {took:.2f} s"
-            assert _status(f"http://127.0.0.1:{metrics_port}/readyz") == 200
+            assert http_status(f"http://127.0.0.1:{metrics_port}/readyz") == 200
         hole.setblocking(False)
         asked = []
         while True:
