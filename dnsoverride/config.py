@@ -17,6 +17,7 @@ from typing import Any
 
 from dnsoverride import yamlsource
 from dnsoverride.errors import UserError
+from dnsoverride.zones import name_problem, normalize_name
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -49,9 +50,14 @@ TOP_KEYS = (
     "query_log",
     "metrics",
     "reload_interval",
+    "probe",
+    "failure_log_interval",
+    "tcp",
 )
 VIEW_KEYS = ("name", "clients", "zones")
-CACHE_KEYS = ("size", "min_ttl", "max_ttl", "negative_max_ttl", "stale_ttl")
+CACHE_KEYS = ("size", "min_ttl", "max_ttl", "negative_max_ttl", "stale_ttl", "stale_reuse")
+PROBE_KEYS = ("interval", "name")
+TCP_KEYS = ("max_connections", "pipeline", "idle_timeout")
 
 
 class ConfigError(UserError):
@@ -91,6 +97,29 @@ class CacheConfig:
     max_ttl: int = 86400
     negative_max_ttl: int = 3600
     stale_ttl: int = 86400
+    # Seconds the answer cache reuses a stale reply before the next query asks the
+    # upstreams again (in the background while all are down), so a recovered upstream's
+    # fresh answer replaces it within about this long (unbound: serve-expired-ttl-reset).
+    stale_reuse: float = 2.0
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    """Active health probes of the upstreams: `<name> NS` every `interval` seconds to each
+    upstream that is down or has answered nothing for that long (name "" is the root)."""
+
+    interval: float = 2.0
+    name: str = ""
+
+
+@dataclass(frozen=True)
+class TcpConfig:
+    """DNS over TCP limits (RFC 7766): open connections, queries in flight per connection,
+    and seconds a connection may sit with nothing in flight before it is closed."""
+
+    max_connections: int = 512
+    pipeline: int = 100
+    idle_timeout: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -110,6 +139,9 @@ class ServeConfig:
     query_log: bool = False
     metrics: Endpoint | None = None
     reload_interval: float = 30.0
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    failure_log_interval: float = 10.0  # seconds between two `upstream_failed` of one upstream
+    tcp: TcpConfig = field(default_factory=TcpConfig)
 
     def view_selectors(self) -> dict[str, frozenset[str] | None]:
         """View name -> zone file selectors, as `zones.load_zone_set(views=...)` wants."""
@@ -177,13 +209,21 @@ class _Reader:
         return parsed
 
     def number(
-        self, mapping: yamlsource.LineMap, key: str, low: float, high: float, integer: bool
+        self,
+        mapping: yamlsource.LineMap,
+        key: str,
+        low: float,
+        high: float,
+        integer: bool,
+        *,
+        section: str = "",
     ) -> Any:
         value: Any = mapping[key]
         numeric = isinstance(value, int) or (not integer and isinstance(value, float))
         if isinstance(value, bool) or not numeric or not low <= value <= high:
             kind = "an integer" if integer else "a number"
-            self.add(mapping.key_lines[key], f"{key}: expected {kind} from {low} to {high}")
+            where = f"{section}: {key}" if section else key
+            self.add(mapping.key_lines[key], f"{where}: expected {kind} from {low} to {high}")
             return None
         return value
 
@@ -252,8 +292,12 @@ def _read_file(path: Path) -> tuple[dict[str, Any], list[str]]:
             values["cache"] = _cache(reader, value, line)
         elif key in ("timeout", "attempt_timeout"):
             values[key] = reader.number(document, key, 0.05, 30, integer=False)
-        elif key == "reload_interval":
+        elif key in ("reload_interval", "failure_log_interval"):
             values[key] = reader.number(document, key, 0, 86400, integer=False)
+        elif key == "probe":
+            values[key] = _probe(reader, value, line)
+        elif key == "tcp":
+            values[key] = _tcp(reader, value, line)
         elif key == "edns_udp_size":
             values[key] = reader.number(document, key, 512, 4096, integer=True)
         elif key == "query_log":
@@ -309,21 +353,72 @@ def _cache(reader: _Reader, value: Any, line: int) -> CacheConfig | None:
     if not isinstance(value, yamlsource.LineMap):
         reader.add(line, f"cache: expected a mapping with {', '.join(CACHE_KEYS)}")
         return None
-    numbers: dict[str, int] = {}
-    for key in value:
-        if key not in CACHE_KEYS:
-            reader.add(
-                value.key_lines[key], f"cache: unknown key {key!r} (known: {', '.join(CACHE_KEYS)})"
+    numbers: dict[str, Any] = {}
+    for key in _known_keys(reader, value, "cache", CACHE_KEYS):
+        if key == "stale_reuse":
+            number = reader.number(value, key, 0, 3600, integer=False, section="cache")
+        else:
+            number = reader.number(
+                value, key, 1 if key == "size" else 0, 2**31 - 1, integer=True, section="cache"
             )
-            continue
-        low = 1 if key == "size" else 0
-        number = reader.number(value, key, low, 2**31 - 1, integer=True)
         if number is not None:
             numbers[key] = number
     cache = CacheConfig(**numbers)
     if cache.min_ttl > cache.max_ttl:
         reader.add(line, "cache: min_ttl is larger than max_ttl")
     return cache
+
+
+def _known_keys(
+    reader: _Reader, value: yamlsource.LineMap, section: str, known: tuple[str, ...]
+) -> list[str]:
+    """The keys of a settings section that are known; the others reported."""
+    keys = []
+    for key in value:
+        if key in known:
+            keys.append(key)
+        else:
+            reader.add(
+                value.key_lines[key], f"{section}: unknown key {key!r} (known: {', '.join(known)})"
+            )
+    return keys
+
+
+def _probe(reader: _Reader, value: Any, line: int) -> ProbeConfig | None:
+    if not isinstance(value, yamlsource.LineMap):
+        reader.add(line, f"probe: expected a mapping with {', '.join(PROBE_KEYS)}")
+        return None
+    settings: dict[str, Any] = {}
+    for key in _known_keys(reader, value, "probe", PROBE_KEYS):
+        if key == "interval":
+            settings[key] = reader.number(value, key, 0.1, 3600, integer=False, section="probe")
+            continue
+        name = value[key]
+        problem = (
+            name_problem(name, wildcard_ok=False)
+            if isinstance(name, str)
+            else "expected a domain name"
+        )
+        if isinstance(name, str) and normalize_name(name) == "":
+            problem = None  # the root: every resolver answers `. NS`
+        if problem is not None:
+            reader.add(value.key_lines[key], f"probe: name: {problem}")
+        else:
+            settings[key] = normalize_name(name)
+    return ProbeConfig(**{k: v for k, v in settings.items() if v is not None})
+
+
+def _tcp(reader: _Reader, value: Any, line: int) -> TcpConfig | None:
+    if not isinstance(value, yamlsource.LineMap):
+        reader.add(line, f"tcp: expected a mapping with {', '.join(TCP_KEYS)}")
+        return None
+    settings: dict[str, Any] = {}
+    for key in _known_keys(reader, value, "tcp", TCP_KEYS):
+        if key == "idle_timeout":
+            settings[key] = reader.number(value, key, 0.1, 3600, integer=False, section="tcp")
+        else:
+            settings[key] = reader.number(value, key, 1, 65535, integer=True, section="tcp")
+    return TcpConfig(**{k: v for k, v in settings.items() if v is not None})
 
 
 def _is_local_address(host: str) -> bool:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from dnsoverride.config import ConfigError, Endpoint, load_config
+from dnsoverride.config import ConfigError, Endpoint, ProbeConfig, TcpConfig, load_config
 from dnsoverride.errors import UserError
 
 
@@ -98,6 +98,61 @@ def test_every_problem_with_file_and_line(tmp_path: Path) -> None:
     assert "unknown key 'colour'" in " ".join(problems)
     assert "unknown key 'bogus'" in file_problems[-1]
     assert any("default_view 'b' is not one of the views" in p for p in problems)
+
+
+def test_tuning_keys_defaults_and_values(tmp_path: Path) -> None:
+    default = load_config(args(upstream=["127.0.0.1:53"]))
+    assert default.probe == ProbeConfig(interval=2.0, name="")
+    assert default.tcp == TcpConfig(max_connections=512, pipeline=100, idle_timeout=10.0)
+    assert default.failure_log_interval == 10.0
+    assert default.cache.stale_reuse == 2.0
+    path = tmp_path / "tuned.yaml"
+    path.write_text(
+        "upstreams: [127.0.0.1]\n"
+        "probe: {interval: 0.5, name: Example.COM.}\n"
+        "failure_log_interval: 60\n"
+        "tcp:\n"
+        "  max_connections: 64\n"
+        "  pipeline: 8\n"
+        "  idle_timeout: 2.5\n"
+        "cache: {stale_reuse: 0.5, size: 10}\n"
+    )
+    config = load_config(args(config=str(path)))
+    assert config.probe == ProbeConfig(interval=0.5, name="example.com")
+    assert config.tcp == TcpConfig(max_connections=64, pipeline=8, idle_timeout=2.5)
+    assert config.failure_log_interval == 60
+    assert config.cache.stale_reuse == 0.5 and config.cache.size == 10
+
+
+def test_tuning_key_problems_with_file_and_line(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(
+        "upstreams: [127.0.0.1]\n"
+        "probe:\n"
+        "  interval: 0\n"
+        "  name: 'bad..name'\n"
+        "  when: always\n"
+        "tcp:\n"
+        "  max_connections: 0\n"
+        "  pipeline: lots\n"
+        "  idle_timeout: -1\n"
+        "failure_log_interval: soon\n"
+        "cache: {stale_reuse: 9999}\n"
+        "tcp_extra: 1\n"
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_config(args(config=str(path)))
+    problems = sorted(caught.value.problems, key=lambda p: int(p.split(":")[1]))
+    assert [int(p.split(":")[1]) for p in problems] == [3, 4, 5, 7, 8, 9, 10, 11, 12]
+    text = "\n".join(problems)
+    assert "probe: interval: expected a number from 0.1 to 3600" in problems[0]
+    assert "probe: name:" in problems[1] and "empty label" in problems[1]
+    assert "probe: unknown key 'when'" in problems[2]
+    assert "max_connections: expected an integer from 1 to 65535" in problems[3]
+    assert "idle_timeout" in problems[5]
+    assert "failure_log_interval" in problems[6]
+    assert "stale_reuse" in problems[7]
+    assert "unknown key 'tcp_extra'" in text
 
 
 def test_yaml_syntax_error_and_missing_file(tmp_path: Path) -> None:

@@ -12,10 +12,11 @@ import dns.rcode
 import pytest
 from structlog.testing import capture_logs
 
-from dnsoverride.dns.forwarder import FAILURE_LOG_INTERVAL, FailureLog
+from dnsoverride.dns.forwarder import FailureLog
 from tests.peers import dnsoverride_serve
 
 QUERIES = 40
+FAILURE_LOG_INTERVAL = 4.0  # configured: `failure_log_interval`
 
 
 def _failure_events(log_text: str) -> list[dict[str, object]]:
@@ -31,7 +32,8 @@ def test_dead_upstream_logs_one_event_per_interval_with_suppressed_count(tmp_pat
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as reserved:
         reserved.bind(("127.0.0.1", 0))
         dead = f"127.0.0.1:{reserved.getsockname()[1]}"
-    with dnsoverride_serve(tmp_path, zones, [dead]) as server:
+    config = f"failure_log_interval: {FAILURE_LOG_INTERVAL}\n"
+    with dnsoverride_serve(tmp_path, zones, [dead], config=config) as server:
         started = time.monotonic()
         for index in range(QUERIES):
             assert server.query(f"n{index}.example").rcode() == dns.rcode.SERVFAIL

@@ -20,7 +20,6 @@ import dns.rcode
 import dns.rdatatype
 import pytest
 
-from dnsoverride.dns.listener import TCP_IDLE_TIMEOUT, TCP_MAX_CONNECTIONS
 from tests.peers import DnsPeer, dnsmasq, dnsoverride_serve, free_port, unbound
 
 ZONE = """\
@@ -436,25 +435,33 @@ def test_zone_transfers_are_refused(server: DnsPeer) -> None:
         assert reply.answer == []
 
 
+TCP_CAP = 20
+TCP_IDLE = 2.0
+
+
 @pytest.mark.timeout(60)
-def test_tcp_connection_cap_and_idle_timeout(server: DnsPeer) -> None:
-    idle = socket.create_connection((server.host, server.port), timeout=20)
-    opened_at = time.monotonic()
-    held = []
-    try:
-        for _ in range(TCP_MAX_CONNECTIONS - 1):
-            held.append(socket.create_connection((server.host, server.port), timeout=5))
-        # The server is at its cap: one more is accepted by the kernel, then closed at once.
-        with socket.create_connection((server.host, server.port), timeout=5) as extra:
-            assert extra.recv(2) == b""
-        # A connection within the cap still answers.
-        query = dns.message.make_query("registry-1.docker.io", "A")
-        reply = dns.query.tcp(query, server.host, 3, server.port, sock=held[-1])
-        assert addresses(reply) == ["10.0.0.5"]
-    finally:
-        for sock in held:
-            sock.close()
-    with idle:
-        assert idle.recv(2) == b""  # closed by the server, not by our 20 s timeout
-        waited = time.monotonic() - opened_at
-    assert TCP_IDLE_TIMEOUT - 0.5 <= waited <= TCP_IDLE_TIMEOUT + 3
+def test_tcp_connection_cap_and_idle_timeout_are_configured(
+    workdir: Path, zones: Path, upstream: DnsPeer
+) -> None:
+    config = f"tcp: {{max_connections: {TCP_CAP}, idle_timeout: {TCP_IDLE}}}\n"
+    with dnsoverride_serve(workdir, zones, [upstream.address], config=config) as server:
+        idle = socket.create_connection((server.host, server.port), timeout=20)
+        opened_at = time.monotonic()
+        held = []
+        try:
+            for _ in range(TCP_CAP - 1):
+                held.append(socket.create_connection((server.host, server.port), timeout=5))
+            # At its cap: one more is accepted by the kernel, then closed at once.
+            with socket.create_connection((server.host, server.port), timeout=5) as extra:
+                assert extra.recv(2) == b""
+            # A connection within the cap still answers.
+            query = dns.message.make_query("registry-1.docker.io", "A")
+            reply = dns.query.tcp(query, server.host, 3, server.port, sock=held[-1])
+            assert addresses(reply) == ["10.0.0.5"]
+        finally:
+            for sock in held:
+                sock.close()
+        with idle:
+            assert idle.recv(2) == b""  # closed by the server, not by our 20 s timeout
+            waited = time.monotonic() - opened_at
+    assert TCP_IDLE - 0.5 <= waited <= TCP_IDLE + 3

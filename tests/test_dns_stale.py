@@ -1,6 +1,6 @@
 """Serve-stale (RFC 8767) without holding on to it: stale answers go out at once, with
 30 s TTLs (never 0), while every upstream is down, and a recovered upstream's answer
-replaces them within seconds (the answer cache reuses a stale reply for STALE_REUSE)."""
+replaces them within seconds (the answer cache reuses a stale reply for `cache.stale_reuse`)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import dns.message
 import dns.rcode
 import pytest
 
-from dnsoverride.dns.cache import STALE_REUSE, STALE_TTL
-from dnsoverride.dns.forwarder import PROBE_INTERVAL
+from dnsoverride.config import CacheConfig, ProbeConfig
+from dnsoverride.dns.cache import STALE_TTL
 from tests.peers import DnsPeer, dnsmasq, dnsoverride_serve
 
 NAME = "www.fwd.test"
@@ -49,4 +49,6 @@ def test_stale_while_down_then_fresh_soon_after_recovery(tmp_path: Path) -> None
                     time.sleep(0.1)
                 took = time.monotonic() - recovered
     # Within the stale reuse time plus a probe round and a little slack; not 30 s.
-    assert took <= STALE_REUSE + PROBE_INTERVAL + 2.0, f"fresh after {took:.1f} s"
+    assert took <= CacheConfig().stale_reuse + ProbeConfig().interval + 2.0, (
+        f"fresh after {took:.1f} s"
+    )

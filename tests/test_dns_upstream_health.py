@@ -13,10 +13,11 @@ import dns.message
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from dnsoverride.dns.forwarder import PROBE_INTERVAL
+from dnsoverride.config import ProbeConfig
 from tests.peers import dnsmasq, dnsoverride_serve, free_port, http_status
 
 ATTEMPT_TIMEOUT = 0.8  # the default `attempt_timeout`
+PROBE_INTERVAL = ProbeConfig().interval
 # A probe is due at most PROBE_INTERVAL after the change and takes at most one attempt.
 NOTICED_WITHIN = PROBE_INTERVAL + ATTEMPT_TIMEOUT + 1.5
 

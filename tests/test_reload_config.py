@@ -170,6 +170,16 @@ def test_listen_change_needs_restart_and_the_rest_applies(
         assert warning["keys"] == ["listen"]
 
 
+def test_tuning_key_changes_need_restart_and_the_rest_applies(
+    server: DnsPeer, tmp_path: Path
+) -> None:
+    tuned = "probe: {interval: 5}\ntcp: {idle_timeout: 3}\ncache: {stale_reuse: 1}\n"
+    save(config_of(server, tmp_path), config_text(ci_clients=f"{OTHER}/32", extra=tuned))
+    becomes(server, {("other.test", OTHER): "NXDOMAIN", ("other.test", CI): "10.0.0.5"})
+    [warning] = events(server, "config_change_needs_restart")
+    assert warning["keys"] == ["cache", "probe", "tcp"]
+
+
 def test_added_view_without_restart(server: DnsPeer, tmp_path: Path) -> None:
     outsiders = "  - name: outsiders\n    clients: [127.0.0.3/32]\n    zones: [other]\n"
     text = config_text(allow=f"[{OTHER}/32, {CI}/32, {OUTSIDER}/32]")

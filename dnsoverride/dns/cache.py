@@ -25,10 +25,7 @@ from dnsoverride.dns import wire
 ResponseKey = tuple[str, int, int, bool, bool]
 # RFC 8767 section 4: stale records go out with a TTL above 0, recommended 30 seconds.
 STALE_TTL = 30
-# ... but the answer cache reuses a stale reply for only this long: then the next query
-# for it asks the upstreams again (in the background while all are down), so a recovered
-# upstream's fresh answer replaces the stale one within seconds, not STALE_TTL.
-STALE_REUSE = 2.0
+# ... but the answer cache reuses a stale reply for only `cache.stale_reuse` seconds.
 
 
 @dataclass

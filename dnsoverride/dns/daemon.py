@@ -89,7 +89,7 @@ def _udp_socket(endpoint: Endpoint) -> socket.socket:
 async def _bind(config: ServeConfig, resolver: Resolver, tasks: set[asyncio.Task[None]]) -> _Bound:
     loop = asyncio.get_running_loop()
     bound = _Bound()
-    handler = tcp_handler(resolver)
+    handler = tcp_handler(resolver, config.tcp)
 
     def udp_protocol() -> UdpListener:
         return UdpListener(resolver, tasks)
@@ -132,7 +132,13 @@ async def _serve(
     zones = LiveZones(zone_set)
     stats = DnsStats()
     forwarder = Forwarder(
-        config.upstreams, config.timeout, config.attempt_timeout, config.edns_udp_size, stats
+        config.upstreams,
+        config.timeout,
+        config.attempt_timeout,
+        config.edns_udp_size,
+        stats,
+        probe=config.probe,
+        failure_log_interval=config.failure_log_interval,
     )
     resolver = Resolver(config, zones, forwarder, stats)
     resolver.route(routing)  # the views the first load was validated with

@@ -11,15 +11,16 @@ query.
 Upstream health: an upstream that timed out (or refused the connection) without having
 answered anything since the failed query was sent is marked down, and upstreams are
 tried healthy first, in configured order, so one dead resolver does not cost every
-query an attempt timeout. Off the hot path, `probe` asks `. NS` of every upstream that
-is down or has answered nothing for `PROBE_INTERVAL` seconds (no traffic, or traffic
-going elsewhere): any well-formed reply, whatever its rcode, means the upstream is
-answering. That keeps readiness ("at least one upstream answering") true to the
-upstreams with no client traffic, and brings a recovered upstream back within seconds.
+query an attempt timeout. Off the hot path, `probe` asks `<probe.name> NS` (default
+`. NS`) of every upstream that is down or has answered nothing for `probe.interval`
+seconds (no traffic, or traffic going elsewhere): any well-formed reply, whatever its
+rcode, means the upstream is answering. That keeps readiness ("at least one upstream
+answering") true to the upstreams with no client traffic, and brings a recovered
+upstream back within seconds.
 
 Failures are counted every time (stats) but logged as `upstream_failed` at most once per
-upstream per `FAILURE_LOG_INTERVAL`, with the number of failures suppressed since the
-last event: a dead upstream under load must not flood the journal.
+upstream per `failure_log_interval` seconds, with the number of failures suppressed
+since the last event: a dead upstream under load must not flood the journal.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from collections.abc import Callable
 import dnslib
 import structlog
 
-from dnsoverride.config import Endpoint
+from dnsoverride.config import Endpoint, ProbeConfig
 from dnsoverride.dns import wire
 from dnsoverride.dns.stats import DnsStats
 
@@ -43,9 +44,6 @@ log = structlog.get_logger(__name__)
 
 Question = tuple[str, int, int, bool, bool]  # name (lowercase), type, class, DO, CD
 MAX_INFLIGHT = 512
-PROBE_INTERVAL = 2.0  # seconds between probes of a quiet or dead upstream
-FAILURE_LOG_INTERVAL = 10.0  # seconds between two `upstream_failed` events of one upstream
-PROBE_QUESTION: Question = ("", dnslib.QTYPE.NS, 1, False, False)  # ". NS": every resolver has it
 _RETRY_RCODES = {dnslib.RCODE.SERVFAIL: "servfail", dnslib.RCODE.REFUSED: "refused"}
 
 
@@ -56,9 +54,7 @@ class UpstreamFailedError(Exception):
 class FailureLog:
     """`upstream_failed` events, at most one per upstream per `interval` seconds."""
 
-    def __init__(
-        self, interval: float = FAILURE_LOG_INTERVAL, clock: Callable[[], float] = time.monotonic
-    ) -> None:
+    def __init__(self, interval: float, clock: Callable[[], float] = time.monotonic) -> None:
         self._interval = interval
         self._clock = clock
         self._quiet_until: dict[str, float] = {}
@@ -98,6 +94,9 @@ class Forwarder:
         attempt_timeout: float,
         edns_udp_size: int,
         stats: DnsStats,
+        *,
+        probe: ProbeConfig,
+        failure_log_interval: float,
     ) -> None:
         self._upstreams = upstreams
         self._health = {upstream: _Health() for upstream in upstreams}
@@ -108,7 +107,9 @@ class Forwarder:
         self._edns_udp_size = edns_udp_size
         self._stats = stats
         self._inflight: dict[Question, asyncio.Future[dnslib.DNSRecord]] = {}
-        self._failure_log = FailureLog()
+        self._failure_log = FailureLog(failure_log_interval)
+        self._probe_interval = probe.interval
+        self._probe_question: Question = (probe.name, dnslib.QTYPE.NS, 1, False, False)
         self._refreshing: set[asyncio.Task[None]] = set()  # referenced until done
 
     def answering(self) -> bool:
@@ -116,32 +117,33 @@ class Forwarder:
         return any(health.up for health in self._health.values())
 
     def start_probing(self) -> asyncio.Task[None]:
-        """Run `probe` every `PROBE_INTERVAL` seconds until the returned task is cancelled."""
+        """Run `probe` every `probe.interval` seconds until the returned task is cancelled."""
         return asyncio.get_running_loop().create_task(self._probe_forever())
 
     async def _probe_forever(self) -> None:
         while True:
             await self.probe()
-            await asyncio.sleep(PROBE_INTERVAL)
+            await asyncio.sleep(self._probe_interval)
 
     async def probe(self) -> None:
-        """Ask `. NS` of every upstream that is down or has been quiet for `PROBE_INTERVAL`."""
+        """Ask the probe question of every upstream that is down or has been quiet."""
         now = asyncio.get_running_loop().time()
         due = [
             upstream
             for upstream, health in self._health.items()
-            if not health.up or now - health.last_answer >= PROBE_INTERVAL
+            if not health.up or now - health.last_answer >= self._probe_interval
         ]
         await asyncio.gather(*(self._probe_one(upstream) for upstream in due))
 
     async def _probe_one(self, upstream: Endpoint) -> None:
         started = asyncio.get_running_loop().time()
+        question = self._probe_question
         try:
-            await asyncio.wait_for(self._ask(upstream, PROBE_QUESTION), self._attempt_timeout)
+            await asyncio.wait_for(self._ask(upstream, question), self._attempt_timeout)
         except TimeoutError:
-            self._failed(upstream, "timeout", PROBE_QUESTION, started)
+            self._failed(upstream, "timeout", question, started)
         except (OSError, dnslib.DNSError, ValueError, struct.error, EOFError) as error:
-            self._failed(upstream, "error", PROBE_QUESTION, started, error)
+            self._failed(upstream, "error", question, started, error)
         else:
             self._answered(upstream)
 

@@ -16,13 +16,10 @@ from typing import Any, cast
 
 import structlog
 
+from dnsoverride.config import TcpConfig
 from dnsoverride.dns.resolver import Resolver
 
 log = structlog.get_logger(__name__)
-
-TCP_IDLE_TIMEOUT = 10.0  # seconds without a query (RFC 7766 6.2.3: seconds, not minutes)
-TCP_PIPELINE = 100  # queries of one connection in flight at once
-TCP_MAX_CONNECTIONS = 512  # open connections; more are closed at once
 
 
 class UdpListener(asyncio.DatagramProtocol):
@@ -61,28 +58,30 @@ class UdpListener(asyncio.DatagramProtocol):
 TcpHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 
-def tcp_handler(resolver: Resolver) -> TcpHandler:
+def tcp_handler(resolver: Resolver, limits: TcpConfig) -> TcpHandler:
     """The `asyncio.start_server` callback for DNS over TCP (RFC 7766).
 
     Queries pipelined on one connection are answered concurrently, each as soon as it is
     ready (out of order): an answer-cache hit at once, a forwarded one when the upstream
-    replies. At most `TCP_PIPELINE` queries of one connection are in flight (reading
-    stops until one finishes), at most `TCP_MAX_CONNECTIONS` connections are open (a new
-    one beyond that is closed at once), and a connection with nothing in flight and no
-    complete query for `TCP_IDLE_TIMEOUT` seconds is closed.
+    replies. At most `limits.pipeline` queries of one connection are in flight (reading
+    stops until one finishes), at most `limits.max_connections` connections are open (a
+    new one beyond that is closed at once), and a connection with nothing in flight and
+    no complete query for `limits.idle_timeout` seconds is closed (RFC 7766 6.2.3:
+    seconds, not minutes).
     """
     fast = resolver.fast
+    idle_timeout = limits.idle_timeout
     open_connections = [0]
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if open_connections[0] >= TCP_MAX_CONNECTIONS:
+        if open_connections[0] >= limits.max_connections:
             resolver.stats.tcp_refused += 1
             writer.close()
             return
         open_connections[0] += 1
         peer = writer.get_extra_info("peername")
         host = peer[0] if peer else ""
-        slots = asyncio.Semaphore(TCP_PIPELINE)
+        slots = asyncio.Semaphore(limits.pipeline)
         pending: set[asyncio.Task[None]] = set()
         loop = asyncio.get_running_loop()
         idle: asyncio.Timeout | None = None
@@ -96,16 +95,16 @@ def tcp_handler(resolver: Resolver) -> TcpHandler:
             finally:
                 slots.release()
                 if len(pending) == 1 and idle is not None and not idle.expired():
-                    idle.reschedule(loop.time() + TCP_IDLE_TIMEOUT)  # the last one in flight
+                    idle.reschedule(loop.time() + idle_timeout)  # the last one in flight
 
         try:
             while True:
                 # The idle clock only runs while nothing is in flight: a client waiting
                 # for a slow forwarded answer is not idle.
                 try:
-                    async with asyncio.timeout(None if pending else TCP_IDLE_TIMEOUT) as idle:
+                    async with asyncio.timeout(None if pending else idle_timeout) as idle:
                         prefix = await reader.readexactly(2)
-                        idle.reschedule(loop.time() + TCP_IDLE_TIMEOUT)
+                        idle.reschedule(loop.time() + idle_timeout)
                         data = await reader.readexactly(struct.unpack("!H", prefix)[0])
                 finally:
                     idle = None

@@ -21,7 +21,7 @@ import structlog
 from dnsoverride.config import ServeConfig, View
 from dnsoverride.dns import answer, wire
 from dnsoverride.dns.acl import Acl, client_address
-from dnsoverride.dns.cache import STALE_REUSE, AnswerCache, ResponseCache
+from dnsoverride.dns.cache import AnswerCache, ResponseCache
 from dnsoverride.dns.cookies import Cookies
 from dnsoverride.dns.forwarder import Forwarder, Question, UpstreamFailedError
 from dnsoverride.dns.stats import DnsStats
@@ -60,6 +60,7 @@ class Resolver:
         self._views = ViewTable(config.views, config.default_view)
         self._udp_size = config.edns_udp_size
         self._query_log = config.query_log
+        self._stale_reuse = config.cache.stale_reuse
         self._clients: dict[str, int] = {}
         self._loop = asyncio.get_running_loop()
         self.cookies = Cookies()
@@ -248,14 +249,14 @@ class Resolver:
             stale = self.responses.get_stale(question, self._loop.time())
             if stale is not None:
                 self.forwarder.refresh(question, self._store)
-                return stale, STALE_REUSE, "stale"
+                return stale, self._stale_reuse, "stale"
         try:
             reply = await self.forwarder.resolve(question)
         except UpstreamFailedError:
             stale = self.responses.get_stale(question, self._loop.time())
             if stale is None:
                 raise  # logged by the forwarder, rate-limited per upstream
-            return stale, STALE_REUSE, "stale"
+            return stale, self._stale_reuse, "stale"
         ttl = self._store(question, reply)
         return reply, ttl, "upstream"
 
