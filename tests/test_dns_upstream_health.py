@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import dns.message
+import dns.rcode
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -98,3 +99,56 @@ def test_a_dead_first_upstream_is_skipped_once_probed(tmp_path: Path) -> None:
     # The dead upstream saw probes (and the startup poll's name), never the names above.
     assert "." in asked
     assert not [name for name in asked if name.endswith("fwd.test.")]
+
+
+def _drain(hole: socket.socket) -> list[str]:
+    """The names asked of a black-hole upstream so far."""
+    hole.setblocking(False)
+    asked = []
+    while True:
+        try:
+            asked.append(dns.message.from_wire(hole.recv(65535)).question[0].name.to_text())
+        except BlockingIOError:
+            return asked
+
+
+@pytest.mark.timeout(60)
+def test_all_upstreams_down_servfail_at_once_then_answers_after_recovery(tmp_path: Path) -> None:
+    zones = tmp_path / "zones"
+    zones.mkdir()
+    config = "probe: {name: Health.Example.}\n"
+    hole = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        hole.bind(("127.0.0.1", 0))
+        port = hole.getsockname()[1]
+        dead = f"127.0.0.1:{port}"
+        with dnsoverride_serve(tmp_path, zones, [dead], config=config) as server:
+            # The first probe runs at start and times out: the only upstream is down.
+            _seconds_until(lambda: "upstream_down" in server.log_text(), NOTICED_WITHIN)
+            for index in range(10):
+                started = time.monotonic()
+                reply = server.query(f"n{index}.fwd.test", timeout=5)
+                took = time.monotonic() - started
+                assert reply.rcode() == dns.rcode.SERVFAIL
+                assert took < 0.2, f"query {index} took {took:.2f} s"
+            # Still asked, in the background, and probed with the configured name.
+            wanted = {f"n{index}.fwd.test." for index in range(10)} | {"health.example."}
+            asked: set[str] = set()
+
+            def all_asked() -> bool:
+                asked.update(_drain(hole))
+                return wanted <= asked
+
+            _seconds_until(all_asked, NOTICED_WITHIN)
+            assert "." not in asked
+            hole.close()
+            with dnsmasq(tmp_path, "--address=/fwd.test/192.0.2.1", port=port):
+                recovered = time.monotonic()
+                while (
+                    reply := server.query("n0.fwd.test", timeout=5)
+                ).rcode() != dns.rcode.NOERROR:
+                    assert time.monotonic() - recovered < NOTICED_WITHIN, "still SERVFAIL"
+                    time.sleep(0.1)
+                assert [str(rdata) for rrset in reply.answer for rdata in rrset] == ["192.0.2.1"]
+    finally:
+        hole.close()

@@ -16,7 +16,9 @@ query an attempt timeout. Off the hot path, `probe` asks `<probe.name> NS` (defa
 seconds (no traffic, or traffic going elsewhere): any well-formed reply, whatever its
 rcode, means the upstream is answering. That keeps readiness ("at least one upstream
 answering") true to the upstreams with no client traffic, and brings a recovered
-upstream back within seconds.
+upstream back within seconds. While every upstream is down the resolver does not wait
+for them: it answers at once (stale or SERVFAIL) and asks in the background with
+`refresh` (see resolver.py).
 
 Failures are counted every time (stats) but logged as `upstream_failed` at most once per
 upstream per `failure_log_interval` seconds, with the number of failures suppressed

@@ -244,12 +244,14 @@ class Resolver:
         if cached is not None:
             return cached[0], cached[1], "cache"
         if not self.forwarder.answering():
-            # Every upstream is known down: stale now (RFC 8767), the upstreams asked in
-            # the background, so the answer is fresh again soon after they recover.
+            # Every upstream is known down: answer now, stale (RFC 8767) or SERVFAIL, rather
+            # than after the whole timeout budget. The upstreams are still asked, in the
+            # background (and probed), so answers come back as soon as one recovers.
+            self.forwarder.refresh(question, self._store)
             stale = self.responses.get_stale(question, self._loop.time())
-            if stale is not None:
-                self.forwarder.refresh(question, self._store)
-                return stale, self._stale_reuse, "stale"
+            if stale is None:
+                raise UpstreamFailedError(question[0])
+            return stale, self._stale_reuse, "stale"
         try:
             reply = await self.forwarder.resolve(question)
         except UpstreamFailedError:
