@@ -9,6 +9,7 @@ import subprocess
 from collections.abc import Iterator
 
 import dns.edns
+import dns.flags
 import dns.message
 import dns.query
 import dns.rcode
@@ -125,3 +126,49 @@ def test_dig_sees_a_good_cookie(server: DnsPeer) -> None:
         )
         assert "status: NOERROR" in result.stdout
         assert "(good)" in result.stdout, result.stdout
+
+
+@pytest.fixture(scope="module")
+def strict(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DnsPeer]:
+    """A server that allows 127.0.0.1 only: 127.0.0.2 is refused (on the fast path)."""
+    workdir = tmp_path_factory.mktemp("edns-refused")
+    zones = workdir / "zones"
+    zones.mkdir()
+    (zones / "z.yaml").write_text("records:\n  over.example: {A: 10.0.0.1}\n")
+    config = "allow: [127.0.0.1/32]\nupstreams: ['127.0.0.1:9']\n"
+    with dnsoverride_serve(workdir, zones, [], config=config) as peer:
+        yield peer
+
+
+@pytest.mark.parametrize("tcp", [False, True])
+def test_refused_reply_carries_opt_and_cookie(strict: DnsPeer, tcp: bool) -> None:
+    client = os.urandom(8)
+    options = [dns.edns.GenericOption(COOKIE, client)]
+    for _ in range(2):  # the second time from the client memo, still the fast path
+        query = dns.message.make_query("over.example", "A", use_edns=0, options=options)
+        send = dns.query.tcp if tcp else dns.query.udp
+        reply = send(query, strict.host, 3, strict.port, source="127.0.0.2")
+        assert reply.rcode() == dns.rcode.REFUSED and reply.answer == []
+        assert reply.edns == 0 and reply.payload == 1232  # RFC 6891: an OPT for an OPT
+        cookie = _cookie(reply)
+        assert cookie is not None and len(cookie) == 24 and cookie[:8] == client
+        # A real server cookie: sent back, it is valid and echoed unchanged.
+        options = [dns.edns.GenericOption(COOKIE, cookie)]
+        echoed = send(
+            dns.message.make_query("over.example", "A", use_edns=0, options=options),
+            strict.host,
+            3,
+            strict.port,
+            source="127.0.0.2",
+        )
+        assert echoed.rcode() == dns.rcode.REFUSED and _cookie(echoed) == cookie
+    # DO echoed, no cookie when none was sent, no OPT when the query had none.
+    signed = dns.message.make_query("over.example", "A", want_dnssec=True)
+    reply = dns.query.udp(signed, strict.host, 3, strict.port, source="127.0.0.2")
+    assert reply.rcode() == dns.rcode.REFUSED and reply.edns == 0
+    assert reply.ednsflags & dns.flags.DO and _cookie(reply) is None
+    plain = dns.message.make_query("over.example", "A", use_edns=False)
+    reply = dns.query.udp(plain, strict.host, 3, strict.port, source="127.0.0.2")
+    assert reply.rcode() == dns.rcode.REFUSED and reply.edns == -1
+    # The allowed client is answered as usual.
+    assert _addresses(strict.query("over.example")) == ["10.0.0.1"]

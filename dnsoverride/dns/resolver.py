@@ -100,14 +100,19 @@ class Resolver:
         index = self._clients.get(host)
         if index is None:
             index = self._classify(host)
+        reply: bytes | None
         if index == REFUSED:
-            qend = wire.key_question_end(key)
-            self.stats.count(("", _qtype_name(data, qend), "REFUSED", "error"))
-            return wire.refused(data, qend)
-        reply = self.answers.lookup(index, key, data, self.zones.state[1], self._loop.time())
+            reply = wire.refused(data, key, self._udp_size)
+        else:
+            reply = self.answers.lookup(index, key, data, self.zones.state[1], self._loop.time())
         if reply is not None and len(data) > len(key) + 19:  # EDNS options: wire.options_start
             limit = TCP_LIMIT if tcp else (key[2] << 8) | key[3]
             reply = self.cookies.add_to_hit(reply, data, wire.options_start(key), host, limit)
+        if index == REFUSED:
+            if reply is not None:  # else the slow path answers (and counts) it
+                qtype = _qtype_name(data, wire.key_question_end(key))
+                self.stats.count(("", qtype, "REFUSED", "error"))
+            return reply
         if reply is not None and self._query_log:
             qend = wire.key_question_end(key)
             log.info(

@@ -122,15 +122,15 @@ def key_question_end(key: bytes) -> int:
     return len(key) + 8
 
 
-def refused(data: bytes, qend: int) -> bytes:
-    """A REFUSED reply to a query `fast_key` accepted: header and question only."""
-    return (
-        data[:2]
-        + bytes((0x80 | (data[2] & 0x01), 0x05 | (data[3] & 0x10)))
-        + _SIMPLE_COUNTS
-        + b"\x00\x00"
-        + data[HEADER_SIZE:qend]
-    )
+def refused(data: bytes, key: bytes, udp_size: int) -> bytes:
+    """A REFUSED reply to a query `fast_key` made `key` from: header and question, plus
+    our OPT (without options, DO echoed) when the query had one (RFC 6891 6.1.1)."""
+    qend = key_question_end(key)
+    head = data[:2] + bytes((0x80 | (data[2] & 0x01), 0x05 | (data[3] & 0x10)))
+    if not key[1]:
+        return head + _PLAIN_COUNTS + data[HEADER_SIZE:qend]
+    opt = struct.pack("!BHHBBBBH", 0, OPT, udp_size, 0, 0, key[1] & 0x80, 0, 0)
+    return head + _SIMPLE_COUNTS + b"\x00\x01" + data[HEADER_SIZE:qend] + opt
 
 
 def format_error(data: bytes) -> bytes | None:
