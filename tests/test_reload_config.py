@@ -1,6 +1,7 @@
 """Config file hot reload over real sockets: `allow`, `views` (their networks and their zone
 files) take effect with the zones, within a second, without a restart; a broken config keeps
-everything as it was; keys that need a restart say so.
+everything as it was; keys that need a restart say so; config and zones published
+together (one ConfigMap-style `..data` swap) are never served mixed.
 
 Clients are told apart by the source address they bind (127.0.0.1, .2, .3).
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -195,3 +197,88 @@ def test_added_view_without_restart(server: DnsPeer, tmp_path: Path) -> None:
             ("other.test", CI): "NXDOMAIN",
         },
     )
+
+
+# Config and zones swapped together: two views trade client networks while both zone
+# files change, as one Kubernetes ConfigMap (config file and zones behind one `..data`).
+SWAPS = 20
+CLIENTS = (CI, OUTSIDER)  # 127.0.0.2 and 127.0.0.3
+
+
+def generation_config(gen: int) -> str:
+    alpha, beta = (CI, OUTSIDER) if gen % 2 == 0 else (OUTSIDER, CI)
+    return (
+        f"allow: [{OTHER}/32, {CI}/32, {OUTSIDER}/32]\n"
+        "views:\n"
+        f"  - {{name: alpha, clients: [{alpha}/32], zones: [a]}}\n"
+        f"  - {{name: beta, clients: [{beta}/32], zones: [b]}}\n"
+        "default_view: alpha\n"
+        "reload_interval: 0\n"
+    )
+
+
+def expected_answer(gen: int, client: str) -> str:
+    """What `client` must get in generation `gen`: its view's file of that generation."""
+    in_alpha = (client == CI) == (gen % 2 == 0)
+    return f"10.1.0.{gen}" if in_alpha else f"10.2.0.{gen}"
+
+
+def publish(conf: Path, gen: int) -> None:
+    """Write generation `gen` beside the others and switch `..data` to it in one rename."""
+    data = conf / f"..gen_{gen}"
+    (data / "zones").mkdir(parents=True)
+    (data / "dnsoverride.yaml").write_text(generation_config(gen))
+    (data / "zones" / "a.yaml").write_text(f"records:\n  swap.test: {{A: 10.1.0.{gen}}}\n")
+    (data / "zones" / "b.yaml").write_text(f"records:\n  swap.test: {{A: 10.2.0.{gen}}}\n")
+    link = conf / "..data.tmp"
+    link.symlink_to(data.name)
+    os.replace(link, conf / "..data")
+
+
+@pytest.mark.timeout(120)
+def test_config_and_zones_swapped_together_never_mix(tmp_path: Path, upstream: DnsPeer) -> None:
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    publish(conf, 0)
+    (conf / "dnsoverride.yaml").symlink_to("..data/dnsoverride.yaml")
+    (conf / "zones").symlink_to("..data/zones")
+    # Which generation each possible answer belongs to, per client.
+    generation_of = {
+        client: {expected_answer(gen, client): gen for gen in range(SWAPS + 1)}
+        for client in CLIENTS
+    }
+    config = ["--config", str(conf / "dnsoverride.yaml")]
+    with dnsoverride_serve(tmp_path, conf / "zones", [upstream.address], *config) as server:
+        seen_by: dict[str, list[str]] = {client: [] for client in CLIENTS}
+        stop = threading.Event()
+
+        def ask(client: str) -> None:
+            while not stop.is_set():
+                seen_by[client].append(seen(server, "swap.test", client))
+
+        threads = [threading.Thread(target=ask, args=(client,)) for client in CLIENTS]
+        for thread in threads:
+            thread.start()
+        try:
+            for gen in range(SWAPS + 1):
+                if gen:
+                    publish(conf, gen)
+                # Both clients see this generation before the next one is published.
+                poll(
+                    lambda gen=gen: all(
+                        seen_by[c] and seen_by[c][-1] == expected_answer(gen, c) for c in CLIENTS
+                    ),
+                    RELOAD_DEADLINE * 3,
+                    f"generation {gen} served",
+                )
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join()
+    for client, answers in seen_by.items():
+        assert len(answers) > 5 * SWAPS, f"{client}: only {len(answers)} answers"
+        wrong = [answer for answer in answers if answer not in generation_of[client]]
+        assert not wrong, f"{client}: {len(wrong)} answers from no generation, e.g. {wrong[:5]}"
+        generations = [generation_of[client][answer] for answer in answers]
+        assert generations == sorted(generations), f"{client} went back to an older generation"
+        assert set(generations) == set(range(SWAPS + 1))
