@@ -226,7 +226,13 @@ def test_dnsoverride_yaml_parses_with_the_serve_config_loader(tmp_path: Path) ->
     assert loaded.metrics is not None
     # Every setting the daemon knows is documented in the shipped file.
     documented = _documented_keys(path)
-    known = {*serve_config.TOP_KEYS, *serve_config.CACHE_KEYS, *serve_config.VIEW_KEYS}
+    known = {
+        *serve_config.TOP_KEYS,
+        *serve_config.CACHE_KEYS,
+        *serve_config.VIEW_KEYS,
+        *serve_config.PROBE_KEYS,
+        *serve_config.TCP_KEYS,
+    }
     assert known - documented == set()
     # Names are used consistently by the daemons' own loader.
     assert zones.load_zone_set(loaded.zones, loaded.view_selectors()).names()
