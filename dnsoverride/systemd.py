@@ -100,6 +100,13 @@ async def watchdog_pinger() -> None:
         await asyncio.sleep(interval)
 
 
+def start_watchdog() -> asyncio.Task[None] | None:
+    """`watchdog_pinger()` as a task on the running loop; None when systemd wants no pings."""
+    if watchdog_interval() is None:
+        return None
+    return asyncio.get_running_loop().create_task(watchdog_pinger())
+
+
 def inherited_sockets() -> list[socket.socket]:
     """Sockets passed by systemd socket activation, in order (fd 3, 4, ...); [] if none.
 

@@ -130,6 +130,24 @@ async def test_watchdog_pinger_pings_at_half_the_timeout(
 async def test_watchdog_pinger_returns_when_disabled(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("WATCHDOG_USEC", raising=False)
     await asyncio.wait_for(systemd.watchdog_pinger(), 1)
+    assert systemd.start_watchdog() is None
+
+
+async def test_start_watchdog_runs_the_pinger(
+    notify_socket: socket.socket, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("WATCHDOG_USEC", "200000")
+    monkeypatch.delenv("WATCHDOG_PID", raising=False)
+    notify_socket.setblocking(False)
+    task = systemd.start_watchdog()
+    assert task is not None
+    try:
+        message = await asyncio.wait_for(
+            asyncio.get_running_loop().sock_recv(notify_socket, 4096), 5
+        )
+    finally:
+        task.cancel()
+    assert message == b"WATCHDOG=1"
 
 
 def test_inherited_sockets_empty_when_not_activated(monkeypatch: pytest.MonkeyPatch) -> None:

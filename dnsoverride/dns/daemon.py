@@ -186,7 +186,7 @@ async def _serve(
             "READY=1",
             f"STATUS=serving {len(zone_set.names())} names on {', '.join(bound.names)}",
         )
-        watchdog = _start_watchdog()
+        watchdog = systemd.start_watchdog()
         await stop.wait()
         systemd.notify("STOPPING=1")
         log.info("stopping")
@@ -199,12 +199,6 @@ async def _serve(
         await _close(bound, tasks, admin)
     log.info("stopped")
     return 0
-
-
-def _start_watchdog() -> asyncio.Task[None] | None:
-    if systemd.watchdog_interval() is None:
-        return None
-    return asyncio.get_running_loop().create_task(systemd.watchdog_pinger())
 
 
 async def _close(bound: _Bound, tasks: set[asyncio.Task[None]], admin: AdminServer | None) -> None:

@@ -156,7 +156,7 @@ async def serve(config: RegistryConfig) -> int:
             build_registry(cache.stats, cache.store),
             cache.store.writable,
         )
-    pinger = asyncio.create_task(systemd.watchdog_pinger()) if systemd.watchdog_interval() else None
+    pinger = systemd.start_watchdog()
     flusher = asyncio.create_task(_flush_access(cache.store))
     systemd.notify(
         "READY=1",
