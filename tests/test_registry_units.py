@@ -94,6 +94,8 @@ def test_config_file_and_flags(tmp_path: Path) -> None:
     assert [u.name for u in config.upstreams] == ["quay.io", "ghcr.io"]
     assert config.default_upstream == "ghcr.io"
     assert config.upstream("ghcr.io").username == "u"
+    assert config.metrics is None
+    assert registry_config.load(_args(metrics="127.0.0.1:9101")).metrics == ("127.0.0.1", 9101)
 
 
 @pytest.mark.parametrize(
@@ -107,6 +109,7 @@ def test_config_file_and_flags(tmp_path: Path) -> None:
         ("bogus: 1\n", "unknown keys: bogus"),
         ("tag_ttl: soon\n", "seconds"),
         ("[1, 2\n", "invalid YAML"),
+        ("metrics: nowhere\n", "invalid listen address"),
     ],
 )
 def test_bad_config_is_a_user_error(tmp_path: Path, text: str, message: str) -> None:

@@ -88,7 +88,7 @@ class RegistryConfig:
     tls_listen: tuple[str, int] | None = None
     # DNS servers the upstream client asks instead of the system resolver (dnsoverride/resolve.py).
     resolvers: tuple[tuple[str, int], ...] = ()
-    metrics: str | None = None
+    metrics: tuple[str, int] | None = None
 
     def upstream(self, name: str) -> UpstreamConfig:
         for upstream in self.upstreams:
@@ -283,6 +283,7 @@ def load(args: argparse.Namespace) -> RegistryConfig:
         tag_ttl = float(raw.get("tag_ttl", 300.0))
     except (TypeError, ValueError) as error:
         raise UserError(f"{where}: timeouts and tag_ttl are seconds: {error}") from error
+    metrics = getattr(args, "metrics", None) or raw.get("metrics")
     return RegistryConfig(
         host=host,
         port=port,
@@ -295,5 +296,5 @@ def load(args: argparse.Namespace) -> RegistryConfig:
         tls_pairs=tls_pairs,
         tls_listen=tls_listen,
         resolvers=_resolvers(raw.get("resolvers"), where),
-        metrics=getattr(args, "metrics", None) or raw.get("metrics"),
+        metrics=parse_listen(str(metrics)) if metrics else None,
     )

@@ -148,11 +148,9 @@ async def serve(config: RegistryConfig) -> int:
         storage=str(config.storage),
     )
     admin = None
-    if config.metrics:
-        metrics_host, metrics_port = registry_config.parse_listen(config.metrics)
+    if config.metrics is not None:
         admin = await start_admin(
-            metrics_host,
-            metrics_port,
+            *config.metrics,
             build_registry(cache.stats, cache.store),
             cache.store.writable,
         )
