@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
-import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 
 from dnsoverride import yamlsource
 from dnsoverride.errors import UserError
+from dnsoverride.loops import listener_owns
 from dnsoverride.zones import name_problem, normalize_name
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -421,25 +421,11 @@ def _tcp(reader: _Reader, value: Any, line: int) -> TcpConfig | None:
     return TcpConfig(**{k: v for k, v in settings.items() if v is not None})
 
 
-def _is_local_address(host: str) -> bool:
-    """Whether `host` is an address of this machine: binding to it succeeds only then."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    try:
-        with socket.socket(family, socket.SOCK_DGRAM) as probe:
-            probe.bind((host, 0))
-    except OSError:
-        return False
-    return True
-
-
 def _forwarding_loops(listen: tuple[Endpoint, ...], upstreams: tuple[Endpoint, ...]) -> list[str]:
     problems = []
     for upstream in upstreams:
         for endpoint in listen:
-            wildcard = ipaddress.ip_address(endpoint.host).is_unspecified
-            if upstream.port != endpoint.port:
-                continue
-            if upstream.host == endpoint.host or (wildcard and _is_local_address(upstream.host)):
+            if listener_owns((endpoint.host, endpoint.port), upstream.host, upstream.port):
                 problems.append(
                     f"upstream {upstream} is our own listening address {endpoint}: queries would "
                     "loop back to this server (is /etc/resolv.conf pointing at it? set "

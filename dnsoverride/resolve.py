@@ -25,6 +25,7 @@ from aiohttp.resolver import ThreadedResolver
 from dnslib import QTYPE, RCODE, DNSRecord
 
 from dnsoverride.errors import UserError
+from dnsoverride.loops import listener_owns
 
 log = structlog.get_logger(__name__)
 
@@ -191,26 +192,6 @@ class UpstreamResolver(AbstractResolver):
             await self._system.close()
 
 
-def _is_local_address(address: str) -> bool:
-    """Whether this host owns `address`: binding to a foreign address fails."""
-    family = socket.AF_INET6 if ":" in address else socket.AF_INET
-    with socket.socket(family, socket.SOCK_DGRAM) as probe:
-        try:
-            probe.bind((address, 0))
-        except OSError:
-            return False
-    return True
-
-
-def _listener_owns(listener: tuple[str, int], address: str, port: int) -> bool:
-    host, listen_port = listener
-    if listen_port != port:
-        return False
-    if host in ("", "0.0.0.0", "::"):
-        return _is_local_address(address)
-    return ipaddress.ip_address(host) == ipaddress.ip_address(address)
-
-
 async def refuse_loop(
     upstreams: Iterable[tuple[str, int]],
     listeners: Iterable[tuple[str, int]],
@@ -232,7 +213,7 @@ async def refuse_loop(
             log.warning("upstream_unresolved", upstream=host, reason=str(error) or "timeout")
             continue
         for address in addresses:
-            if any(_listener_owns(listener, address, port) for listener in listening):
+            if any(listener_owns(listener, address, port) for listener in listening):
                 raise UserError(
                     f"upstream {host}:{port} resolves to {address}, which is this registry's own "
                     "listening address (a forwarding loop: the resolvers this host asks point "

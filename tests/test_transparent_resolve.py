@@ -10,6 +10,7 @@ import pytest
 from aiohttp import web
 
 from dnsoverride.errors import UserError
+from dnsoverride.loops import listener_owns
 from dnsoverride.resolve import UpstreamResolver, refuse_loop
 from tests import peers
 
@@ -121,3 +122,21 @@ async def test_no_loop_when_port_or_address_differ() -> None:
 async def test_unresolvable_upstream_is_not_a_loop(dnsmasq: tuple[str, int]) -> None:
     resolver = UpstreamResolver(servers=[dnsmasq])
     await refuse_loop([("nx.test", 443)], [("127.0.0.1", 443)], resolver)
+
+
+@pytest.mark.parametrize(
+    ("listener", "address", "port", "owns"),
+    [
+        (("127.0.0.2", 53), "127.0.0.2", 53, True),
+        (("127.0.0.2", 53), "127.0.0.3", 53, False),
+        (("127.0.0.2", 53), "127.0.0.2", 5353, False),
+        (("0.0.0.0", 53), "127.0.0.7", 53, True),  # any loopback address is this host's
+        (("0.0.0.0", 53), "0.0.0.0", 53, True),
+        (("", 5000), "127.0.0.1", 5000, True),
+        (("::", 53), "192.0.2.1", 53, False),  # TEST-NET-1 is nobody's here
+        (("::1", 53), "0:0::1", 53, True),
+    ],
+)
+def test_listener_owns(listener: tuple[str, int], address: str, port: int, owns: bool) -> None:
+    """The one loop test behind both daemons' start-up checks."""
+    assert listener_owns(listener, address, port) is owns
