@@ -13,7 +13,6 @@ import struct
 HEADER_SIZE = 12
 OPT = 41
 COOKIE = 10  # EDNS option code (RFC 7873)
-MAX_LABEL = 63
 _TTL = struct.Struct("!I")
 _RR_FIXED = struct.Struct("!HHIH")
 # A query with QDCOUNT=1 and ANCOUNT=NSCOUNT=0.
