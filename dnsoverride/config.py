@@ -350,11 +350,11 @@ def _views(reader: _Reader, value: Any, line: int) -> tuple[View, ...]:
 
 
 def _cache(reader: _Reader, value: Any, line: int) -> CacheConfig | None:
-    if not isinstance(value, yamlsource.LineMap):
-        reader.add(line, f"cache: expected a mapping with {', '.join(CACHE_KEYS)}")
+    keys = _section_keys(reader, value, line, "cache", CACHE_KEYS)
+    if keys is None:
         return None
     numbers: dict[str, Any] = {}
-    for key in _known_keys(reader, value, "cache", CACHE_KEYS):
+    for key in keys:
         if key == "stale_reuse":
             number = reader.number(value, key, 0, 3600, integer=False, section="cache")
         else:
@@ -369,10 +369,14 @@ def _cache(reader: _Reader, value: Any, line: int) -> CacheConfig | None:
     return cache
 
 
-def _known_keys(
-    reader: _Reader, value: yamlsource.LineMap, section: str, known: tuple[str, ...]
-) -> list[str]:
-    """The keys of a settings section that are known; the others reported."""
+def _section_keys(
+    reader: _Reader, value: Any, line: int, section: str, known: tuple[str, ...]
+) -> list[str] | None:
+    """The known keys of settings section `section` (the others reported); None, reported,
+    when the section is not a mapping."""
+    if not isinstance(value, yamlsource.LineMap):
+        reader.add(line, f"{section}: expected a mapping with {', '.join(known)}")
+        return None
     keys = []
     for key in value:
         if key in known:
@@ -385,11 +389,11 @@ def _known_keys(
 
 
 def _probe(reader: _Reader, value: Any, line: int) -> ProbeConfig | None:
-    if not isinstance(value, yamlsource.LineMap):
-        reader.add(line, f"probe: expected a mapping with {', '.join(PROBE_KEYS)}")
+    keys = _section_keys(reader, value, line, "probe", PROBE_KEYS)
+    if keys is None:
         return None
     settings: dict[str, Any] = {}
-    for key in _known_keys(reader, value, "probe", PROBE_KEYS):
+    for key in keys:
         if key == "interval":
             settings[key] = reader.number(value, key, 0.1, 3600, integer=False, section="probe")
             continue
@@ -409,11 +413,11 @@ def _probe(reader: _Reader, value: Any, line: int) -> ProbeConfig | None:
 
 
 def _tcp(reader: _Reader, value: Any, line: int) -> TcpConfig | None:
-    if not isinstance(value, yamlsource.LineMap):
-        reader.add(line, f"tcp: expected a mapping with {', '.join(TCP_KEYS)}")
+    keys = _section_keys(reader, value, line, "tcp", TCP_KEYS)
+    if keys is None:
         return None
     settings: dict[str, Any] = {}
-    for key in _known_keys(reader, value, "tcp", TCP_KEYS):
+    for key in keys:
         if key == "idle_timeout":
             settings[key] = reader.number(value, key, 0.1, 3600, integer=False, section="tcp")
         else:

@@ -155,6 +155,19 @@ def test_tuning_key_problems_with_file_and_line(tmp_path: Path) -> None:
     assert "unknown key 'tcp_extra'" in text
 
 
+def test_settings_sections_must_be_mappings(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("upstreams: [127.0.0.1]\ncache: 5\nprobe: [1]\ntcp: yes\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(args(config=str(path)))
+    assert sorted(caught.value.problems) == [
+        f"{path}:2: cache: expected a mapping with size, min_ttl, max_ttl, negative_max_ttl, "
+        "stale_ttl, stale_reuse",
+        f"{path}:3: probe: expected a mapping with interval, name",
+        f"{path}:4: tcp: expected a mapping with max_connections, pipeline, idle_timeout",
+    ]
+
+
 def test_yaml_syntax_error_and_missing_file(tmp_path: Path) -> None:
     path = tmp_path / "broken.yaml"
     path.write_text("listen: [127.0.0.1:53\n")
