@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -174,6 +175,25 @@ def test_store_evicts_lru_to_low_watermark_but_never_pinned(tmp_path: Path) -> N
     assert store.lookup("blobs", parse_digest(fourth)) is not None
     assert store.stats.size == 600
     assert store.stats.evictions == 2
+
+
+def test_store_files_follow_the_index(tmp_path: Path) -> None:
+    """Eviction removes the file; flush_access stamps the access order on the files, so a
+    reopened store evicts in the same LRU order."""
+    store = Store(tmp_path)
+    store.open()
+    first, second = _put(store, b"a" * 10), _put(store, b"b" * 10)
+    paths = {digest: store.path("blobs", parse_digest(digest)) for digest in (first, second)}
+    for path in paths.values():
+        os.utime(path, (1_000_000, 1_000_000))
+    store.lookup("blobs", parse_digest(first))
+    store.flush_access()
+    assert paths[first].stat().st_mtime > paths[second].stat().st_mtime == 1_000_000
+    reopened = Store(tmp_path, Budget(15, high_watermark=0.9, low_watermark=0.7))
+    reopened.open()
+    reopened.evict()
+    assert not paths[second].exists()  # least recently used
+    assert paths[first].exists()
 
 
 def test_tag_records_round_trip(tmp_path: Path) -> None:

@@ -103,6 +103,12 @@ class Store:
     def path(self, kind: Kind, digest: Digest) -> Path:
         return self.root / kind / digest.algorithm / digest.hex[:2] / digest.hex
 
+    def _key_path(self, key: str) -> Path:
+        """`path()` of an index key ("kind/algo:hex")."""
+        kind, _, digest = key.partition("/")
+        algorithm, _, hex_part = digest.partition(":")
+        return self.root / kind / algorithm / hex_part[:2] / hex_part
+
     def lookup(self, kind: Kind, digest: Digest) -> Path | None:
         """The stored file for `digest`, marking it recently used; None when absent."""
         key = f"{kind}/{digest}"
@@ -187,10 +193,8 @@ class Store:
                 break
             if self._pins.get(key) or key == keep:
                 continue
-            kind, _, digest = key.partition("/")
-            algorithm, _, hex_part = digest.partition(":")
             with contextlib.suppress(FileNotFoundError):
-                (self.root / kind / algorithm / hex_part[:2] / hex_part).unlink()
+                self._key_path(key).unlink()
             self.stats.evictions += 1
             self._forget(key)
         self.stats.evicted_bytes += before - self.stats.size
@@ -205,10 +209,8 @@ class Store:
         """Persist access order as file mtimes so LRU survives a restart."""
         now = time.time()
         for key in self._touched:
-            kind, _, digest = key.partition("/")
-            algorithm, _, hex_part = digest.partition(":")
             with contextlib.suppress(OSError):
-                os.utime(self.root / kind / algorithm / hex_part[:2] / hex_part, (now, now))
+                os.utime(self._key_path(key), (now, now))
         self._touched.clear()
 
     # -- tags ---------------------------------------------------------------------------
