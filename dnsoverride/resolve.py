@@ -68,7 +68,9 @@ async def _exchange_udp(server: tuple[str, int], packet: bytes, query_id: int) -
         transport.close()
 
 
-async def _exchange_tcp(server: tuple[str, int], packet: bytes) -> bytes:
+async def exchange_tcp(server: tuple[str, int], packet: bytes) -> bytes:
+    """One DNS message over TCP (two-byte length prefix, RFC 7766) and the reply's bytes;
+    the forwarder's TCP retry uses it too."""
     reader, writer = await asyncio.open_connection(*server)
     try:
         writer.write(struct.pack("!H", len(packet)) + packet)
@@ -166,7 +168,7 @@ class UpstreamResolver(AbstractResolver):
                 async with asyncio.timeout(self._timeout):
                     reply = DNSRecord.parse(await _exchange_udp(server, packet, query_id))
                     if reply.header.tc:
-                        reply = DNSRecord.parse(await _exchange_tcp(server, packet))
+                        reply = DNSRecord.parse(await exchange_tcp(server, packet))
             except (OSError, TimeoutError, asyncio.IncompleteReadError) as error:
                 failures.append(f"{server[0]}:{server[1]}: {error or type(error).__name__}")
                 continue

@@ -41,6 +41,7 @@ import structlog
 from dnsoverride.config import Endpoint, ProbeConfig
 from dnsoverride.dns import wire
 from dnsoverride.dns.stats import DnsStats
+from dnsoverride.resolve import exchange_tcp
 
 log = structlog.get_logger(__name__)
 
@@ -294,14 +295,7 @@ class Forwarder:
                 self._stats.upstream_failed(str(upstream), "mismatch")
 
     async def _tcp(self, upstream: Endpoint, packet: bytes) -> dnslib.DNSRecord:
-        reader, writer = await asyncio.open_connection(upstream.host, upstream.port)
-        try:
-            writer.write(struct.pack("!H", len(packet)) + packet)
-            await writer.drain()
-            (length,) = struct.unpack("!H", await reader.readexactly(2))
-            data = await reader.readexactly(length)
-        finally:
-            writer.close()
+        data = await exchange_tcp((upstream.host, upstream.port), packet)
         answer = _matching(packet, data)
         if answer is None:
             raise ValueError("TCP reply does not match the query")
