@@ -194,6 +194,26 @@ class UpstreamResolver(AbstractResolver):
             await self._system.close()
 
 
+async def _bound_addresses(listeners: Iterable[tuple[str, int]]) -> list[tuple[str, int]]:
+    """(address, port) of every socket the listeners bind: a listener given a host name
+    (`localhost:5000`) binds each address the system resolver gives for it, as asyncio's
+    create_server does. A name that does not resolve binds nothing (the bind reports it)."""
+    loop = asyncio.get_running_loop()
+    bound: list[tuple[str, int]] = []
+    for host, port in listeners:
+        if not host:
+            bound.append((host, port))
+            continue
+        try:
+            infos = await loop.getaddrinfo(
+                host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+            )
+        except OSError:
+            continue
+        bound.extend((str(info[4][0]), port) for info in infos)
+    return bound
+
+
 async def refuse_loop(
     upstreams: Iterable[tuple[str, int]],
     listeners: Iterable[tuple[str, int]],
@@ -205,7 +225,7 @@ async def refuse_loop(
     upstream's name at the cache, and every miss would be fetched from itself. A name that
     does not resolve now is not an error (the upstream may be down at start-up).
     """
-    listening = list(listeners)
+    listening = await _bound_addresses(listeners)
     for host, port in upstreams:
         try:
             # Bounded: a slow resolver must not hold up serving what is cached.

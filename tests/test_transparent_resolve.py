@@ -109,6 +109,14 @@ async def test_loop_to_own_listener_is_refused() -> None:
         await refuse_loop([("registry-1.docker.io", 443)], [("0.0.0.0", 443)], resolver)
 
 
+async def test_loop_to_a_listener_given_by_name_is_refused() -> None:
+    """`listen: localhost:5000` binds 127.0.0.1 (or ::1): an upstream there is a loop."""
+    resolver = UpstreamResolver()
+    with pytest.raises(UserError, match="forwarding loop"):
+        await refuse_loop([("127.0.0.1", 5000)], [("localhost", 5000)], resolver)
+    await refuse_loop([("127.0.0.1", 5001)], [("localhost", 5000)], resolver)
+
+
 async def test_no_loop_when_port_or_address_differ() -> None:
     resolver = UpstreamResolver(
         hosts={"registry-1.docker.io": ["127.0.0.3"], "far.test": ["192.0.2.1"]}
