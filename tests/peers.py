@@ -116,7 +116,9 @@ def wait_until_answers(peer: DnsPeer, timeout: float = STARTUP_TIMEOUT) -> None:
         try:
             peer.query("ready.invalid", timeout=0.2)
             peer.query("ready.invalid", tcp=True, timeout=0.5)
-        except (dns.exception.Timeout, OSError, EOFError):
+        except (dns.exception.Timeout, OSError, EOFError, dns.query.BadResponse):
+            # BadResponse: the late reply to an earlier attempt that timed out, landing on
+            # a new client socket that the kernel gave the same ephemeral port.
             time.sleep(0.05)
             continue
         return
