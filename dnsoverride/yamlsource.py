@@ -8,6 +8,7 @@ itself, of each key and of each item) and records duplicate keys instead of drop
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,8 @@ class LineMap(dict[Any, Any]):
 
     line: int
     key_lines: dict[Any, int]
-    duplicates: list[tuple[Any, int]]
+    # Usually none: a shared empty tuple then, to spare a list per mapping.
+    duplicates: list[tuple[Any, int]] | tuple[()]
 
 
 class LineList(list[Any]):
@@ -51,12 +53,15 @@ class YamlSyntaxError(Exception):
 _Base: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
+_NO_DUPLICATES: tuple[()] = ()
+
+
 class _LineLoader(_Base):  # type: ignore[valid-type,misc]
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> LineMap:
         result = LineMap()
         result.line = node.start_mark.line + 1
         result.key_lines = {}
-        result.duplicates = []
+        result.duplicates = _NO_DUPLICATES
         for key_node, value_node in node.value:
             key = self.construct_object(key_node, deep=True)
             line = key_node.start_mark.line + 1
@@ -65,6 +70,8 @@ class _LineLoader(_Base):  # type: ignore[valid-type,misc]
                     None, None, "mapping keys must be plain values", key_node.start_mark
                 )
             if key in result:
+                if not result.duplicates:
+                    result.duplicates = []
                 result.duplicates.append((key, line))
                 continue
             result[key] = self.construct_object(value_node, deep=True)
@@ -87,10 +94,7 @@ class _UnsupportedError(Exception):
 
 
 _CParser = getattr(getattr(yaml, "_yaml", None), "CParser", None)
-_resolver = yaml.resolver.Resolver()
 _constructor = yaml.constructor.SafeConstructor()
-# Plain scalars whose first character no implicit resolver looks at are strings.
-_RESOLVED_BY_FIRST = frozenset(k for k in _resolver.yaml_implicit_resolvers if k)
 _SCALARS = {
     tag: _constructor.yaml_constructors[tag]
     for tag in (
@@ -100,23 +104,81 @@ _SCALARS = {
         "tag:yaml.org,2002:float",
     )
 }
+# Resolver.resolve for a plain scalar, as one regex per first character: its resolvers'
+# patterns as named alternatives in their order, so the first that matches names the tag
+# (`lastgroup`), as Resolver's loop would, for one match call instead of one per resolver.
+_RESOLVERS = {
+    first: re.compile(
+        "|".join(f"(?P<r{i}>{regexp.pattern})" for i, (_, regexp) in enumerate(resolvers)),
+        re.X,
+    )
+    for first, resolvers in yaml.resolver.Resolver.yaml_implicit_resolvers.items()
+}
+_RESOLVER_TAGS = {
+    first: {f"r{i}": tag for i, (tag, _) in enumerate(resolvers)}
+    for first, resolvers in yaml.resolver.Resolver.yaml_implicit_resolvers.items()
+}
+
+
+def _resolve(value: str) -> Any:
+    """A plain scalar that some implicit resolver may claim (null, bool, int, float)."""
+    first = value[:1]
+    match = _RESOLVERS[first].match(value)
+    if match is None:
+        return value
+    tag = _RESOLVER_TAGS[first][str(match.lastgroup)]
+    construct = _SCALARS.get(tag)
+    if construct is None:  # timestamps, merge keys: rare, left to the full loader
+        raise _UnsupportedError
+    return construct(_constructor, yaml.ScalarNode(tag, value))
 
 
 def _scalar(event: ScalarEvent) -> Any:
     if event.anchor is not None or event.tag is not None:
         raise _UnsupportedError
     value = event.value
-    if not event.implicit[0] or (value and value[0] not in _RESOLVED_BY_FIRST):
-        return value
-    # What Resolver.resolve does for a plain scalar, minus its per-call list building.
-    resolvers = _resolver.yaml_implicit_resolvers.get(value[:1], ())
-    tag = next((tag for tag, regexp in resolvers if regexp.match(value)), None)
-    if tag is None:
-        return value
-    construct = _SCALARS.get(tag)
-    if construct is None:  # timestamps, merge keys: rare, left to the full loader
-        raise _UnsupportedError
-    return construct(_constructor, yaml.ScalarNode(tag, value))
+    if event.implicit[0] and (not value or value[0] in _RESOLVERS):
+        return _resolve(value)
+    return value
+
+
+def _mapping(get: Any, start: Any) -> LineMap:
+    # The hot loop of a zone set (a few events per name): the scalar case of `_node` is
+    # spelled out here, with attribute lookups bound to locals.
+    mapping = LineMap()
+    mapping.line = start.start_mark.line + 1
+    mapping.key_lines = key_lines = {}
+    mapping.duplicates = _NO_DUPLICATES
+    resolved_by_first = _RESOLVERS
+    scalar_event = ScalarEvent
+    while True:
+        event: Any = get()
+        line = event.start_mark.line + 1
+        if type(event) is not scalar_event:
+            if type(event) is MappingEndEvent:
+                return mapping
+            raise _UnsupportedError  # a collection as a key: the full loader says why
+        if event.anchor is not None or event.tag is not None:
+            raise _UnsupportedError
+        key = event.value
+        if event.implicit[0] and (not key or key[0] in resolved_by_first):
+            key = _resolve(key)
+        event = get()
+        if type(event) is scalar_event:
+            if event.anchor is not None or event.tag is not None:
+                raise _UnsupportedError
+            value = event.value
+            if event.implicit[0] and (not value or value[0] in resolved_by_first):
+                value = _resolve(value)
+        else:
+            value = _node(get, event)
+        if key in mapping:
+            if not mapping.duplicates:
+                mapping.duplicates = []
+            mapping.duplicates.append((key, line))
+        else:
+            mapping[key] = value
+            key_lines[key] = line
 
 
 def _node(get: Any, event: Any) -> Any:
@@ -127,26 +189,7 @@ def _node(get: Any, event: Any) -> Any:
     if event.anchor is not None or getattr(event, "tag", None) is not None:
         raise _UnsupportedError  # an alias, or a tagged or anchored collection
     if kind is MappingStartEvent:
-        mapping = LineMap()
-        mapping.line = event.start_mark.line + 1
-        key_lines: dict[Any, int] = {}
-        duplicates: list[tuple[Any, int]] = []
-        mapping.key_lines, mapping.duplicates = key_lines, duplicates
-        while True:
-            key_event: Any = get()
-            line = key_event.start_mark.line + 1
-            if type(key_event) is not ScalarEvent:
-                if type(key_event) is MappingEndEvent:
-                    return mapping
-                raise _UnsupportedError  # a collection as a key: the full loader says why
-            key = _scalar(key_event)
-            value = get()
-            value = _scalar(value) if type(value) is ScalarEvent else _node(get, value)
-            if key in mapping:
-                duplicates.append((key, line))
-            else:
-                mapping[key] = value
-                key_lines[key] = line
+        return _mapping(get, event)
     if kind is SequenceStartEvent:
         sequence = LineList()
         sequence.line = event.start_mark.line + 1

@@ -143,6 +143,11 @@ class NameEntry(NamedTuple):
 
 
 def _canonical(name: str, ttl: int, rrsets: Mapping[int, RRSet], health: HealthCheck | None) -> str:
+    if len(rrsets) == 1 and health is None:
+        # Most names: one type, one value. The same text as below, without the sorting.
+        (rrset,) = rrsets.values()
+        if len(rrset.texts) == 1:
+            return f"{name} ttl={ttl}\n  {_TYPE_NAMES[rrset.rtype]} {rrset.ttl} {rrset.texts[0]}"
     lines = [f"{name} ttl={ttl}"]
     for rtype in sorted(rrsets):
         rrset = rrsets[rtype]
@@ -553,11 +558,14 @@ def _load_file(path: Path, data: bytes) -> tuple[ZoneFile, list[ZoneProblem]]:
         if not isinstance(raw_name, str):
             problems.add(line, f"name {raw_name!r} must be a string")
             continue
-        reason = name_problem(raw_name, wildcard_ok=True)
-        if reason:
-            problems.add(line, reason)
-            continue
-        entry = _entry(normalize_name(raw_name), line, file_ttl, body, problems)
+        name = normalize_name(raw_name)
+        # The valid case in one regex call; name_problem says what is wrong otherwise.
+        if len(name) > 253 or not _VALID_OWNER.fullmatch(name):
+            reason = name_problem(raw_name, wildcard_ok=True)
+            if reason:
+                problems.add(line, reason)
+                continue
+        entry = _entry(name, line, file_ttl, body, problems)
         if entry is not None:
             entries[entry.name] = entry
     return zone, problems.items
@@ -578,18 +586,18 @@ def _entry(name: str, line: int, file_ttl: int, body: Any, problems: _Problems) 
     for key, value in body.items():
         if key in NAME_KEYS:
             continue
-        key_line = key_lines[key]
         rtype = key.upper() if isinstance(key, str) else key
-        if rtype not in _QTYPES:
+        qtype = _QTYPES.get(rtype)
+        if qtype is None:
             problems.add(
-                key_line,
+                key_lines[key],
                 f"{name}: unknown record type or key {key!r} "
                 f"(supported: {', '.join(RECORD_TYPES)}, ttl)",
             )
             continue
-        rrset = _rrset(name, rtype, value, key_line, ttl=ttl, problems=problems)
+        rrset = _rrset(name, rtype, qtype, value, key_lines[key], ttl=ttl, problems=problems)
         if rrset is not None:
-            rrsets[rrset.rtype] = rrset
+            rrsets[qtype] = rrset
     if QTYPE_CNAME in rrsets and len(rrsets) > 1:
         others = sorted(_TYPE_NAMES[t] for t in rrsets if t != QTYPE_CNAME)
         problems.add(
@@ -616,12 +624,16 @@ def _entry(name: str, line: int, file_ttl: int, body: Any, problems: _Problems) 
 
 
 def _rrset(
-    name: str, rtype: str, value: Any, line: int, *, ttl: int, problems: _Problems
+    name: str, rtype: str, qtype: int, value: Any, line: int, *, ttl: int, problems: _Problems
 ) -> RRSet | None:
-    if isinstance(value, yamlsource.LineList):
-        items = list(zip(value, value.item_lines, strict=True))
-    else:
-        items = [(value, line)]
+    if not isinstance(value, yamlsource.LineList):
+        # One value (most names): no list to build.
+        text, reason = _rdata(rtype, value)
+        if reason:
+            problems.add(line, f"{name}: bad {rtype} value {value!r}: {reason}")
+            return None
+        return RRSet(qtype, ttl, (text,))
+    items = list(zip(value, value.item_lines, strict=True))
     if not items:
         problems.add(line, f"{name}: {rtype} has no values")
         return None
@@ -638,7 +650,7 @@ def _rrset(
             texts.append(text)
     if len(problems.items) != before:
         return None
-    return RRSet(_QTYPES[rtype], ttl, tuple(texts))
+    return RRSet(qtype, ttl, tuple(texts))
 
 
 def _rdata(rtype: str, value: Any) -> tuple[str, str | None]:

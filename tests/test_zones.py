@@ -209,6 +209,16 @@ def test_hashes_and_digests_track_content(tmp_path: Path) -> None:
     assert first.records_digest("y.example") == changed.records_digest("y.example")
 
 
+def test_canonical_text_of_one_record_has_the_general_form(tmp_path: Path) -> None:
+    # One type with one value takes a shortcut; a second value must only add its line.
+    write(tmp_path, "a.yaml", "records:\n  a.example: {A: 10.0.0.1, ttl: 30}\n")
+    one = load_zone_set(tmp_path).files[0].entries["a.example"].canonical()
+    write(tmp_path, "a.yaml", "records:\n  a.example: {A: [10.0.0.2, 10.0.0.1], ttl: 30}\n")
+    two = load_zone_set(tmp_path).files[0].entries["a.example"].canonical()
+    assert one == "a.example ttl=30\n  A 30 10.0.0.1"
+    assert two == one + "\n  A 30 10.0.0.2"
+
+
 @pytest.mark.parametrize(
     "value", ["010.0.0.1", "1.2.3", "1.2.3.4.5", "0x1.2.3.4", "256.0.0.1", "1.2.3.4/32", "::1"]
 )

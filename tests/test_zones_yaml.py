@@ -17,6 +17,7 @@ SAMPLES = [
     "records:\n  a.example: {A: 10.0.0.1, ttl: 30}\n  b.example:\n    A: [10.0.0.2, 10.0.0.3]\n",
     "records:\n  a.example: {A: 1.2.3.4}\n  a.example: {A: 1.2.3.5}\n  A.example: {}\n",
     "list:\n  - 1\n  - [2, 3]\n  - {x: y}\n  -\n  - 'q'\n",
+    "a: 10.0.0.1\nb: -1\nc: +.inf\nd: 0b101\ne: 1_0.5\nf: NULL\ng: True\nh: 1.2.3\ni: 0o8\n",
     "1: int key\n1.0: float key\ntrue: bool key\n~: null key\n",
     "a: &anchor {x: 1}\nb: *anchor\n",
     "a: !!str 5\nb: !!int '7'\n",
