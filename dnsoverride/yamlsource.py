@@ -26,6 +26,9 @@ from yaml.events import (
 class LineMap(dict[Any, Any]):
     """A YAML mapping; `line` is where it starts, `key_lines[key]` where each key is."""
 
+    # Slots: a zone set builds one per name, and slot attributes are set twice as fast.
+    __slots__ = ("duplicates", "key_lines", "line")
+
     line: int
     key_lines: dict[Any, int]
     # Usually none: a shared empty tuple then, to spare a list per mapping.
@@ -34,6 +37,8 @@ class LineMap(dict[Any, Any]):
 
 class LineList(list[Any]):
     """A YAML sequence; `line` is where it starts, `item_lines[i]` where each item is."""
+
+    __slots__ = ("item_lines", "line")
 
     line: int
     item_lines: list[int]

@@ -575,6 +575,15 @@ def _entry(name: str, line: int, file_ttl: int, body: Any, problems: _Problems) 
     if not isinstance(body, yamlsource.LineMap) or not body:
         problems.add(line, f"{name}: expected a mapping of record types, e.g. 'A: 10.0.0.5'")
         return None
+    if len(body) == 1 and not body.duplicates:
+        # Most names: one record type (spelled in capitals) with one plain value.
+        ((key, value),) = body.items()
+        qtype = _QTYPES.get(key)
+        if qtype is not None and type(value) is str:
+            text, reason = _rdata(key, value)
+            if reason is None:
+                only = {qtype: RRSet(qtype, file_ttl, (text,))}
+                return _name_entry(name, problems.file, line, file_ttl, only, health=None)
     before = len(problems.items)
     if body.duplicates:
         problems.duplicates(body)
@@ -618,9 +627,21 @@ def _entry(name: str, line: int, file_ttl: int, body: Any, problems: _Problems) 
     if not rrsets:
         problems.add(line, f"{name}: no records")
         return None
+    return _name_entry(name, problems.file, line, ttl, rrsets, health=health)
+
+
+def _name_entry(
+    name: str,
+    file: str,
+    line: int,
+    ttl: int,
+    rrsets: dict[int, RRSet],
+    *,
+    health: HealthCheck | None,
+) -> NameEntry:
     canonical = _canonical(name, ttl, rrsets, health).encode()
     digest = hashlib.blake2b(canonical, digest_size=16).digest()
-    return NameEntry(name, problems.file, line, ttl, RRSets(rrsets.values()), health, digest)
+    return NameEntry(name, file, line, ttl, RRSets(rrsets.values()), health, digest)
 
 
 def _rrset(
