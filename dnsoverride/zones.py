@@ -591,6 +591,7 @@ def _entry(name: str, line: int, file_ttl: int, body: Any, problems: _Problems) 
     if "ttl" in body:
         ttl = problems.ttl(body["ttl"], body.key_lines["ttl"]) or file_ttl
     rrsets: dict[int, RRSet] = {}
+    spelled: dict[int, str] = {}
     key_lines = body.key_lines
     for key, value in body.items():
         if key in NAME_KEYS:
@@ -604,6 +605,15 @@ def _entry(name: str, line: int, file_ttl: int, body: Any, problems: _Problems) 
                 f"(supported: {', '.join(RECORD_TYPES)}, ttl)",
             )
             continue
+        # Types are case-insensitive but YAML keys are not: `A:` and `a:` are two keys
+        # to YAML and one RRset to us, and the later one must not silently win.
+        if qtype in spelled:
+            problems.add(
+                key_lines[key],
+                f"{name}: record type {rtype} given twice ({spelled[qtype]!r} and {key!r})",
+            )
+            continue
+        spelled[qtype] = key
         rrset = _rrset(name, rtype, qtype, value, key_lines[key], ttl=ttl, problems=problems)
         if rrset is not None:
             rrsets[qtype] = rrset

@@ -155,6 +155,22 @@ def test_duplicate_keys_and_bad_shapes(tmp_path: Path) -> None:
     ]
 
 
+def test_record_type_spelled_twice_in_different_case(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "case.yaml",
+        """\
+        records:
+          a.example:
+            A: 10.0.0.1
+            a: 10.0.0.2
+        """,
+    )
+    assert problems_of(tmp_path) == [
+        f"{path}:4: a.example: record type A given twice ('A' and 'a')",
+    ]
+
+
 def test_ownership_and_wildcard_rules(tmp_path: Path) -> None:
     write(
         tmp_path,
