@@ -34,7 +34,11 @@ class AdminServer:
         await self._runner.cleanup()
 
 
-def _build_app(registry: CollectorRegistry, ready: Callable[[], bool]) -> web.Application:
+def _build_app(
+    registry: CollectorRegistry,
+    ready: Callable[[], bool],
+    why_not_ready: Callable[[], str | None] | None = None,
+) -> web.Application:
     async def metrics(_: web.Request) -> web.Response:
         return web.Response(
             body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
@@ -46,7 +50,8 @@ def _build_app(registry: CollectorRegistry, ready: Callable[[], bool]) -> web.Ap
     async def readyz(_: web.Request) -> web.Response:
         if ready():
             return web.Response(text="ready\n")
-        return web.Response(status=503, text="not ready\n")
+        reason = why_not_ready() if why_not_ready is not None else None
+        return web.Response(status=503, text=f"not ready: {reason}\n" if reason else "not ready\n")
 
     app = web.Application()
     app.router.add_get("/metrics", metrics)
@@ -56,14 +61,20 @@ def _build_app(registry: CollectorRegistry, ready: Callable[[], bool]) -> web.Ap
 
 
 async def start_admin(
-    host: str, port: int, registry: CollectorRegistry, ready: Callable[[], bool]
+    host: str,
+    port: int,
+    registry: CollectorRegistry,
+    ready: Callable[[], bool],
+    why_not_ready: Callable[[], str | None] | None = None,
 ) -> AdminServer:
     """Serve /metrics, /healthz and /readyz on host:port until `close()`.
+
+    `why_not_ready`, when given, puts the reason into the body of a 503 from /readyz.
 
     Raises UserError when the address cannot be bound (port in use, bad host).
     """
     # Scrapes every few seconds would drown the daemon's own events in access logs.
-    runner = web.AppRunner(_build_app(registry, ready), access_log=None)
+    runner = web.AppRunner(_build_app(registry, ready, why_not_ready), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     try:

@@ -57,8 +57,16 @@ def private_cache(
     )
 
 
+# The repositories here are private: these tests are about the cache's own upstream
+# authentication, so the test client (on loopback) is granted everything.
+LOOPBACK_GRANT = {"grants": [{"networks": ["127.0.0.0/8"]}]}
+
+
 def _config(url: str, **credentials: str) -> dict[str, object]:
-    return {"upstreams": [{"name": "private.example", "url": url, **credentials}]}
+    return {
+        "upstreams": [{"name": "private.example", "url": url, **credentials}],
+        "clients": LOOPBACK_GRANT,
+    }
 
 
 async def test_token_flow_with_credentials_and_token_cache(
@@ -158,6 +166,7 @@ async def test_basic_auth_and_ratelimit_header_recorded(
                 {"name": "basic.example", "url": guard.url, "username": "ci", "password": "pw"}
             ],
             "metrics": f"127.0.0.1:{metrics_port}",
+            "clients": LOOPBACK_GRANT,
         }
         cache = start_cache(config=config)
         code, out = await pull(f"{cache.address}/team/basic:v1", tmp_path / "out")

@@ -3,7 +3,12 @@
 Requests are routed to an upstream by containerd's `?ns=` parameter, else by the Host
 header (the names the DNS overrides point here), else to the default upstream (mirror
 mode). Every name, reference and digest is validated before use; every failure is an
-OCI error JSON. Push and delete endpoints answer 405 UNSUPPORTED.
+OCI error JSON, logged once by the access log with its code and message. Only
+`.../blobs/uploads/...` is the push API; push and delete answer 405 UNSUPPORTED.
+
+Before anything is served, access.py decides whether this client may read this
+repository, and whether stored content may be served under this (upstream, repository)
+or has to be confirmed by that upstream first.
 """
 
 from __future__ import annotations
@@ -14,12 +19,27 @@ from urllib.parse import urlencode
 import structlog
 from aiohttp import web
 
+from dnsoverride.registry import accesslog
+from dnsoverride.registry.access import Access, Probe, challenge
+from dnsoverride.registry.accesslog import ERROR_KEY, UPSTREAM_KEY, USER_KEY, remember
 from dnsoverride.registry.blobs import Blobs
 from dnsoverride.registry.errors import RegistryError
-from dnsoverride.registry.manifests import Manifest, Manifests
-from dnsoverride.registry.names import is_digest, parse_digest, parse_name, parse_tag
+from dnsoverride.registry.manifests import (
+    INDEX_TYPES,
+    Descriptor,
+    Manifest,
+    Manifests,
+    acceptable,
+)
+from dnsoverride.registry.names import Digest, is_digest, parse_digest, parse_name, parse_tag
 from dnsoverride.registry.stats import Stats
-from dnsoverride.registry.upstream import Upstream
+from dnsoverride.registry.store import Kind
+from dnsoverride.registry.upstream import (
+    Upstream,
+    UpstreamDeniedError,
+    UpstreamUnavailableError,
+    as_registry_error,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -28,6 +48,11 @@ _READ_METHODS = frozenset({"GET", "HEAD"})
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 STATS_KEY = web.AppKey("stats", Stats)
+
+
+def _is_push(parts: list[str]) -> bool:
+    """`<name>/blobs/uploads/` and `<name>/blobs/uploads/<id>`: the push API, nothing else."""
+    return parts[-2:] == ["blobs", "uploads"] or parts[-3:-1] == ["blobs", "uploads"]
 
 
 class Routes:
@@ -39,7 +64,7 @@ class Routes:
         default: str,
         manifests: Manifests,
         blobs: Blobs,
-        stats: Stats,
+        access: Access,
     ) -> None:
         self.by_host: dict[str, Upstream] = {}
         for upstream in upstreams.values():
@@ -48,7 +73,7 @@ class Routes:
         self.default = upstreams[default]
         self.manifests = manifests
         self.blobs = blobs
-        self.stats = stats
+        self.access = access
 
     def upstream_for(self, request: web.Request) -> Upstream:
         ns = request.query.get("ns")
@@ -56,17 +81,19 @@ class Routes:
             upstream = self.by_host.get(ns.lower())
             if upstream is None:
                 raise RegistryError("NAME_UNKNOWN", f"no upstream configured for ns={ns[:100]!r}")
-            return upstream
-        host = (request.host or "").lower()
-        upstream = self.by_host.get(host) or self.by_host.get(host.rsplit(":", 1)[0])
-        return upstream or self.default
+        else:
+            host = (request.host or "").lower()
+            upstream = self.by_host.get(host) or self.by_host.get(host.rsplit(":", 1)[0])
+            upstream = upstream or self.default
+        remember(request, UPSTREAM_KEY, upstream.name)
+        return upstream
 
     async def v2(self, request: web.Request) -> web.StreamResponse:
         tail = request.match_info["tail"].lstrip("/")
         if not tail:
-            return web.json_response({}, headers=API_VERSION)
+            return await self.base(request)
         parts = tail.split("/")
-        if "uploads" in parts or request.method not in _READ_METHODS:
+        if _is_push(parts) or request.method not in _READ_METHODS:
             raise RegistryError(
                 "UNSUPPORTED", "this is a pull-through cache: push and delete are not supported"
             )
@@ -78,48 +105,133 @@ class Routes:
             return await self.tags(request, "/".join(parts[:-2]))
         raise RegistryError("UNSUPPORTED", f"unsupported endpoint /v2/{tail[:200]}", status=404)
 
+    async def base(self, request: web.Request) -> web.Response:
+        """`/v2/`: a Basic challenge when users are configured, so that clients which only
+        send credentials after one (skopeo) send them; an anonymous client goes on."""
+        user = await self._identify(request)
+        if user is None and self.access.challenges():
+            raise challenge("credentials are needed for private repositories only")
+        return web.json_response({}, headers=API_VERSION)
+
+    async def _identify(self, request: web.Request) -> str | None:
+        user = await self.access.identify(request)
+        if user is not None:
+            remember(request, USER_KEY, user)
+        return user
+
+    async def _authorize(
+        self, request: web.Request, upstream: Upstream, name: str, probe: Probe | None
+    ) -> bool:
+        """Raise 401 unless this client may read (upstream, name).
+
+        True when a grant covers the client; False when the repository is public to it.
+        With `probe` None the caller asks the upstream anonymously itself.
+        """
+        user = await self._identify(request)
+        if self.access.granted(request.remote, user, upstream.name, name):
+            return True
+        if self.access.require_auth:
+            raise challenge(f"authentication required for {upstream.name}/{name}")
+        if probe is not None and not await self.access.public(upstream, name, probe):
+            raise challenge(f"{upstream.name}/{name} is private: authenticate")
+        return False
+
+    async def _own(self, upstream: Upstream, name: str, kind: Kind, digest: Digest) -> None:
+        """Let stored `digest` be served under (upstream, name) only if it is shared or the
+        upstream confirms it has it there (with the cache's credentials)."""
+        owner = (upstream.name, name)
+        if not self.access.store_has(kind, digest) or self.access.shareable(kind, digest, owner):
+            return
+        response = await upstream.call("HEAD", name, f"{kind}/{digest}")
+        response.release()
+        if response.status == 404:
+            code = "MANIFEST_UNKNOWN" if kind == "manifests" else "BLOB_UNKNOWN"
+            raise RegistryError(code, f"{kind[:-1]} unknown upstream: {name}@{digest}")
+        self.access.links.add(owner, [(kind, digest)])
+
     async def manifest(self, request: web.Request, raw_name: str, reference: str) -> web.Response:
         upstream = self.upstream_for(request)
         name = upstream.repository(parse_name(raw_name))
-        manifest: Manifest
-        if is_digest(reference):
-            manifest = await self.manifests.by_digest(upstream, name, parse_digest(reference))
-        else:
-            manifest = await self.manifests.by_tag(upstream, name, parse_tag(reference))
+        digest = parse_digest(reference) if is_digest(reference) else None
+        tag = parse_tag(reference) if digest is None else ""
+        unknown = RegistryError("MANIFEST_UNKNOWN", f"manifest unknown: {name}:{reference}")
+        await self._authorize(request, upstream, name, Probe(f"manifests/{reference}", unknown))
         accept = [
             item.split(";")[0].strip()
             for value in request.headers.getall("Accept", [])
             for item in value.split(",")
             if item.strip()
         ]
-        replacement = self.manifests.negotiate(manifest, accept)
-        if replacement is not None:
-            manifest = await self.manifests.by_digest(upstream, name, parse_digest(replacement))
-        etag = f'"{manifest.digest}"'
+        found: Manifest | Descriptor
+        if digest is not None:
+            await self._own(upstream, name, "manifests", digest)
+            found = await self.manifests.by_digest(upstream, name, digest)
+            if found.media_type in INDEX_TYPES and not acceptable(found.media_type, accept):
+                # By digest it is that digest or nothing, never a substitute.
+                raise RegistryError(
+                    "MANIFEST_UNKNOWN",
+                    f"{name}@{digest} is an index ({found.media_type}), "
+                    "which the request's Accept does not take",
+                )
+        else:
+            if request.method == "HEAD":
+                found = await self.manifests.peek_tag(upstream, name, tag)
+            if request.method != "HEAD" or (
+                isinstance(found, Descriptor) and not acceptable(found.media_type, accept)
+            ):
+                found = await self.manifests.by_tag(upstream, name, tag)
+            if isinstance(found, Manifest):
+                replacement = self.manifests.negotiate(found, accept)
+                if replacement is not None:
+                    child = parse_digest(replacement)
+                    found = await self.manifests.by_digest(upstream, name, child)
+        etag = f'"{found.digest}"'
         headers = {
             **API_VERSION,
-            "Docker-Content-Digest": manifest.digest,
+            "Docker-Content-Digest": found.digest,
             "ETag": etag,
-            "Content-Type": manifest.media_type,
+            "Content-Type": found.media_type,
         }
         if _matches(request.headers.getall("If-None-Match", []), etag):
             return web.Response(status=304, headers=headers)
-        if request.method == "HEAD":
-            headers["Content-Length"] = str(len(manifest.data))
+        if isinstance(found, Descriptor):
+            headers["Content-Length"] = str(found.size)
             return web.Response(headers=headers)
-        return web.Response(body=manifest.data, headers=headers)
+        if request.method == "HEAD":
+            headers["Content-Length"] = str(len(found.data))
+            return web.Response(headers=headers)
+        return web.Response(body=found.data, headers=headers)
 
     async def blob(self, request: web.Request, raw_name: str, reference: str) -> web.StreamResponse:
         upstream = self.upstream_for(request)
         name = upstream.repository(parse_name(raw_name))
-        return await self.blobs.serve(request, upstream, name, parse_digest(reference))
+        digest = parse_digest(reference)
+        unknown = RegistryError("BLOB_UNKNOWN", f"blob unknown: {name}@{digest}")
+        await self._authorize(request, upstream, name, Probe(f"blobs/{digest}", unknown))
+        fetching_for = self.blobs.fetching_for(digest)
+        if fetching_for not in (None, (upstream.name, name)) and not self.access.known_public(
+            fetching_for
+        ):
+            # In flight for another repository that may be private: not joined; once
+            # stored it is confirmed with this request's upstream like any stored blob.
+            await self.blobs.wait_for(digest)
+        await self._own(upstream, name, "blobs", digest)
+        return await self.blobs.serve(request, upstream, name, digest)
 
     async def tags(self, request: web.Request, raw_name: str) -> web.Response:
         upstream = self.upstream_for(request)
         name = upstream.repository(parse_name(raw_name))
+        # Never cached: a client no grant covers is passed through as anonymous, so the
+        # upstream decides what it may list.
+        granted = await self._authorize(request, upstream, name, None)
         query = urlencode([(k, v) for k, v in request.query.items() if k in ("n", "last")])
         path = "tags/list" + (f"?{query}" if query else "")
-        response = await upstream.call("GET", name, path)
+        try:
+            response = await upstream.request("GET", name, path, anonymous=not granted)
+        except UpstreamDeniedError as error:
+            if granted or not upstream.has_credentials:
+                raise
+            raise challenge(f"{upstream.name}/{name} is private: authenticate") from error
         try:
             if response.status == 404:
                 raise RegistryError("NAME_UNKNOWN", f"repository unknown: {name}")
@@ -150,14 +262,30 @@ def _endpoint(path: str) -> str:
 
 @web.middleware
 async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every failure becomes an OCI error response, noted for the request's log line.
+
+    Only an unexpected exception (a bug) is logged here, with its traceback and the request.
+    """
     stats = request.app[STATS_KEY]
     head = request.method == "HEAD"
+    accesslog.note_cache("")
+    error: RegistryError | None = None
     try:
         response = await handler(request)
-    except RegistryError as error:
+    except RegistryError as caught:
+        error = caught
+    except (UpstreamUnavailableError, UpstreamDeniedError) as caught:
+        error = as_registry_error(caught)
+    except web.HTTPException as caught:
+        error = RegistryError("UNSUPPORTED", caught.reason, status=caught.status)
+    except Exception:
+        log.exception("request_failed", method=request.method, path=request.path_qs)
+        error = RegistryError("UNKNOWN", "internal error (logged by the cache)", 500)
+    if error is not None:
         response = error.response(head)
-    except web.HTTPException as error:
-        response = RegistryError("UNSUPPORTED", error.reason, status=error.status).response(head)
+        remember(request, ERROR_KEY, (error.code, error.message))
+    if accesslog.cache_result():
+        remember(request, "cache", accesslog.cache_result())
     stats.requests[(_endpoint(request.path), response.status)] += 1
     return response
 

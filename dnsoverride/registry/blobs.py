@@ -28,10 +28,12 @@ from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.web_request import BaseRequest
 
+from dnsoverride.registry.accesslog import note_cache
 from dnsoverride.registry.errors import RegistryError
+from dnsoverride.registry.links import Links, Owner
 from dnsoverride.registry.names import Digest
 from dnsoverride.registry.stats import Stats
-from dnsoverride.registry.store import Store
+from dnsoverride.registry.store import Store, StoreWriteError
 from dnsoverride.registry.upstream import Upstream, as_registry_error
 
 log = structlog.get_logger(__name__)
@@ -43,9 +45,10 @@ BLOB_TYPE = "application/octet-stream"
 class Download:
     """One in-flight upstream fetch of one blob into a growing temp file."""
 
-    def __init__(self, digest: Digest, temp: Path) -> None:
+    def __init__(self, digest: Digest, temp: Path, owner: Owner) -> None:
         self.digest = digest
         self.temp = temp
+        self.owner = owner  # the (upstream, repository) it is fetched for
         self.size: int | None = None  # expected length, from upstream Content-Length
         self.written = 0
         self.final: Path | None = None
@@ -106,8 +109,9 @@ class _PinnedFileResponse(web.FileResponse):
 
 
 class Blobs:
-    def __init__(self, store: Store, stats: Stats) -> None:
+    def __init__(self, store: Store, links: Links, stats: Stats) -> None:
         self.store = store
+        self.links = links
         self.stats = stats
         self._downloads: dict[str, Download] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -117,6 +121,17 @@ class Blobs:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
+    def fetching_for(self, digest: Digest) -> Owner | None:
+        """The (upstream, repository) a download of `digest` in flight is for, if any."""
+        download = self._downloads.get(str(digest))
+        return None if download is None else download.owner
+
+    async def wait_for(self, digest: Digest) -> None:
+        """Until the download of `digest` in flight (if any) has finished, either way."""
+        download = self._downloads.get(str(digest))
+        if download is not None:
+            await download.wait_finished()
+
     async def serve(
         self, request: web.Request, upstream: Upstream, name: str, digest: Digest
     ) -> web.StreamResponse:
@@ -124,8 +139,10 @@ class Blobs:
         path = self.store.lookup("blobs", digest)
         if path is not None:
             self.stats.hits["blob"] += 1
+            note_cache("hit")
             return await self._send_file(request, digest, path, headers)
         self.stats.misses["blob"] += 1
+        note_cache("miss")
         download = self._downloads.get(str(digest))
         if download is None and request.method == "HEAD":
             return await self._head_upstream(request, upstream, name, digest, headers)
@@ -133,6 +150,7 @@ class Blobs:
             download = self._start(upstream, name, digest)
         else:
             self.stats.coalesced += 1
+            note_cache("coalesced")
         await asyncio.shield(download.started)
         if download.error is not None:
             raise download.error
@@ -231,8 +249,12 @@ class Blobs:
             return response
 
     def _start(self, upstream: Upstream, name: str, digest: Digest) -> Download:
-        fd, temp = self.store.new_temp()
-        download = Download(digest, temp)
+        try:
+            fd, temp = self.store.new_temp()
+        except StoreWriteError as error:
+            log.error("store_write_failed", digest=str(digest), reason=error.message)
+            raise RegistryError("UNAVAILABLE", error.message) from error
+        download = Download(digest, temp, (upstream.name, name))
         self._downloads[str(digest)] = download
         task = asyncio.create_task(self._fetch(upstream, name, download, fd))
         self._tasks.add(task)
@@ -248,10 +270,17 @@ class Blobs:
                 if response.status == 404:
                     raise RegistryError("BLOB_UNKNOWN", f"blob unknown upstream: {digest}")
                 download.size = response.content_length
+                if download.size is not None:
+                    self.store.check_fits(download.size)
                 download.started.set_result(None)
                 hasher = hashlib.new(digest.algorithm)
                 async for chunk in response.content.iter_chunked(_CHUNK):
-                    _write_all(fd, chunk)
+                    try:
+                        Store.write_all(fd, chunk)
+                    except OSError as error:
+                        raise self.store.write_failed(
+                            error, f"blob {digest}", download.size or download.written + len(chunk)
+                        ) from error
                     hasher.update(chunk)
                     download.written += len(chunk)
                     self.stats.upstream_bytes[upstream.name] += len(chunk)
@@ -266,11 +295,19 @@ class Blobs:
                 self.stats.verify_failures += 1
                 raise _verify_failed(digest, "content does not match its digest")
             closed = True
-            await asyncio.to_thread(Store.sync_close, fd)
+            try:
+                await asyncio.to_thread(Store.sync_close, fd)
+            except OSError as error:
+                raise self.store.write_failed(error, f"blob {digest}", download.written) from error
             download.final = self.store.commit("blobs", digest, download.temp, download.written)
+            self.links.add((upstream.name, name), [("blobs", digest)])
             log.info(
                 "blob_stored", digest=str(digest), size=download.written, upstream=upstream.name
             )
+        except StoreWriteError as error:
+            download.error = RegistryError("UNAVAILABLE", error.message)
+            log.error("store_write_failed", digest=str(digest), reason=error.message)
+            self._abandon(download, fd, closed)
         except (Exception, asyncio.CancelledError) as error:
             download.error = as_registry_error(error)
             log.warning(
@@ -280,9 +317,7 @@ class Blobs:
                 received=download.written,
                 error=download.error.message,
             )
-            if not closed:
-                os.close(fd)
-            Store.discard(download.temp)
+            self._abandon(download, fd, closed)
             if isinstance(error, asyncio.CancelledError):
                 raise
         finally:
@@ -290,6 +325,13 @@ class Blobs:
                 download.started.set_result(None)
             del self._downloads[str(digest)]
             download.notify()
+
+    @staticmethod
+    def _abandon(download: Download, fd: int, closed: bool) -> None:
+        if not closed:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        Store.discard(download.temp)
 
 
 def _range(request: web.Request, size: int) -> tuple[int, int] | None:
@@ -303,12 +345,6 @@ def _range(request: web.Request, size: int) -> tuple[int, int] | None:
         start, stop = max(size + start, 0), size
     stop = size if stop is None else min(stop, size)
     return (start, stop) if start < stop else None
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
 
 
 def _verify_failed(digest: Digest, why: str) -> RegistryError:

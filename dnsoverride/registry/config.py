@@ -8,6 +8,7 @@ defaults make `dnsoverride registry` work with no config file at all: listen on
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import ipaddress
 import os
 import re
@@ -72,6 +73,41 @@ class Budget:
         return int(self.max_size * self.low_watermark)
 
 
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+# htpasswd hashes we verify: bcrypt only (`htpasswd -B`); MD5/SHA1/crypt are refused.
+_BCRYPT = re.compile(r"^\$2[aby]\$\d\d\$[./A-Za-z0-9]{53}$")
+
+
+@dataclass(frozen=True)
+class Grant:
+    """Clients (htpasswd users and/or source networks) and what they may read.
+
+    Empty `upstreams` means every upstream, empty `repositories` every repository.
+    """
+
+    users: frozenset[str] = frozenset()
+    networks: tuple[IPNetwork, ...] = ()
+    upstreams: frozenset[str] = frozenset()
+    repositories: tuple[str, ...] = ()
+
+    def covers(self, upstream: str, name: str) -> bool:
+        if self.upstreams and upstream not in self.upstreams:
+            return False
+        return not self.repositories or any(
+            fnmatch.fnmatchcase(name, pattern) for pattern in self.repositories
+        )
+
+
+@dataclass(frozen=True)
+class ClientsConfig:
+    """Who may read private content (see access.py); by default nobody but the public."""
+
+    users: tuple[tuple[str, bytes], ...] = ()  # (user, bcrypt hash) from the htpasswd file
+    grants: tuple[Grant, ...] = ()
+    require_auth: bool = False
+    visibility_ttl: float = 300.0
+
+
 @dataclass(frozen=True)
 class RegistryConfig:
     host: str
@@ -89,6 +125,7 @@ class RegistryConfig:
     # DNS servers the upstream client asks instead of the system resolver (dnsoverride/resolve.py).
     resolvers: tuple[tuple[str, int], ...] = ()
     metrics: tuple[str, int] | None = None
+    clients: ClientsConfig = field(default_factory=ClientsConfig)
 
     def upstream(self, name: str) -> UpstreamConfig:
         for upstream in self.upstreams:
@@ -174,7 +211,10 @@ _KNOWN = {
     "tls",
     "resolvers",
     "metrics",
+    "clients",
 }
+_CLIENTS_KEYS = {"htpasswd", "grants", "require_auth", "visibility_ttl"}
+_GRANT_KEYS = {"users", "networks", "upstreams", "repositories"}
 _TLS_KEYS = {"cert", "key", "certificates", "listen"}
 _UPSTREAM_KEYS = {"name", "url", "aliases", "username", "password", "library_prefix"}
 
@@ -223,6 +263,92 @@ def _resolvers(value: Any, where: str) -> tuple[tuple[str, int], ...]:
             raise UserError(f"{where}: resolvers: {text!r} is not IP or IP:PORT")
         servers.append((address, port))
     return tuple(servers)
+
+
+def _htpasswd(path: str, where: str) -> tuple[tuple[str, bytes], ...]:
+    """`user:$2y$...` lines of an htpasswd file (bcrypt only); UserError at file:line."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise UserError(f"{where}: clients: cannot read htpasswd {path}: {error}") from error
+    users: dict[str, bytes] = {}
+    for number, line in enumerate(lines, 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        user, sep, hashed = line.strip().partition(":")
+        if not sep or not user:
+            raise UserError(f"{path}:{number}: expected user:hash")
+        if not _BCRYPT.match(hashed):
+            raise UserError(
+                f"{path}:{number}: user {user!r}: only bcrypt hashes are supported "
+                "(create them with `htpasswd -B`)"
+            )
+        if user in users:
+            raise UserError(f"{path}:{number}: user {user!r} given twice")
+        users[user] = hashed.encode()
+    return tuple(users.items())
+
+
+def _strings(value: Any, where: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise UserError(f"{where}: expected a list of strings")
+    return tuple(value)
+
+
+def _grant(raw: Any, where: str, users: set[str], upstreams: set[str]) -> Grant:
+    entry = _mapping(raw, where)
+    unknown = set(entry) - _GRANT_KEYS
+    if unknown:
+        raise UserError(f"{where}: unknown keys: {', '.join(sorted(unknown))}")
+    names = _strings(entry.get("users"), f"{where}: users")
+    for user in names:
+        if user not in users:
+            raise UserError(f"{where}: user {user!r} is not in the htpasswd file")
+    networks = []
+    for text in _strings(entry.get("networks"), f"{where}: networks"):
+        try:
+            networks.append(ipaddress.ip_network(text, strict=False))
+        except ValueError as error:
+            raise UserError(f"{where}: networks: {error}") from error
+    if not names and not networks:
+        raise UserError(f"{where}: a grant needs users or networks")
+    granted_upstreams = _strings(entry.get("upstreams"), f"{where}: upstreams")
+    for name in granted_upstreams:
+        if name not in upstreams:
+            raise UserError(f"{where}: upstream {name!r} is not configured")
+    patterns = _strings(entry.get("repositories"), f"{where}: repositories")
+    return Grant(frozenset(names), tuple(networks), frozenset(granted_upstreams), patterns)
+
+
+def _clients(raw: Any, where: str, upstreams: set[str]) -> ClientsConfig:
+    section = _mapping(raw, f"{where}: clients")
+    where = f"{where}: clients"
+    unknown = set(section) - _CLIENTS_KEYS
+    if unknown:
+        raise UserError(f"{where}: unknown keys: {', '.join(sorted(unknown))}")
+    users = _htpasswd(str(section["htpasswd"]), where) if section.get("htpasswd") else ()
+    known = {user for user, _ in users}
+    grants_raw = section.get("grants") or []
+    if not isinstance(grants_raw, list):
+        raise UserError(f"{where}: grants must be a list")
+    grants = tuple(
+        _grant(item, f"{where}: grants[{index}]", known, upstreams)
+        for index, item in enumerate(grants_raw)
+    )
+    require_auth = section.get("require_auth", False)
+    if not isinstance(require_auth, bool):
+        raise UserError(f"{where}: require_auth must be true or false")
+    if require_auth and not grants:
+        raise UserError(f"{where}: require_auth needs grants (nobody could read anything)")
+    try:
+        ttl = float(section.get("visibility_ttl", 300.0))
+    except (TypeError, ValueError) as error:
+        raise UserError(f"{where}: visibility_ttl is seconds: {error}") from error
+    if ttl < 0:
+        raise UserError(f"{where}: visibility_ttl must not be negative")
+    return ClientsConfig(users, grants, require_auth, ttl)
 
 
 def load(args: argparse.Namespace) -> RegistryConfig:
@@ -297,4 +423,5 @@ def load(args: argparse.Namespace) -> RegistryConfig:
         tls_listen=tls_listen,
         resolvers=_resolvers(raw.get("resolvers"), where),
         metrics=parse_listen(str(metrics)) if metrics else None,
+        clients=_clients(raw.get("clients"), where, set(names)),
     )

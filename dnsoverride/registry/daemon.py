@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import signal
 import ssl
 from dataclasses import dataclass
@@ -25,9 +26,12 @@ from dnsoverride.admin import start_admin
 from dnsoverride.errors import UserError
 from dnsoverride.log import configure
 from dnsoverride.registry import config as registry_config
+from dnsoverride.registry.access import Access
+from dnsoverride.registry.accesslog import AccessLogger
 from dnsoverride.registry.app import Routes, build_app
 from dnsoverride.registry.blobs import Blobs
 from dnsoverride.registry.config import RegistryConfig
+from dnsoverride.registry.links import Links
 from dnsoverride.registry.manifests import Manifests
 from dnsoverride.registry.metrics import build_registry
 from dnsoverride.registry.stats import Stats
@@ -45,6 +49,7 @@ class Cache:
 
     config: RegistryConfig
     store: Store
+    links: Links
     stats: Stats
     upstreams: dict[str, Upstream]
     manifests: Manifests
@@ -62,8 +67,10 @@ def build_cache(config: RegistryConfig) -> Cache:
     """Open the store and build the app; must run inside the event loop."""
     stats = Stats()
     store = Store(config.storage, config.budget)
+    links = Links(config.storage)
     try:
         store.open()
+        links.open()
     except OSError as error:
         raise UserError(f"cannot use storage {config.storage}: {error.strerror}") from error
     resolver = UpstreamResolver(servers=config.resolvers) if config.resolvers else None
@@ -71,10 +78,12 @@ def build_cache(config: RegistryConfig) -> Cache:
         u.name: Upstream(u, config.timeouts, stats, make_session(config.timeouts, resolver))
         for u in config.upstreams
     }
-    manifests = Manifests(store, stats, config.tag_ttl)
-    blobs = Blobs(store, stats)
-    routes = Routes(upstreams, config.default_upstream, manifests, blobs, stats)
-    return Cache(config, store, stats, upstreams, manifests, blobs, build_app(routes, stats))
+    manifests = Manifests(store, links, stats, config.tag_ttl)
+    blobs = Blobs(store, links, stats)
+    access = Access(config.clients, upstreams, store, links, stats)
+    routes = Routes(upstreams, config.default_upstream, manifests, blobs, access)
+    app = build_app(routes, stats)
+    return Cache(config, store, links, stats, upstreams, manifests, blobs, app)
 
 
 def listeners(
@@ -128,7 +137,13 @@ async def serve(config: RegistryConfig) -> int:
     # SIGHUP (`systemctl reload`) re-reads the certificates: new handshakes get them, open
     # connections are untouched. Without TLS it must still not kill the process.
     loop.add_signal_handler(signal.SIGHUP, reload_certificates, certificates)
-    runner = web.AppRunner(cache.app, access_log=None, handle_signals=False)
+    # The access log: one structlog event per request (accesslog.py), on by default.
+    runner = web.AppRunner(
+        cache.app,
+        access_log=logging.getLogger("dnsoverride.registry.access"),
+        access_log_class=AccessLogger,
+        handle_signals=False,
+    )
     await runner.setup()
     for host, port, tls in listeners(config, certificates):
         try:
@@ -153,6 +168,7 @@ async def serve(config: RegistryConfig) -> int:
             *config.metrics,
             build_registry(cache.stats, cache.store),
             cache.store.writable,
+            cache.store.not_ready,
         )
     pinger = systemd.start_watchdog()
     flusher = asyncio.create_task(_flush_access(cache.store))

@@ -12,6 +12,12 @@ and cannot come back: a stored manifest whose blobs were evicted is served only 
 upstream has answered for it (then the blobs are fetched again on demand, as on any miss);
 with the upstream unreachable the client gets 503 UNAVAILABLE at the manifest, where
 docker falls back to its next mirror or the registry itself, instead of failing mid-pull.
+
+Nothing unverified is stored: an upstream manifest is read whole (bounded by 4 MiB) and
+checked against the digest asked for, else the upstream's `Docker-Content-Digest`, else
+parsed as JSON of a known manifest media type (schemaVersion, mediaType and structure
+checked); anything else is a 502 with the reason. A manifest read back from disk is
+re-hashed. A HEAD on a tag that is not cached costs one upstream HEAD, not a GET.
 """
 
 from __future__ import annotations
@@ -28,16 +34,19 @@ from typing import Any, TypeVar
 
 import structlog
 
+from dnsoverride.registry.accesslog import note_cache
 from dnsoverride.registry.errors import RegistryError
+from dnsoverride.registry.links import Links
 from dnsoverride.registry.names import Digest, parse_digest
 from dnsoverride.registry.stats import Stats
-from dnsoverride.registry.store import Kind, Store, TagRecord
+from dnsoverride.registry.store import Kind, Store, StoreWriteError, TagRecord
 from dnsoverride.registry.upstream import (
     MANIFEST_TYPES,
     Upstream,
     UpstreamDeniedError,
     UpstreamUnavailableError,
     as_registry_error,
+    read_body,
 )
 
 log = structlog.get_logger(__name__)
@@ -45,8 +54,18 @@ log = structlog.get_logger(__name__)
 MAX_MANIFEST = 4 << 20  # the spec lets registries refuse manifests above 4 MiB
 _MEMORY_ENTRIES = 1024
 _ACCEPT = ", ".join(MANIFEST_TYPES)
-_INDEX_TYPES = frozenset(MANIFEST_TYPES[0::2])  # OCI index, Docker manifest list
+INDEX_TYPES = frozenset(MANIFEST_TYPES[0::2])  # OCI index, Docker manifest list
+_UPSTREAM_FAILURES = (UpstreamUnavailableError, UpstreamDeniedError, TimeoutError)
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Descriptor:
+    """What an upstream HEAD tells of a manifest: enough to answer a client's HEAD."""
+
+    digest: str
+    media_type: str
+    size: int
 
 
 @dataclass(frozen=True)
@@ -78,6 +97,51 @@ class Manifest:
             return ()
 
 
+def _invalid(what: str, why: str) -> RegistryError:
+    return RegistryError("MANIFEST_INVALID", f"upstream manifest {what}: {why}", 502)
+
+
+def _digest_of(data: bytes, digest: Digest, what: str) -> None:
+    if hashlib.new(digest.algorithm, data).hexdigest() != digest.hex:
+        raise RegistryError(
+            "DIGEST_INVALID", f"upstream manifest {what} does not match {digest}", 502
+        )
+
+
+def check_document(data: bytes, content_type: str, what: str) -> str:
+    """The media type of `data` if it is a manifest of a known type; else a 502 saying why.
+
+    For manifests no digest vouches for: a captive portal's HTML 200, a truncated body,
+    a JSON error page are refused here.
+    """
+    try:
+        document = json.loads(data)
+    except ValueError:
+        why = f"not JSON ({content_type or 'no Content-Type'}, {len(data)} bytes)"
+        raise _invalid(what, why) from None
+    if not isinstance(document, dict) or document.get("schemaVersion") != 2:
+        raise _invalid(what, "not a schemaVersion 2 manifest")
+    declared = document.get("mediaType")
+    if declared is not None and declared not in MANIFEST_TYPES:
+        raise _invalid(what, f"unknown mediaType {str(declared)[:100]!r}")
+    if content_type in MANIFEST_TYPES and declared not in (None, content_type):
+        raise _invalid(what, f"mediaType {declared} but Content-Type {content_type}")
+    media_type = declared or (content_type if content_type in MANIFEST_TYPES else None)
+    is_index = "manifests" in document
+    if media_type is None:
+        media_type = MANIFEST_TYPES[0] if is_index else MANIFEST_TYPES[1]
+    if (media_type in INDEX_TYPES) != is_index:
+        raise _invalid(what, f"{media_type} with the wrong structure")
+    entries = (
+        document["manifests"] if is_index else [document.get("config"), *document.get("layers", ())]
+    )
+    if not isinstance(entries, list) or not all(
+        isinstance(entry, dict) and isinstance(entry.get("digest"), str) for entry in entries
+    ):
+        raise _invalid(what, "descriptors without digests")
+    return media_type
+
+
 def sniff_media_type(data: bytes) -> str:
     """The media type of a stored manifest, from its own content."""
     try:
@@ -95,8 +159,9 @@ def sniff_media_type(data: bytes) -> str:
 
 
 class Manifests:
-    def __init__(self, store: Store, stats: Stats, tag_ttl: float) -> None:
+    def __init__(self, store: Store, links: Links, stats: Stats, tag_ttl: float) -> None:
         self.store = store
+        self.links = links
         self.stats = stats
         self.tag_ttl = tag_ttl
         self._memory: OrderedDict[str, Manifest] = OrderedDict()
@@ -117,7 +182,14 @@ class Manifests:
         path = self.store.lookup("manifests", digest)
         if path is None:
             return None
-        data = path.read_bytes()
+        try:
+            data = path.read_bytes()
+        except OSError as error:
+            self.store.remove_corrupt("manifests", digest, f"unreadable: {error.strerror}")
+            return None
+        if hashlib.new(digest.algorithm, data).hexdigest() != digest.hex:
+            self.store.remove_corrupt("manifests", digest, "content does not match its digest")
+            return None
         manifest = Manifest(data, key, sniff_media_type(data))
         self._remember(manifest)
         return manifest
@@ -126,6 +198,7 @@ class Manifests:
         manifest = self.local(digest)
         if manifest is not None and self._missing(manifest) is None:
             self.stats.hits["manifest"] += 1
+            note_cache("hit")
             return manifest
         self.stats.misses["manifest"] += 1
         if manifest is not None:
@@ -134,27 +207,82 @@ class Manifests:
                 ("confirm", str(digest)), lambda: self._confirm(upstream, name, known)
             )
         return await self._single_flight(
-            ("digest", str(digest)), lambda: self._fetch(upstream, name, str(digest), digest)
+            ("digest", upstream.name, name, str(digest)),
+            lambda: self._fetch(upstream, name, str(digest), digest),
         )
 
-    async def by_tag(self, upstream: Upstream, name: str, tag: str) -> Manifest:
+    async def peek_tag(self, upstream: Upstream, name: str, tag: str) -> Manifest | Descriptor:
+        """For a HEAD: the cached manifest, else what one upstream HEAD says of the tag.
+
+        Falls back to `by_tag` (a GET, or a stale answer) when the HEAD cannot tell.
+        """
+        manifest = self._fresh(upstream, name, tag)
+        if manifest is not None:
+            return manifest
+        try:
+            descriptor = await self._single_flight(
+                ("head", upstream.name, name, tag), lambda: self._head(upstream, name, tag)
+            )
+        except _UPSTREAM_FAILURES:
+            descriptor = None
+        if descriptor is None:
+            return await self.by_tag(upstream, name, tag)
+        self.stats.misses["manifest"] += 1
+        return self.local(parse_digest(descriptor.digest)) or descriptor
+
+    async def _head(self, upstream: Upstream, name: str, tag: str) -> Descriptor | None:
+        response = await upstream.request("HEAD", name, f"manifests/{tag}", {"Accept": _ACCEPT})
+        response.release()
+        note_cache("miss")
+        if response.status == 404:
+            raise RegistryError("MANIFEST_UNKNOWN", f"manifest unknown: {name}:{tag}")
+        claimed = response.headers.get("Docker-Content-Digest", "")
+        media_type = response.headers.get("Content-Type", "").split(";")[0].strip()
+        size = response.content_length
+        try:
+            digest = parse_digest(claimed)
+        except RegistryError:
+            return None
+        if media_type not in MANIFEST_TYPES or size is None:
+            return None
+        return Descriptor(str(digest), media_type, size)
+
+    def _record(self, upstream: Upstream, name: str, tag: str) -> TagRecord | None:
         key = (upstream.name, name, tag)
         record = self._tags.get(key)
         if record is None:
             record = self.store.read_tag(*key)
             if record is not None:
                 self._tags[key] = record
-        if record is not None and time.time() - record.checked < self.tag_ttl:
-            manifest = self.local(parse_digest(record.digest))
-            # Content evicted since: revalidate, which also shows whether the upstream
-            # is there to fetch it again.
-            if manifest is not None and self._missing(manifest) is None:
-                self.stats.hits["manifest"] += 1
-                return manifest
+        return record
+
+    def _fresh(self, upstream: Upstream, name: str, tag: str) -> Manifest | None:
+        """The tag's manifest when its record is within the TTL and its content is stored."""
+        record = self._record(upstream, name, tag)
+        if record is None or time.time() - record.checked >= self.tag_ttl:
+            return None
+        manifest = self.local(parse_digest(record.digest))
+        # Content evicted since: revalidate, which also shows whether the upstream is
+        # there to fetch it again.
+        if manifest is None or self._missing(manifest) is not None:
+            return None
+        self.stats.hits["manifest"] += 1
+        note_cache("hit")
+        return manifest
+
+    async def by_tag(self, upstream: Upstream, name: str, tag: str) -> Manifest:
+        fresh = self._fresh(upstream, name, tag)
+        if fresh is not None:
+            return fresh
+        record = self._record(upstream, name, tag)
         self.stats.misses["manifest"] += 1
-        return await self._single_flight(
-            ("tag", *key), lambda: self._revalidate(upstream, name, tag, record)
+        manifest, stale = await self._single_flight(
+            ("tag", upstream.name, name, tag),
+            lambda: self._revalidate(upstream, name, tag, record),
         )
+        if stale:
+            note_cache("stale")
+        return manifest
 
     # -- upstream -----------------------------------------------------------------------
     async def _single_flight(self, key: object, work: Callable[[], Awaitable[T]]) -> T:
@@ -168,8 +296,10 @@ class Manifests:
             task = asyncio.ensure_future(work())
             self._inflight[key] = task
             task.add_done_callback(lambda done: self._finish(key, done))
+            note_cache("miss")
         else:
             self.stats.coalesced += 1
+            note_cache("coalesced")
         return await asyncio.shield(task)
 
     def _finish(self, key: object, task: asyncio.Future[Any]) -> None:
@@ -179,7 +309,8 @@ class Manifests:
 
     async def _revalidate(
         self, upstream: Upstream, name: str, tag: str, record: TagRecord | None
-    ) -> Manifest:
+    ) -> tuple[Manifest, bool]:
+        """(the tag's manifest, whether it is served stale because the upstream failed)."""
         known = self.local(parse_digest(record.digest)) if record else None
         try:
             if known is not None:
@@ -191,9 +322,9 @@ class Manifests:
                     response.headers.get("Docker-Content-Digest") == known.digest
                 ):
                     self._record_tag(upstream, name, tag, known)
-                    return known
+                    return known, False
             manifest = await self._fetch(upstream, name, tag, None)
-        except (UpstreamUnavailableError, UpstreamDeniedError, TimeoutError) as error:
+        except _UPSTREAM_FAILURES as error:
             if known is None:
                 raise as_registry_error(error) from error
             self._check_complete(known)
@@ -201,9 +332,9 @@ class Manifests:
             log.warning(
                 "manifest_stale", upstream=upstream.name, name=name, tag=tag, error=str(error)
             )
-            return known
+            return known, True
         self._record_tag(upstream, name, tag, manifest)
-        return manifest
+        return manifest, False
 
     async def _confirm(self, upstream: Upstream, name: str, manifest: Manifest) -> Manifest:
         """Serve a stored manifest whose content was evicted only if upstream can refill it."""
@@ -213,7 +344,7 @@ class Manifests:
             )
             response.release()
             reason = "" if response.status == 200 else f"upstream answered {response.status}"
-        except (UpstreamUnavailableError, UpstreamDeniedError, TimeoutError) as error:
+        except _UPSTREAM_FAILURES as error:
             reason = str(error)
         if reason:
             log.warning("manifest_incomplete", upstream=upstream.name, name=name, error=reason)
@@ -223,44 +354,46 @@ class Manifests:
     async def _fetch(
         self, upstream: Upstream, name: str, reference: str, digest: Digest | None
     ) -> Manifest:
-        """GET a manifest; verify it against `digest`, or the upstream's digest header."""
+        """GET a manifest, read it whole and verify it (see `_verify`); store and link it."""
+        what = f"{name}:{reference}"
         response = await upstream.request(
             "GET", name, f"manifests/{reference}", {"Accept": _ACCEPT}
         )
         try:
             if response.status == 404:
-                raise RegistryError("MANIFEST_UNKNOWN", f"manifest unknown: {name}:{reference}")
-            if (response.content_length or 0) > MAX_MANIFEST:
-                raise RegistryError("MANIFEST_INVALID", "upstream manifest is too large", 502)
-            data = await response.content.read(MAX_MANIFEST + 1)
-            if len(data) > MAX_MANIFEST:
-                raise RegistryError("MANIFEST_INVALID", "upstream manifest is too large", 502)
-            media_type = response.headers.get("Content-Type", "").split(";")[0].strip()
+                raise RegistryError("MANIFEST_UNKNOWN", f"manifest unknown: {what}")
+            data = await read_body(response, MAX_MANIFEST, f"upstream manifest {what}")
+            content_type = response.headers.get("Content-Type", "").split(";")[0].strip()
             claimed = response.headers.get("Docker-Content-Digest")
         finally:
             response.release()
         self.stats.upstream_bytes[upstream.name] += len(data)
-        if digest is None:
-            digest = parse_digest(claimed) if claimed else Digest("sha256", "")
-        actual = hashlib.new(digest.algorithm, data).hexdigest()
-        if digest.hex and actual != digest.hex:
+        try:
+            manifest = _verify(data, digest, claimed, content_type, what)
+        except RegistryError:
             self.stats.verify_failures += 1
-            raise RegistryError(
-                "DIGEST_INVALID", f"upstream manifest {name}:{reference} fails its digest", 502
-            )
-        digest = Digest(digest.algorithm, actual)
-        if not media_type or media_type in ("application/json", "text/plain"):
-            media_type = sniff_media_type(data)
-        manifest = Manifest(data, str(digest), media_type)
-        self.store.put_bytes("manifests", digest, data)
+            raise
+        try:
+            self.store.put_bytes("manifests", parse_digest(manifest.digest), data)
+        except StoreWriteError as error:
+            # Verified, so this client still gets it; it is just not kept.
+            log.error("store_write_failed", upstream=upstream.name, name=name, reason=error.message)
+            return manifest
         self._remember(manifest)
+        self.links.add(
+            (upstream.name, name),
+            [("manifests", parse_digest(manifest.digest)), *manifest.references],
+        )
         return manifest
 
     # -- bookkeeping --------------------------------------------------------------------
     def _record_tag(self, upstream: Upstream, name: str, tag: str, manifest: Manifest) -> None:
         record = TagRecord(manifest.digest, manifest.media_type, time.time())
         self._tags[(upstream.name, name, tag)] = record
-        self.store.write_tag(upstream.name, name, tag, record)
+        try:
+            self.store.write_tag(upstream.name, name, tag, record)
+        except StoreWriteError as error:
+            log.error("store_write_failed", upstream=upstream.name, name=name, reason=error.message)
 
     def _remember(self, manifest: Manifest) -> None:
         self._memory[manifest.digest] = manifest
@@ -297,9 +430,7 @@ class Manifests:
 
         None means serve `manifest` itself.
         """
-        if not accept or manifest.media_type in accept or "*/*" in accept:
-            return None
-        if manifest.media_type not in _INDEX_TYPES:
+        if acceptable(manifest.media_type, accept) or manifest.media_type not in INDEX_TYPES:
             return None
         document = json.loads(manifest.data)
         for entry in document.get("manifests", []):
@@ -311,3 +442,30 @@ class Manifests:
             ):
                 return str(entry["digest"])
         return None
+
+
+def acceptable(media_type: str, accept: list[str]) -> bool:
+    """Whether a client sending `accept` takes `media_type` (no Accept takes anything)."""
+    return not accept or media_type in accept or "*/*" in accept
+
+
+def _verify(
+    data: bytes, wanted: Digest | None, claimed: str | None, content_type: str, what: str
+) -> Manifest:
+    """A manifest from upstream bytes, verified against the digest asked for, else the
+    upstream's digest header, else as a document of a known manifest type."""
+    if wanted is not None:
+        _digest_of(data, wanted, what)
+        digest = wanted
+    elif claimed:
+        try:
+            digest = parse_digest(claimed.strip())
+        except RegistryError:
+            raise _invalid(what, f"invalid Docker-Content-Digest {claimed[:100]!r}") from None
+        _digest_of(data, digest, what)
+    else:
+        content_type = check_document(data, content_type, what)
+        digest = Digest("sha256", hashlib.sha256(data).hexdigest())
+    if content_type not in MANIFEST_TYPES:
+        content_type = sniff_media_type(data)
+    return Manifest(data, str(digest), content_type)

@@ -45,6 +45,16 @@ class RegistryCollector(Collector):
         for name, counts, text in (
             ("upstream_bytes", stats.upstream_bytes, "Body bytes received from each upstream."),
             ("upstream_errors", stats.upstream_errors, "Failed upstream requests."),
+            (
+                "upstream_backoff_refusals",
+                stats.backoff_refusals,
+                "Requests refused at once during an upstream's Retry-After.",
+            ),
+            (
+                "visibility_checks",
+                stats.visibility_checks,
+                "Anonymous upstream requests telling public from private repositories.",
+            ),
         ):
             family = CounterMetricFamily(f"{PREFIX}_{name}", text, labels=["upstream"])
             for upstream, count in sorted(counts.items()):
@@ -65,6 +75,8 @@ class RegistryCollector(Collector):
             ("verify_failures", stats.verify_failures, "Upstream content failing its digest."),
             ("evictions", store.evictions, "Store entries evicted to stay under budget."),
             ("evicted_bytes", store.evicted_bytes, "Bytes evicted to stay under budget."),
+            ("store_write_failures", store.write_failures, "Store writes that failed."),
+            ("store_corrupt_removed", store.corrupt_removed, "Stored files found damaged."),
         ):
             yield CounterMetricFamily(f"{PREFIX}_{name}", text, value=value)
         yield GaugeMetricFamily(f"{PREFIX}_store_bytes", "Bytes in the store.", value=store.size)

@@ -23,6 +23,10 @@ class Stats:
     # upstream name -> body bytes received from it.
     upstream_bytes: Counter[str] = field(default_factory=Counter)
     upstream_errors: Counter[str] = field(default_factory=Counter)
+    # upstream name -> requests failed at once inside an upstream's Retry-After period.
+    backoff_refusals: Counter[str] = field(default_factory=Counter)
+    # upstream name -> anonymous requests made to tell public from private repositories.
+    visibility_checks: Counter[str] = field(default_factory=Counter)
     # upstream name -> last `ratelimit-remaining` value it reported.
     ratelimit_remaining: dict[str, int] = field(default_factory=dict)
     stale_serves: int = 0

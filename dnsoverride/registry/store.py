@@ -8,14 +8,22 @@ Layout under the storage root::
     tmp/                           downloads in progress (removed at start-up)
 
 Content is written to `tmp/`, fsynced, then renamed into place, so a reader never sees
-a half-written file. The store tracks access order itself (not filesystem atime) and
-evicts least-recently-used content down to the low watermark when the budget's high
-watermark is passed, skipping anything pinned (being served). It knows nothing of HTTP.
+a half-written file. Every write checks its byte count (`os.write` may write less) and the
+file's length is checked against the expected size before the rename; a failed or short
+write removes the temp file and raises `StoreWriteError`, leaving no entry. The size is
+recorded at commit and compared with the file's on every lookup. A write that fails for
+lack of space makes the store report itself not ready (`not_ready()`, with the free space)
+until such a write would fit again.
+
+The store tracks access order itself (not filesystem atime) and evicts
+least-recently-used content down to the low watermark when the budget's high watermark is
+passed, skipping anything pinned (being served). It knows nothing of HTTP.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import tempfile
@@ -44,6 +52,15 @@ class TagRecord:
     checked: float  # wall-clock time of the last successful upstream check
 
 
+class StoreWriteError(Exception):
+    """Content could not be written to the store (disk full, I/O error, short write)."""
+
+    def __init__(self, message: str, no_space: bool = False) -> None:
+        super().__init__(message)
+        self.message = message
+        self.no_space = no_space
+
+
 @dataclass
 class StoreStats:
     entries: int = 0
@@ -51,6 +68,8 @@ class StoreStats:
     evictions: int = 0
     evicted_bytes: int = 0
     temp_removed: int = 0
+    write_failures: int = 0
+    corrupt_removed: int = 0
 
 
 class Store:
@@ -63,6 +82,9 @@ class Store:
         self._pins: Counter[str] = Counter()
         self._touched: set[str] = set()
         self.stats = StoreStats()
+        # Bytes a write needed when it last failed for lack of space; None when writes work.
+        self._needed: int | None = None
+        self._largest_warned = False
 
     # -- start-up -----------------------------------------------------------------------
     def open(self) -> None:
@@ -95,9 +117,31 @@ class Store:
             temp_removed=self.stats.temp_removed,
         )
 
+    def free_bytes(self) -> int:
+        info = os.statvfs(self.tmp_dir)
+        return info.f_bavail * info.f_frsize
+
+    def not_ready(self) -> str | None:
+        """Why new content cannot be stored now (the daemon's readiness); None when it can.
+
+        After a write failed for lack of space the store stays not ready until that write
+        would fit: then the next write is given its chance.
+        """
+        if not os.access(self.tmp_dir, os.W_OK | os.X_OK):
+            return f"store {self.root}: {self.tmp_dir} is not writable"
+        if self._needed is None:
+            return None
+        free = self.free_bytes()
+        if free > self._needed:
+            self._needed = None
+            return None
+        return (
+            f"store {self.root}: writes fail for lack of space "
+            f"({free} bytes free, the last failed write needed {self._needed})"
+        )
+
     def writable(self) -> bool:
-        """Whether new downloads can be written (the daemon's readiness)."""
-        return os.access(self.tmp_dir, os.W_OK | os.X_OK)
+        return self.not_ready() is None
 
     # -- content ------------------------------------------------------------------------
     def path(self, kind: Kind, digest: Digest) -> Path:
@@ -115,8 +159,13 @@ class Store:
         if key not in self._entries:
             return None
         path = self.path(kind, digest)
-        if not path.exists():  # removed behind our back: forget it
+        try:
+            size = path.stat().st_size
+        except OSError:  # removed behind our back: forget it
             self._forget(key)
+            return None
+        if size != self._entries[key]:
+            self.remove_corrupt(kind, digest, f"{size} bytes on disk, {self._entries[key]} stored")
             return None
         self._entries.move_to_end(key)
         self._touched.add(key)
@@ -126,9 +175,56 @@ class Store:
         """Whether `digest` is stored, from the index alone (no stat, no LRU touch)."""
         return f"{kind}/{digest}" in self._entries
 
+    def remove_corrupt(self, kind: Kind, digest: Digest, why: str) -> None:
+        """Drop a stored file that no longer is what was committed (size or digest)."""
+        key = f"{kind}/{digest}"
+        log.error("store_corrupt_removed", key=key, reason=why)
+        with contextlib.suppress(OSError):
+            self.path(kind, digest).unlink()
+        if key in self._entries:
+            self._forget(key)
+        self.stats.corrupt_removed += 1
+
     def new_temp(self) -> tuple[int, Path]:
-        fd, name = tempfile.mkstemp(dir=self.tmp_dir, prefix="dl-")
+        try:
+            fd, name = tempfile.mkstemp(dir=self.tmp_dir, prefix="dl-")
+        except OSError as error:
+            raise self.write_failed(error, "creating a temp file", 0) from error
         return fd, Path(name)
+
+    @staticmethod
+    def write_all(fd: int, data: bytes) -> None:
+        """Write all of `data`: `os.write` may write less than asked (a full disk, a signal)."""
+        view = memoryview(data)
+        while view:
+            written = os.write(fd, view)
+            if written <= 0:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            view = view[written:]
+
+    def write_failed(self, error: OSError, what: str, needed: int) -> StoreWriteError:
+        """The StoreWriteError for `error`, remembering a lack of space for readiness."""
+        self.stats.write_failures += 1
+        no_space = error.errno in (errno.ENOSPC, errno.EDQUOT)
+        reason = f"store write failed {what}: {error.strerror or error}"
+        if no_space:
+            free = self.free_bytes()
+            self._needed = max(needed, self._needed or 0, 1)
+            reason += f" ({free} bytes free in {self.root})"
+        return StoreWriteError(reason, no_space)
+
+    def check_fits(self, size: int) -> None:
+        """Warn once when one item is larger than the budget's high watermark allows."""
+        if self.budget is None or size <= self.budget.high or self._largest_warned:
+            return
+        self._largest_warned = True
+        log.warning(
+            "store_budget_too_small",
+            max_size=self.budget.max_size,
+            high_watermark_bytes=self.budget.high,
+            item_size=size,
+            reason="max_size is smaller than a blob: it evicts everything else when stored",
+        )
 
     @staticmethod
     def sync_close(fd: int) -> None:
@@ -139,10 +235,23 @@ class Store:
             os.close(fd)
 
     def commit(self, kind: Kind, digest: Digest, temp: Path, size: int) -> Path:
-        """Rename a verified, synced temp file into place and account for it."""
+        """Rename a verified, synced temp file of `size` bytes into place and account for it.
+
+        Raises StoreWriteError (and removes the temp file) when the file is not `size`
+        bytes long or cannot be renamed.
+        """
         target = self.path(kind, digest)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(temp, target)
+        try:
+            on_disk = temp.stat().st_size
+            if on_disk != size:
+                raise OSError(errno.EIO, f"short write: {on_disk} of {size} bytes on disk")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(temp, target)
+        except OSError as error:
+            self.discard(temp)
+            raise self.write_failed(error, f"committing {kind} {digest}", size) from error
+        self._needed = None
+        self.check_fits(size)
         key = f"{kind}/{digest}"
         if key in self._entries:
             self.stats.size -= self._entries[key]
@@ -156,15 +265,21 @@ class Store:
 
     def put_bytes(self, kind: Kind, digest: Digest, data: bytes) -> Path:
         """Store small verified content (manifests) synchronously."""
+        temp = self._write_file(data, f"{kind} {digest}")
+        return self.commit(kind, digest, temp, len(data))
+
+    def _write_file(self, data: bytes, what: str) -> Path:
+        """A synced temp file holding exactly `data`; StoreWriteError leaves none behind."""
         fd, temp = self.new_temp()
         try:
-            os.write(fd, data)
-        except BaseException:
-            os.close(fd)
+            try:
+                self.write_all(fd, data)
+            finally:
+                self.sync_close(fd)
+        except OSError as error:
             self.discard(temp)
-            raise
-        self.sync_close(fd)
-        return self.commit(kind, digest, temp, len(data))
+            raise self.write_failed(error, f"writing {what}", len(data)) from error
+        return temp
 
     @staticmethod
     def discard(temp: Path) -> None:
@@ -226,16 +341,15 @@ class Store:
             return None
 
     def write_tag(self, upstream: str, name: str, tag: str, record: TagRecord) -> None:
+        """Persist a tag record; raises StoreWriteError (nothing half-written) on failure."""
         path = self._tag_path(upstream, name, tag)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, temp = self.new_temp()
-        with os.fdopen(fd, "w") as stream:
-            json.dump(
-                {
-                    "digest": record.digest,
-                    "media_type": record.media_type,
-                    "checked": record.checked,
-                },
-                stream,
-            )
-        os.replace(temp, path)
+        data = json.dumps(
+            {"digest": record.digest, "media_type": record.media_type, "checked": record.checked}
+        ).encode()
+        temp = self._write_file(data, f"tag {upstream}/{name}:{tag}")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(temp, path)
+        except OSError as error:
+            self.discard(temp)
+            raise self.write_failed(error, f"tag {upstream}/{name}:{tag}", len(data)) from error

@@ -1,0 +1,217 @@
+"""Who may read what: client identity, grants, and public versus private repositories.
+
+The cache may hold upstream credentials only to raise a pull-rate limit while serving
+public images to anonymous CI jobs, so privacy is decided per repository, not per
+upstream:
+
+- An upstream without credentials only ever gives the cache what it gives anyone: all of
+  it is public.
+- For an upstream with credentials, a repository is public when the upstream serves it
+  to an anonymous request: one anonymous HEAD (the request's own manifest or blob), the
+  verdict remembered for `visibility_ttl`. 401/403 makes it private; a 404 is answered
+  as the upstream answered the anonymous request; an upstream that cannot answer leaves
+  the last verdict in force, or fails the request (503) when there is none.
+- Private repositories are served only to clients a grant covers (`clients:` config:
+  htpasswd bcrypt users and/or source networks, each granted upstreams and repository
+  patterns); anyone else gets 401 with a `WWW-Authenticate: Basic` challenge.
+  `require_auth: true` extends that to everything.
+
+Stored content is shared between repositories only when it is public: a stored digest
+is served for (upstream, repository) when links.py links it there, or when one of its
+links is public; otherwise the request goes to that upstream, which decides.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import ipaddress
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import bcrypt
+import structlog
+from aiohttp import web
+
+from dnsoverride.registry.config import ClientsConfig
+from dnsoverride.registry.errors import RegistryError
+from dnsoverride.registry.links import Links, Owner
+from dnsoverride.registry.names import Digest
+from dnsoverride.registry.stats import Stats
+from dnsoverride.registry.store import Kind, Store
+from dnsoverride.registry.upstream import (
+    Upstream,
+    UpstreamDeniedError,
+    UpstreamUnavailableError,
+    as_registry_error,
+)
+
+log = structlog.get_logger(__name__)
+
+CHALLENGE = {"WWW-Authenticate": 'Basic realm="dnsoverride registry cache"'}
+_VERIFIED_ENTRIES = 256
+
+
+@dataclass(frozen=True)
+class Probe:
+    """The anonymous request that tells whether a repository is public, and the error a
+    client gets when the upstream answers it with 404."""
+
+    path: str
+    unknown: RegistryError
+
+
+@dataclass
+class _Verdict:
+    public: bool
+    until: float
+
+
+def challenge(message: str) -> RegistryError:
+    return RegistryError("UNAUTHORIZED", message, headers=CHALLENGE)
+
+
+class Access:
+    def __init__(
+        self,
+        config: ClientsConfig,
+        upstreams: dict[str, Upstream],
+        store: Store,
+        links: Links,
+        stats: Stats,
+    ) -> None:
+        self.config = config
+        self.upstreams = upstreams
+        self.store = store
+        self.links = links
+        self.stats = stats
+        self._hashes = dict(config.users)
+        # Authorization header -> user, for headers bcrypt has already accepted (a check
+        # costs ~100 ms of CPU; a pull sends the header with every request).
+        self._verified: OrderedDict[str, str] = OrderedDict()
+        self._verdicts: dict[Owner, _Verdict] = {}
+        self._probes: dict[Owner, asyncio.Future[bool]] = {}
+
+    @property
+    def require_auth(self) -> bool:
+        return self.config.require_auth
+
+    # -- identity -------------------------------------------------------------------------
+    async def identify(self, request: web.Request) -> str | None:
+        """The authenticated user of `request`, None for an anonymous one.
+
+        Wrong credentials are a 401, never a silent downgrade to anonymous. An empty user
+        and password (what skopeo sends to a Basic challenge when it has none) is anonymous.
+        """
+        header = request.headers.get("Authorization")
+        if not header:
+            return None
+        user = self._verified.get(header)
+        if user is not None:
+            self._verified.move_to_end(header)
+            return user
+        scheme, _, encoded = header.partition(" ")
+        if scheme.lower() != "basic":
+            raise challenge(f"unsupported Authorization scheme {scheme[:20]!r} (use Basic)")
+        try:
+            user, _, password = base64.b64decode(encoded, validate=True).decode().partition(":")
+        except (binascii.Error, UnicodeDecodeError):
+            raise challenge("malformed Basic credentials") from None
+        if not user and not password:
+            return None
+        hashed = self._hashes.get(user)
+        # Verified off the loop: bcrypt takes its time by design.
+        if hashed is None or not await asyncio.to_thread(bcrypt.checkpw, password.encode(), hashed):
+            raise challenge(f"invalid username or password for {user[:100]!r}")
+        self._verified[header] = user
+        while len(self._verified) > _VERIFIED_ENTRIES:
+            self._verified.popitem(last=False)
+        return user
+
+    def granted(self, address: str | None, user: str | None, upstream: str, name: str) -> bool:
+        """Whether a grant covers this client for (upstream, repository)."""
+        ip = _address(address)
+        for grant in self.config.grants:
+            if not grant.covers(upstream, name):
+                continue
+            if user is not None and user in grant.users:
+                return True
+            if ip is not None and any(ip in network for network in grant.networks):
+                return True
+        return False
+
+    def challenges(self) -> bool:
+        """Whether `/v2/` asks anonymous clients for credentials (users are configured):
+        clients like skopeo only send credentials after a challenge at `/v2/`."""
+        return bool(self._hashes) or self.require_auth
+
+    # -- public or private ----------------------------------------------------------------
+    async def public(self, upstream: Upstream, name: str, probe: Probe) -> bool:
+        """Whether (upstream, repository) is served to anonymous requests."""
+        if not upstream.has_credentials:
+            return True
+        owner = (upstream.name, name)
+        verdict = self._verdicts.get(owner)
+        if verdict is not None and verdict.until > time.monotonic():
+            return verdict.public
+        task = self._probes.get(owner)
+        if task is None:
+            task = asyncio.ensure_future(self._probe(upstream, name, probe))
+            self._probes[owner] = task
+            task.add_done_callback(lambda _: self._probes.pop(owner, None))
+        return await asyncio.shield(task)
+
+    async def _probe(self, upstream: Upstream, name: str, probe: Probe) -> bool:
+        owner = (upstream.name, name)
+        self.stats.visibility_checks[upstream.name] += 1
+        try:
+            response = await upstream.request("HEAD", name, probe.path, anonymous=True)
+            response.release()
+        except UpstreamDeniedError:
+            public = False
+        except UpstreamUnavailableError as error:
+            stale = self._verdicts.get(owner)
+            if stale is None:
+                raise as_registry_error(error) from error
+            log.warning(
+                "visibility_stale",
+                upstream=upstream.name,
+                name=name,
+                public=stale.public,
+                reason=str(error),
+            )
+            return stale.public
+        else:
+            if response.status == 404:
+                raise probe.unknown
+            public = True
+        self._verdicts[owner] = _Verdict(public, time.monotonic() + self.config.visibility_ttl)
+        log.info("visibility_checked", upstream=upstream.name, name=name, public=public)
+        return public
+
+    def known_public(self, owner: Owner) -> bool:
+        upstream = self.upstreams.get(owner[0])
+        if upstream is not None and not upstream.has_credentials:
+            return True
+        verdict = self._verdicts.get(owner)
+        return verdict is not None and verdict.public
+
+    def store_has(self, kind: Kind, digest: Digest) -> bool:
+        return self.store.has(kind, digest)
+
+    def shareable(self, kind: Kind, digest: Digest, owner: Owner) -> bool:
+        """Whether stored `digest` may be served for `owner` without asking its upstream."""
+        if self.links.linked(kind, digest, owner):
+            return True
+        return any(self.known_public(other) for other in self.links.owners(kind, digest))
+
+
+def _address(text: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    if not text:
+        return None
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None

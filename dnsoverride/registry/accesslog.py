@@ -1,0 +1,71 @@
+"""The access log: one structlog event per request, written after the response is sent.
+
+aiohttp calls `AccessLogger.log` once a response has gone out (or the connection ended),
+with the time it took; the event names the request (method, path, upstream, client and
+user), its status, body bytes sent, duration and the cache's part in it (`cache`:
+hit/miss/coalesced/stale, set by the handlers through `note_cache`). An error response
+carries its OCI code and message (`error_code`, `error`), so every failure is one line
+that names the request and the reason. Successful requests log at info, client errors
+(4xx) and upstream failures (5xx) at warning.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextvars import ContextVar
+
+import structlog
+from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
+from aiohttp.web_request import BaseRequest
+
+log = structlog.get_logger("dnsoverride.registry.access")
+
+# What the cache did for the current request; handlers run in the request's own task.
+_cache_result: ContextVar[str | None] = ContextVar("cache_result", default=None)
+
+UPSTREAM_KEY = "upstream"
+USER_KEY = "user"
+ERROR_KEY = "error"
+
+
+def note_cache(result: str) -> None:
+    """Record hit/miss/coalesced/stale for the access log line of the current request."""
+    _cache_result.set(result)
+
+
+def cache_result() -> str | None:
+    return _cache_result.get()
+
+
+def remember(request: web.Request, key: str, value: object) -> None:
+    """Keep a field (upstream, user, error, cache) with the request for its log line."""
+    request[key] = value
+
+
+class AccessLogger(AbstractAccessLogger):
+    """aiohttp's access-log hook, writing structlog events instead of formatted lines."""
+
+    def __init__(self, logger: logging.Logger, log_format: str) -> None:
+        super().__init__(logger, log_format)
+
+    def log(self, request: BaseRequest, response: web.StreamResponse, time: float) -> None:
+        fields: dict[str, object] = {
+            "method": request.method,
+            "path": request.path_qs,
+            "status": response.status,
+            "bytes": response.body_length,
+            "duration_ms": round(time * 1000, 1),
+            "client": request.remote,
+        }
+        for key in (UPSTREAM_KEY, USER_KEY, "cache"):
+            value = request.get(key)
+            if value is not None:
+                fields[key] = value
+        error = request.get(ERROR_KEY)
+        if isinstance(error, tuple):
+            fields["error_code"], fields["error"] = error
+        if response.status >= 400:
+            log.warning("request", **fields)
+        else:
+            log.info("request", **fields)
