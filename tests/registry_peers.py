@@ -330,6 +330,19 @@ class CacheProcess(_OnLoopback):
     def logs(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def wait_log(self, *needles: str, timeout: float = 10.0) -> list[str]:
+        """The log lines holding every one of `needles`, once there is at least one.
+
+        The access log line of a request is written after its response has gone out, so
+        a client can read the response before the line is there.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            lines = [line for line in self.logs().splitlines() if all(n in line for n in needles)]
+            if lines or time.monotonic() > deadline:
+                return lines
+            time.sleep(0.02)
+
     def assert_clean_logs(self) -> None:
         """No traceback ever reached the log (every failure is handled)."""
         assert "Traceback" not in self.logs(), self.logs()

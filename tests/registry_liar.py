@@ -1,0 +1,199 @@
+"""A lying upstream registry for the cache's tests: an aiohttp server on loopback.
+
+It serves the manifests and blobs it is given under the distribution API paths, and on
+request misbehaves the way real upstreams and middleboxes do:
+
+- `chunk`: bodies go out in many small writes (`chunk` bytes each, a pause between);
+- `digest_header=False`: no `Docker-Content-Digest` (allowed for by-tag answers);
+- `html`: references answered `200 text/html` with a login page (a captive portal);
+- `length_delta`: Content-Length off by this many bytes (positive: the body is short
+  and the connection closes; negative: the body is cut to the declared length);
+- `stall`: seconds of silence before the answer (HEAD and GET alike);
+- `fail`: (status, headers) for every `/v2/<name>/...` request, e.g. 429 + Retry-After;
+- `token`: None (no auth), "ok" (Bearer tokens from /token), "html" (the token server
+  answers a login page) or "hang" (the token server never answers).
+
+Every request is recorded in `requests` as (method, path), token requests too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from tests.registry_peers import OCI_INDEX, OCI_MANIFEST, free_port
+
+OCI_LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
+OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+LOGIN_PAGE = b"<!DOCTYPE html><html><head><title>Sign in</title></head><body>Wi-Fi login</body></html>"
+
+
+def digest_of(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def _descriptor(media_type: str, data: bytes) -> dict[str, Any]:
+    return {"mediaType": media_type, "digest": digest_of(data), "size": len(data)}
+
+
+def real_size_manifest(size: int, layers: int = 12) -> tuple[bytes, dict[str, bytes]]:
+    """An OCI image manifest of about `size` bytes (layers plus annotations, as real
+    many-layer images and build tools make them) and its blobs."""
+    blobs = {}
+    config = json.dumps({"architecture": "amd64", "os": "linux", "n": os.urandom(8).hex()})
+    blobs[digest_of(config.encode())] = config.encode()
+    layer_descriptors = []
+    for _ in range(layers):
+        layer = os.urandom(512)
+        blobs[digest_of(layer)] = layer
+        layer_descriptors.append(_descriptor(OCI_LAYER, layer))
+    document: dict[str, Any] = {
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": _descriptor(OCI_CONFIG, config.encode()),
+        "layers": layer_descriptors,
+        "annotations": {},
+    }
+    filler = 0
+    while len(json.dumps(document)) < size:
+        document["annotations"][f"org.example.build.step{filler}"] = os.urandom(48).hex()
+        filler += 1
+    return json.dumps(document).encode(), blobs
+
+
+def real_size_index(manifests: list[bytes], size: int = 0) -> bytes:
+    """An OCI index over `manifests` (one platform each), padded to about `size` bytes."""
+    arches = ["amd64", "arm64", "arm", "386", "ppc64le", "s390x", "riscv64", "mips64le"]
+    entries = []
+    for number, manifest in enumerate(manifests):
+        entry = _descriptor(OCI_MANIFEST, manifest)
+        entry["platform"] = {"os": "linux", "architecture": arches[number % len(arches)]}
+        if number >= len(arches):
+            entry["platform"]["variant"] = f"v{number}"
+        entries.append(entry)
+    document: dict[str, Any] = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": entries}
+    filler = 0
+    while len(json.dumps(document)) < size:
+        document.setdefault("annotations", {})[f"org.example.attestation{filler}"] = os.urandom(
+            48
+        ).hex()
+        filler += 1
+    return json.dumps(document).encode()
+
+
+@dataclass
+class LyingRegistry:
+    # reference (tag or digest) -> (body, media type), per repository name
+    manifests: dict[tuple[str, str], tuple[bytes, str]] = field(default_factory=dict)
+    blobs: dict[str, bytes] = field(default_factory=dict)
+    chunk: int | None = None
+    digest_header: bool = True
+    html: set[str] = field(default_factory=set)
+    length_delta: int = 0
+    stall: float = 0.0
+    fail: tuple[int, dict[str, str]] | None = None
+    token: str | None = None
+    requests: list[tuple[str, str]] = field(default_factory=list)
+    port: int = field(default_factory=free_port)
+    runner: web.AppRunner | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def add_manifest(self, name: str, tag: str, body: bytes, media_type: str) -> str:
+        digest = digest_of(body)
+        self.manifests[(name, tag)] = (body, media_type)
+        self.manifests[(name, digest)] = (body, media_type)
+        return digest
+
+    def upstream_requests(self, kind: str = "/manifests/") -> list[tuple[str, str]]:
+        return [(method, path) for method, path in self.requests if kind in path]
+
+    async def start(self) -> LyingRegistry:
+        app = web.Application()
+        app.router.add_get("/token", self._token)
+        app.router.add_route("*", "/v2/{tail:.*}", self._v2)
+        self.runner = web.AppRunner(app, access_log=None)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
+        return self
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+
+    async def __aenter__(self) -> LyingRegistry:
+        return await self.start()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    async def _token(self, request: web.Request) -> web.StreamResponse:
+        self.requests.append((request.method, request.path_qs))
+        if self.token == "html":
+            return web.Response(body=LOGIN_PAGE, content_type="text/html")
+        if self.token == "hang":
+            await asyncio.sleep(3600)
+        return web.json_response({"token": "t0k", "expires_in": 300})
+
+    async def _v2(self, request: web.Request) -> web.StreamResponse:
+        self.requests.append((request.method, request.path_qs))
+        tail = request.match_info["tail"]
+        if self.token is not None and request.headers.get("Authorization") != "Bearer t0k":
+            challenge = f'Bearer realm="{self.url}/token",service="liar"'
+            return web.Response(status=401, headers={"WWW-Authenticate": challenge})
+        if not tail:
+            return web.json_response({})
+        if self.fail is not None:
+            status, headers = self.fail
+            return web.json_response(
+                {"errors": [{"code": "TOOMANYREQUESTS"}]}, status=status, headers=headers
+            )
+        name, _, rest = tail.rpartition("/")
+        name, _, kind = name.rpartition("/")
+        if kind == "manifests":
+            if rest in self.html:
+                return await self._send(request, LOGIN_PAGE, "text/html", None)
+            found = self.manifests.get((name, rest))
+            if found is None:
+                return web.json_response({"errors": [{"code": "MANIFEST_UNKNOWN"}]}, status=404)
+            body, media_type = found
+            return await self._send(request, body, media_type, digest_of(body))
+        if kind == "blobs" and rest in self.blobs:
+            return await self._send(request, self.blobs[rest], "application/octet-stream", rest)
+        return web.json_response({"errors": [{"code": "BLOB_UNKNOWN"}]}, status=404)
+
+    async def _send(
+        self, request: web.Request, body: bytes, media_type: str, digest: str | None
+    ) -> web.StreamResponse:
+        headers = {"Content-Type": media_type}
+        if digest is not None and self.digest_header:
+            headers["Docker-Content-Digest"] = digest
+        if self.stall:
+            await asyncio.sleep(self.stall)
+        response = web.StreamResponse(headers=headers)
+        response.content_length = len(body) + self.length_delta
+        with contextlib.suppress(ConnectionResetError):  # the cache may have hung up
+            await response.prepare(request)
+        if request.method == "HEAD" or request.transport is None or request.transport.is_closing():
+            return response
+        step = self.chunk or len(body)
+        with contextlib.suppress(ConnectionResetError):  # the cache may hang up first
+            for start in range(0, len(body), step):
+                await response.write(body[start : start + step])
+                if self.chunk:
+                    await asyncio.sleep(0.002)  # each piece its own TCP segment
+        if self.length_delta > 0:  # promised more than it sends: hang up
+            assert request.transport is not None
+            request.transport.close()
+            return response
+        await response.write_eof()
+        return response

@@ -1,0 +1,322 @@
+"""The cache against a lying upstream (tests/registry_liar.py): real-size manifests in many
+small writes, HTML 200s, wrong Content-Length, stalls, token servers answering HTML or
+nothing, 429 with Retry-After. Nothing unverified is stored or served as complete.
+
+Tests marked "fails before the fix" reproduce a reported bug (issue 9) and were run
+against the code before it (main at d97161d), where they fail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.registry_fixtures import StartCache
+from tests.registry_liar import (
+    LyingRegistry,
+    digest_of,
+    real_size_index,
+    real_size_manifest,
+)
+from tests.registry_peers import OCI_INDEX, OCI_MANIFEST, CacheProcess
+
+pytestmark = pytest.mark.timeout(120)
+SIZES = (5 << 10, 12 << 10, 42 << 10, 60 << 10)
+
+
+@pytest.fixture
+async def liar() -> AsyncIterator[LyingRegistry]:
+    async with LyingRegistry() as server:
+        yield server
+
+
+def stored(cache: CacheProcess, kind: str = "manifests") -> dict[str, bytes]:
+    root = cache.storage / kind / "sha256"
+    return {f"sha256:{p.name}": p.read_bytes() for p in root.glob("*/*")} if root.exists() else {}
+
+
+def assert_store_verified(cache: CacheProcess) -> None:
+    """Every stored file hashes to its name, and no temp file is left."""
+    for kind in ("manifests", "blobs"):
+        for digest, data in stored(cache, kind).items():
+            assert digest_of(data) == digest, f"{kind} {digest} is corrupt ({len(data)} bytes)"
+    assert cache.temp_files() == []
+
+
+async def _error(response: aiohttp.ClientResponse) -> tuple[str, str]:
+    error = json.loads(await response.read())["errors"][0]
+    return str(error["code"]), str(error["message"])
+
+
+@pytest.mark.parametrize("digest_header", [True, False])
+async def test_real_size_manifests_in_many_small_writes(
+    liar: LyingRegistry,
+    start_cache: StartCache,
+    http: aiohttp.ClientSession,
+    digest_header: bool,
+) -> None:
+    """Fails before the fix: one `read(4 MiB + 1)` returned whatever had arrived; with a
+    digest header that was a spurious 502, without one a truncated manifest was stored."""
+    liar.chunk = 1460  # one TCP segment's worth per write
+    liar.digest_header = digest_header
+    expected = {}
+    for size in SIZES:
+        body, _ = real_size_manifest(size)
+        expected[f"size{size}"] = (body, liar.add_manifest(f"ci/m{size}", "v1", body, OCI_MANIFEST))
+    children = [real_size_manifest(5 << 10, layers=20)[0] for _ in range(12)]
+    for number, child in enumerate(children):
+        liar.add_manifest("ci/multi", f"p{number}", child, OCI_MANIFEST)
+    index = real_size_index(children, size=20 << 10)
+    expected["index"] = (index, liar.add_manifest("ci/multi", "v1", index, OCI_INDEX))
+    cache = start_cache(liar.url)
+    accept = {"Accept": f"{OCI_INDEX}, {OCI_MANIFEST}"}
+    for key, (body, digest) in expected.items():
+        name = "ci/multi" if key == "index" else f"ci/m{key[4:]}"
+        for reference in ("v1", digest):
+            url = f"{cache.url}/v2/{name}/manifests/{reference}"
+            async with http.get(url, headers=accept) as response:
+                assert response.status == 200, await response.text()
+                assert await response.read() == body
+                assert response.headers["Docker-Content-Digest"] == digest
+    # The index's platforms, by digest, as a client would ask next.
+    for child in children:
+        async with http.get(f"{cache.url}/v2/ci/multi/manifests/{digest_of(child)}") as response:
+            assert response.status == 200
+            assert await response.read() == child
+    assert set(stored(cache)) == {d for _, d in expected.values()} | set(map(digest_of, children))
+    assert_store_verified(cache)
+
+
+async def test_html_200_is_refused_and_never_stored(
+    liar: LyingRegistry, start_cache: StartCache, http: aiohttp.ClientSession
+) -> None:
+    """Fails before the fix: a by-tag answer without digest header was stored unchecked,
+    so a captive portal's login page was cached, tagged and served as the manifest."""
+    body, _ = real_size_manifest(8 << 10)
+    digest = liar.add_manifest("ci/app", "v1", body, OCI_MANIFEST)
+    liar.digest_header = False
+    liar.html = {"v1"}
+    cache = start_cache(liar.url)
+    url = f"{cache.url}/v2/ci/app/manifests/v1"
+    for _ in range(2):
+        async with http.get(url) as response:
+            assert response.status == 502
+            code, message = await _error(response)
+            assert code == "MANIFEST_INVALID"
+            assert "not JSON (text/html" in message
+    # Not stored, not tagged: the second client asked the upstream again.
+    assert stored(cache) == {}
+    assert len(liar.upstream_requests()) == 2
+    assert not list((cache.storage / "tags").rglob("v1"))
+    liar.html = set()
+    async with http.get(url) as response:
+        assert response.status == 200
+        assert await response.read() == body
+    assert set(stored(cache)) == {digest}
+    assert_store_verified(cache)
+
+
+@pytest.mark.parametrize("digest_header", [True, False])
+@pytest.mark.parametrize("delta", [100, -100])
+async def test_wrong_content_length_stores_nothing(
+    liar: LyingRegistry,
+    start_cache: StartCache,
+    http: aiohttp.ClientSession,
+    digest_header: bool,
+    delta: int,
+) -> None:
+    """+100: the body is short and the connection closes; -100: the body is cut to a
+    Content-Length that is too small. Either way nothing is stored or served."""
+    body, blobs = real_size_manifest(12 << 10)
+    liar.add_manifest("ci/app", "v1", body, OCI_MANIFEST)
+    liar.blobs.update(blobs)
+    liar.digest_header = digest_header
+    liar.length_delta = delta
+    cache = start_cache(liar.url)
+    async with http.get(f"{cache.url}/v2/ci/app/manifests/v1") as response:
+        assert response.status == 502
+        code, message = await _error(response)
+        assert code in ("MANIFEST_INVALID", "DIGEST_INVALID", "UNAVAILABLE"), message
+    blob = next(iter(blobs))
+    async with http.get(f"{cache.url}/v2/ci/app/blobs/{blob}") as response:
+        try:
+            data: bytes | None = await response.read()
+        except aiohttp.ClientPayloadError:
+            data = None
+        assert response.status != 200 or data is None  # never served as complete
+    assert stored(cache) == {}
+    assert stored(cache, "blobs") == {}
+    assert_store_verified(cache)
+
+
+async def test_stalled_upstream_times_out_and_serves_stale_when_it_can(
+    liar: LyingRegistry, start_cache: StartCache, http: aiohttp.ClientSession
+) -> None:
+    body, blobs = real_size_manifest(6 << 10, layers=2)
+    liar.add_manifest("ci/app", "v1", body, OCI_MANIFEST)
+    liar.add_manifest("ci/app", "v2", real_size_manifest(6 << 10)[0], OCI_MANIFEST)
+    liar.blobs.update(blobs)
+    config = {
+        "upstreams": [{"url": liar.url}],
+        "tag_ttl": 0,
+        "timeouts": {"connect": 0.5, "idle": 0.5},
+    }
+    cache = start_cache(config=config)
+    async with http.get(f"{cache.url}/v2/ci/app/manifests/v1") as response:
+        assert response.status == 200
+    for blob in blobs:
+        async with http.get(f"{cache.url}/v2/ci/app/blobs/{blob}") as response:
+            assert response.status == 200
+    liar.stall = 5
+    started = time.monotonic()
+    async with http.get(f"{cache.url}/v2/ci/app/manifests/v2") as response:
+        assert response.status == 503
+        code, message = await _error(response)
+        assert code == "UNAVAILABLE"
+    assert time.monotonic() - started < 2.5
+    async with http.get(f"{cache.url}/v2/ci/app/manifests/v1") as response:
+        assert response.status == 200  # stale: the revalidation stalled
+        assert await response.read() == body
+    assert cache.wait_log('"cache": "stale"')
+    assert len(stored(cache)) == 1
+    assert_store_verified(cache)
+
+
+async def test_token_server_answering_html_is_a_502_with_the_reason(
+    liar: LyingRegistry, start_cache: StartCache, http: aiohttp.ClientSession
+) -> None:
+    """Fails before the fix: a plain-text 500 and a traceback."""
+    liar.add_manifest("ci/app", "v1", real_size_manifest(6 << 10)[0], OCI_MANIFEST)
+    liar.token = "html"
+    cache = start_cache(liar.url)
+    async with http.get(f"{cache.url}/v2/ci/app/manifests/v1") as response:
+        assert response.status == 502
+        code, message = await _error(response)
+    assert code == "UNAVAILABLE"
+    assert "text/html" in message and "without a token" in message
+    lines = cache.wait_log("/v2/ci/app/manifests/v1")
+    assert len(lines) == 1 and "without a token" in lines[0]
+    assert stored(cache) == {}
+
+
+async def test_hanging_token_server_costs_each_waiter_one_timeout(
+    liar: LyingRegistry, start_cache: StartCache, http: aiohttp.ClientSession
+) -> None:
+    """Fails before the fix: waiters queued on a lock and each waited its own timeout in
+    turn (1, 2, 3, 4 x the timeout)."""
+    liar.token = "hang"
+    config = {"upstreams": [{"url": liar.url}], "timeouts": {"connect": 0.5, "idle": 1}}
+    cache = start_cache(config=config)
+
+    async def timed(tag: str) -> tuple[int, float]:
+        started = time.monotonic()
+        async with http.get(f"{cache.url}/v2/ci/app/manifests/{tag}") as response:
+            return response.status, time.monotonic() - started
+
+    results = await asyncio.gather(*(timed(f"t{n}") for n in range(4)))
+    assert [status for status, _ in results] == [503] * 4
+    # One token request for all four, bounded by connect + idle = 1.5 s.
+    assert max(elapsed for _, elapsed in results) < 2.5
+    assert len([path for _, path in liar.requests if path.startswith("/token")]) == 1
+    assert "did not answer within" in cache.logs()
+
+
+async def test_429_retry_after_is_passed_on_and_not_asked_again(
+    liar: LyingRegistry, start_cache: StartCache, http: aiohttp.ClientSession
+) -> None:
+    """Fails before the fix: Retry-After was dropped and every client retry was another
+    upstream request."""
+    body, blobs = real_size_manifest(6 << 10, layers=0)
+    liar.add_manifest("ci/app", "v1", body, OCI_MANIFEST)
+    liar.blobs.update(blobs)
+    cache = start_cache(config={"upstreams": [{"url": liar.url}], "tag_ttl": 0})
+    async with http.get(f"{cache.url}/v2/ci/app/manifests/v1") as response:
+        assert response.status == 200
+    for blob in blobs:  # the config blob: a stale manifest is served only when complete
+        async with http.get(f"{cache.url}/v2/ci/app/blobs/{blob}") as response:
+            assert response.status == 200
+    liar.fail = (429, {"Retry-After": "30"})
+    before = len(liar.requests)
+    retries = 10
+    for _ in range(retries):
+        async with http.get(f"{cache.url}/v2/ci/app/manifests/v1") as response:
+            assert response.status == 200, await response.text()  # stale
+            assert await response.read() == body
+        async with http.get(f"{cache.url}/v2/ci/app/manifests/v2") as response:
+            assert response.status == 429
+            assert 1 <= int(response.headers["Retry-After"]) <= 30
+            assert (await _error(response))[0] == "TOOMANYREQUESTS"
+    upstream_requests = len(liar.requests) - before
+    # 20 client requests in the Retry-After period: one upstream request.
+    assert upstream_requests == 1, liar.requests[before:]
+    print(f"429: {2 * retries} client requests -> {upstream_requests} upstream request(s)")
+
+
+async def test_uploads_is_a_repository_name_outside_the_push_api(
+    liar: LyingRegistry, start_cache: StartCache, http: aiohttp.ClientSession
+) -> None:
+    """Fails before the fix: any path segment `uploads` was taken as the push API (405)."""
+    body, _ = real_size_manifest(5 << 10)
+    liar.add_manifest("team/uploads", "v1", body, OCI_MANIFEST)
+    cache = start_cache(liar.url)
+    async with http.get(f"{cache.url}/v2/team/uploads/manifests/v1") as response:
+        assert response.status == 200
+        assert await response.read() == body
+    for method, path in (
+        ("POST", "/v2/team/uploads/blobs/uploads/"),
+        ("GET", "/v2/team/app/blobs/uploads/0f3c"),
+        ("PUT", "/v2/team/uploads/manifests/v1"),
+    ):
+        async with http.request(method, cache.url + path) as response:
+            assert response.status == 405
+            assert (await _error(response))[0] == "UNSUPPORTED"
+
+
+async def test_index_by_digest_is_that_digest_or_an_error(
+    liar: LyingRegistry, start_cache: StartCache, http: aiohttp.ClientSession
+) -> None:
+    """Fails before the fix: an index asked for by digest with an Accept that excludes
+    indexes was answered with its linux/amd64 manifest, another digest."""
+    children = [real_size_manifest(5 << 10)[0] for _ in range(12)]
+    for number, child in enumerate(children):
+        liar.add_manifest("ci/multi", f"p{number}", child, OCI_MANIFEST)
+    index = real_size_index(children)
+    digest = liar.add_manifest("ci/multi", "v1", index, OCI_INDEX)
+    cache = start_cache(liar.url)
+    narrow = {"Accept": OCI_MANIFEST}
+    async with http.get(f"{cache.url}/v2/ci/multi/manifests/{digest}", headers=narrow) as response:
+        assert response.status == 404
+        code, message = await _error(response)
+        assert code == "MANIFEST_UNKNOWN" and "Accept" in message
+    async with http.get(f"{cache.url}/v2/ci/multi/manifests/{digest}") as response:
+        assert response.status == 200
+        assert response.headers["Docker-Content-Digest"] == digest
+    # By tag, a client that cannot take an index still gets the linux/amd64 manifest.
+    async with http.get(f"{cache.url}/v2/ci/multi/manifests/v1", headers=narrow) as response:
+        assert response.status == 200
+        assert response.headers["Docker-Content-Digest"] == digest_of(children[0])
+
+
+async def test_head_on_a_cold_tag_costs_one_upstream_head(
+    liar: LyingRegistry, start_cache: StartCache, http: aiohttp.ClientSession
+) -> None:
+    """Fails before the fix: a HEAD on a tag not cached made the cache GET the manifest."""
+    body, _ = real_size_manifest(20 << 10)
+    digest = liar.add_manifest("ci/app", "v1", body, OCI_MANIFEST)
+    cache = start_cache(liar.url)
+    async with http.head(f"{cache.url}/v2/ci/app/manifests/v1") as response:
+        assert response.status == 200
+        assert response.headers["Docker-Content-Digest"] == digest
+        assert int(response.headers["Content-Length"]) == len(body)
+        assert response.headers["Content-Type"] == OCI_MANIFEST
+    assert liar.upstream_requests() == [("HEAD", "/v2/ci/app/manifests/v1")]
+    async with http.get(f"{cache.url}/v2/ci/app/manifests/v1") as response:
+        assert await response.read() == body
+    assert hashlib.sha256(body).hexdigest() == digest.split(":")[1]
