@@ -103,6 +103,7 @@ class LyingRegistry:
     requests: list[tuple[str, str]] = field(default_factory=list)
     port: int = field(default_factory=free_port)
     runner: web.AppRunner | None = None
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
     def url(self) -> str:
@@ -127,6 +128,7 @@ class LyingRegistry:
         return self
 
     async def stop(self) -> None:
+        self.stopping.set()  # hanging handlers end, so the runner's cleanup need not wait
         if self.runner is not None:
             await self.runner.cleanup()
 
@@ -141,7 +143,7 @@ class LyingRegistry:
         if self.token == "html":
             return web.Response(body=LOGIN_PAGE, content_type="text/html")
         if self.token == "hang":
-            await asyncio.sleep(3600)
+            await self.stopping.wait()
         return web.json_response({"token": "t0k", "expires_in": 300})
 
     async def _v2(self, request: web.Request) -> web.StreamResponse:
@@ -178,7 +180,8 @@ class LyingRegistry:
         if digest is not None and self.digest_header:
             headers["Docker-Content-Digest"] = digest
         if self.stall:
-            await asyncio.sleep(self.stall)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), self.stall)
         response = web.StreamResponse(headers=headers)
         response.content_length = len(body) + self.length_delta
         with contextlib.suppress(ConnectionResetError):  # the cache may have hung up
