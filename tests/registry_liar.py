@@ -32,7 +32,9 @@ from tests.registry_peers import OCI_INDEX, OCI_MANIFEST, free_port
 
 OCI_LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
-LOGIN_PAGE = b"<!DOCTYPE html><html><head><title>Sign in</title></head><body>Wi-Fi login</body></html>"
+LOGIN_PAGE = (
+    b"<!DOCTYPE html><html><head><title>Sign in</title></head><body>Wi-Fi login</body></html>"
+)
 
 
 def digest_of(data: bytes) -> str:

@@ -209,11 +209,15 @@ async def push(
         raise RuntimeError(f"skopeo push failed: {out}")
 
 
-async def pull(source: str, out_dir: Path, all_platforms: bool = False) -> tuple[int, str]:
+async def pull(
+    source: str, out_dir: Path, all_platforms: bool = False, creds: str | None = None
+) -> tuple[int, str]:
     """skopeo copy `host:port/name:ref` into a dir: layout; returns (exit code, output)."""
     argv = ["skopeo", "copy", "-q", "--src-tls-verify=false"]
     if all_platforms:
         argv.append("--all")
+    if creds:
+        argv += ["--src-creds", creds]
     return await _run(*argv, f"docker://{source}", f"dir:{out_dir}")
 
 
@@ -488,6 +492,9 @@ class TokenServer:
         self.issued: list[str] = []  # scopes of issued tokens
         self.expires_in = 300  # seconds, as announced to the client
         self.refused = 0
+        # Repositories anonymous clients may pull (as on Docker Hub: public images);
+        # None: anonymous token requests are refused.
+        self.public: set[str] | None = None
         self.key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test token signer")])
         now = datetime.datetime.now(datetime.UTC)
@@ -544,15 +551,18 @@ class TokenServer:
     async def token(self, request: web.Request) -> web.Response:
         auth = request.headers.get("Authorization", "")
         expected = "Basic " + base64.b64encode(f"{self.user}:{self.password}".encode()).decode()
-        if auth != expected:
+        anonymous = not auth and self.public is not None
+        if auth != expected and not anonymous:
             self.refused += 1
             return web.json_response({"errors": [{"code": "UNAUTHORIZED"}]}, status=401)
         access = []
         for scope in request.query.getall("scope", []):
             kind, _, rest = scope.partition(":")
             name, _, actions = rest.rpartition(":")
+            if anonymous and (self.public is None or name not in self.public):
+                continue  # an anonymous token without access: the registry answers 401
             access.append({"type": kind, "name": name, "actions": actions.split(",")})
-            self.issued.append(scope)
+            self.issued.append(scope if not anonymous else f"anonymous {scope}")
         now = int(time.time())
         claims = {
             "iss": "test-issuer",

@@ -42,6 +42,7 @@ from dnsoverride.registry.names import Digest
 from dnsoverride.registry.stats import Stats
 from dnsoverride.registry.store import Kind, Store
 from dnsoverride.registry.upstream import (
+    ACCEPT_MANIFESTS,
     Upstream,
     UpstreamDeniedError,
     UpstreamUnavailableError,
@@ -167,7 +168,11 @@ class Access:
         owner = (upstream.name, name)
         self.stats.visibility_checks[upstream.name] += 1
         try:
-            response = await upstream.request("HEAD", name, probe.path, anonymous=True)
+            # With the full Accept: distribution answers 404 to a manifest HEAD whose type
+            # the client does not take.
+            response = await upstream.request(
+                "HEAD", name, probe.path, {"Accept": ACCEPT_MANIFESTS}, anonymous=True
+            )
             response.release()
         except UpstreamDeniedError:
             public = False

@@ -41,6 +41,7 @@ from dnsoverride.registry.names import Digest, parse_digest
 from dnsoverride.registry.stats import Stats
 from dnsoverride.registry.store import Kind, Store, StoreWriteError, TagRecord
 from dnsoverride.registry.upstream import (
+    ACCEPT_MANIFESTS,
     MANIFEST_TYPES,
     Upstream,
     UpstreamDeniedError,
@@ -53,7 +54,6 @@ log = structlog.get_logger(__name__)
 
 MAX_MANIFEST = 4 << 20  # the spec lets registries refuse manifests above 4 MiB
 _MEMORY_ENTRIES = 1024
-_ACCEPT = ", ".join(MANIFEST_TYPES)
 INDEX_TYPES = frozenset(MANIFEST_TYPES[0::2])  # OCI index, Docker manifest list
 _UPSTREAM_FAILURES = (UpstreamUnavailableError, UpstreamDeniedError, TimeoutError)
 T = TypeVar("T")
@@ -231,7 +231,9 @@ class Manifests:
         return self.local(parse_digest(descriptor.digest)) or descriptor
 
     async def _head(self, upstream: Upstream, name: str, tag: str) -> Descriptor | None:
-        response = await upstream.request("HEAD", name, f"manifests/{tag}", {"Accept": _ACCEPT})
+        response = await upstream.request(
+            "HEAD", name, f"manifests/{tag}", {"Accept": ACCEPT_MANIFESTS}
+        )
         response.release()
         note_cache("miss")
         if response.status == 404:
@@ -315,7 +317,7 @@ class Manifests:
         try:
             if known is not None:
                 response = await upstream.request(
-                    "HEAD", name, f"manifests/{tag}", {"Accept": _ACCEPT}
+                    "HEAD", name, f"manifests/{tag}", {"Accept": ACCEPT_MANIFESTS}
                 )
                 response.release()
                 if response.status == 200 and (
@@ -340,7 +342,7 @@ class Manifests:
         """Serve a stored manifest whose content was evicted only if upstream can refill it."""
         try:
             response = await upstream.request(
-                "HEAD", name, f"manifests/{manifest.digest}", {"Accept": _ACCEPT}
+                "HEAD", name, f"manifests/{manifest.digest}", {"Accept": ACCEPT_MANIFESTS}
             )
             response.release()
             reason = "" if response.status == 200 else f"upstream answered {response.status}"
@@ -357,7 +359,7 @@ class Manifests:
         """GET a manifest, read it whole and verify it (see `_verify`); store and link it."""
         what = f"{name}:{reference}"
         response = await upstream.request(
-            "GET", name, f"manifests/{reference}", {"Accept": _ACCEPT}
+            "GET", name, f"manifests/{reference}", {"Accept": ACCEPT_MANIFESTS}
         )
         try:
             if response.status == 404:

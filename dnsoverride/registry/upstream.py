@@ -23,6 +23,7 @@ returns what has arrived so far, not n bytes.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import email.utils
 import json
@@ -49,6 +50,7 @@ MANIFEST_TYPES = (
     "application/vnd.docker.distribution.manifest.list.v2+json",
     "application/vnd.docker.distribution.manifest.v2+json",
 )
+ACCEPT_MANIFESTS = ", ".join(MANIFEST_TYPES)
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _MAX_REDIRECTS = 5
 _CHALLENGE_PARAM = re.compile(r'(\w+)\s*=\s*"([^"]*)"')
@@ -179,8 +181,12 @@ class Upstream:
         # The Bearer realm/service from the first challenge, so later scopes are fetched
         # without a 401 round trip first.
         self._bearer: dict[str, str] | None = None
+        # The Basic credentials header (aiohttp.BasicAuth is deprecated).
         self._basic = (
-            aiohttp.BasicAuth(config.username, config.password or "") if config.username else None
+            "Basic "
+            + base64.b64encode(f"{config.username}:{config.password or ''}".encode()).decode()
+            if config.username
+            else None
         )
 
     async def close(self) -> None:
@@ -312,7 +318,7 @@ class Upstream:
         if kind.lower() == "basic":
             if self._basic is None or anonymous:
                 raise UpstreamDeniedError(f"{self.name}: requires credentials (Basic)")
-            return self._basic.encode()
+            return self._basic
         if kind.lower() != "bearer":
             raise UpstreamDeniedError(f"{self.name}: unsupported challenge {kind!r}")
         params = dict(_CHALLENGE_PARAM.findall(rest))
@@ -353,7 +359,11 @@ class Upstream:
             async with (
                 asyncio.timeout(limit),
                 self._session.get(
-                    realm, params=query, auth=None if anonymous else self._basic
+                    realm,
+                    params=query,
+                    headers={"Authorization": self._basic}
+                    if self._basic and not anonymous
+                    else None,
                 ) as response,
             ):
                 if response.status in (401, 403):

@@ -1,0 +1,231 @@
+"""Private content stays private: real distribution registries with `auth: token` (a
+private and a public repository) and `auth: htpasswd` (everything private) behind a cache
+that holds credentials for them.
+
+Anonymous clients pull public images and get 401 (with a Basic challenge) for private
+ones; private content is never served by digest under another repository name or through
+another upstream (`?ns=`); clients with a grant pull private images (skopeo
+`--src-creds`). Fails before the fix (issue 9): anonymous pulls of private images
+succeeded and private blobs were served under any name.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import bcrypt
+import pytest
+
+from tests.registry_fixtures import StartCache
+from tests.registry_peers import (
+    CacheProcess,
+    DistributionRegistry,
+    Image,
+    TokenServer,
+    build_image,
+    pull,
+    push,
+    verify_dir,
+)
+
+pytestmark = pytest.mark.timeout(180)
+DEV = {"Authorization": "Basic " + base64.b64encode(b"dev:devpw").decode()}
+
+
+def htpasswd(path: Path, **users: str) -> Path:
+    path.write_text(
+        "".join(
+            f"{user}:{bcrypt.hashpw(pw.encode(), bcrypt.gensalt(6)).decode()}\n"
+            for user, pw in users.items()
+        )
+    )
+    return path
+
+
+@pytest.fixture
+async def tokens(tmp_path: Path) -> AsyncIterator[TokenServer]:
+    async with TokenServer(tmp_path / "tokens") as server:
+        server.public = {"team/public"}
+        yield server
+
+
+async def _status(
+    http: aiohttp.ClientSession, url: str, **kwargs: Any
+) -> tuple[int, str, dict[str, str]]:
+    async with http.get(url, **kwargs) as response:
+        body = await response.read()
+        message = ""
+        if response.status >= 400 and body:
+            message = json.loads(body)["errors"][0]["message"]
+        return response.status, message, dict(response.headers)
+
+
+async def _leaks(
+    http: aiohttp.ClientSession, cache: CacheProcess, image: Image, paths: list[str]
+) -> list[str]:
+    """Which of `paths` (formatted with a private blob and manifest digest) answer 200."""
+    blob = max(image.blobs, key=lambda digest: image.blobs[digest])
+    leaked = []
+    for template in paths:
+        path = template.format(blob=blob, manifest=image.top_digest)
+        status, _, _ = await _status(http, cache.url + path)
+        if status == 200:
+            leaked.append(path)
+    return leaked
+
+
+async def test_token_upstream_public_and_private_repositories(
+    tmp_path: Path, tokens: TokenServer, start_cache: StartCache, http: aiohttp.ClientSession
+) -> None:
+    with DistributionRegistry(tmp_path / "secured", tokens.registry_auth()) as secured:
+        private = build_image(tmp_path / "private", platforms=("linux/amd64",))
+        public = build_image(tmp_path / "public", platforms=("linux/amd64",))
+        await push(private, f"{secured.address}/team/private:v1", creds="ci:s3cret")
+        await push(public, f"{secured.address}/team/public:v1", creds="ci:s3cret")
+        config = {
+            "upstreams": [
+                {"name": "hub.example", "url": secured.url, "username": "ci", "password": "s3cret"},
+                # The same registry without credentials: a second way in, through ?ns=.
+                {"name": "other.example", "url": secured.url},
+            ],
+            "clients": {
+                "htpasswd": str(htpasswd(tmp_path / "htpasswd", dev="devpw", ops="opspw")),
+                "grants": [{"users": ["dev"], "repositories": ["team/private"]}],
+            },
+        }
+        cache = start_cache(config=config)
+
+        # Anonymous: the public image pulls (fetched with the cache's credentials) ...
+        code, out = await pull(f"{cache.address}/team/public:v1", tmp_path / "pub")
+        assert code == 0, out + cache.logs()
+        assert verify_dir(tmp_path / "pub") == set(public.blobs)
+        # ... the private one does not: 401 with a Basic challenge.
+        code, out = await pull(f"{cache.address}/team/private:v1", tmp_path / "anon")
+        assert code != 0 and "private: authenticate" in out
+        status, _, headers = await _status(http, f"{cache.url}/v2/team/private/manifests/v1")
+        assert status == 401
+        assert headers["WWW-Authenticate"].startswith('Basic realm="')
+        status, _, _ = await _status(http, f"{cache.url}/v2/team/private/tags/list")
+        assert status == 401
+
+        # With credentials and a grant it pulls; a user without a grant gets 401.
+        code, out = await pull(
+            f"{cache.address}/team/private:v1", tmp_path / "dev", creds="dev:devpw"
+        )
+        assert code == 0, out + cache.logs()
+        assert verify_dir(tmp_path / "dev") == set(private.blobs)
+        assert set(private.blobs) <= cache.stored_blobs()
+        code, out = await pull(
+            f"{cache.address}/team/private:v1", tmp_path / "ops", creds="ops:opspw"
+        )
+        assert code != 0
+        code, out = await pull(
+            f"{cache.address}/team/private:v1", tmp_path / "bad", creds="dev:nope"
+        )
+        assert code != 0 and "invalid username or password" in out
+
+        # Now stored, the private content is not served under another repository or
+        # through another upstream: those requests go to that upstream, which decides.
+        leaks = await _leaks(
+            http,
+            cache,
+            private,
+            [
+                "/v2/team/public/blobs/{blob}",
+                "/v2/team/public/manifests/{manifest}",
+                "/v2/team/private/blobs/{blob}?ns=other.example",
+                "/v2/team/private/manifests/{manifest}?ns=other.example",
+                "/v2/team/private/blobs/{blob}",
+            ],
+        )
+        assert leaks == []
+        status, _, _ = await _status(
+            http, f"{cache.url}/v2/team/private/manifests/{private.top_digest}", headers=DEV
+        )
+        assert status == 200
+        # Public content stays shared: anonymous by digest, from the store.
+        public_blob = next(iter(public.blobs))
+        status, _, _ = await _status(http, f"{cache.url}/v2/team/public/blobs/{public_blob}")
+        assert status == 200
+    assert cache.stop() == 0
+    checks = [line for line in cache.logs().splitlines() if '"visibility_checked"' in line]
+    assert {(json.loads(line)["name"], json.loads(line)["public"]) for line in checks} == {
+        ("team/public", True),
+        ("team/private", False),
+    }
+    assert len(checks) == 2  # remembered for visibility_ttl: one anonymous HEAD each
+
+
+async def test_htpasswd_upstream_is_private_throughout(
+    tmp_path: Path, start_cache: StartCache, http: aiohttp.ClientSession
+) -> None:
+    users = htpasswd(tmp_path / "upstream.htpasswd", ci="s3cret")
+    auth = {"auth": {"htpasswd": {"realm": "test", "path": str(users)}}}
+    with DistributionRegistry(tmp_path / "basic", auth) as basic:
+        image = build_image(tmp_path / "image", platforms=("linux/amd64",))
+        await push(image, f"{basic.address}/team/app:v1", creds="ci:s3cret")
+        config = {
+            "upstreams": [
+                {"name": "basic.example", "url": basic.url, "username": "ci", "password": "s3cret"},
+                {"name": "open.example", "url": basic.url},
+            ],
+            "clients": {
+                "htpasswd": str(htpasswd(tmp_path / "clients.htpasswd", dev="devpw")),
+                "grants": [{"users": ["dev"], "upstreams": ["basic.example"]}],
+            },
+        }
+        cache = start_cache(config=config)
+        code, out = await pull(f"{cache.address}/team/app:v1", tmp_path / "anon")
+        assert code != 0 and "private: authenticate" in out
+        code, out = await pull(f"{cache.address}/team/app:v1", tmp_path / "dev", creds="dev:devpw")
+        assert code == 0, out + cache.logs()
+        assert verify_dir(tmp_path / "dev") == set(image.blobs)
+        leaks = await _leaks(
+            http,
+            cache,
+            image,
+            [
+                "/v2/team/app/blobs/{blob}",
+                "/v2/team/app/manifests/{manifest}",
+                "/v2/team/other/blobs/{blob}",
+                "/v2/team/app/blobs/{blob}?ns=open.example",
+                "/v2/team/app/manifests/{manifest}?ns=open.example",
+            ],
+        )
+        assert leaks == []
+        status, _, _ = await _status(http, f"{cache.url}/v2/team/app/blobs/x?ns=open.example")
+        assert status == 400  # checked before anything else
+
+
+async def test_require_auth_closes_even_public_content(
+    tmp_path: Path,
+    upstream: DistributionRegistry,
+    start_cache: StartCache,
+    http: aiohttp.ClientSession,
+) -> None:
+    image = build_image(tmp_path / "image", platforms=("linux/amd64",), layer_sizes=(5000,))
+    await push(image, f"{upstream.address}/team/app:v1")
+    config = {
+        "upstreams": [{"url": upstream.url}],
+        "clients": {
+            "htpasswd": str(htpasswd(tmp_path / "clients.htpasswd", dev="devpw")),
+            "grants": [{"users": ["dev"]}],
+            "require_auth": True,
+        },
+    }
+    cache = start_cache(config=config)
+    status, _, headers = await _status(http, f"{cache.url}/v2/")
+    assert status == 401 and "Basic" in headers["WWW-Authenticate"]
+    code, out = await pull(f"{cache.address}/team/app:v1", tmp_path / "anon")
+    assert code != 0
+    code, out = await pull(f"{cache.address}/team/app:v1", tmp_path / "dev", creds="dev:devpw")
+    assert code == 0, out + cache.logs()
+    # The same verified header is not re-hashed with bcrypt on every request.
+    for _ in range(20):
+        status, _, _ = await _status(http, f"{cache.url}/v2/team/app/manifests/v1", headers=DEV)
+        assert status == 200
