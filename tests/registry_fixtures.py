@@ -67,11 +67,14 @@ def _stopped_cleanly(process: CacheProcess) -> None:
 
 @pytest.fixture
 def start_cache(tmp_path: Path) -> Iterator[StartCache]:
-    """`start_cache(upstream_url, *flags, config=None)` -> a running CacheProcess."""
+    """`start_cache(upstream_url, *flags, config=None, storage=None)` -> a running
+    CacheProcess (storing under tmp_path/store unless `storage` is given)."""
     with contextlib.ExitStack() as running:
 
-        def start(upstream: str = "", *extra: str, config: Any = None) -> CacheProcess:
-            process = CacheProcess(tmp_path / "store", upstream, *extra, config=config)
+        def start(
+            upstream: str = "", *extra: str, config: Any = None, storage: Path | None = None
+        ) -> CacheProcess:
+            process = CacheProcess(storage or tmp_path / "store", upstream, *extra, config=config)
             # Registered first: a cache that fails to come up is still stopped.
             running.callback(_stopped_cleanly, process)
             return process.start()

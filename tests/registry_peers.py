@@ -306,14 +306,16 @@ class CacheProcess(_OnLoopback):
         self.config = config
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
-        self.log_path = storage.parent / f"cache-{self.port}.log"
+        # Beside the store, unless that is a mount of its own (a small tmpfs in a test).
+        logs = storage.parent if not storage.parent.is_mount() else storage.parent.parent
+        self.log_path = logs / f"cache-{self.port}.log"
 
     def start(self) -> CacheProcess:
         argv = [sys.executable, "-m", "dnsoverride", "registry"]
         argv += ["--listen", self.address, "--storage", str(self.storage)]
         argv += ["--log-format", "json", *self.extra]
         if self.config is not None:
-            path = self.storage.parent / f"cache-{self.port}.yaml"
+            path = self.log_path.with_suffix(".yaml")
             path.write_text(json.dumps(self.config))
             argv += ["--config", str(path)]
         else:

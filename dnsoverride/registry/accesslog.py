@@ -5,8 +5,8 @@ with the time it took; the event names the request (method, path, upstream, clie
 user), its status, body bytes sent, duration and the cache's part in it (`cache`:
 hit/miss/coalesced/stale, set by the handlers through `note_cache`). An error response
 carries its OCI code and message (`error_code`, `error`), so every failure is one line
-that names the request and the reason. Successful requests log at info, client errors
-(4xx) and upstream failures (5xx) at warning.
+that names the request and the reason; a blob stream cut short after its 200 went out
+carries the reason too. Successful requests log at info, failures at warning.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ class AccessLogger(AbstractAccessLogger):
         error = request.get(ERROR_KEY)
         if isinstance(error, tuple):
             fields["error_code"], fields["error"] = error
-        if response.status >= 400:
+        if response.status >= 400 or "error" in fields:
             log.warning("request", **fields)
         else:
             log.info("request", **fields)

@@ -28,7 +28,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.web_request import BaseRequest
 
-from dnsoverride.registry.accesslog import note_cache
+from dnsoverride.registry.accesslog import ERROR_KEY, note_cache, remember
 from dnsoverride.registry.errors import RegistryError
 from dnsoverride.registry.links import Links, Owner
 from dnsoverride.registry.names import Digest
@@ -215,7 +215,9 @@ class Blobs:
                     break
                 elif download.error is not None:
                     # Cut the connection short: the client must not take this as complete.
-                    log.warning("blob_stream_aborted", digest=str(download.digest), sent=sent)
+                    # Its access log line carries the reason (the status was already sent).
+                    error = download.error
+                    remember(request, ERROR_KEY, (error.code, f"cut short: {error.message}"))
                     if request.transport is not None:
                         request.transport.abort()
                     return response
