@@ -109,13 +109,28 @@ def _layer(size: int) -> tuple[bytes, str]:
     return gzip.compress(tar_bytes, compresslevel=1, mtime=0), _sha256(tar_bytes)
 
 
+def _padded(document: dict[str, Any], size: int) -> bytes:
+    annotations: dict[str, str] = {}
+    while len(json.dumps(document)) < size:
+        annotations[f"org.example.build.step{len(annotations)}"] = os.urandom(48).hex()
+        document["annotations"] = annotations
+    return json.dumps(document).encode()
+
+
 def build_image(
     directory: Path,
     tag: str = "v1",
     layer_sizes: tuple[int, ...] = (200_000, 150_000, 100_000),
     platforms: tuple[str, ...] = ("linux/amd64", "linux/arm64"),
+    manifest_size: int = 0,
+    index_size: int = 0,
 ) -> Image:
-    """Write an OCI layout; one manifest per platform, under an index when several."""
+    """Write an OCI layout; one manifest per platform, under an index when several.
+
+    `manifest_size` / `index_size` pad the manifests / the index with annotations to at
+    least that many bytes, as build tools' labels, provenance and attestation entries make
+    real ones 5-60 KiB.
+    """
     blobs_dir = directory / "blobs" / "sha256"
     blobs_dir.mkdir(parents=True, exist_ok=True)
     image = Image(directory, tag, "")
@@ -145,14 +160,15 @@ def build_image(
         ).encode()
         config_digest = put(config)
         image.blobs[config_digest] = len(config)
-        manifest = json.dumps(
+        manifest = _padded(
             {
                 "schemaVersion": 2,
                 "mediaType": OCI_MANIFEST,
                 "config": {"mediaType": OCI_CONFIG, "digest": config_digest, "size": len(config)},
                 "layers": layers,
-            }
-        ).encode()
+            },
+            manifest_size,
+        )
         manifest_digest = put(manifest)
         image.manifests[manifest_digest] = len(manifest)
         image.platforms[platform] = manifest_digest
@@ -165,9 +181,9 @@ def build_image(
             }
         )
     if len(descriptors) > 1:
-        index = json.dumps(
-            {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": descriptors}
-        ).encode()
+        index = _padded(
+            {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": descriptors}, index_size
+        )
         top = {"mediaType": OCI_INDEX, "digest": put(index), "size": len(index)}
         image.manifests[top["digest"]] = len(index)
     else:
@@ -582,3 +598,71 @@ class TokenServer:
         signature = self.key.sign(signing_input.encode(), padding.PKCS1v15(), hashes.SHA256())
         token = f"{signing_input}.{_b64(signature)}"
         return web.json_response({"token": token, "expires_in": self.expires_in})
+
+
+# -- containerd ------------------------------------------------------------------------------
+class Containerd:
+    """`containerd` started by the test, with its own root, state and socket under `root`;
+    `pull` runs `ctr images pull` (unpacked with the native snapshotter) against it."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.socket = root / "c.sock"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Containerd:
+        self.root.mkdir(parents=True, exist_ok=True)
+        config = self.root / "config.toml"
+        config.write_text(
+            "version = 2\n"
+            f'root = "{self.root / "root"}"\n'
+            f'state = "{self.root / "state"}"\n'
+            'disabled_plugins = ["io.containerd.grpc.v1.cri"]\n'
+            f'[grpc]\n  address = "{self.socket}"\n'
+            f'[ttrpc]\n  address = "{self.socket}.ttrpc"\n'
+        )
+        self.log = (self.root / "containerd.log").open("ab")
+        self.proc = subprocess.Popen(
+            ["containerd", "--config", str(config)], stdout=self.log, stderr=subprocess.STDOUT
+        )
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"containerd exited: {(self.root / 'containerd.log').read_text()}"
+                )
+            version = subprocess.run(
+                ["ctr", "-a", str(self.socket), "version"], capture_output=True, check=False
+            )
+            if version.returncode == 0:
+                return self
+            time.sleep(0.1)
+        raise TimeoutError("containerd did not come up")
+
+    async def pull(self, reference: str, user: str | None = None) -> tuple[int, str]:
+        argv = ["ctr", "-a", str(self.socket), "-n", "test", "images", "pull", "--plain-http"]
+        argv += ["--snapshotter", "native"]
+        if user:
+            argv += ["--user", user]
+        return await _run(*argv, reference)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc)
+        self.proc = None
+        with contextlib.suppress(AttributeError):
+            self.log.close()
+
+    def __enter__(self) -> Containerd:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+def rss_kib(pid: int) -> tuple[int, int]:
+    """(VmRSS, VmHWM) of process `pid` in KiB: its resident memory now and at its peak."""
+    fields = dict(
+        line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+    )
+    return int(fields["VmRSS"].split()[0]), int(fields["VmHWM"].split()[0])
