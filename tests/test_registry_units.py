@@ -3,20 +3,26 @@
 from __future__ import annotations
 
 import argparse
+import email.utils
+import errno
 import hashlib
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from dnsoverride.errors import UserError
+from dnsoverride.registry import app as app_module
 from dnsoverride.registry import config as registry_config
+from dnsoverride.registry import upstream as upstream_module
 from dnsoverride.registry.config import Budget, parse_size
 from dnsoverride.registry.errors import RegistryError
+from dnsoverride.registry.links import Links
 from dnsoverride.registry.names import parse_digest, parse_name, parse_tag
-from dnsoverride.registry.store import Store, TagRecord
+from dnsoverride.registry.store import Store, StoreWriteError, TagRecord
 
 
 @pytest.mark.parametrize(
@@ -204,3 +210,163 @@ def test_tag_records_round_trip(tmp_path: Path) -> None:
     store.write_tag("registry-1.docker.io", "library/alpine/3", "x", record)  # no clash
     assert store.read_tag("registry-1.docker.io", "library/alpine", "3") == record
     assert store.read_tag("registry-1.docker.io", "library/alpine", "4") is None
+
+
+def test_store_write_loops_over_short_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fails before the fix: `put_bytes` ignored `os.write`'s count and committed the first
+    piece under the whole content's digest."""
+    store = Store(tmp_path)
+    store.open()
+    real_write = os.write
+    monkeypatch.setattr(os, "write", lambda fd, data: real_write(fd, bytes(data[:1000])))
+    data = os.urandom(12_193)
+    digest = _put(store, data)
+    path = store.lookup("blobs", parse_digest(digest))
+    assert path is not None and path.read_bytes() == data
+
+
+def test_store_write_on_a_full_disk_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = Store(tmp_path)
+    store.open()
+    real_write = os.write
+    calls = []
+
+    def full(fd: int, data: bytes) -> int:
+        calls.append(len(data))
+        if len(calls) > 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, bytes(data[:4096]))
+
+    monkeypatch.setattr(os, "write", full)
+    monkeypatch.setattr(Store, "free_bytes", lambda self: 4096)
+    with pytest.raises(StoreWriteError, match="No space left on device") as caught:
+        _put(store, os.urandom(12_193))
+    assert caught.value.no_space
+    assert "(4096 bytes free in" in caught.value.message
+    assert list((tmp_path / "tmp").iterdir()) == []
+    assert store.stats.entries == 0 and not list((tmp_path / "blobs").rglob("*/*/*"))
+    reason = store.not_ready()
+    assert reason is not None and "lack of space" in reason and "bytes free" in reason
+    monkeypatch.setattr(os, "write", real_write)
+    monkeypatch.setattr(Store, "free_bytes", lambda self: 1 << 30)
+    assert store.not_ready() is None  # the failed write would fit now
+
+
+def test_store_checks_sizes_at_commit_and_on_lookup(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    store.open()
+    fd, temp = store.new_temp()
+    Store.write_all(fd, b"x" * 100)
+    Store.sync_close(fd)
+    digest = parse_digest("sha256:" + hashlib.sha256(b"x" * 200).hexdigest())
+    with pytest.raises(StoreWriteError, match="short write"):
+        store.commit("blobs", digest, temp, 200)
+    assert not temp.exists() and store.stats.entries == 0
+    stored = parse_digest(_put(store, b"y" * 300))
+    path = store.path("blobs", stored)
+    path.write_bytes(b"y" * 10)  # damaged behind the store's back
+    assert store.lookup("blobs", stored) is None
+    assert not path.exists() and store.stats.corrupt_removed == 1
+
+
+def _clients(tmp_path: Path, text: str, users: str = "") -> None:
+    (tmp_path / "users").write_text(users)
+    path = tmp_path / "registry.yaml"
+    path.write_text(text.replace("USERS", str(tmp_path / "users")))
+    registry_config.load(_args(config=str(path)))
+
+
+BCRYPT_LINE = "dev:$2b$06$" + "a" * 53 + "\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "users", "message"),
+    [
+        ("clients: {htpasswd: USERS}\n", "dev:{SHA}abc\n", r"users:1: user 'dev': only bcrypt"),
+        ("clients: {htpasswd: USERS}\n", "nocolon\n", "users:1: expected user:hash"),
+        ("clients: {htpasswd: USERS}\n", BCRYPT_LINE * 2, "users:2: user 'dev' given twice"),
+        ("clients: {grants: [{users: [eve]}]}\n", "", "user 'eve' is not in the htpasswd"),
+        ("clients: {grants: [{networks: [10.0.0.0/33]}]}\n", "", "networks"),
+        ("clients: {grants: [{repositories: ['a/*']}]}\n", "", "needs users or networks"),
+        ("clients: {grants: [{networks: [10.0.0.0/8], upstreams: [x]}]}\n", "", "'x' is not"),
+        ("clients: {require_auth: true}\n", "", "require_auth needs grants"),
+        ("clients: {require_auth: 1}\n", "", "true or false"),
+        ("clients: {visibility_ttl: soon}\n", "", "visibility_ttl is seconds"),
+        ("clients: {colour: red}\n", "", "clients: unknown keys: colour"),
+        ("clients: {htpasswd: /nonexistent/users}\n", "", "cannot read htpasswd"),
+    ],
+)
+def test_bad_clients_config_is_a_clear_error(
+    tmp_path: Path, text: str, users: str, message: str
+) -> None:
+    with pytest.raises(UserError, match=message):
+        _clients(tmp_path, text, users)
+
+
+def test_clients_config_and_grants(tmp_path: Path) -> None:
+    (tmp_path / "users").write_text("# users\n\n" + BCRYPT_LINE)
+    path = tmp_path / "registry.yaml"
+    path.write_text(
+        f"clients:\n  htpasswd: {tmp_path / 'users'}\n  visibility_ttl: 60\n  grants:\n"
+        "    - {users: [dev], upstreams: [registry-1.docker.io], repositories: ['team/*']}\n"
+        "    - {networks: ['10.1.0.0/16']}\n"
+    )
+    clients = registry_config.load(_args(config=str(path))).clients
+    assert [user for user, _ in clients.users] == ["dev"]
+    assert clients.visibility_ttl == 60 and not clients.require_auth
+    first, second = clients.grants
+    assert first.covers("registry-1.docker.io", "team/app")
+    assert first.covers("registry-1.docker.io", "team/a/b")  # fnmatch: * takes slashes
+    assert not first.covers("registry-1.docker.io", "other/app")
+    assert not first.covers("quay.io", "team/app")
+    assert second.covers("quay.io", "anything")
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [("30", 30.0), ("0", 0.0), (None, None), ("soon", None), ("999999", 3600.0)],
+)
+def test_retry_after_values(value: str | None, seconds: float | None) -> None:
+    assert upstream_module._retry_after(value) == seconds
+
+
+def test_retry_after_http_date() -> None:
+    when = email.utils.formatdate(time.time() + 120, usegmt=True)
+    seconds = upstream_module._retry_after(when)
+    assert seconds is not None and 115 < seconds <= 120
+
+
+def test_links_persist_and_skip_torn_lines(tmp_path: Path) -> None:
+    links = Links(tmp_path)
+    blob = parse_digest("sha256:" + "a" * 64)
+    manifest = parse_digest("sha256:" + "b" * 64)
+    links.add(("hub", "team/app"), [("blobs", blob), ("manifests", manifest)])
+    links.add(("hub", "team/app"), [("blobs", blob)])  # already there: not appended again
+    path = tmp_path / "tags" / "hub" / "team" / "app" / "_links"
+    assert path.read_text().count("\n") == 2
+    with path.open("a") as stream:
+        stream.write("blobs/sha256:cc")  # a crash mid-append
+    reopened = Links(tmp_path)
+    reopened.open()
+    assert reopened.linked("blobs", blob, ("hub", "team/app"))
+    assert reopened.owners("manifests", manifest) == {("hub", "team/app")}
+    assert not reopened.linked("blobs", blob, ("hub", "team/other"))
+
+
+@pytest.mark.parametrize(
+    ("path", "push"),
+    [
+        ("team/app/blobs/uploads/", True),
+        ("team/app/blobs/uploads/1f2e", True),
+        ("team/app/blobs/uploads", True),
+        ("team/uploads/manifests/v1", False),
+        ("uploads/blobs/sha256:x", False),
+        ("team/uploads/tags/list", False),
+    ],
+)
+def test_only_blobs_uploads_is_the_push_api(path: str, push: bool) -> None:
+    assert app_module._is_push(path.split("/")) is push

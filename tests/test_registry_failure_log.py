@@ -1,0 +1,88 @@
+"""Every client-visible failure of the registry cache is one log line naming the request
+and the reason: the access log's `request` event carries method, path, upstream, status,
+OCI error code and message.
+
+Fails before the fix (issue 9): there was no access log, 7 of 10 such failures wrote no
+line at all and one wrote a traceback that did not name the request.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import bcrypt
+import pytest
+
+from tests.registry_fixtures import StartCache
+from tests.registry_liar import LOGIN_PAGE, LyingRegistry, digest_of, real_size_manifest
+from tests.registry_peers import OCI_MANIFEST
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+async def liar() -> AsyncIterator[LyingRegistry]:
+    async with LyingRegistry() as server:
+        yield server
+
+
+async def test_each_failure_class_is_one_line_with_request_and_reason(
+    tmp_path: Path, liar: LyingRegistry, start_cache: StartCache, http: aiohttp.ClientSession
+) -> None:
+    liar.add_manifest("ci/app", "v1", real_size_manifest(6 << 10)[0], OCI_MANIFEST)
+    liar.add_manifest("ci/app", "portal", LOGIN_PAGE, "text/html")
+    liar.digest_header = False
+    wrong = os.urandom(20_000)
+    claimed = digest_of(b"what the upstream should have sent")
+    liar.blobs[claimed] = wrong
+    users = tmp_path / "htpasswd"
+    users.write_text(f"dev:{bcrypt.hashpw(b'devpw', bcrypt.gensalt(6)).decode()}\n")
+    config = {
+        "upstreams": [{"url": liar.url}, {"name": "down.example", "url": "http://127.0.0.1:9"}],
+        "timeouts": {"connect": 1},
+        "clients": {"htpasswd": str(users), "grants": [{"users": ["dev"]}]},
+    }
+    cache = start_cache(config=config)
+    bad_password = {"Authorization": "Basic " + base64.b64encode(b"dev:wrong").decode()}
+    cases = [
+        ("GET", "/v2/ci/app/manifests/nosuchtag", {}, 404, "MANIFEST_UNKNOWN", "manifest unknown"),
+        ("GET", "/v2/ci/nosuch/tags/list", {}, 404, "NAME_UNKNOWN", "repository unknown"),
+        ("GET", "/v2/Bad/manifests/v1", {}, 400, "NAME_INVALID", "invalid repository name"),
+        ("GET", "/v2/ci/app/manifests/v1", bad_password, 401, "UNAUTHORIZED", "invalid username"),
+        ("GET", "/v2/ci/app/manifests/portal", {}, 502, "MANIFEST_INVALID", "not JSON"),
+        ("GET", "/v2/ci/app/manifests/v1?ns=down.example", {}, 503, "UNAVAILABLE", "down.example"),
+        ("GET", "/v2/ci/app/manifests/v1?ns=nope.example", {}, 404, "NAME_UNKNOWN", "nope.example"),
+        ("PUT", "/v2/ci/app/manifests/v1", {}, 405, "UNSUPPORTED", "pull-through cache"),
+        # Wrong bytes for a digest: a 502, or a 200 cut short when the stream had begun.
+        ("GET", f"/v2/ci/app/blobs/{claimed}", {}, 0, "DIGEST_INVALID", "does not match"),
+    ]
+    for number, (method, path, headers, status, code, reason) in enumerate(cases):
+        async with http.request(method, cache.url + path, headers=headers) as response:
+            assert response.status == status or (status == 0 and response.status in (200, 502))
+            try:
+                await response.read()
+            except aiohttp.ClientPayloadError:
+                assert status == 0  # the blob stream is cut short, as it must be
+            cases[number] = (method, path, headers, response.status, code, reason)
+    liar.fail = (429, {"Retry-After": "20"})
+    path = "/v2/ci/limited/manifests/v1"
+    async with http.get(cache.url + path) as response:
+        assert response.status == 429
+    cases.append(("GET", path, {}, 429, "TOOMANYREQUESTS", "HTTP 429"))
+
+    for method, path, _, status, code, reason in cases:
+        lines = cache.wait_log(f'"method": "{method}", "path": {json.dumps(path)}')
+        assert len(lines) == 1, (path, lines)
+        line = json.loads(lines[0])
+        assert (line["method"], line["status"], line["error_code"]) == (method, status, code)
+        assert reason in line["error"], line
+        assert line["level"] == "warning"
+        assert line["client"] == "127.0.0.1"
+    # The successful requests are logged too, at info, with what the cache did.
+    assert cache.stop() == 0
+    assert "Traceback" not in cache.logs()
