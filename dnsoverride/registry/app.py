@@ -39,12 +39,15 @@ from dnsoverride.registry.upstream import (
     UpstreamDeniedError,
     UpstreamUnavailableError,
     as_registry_error,
+    read_body,
 )
 
 log = structlog.get_logger(__name__)
 
 API_VERSION = {"Docker-Distribution-API-Version": "registry/2.0"}
 _READ_METHODS = frozenset({"GET", "HEAD"})
+# A tag list is passed through, not parsed; this only bounds what one answer may cost.
+MAX_TAG_LIST = 16 << 20
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 STATS_KEY = web.AppKey("stats", Stats)
@@ -235,7 +238,7 @@ class Routes:
         try:
             if response.status == 404:
                 raise RegistryError("NAME_UNKNOWN", f"repository unknown: {name}")
-            body = await response.read()
+            body = await read_body(response, MAX_TAG_LIST, f"tags/list of {name}")
             # Pagination: the next page is a path on this same API, so it is passed as is.
             link = response.headers.get("Link")
         finally:
