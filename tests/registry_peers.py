@@ -32,7 +32,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import aiohttp
 from aiohttp import web
@@ -264,7 +264,29 @@ class _OnLoopback:
 
 
 # -- the distribution registry ------------------------------------------------------------
-class DistributionRegistry(_OnLoopback):
+class _Daemon:
+    """A peer process started by `start()` (which sets `proc` and `log`); a context manager."""
+
+    proc: subprocess.Popen[bytes] | None
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc)
+        self.proc = None
+        with contextlib.suppress(AttributeError):
+            self.log.close()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+class DistributionRegistry(_Daemon, _OnLoopback):
     """`docker-registry serve` on a random loopback port, storage in `root`."""
 
     def __init__(self, root: Path, extra: dict[str, Any] | None = None, port: int = 0) -> None:
@@ -273,7 +295,7 @@ class DistributionRegistry(_OnLoopback):
         self.extra = extra or {}
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> DistributionRegistry:
+    def start(self) -> Self:
         self.root.mkdir(parents=True, exist_ok=True)
         config = {
             "version": 0.1,
@@ -295,18 +317,6 @@ class DistributionRegistry(_OnLoopback):
         wait_for_port("127.0.0.1", self.port, proc=self.proc)
         return self
 
-    def stop(self) -> None:
-        if self.proc is not None:
-            stop_process(self.proc)
-        self.proc = None
-        with contextlib.suppress(AttributeError):
-            self.log.close()
-
-    def __enter__(self) -> DistributionRegistry:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
 
 
 # -- the cache as a process ---------------------------------------------------------------
@@ -601,7 +611,7 @@ class TokenServer:
 
 
 # -- containerd ------------------------------------------------------------------------------
-class Containerd:
+class Containerd(_Daemon):
     """`containerd` started by the test, with its own root, state and socket under `root`;
     `pull` runs `ctr images pull` (unpacked with the native snapshotter) against it."""
 
@@ -610,7 +620,7 @@ class Containerd:
         self.socket = root / "c.sock"
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> Containerd:
+    def start(self) -> Self:
         self.root.mkdir(parents=True, exist_ok=True)
         config = self.root / "config.toml"
         config.write_text(
@@ -645,19 +655,6 @@ class Containerd:
         if user:
             argv += ["--user", user]
         return await _run(*argv, reference)
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            stop_process(self.proc)
-        self.proc = None
-        with contextlib.suppress(AttributeError):
-            self.log.close()
-
-    def __enter__(self) -> Containerd:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
 
 
 def rss_kib(pid: int) -> tuple[int, int]:
