@@ -318,7 +318,6 @@ class DistributionRegistry(_Daemon, _OnLoopback):
         return self
 
 
-
 # -- the cache as a process ---------------------------------------------------------------
 class CacheProcess(_OnLoopback):
     """`dnsoverride registry` as a real process on a random loopback port."""

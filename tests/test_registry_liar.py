@@ -318,3 +318,25 @@ async def test_head_on_a_cold_tag_costs_one_upstream_head(
     async with http.get(f"{cache.url}/v2/ci/app/manifests/v1") as response:
         assert await response.read() == body
     assert hashlib.sha256(body).hexdigest() == digest.split(":")[1]
+
+
+async def test_a_portal_page_on_revalidation_serves_the_verified_stale_manifest(
+    liar: LyingRegistry, start_cache: StartCache, http: aiohttp.ClientSession
+) -> None:
+    body, blobs = real_size_manifest(9 << 10, layers=1)
+    liar.add_manifest("ci/app", "v1", body, OCI_MANIFEST)
+    liar.blobs.update(blobs)
+    cache = start_cache(config={"upstreams": [{"url": liar.url}], "tag_ttl": 0})
+    async with http.get(f"{cache.url}/v2/ci/app/manifests/v1") as response:
+        assert response.status == 200
+    for blob in blobs:
+        async with http.get(f"{cache.url}/v2/ci/app/blobs/{blob}") as response:
+            assert response.status == 200
+    liar.html = {"v1"}  # HEAD still answers; the GET after it gets the portal
+    liar.digest_header = False
+    async with http.get(f"{cache.url}/v2/ci/app/manifests/v1") as response:
+        assert response.status == 200
+        assert await response.read() == body
+    stale = cache.wait_log('"manifest_stale"')
+    assert stale and "not JSON (text/html" in stale[0]
+    assert set(stored(cache)) == {digest_of(body)}

@@ -179,9 +179,10 @@ class Routes:
         else:
             if request.method == "HEAD":
                 found = await self.manifests.peek_tag(upstream, name, tag)
-            if request.method != "HEAD" or (
-                isinstance(found, Descriptor) and not acceptable(found.media_type, accept)
-            ):
+                if isinstance(found, Descriptor) and not acceptable(found.media_type, accept):
+                    # An index the client cannot take: negotiating needs the index itself.
+                    found = await self.manifests.by_tag(upstream, name, tag)
+            else:
                 found = await self.manifests.by_tag(upstream, name, tag)
             if isinstance(found, Manifest):
                 replacement = self.manifests.negotiate(found, accept)

@@ -235,7 +235,6 @@ class Manifests:
             "HEAD", name, f"manifests/{tag}", {"Accept": ACCEPT_MANIFESTS}
         )
         response.release()
-        note_cache("miss")
         if response.status == 404:
             raise RegistryError("MANIFEST_UNKNOWN", f"manifest unknown: {name}:{tag}")
         claimed = response.headers.get("Docker-Content-Digest", "")
@@ -326,8 +325,11 @@ class Manifests:
                     self._record_tag(upstream, name, tag, known)
                     return known, False
             manifest = await self._fetch(upstream, name, tag, None)
-        except _UPSTREAM_FAILURES as error:
-            if known is None:
+        except (*_UPSTREAM_FAILURES, RegistryError) as error:
+            # An answer that fails verification (502: a portal's HTML, wrong bytes) is an
+            # upstream failure too; a 404 or 401 is an answer, and stands.
+            unanswered = not isinstance(error, RegistryError) or error.status == 502
+            if known is None or not unanswered:
                 raise as_registry_error(error) from error
             self._check_complete(known)
             self.stats.stale_serves += 1
