@@ -53,7 +53,7 @@ async def test_each_failure_class_is_one_line_with_request_and_reason(
         ("GET", "/v2/ci/app/manifests/nosuchtag", {}, 404, "MANIFEST_UNKNOWN", "manifest unknown"),
         ("GET", "/v2/ci/nosuch/tags/list", {}, 404, "NAME_UNKNOWN", "repository unknown"),
         ("GET", "/v2/Bad/manifests/v1", {}, 400, "NAME_INVALID", "invalid repository name"),
-        ("GET", "/v2/ci/app/manifests/v1", bad_password, 401, "UNAUTHORIZED", "invalid username"),
+        ("GET", "/v2/ci/app/manifests/v1", bad_password, 401, "UNAUTHORIZED", "invalid password"),
         ("GET", "/v2/ci/app/manifests/portal", {}, 502, "MANIFEST_INVALID", "not JSON"),
         ("GET", "/v2/ci/app/manifests/v1?ns=down.example", {}, 503, "UNAVAILABLE", "down.example"),
         ("GET", "/v2/ci/app/manifests/v1?ns=nope.example", {}, 404, "NAME_UNKNOWN", "nope.example"),

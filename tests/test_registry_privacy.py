@@ -127,7 +127,12 @@ async def test_token_upstream_public_and_private_repositories(
         code, out = await pull(
             f"{cache.address}/team/private:v1", tmp_path / "bad", creds="dev:nope"
         )
-        assert code != 0 and "invalid username or password" in out
+        assert code != 0 and "invalid password" in out
+        # Credentials not for the cache (a job's own Docker Hub login): an anonymous client.
+        code, out = await pull(
+            f"{cache.address}/team/public:v1", tmp_path / "stranger", creds="stranger:hub-pat"
+        )
+        assert code == 0, out
 
         # Now stored, the private content is not served under another repository or
         # through another upstream: those requests go to that upstream, which decides.

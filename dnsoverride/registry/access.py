@@ -103,8 +103,11 @@ class Access:
     async def identify(self, request: web.Request) -> str | None:
         """The authenticated user of `request`, None for an anonymous one.
 
-        Wrong credentials are a 401, never a silent downgrade to anonymous. An empty user
-        and password (what skopeo sends to a Basic challenge when it has none) is anonymous.
+        A wrong password of a known user is a 401, never a silent downgrade to anonymous.
+        Credentials that are not for this cache are anonymous: an empty user and password
+        (what skopeo answers a Basic challenge with when it has none), a user the htpasswd
+        file does not know or another scheme (a CI job's own Docker Hub login, sent to the
+        cache in transparent mode).
         """
         header = request.headers.get("Authorization")
         if not header:
@@ -115,17 +118,17 @@ class Access:
             return user
         scheme, _, encoded = header.partition(" ")
         if scheme.lower() != "basic":
-            raise challenge(f"unsupported Authorization scheme {scheme[:20]!r} (use Basic)")
+            return None
         try:
             user, _, password = base64.b64decode(encoded, validate=True).decode().partition(":")
         except (binascii.Error, UnicodeDecodeError):
             raise challenge("malformed Basic credentials") from None
-        if not user and not password:
-            return None
         hashed = self._hashes.get(user)
+        if hashed is None:
+            return None
         # Verified off the loop: bcrypt takes its time by design.
-        if hashed is None or not await asyncio.to_thread(bcrypt.checkpw, password.encode(), hashed):
-            raise challenge(f"invalid username or password for {user[:100]!r}")
+        if not await asyncio.to_thread(bcrypt.checkpw, password.encode(), hashed):
+            raise challenge(f"invalid password for user {user[:100]!r}")
         self._verified[header] = user
         while len(self._verified) > _VERIFIED_ENTRIES:
             self._verified.popitem(last=False)
