@@ -49,6 +49,18 @@ def assert_store_verified(cache: CacheProcess) -> None:
     assert cache.temp_files() == []
 
 
+async def _pull_whole(
+    http: aiohttp.ClientSession, cache: CacheProcess, blobs: dict[str, bytes]
+) -> None:
+    """GET ci/app:v1 and its blobs: a stale manifest is only served when all of it is stored."""
+    async with http.get(f"{cache.url}/v2/ci/app/manifests/v1") as response:
+        assert response.status == 200
+    for blob, data in blobs.items():
+        async with http.get(f"{cache.url}/v2/ci/app/blobs/{blob}") as response:
+            # Read to the end: the last byte is sent once the blob is stored.
+            assert (response.status, await response.read()) == (200, data)
+
+
 async def _error(response: aiohttp.ClientResponse) -> tuple[str, str]:
     error = json.loads(await response.read())["errors"][0]
     return str(error["code"]), str(error["message"])
@@ -168,11 +180,7 @@ async def test_stalled_upstream_times_out_and_serves_stale_when_it_can(
         "timeouts": {"connect": 0.5, "idle": 0.5},
     }
     cache = start_cache(config=config)
-    async with http.get(f"{cache.url}/v2/ci/app/manifests/v1") as response:
-        assert response.status == 200
-    for blob in blobs:
-        async with http.get(f"{cache.url}/v2/ci/app/blobs/{blob}") as response:
-            assert response.status == 200
+    await _pull_whole(http, cache, blobs)
     liar.stall = 5
     started = time.monotonic()
     async with http.get(f"{cache.url}/v2/ci/app/manifests/v2") as response:
@@ -235,11 +243,7 @@ async def test_429_retry_after_is_passed_on_and_not_asked_again(
     liar.add_manifest("ci/app", "v1", body, OCI_MANIFEST)
     liar.blobs.update(blobs)
     cache = start_cache(config={"upstreams": [{"url": liar.url}], "tag_ttl": 0})
-    async with http.get(f"{cache.url}/v2/ci/app/manifests/v1") as response:
-        assert response.status == 200
-    for blob in blobs:  # the config blob: a stale manifest is served only when complete
-        async with http.get(f"{cache.url}/v2/ci/app/blobs/{blob}") as response:
-            assert response.status == 200
+    await _pull_whole(http, cache, blobs)
     liar.fail = (429, {"Retry-After": "30"})
     before = len(liar.requests)
     retries = 10
@@ -327,11 +331,7 @@ async def test_a_portal_page_on_revalidation_serves_the_verified_stale_manifest(
     liar.add_manifest("ci/app", "v1", body, OCI_MANIFEST)
     liar.blobs.update(blobs)
     cache = start_cache(config={"upstreams": [{"url": liar.url}], "tag_ttl": 0})
-    async with http.get(f"{cache.url}/v2/ci/app/manifests/v1") as response:
-        assert response.status == 200
-    for blob in blobs:
-        async with http.get(f"{cache.url}/v2/ci/app/blobs/{blob}") as response:
-            assert response.status == 200
+    await _pull_whole(http, cache, blobs)
     liar.html = {"v1"}  # HEAD still answers; the GET after it gets the portal
     liar.digest_header = False
     async with http.get(f"{cache.url}/v2/ci/app/manifests/v1") as response:
