@@ -5,8 +5,9 @@ that holds credentials for them.
 Anonymous clients pull public images and get 401 (with a Basic challenge) for private
 ones; private content is never served by digest under another repository name or through
 another upstream (`?ns=`); clients with a grant pull private images (skopeo
-`--src-creds`). Fails before the fix (issue 9): anonymous pulls of private images
-succeeded and private blobs were served under any name.
+`--src-creds`). Fails before the fix (issue 9): there was no `clients:` setting (the
+cache refused the config), and without it anonymous pulls of private images succeeded
+and private blobs were served under any repository name and through any upstream.
 """
 
 from __future__ import annotations

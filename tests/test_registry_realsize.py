@@ -3,8 +3,8 @@
 cold by `skopeo copy` and by containerd (`ctr images pull`, unpacked), 0 failures.
 
 Fails before the fix (issue 9): manifests of 4 KiB or more were read with one
-`read(n)` that returns what has arrived, so most of these pulls failed (measured on the
-code before: see the report in the issue).
+`read(n)` that returns what has arrived; on the code before (main at d97161d) this test
+counted 4 of 20 skopeo and 12 of 20 ctr pulls failing (502s and truncated manifests).
 """
 
 from __future__ import annotations
