@@ -8,10 +8,17 @@ request misbehaves the way real upstreams and middleboxes do:
 - `html`: references answered `200 text/html` with a login page (a captive portal);
 - `length_delta`: Content-Length off by this many bytes (positive: the body is short
   and the connection closes; negative: the body is cut to the declared length);
-- `stall`: seconds of silence before the answer (HEAD and GET alike);
+- `stall`: seconds of silence before the answer (HEAD and GET alike); with
+  `stall_after`, the silence comes after that many bytes of the body instead;
 - `fail`: (status, headers) for every `/v2/<name>/...` request, e.g. 429 + Retry-After;
 - `token`: None (no auth), "ok" (Bearer tokens from /token), "html" (the token server
-  answers a login page) or "hang" (the token server never answers).
+  answers a login page) or "hang" (the token server never answers); `token_body`: the
+  token server's exact answer instead;
+- `private`: repositories served only with a token fetched with credentials (as Docker
+  Hub's private repositories): an anonymous token gets 401 there;
+- `hold`: path suffix -> event; such requests are recorded, then answered once it is set.
+
+`tags` (repository -> tag list) answers `tags/list`.
 
 Every request is recorded in `requests` as (method, path), token requests too.
 """
@@ -100,8 +107,13 @@ class LyingRegistry:
     html: set[str] = field(default_factory=set)
     length_delta: int = 0
     stall: float = 0.0
+    stall_after: int | None = None
     fail: tuple[int, dict[str, str]] | None = None
     token: str | None = None
+    token_body: bytes | None = None
+    private: set[str] = field(default_factory=set)
+    hold: dict[str, asyncio.Event] = field(default_factory=dict)
+    tags: dict[str, list[str]] = field(default_factory=dict)
     requests: list[tuple[str, str]] = field(default_factory=list)
     port: int = field(default_factory=free_port)
     runner: web.AppRunner | None = None
@@ -142,18 +154,28 @@ class LyingRegistry:
 
     async def _token(self, request: web.Request) -> web.StreamResponse:
         self.requests.append((request.method, request.path_qs))
+        if self.token_body is not None:
+            return web.Response(body=self.token_body, content_type="application/json")
         if self.token == "html":
             return web.Response(body=LOGIN_PAGE, content_type="text/html")
         if self.token == "hang":
             await self.stopping.wait()
-        return web.json_response({"token": "t0k", "expires_in": 300})
+        # With credentials the token opens private repositories too.
+        token = "t0k" if "Authorization" in request.headers else "anon"
+        return web.json_response({"token": token, "expires_in": 300})
 
     async def _v2(self, request: web.Request) -> web.StreamResponse:
         self.requests.append((request.method, request.path_qs))
         tail = request.match_info["tail"]
-        if self.token is not None and request.headers.get("Authorization") != "Bearer t0k":
+        name, _, rest = tail.rpartition("/")
+        name, _, kind = name.rpartition("/")
+        accepted = {"Bearer t0k"} if name in self.private else {"Bearer t0k", "Bearer anon"}
+        if self.token is not None and request.headers.get("Authorization") not in accepted:
             challenge = f'Bearer realm="{self.url}/token",service="liar"'
             return web.Response(status=401, headers={"WWW-Authenticate": challenge})
+        for suffix, release in self.hold.items():
+            if request.path.endswith(suffix):
+                await release.wait()
         if not tail:
             return web.json_response({})
         if self.fail is not None:
@@ -161,8 +183,9 @@ class LyingRegistry:
             return web.json_response(
                 {"errors": [{"code": "TOOMANYREQUESTS"}]}, status=status, headers=headers
             )
-        name, _, rest = tail.rpartition("/")
-        name, _, kind = name.rpartition("/")
+        if kind == "tags" and rest == "list" and name in self.tags:
+            listing = json.dumps({"name": name, "tags": self.tags[name]}).encode()
+            return await self._send(request, listing, "application/json", None)
         if kind == "manifests":
             if rest in self.html:
                 return await self._send(request, LOGIN_PAGE, "text/html", None)
@@ -175,15 +198,18 @@ class LyingRegistry:
             return await self._send(request, self.blobs[rest], "application/octet-stream", rest)
         return web.json_response({"errors": [{"code": "BLOB_UNKNOWN"}]}, status=404)
 
+    async def _silence(self) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.stopping.wait(), self.stall)
+
     async def _send(
         self, request: web.Request, body: bytes, media_type: str, digest: str | None
     ) -> web.StreamResponse:
         headers = {"Content-Type": media_type}
         if digest is not None and self.digest_header:
             headers["Docker-Content-Digest"] = digest
-        if self.stall:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stopping.wait(), self.stall)
+        if self.stall and self.stall_after is None:
+            await self._silence()
         response = web.StreamResponse(headers=headers)
         response.content_length = len(body) + self.length_delta
         with contextlib.suppress(ConnectionResetError):  # the cache may have hung up
@@ -192,6 +218,10 @@ class LyingRegistry:
             return response
         step = self.chunk or len(body)
         with contextlib.suppress(ConnectionResetError):  # the cache may hang up first
+            if self.stall_after is not None:
+                await response.write(body[: self.stall_after])
+                await self._silence()
+                body = body[self.stall_after :]
             for start in range(0, len(body), step):
                 await response.write(body[start : start + step])
                 if self.chunk:
