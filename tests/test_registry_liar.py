@@ -340,3 +340,26 @@ async def test_a_portal_page_on_revalidation_serves_the_verified_stale_manifest(
     stale = cache.wait_log('"manifest_stale"')
     assert stale and "not JSON (text/html" in stale[0]
     assert set(stored(cache)) == {digest_of(body)}
+
+
+async def test_a_body_that_stalls_midway_is_a_503_not_a_crash(
+    liar: LyingRegistry, start_cache: StartCache, http: aiohttp.ClientSession
+) -> None:
+    """Fails before the fix: the idle timeout hit while a by-digest manifest or a tag list
+    was being read was not an upstream failure but an unexpected exception: a 500 and a
+    traceback."""
+    body, _ = real_size_manifest(8 << 10)
+    digest = liar.add_manifest("ci/app", "v1", body, OCI_MANIFEST)
+    liar.tags["ci/app"] = [f"v{number}" for number in range(500)]
+    liar.stall, liar.stall_after = 5, 1000
+    config = {"upstreams": [{"url": liar.url}], "timeouts": {"connect": 0.5, "idle": 0.5}}
+    cache = start_cache(config=config)
+    for path in (f"/v2/ci/app/manifests/{digest}", "/v2/ci/app/tags/list"):
+        async with http.get(cache.url + path) as response:
+            assert response.status == 503
+            code, message = await _error(response)
+            assert code == "UNAVAILABLE" and "Timeout" in message, message
+        lines = cache.wait_log(f'"path": "{path}"')
+        assert len(lines) == 1 and '"error_code": "UNAVAILABLE"' in lines[0]
+    assert stored(cache) == {}
+    assert "Traceback" not in cache.logs()

@@ -112,8 +112,9 @@ def make_session(
 
 
 async def read_body(response: aiohttp.ClientResponse, limit: int, what: str) -> bytes:
-    """The whole body of `response`, at most `limit` bytes; UpstreamUnavailableError (502)
-    when it is longer, or shorter than its Content-Length.
+    """The whole body of `response`, at most `limit` bytes; UpstreamUnavailableError: 502
+    when it is longer, or shorter than its Content-Length; 503 when it stops coming (the
+    idle timeout, the connection lost).
 
     `response.content.read(n)` returns what has arrived so far; this reads to the end.
     """
@@ -135,6 +136,11 @@ async def read_body(response: aiohttp.ClientResponse, limit: int, what: str) -> 
     except aiohttp.ClientPayloadError as error:
         raise UpstreamUnavailableError(
             f"{what}: body cut short after {received} bytes ({error})", bad_answer=True
+        ) from error
+    except (aiohttp.ClientError, TimeoutError) as error:
+        # The idle timeout (SocketTimeoutError) or the connection lost mid-body.
+        raise UpstreamUnavailableError(
+            f"{what}: body stopped after {received} bytes ({type(error).__name__}: {error})"
         ) from error
     if declared is not None and received != declared:
         raise UpstreamUnavailableError(
