@@ -363,3 +363,36 @@ async def test_a_body_that_stalls_midway_is_a_503_not_a_crash(
         assert len(lines) == 1 and '"error_code": "UNAVAILABLE"' in lines[0]
     assert stored(cache) == {}
     assert "Traceback" not in cache.logs()
+
+
+BOGUS_STRUCTURES = {
+    "layers not a list": {"config": {"digest": digest_of(b"c"), "size": 1}, "layers": 5},
+    "layers null": {"config": {"digest": digest_of(b"c"), "size": 1}, "layers": None},
+    "digest not a digest": {
+        "config": {"digest": "nonsense", "size": 1},
+        "layers": [{"digest": "zz", "size": 1}],
+    },
+    "size not a number": {
+        "config": {"digest": digest_of(b"c"), "size": "1"},
+        "layers": [{"digest": digest_of(b"l"), "size": [1]}],
+    },
+}
+
+
+@pytest.mark.parametrize("bogus", sorted(BOGUS_STRUCTURES))
+async def test_a_manifest_shaped_body_with_a_bogus_structure_is_refused(
+    liar: LyingRegistry, start_cache: StartCache, http: aiohttp.ClientSession, bogus: str
+) -> None:
+    """No digest vouches for it, so its structure is all there is to check. Fails before
+    the fix: `layers` not a list crashed the check (500, traceback); descriptors whose
+    digest is no digest passed it, were stored, tagged and served."""
+    document = {"schemaVersion": 2, "mediaType": OCI_MANIFEST, **BOGUS_STRUCTURES[bogus]}
+    liar.add_manifest("ci/app", "v1", json.dumps(document).encode(), OCI_MANIFEST)
+    liar.digest_header = False
+    cache = start_cache(liar.url)
+    async with http.get(f"{cache.url}/v2/ci/app/manifests/v1") as response:
+        assert response.status == 502
+        code, message = await _error(response)
+    assert code == "MANIFEST_INVALID" and "descriptors" in message, message
+    assert stored(cache) == {}
+    assert "Traceback" not in cache.logs()

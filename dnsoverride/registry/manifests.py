@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import re
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -55,6 +56,8 @@ log = structlog.get_logger(__name__)
 MAX_MANIFEST = 4 << 20  # the spec lets registries refuse manifests above 4 MiB
 _MEMORY_ENTRIES = 1024
 INDEX_TYPES = frozenset(MANIFEST_TYPES[0::2])  # OCI index, Docker manifest list
+# A descriptor's digest per the OCI grammar (algorithm ":" encoded), registered or not.
+_DESCRIPTOR_DIGEST = re.compile(r"^[a-z0-9]+(?:[+._-][a-z0-9]+)*:[a-zA-Z0-9=_-]+$")
 _UPSTREAM_FAILURES = (UpstreamUnavailableError, UpstreamDeniedError, TimeoutError)
 T = TypeVar("T")
 
@@ -132,14 +135,26 @@ def check_document(data: bytes, content_type: str, what: str) -> str:
         media_type = MANIFEST_TYPES[0] if is_index else MANIFEST_TYPES[1]
     if (media_type in INDEX_TYPES) != is_index:
         raise _invalid(what, f"{media_type} with the wrong structure")
-    entries = (
-        document["manifests"] if is_index else [document.get("config"), *document.get("layers", ())]
-    )
-    if not isinstance(entries, list) or not all(
-        isinstance(entry, dict) and isinstance(entry.get("digest"), str) for entry in entries
-    ):
-        raise _invalid(what, "descriptors without digests")
+    if is_index:
+        entries = document["manifests"]
+    else:
+        layers = document.get("layers", [])
+        entries = [document.get("config"), *layers] if isinstance(layers, list) else None
+    if not isinstance(entries, list) or not all(map(_is_descriptor, entries)):
+        raise _invalid(what, "descriptors without a valid digest and size")
     return media_type
+
+
+def _is_descriptor(entry: object) -> bool:
+    if not isinstance(entry, dict):
+        return False
+    digest, size = entry.get("digest"), entry.get("size")
+    return (
+        isinstance(digest, str)
+        and _DESCRIPTOR_DIGEST.match(digest) is not None
+        and type(size) is int
+        and size >= 0
+    )
 
 
 def sniff_media_type(data: bytes) -> str:
