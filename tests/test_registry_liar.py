@@ -396,3 +396,42 @@ async def test_a_manifest_shaped_body_with_a_bogus_structure_is_refused(
     assert code == "MANIFEST_INVALID" and "descriptors" in message, message
     assert stored(cache) == {}
     assert "Traceback" not in cache.logs()
+
+
+@pytest.mark.parametrize(
+    "index",
+    [
+        b"not JSON at all",
+        json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": ["x", 5]}).encode(),
+        json.dumps(
+            {"schemaVersion": 2, "manifests": [{"digest": "sha256:zz", "platform": [1]}]}
+        ).encode(),
+        json.dumps(
+            {
+                "schemaVersion": 2,
+                "manifests": [
+                    {
+                        "mediaType": OCI_MANIFEST,
+                        "digest": "sha256:zz",
+                        "platform": {"os": "linux", "architecture": "amd64"},
+                    }
+                ],
+            }
+        ).encode(),
+    ],
+    ids=["not-json", "entries-not-objects", "platform-not-object", "digest-not-a-digest"],
+)
+async def test_a_bogus_index_vouched_for_by_its_digest_is_served_as_is(
+    liar: LyingRegistry, start_cache: StartCache, http: aiohttp.ClientSession, index: bytes
+) -> None:
+    """The upstream's digest header vouches for the bytes, so they are stored; a client
+    that cannot take an index gets them as they are (no platform to pick). Fails before the
+    fix: picking the linux/amd64 entry crashed on the bogus entries (500, traceback)."""
+    digest = liar.add_manifest("ci/multi", "v1", index, OCI_INDEX)
+    cache = start_cache(liar.url)
+    url = f"{cache.url}/v2/ci/multi/manifests/v1"
+    async with http.get(url, headers={"Accept": OCI_MANIFEST}) as response:
+        assert response.status == 200, await response.text()
+        assert await response.read() == index
+        assert response.headers["Docker-Content-Digest"] == digest
+    assert "Traceback" not in cache.logs()

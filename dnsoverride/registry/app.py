@@ -185,9 +185,8 @@ class Routes:
             else:
                 found = await self.manifests.by_tag(upstream, name, tag)
             if isinstance(found, Manifest):
-                replacement = self.manifests.negotiate(found, accept)
-                if replacement is not None:
-                    child = parse_digest(replacement)
+                child = self.manifests.negotiate(found, accept)
+                if child is not None:
                     found = await self.manifests.by_digest(upstream, name, child)
         etag = f'"{found.digest}"'
         headers = {

@@ -444,22 +444,26 @@ class Manifests:
         if missing is not None:
             raise RegistryError("UNAVAILABLE", f"upstream unreachable and {missing}")
 
-    def negotiate(self, manifest: Manifest, accept: list[str]) -> str | None:
+    def negotiate(self, manifest: Manifest, accept: list[str]) -> Digest | None:
         """The digest of the index entry to serve instead when the client can't take an index.
 
-        None means serve `manifest` itself.
+        None means serve `manifest` itself: the client can take it, or the index (which its
+        digest vouches for, not its structure) names no usable linux/amd64 entry.
         """
         if acceptable(manifest.media_type, accept) or manifest.media_type not in INDEX_TYPES:
             return None
-        document = json.loads(manifest.data)
-        for entry in document.get("manifests", []):
-            platform = entry.get("platform") or {}
-            if (
-                platform.get("os") == "linux"
-                and platform.get("architecture") == "amd64"
-                and entry.get("mediaType") in accept
-            ):
-                return str(entry["digest"])
+        try:
+            entries = json.loads(manifest.data)["manifests"]
+            for entry in entries:
+                platform = entry.get("platform") or {}
+                if (
+                    platform.get("os") == "linux"
+                    and platform.get("architecture") == "amd64"
+                    and entry.get("mediaType") in accept
+                ):
+                    return parse_digest(entry["digest"])
+        except (ValueError, TypeError, KeyError, AttributeError, RegistryError):
+            return None
         return None
 
 
