@@ -435,3 +435,28 @@ async def test_a_bogus_index_vouched_for_by_its_digest_is_served_as_is(
         assert await response.read() == index
         assert response.headers["Docker-Content-Digest"] == digest
     assert "Traceback" not in cache.logs()
+
+
+@pytest.mark.parametrize("token", ["t0k\r\nX-Injected: 1", "t0k\n"])
+async def test_a_token_that_cannot_be_a_header_is_a_502_and_not_kept(
+    liar: LyingRegistry, start_cache: StartCache, http: aiohttp.ClientSession, token: str
+) -> None:
+    """Fails before the fix: the token was cached as it came, and every request of the
+    repository for the token's lifetime crashed building its Authorization header (aiohttp
+    refuses control characters in headers): a 500 and a traceback each."""
+    body, _ = real_size_manifest(6 << 10)
+    liar.add_manifest("ci/app", "v1", body, OCI_MANIFEST)
+    liar.token = "ok"
+    liar.token_body = json.dumps({"token": token, "expires_in": 300}).encode()
+    cache = start_cache(liar.url)
+    url = f"{cache.url}/v2/ci/app/manifests/v1"
+    for _ in range(2):
+        async with http.get(url) as response:
+            assert response.status == 502
+            code, message = await _error(response)
+            assert code == "UNAVAILABLE" and "token" in message, message
+    liar.token_body = None  # the token server comes to its senses: nothing bad was kept
+    async with http.get(url) as response:
+        assert response.status == 200
+        assert await response.read() == body
+    assert "Traceback" not in cache.logs()

@@ -57,6 +57,7 @@ _CHALLENGE_PARAM = re.compile(r'(\w+)\s*=\s*"([^"]*)"')
 # Tokens without `expires_in` are valid for 60 s (distribution token spec).
 _DEFAULT_TOKEN_LIFETIME = 60.0
 _MAX_TOKEN_ANSWER = 1 << 20
+_TOKEN = re.compile(r"[\x21-\x7e]+")  # visible ASCII: what a header value may carry
 # A Retry-After beyond this is taken as this: an upstream's typo must not block a
 # repository for days.
 _MAX_RETRY_AFTER = 3600.0
@@ -404,6 +405,13 @@ class Upstream:
             raise UpstreamUnavailableError(
                 f"{self.name}: token server {realm} answered {content_type or 'no type'} "
                 f"without a token: {body[:80]!r}",
+                bad_answer=True,
+            )
+        if not _TOKEN.fullmatch(value):
+            # It goes into an Authorization header: aiohttp refuses control characters.
+            raise UpstreamUnavailableError(
+                f"{self.name}: token server {realm} answered a token that is not printable "
+                f"ASCII: {value[:40]!r}",
                 bad_answer=True,
             )
         assert isinstance(answer, dict)
