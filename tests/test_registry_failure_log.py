@@ -8,6 +8,7 @@ line at all and one wrote a traceback that did not name the request.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import os
@@ -85,4 +86,48 @@ async def test_each_failure_class_is_one_line_with_request_and_reason(
         assert line["client"] == "127.0.0.1"
     # The successful requests are logged too, at info, with what the cache did.
     assert cache.stop() == 0
+    assert "Traceback" not in cache.logs()
+
+
+async def _raw_request(port: int, request: bytes) -> bytes:
+    """Send bytes no well-behaved client library would send; the status line answered."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request)
+        await writer.drain()
+        return await reader.readline()
+    finally:
+        writer.close()
+
+
+async def test_client_credentials_the_cache_cannot_check(
+    tmp_path: Path, liar: LyingRegistry, start_cache: StartCache, http: aiohttp.ClientSession
+) -> None:
+    """Fails before the fix: non-ASCII Basic credentials and a password longer than 72 bytes
+    (bcrypt 5 refuses to check those) each gave a 500 and a traceback."""
+    body, _ = real_size_manifest(6 << 10)
+    liar.add_manifest("ci/app", "v1", body, OCI_MANIFEST)
+    long_password = b"p" * 72 + b"-and-beyond"
+    users = tmp_path / "htpasswd"
+    # As `htpasswd -B` makes it: bcrypt only ever looks at the first 72 bytes.
+    users.write_text(f"dev:{bcrypt.hashpw(long_password[:72], bcrypt.gensalt(6)).decode()}\n")
+    config = {
+        "upstreams": [{"url": liar.url}],
+        "clients": {"htpasswd": str(users), "grants": [{"users": ["dev"]}], "require_auth": True},
+    }
+    cache = start_cache(config=config)
+    path = "/v2/ci/app/manifests/v1"
+    status = await _raw_request(
+        cache.port,
+        f"GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Basic ".encode()
+        + "dév:pw".encode()
+        + b"\r\nConnection: close\r\n\r\n",
+    )
+    assert status.startswith(b"HTTP/1.1 401"), status
+    lines = cache.wait_log(f'"path": "{path}"', '"status": 401')
+    assert len(lines) == 1 and "malformed Basic credentials" in lines[0], lines
+    credentials = base64.b64encode(b"dev:" + long_password).decode()
+    async with http.get(cache.url + path, headers={"Authorization": f"Basic {credentials}"}) as r:
+        assert r.status == 200
+        assert await r.read() == body
     assert "Traceback" not in cache.logs()
