@@ -131,3 +131,26 @@ async def test_client_credentials_the_cache_cannot_check(
         assert r.status == 200
         assert await r.read() == body
     assert "Traceback" not in cache.logs()
+
+
+async def test_requests_aiohttp_cannot_parse_are_one_line_each(
+    liar: LyingRegistry, start_cache: StartCache
+) -> None:
+    """Fails before the fix: aiohttp's own logger wrote `Error handling request` with a
+    traceback, as plain text beside the JSON lines, and the access line had no reason."""
+    cache = start_cache(liar.url)
+    garbage = {
+        "Got more than 8190 bytes": b"GET /v2/" + b"a/" * 5000 + b"manifests/v1 HTTP/1.1\r\n\r\n",
+        "Invalid header token": b"GET /v2/ HTTP/1.1\r\nHost: x\r\nX-Bad\x01: y\r\n\r\n",
+        "Content-Length": b"GET /v2/ HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
+    }
+    for request in garbage.values():
+        status = await _raw_request(cache.port, request)
+        assert status.split(b" ")[1] == b"400", status
+    for reason in garbage:
+        lines = cache.wait_log('"status": 400', reason)
+        assert len(lines) == 1, (reason, cache.logs())
+        assert json.loads(lines[0])["level"] == "warning"
+    assert cache.stop() == 0
+    for line in cache.logs().splitlines():
+        json.loads(line)  # every line is a structlog event: nothing beside them

@@ -8,15 +8,21 @@ carries its OCI code and message (`error_code`, `error`), so every failure is on
 that names the request and the reason; a blob stream cut short after its 200 went out
 carries the reason too. Successful requests log at info, failures at warning; so
 `--log-level warning` keeps the failures and drops the rest.
+
+A request aiohttp cannot parse (a request line past 8190 bytes, a bad header) never
+reaches the app: aiohttp answers 400 itself. Its access line carries the parser's reason,
+and `server_logger` keeps aiohttp from also logging it as an error with a traceback.
 """
 
 from __future__ import annotations
 
+import logging
 from contextvars import ContextVar
 
 import structlog
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_request import BaseRequest
 
 log = structlog.get_logger("dnsoverride.registry.access")
@@ -62,6 +68,9 @@ class AccessLogger(AbstractAccessLogger):
         error = request.get(ERROR_KEY)
         if isinstance(error, tuple):
             fields["error_code"], fields["error"] = error
+        elif response.status >= 400 and isinstance(response, web.Response) and response.text:
+            # aiohttp's own plain-text answer to a request it could not parse: the reason.
+            fields["error"] = " ".join(response.text.split())[:300]
         # The 401 a client without credentials gets at /v2/ is the auth handshake (with
         # users configured), not a failure.
         handshake = (
@@ -73,3 +82,23 @@ class AccessLogger(AbstractAccessLogger):
             log.warning("request", **fields)
         else:
             log.info("request", **fields)
+
+
+class _ServerErrors(logging.Handler):
+    """aiohttp's server log, as structlog events: a request it could not parse is the
+    client's doing, and its access line says why; anything else keeps its traceback."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, HttpProcessingError):
+            return
+        log.log(record.levelno, "http_server", message=record.getMessage(), exc_info=error)
+
+
+def server_logger() -> logging.Logger:
+    """The logger to give aiohttp's request handler (`logger=`) instead of aiohttp.server."""
+    logger = logging.getLogger("dnsoverride.registry.server")
+    if not logger.handlers:
+        logger.addHandler(_ServerErrors())
+        logger.propagate = False
+    return logger

@@ -27,7 +27,7 @@ from dnsoverride.errors import UserError
 from dnsoverride.log import configure
 from dnsoverride.registry import config as registry_config
 from dnsoverride.registry.access import Access
-from dnsoverride.registry.accesslog import AccessLogger
+from dnsoverride.registry.accesslog import AccessLogger, server_logger
 from dnsoverride.registry.app import Routes, build_app
 from dnsoverride.registry.blobs import Blobs
 from dnsoverride.registry.config import RegistryConfig
@@ -142,6 +142,7 @@ async def serve(config: RegistryConfig) -> int:
         cache.app,
         access_log=logging.getLogger("dnsoverride.registry.access"),
         access_log_class=AccessLogger,
+        logger=server_logger(),
         handle_signals=False,
     )
     await runner.setup()
