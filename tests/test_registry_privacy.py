@@ -235,3 +235,48 @@ async def test_require_auth_closes_even_public_content(
     for _ in range(20):
         status, _, _ = await _status(http, f"{cache.url}/v2/team/app/manifests/v1", headers=DEV)
         assert status == 200
+
+
+async def test_by_digest_in_a_second_repository_asks_the_upstream_the_right_way(
+    tmp_path: Path, tokens: TokenServer, start_cache: StartCache
+) -> None:
+    """The same OCI image in two private repositories and a public one: once pulled through
+    one, pulls by digest through the others are confirmed with the upstream, and pass.
+    Fails before the fix: that confirmation was a HEAD without an Accept header, which
+    distribution answers 404 for OCI manifests and indexes, so such pulls failed with
+    `manifest unknown`."""
+    with DistributionRegistry(tmp_path / "secured", tokens.registry_auth()) as secured:
+        single = build_image(tmp_path / "single", platforms=("linux/amd64",))
+        multi = build_image(tmp_path / "multi")
+        for repository in ("team/private", "team/private2", "team/public"):
+            for image in (single, multi):
+                await push(image, f"{secured.address}/{repository}:{image.tag}", creds="ci:s3cret")
+        config = {
+            "upstreams": [
+                {"name": "hub.example", "url": secured.url, "username": "ci", "password": "s3cret"}
+            ],
+            "clients": {
+                "htpasswd": str(htpasswd(tmp_path / "htpasswd", dev="devpw")),
+                "grants": [{"users": ["dev"]}],
+            },
+        }
+        cache = start_cache(config=config)
+        for image in (single, multi):
+            code, out = await pull(
+                f"{cache.address}/team/private@{image.top_digest}",
+                tmp_path / f"first{image.top_digest[7:15]}",
+                all_platforms=True,
+                creds="dev:devpw",
+            )
+            assert code == 0, out + cache.logs()
+        for repository, creds in (("team/private2", "dev:devpw"), ("team/public", None)):
+            for image in (single, multi):
+                target = tmp_path / f"{repository.replace('/', '-')}{image.top_digest[7:15]}"
+                code, out = await pull(
+                    f"{cache.address}/{repository}@{image.top_digest}",
+                    target,
+                    all_platforms=True,
+                    creds=creds,
+                )
+                assert code == 0, out + cache.logs()
+                assert verify_dir(target) == set(image.blobs)

@@ -35,6 +35,7 @@ from dnsoverride.registry.names import Digest, is_digest, parse_digest, parse_na
 from dnsoverride.registry.stats import Stats
 from dnsoverride.registry.store import Kind
 from dnsoverride.registry.upstream import (
+    ACCEPT_MANIFESTS,
     Upstream,
     UpstreamDeniedError,
     UpstreamUnavailableError,
@@ -145,7 +146,10 @@ class Routes:
         owner = (upstream.name, name)
         if not self.access.store_has(kind, digest) or self.access.shareable(kind, digest, owner):
             return
-        response = await upstream.call("HEAD", name, f"{kind}/{digest}")
+        # With the full Accept: distribution answers 404 to a manifest HEAD whose type the
+        # request does not take (aiohttp's default is */*, which takes no OCI type).
+        accept = {"Accept": ACCEPT_MANIFESTS} if kind == "manifests" else None
+        response = await upstream.call("HEAD", name, f"{kind}/{digest}", accept)
         response.release()
         if response.status == 404:
             code = "MANIFEST_UNKNOWN" if kind == "manifests" else "BLOB_UNKNOWN"

@@ -278,11 +278,11 @@ class Upstream:
         )
 
     async def call(
-        self, method: str, name: str, path: str, anonymous: bool = False
+        self, method: str, name: str, path: str, headers: dict[str, str] | None = None
     ) -> aiohttp.ClientResponse:
         """`request`, with upstream failures turned into the OCI error for the client."""
         try:
-            return await self.request(method, name, path, anonymous=anonymous)
+            return await self.request(method, name, path, headers)
         except (UpstreamUnavailableError, UpstreamDeniedError) as error:
             raise as_registry_error(error) from error
 
