@@ -16,7 +16,8 @@ request misbehaves the way real upstreams and middleboxes do:
   token server's exact answer instead;
 - `private`: repositories served only with a token fetched with credentials (as Docker
   Hub's private repositories): an anonymous token gets 401 there;
-- `hold`: path suffix -> event; such requests are recorded, then answered once it is set.
+- `hold`: path suffix -> event; such requests are recorded, then answered once it is set
+  (`holding` is set while one waits).
 
 `tags` (repository -> tag list) answers `tags/list`.
 
@@ -113,6 +114,7 @@ class LyingRegistry:
     token_body: bytes | None = None
     private: set[str] = field(default_factory=set)
     hold: dict[str, asyncio.Event] = field(default_factory=dict)
+    holding: asyncio.Event = field(default_factory=asyncio.Event)
     tags: dict[str, list[str]] = field(default_factory=dict)
     requests: list[tuple[str, str]] = field(default_factory=list)
     port: int = field(default_factory=free_port)
@@ -175,6 +177,7 @@ class LyingRegistry:
             return web.Response(status=401, headers={"WWW-Authenticate": challenge})
         for suffix, release in self.hold.items():
             if request.path.endswith(suffix):
+                self.holding.set()
                 await release.wait()
         if not tail:
             return web.json_response({})

@@ -12,6 +12,7 @@ and private blobs were served under any repository name and through any upstream
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 from collections.abc import AsyncIterator
@@ -23,7 +24,9 @@ import bcrypt
 import pytest
 
 from tests.registry_fixtures import StartCache
+from tests.registry_liar import LyingRegistry, real_size_manifest
 from tests.registry_peers import (
+    OCI_MANIFEST,
     CacheProcess,
     DistributionRegistry,
     Image,
@@ -280,3 +283,35 @@ async def test_by_digest_in_a_second_repository_asks_the_upstream_the_right_way(
                 )
                 assert code == 0, out + cache.logs()
                 assert verify_dir(target) == set(image.blobs)
+
+
+async def test_a_visibility_check_answered_404_is_only_that_requests_answer(
+    tmp_path: Path, start_cache: StartCache, http: aiohttp.ClientSession
+) -> None:
+    """Concurrent anonymous requests of one repository share one visibility check; when it
+    was asked with a path the upstream does not have (404), that says nothing of the
+    repository, so the others ask with their own. Fails before the fix: every request that
+    joined the check got the first one's `manifest unknown: ci/app:nosuch`."""
+    async with LyingRegistry() as liar:
+        body, _ = real_size_manifest(6 << 10)
+        liar.add_manifest("ci/app", "v1", body, OCI_MANIFEST)
+        liar.token = "ok"
+        release = liar.hold["/manifests/nosuch"] = asyncio.Event()
+        config = {"upstreams": [{"url": liar.url, "username": "ci", "password": "s3cret"}]}
+        cache = start_cache(config=config)
+        first = asyncio.ensure_future(http.get(f"{cache.url}/v2/ci/app/manifests/nosuch"))
+        await liar.holding.wait()
+        assert liar.requests[-1] == ("HEAD", "/v2/ci/app/manifests/nosuch")
+        others = [
+            asyncio.ensure_future(http.get(f"{cache.url}/v2/ci/app/manifests/v1")) for _ in range(5)
+        ]
+        # Nothing outside the cache shows a request waiting on the shared check: give the
+        # five the time to reach it (loopback, milliseconds) before the check is answered.
+        await asyncio.sleep(0.3)
+        release.set()
+        async with await first as response:
+            assert response.status == 404
+        for pending in others:
+            async with await pending as response:
+                assert response.status == 200, await response.text()
+                assert await response.read() == body

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import ipaddress
 import time
 from collections import OrderedDict
@@ -93,7 +94,8 @@ class Access:
         # costs ~100 ms of CPU; a pull sends the header with every request).
         self._verified: OrderedDict[str, str] = OrderedDict()
         self._verdicts: dict[Owner, _Verdict] = {}
-        self._probes: dict[Owner, asyncio.Future[bool]] = {}
+        # The visibility check in flight per repository, and the path it asks for.
+        self._probes: dict[Owner, tuple[str, asyncio.Future[bool | None]]] = {}
 
     @property
     def require_auth(self) -> bool:
@@ -160,17 +162,32 @@ class Access:
         if not upstream.has_credentials:
             return True
         owner = (upstream.name, name)
-        verdict = self._verdicts.get(owner)
-        if verdict is not None and verdict.until > time.monotonic():
-            return verdict.public
-        task = self._probes.get(owner)
-        if task is None:
-            task = asyncio.ensure_future(self._probe(upstream, name, probe))
-            self._probes[owner] = task
-            task.add_done_callback(lambda _: self._probes.pop(owner, None))
-        return await asyncio.shield(task)
+        while True:
+            verdict = self._verdicts.get(owner)
+            if verdict is not None and verdict.until > time.monotonic():
+                return verdict.public
+            shared = self._probes.get(owner)
+            if shared is None:
+                shared = (probe.path, asyncio.ensure_future(self._probe(upstream, name, probe)))
+                self._probes[owner] = shared
+                shared[1].add_done_callback(functools.partial(self._probe_done, owner, shared))
+            path, task = shared
+            public = await asyncio.shield(task)
+            if public is not None:
+                return public
+            if path == probe.path:
+                raise probe.unknown
+            # The shared check asked for a path the upstream does not have, which says
+            # nothing of the repository: ask again, with this request's own path.
 
-    async def _probe(self, upstream: Upstream, name: str, probe: Probe) -> bool:
+    def _probe_done(
+        self, owner: Owner, shared: tuple[str, asyncio.Future[bool | None]], _: object
+    ) -> None:
+        if self._probes.get(owner) is shared:
+            del self._probes[owner]
+
+    async def _probe(self, upstream: Upstream, name: str, probe: Probe) -> bool | None:
+        """The verdict from one anonymous HEAD of `probe.path`; None when that is a 404."""
         owner = (upstream.name, name)
         self.stats.visibility_checks[upstream.name] += 1
         try:
@@ -196,7 +213,7 @@ class Access:
             return stale.public
         else:
             if response.status == 404:
-                raise probe.unknown
+                return None
             public = True
         self._verdicts[owner] = _Verdict(public, time.monotonic() + self.config.visibility_ttl)
         log.info("visibility_checked", upstream=upstream.name, name=name, public=public)
