@@ -315,3 +315,36 @@ async def test_a_visibility_check_answered_404_is_only_that_requests_answer(
             async with await pending as response:
                 assert response.status == 200, await response.text()
                 assert await response.read() == body
+
+
+async def test_content_of_a_repository_whose_public_verdict_expired_is_not_shared(
+    tmp_path: Path, tokens: TokenServer, start_cache: StartCache, http: aiohttp.ClientSession
+) -> None:
+    """A repository pulled while public, then made private: once its verdict is past
+    `visibility_ttl`, its stored content is not served under another repository without
+    asking the upstream. Fails before the fix: a public verdict counted for sharing however
+    long ago it expired, so the now private blob was served under team/public."""
+    tokens.public = {"team/public", "team/flip"}
+    with DistributionRegistry(tmp_path / "secured", tokens.registry_auth()) as secured:
+        flip = build_image(tmp_path / "flip", platforms=("linux/amd64",))
+        public = build_image(tmp_path / "public", platforms=("linux/amd64",))
+        await push(flip, f"{secured.address}/team/flip:v1", creds="ci:s3cret")
+        await push(public, f"{secured.address}/team/public:v1", creds="ci:s3cret")
+        ttl = 1.0
+        config = {
+            "upstreams": [
+                {"name": "hub.example", "url": secured.url, "username": "ci", "password": "s3cret"}
+            ],
+            "clients": {"visibility_ttl": ttl},
+        }
+        cache = start_cache(config=config)
+        code, out = await pull(f"{cache.address}/team/flip:v1", tmp_path / "flip-pulled")
+        assert code == 0, out + cache.logs()
+        tokens.public.discard("team/flip")
+        # The verdict expires on the cache's own clock; nothing to wait on but that.
+        await asyncio.sleep(ttl + 0.1)
+        status, _, _ = await _status(http, f"{cache.url}/v2/team/public/manifests/v1")
+        assert status == 200  # team/public's verdict is fresh again: no check below
+        blob = max(flip.blobs, key=lambda digest: flip.blobs[digest])
+        status, message, _ = await _status(http, f"{cache.url}/v2/team/public/blobs/{blob}")
+        assert status == 404, message

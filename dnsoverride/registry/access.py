@@ -220,11 +220,13 @@ class Access:
         return public
 
     def known_public(self, owner: Owner) -> bool:
+        """Whether `owner` is public by a verdict still within `visibility_ttl`: a
+        repository made private since must not keep sharing what it once shared."""
         upstream = self.upstreams.get(owner[0])
         if upstream is not None and not upstream.has_credentials:
             return True
         verdict = self._verdicts.get(owner)
-        return verdict is not None and verdict.public
+        return verdict is not None and verdict.public and verdict.until > time.monotonic()
 
     def store_has(self, kind: Kind, digest: Digest) -> bool:
         return self.store.has(kind, digest)
