@@ -348,3 +348,75 @@ async def test_content_of_a_repository_whose_public_verdict_expired_is_not_share
         blob = max(flip.blobs, key=lambda digest: flip.blobs[digest])
         status, message, _ = await _status(http, f"{cache.url}/v2/team/public/blobs/{blob}")
         assert status == 404, message
+
+
+async def test_a_public_manifest_naming_a_private_blob_does_not_open_it(
+    tmp_path: Path,
+    tokens: TokenServer,
+    start_cache: StartCache,
+    http: aiohttp.ClientSession,
+) -> None:
+    """Anyone who may push a public image may name any digest in it as a foreign
+    (non-distributable) layer: a registry that takes those (Windows base layers, from
+    mcr.microsoft.com) does not check that such a layer exists. Fails before the fix: every
+    digest a fetched manifest listed was linked to its repository, so the bait manifest
+    made the private layer servable, anonymously, from the store under team/public."""
+    foreign = {"validation": {"manifests": {"urls": {"allow": [r"^https://mcr\.microsoft\.com/"]}}}}
+    with DistributionRegistry(
+        tmp_path / "secured", {**tokens.registry_auth(), **foreign}
+    ) as secured:
+        private = build_image(tmp_path / "private", platforms=("linux/amd64",))
+        public = build_image(tmp_path / "public", platforms=("linux/amd64",))
+        await push(private, f"{secured.address}/team/private:v1", creds="ci:s3cret")
+        await push(public, f"{secured.address}/team/public:v1", creds="ci:s3cret")
+        secret = max(private.blobs, key=lambda digest: private.blobs[digest])
+        await _push_bait(secured, tokens, public, secret, private.blobs[secret])
+        config = {
+            "upstreams": [
+                {"name": "hub.example", "url": secured.url, "username": "ci", "password": "s3cret"}
+            ],
+            "clients": {
+                "htpasswd": str(htpasswd(tmp_path / "htpasswd", dev="devpw")),
+                "grants": [{"users": ["dev"]}],
+            },
+        }
+        cache = start_cache(config=config)
+        code, out = await pull(
+            f"{cache.address}/team/private:v1", tmp_path / "dev", creds="dev:devpw"
+        )
+        assert code == 0, out + cache.logs()
+        status, _, _ = await _status(http, f"{cache.url}/v2/team/public/manifests/bait")
+        assert status == 200
+        status, message, _ = await _status(http, f"{cache.url}/v2/team/public/blobs/{secret}")
+        assert status == 404, message
+        # What the bait names of its own repository is still served.
+        status, _, _ = await _status(http, f"{cache.url}/v2/team/public/manifests/v1")
+        assert status == 200
+
+
+async def _push_bait(
+    registry: DistributionRegistry, tokens: TokenServer, image: Image, secret: str, size: int
+) -> None:
+    """Push team/public:bait: `image`'s config plus `secret` as a non-distributable layer."""
+    manifest = json.loads(
+        (image.layout / "blobs" / "sha256" / image.top_digest.split(":")[1]).read_bytes()
+    )
+    manifest["layers"] = [
+        {
+            "mediaType": "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
+            "digest": secret,
+            "size": size,
+            "urls": ["https://mcr.microsoft.com/v2/windows/blobs/" + secret],
+        }
+    ]
+    query = {"scope": "repository:team/public:push,pull", "service": "test-registry"}
+    login = {"Authorization": "Basic " + base64.b64encode(b"ci:s3cret").decode()}
+    async with aiohttp.ClientSession() as session:
+        async with session.get(tokens.realm, params=query, headers=login) as response:
+            token = (await response.json())["token"]
+        async with session.put(
+            f"{registry.url}/v2/team/public/manifests/bait",
+            data=json.dumps(manifest).encode(),
+            headers={"Authorization": f"Bearer {token}", "Content-Type": OCI_MANIFEST},
+        ) as response:
+            assert response.status == 201, await response.text()

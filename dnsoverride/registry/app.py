@@ -191,6 +191,8 @@ class Routes:
             if isinstance(found, Manifest):
                 child = self.manifests.negotiate(found, accept)
                 if child is not None:
+                    # Named by the index, so confirmed like any digest asked for by name.
+                    await self._own(upstream, name, "manifests", child)
                     found = await self.manifests.by_digest(upstream, name, child)
         etag = f'"{found.digest}"'
         headers = {

@@ -1,5 +1,6 @@
 """Where stored content came from: each stored digest -> the (upstream, repository) pairs
-it was fetched for or listed in.
+it was fetched for or that upstream confirmed it holds. Not the digests a manifest lists:
+they are its pusher's claim (a foreign layer may name any digest), not the upstream's.
 
 The store is content-addressed and shared; this is what keeps private content private
 inside it. A stored digest is served for (upstream, repository) only when it is linked to

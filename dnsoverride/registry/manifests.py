@@ -399,10 +399,9 @@ class Manifests:
             log.error("store_write_failed", upstream=upstream.name, name=name, reason=error.message)
             return manifest
         self._remember(manifest)
-        self.links.add(
-            (upstream.name, name),
-            [("manifests", parse_digest(manifest.digest)), *manifest.references],
-        )
+        # Only the manifest itself: what it lists is the pusher's claim, not the upstream's
+        # word that this repository holds it (a foreign layer may name any digest).
+        self.links.add((upstream.name, name), [("manifests", parse_digest(manifest.digest))])
         return manifest
 
     # -- bookkeeping --------------------------------------------------------------------
