@@ -30,6 +30,7 @@ from tests.registry_peers import (
     CacheProcess,
     DistributionRegistry,
     Image,
+    TestProxy,
     TokenServer,
     build_image,
     pull,
@@ -420,3 +421,58 @@ async def _push_bait(
             headers={"Authorization": f"Bearer {token}", "Content-Type": OCI_MANIFEST},
         ) as response:
             assert response.status == 201, await response.text()
+
+
+async def test_a_download_restarted_for_another_private_repository_is_not_joined(
+    tmp_path: Path, tokens: TokenServer, start_cache: StartCache, http: aiohttp.ClientSession
+) -> None:
+    """A blob in flight for a private repository is waited for, not joined, by a request
+    under another repository. Fails before the fix: when that download failed, the waiters
+    woke in turn and the first (granted for a second private repository) started a new one;
+    the anonymous request for team/public, woken next, joined that one unconfirmed and was
+    streamed the private blob (distribution has no such blob in team/public)."""
+    with DistributionRegistry(tmp_path / "secured", tokens.registry_auth()) as secured:
+        image = build_image(tmp_path / "image", platforms=("linux/amd64",), layer_sizes=(400_000,))
+        public = build_image(tmp_path / "public", platforms=("linux/amd64",))
+        for repository in ("team/private", "team/private2"):
+            await push(image, f"{secured.address}/{repository}:v1", creds="ci:s3cret")
+        await push(public, f"{secured.address}/team/public:v1", creds="ci:s3cret")
+        async with TestProxy(secured.url) as proxy:
+            config = {
+                "upstreams": [
+                    {
+                        "name": "hub.example",
+                        "url": proxy.url,
+                        "username": "ci",
+                        "password": "s3cret",
+                    }
+                ],
+                "clients": {
+                    "htpasswd": str(htpasswd(tmp_path / "htpasswd", dev="devpw")),
+                    "grants": [{"users": ["dev"]}],
+                },
+            }
+            cache = start_cache(config=config)
+            status, _, _ = await _status(http, f"{cache.url}/v2/team/public/manifests/v1")
+            assert status == 200  # team/public's verdict is fresh: no visibility check below
+            blob = max(image.blobs, key=lambda digest: image.blobs[digest])
+            proxy.throttle = 200_000  # bytes/s: a download takes 2 s
+            first = await http.get(f"{cache.url}/v2/team/private/blobs/{blob}", headers=DEV)
+            assert first.status == 200  # streaming: the download for team/private is under way
+            second = asyncio.ensure_future(
+                _status(http, f"{cache.url}/v2/team/private2/blobs/{blob}", headers=DEV)
+            )
+            await asyncio.sleep(0.3)  # nothing shows a request waiting: let it get there first
+            anonymous = asyncio.ensure_future(
+                _status(http, f"{cache.url}/v2/team/public/blobs/{blob}")
+            )
+            await asyncio.sleep(0.3)
+            proxy.cut_after = 0  # the first download dies ...
+            await proxy.cut_started.wait()
+            proxy.cut_after = None  # ... the one the second request starts does not
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await first.read()
+            first.release()
+            assert (await second)[0] == 200
+            status, message, _ = await anonymous
+            assert status == 404, message

@@ -217,12 +217,13 @@ class Routes:
         digest = parse_digest(reference)
         unknown = RegistryError("BLOB_UNKNOWN", f"blob unknown: {name}@{digest}")
         await self._authorize(request, upstream, name, Probe(f"blobs/{digest}", unknown))
-        fetching_for = self.blobs.fetching_for(digest)
-        if fetching_for not in (None, (upstream.name, name)) and not self.access.known_public(
-            fetching_for
-        ):
-            # In flight for another repository that may be private: not joined; once
-            # stored it is confirmed with this request's upstream like any stored blob.
+        # In flight for another repository that may be private: not joined; once stored it
+        # is confirmed with this request's upstream like any stored blob. Checked again
+        # after each wait: a failed download may have been restarted for another one.
+        while (fetching_for := self.blobs.fetching_for(digest)) not in (
+            None,
+            (upstream.name, name),
+        ) and not self.access.known_public(fetching_for):
             await self.blobs.wait_for(digest)
         await self._own(upstream, name, "blobs", digest)
         return await self.blobs.serve(request, upstream, name, digest)
