@@ -460,3 +460,16 @@ async def test_a_token_that_cannot_be_a_header_is_a_502_and_not_kept(
         assert response.status == 200
         assert await response.read() == body
     assert "Traceback" not in cache.logs()
+
+
+async def test_a_retry_after_of_unicode_digits_is_no_crash(
+    liar: LyingRegistry, start_cache: StartCache, http: aiohttp.ClientSession
+) -> None:
+    """Fails before the fix: `"²".isdigit()` is true but `float("²")` raises, so a 429 with
+    `Retry-After: ²` was a 500 and a traceback instead of a 429."""
+    liar.fail = (429, {"Retry-After": "²"})
+    cache = start_cache(liar.url)
+    async with http.get(f"{cache.url}/v2/ci/app/manifests/v1") as response:
+        assert response.status == 429
+        assert "Retry-After" not in response.headers  # no usable value to pass on
+    assert "Traceback" not in cache.logs()

@@ -328,7 +328,16 @@ def test_clients_config_and_grants(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("value", "seconds"),
-    [("30", 30.0), ("0", 0.0), (None, None), ("soon", None), ("999999", 3600.0)],
+    [
+        ("30", 30.0),
+        ("0", 0.0),
+        (None, None),
+        ("soon", None),
+        ("999999", 3600.0),
+        ("-5", None),
+        ("²", None),
+        ("٣", None),
+    ],
 )
 def test_retry_after_values(value: str | None, seconds: float | None) -> None:
     assert upstream_module._retry_after(value) == seconds

@@ -155,7 +155,7 @@ def _retry_after(value: str | None) -> float | None:
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    if value.isascii() and value.isdigit():  # str.isdigit takes "²" and "٣" too
         seconds = float(value)
     else:
         try:
