@@ -154,3 +154,26 @@ async def test_requests_aiohttp_cannot_parse_are_one_line_each(
     assert cache.stop() == 0
     for line in cache.logs().splitlines():
         json.loads(line)  # every line is a structlog event: nothing beside them
+
+
+async def test_access_log_bytes_count_the_blob_sent_from_the_store(
+    liar: LyingRegistry, start_cache: StartCache, http: aiohttp.ClientSession
+) -> None:
+    """Fails before the fix: a hit goes out with sendfile, which aiohttp does not count, so
+    a 3 MiB blob served from the store was logged as a few hundred bytes (its headers)."""
+    blob = os.urandom(3 << 20)
+    digest = digest_of(blob)
+    liar.blobs[digest] = blob
+    cache = start_cache(liar.url)
+    path = f"/v2/ci/app/blobs/{digest}"
+    for _ in range(2):  # a miss (streamed as it downloads), then a hit (sendfile)
+        async with http.get(cache.url + path) as response:
+            assert await response.read() == blob
+    async with http.get(cache.url + path, headers={"Range": "bytes=100-1099"}) as response:
+        assert response.status == 206 and len(await response.read()) == 1000
+    lines = [json.loads(line) for line in cache.wait_log(f'"path": "{path}"', '"status": 206')]
+    assert len(lines) == 1 and 1000 <= lines[0]["bytes"] < 2000
+    lines = [json.loads(line) for line in cache.wait_log(f'"path": "{path}"', '"status": 200')]
+    assert [line["cache"] for line in lines] == ["miss", "hit"]
+    for line in lines:
+        assert len(blob) <= line["bytes"] < len(blob) + 1000, line  # the body and headers

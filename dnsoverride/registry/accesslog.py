@@ -2,8 +2,9 @@
 
 aiohttp calls `AccessLogger.log` once a response has gone out (or the connection ended),
 with the time it took; the event names the request (method, path, upstream, client and
-user), its status, body bytes sent, duration and the cache's part in it (`cache`:
-hit/miss/coalesced/stale, set by the handlers through `note_cache`). An error response
+user), its status, bytes sent (headers and body, sendfile included), duration and the
+cache's part in it (`cache`: hit/miss/coalesced/stale, set by the handlers through
+`note_cache`). An error response
 carries its OCI code and message (`error_code`, `error`), so every failure is one line
 that names the request and the reason; a blob stream cut short after its 200 went out
 carries the reason too. Successful requests log at info, failures at warning; so
@@ -33,6 +34,8 @@ _cache_result: ContextVar[str | None] = ContextVar("cache_result", default=None)
 UPSTREAM_KEY = "upstream"
 USER_KEY = "user"
 ERROR_KEY = "error"
+# Body bytes sent with sendfile, which aiohttp's count (`body_length`) leaves out.
+SENDFILE_KEY = "sendfile_bytes"
 
 
 def note_cache(result: str) -> None:
@@ -44,7 +47,7 @@ def cache_result() -> str | None:
     return _cache_result.get()
 
 
-def remember(request: web.Request, key: str, value: object) -> None:
+def remember(request: BaseRequest, key: str, value: object) -> None:
     """Keep a field (upstream, user, error, cache) with the request for its log line."""
     request[key] = value
 
@@ -57,7 +60,7 @@ class AccessLogger(AbstractAccessLogger):
             "method": request.method,
             "path": request.path_qs,
             "status": response.status,
-            "bytes": response.body_length,
+            "bytes": response.body_length + request.get(SENDFILE_KEY, 0),
             "duration_ms": round(time * 1000, 1),
             "client": request.remote,
         }

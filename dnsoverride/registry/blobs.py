@@ -28,7 +28,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.web_request import BaseRequest
 
-from dnsoverride.registry.accesslog import ERROR_KEY, note_cache, remember
+from dnsoverride.registry.accesslog import ERROR_KEY, SENDFILE_KEY, note_cache, remember
 from dnsoverride.registry.errors import RegistryError
 from dnsoverride.registry.links import Links, Owner
 from dnsoverride.registry.names import Digest
@@ -105,6 +105,7 @@ class _PinnedFileResponse(web.FileResponse):
             writer = await super().prepare(request)
         if request.method == "GET":
             self._stats.bytes_served += self.content_length or 0
+            remember(request, SENDFILE_KEY, self.content_length or 0)
         return writer
 
 
