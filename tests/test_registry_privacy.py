@@ -2,7 +2,7 @@
 private and a public repository) and `auth: htpasswd` (everything private) behind a cache
 that holds credentials for them.
 
-Anonymous clients pull public images and get 401 (with a Basic challenge) for private
+Anonymous clients pull public images and get 401 (with a Bearer challenge) for private
 ones; private content is never served by digest under another repository name or through
 another upstream (`?ns=`); clients with a grant pull private images (skopeo
 `--src-creds`). Fails before the fix (issue 9): there was no `clients:` setting (the
@@ -15,6 +15,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
+import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,7 @@ from tests.registry_liar import LyingRegistry, real_size_manifest
 from tests.registry_peers import (
     OCI_MANIFEST,
     CacheProcess,
+    Containerd,
     DistributionRegistry,
     Image,
     TestProxy,
@@ -109,12 +112,12 @@ async def test_token_upstream_public_and_private_repositories(
         code, out = await pull(f"{cache.address}/team/public:v1", tmp_path / "pub")
         assert code == 0, out + cache.logs()
         assert verify_dir(tmp_path / "pub") == set(public.blobs)
-        # ... the private one does not: 401 with a Basic challenge.
+        # ... the private one does not: 401 with the Bearer challenge of the cache's realm.
         code, out = await pull(f"{cache.address}/team/private:v1", tmp_path / "anon")
         assert code != 0 and "private: authenticate" in out
         status, _, headers = await _status(http, f"{cache.url}/v2/team/private/manifests/v1")
         assert status == 401
-        assert headers["WWW-Authenticate"].startswith('Basic realm="')
+        assert headers["WWW-Authenticate"].startswith(f'Bearer realm="{cache.url}/token"')
         status, _, _ = await _status(http, f"{cache.url}/v2/team/private/tags/list")
         assert status == 401
 
@@ -230,7 +233,7 @@ async def test_require_auth_closes_even_public_content(
     }
     cache = start_cache(config=config)
     status, _, headers = await _status(http, f"{cache.url}/v2/")
-    assert status == 401 and "Basic" in headers["WWW-Authenticate"]
+    assert status == 401 and "Bearer" in headers["WWW-Authenticate"]
     code, out = await pull(f"{cache.address}/team/app:v1", tmp_path / "anon")
     assert code != 0
     code, out = await pull(f"{cache.address}/team/app:v1", tmp_path / "dev", creds="dev:devpw")
@@ -476,3 +479,75 @@ async def test_a_download_restarted_for_another_private_repository_is_not_joined
             assert (await second)[0] == 200
             status, message, _ = await anonymous
             assert status == 404, message
+
+
+async def _docker_inspect(reference: str, config_dir: Path) -> tuple[int, str]:
+    """`docker manifest inspect`: docker's own registry client (the one `docker pull` uses:
+    ping `/v2/`, answer its challenge, fetch the manifest), no daemon needed."""
+    environment = {**os.environ, "DOCKER_CONFIG": str(config_dir)}
+    proc = await asyncio.create_subprocess_exec(
+        "docker", "manifest", "inspect", "--insecure", reference,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=environment,
+    )  # fmt: skip
+    async with asyncio.timeout(60):
+        out, _ = await proc.communicate()
+    return proc.returncode or 0, out.decode(errors="replace")
+
+
+def _docker_login(config_dir: Path, registry: str, credentials: str) -> Path:
+    """A docker config holding `user:password` for `registry`, as `docker login` writes it."""
+    config_dir.mkdir(parents=True)
+    auth = base64.b64encode(credentials.encode()).decode()
+    (config_dir / "config.json").write_text(json.dumps({"auths": {registry: {"auth": auth}}}))
+    return config_dir
+
+
+async def test_docker_and_containerd_pull_public_images_anonymously_private_ones_logged_in(
+    tmp_path: Path, tokens: TokenServer, start_cache: StartCache
+) -> None:
+    """Fails before the fix: with users configured, `/v2/` answered a `Basic` challenge, and
+    docker without credentials fails on one ('no basic auth credentials') — every anonymous
+    docker pull failed, public images included. containerd with credentials fetches its
+    token with an OAuth2 form POST, answered too (not a 405 and a retry)."""
+    if shutil.which("docker") is None:
+        pytest.fail("the docker CLI is not installed: run .ci/install-deps")
+    with DistributionRegistry(tmp_path / "secured", tokens.registry_auth()) as secured:
+        # Docker schema 2: docker 20.10's `manifest inspect` takes no OCI manifest.
+        for repository in ("team/public", "team/private"):
+            image = build_image(tmp_path / repository, platforms=("linux/amd64",))
+            await push(
+                image, f"{secured.address}/{repository}:v1", creds="ci:s3cret", docker_v2=True
+            )
+        config = {
+            "upstreams": [
+                {"name": "hub.example", "url": secured.url, "username": "ci", "password": "s3cret"}
+            ],
+            "clients": {
+                "htpasswd": str(htpasswd(tmp_path / "htpasswd", dev="devpw")),
+                "grants": [{"users": ["dev"], "repositories": ["team/private"]}],
+            },
+        }
+        cache = start_cache(config=config)
+        anonymous = tmp_path / "anonymous"
+        code, out = await _docker_inspect(f"{cache.address}/team/public:v1", anonymous)
+        assert code == 0, out + cache.logs()
+        code, out = await _docker_inspect(f"{cache.address}/team/private:v1", anonymous)
+        assert code != 0, out  # docker calls a 401 'no such manifest' (as Docker Hub's)
+        assert cache.wait_log('"/v2/team/private/manifests/v1"', '"status": 401')
+        dev = _docker_login(tmp_path / "dev", cache.address, "dev:devpw")
+        for repository in ("team/private", "team/public"):
+            code, out = await _docker_inspect(f"{cache.address}/{repository}:v1", dev)
+            assert code == 0, out + cache.logs()
+        wrong = _docker_login(tmp_path / "wrong", cache.address, "dev:nope")
+        code, out = await _docker_inspect(f"{cache.address}/team/private:v1", wrong)
+        assert code != 0, out
+
+        with Containerd(tmp_path / "containerd") as containerd:
+            code, out = await containerd.pull(f"{cache.address}/team/public:v1")
+            assert code == 0, out + cache.logs()
+            code, out = await containerd.pull(f"{cache.address}/team/private:v1")
+            assert code != 0, out
+            code, out = await containerd.pull(f"{cache.address}/team/private:v1", "dev:devpw")
+            assert code == 0, out + cache.logs()
+        posts = cache.wait_log('"method": "POST", "path": "/token"')
+        assert posts and all('"status": 200' in line for line in posts), posts

@@ -13,8 +13,9 @@ upstream:
   the last verdict in force, or fails the request (503) when there is none.
 - Private repositories are served only to clients a grant covers (`clients:` config:
   htpasswd bcrypt users and/or source networks, each granted upstreams and repository
-  patterns); anyone else gets 401 with a `WWW-Authenticate: Basic` challenge.
-  `require_auth: true` extends that to everything.
+  patterns); anyone else gets 401 with a `WWW-Authenticate: Bearer` challenge, whose
+  realm (client_tokens.py) gives a token with credentials or without. `require_auth:
+  true` extends that to everything.
 
 Stored content is shared between repositories only when it is public: a stored digest
 is served for (upstream, repository) when links.py links it there, or when one of its
@@ -34,7 +35,9 @@ from dataclasses import dataclass
 import bcrypt
 import structlog
 from aiohttp import web
+from aiohttp.web_request import BaseRequest
 
+from dnsoverride.registry.client_tokens import SERVICE, ClientTokens, realm
 from dnsoverride.registry.config import ClientsConfig
 from dnsoverride.registry.errors import RegistryError
 from dnsoverride.registry.links import Links, Owner
@@ -51,7 +54,6 @@ from dnsoverride.registry.upstream import (
 
 log = structlog.get_logger(__name__)
 
-CHALLENGE = {"WWW-Authenticate": 'Basic realm="dnsoverride registry cache"'}
 _VERIFIED_ENTRIES = 256
 _BCRYPT_BYTES = 72
 
@@ -71,8 +73,13 @@ class _Verdict:
     until: float
 
 
-def challenge(message: str) -> RegistryError:
-    return RegistryError("UNAUTHORIZED", message, headers=CHALLENGE)
+def challenge(request: BaseRequest, message: str, name: str | None = None) -> RegistryError:
+    """401 with the Bearer challenge docker, containerd and skopeo answer, with credentials
+    when they have them and without otherwise (see client_tokens.py)."""
+    value = f'Bearer realm="{realm(request)}",service="{SERVICE}"'
+    if name is not None:
+        value += f',scope="repository:{name}:pull"'
+    return RegistryError("UNAUTHORIZED", message, headers={"WWW-Authenticate": value})
 
 
 class Access:
@@ -90,6 +97,7 @@ class Access:
         self.links = links
         self.stats = stats
         self._hashes = dict(config.users)
+        self.tokens = ClientTokens()
         # Authorization header -> user, for headers bcrypt has already accepted (a check
         # costs ~100 ms of CPU; a pull sends the header with every request).
         self._verified: OrderedDict[str, str] = OrderedDict()
@@ -105,26 +113,39 @@ class Access:
     async def identify(self, request: web.Request) -> str | None:
         """The authenticated user of `request`, None for an anonymous one.
 
+        A client is identified by a Bearer token from our realm or by Basic credentials.
         A wrong password of a known user is a 401, never a silent downgrade to anonymous.
-        Credentials that are not for this cache are anonymous: an empty user and password
-        (what skopeo answers a Basic challenge with when it has none), a user the htpasswd
-        file does not know or another scheme (a CI job's own Docker Hub login, sent to the
-        cache in transparent mode).
+        Credentials that are not for this cache are anonymous: an empty user and password,
+        a user the htpasswd file does not know, a token we did not issue (or that expired)
+        or another scheme (a CI job's own Docker Hub login, sent to the cache in
+        transparent mode).
         """
         header = request.headers.get("Authorization")
         if not header:
             return None
+        scheme, _, encoded = header.partition(" ")
+        if scheme.lower() == "bearer":
+            return self.tokens.user_of(encoded.strip())
         user = self._verified.get(header)
         if user is not None:
             self._verified.move_to_end(header)
             return user
-        scheme, _, encoded = header.partition(" ")
         if scheme.lower() != "basic":
             return None
         try:
-            user, _, password = base64.b64decode(encoded, validate=True).decode().partition(":")
+            name, _, password = base64.b64decode(encoded, validate=True).decode().partition(":")
         except ValueError:  # not base64, not ASCII, not UTF-8 inside
-            raise challenge("malformed Basic credentials") from None
+            raise challenge(request, "malformed Basic credentials") from None
+        user = await self.check_password(request, name, password)
+        if user is not None:
+            self._verified[header] = user
+            while len(self._verified) > _VERIFIED_ENTRIES:
+                self._verified.popitem(last=False)
+        return user
+
+    async def check_password(self, request: web.Request, user: str, password: str) -> str | None:
+        """`user` when `password` is theirs; None for a user the htpasswd file does not
+        know (an anonymous client); a 401 for a known user's wrong password."""
         hashed = self._hashes.get(user)
         if hashed is None:
             return None
@@ -133,10 +154,7 @@ class Access:
         secret = password.encode()[:_BCRYPT_BYTES]
         # Verified off the loop: bcrypt takes its time by design.
         if not await asyncio.to_thread(bcrypt.checkpw, secret, hashed):
-            raise challenge(f"invalid password for user {user[:100]!r}")
-        self._verified[header] = user
-        while len(self._verified) > _VERIFIED_ENTRIES:
-            self._verified.popitem(last=False)
+            raise challenge(request, f"invalid password for user {user[:100]!r}")
         return user
 
     def granted(self, address: str | None, user: str | None, upstream: str, name: str) -> bool:
@@ -152,8 +170,8 @@ class Access:
         return False
 
     def challenges(self) -> bool:
-        """Whether `/v2/` asks anonymous clients for credentials (users are configured):
-        clients like skopeo only send credentials after a challenge at `/v2/`."""
+        """Whether `/v2/` challenges clients that come without a token (users are
+        configured): clients send credentials only to a realm named by a challenge."""
         return bool(self._hashes) or self.require_auth
 
     # -- public or private ----------------------------------------------------------------

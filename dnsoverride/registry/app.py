@@ -23,6 +23,7 @@ from dnsoverride.registry import accesslog
 from dnsoverride.registry.access import Access, Probe, challenge
 from dnsoverride.registry.accesslog import ERROR_KEY, UPSTREAM_KEY, USER_KEY, remember
 from dnsoverride.registry.blobs import Blobs
+from dnsoverride.registry.client_tokens import LIFETIME as TOKEN_LIFETIME
 from dnsoverride.registry.errors import RegistryError
 from dnsoverride.registry.manifests import (
     INDEX_TYPES,
@@ -110,12 +111,35 @@ class Routes:
         raise RegistryError("UNSUPPORTED", f"unsupported endpoint /v2/{tail[:200]}", status=404)
 
     async def base(self, request: web.Request) -> web.Response:
-        """`/v2/`: a Basic challenge when users are configured, so that clients which only
-        send credentials after one (skopeo) send them; an anonymous client goes on."""
+        """`/v2/`: the Bearer challenge when users are configured, so that clients fetch a
+        token, with the credentials they have (only then do they send any) or without;
+        with a token, anonymous or not, a client goes on (unless `require_auth`)."""
         user = await self._identify(request)
-        if user is None and self.access.challenges():
-            raise challenge("credentials are needed for private repositories only")
+        if (
+            user is None
+            and self.access.challenges()
+            and ("Authorization" not in request.headers or self.access.require_auth)
+        ):
+            raise challenge(request, "credentials are needed for private repositories only")
         return web.json_response({}, headers=API_VERSION)
+
+    async def token(self, request: web.Request) -> web.Response:
+        """The Bearer realm (client_tokens.py): a token naming the client's user, checked
+        like any credentials, or nobody. GET with Basic credentials (docker, skopeo), or
+        containerd's OAuth2 form POST (`grant_type=password`)."""
+        if request.method == "POST":
+            form = await request.post()
+            user = None
+            if form.get("grant_type") == "password":
+                name, password = str(form.get("username", "")), str(form.get("password", ""))
+                user = await self.access.check_password(request, name, password)
+                if user is not None:
+                    remember(request, USER_KEY, user)
+        else:
+            user = await self._identify(request)
+        token = self.access.tokens.issue(user)
+        answer = {"token": token, "access_token": token, "expires_in": TOKEN_LIFETIME}
+        return web.json_response(answer, headers={"Cache-Control": "no-store"})
 
     async def _identify(self, request: web.Request) -> str | None:
         user = await self.access.identify(request)
@@ -135,9 +159,9 @@ class Routes:
         if self.access.granted(request.remote, user, upstream.name, name):
             return True
         if self.access.require_auth:
-            raise challenge(f"authentication required for {upstream.name}/{name}")
+            raise challenge(request, f"authentication required for {upstream.name}/{name}", name)
         if probe is not None and not await self.access.public(upstream, name, probe):
-            raise challenge(f"{upstream.name}/{name} is private: authenticate")
+            raise challenge(request, f"{upstream.name}/{name} is private: authenticate", name)
         return False
 
     async def _own(self, upstream: Upstream, name: str, kind: Kind, digest: Digest) -> None:
@@ -241,7 +265,8 @@ class Routes:
         except UpstreamDeniedError as error:
             if granted or not upstream.has_credentials:
                 raise
-            raise challenge(f"{upstream.name}/{name} is private: authenticate") from error
+            message = f"{upstream.name}/{name} is private: authenticate"
+            raise challenge(request, message, name) from error
         try:
             if response.status == 404:
                 raise RegistryError("NAME_UNKNOWN", f"repository unknown: {name}")
@@ -304,4 +329,6 @@ def build_app(routes: Routes, stats: Stats) -> web.Application:
     app = web.Application(middlewares=[_errors])
     app[STATS_KEY] = stats
     app.router.add_route("*", "/v2{tail:/.*|}", routes.v2)
+    app.router.add_get("/token", routes.token)
+    app.router.add_post("/token", routes.token)
     return app
