@@ -287,3 +287,26 @@ async def test_sigterm_mid_download_lets_the_client_finish_and_exits_zero(
     response.release()
     assert "registry_stopping" in cache.logs()
     assert digest in cache.stored_blobs()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "same size, other bytes"])
+async def test_a_blob_damaged_on_disk_while_stopped_is_not_served_after_restart(
+    tmp_path: Path, proxy: TestProxy, image: Image, cache: CacheProcess, damage: str
+) -> None:
+    """The store is indexed from the files at start-up, so their sizes are all it knows of
+    them; a blob is re-hashed once before its first serve by this process. Fails before
+    the fix: the damaged file was served as the blob, with a 200, on every request."""
+    digest, size = _largest(image)
+    url = f"{cache.url}/v2/ci/app/blobs/{digest}"
+    status, body = await _get_blob(url)
+    assert status == 200 and body is not None and len(body) == size
+    cache.stop()
+    path = cache.storage / "blobs" / "sha256" / digest[7:9] / digest[7:]
+    stored = path.read_bytes()
+    path.write_bytes(stored[: size // 2] if damage == "truncated" else stored[::-1])
+    cache.start()
+    for _ in range(2):  # the first fetches it again; the second is a hit, verified
+        status, body = await _get_blob(url)
+        assert (status, body) == (200, stored)
+    assert len(cache.wait_log('"store_corrupt_removed"')) == 1
+    assert proxy.blob_requests().count(f"/v2/ci/app/blobs/{digest}") == 2

@@ -116,6 +116,7 @@ class Blobs:
         self.stats = stats
         self._downloads: dict[str, Download] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._rechecks: dict[str, asyncio.Future[bool]] = {}
 
     async def close(self) -> None:
         for task in list(self._tasks):
@@ -138,6 +139,8 @@ class Blobs:
     ) -> web.StreamResponse:
         headers = {"Docker-Content-Digest": str(digest), "Content-Type": BLOB_TYPE}
         path = self.store.lookup("blobs", digest)
+        if path is not None and not self.store.checked("blobs", digest):
+            path = path if await self._recheck(digest, path) else None
         if path is not None:
             self.stats.hits["blob"] += 1
             note_cache("hit")
@@ -179,6 +182,27 @@ class Blobs:
         start, stop = window
         headers["Content-Range"] = f"bytes {start}-{stop - 1}/{download.size}"
         return await self._stream(request, download, headers, (start, stop), status=206)
+
+    async def _recheck(self, digest: Digest, path: Path) -> bool:
+        """Re-hash a blob indexed at start-up before its first serve (once, shared by the
+        requests that come meanwhile); a damaged one is removed, to be fetched again."""
+        task = self._rechecks.get(str(digest))
+        if task is None:
+            task = asyncio.ensure_future(self._rehash(digest, path))
+            self._rechecks[str(digest)] = task
+            task.add_done_callback(lambda _: self._rechecks.pop(str(digest), None))
+        return await asyncio.shield(task)
+
+    async def _rehash(self, digest: Digest, path: Path) -> bool:
+        with self.store.pinned("blobs", digest):
+            if not self.store.has("blobs", digest):
+                return False  # evicted before the check began: a miss, not damage
+            matches = await asyncio.to_thread(_file_matches, path, digest)
+        if matches:
+            self.store.mark_checked("blobs", digest)
+        else:
+            self.store.remove_corrupt("blobs", digest, "content does not match its digest")
+        return matches
 
     async def _send_file(
         self, request: web.Request, digest: Digest, path: Path, headers: dict[str, str]
@@ -335,6 +359,18 @@ class Blobs:
             with contextlib.suppress(OSError):
                 os.close(fd)
         Store.discard(download.temp)
+
+
+def _file_matches(path: Path, digest: Digest) -> bool:
+    """Whether the file at `path` hashes to `digest` (blocking: run it in a thread)."""
+    hasher = hashlib.new(digest.algorithm)
+    try:
+        with path.open("rb") as stream:
+            while chunk := stream.read(_CHUNK):
+                hasher.update(chunk)
+    except OSError:
+        return False
+    return hasher.hexdigest() == digest.hex
 
 
 def _range(request: web.Request, size: int) -> tuple[int, int] | None:

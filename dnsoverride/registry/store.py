@@ -11,7 +11,9 @@ Content is written to `tmp/`, fsynced, then renamed into place, so a reader neve
 a half-written file. Every write checks its byte count (`os.write` may write less) and the
 file's length is checked against the expected size before the rename; a failed or short
 write removes the temp file and raises `StoreWriteError`, leaving no entry. The size is
-recorded at commit and compared with the file's on every lookup. A write that fails for
+recorded at commit and compared with the file's on every lookup. Content indexed at
+start-up is known only by its file's size until it has been re-hashed once (`checked`):
+a file damaged while the cache was stopped must not be served as the blob. A write that fails for
 lack of space makes the store report itself not ready (`not_ready()`, with the free space)
 until such a write would fit again.
 
@@ -81,6 +83,8 @@ class Store:
         self._entries: OrderedDict[str, int] = OrderedDict()
         self._pins: Counter[str] = Counter()
         self._touched: set[str] = set()
+        # Keys whose content this process verified: committed here, or re-hashed.
+        self._checked: set[str] = set()
         self.stats = StoreStats()
         # Bytes a write needed when it last failed for lack of space; None when writes work.
         self._needed: int | None = None
@@ -171,6 +175,15 @@ class Store:
         self._touched.add(key)
         return path
 
+    def checked(self, kind: Kind, digest: Digest) -> bool:
+        """Whether this process has verified the stored content of `digest`."""
+        return f"{kind}/{digest}" in self._checked
+
+    def mark_checked(self, kind: Kind, digest: Digest) -> None:
+        key = f"{kind}/{digest}"
+        if key in self._entries:
+            self._checked.add(key)
+
     def has(self, kind: Kind, digest: Digest) -> bool:
         """Whether `digest` is stored, from the index alone (no stat, no LRU touch)."""
         return f"{kind}/{digest}" in self._entries
@@ -257,6 +270,7 @@ class Store:
             self.stats.size -= self._entries[key]
         self._entries[key] = size
         self._entries.move_to_end(key)
+        self._checked.add(key)
         self.stats.size += size
         self.stats.entries = len(self._entries)
         # What was just written is about to be served: never its own eviction victim.
@@ -319,6 +333,7 @@ class Store:
         self.stats.size -= self._entries.pop(key)
         self.stats.entries = len(self._entries)
         self._touched.discard(key)
+        self._checked.discard(key)
 
     def flush_access(self) -> None:
         """Persist access order as file mtimes so LRU survives a restart."""
