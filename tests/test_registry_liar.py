@@ -66,6 +66,16 @@ async def _error(response: aiohttp.ClientResponse) -> tuple[str, str]:
     return str(error["code"]), str(error["message"])
 
 
+async def _refused_twice(http: aiohttp.ClientSession, url: str) -> list[tuple[str, str]]:
+    """(code, message) of two GETs in turn, both 502: nothing was kept from the first."""
+    errors = []
+    for _ in range(2):
+        async with http.get(url) as response:
+            assert response.status == 502
+            errors.append(await _error(response))
+    return errors
+
+
 @pytest.mark.parametrize("digest_header", [True, False])
 async def test_real_size_manifests_in_many_small_writes(
     liar: LyingRegistry,
@@ -116,12 +126,9 @@ async def test_html_200_is_refused_and_never_stored(
     liar.html = {"v1"}
     cache = start_cache(liar.url)
     url = f"{cache.url}/v2/ci/app/manifests/v1"
-    for _ in range(2):
-        async with http.get(url) as response:
-            assert response.status == 502
-            code, message = await _error(response)
-            assert code == "MANIFEST_INVALID"
-            assert "not JSON (text/html" in message
+    for code, message in await _refused_twice(http, url):
+        assert code == "MANIFEST_INVALID"
+        assert "not JSON (text/html" in message
     # Not stored, not tagged: the second client asked the upstream again.
     assert stored(cache) == {}
     assert len(liar.upstream_requests()) == 2
@@ -450,11 +457,8 @@ async def test_a_token_that_cannot_be_a_header_is_a_502_and_not_kept(
     liar.token_body = json.dumps({"token": token, "expires_in": 300}).encode()
     cache = start_cache(liar.url)
     url = f"{cache.url}/v2/ci/app/manifests/v1"
-    for _ in range(2):
-        async with http.get(url) as response:
-            assert response.status == 502
-            code, message = await _error(response)
-            assert code == "UNAVAILABLE" and "token" in message, message
+    for code, message in await _refused_twice(http, url):
+        assert code == "UNAVAILABLE" and "token" in message, message
     liar.token_body = None  # the token server comes to its senses: nothing bad was kept
     async with http.get(url) as response:
         assert response.status == 200

@@ -55,6 +55,18 @@ def htpasswd(path: Path, **users: str) -> Path:
     return path
 
 
+def _hub(url: str, tmp_path: Path, **grant: list[str]) -> dict[str, Any]:
+    """The cache's config: `url` as upstream hub.example, with the cache's credentials for
+    it; client user dev (password devpw) granted `grant` (everything by default)."""
+    return {
+        "upstreams": [{"name": "hub.example", "url": url, "username": "ci", "password": "s3cret"}],
+        "clients": {
+            "htpasswd": str(htpasswd(tmp_path / "htpasswd", dev="devpw")),
+            "grants": [{"users": ["dev"], **grant}],
+        },
+    }
+
+
 @pytest.fixture
 async def tokens(tmp_path: Path) -> AsyncIterator[TokenServer]:
     async with TokenServer(tmp_path / "tokens") as server:
@@ -258,16 +270,7 @@ async def test_by_digest_in_a_second_repository_asks_the_upstream_the_right_way(
         for repository in ("team/private", "team/private2", "team/public"):
             for image in (single, multi):
                 await push(image, f"{secured.address}/{repository}:{image.tag}", creds="ci:s3cret")
-        config = {
-            "upstreams": [
-                {"name": "hub.example", "url": secured.url, "username": "ci", "password": "s3cret"}
-            ],
-            "clients": {
-                "htpasswd": str(htpasswd(tmp_path / "htpasswd", dev="devpw")),
-                "grants": [{"users": ["dev"]}],
-            },
-        }
-        cache = start_cache(config=config)
+        cache = start_cache(config=_hub(secured.url, tmp_path))
         for image in (single, multi):
             code, out = await pull(
                 f"{cache.address}/team/private@{image.top_digest}",
@@ -335,12 +338,8 @@ async def test_content_of_a_repository_whose_public_verdict_expired_is_not_share
         await push(flip, f"{secured.address}/team/flip:v1", creds="ci:s3cret")
         await push(public, f"{secured.address}/team/public:v1", creds="ci:s3cret")
         ttl = 1.0
-        config = {
-            "upstreams": [
-                {"name": "hub.example", "url": secured.url, "username": "ci", "password": "s3cret"}
-            ],
-            "clients": {"visibility_ttl": ttl},
-        }
+        config = _hub(secured.url, tmp_path)
+        config["clients"]["visibility_ttl"] = ttl
         cache = start_cache(config=config)
         code, out = await pull(f"{cache.address}/team/flip:v1", tmp_path / "flip-pulled")
         assert code == 0, out + cache.logs()
@@ -375,16 +374,7 @@ async def test_a_public_manifest_naming_a_private_blob_does_not_open_it(
         await push(public, f"{secured.address}/team/public:v1", creds="ci:s3cret")
         secret = max(private.blobs, key=lambda digest: private.blobs[digest])
         await _push_bait(secured, tokens, public, secret, private.blobs[secret])
-        config = {
-            "upstreams": [
-                {"name": "hub.example", "url": secured.url, "username": "ci", "password": "s3cret"}
-            ],
-            "clients": {
-                "htpasswd": str(htpasswd(tmp_path / "htpasswd", dev="devpw")),
-                "grants": [{"users": ["dev"]}],
-            },
-        }
-        cache = start_cache(config=config)
+        cache = start_cache(config=_hub(secured.url, tmp_path))
         code, out = await pull(
             f"{cache.address}/team/private:v1", tmp_path / "dev", creds="dev:devpw"
         )
@@ -441,21 +431,7 @@ async def test_a_download_restarted_for_another_private_repository_is_not_joined
             await push(image, f"{secured.address}/{repository}:v1", creds="ci:s3cret")
         await push(public, f"{secured.address}/team/public:v1", creds="ci:s3cret")
         async with TestProxy(secured.url) as proxy:
-            config = {
-                "upstreams": [
-                    {
-                        "name": "hub.example",
-                        "url": proxy.url,
-                        "username": "ci",
-                        "password": "s3cret",
-                    }
-                ],
-                "clients": {
-                    "htpasswd": str(htpasswd(tmp_path / "htpasswd", dev="devpw")),
-                    "grants": [{"users": ["dev"]}],
-                },
-            }
-            cache = start_cache(config=config)
+            cache = start_cache(config=_hub(proxy.url, tmp_path))
             status, _, _ = await _status(http, f"{cache.url}/v2/team/public/manifests/v1")
             assert status == 200  # team/public's verdict is fresh: no visibility check below
             blob = max(image.blobs, key=lambda digest: image.blobs[digest])
@@ -518,15 +494,7 @@ async def test_docker_and_containerd_pull_public_images_anonymously_private_ones
             await push(
                 image, f"{secured.address}/{repository}:v1", creds="ci:s3cret", docker_v2=True
             )
-        config = {
-            "upstreams": [
-                {"name": "hub.example", "url": secured.url, "username": "ci", "password": "s3cret"}
-            ],
-            "clients": {
-                "htpasswd": str(htpasswd(tmp_path / "htpasswd", dev="devpw")),
-                "grants": [{"users": ["dev"], "repositories": ["team/private"]}],
-            },
-        }
+        config = _hub(secured.url, tmp_path, repositories=["team/private"])
         cache = start_cache(config=config)
         anonymous = tmp_path / "anonymous"
         code, out = await _docker_inspect(f"{cache.address}/team/public:v1", anonymous)
