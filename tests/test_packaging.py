@@ -1,16 +1,16 @@
-"""packaging/: units checked by systemd's own tools, the spec by rpmspec, configs by the
-daemons' real config loaders."""
+"""packaging/: units checked by systemd's own tools, configs by the daemons' real config
+loaders (the RPM spec: test_packaging_rpm.py)."""
 
 from __future__ import annotations
 
 import argparse
 import configparser
+import ipaddress
 import re
 import shlex
 import shutil
 import stat
 import subprocess
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -18,6 +18,7 @@ from peers import dnsmasq, dnsoverride_serve, free_port
 
 from dnsoverride import config as serve_config
 from dnsoverride import zones
+from dnsoverride.ca import names_from_zones
 from dnsoverride.cli import build_parser
 from dnsoverride.registry import config as registry_config
 
@@ -188,28 +189,6 @@ def test_sysusers_and_tmpfiles_create_the_user_and_directories(tmp_path: Path) -
     assert (tmp_path / "etc/dnsoverride/zones").is_dir()
 
 
-@pytest.mark.skipif(shutil.which("rpmspec") is None, reason="needs rpmspec (rpm package)")
-def test_rpm_spec_parses_and_matches_the_project() -> None:
-    result = subprocess.run(
-        ["rpmspec", "-P", str(PACKAGING / "rpm" / "dnsoverride.spec")],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=60,
-    )
-    assert result.returncode == 0, result.stderr
-    spec = result.stdout
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    assert re.search(rf"^Version:\s+{re.escape(project['version'])}$", spec, re.MULTILINE)
-    assert re.search(rf"^Name:\s+{project['name']}$", spec, re.MULTILINE)
-    # Every packaged file is installed by the spec.
-    shipped = [*UNITS.iterdir(), *CONFIG.rglob("*.yaml"), *(PACKAGING / "grafana").glob("*.json")]
-    for path in shipped:
-        assert f"packaging/{path.relative_to(PACKAGING)} " in spec, path
-    for unit in UNIT_FILES:
-        assert f"/usr/lib/systemd/system/{unit.name}" in spec
-
-
 def _documented_keys(path: Path) -> set[str]:
     """Keys that appear in the file as `key:`, active or in a commented-out example."""
     pattern = re.compile(r"^[#\s-]*([a-z_]+):", re.MULTILINE)
@@ -252,6 +231,39 @@ def test_example_zone_loads() -> None:
     loaded = zones.load_zone_set(CONFIG / "zones")
     assert loaded.names() == {"registry-1.docker.io", "mirrorlist.centos.org", "*.apps.ci.example"}
     assert [gated.name for gated in loaded.health_gated()] == ["registry-1.docker.io"]
+
+
+def _uncommented(text: str, key: str) -> str:
+    """`text` with its commented-out top-level block `# key:` switched on."""
+    lines = text.splitlines()
+    start = lines.index(f"# {key}:")
+    end = next(i for i in range(start, len(lines)) if not lines[i].startswith("# "))
+    return "\n".join([*lines[:start], *(line[2:] for line in lines[start:end]), *lines[end:]])
+
+
+def test_packaged_cache_config_serves_what_the_zone_sample_points_at(tmp_path: Path) -> None:
+    """The zone sample sends registry-1.docker.io to the cache at 10.0.0.5 and health-checks
+    HTTPS on 443 there; the cache config's transparent-mode block (commented out until a
+    certificate exists) serves HTTPS on exactly that address, with a certificate issued as
+    its comment says, for names it routes upstream. Fails on the pre-fix sample, whose
+    `ca issue` line named no address."""
+    sample = zones.load_zone_set(CONFIG / "zones")
+    (gated,) = sample.health_gated()
+    assert gated.check.kind == "https"
+    text = (CONFIG / "registry.yaml").read_text()
+    path = tmp_path / "registry.yaml"
+    path.write_text(_uncommented(text, "tls"))
+    cache = registry_config.load(argparse.Namespace(config=str(path)))
+    assert cache.tls_listen is not None
+    host, port = cache.tls_listen
+    assert [(address, gated.check.port) for address in gated.addresses] == [(host, port)]
+    # The certificate the comment's `ca issue` makes: every name pointing at the address.
+    issue = re.search(r"--cache-address (\S+)", text)
+    assert issue and issue.group(1) == host
+    certified = names_from_zones(CONFIG / "zones", [ipaddress.ip_address(host)])
+    assert certified == [gated.name]
+    routed = {name for upstream in cache.upstreams for name in upstream.hosts}
+    assert set(certified) <= routed
 
 
 @pytest.mark.skipif(shutil.which("dnsmasq") is None, reason="needs dnsmasq")
