@@ -53,11 +53,17 @@ TOP_KEYS = (
     "probe",
     "failure_log_interval",
     "tcp",
+    "ratelimit",
+    "forward",
 )
 VIEW_KEYS = ("name", "clients", "zones")
 CACHE_KEYS = ("size", "min_ttl", "max_ttl", "negative_max_ttl", "stale_ttl", "stale_reuse")
 PROBE_KEYS = ("interval", "name")
-TCP_KEYS = ("max_connections", "pipeline", "idle_timeout")
+TCP_KEYS = ("max_connections", "pipeline", "idle_timeout", "max_queued")
+RATELIMIT_KEYS = ("rate", "slip", "ipv4_prefix", "ipv6_prefix", "exempt")
+FORWARD_KEYS = ("case_randomization",)
+# Loopback sources cannot be forged from outside the host: no one is reflected at them.
+DEFAULT_RATELIMIT_EXEMPT = ("127.0.0.0/8", "::1/128")
 
 
 class ConfigError(UserError):
@@ -115,11 +121,42 @@ class ProbeConfig:
 @dataclass(frozen=True)
 class TcpConfig:
     """DNS over TCP limits (RFC 7766): open connections, queries in flight per connection,
-    and seconds a connection may sit with nothing in flight before it is closed."""
+    seconds a connection may sit with nothing in flight before it is closed (also the
+    longest a client may take to read its answers), and reply bytes queued for one
+    connection beyond which it stops being read."""
 
     max_connections: int = 512
     pipeline: int = 100
     idle_timeout: float = 10.0
+    max_queued: int = 262144
+
+
+def _default_exempt() -> tuple[IPNetwork, ...]:
+    return tuple(ipaddress.ip_network(network) for network in DEFAULT_RATELIMIT_EXEMPT)
+
+
+@dataclass(frozen=True)
+class RateLimitConfig:
+    """Response rate limiting for UDP clients without a valid DNS cookie: `rate` replies
+    per second per client prefix (/`ipv4_prefix`, /`ipv6_prefix`; 0 = off), bursts up to
+    one second's worth; over it every `slip`th reply is an empty TC one, the others are
+    dropped (slip 0: all dropped, 1: all TC). Clients in `exempt` are never limited."""
+
+    rate: int = 1000
+    slip: int = 2
+    ipv4_prefix: int = 24
+    ipv6_prefix: int = 56
+    exempt: tuple[IPNetwork, ...] = field(default_factory=_default_exempt)
+
+
+@dataclass(frozen=True)
+class ForwardConfig:
+    """How upstream queries are made: `case_randomization` sets the case of each letter
+    of the name at random and accepts only a reply that echoes it (draft-vixie-dnsext-
+    dns0x20, unbound's `use-caps-for-id`); off by default, as in unbound, because an
+    upstream that does not echo the case is then never answered."""
+
+    case_randomization: bool = False
 
 
 @dataclass(frozen=True)
@@ -142,6 +179,8 @@ class ServeConfig:
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     failure_log_interval: float = 10.0  # seconds between two `upstream_failed` of one upstream
     tcp: TcpConfig = field(default_factory=TcpConfig)
+    ratelimit: RateLimitConfig = field(default_factory=RateLimitConfig)
+    forward: ForwardConfig = field(default_factory=ForwardConfig)
 
     def view_selectors(self) -> dict[str, frozenset[str] | None]:
         """View name -> zone file selectors, as `zones.load_zone_set(views=...)` wants."""
@@ -298,6 +337,10 @@ def _read_file(path: Path) -> tuple[dict[str, Any], list[str]]:
             values[key] = _probe(reader, value, line)
         elif key == "tcp":
             values[key] = _tcp(reader, value, line)
+        elif key == "ratelimit":
+            values[key] = _ratelimit(reader, value, line)
+        elif key == "forward":
+            values[key] = _forward(reader, value, line)
         elif key == "edns_udp_size":
             values[key] = reader.number(document, key, 512, 4096, integer=True)
         elif key == "query_log":
@@ -420,9 +463,42 @@ def _tcp(reader: _Reader, value: Any, line: int) -> TcpConfig | None:
     for key in keys:
         if key == "idle_timeout":
             settings[key] = reader.number(value, key, 0.1, 3600, integer=False, section="tcp")
+        elif key == "max_queued":
+            # At least one largest reply (65,535 bytes plus its length prefix).
+            settings[key] = reader.number(value, key, 65537, 2**30, integer=True, section="tcp")
         else:
             settings[key] = reader.number(value, key, 1, 65535, integer=True, section="tcp")
     return TcpConfig(**{k: v for k, v in settings.items() if v is not None})
+
+
+def _ratelimit(reader: _Reader, value: Any, line: int) -> RateLimitConfig | None:
+    keys = _section_keys(reader, value, line, "ratelimit", RATELIMIT_KEYS)
+    if keys is None:
+        return None
+    bounds = {"rate": (0, 10**7), "slip": (0, 10), "ipv4_prefix": (8, 32), "ipv6_prefix": (16, 128)}
+    settings: dict[str, Any] = {}
+    for key in keys:
+        if key == "exempt":
+            settings[key] = tuple(
+                reader.list_of(value[key], value.key_lines[key], "ratelimit: exempt", _network)
+            )
+        else:
+            low, high = bounds[key]
+            settings[key] = reader.number(value, key, low, high, integer=True, section="ratelimit")
+    return RateLimitConfig(**{k: v for k, v in settings.items() if v is not None})
+
+
+def _forward(reader: _Reader, value: Any, line: int) -> ForwardConfig | None:
+    keys = _section_keys(reader, value, line, "forward", FORWARD_KEYS)
+    if keys is None:
+        return None
+    settings: dict[str, Any] = {}
+    for key in keys:
+        if isinstance(value[key], bool):
+            settings[key] = value[key]
+        else:
+            reader.add(value.key_lines[key], f"forward: {key}: expected true or false")
+    return ForwardConfig(**settings)
 
 
 def _forwarding_loops(listen: tuple[Endpoint, ...], upstreams: tuple[Endpoint, ...]) -> list[str]:

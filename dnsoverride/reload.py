@@ -538,17 +538,17 @@ class Reloader(Generic[S]):
 
 
 # What a config reload applies at once (with the zones); every other key is read at start.
-HOT_CONFIG_KEYS = frozenset({"allow", "views", "default_view"})
+HOT_CONFIG_KEYS = frozenset({"allow", "views", "default_view", "ratelimit"})
 
 
 def serve_loader(config: ServeConfig, args: argparse.Namespace) -> Callable[[], Routing]:
     """What `dnsoverride serve` reloads: the config file and the zones, validated exactly as
     `dnsoverride check` would validate them now, as one `Routing` (ACL, views, zone set).
 
-    `allow`, `views` and `default_view` take effect with the reload; a change to any other
-    key (listeners, upstreams, cache, ...) is logged as needing a restart and the running
-    value stays. The zones directory is always the running one. Unchanged zone files are
-    not parsed again (a ZoneFileCache lives as long as the loader).
+    `allow`, `views`, `default_view` and `ratelimit` take effect with the reload; a change
+    to any other key (listeners, upstreams, cache, ...) is logged as needing a restart and
+    the running value stays. The zones directory is always the running one. Unchanged zone
+    files are not parsed again (a ZoneFileCache lives as long as the loader).
     """
 
     cache = ZoneFileCache()

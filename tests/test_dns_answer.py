@@ -8,7 +8,7 @@ import dnslib
 import pytest
 
 from dnsoverride.config import CacheConfig
-from dnsoverride.dns import answer, wire
+from dnsoverride.dns import answer, relay, wire
 from dnsoverride.dns.cache import AnswerCache, ResponseCache
 from dnsoverride.zones import Overrides, load_zone_set
 
@@ -144,7 +144,7 @@ def test_answer_cache_splices_id_and_case_and_honours_generation() -> None:
     assert cache.lookup(0, key, other.pack(), 1, now=1.0) is None
 
 
-def upstream_reply(rcode: int, ttl: int, soa_minimum: int | None = None) -> dnslib.DNSRecord:
+def upstream_reply(rcode: int, ttl: int, soa_minimum: int | None = None) -> relay.Reply:
     reply = dnslib.DNSRecord.question("x.test", "A").reply()
     reply.header.rcode = rcode
     if rcode == dnslib.RCODE.NOERROR and soa_minimum is None:
@@ -152,14 +152,14 @@ def upstream_reply(rcode: int, ttl: int, soa_minimum: int | None = None) -> dnsl
     if soa_minimum is not None:
         soa = dnslib.SOA("ns.test", "h.test", (1, 2, 3, 4, soa_minimum))
         reply.add_auth(dnslib.RR("test", dnslib.QTYPE.SOA, rdata=soa, ttl=ttl))
-    return reply
+    return relay.scan(reply.pack())
 
 
 def test_response_cache_clamps_negative_caching_and_stale() -> None:
     cache = ResponseCache(
         CacheConfig(size=2, min_ttl=5, max_ttl=100, negative_max_ttl=50, stale_ttl=60)
     )
-    key = ("x.test", 1, 1, False, False)
+    key = (b"\x01x\x04test\x00", 1, 1, False, False)
     assert cache.put(key, upstream_reply(dnslib.RCODE.NOERROR, 1000), now=0) == 100
     assert cache.put(key, upstream_reply(dnslib.RCODE.NOERROR, 1), now=0) == 5
     assert cache.put(key, upstream_reply(dnslib.RCODE.NXDOMAIN, 3600, soa_minimum=20), now=0) == 20
@@ -169,12 +169,13 @@ def test_response_cache_clamps_negative_caching_and_stale() -> None:
     cache.put(key, upstream_reply(dnslib.RCODE.NOERROR, 10), now=0)
     fresh = cache.get(key, now=4)
     assert fresh is not None
-    assert fresh[0].rr[0].ttl == 6
+    assert fresh[0].records().rr[0].ttl == 6
     assert cache.get(key, now=11) is None
     stale = cache.get_stale(key, now=11)
     assert stale is not None
-    assert stale.rr[0].ttl == 30  # RFC 8767: above 0, recommended 30 s
+    assert stale.records().rr[0].ttl == 30  # RFC 8767: above 0, recommended 30 s
     assert cache.get_stale(key, now=71) is None
     for index in range(3):  # LRU bound of 2
-        cache.put((f"n{index}.test", 1, 1, False, False), upstream_reply(0, 10), now=0)
+        name = f"\x02n{index}\x04test\x00".encode()
+        cache.put((name, 1, 1, False, False), upstream_reply(0, 10), now=0)
     assert len(cache) == 2

@@ -164,7 +164,8 @@ def test_settings_sections_must_be_mappings(tmp_path: Path) -> None:
         f"{path}:2: cache: expected a mapping with size, min_ttl, max_ttl, negative_max_ttl, "
         "stale_ttl, stale_reuse",
         f"{path}:3: probe: expected a mapping with interval, name",
-        f"{path}:4: tcp: expected a mapping with max_connections, pipeline, idle_timeout",
+        f"{path}:4: tcp: expected a mapping with max_connections, pipeline, idle_timeout, "
+        "max_queued",
     ]
 
 

@@ -12,7 +12,7 @@ import dns.rcode
 import pytest
 from structlog.testing import capture_logs
 
-from dnsoverride.dns.forwarder import FailureLog
+from dnsoverride.dns.logthrottle import ThrottledLog
 from tests.peers import dnsoverride_serve
 
 QUERIES = 40
@@ -52,18 +52,22 @@ def test_dead_upstream_logs_one_event_per_interval_with_suppressed_count(tmp_pat
 
 def test_failure_log_is_per_upstream_and_counts_what_it_suppressed() -> None:
     now = [100.0]
-    failures = FailureLog(interval=10.0, clock=lambda: now[0])
+    log = ThrottledLog("upstream_failed", interval=10.0, clock=lambda: now[0])
+
+    def failed(upstream: str, reason: str, **fields: object) -> bool:
+        return log.emit(upstream, upstream=upstream, reason=reason, **fields)
+
     with capture_logs() as logged:
-        assert failures.failed("a:53", "timeout")
-        assert not failures.failed("a:53", "timeout")
-        assert not failures.failed("a:53", "error")
-        assert failures.failed("b:53", "timeout")  # another upstream has its own budget
+        assert failed("a:53", "timeout")
+        assert not failed("a:53", "timeout")
+        assert not failed("a:53", "error")
+        assert failed("b:53", "timeout")  # another upstream has its own budget
         now[0] = 109.9
-        assert not failures.failed("a:53", "timeout")
+        assert not failed("a:53", "timeout")
         now[0] = 110.0
-        assert failures.failed("a:53", "refused", name="x.example")
+        assert failed("a:53", "refused", name="x.example")
         now[0] = 121.0
-        assert failures.failed("a:53", "timeout")
+        assert failed("a:53", "timeout")
     assert [(e["upstream"], e["reason"], e["suppressed"]) for e in logged] == [
         ("a:53", "timeout", 0),
         ("b:53", "timeout", 0),

@@ -3,13 +3,17 @@ first upstream stops costing every query its attempt timeout once it is marked d
 
 from __future__ import annotations
 
+import itertools
 import socket
+import threading
 import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+import dns.exception
 import dns.message
+import dns.query
 import dns.rcode
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -146,3 +150,62 @@ def test_all_upstreams_down_servfail_at_once_then_answers_after_recovery(tmp_pat
                 assert [str(rdata) for rrset in reply.answer for rdata in rrset] == ["192.0.2.1"]
     finally:
         hole.close()
+
+
+SLOW_RATE = 2.0  # slow-name queries per second, as in the issue
+LEGITIMATE = 15
+LEGITIMATE_EVERY = 1.0  # seconds: sparse, so slow names time out in between
+
+
+@pytest.mark.timeout(90)
+def test_a_slow_name_does_not_take_the_only_upstream_down(tmp_path: Path) -> None:
+    """Reproduces issue 10 item 5: with one upstream (a real dnsmasq) that forwards one
+    zone to a black hole, 2 queries/s for names in that zone timed out one by one, each
+    marked the upstream down (nothing else answered meanwhile), and while it was down
+    every uncached lookup got SERVFAIL at once: 15 of 15 legitimate lookups failed and
+    the upstream flapped 16 times (unbound answered all 15). Now a question's timeout
+    costs only that question: a probe confirms the upstream is alive. Fails on the code
+    before the fix."""
+    zones = tmp_path / "zones"
+    zones.mkdir()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as hole:
+        hole.bind(("127.0.0.1", 0))
+        black_hole = f"127.0.0.1#{hole.getsockname()[1]}"
+        with (
+            dnsmasq(
+                tmp_path,
+                f"--server=/slow.test/{black_hole}",
+                "--address=/fwd.test/192.0.2.1",
+            ) as upstream,
+            dnsoverride_serve(tmp_path, zones, [upstream.address]) as server,
+        ):
+            stop = threading.Event()
+            slow_rcodes: list[int] = []
+
+            def slow_names() -> None:
+                for index in itertools.count():
+                    if stop.wait(1 / SLOW_RATE):
+                        return
+                    query = dns.message.make_query(f"n{index}.slow.test", "A")
+                    try:
+                        reply = dns.query.udp(query, server.host, 5, server.port)
+                    except dns.exception.Timeout:
+                        continue
+                    slow_rcodes.append(reply.rcode())
+
+            slow = threading.Thread(target=slow_names)
+            slow.start()
+            try:
+                time.sleep(2)  # the slow names are timing out by now
+                rcodes = []
+                for index in range(LEGITIMATE):
+                    reply = server.query(f"legit{index}.fwd.test", timeout=5)
+                    rcodes.append(dns.rcode.to_text(reply.rcode()))
+                    time.sleep(LEGITIMATE_EVERY)
+            finally:
+                stop.set()
+                slow.join()
+            log_text = server.log_text()
+    assert rcodes == ["NOERROR"] * LEGITIMATE
+    assert slow_rcodes and set(slow_rcodes) == {dns.rcode.SERVFAIL}  # only they fail
+    assert "upstream_down" not in log_text

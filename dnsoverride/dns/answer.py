@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import dnslib
 
@@ -23,10 +24,10 @@ QTYPE_ANY = 255
 QTYPE_OPT = 41
 EDNS_COOKIE = 10
 HINFO = 13
+_RR_OVERHEAD = 12  # a compressed owner (2), type, class, TTL, RDLENGTH
 
 
-@dataclass(frozen=True)
-class ClientEdns:
+class ClientEdns(NamedTuple):
     """What the client said with its OPT record (`present=False` when it sent none)."""
 
     present: bool
@@ -98,8 +99,9 @@ def local_answer(
     current = entry
     for _ in range(MAX_CNAME_CHAIN):
         if qtype == QTYPE_ANY:
-            # RFC 8482: answer ANY with one RRset, never everything.
-            _add(reply, owner, current.rrsets[min(current.rrsets)])
+            # RFC 8482: answer ANY with one RRset, never everything, and the smallest one,
+            # so ANY is no way to get a name's largest answer for the smallest query.
+            _add(reply, owner, min(current.rrsets.values(), key=_wire_size))
             return LocalAnswer(reply, None)
         rrset = current.rrsets.get(qtype)
         if rrset is not None:
@@ -120,6 +122,16 @@ def local_answer(
     return LocalAnswer(reply, None)
 
 
+def _wire_size(rrset: RRSet) -> int:
+    """The RDATA octets of `rrset` (its records' fixed parts depend only on their count)."""
+    size = 0
+    for rdata in rrset.rdatas:
+        buffer = dnslib.DNSBuffer()
+        rdata.pack(buffer)
+        size += len(buffer.data) + _RR_OVERHEAD
+    return size
+
+
 def _add(reply: dnslib.DNSRecord, owner: dnslib.DNSLabel, rrset: RRSet) -> None:
     for rdata in rrset.rdatas:
         reply.add_answer(dnslib.RR(owner, rrset.rtype, rdata=rdata, ttl=rrset.ttl))
@@ -130,19 +142,6 @@ def minimal_any(request: dnslib.DNSRecord) -> dnslib.DNSRecord:
     reply = new_reply(request)
     hinfo = dnslib.RD(b"\x07RFC8482\x00")
     reply.add_answer(dnslib.RR(request.q.qname, HINFO, rdata=hinfo, ttl=3600))
-    return reply
-
-
-def from_upstream(
-    request: dnslib.DNSRecord, upstream: dnslib.DNSRecord, edns: ClientEdns
-) -> dnslib.DNSRecord:
-    """The client's reply carrying an upstream answer: the client's ID, question and flags."""
-    reply = new_reply(request, rcode=upstream.header.rcode)
-    # RFC 6840 5.8: AD only for clients that asked for DNSSEC data (DO) or set AD.
-    reply.header.ad = upstream.header.ad if (edns.do or request.header.ad) else 0
-    reply.rr = list(upstream.rr)
-    reply.auth = list(upstream.auth)
-    reply.ar = [rr for rr in upstream.ar if rr.rtype != QTYPE_OPT]
     return reply
 
 

@@ -14,25 +14,23 @@ set invalidates them all without a scan.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable
-from dataclasses import dataclass
-
-import dnslib
 
 from dnsoverride.config import CacheConfig
-from dnsoverride.dns import wire
+from dnsoverride.dns import relay, wire
 
-ResponseKey = tuple[str, int, int, bool, bool]
+ResponseKey = tuple[bytes, int, int, bool, bool]  # name (wire, lowercase), type, class, DO, CD
 # RFC 8767 section 4: stale records go out with a TTL above 0, recommended 30 seconds.
 STALE_TTL = 30
 # ... but the answer cache reuses a stale reply for only `cache.stale_reuse` seconds.
 
 
-@dataclass
 class _Response:
-    wire: bytes
-    stored_at: float
-    ttl: int
+    __slots__ = ("reply", "stored_at", "ttl")
+
+    def __init__(self, reply: relay.Reply, stored_at: float, ttl: int) -> None:
+        self.reply = reply
+        self.stored_at = stored_at
+        self.ttl = ttl
 
 
 class ResponseCache:
@@ -47,36 +45,30 @@ class ResponseCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def cache_ttl(self, reply: dnslib.DNSRecord) -> int:
+    def cache_ttl(self, reply: relay.Reply) -> int:
         """How long `reply` may be cached (0: not at all)."""
-        rcode = reply.header.rcode
-        records = [rr for rr in (*reply.rr, *reply.auth, *reply.ar) if rr.rtype != wire.OPT]
-        negative = rcode == dnslib.RCODE.NXDOMAIN or (
-            rcode == dnslib.RCODE.NOERROR and not reply.rr
-        )
-        if negative:
-            soas = [rr for rr in reply.auth if rr.rtype == dnslib.QTYPE.SOA]
-            if not soas:
+        rcode = reply.rcode
+        if rcode == relay.NXDOMAIN or (rcode == relay.NOERROR and not reply.answers):
+            if reply.negative_ttl is None:
                 return 0  # RFC 2308 section 5: no SOA, no negative caching
-            ttl = min(soas[0].ttl, soas[0].rdata.times[4])
+            ttl = reply.negative_ttl
             return max(min(ttl, self.config.negative_max_ttl), self.config.min_ttl)
-        if rcode != dnslib.RCODE.NOERROR:
+        if rcode != relay.NOERROR or reply.min_ttl is None:
             return 0
-        ttl = min(rr.ttl for rr in records)
-        return max(min(ttl, self.config.max_ttl), self.config.min_ttl)
+        return max(min(reply.min_ttl, self.config.max_ttl), self.config.min_ttl)
 
-    def put(self, key: ResponseKey, reply: dnslib.DNSRecord, now: float) -> int:
+    def put(self, key: ResponseKey, reply: relay.Reply, now: float) -> int:
         """Store an upstream reply; returns the TTL it was cached for (0: not cached)."""
         ttl = self.cache_ttl(reply)
         if ttl <= 0:
             return 0
-        self._entries[key] = _Response(reply.pack(), now, ttl)
+        self._entries[key] = _Response(reply, now, ttl)
         self._entries.move_to_end(key)
         while len(self._entries) > self.config.size:
             self._entries.popitem(last=False)
         return ttl
 
-    def get(self, key: ResponseKey, now: float) -> tuple[dnslib.DNSRecord, int] | None:
+    def get(self, key: ResponseKey, now: float) -> tuple[relay.Reply, int] | None:
         """A fresh cached reply with aged TTLs, and the seconds it stays fresh."""
         entry = self._entries.get(key)
         if entry is None:
@@ -90,22 +82,14 @@ class ResponseCache:
             return None
         self.hits += 1
         self._entries.move_to_end(key)
-        return self._with_ttl(entry, lambda ttl: max(min(ttl, entry.ttl) - age, 0)), entry.ttl - age
+        return entry.reply.retimed(age, entry.ttl), entry.ttl - age
 
-    def get_stale(self, key: ResponseKey, now: float) -> dnslib.DNSRecord | None:
+    def get_stale(self, key: ResponseKey, now: float) -> relay.Reply | None:
         """An expired reply still inside the serve-stale window, with TTLs of 30 s."""
         entry = self._entries.get(key)
         if entry is None or now - entry.stored_at >= entry.ttl + self.config.stale_ttl:
             return None
-        return self._with_ttl(entry, lambda ttl: STALE_TTL)
-
-    @staticmethod
-    def _with_ttl(entry: _Response, ttl_of: Callable[[int], int]) -> dnslib.DNSRecord:
-        reply = dnslib.DNSRecord.parse(entry.wire)
-        for rr in (*reply.rr, *reply.auth, *reply.ar):
-            if rr.rtype != wire.OPT:
-                rr.ttl = ttl_of(rr.ttl)
-        return reply
+        return entry.reply.stale(STALE_TTL)
 
 
 class _Answer:
@@ -204,7 +188,9 @@ class AnswerCache:
         `counter` is the stats cell a hit increments (see `DnsStats.cell`).
         """
         qend = wire.key_question_end(key)
-        if ttl <= 0 or reply[12:qend].lower() != key[4:] or wire.question_end(reply) != qend:
+        if ttl <= 0 or wire.question_end(reply) != qend:
+            return
+        if reply[12 : qend - 4].lower() + reply[qend - 4 : qend] != key[4:]:
             return  # not a reply to exactly this question: never splice it onto one
         entries = self._views[view]
         entries.pop(key, None)

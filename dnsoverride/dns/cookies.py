@@ -36,18 +36,24 @@ class Cookies:
 
     def reply_option(self, option: bytes, host: str) -> bytes:
         """The COOKIE option data for our reply to a query that sent `option`."""
+        if self.valid(option, host):
+            return option
         client = option[:CLIENT_COOKIE]
-        now = int(self._clock())
-        if len(option) == CLIENT_COOKIE + 16 and option[8:12] == _VERSION_RESERVED:
-            (stamp,) = struct.unpack_from("!I", option, 12)
-            age = (now - stamp) % (1 << 32)  # serial arithmetic: the stamp wraps
-            fresh = age < _FRESH or (1 << 32) - age <= _FUTURE
-            if fresh and secrets.compare_digest(
-                option[16:], self._hash(client, option[8:16], host)
-            ):
-                return option
-        head = _VERSION_RESERVED + struct.pack("!I", now & 0xFFFFFFFF)
+        head = _VERSION_RESERVED + struct.pack("!I", int(self._clock()) & 0xFFFFFFFF)
         return client + head + self._hash(client, head, host)
+
+    def valid(self, option: bytes, host: str) -> bool:
+        """Whether `option` (a query's COOKIE data) holds a server cookie we made for
+        `host` within the last half hour: the client has proven its address."""
+        if len(option) != CLIENT_COOKIE + 16 or option[8:12] != _VERSION_RESERVED:
+            return False
+        (stamp,) = struct.unpack_from("!I", option, 12)
+        age = (int(self._clock()) - stamp) % (1 << 32)  # serial arithmetic: the stamp wraps
+        if not (age < _FRESH or (1 << 32) - age <= _FUTURE):
+            return False
+        return secrets.compare_digest(
+            option[16:], self._hash(option[:CLIENT_COOKIE], option[8:16], host)
+        )
 
     def _hash(self, client: bytes, head: bytes, host: str) -> bytes:
         digest = hashlib.blake2b(client + head + _address(host), digest_size=8, key=self._secret)

@@ -139,11 +139,12 @@ async def _serve(
         stats,
         probe=config.probe,
         failure_log_interval=config.failure_log_interval,
+        forward=config.forward,
     )
     resolver = Resolver(config, zones, forwarder, stats)
     resolver.route(routing)  # the views the first load was validated with
     registry = CollectorRegistry()
-    registry.register(DnsCollector(stats, resolver.answers, resolver.responses))
+    registry.register(DnsCollector(stats, resolver.answers, resolver.responses, resolver.ratelimit))
     # Health-gated overrides: checker tasks that follow every zone swap and withdraw names.
     health = HealthMonitor(zones.withdraw)
     registry.register(health.collector())

@@ -2,23 +2,30 @@
 
 Every upstream query gets a fresh random ID and a fresh socket (so a fresh random source
 port); a reply is accepted only from the upstream's address (a connected UDP socket),
-with the same ID and the same question. TC -> the same question again over TCP.
-Timeout, SERVFAIL, REFUSED or garbage -> the next upstream. The whole attempt is bounded
-by the timeout budget; when every upstream fails the caller gets `UpstreamFailedError` in
-time to answer SERVFAIL (or stale). Identical questions in flight share one upstream
-query.
+with the same ID and the same question (letter for letter with `case_randomization`,
+the 0x20 bit of each letter of the name chosen at random, like unbound's
+`use-caps-for-id`). Any other datagram on that socket is an unwanted reply: counted, and
+after `UNWANTED_LIMIT` of them the socket is abandoned and the question asked again from
+a fresh port with a fresh ID (at most `SOCKETS_PER_ATTEMPT` sockets per attempt), so an
+attacker spraying forged replies at a port he has learnt gets a handful of guesses at a
+16-bit ID, not 65,536. TC -> the same question again over TCP. Timeout, SERVFAIL,
+REFUSED or garbage -> the next upstream. The whole attempt is bounded by the timeout
+budget; when every upstream fails the caller gets `UpstreamFailedError` in time to
+answer SERVFAIL (or stale). Identical questions in flight share one upstream query.
 
-Upstream health: an upstream that timed out (or refused the connection) without having
-answered anything since the failed query was sent is marked down, and upstreams are
-tried healthy first, in configured order, so one dead resolver does not cost every
-query an attempt timeout. Off the hot path, `probe` asks `<probe.name> NS` (default
+Upstream health is judged from evidence across questions, never from one slow name: a
+client question that times out (or errors) with nothing else answered meanwhile only
+makes the upstream suspect and starts a probe at once; the upstream is marked down when
+that probe fails too (two different questions failed in a row, and one of them is the
+probe's known-good `<probe.name> NS`). A name an upstream cannot resolve in time (a
+black-holed zone) costs only its own question a SERVFAIL. Upstreams are tried healthy
+first, in configured order. Off the hot path, `probe` asks `<probe.name> NS` (default
 `. NS`) of every upstream that is down or has answered nothing for `probe.interval`
-seconds (no traffic, or traffic going elsewhere): any well-formed reply, whatever its
-rcode, means the upstream is answering. That keeps readiness ("at least one upstream
-answering") true to the upstreams with no client traffic, and brings a recovered
-upstream back within seconds. While every upstream is down the resolver does not wait
-for them: it answers at once (stale or SERVFAIL) and asks in the background with
-`refresh` (see resolver.py).
+seconds: any well-formed reply, whatever its rcode, means the upstream is answering.
+That keeps readiness ("at least one upstream answering") true to the upstreams with no
+client traffic, and brings a recovered upstream back within seconds. While every
+upstream is down the resolver does not wait for them: it answers at once (stale or
+SERVFAIL) and asks in the background with `refresh` (see resolver.py).
 
 Failures are counted every time (stats) but logged as `upstream_failed` at most once per
 upstream per `failure_log_interval` seconds, with the number of failures suppressed
@@ -28,63 +35,53 @@ since the last event: a dead upstream under load must not flood the journal.
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import secrets
-import socket
-import struct
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 
 import dnslib
 import structlog
 
-from dnsoverride.config import Endpoint, ProbeConfig
-from dnsoverride.dns import wire
+from dnsoverride.config import Endpoint, ForwardConfig, ProbeConfig
+from dnsoverride.dns import relay, wire
+from dnsoverride.dns.logthrottle import ThrottledLog
 from dnsoverride.dns.stats import DnsStats
+from dnsoverride.dns.udpexchange import AbandonedError, SocketWatcher, UdpExchange
 from dnsoverride.resolve import exchange_tcp
 
 log = structlog.get_logger(__name__)
 
-Question = tuple[str, int, int, bool, bool]  # name (lowercase), type, class, DO, CD
+Question = tuple[bytes, int, int, bool, bool]  # name (wire, lowercase), type, class, DO, CD
 MAX_INFLIGHT = 512
+UNWANTED_LIMIT = 3  # unwanted datagrams on one query's socket before it is abandoned
+SOCKETS_PER_ATTEMPT = 3  # fresh ports (and IDs) one attempt may use before it gives up
 _RETRY_RCODES = {dnslib.RCODE.SERVFAIL: "servfail", dnslib.RCODE.REFUSED: "refused"}
+# Reasons that say nothing about the question: the upstream did not reply at all.
+_SILENT = ("timeout", "error")
 
 
 class UpstreamFailedError(Exception):
     """No upstream produced an acceptable answer within the budget."""
 
 
-class FailureLog:
-    """`upstream_failed` events, at most one per upstream per `interval` seconds."""
-
-    def __init__(self, interval: float, clock: Callable[[], float] = time.monotonic) -> None:
-        self._interval = interval
-        self._clock = clock
-        self._quiet_until: dict[str, float] = {}
-        self._suppressed: dict[str, int] = {}
-
-    def failed(self, upstream: str, reason: str, **fields: object) -> bool:
-        """Log the failure, or count it as suppressed; True when it was logged."""
-        now = self._clock()
-        if now < self._quiet_until.get(upstream, -math.inf):
-            self._suppressed[upstream] = self._suppressed.get(upstream, 0) + 1
-            return False
-        self._quiet_until[upstream] = now + self._interval
-        suppressed = self._suppressed.pop(upstream, 0)
-        log.warning(
-            "upstream_failed", upstream=upstream, reason=reason, suppressed=suppressed, **fields
-        )
-        return True
+def question_text(question: Question) -> str:
+    """The question's name as text for logs ("." for the root)."""
+    try:
+        return wire.name_text(question[0]) or "."
+    except ValueError:
+        return repr(question[0])
 
 
 class _Health:
     """What the forwarder knows of one upstream."""
 
-    __slots__ = ("last_answer", "up")
+    __slots__ = ("confirming", "last_answer", "up")
 
     def __init__(self) -> None:
         self.up = True  # until shown otherwise: the first probe runs at start
         self.last_answer = -math.inf  # loop time of its last well-formed reply
+        self.confirming = False  # a probe started by a failed client question is running
 
 
 class Forwarder:
@@ -100,20 +97,36 @@ class Forwarder:
         *,
         probe: ProbeConfig,
         failure_log_interval: float,
+        forward: ForwardConfig | None = None,
     ) -> None:
         self._upstreams = upstreams
+        self._names = {upstream: str(upstream) for upstream in upstreams}
         self._health = {upstream: _Health() for upstream in upstreams}
         self._order = list(upstreams)  # healthy first, each group in configured order
         stats.upstream_up.update((str(upstream), True) for upstream in upstreams)
         self._budget = budget
         self._attempt_timeout = attempt_timeout
         self._edns_udp_size = edns_udp_size
+        self._case_randomization = (forward or ForwardConfig()).case_randomization
         self._stats = stats
-        self._inflight: dict[Question, asyncio.Future[dnslib.DNSRecord]] = {}
-        self._failure_log = FailureLog(failure_log_interval)
+        self._inflight: dict[Question, asyncio.Future[relay.Reply]] = {}
+        self._failure_log = ThrottledLog("upstream_failed", failure_log_interval)
+        self._spoof_log = ThrottledLog("upstream_replies_unwanted", failure_log_interval)
         self._probe_interval = probe.interval
-        self._probe_question: Question = (probe.name, dnslib.QTYPE.NS, 1, False, False)
-        self._refreshing: set[asyncio.Task[None]] = set()  # referenced until done
+        self._probe_question: Question = (
+            wire.encode_name(probe.name),
+            dnslib.QTYPE.NS,
+            1,
+            False,
+            False,
+        )
+        self._background: set[asyncio.Task[None]] = set()  # referenced until done
+        self._addresses = {upstream: (upstream.host, upstream.port) for upstream in upstreams}
+        self._unwanted = {
+            upstream: functools.partial(stats.unwanted_reply, str(upstream))
+            for upstream in upstreams
+        }
+        self._watcher: SocketWatcher | None = None  # made on first use, on the loop
 
     def answering(self) -> bool:
         """Whether at least one upstream is answering (readiness)."""
@@ -142,15 +155,23 @@ class Forwarder:
         started = asyncio.get_running_loop().time()
         question = self._probe_question
         try:
-            await asyncio.wait_for(self._ask(upstream, question), self._attempt_timeout)
+            await self._ask(upstream, question, started + self._attempt_timeout)
         except TimeoutError:
-            self._failed(upstream, "timeout", question, started)
-        except (OSError, dnslib.DNSError, ValueError, struct.error, EOFError) as error:
-            self._failed(upstream, "error", question, started, error)
+            self._failed(upstream, "timeout", question, started, probe=True)
+        except AbandonedError:
+            # Forgeries sprayed at the probe's ports say nothing about the upstream.
+            self._failed(upstream, "unwanted", question, started, probe=True)
+        except (OSError, ValueError, EOFError) as error:
+            self._failed(upstream, "error", question, started, error, probe=True)
         else:
             self._answered(upstream)
 
-    async def resolve(self, question: Question) -> dnslib.DNSRecord:
+    def _background_task(self, coroutine: Coroutine[object, object, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def resolve(self, question: Question) -> relay.Reply:
         """The upstream answer to `question`, shared with identical concurrent callers."""
         pending = self._inflight.get(question)
         if pending is not None:
@@ -159,16 +180,16 @@ class Forwarder:
             # A flood of distinct names must not take every file descriptor (one socket
             # per upstream query): beyond this many, fail fast (SERVFAIL or stale).
             self._stats.upstream_failed("*", "busy")
-            self._failure_log.failed("*", "busy", name=question[0])
-            raise UpstreamFailedError(question[0])
-        future: asyncio.Future[dnslib.DNSRecord] = asyncio.get_running_loop().create_future()
+            self._failure_log.emit("*", upstream="*", reason="busy", name=question_text(question))
+            raise UpstreamFailedError(question_text(question))
+        future: asyncio.Future[relay.Reply] = asyncio.get_running_loop().create_future()
         self._inflight[question] = future
         try:
             answer = await self._ask_all(question)
         except BaseException as error:
             # Waiters must never hang: even a cancelled lookup (shutdown) fails them.
             failure = error if isinstance(error, UpstreamFailedError) else None
-            future.set_exception(failure or UpstreamFailedError(question[0]))
+            future.set_exception(failure or UpstreamFailedError(question_text(question)))
             future.exception()  # retrieved: there may be no waiters
             raise
         else:
@@ -177,18 +198,13 @@ class Forwarder:
         finally:
             del self._inflight[question]
 
-    def refresh(
-        self, question: Question, store: Callable[[Question, dnslib.DNSRecord], object]
-    ) -> None:
+    def refresh(self, question: Question, store: Callable[[Question, relay.Reply], object]) -> None:
         """Ask for `question` in the background; `store(question, answer)` if it comes."""
-        if question in self._inflight:
-            return
-        task = asyncio.get_running_loop().create_task(self._refresh(question, store))
-        self._refreshing.add(task)
-        task.add_done_callback(self._refreshing.discard)
+        if question not in self._inflight:
+            self._background_task(self._refresh(question, store))
 
     async def _refresh(
-        self, question: Question, store: Callable[[Question, dnslib.DNSRecord], object]
+        self, question: Question, store: Callable[[Question, relay.Reply], object]
     ) -> None:
         try:
             answer = await self.resolve(question)
@@ -196,7 +212,7 @@ class Forwarder:
             return  # counted and logged; the caller keeps serving stale
         store(question, answer)
 
-    async def _ask_all(self, question: Question) -> dnslib.DNSRecord:
+    async def _ask_all(self, question: Question) -> relay.Reply:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._budget
         replied = False
@@ -208,24 +224,27 @@ class Forwarder:
                 break
             started = loop.time()
             try:
-                answer = await asyncio.wait_for(
-                    self._ask(upstream, question), min(self._attempt_timeout, remaining)
+                answer = await self._ask(
+                    upstream, question, started + min(self._attempt_timeout, remaining)
                 )
             except TimeoutError:
                 self._failed(upstream, "timeout", question, started)
                 continue
-            except (OSError, dnslib.DNSError, ValueError, struct.error, EOFError) as error:
+            except AbandonedError:
+                self._failed(upstream, "unwanted", question, started)
+                continue
+            except (OSError, ValueError, EOFError) as error:
                 self._failed(upstream, "error", question, started, error)
                 continue
             self._answered(upstream)
             replied = True
-            reason = _RETRY_RCODES.get(answer.header.rcode)
+            reason = _RETRY_RCODES.get(answer.rcode)
             if reason is not None:
                 self._failed(upstream, reason, question, started)
                 continue
-            self._stats.upstream_answered(str(upstream), loop.time() - started)
+            self._stats.upstream_answered(self._names[upstream], loop.time() - started)
             return answer
-        raise UpstreamFailedError(question[0])
+        raise UpstreamFailedError(question_text(question))
 
     def _answered(self, upstream: Endpoint) -> None:
         health = self._health[upstream]
@@ -233,7 +252,7 @@ class Forwarder:
         if not health.up:
             health.up = True
             self._reorder()
-            log.info("upstream_up", upstream=str(upstream))
+            log.info("upstream_up", upstream=self._names[upstream])
 
     def _failed(
         self,
@@ -242,74 +261,93 @@ class Forwarder:
         question: Question,
         started: float,
         error: Exception | None = None,
+        *,
+        probe: bool = False,
     ) -> None:
-        name = str(upstream)
+        name = self._names[upstream]
         self._stats.upstream_failed(name, reason)
         fields: dict[str, object] = {
-            "name": question[0] or ".",
+            "name": question_text(question),
             "qtype": dnslib.QTYPE.get(question[1]),
         }
         if error is not None:
             fields["error"] = str(error) or repr(error)
-        self._failure_log.failed(name, reason, **fields)
+        self._failure_log.emit(name, upstream=name, reason=reason, **fields)
         health = self._health[upstream]
-        # One slow name is no dead upstream: down only if nothing came back since `started`,
-        # and an upstream that replied (SERVFAIL, REFUSED) is not down at all.
-        if reason in ("timeout", "error") and health.up and health.last_answer < started:
+        if reason not in _SILENT or not health.up or health.last_answer >= started:
+            return  # it replied (SERVFAIL, REFUSED), or answered something meanwhile
+        if probe:
             health.up = False
             self._reorder()
-            log.warning("upstream_down", upstream=str(upstream), reason=reason)
+            log.warning("upstream_down", upstream=name, reason=reason)
+        elif not health.confirming:
+            # One question is no evidence (a black-holed zone times out on a healthy
+            # upstream): the known-good probe question decides, now.
+            health.confirming = True
+            self._background_task(self._confirm(upstream))
+
+    async def _confirm(self, upstream: Endpoint) -> None:
+        try:
+            await self._probe_one(upstream)
+        finally:
+            self._health[upstream].confirming = False
 
     def _reorder(self) -> None:
         for upstream, health in self._health.items():
-            self._stats.upstream_up[str(upstream)] = health.up
+            self._stats.upstream_up[self._names[upstream]] = health.up
         self._order = sorted(self._upstreams, key=lambda upstream: not self._health[upstream].up)
 
-    async def _ask(self, upstream: Endpoint, question: Question) -> dnslib.DNSRecord:
+    async def _ask(self, upstream: Endpoint, question: Question, deadline: float) -> relay.Reply:
+        """One attempt: UDP from up to `SOCKETS_PER_ATTEMPT` fresh ports, TCP after TC;
+        TimeoutError at `deadline`."""
+        watcher = self._watcher
+        if watcher is None:
+            watcher = self._watcher = SocketWatcher(asyncio.get_running_loop())
         name, qtype, qclass, do, cd = question
-        query = dnslib.DNSRecord(
-            dnslib.DNSHeader(id=secrets.randbits(16), rd=1, cd=int(cd)),
-            q=dnslib.DNSQuestion(name + ".", qtype, qclass),
-        )
-        query.add_ar(dnslib.EDNS0(udp_len=self._edns_udp_size, flags="do" if do else ""))
-        packet = query.pack()
-        answer = await self._udp(upstream, packet)
-        if answer.header.tc:
-            answer = await self._tcp(upstream, packet)
-        return answer
+        for _ in range(SOCKETS_PER_ATTEMPT):
+            sent = _mixed_case(name) if self._case_randomization else name
+            query_id = secrets.randbits(16)
+            packet = relay.query(
+                query_id, sent, qtype, qclass, cd=cd, do=do, udp_size=self._edns_udp_size
+            )
+            exchange = UdpExchange(
+                watcher,
+                self._addresses[upstream],
+                packet,
+                deadline=deadline,
+                exact_case=self._case_randomization,
+                unwanted=self._unwanted[upstream],
+                unwanted_limit=UNWANTED_LIMIT,
+            )
+            try:
+                answer = await exchange.reply
+            except AbandonedError:
+                self._spoof_log.emit(
+                    self._names[upstream],
+                    upstream=self._names[upstream],
+                    name=question_text(question),
+                    unwanted=UNWANTED_LIMIT,
+                )
+                continue
+            finally:
+                exchange.close()
+            if answer.tc:
+                async with asyncio.timeout_at(deadline):
+                    return await self._tcp(upstream, packet)
+            return answer
+        raise AbandonedError()
 
-    async def _udp(self, upstream: Endpoint, packet: bytes) -> dnslib.DNSRecord:
-        loop = asyncio.get_running_loop()
-        family = socket.AF_INET6 if ":" in upstream.host else socket.AF_INET
-        with socket.socket(family, socket.SOCK_DGRAM) as sock:
-            sock.setblocking(False)
-            # connect() picks a random ephemeral port and makes the kernel drop
-            # datagrams from any other address.
-            sock.connect((upstream.host, upstream.port))
-            await loop.sock_sendall(sock, packet)
-            while True:
-                data = await loop.sock_recv(sock, 65535)
-                answer = _matching(packet, data)
-                if answer is not None:
-                    return answer
-                self._stats.upstream_failed(str(upstream), "mismatch")
-
-    async def _tcp(self, upstream: Endpoint, packet: bytes) -> dnslib.DNSRecord:
-        data = await exchange_tcp((upstream.host, upstream.port), packet)
-        answer = _matching(packet, data)
-        if answer is None:
+    async def _tcp(self, upstream: Endpoint, packet: bytes) -> relay.Reply:
+        data = await exchange_tcp(self._addresses[upstream], packet)
+        if not relay.answers_query(packet, data, exact_case=self._case_randomization):
             raise ValueError("TCP reply does not match the query")
-        return answer
+        return relay.scan(data)
 
 
-def _matching(query: bytes, data: bytes) -> dnslib.DNSRecord | None:
-    """The parsed reply when it answers `query` (same ID, QR set, same question)."""
-    qend = wire.question_end(query)
-    if len(data) < qend or data[:2] != query[:2] or not data[2] & 0x80:
-        return None
-    if data[4:6] != b"\x00\x01" or data[12:qend].lower() != query[12:qend].lower():
-        return None
-    try:
-        return dnslib.DNSRecord.parse(data)
-    except (dnslib.DNSError, ValueError, struct.error, IndexError):
-        return None
+def _mixed_case(name: bytes) -> bytes:
+    """`name` (lowercase wire format) with each letter's case chosen at random (0x20)."""
+    bits = secrets.randbits(len(name))
+    return bytes(
+        byte ^ 0x20 if 0x61 <= byte <= 0x7A and (bits >> index) & 1 else byte
+        for index, byte in enumerate(name)
+    )

@@ -37,9 +37,13 @@ class UdpListener(asyncio.DatagramProtocol):
         self._send = self._transport.sendto
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
-        reply = self._fast(data, addr[0])
+        try:
+            reply = self._fast(data, addr[0])
+        except Exception:  # a bug on the fast path: `resolve` answers, logs and counts it
+            reply = None
         if reply is not None:
-            self._send(reply, addr)
+            if reply:  # b"": dropped by the rate limit
+                self._send(reply, addr)
             return
         task = asyncio.get_running_loop().create_task(self._slow(data, addr))
         self._tasks.add(task)

@@ -2,10 +2,16 @@
 
     ACL -> view -> answer cache (fast path) -> overrides -> response cache -> forwarder
                                                                   (serve-stale on failure)
+    ... -> response rate limiting (UDP replies)
 
 `fast` is the synchronous hot path: a hand-parsed question, one dict lookup, bytes out.
-`resolve` is everything else, with dnslib: parse (FORMERR on garbage), answer locally
-or forward, pack (EDNS, truncation), count, and remember the reply for `fast`.
+`resolve` is everything else. An ordinary query for a name no override answers (the
+cold miss of a forwarding server) stays in bytes too (`_forward_plain`: relay.py builds
+both our upstream query and the client's reply); anything else is parsed with dnslib
+(FORMERR on garbage), answered locally or forwarded, packed (EDNS, truncation). Either
+way the reply is counted and remembered for `fast`. Nothing a client sends reaches the
+log as a traceback: a malformed query is FORMERR, an unexpected error SERVFAIL, each
+counted in a metric and logged as one throttled line.
 """
 
 from __future__ import annotations
@@ -13,20 +19,24 @@ from __future__ import annotations
 import asyncio
 import math
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import dnslib
 import structlog
 
 from dnsoverride.config import ServeConfig, View
-from dnsoverride.dns import answer, wire
+from dnsoverride.dns import answer, ratelimit, relay, wire
 from dnsoverride.dns.acl import Acl, client_address
 from dnsoverride.dns.cache import AnswerCache, ResponseCache
 from dnsoverride.dns.cookies import Cookies
 from dnsoverride.dns.forwarder import Forwarder, Question, UpstreamFailedError
-from dnsoverride.dns.stats import DnsStats
+from dnsoverride.dns.logthrottle import ThrottledLog
+from dnsoverride.dns.ratelimit import RateLimiter
+from dnsoverride.dns.stats import DnsStats, qtype_label
 from dnsoverride.dns.views import Routing, ViewTable
-from dnsoverride.zones import LiveZones, normalize_name
+from dnsoverride.zones import LiveZones
 
 log = structlog.get_logger(__name__)
 
@@ -35,14 +45,36 @@ MAX_CLIENTS_CACHED = 65536
 TCP_LIMIT = 65535
 QCLASS_IN = 1
 ZONE_TRANSFERS = (251, 252)  # IXFR, AXFR
+# Types the plain forwarding path leaves to the parsed one: answered here, never forwarded.
+_NOT_PLAIN = frozenset((answer.QTYPE_ANY, *ZONE_TRANSFERS))
+# Refused clients are counted without their query type: the label set stays bounded.
+_REFUSED_LABELS = ("", "", "REFUSED", "error")
+_PARSE_ERRORS = (dnslib.DNSError, ValueError, struct.error, IndexError, UnicodeError)
 
 
 @dataclass
 class _Outcome:
-    reply: dnslib.DNSRecord
+    """An answer before packing: `render(options)` gives its bytes with those EDNS
+    options in our OPT (the answer cache keeps the one without the client's cookie)."""
+
+    render: Callable[[list[dnslib.EDNSOption]], bytes]
+    rcode: int
     source: str
     cache_for: float  # seconds the finished reply may be served by the fast path
     ages: bool  # whether its TTLs count down (forwarded data) or are fixed (local)
+    edns: answer.ClientEdns  # the client's, for its cookie
+
+
+class _Asked(NamedTuple):
+    """What the client asked and how its reply must look, from either path."""
+
+    query_id: bytes
+    rd: int
+    cd: bool
+    ad: bool  # the client set AD
+    question: bytes  # wire format, the client's letter case
+    edns: answer.ClientEdns
+    limit: int  # reply size limit: the client's UDP size, or 65,535 over TCP
 
 
 class Resolver:
@@ -56,6 +88,7 @@ class Resolver:
         self.stats = stats
         self.answers = AnswerCache(config.cache.size, len(config.views))
         self.responses = ResponseCache(config.cache)
+        self.ratelimit = RateLimiter(config.ratelimit)
         self._acl = Acl(config.allow)
         self._views = ViewTable(config.views, config.default_view)
         self._udp_size = config.edns_udp_size
@@ -64,13 +97,18 @@ class Resolver:
         self._clients: dict[str, int] = {}
         self._loop = asyncio.get_running_loop()
         self.cookies = Cookies()
+        self._malformed_log = ThrottledLog("query_malformed", config.failure_log_interval)
+        self._failed_log = ThrottledLog("query_failed", config.failure_log_interval)
 
     def route(self, routing: Routing) -> None:
-        """Serve with a reloaded ACL and view table. Call it in the same step (on the loop
-        thread) as the swap of `routing.zone_set` into `zones`: that swap's new generation
-        retires every cached answer, and the client -> view memo is started afresh."""
+        """Serve with a reloaded ACL, view table and rate limit. Call it in the same step (on
+        the loop thread) as the swap of `routing.zone_set` into `zones`: that swap's new
+        generation retires every cached answer, and the client -> view memo is started
+        afresh."""
         self._acl, self._views, self._clients = routing.acl, routing.views, {}
         self.answers.grow(len(routing.views.views))
+        if routing.ratelimit != self.ratelimit.config:
+            self.ratelimit.configure(routing.ratelimit)
 
     def _classify(self, host: str) -> int:
         """The client's view index, or REFUSED; remembered per address."""
@@ -91,7 +129,8 @@ class Resolver:
         return index
 
     def fast(self, data: bytes, host: str, tcp: bool = False) -> bytes | None:
-        """The reply from the answer cache (or REFUSED), or None to take `resolve`."""
+        """The reply from the answer cache (or REFUSED), b"" to drop the query (rate
+        limited), or None to take `resolve`."""
         key = wire.fast_key(data, self._udp_size)
         if key is None:
             return None
@@ -100,47 +139,139 @@ class Resolver:
         index = self._clients.get(host)
         if index is None:
             index = self._classify(host)
+        now = self._loop.time()
         reply: bytes | None
         if index == REFUSED:
             reply = wire.refused(data, key, self._udp_size)
         else:
-            reply = self.answers.lookup(index, key, data, self.zones.state[1], self._loop.time())
-        if reply is not None and len(data) > len(key) + 19:  # EDNS options: wire.options_start
+            reply = self.answers.lookup(index, key, data, self.zones.state[1], now)
+            if reply is None:
+                return None
+        if len(data) > len(key) + 19:  # EDNS options: wire.options_start
             limit = TCP_LIMIT if tcp else (key[2] << 8) | key[3]
             reply = self.cookies.add_to_hit(reply, data, wire.options_start(key), host, limit)
+            if reply is None:
+                return None  # the slow path answers (and counts) it
         if index == REFUSED:
-            if reply is not None:  # else the slow path answers (and counts) it
-                qtype = _qtype_name(data, wire.key_question_end(key))
-                self.stats.count(("", qtype, "REFUSED", "error"))
-            return reply
-        if reply is not None and self._query_log:
-            qend = wire.key_question_end(key)
+            self.stats.count(_REFUSED_LABELS)
+        elif self._query_log:
             log.info(
                 "query",
                 client=host,
                 view=self._views.views[index].name,
-                name=str(dnslib.DNSRecord.parse(data).q.qname),
-                qtype=_qtype_name(data, qend),
+                name=_display(wire.key_name(key)),
+                qtype=qtype_label(wire.key_qtype(key)),
                 rcode=dnslib.RCODE.get(reply[3] & 0x0F),
                 source="answer_cache",
             )
-        return reply
+        if tcp:
+            return reply
+        return self._rate_limited(reply, data, key, host, now)
+
+    def _rate_limited(
+        self, reply: bytes, data: bytes, key: bytes | None, host: str, now: float
+    ) -> bytes:
+        """`reply`, an empty TC reply, or b"" (drop): response rate limiting of UDP."""
+        verdict = self.ratelimit.check(host, now)
+        if verdict == ratelimit.SEND:
+            return reply
+        if key is not None and len(data) > wire.options_start(key):
+            option = wire.find_option(data, wire.options_start(key), wire.COOKIE)
+            if option is not None and self.cookies.valid(option, host):
+                return reply  # the client proved its address with our cookie
+        if verdict == ratelimit.TRUNCATE and key is not None:
+            self.ratelimit.truncated += 1
+            return wire.truncated(data, key, self._udp_size)
+        self.ratelimit.dropped += 1
+        return b""
 
     async def resolve(self, data: bytes, host: str, tcp: bool) -> bytes | None:
-        """The reply to any query, or None when it must be dropped (not even a header)."""
+        """The reply to any query, or None when it must be dropped (not even a header, a
+        response, or rate limited)."""
         try:
-            return await self._resolve(data, host, tcp)
-        except Exception:  # a bug must cost one answer, never the server
-            log.exception("query_failed", client=host)
+            reply = await self._resolve(data, host, tcp)
+        except Exception as error:  # a bug must cost one answer (and one log line a while)
+            self.stats.query_errors["internal"] += 1
+            self._failed_log.emit(
+                "internal", client=host, error=f"{type(error).__name__}: {str(error)[:200]}"
+            )
             reply = wire.format_error(data)
-            return reply[:3] + b"\x02" + reply[4:] if reply else None
+            reply = reply[:3] + b"\x02" + reply[4:] if reply else None  # SERVFAIL
+        if reply is None or tcp:
+            return reply
+        key = wire.fast_key(data, self._udp_size)
+        return self._rate_limited(reply, data, key, host, self._loop.time()) or None
 
     async def _resolve(self, data: bytes, host: str, tcp: bool) -> bytes | None:
+        key = wire.fast_key(data, self._udp_size)
+        if key is not None:
+            reply = await self._forward_plain(data, key, host, tcp)
+            if reply is not None:
+                return reply
+        return await self._resolve_parsed(data, host, tcp)
+
+    async def _forward_plain(self, data: bytes, key: bytes, host: str, tcp: bool) -> bytes | None:
+        """The reply to an ordinary query for a name no override answers, without dnslib;
+        None to leave the query to `_resolve_parsed`."""
+        qtype = wire.key_qtype(key)
+        if wire.key_qclass(key) != QCLASS_IN or qtype in _NOT_PLAIN:
+            return None
         index = self._classify(host)
+        if index == REFUSED:
+            return None
+        qname = wire.key_name(key)
+        try:
+            name = wire.name_text(qname)
+        except ValueError:
+            return None  # over 255 octets, say: FORMERR from the parsed path
+        view = self._views.views[index]
+        zone_set, generation = self.zones.snapshot()
+        if zone_set.select(view.zones).lookup(name) is not None:
+            return None
+        flags, edns_byte = key[0], key[1]
+        do = bool(edns_byte & 0x80)
+        udp_size = (key[2] << 8) | key[3] if edns_byte else 512
+        cookie = b""
+        if len(data) > wire.options_start(key):
+            cookie = wire.find_option(data, wire.options_start(key), wire.COOKIE) or b""
+        asked = _Asked(
+            query_id=data[:2],
+            rd=flags & 0x01,
+            cd=bool(flags & 0x10),
+            ad=bool(flags & 0x20),
+            question=data[wire.HEADER_SIZE : wire.key_question_end(key)],
+            edns=answer.ClientEdns(bool(edns_byte), udp_size, do, 0, cookie),
+            limit=TCP_LIMIT if tcp else udp_size,
+        )
+        outcome = await self._forward(asked, (qname, qtype, QCLASS_IN, do, asked.cd))
+        return self._finish(
+            data,
+            key,
+            outcome,
+            tcp=tcp,
+            host=host,
+            index=index,
+            view=view,
+            generation=generation,
+            qname=qname,
+            qtype=qtype,
+        )
+
+    async def _resolve_parsed(self, data: bytes, host: str, tcp: bool) -> bytes | None:
+        index = self._classify(host)
+        qname = b"\x00"
         try:
             request = dnslib.DNSRecord.parse(data)
-        except (dnslib.DNSError, ValueError, struct.error, IndexError, UnicodeError):
+            for question in request.questions:
+                qname = wire.encode_labels(question.qname.label).lower()
+                if len(qname) > wire.MAX_NAME:
+                    raise ValueError("query name longer than 255 octets")
+        except _PARSE_ERRORS as error:
             self.stats.count(("", "", "FORMERR", "error"))
+            self.stats.query_errors["malformed"] += 1
+            self._malformed_log.emit(
+                "malformed", client=host, error=f"{type(error).__name__}: {str(error)[:200]}"
+            )
             return wire.format_error(data)
         if request.header.qr:
             return None
@@ -168,39 +299,75 @@ class Resolver:
             return answer.pack(reply, answer.ClientEdns(False, 512, False), 0, TCP_LIMIT)
         view = self._views.views[index]
         generation = self.zones.state[1]
-        outcome = await self._answer(request, edns, view)
-        limit = TCP_LIMIT if tcp else min(edns.udp_size, self._udp_size)
-        packed = answer.pack(outcome.reply, edns, self._udp_size, limit)
-        qtype = dnslib.QTYPE.get(request.q.qtype)
-        rcode_name = dnslib.RCODE.get(outcome.reply.header.rcode)
-        self.stats.count((view.name, qtype, rcode_name, outcome.source))
+        asked = _Asked(
+            query_id=data[:2],
+            rd=request.header.rd,
+            cd=bool(request.header.cd),
+            ad=bool(request.header.ad),
+            question=wire.encode_labels(request.q.qname.label)
+            + struct.pack("!HH", request.q.qtype, request.q.qclass),
+            edns=edns,
+            limit=TCP_LIMIT if tcp else min(edns.udp_size, self._udp_size),
+        )
+        outcome = await self._answer(request, asked, view, qname)
+        key = wire.fast_key(data, self._udp_size)
+        qtype = request.q.qtype
+        return self._finish(
+            data,
+            key,
+            outcome,
+            tcp=tcp,
+            host=host,
+            index=index,
+            view=view,
+            generation=generation,
+            qname=qname,
+            qtype=qtype,
+        )
+
+    def _finish(
+        self,
+        data: bytes,
+        key: bytes | None,
+        outcome: _Outcome,
+        *,
+        tcp: bool,
+        host: str,
+        index: int,
+        view: View,
+        generation: int,
+        qname: bytes,
+        qtype: int,
+    ) -> bytes:
+        """Count and log the answer, keep it for the fast path, and add the client's cookie."""
+        packed = outcome.render([])
+        qtype_name = qtype_label(qtype)
+        rcode_name = dnslib.RCODE.get(outcome.rcode)
+        self.stats.count((view.name, qtype_name, rcode_name, outcome.source))
         if self._query_log:
             log.info(
                 "query",
                 client=host,
                 view=view.name,
-                name=str(request.q.qname),
-                qtype=qtype,
+                name=_display(qname),
+                qtype=qtype_name,
                 rcode=rcode_name,
                 source=outcome.source,
             )
-        key = wire.fast_key(data, self._udp_size)
-        if key is not None and tcp:
-            key = wire.tcp_key(key)
         if key is not None and outcome.cache_for > 0:
             hit_source = "cache" if outcome.source == "upstream" else outcome.source
             self.answers.store(
                 index,
-                key,
+                wire.tcp_key(key) if tcp else key,
                 packed,
                 generation=generation,
                 now=self._loop.time(),
                 ttl=outcome.cache_for,
-                counter=self.stats.cell((view.name, qtype, rcode_name, hit_source)),
+                counter=self.stats.cell((view.name, qtype_name, rcode_name, hit_source)),
                 age_ttls=outcome.ages,
             )
-        if options:  # the cache keeps the reply without this client's cookie
-            return answer.pack(outcome.reply, edns, self._udp_size, limit, options)
+        if outcome.edns.cookie:  # the cache keeps the reply without this client's cookie
+            return outcome.render(self._cookie_option(outcome.edns, host))
         return packed
 
     def _cookie_option(self, edns: answer.ClientEdns | None, host: str) -> list[dnslib.EDNSOption]:
@@ -210,12 +377,13 @@ class Resolver:
         return [dnslib.EDNSOption(wire.COOKIE, self.cookies.reply_option(edns.cookie, host))]
 
     async def _answer(
-        self, request: dnslib.DNSRecord, edns: answer.ClientEdns, view: View
+        self, request: dnslib.DNSRecord, asked: _Asked, view: View, qname: bytes
     ) -> _Outcome:
         zone_set, generation = self.zones.snapshot()
         overrides = zone_set.select(view.zones)
-        name = normalize_name(str(request.q.qname))
+        name = wire.name_text(qname)
         qtype = request.q.qtype
+        edns = asked.edns
         entry = overrides.lookup(name)
         withdrawn = self.zones.withdrawn
         if entry is not None and entry.health is not None and name in withdrawn:
@@ -223,27 +391,67 @@ class Resolver:
         if entry is not None:
             local = answer.local_answer(request, entry, overrides, generation, withdrawn)
             if local.forward is None:
-                return _Outcome(local.reply, "override", math.inf, ages=False)
-            question = (local.forward, qtype, QCLASS_IN, edns.do, bool(request.header.cd))
+                return self._local(local.reply, asked, "override", math.inf)
+            target = wire.encode_name(local.forward)
+            question = (target, qtype, QCLASS_IN, edns.do, asked.cd)
             try:
                 upstream, ttl, _source = await self._forwarded(question)
             except UpstreamFailedError:
                 local.reply.header.rcode = dnslib.RCODE.SERVFAIL
-                return _Outcome(local.reply, "error", 0, ages=False)
-            local.reply.rr.extend(upstream.rr)
-            local.reply.header.rcode = upstream.header.rcode
-            return _Outcome(local.reply, "override", ttl, ages=True)
+                return self._local(local.reply, asked, "error", 0)
+            local.reply.rr.extend(upstream.records().rr)
+            local.reply.header.rcode = upstream.rcode
+            return self._local(local.reply, asked, "override", ttl, ages=True)
         if qtype == answer.QTYPE_ANY:
-            return _Outcome(answer.minimal_any(request), "synthesized", math.inf, ages=False)
-        question = (name, qtype, QCLASS_IN, edns.do, bool(request.header.cd))
+            return self._local(answer.minimal_any(request), asked, "synthesized", math.inf)
+        return await self._forward(asked, (qname, qtype, QCLASS_IN, edns.do, asked.cd))
+
+    def _local(
+        self,
+        reply: dnslib.DNSRecord,
+        asked: _Asked,
+        source: str,
+        cache_for: float,
+        *,
+        ages: bool = False,
+    ) -> _Outcome:
+        udp_size = self._udp_size
+        return _Outcome(
+            lambda options: answer.pack(reply, asked.edns, udp_size, asked.limit, options),
+            reply.header.rcode,
+            source,
+            cache_for,
+            ages,
+            asked.edns,
+        )
+
+    async def _forward(self, asked: _Asked, question: Question) -> _Outcome:
+        """The forwarded answer to `asked` (cache, upstream or stale), or SERVFAIL."""
         try:
             upstream, ttl, source = await self._forwarded(question)
         except UpstreamFailedError:
-            reply = answer.new_reply(request, rcode=dnslib.RCODE.SERVFAIL)
-            return _Outcome(reply, "error", 0, ages=False)
-        return _Outcome(answer.from_upstream(request, upstream, edns), source, ttl, ages=True)
+            upstream, ttl, source = _SERVFAIL, 0, "error"
+        udp_size = self._udp_size
+        edns = asked.edns
 
-    async def _forwarded(self, question: Question) -> tuple[dnslib.DNSRecord, float, str]:
+        def render(options: list[dnslib.EDNSOption]) -> bytes:
+            opt = b""
+            if edns.present:
+                opt = wire.opt_record(udp_size, edns.do, wire.encode_options(options))
+            return relay.to_client(
+                upstream,
+                asked.query_id,
+                rd=asked.rd,
+                cd=asked.cd,
+                ad=edns.do or asked.ad,
+                question=asked.question,
+                opt=opt,
+                limit=asked.limit,
+            )
+
+        return _Outcome(render, upstream.rcode, source, ttl, True, edns)
+
+    async def _forwarded(self, question: Question) -> tuple[relay.Reply, float, str]:
         """(upstream answer, seconds it may be reused, source) from cache, upstream or stale."""
         cached = self.responses.get(question, self._loop.time())
         if cached is not None:
@@ -255,7 +463,7 @@ class Resolver:
             self.forwarder.refresh(question, self._store)
             stale = self.responses.get_stale(question, self._loop.time())
             if stale is None:
-                raise UpstreamFailedError(question[0])
+                raise UpstreamFailedError(wire.name_text(question[0]))
             return stale, self._stale_reuse, "stale"
         try:
             reply = await self.forwarder.resolve(question)
@@ -267,10 +475,27 @@ class Resolver:
         ttl = self._store(question, reply)
         return reply, ttl, "upstream"
 
-    def _store(self, question: Question, reply: dnslib.DNSRecord) -> int:
+    def _store(self, question: Question, reply: relay.Reply) -> int:
         return self.responses.put(question, reply, self._loop.time())
 
 
-def _qtype_name(data: bytes, qend: int) -> str:
-    qtype: str = dnslib.QTYPE.get((data[qend - 4] << 8) | data[qend - 3])
-    return qtype
+def _display(qname: bytes) -> str:
+    """A query name for logs: text, "." for the root; never raises."""
+    try:
+        return wire.name_text(qname) or "."
+    except ValueError:
+        return repr(qname[:64])
+
+
+# What a client gets when no upstream answered: SERVFAIL, no records, never cached.
+_SERVFAIL = relay.Reply(
+    bytes(12),
+    rcode=dnslib.RCODE.SERVFAIL,
+    tc=False,
+    ad=False,
+    answers=0,
+    qend=12,
+    ttls=(),
+    min_ttl=None,
+    negative_ttl=None,
+)

@@ -1,14 +1,26 @@
 """DNS metrics: plain integer counters on the hot path, turned into Prometheus metrics
 only when scraped (a labelled `Counter.inc()` per query would cost more than the answer).
 
+Label sets are bounded whatever clients send: `qtype` is a type's name when dnslib knows
+it and `other` for the rest of the 65,536; refused clients are counted with empty `view`
+and `qtype`; upstreams, views and reasons come from the config and the code.
+
 Exposed names:
   dnsoverride_dns_queries_total{view,qtype,rcode,source}   source: override, cache,
                                                            upstream, stale, synthesized, error
   dnsoverride_dns_upstream_latency_seconds{upstream}       histogram of answered queries
   dnsoverride_dns_upstream_failures_total{upstream,reason} reason: timeout, servfail,
-                                                           refused, error, mismatch;
-                                                           upstream "*", reason busy: too
-                                                           many questions in flight
+                                                           refused, error, unwanted (a
+                                                           socket's worth of forged replies,
+                                                           thrice); upstream "*", reason
+                                                           busy: too many questions in flight
+  dnsoverride_dns_upstream_unwanted_replies_total{upstream}  datagrams on a query's socket
+                                                           that do not answer it (forgeries)
+  dnsoverride_dns_query_errors_total{kind}                 malformed (FORMERR) or internal
+                                                           (SERVFAIL): logged throttled
+  dnsoverride_dns_ratelimited_total{action}                UDP replies over the rate limit:
+                                                           dropped or truncated (TC)
+  dnsoverride_dns_tcp_connections_stalled_total            closed: did not read its answers
   dnsoverride_dns_cache_entries{cache}                     cache: answer, response
   dnsoverride_dns_cache_hits_total{cache} / _misses_total{cache}
   dnsoverride_dns_cache_hit_ratio{cache}
@@ -21,6 +33,7 @@ from __future__ import annotations
 import bisect
 from collections.abc import Iterator
 
+import dnslib
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -30,8 +43,17 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from dnsoverride.dns.cache import AnswerCache, ResponseCache
+from dnsoverride.dns.ratelimit import RateLimiter
 
 QueryKey = tuple[str, str, str, str]
+_QTYPE_NAMES: dict[int, str] = dict(dnslib.QTYPE.forward)
+
+
+def qtype_label(qtype: int) -> str:
+    """The `qtype` label: the type's name, or `other` for types dnslib does not name."""
+    return _QTYPE_NAMES.get(qtype, "other")
+
+
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0)
 
 
@@ -44,6 +66,9 @@ class DnsStats:
         self.latency: dict[str, list[float]] = {}
         self.upstream_up: dict[str, bool] = {}  # the forwarder's health verdict
         self.tcp_refused = 0  # connections closed at once: the connection cap was reached
+        self.tcp_stalled = 0  # connections closed because the client did not read
+        self.unwanted: dict[str, int] = {}  # by upstream
+        self.query_errors = {"malformed": 0, "internal": 0}
 
     def cell(self, key: QueryKey) -> list[int]:
         """The one-element counter for labels (view, qtype, rcode, source).
@@ -69,6 +94,10 @@ class DnsStats:
         buckets[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
         buckets[-1] += seconds
 
+    def unwanted_reply(self, upstream: str) -> None:
+        """A datagram on a query's socket to `upstream` that does not answer the query."""
+        self.unwanted[upstream] = self.unwanted.get(upstream, 0) + 1
+
     def upstream_failed(self, upstream: str, reason: str) -> None:
         """An upstream attempt failed for `reason`."""
         key = (upstream, reason)
@@ -78,8 +107,15 @@ class DnsStats:
 class DnsCollector(Collector):
     """Reads `DnsStats` and the caches at scrape time."""
 
-    def __init__(self, stats: DnsStats, answers: AnswerCache, responses: ResponseCache) -> None:
+    def __init__(
+        self,
+        stats: DnsStats,
+        answers: AnswerCache,
+        responses: ResponseCache,
+        ratelimit: RateLimiter,
+    ) -> None:
         self._stats = stats
+        self._ratelimit = ratelimit
         self._caches: dict[str, AnswerCache | ResponseCache] = {
             "answer": answers,
             "response": responses,
@@ -129,6 +165,35 @@ class DnsCollector(Collector):
             "TCP connections closed on accept because too many were open",
             value=self._stats.tcp_refused,
         )
+        yield CounterMetricFamily(
+            "dnsoverride_dns_tcp_connections_stalled",
+            "TCP connections closed because the client did not read its answers in time",
+            value=self._stats.tcp_stalled,
+        )
+        unwanted = CounterMetricFamily(
+            "dnsoverride_dns_upstream_unwanted_replies",
+            "Datagrams on an upstream query's socket that do not answer it (forged or stray)",
+            labels=("upstream",),
+        )
+        for upstream, count in list(self._stats.unwanted.items()):
+            unwanted.add_metric([upstream], count)
+        yield unwanted
+        errors = CounterMetricFamily(
+            "dnsoverride_dns_query_errors",
+            "Queries answered FORMERR as malformed, or SERVFAIL after an internal error",
+            labels=("kind",),
+        )
+        for kind, count in self._stats.query_errors.items():
+            errors.add_metric([kind], count)
+        yield errors
+        limited = CounterMetricFamily(
+            "dnsoverride_dns_ratelimited",
+            "UDP replies over the response rate limit, by what was sent instead",
+            labels=("action",),
+        )
+        limited.add_metric(["dropped"], self._ratelimit.dropped)
+        limited.add_metric(["truncated"], self._ratelimit.truncated)
+        yield limited
         entries = GaugeMetricFamily(
             "dnsoverride_dns_cache_entries", "Entries in the DNS caches", labels=("cache",)
         )

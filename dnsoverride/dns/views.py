@@ -32,17 +32,19 @@ class ViewTable:
 
 
 class Routing:
-    """Who may query (ACL), which view each client gets, and the zone set the views select
-    from: built from one config and one zone load, and only ever replaced as a whole, so
-    a query never meets new views with old zones (or the reverse). What the reloader
-    swaps; its identity covers the zones and the routing part of the config.
+    """Who may query (ACL), which view each client gets, how fast it may be answered over
+    UDP (the rate limit), and the zone set the views select from: built from one config
+    and one zone load, and only ever replaced as a whole, so a query never meets new
+    views with old zones (or the reverse). What the reloader swaps; its identity covers
+    the zones and the reloadable part of the config.
     """
 
     def __init__(self, config: ServeConfig, zone_set: ZoneSet) -> None:
         self.acl = Acl(config.allow)
         self.views = ViewTable(config.views, config.default_view)
+        self.ratelimit = config.ratelimit
         self.zone_set = zone_set
-        routing = repr((config.allow, config.views, config.default_view))
+        routing = repr((config.allow, config.views, config.default_view, config.ratelimit))
         self.content_hash = hashlib.sha256(
             f"{zone_set.content_hash}\n{routing}".encode()
         ).hexdigest()

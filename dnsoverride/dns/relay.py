@@ -1,0 +1,209 @@
+"""Forwarded answers as bytes: the query we send upstream, checking an upstream reply,
+and the client's reply made from it, all without dnslib.
+
+Profiled on a cold miss (every query a new name), dnslib's parse of the client's query,
+build of ours, parse of the upstream reply and two packs cost more than the sockets and
+everything else together. None of it is needed to forward: the upstream's records are
+relayed as they came, behind a header rebuilt for the client and the client's own
+question (same length as ours, so the upstream's compression pointers stay valid), with
+the upstream's OPT record replaced by ours and the TTLs rewritten in place. An upstream
+reply is walked once (`scan`) to check its framing and find what caching needs.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import dnslib
+
+from dnsoverride.dns import wire
+
+NOERROR = 0
+NXDOMAIN = 3
+SOA = 6
+_HEADER = struct.Struct("!HBBHHHH")
+_COUNTS = struct.Struct("!HHHH")
+_RR_FIXED = struct.Struct("!HHIH")
+
+
+class Reply:
+    """An upstream reply, checked: its bytes without the upstream's OPT record, and what
+    the caches and the client's reply need from it."""
+
+    __slots__ = (
+        "ad",
+        "answers",
+        "min_ttl",
+        "negative_ttl",
+        "qend",
+        "rcode",
+        "tc",
+        "ttls",
+        "wire",
+    )
+
+    def __init__(
+        self,
+        message: bytes,
+        *,
+        rcode: int,
+        tc: bool,
+        ad: bool,
+        answers: int,
+        qend: int,
+        ttls: tuple[tuple[int, int], ...],
+        min_ttl: int | None,
+        negative_ttl: int | None,
+    ) -> None:
+        self.wire = message
+        self.rcode = rcode
+        self.tc = tc
+        self.ad = ad
+        self.answers = answers
+        self.qend = qend
+        self.ttls = ttls  # (offset, TTL) of every record
+        self.min_ttl = min_ttl  # over every record; None when there are none
+        self.negative_ttl = negative_ttl  # min(TTL, MINIMUM) of the first authority SOA
+
+    def retimed(self, age: int, cap: int) -> Reply:
+        """The same reply with every TTL capped at `cap` and then lowered by `age`."""
+        return self._with_wire(wire.aged(self.wire, self.ttls, age, cap))
+
+    def stale(self, ttl: int) -> Reply:
+        """The same reply with every TTL set to `ttl` (served stale, RFC 8767)."""
+        return self._with_wire(wire.with_ttl(self.wire, self.ttls, ttl))
+
+    def _with_wire(self, message: bytes) -> Reply:
+        return Reply(
+            message,
+            rcode=self.rcode,
+            tc=self.tc,
+            ad=self.ad,
+            answers=self.answers,
+            qend=self.qend,
+            ttls=tuple((offset, _ttl_at(message, offset)) for offset, _ in self.ttls),
+            min_ttl=self.min_ttl,
+            negative_ttl=self.negative_ttl,
+        )
+
+    def records(self) -> dnslib.DNSRecord:
+        """The reply parsed by dnslib (for answers that mix in local records)."""
+        return dnslib.DNSRecord.parse(self.wire)
+
+
+def _ttl_at(message: bytes, offset: int) -> int:
+    value: int = struct.unpack_from("!I", message, offset)[0]
+    return value
+
+
+def query(
+    query_id: int, name: bytes, qtype: int, qclass: int, *, cd: bool, do: bool, udp_size: int
+) -> bytes:
+    """Our query to an upstream: RD set, CD as the client's, EDNS with our buffer size and
+    the client's DO bit."""
+    header = _HEADER.pack(query_id, 0x01, 0x10 if cd else 0, 1, 0, 0, 1)
+    return header + name + struct.pack("!HH", qtype, qclass) + wire.opt_record(udp_size, do)
+
+
+def answers_query(query_packet: bytes, data: bytes, *, exact_case: bool) -> bool:
+    """Whether `data` is a reply to `query_packet`: same ID, QR set, one question, the same
+    question (its name letter for letter when `exact_case`, for 0x20 randomisation)."""
+    qend = len(query_packet) - 11  # our query ends with an OPT record without options
+    if len(data) < qend or data[:2] != query_packet[:2] or not data[2] & 0x80:
+        return False
+    if data[4:6] != b"\x00\x01" or data[qend - 4 : qend] != query_packet[qend - 4 : qend]:
+        return False
+    if exact_case:
+        return data[12 : qend - 4] == query_packet[12 : qend - 4]
+    return data[12 : qend - 4].lower() == query_packet[12 : qend - 4].lower()
+
+
+def scan(data: bytes) -> Reply:
+    """Check the framing of an upstream reply (one question, every record within the
+    message, compression pointers pointing back) and collect what the caches need.
+    ValueError when it is malformed. An OPT record is taken out."""
+    try:
+        return _scan(data)
+    except (IndexError, struct.error) as error:
+        raise ValueError(f"truncated reply ({error})") from None
+
+
+def _scan(data: bytes) -> Reply:
+    _id, flags, low, qdcount, ancount, nscount, arcount = _HEADER.unpack_from(data)
+    if qdcount != 1:
+        raise ValueError(f"{qdcount} questions")
+    qend = wire.skip_name(data, wire.HEADER_SIZE) + 4
+    offset = qend
+    ttls = []
+    min_ttl: int | None = None
+    negative_ttl: int | None = None
+    opt: tuple[int, int] | None = None
+    size = len(data)
+    for index in range(ancount + nscount + arcount):
+        start = offset
+        offset = wire.skip_name(data, offset)
+        rtype, _rclass, ttl, rdlength = _RR_FIXED.unpack_from(data, offset)
+        end = offset + 10 + rdlength
+        if end > size:
+            raise ValueError("record runs past the end")
+        if rtype == wire.OPT:
+            if index < ancount + nscount or opt is not None:
+                raise ValueError("OPT outside the additional section or twice")
+            opt = (start, end)
+        else:
+            ttls.append((offset + 4, ttl))
+            min_ttl = ttl if min_ttl is None or ttl < min_ttl else min_ttl
+            if rtype == SOA and negative_ttl is None and ancount <= index < ancount + nscount:
+                if rdlength < 22:
+                    raise ValueError("short SOA")
+                negative_ttl = min(ttl, _ttl_at(data, end - 4))
+        offset = end
+    message = data[:offset]
+    if opt is not None:
+        if opt[1] != offset:
+            # Legal but rare (OPT is last in practice): let dnslib re-encode without it.
+            parsed = dnslib.DNSRecord.parse(message)
+            parsed.ar = [rr for rr in parsed.ar if rr.rtype != wire.OPT]
+            return _scan(parsed.pack())
+        message = message[: opt[0]]
+        message = message[:10] + struct.pack("!H", arcount - 1) + message[12:]
+    return Reply(
+        message,
+        rcode=low & 0x0F,
+        tc=bool(flags & 0x02),
+        ad=bool(low & 0x20),
+        answers=ancount,
+        qend=qend,
+        ttls=tuple(ttls),
+        min_ttl=min_ttl,
+        negative_ttl=negative_ttl,
+    )
+
+
+def to_client(
+    reply: Reply,
+    query_id: bytes,
+    *,
+    rd: int,
+    cd: int,
+    ad: bool,
+    question: bytes,
+    opt: bytes,
+    limit: int,
+) -> bytes:
+    """The client's reply carrying `reply`: the client's ID (`query_id`, two bytes), RD and
+    CD echoed, RA set, AD only when `ad` (RFC 6840 5.8: the client asked for DNSSEC data)
+    and the upstream set it, the client's `question` (its letter case), the upstream's
+    records, and `opt` (our OPT record, b"" for a client without EDNS). Over `limit`
+    bytes: TC and no records, so the client retries over TCP."""
+    message = reply.wire
+    flags = 0x80 | rd
+    low = 0x80 | (0x20 if ad and reply.ad else 0) | (0x10 if cd else 0) | reply.rcode
+    extra = 1 if opt else 0
+    head = query_id + bytes((flags, low))
+    counts = message[6:10] + struct.pack("!H", ((message[10] << 8) | message[11]) + extra)
+    out = head + b"\x00\x01" + counts + question + message[reply.qend :] + opt
+    if len(out) <= limit:
+        return out
+    head = query_id + bytes((flags | 0x02, low))
+    return head + _COUNTS.pack(1, 0, 0, extra) + question + opt
