@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import struct
+import time
 import urllib.request
 from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.dns_load import flood
 from tests.peers import dnsmasq, dnsoverride_serve, free_port
 
 
@@ -52,3 +55,53 @@ def test_query_counters_by_source(tmp_path: Path) -> None:
     assert after[("dnsoverride_dns_upstream_latency_seconds_count", upstream_name)] >= 1
     assert after[("dnsoverride_dns_cache_entries", (("cache", "answer"),))] >= 2
     assert after[("dnsoverride_dns_cache_hits_total", (("cache", "answer"),))] >= 5
+
+
+def test_query_label_sets_stay_bounded_over_every_qtype(tmp_path: Path) -> None:
+    """Reproduces issue 10 item 7 (metrics): every one of the 65,536 QTYPEs, from an
+    allowed client and from a refused one, created its own `queries_total` series
+    (104,638 of them, 9.6 MB per scrape, +50 MB RSS). Now types dnslib names keep their
+    name, the rest are `other`, and refused clients are counted without a type. Fails
+    on the code before the fix."""
+    zones = tmp_path / "zones"
+    zones.mkdir()
+    (zones / "z.yaml").write_text("records:\n  over.example: {A: 10.0.0.1}\n")
+    metrics_port = free_port()
+    config = "allow: [127.0.0.1/32]\n"
+    with (
+        dnsmasq(tmp_path, "--address=/fwd.test/192.0.2.1", "--local-ttl=300") as upstream,
+        dnsoverride_serve(
+            tmp_path,
+            zones,
+            [upstream.address],
+            "--metrics",
+            f"127.0.0.1:{metrics_port}",
+            config=config,
+        ) as server,
+    ):
+        name = b"\x04over\x07example\x00"
+        packets = [
+            struct.pack("!HHHHHH", qtype, 0x0100, 1, 0, 0, 0) + name + struct.pack("!HH", qtype, 1)
+            for qtype in range(65536)
+        ]
+        # The allowed client's first query of each type takes the parsed path: slower.
+        flood(server, packets, rate=20_000, seconds=65536 / 20_000)
+        flood(server, packets, rate=40_000, seconds=65536 / 40_000, source="127.0.0.2")
+        time.sleep(1)  # let the server catch up with its receive buffer
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
+            text = r.read().decode()
+    series = [
+        sample
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "dnsoverride_dns_queries_total"
+    ]
+    answered = sum(sample.value for sample in series)
+    assert answered > 20_000  # thousands of distinct types from each client arrived
+    assert len(series) < 120, len(series)
+    qtypes = {sample.labels["qtype"] for sample in series}
+    assert {"A", "HTTPS", "other"} <= qtypes
+    assert not [q for q in qtypes if q.startswith("TYPE")]
+    refused = [sample for sample in series if sample.labels["rcode"] == "REFUSED"]
+    assert [sample.labels["qtype"] for sample in refused] == [""]
+    assert len(text) < 50_000
