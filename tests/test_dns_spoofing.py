@@ -224,7 +224,8 @@ def test_case_randomization_mixes_case_and_needs_it_echoed(tmp_path: Path, lower
     try:
         for randomize in (True, False):
             config = f"forward: {{case_randomization: {str(randomize).lower()}}}\n"
-            config += "timeout: 1.0\nattempt_timeout: 0.5\n"
+            # Short: the start-up poll (0.2 s) must get its SERVFAIL from the lowercaser.
+            config += "timeout: 0.3\nattempt_timeout: 0.15\n"
             upstream.names.clear()
             with dnsoverride_serve(
                 tmp_path, zones, [f"127.0.0.1:{upstream.port}"], config=config

@@ -21,7 +21,7 @@ from dnsoverride import systemd
 from dnsoverride.admin import AdminServer, start_admin
 from dnsoverride.config import Endpoint, ServeConfig, load_config
 from dnsoverride.dns.forwarder import Forwarder
-from dnsoverride.dns.listener import UdpListener, tcp_handler
+from dnsoverride.dns.listener import READ_LIMIT, UdpListener, tcp_handler
 from dnsoverride.dns.resolver import Resolver
 from dnsoverride.dns.stats import DnsCollector, DnsStats
 from dnsoverride.dns.views import Routing
@@ -87,6 +87,8 @@ def _udp_socket(endpoint: Endpoint) -> socket.socket:
 
 
 async def _bind(config: ServeConfig, resolver: Resolver, tasks: set[asyncio.Task[None]]) -> _Bound:
+    # TCP listeners get a backlog as large as the connection cap: clients retrying over
+    # TCP after TC replies arrive together, and an overflowing accept queue resets them.
     loop = asyncio.get_running_loop()
     bound = _Bound()
     handler = tcp_handler(resolver, config.tcp)
@@ -104,7 +106,11 @@ async def _bind(config: ServeConfig, resolver: Resolver, tasks: set[asyncio.Task
                 bound.udp.append(transport)
                 bound.names.append(f"udp {sockname[0]}:{sockname[1]} (systemd)")
             else:
-                bound.tcp.append(await asyncio.start_server(handler, sock=sock))
+                bound.tcp.append(
+                    await asyncio.start_server(
+                        handler, sock=sock, backlog=config.tcp.max_connections, limit=READ_LIMIT
+                    )
+                )
                 bound.names.append(f"tcp {sockname[0]}:{sockname[1]} (systemd)")
         return bound
     for endpoint in config.listen:
@@ -116,7 +122,14 @@ async def _bind(config: ServeConfig, resolver: Resolver, tasks: set[asyncio.Task
             port = transport.get_extra_info("sockname")[1]
             # A TCP listener on the same port as UDP (port 0 means: the one UDP got).
             bound.tcp.append(
-                await asyncio.start_server(handler, endpoint.host, port, reuse_address=True)
+                await asyncio.start_server(
+                    handler,
+                    endpoint.host,
+                    port,
+                    reuse_address=True,
+                    backlog=config.tcp.max_connections,
+                    limit=READ_LIMIT,
+                )
             )
         except OSError as error:
             raise UserError(f"cannot listen on {endpoint}: {error.strerror or error}") from None

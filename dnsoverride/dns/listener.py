@@ -3,13 +3,15 @@
 UDP is a plain `asyncio.DatagramProtocol`: a cache hit is answered inside
 `datagram_received` without creating a task; a miss becomes a task. TCP reads
 length-prefixed messages (several per connection, answered concurrently and out of
-order, RFC 7766) until the client goes quiet; cache hits are answered from the same
-answer cache as UDP. Neither knows anything about DNS beyond the framing.
+order, RFC 7766) until the client goes quiet, and closes a client that does not read
+its answers; cache hits are answered from the same answer cache as UDP. Neither knows
+anything about DNS beyond the framing.
 """
 
 from __future__ import annotations
 
 import asyncio
+import socket
 import struct
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
@@ -17,6 +19,7 @@ from typing import Any, cast
 import structlog
 
 from dnsoverride.config import TcpConfig
+from dnsoverride.dns.heaptrim import HeapTrimmer
 from dnsoverride.dns.resolver import Resolver
 
 log = structlog.get_logger(__name__)
@@ -61,6 +64,16 @@ class UdpListener(asyncio.DatagramProtocol):
 
 TcpHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
+# Replies queued in our buffer beyond which the reading loop waits for the client to read
+# (asyncio's default high-water mark); the hard bound is `tcp.max_queued`.
+WRITE_HIGH_WATER = 16384
+# The kernel's send buffer for a DNS connection: enough for a largest reply in flight;
+# without it, autotuning lets one client that never reads pin megabytes of kernel memory.
+SEND_BUFFER = 65536
+# StreamReader buffer limit: reading pauses at twice this (a DNS message is <= 64 KiB,
+# and readexactly() reads on past the limit).
+READ_LIMIT = 8192
+
 
 def tcp_handler(resolver: Resolver, limits: TcpConfig) -> TcpHandler:
     """The `asyncio.start_server` callback for DNS over TCP (RFC 7766).
@@ -72,10 +85,18 @@ def tcp_handler(resolver: Resolver, limits: TcpConfig) -> TcpHandler:
     new one beyond that is closed at once), and a connection with nothing in flight and
     no complete query for `limits.idle_timeout` seconds is closed (RFC 7766 6.2.3:
     seconds, not minutes).
+
+    A client that sends but does not read its answers: once `WRITE_HIGH_WATER` bytes of
+    replies wait for it, its queries are no longer read; if they still wait
+    `limits.idle_timeout` seconds later, or more than `limits.max_queued` bytes pile up
+    (answers in flight finishing), the connection is aborted and its buffers freed
+    (and given back to the system after a burst of them, see heaptrim.py).
     """
     fast = resolver.fast
     idle_timeout = limits.idle_timeout
+    max_queued = limits.max_queued
     open_connections = [0]
+    trimmer = HeapTrimmer()
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if open_connections[0] >= limits.max_connections:
@@ -83,19 +104,50 @@ def tcp_handler(resolver: Resolver, limits: TcpConfig) -> TcpHandler:
             writer.close()
             return
         open_connections[0] += 1
+        trimmer.opened(open_connections[0])
         peer = writer.get_extra_info("peername")
         host = peer[0] if peer else ""
+        transport = writer.transport
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         slots = asyncio.Semaphore(limits.pipeline)
         pending: set[asyncio.Task[None]] = set()
         loop = asyncio.get_running_loop()
         idle: asyncio.Timeout | None = None
 
+        def send(reply: bytes) -> None:
+            if transport.is_closing():
+                return
+            # One write per answer: concurrent answers never interleave.
+            writer.write(struct.pack("!H", len(reply)) + reply)
+            if transport.get_write_buffer_size() > max_queued:
+                stalled()
+
+        def stalled() -> None:
+            if not transport.is_closing():
+                resolver.stats.tcp_stalled += 1
+                log.debug("tcp_client_not_reading", client=host)
+                transport.abort()  # drops what is queued, now
+
+        async def drained() -> bool:
+            """Whether the client read its answers within the idle timeout."""
+            if transport.get_write_buffer_size() <= WRITE_HIGH_WATER:
+                return not transport.is_closing()
+            try:
+                async with asyncio.timeout(idle_timeout):
+                    await writer.drain()
+            except TimeoutError:
+                stalled()
+                return False
+            return not transport.is_closing()
+
         async def answer(data: bytes) -> None:
             try:
                 reply = await resolver.resolve(data, host, tcp=True)
-                if reply is not None and not writer.is_closing():
-                    # One write per answer: concurrent answers never interleave.
-                    writer.write(struct.pack("!H", len(reply)) + reply)
+                if reply is not None:
+                    send(reply)
             finally:
                 slots.release()
                 if len(pending) == 1 and idle is not None and not idle.expired():
@@ -114,23 +166,28 @@ def tcp_handler(resolver: Resolver, limits: TcpConfig) -> TcpHandler:
                     idle = None
                 reply = fast(data, host, True)
                 if reply is not None:
-                    writer.write(struct.pack("!H", len(reply)) + reply)
+                    send(reply)
                 else:
                     await slots.acquire()
                     task = loop.create_task(answer(data))
                     pending.add(task)
                     task.add_done_callback(pending.discard)
-                await writer.drain()
+                if not await drained():
+                    break
+                # Queries already buffered are read without suspending: yield after each,
+                # so many busy connections take turns with each other and with UDP.
+                await asyncio.sleep(0)
         except (asyncio.IncompleteReadError, TimeoutError, ConnectionError):
             pass
         finally:
             open_connections[0] -= 1
+            trimmer.closed(open_connections[0])
             try:
-                if pending:
+                if pending and not transport.is_closing():
                     # The client may have half-closed after its last query: it still
                     # gets the answers (each bounded by the forwarding budget).
                     await asyncio.wait(pending)
-                    await writer.drain()
+                    await drained()
             except ConnectionError:
                 pass
             finally:

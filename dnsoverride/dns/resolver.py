@@ -95,6 +95,7 @@ class Resolver:
         self._query_log = config.query_log
         self._stale_reuse = config.cache.stale_reuse
         self._clients: dict[str, int] = {}
+        self._answering: dict[tuple[int, bytes], asyncio.Future[None]] = {}
         self._loop = asyncio.get_running_loop()
         self.cookies = Cookies()
         self._malformed_log = ThrottledLog("query_malformed", config.failure_log_interval)
@@ -140,6 +141,13 @@ class Resolver:
         if index is None:
             index = self._classify(host)
         now = self._loop.time()
+        reply = self._hit(data, key, host, index, now)
+        if reply is None or tcp:
+            return reply
+        return self._rate_limited(reply, data, key, host, now)
+
+    def _hit(self, data: bytes, key: bytes, host: str, index: int, now: float) -> bytes | None:
+        """The answer cache's reply (or REFUSED) to `data`, counted, or None."""
         reply: bytes | None
         if index == REFUSED:
             reply = wire.refused(data, key, self._udp_size)
@@ -148,7 +156,7 @@ class Resolver:
             if reply is None:
                 return None
         if len(data) > len(key) + 19:  # EDNS options: wire.options_start
-            limit = TCP_LIMIT if tcp else (key[2] << 8) | key[3]
+            limit = TCP_LIMIT if key[0] & 0x80 else (key[2] << 8) | key[3]
             reply = self.cookies.add_to_hit(reply, data, wire.options_start(key), host, limit)
             if reply is None:
                 return None  # the slow path answers (and counts) it
@@ -164,9 +172,7 @@ class Resolver:
                 rcode=dnslib.RCODE.get(reply[3] & 0x0F),
                 source="answer_cache",
             )
-        if tcp:
-            return reply
-        return self._rate_limited(reply, data, key, host, now)
+        return reply
 
     def _rate_limited(
         self, reply: bytes, data: bytes, key: bytes | None, host: str, now: float
@@ -204,11 +210,31 @@ class Resolver:
 
     async def _resolve(self, data: bytes, host: str, tcp: bool) -> bytes | None:
         key = wire.fast_key(data, self._udp_size)
-        if key is not None:
+        if key is None:
+            return await self._resolve_parsed(data, host, tcp)
+        # The same question arriving again while its first copy is being answered (a
+        # burst of clients, or one pipelining it over TCP) waits for that answer and
+        # takes it from the answer cache, rather than building it once per copy; so
+        # does one queued behind the copy that was answered meanwhile.
+        index = self._classify(host)
+        herd = (index, wire.tcp_key(key) if tcp else key)
+        first = self._answering.get(herd)
+        if first is not None:
+            await asyncio.shield(first)
+        reply = self._hit(data, herd[1], host, index, self._loop.time())
+        if reply is not None:
+            return reply
+        done = self._loop.create_future()
+        self._answering[herd] = done
+        try:
             reply = await self._forward_plain(data, key, host, tcp)
-            if reply is not None:
-                return reply
-        return await self._resolve_parsed(data, host, tcp)
+            if reply is None:
+                reply = await self._resolve_parsed(data, host, tcp)
+            return reply
+        finally:
+            if self._answering.get(herd) is done:
+                del self._answering[herd]
+            done.set_result(None)
 
     async def _forward_plain(self, data: bytes, key: bytes, host: str, tcp: bool) -> bytes | None:
         """The reply to an ordinary query for a name no override answers, without dnslib;
