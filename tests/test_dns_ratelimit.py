@@ -16,6 +16,7 @@ import os
 import socket
 import struct
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,9 +26,10 @@ import dns.message
 import dns.query
 import dns.rcode
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from dnsoverride.config import RateLimitConfig
-from tests.peers import DnsPeer, dnsmasq, dnsoverride_serve
+from tests.peers import DnsPeer, dnsmasq, dnsoverride_serve, free_port
 from tests.test_reload_config import save
 from tests.test_reload_server import RELOAD_DEADLINE, events, poll
 
@@ -108,6 +110,18 @@ def a_query(name: str, **options: object) -> bytes:
     return dns.message.make_query(name, "A", use_edns=0, **options).to_wire()  # type: ignore[arg-type]
 
 
+def _limited(port: int, action: str) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "dnsoverride_dns_ratelimited_total" and sample.labels == {
+                "action": action
+            }:
+                return sample.value
+    return 0.0
+
+
 @pytest.fixture
 def zones(tmp_path: Path) -> Path:
     directory = tmp_path / "zones"
@@ -134,8 +148,17 @@ def test_a_burst_from_one_prefix_is_limited_and_amplification_bounded(
     tmp_path: Path, zones: Path, upstream: DnsPeer
 ) -> None:
     query = a_query("big.test")
-    with dnsoverride_serve(tmp_path, zones, [upstream.address], config=limited_config()) as server:
+    metrics = free_port()
+    with dnsoverride_serve(
+        tmp_path,
+        zones,
+        [upstream.address],
+        "--metrics",
+        f"127.0.0.1:{metrics}",
+        config=limited_config(),
+    ) as server:
         result = burst(server, query, BURST)
+        counted = {action: _limited(metrics, action) for action in ("dropped", "truncated")}
     # One second's worth at once, then RATE per second while the burst lasts.
     allowed = RATE + RATE * result.seconds
     assert result.full <= allowed + 1, result
@@ -148,6 +171,11 @@ def test_a_burst_from_one_prefix_is_limited_and_amplification_bounded(
     # size per TC reply. (With no limit: every answer in full, ~9x the bytes sent.)
     assert result.bytes_out <= allowed * result.largest + result.truncated * len(query)
     assert result.factor < 1.5, result
+    # Every reply not sent in full is counted once, by what was done instead.
+    assert counted == {
+        "dropped": BURST - result.full - result.truncated,
+        "truncated": result.truncated,
+    }
 
 
 @pytest.mark.timeout(60)

@@ -41,7 +41,9 @@ _UNKNOWN = _Bucket(0.0, 0.0)  # `_by_host` default: an address not classified ye
 
 
 class RateLimiter:
-    """Token buckets per client prefix; `check` says what to do with one reply."""
+    """Token buckets per client prefix; `check` says what to do with one reply. The
+    caller counts what it did in `dropped` and `truncated` (a client may turn out to be
+    exempt after all: a valid cookie)."""
 
     def __init__(self, config: RateLimitConfig) -> None:
         self.dropped = 0
@@ -72,11 +74,7 @@ class RateLimiter:
         bucket.tokens = tokens
         bucket.limited += 1
         slip = self.config.slip
-        if slip and bucket.limited % slip == 0:
-            self.truncated += 1
-            return TRUNCATE
-        self.dropped += 1
-        return DROP
+        return TRUNCATE if slip and bucket.limited % slip == 0 else DROP
 
     def _classify(self, host: str, now: float) -> _Bucket | None:
         """The bucket of `host`'s prefix (None: never limited), remembered per address."""
