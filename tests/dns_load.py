@@ -1,4 +1,6 @@
-"""Load for DNS tests: a paced UDP packet flood and probe queries measured beside it.
+"""Load for DNS tests and benchmarks: a paced UDP packet flood, probe queries measured
+beside it, a burst of identical queries (what comes back, in bytes), and TCP clients
+that send but never read.
 
     with Probes(server, ["registry-1.docker.io"]) as probes:
         flood(server, packets, rate=10_000, seconds=5)
@@ -12,11 +14,13 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import os
+import selectors
 import socket
+import struct
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
+from dataclasses import dataclass
 from types import TracebackType
 
 import dns.message
@@ -130,6 +134,132 @@ class Probes:
         )
 
 
+@dataclass
+class Burst:
+    """What a burst of identical UDP queries got back."""
+
+    sent: int
+    seconds: float  # from the first query sent to the last reply received
+    full: int  # answers with records
+    truncated: int  # empty TC replies
+    bytes_in: int  # query octets sent
+    bytes_out: int  # reply octets received
+    largest: int
+    largest_truncated: int
+
+    @property
+    def factor(self) -> float:
+        return self.bytes_out / self.bytes_in
+
+
+def burst(server: DnsPeer, query: bytes, count: int, *, settle: float = 0.5) -> Burst:
+    """Send `query` `count` times as fast as the socket takes it (fresh IDs), then read
+    replies until none has come for `settle` seconds."""
+    full = truncated = bytes_out = largest = largest_truncated = 0
+    last = started = time.monotonic()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+        sock.setblocking(False)
+
+        def read() -> None:
+            nonlocal full, truncated, bytes_out, largest, largest_truncated, last
+            while True:
+                try:
+                    reply = sock.recv(65535)
+                except BlockingIOError:
+                    return
+                last = time.monotonic()
+                bytes_out += len(reply)
+                largest = max(largest, len(reply))
+                if reply[2] & 0x02:
+                    truncated += 1
+                    largest_truncated = max(largest_truncated, len(reply))
+                elif struct.unpack_from("!H", reply, 6)[0]:
+                    full += 1
+
+        for index in range(count):
+            packet = struct.pack("!H", index) + query[2:]
+            while True:
+                try:
+                    sock.sendto(packet, (server.host, server.port))
+                    break
+                except BlockingIOError:
+                    read()
+            if index % 64 == 0:
+                read()
+        while time.monotonic() - last < settle:
+            read()
+            time.sleep(0.01)
+    return Burst(
+        count,
+        last - started,
+        full,
+        truncated,
+        count * len(query),
+        bytes_out,
+        largest,
+        largest_truncated,
+    )
+
+
+def _framed_query(query_id: int, name: str, rdtype: str) -> bytes:
+    wire = dns.message.make_query(name, rdtype, id=query_id).to_wire()
+    return struct.pack("!H", len(wire)) + wire
+
+
+def non_readers(host: str, port: int, count: int) -> list[socket.socket]:
+    """`count` TCP connections to host:port with a 4 KiB receive buffer, for `press`."""
+    clients = []
+    for _ in range(count):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # and never read
+        sock.connect((host, port))
+        sock.setblocking(False)
+        clients.append(sock)
+    return clients
+
+
+def press(
+    clients: list[socket.socket], seconds: float, name: str = "big.test", rdtype: str = "TXT"
+) -> dict[socket.socket, float]:
+    """Send `name rdtype` queries on every client as fast as each takes them, never
+    reading, for up to `seconds`; returns when each one was closed by the server
+    (seconds from start)."""
+    selector = selectors.DefaultSelector()
+    for sock in clients:
+        selector.register(sock, selectors.EVENT_WRITE)
+    closed: dict[socket.socket, float] = {}
+    payload = b"".join(_framed_query(index, name, rdtype) for index in range(50))
+    started = time.monotonic()
+    while len(closed) < len(clients) and time.monotonic() - started < seconds:
+        for key, _ in selector.select(timeout=0.1):
+            sock = key.fileobj
+            assert isinstance(sock, socket.socket)
+            try:
+                sock.send(payload)
+            except BlockingIOError:
+                continue
+            except OSError:  # reset or broken pipe: the server closed it
+                closed[sock] = time.monotonic() - started
+                selector.unregister(sock)
+        # A connection whose send queue is full gets no write event: poll it for a reset.
+        for sock in clients:
+            if sock in closed:
+                continue
+            error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            state = _tcp_state(sock)
+            if error or state in (7, 8):  # CLOSE, CLOSE_WAIT
+                closed[sock] = time.monotonic() - started
+                selector.unregister(sock)
+    selector.close()
+    return closed
+
+
+def _tcp_state(sock: socket.socket) -> int:
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)
+    return info[0]
+
+
 def rss_kib(pid: int) -> int:
     """Resident set size of process `pid` in KiB (Linux)."""
     with open(f"/proc/{pid}/status", encoding="ascii") as status:
@@ -137,15 +267,3 @@ def rss_kib(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     raise RuntimeError(f"no VmRSS for {pid}")
-
-
-def open_fds(pid: int) -> int:
-    """Open file descriptors of process `pid`."""
-    return len(os.listdir(f"/proc/{pid}/fd"))
-
-
-def chunks(items: Iterable[bytes], size: int) -> Iterator[list[bytes]]:
-    """`items` in lists of `size`."""
-    iterator = iter(items)
-    while chunk := list(itertools.islice(iterator, size)):
-        yield chunk

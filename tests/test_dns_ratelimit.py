@@ -14,11 +14,8 @@ from __future__ import annotations
 
 import os
 import socket
-import struct
-import time
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import dns.edns
@@ -29,6 +26,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from dnsoverride.config import RateLimitConfig
+from tests.dns_load import burst
 from tests.peers import DnsPeer, dnsmasq, dnsoverride_serve, free_port
 from tests.test_reload_config import save
 from tests.test_reload_server import RELOAD_DEADLINE, events, poll
@@ -36,74 +34,6 @@ from tests.test_reload_server import RELOAD_DEADLINE, events, poll
 RATE = 100
 BURST = 5000
 ADDRESSES = 20  # A records of the name asked: a reply of ~370 octets for a 40-octet query
-
-
-@dataclass
-class Burst:
-    """What a burst of identical UDP queries got back."""
-
-    sent: int
-    seconds: float  # from the first query sent to the last reply received
-    full: int  # answers with records
-    truncated: int  # empty TC replies
-    bytes_in: int  # query octets sent
-    bytes_out: int  # reply octets received
-    largest: int
-    largest_truncated: int
-
-    @property
-    def factor(self) -> float:
-        return self.bytes_out / self.bytes_in
-
-
-def burst(server: DnsPeer, query: bytes, count: int, *, settle: float = 0.5) -> Burst:
-    """Send `query` `count` times as fast as the socket takes it (fresh IDs), then read
-    replies until none has come for `settle` seconds."""
-    full = truncated = bytes_out = largest = largest_truncated = 0
-    last = started = time.monotonic()
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
-        sock.setblocking(False)
-
-        def read() -> None:
-            nonlocal full, truncated, bytes_out, largest, largest_truncated, last
-            while True:
-                try:
-                    reply = sock.recv(65535)
-                except BlockingIOError:
-                    return
-                last = time.monotonic()
-                bytes_out += len(reply)
-                largest = max(largest, len(reply))
-                if reply[2] & 0x02:
-                    truncated += 1
-                    largest_truncated = max(largest_truncated, len(reply))
-                elif struct.unpack_from("!H", reply, 6)[0]:
-                    full += 1
-
-        for index in range(count):
-            packet = struct.pack("!H", index) + query[2:]
-            while True:
-                try:
-                    sock.sendto(packet, (server.host, server.port))
-                    break
-                except BlockingIOError:
-                    read()
-            if index % 64 == 0:
-                read()
-        while time.monotonic() - last < settle:
-            read()
-            time.sleep(0.01)
-    return Burst(
-        count,
-        last - started,
-        full,
-        truncated,
-        count * len(query),
-        bytes_out,
-        largest,
-        largest_truncated,
-    )
 
 
 def a_query(name: str, **options: object) -> bytes:

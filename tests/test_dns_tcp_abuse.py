@@ -11,9 +11,6 @@ on the code before the fix.
 
 from __future__ import annotations
 
-import selectors
-import socket
-import struct
 import time
 from pathlib import Path
 
@@ -22,66 +19,12 @@ import dns.query
 import dns.rcode
 import pytest
 
-from tests.dns_load import Probes, rss_kib
+from tests.dns_load import Probes, non_readers, press, rss_kib
 from tests.peers import dnsmasq, dnsoverride_serve
 
 CLIENTS = 300
 IDLE_TIMEOUT = 2.0
 STRINGS = 16  # TXT strings of 250 octets: a ~4 KB answer per query
-
-
-def _query(query_id: int) -> bytes:
-    wire = dns.message.make_query("big.test", "TXT", id=query_id).to_wire()
-    return struct.pack("!H", len(wire)) + wire
-
-
-def _abusers(host: str, port: int, count: int) -> list[socket.socket]:
-    clients = []
-    for _ in range(count):
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # and never read
-        sock.connect((host, port))
-        sock.setblocking(False)
-        clients.append(sock)
-    return clients
-
-
-def _press(clients: list[socket.socket], seconds: float) -> dict[socket.socket, float]:
-    """Send queries on every client as fast as each takes them, never reading, for up
-    to `seconds`; returns when each one was closed by the server (seconds from start)."""
-    selector = selectors.DefaultSelector()
-    for sock in clients:
-        selector.register(sock, selectors.EVENT_WRITE)
-    closed: dict[socket.socket, float] = {}
-    payload = b"".join(_query(index) for index in range(50))
-    started = time.monotonic()
-    while len(closed) < len(clients) and time.monotonic() - started < seconds:
-        for key, _ in selector.select(timeout=0.1):
-            sock = key.fileobj
-            assert isinstance(sock, socket.socket)
-            try:
-                sock.send(payload)
-            except BlockingIOError:
-                continue
-            except OSError:  # reset or broken pipe: the server closed it
-                closed[sock] = time.monotonic() - started
-                selector.unregister(sock)
-        # A connection whose send queue is full gets no write event: poll it for a reset.
-        for sock in clients:
-            if sock in closed:
-                continue
-            error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            state = _tcp_state(sock)
-            if error or state in (7, 8):  # CLOSE, CLOSE_WAIT
-                closed[sock] = time.monotonic() - started
-                selector.unregister(sock)
-    selector.close()
-    return closed
-
-
-def _tcp_state(sock: socket.socket) -> int:
-    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)
-    return info[0]
 
 
 @pytest.mark.timeout(120)
@@ -101,11 +44,11 @@ def test_clients_that_never_read_are_closed_and_memory_comes_back(tmp_path: Path
         for _ in range(3):
             dns.query.tcp(dns.message.make_query("big.test", "TXT"), server.host, 3, server.port)
         baseline = rss_kib(pid)
-        abusers = _abusers(server.host, server.port, CLIENTS)
+        abusers = non_readers(server.host, server.port, CLIENTS)
         peak = baseline
         answered = []
         with Probes(server, ["small.test"], interval=0.05) as probes:
-            closed = _press(abusers, seconds=IDLE_TIMEOUT + 20)
+            closed = press(abusers, seconds=IDLE_TIMEOUT + 20)
             peak = max(peak, rss_kib(pid))
             for _ in range(5):  # real TCP clients meanwhile
                 query = dns.message.make_query("small.test", "A")

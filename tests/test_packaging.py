@@ -191,7 +191,7 @@ def test_sysusers_and_tmpfiles_create_the_user_and_directories(tmp_path: Path) -
 
 def _documented_keys(path: Path) -> set[str]:
     """Keys that appear in the file as `key:`, active or in a commented-out example."""
-    pattern = re.compile(r"^[#\s-]*([a-z_]+):", re.MULTILINE)
+    pattern = re.compile(r"^[#\s-]*([a-z][a-z0-9_]*):", re.MULTILINE)
     return set(pattern.findall(path.read_text()))
 
 
@@ -211,6 +211,8 @@ def test_dnsoverride_yaml_parses_with_the_serve_config_loader(tmp_path: Path) ->
         *serve_config.VIEW_KEYS,
         *serve_config.PROBE_KEYS,
         *serve_config.TCP_KEYS,
+        *serve_config.RATELIMIT_KEYS,
+        *serve_config.FORWARD_KEYS,
     }
     assert known - documented == set()
     # Names are used consistently by the daemons' own loader.

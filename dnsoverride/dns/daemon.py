@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import signal
 import socket
 
@@ -43,12 +44,26 @@ def load_zones(start: ServeStart) -> Routing:
         raise UserError("invalid zones:\n  " + "\n  ".join(map(str, error.problems))) from None
 
 
+# The cyclic garbage collector's thresholds (allocations before a young collection, young
+# collections before an older one). A forwarded query allocates dozens of short-lived
+# objects and every cache entry outlives them, so at Python's default (700, 10, 10) full
+# collections kept traversing the caches: 12 % of the CPU of cold forwarding in `perf`,
+# 87 -> 72 us per query at these. Our objects rarely form cycles; those few (an
+# exception's traceback) wait a little longer to be collected.
+GC_THRESHOLDS = (20_000, 20, 100)
+
+
 def run(args: argparse.Namespace) -> int:
     """Serve until SIGTERM/SIGINT; returns the exit status (0 after a clean shutdown)."""
     logging_setup.configure(args.log_format, args.log_level or "info")
+    gc.set_threshold(*GC_THRESHOLDS)
     config = load_config(args)
     start = serve_start(config, args)
     routing = load_zones(start)
+    # The zone set lives until the next reload (refcounting frees it then): out of the
+    # collector's sight, a large one is not millions of objects for every full collection
+    # to walk. The same after each swap (`install`).
+    gc.freeze()
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(_serve(config, routing, args, start))
 
@@ -173,6 +188,7 @@ async def _serve(
         # swap's generation bump retires every answer cached under the old routing.
         resolver.route(new)
         zones.swap(new.zone_set)
+        gc.freeze()  # the new zone set, as at start (see `run`)
 
     reloader = serve_reloader(
         install, routing, config=config, args=args, start=start, registry=registry

@@ -73,12 +73,15 @@ def question_text(question: Question) -> str:
         return repr(question[0])
 
 
-class _Health:
-    """What the forwarder knows of one upstream."""
+class _Upstream:
+    """One upstream resolver and what the forwarder knows of it."""
 
-    __slots__ = ("confirming", "last_answer", "up")
+    __slots__ = ("address", "confirming", "last_answer", "name", "unwanted", "up")
 
-    def __init__(self) -> None:
+    def __init__(self, endpoint: Endpoint, stats: DnsStats) -> None:
+        self.address = (endpoint.host, endpoint.port)
+        self.name = str(endpoint)
+        self.unwanted = functools.partial(stats.unwanted_reply, self.name)
         self.up = True  # until shown otherwise: the first probe runs at start
         self.last_answer = -math.inf  # loop time of its last well-formed reply
         self.confirming = False  # a probe started by a failed client question is running
@@ -99,11 +102,10 @@ class Forwarder:
         failure_log_interval: float,
         forward: ForwardConfig | None = None,
     ) -> None:
-        self._upstreams = upstreams
-        self._names = {upstream: str(upstream) for upstream in upstreams}
-        self._health = {upstream: _Health() for upstream in upstreams}
-        self._order = list(upstreams)  # healthy first, each group in configured order
-        stats.upstream_up.update((str(upstream), True) for upstream in upstreams)
+        self._upstreams = tuple(_Upstream(endpoint, stats) for endpoint in upstreams)
+        self._order = list(self._upstreams)  # healthy first, each group in configured order
+        self._any_up = True  # whether any upstream is up: asked once per query
+        stats.upstream_up.update((upstream.name, True) for upstream in self._upstreams)
         self._budget = budget
         self._attempt_timeout = attempt_timeout
         self._edns_udp_size = edns_udp_size
@@ -121,16 +123,11 @@ class Forwarder:
             False,
         )
         self._background: set[asyncio.Task[None]] = set()  # referenced until done
-        self._addresses = {upstream: (upstream.host, upstream.port) for upstream in upstreams}
-        self._unwanted = {
-            upstream: functools.partial(stats.unwanted_reply, str(upstream))
-            for upstream in upstreams
-        }
         self._watcher: SocketWatcher | None = None  # made on first use, on the loop
 
     def answering(self) -> bool:
         """Whether at least one upstream is answering (readiness)."""
-        return any(health.up for health in self._health.values())
+        return self._any_up
 
     def start_probing(self) -> asyncio.Task[None]:
         """Run `probe` every `probe.interval` seconds until the returned task is cancelled."""
@@ -146,12 +143,12 @@ class Forwarder:
         now = asyncio.get_running_loop().time()
         due = [
             upstream
-            for upstream, health in self._health.items()
-            if not health.up or now - health.last_answer >= self._probe_interval
+            for upstream in self._upstreams
+            if not upstream.up or now - upstream.last_answer >= self._probe_interval
         ]
         await asyncio.gather(*(self._probe_one(upstream) for upstream in due))
 
-    async def _probe_one(self, upstream: Endpoint) -> None:
+    async def _probe_one(self, upstream: _Upstream) -> None:
         started = asyncio.get_running_loop().time()
         question = self._probe_question
         try:
@@ -218,7 +215,7 @@ class Forwarder:
         replied = False
         for upstream in list(self._order):
             remaining = deadline - loop.time()
-            if remaining <= 0.01 or (replied and not self._health[upstream].up):
+            if remaining <= 0.01 or (replied and not upstream.up):
                 # Upstreams marked down are a last resort for when no upstream replied at
                 # all: a SERVFAIL from a live one is not worth a dead one's timeout.
                 break
@@ -242,21 +239,20 @@ class Forwarder:
             if reason is not None:
                 self._failed(upstream, reason, question, started)
                 continue
-            self._stats.upstream_answered(self._names[upstream], loop.time() - started)
+            self._stats.upstream_answered(upstream.name, loop.time() - started)
             return answer
         raise UpstreamFailedError(question_text(question))
 
-    def _answered(self, upstream: Endpoint) -> None:
-        health = self._health[upstream]
-        health.last_answer = asyncio.get_running_loop().time()
-        if not health.up:
-            health.up = True
+    def _answered(self, upstream: _Upstream) -> None:
+        upstream.last_answer = asyncio.get_running_loop().time()
+        if not upstream.up:
+            upstream.up = True
             self._reorder()
-            log.info("upstream_up", upstream=self._names[upstream])
+            log.info("upstream_up", upstream=upstream.name)
 
     def _failed(
         self,
-        upstream: Endpoint,
+        upstream: _Upstream,
         reason: str,
         question: Question,
         started: float,
@@ -264,7 +260,7 @@ class Forwarder:
         *,
         probe: bool = False,
     ) -> None:
-        name = self._names[upstream]
+        name = upstream.name
         self._stats.upstream_failed(name, reason)
         fields: dict[str, object] = {
             "name": question_text(question),
@@ -273,31 +269,31 @@ class Forwarder:
         if error is not None:
             fields["error"] = str(error) or repr(error)
         self._failure_log.emit(name, upstream=name, reason=reason, **fields)
-        health = self._health[upstream]
-        if reason not in _SILENT or not health.up or health.last_answer >= started:
+        if reason not in _SILENT or not upstream.up or upstream.last_answer >= started:
             return  # it replied (SERVFAIL, REFUSED), or answered something meanwhile
         if probe:
-            health.up = False
+            upstream.up = False
             self._reorder()
             log.warning("upstream_down", upstream=name, reason=reason)
-        elif not health.confirming:
+        elif not upstream.confirming:
             # One question is no evidence (a black-holed zone times out on a healthy
             # upstream): the known-good probe question decides, now.
-            health.confirming = True
+            upstream.confirming = True
             self._background_task(self._confirm(upstream))
 
-    async def _confirm(self, upstream: Endpoint) -> None:
+    async def _confirm(self, upstream: _Upstream) -> None:
         try:
             await self._probe_one(upstream)
         finally:
-            self._health[upstream].confirming = False
+            upstream.confirming = False
 
     def _reorder(self) -> None:
-        for upstream, health in self._health.items():
-            self._stats.upstream_up[self._names[upstream]] = health.up
-        self._order = sorted(self._upstreams, key=lambda upstream: not self._health[upstream].up)
+        for upstream in self._upstreams:
+            self._stats.upstream_up[upstream.name] = upstream.up
+        self._any_up = any(upstream.up for upstream in self._upstreams)
+        self._order = sorted(self._upstreams, key=lambda upstream: not upstream.up)
 
-    async def _ask(self, upstream: Endpoint, question: Question, deadline: float) -> relay.Reply:
+    async def _ask(self, upstream: _Upstream, question: Question, deadline: float) -> relay.Reply:
         """One attempt: UDP from up to `SOCKETS_PER_ATTEMPT` fresh ports, TCP after TC;
         TimeoutError at `deadline`."""
         watcher = self._watcher
@@ -312,19 +308,19 @@ class Forwarder:
             )
             exchange = UdpExchange(
                 watcher,
-                self._addresses[upstream],
+                upstream.address,
                 packet,
                 deadline=deadline,
                 exact_case=self._case_randomization,
-                unwanted=self._unwanted[upstream],
+                unwanted=upstream.unwanted,
                 unwanted_limit=UNWANTED_LIMIT,
             )
             try:
                 answer = await exchange.reply
             except AbandonedError:
                 self._spoof_log.emit(
-                    self._names[upstream],
-                    upstream=self._names[upstream],
+                    upstream.name,
+                    upstream=upstream.name,
                     name=question_text(question),
                     unwanted=UNWANTED_LIMIT,
                 )
@@ -337,8 +333,8 @@ class Forwarder:
             return answer
         raise AbandonedError()
 
-    async def _tcp(self, upstream: Endpoint, packet: bytes) -> relay.Reply:
-        data = await exchange_tcp(self._addresses[upstream], packet)
+    async def _tcp(self, upstream: _Upstream, packet: bytes) -> relay.Reply:
+        data = await exchange_tcp(upstream.address, packet)
         if not relay.answers_query(packet, data, exact_case=self._case_randomization):
             raise ValueError("TCP reply does not match the query")
         return relay.scan(data)

@@ -118,21 +118,23 @@ def answers_query(query_packet: bytes, data: bytes, *, exact_case: bool) -> bool
     return data[12 : qend - 4].lower() == query_packet[12 : qend - 4].lower()
 
 
-def scan(data: bytes) -> Reply:
+def scan(data: bytes, qend: int = 0) -> Reply:
     """Check the framing of an upstream reply (one question, every record within the
     message, compression pointers pointing back) and collect what the caches need.
-    ValueError when it is malformed. An OPT record is taken out."""
+    `qend`: where its question ends, when `answers_query` has checked it. ValueError
+    when it is malformed. An OPT record is taken out."""
     try:
-        return _scan(data)
+        return _scan(data, qend)
     except (IndexError, struct.error) as error:
         raise ValueError(f"truncated reply ({error})") from None
 
 
-def _scan(data: bytes) -> Reply:
+def _scan(data: bytes, qend: int = 0) -> Reply:
     _id, flags, low, qdcount, ancount, nscount, arcount = _HEADER.unpack_from(data)
     if qdcount != 1:
         raise ValueError(f"{qdcount} questions")
-    qend = wire.skip_name(data, wire.HEADER_SIZE) + 4
+    if not qend:
+        qend = wire.skip_name(data, wire.HEADER_SIZE) + 4
     offset = qend
     ttls = []
     min_ttl: int | None = None

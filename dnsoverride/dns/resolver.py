@@ -63,6 +63,7 @@ class _Outcome:
     cache_for: float  # seconds the finished reply may be served by the fast path
     ages: bool  # whether its TTLs count down (forwarded data) or are fixed (local)
     edns: answer.ClientEdns  # the client's, for its cookie
+    ttl_offsets: tuple[tuple[int, int], ...] | None = None  # known where its TTLs are
 
 
 class _Asked(NamedTuple):
@@ -194,8 +195,10 @@ class Resolver:
     async def resolve(self, data: bytes, host: str, tcp: bool) -> bytes | None:
         """The reply to any query, or None when it must be dropped (not even a header, a
         response, or rate limited)."""
+        key: bytes | None = None
         try:
-            reply = await self._resolve(data, host, tcp)
+            key = wire.fast_key(data, self._udp_size)
+            reply = await self._resolve(data, key, host, tcp)
         except Exception as error:  # a bug must cost one answer (and one log line a while)
             self.stats.query_errors["internal"] += 1
             self._failed_log.emit(
@@ -205,11 +208,9 @@ class Resolver:
             reply = reply[:3] + b"\x02" + reply[4:] if reply else None  # SERVFAIL
         if reply is None or tcp:
             return reply
-        key = wire.fast_key(data, self._udp_size)
         return self._rate_limited(reply, data, key, host, self._loop.time()) or None
 
-    async def _resolve(self, data: bytes, host: str, tcp: bool) -> bytes | None:
-        key = wire.fast_key(data, self._udp_size)
+    async def _resolve(self, data: bytes, key: bytes | None, host: str, tcp: bool) -> bytes | None:
         if key is None:
             return await self._resolve_parsed(data, host, tcp)
         # The same question arriving again while its first copy is being answered (a
@@ -391,6 +392,8 @@ class Resolver:
                 ttl=outcome.cache_for,
                 counter=self.stats.cell((view.name, qtype_name, rcode_name, hit_source)),
                 age_ttls=outcome.ages,
+                # A relayed reply has the upstream's layout, unless truncated (no records).
+                offsets=None if packed[2] & 0x02 else outcome.ttl_offsets,
             )
         if outcome.edns.cookie:  # the cache keeps the reply without this client's cookie
             return outcome.render(self._cookie_option(outcome.edns, host))
@@ -475,7 +478,7 @@ class Resolver:
                 limit=asked.limit,
             )
 
-        return _Outcome(render, upstream.rcode, source, ttl, True, edns)
+        return _Outcome(render, upstream.rcode, source, ttl, True, edns, upstream.ttls)
 
     async def _forwarded(self, question: Question) -> tuple[relay.Reply, float, str]:
         """(upstream answer, seconds it may be reused, source) from cache, upstream or stale."""

@@ -118,7 +118,8 @@ class UdpExchange:
                 return
             if relay.answers_query(self._packet, data, exact_case=self._exact_case):
                 try:
-                    reply.set_result(relay.scan(data))
+                    # Our query ends with an 11-octet OPT record: its question ends there.
+                    reply.set_result(relay.scan(data, len(self._packet) - 11))
                     return
                 except ValueError:
                     pass  # right ID and question but malformed: as unwanted as a forgery
