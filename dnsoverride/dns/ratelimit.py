@@ -76,6 +76,11 @@ class RateLimiter:
         slip = self.config.slip
         return TRUNCATE if slip and bucket.limited % slip == 0 else DROP
 
+    def never_limits(self, host: str) -> bool:
+        """Whether replies to `host` are never limited (exempt, or the limit is off), as
+        far as `check` has classified it."""
+        return self._by_host.get(host, _UNKNOWN) is None
+
     def _classify(self, host: str, now: float) -> _Bucket | None:
         """The bucket of `host`'s prefix (None: never limited), remembered per address."""
         if len(self._by_host) >= MAX_TRACKED:

@@ -96,6 +96,7 @@ class Resolver:
         self._query_log = config.query_log
         self._stale_reuse = config.cache.stale_reuse
         self._clients: dict[str, int] = {}
+        self._unlimited: set[str] = set()  # clients the rate limit never applies to
         self._answering: dict[tuple[int, bytes], asyncio.Future[None]] = {}
         self._loop = asyncio.get_running_loop()
         self.cookies = Cookies()
@@ -111,6 +112,7 @@ class Resolver:
         self.answers.grow(len(routing.views.views))
         if routing.ratelimit != self.ratelimit.config:
             self.ratelimit.configure(routing.ratelimit)
+            self._unlimited = set()
 
     def _classify(self, host: str) -> int:
         """The client's view index, or REFUSED; remembered per address."""
@@ -143,7 +145,7 @@ class Resolver:
             index = self._classify(host)
         now = self._loop.time()
         reply = self._hit(data, key, host, index, now)
-        if reply is None or tcp:
+        if reply is None or tcp or host in self._unlimited:
             return reply
         return self._rate_limited(reply, data, key, host, now)
 
@@ -181,6 +183,8 @@ class Resolver:
         """`reply`, an empty TC reply, or b"" (drop): response rate limiting of UDP."""
         verdict = self.ratelimit.check(host, now)
         if verdict == ratelimit.SEND:
+            if self.ratelimit.never_limits(host) and len(self._unlimited) < MAX_CLIENTS_CACHED:
+                self._unlimited.add(host)  # the fast path skips the limiter for it
             return reply
         if key is not None and len(data) > wire.options_start(key):
             option = wire.find_option(data, wire.options_start(key), wire.COOKIE)
