@@ -14,6 +14,7 @@ set invalidates them all without a scan.
 from __future__ import annotations
 
 from collections import OrderedDict, deque
+from typing import NamedTuple
 
 from dnsoverride.config import CacheConfig
 from dnsoverride.dns import relay, wire
@@ -24,13 +25,12 @@ STALE_TTL = 30
 # ... but the answer cache reuses a stale reply for only `cache.stale_reuse` seconds.
 
 
-class _Response:
-    __slots__ = ("reply", "stored_at", "ttl")
+class _Response(NamedTuple):
+    """A cached upstream reply (a tuple of atomic values: not tracked by the GC)."""
 
-    def __init__(self, reply: relay.Reply, stored_at: float, ttl: int) -> None:
-        self.reply = reply
-        self.stored_at = stored_at
-        self.ttl = ttl
+    reply: relay.Reply
+    stored_at: float
+    ttl: int
 
 
 class ResponseCache:

@@ -13,6 +13,7 @@ reply is walked once (`scan`) to check its framing and find what caching needs.
 from __future__ import annotations
 
 import struct
+from typing import NamedTuple
 
 import dnslib
 
@@ -26,44 +27,20 @@ _COUNTS = struct.Struct("!HHHH")
 _RR_FIXED = struct.Struct("!HHIH")
 
 
-class Reply:
+class Reply(NamedTuple):
     """An upstream reply, checked: its bytes without the upstream's OPT record, and what
-    the caches and the client's reply need from it."""
+    the caches and the client's reply need from it. A tuple: cheap to make, and of
+    atomic values only, so the garbage collector stops tracking cached ones."""
 
-    __slots__ = (
-        "ad",
-        "answers",
-        "min_ttl",
-        "negative_ttl",
-        "qend",
-        "rcode",
-        "tc",
-        "ttls",
-        "wire",
-    )
-
-    def __init__(
-        self,
-        message: bytes,
-        *,
-        rcode: int,
-        tc: bool,
-        ad: bool,
-        answers: int,
-        qend: int,
-        ttls: tuple[tuple[int, int], ...],
-        min_ttl: int | None,
-        negative_ttl: int | None,
-    ) -> None:
-        self.wire = message
-        self.rcode = rcode
-        self.tc = tc
-        self.ad = ad
-        self.answers = answers
-        self.qend = qend
-        self.ttls = ttls  # (offset, TTL) of every record
-        self.min_ttl = min_ttl  # over every record; None when there are none
-        self.negative_ttl = negative_ttl  # min(TTL, MINIMUM) of the first authority SOA
+    wire: bytes
+    rcode: int
+    tc: bool
+    ad: bool
+    answers: int
+    qend: int  # where its question ends
+    ttls: tuple[tuple[int, int], ...]  # (offset, TTL) of every record
+    min_ttl: int | None  # over every record; None when there are none
+    negative_ttl: int | None  # min(TTL, MINIMUM) of the first authority SOA
 
     def retimed(self, age: int, cap: int) -> Reply:
         """The same reply with every TTL capped at `cap` and then lowered by `age`."""
@@ -74,17 +51,8 @@ class Reply:
         return self._with_wire(wire.with_ttl(self.wire, self.ttls, ttl))
 
     def _with_wire(self, message: bytes) -> Reply:
-        return Reply(
-            message,
-            rcode=self.rcode,
-            tc=self.tc,
-            ad=self.ad,
-            answers=self.answers,
-            qend=self.qend,
-            ttls=tuple((offset, _ttl_at(message, offset)) for offset, _ in self.ttls),
-            min_ttl=self.min_ttl,
-            negative_ttl=self.negative_ttl,
-        )
+        ttls = tuple((offset, _ttl_at(message, offset)) for offset, _ in self.ttls)
+        return self._replace(wire=message, ttls=ttls)
 
     def records(self) -> dnslib.DNSRecord:
         """The reply parsed by dnslib (for answers that mix in local records)."""
@@ -171,14 +139,14 @@ def _scan(data: bytes, qend: int = 0) -> Reply:
         message = message[:10] + struct.pack("!H", arcount - 1) + message[12:]
     return Reply(
         message,
-        rcode=low & 0x0F,
-        tc=bool(flags & 0x02),
-        ad=bool(low & 0x20),
-        answers=ancount,
-        qend=qend,
-        ttls=tuple(ttls),
-        min_ttl=min_ttl,
-        negative_ttl=negative_ttl,
+        low & 0x0F,
+        bool(flags & 0x02),
+        bool(low & 0x20),
+        ancount,
+        qend,
+        tuple(ttls),
+        min_ttl,
+        negative_ttl,
     )
 
 

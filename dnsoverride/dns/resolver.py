@@ -34,7 +34,7 @@ from dnsoverride.dns.cookies import Cookies
 from dnsoverride.dns.forwarder import Forwarder, Question, UpstreamFailedError
 from dnsoverride.dns.logthrottle import ThrottledLog
 from dnsoverride.dns.ratelimit import RateLimiter
-from dnsoverride.dns.stats import DnsStats, qtype_label
+from dnsoverride.dns.stats import DnsStats, qtype_label, rcode_label
 from dnsoverride.dns.views import Routing, ViewTable
 from dnsoverride.zones import LiveZones
 
@@ -172,7 +172,7 @@ class Resolver:
                 view=self._views.views[index].name,
                 name=_display(wire.key_name(key)),
                 qtype=qtype_label(wire.key_qtype(key)),
-                rcode=dnslib.RCODE.get(reply[3] & 0x0F),
+                rcode=rcode_label(reply[3] & 0x0F),
                 source="answer_cache",
             )
         return reply
@@ -320,7 +320,7 @@ class Resolver:
         if rcode is not None or edns is None:
             reply = answer.new_reply(request, rcode=rcode or dnslib.RCODE.FORMERR)
             reply.questions = request.questions[:1]
-            self.stats.count(("", "", dnslib.RCODE.get(reply.header.rcode), "error"))
+            self.stats.count(("", "", rcode_label(reply.header.rcode), "error"))
             edns_out = edns or answer.ClientEdns(False, 512, False)
             return answer.pack(reply, edns_out, self._udp_size, TCP_LIMIT, options)
         if edns.version > 0:
@@ -373,7 +373,7 @@ class Resolver:
         """Count and log the answer, keep it for the fast path, and add the client's cookie."""
         packed = outcome.render([])
         qtype_name = qtype_label(qtype)
-        rcode_name = dnslib.RCODE.get(outcome.rcode)
+        rcode_name = rcode_label(outcome.rcode)
         self.stats.count((view.name, qtype_name, rcode_name, outcome.source))
         if self._query_log:
             log.info(
@@ -521,14 +521,4 @@ def _display(qname: bytes) -> str:
 
 
 # What a client gets when no upstream answered: SERVFAIL, no records, never cached.
-_SERVFAIL = relay.Reply(
-    bytes(12),
-    rcode=dnslib.RCODE.SERVFAIL,
-    tc=False,
-    ad=False,
-    answers=0,
-    qend=12,
-    ttls=(),
-    min_ttl=None,
-    negative_ttl=None,
-)
+_SERVFAIL = relay.Reply(bytes(12), dnslib.RCODE.SERVFAIL, False, False, 0, 12, (), None, None)

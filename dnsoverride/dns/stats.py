@@ -47,11 +47,17 @@ from dnsoverride.dns.ratelimit import RateLimiter
 
 QueryKey = tuple[str, str, str, str]
 _QTYPE_NAMES: dict[int, str] = dict(dnslib.QTYPE.forward)
+_RCODE_NAMES: dict[int, str] = dict(dnslib.RCODE.forward)
 
 
 def qtype_label(qtype: int) -> str:
     """The `qtype` label: the type's name, or `other` for types dnslib does not name."""
     return _QTYPE_NAMES.get(qtype, "other")
+
+
+def rcode_label(rcode: int) -> str:
+    """The `rcode` label: the response code's name (`other` for unassigned ones)."""
+    return _RCODE_NAMES.get(rcode, "other")
 
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0)
