@@ -13,15 +13,14 @@ from __future__ import annotations
 import json
 import socket
 import struct
-import urllib.request
 from pathlib import Path
 
 import dns.rcode
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.dns_load import Probes, flood
 from tests.peers import DnsPeer, dnsmasq, dnsoverride_serve, free_port
+from tests.test_dns_metrics import scrape
 
 LONG_NAME = b"".join(b"\x3f" + b"a" * 63 for _ in range(5)) + b"\x00"  # 321 octets
 FLOOD_RATE = 10_000  # packets per second
@@ -43,16 +42,6 @@ def _ask(server: DnsPeer, packet: bytes, source: str) -> bytes | None:
             return sock.recv(65535)
         except TimeoutError:
             return None
-
-
-def _metric(port: int, name: str, labels: dict[str, str]) -> float:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-        text = response.read().decode()
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and sample.labels == labels:
-                return sample.value
-    return 0.0
 
 
 @pytest.mark.timeout(90)
@@ -83,7 +72,9 @@ def test_long_names_and_refused_clients_cost_an_answer_not_a_traceback(tmp_path:
             sent += flood(
                 server, bad, rate=FLOOD_RATE / 2, seconds=FLOOD_SECONDS, source="127.0.0.2"
             )
-        malformed = _metric(metrics, "dnsoverride_dns_query_errors_total", {"kind": "malformed"})
+        malformed = scrape(metrics).get(
+            ("dnsoverride_dns_query_errors_total", (("kind", "malformed"),)), 0.0
+        )
         log_text = server.log_text()
     assert "Traceback" not in log_text
     assert probes.success_within(0.05) >= 0.95, probes.summary()

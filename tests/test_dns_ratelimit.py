@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import socket
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,11 +22,11 @@ import dns.message
 import dns.query
 import dns.rcode
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from dnsoverride.config import RateLimitConfig
 from tests.dns_load import burst
 from tests.peers import DnsPeer, dnsmasq, dnsoverride_serve, free_port
+from tests.test_dns_metrics import scrape
 from tests.test_reload_config import save
 from tests.test_reload_server import RELOAD_DEADLINE, events, poll
 
@@ -38,18 +37,6 @@ ADDRESSES = 20  # A records of the name asked: a reply of ~370 octets for a 40-o
 
 def a_query(name: str, **options: object) -> bytes:
     return dns.message.make_query(name, "A", use_edns=0, **options).to_wire()  # type: ignore[arg-type]
-
-
-def _limited(port: int, action: str) -> float:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-        text = response.read().decode()
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == "dnsoverride_dns_ratelimited_total" and sample.labels == {
-                "action": action
-            }:
-                return sample.value
-    return 0.0
 
 
 @pytest.fixture
@@ -88,7 +75,11 @@ def test_a_burst_from_one_prefix_is_limited_and_amplification_bounded(
         config=limited_config(),
     ) as server:
         result = burst(server, query, BURST)
-        counted = {action: _limited(metrics, action) for action in ("dropped", "truncated")}
+        samples = scrape(metrics)
+        counted = {
+            action: samples[("dnsoverride_dns_ratelimited_total", (("action", action),))]
+            for action in ("dropped", "truncated")
+        }
     # One second's worth at once, then RATE per second while the burst lasts.
     allowed = RATE + RATE * result.seconds
     assert result.full <= allowed + 1, result

@@ -20,7 +20,6 @@ import socket
 import struct
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,10 +28,10 @@ import dns.name
 import dns.rcode
 import dns.rrset
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from dnsoverride.dns.forwarder import UNWANTED_LIMIT
 from tests.peers import DnsPeer, dnsmasq, dnsoverride_serve, free_port
+from tests.test_dns_metrics import scrape
 
 TRIES = 4
 POISON = "6.6.6.6"
@@ -97,18 +96,6 @@ def _forged_datagrams(name: str, source_port: int, target_port: int) -> Iterator
         yield header + udp
 
 
-def _unwanted(metrics_port: int, upstream: str) -> float:
-    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
-        text = r.read().decode()
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == "dnsoverride_dns_upstream_unwanted_replies_total" and (
-                sample.labels == {"upstream": upstream}
-            ):
-                return sample.value
-    return 0.0
-
-
 def _addresses(reply: dns.message.Message) -> list[str]:
     return [rdata.to_text() for rrset in reply.answer for rdata in rrset]
 
@@ -142,7 +129,13 @@ def test_ids_sprayed_at_a_known_forwarding_port_never_poison_the_cache(tmp_path:
                 _attack(server, upstream, raw, f"try{attempt}.victim.test")
                 for attempt in range(TRIES)
             )
-            unwanted = _unwanted(metrics, upstream.address)
+            unwanted = scrape(metrics).get(
+                (
+                    "dnsoverride_dns_upstream_unwanted_replies_total",
+                    (("upstream", upstream.address),),
+                ),
+                0.0,
+            )
             log_text = server.log_text()
     assert poisoned == 0
     # Each socket took UNWANTED_LIMIT forgeries before it was dropped; the rest of the
