@@ -38,6 +38,7 @@ class UdpListener(asyncio.DatagramProtocol):
         # uvloop's UDPTransport implements DatagramTransport without subclassing it.
         self._transport = cast(asyncio.DatagramTransport, transport)
         self._send = self._transport.sendto
+        self._loop = asyncio.get_running_loop()  # once: a getpid() per call on Python 3.11
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
         try:
@@ -48,7 +49,7 @@ class UdpListener(asyncio.DatagramProtocol):
             if reply:  # b"": dropped by the rate limit
                 self._send(reply, addr)
             return
-        self._tasks.add(asyncio.get_running_loop().create_task(self._slow(data, addr)))
+        self._tasks.add(self._loop.create_task(self._slow(data, addr)))
 
     async def _slow(self, data: bytes, addr: Any) -> None:
         try:
@@ -58,7 +59,7 @@ class UdpListener(asyncio.DatagramProtocol):
                 transport.sendto(reply, addr)
         finally:
             # Itself, rather than a done callback: one loop callback less per query.
-            self._tasks.discard(asyncio.current_task())
+            self._tasks.discard(asyncio.current_task(self._loop))
 
     def error_received(self, exc: Exception) -> None:
         # ICMP errors for earlier replies (client gone); nothing to do but note it.
