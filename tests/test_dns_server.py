@@ -187,6 +187,8 @@ def test_upstream_truncation_is_retried_over_tcp(server: DnsPeer) -> None:
 
 
 def test_any_gets_a_minimal_answer(server: DnsPeer) -> None:
+    """RFC 8482, and issue 10 item 7: ANY on an override answered with the RRset of the
+    lowest type number (here both A records), not the smallest one; fails before the fix."""
     local = server.query("mirrorlist.centos.org", "ANY")
     # One RRset, the smallest: one AAAA (28 octets) rather than two A records (32).
     assert [dns.rdatatype.to_text(r.rdtype) for r in local.answer] == ["AAAA"]
