@@ -78,6 +78,18 @@ class _Asked(NamedTuple):
     limit: int  # reply size limit: the client's UDP size, or 65,535 over TCP
 
 
+class _Where(NamedTuple):
+    """Who asked what, and under which routing: what an answer is counted and cached by."""
+
+    tcp: bool
+    host: str
+    view_index: int
+    view: View
+    generation: int  # of the zones the answer was made from
+    qname: bytes  # wire format, lowercase
+    qtype: int
+
+
 class Resolver:
     """Answers one query at a time; shared by the UDP and TCP listeners."""
 
@@ -276,16 +288,7 @@ class Resolver:
         )
         outcome = await self._forward(asked, (qname, qtype, QCLASS_IN, do, asked.cd))
         return self._finish(
-            data,
-            key,
-            outcome,
-            tcp=tcp,
-            host=host,
-            index=index,
-            view=view,
-            generation=generation,
-            qname=qname,
-            qtype=qtype,
+            data, key, outcome, _Where(tcp, host, index, view, generation, qname, qtype)
         )
 
     async def _resolve_parsed(self, data: bytes, host: str, tcp: bool) -> bytes | None:
@@ -341,36 +344,18 @@ class Resolver:
             limit=TCP_LIMIT if tcp else min(edns.udp_size, self._udp_size),
         )
         outcome = await self._answer(request, asked, view, qname)
-        key = wire.fast_key(data, self._udp_size)
-        qtype = request.q.qtype
-        return self._finish(
-            data,
-            key,
-            outcome,
-            tcp=tcp,
-            host=host,
-            index=index,
-            view=view,
-            generation=generation,
-            qname=qname,
-            qtype=qtype,
-        )
+        where = _Where(tcp, host, index, view, generation, qname, request.q.qtype)
+        return self._finish(data, wire.fast_key(data, self._udp_size), outcome, where)
 
     def _finish(
         self,
         data: bytes,
         key: bytes | None,
         outcome: _Outcome,
-        *,
-        tcp: bool,
-        host: str,
-        index: int,
-        view: View,
-        generation: int,
-        qname: bytes,
-        qtype: int,
+        where: _Where,
     ) -> bytes:
         """Count and log the answer, keep it for the fast path, and add the client's cookie."""
+        tcp, host, index, view, generation, qname, qtype = where
         packed = outcome.render([])
         qtype_name = qtype_label(qtype)
         rcode_name = rcode_label(outcome.rcode)
