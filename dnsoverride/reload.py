@@ -28,11 +28,11 @@ import hashlib
 import os
 import re
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Generic, Literal, Protocol, TypeVar
+from typing import Generic, Literal, Protocol, Self, TypeVar
 
 import structlog
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -45,6 +45,7 @@ from dnsoverride import systemd
 from dnsoverride.config import ConfigError, ServeConfig, load_config
 from dnsoverride.dns.views import Routing
 from dnsoverride.errors import UserError
+from dnsoverride.yamlsource import brief
 from dnsoverride.zones import (
     ZoneFileCache,
     ZoneProblem,
@@ -70,14 +71,14 @@ SUMMARY_SAMPLE = 10
 
 
 class ZoneSetLike(Protocol):
-    """What the reloader needs from a loaded set: an identity and per-name digests."""
+    """What the reloader needs from a loaded set: an identity, its size, and what changed."""
 
     @property
     def content_hash(self) -> str: ...
 
-    def names(self) -> frozenset[str]: ...
+    def name_count(self) -> int: ...
 
-    def name_digests(self) -> Mapping[str, object]: ...
+    def changes_from(self, old: Self) -> tuple[frozenset[str], frozenset[str], frozenset[str]]: ...
 
 
 S = TypeVar("S", bound=ZoneSetLike)
@@ -132,14 +133,9 @@ class ChangeSummary:
     changed: tuple[str, ...]
 
     @classmethod
-    def between(cls, old: ZoneSetLike, new: ZoneSetLike) -> ChangeSummary:
-        before, after = old.name_digests(), new.name_digests()
-        changed = (name for name, digest in after.items() if before.get(name, digest) != digest)
-        return cls(
-            tuple(sorted(after.keys() - before.keys())),
-            tuple(sorted(before.keys() - after.keys())),
-            tuple(sorted(changed)),
-        )
+    def between(cls, old: S, new: S) -> ChangeSummary:
+        added, removed, changed = new.changes_from(old)
+        return cls(tuple(sorted(added)), tuple(sorted(removed)), tuple(sorted(changed)))
 
     def log_fields(self) -> dict[str, object]:
         return {
@@ -448,7 +444,7 @@ class Reloader(Generic[S]):
         try:
             await self._reload(trigger)
         finally:
-            systemd.notify("READY=1", f"STATUS=serving {len(self._current.names())} names")
+            systemd.notify("READY=1", f"STATUS=serving {self._current.name_count()} names")
 
     async def _reload(self, trigger: Trigger) -> None:
         outcome: S | _Failed | None = None
@@ -498,6 +494,14 @@ class Reloader(Generic[S]):
             return _Failed(tuple(_config_problem(text) for text in error.problems))
         except UserError as error:
             return _Failed((ZoneProblem(str(self._config_file or self._zones_dir), 0, str(error)),))
+        except Exception as error:
+            # Our bug, or memory exhausted: a failure like any other, so that its files'
+            # fingerprint is recorded and the periodic check does not load the same bytes
+            # again every interval (only a new save or SIGHUP does). The traceback is
+            # logged once, here.
+            log.exception("zone_reload_crashed", error=brief(str(error)))
+            reason = f"internal error while loading: {type(error).__name__}: {brief(str(error))}"
+            return _Failed((ZoneProblem(str(self._config_file or self._zones_dir), 0, reason),))
 
     async def _install(self, trigger: Trigger, new: S, loaded_in: float, cpu: float) -> None:
         """Swap `new` in unless it is identical, then log what changed (diffed after the swap,
@@ -513,7 +517,7 @@ class Reloader(Generic[S]):
             trigger=trigger,
             content_hash=new.content_hash,
             swapped=swapped,
-            names=len(new.names()),
+            names=new.name_count(),
             seconds=round(loaded_in, 4),
             cpu_seconds=round(cpu, 4),
             **changes.log_fields(),

@@ -10,7 +10,7 @@ from pathlib import Path
 import dnslib
 import pytest
 
-from dnsoverride.zones import LiveZones, ZoneSetError, load_zone_set
+from dnsoverride.zones import LiveZones, ZoneFileCache, ZoneSetError, load_zone_set
 
 MINIMAL = """\
 ttl: 60                      # optional default TTL for this file
@@ -268,15 +268,21 @@ def test_records_are_built_from_their_canonical_texts(tmp_path: Path) -> None:
     assert str(b[dnslib.QTYPE.AAAA].rdatas[0]) == "2001:db8::1"
 
 
-def test_name_digests_mark_exactly_the_changed_names(tmp_path: Path) -> None:
+def test_changes_mark_exactly_the_changed_names(tmp_path: Path) -> None:
     write(tmp_path, "a.yaml", "records:\n  x.example: {A: 10.0.0.1}\n  y.example: {A: 10.0.0.9}\n")
-    write(tmp_path, "b.yaml", "records:\n  y.example: {A: 10.0.0.8}\n")
-    first = load_zone_set(tmp_path).name_digests()
+    write(tmp_path, "b.yaml", "records:\n  y.example: {A: 10.0.0.8}\n  w.example: {A: 1.1.1.1}\n")
+    cache = ZoneFileCache()
+    first = load_zone_set(tmp_path, cache=cache)
     write(tmp_path, "b.yaml", "records:\n  y.example: {A: 10.0.0.7}\n  z.example: {A: 1.1.1.1}\n")
-    second = load_zone_set(tmp_path).name_digests()
-    assert first["x.example"] == second["x.example"]
-    assert first["y.example"] != second["y.example"]  # defined twice; one of them changed
-    assert set(second) - set(first) == {"z.example"}
+    second = load_zone_set(tmp_path, cache=cache)
+    assert first.files[0] is second.files[0]  # a.yaml was not parsed again
+    added, removed, changed = second.changes_from(first)
+    assert (added, removed) == ({"z.example"}, {"w.example"})
+    assert changed == {"y.example"}  # defined twice; one of them changed
+    # Moving a name to another line changes nothing; a whole new parse compares the same.
+    moved = "records:\n\n  y.example: {A: 10.0.0.9}\n  x.example: {A: 10.0.0.1}\n"
+    write(tmp_path, "a.yaml", moved)
+    assert load_zone_set(tmp_path).changes_from(second) == (set(), set(), set())
 
 
 def test_live_zones_swap_bumps_generation(tmp_path: Path) -> None:

@@ -178,13 +178,13 @@ async def _serve(
             listeners=bound.names,
             zones=str(config.zones),
             zone_files=len(zone_set.files),
-            names=len(zone_set.names()),
+            names=zone_set.name_count(),
             upstreams=[str(u) for u in config.upstreams],
             views=[view.name for view in config.views],
         )
         systemd.notify(
             "READY=1",
-            f"STATUS=serving {len(zone_set.names())} names on {', '.join(bound.names)}",
+            f"STATUS=serving {zone_set.name_count()} names on {', '.join(bound.names)}",
         )
         watchdog = systemd.start_watchdog()
         await stop.wait()
