@@ -105,6 +105,15 @@ def run_measured(tmp_path: Path, *argv: str, timeout: float = 60) -> Finished:
     )
 
 
+def assert_too_deep(stderr: str, path: Path) -> None:
+    """Our limit says so; with PyYAML >= 6.0.4 its libyaml scanner may say so first (its
+    own limit, 1,000 flow levels, found while it looks ahead for a mapping key)."""
+    assert stderr in (
+        f"{path}:3: YAML nested deeper than 64 levels\n",
+        f"{path}:3: YAML syntax error: exceeded maximum nesting depth\n",
+    ), stderr
+
+
 @pytest.fixture
 def workdir(tmp_path: Path) -> Path:
     (tmp_path / "zones").mkdir()
@@ -124,7 +133,7 @@ def test_check_reports_deep_nesting_behind_an_anchor_instead_of_dying(workdir: P
     assert path.stat().st_size > 190_000
     result = check(workdir)
     assert result.returncode == 1, result
-    assert result.stderr == f"{path}:3: YAML nested deeper than 64 levels\n"
+    assert_too_deep(result.stderr, path)
     assert result.seconds < 10
 
 
@@ -134,7 +143,7 @@ def test_check_reports_deep_nesting_without_an_anchor(workdir: Path) -> None:
     path.write_text(deep(1_000, anchor=False))
     result = check(workdir)
     assert result.returncode == 1, result
-    assert result.stderr == f"{path}:3: YAML nested deeper than 64 levels\n"
+    assert_too_deep(result.stderr, path)
 
 
 def test_serve_with_the_segfault_file_exits_with_the_problem(workdir: Path) -> None:
@@ -149,7 +158,7 @@ def test_serve_with_the_segfault_file_exits_with_the_problem(workdir: Path) -> N
         *("--listen", f"127.0.0.1:{free_port()}", "--log-format", "json"),
     )
     assert result.returncode == 2, result
-    assert f"{path}:3: YAML nested deeper than 64 levels" in result.stderr
+    assert_too_deep(result.stderr.splitlines()[-1].strip() + "\n", path)
     assert "Traceback" not in result.stderr
 
 
