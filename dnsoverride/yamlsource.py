@@ -197,6 +197,7 @@ class _Builder:
     def build(self, event: Any) -> Any:
         get = self.get
         scalar, mapping_start, sequence_start = ScalarEvent, MappingStartEvent, SequenceStartEvent
+        line_map, line_list = LineMap, LineList
         resolvers = _RESOLVERS
         # One frame per open collection, innermost last: [the enclosing collection, its
         # pending key, that key's line, this collection's line as an item, its anchor,
@@ -214,16 +215,42 @@ class _Builder:
                         value = _resolve(value)
                 else:
                     value = self._special_scalar(event)
+                if type(container) is line_map:  # the common case, spelled out
+                    if key is _NO_KEY:
+                        key, key_line = value, event.start_mark.line + 1
+                    else:
+                        if value is _MERGE:
+                            value = "<<"
+                        if key is _MERGE or key in container:
+                            self._merge_or_duplicate(stack, container, key, key_line, value)
+                        else:
+                            container[key] = value
+                            container.key_lines[key] = key_line
+                        key = _NO_KEY
+                    event = get()
+                    continue
             elif kind is mapping_start or kind is sequence_start:
-                if key is _NO_KEY and type(container) is LineMap:
-                    raise YamlError(_line(event), _COLLECTION_KEY)
+                line = event.start_mark.line + 1
+                if key is _NO_KEY and type(container) is line_map:
+                    raise YamlError(line, _COLLECTION_KEY)
                 if len(stack) >= MAX_DEPTH:
-                    raise YamlError(_line(event), f"YAML nested deeper than {MAX_DEPTH} levels")
-                line = _line(event)
-                stack.append([container, key, key_line, line, event.anchor, None])
-                if event.anchor is not None:
-                    self.open_anchors.add(event.anchor)
-                container, key = _open(event, line, kind is mapping_start), _NO_KEY
+                    raise YamlError(line, f"YAML nested deeper than {MAX_DEPTH} levels")
+                anchor = event.anchor
+                stack.append([container, key, key_line, line, anchor, None])
+                if anchor is not None:
+                    self.open_anchors.add(anchor)
+                if event.tag is not None:
+                    container = _open(event, line, kind is mapping_start)
+                elif kind is mapping_start:
+                    container = line_map()
+                    container.line = line
+                    container.key_lines = {}
+                    container.duplicates = _NO_DUPLICATES
+                else:
+                    container = line_list()
+                    container.line = line
+                    container.item_lines = []
+                key = _NO_KEY
                 event = get()
                 continue
             elif kind is MappingEndEvent or kind is SequenceEndEvent:
@@ -235,7 +262,7 @@ class _Builder:
                     self.open_anchors.discard(frame[4])
                     self.anchors[frame[4]] = value
                 container, key, key_line = frame[0], frame[1], frame[2]
-                if type(container) is LineList:
+                if type(container) is line_list:
                     container.append(value)
                     container.item_lines.append(frame[3])
                     event = get()
@@ -245,28 +272,39 @@ class _Builder:
             else:
                 raise YamlError(_line(event), "YAML syntax error: unexpected event")
             # A complete value (scalar, alias or closed collection) for `container`.
+            if value is _MERGE:  # `<<` outside a key is a plain string
+                value = "<<"
             if container is None:
-                return "<<" if value is _MERGE else value
-            if type(container) is LineList:
-                container.append("<<" if value is _MERGE else value)
+                return value
+            if type(container) is line_list:
+                container.append(value)
                 container.item_lines.append(_line(event))
             elif key is _NO_KEY:
                 if isinstance(value, LineMap | LineList):
                     raise YamlError(_line(event), _COLLECTION_KEY)
                 key, key_line = value, _line(event)
             else:
-                if key is _MERGE:
-                    frame = stack[-1]
-                    frame[5] = [*(frame[5] or ()), (value, key_line)]
-                elif key in container:
-                    if not container.duplicates:
-                        container.duplicates = []
-                    container.duplicates.append((key, key_line))
+                if key is _MERGE or key in container:
+                    self._merge_or_duplicate(stack, container, key, key_line, value)
                 else:
-                    container[key] = "<<" if value is _MERGE else value
+                    container[key] = value
                     container.key_lines[key] = key_line
                 key = _NO_KEY
             event = get()
+
+    @staticmethod
+    def _merge_or_duplicate(
+        stack: list[list[Any]], container: LineMap, key: Any, key_line: int, value: Any
+    ) -> None:
+        """A `<<` merge key's value is kept to merge when the mapping ends; a key given
+        twice is recorded, and its first value kept."""
+        if key is _MERGE:
+            frame = stack[-1]
+            frame[5] = [*(frame[5] or ()), (value, key_line)]
+            return
+        if not container.duplicates:
+            container.duplicates = []
+        container.duplicates.append((key, key_line))
 
     def _special_scalar(self, event: ScalarEvent) -> Any:
         """A scalar with an anchor or a tag."""

@@ -25,19 +25,27 @@ from __future__ import annotations
 import gc
 import hashlib
 import ipaddress
+import os
+import pickle
 import re
 import socket
+import subprocess
+import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, NamedTuple
 
 import dnslib
+import structlog
 
 from dnsoverride import yamlsource
 from dnsoverride.health import GatedOverride, HealthCheck, HealthSpecError, parse_health
 from dnsoverride.yamlsource import brief
+
+log = structlog.get_logger(__name__)
 
 DEFAULT_TTL = 60
 MAX_TTL = 2**31 - 1
@@ -65,6 +73,9 @@ MAX_MESSAGE = 65535
 # of up to 255 bytes, type and class) and our EDNS OPT record with a DNS cookie (RFC 7873:
 # 11 bytes, option header 4, cookie up to 40) take the rest.
 ANSWER_ROOM = MAX_MESSAGE - (12 + 255 + 4 + 11 + 4 + 40)
+# Below this many bytes of zone files to parse, this process parses them all: starting a
+# worker process costs ~0.3 s, parsing a megabyte ~0.2 s.
+PARALLEL_MIN_BYTES = 8 << 20
 # From this many records on an RRset of fixed-size records may not fit a message (A:
 # ~4,000, names: ~230), so only such RRsets (and TXT) are measured.
 _BIG_RRSET = 200
@@ -664,7 +675,9 @@ class ZoneFileCache:
         self._files: dict[tuple[str, bytes], _ParsedFile] = {}
 
     def parse(self, paths: Iterable[Path]) -> list[_ParsedFile]:
-        files: dict[tuple[str, bytes], _ParsedFile] = {}
+        """Every file of `paths`, in order: cached when its bytes were parsed last time."""
+        files: dict[tuple[str, bytes], _ParsedFile | None] = {}
+        misses: dict[tuple[str, bytes], tuple[Path, bytes]] = {}
         for path in paths:
             try:
                 data = path.read_bytes()
@@ -675,10 +688,14 @@ class ZoneFileCache:
                 )
                 continue
             key = (str(path), hashlib.sha256(data).digest())
-            files[key] = self._files.get(key) or _parse_file(path, data)
-            del data  # a big file's bytes need not outlive its parse
-        self._files = {key: file for key, file in files.items() if file.reusable}
-        return list(files.values())
+            known = self._files.get(key)
+            if known is None:
+                misses[key] = (path, data)
+            files[key] = known
+        for key, parsed in zip(misses, _parse_all(list(misses.values())), strict=True):
+            files[key] = parsed
+        self._files = {key: file for key, file in files.items() if file and file.reusable}
+        return [file for file in files.values() if file is not None]
 
 
 def load_zone_set(
@@ -757,29 +774,107 @@ class _Problems:
         return value
 
 
+class _Parts(NamedTuple):
+    """What parsing one file yields, in a form that crosses a process boundary."""
+
+    stored: dict[str, Stored]
+    cnames: tuple[str, ...]
+    checked: tuple[str, ...]
+    problems: tuple[ZoneProblem, ...]
+    digest: str  # of the data, not of the bytes: comments and layout do not change it
+
+
 def _parse_file(path: Path, data: bytes) -> _ParsedFile:
-    zone, problems, digest = _load_file(path, data)
-    return _ParsedFile(zone, tuple(problems), digest)
+    return _parsed(path, _load_file(str(path), data))
 
 
-def _load_file(path: Path, data: bytes) -> tuple[ZoneFile, list[ZoneProblem], str]:
-    """The file's names (in their stored form), its problems, and a digest of its data
-    (not of its bytes: a comment or a reformatting does not change it)."""
-    problems = _Problems(str(path))
-    empty = ZoneFile(path.name, str(path), MappingProxyType({}))
+def _parsed(path: Path, parts: _Parts) -> _ParsedFile:
+    zone = ZoneFile(
+        path.name, str(path), MappingProxyType(parts.stored), parts.cnames, parts.checked
+    )
+    return _ParsedFile(zone, parts.problems, parts.digest)
+
+
+def _parse_all(misses: list[tuple[Path, bytes]]) -> list[_ParsedFile]:
+    """Parse `misses` (path, bytes) in order. The parse is Python code (one core per
+    process), so when there is enough to parse to pay for starting them, the files are
+    shared out, biggest first, among worker processes, one per core."""
+    workers = min(len(misses), len(os.sched_getaffinity(0)))
+    if workers < 2 or sum(len(data) for _, data in misses) < PARALLEL_MIN_BYTES:
+        return [_parse_file(path, data) for path, data in misses]
+    shares: list[list[int]] = [[] for _ in range(workers)]
+    loads = [0] * workers
+    for index in sorted(range(len(misses)), key=lambda i: -len(misses[i][1])):
+        least = loads.index(min(loads))
+        shares[least].append(index)
+        loads[least] += len(misses[index][1])
+    with ThreadPoolExecutor(workers, thread_name_prefix="zone-parse") as threads:
+        outcomes = list(threads.map(lambda share: _in_worker([misses[i] for i in share]), shares))
+    parsed: dict[int, _ParsedFile] = {}
+    for share, outcome in zip(shares, outcomes, strict=True):
+        for index, parts in zip(share, outcome, strict=True):
+            parsed[index] = _parsed(misses[index][0], parts)
+    return [parsed[index] for index in range(len(misses))]
+
+
+# A worker is a plain `python -c` process that reads its files from stdin and writes what
+# it parsed to stdout, both pickled: not multiprocessing, whose spawn would re-import the
+# program's main module (and fork is unsafe in a daemon with threads).
+_WORKER = "from dnsoverride.zones import _worker; _worker()"
+
+
+def _in_worker(jobs: list[tuple[Path, bytes]]) -> list[_Parts]:
+    """`_load_file` of each job in a worker process; in this one if that fails."""
+    payload = pickle.dumps([(str(path), data) for path, data in jobs], pickle.HIGHEST_PROTOCOL)
+    # The worker imports this package from wherever this process did.
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    try:
+        process = subprocess.run(
+            [sys.executable, "-c", _WORKER],
+            input=payload,
+            capture_output=True,
+            env=environment,
+            check=False,
+        )
+        if process.returncode == 0:
+            results: list[_Parts] = pickle.loads(process.stdout)
+            return results
+        reason = f"exit status {process.returncode}: {process.stderr.decode(errors='replace')}"
+    except (OSError, pickle.UnpicklingError) as error:
+        reason = str(error)
+    log.warning("zone_parse_worker_failed", reason=brief(reason), files=len(jobs))
+    return [_load_file(str(path), data) for path, data in jobs]
+
+
+def _worker() -> None:
+    """A parse worker's main (see `_WORKER`). The collector stays off: what it builds is
+    acyclic, and collections would only walk it again and again."""
+    gc.disable()
+    jobs: list[tuple[str, bytes]] = pickle.load(sys.stdin.buffer)
+    results = [_load_file(path, data) for path, data in jobs]
+    pickle.dump(results, sys.stdout.buffer, pickle.HIGHEST_PROTOCOL)
+
+
+def _load_file(path: str, data: bytes) -> _Parts:
+    """Parse one zone file's bytes."""
+    problems = _Problems(path)
+
+    def failed() -> _Parts:
+        return _Parts({}, (), (), tuple(problems.items), "")
+
     try:
         document = yamlsource.load(data.decode("utf-8"))
     except yamlsource.YamlError as error:
         problems.add(error.line, error.reason)
-        return empty, problems.items, ""
+        return failed()
     except UnicodeDecodeError as error:
         problems.add(0, f"cannot read: {error}")
-        return empty, problems.items, ""
+        return failed()
     if document is None:
-        return empty, problems.items, ""
+        return failed()
     if not isinstance(document, yamlsource.LineMap):
         problems.add(1, "a zone file must be a mapping with 'records' (and optionally 'ttl')")
-        return empty, problems.items, ""
+        return failed()
     problems.duplicates(document)
     for key in document:
         if key not in FILE_KEYS:
@@ -791,14 +886,13 @@ def _load_file(path: Path, data: bytes) -> tuple[ZoneFile, list[ZoneProblem], st
         file_ttl = problems.ttl(document["ttl"], document.key_lines["ttl"]) or DEFAULT_TTL
     records = document.get("records")
     if records is None:
-        return empty, problems.items, ""
+        return failed()
     if not isinstance(records, yamlsource.LineMap):
         problems.add(document.key_lines["records"], "'records' must be a mapping of name -> types")
-        return empty, problems.items, ""
+        return failed()
     problems.duplicates(records)
     stored, cnames, checked, digest = _names(records, file_ttl, problems)
-    zone = ZoneFile(path.name, str(path), MappingProxyType(stored), tuple(cnames), tuple(checked))
-    return zone, problems.items, digest
+    return _Parts(stored, tuple(cnames), tuple(checked), tuple(problems.items), digest)
 
 
 def _names(
@@ -806,22 +900,25 @@ def _names(
 ) -> tuple[dict[str, Stored], list[str], list[str], str]:
     """Every name of `records` in its stored form, the aliases among them, the names
     with a health check, and the digest of their data. The hot loop of a zone set: one
-    record type with one plain value (most names) goes straight to the compact form."""
+    record type with one plain value (most names) goes straight to the compact form,
+    and an A record (most of those) is checked inline."""
     stored: dict[str, Stored] = {}
     cnames: list[str] = []
     checked: list[str] = []
-    digest = hashlib.blake2b(digest_size=16)
-    update = digest.update
+    hashed: list[str] = []  # name, data, name, data, ...: hashed in one go at the end
+    add_hashed = hashed.append
     key_lines = records.key_lines
     valid_owner = _VALID_OWNER.fullmatch
     qtypes = _QTYPES
     line_map = yamlsource.LineMap
+    inet_pton, af_inet = socket.inet_pton, socket.AF_INET
+    a_prefix = f"{file_ttl} {QTYPE_A} "
     for raw_name, body in records.items():
         line = key_lines[raw_name]
         if type(raw_name) is not str:
             problems.add(line, f"name {brief(raw_name)} must be a string")
             continue
-        name = normalize_name(raw_name)
+        name = raw_name.rstrip(".").lower()  # normalize_name, inline
         # The valid case in one regex call; name_problem says what is wrong otherwise.
         if len(name) > 253 or not valid_owner(name):
             reason = name_problem(raw_name, wildcard_ok=True)
@@ -835,14 +932,24 @@ def _names(
         data: str | None = None
         if type(body) is line_map and len(body) == 1 and not body.duplicates:
             ((key, value),) = body.items()
-            qtype = qtypes.get(key)
-            if qtype is not None and type(value) is str and qtype != QTYPE_TXT:
-                text, reason = _rdata(key, value)
-                if reason is None:
-                    data = f"{file_ttl} {qtype} {text}"
+            if key == "A" and type(value) is str:
+                text = value.strip()
+                try:
+                    inet_pton(af_inet, text)
+                except (OSError, ValueError):
+                    pass  # the general path below says what is wrong
+                else:
+                    data = a_prefix + text
                     stored[name] = f"{line} {data}"
-                    if qtype == QTYPE_CNAME:
-                        cnames.append(name)
+            else:
+                qtype = qtypes.get(key)
+                if qtype is not None and type(value) is str and qtype != QTYPE_TXT:
+                    text, reason = _rdata(key, value)
+                    if reason is None:
+                        data = f"{file_ttl} {qtype} {text}"
+                        stored[name] = f"{line} {data}"
+                        if qtype == QTYPE_CNAME:
+                            cnames.append(name)
         if data is None:
             entry = _entry(name, line, file_ttl, body, problems)
             if entry is None:
@@ -858,7 +965,9 @@ def _names(
                 cnames.append(name)
             if entry.health is not None:
                 checked.append(name)
-        update(f"{name} {data}\n".encode())
+        add_hashed(name)
+        add_hashed(data)
+    digest = hashlib.blake2b("\n".join(hashed).encode(), digest_size=16)
     return stored, cnames, checked, digest.hexdigest()
 
 
