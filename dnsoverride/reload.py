@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
 import hashlib
+import heapq
 import os
 import re
 import time
@@ -78,7 +80,7 @@ class ZoneSetLike(Protocol):
 
     def name_count(self) -> int: ...
 
-    def changes_from(self, old: Self) -> tuple[frozenset[str], frozenset[str], frozenset[str]]: ...
+    def changes_from(self, old: Self) -> tuple[list[str], list[str], list[str]]: ...
 
 
 S = TypeVar("S", bound=ZoneSetLike)
@@ -126,29 +128,44 @@ class ReloadCollector(Collector):
 
 @dataclass(frozen=True)
 class ChangeSummary:
-    """Which names a reload added, removed or changed (compared by their digests)."""
+    """How many names a reload added, removed and changed, and the first few of each
+    (in name order): a full rewrite of a big set is counted, not listed."""
 
-    added: tuple[str, ...]
-    removed: tuple[str, ...]
-    changed: tuple[str, ...]
+    added: int
+    removed: int
+    changed: int
+    added_names: tuple[str, ...] = ()
+    removed_names: tuple[str, ...] = ()
+    changed_names: tuple[str, ...] = ()
 
     @classmethod
     def between(cls, old: S, new: S) -> ChangeSummary:
         added, removed, changed = new.changes_from(old)
-        return cls(tuple(sorted(added)), tuple(sorted(removed)), tuple(sorted(changed)))
+
+        def first(names: list[str]) -> tuple[str, ...]:
+            return tuple(heapq.nsmallest(SUMMARY_SAMPLE, names))
+
+        return cls(
+            len(added),
+            len(removed),
+            len(changed),
+            first(added),
+            first(removed),
+            first(changed),
+        )
 
     def log_fields(self) -> dict[str, object]:
         return {
-            "added": len(self.added),
-            "removed": len(self.removed),
-            "changed": len(self.changed),
-            "added_names": list(self.added[:SUMMARY_SAMPLE]),
-            "removed_names": list(self.removed[:SUMMARY_SAMPLE]),
-            "changed_names": list(self.changed[:SUMMARY_SAMPLE]),
+            "added": self.added,
+            "removed": self.removed,
+            "changed": self.changed,
+            "added_names": list(self.added_names),
+            "removed_names": list(self.removed_names),
+            "changed_names": list(self.changed_names),
         }
 
 
-NO_CHANGES = ChangeSummary((), (), ())
+NO_CHANGES = ChangeSummary(0, 0, 0)
 
 
 @dataclass(frozen=True)
@@ -483,7 +500,9 @@ class Reloader(Generic[S]):
         also the CPU seconds it took (wall time alone mostly tells how busy the host is)."""
         started = time.thread_time()
         outcome = self._try_load()
-        return outcome, time.thread_time() - started
+        cpu = time.thread_time() - started
+        _trim_heap()  # what the load built and dropped (file bytes, worker replies)
+        return outcome, cpu
 
     def _try_load(self) -> S | _Failed:
         try:
@@ -508,10 +527,15 @@ class Reloader(Generic[S]):
         so the summary never delays serving the new set)."""
         old = self._current
         swapped = new.content_hash != old.content_hash
+        changes = NO_CHANGES
         if swapped:
             self._swap(new)
             self._current = new
-        changes = await self._in_thread(ChangeSummary.between, old, new) if swapped else NO_CHANGES
+            # The worker thread takes the last reference to the old set: freeing a big
+            # one (0.3 s for 1,000,000 names) is not time for the event loop to spend.
+            retired = [old]
+            del old
+            changes = await self._in_thread(_summarize_and_retire, retired, new)
         log.info(
             "zones_reloaded",
             trigger=trigger,
@@ -539,6 +563,29 @@ class Reloader(Generic[S]):
             reasons=[str(p) for p in problems[:SUMMARY_SAMPLE]],
             kept_content_hash=self._current.content_hash,
         )
+
+
+def _summarize_and_retire(retired: list[S], new: S) -> ChangeSummary:
+    """What changed from the set in `retired` (its only reference) to `new`; then the old
+    set is freed, here, and the memory it held handed back to the system."""
+    old = retired.pop()
+    changes = ChangeSummary.between(old, new)
+    del old
+    _trim_heap()
+    return changes
+
+
+def _trim_heap() -> None:
+    """glibc keeps the heap pages a freed zone set leaves, to reuse them: after a full
+    reload of 1,000,000 names the daemon would stay at the peak of old and new set
+    together (~0.45 GB instead of ~0.25 GB). malloc_trim(0) hands them back; where the C
+    library has no such call (musl), nothing is done."""
+    trim = getattr(_LIBC, "malloc_trim", None)
+    if trim is not None:
+        trim(0)
+
+
+_LIBC = ctypes.CDLL(None)
 
 
 # What a config reload applies at once (with the zones); every other key is read at start.
@@ -600,6 +647,7 @@ class ServeStart:
         """The first load, counted as a successful reload."""
         started = time.perf_counter()
         routing = self.loader()
+        _trim_heap()
         self.stats.successes += 1
         self.stats.last_success_unix = time.time()
         self.stats.last_duration_seconds = time.perf_counter() - started

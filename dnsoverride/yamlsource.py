@@ -85,6 +85,7 @@ class YamlError(Exception):
 
 _NO_DUPLICATES: tuple[()] = ()
 _NO_KEY = object()
+_DONE = object()  # a flat mapping read to its end
 _MERGE = object()  # a plain `<<` key (YAML 1.1 merge key)
 
 _constructor = yaml.constructor.SafeConstructor()
@@ -236,6 +237,26 @@ class _Builder:
                 if len(stack) >= MAX_DEPTH:
                     raise YamlError(line, f"YAML nested deeper than {MAX_DEPTH} levels")
                 anchor = event.anchor
+                if (
+                    kind is mapping_start
+                    and anchor is None
+                    and event.tag is None
+                    and type(container) is line_map
+                ):
+                    # A mapping as a value: often flat (a zone name's `{A: 10.0.0.5}`),
+                    # built here without a frame, or handed to the loop where it is not.
+                    flat, event, flat_key, flat_key_line = self._flat_mapping(line)
+                    if flat_key is _DONE:
+                        if key is _MERGE or key in container:
+                            self._merge_or_duplicate(stack, container, key, key_line, flat)
+                        else:
+                            container[key] = flat
+                            container.key_lines[key] = key_line
+                        key = _NO_KEY
+                        continue
+                    stack.append([container, key, key_line, line, None, None])
+                    container, key, key_line = flat, flat_key, flat_key_line
+                    continue
                 stack.append([container, key, key_line, line, anchor, None])
                 if anchor is not None:
                     self.open_anchors.add(anchor)
@@ -291,6 +312,46 @@ class _Builder:
                     container.key_lines[key] = key_line
                 key = _NO_KEY
             event = get()
+
+    def _flat_mapping(self, line: int) -> tuple[LineMap, Any, Any, int]:
+        """Read a mapping's plain scalar pairs. Returns the mapping, the event after it
+        and `_DONE` when it ended; or, at the first thing that is not a plain pair, the
+        mapping so far, that event and the key it belongs to (`_NO_KEY` if none)."""
+        get, scalar, resolvers = self.get, ScalarEvent, _RESOLVERS
+        mapping = LineMap()
+        mapping.line = line
+        mapping.key_lines = lines = {}
+        mapping.duplicates = _NO_DUPLICATES
+        while True:
+            event: Any = get()
+            kind = type(event)
+            if kind is not scalar or event.anchor is not None or event.tag is not None:
+                if kind is MappingEndEvent:
+                    return mapping, get(), _DONE, 0
+                return mapping, event, _NO_KEY, 0
+            key = event.value
+            if event.implicit[0] and (not key or key[0] in resolvers):
+                key = _resolve(key)
+            key_line = event.start_mark.line + 1
+            event = get()
+            kind = type(event)
+            if (
+                key is _MERGE
+                or kind is not scalar
+                or event.anchor is not None
+                or event.tag is not None
+            ):
+                return mapping, event, key, key_line
+            value = event.value
+            if event.implicit[0] and (not value or value[0] in resolvers):
+                value = _resolve(value)
+                if value is _MERGE:
+                    value = "<<"
+            if key in mapping:
+                self._merge_or_duplicate([], mapping, key, key_line, value)
+            else:
+                mapping[key] = value
+                lines[key] = key_line
 
     @staticmethod
     def _merge_or_duplicate(

@@ -37,6 +37,13 @@ SAMPLES = [
     "a: b: c\n",
     "a:\n  - 1\n - 2\n",
     "\ta: 1\n",
+    # Mappings as values are read flat until something is not a plain pair.
+    "x: {a: 1, a: 2}\ny: {}\n",
+    "x: {a: &s 1, b: *s}\n",
+    "x: {a: 1, !!str b: 2}\n",
+    "x: {a: {b: 1}, c: [2]}\nz: 3\n",
+    "x: {<<: {a: 1}, b: 2}\n",
+    "x:\n  a: 1\n  b:\n    - c\n  d: e\n",
     "a: *nowhere\n",
     "a: !custom 1\n",
 ]

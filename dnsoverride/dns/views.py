@@ -51,6 +51,6 @@ class Routing:
         """How many names the zone set overrides."""
         return self.zone_set.name_count()
 
-    def changes_from(self, old: Routing) -> tuple[frozenset[str], frozenset[str], frozenset[str]]:
+    def changes_from(self, old: Routing) -> tuple[list[str], list[str], list[str]]:
         """The names the zone set added, removed and changed since `old`'s."""
         return self.zone_set.changes_from(old.zone_set)
