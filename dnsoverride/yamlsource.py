@@ -216,18 +216,8 @@ class _Builder:
                         value = _resolve(value)
                 else:
                     value = self._special_scalar(event)
-                if type(container) is line_map:  # the common case, spelled out
-                    if key is _NO_KEY:
-                        key, key_line = value, event.start_mark.line + 1
-                    else:
-                        if value is _MERGE:
-                            value = "<<"
-                        if key is _MERGE or key in container:
-                            self._merge_or_duplicate(stack, container, key, key_line, value)
-                        else:
-                            container[key] = value
-                            container.key_lines[key] = key_line
-                        key = _NO_KEY
+                if key is _NO_KEY and type(container) is line_map:
+                    key, key_line = value, event.start_mark.line + 1  # `<<` stays a merge key
                     event = get()
                     continue
             elif kind is mapping_start or kind is sequence_start:
@@ -245,35 +235,19 @@ class _Builder:
                 ):
                     # A mapping as a value: often flat (a zone name's `{A: 10.0.0.5}`),
                     # built here without a frame, or handed to the loop where it is not.
-                    flat, event, flat_key, flat_key_line = self._flat_mapping(line)
-                    if flat_key is _DONE:
-                        if key is _MERGE or key in container:
-                            self._merge_or_duplicate(stack, container, key, key_line, flat)
-                        else:
-                            container[key] = flat
-                            container.key_lines[key] = key_line
-                        key = _NO_KEY
+                    value, event, flat_key, flat_key_line = self._flat_mapping(line)
+                    if flat_key is not _DONE:
+                        stack.append([container, key, key_line, line, None, None])
+                        container, key, key_line = value, flat_key, flat_key_line
                         continue
-                    stack.append([container, key, key_line, line, None, None])
-                    container, key, key_line = flat, flat_key, flat_key_line
-                    continue
-                stack.append([container, key, key_line, line, anchor, None])
-                if anchor is not None:
-                    self.open_anchors.add(anchor)
-                if event.tag is not None:
-                    container = _open(event, line, kind is mapping_start)
-                elif kind is mapping_start:
-                    container = line_map()
-                    container.line = line
-                    container.key_lines = {}
-                    container.duplicates = _NO_DUPLICATES
+                    # Read to its end: placed below like any complete value.
                 else:
-                    container = line_list()
-                    container.line = line
-                    container.item_lines = []
-                key = _NO_KEY
-                event = get()
-                continue
+                    stack.append([container, key, key_line, line, anchor, None])
+                    if anchor is not None:
+                        self.open_anchors.add(anchor)
+                    container, key = _open(event, line, kind is mapping_start), _NO_KEY
+                    event = get()
+                    continue
             elif kind is MappingEndEvent or kind is SequenceEndEvent:
                 value = container
                 frame = stack.pop()
@@ -314,8 +288,8 @@ class _Builder:
             event = get()
 
     def _flat_mapping(self, line: int) -> tuple[LineMap, Any, Any, int]:
-        """Read a mapping's plain scalar pairs. Returns the mapping, the event after it
-        and `_DONE` when it ended; or, at the first thing that is not a plain pair, the
+        """Read a mapping's plain scalar pairs. Returns the mapping, its end event and
+        `_DONE` when it ended; or, at the first thing that is not a plain pair, the
         mapping so far, that event and the key it belongs to (`_NO_KEY` if none)."""
         get, scalar, resolvers = self.get, ScalarEvent, _RESOLVERS
         mapping = LineMap()
@@ -327,7 +301,7 @@ class _Builder:
             kind = type(event)
             if kind is not scalar or event.anchor is not None or event.tag is not None:
                 if kind is MappingEndEvent:
-                    return mapping, get(), _DONE, 0
+                    return mapping, event, _DONE, 0
                 return mapping, event, _NO_KEY, 0
             key = event.value
             if event.implicit[0] and (not key or key[0] in resolvers):
@@ -425,6 +399,7 @@ class _Builder:
 
 
 def _open(event: Any, line: int, is_mapping: bool) -> LineMap | LineList:
+    """An empty LineMap or LineList for a collection's start event."""
     if event.tag not in (_MAP_TAGS if is_mapping else _SEQ_TAGS):
         raise YamlError(line, f"YAML tag {_tag_name(event.tag)} is not supported here")
     if is_mapping:

@@ -525,27 +525,28 @@ class _Chains:
             )
         too_long = {n for n, hops in self.hops.items() if hops > MAX_CNAME_CHAIN}
         too_big = {n for n, size in self.size.items() if size > ANSWER_ROOM}
-        for name in sorted(_heads(too_long, self.next)):
-            entry = self.entries[name]
-            found.append(
-                ZoneProblem(
-                    entry.file,
-                    entry.line,
-                    f"{name}: CNAME chain {_chain_text(self._chain(name))} visits "
-                    f"{self.hops[name]} names; the server follows at most {MAX_CNAME_CHAIN}",
+        reasons: list[tuple[set[str], Callable[[str], str]]] = [
+            (
+                too_long,
+                lambda n: (
+                    f"visits {self.hops[n]} names; the server follows at most {MAX_CNAME_CHAIN}"
+                ),
+            ),
+            (
+                too_big,
+                lambda n: (
+                    f"answers with {self.size[n]:,} bytes of records, more than a DNS "
+                    f"message holds ({ANSWER_ROOM:,} after header, question and EDNS)"
+                ),
+            ),
+        ]
+        for failing, why in reasons:
+            for name in sorted(_heads(failing, self.next)):
+                entry = self.entries[name]
+                chain = _chain_text(self._chain(name))
+                found.append(
+                    ZoneProblem(entry.file, entry.line, f"{name}: CNAME chain {chain} {why(name)}")
                 )
-            )
-        for name in sorted(_heads(too_big, self.next)):
-            entry = self.entries[name]
-            found.append(
-                ZoneProblem(
-                    entry.file,
-                    entry.line,
-                    f"{name}: CNAME chain {_chain_text(self._chain(name))} answers with "
-                    f"{self.size[name]:,} bytes of records, more than a DNS message holds "
-                    f"({ANSWER_ROOM:,} after header, question and EDNS)",
-                )
-            )
         return found
 
     def _chain(self, name: str) -> list[str]:

@@ -96,6 +96,16 @@ class DnsPeer:
         return self.log.read_text(errors="replace")
 
 
+def memory_mb(pid: int) -> dict[str, float]:
+    """A process's resident memory now (`VmRSS`) and at its peak (`VmHWM`), in MB."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            fields[key] = int(value.split()[0]) / 1024
+    return fields
+
+
 def http_status(url: str) -> int:
     """The status a GET of `url` answers with (e.g. a daemon's /readyz), error codes too."""
     try:

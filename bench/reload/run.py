@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import dns.exception  # after the sys.path line
 import dns.rcode
 
-from tests.peers import DnsPeer, dnsmasq, dnsoverride_serve
+from tests.peers import DnsPeer, dnsmasq, dnsoverride_serve, memory_mb
 
 
 def address(index: int, version: int) -> str:
@@ -73,15 +73,6 @@ def write_hosts(path: Path, names: int, version: int) -> None:
     temp = path.with_suffix(".tmp")
     temp.write_text(text)
     temp.replace(path)
-
-
-def memory_mb(pid: int) -> dict[str, float]:
-    fields = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            fields[key] = int(value.split()[0]) / 1024
-    return fields
 
 
 def answers(server: DnsPeer, qname: str) -> str | None:
