@@ -71,6 +71,9 @@ DEFAULT_SETTLE_MAX = 2.0
 MAX_TORN_READS = 5
 # How many names per category a reload event lists (the counts are always complete).
 SUMMARY_SAMPLE = 10
+# `zone_problem` events per failed reload: a mistaken edit of a big file (every address
+# replaced) must not write a log line per name each time; `dnsoverride check` lists all.
+MAX_LOGGED_PROBLEMS = 100
 
 
 class ZoneSetLike(Protocol):
@@ -556,12 +559,13 @@ class Reloader(Generic[S]):
     def _record_failure(self, trigger: Trigger, problems: Iterable[ZoneProblem]) -> None:
         self.stats.failures += 1
         problems = tuple(problems)
-        for problem in problems:
+        for problem in problems[:MAX_LOGGED_PROBLEMS]:
             log.error("zone_problem", file=problem.file, line=problem.line, reason=problem.reason)
         log.error(
             "zones_reload_failed",
             trigger=trigger,
             problems=len(problems),
+            problems_logged=min(len(problems), MAX_LOGGED_PROBLEMS),
             reasons=[str(p) for p in problems[:SUMMARY_SAMPLE]],
             kept_content_hash=self._current.content_hash,
         )

@@ -309,6 +309,20 @@ async def test_broken_file_keeps_last_good_set_then_fix_reloads(zones: Path, cas
             assert sample("dnsoverride_zone_reload_last_success_timestamp_seconds") is not None
 
 
+async def test_a_failed_reload_logs_at_most_100_problems(zones: Path) -> None:
+    """Before, every problem was one log line on every failed reload: an edit that broke
+    all 1,000,000 names of a big set would log 1,000,000 lines each time."""
+    with structlog.testing.capture_logs() as logs:
+        async with reloading(zones) as h:
+            bad = zone_text({f"n{i}.test": "10.0.0.256" for i in range(500)})
+            (zones / "a.yaml").write_text(bad)
+            await h.until(lambda: h.reloader.stats.failures == 1)
+    assert len([e for e in logs if e["event"] == "zone_problem"]) == 100
+    [failed] = [e for e in logs if e["event"] == "zones_reload_failed"]
+    assert (failed["problems"], failed["problems_logged"]) == (500, 100)
+    assert len(failed["reasons"]) == 10
+
+
 async def test_success_event_has_hash_and_change_summary(zones: Path) -> None:
     with structlog.testing.capture_logs() as logs:
         async with reloading(zones) as h:

@@ -243,9 +243,11 @@ def log_events(server: DnsPeer, name: str) -> list[dict[str, object]]:
     return found
 
 
+# What is saved (into a new zone file, or over the running config) and the line blamed.
 HOSTILE = {
-    "deep": (lambda: deep(100_000, anchor=True), 3),
-    "laughs": (lambda: laughs_zone(9), 8),
+    "deep": ("zone", lambda: deep(100_000, anchor=True), 3),
+    "laughs": ("zone", lambda: laughs_zone(9), 8),
+    "laughs in allow": ("config", lambda: "reload_interval: 0.3\n" + laughs_allow(9), 8),
 }
 
 
@@ -254,19 +256,24 @@ def test_running_server_rejects_the_file_keeps_answering_and_does_not_retry(
     workdir: Path, upstream: DnsPeer, case: str
 ) -> None:
     """Before the fix the server died 2.3 s after the deep file was saved (logging
-    nothing), and the 9-level bomb took it to a MemoryError after ~170 s unresponsive,
-    re-tried every `reload_interval` (a reload that raised recorded nothing)."""
-    make, line = HOSTILE[case]
-    text = make()
+    nothing), and the 9-level bomb (in a zone file, or as the config's `allow`) took it
+    to a MemoryError after ~170 s unresponsive, re-tried every `reload_interval` (a
+    reload that raised recorded nothing)."""
+    where, make, line = HOSTILE[case]
     zones = workdir / "zones"
     config = "reload_interval: 0.3\n"
     with dnsoverride_serve(
         workdir, zones, [upstream.address], "--log-level", "debug", config=config
     ) as server:
+        # Saved by rename, like most tools do.
+        if where == "zone":
+            path = zones / "bomb.yaml"
+        else:
+            path = workdir / f"dnsoverride-{server.port}.yaml"
         with Prober(server) as prober:
-            temp = zones / ".bomb.yaml.tmp"
-            temp.write_text(text)
-            temp.replace(zones / "bomb.yaml")
+            temp = path.with_name(".bomb.tmp")
+            temp.write_text(make())
+            temp.replace(path)
             deadline = time.monotonic() + 20
             while not log_events(server, "zones_reload_failed"):
                 assert time.monotonic() < deadline, f"{case}: no reload failure logged"
@@ -278,7 +285,7 @@ def test_running_server_rejects_the_file_keeps_answering_and_does_not_retry(
                 time.sleep(0.05)
         assert server.process.poll() is None
         [problem] = log_events(server, "zone_problem")
-        assert (problem["file"], problem["line"]) == (str(zones / "bomb.yaml"), line)
+        assert (problem["file"], problem["line"]) == (str(path), line)
         assert len(log_events(server, "zones_reload_failed")) == 1
         assert not log_events(server, "zone_reload_crashed")
         assert prober.lost == 0, (prober.lost, prober.answered)
