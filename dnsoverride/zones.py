@@ -1,8 +1,11 @@
 """Zone files: YAML on disk -> one immutable, validated `ZoneSet`, and the live holder.
 
 Owns the zone file format, its validation (every problem reported as `file:line: reason`,
-all of them at once), the lookup rules for overridden names and wildcards, and
-`LiveZones`, the single holder the DNS server reads and `reload.py` swaps.
+all of them at once, including whatever the server could not answer: records over wire
+limits, CNAME loops and over-long chains within a view), the compact form names are kept
+in, the parse of big sets in worker processes, the lookup rules for overridden names and
+wildcards, and `LiveZones`, the single holder the DNS server reads and `reload.py` swaps.
+(YAML itself, with its limits, is `yamlsource`.)
 
 Format (every `*.yaml` / `*.yml` in the zones directory)::
 
