@@ -28,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
             print(zone_problem, file=sys.stderr)
         return 1
     print(
-        f"ok: {len(zone_set.files)} zone files, {len(zone_set.names())} names, "
+        f"ok: {len(zone_set.files)} zone files, {zone_set.name_count()} names, "
         f"{len(config.views)} views, upstreams {', '.join(map(str, config.upstreams))}"
     )
     return 0

@@ -17,6 +17,7 @@ from typing import Any
 from dnsoverride import yamlsource
 from dnsoverride.errors import UserError
 from dnsoverride.loops import listener_owns
+from dnsoverride.yamlsource import brief
 from dnsoverride.zones import name_problem, normalize_name
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -195,17 +196,17 @@ def parse_endpoint(text: str, default_port: int | None) -> Endpoint:
         host, _, rest = text[1:].partition("]")
         if rest:
             if not rest.startswith(":"):
-                raise ValueError(f"bad address {text!r}")
+                raise ValueError(f"bad address {brief(text)}")
             port = rest[1:]
     elif text.count(":") == 1:
         host, port = text.split(":")
     host = host.split("%")[0]  # a link-local scope; the address is what we compare
     if port is None:
         if default_port is None:
-            raise ValueError(f"{text!r} needs a port (HOST:PORT)")
+            raise ValueError(f"{brief(text)} needs a port (HOST:PORT)")
         return Endpoint(str(ipaddress.ip_address(host)), default_port)
     if not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"bad port in {text!r}")
+        raise ValueError(f"bad port in {brief(text)}")
     return Endpoint(str(ipaddress.ip_address(host)), int(port))
 
 
@@ -269,21 +270,21 @@ class _Reader:
 
 def _network(text: Any) -> IPNetwork:
     if not isinstance(text, str):
-        raise TypeError(f"expected a CIDR string, got {text!r}")
+        raise TypeError(f"expected a CIDR string, got {brief(text)}")
     try:
         return ipaddress.ip_network(text.strip(), strict=False)
     except ValueError:
-        raise ValueError(f"not an IP network: {text!r}") from None
+        raise ValueError(f"not an IP network: {brief(text)}") from None
 
 
 def _endpoint_parser(default_port: int | None) -> Callable[[Any], Endpoint]:
     def parse(text: Any) -> Endpoint:
         if not isinstance(text, str):
-            raise TypeError(f"expected 'HOST:PORT', got {text!r}")
+            raise TypeError(f"expected 'HOST:PORT', got {brief(text)}")
         try:
             return parse_endpoint(text, default_port)
         except ValueError as error:
-            raise ValueError(f"bad address {text!r} ({error})") from None
+            raise ValueError(f"bad address {brief(text)} ({error})") from None
 
     return parse
 
@@ -293,8 +294,8 @@ def _read_file(path: Path) -> tuple[dict[str, Any], list[str]]:
     reader = _Reader(str(path))
     try:
         document = yamlsource.load_file(path)
-    except yamlsource.YamlSyntaxError as error:
-        return {}, [f"{path}:{error.line}: YAML syntax error: {error.reason}"]
+    except yamlsource.YamlError as error:
+        return {}, [f"{path}:{error.line}: {error.reason}"]
     except (OSError, UnicodeDecodeError) as error:
         raise UserError(f"cannot read config file {path}: {error}") from None
     if document is None:
@@ -302,13 +303,13 @@ def _read_file(path: Path) -> tuple[dict[str, Any], list[str]]:
     if not isinstance(document, yamlsource.LineMap):
         return {}, [f"{path}:1: the config must be a mapping of settings"]
     for key, line in document.duplicates:
-        reader.add(line, f"duplicate key {key!r}")
+        reader.add(line, f"duplicate key {brief(key)}")
     values: dict[str, Any] = {}
     lines = document.key_lines
     for key, value in document.items():
         line = lines[key]
         if key not in TOP_KEYS:
-            reader.add(line, f"unknown key {key!r} (known: {', '.join(TOP_KEYS)})")
+            reader.add(line, f"unknown key {brief(key)} (known: {', '.join(TOP_KEYS)})")
         elif key == "listen":
             values["listen"] = tuple(reader.list_of(value, line, key, _endpoint_parser(None)))
         elif key == "upstreams":
@@ -365,14 +366,15 @@ def _views(reader: _Reader, value: Any, line: int) -> tuple[View, ...]:
         for key in item:
             if key not in VIEW_KEYS:
                 reader.add(
-                    item.key_lines[key], f"view: unknown key {key!r} (known: name, clients, zones)"
+                    item.key_lines[key],
+                    f"view: unknown key {brief(key)} (known: name, clients, zones)",
                 )
         name = item.get("name")
         if not isinstance(name, str) or not name:
             reader.add(item_line, "view: 'name' is required")
             continue
         if name in (v.name for v in views):
-            reader.add(item_line, f"view {name!r} is defined twice")
+            reader.add(item_line, f"view {brief(name)} is defined twice")
         clients = item.get("clients", [])
         clients_line = item.key_lines.get("clients", item_line)
         networks = reader.list_of(clients, clients_line, f"view {name} clients", _network)
@@ -426,7 +428,8 @@ def _section_keys(
             keys.append(key)
         else:
             reader.add(
-                value.key_lines[key], f"{section}: unknown key {key!r} (known: {', '.join(known)})"
+                value.key_lines[key],
+                f"{section}: unknown key {brief(key)} (known: {', '.join(known)})",
             )
     return keys
 
@@ -554,7 +557,7 @@ def load_config(args: argparse.Namespace, resolv_conf: Path = RESOLV_CONF) -> Se
     names = [view.name for view in values["views"]]
     if values["default_view"] not in names:
         if values["default_view"] != DEFAULT_VIEW:
-            problems.append(f"default_view {values['default_view']!r} is not one of the views")
+            problems.append(f"default_view {brief(values['default_view'])} is not one of the views")
         else:
             values["views"] = (*values["views"], View(DEFAULT_VIEW, (), None))
     if values.get("timeout", 2.0) < values.get("attempt_timeout", 0.8):

@@ -31,6 +31,8 @@ import structlog
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from dnsoverride.yamlsource import brief
+
 if TYPE_CHECKING:
     import aiohttp
 
@@ -95,7 +97,7 @@ def _duration(key: str, value: object) -> float:
         match = _DURATION.match(str(value))
         if match is None:
             raise HealthSpecError(
-                f"health {key} must be a duration like 5, 5s or 500ms, not {value!r}"
+                f"health {key} must be a duration like 5, 5s or 500ms, not {brief(value)}"
             )
         seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
     if seconds <= 0:
@@ -111,7 +113,7 @@ def _count(key: str, value: object) -> int:
 
 def _port(value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 65536:
-        raise HealthSpecError(f"health tcp must be a port number (1-65535), not {value!r}")
+        raise HealthSpecError(f"health tcp must be a port number (1-65535), not {brief(value)}")
     return value
 
 
@@ -122,7 +124,7 @@ def _statuses(value: object) -> frozenset[int]:
         for item in items
     ):
         raise HealthSpecError(
-            f"health expect must be an HTTP status or a list of them, not {value!r}"
+            f"health expect must be an HTTP status or a list of them, not {brief(value)}"
         )
     return frozenset(items)
 
@@ -135,10 +137,11 @@ def _https_target(name: str, value: object) -> tuple[int, str]:
         return 443, value
     parts = urlsplit(value)
     if parts.scheme != "https" or not parts.hostname:
-        raise HealthSpecError(f"health https must be an https:// URL or a path, not {value!r}")
+        raise HealthSpecError(f"health https must be an https:// URL or a path, not {brief(value)}")
     if parts.hostname.rstrip(".").lower() != name.rstrip(".").lower():
         raise HealthSpecError(
-            f"health https URL host {parts.hostname!r} is not the overridden name {name!r}: "
+            f"health https URL host {brief(parts.hostname)} is not the overridden name "
+            f"{brief(name)}: "
             "the check sends the overridden name as SNI and Host to the override's addresses"
         )
     try:
@@ -157,7 +160,7 @@ def _ca_file(value: object, base_dir: Path) -> Path:
         ssl.create_default_context(cafile=str(path))
     except (OSError, ssl.SSLError) as error:
         raise HealthSpecError(
-            f"health ca {str(path)!r} is not a readable PEM CA: {error}"
+            f"health ca {brief(str(path))} is not a readable PEM CA: {error}"
         ) from None
     return path
 

@@ -96,6 +96,16 @@ class DnsPeer:
         return self.log.read_text(errors="replace")
 
 
+def memory_mb(pid: int) -> dict[str, float]:
+    """A process's resident memory now (`VmRSS`) and at its peak (`VmHWM`), in MB."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            fields[key] = int(value.split()[0]) / 1024
+    return fields
+
+
 def http_status(url: str) -> int:
     """The status a GET of `url` answers with (e.g. a daemon's /readyz), error codes too."""
     try:
@@ -127,7 +137,14 @@ def wait_until_answers(peer: DnsPeer, timeout: float = STARTUP_TIMEOUT) -> None:
 
 @contextlib.contextmanager
 def running(
-    name: str, command: Sequence[str], host: str, port: int, log: Path, **popen: object
+    name: str,
+    command: Sequence[str],
+    host: str,
+    port: int,
+    log: Path,
+    *,
+    startup_timeout: float = STARTUP_TIMEOUT,
+    **popen: object,
 ) -> Iterator[DnsPeer]:
     """Start `command`, wait until host:port answers DNS, stop it on exit."""
     with log.open("wb") as output:
@@ -139,7 +156,7 @@ def running(
         )
     peer = DnsPeer(name, host, port, process, log)
     try:
-        wait_until_answers(peer)
+        wait_until_answers(peer, startup_timeout)
         yield peer
     finally:
         peer.stop()
@@ -227,6 +244,7 @@ def dnsoverride_serve(
     config: str | None = None,
     host: str = "127.0.0.1",
     env: dict[str, str] | None = None,
+    startup_timeout: float = STARTUP_TIMEOUT,
 ) -> Iterator[DnsPeer]:
     """`python -m dnsoverride serve` on a free port of `host`, JSON logs in its log file."""
     port = free_port(host)
@@ -251,6 +269,12 @@ def dnsoverride_serve(
         command += ["--config", str(path)]
     environment = {**os.environ, **(env or {})}
     with running(
-        "dnsoverride", command, host, port, directory / f"dnsoverride-{port}.log", env=environment
+        "dnsoverride",
+        command,
+        host,
+        port,
+        directory / f"dnsoverride-{port}.log",
+        startup_timeout=startup_timeout,
+        env=environment,
     ) as peer:
         yield peer

@@ -309,6 +309,20 @@ async def test_broken_file_keeps_last_good_set_then_fix_reloads(zones: Path, cas
             assert sample("dnsoverride_zone_reload_last_success_timestamp_seconds") is not None
 
 
+async def test_a_failed_reload_logs_at_most_100_problems(zones: Path) -> None:
+    """Before, every problem was one log line on every failed reload: an edit that broke
+    all 1,000,000 names of a big set would log 1,000,000 lines each time."""
+    with structlog.testing.capture_logs() as logs:
+        async with reloading(zones) as h:
+            bad = zone_text({f"n{i}.test": "10.0.0.256" for i in range(500)})
+            (zones / "a.yaml").write_text(bad)
+            await h.until(lambda: h.reloader.stats.failures == 1)
+    assert len([e for e in logs if e["event"] == "zone_problem"]) == 100
+    [failed] = [e for e in logs if e["event"] == "zones_reload_failed"]
+    assert (failed["problems"], failed["problems_logged"]) == (500, 100)
+    assert len(failed["reasons"]) == 10
+
+
 async def test_success_event_has_hash_and_change_summary(zones: Path) -> None:
     with structlog.testing.capture_logs() as logs:
         async with reloading(zones) as h:
@@ -360,6 +374,34 @@ async def test_periodic_check_catches_missed_changes(zones: Path, tmp_path: Path
             # Unchanged files: later periodic checks do not reload again.
             await h.until(lambda: sum(e["event"] == "zones_unchanged" for e in logs) >= 2)
     assert [e["trigger"] for e in logs if e["event"] == "zones_reloaded"] == ["periodic"]
+
+
+async def test_a_load_that_raises_is_a_failure_and_its_bytes_are_not_retried(
+    zones: Path, tmp_path: Path
+) -> None:
+    """Before the fix, a loader that raised (a bug, or the MemoryError of a YAML bomb)
+    was logged as `zone_reload_crashed` and recorded nothing: every periodic check loaded
+    the same bytes again, and the failure counter never moved."""
+    calls = 0
+
+    def load() -> ZoneSet:
+        nonlocal calls
+        calls += 1
+        if calls > 1:
+            raise MemoryError("simulated")
+        return load_zone_set(zones)
+
+    with structlog.testing.capture_logs() as logs:
+        async with reloading(zones, load, interval=0.1) as h:
+            write_unseen(zones, tmp_path / "other", "a.yaml", zone_text({"a.test": "10.0.0.2"}))
+            await h.until(lambda: h.reloader.stats.failures == 1)
+            # Three periodic checks later: the same bytes were not loaded again.
+            await h.until(lambda: sum(e["event"] == "zones_unchanged" for e in logs) >= 3)
+            assert calls == 2
+            assert h.answer("a.test") == ("10.0.0.1",)
+    [problem] = [e for e in logs if e["event"] == "zone_problem"]
+    assert problem["reason"] == "internal error while loading: MemoryError: 'simulated'"
+    assert len([e for e in logs if e["event"] == "zone_reload_crashed"]) == 1
 
 
 VIEW_CONFIG = "upstreams: [127.0.0.1:1]\nviews:\n  - name: ci\n    clients: [127.0.0.0/8]\n"

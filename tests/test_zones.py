@@ -9,8 +9,10 @@ from pathlib import Path
 
 import dnslib
 import pytest
+import structlog
 
-from dnsoverride.zones import LiveZones, ZoneSetError, load_zone_set
+from dnsoverride import zones
+from dnsoverride.zones import LiveZones, ZoneFileCache, ZoneSetError, load_zone_set
 
 MINIMAL = """\
 ttl: 60                      # optional default TTL for this file
@@ -268,15 +270,21 @@ def test_records_are_built_from_their_canonical_texts(tmp_path: Path) -> None:
     assert str(b[dnslib.QTYPE.AAAA].rdatas[0]) == "2001:db8::1"
 
 
-def test_name_digests_mark_exactly_the_changed_names(tmp_path: Path) -> None:
+def test_changes_mark_exactly_the_changed_names(tmp_path: Path) -> None:
     write(tmp_path, "a.yaml", "records:\n  x.example: {A: 10.0.0.1}\n  y.example: {A: 10.0.0.9}\n")
-    write(tmp_path, "b.yaml", "records:\n  y.example: {A: 10.0.0.8}\n")
-    first = load_zone_set(tmp_path).name_digests()
+    write(tmp_path, "b.yaml", "records:\n  y.example: {A: 10.0.0.8}\n  w.example: {A: 1.1.1.1}\n")
+    cache = ZoneFileCache()
+    first = load_zone_set(tmp_path, cache=cache)
     write(tmp_path, "b.yaml", "records:\n  y.example: {A: 10.0.0.7}\n  z.example: {A: 1.1.1.1}\n")
-    second = load_zone_set(tmp_path).name_digests()
-    assert first["x.example"] == second["x.example"]
-    assert first["y.example"] != second["y.example"]  # defined twice; one of them changed
-    assert set(second) - set(first) == {"z.example"}
+    second = load_zone_set(tmp_path, cache=cache)
+    assert first.files[0] is second.files[0]  # a.yaml was not parsed again
+    added, removed, changed = second.changes_from(first)
+    assert (added, removed) == (["z.example"], ["w.example"])
+    assert changed == ["y.example"]  # defined twice; one of them changed
+    # Moving a name to another line changes nothing; a whole new parse compares the same.
+    moved = "records:\n\n  y.example: {A: 10.0.0.9}\n  x.example: {A: 10.0.0.1}\n"
+    write(tmp_path, "a.yaml", moved)
+    assert load_zone_set(tmp_path).changes_from(second) == ([], [], [])
 
 
 def test_live_zones_swap_bumps_generation(tmp_path: Path) -> None:
@@ -327,3 +335,67 @@ def test_check_command_prints_problems_and_exits_1(tmp_path: Path) -> None:
     result = dnsoverride_check(config, tmp_path)
     assert result.returncode == 0, result.stderr
     assert "3 names" in result.stdout
+
+
+def big_set(directory: Path) -> None:
+    """Three files: plain names, every kind of stored entry, and a file with problems."""
+    write(
+        directory,
+        "a.yaml",
+        "records:\n"
+        + "".join(f"  h{i}.a.test: {{A: 10.0.{i // 250}.{i % 250}}}\n" for i in range(2000)),
+    )
+    write(
+        directory,
+        "b.yaml",
+        """\
+        records:
+          multi.test: {A: [10.0.0.1, 10.0.0.2], AAAA: fd00::1, ttl: 5}
+          checked.test:
+            A: 10.0.0.3
+            health: {tcp: 443}
+          alias.test: {CNAME: multi.test}
+          txt.test: {TXT: ["line\\nbreak", "two"]}
+        """,
+    )
+    write(directory, "c.yaml", "records:\n  bad.test: {A: 10.0.0.300}\n  ok.test: {A: 10.0.0.4}\n")
+
+
+def test_worker_processes_parse_exactly_what_this_process_parses(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    big_set(tmp_path)
+    with pytest.raises(ZoneSetError) as alone:
+        load_zone_set(tmp_path)
+    monkeypatch.setattr(zones, "PARALLEL_MIN_BYTES", 0)
+    calls: list[int] = []
+    real = zones._in_worker
+    monkeypatch.setattr(zones, "_in_worker", lambda jobs: calls.append(len(jobs)) or real(jobs))
+    with pytest.raises(ZoneSetError) as shared:
+        load_zone_set(tmp_path)
+    assert sorted(calls) == [1, 2]  # three files over two workers, biggest alone
+    assert shared.value.problems == alone.value.problems
+    (tmp_path / "c.yaml").unlink()
+    parallel = load_zone_set(tmp_path)
+    monkeypatch.setattr(zones, "PARALLEL_MIN_BYTES", 1 << 40)
+    serial = load_zone_set(tmp_path)
+    assert parallel.content_hash == serial.content_hash
+    for name in ("h1999.a.test", "multi.test", "checked.test", "alias.test", "txt.test"):
+        assert parallel.select(None).lookup(name) == serial.select(None).lookup(name)
+    assert parallel.health_gated() == serial.health_gated()
+    assert parallel.files[1].cnames == ("alias.test",)
+
+
+def test_a_failing_worker_is_logged_and_its_files_parsed_here(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    big_set(tmp_path)
+    (tmp_path / "c.yaml").unlink()
+    monkeypatch.setattr(zones, "PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setattr(zones, "_WORKER", "import sys; sys.exit('no workers here')")
+    with structlog.testing.capture_logs() as logs:
+        zone_set = load_zone_set(tmp_path)
+    assert zone_set.name_count() == 2004
+    failures = [e for e in logs if e["event"] == "zone_parse_worker_failed"]
+    assert len(failures) == 2
+    assert "exit status 1: no workers here" in failures[0]["reason"]

@@ -1,20 +1,25 @@
 #!/usr/bin/env python3
-"""Reload benchmark: a zone set of 100,000 names, dnsoverride against dnsmasq, one run.
+"""Reload benchmark: a big zone set, dnsoverride against dnsmasq, one run.
 
-dnsoverride serves --names overridden names spread over --files zone files; dnsmasq
-serves the same names from an `--addn-hosts` file (re-read on SIGHUP, its only way to
-reload). Measured, each from the moment the edit is saved to the first DNS answer that
-shows it (queried over loopback UDP):
+dnsoverride serves --names overridden names (default 100,000; the issue-10 case is
+1,000,000) spread over --files zone files; dnsmasq serves the same names from an
+`--addn-hosts` file (re-read on SIGHUP, its only way to reload). Measured, each from the
+moment the edit is saved to the first DNS answer that shows it (queried over loopback
+UDP):
 
+  check              `dnsoverride check` on the set (wall and CPU, workers included)
+  startup            process start -> first answer (dnsmasq: the same)
   edit one file      dnsoverride: file event -> debounce -> re-parse that file -> swap
   rewrite all files  dnsoverride: every file re-parsed (the worst case)
   SIGHUP             dnsoverride: forced full reload; dnsmasq: re-reads its hosts file
 
-plus the load+validate+swap time dnsoverride logs for each reload (`seconds`), the
-resident memory (VmRSS) of both daemons after the reloads and dnsoverride's peak
-(VmHWM), and the worst query latency seen while a full reload runs (the reload happens
-in a worker thread; this shows what it costs the event loop). Targets: reload < 2 s,
-RSS < 300 MB.
+plus the load+validate+swap time dnsoverride logs for each reload (`seconds`, and its
+`cpu_seconds`), the resident memory (VmRSS) of both daemons after the reloads and their
+peaks (VmHWM), the largest parse worker process seen, and the worst query latency while
+a full reload runs (the reload runs off the event loop; this shows what it costs it).
+Targets: 100,000 names: reload < 2 s, RSS < 300 MB; 1,000,000 names: start < 10 s,
+RSS < 1 GB, one-file edit answered < 3 s. The host's load average is printed: the wall
+times are only as good as the machine is quiet (CPU seconds say what the work costs).
 
     python3 bench/reload/run.py [--names 100000] [--files 10]
 """
@@ -23,7 +28,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
 import signal
+import subprocess
 import sys
 import tempfile
 import threading
@@ -36,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import dns.exception  # after the sys.path line
 import dns.rcode
 
-from tests.peers import DnsPeer, dnsmasq, dnsoverride_serve
+from tests.peers import DnsPeer, dnsmasq, dnsoverride_serve, memory_mb
 
 
 def address(index: int, version: int) -> str:
@@ -67,15 +75,6 @@ def write_hosts(path: Path, names: int, version: int) -> None:
     temp.replace(path)
 
 
-def memory_mb(pid: int) -> dict[str, float]:
-    fields = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            fields[key] = int(value.split()[0]) / 1024
-    return fields
-
-
 def answers(server: DnsPeer, qname: str) -> str | None:
     try:
         response = server.query(qname, timeout=1)
@@ -92,6 +91,66 @@ def seconds_until(predicate: Callable[[], bool], since: float, within: float = 6
             raise RuntimeError(f"no change within {within}s")
         time.sleep(0.002)
     return time.monotonic() - since
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            found += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return found
+
+
+class WorkerMemory:
+    """Samples the daemon's child processes (its parse workers) for their largest RSS."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.peak_mb = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for child in children(self.pid):
+                try:
+                    self.peak_mb = max(self.peak_mb, memory_mb(child)["VmRSS"])
+                except (OSError, KeyError):
+                    continue
+            time.sleep(0.02)
+
+    def __enter__(self) -> WorkerMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def bench_check(work: Path, zones: Path, upstream: DnsPeer) -> dict[str, float]:
+    """`dnsoverride check` on the set: wall time, CPU of it and its workers, its peak RSS."""
+    config = work / "check.yaml"
+    config.write_text(f"zones: {zones}\nupstreams: [{upstream.address}]\n")
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.monotonic()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "dnsoverride", "check", "--config", str(config)],
+        stdout=subprocess.DEVNULL,
+    )
+    _, status, usage = os.wait4(process.pid, 0)
+    elapsed = time.monotonic() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError("dnsoverride check failed")
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return {
+        "check (s)": elapsed,
+        "check CPU, workers included (s)": cpu,
+        "check peak RSS (MB)": usage.ru_maxrss / 1024,
+    }
 
 
 def reload_events(server: DnsPeer) -> list[dict[str, object]]:
@@ -135,11 +194,14 @@ def bench_dnsoverride(work: Path, upstream: DnsPeer, names: int, files: int) -> 
     zones.mkdir()
     write_zones(zones, names, dict.fromkeys(range(files), 1))
     probe_index = 0  # in file 0
-    results: dict[str, float] = {}
+    results = bench_check(work, zones, upstream)
     started = time.monotonic()
-    with dnsoverride_serve(
-        work, zones, [upstream.address], config="reload_interval: 3600\n"
-    ) as server:
+    with (
+        dnsoverride_serve(
+            work, zones, [upstream.address], config="reload_interval: 3600\n", startup_timeout=300
+        ) as server,
+        WorkerMemory(server.process.pid) as workers,
+    ):
         results["startup (s)"] = time.monotonic() - started
         results["RSS after start (MB)"] = memory_mb(server.process.pid)["VmRSS"]
         qname = name(probe_index)
@@ -169,6 +231,7 @@ def bench_dnsoverride(work: Path, upstream: DnsPeer, names: int, files: int) -> 
             reload_events(server)[-1]["cpu_seconds"]  # type: ignore[arg-type]
         )
         results["rewrite all: worst query latency (ms)"] = probe.worst * 1000
+        results["rewrite all: queries answered"] = probe.count - probe.lost
         results["rewrite all: queries lost"] = probe.lost
         # SIGHUP: the forced full reload of unchanged files (nothing cached is re-used
         # by the answer path, but parsed files are: this is the cheapest full reload).
@@ -179,6 +242,7 @@ def bench_dnsoverride(work: Path, upstream: DnsPeer, names: int, files: int) -> 
         memory = memory_mb(server.process.pid)
         results["RSS after reloads (MB)"] = memory["VmRSS"]
         results["peak RSS (MB)"] = memory["VmHWM"]
+    results["largest parse worker RSS (MB)"] = workers.peak_mb
     return results
 
 
@@ -215,7 +279,8 @@ def main() -> int:
         with dnsmasq(work, "--address=/test/") as upstream:
             ours = bench_dnsoverride(work, upstream, args.names, args.files)
         theirs = bench_dnsmasq(work, args.names)
-    print(f"zone set: {args.names} names in {args.files} files")
+    load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    print(f"zone set: {args.names} names in {args.files} files; load average {load}")
     print(f"{'measure':<44}{'dnsoverride':>12}{'dnsmasq':>10}")
     for key, value in ours.items():
         other = theirs.get(key)
@@ -225,9 +290,18 @@ def main() -> int:
             print(f"{key:<44}{'':>12}{value:>10.3f}")
     ratio = ours["RSS after reloads (MB)"] / theirs["RSS after reloads (MB)"]
     print(f"RSS ratio dnsoverride/dnsmasq: {ratio:.1f}x")
-    worst = max(v for k, v in ours.items() if "load+validate+swap" in k)
-    verdict = "ok" if worst < 2 and ours["RSS after reloads (MB)"] < 300 else "MISSED"
-    print(f"targets (reload < 2 s, RSS after reload < 300 MB): {verdict}")
+    if args.names >= 1_000_000:
+        met = (
+            ours["startup (s)"] < 10
+            and ours["peak RSS (MB)"] < 1024
+            and ours["edit one file: saved -> answered (s)"] < 3
+        )
+        targets = "start < 10 s, peak RSS < 1 GB, one-file edit answered < 3 s"
+    else:
+        worst = max(v for k, v in ours.items() if "load+validate+swap" in k)
+        met = worst < 2 and ours["RSS after reloads (MB)"] < 300
+        targets = "reload < 2 s, RSS after reload < 300 MB"
+    print(f"targets ({targets}): {'ok' if met else 'MISSED'}")
     return 0
 
 

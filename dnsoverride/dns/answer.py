@@ -15,9 +15,8 @@ from typing import NamedTuple
 
 import dnslib
 
-from dnsoverride.zones import NameEntry, Overrides, RRSet
+from dnsoverride.zones import MAX_CNAME_CHAIN, NameEntry, Overrides, RRSet
 
-MAX_CNAME_CHAIN = 8
 SOA_MNAME = "ns.dnsoverride.invalid."
 SOA_RNAME = "hostmaster.dnsoverride.invalid."
 QTYPE_ANY = 255

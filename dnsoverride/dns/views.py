@@ -9,7 +9,7 @@ everything, which is how the cache host itself sees the real public names.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 
 from dnsoverride.config import ServeConfig, View
 from dnsoverride.dns.acl import Acl, IPAddress
@@ -49,10 +49,10 @@ class Routing:
             f"{zone_set.content_hash}\n{routing}".encode()
         ).hexdigest()
 
-    def names(self) -> frozenset[str]:
-        """Every overridden name of the zone set."""
-        return self.zone_set.names()
+    def name_count(self) -> int:
+        """How many names the zone set overrides."""
+        return self.zone_set.name_count()
 
-    def name_digests(self) -> Mapping[str, object]:
-        """The zone set's per-name digests (what a reload diff compares)."""
-        return self.zone_set.name_digests()
+    def changes_from(self, old: Routing) -> tuple[list[str], list[str], list[str]]:
+        """The names the zone set added, removed and changed since `old`'s."""
+        return self.zone_set.changes_from(old.zone_set)
