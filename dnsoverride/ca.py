@@ -25,15 +25,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from dnsoverride.errors import UserError
-from dnsoverride.zones import (
-    NameEntry,
-    Overrides,
-    ZoneSetError,
-    load_zone_set,
-    name_problem,
-    normalize_name,
-)
+from dnsoverride.common.errors import UserError
+from dnsoverride.dns.zones.load import load_zone_set
+from dnsoverride.dns.zones.model import NameEntry, Overrides, ZoneSetError
+from dnsoverride.dns.zones.names import name_problem, normalize_name
 
 CA_KEY = "ca.key"
 CA_CERT = "ca.crt"

@@ -12,8 +12,8 @@ import sys
 from collections.abc import Sequence
 
 from dnsoverride import __version__
-from dnsoverride.errors import UserError
-from dnsoverride.log import LEVELS
+from dnsoverride.common.errors import UserError
+from dnsoverride.common.log import LEVELS
 
 
 def _add_logging_flags(parser: argparse.ArgumentParser) -> None:
@@ -117,7 +117,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         return run_serve(args)
     if args.command == "check":
-        from dnsoverride.check import run as run_check
+        from dnsoverride.dns.check import run as run_check
 
         return run_check(args)
     if args.command == "registry":

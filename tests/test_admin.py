@@ -10,8 +10,8 @@ import pytest
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter
 from prometheus_client.parser import text_string_to_metric_families
 
-from dnsoverride.admin import AdminServer, start_admin
-from dnsoverride.errors import UserError
+from dnsoverride.common.admin import AdminServer, start_admin
+from dnsoverride.common.errors import UserError
 
 
 class Readiness:

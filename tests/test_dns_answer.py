@@ -7,10 +7,11 @@ from pathlib import Path
 import dnslib
 import pytest
 
-from dnsoverride.config import CacheConfig
 from dnsoverride.dns import answer, relay, wire
 from dnsoverride.dns.cache import AnswerCache, ResponseCache
-from dnsoverride.zones import Overrides, ZoneFile, load_zone_set
+from dnsoverride.dns.config import CacheConfig
+from dnsoverride.dns.zones.load import load_zone_set
+from dnsoverride.dns.zones.model import Overrides, ZoneFile
 
 
 @pytest.fixture

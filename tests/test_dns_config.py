@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from dnsoverride.config import ConfigError, Endpoint, ProbeConfig, TcpConfig, load_config
-from dnsoverride.errors import UserError
+from dnsoverride.common.errors import UserError
+from dnsoverride.dns.config import ConfigError, Endpoint, ProbeConfig, TcpConfig, load_config
 
 
 def args(**values: object) -> argparse.Namespace:

@@ -23,7 +23,7 @@ import dns.query
 import dns.rcode
 import pytest
 
-from dnsoverride.config import RateLimitConfig
+from dnsoverride.dns.config import RateLimitConfig
 from tests.dns_load import burst
 from tests.peers import DnsPeer, dnsmasq, dnsoverride_serve, free_port
 from tests.test_dns_metrics import scrape

@@ -11,8 +11,8 @@ import dns.message
 import dns.rcode
 import pytest
 
-from dnsoverride.config import CacheConfig, ProbeConfig
 from dnsoverride.dns.cache import STALE_TTL
+from dnsoverride.dns.config import CacheConfig, ProbeConfig
 from tests.peers import DnsPeer, dnsmasq, dnsoverride_serve
 
 NAME = "www.fwd.test"

@@ -18,7 +18,7 @@ import dns.rcode
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from dnsoverride.config import ProbeConfig
+from dnsoverride.dns.config import ProbeConfig
 from tests.peers import dnsmasq, dnsoverride_serve, free_port, http_status
 
 ATTEMPT_TIMEOUT = 0.8  # the default `attempt_timeout`

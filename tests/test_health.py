@@ -19,14 +19,12 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 from transparent_certs import CertAuthority, make_ca
 
-from dnsoverride.health import (
+from dnsoverride.dns.health import HealthMonitor, Prober, TargetState
+from dnsoverride.dns.zones.health import (
     DEFAULT_EXPECT,
     GatedOverride,
     HealthCheck,
-    HealthMonitor,
     HealthSpecError,
-    Prober,
-    TargetState,
     parse_health,
 )
 

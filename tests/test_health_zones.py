@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 from transparent_certs import make_ca
 
-from dnsoverride.health import GatedOverride, HealthCheck
-from dnsoverride.zones import LiveZones, ZoneSet, ZoneSetError, load_zone_set
+from dnsoverride.dns.zones.health import GatedOverride, HealthCheck
+from dnsoverride.dns.zones.live import LiveZones
+from dnsoverride.dns.zones.load import load_zone_set
+from dnsoverride.dns.zones.model import ZoneSet, ZoneSetError
 
 
 def write(directory: Path, name: str, text: str) -> Path:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from dnsoverride.errors import UserError
+from dnsoverride.common.errors import UserError
 from dnsoverride.registry import app as app_module
 from dnsoverride.registry import config as registry_config
 from dnsoverride.registry import upstream as upstream_module

@@ -21,9 +21,11 @@ import structlog
 from prometheus_client import CollectorRegistry
 from transparent_certs import make_ca
 
-from dnsoverride.config import load_config
-from dnsoverride.reload import Reloader, fingerprint, serve_loader
-from dnsoverride.zones import LiveZones, ZoneFileCache, ZoneSet, ZoneSetError, load_zone_set
+from dnsoverride.dns.config import load_config
+from dnsoverride.dns.reload import Reloader, fingerprint, serve_loader
+from dnsoverride.dns.zones.live import LiveZones
+from dnsoverride.dns.zones.load import ZoneFileCache, load_zone_set
+from dnsoverride.dns.zones.model import ZoneSet, ZoneSetError
 
 pytestmark = pytest.mark.timeout(30)
 

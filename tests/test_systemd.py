@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from peers import free_port
 
-from dnsoverride import systemd
+from dnsoverride.common import systemd
 
 
 @pytest.fixture
@@ -170,8 +170,8 @@ def test_inherited_sockets_rejects_a_descriptor_that_is_no_socket() -> None:
     child = textwrap.dedent(
         """
         import os
-        from dnsoverride.errors import UserError
-        from dnsoverride.systemd import inherited_sockets
+        from dnsoverride.common.errors import UserError
+        from dnsoverride.common.systemd import inherited_sockets
 
         os.dup2(os.open(os.devnull, os.O_RDONLY), 3)
         os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS="1")
@@ -192,7 +192,7 @@ def test_inherited_sockets_rejects_a_descriptor_that_is_no_socket() -> None:
 _CHILD = textwrap.dedent(
     """
     import json, os, socket
-    from dnsoverride.systemd import inherited_sockets
+    from dnsoverride.common.systemd import inherited_sockets
 
     sockets = inherited_sockets()
     report = json.dumps({

@@ -21,7 +21,7 @@ import aiohttp
 import pytest
 from transparent_certs import CertAuthority, make_ca
 
-from dnsoverride.resolve import UpstreamResolver
+from dnsoverride.common.resolve import UpstreamResolver
 from tests.peers import dnsmasq
 from tests.registry_fixtures import Publish, StartCache
 from tests.registry_peers import (

@@ -16,7 +16,7 @@ import structlog
 from aiohttp import web
 from transparent_certs import CertAuthority, make_ca
 
-from dnsoverride.errors import UserError
+from dnsoverride.common.errors import UserError
 from dnsoverride.registry.tls import CertificateSet
 
 

@@ -11,8 +11,10 @@ import dnslib
 import pytest
 import structlog
 
-from dnsoverride import zones
-from dnsoverride.zones import LiveZones, ZoneFileCache, ZoneSetError, load_zone_set
+from dnsoverride.dns.zones import workers
+from dnsoverride.dns.zones.live import LiveZones
+from dnsoverride.dns.zones.load import ZoneFileCache, load_zone_set
+from dnsoverride.dns.zones.model import ZoneSetError
 
 MINIMAL = """\
 ttl: 60                      # optional default TTL for this file
@@ -367,17 +369,17 @@ def test_worker_processes_parse_exactly_what_this_process_parses(
     big_set(tmp_path)
     with pytest.raises(ZoneSetError) as alone:
         load_zone_set(tmp_path)
-    monkeypatch.setattr(zones, "PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setattr(workers, "PARALLEL_MIN_BYTES", 0)
     calls: list[int] = []
-    real = zones._in_worker
-    monkeypatch.setattr(zones, "_in_worker", lambda jobs: calls.append(len(jobs)) or real(jobs))
+    real = workers._in_worker
+    monkeypatch.setattr(workers, "_in_worker", lambda jobs: calls.append(len(jobs)) or real(jobs))
     with pytest.raises(ZoneSetError) as shared:
         load_zone_set(tmp_path)
     assert sorted(calls) == [1, 2]  # three files over two workers, biggest alone
     assert shared.value.problems == alone.value.problems
     (tmp_path / "c.yaml").unlink()
     parallel = load_zone_set(tmp_path)
-    monkeypatch.setattr(zones, "PARALLEL_MIN_BYTES", 1 << 40)
+    monkeypatch.setattr(workers, "PARALLEL_MIN_BYTES", 1 << 40)
     serial = load_zone_set(tmp_path)
     assert parallel.content_hash == serial.content_hash
     for name in ("h1999.a.test", "multi.test", "checked.test", "alias.test", "txt.test"):
@@ -391,8 +393,8 @@ def test_a_failing_worker_is_logged_and_its_files_parsed_here(
 ) -> None:
     big_set(tmp_path)
     (tmp_path / "c.yaml").unlink()
-    monkeypatch.setattr(zones, "PARALLEL_MIN_BYTES", 0)
-    monkeypatch.setattr(zones, "_WORKER", "import sys; sys.exit('no workers here')")
+    monkeypatch.setattr(workers, "PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setattr(workers, "_WORKER", "import sys; sys.exit('no workers here')")
     with structlog.testing.capture_logs() as logs:
         zone_set = load_zone_set(tmp_path)
     assert zone_set.name_count() == 2004

@@ -18,15 +18,12 @@ from pathlib import Path
 import dnslib
 import pytest
 
-from dnsoverride import zones
 from dnsoverride.dns import answer
-from dnsoverride.zones import (
-    ANSWER_ROOM,
-    MAX_CNAME_CHAIN,
-    Overrides,
-    ZoneSetError,
-    load_zone_set,
-)
+from dnsoverride.dns.zones import load as zone_load
+from dnsoverride.dns.zones.chains import MAX_CNAME_CHAIN
+from dnsoverride.dns.zones.load import load_zone_set
+from dnsoverride.dns.zones.model import Overrides, ZoneSetError
+from dnsoverride.dns.zones.records import ANSWER_ROOM
 from tests.peers import DnsPeer, dnsmasq, dnsoverride_serve
 
 
@@ -162,7 +159,7 @@ def test_the_chain_limit_is_exactly_what_the_answer_path_follows(
         except ZoneSetError:
             accepted = False
         with monkeypatch.context() as patch:
-            patch.setattr(zones, "cname_problems", lambda files, overrides: [])
+            patch.setattr(zone_load, "cname_problems", lambda files, overrides: [])
             local = served(load_zone_set(directory).select(None), "c0.test")
         answered = local.reply.header.rcode != dnslib.RCODE.SERVFAIL
         assert accepted == answered, (end, length)

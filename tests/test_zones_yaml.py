@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import yaml
 
-from dnsoverride import yamlsource
+from dnsoverride.common import yamlsource
 
 SAMPLES = [
     "",

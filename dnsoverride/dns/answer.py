@@ -15,7 +15,9 @@ from typing import NamedTuple
 
 import dnslib
 
-from dnsoverride.zones import MAX_CNAME_CHAIN, NameEntry, Overrides, RRSet
+from dnsoverride.dns.zones.chains import MAX_CNAME_CHAIN
+from dnsoverride.dns.zones.model import NameEntry, Overrides
+from dnsoverride.dns.zones.records import RRSet
 
 SOA_MNAME = "ns.dnsoverride.invalid."
 SOA_RNAME = "hostmaster.dnsoverride.invalid."

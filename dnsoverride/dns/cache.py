@@ -16,8 +16,8 @@ from __future__ import annotations
 from collections import OrderedDict, deque
 from typing import NamedTuple
 
-from dnsoverride.config import CacheConfig
 from dnsoverride.dns import relay, wire
+from dnsoverride.dns.config import CacheConfig
 
 ResponseKey = tuple[bytes, int, int, bool, bool]  # name (wire, lowercase), type, class, DO, CD
 # RFC 8767 section 4: stale records go out with a TTL above 0, recommended 30 seconds.

@@ -17,19 +17,20 @@ import structlog
 import uvloop
 from prometheus_client.registry import CollectorRegistry
 
-from dnsoverride import log as logging_setup
-from dnsoverride import systemd
-from dnsoverride.admin import AdminServer, start_admin
-from dnsoverride.config import Endpoint, ServeConfig, load_config
+from dnsoverride.common import log as logging_setup
+from dnsoverride.common import systemd
+from dnsoverride.common.admin import AdminServer, start_admin
+from dnsoverride.common.errors import UserError
+from dnsoverride.dns.config import Endpoint, ServeConfig, load_config
 from dnsoverride.dns.forwarder import Forwarder
+from dnsoverride.dns.health import HealthMonitor
 from dnsoverride.dns.listener import READ_LIMIT, UdpListener, tcp_handler
+from dnsoverride.dns.reload import ServeStart, serve_reloader, serve_start
 from dnsoverride.dns.resolver import Resolver
 from dnsoverride.dns.stats import DnsCollector, DnsStats
 from dnsoverride.dns.views import Routing
-from dnsoverride.errors import UserError
-from dnsoverride.health import HealthMonitor
-from dnsoverride.reload import ServeStart, serve_reloader, serve_start
-from dnsoverride.zones import LiveZones, ZoneSetError
+from dnsoverride.dns.zones.live import LiveZones
+from dnsoverride.dns.zones.model import ZoneSetError
 
 log = structlog.get_logger(__name__)
 

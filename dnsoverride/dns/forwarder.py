@@ -43,12 +43,12 @@ from collections.abc import Callable, Coroutine
 import dnslib
 import structlog
 
-from dnsoverride.config import Endpoint, ForwardConfig, ProbeConfig
+from dnsoverride.common.resolve import exchange_tcp
 from dnsoverride.dns import relay, wire
+from dnsoverride.dns.config import Endpoint, ForwardConfig, ProbeConfig
 from dnsoverride.dns.logthrottle import ThrottledLog
 from dnsoverride.dns.stats import DnsStats
 from dnsoverride.dns.udpexchange import AbandonedError, SocketWatcher, UdpExchange
-from dnsoverride.resolve import exchange_tcp
 
 log = structlog.get_logger(__name__)
 

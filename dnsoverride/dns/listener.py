@@ -18,7 +18,7 @@ from typing import Any, cast
 
 import structlog
 
-from dnsoverride.config import TcpConfig
+from dnsoverride.dns.config import TcpConfig
 from dnsoverride.dns.heaptrim import HeapTrimmer
 from dnsoverride.dns.resolver import Resolver
 

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import ipaddress
 
-from dnsoverride.config import RateLimitConfig
 from dnsoverride.dns.acl import client_address
+from dnsoverride.dns.config import RateLimitConfig
 
 SEND = 0
 TRUNCATE = 1

@@ -26,17 +26,17 @@ from typing import NamedTuple
 import dnslib
 import structlog
 
-from dnsoverride.config import ServeConfig, View
 from dnsoverride.dns import answer, ratelimit, relay, wire
 from dnsoverride.dns.acl import Acl, client_address
 from dnsoverride.dns.cache import AnswerCache, ResponseCache
+from dnsoverride.dns.config import ServeConfig, View
 from dnsoverride.dns.cookies import Cookies
 from dnsoverride.dns.forwarder import Forwarder, Question, UpstreamFailedError
 from dnsoverride.dns.logthrottle import ThrottledLog
 from dnsoverride.dns.ratelimit import RateLimiter
 from dnsoverride.dns.stats import DnsStats, qtype_label, rcode_label
 from dnsoverride.dns.views import Routing, ViewTable
-from dnsoverride.zones import LiveZones
+from dnsoverride.dns.zones.live import LiveZones
 
 log = structlog.get_logger(__name__)
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable
 
-from dnsoverride.config import ServeConfig, View
 from dnsoverride.dns.acl import Acl, IPAddress
-from dnsoverride.zones import ZoneSet
+from dnsoverride.dns.config import ServeConfig, View
+from dnsoverride.dns.zones.model import ZoneSet
 
 
 class ViewTable:

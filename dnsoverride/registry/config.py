@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from dnsoverride.errors import UserError
+from dnsoverride.common.errors import UserError
 
 DEFAULT_LISTEN = "127.0.0.1:5000"
 DEFAULT_UPSTREAM = "https://registry-1.docker.io"
@@ -122,7 +122,7 @@ class RegistryConfig:
     # is served there and `host:port` stays plain HTTP; without it `host:port` is HTTPS.
     tls_pairs: tuple[tuple[Path, Path], ...] = ()
     tls_listen: tuple[str, int] | None = None
-    # DNS servers the upstream client asks instead of the system resolver (dnsoverride/resolve.py).
+    # DNS servers the upstream client asks instead of the system resolver (common/resolve.py).
     resolvers: tuple[tuple[str, int], ...] = ()
     metrics: tuple[str, int] | None = None
     clients: ClientsConfig = field(default_factory=ClientsConfig)

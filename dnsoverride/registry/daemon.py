@@ -21,10 +21,11 @@ from urllib.parse import urlsplit
 import structlog
 from aiohttp import web
 
-from dnsoverride import systemd
-from dnsoverride.admin import start_admin
-from dnsoverride.errors import UserError
-from dnsoverride.log import configure
+from dnsoverride.common import systemd
+from dnsoverride.common.admin import start_admin
+from dnsoverride.common.errors import UserError
+from dnsoverride.common.log import configure
+from dnsoverride.common.resolve import UpstreamResolver, refuse_loop
 from dnsoverride.registry import config as registry_config
 from dnsoverride.registry.access import Access
 from dnsoverride.registry.accesslog import AccessLogger, server_logger
@@ -38,7 +39,6 @@ from dnsoverride.registry.stats import Stats
 from dnsoverride.registry.store import Store
 from dnsoverride.registry.tls import CertificateSet
 from dnsoverride.registry.upstream import Upstream, make_session
-from dnsoverride.resolve import UpstreamResolver, refuse_loop
 
 log = structlog.get_logger(__name__)
 

@@ -19,7 +19,7 @@ import structlog
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from dnsoverride.errors import UserError
+from dnsoverride.common.errors import UserError
 
 log = structlog.get_logger(__name__)
 

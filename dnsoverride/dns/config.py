@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dnsoverride import yamlsource
-from dnsoverride.errors import UserError
-from dnsoverride.loops import listener_owns
-from dnsoverride.yamlsource import brief
-from dnsoverride.zones import name_problem, normalize_name
+from dnsoverride.common import yamlsource
+from dnsoverride.common.errors import UserError
+from dnsoverride.common.loops import listener_owns
+from dnsoverride.common.yamlsource import brief
+from dnsoverride.dns.zones.names import name_problem, normalize_name
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 

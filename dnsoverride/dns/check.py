@@ -9,8 +9,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dnsoverride.config import ConfigError, load_config
-from dnsoverride.zones import ZoneSetError, load_zone_set
+from dnsoverride.dns.config import ConfigError, load_config
+from dnsoverride.dns.zones.load import load_zone_set
+from dnsoverride.dns.zones.model import ZoneSetError
 
 
 def run(args: argparse.Namespace) -> int:

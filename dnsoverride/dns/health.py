@@ -1,8 +1,8 @@
 """Health checks of override targets: which health-gated overrides are withdrawn right now.
 
-Owns the `health:` key of a zone record set (parsed once into a frozen `HealthCheck`), the
-probes, the per-target fall/rise state machine, one checker task per gated name, and the
-immutable set of withdrawn names handed to the DNS answer path.
+Owns the probes, the per-target fall/rise state machine, one checker task per gated name,
+and the immutable set of withdrawn names handed to the DNS answer path (the `health:` key
+itself is parsed with the zones, `dnsoverride.dns.zones.health`).
 
 A probe runs against the override's OWN addresses: the TCP probe connects to each address;
 the HTTPS probe connects to each address while the URL keeps the overridden name, so SNI,
@@ -19,191 +19,20 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 import ssl
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
-from urllib.parse import urlsplit
 
+import aiohttp
 import structlog
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from dnsoverride.yamlsource import brief
-
-if TYPE_CHECKING:
-    import aiohttp
+from dnsoverride.common.resolve import UpstreamResolver
+from dnsoverride.dns.zones.health import GatedOverride, HealthCheck
 
 log = structlog.get_logger(__name__)
-
-DEFAULT_INTERVAL = 5.0
-DEFAULT_TIMEOUT = 2.0
-DEFAULT_FALL = 3
-DEFAULT_RISE = 2
-# A registry's /v2/ answers 200 or 401 depending on auth; anything that is not an error
-# status shows the service is answering.
-DEFAULT_EXPECT = frozenset(range(200, 400))
-
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m)?\s*$")
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, None: 1.0}
-_KEYS = {"https", "tcp", "expect", "ca", "interval", "timeout", "fall", "rise"}
-
-
-class HealthSpecError(ValueError):
-    """A `health:` value that cannot be used; the message is the reason (no file or line)."""
-
-
-@dataclass(frozen=True)
-class HealthCheck:
-    """A parsed `health:` key. `port` is the port probed on every address of the override."""
-
-    kind: Literal["tcp", "https"]
-    port: int
-    path: str = "/"
-    expect: frozenset[int] = DEFAULT_EXPECT
-    ca_file: Path | None = None
-    interval: float = DEFAULT_INTERVAL
-    timeout: float = DEFAULT_TIMEOUT
-    fall: int = DEFAULT_FALL
-    rise: int = DEFAULT_RISE
-
-    def canonical(self) -> str:
-        """A stable text form, for zone content hashes and diffs."""
-        target = f"tcp {self.port}" if self.kind == "tcp" else f"https :{self.port}{self.path}"
-        expect = ",".join(str(status) for status in sorted(self.expect))
-        return (
-            f"{target} expect={expect} ca={self.ca_file or '-'} interval={self.interval:g} "
-            f"timeout={self.timeout:g} fall={self.fall} rise={self.rise}"
-        )
-
-
-@dataclass(frozen=True)
-class GatedOverride:
-    """One overridden name whose answer depends on its health check."""
-
-    name: str
-    check: HealthCheck
-    addresses: tuple[str, ...]
-
-
-def _duration(key: str, value: object) -> float:
-    if isinstance(value, bool):
-        raise HealthSpecError(f"health {key} must be a duration like 5, 5s or 500ms")
-    if isinstance(value, int | float):
-        seconds = float(value)
-    else:
-        match = _DURATION.match(str(value))
-        if match is None:
-            raise HealthSpecError(
-                f"health {key} must be a duration like 5, 5s or 500ms, not {brief(value)}"
-            )
-        seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
-    if seconds <= 0:
-        raise HealthSpecError(f"health {key} must be greater than zero")
-    return seconds
-
-
-def _count(key: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise HealthSpecError(f"health {key} must be a whole number of checks, at least 1")
-    return value
-
-
-def _port(value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 65536:
-        raise HealthSpecError(f"health tcp must be a port number (1-65535), not {brief(value)}")
-    return value
-
-
-def _statuses(value: object) -> frozenset[int]:
-    items = value if isinstance(value, list) else [value]
-    if not items or any(
-        isinstance(item, bool) or not isinstance(item, int) or not 100 <= item <= 599
-        for item in items
-    ):
-        raise HealthSpecError(
-            f"health expect must be an HTTP status or a list of them, not {brief(value)}"
-        )
-    return frozenset(items)
-
-
-def _https_target(name: str, value: object) -> tuple[int, str]:
-    """Port and path of an `https:` URL; its host, if any, must be the overridden name."""
-    if not isinstance(value, str) or not value:
-        raise HealthSpecError("health https must be a URL or a path, e.g. /v2/")
-    if value.startswith("/"):
-        return 443, value
-    parts = urlsplit(value)
-    if parts.scheme != "https" or not parts.hostname:
-        raise HealthSpecError(f"health https must be an https:// URL or a path, not {brief(value)}")
-    if parts.hostname.rstrip(".").lower() != name.rstrip(".").lower():
-        raise HealthSpecError(
-            f"health https URL host {brief(parts.hostname)} is not the overridden name "
-            f"{brief(name)}: "
-            "the check sends the overridden name as SNI and Host to the override's addresses"
-        )
-    try:
-        port = parts.port or 443
-    except ValueError as error:
-        raise HealthSpecError(f"health https URL has a bad port: {error}") from None
-    path = parts.path or "/"
-    return port, f"{path}?{parts.query}" if parts.query else path
-
-
-def _ca_file(value: object, base_dir: Path) -> Path:
-    if not isinstance(value, str) or not value:
-        raise HealthSpecError("health ca must be the path of a PEM CA certificate file")
-    path = base_dir / value
-    try:
-        ssl.create_default_context(cafile=str(path))
-    except (OSError, ssl.SSLError) as error:
-        raise HealthSpecError(
-            f"health ca {brief(str(path))} is not a readable PEM CA: {error}"
-        ) from None
-    return path
-
-
-def parse_health(name: str, raw: object, base_dir: Path) -> HealthCheck:
-    """Parse the `health:` value of record set `name`; `ca` paths are relative to `base_dir`.
-
-    Raises HealthSpecError with a reason; the zone loader adds the file and line.
-    """
-    if name.startswith("*"):
-        raise HealthSpecError("a wildcard cannot be health-checked: there is no name to send")
-    if not isinstance(raw, dict):
-        raise HealthSpecError('health must be a mapping, e.g. {tcp: 443} or {https: "/v2/"}')
-    unknown = sorted(str(key) for key in raw if key not in _KEYS)
-    if unknown:
-        raise HealthSpecError(
-            f"unknown health key(s) {', '.join(unknown)} (known: {', '.join(sorted(_KEYS))})"
-        )
-    if ("https" in raw) == ("tcp" in raw):
-        raise HealthSpecError("health needs exactly one of https: URL or tcp: PORT")
-    if "tcp" in raw:
-        for key in ("expect", "ca"):
-            if key in raw:
-                raise HealthSpecError(f"health {key} only applies to https checks")
-        kind: Literal["tcp", "https"] = "tcp"
-        port, path = _port(raw["tcp"]), "/"
-    else:
-        kind = "https"
-        port, path = _https_target(name, raw["https"])
-    check = HealthCheck(
-        kind=kind,
-        port=port,
-        path=path,
-        expect=_statuses(raw["expect"]) if "expect" in raw else DEFAULT_EXPECT,
-        ca_file=_ca_file(raw["ca"], base_dir) if "ca" in raw else None,
-        interval=_duration("interval", raw.get("interval", DEFAULT_INTERVAL)),
-        timeout=_duration("timeout", raw.get("timeout", DEFAULT_TIMEOUT)),
-        fall=_count("fall", raw.get("fall", DEFAULT_FALL)),
-        rise=_count("rise", raw.get("rise", DEFAULT_RISE)),
-    )
-    if check.timeout > check.interval:
-        raise HealthSpecError("health timeout must not be longer than its interval")
-    return check
 
 
 def _client_context(ca_file: Path | None) -> ssl.SSLContext:
@@ -233,11 +62,6 @@ class Prober:
     """Runs one check against the addresses of one name, over connections it owns."""
 
     def __init__(self, name: str, check: HealthCheck) -> None:
-        # zones.py imports this module for parse_health; aiohttp is imported only here so
-        # that `dnsoverride check` does not pay for it.
-        import aiohttp
-
-        self._aiohttp = aiohttp
         self._name = name
         self._check = check
         self._sessions: dict[str, aiohttp.ClientSession] = {}
@@ -294,14 +118,14 @@ class Prober:
                 return await self._probe_https(address)
         except TimeoutError:
             return f"no answer within {self._check.timeout:g}s"
-        except (OSError, self._aiohttp.ClientError) as error:
+        except (OSError, aiohttp.ClientError) as error:
             return self._reason(error)
         except Exception as error:  # anything else costs one check, never the checker task
             log.exception("health_probe_error", name=self._name, address=address)
             return f"{type(error).__name__}: {error}"
 
     def _reason(self, error: Exception) -> str:
-        if isinstance(error, ssl.SSLError | self._aiohttp.ClientSSLError):
+        if isinstance(error, ssl.SSLError | aiohttp.ClientSSLError):
             return str(error)
         # asyncio's connect errors repeat the address; the log event already has it.
         if isinstance(error, OSError) and error.errno:
@@ -316,15 +140,13 @@ class Prober:
         if session is None:
             # The resolver pins the overridden name to this one target; force_close makes
             # every probe a fresh TCP+TLS handshake, which is what clients will do.
-            from dnsoverride.resolve import UpstreamResolver
-
-            connector = self._aiohttp.TCPConnector(
+            connector = aiohttp.TCPConnector(
                 resolver=UpstreamResolver(hosts={self._name: [address]}),
                 ssl=context,
                 force_close=True,
                 use_dns_cache=False,
             )
-            session = self._aiohttp.ClientSession(connector=connector)
+            session = aiohttp.ClientSession(connector=connector)
             self._sessions[address] = session
         url = f"https://{self._name}:{self._check.port}{self._check.path}"
         async with session.get(url, allow_redirects=False) as response:

@@ -15,7 +15,7 @@ import time
 
 import structlog
 
-from dnsoverride.errors import UserError
+from dnsoverride.common.errors import UserError
 
 log = structlog.get_logger(__name__)
 

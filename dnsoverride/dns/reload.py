@@ -44,19 +44,13 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 
-from dnsoverride import systemd
-from dnsoverride.config import ConfigError, ServeConfig, load_config
+from dnsoverride.common import systemd
+from dnsoverride.common.errors import UserError
+from dnsoverride.common.yamlsource import brief
+from dnsoverride.dns.config import ConfigError, ServeConfig, load_config
 from dnsoverride.dns.views import Routing
-from dnsoverride.errors import UserError
-from dnsoverride.yamlsource import brief
-from dnsoverride.zones import (
-    ZoneFileCache,
-    ZoneProblem,
-    ZoneSetError,
-    is_zone_file_name,
-    load_zone_set,
-    zone_files,
-)
+from dnsoverride.dns.zones.load import ZoneFileCache, is_zone_file_name, load_zone_set, zone_files
+from dnsoverride.dns.zones.model import ZoneProblem, ZoneSetError
 
 log = structlog.get_logger(__name__)
 

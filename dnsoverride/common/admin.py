@@ -14,7 +14,7 @@ import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from dnsoverride.errors import UserError
+from dnsoverride.common.errors import UserError
 
 log = structlog.get_logger(__name__)
 

@@ -24,8 +24,8 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import ThreadedResolver
 from dnslib import QTYPE, RCODE, DNSRecord
 
-from dnsoverride.errors import UserError
-from dnsoverride.loops import listener_owns
+from dnsoverride.common.errors import UserError
+from dnsoverride.common.loops import listener_owns
 
 log = structlog.get_logger(__name__)
 
