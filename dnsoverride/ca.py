@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from dnsoverride.common.errors import UserError
+from dnsoverride.common.errors import ConfigError, UserError
 from dnsoverride.dns.zones.load import load_zone_set
 from dnsoverride.dns.zones.model import NameEntry, Overrides, ZoneSetError
 from dnsoverride.dns.zones.names import name_problem, normalize_name
@@ -238,7 +238,7 @@ def names_from_zones(zones: Path, cache_addresses: Sequence[IPAddress]) -> list[
     try:
         zone_set = load_zone_set(zones)
     except ZoneSetError as error:
-        raise UserError(f"zones in {zones} are not valid:\n{error}") from error
+        raise ConfigError(error.problems, f"zones in {zones} are not valid") from None
     merged = zone_set.select(None)
     wanted = set(cache_addresses)
     names = {

@@ -1,9 +1,42 @@
-"""The one exception type that reaches the user as a message instead of a traceback.
+"""The errors that reach the user as messages instead of tracebacks, and `Problem`, the
+one shape every complaint about an input takes (zone files, config files, flags), from
+the loader that finds it to `dnsoverride check`'s output and a failed reload's log events.
 
 Anything raised as (a subclass of) `UserError` is printed by the CLI as
 `dnsoverride: error: <message>` and turned into exit status 2 (1 for `check`).
 """
 
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
 
 class UserError(Exception):
     """A problem the user can fix: bad flag, bad config, port in use, forwarding loop..."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with an input: where it is and why it is wrong.
+
+    `file` is a path, or a command-line flag (`--listen`) for a value given there; `line`
+    is 1-based, 0 for the file as a whole, None where there are no lines (a flag).
+    """
+
+    file: str
+    line: int | None
+    reason: str
+
+    def __str__(self) -> str:
+        if self.line is None:
+            return f"{self.file}: {self.reason}"
+        return f"{self.file}:{self.line}: {self.reason}"
+
+
+class ConfigError(UserError):
+    """An input (config, zones) with problems: `problems` holds every one found."""
+
+    def __init__(self, problems: Iterable[Problem], what: str = "invalid configuration") -> None:
+        self.problems = tuple(problems)
+        super().__init__(f"{what}:\n  " + "\n  ".join(map(str, self.problems)))

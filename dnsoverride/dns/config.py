@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from dnsoverride.common import yamlsource
-from dnsoverride.common.errors import UserError
+from dnsoverride.common.errors import ConfigError, Problem, UserError
 from dnsoverride.common.loops import listener_owns
 from dnsoverride.common.yamlsource import brief
 from dnsoverride.dns.zones.names import name_problem, normalize_name
@@ -65,14 +65,6 @@ RATELIMIT_KEYS = ("rate", "slip", "ipv4_prefix", "ipv6_prefix", "exempt")
 FORWARD_KEYS = ("case_randomization",)
 # Loopback sources cannot be forged from outside the host: no one is reflected at them.
 DEFAULT_RATELIMIT_EXEMPT = ("127.0.0.0/8", "::1/128")
-
-
-class ConfigError(UserError):
-    """The config is invalid; `problems` holds one `file:line: reason` string each."""
-
-    def __init__(self, problems: list[str]) -> None:
-        self.problems = tuple(problems)
-        super().__init__("invalid configuration:\n  " + "\n  ".join(problems))
 
 
 @dataclass(frozen=True)
@@ -232,10 +224,10 @@ class _Reader:
 
     def __init__(self, source: str) -> None:
         self.source = source
-        self.problems: list[str] = []
+        self.problems: list[Problem] = []
 
     def add(self, line: int, reason: str) -> None:
-        self.problems.append(f"{self.source}:{line}: {reason}")
+        self.problems.append(Problem(self.source, line, reason))
 
     def list_of(self, value: Any, line: int, key: str, parse: Callable[[Any], Any]) -> list[Any]:
         items = value if isinstance(value, list) else [value]
@@ -289,19 +281,20 @@ def _endpoint_parser(default_port: int | None) -> Callable[[Any], Endpoint]:
     return parse
 
 
-def _read_file(path: Path) -> tuple[dict[str, Any], list[str]]:
-    """The config file's settings as keyword values for ServeConfig, plus problems."""
+def _read_file(path: Path) -> tuple[dict[str, Any], list[Problem], dict[str, int]]:
+    """The config file's settings as keyword values for ServeConfig, problems, and the line
+    of each key."""
     reader = _Reader(str(path))
     try:
         document = yamlsource.load_file(path)
     except yamlsource.YamlError as error:
-        return {}, [f"{path}:{error.line}: {error.reason}"]
+        return {}, [Problem(str(path), error.line, error.reason)], {}
     except (OSError, UnicodeDecodeError) as error:
         raise UserError(f"cannot read config file {path}: {error}") from None
     if document is None:
-        return {}, []
+        return {}, [], {}
     if not isinstance(document, yamlsource.LineMap):
-        return {}, [f"{path}:1: the config must be a mapping of settings"]
+        return {}, [Problem(str(path), 1, "the config must be a mapping of settings")], {}
     for key, line in document.duplicates:
         reader.add(line, f"duplicate key {brief(key)}")
     values: dict[str, Any] = {}
@@ -351,7 +344,7 @@ def _read_file(path: Path) -> tuple[dict[str, Any], list[str]]:
                 values[key] = value
         elif key == "metrics":
             values[key] = next(iter(reader.list_of(value, line, key, _endpoint_parser(None))), None)
-    return {k: v for k, v in values.items() if v is not None}, reader.problems
+    return {k: v for k, v in values.items() if v is not None}, reader.problems, lines
 
 
 def _views(reader: _Reader, value: Any, line: int) -> tuple[View, ...]:
@@ -504,15 +497,21 @@ def _forward(reader: _Reader, value: Any, line: int) -> ForwardConfig | None:
     return ForwardConfig(**settings)
 
 
-def _forwarding_loops(listen: tuple[Endpoint, ...], upstreams: tuple[Endpoint, ...]) -> list[str]:
+def _forwarding_loops(
+    source: str, listen: tuple[Endpoint, ...], upstreams: tuple[Endpoint, ...]
+) -> list[Problem]:
     problems = []
     for upstream in upstreams:
         for endpoint in listen:
             if listener_owns((endpoint.host, endpoint.port), upstream.host, upstream.port):
                 problems.append(
-                    f"upstream {upstream} is our own listening address {endpoint}: queries would "
-                    "loop back to this server (is /etc/resolv.conf pointing at it? set "
-                    "'upstreams' or --upstream)"
+                    Problem(
+                        source,
+                        None,
+                        f"upstream {upstream} is our own listening address {endpoint}: queries "
+                        "would loop back to this server (is /etc/resolv.conf pointing at it? set "
+                        "'upstreams' or --upstream)",
+                    )
                 )
     return problems
 
@@ -520,14 +519,16 @@ def _forwarding_loops(listen: tuple[Endpoint, ...], upstreams: tuple[Endpoint, .
 def load_config(args: argparse.Namespace, resolv_conf: Path = RESOLV_CONF) -> ServeConfig:
     """Build the config from `args.config` (optional), the flags in `args` and the defaults."""
     values: dict[str, Any] = {}
-    problems: list[str] = []
+    problems: list[Problem] = []
+    lines: dict[str, int] = {}
     config_path = getattr(args, "config", None)
+    source = str(config_path or "command line")
     if config_path:
         path = Path(config_path)
         if not path.is_file():
             raise UserError(f"config file {path} does not exist")
-        values, problems = _read_file(path)
-    flag_problems = []
+        values, problems, lines = _read_file(path)
+    flag_problems: list[Problem] = []
     try:
         if getattr(args, "listen", None):
             values["listen"] = tuple(parse_endpoint(text, None) for text in args.listen)
@@ -536,7 +537,7 @@ def load_config(args: argparse.Namespace, resolv_conf: Path = RESOLV_CONF) -> Se
         if getattr(args, "metrics", None):
             values["metrics"] = parse_endpoint(args.metrics, None)
     except ValueError as error:
-        flag_problems.append(f"command line: {error}")
+        flag_problems.append(Problem("command line", None, str(error)))
     if getattr(args, "zones", None):
         values["zones"] = Path(args.zones)
     if getattr(args, "query_log", False):
@@ -551,18 +552,28 @@ def load_config(args: argparse.Namespace, resolv_conf: Path = RESOLV_CONF) -> Se
         values["upstreams"] = resolv_conf_upstreams(resolv_conf)
         if not values["upstreams"]:
             problems.append(
-                f"no upstream resolvers: {resolv_conf} has no usable 'nameserver' line; "
-                "set 'upstreams' in the config or pass --upstream"
+                Problem(
+                    str(resolv_conf),
+                    None,
+                    "no upstream resolvers: no usable 'nameserver' line; "
+                    "set 'upstreams' in the config or pass --upstream",
+                )
             )
     names = [view.name for view in values["views"]]
     if values["default_view"] not in names:
         if values["default_view"] != DEFAULT_VIEW:
-            problems.append(f"default_view {brief(values['default_view'])} is not one of the views")
+            problems.append(
+                Problem(
+                    source,
+                    lines.get("default_view"),
+                    f"default_view {brief(values['default_view'])} is not one of the views",
+                )
+            )
         else:
             values["views"] = (*values["views"], View(DEFAULT_VIEW, (), None))
     if values.get("timeout", 2.0) < values.get("attempt_timeout", 0.8):
         values["attempt_timeout"] = values.get("timeout", 2.0)
-    problems.extend(_forwarding_loops(values["listen"], values["upstreams"]))
+    problems.extend(_forwarding_loops(source, values["listen"], values["upstreams"]))
     if problems:
-        raise ConfigError(problems)
+        raise ConfigError(sorted(problems, key=lambda problem: (problem.file, problem.line or 0)))
     return ServeConfig(**values)

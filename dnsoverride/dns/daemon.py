@@ -30,19 +30,10 @@ from dnsoverride.dns.resolver import Resolver
 from dnsoverride.dns.stats import DnsCollector, DnsStats
 from dnsoverride.dns.views import Routing
 from dnsoverride.dns.zones.live import LiveZones
-from dnsoverride.dns.zones.model import ZoneSetError
 
 log = structlog.get_logger(__name__)
 
 SHUTDOWN_GRACE = 2.0
-
-
-def load_zones(start: ServeStart) -> Routing:
-    """The zone set the config names (with its views), or a UserError listing every problem."""
-    try:
-        return start.load()
-    except ZoneSetError as error:
-        raise UserError("invalid zones:\n  " + "\n  ".join(map(str, error.problems))) from None
 
 
 # The cyclic garbage collector's thresholds (allocations before a young collection, young
@@ -62,7 +53,8 @@ def run(args: argparse.Namespace) -> int:
     start = serve_start(config, args)
     # The coroutine holds the first routing, not this frame: after a reload replaces it,
     # nothing keeps the old zone set alive.
-    serve = _serve(config, load_zones(start), args, start)
+    # A ZoneSetError (a UserError) lists every problem of the zones.
+    serve = _serve(config, start.load(), args, start)
     # The zone set lives until the next reload (refcounting frees it then): out of the
     # collector's sight, a large one is not millions of objects for every full collection
     # to walk. The same after each swap (`install`).

@@ -28,7 +28,6 @@ import ctypes
 import hashlib
 import heapq
 import os
-import re
 import resource
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -45,12 +44,11 @@ from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 
 from dnsoverride.common import systemd
-from dnsoverride.common.errors import UserError
+from dnsoverride.common.errors import ConfigError, Problem, UserError
 from dnsoverride.common.yamlsource import brief
-from dnsoverride.dns.config import ConfigError, ServeConfig, load_config
+from dnsoverride.dns.config import ServeConfig, load_config
 from dnsoverride.dns.views import Routing
 from dnsoverride.dns.zones.load import ZoneFileCache, is_zone_file_name, load_zone_set, zone_files
-from dnsoverride.dns.zones.model import ZoneProblem, ZoneSetError
 
 log = structlog.get_logger(__name__)
 
@@ -168,7 +166,7 @@ NO_CHANGES = ChangeSummary(0, 0, 0)
 
 @dataclass(frozen=True)
 class _Failed:
-    problems: tuple[ZoneProblem, ...]
+    problems: tuple[Problem, ...]
 
 
 def fingerprint(zones_dir: Path, config_file: Path | None) -> str:
@@ -284,14 +282,6 @@ class _Pending:
     triggers: set[Trigger] = field(default_factory=set)
     last_event: float = 0.0
     writing: set[str] = field(default_factory=set)
-
-
-def _config_problem(text: str) -> ZoneProblem:
-    """ConfigError holds `file:line: reason` strings; log them with the same fields as zones."""
-    match = re.match(r"(.*?):(\d+): (.*)", text, re.DOTALL)
-    if match is None:
-        return ZoneProblem("", 0, text)
-    return ZoneProblem(match[1], int(match[2]), match[3])
 
 
 class Reloader(Generic[S]):
@@ -484,7 +474,7 @@ class Reloader(Generic[S]):
         else:
             self._record_failure(
                 trigger,
-                (ZoneProblem(str(self._zones_dir), 0, "files kept changing while being read"),),
+                (Problem(str(self._zones_dir), 0, "files kept changing while being read"),),
             )
             return
         self._seen = before
@@ -506,12 +496,10 @@ class Reloader(Generic[S]):
     def _try_load(self) -> S | _Failed:
         try:
             return self._load()
-        except ZoneSetError as error:
+        except ConfigError as error:  # a ZoneSetError too
             return _Failed(error.problems)
-        except ConfigError as error:
-            return _Failed(tuple(_config_problem(text) for text in error.problems))
         except UserError as error:
-            return _Failed((ZoneProblem(str(self._config_file or self._zones_dir), 0, str(error)),))
+            return _Failed((Problem(str(self._config_file or self._zones_dir), 0, str(error)),))
         except Exception as error:
             # Our bug, or memory exhausted: a failure like any other, so that its files'
             # fingerprint is recorded and the periodic check does not load the same bytes
@@ -519,7 +507,7 @@ class Reloader(Generic[S]):
             # logged once, here.
             log.exception("zone_reload_crashed", error=brief(str(error)))
             reason = f"internal error while loading: {type(error).__name__}: {brief(str(error))}"
-            return _Failed((ZoneProblem(str(self._config_file or self._zones_dir), 0, reason),))
+            return _Failed((Problem(str(self._config_file or self._zones_dir), 0, reason),))
 
     async def _install(self, trigger: Trigger, new: S, loaded_in: float, cpu: float) -> None:
         """Swap `new` in unless it is identical, then log what changed (diffed after the swap,
@@ -550,7 +538,7 @@ class Reloader(Generic[S]):
         stats.last_success_unix = time.time()
         stats.last_duration_seconds = loaded_in
 
-    def _record_failure(self, trigger: Trigger, problems: Iterable[ZoneProblem]) -> None:
+    def _record_failure(self, trigger: Trigger, problems: Iterable[Problem]) -> None:
         self.stats.failures += 1
         problems = tuple(problems)
         for problem in problems[:MAX_LOGGED_PROBLEMS]:

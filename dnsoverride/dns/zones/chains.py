@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 
-from dnsoverride.dns.zones.model import NameEntry, Overrides, ZoneFile, ZoneProblem, ZoneSet
+from dnsoverride.common.errors import Problem
+from dnsoverride.dns.zones.model import NameEntry, Overrides, ZoneFile, ZoneSet
 from dnsoverride.dns.zones.records import ANSWER_ROOM, QTYPE_CNAME, rrset_bytes
 
 # How many names the server visits for one answer following CNAMEs (dns/answer.py): the
@@ -15,16 +16,14 @@ from dnsoverride.dns.zones.records import ANSWER_ROOM, QTYPE_CNAME, rrset_bytes
 MAX_CNAME_CHAIN = 8
 
 
-def view_problems(
-    zone_set: ZoneSet, view: str, selectors: frozenset[str] | None
-) -> list[ZoneProblem]:
+def view_problems(zone_set: ZoneSet, view: str, selectors: frozenset[str] | None) -> list[Problem]:
     """Problems with one view's choice of files: unknown files, a name in two files,
     and CNAME chains the server cannot follow within the view (see `cname_problems`)."""
     problems = []
     for selector in sorted(selectors or ()):
         if not any(zone.matches(selector) for zone in zone_set.files):
             problems.append(
-                ZoneProblem(
+                Problem(
                     zone_set.directory,
                     0,
                     f"view {view!r} names zone file {selector!r}, which does not exist",
@@ -38,7 +37,7 @@ def view_problems(
     return problems
 
 
-def _defined_twice(view: str, files: Iterable[ZoneFile], overrides: Overrides) -> list[ZoneProblem]:
+def _defined_twice(view: str, files: Iterable[ZoneFile], overrides: Overrides) -> list[Problem]:
     problems = []
     for zone in files:
         for name in zone.stored:
@@ -47,7 +46,7 @@ def _defined_twice(view: str, files: Iterable[ZoneFile], overrides: Overrides) -
                 first, entry = owner.entry(name), zone.entry(name)
                 assert first is not None and entry is not None
                 problems.append(
-                    ZoneProblem(
+                    Problem(
                         entry.file,
                         entry.line,
                         f"{name} is already defined in "
@@ -57,7 +56,7 @@ def _defined_twice(view: str, files: Iterable[ZoneFile], overrides: Overrides) -
     return problems
 
 
-def cname_problems(files: Iterable[ZoneFile], overrides: Overrides) -> list[ZoneProblem]:
+def cname_problems(files: Iterable[ZoneFile], overrides: Overrides) -> list[Problem]:
     """What the server cannot answer among the CNAMEs of one view's files: loops, chains
     of more names than it follows (`MAX_CNAME_CHAIN`), and chains whose records outgrow a
     DNS message. Each problem is reported once, at the name a chain starts from (or, for
@@ -119,14 +118,14 @@ class _Chains:
                 hops, size = 1, max(rrset_bytes(rrset) for rrset in entry.rrsets.values())
             self.hops[entry.name], self.size[entry.name] = hops, size
 
-    def problems(self) -> list[ZoneProblem]:
+    def problems(self) -> list[Problem]:
         found = []
         for loop in self.loops:
             first = min(loop, key=lambda entry: (entry.file, entry.line))
             at = loop.index(first)
             names = [entry.name for entry in loop[at:] + loop[:at]]
             found.append(
-                ZoneProblem(
+                Problem(
                     first.file,
                     first.line,
                     f"{first.name}: CNAME loop {_chain_text([*names, names[0]])}: "
@@ -155,7 +154,7 @@ class _Chains:
                 entry = self.entries[name]
                 chain = _chain_text(self._chain(name))
                 found.append(
-                    ZoneProblem(entry.file, entry.line, f"{name}: CNAME chain {chain} {why(name)}")
+                    Problem(entry.file, entry.line, f"{name}: CNAME chain {chain} {why(name)}")
                 )
         return found
 

@@ -9,8 +9,9 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from types import MappingProxyType
 
+from dnsoverride.common.errors import Problem
 from dnsoverride.dns.zones.chains import cname_problems, view_problems
-from dnsoverride.dns.zones.model import ZoneFile, ZoneProblem, ZoneSet, ZoneSetError
+from dnsoverride.dns.zones.model import ZoneFile, ZoneSet, ZoneSetError
 from dnsoverride.dns.zones.parse import ParsedFile
 from dnsoverride.dns.zones.workers import parse_all
 
@@ -50,7 +51,7 @@ class ZoneFileCache:
             try:
                 data = path.read_bytes()
             except OSError as error:
-                problem = ZoneProblem(str(path), 0, f"cannot read: {error}")
+                problem = Problem(str(path), 0, f"cannot read: {error}")
                 files[(str(path), b"")] = ParsedFile(
                     ZoneFile(path.name, str(path), MappingProxyType({})), (problem,), ""
                 )
@@ -80,7 +81,7 @@ def load_zone_set(
     unchanged files.
     """
     if not directory.is_dir():
-        raise ZoneSetError([ZoneProblem(str(directory), 0, "zones directory does not exist")])
+        raise ZoneSetError([Problem(str(directory), 0, "zones directory does not exist")])
     # Building ~10^6 objects triggers repeated full collections that also walk everything
     # already alive (the set being served): 3x slower for 100,000 names. What is built
     # here is acyclic, so reference counting alone frees whatever is dropped.
@@ -115,5 +116,5 @@ def _load_zone_set(
     if problems:
         # Views that share files find the same CNAME problems: each is reported once.
         unique = dict.fromkeys(problems)
-        raise ZoneSetError(sorted(unique, key=lambda p: (p.file, p.line)))
+        raise ZoneSetError(sorted(unique, key=lambda p: (p.file, p.line or 0)))
     return zone_set

@@ -10,6 +10,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import NamedTuple
 
+from dnsoverride.common.errors import ConfigError, Problem
 from dnsoverride.dns.zones.health import GatedOverride, HealthCheck
 from dnsoverride.dns.zones.names import normalize_name
 from dnsoverride.dns.zones.records import (
@@ -22,24 +23,11 @@ from dnsoverride.dns.zones.records import (
 )
 
 
-@dataclass(frozen=True)
-class ZoneProblem:
-    """One thing wrong with a zone file, at a 1-based line."""
-
-    file: str
-    line: int
-    reason: str
-
-    def __str__(self) -> str:
-        return f"{self.file}:{self.line}: {self.reason}"
-
-
-class ZoneSetError(Exception):
+class ZoneSetError(ConfigError):
     """The zone set is not valid; `problems` lists every problem found, in file order."""
 
-    def __init__(self, problems: Iterable[ZoneProblem]) -> None:
-        self.problems = tuple(problems)
-        super().__init__("\n".join(str(problem) for problem in self.problems))
+    def __init__(self, problems: Iterable[Problem]) -> None:
+        super().__init__(problems, "invalid zones")
 
 
 class NameEntry(NamedTuple):

@@ -11,13 +11,13 @@ from types import MappingProxyType
 from typing import Any, NamedTuple
 
 from dnsoverride.common import yamlsource
+from dnsoverride.common.errors import Problem
 from dnsoverride.common.yamlsource import brief
 from dnsoverride.dns.zones.health import HealthSpecError, parse_health
 from dnsoverride.dns.zones.model import (
     NameEntry,
     Stored,
     ZoneFile,
-    ZoneProblem,
     compact_form,
     entry_of,
 )
@@ -49,7 +49,7 @@ NAME_KEYS = ("ttl", "health")
 @dataclass(frozen=True)
 class ParsedFile:
     zone: ZoneFile
-    problems: tuple[ZoneProblem, ...]
+    problems: tuple[Problem, ...]
     digest: str
 
     @property
@@ -70,10 +70,10 @@ class FileProblems:
 
     def __init__(self, file: str) -> None:
         self.file = file
-        self.items: list[ZoneProblem] = []
+        self.items: list[Problem] = []
 
     def add(self, line: int, reason: str) -> None:
-        self.items.append(ZoneProblem(self.file, line, reason))
+        self.items.append(Problem(self.file, line, reason))
 
     def duplicates(self, mapping: yamlsource.LineMap) -> None:
         for key, line in mapping.duplicates:
@@ -94,7 +94,7 @@ class Parts(NamedTuple):
     stored: dict[str, Stored]
     cnames: tuple[str, ...]
     checked: tuple[str, ...]
-    problems: tuple[ZoneProblem, ...]
+    problems: tuple[Problem, ...]
     digest: str  # of the data, not of the bytes: comments and layout do not change it
 
 
