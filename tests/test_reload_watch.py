@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry
 from transparent_certs import make_ca
 
 from dnsoverride.dns.config import load_config
-from dnsoverride.dns.reload import Reloader, fingerprint, serve_loader
+from dnsoverride.dns.reload import fingerprint, serve_loader, zone_reloader
 from dnsoverride.dns.zones.live import LiveZones
 from dnsoverride.dns.zones.load import ZoneFileCache, load_zone_set
 from dnsoverride.dns.zones.model import ZoneSet, ZoneSetError
@@ -59,7 +59,7 @@ class Harness:
         self.live = LiveZones(load())
         self.swapped: list[ZoneSet] = []
         self.registry = CollectorRegistry()
-        self.reloader = Reloader(
+        self.reloader = zone_reloader(
             load=load,
             swap=self._swap,
             current=self.live.current,

@@ -2,4 +2,4 @@
 cache -> forwarder -> rate limit), one module each; daemon.py wires them together.
 wire.py and relay.py read and build DNS messages by hand where dnslib would cost more
 than the answer (cache hits, cold forwards); udpexchange.py is one upstream query's
-socket; logthrottle.py and heaptrim.py keep floods from filling the journal and the heap."""
+socket; logthrottle.py keeps floods from filling the journal."""

@@ -18,8 +18,8 @@ from typing import Any, cast
 
 import structlog
 
+from dnsoverride.common.heaptrim import HeapTrimmer
 from dnsoverride.dns.config import TcpConfig
-from dnsoverride.dns.heaptrim import HeapTrimmer
 from dnsoverride.dns.resolver import Resolver
 
 log = structlog.get_logger(__name__)
@@ -94,7 +94,7 @@ def tcp_handler(resolver: Resolver, limits: TcpConfig) -> TcpHandler:
     replies wait for it, its queries are no longer read; if they still wait
     `limits.idle_timeout` seconds later, or more than `limits.max_queued` bytes pile up
     (answers in flight finishing), the connection is aborted and its buffers freed
-    (and given back to the system after a burst of them, see heaptrim.py).
+    (and given back to the system after a burst of them, see common/heaptrim.py).
     """
     fast = resolver.fast
     idle_timeout = limits.idle_timeout
