@@ -1,0 +1,129 @@
+"""The tree is the architecture: the package's imports, read with `ast`, run only downward.
+
+- `dnsoverride.common` (what both daemons share) imports nothing from `dns` or `registry`;
+- `dnsoverride.dns` and `dnsoverride.registry` import nothing of each other;
+- no module imports a package above it (a module of `dns/zones/` imports `dns/zones/`,
+  `common/` and the DNS protocol constants, never `dns/resolver.py` or `cli.py`);
+- imports sit at the top of a module, except the per-command ones in `cli.py` (so that
+  `dnsoverride check` does not pay for the registry's imports and the reverse).
+"""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Iterator
+from pathlib import Path
+
+import dnsoverride
+
+PACKAGE = Path(dnsoverride.__file__).parent
+SHARED = "dnsoverride.common"
+# Leaf modules of a package that its subpackages may import: they import nothing.
+SHARED_DOWNWARD = {"dnsoverride.dns.constants"}
+LAZY_IMPORTS_ALLOWED = {"dnsoverride.cli"}
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def package_of(path: Path, name: str) -> str:
+    return name if path.name == "__init__.py" else name.rpartition(".")[0]
+
+
+MODULES = {module_name(path): path for path in sorted(PACKAGE.rglob("*.py"))}
+
+
+def imports(path: Path, name: str) -> Iterator[tuple[str, int, bool]]:
+    """(imported module, line, whether at module level) of every import of the project."""
+    tree = ast.parse(path.read_text(), str(path))
+    top_level = {id(node) for node in tree.body}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package_of(path, name).split(".")
+                base = ".".join(anchor[: len(anchor) - node.level + 1] + ([base] if base else []))
+            # `from package import module` imports the module; `from module import name`
+            # imports the module.
+            targets = [
+                f"{base}.{alias.name}" if f"{base}.{alias.name}" in MODULES else base
+                for alias in node.names
+            ]
+        else:
+            continue
+        for target in targets:
+            if target == "dnsoverride" or target.startswith("dnsoverride."):
+                yield target, node.lineno, id(node) in top_level
+
+
+def within(name: str, package: str) -> bool:
+    return name == package or name.startswith(package + ".")
+
+
+def problems_of(name: str, path: Path, package: str) -> list[str]:
+    """What is wrong with the imports of module `name` (in `package`), read from `path`."""
+    found = []
+    for target, line, top in imports(path, name):
+        where = f"{path.name}:{line}: {name} imports {target}"
+        if not top and name not in LAZY_IMPORTS_ALLOWED:
+            found.append(f"{where}: an import inside a function (a lazy-import workaround?)")
+        if within(name, SHARED) and not within(target, SHARED):
+            found.append(f"{where}: common/ imports only common/")
+        for one, other in (("dns", "registry"), ("registry", "dns")):
+            if within(name, f"dnsoverride.{one}") and within(target, f"dnsoverride.{other}"):
+                found.append(f"{where}: {one}/ and {other}/ import nothing of each other")
+        if package == "dnsoverride":
+            continue  # the top level (cli, ca, check) is above everything
+        downward = within(target, package) and target != package
+        if not (downward or within(target, SHARED) or target in SHARED_DOWNWARD):
+            found.append(f"{where}: an import running back up, out of {package}")
+    return found
+
+
+def test_every_module_is_found() -> None:
+    """The walk sees the whole package and its imports (a guard against checking nothing)."""
+    assert {"dnsoverride.cli", "dnsoverride.common.errors", "dnsoverride.dns.zones.load"} <= set(
+        MODULES
+    )
+    daemon = list(imports(MODULES["dnsoverride.dns.daemon"], "dnsoverride.dns.daemon"))
+    assert ("dnsoverride.dns.resolver", True) in {(target, top) for target, _, top in daemon}
+
+
+def test_imports_run_only_downward() -> None:
+    found = [
+        problem
+        for name, path in MODULES.items()
+        for problem in problems_of(name, path, package_of(path, name))
+    ]
+    assert found == []
+
+
+def test_the_rules_catch_what_the_old_layout_did(tmp_path: Path) -> None:
+    """Fed the old layout's imports (the zone loader's lazy import of the prober, the
+    reloader's import of dns.views) and a common module importing dns, a registry module
+    importing dns, each rule reports."""
+    samples = {
+        "dnsoverride.dns.zones.parse": "def f():\n    from dnsoverride.dns.health import Prober\n",
+        "dnsoverride.common.reloader": "from dnsoverride.dns.views import Routing\n",
+        "dnsoverride.registry.app": "from dnsoverride.dns import wire\n",
+    }
+    reasons = []
+    for name, text in samples.items():
+        path = tmp_path / f"{name.rpartition('.')[2]}.py"
+        path.write_text(text)
+        reasons.extend(
+            problem.rpartition(": ")[2]
+            for problem in problems_of(name, path, name.rpartition(".")[0])
+        )
+    assert sorted(reasons) == [
+        "an import inside a function (a lazy-import workaround?)",
+        "an import running back up, out of dnsoverride.common",
+        "an import running back up, out of dnsoverride.dns.zones",
+        "an import running back up, out of dnsoverride.registry",
+        "common/ imports only common/",
+        "registry/ and dns/ import nothing of each other",
+    ]
