@@ -1,8 +1,10 @@
 """Command-line entry point: `dnsoverride serve | check | registry | ca`.
 
 This module only parses arguments and dispatches; each command lives with the
-component it runs. Implementations are imported lazily so that `dnsoverride check`
-does not pay for the registry's imports and the reverse.
+component it runs, and takes the flags as the small frozen dataclass its loader reads
+(`ServeFlags`, `RegistryFlags`), never the argparse namespace. Implementations are
+imported lazily so that `dnsoverride serve` does not pay for the registry's imports and
+the reverse.
 """
 
 from __future__ import annotations
@@ -10,10 +12,11 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from dnsoverride import __version__
 from dnsoverride.common.errors import UserError
-from dnsoverride.common.log import LEVELS
+from dnsoverride.common.log import LEVELS, LogOptions
 
 
 def _add_logging_flags(parser: argparse.ArgumentParser) -> None:
@@ -58,9 +61,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_logging_flags(serve)
 
-    check = commands.add_parser("check", help="validate config and zones without serving")
-    check.add_argument("--config", metavar="FILE", help="daemon config file (YAML)")
+    check = commands.add_parser(
+        "check", help="validate configs and zones without serving (file:line: reason, exit 1)"
+    )
+    check.add_argument("--config", metavar="FILE", help="serve's config file (YAML)")
     check.add_argument("--zones", metavar="DIR", help="zones directory (default ./zones)")
+    check.add_argument(
+        "--registry-config",
+        metavar="FILE",
+        help="the registry cache's config file; alone, only it is checked",
+    )
 
     registry = commands.add_parser("registry", help="run the pull-through registry cache")
     registry.add_argument("--config", metavar="FILE", help="registry config file (YAML)")
@@ -111,22 +121,45 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _path(text: str | None) -> Path | None:
+    return Path(text) if text else None
+
+
 def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "check":
+        from dnsoverride.check import run as run_check
+
+        return run_check(_path(args.config), args.zones, _path(args.registry_config))
+    if args.command == "ca":
+        from dnsoverride.ca import run as run_ca
+
+        return run_ca(args)
+    logging = LogOptions(args.log_format, args.log_level or "info")
     if args.command == "serve":
+        from dnsoverride.dns.config import ServeFlags
         from dnsoverride.dns.daemon import run as run_serve
 
-        return run_serve(args)
-    if args.command == "check":
-        from dnsoverride.dns.check import run as run_check
+        serve_flags = ServeFlags(
+            listen=tuple(args.listen or ()),
+            upstream=tuple(args.upstream or ()),
+            metrics=args.metrics,
+            zones=args.zones,
+            query_log=bool(args.query_log),
+        )
+        return run_serve(_path(args.config), serve_flags, logging)
+    from dnsoverride.registry.config import RegistryFlags
+    from dnsoverride.registry.daemon import run as run_registry
 
-        return run_check(args)
-    if args.command == "registry":
-        from dnsoverride.registry.daemon import run as run_registry
-
-        return run_registry(args)
-    from dnsoverride.ca import run as run_ca
-
-    return run_ca(args)
+    registry_flags = RegistryFlags(
+        listen=args.listen,
+        upstream=args.upstream,
+        storage=args.storage,
+        max_size=args.max_size,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        metrics=args.metrics,
+    )
+    return run_registry(_path(args.config), registry_flags, logging)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -2,35 +2,29 @@
 
 from __future__ import annotations
 
-import argparse
 import ipaddress
 from pathlib import Path
 
 import pytest
 
-from dnsoverride.common.errors import UserError
-from dnsoverride.dns.config import ConfigError, Endpoint, ProbeConfig, TcpConfig, load_config
+from dnsoverride.common.errors import ConfigError, UserError
+from dnsoverride.common.grammar import Endpoint
+from dnsoverride.dns.config import ProbeConfig, ServeFlags, TcpConfig, load_config
 
 
-def args(**values: object) -> argparse.Namespace:
-    base: dict[str, object] = {
-        "config": None,
-        "zones": None,
-        "listen": None,
-        "upstream": None,
-        "metrics": None,
-        "query_log": None,
-    }
-    return argparse.Namespace(**{**base, **values})
+def args(config: str | None = None, **flags: object) -> tuple[Path | None, ServeFlags]:
+    """The config path and the flags `load_config` takes, as the command line gives them."""
+    repeated = {key: tuple(value) for key, value in flags.items() if isinstance(value, list)}
+    return (Path(config) if config else None), ServeFlags(**{**flags, **repeated})  # type: ignore[arg-type]
 
 
 def test_embedded_defaults(tmp_path: Path) -> None:
     resolv = tmp_path / "resolv.conf"
     resolv.write_text("# comment\nnameserver 192.0.2.53\nnameserver fe80::1%eth0\nsearch x\n")
-    config = load_config(args(), resolv_conf=resolv)
+    config = load_config(*args(), resolv_conf=resolv)
     assert config.listen == (Endpoint("127.0.0.1", 5353),)
     assert config.zones == Path("zones")
-    assert config.upstreams == (Endpoint("192.0.2.53", 53), Endpoint("fe80::1", 53))
+    assert config.upstreams == (Endpoint("192.0.2.53", 53), Endpoint("fe80::1%eth0", 53))
     assert ipaddress.ip_network("10.0.0.0/8") in config.allow
     assert ipaddress.ip_network("fc00::/7") in config.allow
     assert not any(ipaddress.ip_address("8.8.8.8") in net for net in config.allow)
@@ -55,7 +49,7 @@ def test_file_then_flags(tmp_path: Path) -> None:
         "timeout: 1.5\n"
         "query_log: true\n"
     )
-    config = load_config(args(config=str(path)))
+    config = load_config(*args(config=str(path)))
     assert config.listen == (Endpoint("::1", 53), Endpoint("127.0.0.1", 53))
     assert config.zones == tmp_path / "myzones"
     assert config.upstreams == (Endpoint("192.0.2.1", 53), Endpoint("192.0.2.2", 5353))
@@ -67,7 +61,7 @@ def test_file_then_flags(tmp_path: Path) -> None:
     assert (config.cache.size, config.cache.min_ttl, config.cache.max_ttl) == (5, 1, 60)
     assert config.attempt_timeout <= config.timeout == 1.5
     flagged = load_config(
-        args(config=str(path), listen=["127.0.0.2:5300"], upstream=["192.0.2.9"], zones="other")
+        *args(config=str(path), listen=["127.0.0.2:5300"], upstream=["192.0.2.9"], zones="other")
     )
     assert flagged.listen == (Endpoint("127.0.0.2", 5300),)
     assert flagged.upstreams == (Endpoint("192.0.2.9", 53),)
@@ -89,7 +83,7 @@ def test_every_problem_with_file_and_line(tmp_path: Path) -> None:
         "bogus: 1\n"
     )
     with pytest.raises(ConfigError) as caught:
-        load_config(args(config=str(path)))
+        load_config(*args(config=str(path)))
     problems = [str(problem) for problem in caught.value.problems]
     expected_lines = [1, 2, 3, 4, 4, 5, 7, 8, 9]
     file_problems = [p for p in problems if p.startswith(f"{path}:")]
@@ -101,7 +95,7 @@ def test_every_problem_with_file_and_line(tmp_path: Path) -> None:
 
 
 def test_tuning_keys_defaults_and_values(tmp_path: Path) -> None:
-    default = load_config(args(upstream=["127.0.0.1:53"]))
+    default = load_config(*args(upstream=["127.0.0.1:53"]))
     assert default.probe == ProbeConfig(interval=2.0, name="")
     assert default.tcp == TcpConfig(max_connections=512, pipeline=100, idle_timeout=10.0)
     assert default.failure_log_interval == 10.0
@@ -117,7 +111,7 @@ def test_tuning_keys_defaults_and_values(tmp_path: Path) -> None:
         "  idle_timeout: 2.5\n"
         "cache: {stale_reuse: 0.5, size: 10}\n"
     )
-    config = load_config(args(config=str(path)))
+    config = load_config(*args(config=str(path)))
     assert config.probe == ProbeConfig(interval=0.5, name="example.com")
     assert config.tcp == TcpConfig(max_connections=64, pipeline=8, idle_timeout=2.5)
     assert config.failure_log_interval == 60
@@ -141,7 +135,7 @@ def test_tuning_key_problems_with_file_and_line(tmp_path: Path) -> None:
         "tcp_extra: 1\n"
     )
     with pytest.raises(ConfigError) as caught:
-        load_config(args(config=str(path)))
+        load_config(*args(config=str(path)))
     problems = sorted(map(str, caught.value.problems), key=lambda p: int(p.split(":")[1]))
     assert [int(p.split(":")[1]) for p in problems] == [3, 4, 5, 7, 8, 9, 10, 11, 12]
     text = "\n".join(problems)
@@ -159,7 +153,7 @@ def test_settings_sections_must_be_mappings(tmp_path: Path) -> None:
     path = tmp_path / "bad.yaml"
     path.write_text("upstreams: [127.0.0.1]\ncache: 5\nprobe: [1]\ntcp: yes\n")
     with pytest.raises(ConfigError) as caught:
-        load_config(args(config=str(path)))
+        load_config(*args(config=str(path)))
     assert sorted(map(str, caught.value.problems)) == [
         f"{path}:2: cache: expected a mapping with size, min_ttl, max_ttl, negative_max_ttl, "
         "stale_ttl, stale_reuse",
@@ -173,23 +167,23 @@ def test_yaml_syntax_error_and_missing_file(tmp_path: Path) -> None:
     path = tmp_path / "broken.yaml"
     path.write_text("listen: [127.0.0.1:53\n")
     with pytest.raises(ConfigError) as caught:
-        load_config(args(config=str(path)))
+        load_config(*args(config=str(path)))
     assert str(caught.value.problems[0]).startswith(f"{path}:2: YAML syntax error")
     with pytest.raises(UserError, match="does not exist"):
-        load_config(args(config=str(tmp_path / "missing.yaml")))
+        load_config(*args(config=str(tmp_path / "missing.yaml")))
 
 
 def test_forwarding_to_ourselves_is_refused() -> None:
     with pytest.raises(ConfigError, match="is our own listening address"):
-        load_config(args(listen=["127.0.0.1:5300"], upstream=["127.0.0.1:5300"]))
+        load_config(*args(listen=["127.0.0.1:5300"], upstream=["127.0.0.1:5300"]))
     with pytest.raises(ConfigError, match=r"is our own listening address 0\.0\.0\.0:5300"):
-        load_config(args(listen=["0.0.0.0:5300"], upstream=["127.0.0.1:5300"]))
+        load_config(*args(listen=["0.0.0.0:5300"], upstream=["127.0.0.1:5300"]))
     # Another port on the same host is a different server.
-    assert load_config(args(listen=["127.0.0.1:5300"], upstream=["127.0.0.1:53"])).upstreams
+    assert load_config(*args(listen=["127.0.0.1:5300"], upstream=["127.0.0.1:53"])).upstreams
 
 
 def test_no_upstream_anywhere(tmp_path: Path) -> None:
     empty = tmp_path / "resolv.conf"
     empty.write_text("search example\n")
     with pytest.raises(ConfigError, match="no upstream resolvers"):
-        load_config(args(), resolv_conf=empty)
+        load_config(*args(), resolv_conf=empty)

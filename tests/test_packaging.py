@@ -3,7 +3,6 @@ loaders (the RPM spec: test_packaging_rpm.py)."""
 
 from __future__ import annotations
 
-import argparse
 import configparser
 import ipaddress
 import re
@@ -150,8 +149,7 @@ def test_socket_passes_udp_before_tcp_on_port_53() -> None:
 def test_registry_keeps_its_blobs_in_the_cache_directory() -> None:
     section = _unit(UNITS / "dnsoverride-registry.service")["Service"]
     store = Path("/var/cache") / section["CacheDirectory"]
-    args = argparse.Namespace(config=str(CONFIG / "registry.yaml"))
-    assert registry_config.load(args).storage == store
+    assert registry_config.load(CONFIG / "registry.yaml").storage == store
 
 
 @pytest.mark.skipif(
@@ -200,7 +198,7 @@ def test_dnsoverride_yaml_parses_with_the_serve_config_loader(tmp_path: Path) ->
     resolv = tmp_path / "resolv.conf"
     resolv.write_text("nameserver 192.0.2.53\n")
     path = CONFIG / "dnsoverride.yaml"
-    loaded = serve_config.load_config(argparse.Namespace(config=str(path)), resolv_conf=resolv)
+    loaded = serve_config.load_config(path, resolv_conf=resolv)
     assert loaded.zones == CONFIG / "zones"
     assert loaded.metrics is not None
     # Every setting the daemon knows is documented in the shipped file.
@@ -221,11 +219,11 @@ def test_dnsoverride_yaml_parses_with_the_serve_config_loader(tmp_path: Path) ->
 
 def test_registry_yaml_parses_with_the_registry_config_loader() -> None:
     path = CONFIG / "registry.yaml"
-    loaded = registry_config.load(argparse.Namespace(config=str(path)))
+    loaded = registry_config.load(path)
     assert loaded.metrics is not None
     assert loaded.budget is not None
     documented = _documented_keys(path)
-    known = {*registry_config._KNOWN, *registry_config._UPSTREAM_KEYS, *registry_config._TLS_KEYS}
+    known = {*registry_config.TOP_KEYS, *registry_config.UPSTREAM_KEYS, *registry_config.TLS_KEYS}
     assert known - documented == set()
 
 
@@ -255,7 +253,7 @@ def test_packaged_cache_config_serves_what_the_zone_sample_points_at(tmp_path: P
     text = (CONFIG / "registry.yaml").read_text()
     path = tmp_path / "registry.yaml"
     path.write_text(_uncommented(text, "tls"))
-    cache = registry_config.load(argparse.Namespace(config=str(path)))
+    cache = registry_config.load(path)
     assert cache.tls_listen is not None
     host, port = cache.tls_listen
     assert [(address, gated.check.port) for address in gated.addresses] == [(host, port)]

@@ -146,7 +146,7 @@ async def test_max_size_below_a_blob_is_warned_once(
         data = os.urandom(300_000)
         blobs[digest_of(data)] = data
     liar.blobs.update(blobs)
-    cache: CacheProcess = start_cache(liar.url, "--max-size", "200000")
+    cache: CacheProcess = start_cache(liar.url, "--max-size", "200000B")
     for blob, data in blobs.items():
         assert await _get(http, f"{cache.url}/v2/ci/app/blobs/{blob}") == (200, data)
     warnings = cache.wait_log('"store_budget_too_small"')

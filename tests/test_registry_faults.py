@@ -203,7 +203,7 @@ async def test_store_stays_under_budget_evicting_least_recently_used(
         for n in range(3)
     ]
     budget = 820_000  # room for two of the three images (~302 kB each)
-    cache = start_cache(upstream.url, "--max-size", str(budget))
+    cache = start_cache(upstream.url, "--max-size", f"{budget}B")
     for n in range(len(images)):
         code, out = await pull(f"{cache.address}/ci/img{n}:v1", tmp_path / f"out{n}")
         assert code == 0, out

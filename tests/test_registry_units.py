@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import email.utils
 import errno
 import hashlib
@@ -15,10 +14,11 @@ from pathlib import Path
 import pytest
 
 from dnsoverride.common.errors import UserError
+from dnsoverride.common.grammar import GrammarError, parse_size
 from dnsoverride.registry import app as app_module
 from dnsoverride.registry import config as registry_config
 from dnsoverride.registry import upstream as upstream_module
-from dnsoverride.registry.config import Budget, parse_size
+from dnsoverride.registry.config import Budget, RegistryFlags
 from dnsoverride.registry.errors import RegistryError
 from dnsoverride.registry.links import Links
 from dnsoverride.registry.names import parse_digest, parse_name, parse_tag
@@ -59,21 +59,19 @@ def test_sizes() -> None:
     assert parse_size("20G") == 20 << 30
     assert parse_size("512M") == 512 << 20
     assert parse_size("1.5GiB") == int(1.5 * (1 << 30))
-    assert parse_size("1000") == 1000
-    with pytest.raises(UserError, match="invalid size"):
+    assert parse_size("1000", unit_required=False) == 1000
+    with pytest.raises(GrammarError, match="expected a size"):
         parse_size("lots")
 
 
-def _args(**values: object) -> argparse.Namespace:
-    defaults = dict.fromkeys(
-        ("config", "listen", "upstream", "storage", "max_size", "tls_cert", "tls_key", "metrics")
-    )
-    return argparse.Namespace(**{**defaults, **values})
+def _args(config: str | None = None, **flags: str) -> tuple[Path | None, RegistryFlags]:
+    """The config path and the flags `registry_config.load` takes."""
+    return (Path(config) if config else None), RegistryFlags(**flags)
 
 
 def test_embedded_defaults(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    config = registry_config.load(_args())
+    config = registry_config.load(*_args())
     assert (config.host, config.port) == ("127.0.0.1", 5000)
     assert config.storage == tmp_path / "dnsoverride" / "registry"
     assert config.default_upstream == "registry-1.docker.io"
@@ -94,7 +92,7 @@ def test_config_file_and_flags(tmp_path: Path) -> None:
         "  - {name: ghcr.io, url: 'https://ghcr.io', username: u, password: p}\n"
         "default_upstream: ghcr.io\n"
     )
-    config = registry_config.load(_args(config=str(path), listen="127.0.0.1:6000"))
+    config = registry_config.load(*_args(config=str(path), listen="127.0.0.1:6000"))
     assert (config.host, config.port) == ("127.0.0.1", 6000)  # the flag wins
     assert config.budget == Budget(10 << 30)
     assert config.tag_ttl == 60
@@ -102,28 +100,28 @@ def test_config_file_and_flags(tmp_path: Path) -> None:
     assert config.default_upstream == "ghcr.io"
     assert config.upstream("ghcr.io").username == "u"
     assert config.metrics is None
-    assert registry_config.load(_args(metrics="127.0.0.1:9101")).metrics == ("127.0.0.1", 9101)
+    assert registry_config.load(*_args(metrics="127.0.0.1:9101")).metrics == ("127.0.0.1", 9101)
 
 
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("listen: nowhere\n", "invalid listen address"),
+        ("listen: nowhere\n", "listen: 'nowhere' needs a port"),
         ("upstreams: [{url: 'ftp://x'}]\n", "invalid upstream URL"),
-        ("upstreams: [{url: 'https://a', colour: red}]\n", "unknown keys"),
+        ("upstreams: [{url: 'https://a', colour: red}]\n", "unknown key 'colour'"),
         ("default_upstream: nope\n", "not an upstream"),
-        ("max_size: huge\n", "invalid size"),
-        ("bogus: 1\n", "unknown keys: bogus"),
+        ("max_size: huge\n", "max_size: expected a size"),
+        ("bogus: 1\n", "unknown key 'bogus'"),
         ("tag_ttl: soon\n", "seconds"),
-        ("[1, 2\n", "invalid YAML"),
-        ("metrics: nowhere\n", "invalid listen address"),
+        ("[1, 2\n", "YAML syntax error"),
+        ("metrics: nowhere\n", "metrics: 'nowhere' needs a port"),
     ],
 )
 def test_bad_config_is_a_user_error(tmp_path: Path, text: str, message: str) -> None:
     path = tmp_path / "registry.yaml"
     path.write_text(text)
     with pytest.raises(UserError, match=message):
-        registry_config.load(_args(config=str(path)))
+        registry_config.load(*_args(config=str(path)))
 
 
 def test_cli_reports_bad_config_without_traceback(tmp_path: Path) -> None:
@@ -137,7 +135,8 @@ def test_cli_reports_bad_config_without_traceback(tmp_path: Path) -> None:
         check=False,
     )
     assert result.returncode == 2
-    assert result.stderr.startswith("dnsoverride: error: invalid size")
+    assert result.stderr.startswith("dnsoverride: error: invalid configuration")
+    assert f"{path}:1: max_size: expected a size" in result.stderr
     assert "Traceback" not in result.stderr
 
 
@@ -277,7 +276,7 @@ def _clients(tmp_path: Path, text: str, users: str = "") -> None:
     (tmp_path / "users").write_text(users)
     path = tmp_path / "registry.yaml"
     path.write_text(text.replace("USERS", str(tmp_path / "users")))
-    registry_config.load(_args(config=str(path)))
+    registry_config.load(*_args(config=str(path)))
 
 
 BCRYPT_LINE = "dev:$2b$06$" + "a" * 53 + "\n"
@@ -295,8 +294,8 @@ BCRYPT_LINE = "dev:$2b$06$" + "a" * 53 + "\n"
         ("clients: {grants: [{networks: [10.0.0.0/8], upstreams: [x]}]}\n", "", "'x' is not"),
         ("clients: {require_auth: true}\n", "", "require_auth needs grants"),
         ("clients: {require_auth: 1}\n", "", "true or false"),
-        ("clients: {visibility_ttl: soon}\n", "", "visibility_ttl is seconds"),
-        ("clients: {colour: red}\n", "", "clients: unknown keys: colour"),
+        ("clients: {visibility_ttl: soon}\n", "", "visibility_ttl: expected a number"),
+        ("clients: {colour: red}\n", "", "clients: unknown key 'colour'"),
         ("clients: {htpasswd: /nonexistent/users}\n", "", "cannot read htpasswd"),
     ],
 )
@@ -315,7 +314,7 @@ def test_clients_config_and_grants(tmp_path: Path) -> None:
         "    - {users: [dev], upstreams: [registry-1.docker.io], repositories: ['team/*']}\n"
         "    - {networks: ['10.1.0.0/16']}\n"
     )
-    clients = registry_config.load(_args(config=str(path))).clients
+    clients = registry_config.load(*_args(config=str(path))).clients
     assert [user for user, _ in clients.users] == ["dev"]
     assert clients.visibility_ttl == 60 and not clients.require_auth
     first, second = clients.grants

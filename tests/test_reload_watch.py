@@ -7,7 +7,6 @@ to change. The DNS wire side is covered by test_reload_server.py.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
 from collections.abc import AsyncIterator, Callable, MutableMapping
@@ -21,7 +20,7 @@ import structlog
 from prometheus_client import CollectorRegistry
 from transparent_certs import make_ca
 
-from dnsoverride.dns.config import load_config
+from dnsoverride.dns.config import ServeFlags, load_config
 from dnsoverride.dns.reload import fingerprint, serve_loader, zone_reloader
 from dnsoverride.dns.zones.live import LiveZones
 from dnsoverride.dns.zones.load import ZoneFileCache, load_zone_set
@@ -412,9 +411,8 @@ VIEW_CONFIG = "upstreams: [127.0.0.1:1]\nviews:\n  - name: ci\n    clients: [127
 @asynccontextmanager
 async def serving_config(zones: Path, config: Path) -> AsyncIterator[Harness]:
     """A reloader built as `dnsoverride serve --config` builds it (serve_loader)."""
-    args = argparse.Namespace(config=str(config))
-    running = load_config(args)
-    load = serve_loader(running, args)
+    running = load_config(config)
+    load = serve_loader(running, config, ServeFlags())
     async with reloading(zones, lambda: load().zone_set, config) as harness:
         yield harness
 

@@ -152,11 +152,14 @@ def test_upstream_that_resolves_to_ourselves_is_refused(
 @pytest.mark.parametrize(
     ("config", "message"),
     [
-        ({"resolvers": ["dns.example"]}, "resolvers: 'dns.example' is not IP or IP:PORT"),
-        ({"resolvers": "10.0.0.53"}, "resolvers must be a list"),
-        ({"tls": {"listen": "127.0.0.1:8443"}}, "tls: listen needs a certificate"),
-        ({"tls": {"certificates": [{"cert": "a.crt"}]}}, "needs exactly cert and key"),
-        ({"tls": {"cert": "a.crt", "key": "a.key", "chain": "x"}}, "tls: unknown keys: chain"),
+        (
+            {"resolvers": ["dns.example"]},
+            "resolvers: 'dns.example' names a host: a DNS resolver is given by IP address",
+        ),
+        ({"resolvers": ["10.0.0.53:99999"]}, "resolvers: bad port in '10.0.0.53:99999'"),
+        ({"tls": {"listen": "127.0.0.1:8443"}}, "tls: listen: needs a certificate"),
+        ({"tls": {"certificates": [{"cert": "a.crt"}]}}, "certificates[0]: needs cert and key"),
+        ({"tls": {"cert": "a.crt", "key": "a.key", "chain": "x"}}, "tls: unknown key 'chain'"),
         ({"tls": {"cert": "missing.crt", "key": "missing.key"}}, "cannot load TLS certificate"),
     ],
 )

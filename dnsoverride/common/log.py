@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from dataclasses import dataclass
 from typing import Literal
 
 import structlog
@@ -16,8 +17,18 @@ LogFormat = Literal["json", "console"]
 LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
-def configure(log_format: LogFormat | None = None, level: str = "info") -> None:
-    """Configure structlog for the process; `log_format=None` picks by whether stdout is a tty."""
+@dataclass(frozen=True)
+class LogOptions:
+    """How a daemon logs: `format` None picks by whether stdout is a terminal."""
+
+    format: LogFormat | None = None
+    level: str = "info"
+
+
+def configure(options: LogOptions) -> None:
+    """Configure structlog for the process."""
+    log_format = options.format
+    level = options.level
     if log_format is None:
         log_format = "console" if sys.stdout.isatty() else "json"
     renderer: structlog.types.Processor

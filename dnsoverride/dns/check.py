@@ -1,35 +1,20 @@
-"""`dnsoverride check`: validate the DNS config and every zone file without serving.
-
-Prints one `file:line: reason` line per problem (config first, then zones) and returns
-1 when there is any, 0 with a one-line summary otherwise — like `nginx -t`.
-"""
+"""What `dnsoverride check` validates of the DNS server: its config and every zone file,
+as `serve` would load them (with the config's views), without serving."""
 
 from __future__ import annotations
 
-import argparse
-import sys
+from pathlib import Path
 
-from dnsoverride.dns.config import ConfigError, load_config
+from dnsoverride.dns.config import ServeFlags, load_config
 from dnsoverride.dns.zones.load import load_zone_set
-from dnsoverride.dns.zones.model import ZoneSetError
 
 
-def run(args: argparse.Namespace) -> int:
-    """Validate, print problems to stderr, return the exit status."""
-    try:
-        config = load_config(args)
-    except ConfigError as error:
-        for problem in error.problems:
-            print(problem, file=sys.stderr)
-        return 1
-    try:
-        zone_set = load_zone_set(config.zones, config.view_selectors())
-    except ZoneSetError as error:
-        for zone_problem in error.problems:
-            print(zone_problem, file=sys.stderr)
-        return 1
-    print(
-        f"ok: {len(zone_set.files)} zone files, {zone_set.name_count()} names, "
+def check(path: Path | None, flags: ServeFlags) -> str:
+    """A one-line summary of a valid config and zone set; ConfigError (the config's
+    problems, or the zones') otherwise."""
+    config = load_config(path, flags)
+    zone_set = load_zone_set(config.zones, config.view_selectors())
+    return (
+        f"{len(zone_set.files)} zone files, {zone_set.name_count()} names, "
         f"{len(config.views)} views, upstreams {', '.join(map(str, config.upstreams))}"
     )
-    return 0

@@ -7,21 +7,23 @@ where uvloop answers several times more queries than the default loop (DESIGN.md
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import gc
 import signal
 import socket
+from pathlib import Path
 
 import structlog
 import uvloop
 from prometheus_client.registry import CollectorRegistry
 
-from dnsoverride.common import log as logging_setup
 from dnsoverride.common import systemd
 from dnsoverride.common.admin import AdminServer, start_admin
 from dnsoverride.common.errors import UserError
-from dnsoverride.dns.config import Endpoint, ServeConfig, load_config
+from dnsoverride.common.grammar import Endpoint
+from dnsoverride.common.log import LogOptions
+from dnsoverride.common.log import configure as configure_logging
+from dnsoverride.dns.config import ServeConfig, ServeFlags, load_config
 from dnsoverride.dns.forwarder import Forwarder
 from dnsoverride.dns.health import HealthMonitor
 from dnsoverride.dns.listener import READ_LIMIT, UdpListener, tcp_handler
@@ -45,16 +47,17 @@ SHUTDOWN_GRACE = 2.0
 GC_THRESHOLDS = (20_000, 20, 100)
 
 
-def run(args: argparse.Namespace) -> int:
-    """Serve until SIGTERM/SIGINT; returns the exit status (0 after a clean shutdown)."""
-    logging_setup.configure(args.log_format, args.log_level or "info")
+def run(path: Path | None, flags: ServeFlags, logging: LogOptions) -> int:
+    """Serve with the config file at `path` (optional) and `flags` over it until
+    SIGTERM/SIGINT; returns the exit status (0 after a clean shutdown)."""
+    configure_logging(logging)
     gc.set_threshold(*GC_THRESHOLDS)
-    config = load_config(args)
-    start = serve_start(config, args)
+    config = load_config(path, flags)
+    start = serve_start(config, path, flags)
     # The coroutine holds the first routing, not this frame: after a reload replaces it,
     # nothing keeps the old zone set alive.
     # A ZoneSetError (a UserError) lists every problem of the zones.
-    serve = _serve(config, start.load(), args, start)
+    serve = _serve(config, start.load(), path, start)
     # The zone set lives until the next reload (refcounting frees it then): out of the
     # collector's sight, a large one is not millions of objects for every full collection
     # to walk. The same after each swap (`install`).
@@ -148,7 +151,7 @@ async def _bind(config: ServeConfig, resolver: Resolver, tasks: set[asyncio.Task
 
 
 async def _serve(
-    config: ServeConfig, routing: Routing, args: argparse.Namespace, start: ServeStart
+    config: ServeConfig, routing: Routing, path: Path | None, start: ServeStart
 ) -> int:
     loop = asyncio.get_running_loop()
     zone_set = routing.zone_set
@@ -186,7 +189,7 @@ async def _serve(
         gc.freeze()  # the new zone set, as at start (see `run`)
 
     reloader = serve_reloader(
-        install, routing, config=config, args=args, start=start, registry=registry
+        install, routing, config=config, path=path, start=start, registry=registry
     )
     try:
         await reloader.start()

@@ -43,9 +43,10 @@ from collections.abc import Callable, Coroutine
 import dnslib
 import structlog
 
+from dnsoverride.common.grammar import Endpoint
 from dnsoverride.common.resolve import exchange_tcp
 from dnsoverride.dns import relay, wire
-from dnsoverride.dns.config import Endpoint, ForwardConfig, ProbeConfig
+from dnsoverride.dns.config import ForwardConfig, ProbeConfig
 from dnsoverride.dns.logthrottle import ThrottledLog
 from dnsoverride.dns.stats import DnsStats
 from dnsoverride.dns.udpexchange import AbandonedError, SocketWatcher, UdpExchange

@@ -6,7 +6,6 @@ validates it.
 
 from __future__ import annotations
 
-import argparse
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
@@ -19,7 +18,7 @@ from prometheus_client.registry import CollectorRegistry
 from dnsoverride.common import reloader
 from dnsoverride.common.heaptrim import trim_heap
 from dnsoverride.common.reloader import Reloader, ReloadStats, S, Sources
-from dnsoverride.dns.config import ServeConfig, load_config
+from dnsoverride.dns.config import ServeConfig, ServeFlags, load_config
 from dnsoverride.dns.views import Routing
 from dnsoverride.dns.zones.load import ZoneFileCache, is_zone_file_name, load_zone_set, zone_files
 
@@ -63,9 +62,12 @@ def zone_reloader(
 HOT_CONFIG_KEYS = frozenset({"allow", "views", "default_view", "ratelimit"})
 
 
-def serve_loader(config: ServeConfig, args: argparse.Namespace) -> Callable[[], Routing]:
+def serve_loader(
+    config: ServeConfig, path: Path | None, flags: ServeFlags
+) -> Callable[[], Routing]:
     """What `dnsoverride serve` reloads: the config file and the zones, validated exactly as
     `dnsoverride check` would validate them now, as one `Routing` (ACL, views, zone set).
+    `path` is the config file (None: none), `flags` what the command line set over it.
 
     `allow`, `views`, `default_view` and `ratelimit` take effect with the reload; a change
     to any other key (listeners, upstreams, cache, ...) is logged as needing a restart and
@@ -77,7 +79,7 @@ def serve_loader(config: ServeConfig, args: argparse.Namespace) -> Callable[[], 
     reported: list[str] = []
 
     def load() -> Routing:
-        edited = load_config(args) if getattr(args, "config", None) else config
+        edited = load_config(path, flags) if path is not None else config
         restart = [
             f.name
             for f in fields(config)
@@ -87,7 +89,7 @@ def serve_loader(config: ServeConfig, args: argparse.Namespace) -> Callable[[], 
             # Once per distinct change, not on every reload after it.
             reported[:] = restart
             if restart:
-                log.warning("config_change_needs_restart", config=args.config, keys=restart)
+                log.warning("config_change_needs_restart", config=str(path), keys=restart)
         hot = replace(config, **{key: getattr(edited, key) for key in HOT_CONFIG_KEYS})
         zone_set = load_zone_set(config.zones, hot.view_selectors(), cache)
         # Merge each view's files now, in this thread, not on the first query.
@@ -96,11 +98,6 @@ def serve_loader(config: ServeConfig, args: argparse.Namespace) -> Callable[[], 
         return Routing(hot, zone_set)
 
     return load
-
-
-def _config_file(args: argparse.Namespace) -> Path | None:
-    path = getattr(args, "config", None)
-    return Path(path) if path else None
 
 
 @dataclass
@@ -123,10 +120,9 @@ class ServeStart:
         return routing
 
 
-def serve_start(config: ServeConfig, args: argparse.Namespace) -> ServeStart:
+def serve_start(config: ServeConfig, path: Path | None, flags: ServeFlags) -> ServeStart:
     """Call before the first load, then load with `.load()`."""
-    baseline = fingerprint(config.zones, _config_file(args))
-    return ServeStart(baseline, serve_loader(config, args))
+    return ServeStart(fingerprint(config.zones, path), serve_loader(config, path, flags))
 
 
 def serve_reloader(
@@ -134,7 +130,7 @@ def serve_reloader(
     current: Routing,
     *,
     config: ServeConfig,
-    args: argparse.Namespace,
+    path: Path | None,
     start: ServeStart,
     registry: CollectorRegistry | None = None,
 ) -> Reloader[Routing]:
@@ -145,7 +141,7 @@ def serve_reloader(
         swap=install,
         current=current,
         zones_dir=config.zones,
-        config_file=_config_file(args),
+        config_file=path,
         interval=config.reload_interval,
         registry=registry,
         baseline=start.baseline,

@@ -1,34 +1,45 @@
 """Registry cache configuration: YAML file + command-line flags -> frozen dataclasses.
 
-Parsed once at start-up; everything downstream receives typed values. Embedded
-defaults make `dnsoverride registry` work with no config file at all: listen on
-127.0.0.1:5000, mirror Docker Hub, store under the user's cache directory.
+Parsed once at start-up; everything downstream receives typed values. Read with the one
+config idiom (`dnsoverride.common.configfile`, as `serve` reads its own): every problem
+of the file at once as `file:line: key: reason`, unknown keys with a did-you-mean, flags
+read with the same grammar (their problems name the flag). Each section's parser sits
+beside its dataclass, and the defaults live in the dataclasses only: with no config file
+at all, `dnsoverride registry` listens on 127.0.0.1:5000, mirrors Docker Hub and stores
+under the user's cache directory.
 """
 
 from __future__ import annotations
 
-import argparse
 import fnmatch
-import ipaddress
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 from urllib.parse import urlsplit
 
-import yaml
+from dnsoverride.common.configfile import Document, Flags, Section
+from dnsoverride.common.errors import Problem, UserError
+from dnsoverride.common.grammar import (
+    HTTP_LISTENER,
+    RESOLVER,
+    Endpoint,
+    GrammarError,
+    IPNetwork,
+    parse_endpoint,
+    parse_size,
+)
+from dnsoverride.common.yamlsource import brief
 
-from dnsoverride.common.errors import UserError
-
-DEFAULT_LISTEN = "127.0.0.1:5000"
 DEFAULT_UPSTREAM = "https://registry-1.docker.io"
 # Docker Hub serves official images under `library/`; clients may leave the prefix out.
 DOCKER_HUB_HOSTS = ("registry-1.docker.io", "docker.io", "index.docker.io")
+DAY = 86400.0
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B?)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _HOSTNAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?(:\d{1,5})?$")
+# htpasswd hashes we verify: bcrypt only (`htpasswd -B`); MD5/SHA1/crypt are refused.
+_BCRYPT = re.compile(r"^\$2[aby]\$\d\d\$[./A-Za-z0-9]{53}$")
 
 
 @dataclass(frozen=True)
@@ -37,6 +48,12 @@ class Timeouts:
 
     connect: float = 5.0
     idle: float = 30.0
+
+    @classmethod
+    def read(cls, section: Section) -> Self:
+        section.duration("connect", 0.1, 300)
+        section.duration("idle", 0.1, DAY)
+        return cls(**section.values)
 
 
 @dataclass(frozen=True)
@@ -54,6 +71,46 @@ class UpstreamConfig:
     @property
     def hosts(self) -> tuple[str, ...]:
         return (self.name, *self.aliases)
+
+    @classmethod
+    def from_url(cls, url: str, name: str | None = None, **settings: Any) -> Self:
+        """The upstream at `url`, named `name` (default: the URL's host[:port]); Docker Hub,
+        by URL or by name, gets its aliases and `library/` prefix unless `settings` say
+        otherwise. ValueError with the reason for a bad URL, name or alias."""
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise GrammarError(f"invalid upstream URL {url!r} (expected http(s)://host[:port])")
+        name = name or parts.netloc
+        if not _HOSTNAME.match(name):
+            raise GrammarError(f"invalid upstream name {name!r}")
+        # Docker Hub by URL, or by name when the URL points at a stand-in (tests, relays).
+        hub = parts.hostname in DOCKER_HUB_HOSTS or name in DOCKER_HUB_HOSTS
+        aliases = settings.pop("aliases", None) or (DOCKER_HUB_HOSTS[1:] if hub else ())
+        for alias in aliases:
+            if not _HOSTNAME.match(alias):
+                raise GrammarError(f"invalid alias {alias!r}")
+        settings.setdefault("library_prefix", hub)
+        return cls(name=name, url=url.rstrip("/"), aliases=tuple(aliases), **settings)
+
+    @classmethod
+    def read(cls, section: Section) -> Self | None:
+        url = section.text("url", "the upstream's URL, http(s)://host[:port]")
+        if url is None:
+            if "url" not in section:
+                section.add(section.line, "'url' is required")
+            return None
+        section.text("name", "a host name")
+        section.strings("aliases")
+        section.text("username", "a user name")
+        section.text("password", "a password")
+        section.boolean("library_prefix")
+        settings = dict(section.values)
+        del settings["url"]
+        try:
+            return cls.from_url(url, settings.pop("name", None), **settings)
+        except ValueError as error:
+            section.add(section.line, str(error))
+            return None
 
 
 @dataclass(frozen=True)
@@ -73,9 +130,33 @@ class Budget:
         return int(self.max_size * self.low_watermark)
 
 
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-# htpasswd hashes we verify: bcrypt only (`htpasswd -B`); MD5/SHA1/crypt are refused.
-_BCRYPT = re.compile(r"^\$2[aby]\$\d\d\$[./A-Za-z0-9]{53}$")
+def _budget(top: Section, max_size: int | None) -> Budget | None:
+    """The store budget from `max_size` (the flag's or the file's) and the watermarks."""
+    watermarks: dict[str, float] = {}
+    for key in ("high_watermark", "low_watermark"):
+        value = top.raw(key)
+        if key not in top:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1:
+            top.problem(key, f"expected a fraction above 0 and at most 1, not {brief(value)}")
+        else:
+            watermarks[key] = float(value)
+    if max_size is None:
+        for key in watermarks:
+            top.problem(key, "applies to max_size, which is not set (no budget: no eviction)")
+        return None
+    budget = Budget(max_size, **watermarks)
+    if watermarks and not budget.low_watermark < budget.high_watermark:
+        top.add(top.line_of("low_watermark"), "need low_watermark < high_watermark")
+    return budget
+
+
+def _max_size(value: object) -> int:
+    """A store budget: a size with its unit (a budget below one blob is warned of at run
+    time, `store_budget_too_small`)."""
+    if parse_size(value, unit_required=False) == 0:
+        raise GrammarError("a budget of 0 would hold nothing: leave max_size out for no limit")
+    return parse_size(value, unit_required=True)
 
 
 @dataclass(frozen=True)
@@ -97,6 +178,24 @@ class Grant:
             fnmatch.fnmatchcase(name, pattern) for pattern in self.repositories
         )
 
+    @classmethod
+    def read(cls, section: Section, users: set[str], upstreams: set[str]) -> Self | None:
+        names = section.strings("users") or ()
+        for user in names:
+            if user not in users:
+                section.problem("users", f"user {user!r} is not in the htpasswd file")
+        networks = section.networks("networks") or ()
+        # (A list with a bad item is its own problem: not also this one.)
+        parsed = all(key in section.values or key not in section for key in ("users", "networks"))
+        if not names and not networks and parsed:
+            section.add(section.line, "a grant needs users or networks")
+        granted = section.strings("upstreams") or ()
+        for name in granted:
+            if name not in upstreams:
+                section.problem("upstreams", f"upstream {name!r} is not configured")
+        patterns = section.strings("repositories") or ()
+        return cls(frozenset(names), networks, frozenset(granted), patterns)
+
 
 @dataclass(frozen=True)
 class ClientsConfig:
@@ -107,31 +206,58 @@ class ClientsConfig:
     require_auth: bool = False
     visibility_ttl: float = 300.0
 
+    @classmethod
+    def read(cls, section: Section, upstreams: set[str]) -> Self:
+        htpasswd = section.text("htpasswd", "the path of an htpasswd file")
+        users = _htpasswd(htpasswd, section) if htpasswd else ()
+        known = {user for user, _ in users}
+        grants = tuple(
+            grant
+            for grant_section in section.sections("grants", GRANT_KEYS)
+            if (grant := Grant.read(grant_section, known, upstreams)) is not None
+        )
+        require_auth = section.boolean("require_auth")
+        if require_auth and not grants:
+            section.problem(
+                "require_auth", "require_auth needs grants (nobody could read anything)"
+            )
+        section.duration("visibility_ttl", 0, DAY)
+        settings = {key: section.values[key] for key in SETTINGS if key in section.values}
+        return cls(users, grants, **settings)
 
-@dataclass(frozen=True)
-class RegistryConfig:
-    host: str
-    port: int
-    storage: Path
-    upstreams: tuple[UpstreamConfig, ...]
-    default_upstream: str
-    budget: Budget | None = None
-    tag_ttl: float = 300.0
-    timeouts: Timeouts = field(default_factory=Timeouts)
-    # HTTPS: certificate/key pairs chosen by SNI (registry/tls.py). With `tls_listen` HTTPS
-    # is served there and `host:port` stays plain HTTP; without it `host:port` is HTTPS.
-    tls_pairs: tuple[tuple[Path, Path], ...] = ()
-    tls_listen: tuple[str, int] | None = None
-    # DNS servers the upstream client asks instead of the system resolver (common/resolve.py).
-    resolvers: tuple[tuple[str, int], ...] = ()
-    metrics: tuple[str, int] | None = None
-    clients: ClientsConfig = field(default_factory=ClientsConfig)
 
-    def upstream(self, name: str) -> UpstreamConfig:
-        for upstream in self.upstreams:
-            if upstream.name == name:
-                return upstream
-        raise KeyError(name)
+SETTINGS = ("require_auth", "visibility_ttl")
+
+
+def _htpasswd(path: str, section: Section) -> tuple[tuple[str, bytes], ...]:
+    """`user:$2y$...` lines of an htpasswd file (bcrypt only); problems at file:line."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        section.problem("htpasswd", f"cannot read htpasswd {path}: {error}")
+        return ()
+    problems = section.document.problems
+    users: dict[str, bytes] = {}
+    for number, line in enumerate(lines, 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        user, sep, hashed = line.strip().partition(":")
+        if not sep or not user:
+            problems.append(Problem(path, number, "expected user:hash"))
+        elif not _BCRYPT.match(hashed):
+            problems.append(
+                Problem(
+                    path,
+                    number,
+                    f"user {user!r}: only bcrypt hashes are supported "
+                    "(create them with `htpasswd -B`)",
+                )
+            )
+        elif user in users:
+            problems.append(Problem(path, number, f"user {user!r} given twice"))
+        else:
+            users[user] = hashed.encode()
+    return tuple(users.items())
 
 
 def default_storage() -> Path:
@@ -140,65 +266,56 @@ def default_storage() -> Path:
     return Path(base) / "dnsoverride" / "registry"
 
 
-def parse_size(text: str | int) -> int:
-    """`20G`, `512M`, `1.5GiB`, `1000` -> bytes (binary units)."""
-    if isinstance(text, int):
-        return text
-    match = _SIZE.match(str(text))
-    if not match:
-        raise UserError(f"invalid size {text!r} (expected e.g. 20G, 512M, 1000000)")
-    return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
+def _default_upstreams() -> tuple[UpstreamConfig, ...]:
+    return (UpstreamConfig.from_url(DEFAULT_UPSTREAM),)
 
 
-def parse_listen(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise UserError(f"invalid listen address {text!r} (expected HOST:PORT)")
-    return host.strip("[]") or "0.0.0.0", int(port)
+DEFAULT_LISTEN = Endpoint("127.0.0.1", 5000)
 
 
-def _upstream_from_url(url: str, name: str | None = None, **extra: Any) -> UpstreamConfig:
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise UserError(f"invalid upstream URL {url!r} (expected http(s)://host[:port])")
-    name = name or parts.netloc
-    if not _HOSTNAME.match(name):
-        raise UserError(f"invalid upstream name {name!r}")
-    # Docker Hub by URL, or by name when the URL points at a stand-in (tests, relays).
-    hub = parts.hostname in DOCKER_HUB_HOSTS or name in DOCKER_HUB_HOSTS
-    aliases = tuple(extra.pop("aliases", None) or (("docker.io", "index.docker.io") if hub else ()))
-    for alias in aliases:
-        if not isinstance(alias, str) or not _HOSTNAME.match(alias):
-            raise UserError(f"upstream {name}: invalid alias {alias!r}")
-    return UpstreamConfig(
-        name=name,
-        url=url.rstrip("/"),
-        aliases=aliases,
-        username=extra.pop("username", None),
-        password=extra.pop("password", None),
-        library_prefix=bool(extra.pop("library_prefix", hub)),
-    )
+@dataclass(frozen=True)
+class RegistryConfig:
+    """Everything `dnsoverride registry` needs, validated."""
+
+    listen: Endpoint = DEFAULT_LISTEN
+    storage: Path = field(default_factory=default_storage)
+    upstreams: tuple[UpstreamConfig, ...] = field(default_factory=_default_upstreams)
+    # The upstream for requests that name none of them; "" is the first upstream.
+    default_upstream: str = ""
+    budget: Budget | None = None
+    tag_ttl: float = 300.0
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    # HTTPS: certificate/key pairs chosen by SNI (registry/tls.py). With `tls_listen` HTTPS
+    # is served there and `listen` stays plain HTTP; without it `listen` is HTTPS.
+    tls_pairs: tuple[tuple[Path, Path], ...] = ()
+    tls_listen: Endpoint | None = None
+    # DNS servers the upstream client asks instead of the system resolver (common/resolve.py).
+    resolvers: tuple[Endpoint, ...] = ()
+    metrics: Endpoint | None = None
+    clients: ClientsConfig = field(default_factory=ClientsConfig)
+
+    def __post_init__(self) -> None:
+        if not self.default_upstream:
+            object.__setattr__(self, "default_upstream", self.upstreams[0].name)
+
+    @property
+    def host(self) -> str:
+        return self.listen.host
+
+    @property
+    def port(self) -> int:
+        return self.listen.port
+
+    def upstream(self, name: str) -> UpstreamConfig:
+        for upstream in self.upstreams:
+            if upstream.name == name:
+                return upstream
+        raise KeyError(name)
 
 
-def _mapping(value: Any, where: str) -> dict[str, Any]:
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise UserError(f"{where}: expected a mapping")
-    return value
-
-
-def _read_file(path: str) -> dict[str, Any]:
-    try:
-        with open(path, encoding="utf-8") as stream:
-            return _mapping(yaml.safe_load(stream), path)
-    except OSError as error:
-        raise UserError(f"cannot read config {path}: {error.strerror}") from error
-    except yaml.YAMLError as error:
-        raise UserError(f"{path}: invalid YAML: {error}") from error
-
-
-_KNOWN = {
+# The keys of the file, section by section (the top level's are not RegistryConfig's
+# fields: `max_size` and the watermarks make `budget`, `tls` makes the TLS fields).
+TOP_KEYS = (
     "listen",
     "storage",
     "max_size",
@@ -212,216 +329,139 @@ _KNOWN = {
     "resolvers",
     "metrics",
     "clients",
-}
-_CLIENTS_KEYS = {"htpasswd", "grants", "require_auth", "visibility_ttl"}
-_GRANT_KEYS = {"users", "networks", "upstreams", "repositories"}
-_TLS_KEYS = {"cert", "key", "certificates", "listen"}
-_UPSTREAM_KEYS = {"name", "url", "aliases", "username", "password", "library_prefix"}
+)
+TIMEOUT_KEYS = ("connect", "idle")
+UPSTREAM_KEYS = ("name", "url", "aliases", "username", "password", "library_prefix")
+TLS_KEYS = ("cert", "key", "certificates", "listen")
+PAIR_KEYS = ("cert", "key")
+CLIENTS_KEYS = ("htpasswd", "grants", "require_auth", "visibility_ttl")
+GRANT_KEYS = ("users", "networks", "upstreams", "repositories")
 
 
-def _tls_pairs(
-    args: argparse.Namespace, tls: dict[str, Any], where: str
-) -> tuple[tuple[Path, Path], ...]:
-    """The flag pair (else `tls: cert/key`) first, then every `tls: certificates` entry."""
-    unknown = set(tls) - _TLS_KEYS
-    if unknown:
-        raise UserError(f"{where}: tls: unknown keys: {', '.join(sorted(unknown))}")
-    cert = getattr(args, "tls_cert", None) or tls.get("cert")
-    key = getattr(args, "tls_key", None) or tls.get("key")
+@dataclass(frozen=True)
+class RegistryFlags:
+    """What the command line of `registry` sets over the config file (None: not given)."""
+
+    listen: str | None = None
+    upstream: str | None = None
+    storage: str | None = None
+    max_size: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    metrics: str | None = None
+
+
+def _tls(tls: Section | None, flags: RegistryFlags, command_line: Flags) -> dict[str, Any]:
+    """`tls_pairs` and `tls_listen`: the flag pair (else `tls: cert/key`) first, then every
+    `tls: certificates` entry."""
+    values: dict[str, Any] = {}
+    pairs: list[tuple[Path, Path]] = []
+    cert, key = flags.tls_cert, flags.tls_key
     if bool(cert) != bool(key):
-        raise UserError("--tls-cert and --tls-key go together")
-    pairs = [(Path(cert), Path(key))] if cert and key else []
-    for index, item in enumerate(tls.get("certificates") or ()):
-        entry = _mapping(item, f"{where}: tls: certificates[{index}]")
-        if set(entry) != {"cert", "key"}:
-            raise UserError(f"{where}: tls: certificates[{index}] needs exactly cert and key")
-        pairs.append((Path(str(entry["cert"])), Path(str(entry["key"]))))
-    return tuple(pairs)
+        command_line.problems.append(Problem("--tls-cert", None, "--tls-key goes with it"))
+    elif tls is not None and not cert:
+        cert = tls.text("cert", "a certificate file path")
+        key = tls.text("key", "a key file path")
+        if bool(cert) != bool(key):
+            tls.add(tls.line, "cert and key go together")
+    if cert and key:
+        pairs.append((Path(cert), Path(key)))
+    if tls is not None:
+        for pair in tls.sections("certificates", PAIR_KEYS):
+            cert_file = pair.text("cert", "a certificate file path")
+            key_file = pair.text("key", "a key file path")
+            if cert_file and key_file:
+                pairs.append((Path(cert_file), Path(key_file)))
+            else:
+                pair.add(pair.line, "needs cert and key")
+        listen = tls.endpoint("listen", HTTP_LISTENER)
+        if listen is not None:
+            values["tls_listen"] = listen
+            if not pairs:
+                tls.problem("listen", "needs a certificate (cert/key or certificates)")
+    values["tls_pairs"] = tuple(pairs)
+    return values
 
 
-def _resolvers(value: Any, where: str) -> tuple[tuple[str, int], ...]:
-    """`["10.0.0.53", "10.0.0.54:5353", "[fd00::53]:53"]` -> ((address, port), ...)."""
-    if value is None:
-        return ()
-    if not isinstance(value, list):
-        raise UserError(f"{where}: resolvers must be a list of IP[:PORT]")
-    servers = []
-    for item in value:
-        text = str(item)
-        host, port = text, 53
-        if text.startswith("["):
-            host, _, rest = text[1:].partition("]")
-            port = int(rest[1:]) if rest.startswith(":") and rest[1:].isdigit() else -1
-        elif text.count(":") == 1:
-            host, _, port_text = text.partition(":")
-            port = int(port_text) if port_text.isdigit() else -1
-        try:
-            address = str(ipaddress.ip_address(host))
-        except ValueError:
-            address = ""
-        if not address or not 0 < port < 65536:
-            raise UserError(f"{where}: resolvers: {text!r} is not IP or IP:PORT")
-        servers.append((address, port))
-    return tuple(servers)
-
-
-def _htpasswd(path: str, where: str) -> tuple[tuple[str, bytes], ...]:
-    """`user:$2y$...` lines of an htpasswd file (bcrypt only); UserError at file:line."""
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as error:
-        raise UserError(f"{where}: clients: cannot read htpasswd {path}: {error}") from error
-    users: dict[str, bytes] = {}
-    for number, line in enumerate(lines, 1):
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
-        user, sep, hashed = line.strip().partition(":")
-        if not sep or not user:
-            raise UserError(f"{path}:{number}: expected user:hash")
-        if not _BCRYPT.match(hashed):
-            raise UserError(
-                f"{path}:{number}: user {user!r}: only bcrypt hashes are supported "
-                "(create them with `htpasswd -B`)"
-            )
-        if user in users:
-            raise UserError(f"{path}:{number}: user {user!r} given twice")
-        users[user] = hashed.encode()
-    return tuple(users.items())
-
-
-def _strings(value: Any, where: str) -> tuple[str, ...]:
-    if value is None:
-        return ()
-    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
-        raise UserError(f"{where}: expected a list of strings")
-    return tuple(value)
-
-
-def _grant(raw: Any, where: str, users: set[str], upstreams: set[str]) -> Grant:
-    entry = _mapping(raw, where)
-    unknown = set(entry) - _GRANT_KEYS
-    if unknown:
-        raise UserError(f"{where}: unknown keys: {', '.join(sorted(unknown))}")
-    names = _strings(entry.get("users"), f"{where}: users")
-    for user in names:
-        if user not in users:
-            raise UserError(f"{where}: user {user!r} is not in the htpasswd file")
-    networks = []
-    for text in _strings(entry.get("networks"), f"{where}: networks"):
-        try:
-            networks.append(ipaddress.ip_network(text, strict=False))
-        except ValueError as error:
-            raise UserError(f"{where}: networks: {error}") from error
-    if not names and not networks:
-        raise UserError(f"{where}: a grant needs users or networks")
-    granted_upstreams = _strings(entry.get("upstreams"), f"{where}: upstreams")
-    for name in granted_upstreams:
-        if name not in upstreams:
-            raise UserError(f"{where}: upstream {name!r} is not configured")
-    patterns = _strings(entry.get("repositories"), f"{where}: repositories")
-    return Grant(frozenset(names), tuple(networks), frozenset(granted_upstreams), patterns)
-
-
-def _clients(raw: Any, where: str, upstreams: set[str]) -> ClientsConfig:
-    section = _mapping(raw, f"{where}: clients")
-    where = f"{where}: clients"
-    unknown = set(section) - _CLIENTS_KEYS
-    if unknown:
-        raise UserError(f"{where}: unknown keys: {', '.join(sorted(unknown))}")
-    users = _htpasswd(str(section["htpasswd"]), where) if section.get("htpasswd") else ()
-    known = {user for user, _ in users}
-    grants_raw = section.get("grants") or []
-    if not isinstance(grants_raw, list):
-        raise UserError(f"{where}: grants must be a list")
-    grants = tuple(
-        _grant(item, f"{where}: grants[{index}]", known, upstreams)
-        for index, item in enumerate(grants_raw)
-    )
-    require_auth = section.get("require_auth", False)
-    if not isinstance(require_auth, bool):
-        raise UserError(f"{where}: require_auth must be true or false")
-    if require_auth and not grants:
-        raise UserError(f"{where}: require_auth needs grants (nobody could read anything)")
-    try:
-        ttl = float(section.get("visibility_ttl", 300.0))
-    except (TypeError, ValueError) as error:
-        raise UserError(f"{where}: visibility_ttl is seconds: {error}") from error
-    if ttl < 0:
-        raise UserError(f"{where}: visibility_ttl must not be negative")
-    return ClientsConfig(users, grants, require_auth, ttl)
-
-
-def load(args: argparse.Namespace) -> RegistryConfig:
-    """Merge the config file (if any) with flags; flags win. Raises UserError when invalid."""
-    raw = _read_file(args.config) if getattr(args, "config", None) else {}
-    where = getattr(args, "config", None) or "config"
-    unknown = set(raw) - _KNOWN
-    if unknown:
-        raise UserError(f"{where}: unknown keys: {', '.join(sorted(unknown))}")
-
-    host, port = parse_listen(getattr(args, "listen", None) or raw.get("listen") or DEFAULT_LISTEN)
-    storage = Path(getattr(args, "storage", None) or raw.get("storage") or default_storage())
-
-    upstreams: list[UpstreamConfig] = []
-    for index, item in enumerate(raw.get("upstreams") or ()):
-        entry = dict(_mapping(item, f"{where}: upstreams[{index}]"))
-        bad = set(entry) - _UPSTREAM_KEYS
-        if bad or "url" not in entry:
-            raise UserError(f"{where}: upstreams[{index}]: needs url; unknown keys {sorted(bad)}")
-        url = entry.pop("url")
-        upstreams.append(_upstream_from_url(str(url), entry.pop("name", None), **entry))
-    flag_url = getattr(args, "upstream", None)
-    default_name = raw.get("default_upstream")
-    if flag_url:
-        flag_upstream = _upstream_from_url(flag_url)
-        upstreams = [u for u in upstreams if u.name != flag_upstream.name] + [flag_upstream]
-        default_name = flag_upstream.name
-    if not upstreams:
-        upstreams.append(_upstream_from_url(DEFAULT_UPSTREAM))
-    names = [u.name for u in upstreams]
+def _upstreams(top: Section, flag: UpstreamConfig | None) -> dict[str, Any]:
+    """`upstreams` and `default_upstream`, the `--upstream` flag's upstream added (and made
+    the default)."""
+    upstreams = [
+        upstream
+        for section in top.sections("upstreams", UPSTREAM_KEYS)
+        if (upstream := UpstreamConfig.read(section)) is not None
+    ]
+    values: dict[str, Any] = {}
+    default = top.text("default_upstream", "an upstream name")
+    if flag is not None:
+        upstreams = [upstream for upstream in upstreams if upstream.name != flag.name] + [flag]
+        default = flag.name
+    if upstreams:
+        values["upstreams"] = tuple(upstreams)
+    names = [upstream.name for upstream in upstreams] or [_default_upstreams()[0].name]
     if len(set(names)) != len(names):
-        raise UserError(f"{where}: duplicate upstream names")
-    default_name = default_name or names[0]
-    if default_name not in names:
-        raise UserError(f"{where}: default_upstream {default_name!r} is not an upstream")
+        top.problem("upstreams", "duplicate upstream names")
+    if default is not None:
+        if default not in names:
+            top.problem("default_upstream", f"{default!r} is not an upstream")
+        values["default_upstream"] = default
+    return values
 
-    max_size = getattr(args, "max_size", None) or raw.get("max_size")
-    budget = None
-    if max_size:
-        budget = Budget(
-            parse_size(max_size),
-            float(raw.get("high_watermark", 0.95)),
-            float(raw.get("low_watermark", 0.85)),
-        )
-        if not 0 < budget.low_watermark < budget.high_watermark <= 1:
-            raise UserError(f"{where}: need 0 < low_watermark < high_watermark <= 1")
 
-    timeouts_raw = _mapping(raw.get("timeouts"), f"{where}: timeouts")
-    tls = _mapping(raw.get("tls"), f"{where}: tls")
-    tls_pairs = _tls_pairs(args, tls, where)
-    tls_listen = parse_listen(str(tls["listen"])) if tls.get("listen") else None
-    if tls_listen is not None and not tls_pairs:
-        raise UserError(f"{where}: tls: listen needs a certificate (cert/key or certificates)")
-    try:
-        timeouts = Timeouts(
-            float(timeouts_raw.get("connect", 5.0)), float(timeouts_raw.get("idle", 30.0))
-        )
-        tag_ttl = float(raw.get("tag_ttl", 300.0))
-    except (TypeError, ValueError) as error:
-        raise UserError(f"{where}: timeouts and tag_ttl are seconds: {error}") from error
-    metrics = getattr(args, "metrics", None) or raw.get("metrics")
-    return RegistryConfig(
-        host=host,
-        port=port,
-        storage=storage,
-        upstreams=tuple(upstreams),
-        default_upstream=default_name,
-        budget=budget,
-        tag_ttl=tag_ttl,
-        timeouts=timeouts,
-        tls_pairs=tls_pairs,
-        tls_listen=tls_listen,
-        resolvers=_resolvers(raw.get("resolvers"), where),
-        metrics=parse_listen(str(metrics)) if metrics else None,
-        clients=_clients(raw.get("clients"), where, set(names)),
-    )
+def _read_file(top: Section) -> dict[str, Any]:
+    """Every setting of the file (its problems recorded), as RegistryConfig values; the
+    upstreams, TLS and budget, which flags combine with, are read by `load`."""
+    values: dict[str, Any] = {}
+    top.endpoint("listen", HTTP_LISTENER)
+    top.text("storage", "a directory path")
+    top.duration("tag_ttl", 0, 30 * DAY)
+    top.endpoints("resolvers", RESOLVER)
+    top.endpoint("metrics", HTTP_LISTENER)
+    for key in ("listen", "tag_ttl", "resolvers", "metrics"):
+        if key in top.values:
+            values[key] = top.values[key]
+    if "storage" in top.values:
+        values["storage"] = Path(top.values["storage"])
+    timeouts = top.section("timeouts", TIMEOUT_KEYS)
+    if timeouts is not None:
+        values["timeouts"] = Timeouts.read(timeouts)
+    return values
+
+
+def load(path: Path | None, flags: RegistryFlags | None = None) -> RegistryConfig:
+    """The config from the file at `path` (optional) with `flags` over it; ConfigError with
+    every problem, of the file and of the flags."""
+    flags = flags or RegistryFlags()
+    document = Document(path or Path("(no config file)"))
+    top: Section | None = None
+    if path is not None:
+        if not path.is_file():
+            raise UserError(f"config file {path} does not exist")
+        top = document.top(TOP_KEYS)
+    if top is None:
+        top = document.blank(TOP_KEYS)
+    values = _read_file(top)
+    command_line = Flags()
+    for key, given in (
+        ("listen", command_line.read("--listen", flags.listen, _http_listener)),
+        ("metrics", command_line.read("--metrics", flags.metrics, _http_listener)),
+        ("storage", Path(flags.storage) if flags.storage else None),
+    ):
+        if given is not None:
+            values[key] = given
+    max_size = top.read("max_size", _max_size)
+    max_size = command_line.read("--max-size", flags.max_size, _max_size) or max_size
+    values["budget"] = _budget(top, max_size)
+    flag_upstream = command_line.read("--upstream", flags.upstream, UpstreamConfig.from_url)
+    values.update(_upstreams(top, flag_upstream))
+    values.update(_tls(top.section("tls", TLS_KEYS), flags, command_line))
+    clients = top.section("clients", CLIENTS_KEYS)
+    if clients is not None:
+        names = {upstream.name for upstream in values.get("upstreams", _default_upstreams())}
+        values["clients"] = ClientsConfig.read(clients, names)
+    document.raise_problems(*command_line.problems)
+    return RegistryConfig(**{key: value for key, value in values.items() if value is not None})
+
+
+def _http_listener(text: str) -> Endpoint:
+    return parse_endpoint(text, HTTP_LISTENER)

@@ -10,12 +10,12 @@ loop back to our own listeners).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 import signal
 import ssl
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import structlog
@@ -24,14 +24,14 @@ from aiohttp import web
 from dnsoverride.common import systemd
 from dnsoverride.common.admin import start_admin
 from dnsoverride.common.errors import UserError
-from dnsoverride.common.log import configure
+from dnsoverride.common.log import LogOptions, configure
 from dnsoverride.common.resolve import UpstreamResolver, refuse_loop
 from dnsoverride.registry import config as registry_config
 from dnsoverride.registry.access import Access
 from dnsoverride.registry.accesslog import AccessLogger, server_logger
 from dnsoverride.registry.app import Routes, build_app
 from dnsoverride.registry.blobs import Blobs
-from dnsoverride.registry.config import RegistryConfig
+from dnsoverride.registry.config import RegistryConfig, RegistryFlags
 from dnsoverride.registry.links import Links
 from dnsoverride.registry.manifests import Manifests
 from dnsoverride.registry.metrics import build_registry
@@ -190,7 +190,9 @@ async def serve(config: RegistryConfig) -> int:
     return 0
 
 
-def run(args: argparse.Namespace) -> int:
-    configure(args.log_format, args.log_level or "info")
-    config = registry_config.load(args)
+def run(path: Path | None, flags: RegistryFlags, logging: LogOptions) -> int:
+    """Serve with the config file at `path` (optional) and `flags` over it until
+    SIGTERM/SIGINT; returns the exit status."""
+    configure(logging)
+    config = registry_config.load(path, flags)
     return asyncio.run(serve(config))
