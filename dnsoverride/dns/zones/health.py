@@ -7,13 +7,13 @@ that runs it is `dnsoverride.dns.health`.
 
 from __future__ import annotations
 
-import re
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
+from dnsoverride.common.grammar import DURATION_FORMS, GrammarError, parse_duration
 from dnsoverride.common.yamlsource import brief
 
 DEFAULT_INTERVAL = 5.0
@@ -24,8 +24,6 @@ DEFAULT_RISE = 2
 # status shows the service is answering.
 DEFAULT_EXPECT = frozenset(range(200, 400))
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m)?\s*$")
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, None: 1.0}
 _KEYS = {"https", "tcp", "expect", "ca", "interval", "timeout", "fall", "rise"}
 
 
@@ -67,17 +65,12 @@ class GatedOverride:
 
 
 def _duration(key: str, value: object) -> float:
-    if isinstance(value, bool):
-        raise HealthSpecError(f"health {key} must be a duration like 5, 5s or 500ms")
-    if isinstance(value, int | float):
-        seconds = float(value)
-    else:
-        match = _DURATION.match(str(value))
-        if match is None:
-            raise HealthSpecError(
-                f"health {key} must be a duration like 5, 5s or 500ms, not {brief(value)}"
-            )
-        seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    try:
+        seconds = parse_duration(value)
+    except GrammarError:
+        raise HealthSpecError(
+            f"health {key} must be a duration like {DURATION_FORMS}, not {brief(value)}"
+        ) from None
     if seconds <= 0:
         raise HealthSpecError(f"health {key} must be greater than zero")
     return seconds
