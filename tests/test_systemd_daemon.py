@@ -12,6 +12,7 @@ import struct
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -306,3 +307,44 @@ def _listening(pid: int) -> set[tuple[str, str]]:
             columns = line.split()
             found.add((columns[0], columns[4]))
     return found
+
+
+@pytest.mark.skipif(shutil.which("systemd-socket-activate") is None, reason="needs systemd")
+@pytest.mark.timeout(60)
+def test_registry_on_a_socket_from_systemd_socket_activate(
+    tmp_path: Path, notify_socket: NotifySocket
+) -> None:
+    """The registry serves a TCP socket passed by socket activation, through the same
+    lifecycle as serve (before, it ignored LISTEN_FDS and bound its own `listen`)."""
+    port = free_port()
+    own = free_port()  # its `--listen`: must stay unbound under socket activation
+    command = [
+        "systemd-socket-activate", "-l", f"127.0.0.1:{port}",
+        "-E", f"NOTIFY_SOCKET={notify_socket.path}", "--",
+        sys.executable, "-m", "dnsoverride", "registry", "--storage", str(tmp_path / "store"),
+        "--listen", f"127.0.0.1:{own}", "--upstream", f"http://127.0.0.1:{free_port()}",
+        "--log-format", "json",
+    ]  # fmt: skip
+    with (tmp_path / "registry.log").open("wb") as log:
+        process = subprocess.Popen(command, env=_clean_env(), stdout=log, stderr=subprocess.STDOUT)
+    try:
+        # The activator starts the registry on the first connection, which waits in the
+        # socket's backlog and is answered once the registry serves the inherited socket.
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/", timeout=20) as answer:
+                    assert answer.status == 200
+                break
+            except (ConnectionRefusedError, urllib.error.URLError):
+                assert time.monotonic() < deadline, "never answered"
+                time.sleep(0.1)
+        assert notify_socket.next_with("READY").pid == process.pid
+        listening = _listening(process.pid)
+        assert any(local.endswith(f":{port}") for proto, local in listening if proto == "tcp")
+        assert not any(local.endswith(f":{own}") for _, local in listening), listening
+        process.send_signal(signal.SIGTERM)
+        assert notify_socket.next_with("STOPPING").fields["STOPPING"] == "1"
+        assert process.wait(timeout=15) == 0
+    finally:
+        _stop(process)

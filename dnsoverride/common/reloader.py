@@ -10,7 +10,7 @@ for a reload:
   symlink or a replaced directory is seen, as in a Kubernetes ConfigMap `..data` swap)
   and on the directory of each single watched file (editors and tools save by renaming);
 - SIGHUP, which the service lifecycle routes to `Reloader.reload_now()` (`systemctl
-  reload`);
+  reload`; the lifecycle tells systemd, RELOADING=1 and READY=1, around it);
 - a periodic check, for file systems whose events never arrive (NFS, some bind mounts).
 
 Every request takes one path: wait until the files have been quiet for a debounce period
@@ -44,7 +44,6 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 
-from dnsoverride.common import systemd
 from dnsoverride.common.errors import ConfigError, Problem, UserError
 from dnsoverride.common.heaptrim import trim_heap
 from dnsoverride.common.yamlsource import brief
@@ -303,6 +302,8 @@ class _Pending:
     triggers: set[Trigger] = field(default_factory=set)
     last_event: float = 0.0
     writing: set[str] = field(default_factory=set)
+    # Callers of `reload_now`, told when the cycle that took their request is over.
+    waiters: list[asyncio.Future[None]] = field(default_factory=list)
 
 
 class Reloader(Generic[S]):
@@ -379,6 +380,8 @@ class Reloader(Generic[S]):
 
     async def stop(self) -> None:
         """Stop watching and cancel pending work; a reload in progress is abandoned."""
+        for waiter in self._pending.waiters:
+            waiter.cancel()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -388,6 +391,14 @@ class Reloader(Generic[S]):
             await self._in_thread(self._observer.join)
             self._observer = None
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def reload_now(self) -> None:
+        """Reload even if nothing seems changed (SIGHUP, `systemctl reload`); returns when
+        that reload is over, swapped in or failed (and logged)."""
+        done = asyncio.get_running_loop().create_future()
+        self._pending.waiters.append(done)
+        self.request("sighup")
+        await done
 
     def request(self, trigger: Trigger) -> None:
         """Ask for a reload (loop thread). `sighup` reloads even if nothing seems changed."""
@@ -435,13 +446,18 @@ class Reloader(Generic[S]):
                 await self._settle()
             self._wake.clear()
             triggers, self._pending.triggers = self._pending.triggers, set()
+            waiters, self._pending.waiters = self._pending.waiters, []
             self._pending.writing.clear()
             trigger = next(t for t in _TRIGGER_PRIORITY if t in triggers)
             try:
-                await self._cycle(trigger)
+                await self._reload(trigger)
             except Exception:
                 # A bug here must not end reloading for the life of the daemon.
                 log.exception("zone_reload_crashed", trigger=trigger)
+            finally:
+                for waiter in waiters:
+                    if not waiter.done():
+                        waiter.set_result(None)
             if await self._in_thread(self._rewatch):
                 # An edit made in the new directory before it was watched had no event.
                 self.request("event")
@@ -457,18 +473,6 @@ class Reloader(Generic[S]):
             if now >= deadline or (quiet >= self._debounce and not self._pending.writing):
                 return
             await asyncio.sleep(max(self._debounce - quiet, 0.02))
-
-    async def _cycle(self, trigger: Trigger) -> None:
-        if trigger != "sighup":
-            await self._reload(trigger)
-            return
-        # systemd (Type=notify-reload or ExecReload=kill -HUP) waits for READY=1 after
-        # RELOADING=1, whatever the outcome: the daemon keeps serving either way.
-        systemd.notify_reloading()
-        try:
-            await self._reload(trigger)
-        finally:
-            systemd.notify("READY=1", f"STATUS=serving {self._current.name_count()} names")
 
     async def _reload(self, trigger: Trigger) -> None:
         outcome: S | _Failed | None = None

@@ -1,15 +1,16 @@
-"""`dnsoverride serve`: wire config, zones, listeners, metrics and systemd together, run
-until SIGTERM/SIGINT, shut down cleanly.
+"""`dnsoverride serve`: wire config, zones, listeners, metrics and health checks together
+as a `DnsService`, which the service lifecycle (common/lifecycle.py) runs until
+SIGTERM/SIGINT and shuts down cleanly.
 
 Runs on uvloop: the DNS fast path is dominated by event-loop overhead per datagram,
-where uvloop answers several times more queries than the default loop (DESIGN.md).
+where uvloop answers several times more queries than the default loop
+(docs/architecture.md, "Event loops").
 """
 
 from __future__ import annotations
 
 import asyncio
 import gc
-import signal
 import socket
 from pathlib import Path
 
@@ -17,12 +18,12 @@ import structlog
 import uvloop
 from prometheus_client.registry import CollectorRegistry
 
-from dnsoverride.common import systemd
-from dnsoverride.common.admin import AdminServer, start_admin
 from dnsoverride.common.errors import UserError
 from dnsoverride.common.grammar import Endpoint
+from dnsoverride.common.lifecycle import Admin, Started, run_service
 from dnsoverride.common.log import LogOptions
 from dnsoverride.common.log import configure as configure_logging
+from dnsoverride.common.reloader import Reloader
 from dnsoverride.dns.config import ServeConfig, ServeFlags, load_config
 from dnsoverride.dns.forwarder import Forwarder
 from dnsoverride.dns.health import HealthMonitor
@@ -54,16 +55,16 @@ def run(path: Path | None, flags: ServeFlags, logging: LogOptions) -> int:
     gc.set_threshold(*GC_THRESHOLDS)
     config = load_config(path, flags)
     start = serve_start(config, path, flags)
-    # The coroutine holds the first routing, not this frame: after a reload replaces it,
+    # A ZoneSetError (a UserError) lists every problem of the zones. The service holds
+    # the first routing until it starts, not this frame: after a reload replaces it,
     # nothing keeps the old zone set alive.
-    # A ZoneSetError (a UserError) lists every problem of the zones.
-    serve = _serve(config, start.load(), path, start)
+    service = DnsService(config, start.load(), path, start)
     # The zone set lives until the next reload (refcounting frees it then): out of the
     # collector's sight, a large one is not millions of objects for every full collection
     # to walk. The same after each swap (`install`).
     gc.freeze()
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(serve)
+        return runner.run(run_service(service))
 
 
 class _Bound:
@@ -99,17 +100,23 @@ def _udp_socket(endpoint: Endpoint) -> socket.socket:
     return sock
 
 
-async def _bind(config: ServeConfig, resolver: Resolver, tasks: set[asyncio.Task[None]]) -> _Bound:
+async def _bind(
+    config: ServeConfig,
+    resolver: Resolver,
+    tasks: set[asyncio.Task[None]],
+    inherited: list[socket.socket],
+    bound: _Bound,
+) -> None:
+    """Serve the inherited sockets, or bind `config.listen`; into `bound`, so that what
+    was bound before a failure is closed too."""
     # TCP listeners get a backlog as large as the connection cap: clients retrying over
     # TCP after TC replies arrive together, and an overflowing accept queue resets them.
     loop = asyncio.get_running_loop()
-    bound = _Bound()
     handler = tcp_handler(resolver, config.tcp)
 
     def udp_protocol() -> UdpListener:
         return UdpListener(resolver, tasks)
 
-    inherited = systemd.inherited_sockets()
     if inherited:
         for sock in inherited:
             sockname = sock.getsockname()
@@ -125,7 +132,7 @@ async def _bind(config: ServeConfig, resolver: Resolver, tasks: set[asyncio.Task
                     )
                 )
                 bound.names.append(f"tcp {sockname[0]}:{sockname[1]} (systemd)")
-        return bound
+        return
     for endpoint in config.listen:
         try:
             transport, _ = await loop.create_datagram_endpoint(
@@ -147,60 +154,68 @@ async def _bind(config: ServeConfig, resolver: Resolver, tasks: set[asyncio.Task
         except OSError as error:
             raise UserError(f"cannot listen on {endpoint}: {error.strerror or error}") from None
         bound.names.append(str(Endpoint(endpoint.host, port)))
-    return bound
 
 
-async def _serve(
-    config: ServeConfig, routing: Routing, path: Path | None, start: ServeStart
-) -> int:
-    loop = asyncio.get_running_loop()
-    zone_set = routing.zone_set
-    zones = LiveZones(zone_set)
-    stats = DnsStats()
-    forwarder = Forwarder(
-        config.upstreams,
-        config.timeout,
-        config.attempt_timeout,
-        config.edns_udp_size,
-        stats,
-        probe=config.probe,
-        failure_log_interval=config.failure_log_interval,
-        forward=config.forward,
-    )
-    resolver = Resolver(config, zones, forwarder, stats)
-    resolver.route(routing)  # the views the first load was validated with
-    registry = CollectorRegistry()
-    registry.register(DnsCollector(stats, resolver.answers, resolver.responses, resolver.ratelimit))
-    # Health-gated overrides: checker tasks that follow every zone swap and withdraw names.
-    health = HealthMonitor(zones.withdraw)
-    registry.register(health.collector())
-    health.update(zone_set.health_gated())
-    zones.on_swap(lambda new: health.update(new.health_gated()))
-    tasks: set[asyncio.Task[None]] = set()
-    bound = await _bind(config, resolver, tasks)
-    probing = forwarder.start_probing()  # upstream health for readiness and ordering
-    admin: AdminServer | None = None
+class DnsService:
+    """The DNS server as the service lifecycle runs it (common/lifecycle.py)."""
 
-    def install(new: Routing) -> None:
-        # One synchronous step on the loop thread: no query runs between the two, and the
-        # swap's generation bump retires every answer cached under the old routing.
-        resolver.route(new)
-        zones.swap(new.zone_set)
-        gc.freeze()  # the new zone set, as at start (see `run`)
+    def __init__(
+        self, config: ServeConfig, routing: Routing, path: Path | None, start: ServeStart
+    ) -> None:
+        self._config = config
+        self._first: Routing | None = routing
+        self._path = path
+        self._start = start
+        self._tasks: set[asyncio.Task[None]] = set()  # slow-path UDP queries in flight
+        self._zones: LiveZones | None = None
+        self._health: HealthMonitor | None = None
+        self._bound: _Bound | None = None
+        self._probing: asyncio.Task[None] | None = None
+        self._reloader: Reloader[Routing] | None = None
 
-    reloader = serve_reloader(
-        install, routing, config=config, path=path, start=start, registry=registry
-    )
-    try:
-        await reloader.start()
-        if config.metrics is not None:
-            admin = await start_admin(
-                config.metrics.host, config.metrics.port, registry, forwarder.answering
-            )
-        stop = asyncio.Event()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, stop.set)
-        loop.add_signal_handler(signal.SIGHUP, reloader.request, "sighup")
+    async def start(self, inherited: list[socket.socket]) -> Started:
+        config = self._config
+        routing, self._first = self._first, None
+        assert routing is not None, "started twice"
+        zone_set = routing.zone_set
+        self._zones = zones = LiveZones(zone_set)
+        stats = DnsStats()
+        forwarder = Forwarder(
+            config.upstreams,
+            config.timeout,
+            config.attempt_timeout,
+            config.edns_udp_size,
+            stats,
+            probe=config.probe,
+            failure_log_interval=config.failure_log_interval,
+            forward=config.forward,
+        )
+        resolver = Resolver(config, zones, forwarder, stats)
+        resolver.route(routing)  # the views the first load was validated with
+        registry = CollectorRegistry()
+        registry.register(
+            DnsCollector(stats, resolver.answers, resolver.responses, resolver.ratelimit)
+        )
+        # Health-gated overrides: checker tasks that follow every zone swap and withdraw names.
+        self._health = health = HealthMonitor(zones.withdraw)
+        registry.register(health.collector())
+        health.update(zone_set.health_gated())
+        zones.on_swap(lambda new: health.update(new.health_gated()))
+        self._bound = bound = _Bound()
+        await _bind(config, resolver, self._tasks, inherited, bound)
+        self._probing = forwarder.start_probing()  # upstream health for readiness and ordering
+
+        def install(new: Routing) -> None:
+            # One synchronous step on the loop thread: no query runs between the two, and
+            # the swap's generation bump retires every answer cached under the old routing.
+            resolver.route(new)
+            zones.swap(new.zone_set)
+            gc.freeze()  # the new zone set, as at start (see `run`)
+
+        self._reloader = serve_reloader(
+            install, routing, config=config, path=self._path, start=self._start, registry=registry
+        )
+        await self._reloader.start()
         log.info(
             "started",
             listeners=bound.names,
@@ -210,29 +225,30 @@ async def _serve(
             upstreams=[str(u) for u in config.upstreams],
             views=[view.name for view in config.views],
         )
-        systemd.notify(
-            "READY=1",
-            f"STATUS=serving {zone_set.name_count()} names on {', '.join(bound.names)}",
-        )
-        # This frame lives as long as the daemon: it must not keep the first zone set
-        # alive after a reload replaced it (1,000,000 names: ~0.25 GB).
-        del routing, zone_set
-        watchdog = systemd.start_watchdog()
-        await stop.wait()
-        systemd.notify("STOPPING=1")
-        log.info("stopping")
-        if watchdog is not None:
-            watchdog.cancel()
-    finally:
-        probing.cancel()
-        await health.close()
-        await reloader.stop()
-        await _close(bound, tasks, admin)
-    log.info("stopped")
-    return 0
+        status = f"serving {zone_set.name_count()} names on {', '.join(bound.names)}"
+        admin = None
+        if config.metrics is not None:
+            admin = Admin(config.metrics, registry, forwarder.answering)
+        return Started(status, admin)
+
+    async def reload(self) -> str:
+        """The zones and the config, as a save would reload them, but even if unchanged."""
+        assert self._reloader is not None and self._zones is not None
+        await self._reloader.reload_now()
+        return f"serving {self._zones.current.name_count()} names"
+
+    async def stop(self) -> None:
+        if self._probing is not None:
+            self._probing.cancel()
+        if self._health is not None:
+            await self._health.close()
+        if self._reloader is not None:
+            await self._reloader.stop()
+        if self._bound is not None:
+            await _close(self._bound, self._tasks)
 
 
-async def _close(bound: _Bound, tasks: set[asyncio.Task[None]], admin: AdminServer | None) -> None:
+async def _close(bound: _Bound, tasks: set[asyncio.Task[None]]) -> None:
     for server in bound.tcp:
         server.close()
     if tasks:
@@ -240,5 +256,3 @@ async def _close(bound: _Bound, tasks: set[asyncio.Task[None]], admin: AdminServ
         await asyncio.wait(set(tasks), timeout=SHUTDOWN_GRACE)
     for transport in bound.udp:
         transport.close()
-    if admin is not None:
-        await admin.close()

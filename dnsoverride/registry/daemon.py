@@ -1,7 +1,9 @@
-"""`dnsoverride registry`: wire config, store, upstreams and routes, and serve.
+"""`dnsoverride registry`: wire config, store, upstreams and routes together as a
+`RegistryService`, which the service lifecycle (common/lifecycle.py) runs.
 
 Runs on the default asyncio loop on purpose: aiohttp's FileResponse uses
-`loop.sendfile` there, which uvloop lacks (3x slower blob hits; see DESIGN.md).
+`loop.sendfile` there, which uvloop lacks (3x slower blob hits; docs/architecture.md,
+"Event loops").
 The store is opened (temp files removed, content indexed) before the listener binds;
 the upstream is not contacted at start-up, so the cache serves what it has even
 when the upstream is unreachable (its name is resolved once, to refuse a forwarding
@@ -12,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
+import socket
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,9 +23,9 @@ from urllib.parse import urlsplit
 import structlog
 from aiohttp import web
 
-from dnsoverride.common import systemd
-from dnsoverride.common.admin import start_admin
 from dnsoverride.common.errors import UserError
+from dnsoverride.common.grammar import Endpoint
+from dnsoverride.common.lifecycle import Admin, Started, run_service
 from dnsoverride.common.log import LogOptions, configure
 from dnsoverride.common.resolve import UpstreamResolver, refuse_loop
 from dnsoverride.registry import config as registry_config
@@ -106,17 +108,6 @@ async def refuse_upstream_loop(config: RegistryConfig) -> None:
     await refuse_loop(upstreams, own, UpstreamResolver(servers=config.resolvers))
 
 
-def reload_certificates(certificates: CertificateSet | None) -> None:
-    """SIGHUP: re-read the TLS pairs, framed by RELOADING=1 / READY=1 for `systemctl reload`."""
-    systemd.notify_reloading()
-    if certificates is None:
-        log.info("reload_ignored", reason="no TLS certificates configured")
-        result = "nothing to reload"
-    else:
-        result = "certificates reloaded" if certificates.reload() else "certificate reload failed"
-    systemd.notify("READY=1", f"STATUS={result}")
-
-
 async def _flush_access(store: Store, interval: float = 60.0) -> None:
     """Persist the LRU order now and then, so a crash loses at most `interval` of it."""
     while True:
@@ -124,70 +115,98 @@ async def _flush_access(store: Store, interval: float = 60.0) -> None:
         store.flush_access()
 
 
-async def serve(config: RegistryConfig) -> int:
-    certificates = CertificateSet(config.tls_pairs) if config.tls_pairs else None
-    await refuse_upstream_loop(config)
-    cache = build_cache(config)
-    # Handlers go in before the listeners bind: a signal sent as soon as the port answers
-    # must not meet the default action (SIGHUP would kill the process).
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    # SIGHUP (`systemctl reload`) re-reads the certificates: new handshakes get them, open
-    # connections are untouched. Without TLS it must still not kill the process.
-    loop.add_signal_handler(signal.SIGHUP, reload_certificates, certificates)
-    # The access log: one structlog event per request (accesslog.py), on by default.
-    runner = web.AppRunner(
-        cache.app,
-        access_log=logging.getLogger("dnsoverride.registry.access"),
-        access_log_class=AccessLogger,
-        logger=server_logger(),
-        handle_signals=False,
-    )
-    await runner.setup()
-    for host, port, tls in listeners(config, certificates):
-        try:
-            await web.TCPSite(runner, host, port, ssl_context=tls).start()
-        except OSError as error:
-            await runner.cleanup()
-            await cache.close()
-            raise UserError(f"cannot listen on {host}:{port}: {error.strerror}") from error
-    log.info(
-        "registry_listening",
-        host=config.host,
-        port=config.port,
-        tls=certificates is not None,
-        tls_listen=config.tls_listen,
-        upstreams=[u.name for u in config.upstreams],
-        default_upstream=config.default_upstream,
-        storage=str(config.storage),
-    )
-    admin = None
-    if config.metrics is not None:
-        admin = await start_admin(
-            *config.metrics,
-            build_registry(cache.stats, cache.store),
-            cache.store.writable,
-            cache.store.not_ready,
+class RegistryService:
+    """The registry cache as the service lifecycle runs it (common/lifecycle.py)."""
+
+    def __init__(self, config: RegistryConfig) -> None:
+        self._config = config
+        self._certificates: CertificateSet | None = None
+        self._cache: Cache | None = None
+        self._runner: web.AppRunner | None = None
+        self._flusher: asyncio.Task[None] | None = None
+
+    async def start(self, inherited: list[socket.socket]) -> Started:
+        config = self._config
+        if config.tls_pairs:
+            self._certificates = CertificateSet(config.tls_pairs)
+        await refuse_upstream_loop(config)
+        self._cache = cache = build_cache(config)
+        # The access log: one structlog event per request (accesslog.py), on by default.
+        self._runner = runner = web.AppRunner(
+            cache.app,
+            access_log=logging.getLogger("dnsoverride.registry.access"),
+            access_log_class=AccessLogger,
+            logger=server_logger(),
+            handle_signals=False,
         )
-    pinger = systemd.start_watchdog()
-    flusher = asyncio.create_task(_flush_access(cache.store))
-    systemd.notify(
-        "READY=1",
-        f"STATUS=serving {cache.store.stats.entries} stored items from {config.storage}",
-    )
-    await stop.wait()
-    log.info("registry_stopping")
-    systemd.notify("STOPPING=1")
-    flusher.cancel()
-    if pinger is not None:
-        pinger.cancel()
-    if admin is not None:
-        await admin.close()
-    await runner.cleanup()
-    await cache.close()
-    return 0
+        await runner.setup()
+        for where, site in _sites(runner, config, self._certificates, inherited):
+            try:
+                await site.start()
+            except OSError as error:
+                raise UserError(f"cannot listen on {where}: {error.strerror}") from error
+        log.info(
+            "registry_listening",
+            host=config.host,
+            port=config.port,
+            tls=self._certificates is not None,
+            tls_listen=config.tls_listen,
+            systemd_sockets=len(inherited),
+            upstreams=[u.name for u in config.upstreams],
+            default_upstream=config.default_upstream,
+            storage=str(config.storage),
+        )
+        self._flusher = asyncio.create_task(_flush_access(cache.store))
+        admin = None
+        if config.metrics is not None:
+            registry = build_registry(cache.stats, cache.store)
+            admin = Admin(config.metrics, registry, cache.store.writable, cache.store.not_ready)
+        status = f"serving {cache.store.stats.entries} stored items from {config.storage}"
+        return Started(status, admin)
+
+    async def reload(self) -> str:
+        """Re-read the TLS pairs: new handshakes get them, open connections are untouched."""
+        if self._certificates is None:
+            log.info("reload_ignored", reason="no TLS certificates configured")
+            return "nothing to reload"
+        reloaded = self._certificates.reload()
+        return "certificates reloaded" if reloaded else "certificate reload failed"
+
+    async def stop(self) -> None:
+        log.info("registry_stopping")
+        if self._flusher is not None:
+            self._flusher.cancel()
+        if self._runner is not None:
+            await self._runner.cleanup()  # lets responses in progress finish
+        if self._cache is not None:
+            await self._cache.close()
+
+
+def _sites(
+    runner: web.AppRunner,
+    config: RegistryConfig,
+    certificates: CertificateSet | None,
+    inherited: list[socket.socket],
+) -> list[tuple[str, web.BaseSite]]:
+    """(where, site) per listener; with sockets from systemd, one per socket instead,
+    HTTPS on the one whose port is `tls: listen`'s (or on all of them without it)."""
+    if not inherited:
+        return [
+            (str(Endpoint(host, port)), web.TCPSite(runner, host, port, ssl_context=tls))
+            for host, port, tls in listeners(config, certificates)
+        ]
+    tls_port = config.tls_listen.port if config.tls_listen is not None else None
+    tls = certificates.server_context() if certificates else None
+    sites: list[tuple[str, web.BaseSite]] = []
+    for sock in inherited:
+        if sock.type != socket.SOCK_STREAM:
+            raise UserError(
+                f"socket activation: the registry serves TCP; fd {sock.fileno()} is not"
+            )
+        port = sock.getsockname()[1]
+        secure = tls if tls_port is None or port == tls_port else None
+        sites.append((f"fd {sock.fileno()}", web.SockSite(runner, sock, ssl_context=secure)))
+    return sites
 
 
 def run(path: Path | None, flags: RegistryFlags, logging: LogOptions) -> int:
@@ -195,4 +214,4 @@ def run(path: Path | None, flags: RegistryFlags, logging: LogOptions) -> int:
     SIGTERM/SIGINT; returns the exit status."""
     configure(logging)
     config = registry_config.load(path, flags)
-    return asyncio.run(serve(config))
+    return asyncio.run(run_service(RegistryService(config)))

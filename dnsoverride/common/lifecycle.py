@@ -1,0 +1,149 @@
+"""One service lifecycle for both daemons: from signal handlers to the last socket closed.
+
+A daemon is a `Service` (start, reload, stop); `run_service` does the rest, the same way
+for `serve` and `registry`:
+
+1. SIGTERM/SIGINT and SIGHUP handlers go in first: a signal sent as soon as a port
+   answers must not meet the default action (SIGHUP would kill the process);
+2. `start` binds its listeners, or takes the sockets systemd passed (socket activation,
+   `systemd.inherited_sockets`), and starts serving;
+3. the admin listener (/metrics, /healthz, /readyz), when the service has one;
+4. READY=1 with a one-line STATUS, then WATCHDOG=1 pings when systemd asks for them;
+5. SIGHUP: RELOADING=1, `reload`, READY=1 with the new STATUS whatever the outcome
+   (systemd's reload job waits for it; the daemon serves on either way), one at a time;
+6. SIGTERM/SIGINT: STOPPING=1, then in `finally`, also after a failed start: the
+   watchdog and reloads stop, `stop` drains and closes what `start` opened, the admin
+   listener closes last (metrics stay scrapeable while the service drains).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import structlog
+from prometheus_client.registry import CollectorRegistry
+
+from dnsoverride.common import systemd
+from dnsoverride.common.admin import AdminServer, start_admin
+from dnsoverride.common.grammar import Endpoint
+
+log = structlog.get_logger(__name__)
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+@dataclass(frozen=True)
+class Admin:
+    """The admin listener of a service: where, what it exposes, and its readiness."""
+
+    endpoint: Endpoint
+    registry: CollectorRegistry
+    ready: Callable[[], bool]
+    why_not_ready: Callable[[], str | None] | None = None
+
+
+@dataclass(frozen=True)
+class Started:
+    """What a started service reports: READY's STATUS text, and its admin listener."""
+
+    status: str
+    admin: Admin | None = None
+
+
+class Service(Protocol):
+    """A daemon as `run_service` runs it."""
+
+    async def start(self, inherited: list[socket.socket]) -> Started:
+        """Bind the listeners, or serve `inherited` (sockets from systemd) when there are
+        any, and start serving. UserError when it cannot (port in use, bad certificate)."""
+        ...
+
+    async def reload(self) -> str:
+        """SIGHUP: re-read what the service re-reads; the STATUS text after it."""
+        ...
+
+    async def stop(self) -> None:
+        """Drain (bounded) and close everything `start` opened, however far it got."""
+        ...
+
+
+async def run_service(service: Service) -> int:
+    """Run `service` until SIGTERM/SIGINT (see the module docstring); the exit status."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    started = asyncio.Event()
+    reloads = _Reloads(service, started)
+    for signum in STOP_SIGNALS:
+        loop.add_signal_handler(signum, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, reloads.request)
+    admin: AdminServer | None = None
+    watchdog: asyncio.Task[None] | None = None
+    try:
+        outcome = await service.start(systemd.inherited_sockets())
+        if outcome.admin is not None:
+            spec = outcome.admin
+            admin = await start_admin(
+                spec.endpoint.host,
+                spec.endpoint.port,
+                spec.registry,
+                spec.ready,
+                spec.why_not_ready,
+            )
+        started.set()
+        systemd.notify("READY=1", f"STATUS={outcome.status}")
+        watchdog = systemd.start_watchdog()
+        await stop.wait()
+        systemd.notify("STOPPING=1")
+        log.info("stopping")
+    finally:
+        for signum in (*STOP_SIGNALS, signal.SIGHUP):
+            loop.remove_signal_handler(signum)
+        if watchdog is not None:
+            watchdog.cancel()
+        await reloads.cancel()
+        try:
+            await service.stop()
+        finally:
+            if admin is not None:
+                await admin.close()
+    log.info("stopped")
+    return 0
+
+
+class _Reloads:
+    """SIGHUPs, handled one at a time once the service has started."""
+
+    def __init__(self, service: Service, started: asyncio.Event) -> None:
+        self._service = service
+        self._started = started
+        self._turn = asyncio.Lock()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def request(self) -> None:
+        task = asyncio.get_running_loop().create_task(self._reload())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _reload(self) -> None:
+        await self._started.wait()
+        async with self._turn:
+            systemd.notify_reloading()
+            status = "reload failed"
+            try:
+                status = await self._service.reload()
+            except Exception:
+                # A reload's own failures are the service's to report; a bug here must
+                # not leave systemd's reload job waiting for READY=1.
+                log.exception("reload_crashed")
+            finally:
+                systemd.notify("READY=1", f"STATUS={status}")
+
+    async def cancel(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
