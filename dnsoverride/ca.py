@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from dnsoverride.common.errors import ConfigError, UserError
+from dnsoverride.dns.constants import MAX_CNAME_CHAIN
 from dnsoverride.dns.zones.load import load_zone_set
 from dnsoverride.dns.zones.model import NameEntry, Overrides, ZoneSetError
 from dnsoverride.dns.zones.names import name_problem, normalize_name
@@ -38,7 +39,6 @@ MAX_LEAF_DAYS = 397
 LEAF_DAYS = 365
 # Clocks on CI nodes drift; a certificate that starts "now" is rejected by a node behind.
 BACKDATE = datetime.timedelta(hours=1)
-CNAME_HOPS = 8
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -255,7 +255,7 @@ def names_from_zones(zones: Path, cache_addresses: Sequence[IPAddress]) -> list[
 
 def _addresses(entry: NameEntry, merged: Overrides) -> set[IPAddress]:
     """The addresses a client resolving `entry` ends up with, following in-zone CNAMEs."""
-    for _ in range(CNAME_HOPS):
+    for _ in range(MAX_CNAME_CHAIN):
         target = entry.cname
         if target is None:
             break

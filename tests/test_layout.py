@@ -127,3 +127,36 @@ def test_the_rules_catch_what_the_old_layout_did(tmp_path: Path) -> None:
         "common/ imports only common/",
         "registry/ and dns/ import nothing of each other",
     ]
+
+
+def test_dns_protocol_constants_are_named_once() -> None:
+    """No module of dns/ names a protocol number again that dns/constants.py names (the
+    old layout had OPT = 41 and COOKIE = 10 in wire.py beside QTYPE_OPT = 41 and
+    EDNS_COOKIE = 10 in answer.py, and MAX_CNAME_CHAIN beside ca.py's CNAME_HOPS = 8)."""
+    constants = ast.parse(MODULES["dnsoverride.dns.constants"].read_text())
+    named = {
+        target.id: ast.literal_eval(node.value)
+        for node in constants.body
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant)
+        for target in node.targets
+        if isinstance(target, ast.Name)
+    }
+    assert named["OPT"] == 41 and named["COOKIE"] == 10
+    found = []
+    for name, path in MODULES.items():
+        if name == "dnsoverride.dns.constants" or not (
+            within(name, "dnsoverride.dns") or name == "dnsoverride.ca"
+        ):
+            continue
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant):
+                value = node.value.value
+                for target in node.targets:
+                    if not isinstance(target, ast.Name):
+                        continue
+                    again = target.id.lstrip("_") in named or any(
+                        target.id.endswith(f"_{key}") and value == named[key] for key in named
+                    )
+                    if again:
+                        found.append(f"{name}: {target.id} = {value!r}")
+    assert found == []

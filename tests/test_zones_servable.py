@@ -19,8 +19,8 @@ import dnslib
 import pytest
 
 from dnsoverride.dns import answer
+from dnsoverride.dns.constants import MAX_CNAME_CHAIN
 from dnsoverride.dns.zones import load as zone_load
-from dnsoverride.dns.zones.chains import MAX_CNAME_CHAIN
 from dnsoverride.dns.zones.load import load_zone_set
 from dnsoverride.dns.zones.model import Overrides, ZoneSetError
 from dnsoverride.dns.zones.records import ANSWER_ROOM

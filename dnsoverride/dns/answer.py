@@ -15,17 +15,25 @@ from typing import NamedTuple
 
 import dnslib
 
-from dnsoverride.dns.zones.chains import MAX_CNAME_CHAIN
+from dnsoverride.dns import wire
+from dnsoverride.dns.constants import (
+    ANSWER_RR_OVERHEAD,
+    ANY,
+    COOKIE,
+    DO,
+    HINFO,
+    MAX_CNAME_CHAIN,
+    OPT,
+    PLAIN_UDP_SIZE,
+)
 from dnsoverride.dns.zones.model import NameEntry, Overrides
 from dnsoverride.dns.zones.records import RRSet
 
 SOA_MNAME = "ns.dnsoverride.invalid."
 SOA_RNAME = "hostmaster.dnsoverride.invalid."
-QTYPE_ANY = 255
-QTYPE_OPT = 41
-EDNS_COOKIE = 10
-HINFO = 13
-_RR_OVERHEAD = 12  # a compressed owner (2), type, class, TTL, RDLENGTH
+# dnslib gives an OPT record's TTL as one number: extended RCODE, version, flags.
+_VERSION_SHIFT = 16
+_DO_IN_TTL = DO << 8
 
 
 class ClientEdns(NamedTuple):
@@ -49,18 +57,19 @@ class LocalAnswer:
 def client_edns(request: dnslib.DNSRecord) -> ClientEdns | None:
     """The request's EDNS parameters; None (FORMERR) for more than one OPT or a malformed
     COOKIE option (RFC 7873 5.2.2: 8 bytes of client cookie, optionally 8-32 of server's)."""
-    opts = [rr for rr in request.ar if rr.rtype == QTYPE_OPT]
+    opts = [rr for rr in request.ar if rr.rtype == OPT]
     if not opts:
-        return ClientEdns(False, 512, False)
+        return ClientEdns(False, PLAIN_UDP_SIZE, False)
     if len(opts) > 1:
         return None
     opt = opts[0]
-    cookies = [option.data for option in opt.rdata if option.code == EDNS_COOKIE]
-    if len(cookies) > 1 or (cookies and not (len(cookies[0]) == 8 or 16 <= len(cookies[0]) <= 40)):
+    cookies = [option.data for option in opt.rdata if option.code == COOKIE]
+    if len(cookies) > 1 or (cookies and not wire.cookie_length_ok(len(cookies[0]))):
         return None
-    version = (opt.ttl >> 16) & 0xFF
+    version = (opt.ttl >> _VERSION_SHIFT) & 0xFF
     cookie = cookies[0] if cookies else b""
-    return ClientEdns(True, max(opt.rclass, 512), bool(opt.ttl & 0x8000), version, cookie)
+    udp_size = max(opt.rclass, PLAIN_UDP_SIZE)
+    return ClientEdns(True, udp_size, bool(opt.ttl & _DO_IN_TTL), version, cookie)
 
 
 def new_reply(request: dnslib.DNSRecord, rcode: int = 0, aa: bool = False) -> dnslib.DNSRecord:
@@ -99,7 +108,7 @@ def local_answer(
     owner = request.q.qname
     current = entry
     for _ in range(MAX_CNAME_CHAIN):
-        if qtype == QTYPE_ANY:
+        if qtype == ANY:
             # RFC 8482: answer ANY with one RRset, never everything, and the smallest one,
             # so ANY is no way to get a name's largest answer for the smallest query.
             _add(reply, owner, min(current.rrsets.values(), key=_wire_size))
@@ -129,7 +138,7 @@ def _wire_size(rrset: RRSet) -> int:
     for rdata in rrset.rdatas:
         buffer = dnslib.DNSBuffer()
         rdata.pack(buffer)
-        size += len(buffer.data) + _RR_OVERHEAD
+        size += len(buffer.data) + ANSWER_RR_OVERHEAD
     return size
 
 
@@ -159,15 +168,15 @@ def pack(
     `limit` is the client's UDP size for UDP and 65535 for TCP.
     """
     if edns.present:
-        reply.ar = [rr for rr in reply.ar if rr.rtype != QTYPE_OPT]
+        reply.ar = [rr for rr in reply.ar if rr.rtype != OPT]
         flags = "do" if edns.do else ""
         reply.add_ar(dnslib.EDNS0(udp_len=our_udp_size, flags=flags, opts=list(options)))
-    wire: bytes = reply.pack()
-    if len(wire) <= limit:
-        return wire
+    packed: bytes = reply.pack()
+    if len(packed) <= limit:
+        return packed
     reply.header.tc = 1
     reply.rr = []
     reply.auth = []
-    reply.ar = [rr for rr in reply.ar if rr.rtype == QTYPE_OPT]
-    packed: bytes = reply.pack()
-    return packed
+    reply.ar = [rr for rr in reply.ar if rr.rtype == OPT]
+    truncated: bytes = reply.pack()
+    return truncated

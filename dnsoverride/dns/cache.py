@@ -18,8 +18,9 @@ from typing import NamedTuple
 
 from dnsoverride.dns import relay, wire
 from dnsoverride.dns.config import CacheConfig
+from dnsoverride.dns.constants import NOERROR, NXDOMAIN
+from dnsoverride.dns.relay import Question
 
-ResponseKey = tuple[bytes, int, int, bool, bool]  # name (wire, lowercase), type, class, DO, CD
 # RFC 8767 section 4: stale records go out with a TTL above 0, recommended 30 seconds.
 STALE_TTL = 30
 # ... but the answer cache reuses a stale reply for only `cache.stale_reuse` seconds.
@@ -38,7 +39,7 @@ class ResponseCache:
 
     def __init__(self, config: CacheConfig) -> None:
         self.config = config
-        self._entries: OrderedDict[ResponseKey, _Response] = OrderedDict()
+        self._entries: OrderedDict[Question, _Response] = OrderedDict()
         self.hits = 0
         self.misses = 0
 
@@ -48,16 +49,16 @@ class ResponseCache:
     def cache_ttl(self, reply: relay.Reply) -> int:
         """How long `reply` may be cached (0: not at all)."""
         rcode = reply.rcode
-        if rcode == relay.NXDOMAIN or (rcode == relay.NOERROR and not reply.answers):
+        if rcode == NXDOMAIN or (rcode == NOERROR and not reply.answers):
             if reply.negative_ttl is None:
                 return 0  # RFC 2308 section 5: no SOA, no negative caching
             ttl = reply.negative_ttl
             return max(min(ttl, self.config.negative_max_ttl), self.config.min_ttl)
-        if rcode != relay.NOERROR or reply.min_ttl is None:
+        if rcode != NOERROR or reply.min_ttl is None:
             return 0
         return max(min(reply.min_ttl, self.config.max_ttl), self.config.min_ttl)
 
-    def put(self, key: ResponseKey, reply: relay.Reply, now: float) -> int:
+    def put(self, key: Question, reply: relay.Reply, now: float) -> int:
         """Store an upstream reply; returns the TTL it was cached for (0: not cached)."""
         ttl = self.cache_ttl(reply)
         if ttl <= 0:
@@ -68,7 +69,7 @@ class ResponseCache:
             self._entries.popitem(last=False)
         return ttl
 
-    def get(self, key: ResponseKey, now: float) -> tuple[relay.Reply, int] | None:
+    def get(self, key: Question, now: float) -> tuple[relay.Reply, int] | None:
         """A fresh cached reply with aged TTLs, and the seconds it stays fresh."""
         entry = self._entries.get(key)
         if entry is None:
@@ -84,7 +85,7 @@ class ResponseCache:
         self._entries.move_to_end(key)
         return entry.reply.retimed(age, entry.ttl), entry.ttl - age
 
-    def get_stale(self, key: ResponseKey, now: float) -> relay.Reply | None:
+    def get_stale(self, key: Question, now: float) -> relay.Reply | None:
         """An expired reply still inside the serve-stale window, with TTLs of 30 s."""
         entry = self._entries.get(key)
         if entry is None or now - entry.stored_at >= entry.ttl + self.config.stale_ttl:

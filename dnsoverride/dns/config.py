@@ -28,6 +28,7 @@ from dnsoverride.common.grammar import (
 )
 from dnsoverride.common.loops import listener_owns
 from dnsoverride.common.yamlsource import brief
+from dnsoverride.dns.constants import MAX_TTL, PLAIN_UDP_SIZE
 from dnsoverride.dns.zones.names import name_problem, normalize_name
 
 RESOLV_CONF = Path("/etc/resolv.conf")
@@ -44,7 +45,6 @@ DEFAULT_ALLOW = (
 )
 # Loopback sources cannot be forged from outside the host: no one is reflected at them.
 DEFAULT_RATELIMIT_EXEMPT = ("127.0.0.0/8", "::1/128")
-MAX_TTL = 2**31 - 1
 DAY = 86400.0
 
 
@@ -280,7 +280,7 @@ def _read_top(top: Section, path: Path) -> None:
         top.duration(key, 0.05, 30)
     for key in ("reload_interval", "failure_log_interval"):
         top.duration(key, 0, DAY)
-    top.size("edns_udp_size", 512, 4096, unit_required=False)
+    top.size("edns_udp_size", PLAIN_UDP_SIZE, 4096, unit_required=False)
     top.boolean("query_log")
     top.endpoint("metrics", HTTP_LISTENER)
     for key, section_class in SECTIONS.items():

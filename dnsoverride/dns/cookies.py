@@ -20,8 +20,8 @@ import time
 from collections.abc import Callable
 
 from dnsoverride.dns import wire
+from dnsoverride.dns.constants import CLIENT_COOKIE_SIZE, COOKIE
 
-CLIENT_COOKIE = 8
 _VERSION_RESERVED = b"\x01\x00\x00\x00"
 _FRESH = 1800  # seconds a server cookie is echoed before a new one is made
 _FUTURE = 300  # seconds of clock skew a timestamp may be ahead
@@ -38,21 +38,21 @@ class Cookies:
         """The COOKIE option data for our reply to a query that sent `option`."""
         if self.valid(option, host):
             return option
-        client = option[:CLIENT_COOKIE]
+        client = option[:CLIENT_COOKIE_SIZE]
         head = _VERSION_RESERVED + struct.pack("!I", int(self._clock()) & 0xFFFFFFFF)
         return client + head + self._hash(client, head, host)
 
     def valid(self, option: bytes, host: str) -> bool:
         """Whether `option` (a query's COOKIE data) holds a server cookie we made for
         `host` within the last half hour: the client has proven its address."""
-        if len(option) != CLIENT_COOKIE + 16 or option[8:12] != _VERSION_RESERVED:
+        if len(option) != CLIENT_COOKIE_SIZE + 16 or option[8:12] != _VERSION_RESERVED:
             return False
         (stamp,) = struct.unpack_from("!I", option, 12)
         age = (int(self._clock()) - stamp) % (1 << 32)  # serial arithmetic: the stamp wraps
         if not (age < _FRESH or (1 << 32) - age <= _FUTURE):
             return False
         return secrets.compare_digest(
-            option[16:], self._hash(option[:CLIENT_COOKIE], option[8:16], host)
+            option[16:], self._hash(option[:CLIENT_COOKIE_SIZE], option[8:16], host)
         )
 
     def _hash(self, client: bytes, head: bytes, host: str) -> bytes:
@@ -64,12 +64,12 @@ class Cookies:
     ) -> bytes | None:
         """A cached `reply` with our COOKIE option when `query` sent one; None when the
         result would not fit `limit` (the slow path then truncates properly)."""
-        option = wire.find_option(query, options_at, wire.COOKIE)
+        option = wire.find_option(query, options_at, COOKIE)
         if option is None:
             return reply
-        if reply[-11:-8] != b"\x00\x00\x29" or reply[-2:] != b"\x00\x00":
+        if not wire.ends_with_bare_opt(reply):
             return None  # not ending in an OPT without options: let dnslib build it
-        reply = wire.with_option(reply, wire.COOKIE, self.reply_option(option, host))
+        reply = wire.with_option(reply, COOKIE, self.reply_option(option, host))
         return reply if len(reply) <= limit else None
 
 

@@ -47,17 +47,18 @@ from dnsoverride.common.grammar import Endpoint
 from dnsoverride.common.resolve import exchange_tcp
 from dnsoverride.dns import relay, wire
 from dnsoverride.dns.config import ForwardConfig, ProbeConfig
+from dnsoverride.dns.constants import CLASS_IN, REFUSED, SERVFAIL
 from dnsoverride.dns.logthrottle import ThrottledLog
+from dnsoverride.dns.relay import Question
 from dnsoverride.dns.stats import DnsStats
 from dnsoverride.dns.udpexchange import AbandonedError, SocketWatcher, UdpExchange
 
 log = structlog.get_logger(__name__)
 
-Question = tuple[bytes, int, int, bool, bool]  # name (wire, lowercase), type, class, DO, CD
 MAX_INFLIGHT = 512
 UNWANTED_LIMIT = 3  # unwanted datagrams on one query's socket before it is abandoned
 SOCKETS_PER_ATTEMPT = 3  # fresh ports (and IDs) one attempt may use before it gives up
-_RETRY_RCODES = {dnslib.RCODE.SERVFAIL: "servfail", dnslib.RCODE.REFUSED: "refused"}
+_RETRY_RCODES = {SERVFAIL: "servfail", REFUSED: "refused"}
 # Reasons that say nothing about the question: the upstream did not reply at all.
 _SILENT = ("timeout", "error")
 
@@ -116,12 +117,8 @@ class Forwarder:
         self._failure_log = ThrottledLog("upstream_failed", failure_log_interval)
         self._spoof_log = ThrottledLog("upstream_replies_unwanted", failure_log_interval)
         self._probe_interval = probe.interval
-        self._probe_question: Question = (
-            wire.encode_name(probe.name),
-            dnslib.QTYPE.NS,
-            1,
-            False,
-            False,
+        self._probe_question = Question(
+            wire.encode_name(probe.name), dnslib.QTYPE.NS, CLASS_IN, do=False, cd=False
         )
         self._background: set[asyncio.Task[None]] = set()  # referenced until done
         # Made on the loop, once: asyncio.get_running_loop() is a getpid() call each time

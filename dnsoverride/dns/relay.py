@@ -18,13 +18,43 @@ from typing import NamedTuple
 import dnslib
 
 from dnsoverride.dns import wire
+from dnsoverride.dns.constants import (
+    AD,
+    ARCOUNT,
+    CD,
+    COUNTS,
+    FLAGS,
+    HEADER_SIZE,
+    OPT,
+    OPT_SIZE,
+    QR,
+    QUESTION_TAIL,
+    RA,
+    RCODE_MASK,
+    RD,
+    RR_FIXED,
+    RR_TTL,
+    SOA,
+    SOA_MIN_RDATA,
+    SOA_MINIMUM_FROM_END,
+    TC,
+)
 
-NOERROR = 0
-NXDOMAIN = 3
-SOA = 6
 _HEADER = struct.Struct("!HBBHHHH")
 _COUNTS = struct.Struct("!HHHH")
 _RR_FIXED = struct.Struct("!HHIH")
+
+
+class Question(NamedTuple):
+    """What is asked upstream, and what the response cache keeps answers by: the name
+    (wire format, lowercase), type, class, and the client's DO and CD bits (the answer
+    depends on both)."""
+
+    name: bytes
+    qtype: int
+    qclass: int
+    do: bool
+    cd: bool
 
 
 class Reply(NamedTuple):
@@ -69,21 +99,31 @@ def query(
 ) -> bytes:
     """Our query to an upstream: RD set, CD as the client's, EDNS with our buffer size and
     the client's DO bit."""
-    header = _HEADER.pack(query_id, 0x01, 0x10 if cd else 0, 1, 0, 0, 1)
+    header = _HEADER.pack(query_id, RD, CD if cd else 0, 1, 0, 0, 1)
     return header + name + struct.pack("!HH", qtype, qclass) + wire.opt_record(udp_size, do)
 
 
 def answers_query(query_packet: bytes, data: bytes, *, exact_case: bool) -> bool:
     """Whether `data` is a reply to `query_packet`: same ID, QR set, one question, the same
     question (its name letter for letter when `exact_case`, for 0x20 randomisation)."""
-    qend = len(query_packet) - 11  # our query ends with an OPT record without options
-    if len(data) < qend or data[:2] != query_packet[:2] or not data[2] & 0x80:
+    qend = question_end(query_packet)
+    name_end = qend - QUESTION_TAIL
+    if len(data) < qend or data[:FLAGS] != query_packet[:FLAGS] or not data[FLAGS] & QR:
         return False
-    if data[4:6] != b"\x00\x01" or data[qend - 4 : qend] != query_packet[qend - 4 : qend]:
+    if (
+        data[COUNTS : COUNTS + 2] != b"\x00\x01"
+        or data[name_end:qend] != query_packet[name_end:qend]
+    ):
         return False
     if exact_case:
-        return data[12 : qend - 4] == query_packet[12 : qend - 4]
-    return data[12 : qend - 4].lower() == query_packet[12 : qend - 4].lower()
+        return data[HEADER_SIZE:name_end] == query_packet[HEADER_SIZE:name_end]
+    return data[HEADER_SIZE:name_end].lower() == query_packet[HEADER_SIZE:name_end].lower()
+
+
+def question_end(query_packet: bytes) -> int:
+    """Where the question of our upstream query ends: it ends with our OPT record,
+    without options."""
+    return len(query_packet) - OPT_SIZE
 
 
 def scan(data: bytes, qend: int = 0) -> Reply:
@@ -102,7 +142,7 @@ def _scan(data: bytes, qend: int = 0) -> Reply:
     if qdcount != 1:
         raise ValueError(f"{qdcount} questions")
     if not qend:
-        qend = wire.skip_name(data, wire.HEADER_SIZE) + 4
+        qend = wire.skip_name(data, HEADER_SIZE) + QUESTION_TAIL
     offset = qend
     ttls = []
     min_ttl: int | None = None
@@ -113,35 +153,35 @@ def _scan(data: bytes, qend: int = 0) -> Reply:
         start = offset
         offset = wire.skip_name(data, offset)
         rtype, _rclass, ttl, rdlength = _RR_FIXED.unpack_from(data, offset)
-        end = offset + 10 + rdlength
+        end = offset + RR_FIXED + rdlength
         if end > size:
             raise ValueError("record runs past the end")
-        if rtype == wire.OPT:
+        if rtype == OPT:
             if index < ancount + nscount or opt is not None:
                 raise ValueError("OPT outside the additional section or twice")
             opt = (start, end)
         else:
-            ttls.append((offset + 4, ttl))
+            ttls.append((offset + RR_TTL, ttl))
             min_ttl = ttl if min_ttl is None or ttl < min_ttl else min_ttl
             if rtype == SOA and negative_ttl is None and ancount <= index < ancount + nscount:
-                if rdlength < 22:
+                if rdlength < SOA_MIN_RDATA:
                     raise ValueError("short SOA")
-                negative_ttl = min(ttl, _ttl_at(data, end - 4))
+                negative_ttl = min(ttl, _ttl_at(data, end - SOA_MINIMUM_FROM_END))
         offset = end
     message = data[:offset]
     if opt is not None:
         if opt[1] != offset:
             # Legal but rare (OPT is last in practice): let dnslib re-encode without it.
             parsed = dnslib.DNSRecord.parse(message)
-            parsed.ar = [rr for rr in parsed.ar if rr.rtype != wire.OPT]
+            parsed.ar = [rr for rr in parsed.ar if rr.rtype != OPT]
             return _scan(parsed.pack())
         message = message[: opt[0]]
-        message = message[:10] + struct.pack("!H", arcount - 1) + message[12:]
+        message = message[:ARCOUNT] + struct.pack("!H", arcount - 1) + message[HEADER_SIZE:]
     return Reply(
         message,
-        low & 0x0F,
-        bool(flags & 0x02),
-        bool(low & 0x20),
+        low & RCODE_MASK,
+        bool(flags & TC),
+        bool(low & AD),
         ancount,
         qend,
         tuple(ttls),
@@ -167,13 +207,14 @@ def to_client(
     records, and `opt` (our OPT record, b"" for a client without EDNS). Over `limit`
     bytes: TC and no records, so the client retries over TCP."""
     message = reply.wire
-    flags = 0x80 | rd
-    low = 0x80 | (0x20 if ad and reply.ad else 0) | (0x10 if cd else 0) | reply.rcode
+    flags = QR | rd
+    low = RA | (AD if ad and reply.ad else 0) | (CD if cd else 0) | reply.rcode
     extra = 1 if opt else 0
     head = query_id + bytes((flags, low))
-    counts = message[6:10] + struct.pack("!H", ((message[10] << 8) | message[11]) + extra)
+    additional = ((message[ARCOUNT] << 8) | message[ARCOUNT + 1]) + extra
+    counts = message[COUNTS + 2 : ARCOUNT] + struct.pack("!H", additional)
     out = head + b"\x00\x01" + counts + question + message[reply.qend :] + opt
     if len(out) <= limit:
         return out
-    head = query_id + bytes((flags | 0x02, low))
+    head = query_id + bytes((flags | TC, low))
     return head + _COUNTS.pack(1, 0, 0, extra) + question + opt

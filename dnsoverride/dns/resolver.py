@@ -30,23 +30,45 @@ from dnsoverride.dns import answer, ratelimit, relay, wire
 from dnsoverride.dns.acl import Acl, client_address
 from dnsoverride.dns.cache import AnswerCache, ResponseCache
 from dnsoverride.dns.config import ServeConfig, View
+from dnsoverride.dns.constants import (
+    AD,
+    ANY,
+    AXFR,
+    CD,
+    CLASS_IN,
+    COOKIE,
+    DO,
+    FORMERR,
+    HEADER_SIZE,
+    IXFR,
+    MAX_MESSAGE,
+    MAX_NAME,
+    NOTIMP,
+    OPT_SIZE,
+    PLAIN_UDP_SIZE,
+    RD,
+    REFUSED,
+    SERVFAIL,
+)
 from dnsoverride.dns.cookies import Cookies
-from dnsoverride.dns.forwarder import Forwarder, Question, UpstreamFailedError
+from dnsoverride.dns.forwarder import Forwarder, UpstreamFailedError
 from dnsoverride.dns.logthrottle import ThrottledLog
 from dnsoverride.dns.ratelimit import RateLimiter
+from dnsoverride.dns.relay import Question
 from dnsoverride.dns.stats import DnsStats, qtype_label, rcode_label
 from dnsoverride.dns.views import Routing, ViewTable
 from dnsoverride.dns.zones.live import LiveZones
 
 log = structlog.get_logger(__name__)
 
-REFUSED = -1
+NOT_ALLOWED = -1  # the "view" of a client outside `allow`: it gets REFUSED
 MAX_CLIENTS_CACHED = 65536
-TCP_LIMIT = 65535
-QCLASS_IN = 1
-ZONE_TRANSFERS = (251, 252)  # IXFR, AXFR
+ZONE_TRANSFERS = (IXFR, AXFR)
 # Types the plain forwarding path leaves to the parsed one: answered here, never forwarded.
-_NOT_PLAIN = frozenset((answer.QTYPE_ANY, *ZONE_TRANSFERS))
+_NOT_PLAIN = frozenset((ANY, *ZONE_TRANSFERS))
+# A query longer than its key by more than this carries EDNS options (wire.options_start,
+# inlined on the fast path).
+_OPTIONS_SHIFT = wire.QUESTION_SHIFT + OPT_SIZE
 # Refused clients are counted without their query type: the label set stays bounded.
 _REFUSED_LABELS = ("", "", "REFUSED", "error")
 _PARSE_ERRORS = (dnslib.DNSError, ValueError, struct.error, IndexError, UnicodeError)
@@ -127,16 +149,16 @@ class Resolver:
             self._unlimited = set()
 
     def _classify(self, host: str) -> int:
-        """The client's view index, or REFUSED; remembered per address."""
+        """The client's view index, or NOT_ALLOWED (it gets REFUSED); remembered per address."""
         index = self._clients.get(host)
         if index is not None:
             return index
         try:
             address = client_address(host)
         except ValueError:
-            return REFUSED
+            return NOT_ALLOWED
         if not self._acl.allows(address):
-            index = REFUSED
+            index = NOT_ALLOWED
         else:
             index = self._views.views.index(self._views.view_for(address))
         if len(self._clients) >= MAX_CLIENTS_CACHED:
@@ -164,18 +186,18 @@ class Resolver:
     def _hit(self, data: bytes, key: bytes, host: str, index: int, now: float) -> bytes | None:
         """The answer cache's reply (or REFUSED) to `data`, counted, or None."""
         reply: bytes | None
-        if index == REFUSED:
+        if index == NOT_ALLOWED:
             reply = wire.refused(data, key, self._udp_size)
         else:
             reply = self.answers.lookup(index, key, data, self.zones.state[1], now)
             if reply is None:
                 return None
-        if len(data) > len(key) + 19:  # EDNS options: wire.options_start
-            limit = TCP_LIMIT if key[0] & 0x80 else (key[2] << 8) | key[3]
+        if len(data) > len(key) + _OPTIONS_SHIFT:
+            limit = MAX_MESSAGE if key[wire.KEY_FLAGS] & wire.KEY_TCP else wire.key_udp_size(key)
             reply = self.cookies.add_to_hit(reply, data, wire.options_start(key), host, limit)
             if reply is None:
                 return None  # the slow path answers (and counts) it
-        if index == REFUSED:
+        if index == NOT_ALLOWED:
             self.stats.count(_REFUSED_LABELS)
         elif self._query_log:
             log.info(
@@ -199,7 +221,7 @@ class Resolver:
                 self._unlimited.add(host)  # the fast path skips the limiter for it
             return reply
         if key is not None and len(data) > wire.options_start(key):
-            option = wire.find_option(data, wire.options_start(key), wire.COOKIE)
+            option = wire.find_option(data, wire.options_start(key), COOKIE)
             if option is not None and self.cookies.valid(option, host):
                 return reply  # the client proved its address with our cookie
         if verdict == ratelimit.TRUNCATE and key is not None:
@@ -220,8 +242,7 @@ class Resolver:
             self._failed_log.emit(
                 "internal", client=host, error=f"{type(error).__name__}: {str(error)[:200]}"
             )
-            reply = wire.format_error(data)
-            reply = reply[:3] + b"\x02" + reply[4:] if reply else None  # SERVFAIL
+            reply = wire.error_reply(data, SERVFAIL)
         if reply is None or tcp:
             return reply
         return self._rate_limited(reply, data, key, host, self._loop.time()) or None
@@ -257,10 +278,10 @@ class Resolver:
         """The reply to an ordinary query for a name no override answers, without dnslib;
         None to leave the query to `_resolve_parsed`."""
         qtype = wire.key_qtype(key)
-        if wire.key_qclass(key) != QCLASS_IN or qtype in _NOT_PLAIN:
+        if wire.key_qclass(key) != CLASS_IN or qtype in _NOT_PLAIN:
             return None
         index = self._classify(host)
-        if index == REFUSED:
+        if index == NOT_ALLOWED:
             return None
         qname = wire.key_name(key)
         try:
@@ -271,22 +292,22 @@ class Resolver:
         zone_set, generation = self.zones.snapshot()
         if zone_set.select(view.zones).lookup(name) is not None:
             return None
-        flags, edns_byte = key[0], key[1]
-        do = bool(edns_byte & 0x80)
-        udp_size = (key[2] << 8) | key[3] if edns_byte else 512
+        flags, edns_byte = key[wire.KEY_FLAGS], key[wire.KEY_EDNS]
+        do = bool(edns_byte & DO)
+        udp_size = wire.key_udp_size(key) if edns_byte else PLAIN_UDP_SIZE
         cookie = b""
         if len(data) > wire.options_start(key):
-            cookie = wire.find_option(data, wire.options_start(key), wire.COOKIE) or b""
+            cookie = wire.find_option(data, wire.options_start(key), COOKIE) or b""
         asked = _Asked(
             query_id=data[:2],
-            rd=flags & 0x01,
-            cd=bool(flags & 0x10),
-            ad=bool(flags & 0x20),
-            question=data[wire.HEADER_SIZE : wire.key_question_end(key)],
+            rd=flags & RD,
+            cd=bool(flags & CD),
+            ad=bool(flags & AD),
+            question=data[HEADER_SIZE : wire.key_question_end(key)],
             edns=answer.ClientEdns(bool(edns_byte), udp_size, do, 0, cookie),
-            limit=TCP_LIMIT if tcp else udp_size,
+            limit=MAX_MESSAGE if tcp else udp_size,
         )
-        outcome = await self._forward(asked, (qname, qtype, QCLASS_IN, do, asked.cd))
+        outcome = await self._forward(asked, Question(qname, qtype, CLASS_IN, do, asked.cd))
         return self._finish(
             data, key, outcome, _Where(tcp, host, index, view, generation, qname, qtype)
         )
@@ -298,7 +319,7 @@ class Resolver:
             request = dnslib.DNSRecord.parse(data)
             for question in request.questions:
                 qname = wire.encode_labels(question.qname.label).lower()
-                if len(qname) > wire.MAX_NAME:
+                if len(qname) > MAX_NAME:
                     raise ValueError("query name longer than 255 octets")
         except _PARSE_ERRORS as error:
             self.stats.count(("", "", "FORMERR", "error"))
@@ -306,31 +327,33 @@ class Resolver:
             self._malformed_log.emit(
                 "malformed", client=host, error=f"{type(error).__name__}: {str(error)[:200]}"
             )
-            return wire.format_error(data)
+            return wire.error_reply(data, FORMERR)
         if request.header.qr:
             return None
         edns = answer.client_edns(request)
         options = self._cookie_option(edns, host)
         rcode = None
         if request.header.opcode != 0:
-            rcode = dnslib.RCODE.NOTIMP
+            rcode = NOTIMP
         elif len(request.questions) != 1 or edns is None:
-            rcode = dnslib.RCODE.FORMERR
-        elif index == REFUSED or request.q.qclass != QCLASS_IN:
-            rcode = dnslib.RCODE.REFUSED
+            rcode = FORMERR
+        elif index == NOT_ALLOWED or request.q.qclass != CLASS_IN:
+            rcode = REFUSED
         elif request.q.qtype in ZONE_TRANSFERS:
-            rcode = dnslib.RCODE.REFUSED  # there is no zone to transfer; never forwarded
+            rcode = REFUSED  # there is no zone to transfer; never forwarded
         if rcode is not None or edns is None:
-            reply = answer.new_reply(request, rcode=rcode or dnslib.RCODE.FORMERR)
+            reply = answer.new_reply(request, rcode=rcode or FORMERR)
             reply.questions = request.questions[:1]
             self.stats.count(("", "", rcode_label(reply.header.rcode), "error"))
-            edns_out = edns or answer.ClientEdns(False, 512, False)
-            return answer.pack(reply, edns_out, self._udp_size, TCP_LIMIT, options)
+            edns_out = edns or answer.ClientEdns(False, PLAIN_UDP_SIZE, False)
+            return answer.pack(reply, edns_out, self._udp_size, MAX_MESSAGE, options)
         if edns.version > 0:
             # RFC 6891 6.1.3: BADVERS (16: 1 in the OPT's extended rcode), our version 0.
             reply = answer.new_reply(request)
             reply.add_ar(dnslib.EDNS0(ext_rcode=1, udp_len=self._udp_size, opts=options))
-            return answer.pack(reply, answer.ClientEdns(False, 512, False), 0, TCP_LIMIT)
+            return answer.pack(
+                reply, answer.ClientEdns(False, PLAIN_UDP_SIZE, False), 0, MAX_MESSAGE
+            )
         view = self._views.views[index]
         generation = self.zones.state[1]
         asked = _Asked(
@@ -341,7 +364,7 @@ class Resolver:
             question=wire.encode_labels(request.q.qname.label)
             + struct.pack("!HH", request.q.qtype, request.q.qclass),
             edns=edns,
-            limit=TCP_LIMIT if tcp else min(edns.udp_size, self._udp_size),
+            limit=MAX_MESSAGE if tcp else min(edns.udp_size, self._udp_size),
         )
         outcome = await self._answer(request, asked, view, qname)
         where = _Where(tcp, host, index, view, generation, qname, request.q.qtype)
@@ -392,7 +415,7 @@ class Resolver:
         """Our COOKIE option for the reply, when the client sent a (well-formed) cookie."""
         if edns is None or not edns.cookie:
             return []
-        return [dnslib.EDNSOption(wire.COOKIE, self.cookies.reply_option(edns.cookie, host))]
+        return [dnslib.EDNSOption(COOKIE, self.cookies.reply_option(edns.cookie, host))]
 
     async def _answer(
         self, request: dnslib.DNSRecord, asked: _Asked, view: View, qname: bytes
@@ -411,18 +434,18 @@ class Resolver:
             if local.forward is None:
                 return self._local(local.reply, asked, "override", math.inf)
             target = wire.encode_name(local.forward)
-            question = (target, qtype, QCLASS_IN, edns.do, asked.cd)
+            question = Question(target, qtype, CLASS_IN, edns.do, asked.cd)
             try:
                 upstream, ttl, _source = await self._forwarded(question)
             except UpstreamFailedError:
-                local.reply.header.rcode = dnslib.RCODE.SERVFAIL
+                local.reply.header.rcode = SERVFAIL
                 return self._local(local.reply, asked, "error", 0)
             local.reply.rr.extend(upstream.records().rr)
             local.reply.header.rcode = upstream.rcode
             return self._local(local.reply, asked, "override", ttl, ages=True)
-        if qtype == answer.QTYPE_ANY:
+        if qtype == ANY:
             return self._local(answer.minimal_any(request), asked, "synthesized", math.inf)
-        return await self._forward(asked, (qname, qtype, QCLASS_IN, edns.do, asked.cd))
+        return await self._forward(asked, Question(qname, qtype, CLASS_IN, edns.do, asked.cd))
 
     def _local(
         self,
@@ -506,4 +529,4 @@ def _display(qname: bytes) -> str:
 
 
 # What a client gets when no upstream answered: SERVFAIL, no records, never cached.
-_SERVFAIL = relay.Reply(bytes(12), dnslib.RCODE.SERVFAIL, False, False, 0, 12, (), None, None)
+_SERVFAIL = relay.Reply(bytes(HEADER_SIZE), SERVFAIL, False, False, 0, HEADER_SIZE, (), None, None)

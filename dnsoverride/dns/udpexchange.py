@@ -120,8 +120,7 @@ class UdpExchange:
                 return
             if relay.answers_query(self._packet, data, exact_case=self._exact_case):
                 try:
-                    # Our query ends with an 11-octet OPT record: its question ends there.
-                    reply.set_result(relay.scan(data, len(self._packet) - 11))
+                    reply.set_result(relay.scan(data, relay.question_end(self._packet)))
                     return
                 except ValueError:
                     pass  # right ID and question but malformed: as unwanted as a forgery

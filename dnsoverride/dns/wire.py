@@ -13,21 +13,69 @@ import struct
 from collections.abc import Iterable
 from typing import Any
 
-HEADER_SIZE = 12
-MAX_NAME = 255  # octets of a name on the wire (RFC 1035 3.1)
-MAX_LABEL = 63
-MAX_TTL = 0x7FFFFFFF
-OPT = 41
-COOKIE = 10  # EDNS option code (RFC 7873)
+from dnsoverride.dns.constants import (
+    AD,
+    ARCOUNT,
+    CD,
+    CLIENT_COOKIE_SIZE,
+    COOKIE,
+    COUNTS,
+    DO,
+    FLAGS,
+    FLAGS2,
+    HEADER_SIZE,
+    MAX_LABEL,
+    MAX_NAME,
+    MAX_TTL,
+    NOERROR,
+    OPCODE_MASK,
+    OPT,
+    OPT_FLAGS,
+    OPT_RDLENGTH,
+    OPT_SIZE,
+    OPT_TYPE,
+    OPT_UDP_SIZE,
+    OPT_VERSION,
+    OPTION_HEADER,
+    PLAIN_UDP_SIZE,
+    QR,
+    QUESTION_TAIL,
+    RA,
+    RD,
+    REFUSED,
+    RR_FIXED,
+    RR_TTL,
+    SERVER_COOKIE_SIZES,
+    TC,
+)
+
+# The layout of a `fast_key` key: its first byte holds the query's RD, CD and AD bits
+# (and KEY_TCP for a TCP key), the second 0x01 for EDNS with the DO bit, the next two
+# the client's UDP size, and the question follows, from KEY_QUESTION: the question sits
+# QUESTION_SHIFT bytes further on in the query than in its key.
+KEY_FLAGS = 0
+KEY_EDNS = 1
+KEY_UDP_SIZE = 2
+KEY_QUESTION = 4
+KEY_TCP = 0x80
+KEY_EDNS_PRESENT = 0x01
+QUESTION_SHIFT = HEADER_SIZE - KEY_QUESTION
 _TTL = struct.Struct("!I")
+_POINTER = 0xC0  # a label length byte with both high bits set: a compression pointer
 _RR_FIXED = struct.Struct("!HHIH")
 # A query with QDCOUNT=1 and ANCOUNT=NSCOUNT=0.
 _SIMPLE_COUNTS = b"\x00\x01\x00\x00\x00\x00"
 _PLAIN_COUNTS = _SIMPLE_COUNTS + b"\x00\x00"
-# RD (0x01) | CD (0x10) | AD (0x20) as one byte: the reply's flags depend on all three.
+# RD | CD | AD as one byte: the reply's flags depend on all three (RD in bit 0x01, CD and
+# AD at their FLAGS2 bits).
 _FLAGS = [bytes((value,)) for value in range(0x40)]
+_KEY_FLAG_BITS = CD | AD
+_OPT_TYPE_BYTES = OPT.to_bytes(2, "big")
 _PLAIN_PREFIX = [flag + b"\x00\x00\x00" for flag in _FLAGS]  # ... and "no EDNS"
-_LONGEST_QUERY = HEADER_SIZE + MAX_NAME + 4  # a longer name is FORMERR (the parsed path)
+_SHORTEST_QUERY = HEADER_SIZE + 1 + QUESTION_TAIL  # the root's name is one byte
+_LONGEST_QUERY = HEADER_SIZE + MAX_NAME + QUESTION_TAIL  # longer: FORMERR (the parsed path)
+_ALL_COUNTS = slice(COUNTS, HEADER_SIZE)
+_NOT_RD = ~RD & 0xFF  # FLAGS of an ordinary query: a query (no QR), opcode 0, RD or not
 _PLAIN_BYTES = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_")
 _PLAIN_NAME = re.compile(rb"[A-Za-z0-9_.-]*")
 _ESCAPE = re.compile(r"\\(\d{3})")
@@ -44,38 +92,47 @@ def fast_key(data: bytes, max_udp: int) -> bytes | None:
     the last byte (no EDNS) or the first zero byte (before an OPT record) without
     walking the labels: the key is then still the exact bytes of the packet, less ID
     and letter case, and `AnswerCache.store` only keeps a reply whose question matches
-    it. The question ends at `len(key) + 8`. EDNS options are not part of the key (the
+    it. The question ends at `key_question_end(key)`. EDNS options are not part of the key (the
     caller adds our COOKIE option to a hit, see `options_start`). Anything unusual
     (opcode, flags, counts, EDNS version, options that do not tile the OPT data, a
     malformed COOKIE, a name over 255 octets) returns None and takes the dnslib path.
     """
     size = len(data)
-    if size < 17 or data[2] & 0xFE:
+    if size < _SHORTEST_QUERY or data[FLAGS] & _NOT_RD:
         return None
-    flags = (data[2] & 0x01) | (data[3] & 0x30)
-    if data[4:12] == _PLAIN_COUNTS:
+    flags = (data[FLAGS] & RD) | (data[FLAGS2] & _KEY_FLAG_BITS)
+    if data[_ALL_COUNTS] == _PLAIN_COUNTS:
         # The common case (no EDNS): the question must run to the end of the packet.
-        if data[size - 5] or size > _LONGEST_QUERY:
+        tail = size - QUESTION_TAIL
+        if data[tail - 1] or size > _LONGEST_QUERY:
             return None
-        return _PLAIN_PREFIX[flags] + data[HEADER_SIZE : size - 4].lower() + data[size - 4 :]
-    if data[4:10] != _SIMPLE_COUNTS:
+        return _PLAIN_PREFIX[flags] + data[HEADER_SIZE:tail].lower() + data[tail:]
+    if data[COUNTS:ARCOUNT] != _SIMPLE_COUNTS:
         return None
-    qend = data.find(0, HEADER_SIZE) + 5
-    if qend < 17 or qend > _LONGEST_QUERY:
+    # The name's terminating zero, then QTYPE and QCLASS: the OPT record starts at `qend`.
+    qend = data.find(0, HEADER_SIZE) + 1 + QUESTION_TAIL
+    if qend < _SHORTEST_QUERY or qend > _LONGEST_QUERY:
         return None
-    if data[10:12] == b"\x00\x01":
-        # OPT: root owner, TYPE 41, CLASS = UDP size, TTL = ext-rcode/version/flags, RDLEN.
-        if size < qend + 11 or data[qend] or data[qend + 1 : qend + 3] != b"\x00\x29":
-            return None
-        if data[qend + 6] or qend + 11 + ((data[qend + 9] << 8) | data[qend + 10]) != size:
-            return None
-        if size > qend + 11 and not _options_ok(data, qend + 11):
-            return None
-        udp = min(max((data[qend + 3] << 8) | data[qend + 4], 512), max_udp)
-        edns = bytes((0x01 | (data[qend + 7] & 0x80), udp >> 8, udp & 0xFF))
-    else:
+    if data[ARCOUNT:HEADER_SIZE] != b"\x00\x01":
         return None
-    return _FLAGS[flags] + edns + data[HEADER_SIZE : qend - 4].lower() + data[qend - 4 : qend]
+    # OPT: root owner, TYPE 41, CLASS = UDP size, TTL = ext-rcode/version/flags, RDLENGTH.
+    options = qend + OPT_SIZE
+    if (
+        size < options
+        or data[qend]
+        or data[qend + OPT_TYPE : qend + OPT_UDP_SIZE] != _OPT_TYPE_BYTES
+    ):
+        return None
+    rdlength = (data[qend + OPT_RDLENGTH] << 8) | data[qend + OPT_RDLENGTH + 1]
+    if data[qend + OPT_VERSION] or options + rdlength != size:
+        return None
+    if size > options and not _options_ok(data, options):
+        return None
+    udp = (data[qend + OPT_UDP_SIZE] << 8) | data[qend + OPT_UDP_SIZE + 1]
+    udp = min(max(udp, PLAIN_UDP_SIZE), max_udp)
+    edns = bytes((KEY_EDNS_PRESENT | (data[qend + OPT_FLAGS] & DO), udp >> 8, udp & 0xFF))
+    question = data[HEADER_SIZE : qend - QUESTION_TAIL].lower()
+    return _FLAGS[flags] + edns + question + data[qend - QUESTION_TAIL : qend]
 
 
 def _options_ok(data: bytes, offset: int) -> bool:
@@ -83,17 +140,21 @@ def _options_ok(data: bytes, offset: int) -> bool:
     size = len(data)
     cookies = 0
     while offset < size:
-        if offset + 4 > size:
+        if offset + OPTION_HEADER > size:
             return False
         code = (data[offset] << 8) | data[offset + 1]
         length = (data[offset + 2] << 8) | data[offset + 3]
         if code == COOKIE:
-            # RFC 7873 5.2.2: 8 bytes of client cookie, optionally 8..32 of server cookie.
             cookies += 1
-            if cookies > 1 or not (length == 8 or 16 <= length <= 40):
+            if cookies > 1 or not cookie_length_ok(length):
                 return False
-        offset += 4 + length
+        offset += OPTION_HEADER + length
     return offset == size
+
+
+def cookie_length_ok(length: int) -> bool:
+    """RFC 7873 5.2.2: a COOKIE option holds a client cookie, optionally a server one."""
+    return length == CLIENT_COOKIE_SIZE or length - CLIENT_COOKIE_SIZE in SERVER_COOKIE_SIZES
 
 
 def options_start(key: bytes) -> int:
@@ -101,7 +162,7 @@ def options_start(key: bytes) -> int:
 
     The query carries options exactly when it is longer than that.
     """
-    return len(key) + 19
+    return len(key) + QUESTION_SHIFT + OPT_SIZE
 
 
 def find_option(data: bytes, offset: int, code: int) -> bytes | None:
@@ -111,9 +172,18 @@ def find_option(data: bytes, offset: int, code: int) -> bytes | None:
     while offset < size:
         length = (data[offset + 2] << 8) | data[offset + 3]
         if (data[offset] << 8) | data[offset + 1] == code:
-            return data[offset + 4 : offset + 4 + length]
-        offset += 4 + length
+            start = offset + OPTION_HEADER
+            return data[start : start + length]
+        offset += OPTION_HEADER + length
     return None
+
+
+def ends_with_bare_opt(reply: bytes) -> bool:
+    """Whether the last record of `reply` is an OPT record without options (ours)."""
+    return (
+        reply[-OPT_SIZE : -OPT_SIZE + OPT_UDP_SIZE] == b"\x00" + _OPT_TYPE_BYTES
+        and reply[-2:] == b"\x00\x00"
+    )
 
 
 def with_option(reply: bytes, code: int, value: bytes) -> bytes:
@@ -126,53 +196,54 @@ def tcp_key(key: bytes) -> bytes:
     """The answer cache key of the same query over TCP.
 
     A UDP reply may be truncated to the client's size, a TCP one never is, so they are
-    cached apart: the first key byte only uses its low 6 bits (RD, CD, AD), 0x80 marks TCP.
+    cached apart: the first key byte only uses its low 6 bits (RD, CD, AD), KEY_TCP marks TCP.
     """
-    return bytes((key[0] | 0x80,)) + key[1:]
+    return bytes((key[KEY_FLAGS] | KEY_TCP,)) + key[KEY_FLAGS + 1 :]
 
 
 def key_question_end(key: bytes) -> int:
     """Where the question ends in the query a `fast_key` key was made from."""
-    return len(key) + 8
+    return len(key) + QUESTION_SHIFT
 
 
 def refused(data: bytes, key: bytes, udp_size: int) -> bytes:
     """A REFUSED reply to a query `fast_key` made `key` from: header and question, plus
     our OPT (without options, DO echoed) when the query had one (RFC 6891 6.1.1)."""
-    return _empty_reply(data, key, udp_size, 0x80, 0x05)
+    return _empty_reply(data, key, udp_size, QR, REFUSED)
 
 
 def truncated(data: bytes, key: bytes, udp_size: int) -> bytes:
     """An empty NOERROR reply with TC set (the client retries over TCP) to a query
     `fast_key` made `key` from; never longer than the query itself."""
-    return _empty_reply(data, key, udp_size, 0x82, 0x00)
+    return _empty_reply(data, key, udp_size, QR | TC, NOERROR)
 
 
 def _empty_reply(data: bytes, key: bytes, udp_size: int, flags: int, rcode: int) -> bytes:
     qend = key_question_end(key)
-    head = data[:2] + bytes((flags | (data[2] & 0x01), 0x80 | rcode | (data[3] & 0x10)))
-    if not key[1]:
+    flag_bytes = (flags | (data[FLAGS] & RD), RA | rcode | (data[FLAGS2] & CD))
+    head = data[:FLAGS] + bytes(flag_bytes)
+    edns = key[KEY_EDNS]
+    if not edns:
         return head + _PLAIN_COUNTS + data[HEADER_SIZE:qend]
     return (
         head
         + _SIMPLE_COUNTS
         + b"\x00\x01"
         + data[HEADER_SIZE:qend]
-        + opt_record(udp_size, bool(key[1] & 0x80))
+        + opt_record(udp_size, bool(edns & DO))
     )
 
 
 def opt_record(udp_size: int, do: bool, options: bytes = b"") -> bytes:
     """Our OPT pseudo-record: root owner, `udp_size`, version 0, DO as given."""
     return (
-        struct.pack("!BHHBBBBH", 0, OPT, udp_size, 0, 0, 0x80 if do else 0, 0, len(options))
-        + options
+        struct.pack("!BHHBBBBH", 0, OPT, udp_size, 0, 0, DO if do else 0, 0, len(options)) + options
     )
 
 
 def key_name(key: bytes) -> bytes:
     """The query name (wire format, lowercase) of a `fast_key` key."""
-    return key[4:-4]
+    return key[KEY_QUESTION:-QUESTION_TAIL]
 
 
 def key_qtype(key: bytes) -> int:
@@ -183,6 +254,11 @@ def key_qtype(key: bytes) -> int:
 def key_qclass(key: bytes) -> int:
     """The QCLASS of a `fast_key` key."""
     return (key[-2] << 8) | key[-1]
+
+
+def key_udp_size(key: bytes) -> int:
+    """The client's UDP size in a `fast_key` key (its EDNS size, clamped)."""
+    return (key[KEY_UDP_SIZE] << 8) | key[KEY_UDP_SIZE + 1]
 
 
 def name_text(name: bytes) -> str:
@@ -248,11 +324,13 @@ def encode_name(text: str) -> bytes:
     return bytes(encoded)
 
 
-def format_error(data: bytes) -> bytes | None:
-    """A header-only FORMERR reply, or None when there is not even a header to answer."""
-    if len(data) < HEADER_SIZE or data[2] & 0x80:
+def error_reply(data: bytes, rcode: int) -> bytes | None:
+    """A header-only reply with `rcode` (FORMERR, SERVFAIL) keeping the query's ID,
+    opcode and RD; None when there is not even a header to answer, or it is a reply."""
+    if len(data) < HEADER_SIZE or data[FLAGS] & QR:
         return None
-    return data[:2] + bytes((0x80 | (data[2] & 0x79), 0x01)) + bytes(8)
+    flags = QR | (data[FLAGS] & (OPCODE_MASK | RD))
+    return data[:FLAGS] + bytes((flags, rcode)) + bytes(HEADER_SIZE - COUNTS)
 
 
 def skip_name(message: bytes, offset: int) -> int:
@@ -264,8 +342,8 @@ def skip_name(message: bytes, offset: int) -> int:
     start = offset
     while True:
         length = message[offset]
-        if length >= 0xC0:
-            if (((length & 0x3F) << 8) | message[offset + 1]) >= start:
+        if length >= _POINTER:
+            if (((length & ~_POINTER & 0xFF) << 8) | message[offset + 1]) >= start:
                 raise ValueError("compression pointer does not point back")
             return offset + 2
         if length > MAX_LABEL:
@@ -277,7 +355,7 @@ def skip_name(message: bytes, offset: int) -> int:
 
 def question_end(message: bytes) -> int:
     """Offset just past the (first) question of a message."""
-    return skip_name(message, HEADER_SIZE) + 4
+    return skip_name(message, HEADER_SIZE) + QUESTION_TAIL
 
 
 def ttl_offsets(message: bytes) -> tuple[tuple[int, int], ...]:
@@ -286,17 +364,17 @@ def ttl_offsets(message: bytes) -> tuple[tuple[int, int], ...]:
     Used to age a cached reply's TTLs in place of re-encoding it. `message` is a reply
     this process built, so it is well-formed.
     """
-    counts = struct.unpack_from("!HHHH", message, 4)
+    counts = struct.unpack_from("!HHHH", message, COUNTS)
     offset = HEADER_SIZE
     for _ in range(counts[0]):
-        offset = skip_name(message, offset) + 4
+        offset = skip_name(message, offset) + QUESTION_TAIL
     found = []
     for _ in range(counts[1] + counts[2] + counts[3]):
         offset = skip_name(message, offset)
         rtype, _rclass, ttl, rdlength = _RR_FIXED.unpack_from(message, offset)
         if rtype != OPT:
-            found.append((offset + 4, ttl))
-        offset += 10 + rdlength
+            found.append((offset + RR_TTL, ttl))
+        offset += RR_FIXED + rdlength
     return tuple(found)
 
 

@@ -7,13 +7,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 
 from dnsoverride.common.errors import Problem
+from dnsoverride.dns.constants import MAX_CNAME_CHAIN
 from dnsoverride.dns.zones.model import NameEntry, Overrides, ZoneFile, ZoneSet
 from dnsoverride.dns.zones.records import ANSWER_ROOM, QTYPE_CNAME, rrset_bytes
-
-# How many names the server visits for one answer following CNAMEs (dns/answer.py): the
-# queried name and the targets of up to 7 more CNAMEs (8 CNAMEs when the last target is
-# resolved upstream).
-MAX_CNAME_CHAIN = 8
 
 
 def view_problems(zone_set: ZoneSet, view: str, selectors: frozenset[str] | None) -> list[Problem]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 
 from dnsoverride.common.yamlsource import brief
+from dnsoverride.dns.constants import MAX_LABEL, MAX_NAME_TEXT
 
 _LABEL = re.compile(r"^[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?$")
 # Every label valid at once: the common case, one regex call instead of one per label.
@@ -25,8 +26,8 @@ def name_problem(name: str, wildcard_ok: bool) -> str | None:
     text = normalize_name(name)
     if not text:
         return "empty name"
-    if len(text) > 253:
-        return f"name {brief(name)} is longer than 253 characters"
+    if len(text) > MAX_NAME_TEXT:
+        return f"name {brief(name)} is longer than {MAX_NAME_TEXT} characters"
     if (VALID_OWNER if wildcard_ok else VALID_NAME).fullmatch(text):
         return None
     labels = text.split(".")
@@ -37,8 +38,8 @@ def name_problem(name: str, wildcard_ok: bool) -> str | None:
             return f"name {brief(name)}: '*' is only allowed as the whole first label of an owner"
         if not label:
             return f"name {brief(name)} has an empty label"
-        if len(label) > 63:
-            return f"name {brief(name)} has a label longer than 63 characters"
+        if len(label) > MAX_LABEL:
+            return f"name {brief(name)} has a label longer than {MAX_LABEL} characters"
         if not _LABEL.match(label):
             return (
                 f"name {brief(name)}: label {brief(label)} may only hold letters, digits, "

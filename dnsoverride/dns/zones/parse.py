@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 from dnsoverride.common import yamlsource
 from dnsoverride.common.errors import Problem
 from dnsoverride.common.yamlsource import brief
+from dnsoverride.dns.constants import MAX_NAME_TEXT, MAX_TTL
 from dnsoverride.dns.zones.health import HealthSpecError, parse_health
 from dnsoverride.dns.zones.model import (
     NameEntry,
@@ -39,7 +40,6 @@ from dnsoverride.dns.zones.records import (
 )
 
 DEFAULT_TTL = 60
-MAX_TTL = 2**31 - 1
 
 
 FILE_KEYS = ("ttl", "records")
@@ -174,7 +174,7 @@ def _names(
             continue
         name = raw_name.rstrip(".").lower()  # normalize_name, inline
         # The valid case in one regex call; name_problem says what is wrong otherwise.
-        if len(name) > 253 or not valid_owner(name):
+        if len(name) > MAX_NAME_TEXT or not valid_owner(name):
             reason = name_problem(raw_name, wildcard_ok=True)
             if reason:
                 problems.add(line, reason)

@@ -10,6 +10,17 @@ from typing import Any, NamedTuple
 
 import dnslib
 
+from dnsoverride.dns.constants import (
+    ANSWER_RR_OVERHEAD,
+    HEADER_SIZE,
+    MAX_CHARACTER_STRING,
+    MAX_COOKIE_OPTION,
+    MAX_MESSAGE,
+    MAX_NAME,
+    MAX_RDATA,
+    OPT_SIZE,
+    QUESTION_TAIL,
+)
 from dnsoverride.dns.zones.names import name_problem, normalize_name
 
 RECORD_TYPES = ("A", "AAAA", "CNAME", "TXT", "MX", "SRV", "PTR", "NS")
@@ -20,13 +31,10 @@ QTYPE_A, QTYPE_AAAA, QTYPE_CNAME = QTYPES["A"], QTYPES["AAAA"], QTYPES["CNAME"]
 QTYPE_TXT = QTYPES["TXT"]
 
 
-# Wire limits (RFC 1035): a record's data, and a DNS message (over TCP, its 2-byte length).
-MAX_RDATA = 65535
-MAX_MESSAGE = 65535
-# What an answer's records may take of a message: the 12-byte header, the question (a name
-# of up to 255 bytes, type and class) and our EDNS OPT record with a DNS cookie (RFC 7873:
-# 11 bytes, option header 4, cookie up to 40) take the rest.
-ANSWER_ROOM = MAX_MESSAGE - (12 + 255 + 4 + 11 + 4 + 40)
+# What an answer's records may take of a message: the header, the question (a name of up
+# to 255 bytes, type and class) and our EDNS OPT record with a DNS cookie (RFC 7873) take
+# the rest.
+ANSWER_ROOM = MAX_MESSAGE - (HEADER_SIZE + MAX_NAME + QUESTION_TAIL + OPT_SIZE + MAX_COOKIE_OPTION)
 
 
 # From this many records on an RRset of fixed-size records may not fit a message (A:
@@ -89,7 +97,8 @@ def rdata_text(rtype: str, value: Any) -> tuple[str, str | None]:
         if size > MAX_RDATA:
             return "", (
                 f"{size:,} bytes as a record, more than the {MAX_RDATA:,} a record holds "
-                "(the text is sent as strings of up to 255 bytes, each with a length byte)"
+                f"(the text is sent as strings of up to {MAX_CHARACTER_STRING} bytes, each "
+                "with a length byte)"
             )
         return '"' + text.replace('"', '\\"') + '"', None
     if not isinstance(value, str):
@@ -115,14 +124,14 @@ def rdata_text(rtype: str, value: Any) -> tuple[str, str | None]:
         return normalize_name(text) + ".", None
     fields = text.split()
     if rtype == "MX":
-        if len(fields) != 2 or not fields[0].isdigit() or int(fields[0]) > 65535:
+        if len(fields) != 2 or not fields[0].isdigit() or int(fields[0]) > _MAX_U16:
             return "", "expected 'PREFERENCE HOST', e.g. '10 mail.example.'"
         reason = name_problem(fields[1], wildcard_ok=False)
         if reason:
             return "", reason
         return f"{int(fields[0])} {normalize_name(fields[1])}.", None
     # SRV
-    if len(fields) != 4 or not all(f.isdigit() and int(f) <= 65535 for f in fields[:3]):
+    if len(fields) != 4 or not all(f.isdigit() and int(f) <= _MAX_U16 for f in fields[:3]):
         return "", "expected 'PRIORITY WEIGHT PORT TARGET', e.g. '10 5 443 host.example.'"
     reason = name_problem(fields[3], wildcard_ok=False) if fields[3] != "." else None
     if reason:
@@ -136,7 +145,7 @@ def _txt_bytes(text: str) -> int:
     255 bytes, each after a length byte (RFC 1035 3.3.14); an empty text is one empty
     string."""
     size = len(text.encode())
-    return size + max(1, -(-size // 255))
+    return size + max(1, -(-size // MAX_CHARACTER_STRING))
 
 
 def rrset_bytes(rrset: RRSet) -> int:
@@ -146,20 +155,21 @@ def rrset_bytes(rrset: RRSet) -> int:
     rtype = rrset.rtype
     fixed = _FIXED_RDATA.get(rtype)
     if fixed is not None:
-        return len(rrset.texts) * (12 + fixed)
+        return len(rrset.texts) * (ANSWER_RR_OVERHEAD + fixed)
     total = 0
     for text in rrset.texts:
         if rtype == QTYPE_TXT:
-            total += 12 + _txt_bytes(text[1:-1].replace('\\"', '"'))
+            total += ANSWER_RR_OVERHEAD + _txt_bytes(text[1:-1].replace('\\"', '"'))
         else:  # a name (CNAME, PTR, NS) after MX's 2 or SRV's 6 bytes of numbers
             target = text.rsplit(" ", 1)[-1]
-            total += 12 + _NAME_RDATA_PREFIX[rtype] + len(target) + 1
+            total += ANSWER_RR_OVERHEAD + _NAME_RDATA_PREFIX[rtype] + len(target) + 1
     return total
 
 
 def _txt(text: str) -> Any:
     value = text[1:-1].replace('\\"', '"').encode()
-    return dnslib.TXT([value[i : i + 255] for i in range(0, len(value), 255)] or [b""])
+    step = MAX_CHARACTER_STRING
+    return dnslib.TXT([value[i : i + step] for i in range(0, len(value), step)] or [b""])
 
 
 def _mx(text: str) -> Any:
@@ -184,6 +194,7 @@ _RDATA_FROM_TEXT: dict[int, Callable[[str], Any]] = {
     QTYPES["SRV"]: _srv,
 }
 TYPE_NAMES = {number: rtype for rtype, number in QTYPES.items()}
+_MAX_U16 = 65535  # MX preference, SRV priority, weight and port
 _FIXED_RDATA = {QTYPES["A"]: 4, QTYPES["AAAA"]: 16}
 _NAME_RDATA_PREFIX = {
     QTYPES["CNAME"]: 0,
