@@ -219,8 +219,9 @@ class Section:
                 self.add(line, f"{key}: {error}")
         if len(parsed) != len(items):
             return None
-        self.values[key] = tuple(parsed)
-        return self.values[key]
+        result = tuple(parsed)
+        self.values[key] = result
+        return result
 
     def endpoints(self, key: str, rule: EndpointRule) -> tuple[Endpoint, ...] | None:
         return self.each(key, lambda value: grammar.parse_endpoint(value, rule))

@@ -195,7 +195,9 @@ class _Builder:
         # dict keeps every measured collection alive, so ids are not reused meanwhile.
         self.measured: dict[int, tuple[int, int]] = {}
 
-    def build(self, event: Any) -> Any:
+    # Over the size rules on purpose: the loop runs a few times per zone name (10^6 names),
+    # and a call per event costs more than the whole loop body; see the class docstring.
+    def build(self, event: Any) -> Any:  # noqa: PLR0912, PLR0915 - the inlined hot loop
         get = self.get
         scalar, mapping_start, sequence_start = ScalarEvent, MappingStartEvent, SequenceStartEvent
         line_map, line_list = LineMap, LineList

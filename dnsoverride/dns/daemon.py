@@ -27,7 +27,7 @@ from dnsoverride.common.reloader import Reloader
 from dnsoverride.dns.config import ServeConfig, ServeFlags, load_config
 from dnsoverride.dns.forwarder import Forwarder
 from dnsoverride.dns.health import HealthMonitor
-from dnsoverride.dns.listener import READ_LIMIT, UdpListener, tcp_handler
+from dnsoverride.dns.listener import READ_LIMIT, TcpListener, UdpListener
 from dnsoverride.dns.reload import ServeStart, serve_reloader, serve_start
 from dnsoverride.dns.resolver import Resolver
 from dnsoverride.dns.stats import DnsCollector, DnsStats
@@ -112,7 +112,7 @@ async def _bind(
     # TCP listeners get a backlog as large as the connection cap: clients retrying over
     # TCP after TC replies arrive together, and an overflowing accept queue resets them.
     loop = asyncio.get_running_loop()
-    handler = tcp_handler(resolver, config.tcp)
+    handler = TcpListener(resolver, config.tcp)
 
     def udp_protocol() -> UdpListener:
         return UdpListener(resolver, tasks)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import socket
 import struct
-from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
 import structlog
@@ -66,8 +65,6 @@ class UdpListener(asyncio.DatagramProtocol):
         log.debug("udp_error", error=str(exc))
 
 
-TcpHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
-
 # Replies queued in our buffer beyond which the reading loop waits for the client to read
 # (asyncio's default high-water mark); the hard bound is `tcp.max_queued`.
 WRITE_HIGH_WATER = 16384
@@ -79,104 +76,86 @@ SEND_BUFFER = 65536
 READ_LIMIT = 8192
 
 
-def tcp_handler(resolver: Resolver, limits: TcpConfig) -> TcpHandler:
-    """The `asyncio.start_server` callback for DNS over TCP (RFC 7766).
+class TcpListener:
+    """The `asyncio.start_server` callback for DNS over TCP (RFC 7766): one `_Connection`
+    per client, at most `limits.max_connections` at once (a new one beyond that is closed
+    at once); after a burst of connections the freed heap is given back to the system
+    (common/heaptrim.py).
 
     Queries pipelined on one connection are answered concurrently, each as soon as it is
     ready (out of order): an answer-cache hit at once, a forwarded one when the upstream
     replies. At most `limits.pipeline` queries of one connection are in flight (reading
-    stops until one finishes), at most `limits.max_connections` connections are open (a
-    new one beyond that is closed at once), and a connection with nothing in flight and
-    no complete query for `limits.idle_timeout` seconds is closed (RFC 7766 6.2.3:
-    seconds, not minutes).
+    stops until one finishes), and a connection with nothing in flight and no complete
+    query for `limits.idle_timeout` seconds is closed (RFC 7766 6.2.3: seconds, not
+    minutes).
 
     A client that sends but does not read its answers: once `WRITE_HIGH_WATER` bytes of
     replies wait for it, its queries are no longer read; if they still wait
     `limits.idle_timeout` seconds later, or more than `limits.max_queued` bytes pile up
-    (answers in flight finishing), the connection is aborted and its buffers freed
-    (and given back to the system after a burst of them, see common/heaptrim.py).
+    (answers in flight finishing), the connection is aborted and its buffers freed.
     """
-    fast = resolver.fast
-    idle_timeout = limits.idle_timeout
-    max_queued = limits.max_queued
-    open_connections = [0]
-    trimmer = HeapTrimmer()
 
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if open_connections[0] >= limits.max_connections:
-            resolver.stats.tcp_refused += 1
+    def __init__(self, resolver: Resolver, limits: TcpConfig) -> None:
+        self._resolver = resolver
+        self._limits = limits
+        self._open = 0
+        self._trimmer = HeapTrimmer()
+
+    async def __call__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._open >= self._limits.max_connections:
+            self._resolver.stats.tcp_refused += 1
             writer.close()
             return
-        open_connections[0] += 1
-        trimmer.opened(open_connections[0])
+        self._open += 1
+        self._trimmer.opened(self._open)
+        await _Connection(self, reader, writer).serve()
+
+    def reading_ended(self) -> None:
+        """A connection stopped reading queries (its last answers may still be going out)."""
+        self._open -= 1
+        self._trimmer.closed(self._open)
+
+
+class _Connection:
+    """One client's TCP connection: the reading loop and the answers in flight."""
+
+    def __init__(
+        self, listener: TcpListener, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        self._listener = listener
+        self._resolver = listener._resolver
+        limits = listener._limits
+        self._idle_timeout = limits.idle_timeout
+        self._max_queued = limits.max_queued
+        self._reader = reader
+        self._writer = writer
+        self._transport = writer.transport
         peer = writer.get_extra_info("peername")
-        host = peer[0] if peer else ""
-        transport = writer.transport
+        self._host = peer[0] if peer else ""
         sock = writer.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
-        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
-        slots = asyncio.Semaphore(limits.pipeline)
-        pending: set[asyncio.Task[None]] = set()
-        loop = asyncio.get_running_loop()
-        idle: asyncio.Timeout | None = None
+        self._transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        self._slots = asyncio.Semaphore(limits.pipeline)
+        self._pending: set[asyncio.Task[None]] = set()
+        self._loop = asyncio.get_running_loop()
+        self._idle: asyncio.Timeout | None = None
 
-        def send(reply: bytes) -> None:
-            if transport.is_closing():
-                return
-            # One write per answer: concurrent answers never interleave.
-            writer.write(struct.pack("!H", len(reply)) + reply)
-            if transport.get_write_buffer_size() > max_queued:
-                stalled()
-
-        def stalled() -> None:
-            if not transport.is_closing():
-                resolver.stats.tcp_stalled += 1
-                log.debug("tcp_client_not_reading", client=host)
-                transport.abort()  # drops what is queued, now
-
-        async def drained() -> bool:
-            """Whether the client read its answers within the idle timeout."""
-            if transport.get_write_buffer_size() <= WRITE_HIGH_WATER:
-                return not transport.is_closing()
-            try:
-                async with asyncio.timeout(idle_timeout):
-                    await writer.drain()
-            except TimeoutError:
-                stalled()
-                return False
-            return not transport.is_closing()
-
-        async def answer(data: bytes) -> None:
-            try:
-                reply = await resolver.resolve(data, host, tcp=True)
-                if reply is not None:
-                    send(reply)
-            finally:
-                slots.release()
-                if len(pending) == 1 and idle is not None and not idle.expired():
-                    idle.reschedule(loop.time() + idle_timeout)  # the last one in flight
-
+    async def serve(self) -> None:
+        fast = self._resolver.fast
+        host = self._host
         try:
             while True:
-                # The idle clock only runs while nothing is in flight: a client waiting
-                # for a slow forwarded answer is not idle.
-                try:
-                    async with asyncio.timeout(None if pending else idle_timeout) as idle:
-                        prefix = await reader.readexactly(2)
-                        idle.reschedule(loop.time() + idle_timeout)
-                        data = await reader.readexactly(struct.unpack("!H", prefix)[0])
-                finally:
-                    idle = None
+                data = await self._query()
                 reply = fast(data, host, True)
                 if reply is not None:
-                    send(reply)
+                    self._send(reply)
                 else:
-                    await slots.acquire()
-                    task = loop.create_task(answer(data))
-                    pending.add(task)
-                    task.add_done_callback(pending.discard)
-                if not await drained():
+                    await self._slots.acquire()
+                    task = self._loop.create_task(self._answer(data))
+                    self._pending.add(task)
+                    task.add_done_callback(self._pending.discard)
+                if not await self._drained():
                     break
                 # Queries already buffered are read without suspending: yield after each,
                 # so many busy connections take turns with each other and with UDP.
@@ -184,19 +163,69 @@ def tcp_handler(resolver: Resolver, limits: TcpConfig) -> TcpHandler:
         except (asyncio.IncompleteReadError, TimeoutError, ConnectionError):
             pass
         finally:
-            open_connections[0] -= 1
-            trimmer.closed(open_connections[0])
-            try:
-                if pending and not transport.is_closing():
-                    # The client may have half-closed after its last query: it still
-                    # gets the answers (each bounded by the forwarding budget).
-                    await asyncio.wait(pending)
-                    await drained()
-            except ConnectionError:
-                pass
-            finally:
-                for task in pending:
-                    task.cancel()
-                writer.close()
+            self._listener.reading_ended()
+            await self._finish()
 
-    return handle
+    async def _query(self) -> bytes:
+        """The next length-prefixed query. The idle clock only runs while nothing is in
+        flight: a client waiting for a slow forwarded answer is not idle."""
+        timeout = self._idle_timeout
+        try:
+            async with asyncio.timeout(None if self._pending else timeout) as idle:
+                self._idle = idle
+                prefix = await self._reader.readexactly(2)
+                idle.reschedule(self._loop.time() + timeout)
+                return await self._reader.readexactly(struct.unpack("!H", prefix)[0])
+        finally:
+            self._idle = None
+
+    async def _finish(self) -> None:
+        """The client may have half-closed after its last query: it still gets the
+        answers in flight (each bounded by the forwarding budget), then the close."""
+        try:
+            if self._pending and not self._transport.is_closing():
+                await asyncio.wait(self._pending)
+                await self._drained()
+        except ConnectionError:
+            pass
+        finally:
+            for task in self._pending:
+                task.cancel()
+            self._writer.close()
+
+    def _send(self, reply: bytes) -> None:
+        if self._transport.is_closing():
+            return
+        # One write per answer: concurrent answers never interleave.
+        self._writer.write(struct.pack("!H", len(reply)) + reply)
+        if self._transport.get_write_buffer_size() > self._max_queued:
+            self._stalled()
+
+    def _stalled(self) -> None:
+        if not self._transport.is_closing():
+            self._resolver.stats.tcp_stalled += 1
+            log.debug("tcp_client_not_reading", client=self._host)
+            self._transport.abort()  # drops what is queued, now
+
+    async def _drained(self) -> bool:
+        """Whether the client read its answers within the idle timeout."""
+        if self._transport.get_write_buffer_size() <= WRITE_HIGH_WATER:
+            return not self._transport.is_closing()
+        try:
+            async with asyncio.timeout(self._idle_timeout):
+                await self._writer.drain()
+        except TimeoutError:
+            self._stalled()
+            return False
+        return not self._transport.is_closing()
+
+    async def _answer(self, data: bytes) -> None:
+        try:
+            reply = await self._resolver.resolve(data, self._host, tcp=True)
+            if reply is not None:
+                self._send(reply)
+        finally:
+            self._slots.release()
+            idle = self._idle
+            if len(self._pending) == 1 and idle is not None and not idle.expired():
+                idle.reschedule(self._loop.time() + self._idle_timeout)  # the last in flight

@@ -23,6 +23,7 @@ import hashlib
 import os
 from pathlib import Path
 
+import aiohttp
 import structlog
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
@@ -161,14 +162,7 @@ class Blobs:
         if download.final is not None:
             return await self._send_file(request, digest, download.final, headers)
         if download.size is None:
-            # No upstream Content-Length: neither a length nor a range can be given until
-            # the blob has landed (FileResponse handles ranges of the finished file).
-            if request.method == "HEAD" or "Range" in request.headers:
-                await download.wait_finished()
-                if download.final is None:
-                    raise download.error or RegistryError("UNAVAILABLE", "download failed")
-                return await self._send_file(request, digest, download.final, headers)
-            return await self._stream(request, download, headers, (0, None))
+            return await self._serve_unsized(request, download, digest, headers)
         if request.method == "HEAD":
             # In flight: the length is the upstream's, known since its headers arrived.
             return web.Response(headers={**headers, "Content-Length": str(download.size)})
@@ -182,6 +176,18 @@ class Blobs:
         start, stop = window
         headers["Content-Range"] = f"bytes {start}-{stop - 1}/{download.size}"
         return await self._stream(request, download, headers, (start, stop), status=206)
+
+    async def _serve_unsized(
+        self, request: web.Request, download: Download, digest: Digest, headers: dict[str, str]
+    ) -> web.StreamResponse:
+        """A blob in flight without an upstream Content-Length: neither a length nor a range
+        can be given until it has landed (FileResponse handles ranges of the finished file)."""
+        if request.method == "HEAD" or "Range" in request.headers:
+            await download.wait_finished()
+            if download.final is None:
+                raise download.error or RegistryError("UNAVAILABLE", "download failed")
+            return await self._send_file(request, digest, download.final, headers)
+        return await self._stream(request, download, headers, (0, None))
 
     async def _recheck(self, digest: Digest, path: Path) -> bool:
         """Re-hash a blob indexed at start-up before its first serve (once, shared by the
@@ -300,25 +306,12 @@ class Blobs:
                 if download.size is not None:
                     self.store.check_fits(download.size)
                 download.started.set_result(None)
-                hasher = hashlib.new(digest.algorithm)
-                async for chunk in response.content.iter_chunked(_CHUNK):
-                    try:
-                        Store.write_all(fd, chunk)
-                    except OSError as error:
-                        raise self.store.write_failed(
-                            error, f"blob {digest}", download.size or download.written + len(chunk)
-                        ) from error
-                    hasher.update(chunk)
-                    download.written += len(chunk)
-                    self.stats.upstream_bytes[upstream.name] += len(chunk)
-                    if download.size is not None and download.written > download.size:
-                        raise _verify_failed(digest, "longer than its Content-Length")
-                    download.notify()
+                received = await self._receive(response, upstream, download, fd)
             if download.size is not None and download.written != download.size:
                 raise RegistryError(
                     "UNAVAILABLE", f"upstream closed blob {digest} short", status=502
                 )
-            if hasher.hexdigest() != digest.hex:
+            if received != digest.hex:
                 self.stats.verify_failures += 1
                 raise _verify_failed(digest, "content does not match its digest")
             closed = True
@@ -352,6 +345,28 @@ class Blobs:
                 download.started.set_result(None)
             del self._downloads[str(digest)]
             download.notify()
+
+    async def _receive(
+        self, response: aiohttp.ClientResponse, upstream: Upstream, download: Download, fd: int
+    ) -> str:
+        """Write the body to `fd` as it arrives, waking the readers of `download`; the
+        hash (hex) of what came."""
+        digest = download.digest
+        hasher = hashlib.new(digest.algorithm)
+        async for chunk in response.content.iter_chunked(_CHUNK):
+            try:
+                Store.write_all(fd, chunk)
+            except OSError as error:
+                raise self.store.write_failed(
+                    error, f"blob {digest}", download.size or download.written + len(chunk)
+                ) from error
+            hasher.update(chunk)
+            download.written += len(chunk)
+            self.stats.upstream_bytes[upstream.name] += len(chunk)
+            if download.size is not None and download.written > download.size:
+                raise _verify_failed(digest, "longer than its Content-Length")
+            download.notify()
+        return hasher.hexdigest()
 
     @staticmethod
     def _abandon(download: Download, fd: int, closed: bool) -> None:

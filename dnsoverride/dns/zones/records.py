@@ -90,47 +90,63 @@ def rdata_text(rtype: str, value: Any) -> tuple[str, str | None]:
 
     The canonical text is what `RRSet.rdatas` builds the record from."""
     if rtype == "TXT":
-        if isinstance(value, bool) or not isinstance(value, str | int | float):
-            return "", "expected a string"
-        text = str(value)
-        size = _txt_bytes(text)
-        if size > MAX_RDATA:
-            return "", (
-                f"{size:,} bytes as a record, more than the {MAX_RDATA:,} a record holds "
-                f"(the text is sent as strings of up to {MAX_CHARACTER_STRING} bytes, each "
-                "with a length byte)"
-            )
-        return '"' + text.replace('"', '\\"') + '"', None
+        return _txt_text(value)
     if not isinstance(value, str):
         return "", "expected a string (quote it)"
-    text = value.strip()
-    if rtype == "A":
-        # inet_pton is as strict as ipaddress (no leading zeros, four parts) and 5x faster.
-        try:
-            socket.inet_pton(socket.AF_INET, text)
-        except (OSError, ValueError):
-            return "", "not an IPv4 address"
-        return text, None
-    if rtype == "AAAA":
-        try:
-            address = ipaddress.IPv6Address(text)
-        except ValueError:
-            return "", "not an IPv6 address"
-        return address.compressed, None
-    if rtype in ("CNAME", "PTR", "NS"):
-        reason = name_problem(text, wildcard_ok=False)
-        if reason:
-            return "", reason
-        return normalize_name(text) + ".", None
+    return _TEXT_OF[rtype](value.strip())
+
+
+def _txt_text(value: Any) -> tuple[str, str | None]:
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        return "", "expected a string"
+    text = str(value)
+    size = _txt_bytes(text)
+    if size > MAX_RDATA:
+        return "", (
+            f"{size:,} bytes as a record, more than the {MAX_RDATA:,} a record holds "
+            f"(the text is sent as strings of up to {MAX_CHARACTER_STRING} bytes, each "
+            "with a length byte)"
+        )
+    return '"' + text.replace('"', '\\"') + '"', None
+
+
+def _a_text(text: str) -> tuple[str, str | None]:
+    # inet_pton is as strict as ipaddress (no leading zeros, four parts) and 5x faster.
+    try:
+        socket.inet_pton(socket.AF_INET, text)
+    except (OSError, ValueError):
+        return "", "not an IPv4 address"
+    return text, None
+
+
+def _aaaa_text(text: str) -> tuple[str, str | None]:
+    try:
+        address = ipaddress.IPv6Address(text)
+    except ValueError:
+        return "", "not an IPv6 address"
+    return address.compressed, None
+
+
+def _name_text(text: str) -> tuple[str, str | None]:
+    """A CNAME, PTR or NS target."""
+    reason = name_problem(text, wildcard_ok=False)
+    if reason:
+        return "", reason
+    return normalize_name(text) + ".", None
+
+
+def _mx_text(text: str) -> tuple[str, str | None]:
     fields = text.split()
-    if rtype == "MX":
-        if len(fields) != 2 or not fields[0].isdigit() or int(fields[0]) > _MAX_U16:
-            return "", "expected 'PREFERENCE HOST', e.g. '10 mail.example.'"
-        reason = name_problem(fields[1], wildcard_ok=False)
-        if reason:
-            return "", reason
-        return f"{int(fields[0])} {normalize_name(fields[1])}.", None
-    # SRV
+    if len(fields) != 2 or not fields[0].isdigit() or int(fields[0]) > _MAX_U16:
+        return "", "expected 'PREFERENCE HOST', e.g. '10 mail.example.'"
+    reason = name_problem(fields[1], wildcard_ok=False)
+    if reason:
+        return "", reason
+    return f"{int(fields[0])} {normalize_name(fields[1])}.", None
+
+
+def _srv_text(text: str) -> tuple[str, str | None]:
+    fields = text.split()
     if len(fields) != 4 or not all(f.isdigit() and int(f) <= _MAX_U16 for f in fields[:3]):
         return "", "expected 'PRIORITY WEIGHT PORT TARGET', e.g. '10 5 443 host.example.'"
     reason = name_problem(fields[3], wildcard_ok=False) if fields[3] != "." else None
@@ -138,6 +154,18 @@ def rdata_text(rtype: str, value: Any) -> tuple[str, str | None]:
         return "", reason
     priority, weight, port = (int(f) for f in fields[:3])
     return f"{priority} {weight} {port} {normalize_name(fields[3])}.", None
+
+
+# A value's text (stripped) -> its canonical text, per record type (TXT: `_txt_text`).
+_TEXT_OF: dict[str, Callable[[str], tuple[str, str | None]]] = {
+    "A": _a_text,
+    "AAAA": _aaaa_text,
+    "CNAME": _name_text,
+    "PTR": _name_text,
+    "NS": _name_text,
+    "MX": _mx_text,
+    "SRV": _srv_text,
+}
 
 
 def _txt_bytes(text: str) -> int:
