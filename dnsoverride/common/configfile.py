@@ -200,6 +200,13 @@ class Section:
 
         return self.read(key, parse)
 
+    def required_text(self, key: str, what: str) -> str | None:
+        """`text`, recording a problem at the section's line when `key` is missing."""
+        if key not in self.mapping:
+            self.add(self.line, f"{key!r} is required")
+            return None
+        return self.text(key, what)
+
     def endpoint(self, key: str, rule: EndpointRule) -> Endpoint | None:
         return self.read(key, lambda value: grammar.parse_endpoint(value, rule))
 

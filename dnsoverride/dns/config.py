@@ -63,10 +63,7 @@ class View:
 
     @classmethod
     def read(cls, section: Section) -> Self | None:
-        name = section.text("name", "a view name")
-        if name is None:
-            if "name" not in section:
-                section.add(section.line, "'name' is required")
+        if section.required_text("name", "a view name") is None:
             return None
         section.networks("clients")
         if "zones" in section:

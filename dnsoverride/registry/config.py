@@ -94,10 +94,8 @@ class UpstreamConfig:
 
     @classmethod
     def read(cls, section: Section) -> Self | None:
-        url = section.text("url", "the upstream's URL, http(s)://host[:port]")
+        url = section.required_text("url", "the upstream's URL, http(s)://host[:port]")
         if url is None:
-            if "url" not in section:
-                section.add(section.line, "'url' is required")
             return None
         section.text("name", "a host name")
         section.strings("aliases")
