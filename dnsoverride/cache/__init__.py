@@ -1,0 +1,1 @@
+"""The HTTP cache the DNS overrides point at (placeholder until the restructure lands)."""

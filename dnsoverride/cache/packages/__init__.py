@@ -1,0 +1,1 @@
+"""Package mirrors: the repository metadata parser (more to come with issue 12)."""

@@ -1,0 +1,204 @@
+"""repomd.xml and primary parsing against what createrepo_c really writes.
+
+Every compression a real repository uses (gzip: CentOS 7/Stream; xz: EPEL; bz2: the
+sqlite files; zstd: createrepo_c >= 1.0 and Fedora, recompressed here because Debian's
+createrepo_c 0.17 cannot write it), the sha1/sha256/sha512 checksum types, a primary of
+real size, and the hostile cases: md5 only, hrefs leaving the repository, a compression
+bomb, truncated and non-XML files.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import re
+import time
+from pathlib import Path
+
+import pytest
+import zstandard
+
+from dnsoverride.cache.packages.repomd import (
+    Checksum,
+    DataFile,
+    RepodataError,
+    parse_repomd,
+    read_primary,
+)
+from tests.yum_repos import PackageSet, make_repo
+
+
+@pytest.mark.parametrize(
+    ("checksum", "compress", "algorithm"),
+    [("sha256", "gz", "sha256"), ("sha", "xz", "sha1"), ("sha512", "bz2", "sha512")],
+)
+def test_createrepo_output_parses_to_the_files_and_packages_on_disk(
+    tmp_path: Path, package_set: PackageSet, checksum: str, compress: str, algorithm: str
+) -> None:
+    rpms = package_set.all_v1()
+    repo = make_repo(tmp_path / "repo", rpms, checksum=checksum, compress=compress)
+    repomd = parse_repomd(repo.repomd)
+    assert {item.type for item in repomd.data} >= {"primary", "filelists", "other", "primary_db"}
+    for item in repomd.data:
+        data = (repo.root / item.href).read_bytes()
+        assert item.checksum == Checksum(algorithm, hashlib.new(algorithm, data).hexdigest())
+        assert item.size == len(data)
+    assert repomd.timestamp == max(item.timestamp or 0 for item in repomd.data) > 0
+    primary = repomd.by_type("primary")
+    assert primary is not None and primary.href.endswith(f".xml.{compress}")
+    packages = {p.href: p for p in read_primary(repo.root / primary.href, primary)}
+    assert set(packages) == set(repo.packages.values())
+    for rpm in rpms:
+        entry = packages[repo.packages[rpm.filename]]
+        data = rpm.path.read_bytes()
+        assert entry.size == len(data)
+        assert entry.checksum == Checksum(algorithm, hashlib.new(algorithm, data).hexdigest())
+
+
+def test_zstd_primary_as_fedora_ships_it(tmp_path: Path, package_set: PackageSet) -> None:
+    repo = make_repo(tmp_path / "repo", package_set.all_v1(), database=False)
+    primary = parse_repomd(repo.repomd).by_type("primary")
+    assert primary is not None
+    xml = gzip.decompress((repo.root / primary.href).read_bytes())
+    zst = tmp_path / "primary.xml.zst"
+    zst.write_bytes(zstandard.ZstdCompressor().compress(xml))
+    entry = DataFile("primary", "repodata/primary.xml.zst", primary.checksum, None, len(xml), 1)
+    assert {p.href for p in read_primary(zst, entry)} == set(repo.packages.values())
+
+
+def synthetic_primary(count: int) -> bytes:
+    """A primary.xml of `count` packages shaped like EPEL's (format section included)."""
+    entry = (
+        '<package type="rpm"><name>pkg{i}</name><arch>x86_64</arch>'
+        '<version epoch="0" ver="1.{i}" rel="1.el9"/>'
+        '<checksum type="sha256" pkgid="YES">{digest}</checksum>'
+        "<summary>A package of a real repository, number {i}</summary>"
+        "<description>" + "Long description text. " * 20 + "</description>"
+        "<packager>Fedora Project</packager><url>https://example.org/{i}</url>"
+        '<time file="1700000000" build="1690000000"/>'
+        '<size package="{size}" installed="{size}" archive="{size}"/>'
+        '<location href="Packages/p/pkg{i}-1.{i}-1.el9.x86_64.rpm"/>'
+        "<format><rpm:license>MIT</rpm:license><rpm:vendor>Fedora Project</rpm:vendor>"
+        '<rpm:group>Unspecified</rpm:group><rpm:header-range start="4504" end="9973"/>'
+        '<rpm:provides><rpm:entry name="pkg{i}" flags="EQ" epoch="0" ver="1.{i}" rel="1"/>'
+        '<rpm:entry name="pkg{i}(x86-64)" flags="EQ" epoch="0" ver="1.{i}" rel="1"/>'
+        '</rpm:provides><rpm:requires><rpm:entry name="libc.so.6()(64bit)"/>'
+        '<rpm:entry name="rtld(GNU_HASH)"/></rpm:requires>'
+        "<file>/usr/bin/pkg{i}</file></format></package>\n"
+    )
+    head = (
+        '<?xml version="1.0" encoding="UTF-8"?>\n<metadata xmlns="http://linux.duke.edu/'
+        'metadata/common" xmlns:rpm="http://linux.duke.edu/metadata/rpm" '
+        f'packages="{count}">\n'
+    )
+    body = "".join(
+        entry.format(i=i, digest=hashlib.sha256(str(i).encode()).hexdigest(), size=1000 + i)
+        for i in range(count)
+    )
+    return (head + body + "</metadata>\n").encode()
+
+
+def test_real_size_primary_streams(tmp_path: Path) -> None:
+    """EPEL 9 has ~20k packages and a ~50 MB primary.xml: 40k entries here."""
+    xml = synthetic_primary(40_000)
+    assert len(xml) > 40_000_000
+    path = tmp_path / "primary.xml.gz"
+    path.write_bytes(gzip.compress(xml, compresslevel=1))
+    entry = DataFile("primary", "repodata/x-primary.xml.gz", Checksum("sha256", "0" * 64),
+                     None, len(xml), 1)  # fmt: skip
+    start = time.monotonic()
+    packages = list(read_primary(path, entry))
+    took = time.monotonic() - start
+    assert len(packages) == 40_000
+    assert packages[123].href == "Packages/p/pkg123-1.123-1.el9.x86_64.rpm"
+    assert packages[123].size == 1123
+    print(f"40k-package primary ({len(xml) / 1e6:.0f} MB) parsed in {took:.1f}s")
+
+
+def test_decompression_past_open_size_is_refused(tmp_path: Path) -> None:
+    xml = synthetic_primary(200)
+    path = tmp_path / "primary.xml.gz"
+    path.write_bytes(gzip.compress(xml))
+    entry = DataFile("primary", "repodata/p.xml.gz", Checksum("sha256", "0" * 64), None, 1000, 1)
+    with pytest.raises(RepodataError, match="more than its open-size 1000"):
+        list(read_primary(path, entry))
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"\x1f\x8b\x08\x00garbage", "cannot decompress"),
+        (gzip.compress(b"<html><body>login</body></html>")[:-10], "cannot decompress"),
+        (gzip.compress(b"<metadata><package"), "not XML"),
+        (
+            gzip.compress(
+                b'<metadata xmlns="http://linux.duke.edu/metadata/common"><package>'
+                b'<checksum type="md5">0123456789abcdef0123456789abcdef</checksum>'
+                b'<size package="5"/><location href="a.rpm"/></package></metadata>'
+            ),
+            "checksum type 'md5'",
+        ),
+        (
+            gzip.compress(
+                b'<metadata xmlns="http://linux.duke.edu/metadata/common"><package>'
+                b'<checksum type="sha256">' + b"a" * 64 + b'</checksum><size package="5"/>'
+                b'<location href="../../etc/passwd"/></package></metadata>'
+            ),
+            "unusable href",
+        ),
+    ],
+)
+def test_broken_primary_is_a_clear_error(tmp_path: Path, content: bytes, message: str) -> None:
+    path = tmp_path / "primary.xml.gz"
+    path.write_bytes(content)
+    entry = DataFile("primary", "repodata/p.xml.gz", Checksum("sha256", "0" * 64), None, None, 1)
+    with pytest.raises(RepodataError, match=message):
+        list(read_primary(path, entry))
+
+
+def test_packages_elsewhere_by_xml_base_are_skipped(tmp_path: Path) -> None:
+    digest = "b" * 64
+    xml = (
+        '<metadata xmlns="http://linux.duke.edu/metadata/common">'
+        f'<package><checksum type="sha256">{digest}</checksum><size package="5"/>'
+        '<location xml:base="http://elsewhere.example/" href="Packages/x.rpm"/></package>'
+        f'<package><checksum type="sha256">{digest}</checksum><size package="6"/>'
+        '<location href="Packages/y.rpm"/></package></metadata>'
+    ).encode()
+    path = tmp_path / "primary.xml"
+    path.write_bytes(xml)
+    entry = DataFile("primary", "repodata/p.xml", Checksum("sha256", "0" * 64), None, None, 1)
+    assert [p.href for p in read_primary(path, entry)] == ["Packages/y.rpm"]
+
+
+def repomd_with(data: str) -> bytes:
+    return (
+        '<?xml version="1.0"?><repomd xmlns="http://linux.duke.edu/metadata/repo">'
+        f"<revision>1</revision>{data}</repomd>"
+    ).encode()
+
+
+def data_entry(kind: str, href: str, checksum: str = "sha256", value: str = "c" * 64) -> str:
+    return (
+        f'<data type="{kind}"><checksum type="{checksum}">{value}</checksum>'
+        f'<location href="{href}"/><timestamp>5</timestamp><size>10</size></data>'
+    )
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b"<html>Sign in</html>", "root element"),
+        (b"not xml at all", "not XML"),
+        (repomd_with(""), "lists no data files"),
+        (repomd_with(data_entry("primary", "repodata/p.gz", "md5", "d" * 32)), "'md5'"),
+        (repomd_with(data_entry("primary", "repodata/p.gz", "sha256", "xyz")), "not a hex"),
+        (repomd_with(data_entry("primary", "/etc/passwd")), "unusable href"),
+        (repomd_with(data_entry("primary", "http://evil.example/p.gz")), "unusable href"),
+        (repomd_with(data_entry("a", "repodata/p.gz") + data_entry("b", "repodata/p.gz")), "twice"),
+        (b"<x>" + b" " * (1 << 20) + b"</x>", "at most"),
+    ],
+)
+def test_unusable_repomd_is_a_clear_error(body: bytes, message: str) -> None:
+    with pytest.raises(RepodataError, match=re.escape(message)):
+        parse_repomd(body)
