@@ -16,6 +16,7 @@ trick), so a test keeps direct control of its lying modes while clients run:
 - `fail`: path suffix -> status for matching requests (e.g. 404, 503);
 - `stall`: path suffix -> seconds of silence before the answer;
 - `chunk`: bodies in writes of this many bytes (many small writes);
+- `rate`: bytes per second per response (a remote mirror's speed, for the benchmark);
 - `after`: path suffix -> a callable run once right after such an answer was sent (to
   change the upstream between two requests of one client, deterministically);
 - `hold`: path suffix -> threading.Event; such requests wait for it (`holding` is set);
@@ -71,6 +72,7 @@ class YumUpstream:
         self.fail: dict[str, int] = {}
         self.stall: dict[str, float] = {}
         self.chunk: int | None = None
+        self.rate: float | None = None
         self.after: dict[str, Callable[[], None]] = {}
         self.hold: dict[str, threading.Event] = {}
         self.holding = threading.Event()
@@ -256,13 +258,17 @@ class YumUpstream:
         await response.prepare(request)
         sent = 0
         if request.method != "HEAD":
-            step = self.chunk or len(data) or 1
+            step = self.chunk or (1 << 16 if self.rate else len(data)) or 1
+            began = asyncio.get_running_loop().time()
             try:
                 for offset in range(0, len(data), step):
                     await response.write(data[offset : offset + step])
                     sent += len(data[offset : offset + step])
                     if self.chunk:
                         await asyncio.sleep(0.001)
+                    if self.rate:  # pace: the body so far may not have taken less time
+                        ahead = began + sent / self.rate - asyncio.get_running_loop().time()
+                        await asyncio.sleep(max(ahead, 0))
                 await response.write_eof()
             finally:
                 self.requests.append(Served(host, full, 200, sent))
