@@ -12,10 +12,10 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from dnsoverride.cache.registry import check as registry_check
 from dnsoverride.common.errors import ConfigError, UserError
 from dnsoverride.dns import check as dns_check
 from dnsoverride.dns.config import ServeFlags
-from dnsoverride.registry import check as registry_check
 
 
 def run(serve: Path | None, zones: str | None, registry: Path | None) -> int:

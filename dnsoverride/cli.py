@@ -147,8 +147,8 @@ def _dispatch(args: argparse.Namespace) -> int:
             query_log=bool(args.query_log),
         )
         return run_serve(_path(args.config), serve_flags, logging)
-    from dnsoverride.registry.config import RegistryFlags
-    from dnsoverride.registry.daemon import run as run_registry
+    from dnsoverride.cache.registry.config import RegistryFlags
+    from dnsoverride.cache.registry.daemon import run as run_registry
 
     registry_flags = RegistryFlags(
         listen=args.listen,

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from dnsoverride.cache.registry import config as registry_config
+from dnsoverride.cache.registry.config import RegistryFlags
 from dnsoverride.common.errors import ConfigError
 from dnsoverride.common.grammar import (
     DNS_LISTENER,
@@ -27,8 +29,6 @@ from dnsoverride.common.grammar import (
     parse_size,
 )
 from dnsoverride.dns.config import ServeFlags, load_config
-from dnsoverride.registry import config as registry_config
-from dnsoverride.registry.config import RegistryFlags
 
 
 def problems(error: pytest.ExceptionInfo[ConfigError]) -> list[str]:

@@ -16,10 +16,10 @@ import pytest
 from peers import dnsmasq, dnsoverride_serve, free_port
 
 from dnsoverride.ca import names_from_zones
+from dnsoverride.cache.registry import config as registry_config
 from dnsoverride.cli import build_parser
 from dnsoverride.dns import config as serve_config
 from dnsoverride.dns.zones import load as zones
-from dnsoverride.registry import config as registry_config
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGING = ROOT / "packaging"

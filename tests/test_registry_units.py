@@ -13,16 +13,16 @@ from pathlib import Path
 
 import pytest
 
+from dnsoverride.cache.registry import app as app_module
+from dnsoverride.cache.registry import config as registry_config
+from dnsoverride.cache.registry import upstream as upstream_module
+from dnsoverride.cache.registry.config import Budget, RegistryFlags
+from dnsoverride.cache.registry.errors import RegistryError
+from dnsoverride.cache.registry.links import Links
+from dnsoverride.cache.registry.names import parse_digest, parse_name, parse_tag
+from dnsoverride.cache.registry.store import Store, StoreWriteError, TagRecord
 from dnsoverride.common.errors import UserError
 from dnsoverride.common.grammar import GrammarError, parse_size
-from dnsoverride.registry import app as app_module
-from dnsoverride.registry import config as registry_config
-from dnsoverride.registry import upstream as upstream_module
-from dnsoverride.registry.config import Budget, RegistryFlags
-from dnsoverride.registry.errors import RegistryError
-from dnsoverride.registry.links import Links
-from dnsoverride.registry.names import parse_digest, parse_name, parse_tag
-from dnsoverride.registry.store import Store, StoreWriteError, TagRecord
 
 
 @pytest.mark.parametrize(

@@ -29,13 +29,13 @@ from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.web_request import BaseRequest
 
-from dnsoverride.registry.accesslog import ERROR_KEY, SENDFILE_KEY, note_cache, remember
-from dnsoverride.registry.errors import RegistryError
-from dnsoverride.registry.links import Links, Owner
-from dnsoverride.registry.names import Digest
-from dnsoverride.registry.stats import Stats
-from dnsoverride.registry.store import Store, StoreWriteError
-from dnsoverride.registry.upstream import Upstream, as_registry_error
+from dnsoverride.cache.registry.accesslog import ERROR_KEY, SENDFILE_KEY, note_cache, remember
+from dnsoverride.cache.registry.errors import RegistryError
+from dnsoverride.cache.registry.links import Links, Owner
+from dnsoverride.cache.registry.names import Digest
+from dnsoverride.cache.registry.stats import Stats
+from dnsoverride.cache.registry.store import Store, StoreWriteError
+from dnsoverride.cache.registry.upstream import Upstream, as_registry_error
 
 log = structlog.get_logger(__name__)
 

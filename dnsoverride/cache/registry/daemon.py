@@ -23,24 +23,24 @@ from urllib.parse import urlsplit
 import structlog
 from aiohttp import web
 
+from dnsoverride.cache.registry import config as registry_config
+from dnsoverride.cache.registry.access import Access
+from dnsoverride.cache.registry.accesslog import AccessLogger, server_logger
+from dnsoverride.cache.registry.app import Routes, build_app
+from dnsoverride.cache.registry.blobs import Blobs
+from dnsoverride.cache.registry.config import RegistryConfig, RegistryFlags
+from dnsoverride.cache.registry.links import Links
+from dnsoverride.cache.registry.manifests import Manifests
+from dnsoverride.cache.registry.metrics import build_registry
+from dnsoverride.cache.registry.stats import Stats
+from dnsoverride.cache.registry.store import Store
+from dnsoverride.cache.registry.tls import CertificateSet
+from dnsoverride.cache.registry.upstream import Upstream, make_session
 from dnsoverride.common.errors import UserError
 from dnsoverride.common.grammar import Endpoint
 from dnsoverride.common.lifecycle import Admin, Started, run_service
 from dnsoverride.common.log import LogOptions, configure
 from dnsoverride.common.resolve import UpstreamResolver, refuse_loop
-from dnsoverride.registry import config as registry_config
-from dnsoverride.registry.access import Access
-from dnsoverride.registry.accesslog import AccessLogger, server_logger
-from dnsoverride.registry.app import Routes, build_app
-from dnsoverride.registry.blobs import Blobs
-from dnsoverride.registry.config import RegistryConfig, RegistryFlags
-from dnsoverride.registry.links import Links
-from dnsoverride.registry.manifests import Manifests
-from dnsoverride.registry.metrics import build_registry
-from dnsoverride.registry.stats import Stats
-from dnsoverride.registry.store import Store
-from dnsoverride.registry.tls import CertificateSet
-from dnsoverride.registry.upstream import Upstream, make_session
 
 log = structlog.get_logger(__name__)
 
@@ -134,7 +134,7 @@ class RegistryService:
         # The access log: one structlog event per request (accesslog.py), on by default.
         self._runner = runner = web.AppRunner(
             cache.app,
-            access_log=logging.getLogger("dnsoverride.registry.access"),
+            access_log=logging.getLogger("dnsoverride.cache.registry.access"),
             access_log_class=AccessLogger,
             logger=server_logger(),
             handle_signals=False,

@@ -38,8 +38,8 @@ from typing import Literal
 
 import structlog
 
-from dnsoverride.registry.config import Budget
-from dnsoverride.registry.names import Digest
+from dnsoverride.cache.registry.config import Budget
+from dnsoverride.cache.registry.names import Digest
 
 log = structlog.get_logger(__name__)
 

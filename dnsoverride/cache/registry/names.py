@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from dnsoverride.registry.errors import RegistryError
+from dnsoverride.cache.registry.errors import RegistryError
 
 # distribution/reference grammar: path components separated by "/", each made of
 # lowercase alphanumerics joined by ".", "_", "__" or runs of "-".

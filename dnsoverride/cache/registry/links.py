@@ -20,8 +20,8 @@ from pathlib import Path
 
 import structlog
 
-from dnsoverride.registry.names import Digest
-from dnsoverride.registry.store import Kind
+from dnsoverride.cache.registry.names import Digest
+from dnsoverride.cache.registry.store import Kind
 
 log = structlog.get_logger(__name__)
 

@@ -38,9 +38,9 @@ import structlog
 from aiohttp.abc import AbstractResolver
 from multidict import CIMultiDict
 
-from dnsoverride.registry.config import Timeouts, UpstreamConfig
-from dnsoverride.registry.errors import RegistryError
-from dnsoverride.registry.stats import Stats
+from dnsoverride.cache.registry.config import Timeouts, UpstreamConfig
+from dnsoverride.cache.registry.errors import RegistryError
+from dnsoverride.cache.registry.stats import Stats
 
 log = structlog.get_logger(__name__)
 

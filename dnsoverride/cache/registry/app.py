@@ -19,23 +19,23 @@ from urllib.parse import urlencode
 import structlog
 from aiohttp import web
 
-from dnsoverride.registry import accesslog
-from dnsoverride.registry.access import Access, Probe, challenge
-from dnsoverride.registry.accesslog import ERROR_KEY, UPSTREAM_KEY, USER_KEY, remember
-from dnsoverride.registry.blobs import Blobs
-from dnsoverride.registry.client_tokens import LIFETIME as TOKEN_LIFETIME
-from dnsoverride.registry.errors import RegistryError
-from dnsoverride.registry.manifests import (
+from dnsoverride.cache.registry import accesslog
+from dnsoverride.cache.registry.access import Access, Probe, challenge
+from dnsoverride.cache.registry.accesslog import ERROR_KEY, UPSTREAM_KEY, USER_KEY, remember
+from dnsoverride.cache.registry.blobs import Blobs
+from dnsoverride.cache.registry.client_tokens import LIFETIME as TOKEN_LIFETIME
+from dnsoverride.cache.registry.errors import RegistryError
+from dnsoverride.cache.registry.manifests import (
     INDEX_TYPES,
     Descriptor,
     Manifest,
     Manifests,
     acceptable,
 )
-from dnsoverride.registry.names import Digest, is_digest, parse_digest, parse_name, parse_tag
-from dnsoverride.registry.stats import Stats
-from dnsoverride.registry.store import Kind
-from dnsoverride.registry.upstream import (
+from dnsoverride.cache.registry.names import Digest, is_digest, parse_digest, parse_name, parse_tag
+from dnsoverride.cache.registry.stats import Stats
+from dnsoverride.cache.registry.store import Kind
+from dnsoverride.cache.registry.upstream import (
     ACCEPT_MANIFESTS,
     Upstream,
     UpstreamDeniedError,

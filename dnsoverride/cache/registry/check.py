@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dnsoverride.registry.config import RegistryFlags, load
-from dnsoverride.registry.tls import CertificateSet
+from dnsoverride.cache.registry.config import RegistryFlags, load
+from dnsoverride.cache.registry.tls import CertificateSet
 
 
 def check(path: Path) -> str:
