@@ -18,8 +18,18 @@ import dnsoverride
 
 PACKAGE = Path(dnsoverride.__file__).parent
 SHARED = "dnsoverride.common"
-# Leaf modules of a package that its subpackages may import: they import nothing.
-SHARED_DOWNWARD = {"dnsoverride.dns.constants"}
+# Modules of a package that its subpackages may import: the DNS protocol constants, and
+# what the cache's registry/ and packages/ both build on. Each imports only common/ and
+# others of this set (test_shared_pieces_import_only_shared_pieces).
+SHARED_DOWNWARD = {
+    "dnsoverride.dns.constants",
+    "dnsoverride.cache.accesslog",
+    "dnsoverride.cache.app",
+    "dnsoverride.cache.fetch",
+    "dnsoverride.cache.session",
+    "dnsoverride.cache.store",
+    "dnsoverride.cache.tls",
+}
 LAZY_IMPORTS_ALLOWED = {"dnsoverride.cli"}
 
 
@@ -159,4 +169,16 @@ def test_dns_protocol_constants_are_named_once() -> None:
                     )
                     if again:
                         found.append(f"{name}: {target.id} = {value!r}")
+    assert found == []
+
+
+def test_shared_pieces_import_only_shared_pieces() -> None:
+    """What subpackages may import from above them stays below them: a shared module that
+    imported registry/ (or cache/daemon.py) would let an import run back up through it."""
+    found = [
+        f"{name} imports {target}"
+        for name in sorted(SHARED_DOWNWARD)
+        for target, _, _ in imports(MODULES[name], name)
+        if not (within(target, SHARED) or target in SHARED_DOWNWARD)
+    ]
     assert found == []

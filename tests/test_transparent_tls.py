@@ -1,4 +1,4 @@
-"""dnsoverride.cache.registry.tls: certificates chosen by SNI, TLS 1.2+, reload without dropping.
+"""dnsoverride.cache.tls: certificates chosen by SNI, TLS 1.2+, reload without dropping.
 
 A real aiohttp HTTPS server on loopback with the CertificateSet's context, and real TLS
 clients that trust only the test CA.
@@ -16,7 +16,7 @@ import structlog
 from aiohttp import web
 from transparent_certs import CertAuthority, make_ca
 
-from dnsoverride.cache.registry.tls import CertificateSet
+from dnsoverride.cache.tls import CertificateSet
 from dnsoverride.common.errors import UserError
 
 

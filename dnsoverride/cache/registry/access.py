@@ -41,9 +41,7 @@ from dnsoverride.cache.registry.client_tokens import SERVICE, ClientTokens, real
 from dnsoverride.cache.registry.config import ClientsConfig
 from dnsoverride.cache.registry.errors import RegistryError
 from dnsoverride.cache.registry.links import Links, Owner
-from dnsoverride.cache.registry.names import Digest
 from dnsoverride.cache.registry.stats import Stats
-from dnsoverride.cache.registry.store import Kind, Store
 from dnsoverride.cache.registry.upstream import (
     ACCEPT_MANIFESTS,
     Upstream,
@@ -51,6 +49,7 @@ from dnsoverride.cache.registry.upstream import (
     UpstreamUnavailableError,
     as_registry_error,
 )
+from dnsoverride.cache.store import Digest, Kind, Store
 
 log = structlog.get_logger(__name__)
 

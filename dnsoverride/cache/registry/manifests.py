@@ -35,12 +35,11 @@ from typing import Any, TypeVar
 
 import structlog
 
-from dnsoverride.cache.registry.accesslog import note_cache
+from dnsoverride.cache.accesslog import note_cache
 from dnsoverride.cache.registry.errors import RegistryError
 from dnsoverride.cache.registry.links import Links
-from dnsoverride.cache.registry.names import Digest, parse_digest
+from dnsoverride.cache.registry.names import parse_digest
 from dnsoverride.cache.registry.stats import Stats
-from dnsoverride.cache.registry.store import Kind, Store, StoreWriteError, TagRecord
 from dnsoverride.cache.registry.upstream import (
     ACCEPT_MANIFESTS,
     MANIFEST_TYPES,
@@ -50,6 +49,7 @@ from dnsoverride.cache.registry.upstream import (
     as_registry_error,
     read_body,
 )
+from dnsoverride.cache.store import Digest, Kind, Store, StoreWriteError, TagRecord
 
 log = structlog.get_logger(__name__)
 

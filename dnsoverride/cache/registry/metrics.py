@@ -14,7 +14,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from dnsoverride.cache.registry.stats import Stats
-from dnsoverride.cache.registry.store import Store
+from dnsoverride.cache.store import Store
 
 PREFIX = "dnsoverride_registry"
 
