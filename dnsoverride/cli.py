@@ -1,9 +1,9 @@
-"""Command-line entry point: `dnsoverride serve | check | registry | ca`.
+"""Command-line entry point: `dnsoverride serve | check | cache (alias registry) | ca`.
 
 This module only parses arguments and dispatches; each command lives with the
 component it runs, and takes the flags as the small frozen dataclass its loader reads
-(`ServeFlags`, `RegistryFlags`), never the argparse namespace. Implementations are
-imported lazily so that `dnsoverride serve` does not pay for the registry's imports and
+(`ServeFlags`, `CacheFlags`), never the argparse namespace. Implementations are
+imported lazily so that `dnsoverride serve` does not pay for the cache's imports and
 the reverse.
 """
 
@@ -33,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The full argument parser; kept separate from `main` so tests can inspect it."""
     parser = argparse.ArgumentParser(
         prog="dnsoverride",
-        description="Split-horizon override DNS server and pull-through registry cache.",
+        description="Split-horizon override DNS server and pull-through registry and "
+        "package cache.",
     )
     parser.add_argument("--version", action="version", version=f"dnsoverride {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -67,25 +68,34 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--config", metavar="FILE", help="serve's config file (YAML)")
     check.add_argument("--zones", metavar="DIR", help="zones directory (default ./zones)")
     check.add_argument(
+        "--cache-config",
         "--registry-config",
+        dest="cache_config",
         metavar="FILE",
-        help="the registry cache's config file; alone, only it is checked",
+        help="the cache's config file (--registry-config: the same); alone, only it is checked",
     )
 
-    registry = commands.add_parser("registry", help="run the pull-through registry cache")
-    registry.add_argument("--config", metavar="FILE", help="registry config file (YAML)")
-    registry.add_argument("--listen", metavar="HOST:PORT", help="default 127.0.0.1:5000")
-    registry.add_argument(
-        "--upstream", metavar="URL", help="default upstream (default https://registry-1.docker.io)"
-    )
-    registry.add_argument("--storage", metavar="DIR", help="blob store directory")
-    registry.add_argument("--max-size", metavar="SIZE", help="store budget, e.g. 20G")
-    registry.add_argument("--tls-cert", metavar="FILE", help="TLS certificate (PEM)")
-    registry.add_argument("--tls-key", metavar="FILE", help="TLS private key (PEM)")
-    registry.add_argument(
-        "--metrics", metavar="HOST:PORT", help="admin listener for /metrics, /healthz, /readyz"
-    )
-    _add_logging_flags(registry)
+    # `registry` is the name from before the cache served packages: the same daemon.
+    for name, help_text in (
+        ("cache", "run the pull-through cache (registry and package repositories)"),
+        ("registry", "the same as `cache` (its name before it served packages)"),
+    ):
+        cache = commands.add_parser(name, help=help_text)
+        cache.add_argument("--config", metavar="FILE", help="cache config file (YAML)")
+        cache.add_argument("--listen", metavar="HOST:PORT", help="default 127.0.0.1:5000")
+        cache.add_argument(
+            "--upstream",
+            metavar="URL",
+            help="default registry upstream (default https://registry-1.docker.io)",
+        )
+        cache.add_argument("--storage", metavar="DIR", help="store directory")
+        cache.add_argument("--max-size", metavar="SIZE", help="store budget, e.g. 20G")
+        cache.add_argument("--tls-cert", metavar="FILE", help="TLS certificate (PEM)")
+        cache.add_argument("--tls-key", metavar="FILE", help="TLS private key (PEM)")
+        cache.add_argument(
+            "--metrics", metavar="HOST:PORT", help="admin listener for /metrics, /healthz, /readyz"
+        )
+        _add_logging_flags(cache)
 
     ca = commands.add_parser("ca", help="internal CA and certificates for overridden names")
     ca_commands = ca.add_subparsers(dest="ca_command", required=True, metavar="ACTION")
@@ -129,7 +139,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "check":
         from dnsoverride.check import run as run_check
 
-        return run_check(_path(args.config), args.zones, _path(args.registry_config))
+        return run_check(_path(args.config), args.zones, _path(args.cache_config))
     if args.command == "ca":
         from dnsoverride.ca import run as run_ca
 
@@ -147,10 +157,10 @@ def _dispatch(args: argparse.Namespace) -> int:
             query_log=bool(args.query_log),
         )
         return run_serve(_path(args.config), serve_flags, logging)
-    from dnsoverride.registry.config import RegistryFlags
-    from dnsoverride.registry.daemon import run as run_registry
+    from dnsoverride.cache.config import CacheFlags
+    from dnsoverride.cache.daemon import run as run_cache
 
-    registry_flags = RegistryFlags(
+    cache_flags = CacheFlags(
         listen=args.listen,
         upstream=args.upstream,
         storage=args.storage,
@@ -159,7 +169,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         tls_key=args.tls_key,
         metrics=args.metrics,
     )
-    return run_registry(_path(args.config), registry_flags, logging)
+    return run_cache(_path(args.config), cache_flags, logging)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from dnsoverride.cache import config as cache_config
+from dnsoverride.cache.config import CacheFlags
 from dnsoverride.common.errors import ConfigError
 from dnsoverride.common.grammar import (
     DNS_LISTENER,
@@ -27,8 +29,6 @@ from dnsoverride.common.grammar import (
     parse_size,
 )
 from dnsoverride.dns.config import ServeFlags, load_config
-from dnsoverride.registry import config as registry_config
-from dnsoverride.registry.config import RegistryFlags
 
 
 def problems(error: pytest.ExceptionInfo[ConfigError]) -> list[str]:
@@ -43,7 +43,7 @@ def serve_problems(path: Path | None = None, **flags: object) -> list[str]:
 
 def registry_problems(path: Path | None = None, **flags: str) -> list[str]:
     with pytest.raises(ConfigError) as caught:
-        registry_config.load(path, RegistryFlags(**flags))
+        cache_config.load(path, CacheFlags(**flags))
     return problems(caught)
 
 
@@ -205,7 +205,7 @@ def test_registry_reports_every_problem_with_file_and_line(tmp_path: Path) -> No
 
 def test_registry_budget_flag() -> None:
     def budget(text: str) -> int:
-        loaded = registry_config.load(None, RegistryFlags(max_size=text)).budget
+        loaded = cache_config.load(None, CacheFlags(max_size=text)).budget
         assert loaded is not None
         return loaded.max_size
 
@@ -227,10 +227,10 @@ def test_registry_takes_durations_with_units(tmp_path: Path) -> None:
         "registry.yaml",
         "tag_ttl: 5m\ntimeouts: {connect: 500ms, idle: 1m}\nclients: {visibility_ttl: 1h}\n",
     )
-    config = registry_config.load(path)
-    assert config.tag_ttl == 300.0
+    config = cache_config.load(path)
+    assert config.registry.tag_ttl == 300.0
     assert (config.timeouts.connect, config.timeouts.idle) == (0.5, 60.0)
-    assert config.clients.visibility_ttl == 3600.0
+    assert config.registry.clients.visibility_ttl == 3600.0
 
 
 def test_watermarks_without_a_budget_are_a_problem(tmp_path: Path) -> None:
@@ -263,7 +263,9 @@ def test_check_validates_the_registry_config(tmp_path: Path) -> None:
     good = write(tmp_path, "good.yaml", "listen: 127.0.0.1:5001\nmax_size: 10G\n")
     result = run_check("--registry-config", str(good))
     assert (result.returncode, result.stderr) == (0, "")
-    assert result.stdout.startswith("ok: registry: listen 127.0.0.1:5001, 1 upstreams")
+    assert result.stdout.startswith("ok: cache: listen 127.0.0.1:5001, 1 registry upstreams")
+    # --registry-config is the name from before the cache served packages: the same check.
+    assert run_check("--cache-config", str(good)).stdout == result.stdout
 
 
 def test_check_with_both_configs_reports_both(tmp_path: Path) -> None:
@@ -283,6 +285,5 @@ def test_check_with_both_configs_reports_both(tmp_path: Path) -> None:
     missing = run_check("--registry-config", str(tmp_path / "nope.yaml"))
     assert missing.returncode == 1
     assert (
-        missing.stderr
-        == f"--registry-config: config file {tmp_path / 'nope.yaml'} does not exist\n"
+        missing.stderr == f"--cache-config: config file {tmp_path / 'nope.yaml'} does not exist\n"
     )

@@ -1,7 +1,7 @@
 """The tree is the architecture: the package's imports, read with `ast`, run only downward.
 
-- `dnsoverride.common` (what both daemons share) imports nothing from `dns` or `registry`;
-- `dnsoverride.dns` and `dnsoverride.registry` import nothing of each other;
+- `dnsoverride.common` (what both daemons share) imports nothing from `dns` or `cache`;
+- `dnsoverride.dns` and `dnsoverride.cache` import nothing of each other;
 - no module imports a package above it (a module of `dns/zones/` imports `dns/zones/`,
   `common/` and the DNS protocol constants, never `dns/resolver.py` or `cli.py`);
 - imports sit at the top of a module, except the per-command ones in `cli.py` (so that
@@ -18,8 +18,18 @@ import dnsoverride
 
 PACKAGE = Path(dnsoverride.__file__).parent
 SHARED = "dnsoverride.common"
-# Leaf modules of a package that its subpackages may import: they import nothing.
-SHARED_DOWNWARD = {"dnsoverride.dns.constants"}
+# Modules of a package that its subpackages may import: the DNS protocol constants, and
+# what the cache's registry/ and packages/ both build on. Each imports only common/ and
+# others of this set (test_shared_pieces_import_only_shared_pieces).
+SHARED_DOWNWARD = {
+    "dnsoverride.dns.constants",
+    "dnsoverride.cache.accesslog",
+    "dnsoverride.cache.app",
+    "dnsoverride.cache.fetch",
+    "dnsoverride.cache.session",
+    "dnsoverride.cache.store",
+    "dnsoverride.cache.tls",
+}
 LAZY_IMPORTS_ALLOWED = {"dnsoverride.cli"}
 
 
@@ -73,7 +83,7 @@ def problems_of(name: str, path: Path, package: str) -> list[str]:
             found.append(f"{where}: an import inside a function (a lazy-import workaround?)")
         if within(name, SHARED) and not within(target, SHARED):
             found.append(f"{where}: common/ imports only common/")
-        for one, other in (("dns", "registry"), ("registry", "dns")):
+        for one, other in (("dns", "cache"), ("cache", "dns")):
             if within(name, f"dnsoverride.{one}") and within(target, f"dnsoverride.{other}"):
                 found.append(f"{where}: {one}/ and {other}/ import nothing of each other")
         if package == "dnsoverride":
@@ -104,12 +114,12 @@ def test_imports_run_only_downward() -> None:
 
 def test_the_rules_catch_what_the_old_layout_did(tmp_path: Path) -> None:
     """Fed the old layout's imports (the zone loader's lazy import of the prober, the
-    reloader's import of dns.views) and a common module importing dns, a registry module
+    reloader's import of dns.views) and a common module importing dns, a cache module
     importing dns, each rule reports."""
     samples = {
         "dnsoverride.dns.zones.parse": "def f():\n    from dnsoverride.dns.health import Prober\n",
         "dnsoverride.common.reloader": "from dnsoverride.dns.views import Routing\n",
-        "dnsoverride.registry.app": "from dnsoverride.dns import wire\n",
+        "dnsoverride.cache.registry.app": "from dnsoverride.dns import wire\n",
     }
     reasons = []
     for name, text in samples.items():
@@ -121,11 +131,11 @@ def test_the_rules_catch_what_the_old_layout_did(tmp_path: Path) -> None:
         )
     assert sorted(reasons) == [
         "an import inside a function (a lazy-import workaround?)",
+        "an import running back up, out of dnsoverride.cache.registry",
         "an import running back up, out of dnsoverride.common",
         "an import running back up, out of dnsoverride.dns.zones",
-        "an import running back up, out of dnsoverride.registry",
+        "cache/ and dns/ import nothing of each other",
         "common/ imports only common/",
-        "registry/ and dns/ import nothing of each other",
     ]
 
 
@@ -159,4 +169,16 @@ def test_dns_protocol_constants_are_named_once() -> None:
                     )
                     if again:
                         found.append(f"{name}: {target.id} = {value!r}")
+    assert found == []
+
+
+def test_shared_pieces_import_only_shared_pieces() -> None:
+    """What subpackages may import from above them stays below them: a shared module that
+    imported registry/ (or cache/daemon.py) would let an import run back up through it."""
+    found = [
+        f"{name} imports {target}"
+        for name in sorted(SHARED_DOWNWARD)
+        for target, _, _ in imports(MODULES[name], name)
+        if not (within(target, SHARED) or target in SHARED_DOWNWARD)
+    ]
     assert found == []

@@ -16,10 +16,11 @@ import pytest
 from peers import dnsmasq, dnsoverride_serve, free_port
 
 from dnsoverride.ca import names_from_zones
+from dnsoverride.cache import config as cache_config
+from dnsoverride.cache.registry import config as registry_config
 from dnsoverride.cli import build_parser
 from dnsoverride.dns import config as serve_config
 from dnsoverride.dns.zones import load as zones
-from dnsoverride.registry import config as registry_config
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGING = ROOT / "packaging"
@@ -149,7 +150,7 @@ def test_socket_passes_udp_before_tcp_on_port_53() -> None:
 def test_registry_keeps_its_blobs_in_the_cache_directory() -> None:
     section = _unit(UNITS / "dnsoverride-registry.service")["Service"]
     store = Path("/var/cache") / section["CacheDirectory"]
-    assert registry_config.load(CONFIG / "registry.yaml").storage == store
+    assert cache_config.load(CONFIG / "registry.yaml").storage == store
 
 
 @pytest.mark.skipif(
@@ -219,11 +220,16 @@ def test_dnsoverride_yaml_parses_with_the_serve_config_loader(tmp_path: Path) ->
 
 def test_registry_yaml_parses_with_the_registry_config_loader() -> None:
     path = CONFIG / "registry.yaml"
-    loaded = registry_config.load(path)
+    loaded = cache_config.load(path)
     assert loaded.metrics is not None
     assert loaded.budget is not None
     documented = _documented_keys(path)
-    known = {*registry_config.TOP_KEYS, *registry_config.UPSTREAM_KEYS, *registry_config.TLS_KEYS}
+    known = {
+        *cache_config.SHARED_KEYS,
+        *registry_config.REGISTRY_KEYS,
+        *registry_config.UPSTREAM_KEYS,
+        *cache_config.TLS_KEYS,
+    }
     assert known - documented == set()
 
 
@@ -253,7 +259,7 @@ def test_packaged_cache_config_serves_what_the_zone_sample_points_at(tmp_path: P
     text = (CONFIG / "registry.yaml").read_text()
     path = tmp_path / "registry.yaml"
     path.write_text(_uncommented(text, "tls"))
-    cache = registry_config.load(path)
+    cache = cache_config.load(path)
     assert cache.tls_listen is not None
     host, port = cache.tls_listen
     assert [(address, gated.check.port) for address in gated.addresses] == [(host, port)]
@@ -262,7 +268,7 @@ def test_packaged_cache_config_serves_what_the_zone_sample_points_at(tmp_path: P
     assert issue and issue.group(1) == host
     certified = names_from_zones(CONFIG / "zones", [ipaddress.ip_address(host)])
     assert certified == [gated.name]
-    routed = {name for upstream in cache.upstreams for name in upstream.hosts}
+    routed = {name for upstream in cache.registry.upstreams for name in upstream.hosts}
     assert set(certified) <= routed
 
 

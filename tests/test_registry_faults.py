@@ -55,7 +55,7 @@ async def test_upstream_cut_mid_blob_fails_clients_and_stores_nothing(
     assert code != 0
     assert digest not in cache.stored_blobs()
     assert cache.temp_files() == []
-    assert "blob_fetch_failed" in cache.logs()
+    assert "content_fetch_failed" in cache.logs()
 
     proxy.cut_after = None
     code, out = await pull(f"{cache.address}/ci/app:v1", tmp_path / "out")
@@ -162,7 +162,7 @@ async def test_silent_upstream_hits_the_configured_idle_timeout(
     started = time.monotonic()
     assert await _get_blob(f"{cache.url}/v2/ci/app/blobs/{digest}") == (200, None)
     assert time.monotonic() - started < 1.9  # cut by the idle timeout, not the next chunk
-    assert "blob_fetch_failed" in cache.logs()
+    assert "content_fetch_failed" in cache.logs()
     assert digest not in cache.stored_blobs()
     assert cache.temp_files() == []
 
@@ -285,7 +285,7 @@ async def test_sigterm_mid_download_lets_the_client_finish_and_exits_zero(
     assert len(first + rest) == size
     assert await stopping == 0
     response.release()
-    assert "registry_stopping" in cache.logs()
+    assert "cache_stopping" in cache.logs()
     assert digest in cache.stored_blobs()
 
 

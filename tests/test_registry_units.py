@@ -13,16 +13,16 @@ from pathlib import Path
 
 import pytest
 
+from dnsoverride.cache import config as cache_config
+from dnsoverride.cache.config import CacheFlags
+from dnsoverride.cache.registry import app as app_module
+from dnsoverride.cache.registry import upstream as upstream_module
+from dnsoverride.cache.registry.errors import RegistryError
+from dnsoverride.cache.registry.links import Links
+from dnsoverride.cache.registry.names import parse_digest, parse_name, parse_tag
+from dnsoverride.cache.store import Budget, Store, StoreWriteError, TagRecord
 from dnsoverride.common.errors import UserError
 from dnsoverride.common.grammar import GrammarError, parse_size
-from dnsoverride.registry import app as app_module
-from dnsoverride.registry import config as registry_config
-from dnsoverride.registry import upstream as upstream_module
-from dnsoverride.registry.config import Budget, RegistryFlags
-from dnsoverride.registry.errors import RegistryError
-from dnsoverride.registry.links import Links
-from dnsoverride.registry.names import parse_digest, parse_name, parse_tag
-from dnsoverride.registry.store import Store, StoreWriteError, TagRecord
 
 
 @pytest.mark.parametrize(
@@ -64,18 +64,18 @@ def test_sizes() -> None:
         parse_size("lots")
 
 
-def _args(config: str | None = None, **flags: str) -> tuple[Path | None, RegistryFlags]:
-    """The config path and the flags `registry_config.load` takes."""
-    return (Path(config) if config else None), RegistryFlags(**flags)
+def _args(config: str | None = None, **flags: str) -> tuple[Path | None, CacheFlags]:
+    """The config path and the flags `cache_config.load` takes."""
+    return (Path(config) if config else None), CacheFlags(**flags)
 
 
 def test_embedded_defaults(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    config = registry_config.load(*_args())
+    config = cache_config.load(*_args())
     assert (config.host, config.port) == ("127.0.0.1", 5000)
     assert config.storage == tmp_path / "dnsoverride" / "registry"
-    assert config.default_upstream == "registry-1.docker.io"
-    hub = config.upstream("registry-1.docker.io")
+    assert config.registry.default_upstream == "registry-1.docker.io"
+    hub = config.registry.upstream("registry-1.docker.io")
     assert hub.url == "https://registry-1.docker.io"
     assert hub.library_prefix and "docker.io" in hub.hosts
     assert config.budget is None
@@ -92,15 +92,15 @@ def test_config_file_and_flags(tmp_path: Path) -> None:
         "  - {name: ghcr.io, url: 'https://ghcr.io', username: u, password: p}\n"
         "default_upstream: ghcr.io\n"
     )
-    config = registry_config.load(*_args(config=str(path), listen="127.0.0.1:6000"))
+    config = cache_config.load(*_args(config=str(path), listen="127.0.0.1:6000"))
     assert (config.host, config.port) == ("127.0.0.1", 6000)  # the flag wins
     assert config.budget == Budget(10 << 30)
-    assert config.tag_ttl == 60
-    assert [u.name for u in config.upstreams] == ["quay.io", "ghcr.io"]
-    assert config.default_upstream == "ghcr.io"
-    assert config.upstream("ghcr.io").username == "u"
+    assert config.registry.tag_ttl == 60
+    assert [u.name for u in config.registry.upstreams] == ["quay.io", "ghcr.io"]
+    assert config.registry.default_upstream == "ghcr.io"
+    assert config.registry.upstream("ghcr.io").username == "u"
     assert config.metrics is None
-    assert registry_config.load(*_args(metrics="127.0.0.1:9101")).metrics == ("127.0.0.1", 9101)
+    assert cache_config.load(*_args(metrics="127.0.0.1:9101")).metrics == ("127.0.0.1", 9101)
 
 
 @pytest.mark.parametrize(
@@ -121,7 +121,7 @@ def test_bad_config_is_a_user_error(tmp_path: Path, text: str, message: str) -> 
     path = tmp_path / "registry.yaml"
     path.write_text(text)
     with pytest.raises(UserError, match=message):
-        registry_config.load(*_args(config=str(path)))
+        cache_config.load(*_args(config=str(path)))
 
 
 def test_cli_reports_bad_config_without_traceback(tmp_path: Path) -> None:
@@ -276,7 +276,7 @@ def _clients(tmp_path: Path, text: str, users: str = "") -> None:
     (tmp_path / "users").write_text(users)
     path = tmp_path / "registry.yaml"
     path.write_text(text.replace("USERS", str(tmp_path / "users")))
-    registry_config.load(*_args(config=str(path)))
+    cache_config.load(*_args(config=str(path)))
 
 
 BCRYPT_LINE = "dev:$2b$06$" + "a" * 53 + "\n"
@@ -314,7 +314,7 @@ def test_clients_config_and_grants(tmp_path: Path) -> None:
         "    - {users: [dev], upstreams: [registry-1.docker.io], repositories: ['team/*']}\n"
         "    - {networks: ['10.1.0.0/16']}\n"
     )
-    clients = registry_config.load(*_args(config=str(path))).clients
+    clients = cache_config.load(*_args(config=str(path))).registry.clients
     assert [user for user, _ in clients.users] == ["dev"]
     assert clients.visibility_ttl == 60 and not clients.require_auth
     first, second = clients.grants

@@ -1,4 +1,4 @@
-"""dnsoverride.registry.tls: certificates chosen by SNI, TLS 1.2+, reload without dropping.
+"""dnsoverride.cache.tls: certificates chosen by SNI, TLS 1.2+, reload without dropping.
 
 A real aiohttp HTTPS server on loopback with the CertificateSet's context, and real TLS
 clients that trust only the test CA.
@@ -16,8 +16,8 @@ import structlog
 from aiohttp import web
 from transparent_certs import CertAuthority, make_ca
 
+from dnsoverride.cache.tls import CertificateSet
 from dnsoverride.common.errors import UserError
-from dnsoverride.registry.tls import CertificateSet
 
 
 @pytest.fixture

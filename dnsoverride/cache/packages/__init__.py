@@ -1,1 +1,3 @@
-"""Package mirrors: the repository metadata parser (more to come with issue 12)."""
+"""The package-repository side of `dnsoverride cache`: the CentOS mirrorlist responder
+(mirrorlist.py), the metalink responder for dnf (metalink.py), and the pull-through
+yum/dnf repository cache (repomd.py, repos.py); config.py reads the `packages:` section."""

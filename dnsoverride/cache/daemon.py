@@ -1,13 +1,14 @@
-"""`dnsoverride registry`: wire config, store, upstreams and routes together as a
-`RegistryService`, which the service lifecycle (common/lifecycle.py) runs.
+"""`dnsoverride cache` (alias `dnsoverride registry`): wire config, store, upstream
+session, the registry and the package side, and the Host routes together as a
+`CacheService`, which the service lifecycle (common/lifecycle.py) runs.
 
 Runs on the default asyncio loop on purpose: aiohttp's FileResponse uses
 `loop.sendfile` there, which uvloop lacks (3x slower blob hits; docs/architecture.md,
 "Event loops").
 The store is opened (temp files removed, content indexed) before the listener binds;
-the upstream is not contacted at start-up, so the cache serves what it has even
-when the upstream is unreachable (its name is resolved once, to refuse a forwarding
-loop back to our own listeners).
+no upstream is contacted at start-up, so the cache serves what it has even when the
+upstreams are unreachable (the registry upstreams' names are resolved once, to refuse a
+forwarding loop back to our own listeners).
 """
 
 from __future__ import annotations
@@ -20,27 +21,32 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import aiohttp
 import structlog
 from aiohttp import web
 
+from dnsoverride.cache import config as cache_config
+from dnsoverride.cache.accesslog import AccessLogger, server_logger
+from dnsoverride.cache.app import Order, Route, Router, build_app
+from dnsoverride.cache.config import CacheConfig, CacheFlags
+from dnsoverride.cache.fetch import Fetcher
+from dnsoverride.cache.packages.service import PackagesService
+from dnsoverride.cache.registry.access import Access
+from dnsoverride.cache.registry.app import PATHS, RegistryHandler, Routes
+from dnsoverride.cache.registry.blobs import Blobs, RegistryMeter
+from dnsoverride.cache.registry.links import Links
+from dnsoverride.cache.registry.manifests import Manifests
+from dnsoverride.cache.registry.metrics import build_registry
+from dnsoverride.cache.registry.stats import Stats
+from dnsoverride.cache.registry.upstream import Upstream
+from dnsoverride.cache.session import make_session, upstream_resolver
+from dnsoverride.cache.store import Store
+from dnsoverride.cache.tls import CertificateSet
 from dnsoverride.common.errors import UserError
 from dnsoverride.common.grammar import Endpoint
 from dnsoverride.common.lifecycle import Admin, Started, run_service
 from dnsoverride.common.log import LogOptions, configure
 from dnsoverride.common.resolve import UpstreamResolver, refuse_loop
-from dnsoverride.registry import config as registry_config
-from dnsoverride.registry.access import Access
-from dnsoverride.registry.accesslog import AccessLogger, server_logger
-from dnsoverride.registry.app import Routes, build_app
-from dnsoverride.registry.blobs import Blobs
-from dnsoverride.registry.config import RegistryConfig, RegistryFlags
-from dnsoverride.registry.links import Links
-from dnsoverride.registry.manifests import Manifests
-from dnsoverride.registry.metrics import build_registry
-from dnsoverride.registry.stats import Stats
-from dnsoverride.registry.store import Store
-from dnsoverride.registry.tls import CertificateSet
-from dnsoverride.registry.upstream import Upstream, make_session
 
 log = structlog.get_logger(__name__)
 
@@ -49,23 +55,27 @@ log = structlog.get_logger(__name__)
 class Cache:
     """Every long-lived component of a running cache, for the daemon and for tests."""
 
-    config: RegistryConfig
+    config: CacheConfig
     store: Store
     links: Links
     stats: Stats
     upstreams: dict[str, Upstream]
     manifests: Manifests
-    blobs: Blobs
+    fetcher: Fetcher
+    packages: PackagesService
+    session: aiohttp.ClientSession
     app: web.Application
 
     async def close(self) -> None:
-        await self.blobs.close()
+        await self.fetcher.close()
+        await self.packages.close()
         for upstream in self.upstreams.values():
             await upstream.close()
+        await self.session.close()
         self.store.flush_access()
 
 
-def build_cache(config: RegistryConfig) -> Cache:
+def build_cache(config: CacheConfig) -> Cache:
     """Open the store and build the app; must run inside the event loop."""
     stats = Stats()
     store = Store(config.storage, config.budget)
@@ -75,21 +85,31 @@ def build_cache(config: RegistryConfig) -> Cache:
         links.open()
     except OSError as error:
         raise UserError(f"cannot use storage {config.storage}: {error.strerror}") from error
-    resolver = UpstreamResolver(servers=config.resolvers) if config.resolvers else None
+    resolver = upstream_resolver(config.resolvers)
+    registry = config.registry
     upstreams = {
         u.name: Upstream(u, config.timeouts, stats, make_session(config.timeouts, resolver))
-        for u in config.upstreams
+        for u in registry.upstreams
     }
-    manifests = Manifests(store, links, stats, config.tag_ttl)
-    blobs = Blobs(store, links, stats)
-    access = Access(config.clients, upstreams, store, links, stats)
-    routes = Routes(upstreams, config.default_upstream, manifests, blobs, access)
-    app = build_app(routes, stats)
-    return Cache(config, store, links, stats, upstreams, manifests, blobs, app)
+    manifests = Manifests(store, links, stats, registry.tag_ttl)
+    fetcher = Fetcher(store, RegistryMeter(stats))
+    blobs = Blobs(store, links, stats, fetcher)
+    access = Access(registry.clients, upstreams, store, links, stats)
+    routes = Routes(upstreams, registry.default_upstream, manifests, blobs, access)
+    session = make_session(config.timeouts, resolver)
+    packages = PackagesService(config.packages, store, session)
+    router = Router(
+        [
+            Route("registry", Order.REGISTRY, RegistryHandler(routes, stats), prefixes=PATHS),
+            *packages.routes(),
+        ]
+    )
+    app = build_app(router)
+    return Cache(config, store, links, stats, upstreams, manifests, fetcher, packages, session, app)
 
 
 def listeners(
-    config: RegistryConfig, certificates: CertificateSet | None
+    config: CacheConfig, certificates: CertificateSet | None
 ) -> list[tuple[str, int, ssl.SSLContext | None]]:
     """(host, port, TLS context or None for plain HTTP) of every listener."""
     tls = certificates.server_context() if certificates else None
@@ -98,10 +118,11 @@ def listeners(
     return [(config.host, config.port, None), (*config.tls_listen, tls)]
 
 
-async def refuse_upstream_loop(config: RegistryConfig) -> None:
-    """Refuse to start when an upstream's name leads back to one of our own listeners."""
+async def refuse_upstream_loop(config: CacheConfig) -> None:
+    """Refuse to start when a registry upstream's name leads back to one of our own
+    listeners."""
     upstreams = []
-    for upstream in config.upstreams:
+    for upstream in config.registry.upstreams:
         url = urlsplit(upstream.url)
         upstreams.append((url.hostname or "", url.port or (443 if url.scheme == "https" else 80)))
     own = [(host, port) for host, port, _ in listeners(config, None)]
@@ -115,10 +136,10 @@ async def _flush_access(store: Store, interval: float = 60.0) -> None:
         store.flush_access()
 
 
-class RegistryService:
-    """The registry cache as the service lifecycle runs it (common/lifecycle.py)."""
+class CacheService:
+    """The cache as the service lifecycle runs it (common/lifecycle.py)."""
 
-    def __init__(self, config: RegistryConfig) -> None:
+    def __init__(self, config: CacheConfig) -> None:
         self._config = config
         self._certificates: CertificateSet | None = None
         self._cache: Cache | None = None
@@ -134,7 +155,7 @@ class RegistryService:
         # The access log: one structlog event per request (accesslog.py), on by default.
         self._runner = runner = web.AppRunner(
             cache.app,
-            access_log=logging.getLogger("dnsoverride.registry.access"),
+            access_log=logging.getLogger("dnsoverride.cache.access"),
             access_log_class=AccessLogger,
             logger=server_logger(),
             handle_signals=False,
@@ -146,14 +167,14 @@ class RegistryService:
             except OSError as error:
                 raise UserError(f"cannot listen on {where}: {error.strerror}") from error
         log.info(
-            "registry_listening",
+            "cache_listening",
             host=config.host,
             port=config.port,
             tls=self._certificates is not None,
             tls_listen=config.tls_listen,
             systemd_sockets=len(inherited),
-            upstreams=[u.name for u in config.upstreams],
-            default_upstream=config.default_upstream,
+            upstreams=[u.name for u in config.registry.upstreams],
+            default_upstream=config.registry.default_upstream,
             storage=str(config.storage),
         )
         self._flusher = asyncio.create_task(_flush_access(cache.store))
@@ -173,7 +194,7 @@ class RegistryService:
         return "certificates reloaded" if reloaded else "certificate reload failed"
 
     async def stop(self) -> None:
-        log.info("registry_stopping")
+        log.info("cache_stopping")
         if self._flusher is not None:
             self._flusher.cancel()
         if self._runner is not None:
@@ -184,7 +205,7 @@ class RegistryService:
 
 def _sites(
     runner: web.AppRunner,
-    config: RegistryConfig,
+    config: CacheConfig,
     certificates: CertificateSet | None,
     inherited: list[socket.socket],
 ) -> list[tuple[str, web.BaseSite]]:
@@ -200,18 +221,16 @@ def _sites(
     sites: list[tuple[str, web.BaseSite]] = []
     for sock in inherited:
         if sock.type != socket.SOCK_STREAM:
-            raise UserError(
-                f"socket activation: the registry serves TCP; fd {sock.fileno()} is not"
-            )
+            raise UserError(f"socket activation: the cache serves TCP; fd {sock.fileno()} is not")
         port = sock.getsockname()[1]
         secure = tls if tls_port is None or port == tls_port else None
         sites.append((f"fd {sock.fileno()}", web.SockSite(runner, sock, ssl_context=secure)))
     return sites
 
 
-def run(path: Path | None, flags: RegistryFlags, logging: LogOptions) -> int:
+def run(path: Path | None, flags: CacheFlags, logging: LogOptions) -> int:
     """Serve with the config file at `path` (optional) and `flags` over it until
     SIGTERM/SIGINT; returns the exit status."""
     configure(logging)
-    config = registry_config.load(path, flags)
-    return asyncio.run(run_service(RegistryService(config)))
+    config = cache_config.load(path, flags)
+    return asyncio.run(run_service(CacheService(config)))

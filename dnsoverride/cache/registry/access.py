@@ -37,20 +37,19 @@ import structlog
 from aiohttp import web
 from aiohttp.web_request import BaseRequest
 
-from dnsoverride.registry.client_tokens import SERVICE, ClientTokens, realm
-from dnsoverride.registry.config import ClientsConfig
-from dnsoverride.registry.errors import RegistryError
-from dnsoverride.registry.links import Links, Owner
-from dnsoverride.registry.names import Digest
-from dnsoverride.registry.stats import Stats
-from dnsoverride.registry.store import Kind, Store
-from dnsoverride.registry.upstream import (
+from dnsoverride.cache.registry.client_tokens import SERVICE, ClientTokens, realm
+from dnsoverride.cache.registry.config import ClientsConfig
+from dnsoverride.cache.registry.errors import RegistryError
+from dnsoverride.cache.registry.links import Links, Owner
+from dnsoverride.cache.registry.stats import Stats
+from dnsoverride.cache.registry.upstream import (
     ACCEPT_MANIFESTS,
     Upstream,
     UpstreamDeniedError,
     UpstreamUnavailableError,
     as_registry_error,
 )
+from dnsoverride.cache.store import Digest, Kind, Store
 
 log = structlog.get_logger(__name__)
 

@@ -13,8 +13,8 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from dnsoverride.registry.stats import Stats
-from dnsoverride.registry.store import Store
+from dnsoverride.cache.registry.stats import Stats
+from dnsoverride.cache.store import Store
 
 PREFIX = "dnsoverride_registry"
 

@@ -26,7 +26,7 @@ from aiohttp.abc import AbstractAccessLogger
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_request import BaseRequest
 
-log = structlog.get_logger("dnsoverride.registry.access")
+log = structlog.get_logger("dnsoverride.cache.access")
 
 # What the cache did for the current request; handlers run in the request's own task.
 _cache_result: ContextVar[str | None] = ContextVar("cache_result", default=None)
@@ -100,7 +100,7 @@ class _ServerErrors(logging.Handler):
 
 def server_logger() -> logging.Logger:
     """The logger to give aiohttp's request handler (`logger=`) instead of aiohttp.server."""
-    logger = logging.getLogger("dnsoverride.registry.server")
+    logger = logging.getLogger("dnsoverride.cache.server")
     if not logger.handlers:
         logger.addHandler(_ServerErrors())
         logger.propagate = False

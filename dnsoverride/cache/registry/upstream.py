@@ -1,8 +1,8 @@
 """HTTP client for one upstream registry: auth, redirects, timeouts, rate-limit headers.
 
-The aiohttp session is built in one place (`make_session`) so transport concerns
-(resolvers, TLS trust) can be added there. On a 401 the client answers the
-`WWW-Authenticate` challenge: Bearer (fetch a token from the realm for the scope,
+Each upstream has its own aiohttp session (cache/session.py builds it: timeouts,
+resolvers), so that one upstream's connections stay its own. On a 401 the client answers
+the `WWW-Authenticate` challenge: Bearer (fetch a token from the realm for the scope,
 anonymously or with the upstream's credentials, cached per scope until it expires)
 or Basic. Redirects (to a CDN) are followed here, and the registry's Authorization
 is never sent to another host. `anonymous=True` sends a request as a client without
@@ -35,12 +35,12 @@ from urllib.parse import urljoin, urlsplit
 
 import aiohttp
 import structlog
-from aiohttp.abc import AbstractResolver
 from multidict import CIMultiDict
 
-from dnsoverride.registry.config import Timeouts, UpstreamConfig
-from dnsoverride.registry.errors import RegistryError
-from dnsoverride.registry.stats import Stats
+from dnsoverride.cache.registry.config import UpstreamConfig
+from dnsoverride.cache.registry.errors import RegistryError
+from dnsoverride.cache.registry.stats import Stats
+from dnsoverride.cache.session import Timeouts, make_session
 
 log = structlog.get_logger(__name__)
 
@@ -89,27 +89,6 @@ class UpstreamDeniedError(Exception):
 class _Token:
     value: str
     expires: float
-
-
-def make_session(
-    timeouts: Timeouts, resolver: AbstractResolver | None = None
-) -> aiohttp.ClientSession:
-    """The upstream HTTP client; the single place to configure transport.
-
-    `resolver` replaces the system resolver (config `resolvers:`), so that the cache does
-    not resolve its upstream through the overrides that point at itself.
-    """
-    return aiohttp.ClientSession(
-        timeout=aiohttp.ClientTimeout(
-            total=None,
-            connect=timeouts.connect,
-            sock_connect=timeouts.connect,
-            sock_read=timeouts.idle,
-        ),
-        connector=aiohttp.TCPConnector(limit=100, ttl_dns_cache=60, resolver=resolver),
-        # Blobs and manifests are passed through byte for byte.
-        auto_decompress=False,
-    )
 
 
 async def read_body(response: aiohttp.ClientResponse, limit: int, what: str) -> bytes:

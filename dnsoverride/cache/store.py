@@ -1,9 +1,13 @@
-"""Content-addressed on-disk store for blobs and manifests, plus tag records.
+"""The cache's one content-addressed on-disk store and its one size budget, for every
+kind of content the cache serves (registry blobs and manifests, package-repository files),
+plus the registry's tag records.
 
 Layout under the storage root::
 
     blobs/sha256/ab/abcd...        verified blob bytes
     manifests/sha256/ab/abcd...    verified manifest bytes (exact upstream bytes)
+    packages/sha256/ab/abcd...     verified package files (.rpm), by their checksum
+    repodata/sha256/ab/abcd...     verified repository metadata files, by their checksum
     tags/<upstream>/<name>/_tags/<tag>   JSON: digest, media type, last upstream check
     tmp/                           downloads in progress (removed at start-up)
 
@@ -38,13 +42,44 @@ from typing import Literal
 
 import structlog
 
-from dnsoverride.registry.config import Budget
-from dnsoverride.registry.names import Digest
-
 log = structlog.get_logger(__name__)
 
-Kind = Literal["blobs", "manifests"]
-KINDS: tuple[Kind, ...] = ("blobs", "manifests")
+Kind = Literal["blobs", "manifests", "packages", "repodata"]
+KINDS: tuple[Kind, ...] = ("blobs", "manifests", "packages", "repodata")
+# Algorithms content may be addressed by (hashlib names); the hex length is fixed by each.
+ALGORITHMS = {"sha1": 40, "sha224": 56, "sha256": 64, "sha384": 96, "sha512": 128}
+
+
+@dataclass(frozen=True, slots=True)
+class Digest:
+    """A content address, `algorithm:hex` (a hashlib algorithm name, lower-case hex).
+
+    Callers validate what they take from a request or a file (registry/names.py,
+    the repository metadata parser) before building one: it becomes a path.
+    """
+
+    algorithm: str
+    hex: str
+
+    def __str__(self) -> str:
+        return f"{self.algorithm}:{self.hex}"
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Store size cap: evict least-recently-used content from `high` down to `low` bytes."""
+
+    max_size: int
+    high_watermark: float = 0.95
+    low_watermark: float = 0.85
+
+    @property
+    def high(self) -> int:
+        return int(self.max_size * self.high_watermark)
+
+    @property
+    def low(self) -> int:
+        return int(self.max_size * self.low_watermark)
 
 
 @dataclass(frozen=True)
@@ -300,17 +335,25 @@ class Store:
         with contextlib.suppress(FileNotFoundError):
             temp.unlink()
 
+    def pin(self, kind: Kind, digest: Digest) -> None:
+        """Keep `digest` from eviction until as many `unpin` calls (pins count; content
+        not stored yet may be pinned ahead of its commit)."""
+        self._pins[f"{kind}/{digest}"] += 1
+
+    def unpin(self, kind: Kind, digest: Digest) -> None:
+        key = f"{kind}/{digest}"
+        self._pins[key] -= 1
+        if self._pins[key] <= 0:
+            del self._pins[key]
+
     @contextlib.contextmanager
     def pinned(self, kind: Kind, digest: Digest) -> Iterator[None]:
         """Keep `digest` from eviction while it is being served."""
-        key = f"{kind}/{digest}"
-        self._pins[key] += 1
+        self.pin(kind, digest)
         try:
             yield
         finally:
-            self._pins[key] -= 1
-            if self._pins[key] <= 0:
-                del self._pins[key]
+            self.unpin(kind, digest)
 
     def evict(self, keep: str = "") -> None:
         """Evict least-recently-used unpinned content from the high to the low watermark."""

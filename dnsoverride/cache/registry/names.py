@@ -7,9 +7,9 @@ is used to build a path or an upstream URL; nothing unvalidated reaches the file
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 
-from dnsoverride.registry.errors import RegistryError
+from dnsoverride.cache.registry.errors import RegistryError
+from dnsoverride.cache.store import Digest
 
 # distribution/reference grammar: path components separated by "/", each made of
 # lowercase alphanumerics joined by ".", "_", "__" or runs of "-".
@@ -19,17 +19,6 @@ _TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
 # Only algorithms we can verify are accepted; the hex length is fixed per algorithm.
 _DIGEST = re.compile(r"^(sha256:[a-f0-9]{64}|sha512:[a-f0-9]{128})$")
 MAX_NAME = 255
-
-
-@dataclass(frozen=True, slots=True)
-class Digest:
-    """A validated `algorithm:hex` content digest."""
-
-    algorithm: str
-    hex: str
-
-    def __str__(self) -> str:
-        return f"{self.algorithm}:{self.hex}"
 
 
 def parse_name(text: str) -> str:

@@ -35,13 +35,12 @@ from typing import Any, TypeVar
 
 import structlog
 
-from dnsoverride.registry.accesslog import note_cache
-from dnsoverride.registry.errors import RegistryError
-from dnsoverride.registry.links import Links
-from dnsoverride.registry.names import Digest, parse_digest
-from dnsoverride.registry.stats import Stats
-from dnsoverride.registry.store import Kind, Store, StoreWriteError, TagRecord
-from dnsoverride.registry.upstream import (
+from dnsoverride.cache.accesslog import note_cache
+from dnsoverride.cache.registry.errors import RegistryError
+from dnsoverride.cache.registry.links import Links
+from dnsoverride.cache.registry.names import parse_digest
+from dnsoverride.cache.registry.stats import Stats
+from dnsoverride.cache.registry.upstream import (
     ACCEPT_MANIFESTS,
     MANIFEST_TYPES,
     Upstream,
@@ -50,6 +49,7 @@ from dnsoverride.registry.upstream import (
     as_registry_error,
     read_body,
 )
+from dnsoverride.cache.store import Digest, Kind, Store, StoreWriteError, TagRecord
 
 log = structlog.get_logger(__name__)
 

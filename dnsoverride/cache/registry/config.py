@@ -1,36 +1,27 @@
-"""Registry cache configuration: YAML file + command-line flags -> frozen dataclasses.
+"""The `registry:` section of the cache's config: upstream registries, the default one, the
+tag TTL and who may read private content -> frozen dataclasses.
 
-Parsed once at start-up; everything downstream receives typed values. Read with the one
-config idiom (`dnsoverride.common.configfile`, as `serve` reads its own): every problem
-of the file at once as `file:line: key: reason`, unknown keys with a did-you-mean, flags
-read with the same grammar (their problems name the flag). Each section's parser sits
-beside its dataclass, and the defaults live in the dataclasses only: with no config file
-at all, `dnsoverride registry` listens on 127.0.0.1:5000, mirrors Docker Hub and stores
-under the user's cache directory.
+cache/config.py reads the file and hands this module the section (or, for a config
+written before the cache had sections, the same keys at the top level); each parser sits
+beside its dataclass and the defaults live in the dataclasses only: with no config at
+all the registry mirrors Docker Hub.
 """
 
 from __future__ import annotations
 
 import fnmatch
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
 from urllib.parse import urlsplit
 
-from dnsoverride.common.configfile import Document, Flags, Section
-from dnsoverride.common.errors import Problem, UserError
+from dnsoverride.common.configfile import Section
+from dnsoverride.common.errors import Problem
 from dnsoverride.common.grammar import (
-    HTTP_LISTENER,
-    RESOLVER,
-    Endpoint,
     GrammarError,
     IPNetwork,
-    parse_endpoint,
-    parse_size,
 )
-from dnsoverride.common.yamlsource import brief
 
 DEFAULT_UPSTREAM = "https://registry-1.docker.io"
 # Docker Hub serves official images under `library/`; clients may leave the prefix out.
@@ -40,20 +31,6 @@ DAY = 86400.0
 _HOSTNAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?(:\d{1,5})?$")
 # htpasswd hashes we verify: bcrypt only (`htpasswd -B`); MD5/SHA1/crypt are refused.
 _BCRYPT = re.compile(r"^\$2[aby]\$\d\d\$[./A-Za-z0-9]{53}$")
-
-
-@dataclass(frozen=True)
-class Timeouts:
-    """Upstream client timeouts in seconds; short so a dead upstream fails fast to stale."""
-
-    connect: float = 5.0
-    idle: float = 30.0
-
-    @classmethod
-    def read(cls, section: Section) -> Self:
-        section.duration("connect", 0.1, 300)
-        section.duration("idle", 0.1, DAY)
-        return cls(**section.values)
 
 
 @dataclass(frozen=True)
@@ -109,52 +86,6 @@ class UpstreamConfig:
         except ValueError as error:
             section.add(section.line, str(error))
             return None
-
-
-@dataclass(frozen=True)
-class Budget:
-    """Store size cap: evict least-recently-used content from `high` down to `low` bytes."""
-
-    max_size: int
-    high_watermark: float = 0.95
-    low_watermark: float = 0.85
-
-    @property
-    def high(self) -> int:
-        return int(self.max_size * self.high_watermark)
-
-    @property
-    def low(self) -> int:
-        return int(self.max_size * self.low_watermark)
-
-
-def _budget(top: Section, max_size: int | None) -> Budget | None:
-    """The store budget from `max_size` (the flag's or the file's) and the watermarks."""
-    watermarks: dict[str, float] = {}
-    for key in ("high_watermark", "low_watermark"):
-        value = top.raw(key)
-        if key not in top:
-            continue
-        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1:
-            top.problem(key, f"expected a fraction above 0 and at most 1, not {brief(value)}")
-        else:
-            watermarks[key] = float(value)
-    if max_size is None:
-        for key in watermarks:
-            top.problem(key, "applies to max_size, which is not set (no budget: no eviction)")
-        return None
-    budget = Budget(max_size, **watermarks)
-    if watermarks and not budget.low_watermark < budget.high_watermark:
-        top.add(top.line_of("low_watermark"), "need low_watermark < high_watermark")
-    return budget
-
-
-def _max_size(value: object) -> int:
-    """A store budget: a size with its unit (a budget below one blob is warned of at run
-    time, `store_budget_too_small`)."""
-    if parse_size(value, unit_required=False) == 0:
-        raise GrammarError("a budget of 0 would hold nothing: leave max_size out for no limit")
-    return parse_size(value, unit_required=True)
 
 
 @dataclass(frozen=True)
@@ -258,51 +189,23 @@ def _htpasswd(path: str, section: Section) -> tuple[tuple[str, bytes], ...]:
     return tuple(users.items())
 
 
-def default_storage() -> Path:
-    """`$XDG_CACHE_HOME/dnsoverride/registry`, else `~/.cache/dnsoverride/registry`."""
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "dnsoverride" / "registry"
-
-
 def _default_upstreams() -> tuple[UpstreamConfig, ...]:
     return (UpstreamConfig.from_url(DEFAULT_UPSTREAM),)
 
 
-DEFAULT_LISTEN = Endpoint("127.0.0.1", 5000)
-
-
 @dataclass(frozen=True)
 class RegistryConfig:
-    """Everything `dnsoverride registry` needs, validated."""
+    """The registry side of the cache, validated."""
 
-    listen: Endpoint = DEFAULT_LISTEN
-    storage: Path = field(default_factory=default_storage)
     upstreams: tuple[UpstreamConfig, ...] = field(default_factory=_default_upstreams)
     # The upstream for requests that name none of them; "" is the first upstream.
     default_upstream: str = ""
-    budget: Budget | None = None
     tag_ttl: float = 300.0
-    timeouts: Timeouts = field(default_factory=Timeouts)
-    # HTTPS: certificate/key pairs chosen by SNI (registry/tls.py). With `tls_listen` HTTPS
-    # is served there and `listen` stays plain HTTP; without it `listen` is HTTPS.
-    tls_pairs: tuple[tuple[Path, Path], ...] = ()
-    tls_listen: Endpoint | None = None
-    # DNS servers the upstream client asks instead of the system resolver (common/resolve.py).
-    resolvers: tuple[Endpoint, ...] = ()
-    metrics: Endpoint | None = None
     clients: ClientsConfig = field(default_factory=ClientsConfig)
 
     def __post_init__(self) -> None:
         if not self.default_upstream:
             object.__setattr__(self, "default_upstream", self.upstreams[0].name)
-
-    @property
-    def host(self) -> str:
-        return self.listen.host
-
-    @property
-    def port(self) -> int:
-        return self.listen.port
 
     def upstream(self, name: str) -> UpstreamConfig:
         for upstream in self.upstreams:
@@ -310,75 +213,26 @@ class RegistryConfig:
                 return upstream
         raise KeyError(name)
 
+    @classmethod
+    def read(cls, section: Section, flag_upstream: UpstreamConfig | None) -> Self:
+        """The section's settings, the `--upstream` flag's upstream added (and made the
+        default)."""
+        values = _upstreams(section, flag_upstream)
+        section.duration("tag_ttl", 0, 30 * DAY)
+        if "tag_ttl" in section.values:
+            values["tag_ttl"] = section.values["tag_ttl"]
+        clients = section.section("clients", CLIENTS_KEYS)
+        if clients is not None:
+            names = {upstream.name for upstream in values.get("upstreams", _default_upstreams())}
+            values["clients"] = ClientsConfig.read(clients, names)
+        return cls(**values)
 
-# The keys of the file, section by section (the top level's are not RegistryConfig's
-# fields: `max_size` and the watermarks make `budget`, `tls` makes the TLS fields).
-TOP_KEYS = (
-    "listen",
-    "storage",
-    "max_size",
-    "high_watermark",
-    "low_watermark",
-    "tag_ttl",
-    "timeouts",
-    "upstreams",
-    "default_upstream",
-    "tls",
-    "resolvers",
-    "metrics",
-    "clients",
-)
-TIMEOUT_KEYS = ("connect", "idle")
+
+# The keys of the section (and of a config from before the sections, at the top level).
+REGISTRY_KEYS = ("upstreams", "default_upstream", "tag_ttl", "clients")
 UPSTREAM_KEYS = ("name", "url", "aliases", "username", "password", "library_prefix")
-TLS_KEYS = ("cert", "key", "certificates", "listen")
-PAIR_KEYS = ("cert", "key")
 CLIENTS_KEYS = ("htpasswd", "grants", "require_auth", "visibility_ttl")
 GRANT_KEYS = ("users", "networks", "upstreams", "repositories")
-
-
-@dataclass(frozen=True)
-class RegistryFlags:
-    """What the command line of `registry` sets over the config file (None: not given)."""
-
-    listen: str | None = None
-    upstream: str | None = None
-    storage: str | None = None
-    max_size: str | None = None
-    tls_cert: str | None = None
-    tls_key: str | None = None
-    metrics: str | None = None
-
-
-def _tls(tls: Section | None, flags: RegistryFlags, command_line: Flags) -> dict[str, Any]:
-    """`tls_pairs` and `tls_listen`: the flag pair (else `tls: cert/key`) first, then every
-    `tls: certificates` entry."""
-    values: dict[str, Any] = {}
-    pairs: list[tuple[Path, Path]] = []
-    cert, key = flags.tls_cert, flags.tls_key
-    if bool(cert) != bool(key):
-        command_line.problems.append(Problem("--tls-cert", None, "--tls-key goes with it"))
-    elif tls is not None and not cert:
-        cert = tls.text("cert", "a certificate file path")
-        key = tls.text("key", "a key file path")
-        if bool(cert) != bool(key):
-            tls.add(tls.line, "cert and key go together")
-    if cert and key:
-        pairs.append((Path(cert), Path(key)))
-    if tls is not None:
-        for pair in tls.sections("certificates", PAIR_KEYS):
-            cert_file = pair.text("cert", "a certificate file path")
-            key_file = pair.text("key", "a key file path")
-            if cert_file and key_file:
-                pairs.append((Path(cert_file), Path(key_file)))
-            else:
-                pair.add(pair.line, "needs cert and key")
-        listen = tls.endpoint("listen", HTTP_LISTENER)
-        if listen is not None:
-            values["tls_listen"] = listen
-            if not pairs:
-                tls.problem("listen", "needs a certificate (cert/key or certificates)")
-    values["tls_pairs"] = tuple(pairs)
-    return values
 
 
 def _upstreams(top: Section, flag: UpstreamConfig | None) -> dict[str, Any]:
@@ -404,62 +258,3 @@ def _upstreams(top: Section, flag: UpstreamConfig | None) -> dict[str, Any]:
             top.problem("default_upstream", f"{default!r} is not an upstream")
         values["default_upstream"] = default
     return values
-
-
-def _read_file(top: Section) -> dict[str, Any]:
-    """Every setting of the file (its problems recorded), as RegistryConfig values; the
-    upstreams, TLS and budget, which flags combine with, are read by `load`."""
-    values: dict[str, Any] = {}
-    top.endpoint("listen", HTTP_LISTENER)
-    top.text("storage", "a directory path")
-    top.duration("tag_ttl", 0, 30 * DAY)
-    top.endpoints("resolvers", RESOLVER)
-    top.endpoint("metrics", HTTP_LISTENER)
-    for key in ("listen", "tag_ttl", "resolvers", "metrics"):
-        if key in top.values:
-            values[key] = top.values[key]
-    if "storage" in top.values:
-        values["storage"] = Path(top.values["storage"])
-    timeouts = top.section("timeouts", TIMEOUT_KEYS)
-    if timeouts is not None:
-        values["timeouts"] = Timeouts.read(timeouts)
-    return values
-
-
-def load(path: Path | None, flags: RegistryFlags | None = None) -> RegistryConfig:
-    """The config from the file at `path` (optional) with `flags` over it; ConfigError with
-    every problem, of the file and of the flags."""
-    flags = flags or RegistryFlags()
-    document = Document(path or Path("(no config file)"))
-    top: Section | None = None
-    if path is not None:
-        if not path.is_file():
-            raise UserError(f"config file {path} does not exist")
-        top = document.top(TOP_KEYS)
-    if top is None:
-        top = document.blank(TOP_KEYS)
-    values = _read_file(top)
-    command_line = Flags()
-    for key, given in (
-        ("listen", command_line.read("--listen", flags.listen, _http_listener)),
-        ("metrics", command_line.read("--metrics", flags.metrics, _http_listener)),
-        ("storage", Path(flags.storage) if flags.storage else None),
-    ):
-        if given is not None:
-            values[key] = given
-    max_size = top.read("max_size", _max_size)
-    max_size = command_line.read("--max-size", flags.max_size, _max_size) or max_size
-    values["budget"] = _budget(top, max_size)
-    flag_upstream = command_line.read("--upstream", flags.upstream, UpstreamConfig.from_url)
-    values.update(_upstreams(top, flag_upstream))
-    values.update(_tls(top.section("tls", TLS_KEYS), flags, command_line))
-    clients = top.section("clients", CLIENTS_KEYS)
-    if clients is not None:
-        names = {upstream.name for upstream in values.get("upstreams", _default_upstreams())}
-        values["clients"] = ClientsConfig.read(clients, names)
-    document.raise_problems(*command_line.problems)
-    return RegistryConfig(**{key: value for key, value in values.items() if value is not None})
-
-
-def _http_listener(text: str) -> Endpoint:
-    return parse_endpoint(text, HTTP_LISTENER)

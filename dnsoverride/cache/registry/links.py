@@ -20,8 +20,7 @@ from pathlib import Path
 
 import structlog
 
-from dnsoverride.registry.names import Digest
-from dnsoverride.registry.store import Kind
+from dnsoverride.cache.store import Digest, Kind
 
 log = structlog.get_logger(__name__)
 

@@ -1,4 +1,5 @@
-"""The HTTP face of the cache: aiohttp routes of the pull side of the distribution API.
+"""The registry's HTTP face: the pull side of the distribution API (`/v2/...`, `/token`),
+as one handler that cache/app.py routes requests to.
 
 Requests are routed to an upstream by containerd's `?ns=` parameter, else by the Host
 header (the names the DNS overrides point here), else to the default upstream (mirror
@@ -19,23 +20,22 @@ from urllib.parse import urlencode
 import structlog
 from aiohttp import web
 
-from dnsoverride.registry import accesslog
-from dnsoverride.registry.access import Access, Probe, challenge
-from dnsoverride.registry.accesslog import ERROR_KEY, UPSTREAM_KEY, USER_KEY, remember
-from dnsoverride.registry.blobs import Blobs
-from dnsoverride.registry.client_tokens import LIFETIME as TOKEN_LIFETIME
-from dnsoverride.registry.errors import RegistryError
-from dnsoverride.registry.manifests import (
+from dnsoverride.cache import accesslog
+from dnsoverride.cache.accesslog import ERROR_KEY, UPSTREAM_KEY, USER_KEY, remember
+from dnsoverride.cache.registry.access import Access, Probe, challenge
+from dnsoverride.cache.registry.blobs import Blobs
+from dnsoverride.cache.registry.client_tokens import LIFETIME as TOKEN_LIFETIME
+from dnsoverride.cache.registry.errors import RegistryError
+from dnsoverride.cache.registry.manifests import (
     INDEX_TYPES,
     Descriptor,
     Manifest,
     Manifests,
     acceptable,
 )
-from dnsoverride.registry.names import Digest, is_digest, parse_digest, parse_name, parse_tag
-from dnsoverride.registry.stats import Stats
-from dnsoverride.registry.store import Kind
-from dnsoverride.registry.upstream import (
+from dnsoverride.cache.registry.names import is_digest, parse_digest, parse_name, parse_tag
+from dnsoverride.cache.registry.stats import Stats
+from dnsoverride.cache.registry.upstream import (
     ACCEPT_MANIFESTS,
     Upstream,
     UpstreamDeniedError,
@@ -43,6 +43,7 @@ from dnsoverride.registry.upstream import (
     as_registry_error,
     read_body,
 )
+from dnsoverride.cache.store import Digest, Kind
 
 log = structlog.get_logger(__name__)
 
@@ -51,8 +52,8 @@ _READ_METHODS = frozenset({"GET", "HEAD"})
 # A tag list is passed through, not parsed; this only bounds what one answer may cost.
 MAX_TAG_LIST = 16 << 20
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-STATS_KEY = web.AppKey("stats", Stats)
+# The paths the registry answers (on any host no package route claims, cache/app.py).
+PATHS = ("/v2", "/token")
 
 
 def _is_push(parts: list[str]) -> bool:
@@ -94,7 +95,7 @@ class Routes:
         return upstream
 
     async def v2(self, request: web.Request) -> web.StreamResponse:
-        tail = request.match_info["tail"].lstrip("/")
+        tail = request.path.removeprefix("/v2").lstrip("/")
         if not tail:
             return await self.base(request)
         parts = tail.split("/")
@@ -295,40 +296,44 @@ def _endpoint(path: str) -> str:
     return "base" if path.rstrip("/") == "/v2" else "other"
 
 
-@web.middleware
-async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every failure becomes an OCI error response, noted for the request's log line.
+class RegistryHandler:
+    """The one handler cache/app.py routes registry requests to: `/v2/...` and `/token`,
+    every failure turned into an OCI error response noted for the request's log line."""
 
-    Only an unexpected exception (a bug) is logged here, with its traceback and the request.
-    """
-    stats = request.app[STATS_KEY]
-    head = request.method == "HEAD"
-    accesslog.note_cache("")
-    error: RegistryError | None = None
-    try:
-        response = await handler(request)
-    except RegistryError as caught:
-        error = caught
-    except (UpstreamUnavailableError, UpstreamDeniedError) as caught:
-        error = as_registry_error(caught)
-    except web.HTTPException as caught:
-        error = RegistryError("UNSUPPORTED", caught.reason, status=caught.status)
-    except Exception:
-        log.exception("request_failed", method=request.method, path=request.path_qs)
-        error = RegistryError("UNKNOWN", "internal error (logged by the cache)", 500)
-    if error is not None:
-        response = error.response(head)
-        remember(request, ERROR_KEY, (error.code, error.message))
-    if accesslog.cache_result():
-        remember(request, "cache", accesslog.cache_result())
-    stats.requests[(_endpoint(request.path), response.status)] += 1
-    return response
+    def __init__(self, routes: Routes, stats: Stats) -> None:
+        self.routes = routes
+        self.stats = stats
 
+    async def __call__(self, request: web.Request) -> web.StreamResponse:
+        """Only an unexpected exception (a bug) is logged here, with its traceback."""
+        head = request.method == "HEAD"
+        accesslog.note_cache("")
+        error: RegistryError | None = None
+        try:
+            response = await self._dispatch(request)
+        except RegistryError as caught:
+            error = caught
+        except (UpstreamUnavailableError, UpstreamDeniedError) as caught:
+            error = as_registry_error(caught)
+        except web.HTTPException as caught:
+            error = RegistryError("UNSUPPORTED", caught.reason, status=caught.status)
+        except Exception:
+            log.exception("request_failed", method=request.method, path=request.path_qs)
+            error = RegistryError("UNKNOWN", "internal error (logged by the cache)", 500)
+        if error is not None:
+            response = error.response(head)
+            remember(request, ERROR_KEY, (error.code, error.message))
+        if accesslog.cache_result():
+            remember(request, "cache", accesslog.cache_result())
+        self.stats.requests[(_endpoint(request.path), response.status)] += 1
+        return response
 
-def build_app(routes: Routes, stats: Stats) -> web.Application:
-    app = web.Application(middlewares=[_errors])
-    app[STATS_KEY] = stats
-    app.router.add_route("*", "/v2{tail:/.*|}", routes.v2)
-    app.router.add_get("/token", routes.token)
-    app.router.add_post("/token", routes.token)
-    return app
+    async def _dispatch(self, request: web.Request) -> web.StreamResponse:
+        path = request.path
+        if path == "/token":
+            if request.method not in ("GET", "HEAD", "POST"):
+                raise web.HTTPMethodNotAllowed(request.method, ["GET", "POST"])
+            return await self.routes.token(request)
+        if path == "/v2" or path.startswith("/v2/"):
+            return await self.routes.v2(request)
+        raise web.HTTPNotFound()

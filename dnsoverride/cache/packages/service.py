@@ -1,0 +1,26 @@
+"""The package side of the cache as the daemon wires it: the responders and the repository
+cache built from the `packages:` section over the shared store and upstream session, and
+the routes (cache/app.py) they answer."""
+
+from __future__ import annotations
+
+import aiohttp
+
+from dnsoverride.cache.app import Route
+from dnsoverride.cache.packages.config import PackagesConfig
+from dnsoverride.cache.store import Store
+
+
+class PackagesService:
+    """Everything that answers package clients, for the daemon and for tests."""
+
+    def __init__(self, config: PackagesConfig, store: Store, session: aiohttp.ClientSession):
+        self.config = config
+        self.store = store
+        self.session = session
+
+    def routes(self) -> list[Route]:
+        return []
+
+    async def close(self) -> None:
+        """Stop what runs in the background (downloads in flight are cut short)."""
