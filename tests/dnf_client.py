@@ -124,7 +124,9 @@ class Client:
     def root(self) -> Path:
         return self.workdir / "root"
 
-    def argv(self, *packages: str) -> list[str]:
+    def argv(
+        self, *packages: str, command: str = "install", options: tuple[str, ...] = ()
+    ) -> list[str]:
         reposdir = self.workdir / "repos.d"
         reposdir.mkdir(parents=True, exist_ok=True)
         repo_ids = []
@@ -140,12 +142,13 @@ class Client:
         ]  # fmt: skip
         if self.ca is not None:
             argv += [f"--setopt={repo}.sslcacert={self.ca}" for repo in repo_ids]
-        return [*argv, "install", *packages]
+        return [*argv, *options, command, *packages]
 
     def install(
-        self, netns: Netns, *packages: str, timeout: float = 180
+        self, netns: Netns, *packages: str, command: str = "install", options: tuple[str, ...] = ()
     ) -> subprocess.CompletedProcess[str]:
-        return netns.run(self.argv(*packages), timeout=timeout, env=dnf_env())
+        argv = self.argv(*packages, command=command, options=options)
+        return netns.run(argv, timeout=180, env=dnf_env())
 
     def installed(self) -> set[str]:
         """`name-version-release` of every package in the root's rpmdb."""

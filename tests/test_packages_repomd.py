@@ -19,12 +19,12 @@ import pytest
 import zstandard
 
 from dnsoverride.cache.packages.repomd import (
-    Checksum,
     DataFile,
     RepodataError,
     parse_repomd,
     read_primary,
 )
+from dnsoverride.cache.store import Digest
 from tests.yum_repos import PackageSet, make_repo
 
 
@@ -41,7 +41,7 @@ def test_createrepo_output_parses_to_the_files_and_packages_on_disk(
     assert {item.type for item in repomd.data} >= {"primary", "filelists", "other", "primary_db"}
     for item in repomd.data:
         data = (repo.root / item.href).read_bytes()
-        assert item.checksum == Checksum(algorithm, hashlib.new(algorithm, data).hexdigest())
+        assert item.checksum == Digest(algorithm, hashlib.new(algorithm, data).hexdigest())
         assert item.size == len(data)
     assert repomd.timestamp == max(item.timestamp or 0 for item in repomd.data) > 0
     primary = repomd.by_type("primary")
@@ -52,7 +52,7 @@ def test_createrepo_output_parses_to_the_files_and_packages_on_disk(
         entry = packages[repo.packages[rpm.filename]]
         data = rpm.path.read_bytes()
         assert entry.size == len(data)
-        assert entry.checksum == Checksum(algorithm, hashlib.new(algorithm, data).hexdigest())
+        assert entry.checksum == Digest(algorithm, hashlib.new(algorithm, data).hexdigest())
 
 
 def test_zstd_primary_as_fedora_ships_it(tmp_path: Path, package_set: PackageSet) -> None:
@@ -104,7 +104,7 @@ def test_real_size_primary_streams(tmp_path: Path) -> None:
     assert len(xml) > 40_000_000
     path = tmp_path / "primary.xml.gz"
     path.write_bytes(gzip.compress(xml, compresslevel=1))
-    entry = DataFile("primary", "repodata/x-primary.xml.gz", Checksum("sha256", "0" * 64),
+    entry = DataFile("primary", "repodata/x-primary.xml.gz", Digest("sha256", "0" * 64),
                      None, len(xml), 1)  # fmt: skip
     start = time.monotonic()
     packages = list(read_primary(path, entry))
@@ -119,7 +119,7 @@ def test_decompression_past_open_size_is_refused(tmp_path: Path) -> None:
     xml = synthetic_primary(200)
     path = tmp_path / "primary.xml.gz"
     path.write_bytes(gzip.compress(xml))
-    entry = DataFile("primary", "repodata/p.xml.gz", Checksum("sha256", "0" * 64), None, 1000, 1)
+    entry = DataFile("primary", "repodata/p.xml.gz", Digest("sha256", "0" * 64), None, 1000, 1)
     with pytest.raises(RepodataError, match="more than its open-size 1000"):
         list(read_primary(path, entry))
 
@@ -151,7 +151,7 @@ def test_decompression_past_open_size_is_refused(tmp_path: Path) -> None:
 def test_broken_primary_is_a_clear_error(tmp_path: Path, content: bytes, message: str) -> None:
     path = tmp_path / "primary.xml.gz"
     path.write_bytes(content)
-    entry = DataFile("primary", "repodata/p.xml.gz", Checksum("sha256", "0" * 64), None, None, 1)
+    entry = DataFile("primary", "repodata/p.xml.gz", Digest("sha256", "0" * 64), None, None, 1)
     with pytest.raises(RepodataError, match=message):
         list(read_primary(path, entry))
 
@@ -167,7 +167,7 @@ def test_packages_elsewhere_by_xml_base_are_skipped(tmp_path: Path) -> None:
     ).encode()
     path = tmp_path / "primary.xml"
     path.write_bytes(xml)
-    entry = DataFile("primary", "repodata/p.xml", Checksum("sha256", "0" * 64), None, None, 1)
+    entry = DataFile("primary", "repodata/p.xml", Digest("sha256", "0" * 64), None, None, 1)
     assert [p.href for p in read_primary(path, entry)] == ["Packages/y.rpm"]
 
 

@@ -246,8 +246,12 @@ class YumUpstream:
         etag = '"' + hashlib.sha256(data).hexdigest()[:32] + '"'
         modified = formatdate(mtime, usegmt=True)
         headers = {"ETag": etag, "Last-Modified": modified}
-        if request.headers.get("If-None-Match") == etag or not_modified_since(
-            request.headers.get("If-Modified-Since"), mtime
+        # RFC 9110 13.2.2: If-None-Match, when present, decides alone.
+        if_none_match = request.headers.get("If-None-Match")
+        if (
+            (if_none_match == etag)
+            if if_none_match is not None
+            else not_modified_since(request.headers.get("If-Modified-Since"), mtime)
         ):
             return self._record(host, full, web.Response(status=304, headers=headers), 0)
         if self._match(self.wrong_bytes, request.path) is not None:

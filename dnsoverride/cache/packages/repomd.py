@@ -30,6 +30,8 @@ from typing import IO
 
 import zstandard
 
+from dnsoverride.cache.store import ALGORITHMS, Digest
+
 REPO = "{http://linux.duke.edu/metadata/repo}"
 COMMON = "{http://linux.duke.edu/metadata/common}"
 XML_BASE = "{http://www.w3.org/XML/1998/namespace}base"
@@ -42,7 +44,6 @@ CHECKSUM_TYPES = {
     "sha384": "sha384",
     "sha512": "sha512",
 }
-HEX_LENGTHS = {"sha1": 40, "sha224": 56, "sha256": 64, "sha384": 96, "sha512": 128}
 # A real repomd.xml is 3-10 KiB (Fedora's, with zchunk and modules entries, ~7 KiB).
 MAX_REPOMD = 1 << 20
 _READ = 1 << 16
@@ -52,25 +53,15 @@ class RepodataError(Exception):
     """Repository metadata that cannot be used: the message says why."""
 
 
-@dataclass(frozen=True)
-class Checksum:
-    """A content address: hashlib algorithm name and lower-case hex digest."""
-
-    algorithm: str
-    hexdigest: str
-
-    @classmethod
-    def parse(cls, kind: str | None, value: str | None) -> Checksum:
-        algorithm = CHECKSUM_TYPES.get((kind or "").lower())
-        if algorithm is None:
-            raise RepodataError(f"checksum type {kind!r} is not one the cache verifies")
-        digest = (value or "").strip().lower()
-        if len(digest) != HEX_LENGTHS[algorithm] or digest.strip(string.hexdigits[:16]):
-            raise RepodataError(f"{kind} checksum {digest[:20]!r} is not a hex digest")
-        return cls(algorithm, digest)
-
-    def __str__(self) -> str:
-        return f"{self.algorithm}:{self.hexdigest}"
+def parse_checksum(kind: str | None, value: str | None) -> Digest:
+    """The content address a `<checksum type=...>` element gives (RepodataError if unusable)."""
+    algorithm = CHECKSUM_TYPES.get((kind or "").lower())
+    if algorithm is None:
+        raise RepodataError(f"checksum type {kind!r} is not one the cache verifies")
+    digest = (value or "").strip().lower()
+    if len(digest) != ALGORITHMS[algorithm] or digest.strip(string.hexdigits[:16]):
+        raise RepodataError(f"{kind} checksum {digest[:20]!r} is not a hex digest")
+    return Digest(algorithm, digest)
 
 
 @dataclass(frozen=True)
@@ -79,7 +70,7 @@ class DataFile:
 
     type: str
     href: str
-    checksum: Checksum
+    checksum: Digest
     size: int | None  # createrepo_c always writes it; very old repositories do not
     open_size: int | None
     timestamp: int | None
@@ -109,7 +100,7 @@ class Package:
     """What primary says a package file below the repository root must be."""
 
     href: str
-    checksum: Checksum
+    checksum: Digest
     size: int
 
 
@@ -141,7 +132,7 @@ def parse_repomd(body: bytes) -> Repomd:
             DataFile(
                 kind,
                 href,
-                Checksum.parse(checksum.get("type"), checksum.text),
+                parse_checksum(checksum.get("type"), checksum.text),
                 _number(node.find(f"{REPO}size"), kind),
                 _number(node.find(f"{REPO}open-size"), kind),
                 _number(node.find(f"{REPO}timestamp"), kind),
@@ -190,7 +181,7 @@ def _package(element: ET.Element) -> Package | None:
         length = int(size.get("package", ""))
     except ValueError:
         raise RepodataError(f"primary: {href} has no package size") from None
-    return Package(href, Checksum.parse(checksum.get("type"), checksum.text), length)
+    return Package(href, parse_checksum(checksum.get("type"), checksum.text), length)
 
 
 def _relative(href: str, what: str) -> str:

@@ -7,7 +7,9 @@ from __future__ import annotations
 import aiohttp
 
 from dnsoverride.cache.app import Route
+from dnsoverride.cache.fetch import Fetcher
 from dnsoverride.cache.packages.config import PackagesConfig
+from dnsoverride.cache.packages.repos import PackagesMeter, RepositoryCache
 from dnsoverride.cache.store import Store
 
 
@@ -18,9 +20,16 @@ class PackagesService:
         self.config = config
         self.store = store
         self.session = session
+        # Its own fetcher (single flight per package/repodata digest) over the shared
+        # store and budget; the registry's counts its blobs.
+        self.meter = PackagesMeter()
+        self.fetcher = Fetcher(store, self.meter)
+        self.repositories = RepositoryCache(config.repositories, store, self.fetcher, session)
 
     def routes(self) -> list[Route]:
-        return []
+        return self.repositories.routes()
 
     async def close(self) -> None:
         """Stop what runs in the background (downloads in flight are cut short)."""
+        await self.repositories.close()
+        await self.fetcher.close()

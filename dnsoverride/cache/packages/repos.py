@@ -1,0 +1,602 @@
+"""The pull-through yum/dnf repository cache: snapshots of repositories, verified files.
+
+A repository is a tree whose root holds `repodata/repomd.xml`. For each root a client
+has asked about, the cache keeps the *served snapshot*: the exact bytes of one
+repomd.xml, the data files it lists (stored content-addressed by the checksum it gives
+them, all fetched and verified before the snapshot is served) and the package map parsed
+from its `primary` (location -> checksum and size). The snapshot before it stays
+available too, so a client that read the old repomd.xml a moment before a switch finishes
+its run against the files it was promised.
+
+- `repodata/repomd.xml`: the served snapshot's bytes. After `metadata_ttl` the upstream's
+  is revalidated with a conditional GET (If-None-Match / If-Modified-Since); a changed one
+  becomes the served snapshot only once every file it lists is fetched and verified
+  (checksum and size) and its primary is parsed; until then, and whenever the upstream
+  fails (down, 5xx, an HTML page, a repomd.xml whose files do not match it), the old
+  snapshot is served and the failure logged (`repository_stale`). One revalidation per
+  repository at a time; the requests that come meanwhile wait for it.
+- `repodata/<file>`: served only if the served (or previous) snapshot lists it, from the
+  store (pinned while a snapshot lists it: never evicted from under a served repomd.xml).
+- `*.rpm`: served only if the snapshot's primary describes it, verified against that
+  checksum (sha1/sha256/sha512) and `size package` while it downloads: fetched once
+  however many clients ask (cache/fetch.py), streamed to all, Range supported, stored
+  content-addressed in the shared store and budget. Wrong bytes: the client's response
+  is cut short (it never holds a complete wrong copy), nothing is stored, one log line.
+- Anything else below a configured upstream (`RPM-GPG-KEY-*`, `.treeinfo`, `images/`,
+  `.drpm`): passed through from the upstream unstored and logged (`package_passthrough`).
+  These are not described by repository metadata, so the cache cannot verify them; the
+  client does (GPG keys by fingerprint, installer images by .treeinfo checksums).
+
+Snapshots live in memory and are rebuilt from the store after a restart: the served
+repomd.xml of each root is recorded in a small state file (`packages-state/`), its files
+are in the store, so a restarted cache serves its repositories with the upstream down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import os
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import structlog
+from aiohttp import web
+from aiohttp.web_request import BaseRequest
+from yarl import URL
+
+from dnsoverride.cache.accesslog import (
+    ERROR_KEY,
+    SENDFILE_KEY,
+    UPSTREAM_KEY,
+    note_cache,
+    remember,
+)
+from dnsoverride.cache.app import Handler, Order, Route
+from dnsoverride.cache.fetch import Download, Fetcher, FetchError, Opener
+from dnsoverride.cache.packages.repomd import (
+    DataFile,
+    Package,
+    RepodataError,
+    Repomd,
+    parse_repomd,
+    read_primary,
+)
+from dnsoverride.cache.packages.repos_config import RepositoriesConfig, RepositoryUpstream
+from dnsoverride.cache.store import Digest, Kind, Store
+
+log = structlog.get_logger(__name__)
+
+REPOMD = "repodata/repomd.xml"
+MIRROR_PREFIX = "/packages/"
+RPM_TYPE = "application/x-rpm"
+STATE_DIR = "packages-state"
+# How many repomd.xml versions one revalidation tries when the mirror changes under it.
+REBUILD_ATTEMPTS = 3
+
+
+class RepositoryUnavailableError(Exception):
+    """No snapshot of a repository can be served: the reason, for the client and the log."""
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """One repomd.xml with every file it lists stored and verified, and its package map."""
+
+    repomd: Repomd
+    files: dict[str, DataFile]
+    packages: dict[str, Package]
+
+    @property
+    def digests(self) -> list[Digest]:
+        return [item.checksum for item in self.repomd.data]
+
+
+@dataclass
+class Repository:
+    """The cache's state for one repository root of one upstream."""
+
+    upstream: RepositoryUpstream
+    root: str  # below the upstream's URL, "" or ending in "/"
+    served: Snapshot | None = None
+    previous: Snapshot | None = None
+    checked: float = float("-inf")  # monotonic time of the last revalidation
+    etag: str | None = None
+    last_modified: str | None = None
+    refresh: asyncio.Task[None] | None = None
+    failure: str | None = None
+    pins: dict[int, contextlib.ExitStack] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return self.upstream.url + self.root
+
+    def snapshots(self) -> list[Snapshot]:
+        return [snapshot for snapshot in (self.served, self.previous) if snapshot is not None]
+
+
+class PackagesMeter:
+    """What the package downloads report (cache/fetch.py's Meter): upstream bytes by
+    upstream, and the access log's sendfile count and cut-short reason."""
+
+    def __init__(self) -> None:
+        self.upstream_bytes: Counter[str] = Counter()
+
+    def received(self, source: str, count: int) -> None:
+        self.upstream_bytes[source] += count
+
+    def sent(self, request: BaseRequest, count: int, *, sendfile: bool) -> None:
+        if sendfile:
+            remember(request, SENDFILE_KEY, count)
+
+    def cut_short(self, request: BaseRequest, error: FetchError) -> None:
+        remember(request, ERROR_KEY, ("FETCH_FAILED", f"cut short: {error.reason}"))
+
+    def verify_failed(self, download: Download) -> None:
+        """Logged by the fetch itself (`content_fetch_failed`), one line per download."""
+
+
+class RepositoryCache:
+    """Every repository of every configured upstream; see the module docstring."""
+
+    def __init__(
+        self,
+        config: RepositoriesConfig,
+        store: Store,
+        fetcher: Fetcher,
+        session: aiohttp.ClientSession,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.fetcher = fetcher
+        self.session = session
+        self.clock = clock
+        self.by_name = {upstream.name: upstream for upstream in config.upstreams}
+        self.repositories: dict[tuple[str, str], Repository] = {}
+        self.state = store.root / STATE_DIR
+
+    async def close(self) -> None:
+        """Cancel the revalidations in flight."""
+        tasks = [r.refresh for r in self.repositories.values() if r.refresh is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    # -- routing -------------------------------------------------------------------------
+
+    def routes(self) -> list[Route]:
+        """One route per upstream (longest prefix first), then mirror mode."""
+        upstreams = sorted(self.config.upstreams, key=lambda u: len(u.prefix), reverse=True)
+        routes = [
+            Route(
+                name=f"repositories:{upstream.name}",
+                order=Order.REPOSITORIES,
+                handler=self._by_host(upstream),
+                hosts=upstream.hosts,
+                prefixes=(upstream.prefix,),
+            )
+            for upstream in upstreams
+        ]
+        routes.append(Route("repositories", Order.MIRROR_PATHS, self._mirror_mode, None,
+                            (MIRROR_PREFIX,)))  # fmt: skip
+        return routes
+
+    def _by_host(self, upstream: RepositoryUpstream) -> Handler:
+        async def handle(request: web.Request) -> web.StreamResponse:
+            return await self.handle(request, upstream, request.path[len(upstream.prefix) :])
+
+        return handle
+
+    async def _mirror_mode(self, request: web.Request) -> web.StreamResponse:
+        name, _, rest = request.path[len(MIRROR_PREFIX) :].partition("/")
+        upstream = self.by_name.get(name)
+        if upstream is None:
+            return refuse(request, 404, "NO_SUCH_UPSTREAM", f"no package upstream named {name!r}")
+        return await self.handle(request, upstream, rest)
+
+    def locate(self, url: str) -> tuple[RepositoryUpstream, str] | None:
+        """The upstream and the path below it of a repository URL by its host and path (as
+        clients reach it through the overrides): for the metalink responder."""
+        parts = URL(url)
+        host, path = (parts.host or "").lower(), parts.path
+        best: RepositoryUpstream | None = None
+        for upstream in self.config.upstreams:
+            selected = host in upstream.hosts and path.startswith(upstream.prefix)
+            if selected and (best is None or len(upstream.prefix) > len(best.prefix)):
+                best = upstream
+        return None if best is None else (best, path[len(best.prefix) :])
+
+    # -- requests ------------------------------------------------------------------------
+
+    async def handle(
+        self, request: web.Request, upstream: RepositoryUpstream, path: str
+    ) -> web.StreamResponse:
+        remember(request, UPSTREAM_KEY, upstream.name)
+        if request.method not in ("GET", "HEAD"):
+            return refuse(request, 405, "METHOD", f"{request.method} is not served here")
+        parts = path.split("/")
+        if ".." in parts or path.startswith("/"):
+            return refuse(request, 404, "BAD_PATH", f"unusable path {path[:200]!r}")
+        if path.endswith(REPOMD):
+            return await self._repomd(request, upstream, path[: -len(REPOMD)])
+        if "repodata" in parts[:-1]:
+            cut = len(parts) - 1 - parts[::-1].index("repodata")
+            root = "/".join(parts[:cut]) + ("/" if cut else "")
+            return await self._repodata(request, upstream, root, path[len(root) :])
+        if path.endswith(".rpm"):
+            return await self._package(request, upstream, path)
+        return await self._passthrough(request, upstream, path)
+
+    async def _repomd(
+        self, request: web.Request, upstream: RepositoryUpstream, root: str
+    ) -> web.StreamResponse:
+        try:
+            snapshot = await self.snapshot(upstream, root, revalidate=True)
+        except RepositoryUnavailableError as error:
+            return refuse(request, 502, "REPOSITORY_UNAVAILABLE", str(error))
+        body = snapshot.repomd.body
+        etag = '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
+        return web.Response(body=body, content_type="text/xml", headers={"ETag": etag})
+
+    async def _repodata(
+        self, request: web.Request, upstream: RepositoryUpstream, root: str, href: str
+    ) -> web.StreamResponse:
+        try:
+            snapshots = await self._known(upstream, root)
+        except RepositoryUnavailableError as error:
+            return refuse(request, 502, "REPOSITORY_UNAVAILABLE", str(error))
+        entry = next((s.files[href] for s in snapshots if href in s.files), None)
+        if entry is None:
+            return refuse(
+                request, 404, "NOT_IN_SNAPSHOT",
+                f"{href} is not listed by the repomd.xml served for {upstream.name}/{root}",
+            )  # fmt: skip
+        repository = self._repository(upstream, root)
+        return await self._verified(
+            request, repository, href, digest=entry.checksum, size=entry.size, kind="repodata"
+        )
+
+    async def _package(
+        self, request: web.Request, upstream: RepositoryUpstream, path: str
+    ) -> web.StreamResponse:
+        found = self._describe(upstream, path)
+        if found is None and "Packages/" in path:
+            # No snapshot of this package's repository yet (a client with metadata from
+            # before a restart): the conventional tree puts the root just above Packages/.
+            root = path[: path.rindex("Packages/")]
+            with contextlib.suppress(RepositoryUnavailableError):
+                await self._known(upstream, root)
+            found = self._describe(upstream, path)
+        if found is None:
+            return refuse(
+                request, 404, "NOT_IN_SNAPSHOT",
+                f"{path} is not described by the primary metadata of a repository served "
+                f"for {upstream.name}",
+            )  # fmt: skip
+        repository, package = found
+        href = path[len(repository.root) :]
+        return await self._verified(
+            request, repository, href, digest=package.checksum, size=package.size, kind="packages"
+        )
+
+    def _describe(
+        self, upstream: RepositoryUpstream, path: str
+    ) -> tuple[Repository, Package] | None:
+        """The repository whose served (or previous) snapshot lists `path`, longest root first."""
+        candidates = [
+            repository
+            for (name, root), repository in self.repositories.items()
+            if name == upstream.name and path.startswith(root)
+        ]
+        for repository in sorted(candidates, key=lambda r: len(r.root), reverse=True):
+            for snapshot in repository.snapshots():
+                package = snapshot.packages.get(path[len(repository.root) :])
+                if package is not None:
+                    return repository, package
+        return None
+
+    async def _verified(
+        self,
+        request: web.Request,
+        repository: Repository,
+        href: str,
+        *,
+        digest: Digest,
+        size: int | None,
+        kind: Kind,
+    ) -> web.StreamResponse:
+        """A file known by its checksum: from the store, else downloaded once, verified."""
+        content_type = RPM_TYPE if kind == "packages" else "application/octet-stream"
+        headers = {"Content-Type": content_type}
+        path = await self.fetcher.stored(kind, digest)
+        if path is not None:
+            note_cache("hit")
+            return self.fetcher.send_file(kind, digest, path, headers)
+        coalesced = self.fetcher.in_flight(kind, digest) is not None
+        note_cache("coalesced" if coalesced else "miss")
+        try:
+            download = self.fetcher.start(
+                kind,
+                digest,
+                self._opener(repository.url + href),
+                source=repository.upstream.name,
+                size=size,
+            )
+            return await self.fetcher.respond(request, download, headers)
+        except FetchError as error:
+            return refuse(request, error.status, "FETCH_FAILED", f"{href}: {error.reason}")
+
+    def _opener(self, url: str) -> Opener:
+        async def open_upstream() -> aiohttp.ClientResponse:
+            response = await self.session.get(url)
+            if response.status != 200:
+                response.release()
+                raise FetchError(f"upstream answered {response.status} for {url}", status=502)
+            return response
+
+        return open_upstream
+
+    async def _passthrough(
+        self, request: web.Request, upstream: RepositoryUpstream, path: str
+    ) -> web.StreamResponse:
+        url = upstream.url + path
+        note_cache("passthrough")
+        log.info("package_passthrough", upstream=upstream.name, path=path)
+        try:
+            async with self.session.request(request.method, url) as answer:
+                response = web.StreamResponse(status=answer.status)
+                for name in ("Content-Type", "Content-Length", "Last-Modified", "ETag"):
+                    if name in answer.headers:
+                        response.headers[name] = answer.headers[name]
+                await response.prepare(request)
+                async for chunk in answer.content.iter_chunked(1 << 16):
+                    await response.write(chunk)
+                await response.write_eof()
+                return response
+        except (aiohttp.ClientError, TimeoutError) as error:
+            reason = f"upstream {upstream.name} failed for {path}: {describe(error)}"
+            if "response" in locals() and response.prepared:
+                remember(request, ERROR_KEY, ("UPSTREAM_FAILED", f"cut short: {reason}"))
+                if request.transport is not None:
+                    request.transport.abort()
+                return response
+            return refuse(request, 502, "UPSTREAM_FAILED", reason)
+
+    # -- snapshots -----------------------------------------------------------------------
+
+    def _repository(self, upstream: RepositoryUpstream, root: str) -> Repository:
+        key = (upstream.name, root)
+        repository = self.repositories.get(key)
+        if repository is None:
+            repository = self.repositories[key] = Repository(upstream, root)
+        return repository
+
+    async def _known(self, upstream: RepositoryUpstream, root: str) -> list[Snapshot]:
+        """The snapshots of a repository for its repodata and packages: no revalidation
+        when one is served (the client read its repomd.xml from us moments ago)."""
+        repository = self._repository(upstream, root)
+        if repository.served is None:
+            await self.snapshot(upstream, root, revalidate=False)
+        return repository.snapshots()
+
+    async def snapshot(
+        self, upstream: RepositoryUpstream, root: str, *, revalidate: bool
+    ) -> Snapshot:
+        """The served snapshot, revalidated first when asked and due; RepositoryUnavailableError
+        when there is none."""
+        repository = self._repository(upstream, root)
+        if repository.served is None:
+            await self._restore(repository)
+        due = self.clock() - repository.checked >= self.config.metadata_ttl
+        if repository.served is None or (revalidate and due):
+            if repository.refresh is None:
+                repository.refresh = asyncio.create_task(self._refresh(repository))
+                repository.refresh.add_done_callback(lambda _: _clear_refresh(repository))
+            await asyncio.shield(repository.refresh)
+        if repository.served is None:
+            raise RepositoryUnavailableError(
+                f"{upstream.name}/{root}{REPOMD}: {repository.failure or 'not available'}"
+            )
+        if repository.failure is not None:
+            note_cache("stale")
+        return repository.served
+
+    async def served_repomd(self, url: str) -> tuple[Repomd, list[Repomd]]:
+        """The repomd.xml this cache serves for the repository at `url` (as clients reach
+        it: the upstream's host and path), revalidated like a repomd.xml request, and the
+        previous one still served; RepositoryUnavailableError when there is none."""
+        located = self.locate(url)
+        if located is None:
+            raise RepositoryUnavailableError(f"no package upstream serves {url}")
+        upstream, path = located
+        root = path if path.endswith("/") or not path else path + "/"
+        snapshot = await self.snapshot(upstream, root, revalidate=True)
+        previous = self._repository(upstream, root).previous
+        return snapshot.repomd, [previous.repomd] if previous is not None else []
+
+    async def _refresh(self, repository: Repository) -> None:
+        where = f"{repository.upstream.name}/{repository.root}"
+        try:
+            body = await self._fetch_repomd(repository)
+            if body is not None:
+                snapshot = await self._build_latest(repository, body)
+                self._switch(repository, snapshot)
+                log.info(
+                    "repository_updated",
+                    repository=where,
+                    data_files=len(snapshot.files),
+                    packages=len(snapshot.packages),
+                    timestamp=snapshot.repomd.timestamp,
+                )
+            repository.failure = None
+            repository.checked = self.clock()
+        except (aiohttp.ClientError, TimeoutError, OSError, RepodataError, FetchError) as error:
+            repository.failure = describe(error)
+            if repository.served is not None:
+                # Served stale until the next revalidation is due.
+                repository.checked = self.clock()
+                log.warning("repository_stale", repository=where, reason=repository.failure)
+            else:
+                log.warning("repository_unavailable", repository=where, reason=repository.failure)
+
+    async def _build_latest(self, repository: Repository, body: bytes) -> Snapshot:
+        """The snapshot of `body`; when one of its files cannot be fetched, the upstream's
+        repomd.xml is read again: a mirror that synced meanwhile lists other files (the
+        ones it has now), so the newer one is built instead, a few times at most."""
+        for _ in range(REBUILD_ATTEMPTS - 1):
+            try:
+                return await self._build(repository, body)
+            except FetchError as error:
+                newer = await self._fetch_repomd(repository, conditional=False)
+                if newer is None or newer == body:
+                    raise
+                log.info(
+                    "repository_changed_while_fetching",
+                    repository=f"{repository.upstream.name}/{repository.root}",
+                    reason=error.reason,
+                )
+                body = newer
+        return await self._build(repository, body)
+
+    async def _fetch_repomd(
+        self, repository: Repository, *, conditional: bool = True
+    ) -> bytes | None:
+        """The upstream's repomd.xml, or None when it has not changed from the served one."""
+        headers = {}
+        if conditional and repository.served is not None:
+            if repository.etag:
+                headers["If-None-Match"] = repository.etag
+            if repository.last_modified:
+                headers["If-Modified-Since"] = repository.last_modified
+        async with self.session.get(repository.url + REPOMD, headers=headers) as response:
+            if response.status == 304 and repository.served is not None:
+                return None
+            if response.status != 200:
+                raise FetchError(f"upstream answered {response.status} for repomd.xml")
+            body = await read_limited(response, 1 << 20)
+            etag, modified = response.headers.get("ETag"), response.headers.get("Last-Modified")
+        repository.etag, repository.last_modified = etag, modified
+        if repository.served is not None and body == repository.served.repomd.body:
+            return None
+        return body
+
+    async def _build(self, repository: Repository, body: bytes) -> Snapshot:
+        """Fetch and verify every file `body` lists, parse its primary: the new snapshot."""
+        repomd = parse_repomd(body)
+        primary = repomd.by_type("primary")
+        if primary is None:
+            raise RepodataError("repomd.xml lists no primary metadata")
+        await asyncio.gather(*(self._stored(repository, item) for item in repomd.data))
+        digest = primary.checksum
+        with self.store.pinned("repodata", digest):
+            path = self.store.lookup("repodata", digest)
+            if path is None:
+                raise RepodataError(f"{primary.href} left the store before it was read")
+            packages = await asyncio.to_thread(
+                lambda: {package.href: package for package in read_primary(path, primary)}
+            )
+        return Snapshot(repomd, repomd.by_href(), packages)
+
+    async def _stored(self, repository: Repository, item: DataFile) -> None:
+        digest = item.checksum
+        if await self.fetcher.stored("repodata", digest) is not None:
+            return
+        download = self.fetcher.start(
+            "repodata",
+            digest,
+            self._opener(repository.url + item.href),
+            source=repository.upstream.name,
+            size=item.size,
+        )
+        await download.wait_finished()
+        if download.error is not None:
+            raise FetchError(f"{item.href}: {download.error.reason}")
+
+    def _switch(self, repository: Repository, snapshot: Snapshot) -> None:
+        """Serve `snapshot`; the one before becomes `previous`, the one before that is
+        unpinned (its files may be evicted now)."""
+        pins = contextlib.ExitStack()
+        for digest in snapshot.digests:
+            pins.enter_context(self.store.pinned("repodata", digest))
+        dropped = repository.previous
+        if dropped is not None and dropped is not snapshot:
+            stack = repository.pins.pop(id(dropped), None)
+            if stack is not None:
+                stack.close()
+        repository.previous, repository.served = repository.served, snapshot
+        repository.pins[id(snapshot)] = pins
+        self._record(repository, snapshot)
+
+    # -- state across restarts -----------------------------------------------------------
+
+    def _state_file(self, repository: Repository) -> Path:
+        key = hashlib.sha256(f"{repository.upstream.name}\0{repository.root}".encode())
+        return self.state / repository.upstream.name / f"{key.hexdigest()[:32]}.json"
+
+    def _record(self, repository: Repository, snapshot: Snapshot) -> None:
+        """Remember the served repomd.xml (stored content-addressed) for after a restart."""
+        digest = Digest("sha256", hashlib.sha256(snapshot.repomd.body).hexdigest())
+        try:
+            if not self.store.has("repodata", digest):
+                self.store.put_bytes("repodata", digest, snapshot.repomd.body)
+            path = self._state_file(repository)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            temp = path.with_suffix(".tmp")
+            temp.write_text(json.dumps({"root": repository.root, "repomd": str(digest)}))
+            os.replace(temp, path)
+        except OSError as error:  # StoreWriteError is one: the cache keeps serving
+            log.warning("repository_state_not_saved", repository=repository.url, reason=str(error))
+
+    async def _restore(self, repository: Repository) -> None:
+        """The snapshot served before a restart, if its files are all still stored."""
+        path = self._state_file(repository)
+        try:
+            recorded = json.loads(path.read_text())
+            algorithm, _, hexdigest = str(recorded["repomd"]).partition(":")
+            stored = self.store.lookup("repodata", Digest(algorithm, hexdigest))
+            if stored is None:
+                return
+            body = stored.read_bytes()
+            repomd = parse_repomd(body)
+            if not all(self.store.has("repodata", i.checksum) for i in repomd.data):
+                return
+            snapshot = await self._build(repository, body)
+        except (OSError, ValueError, KeyError, RepodataError, FetchError):
+            return  # nothing usable recorded: fetched from upstream as if new
+        self._switch(repository, snapshot)
+        log.info("repository_restored", repository=repository.url)
+
+
+def _clear_refresh(repository: Repository) -> None:
+    repository.refresh = None
+
+
+async def read_limited(response: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The whole body, refused past `limit` bytes (read(n) returns what has arrived)."""
+    chunks = []
+    total = 0
+    async for chunk in response.content.iter_chunked(1 << 16):
+        total += len(chunk)
+        if total > limit:
+            raise RepodataError(f"repomd.xml larger than {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def describe(error: BaseException) -> str:
+    if isinstance(error, FetchError):
+        return error.reason
+    return str(error) or type(error).__name__
+
+
+def refuse(request: web.Request, status: int, code: str, reason: str) -> web.Response:
+    """A plain-text error a package client shows, carried by the request's access log line."""
+    remember(request, ERROR_KEY, (code, reason))
+    return web.Response(status=status, text=reason + "\n")
