@@ -5,9 +5,12 @@ the routes (cache/app.py) they answer."""
 from __future__ import annotations
 
 import aiohttp
+from prometheus_client.registry import Collector
 
-from dnsoverride.cache.app import Route
+from dnsoverride.cache.app import Order, Route
 from dnsoverride.cache.packages.config import PackagesConfig
+from dnsoverride.cache.packages.metalink import Metalink, RepomdSource
+from dnsoverride.cache.packages.mirrorlist import Mirrorlist
 from dnsoverride.cache.store import Store
 
 
@@ -18,9 +21,37 @@ class PackagesService:
         self.config = config
         self.store = store
         self.session = session
+        self.mirrorlist = Mirrorlist(config.mirrorlist)
+        self.repositories: RepomdSource = NoRepositories()
+        self.metalink = Metalink(config.metalink, self.repositories)
 
     def routes(self) -> list[Route]:
+        """The routes (cache/app.py) of the package side, each at its `Order`."""
+        return [
+            Route(
+                "mirrorlist",
+                Order.MIRRORLIST,
+                self.mirrorlist.handle,
+                frozenset(self.config.mirrorlist.hosts),
+            ),
+            Route(
+                "metalink",
+                Order.METALINK,
+                self.metalink.handle,
+                frozenset(self.config.metalink.hosts),
+            ),
+        ]
+
+    def collectors(self) -> list[Collector]:
+        """Prometheus collectors of the package side, for the admin listener's /metrics."""
         return []
 
     async def close(self) -> None:
         """Stop what runs in the background (downloads in flight are cut short)."""
+
+
+class NoRepositories:
+    """Until the repository cache is wired in: no upstream repository is configured."""
+
+    async def served_repomd(self, upstream_base_url: str) -> None:
+        return None
