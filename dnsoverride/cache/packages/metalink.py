@@ -65,23 +65,25 @@ _EPEL = re.compile(r"^epel(-debug|-source|-next)?-(8|9|10\.\d+|10)$")
 _FEDORA = re.compile(r"^(fedora-|updates-released-f|updates-testing-f)(\d{2,3})$")
 
 
-class ServedRepomd(Protocol):
-    """The repomd.xml the repository cache serves for a repository (repos.py)."""
+class Repomd(Protocol):
+    """One repomd.xml version the repository cache serves (repomd.py)."""
 
     @property
-    def body(self) -> bytes: ...
+    def body(self) -> bytes:
+        """Its exact bytes."""
+        ...
 
-    @property
-    def previous(self) -> Sequence[bytes]: ...
+
+Served = tuple[Repomd, Sequence[Repomd]]
 
 
 class RepomdSource(Protocol):
     """The repository cache as the metalink responder uses it (repos.py)."""
 
-    def served_repomd(self, upstream_base_url: str) -> Awaitable[ServedRepomd | None]:
-        """The served repomd.xml for the repository at `upstream_base_url` (revalidated
-        like a repomd.xml request); None when no configured upstream covers it; raises
-        FetchError when there is none to serve."""
+    def served_repomd(self, upstream_base_url: str) -> Awaitable[Served | None]:
+        """(the repomd.xml served now, the previous ones still served) for the repository
+        at `upstream_base_url`, revalidated like a repomd.xml request; None when no
+        configured upstream covers it; raises FetchError when there is none to serve."""
         ...
 
 
@@ -163,16 +165,17 @@ def _file_details(repomd: bytes, indent: str) -> str:
     return "\n".join(lines)
 
 
-def metalink_document(served: ServedRepomd, urls: Sequence[str], now: float | None = None) -> str:
+def metalink_document(served: Served, urls: Sequence[str], now: float | None = None) -> str:
     """The metalink 3.0 document (MirrorManager's layout) for `served` at `urls` (each the
     full URL of repomd.xml)."""
+    current, previous_versions = served
     alternates = ""
-    if served.previous:
+    if previous_versions:
         entries = "".join(
             "        <mm0:alternate>\n"
-            + _file_details(previous, "          ")
+            + _file_details(previous.body, "          ")
             + "\n        </mm0:alternate>\n"
-            for previous in served.previous
+            for previous in previous_versions
         )
         alternates = f"      <mm0:alternates>\n{entries}      </mm0:alternates>\n"
     resources = "".join(
@@ -188,7 +191,7 @@ def metalink_document(served: ServedRepomd, urls: Sequence[str], now: float | No
         'xmlns:mm0="http://fedorahosted.org/mirrormanager">\n'
         "  <files>\n"
         '    <file name="repomd.xml">\n'
-        f"{_file_details(served.body, '      ')}\n"
+        f"{_file_details(current.body, '      ')}\n"
         f"{alternates}"
         '      <resources maxconnections="1">\n'
         f"{resources}"

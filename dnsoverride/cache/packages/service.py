@@ -9,7 +9,7 @@ from prometheus_client.registry import Collector
 
 from dnsoverride.cache.app import Order, Route
 from dnsoverride.cache.packages.config import PackagesConfig
-from dnsoverride.cache.packages.metalink import Metalink, RepomdSource
+from dnsoverride.cache.packages.metalink import Metalink, RepomdSource, Served
 from dnsoverride.cache.packages.mirrorlist import Mirrorlist
 from dnsoverride.cache.store import Store
 
@@ -53,5 +53,5 @@ class PackagesService:
 class NoRepositories:
     """Until the repository cache is wired in: no upstream repository is configured."""
 
-    async def served_repomd(self, upstream_base_url: str) -> None:
+    async def served_repomd(self, upstream_base_url: str) -> Served | None:
         return None
