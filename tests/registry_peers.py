@@ -320,11 +320,18 @@ class DistributionRegistry(_Daemon, _OnLoopback):
 
 # -- the cache as a process ---------------------------------------------------------------
 class CacheProcess(_OnLoopback):
-    """`dnsoverride registry` as a real process on a random loopback port."""
+    """`dnsoverride registry` (or `cache`, the same daemon) as a real process on a random
+    loopback port."""
 
     def __init__(
-        self, storage: Path, upstream: str, *extra: str, config: dict[str, Any] | None = None
+        self,
+        storage: Path,
+        upstream: str,
+        *extra: str,
+        config: dict[str, Any] | None = None,
+        command: str = "registry",
     ) -> None:
+        self.command = command
         self.storage = storage
         self.upstream = upstream
         self.extra = extra
@@ -336,7 +343,7 @@ class CacheProcess(_OnLoopback):
         self.log_path = logs / f"cache-{self.port}.log"
 
     def start(self) -> CacheProcess:
-        argv = [sys.executable, "-m", "dnsoverride", "registry"]
+        argv = [sys.executable, "-m", "dnsoverride", self.command]
         argv += ["--listen", self.address, "--storage", str(self.storage)]
         argv += ["--log-format", "json", *self.extra]
         if self.config is not None:

@@ -35,8 +35,6 @@ from tests.yum_fixtures import CACHE, DNS, PACKAGE_HOSTS, UPSTREAM_DNS, PackageI
 from tests.yum_repos import C7_OS, PackageSet, Rpm, World
 
 DNSOVERRIDE = [sys.executable, "-m", "dnsoverride"]
-# TEMPORARY until the mirrorlist/metalink responders land: the repository hosts only.
-OVERRIDDEN = ("vault.centos.org", "mirror.stream.centos.org", "dl.fedoraproject.org")
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -129,7 +127,7 @@ def make_cache(
     zones = tmp_path / "zones"
     zones.mkdir()
     (zones / "packages.yaml").write_text(
-        json.dumps({"ttl": 1, "records": {host: {"A": CACHE} for host in OVERRIDDEN}})
+        json.dumps({"ttl": 1, "records": {host: {"A": CACHE} for host in PACKAGE_HOSTS}})
     )
     serve = netns.popen(
         [*DNSOVERRIDE, "serve", "--zones", str(zones), "--listen", f"{DNS}:53",
@@ -173,6 +171,8 @@ def test_centos7_unchanged_repo_file_installs_through_the_cache(
     ok(client.install(package_cache.netns, "ci-app"))
     assert {nevra(package_set.app), nevra(package_set.lib)} <= client.installed()
     assert package_cache.stored(package_set.app) and package_cache.stored(package_set.lib)
+    # The mirrorlist never reached the upstream: the cache answered it.
+    assert not [r for r in upstream.requests if r.host == "mirrorlist.centos.org"]
     repo = world.repos[C7_OS]
     for item in repo.data().values():  # every file of the snapshot, once (yum reads *_db)
         assert upstream.count("/7.9.2009/os/x86_64/" + item.href) == 1
@@ -190,6 +190,9 @@ def test_stream9_and_epel9_metalinks_over_https_install(
     stream = package_cache.stream9("stream")
     ok(stream.install(package_cache.netns, "hello-ci"))
     assert nevra(package_set.hello) in stream.installed()
+    # The metalinks came from the cache, describing the repomd.xml it serves.
+    upstream = package_cache.internet.upstream
+    assert not [r for r in upstream.requests if r.host.startswith("mirrors.")]
     assert package_cache.stored(package_set.hello)
     epel = package_cache.epel9("epel")  # EPEL-style: sha512 checksums, Packages/<letter>/
     ok(epel.install(package_cache.netns, "ci-big-0"))

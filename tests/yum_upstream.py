@@ -20,7 +20,8 @@ trick), so a test keeps direct control of its lying modes while clients run:
 - `after`: path suffix -> a callable run once right after such an answer was sent (to
   change the upstream between two requests of one client, deterministically);
 - `hold`: path suffix -> threading.Event; such requests wait for it (`holding` is set);
-- `set_down(True)`: the listeners close (connection refused), `set_down(False)` reopens.
+- `set_down(True)`: the listeners close (connection refused) and a request on a kept-alive
+  connection has it reset; `set_down(False)` reopens.
 
 Every answered request is recorded in `requests` with the body bytes sent, so tests count
 upstream traffic per file.
@@ -77,6 +78,7 @@ class YumUpstream:
         self.hold: dict[str, threading.Event] = {}
         self.holding = threading.Event()
         self.requests: list[Served] = []
+        self.down = False
         self.mirrorlist_base = "http://vault.centos.org"
         self.metalink_base = "https://mirror.stream.centos.org"
         self.listeners: list[tuple[str, int, ssl.SSLContext | None]] = []
@@ -133,6 +135,7 @@ class YumUpstream:
 
     def set_down(self, down: bool) -> None:
         assert self._loop is not None
+        self.down = down
         future = asyncio.run_coroutine_threadsafe(
             self._stop_sites() if down else self._start_sites(), self._loop
         )
@@ -184,6 +187,9 @@ class YumUpstream:
         return candidate
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
+        if self.down and request.transport is not None:
+            request.transport.abort()  # a kept-alive connection of a server that is gone
+            raise asyncio.CancelledError
         host = (request.host or "").split(":")[0]
         path = request.path
         full = request.path_qs

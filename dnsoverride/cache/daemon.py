@@ -181,6 +181,8 @@ class CacheService:
         admin = None
         if config.metrics is not None:
             registry = build_registry(cache.stats, cache.store)
+            for collector in cache.packages.collectors():
+                registry.register(collector)
             admin = Admin(config.metrics, registry, cache.store.writable, cache.store.not_ready)
         status = f"serving {cache.store.stats.entries} stored items from {config.storage}"
         return Started(status, admin)

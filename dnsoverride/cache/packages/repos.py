@@ -42,7 +42,7 @@ import os
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
@@ -60,6 +60,7 @@ from dnsoverride.cache.accesslog import (
 )
 from dnsoverride.cache.app import Handler, Order, Route
 from dnsoverride.cache.fetch import Download, Fetcher, FetchError, Opener
+from dnsoverride.cache.packages.refusal import refuse
 from dnsoverride.cache.packages.repomd import (
     DataFile,
     Package,
@@ -81,8 +82,11 @@ STATE_DIR = "packages-state"
 REBUILD_ATTEMPTS = 3
 
 
-class RepositoryUnavailableError(Exception):
+class RepositoryUnavailableError(FetchError):
     """No snapshot of a repository can be served: the reason, for the client and the log."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason, status=503)
 
 
 @dataclass(frozen=True)
@@ -111,11 +115,15 @@ class Repository:
     last_modified: str | None = None
     refresh: asyncio.Task[None] | None = None
     failure: str | None = None
-    pins: dict[int, contextlib.ExitStack] = field(default_factory=dict)
 
     @property
     def url(self) -> str:
         return self.upstream.url + self.root
+
+    @property
+    def where(self) -> str:
+        """How logs name it: upstream name and root."""
+        return f"{self.upstream.name}/{self.root}"
 
     def snapshots(self) -> list[Snapshot]:
         return [snapshot for snapshot in (self.served, self.previous) if snapshot is not None]
@@ -408,13 +416,14 @@ class RepositoryCache:
             note_cache("stale")
         return repository.served
 
-    async def served_repomd(self, url: str) -> tuple[Repomd, list[Repomd]]:
+    async def served_repomd(self, url: str) -> tuple[Repomd, list[Repomd]] | None:
         """The repomd.xml this cache serves for the repository at `url` (as clients reach
         it: the upstream's host and path), revalidated like a repomd.xml request, and the
-        previous one still served; RepositoryUnavailableError when there is none."""
+        previous one still served; None when no upstream covers `url`,
+        RepositoryUnavailableError when there is nothing to serve."""
         located = self.locate(url)
         if located is None:
-            raise RepositoryUnavailableError(f"no package upstream serves {url}")
+            return None
         upstream, path = located
         root = path if path.endswith("/") or not path else path + "/"
         snapshot = await self.snapshot(upstream, root, revalidate=True)
@@ -422,7 +431,7 @@ class RepositoryCache:
         return snapshot.repomd, [previous.repomd] if previous is not None else []
 
     async def _refresh(self, repository: Repository) -> None:
-        where = f"{repository.upstream.name}/{repository.root}"
+        where = repository.where
         try:
             body = await self._fetch_repomd(repository)
             if body is not None:
@@ -459,7 +468,7 @@ class RepositoryCache:
                     raise
                 log.info(
                     "repository_changed_while_fetching",
-                    repository=f"{repository.upstream.name}/{repository.root}",
+                    repository=repository.where,
                     reason=error.reason,
                 )
                 body = newer
@@ -522,16 +531,13 @@ class RepositoryCache:
     def _switch(self, repository: Repository, snapshot: Snapshot) -> None:
         """Serve `snapshot`; the one before becomes `previous`, the one before that is
         unpinned (its files may be evicted now)."""
-        pins = contextlib.ExitStack()
         for digest in snapshot.digests:
-            pins.enter_context(self.store.pinned("repodata", digest))
+            self.store.pin("repodata", digest)
         dropped = repository.previous
-        if dropped is not None and dropped is not snapshot:
-            stack = repository.pins.pop(id(dropped), None)
-            if stack is not None:
-                stack.close()
+        if dropped is not None:
+            for digest in dropped.digests:
+                self.store.unpin("repodata", digest)
         repository.previous, repository.served = repository.served, snapshot
-        repository.pins[id(snapshot)] = pins
         self._record(repository, snapshot)
 
     # -- state across restarts -----------------------------------------------------------
@@ -552,7 +558,9 @@ class RepositoryCache:
             temp.write_text(json.dumps({"root": repository.root, "repomd": str(digest)}))
             os.replace(temp, path)
         except OSError as error:  # StoreWriteError is one: the cache keeps serving
-            log.warning("repository_state_not_saved", repository=repository.url, reason=str(error))
+            log.warning(
+                "repository_state_not_saved", repository=repository.where, reason=str(error)
+            )
 
     async def _restore(self, repository: Repository) -> None:
         """The snapshot served before a restart, if its files are all still stored."""
@@ -571,7 +579,7 @@ class RepositoryCache:
         except (OSError, ValueError, KeyError, RepodataError, FetchError):
             return  # nothing usable recorded: fetched from upstream as if new
         self._switch(repository, snapshot)
-        log.info("repository_restored", repository=repository.url)
+        log.info("repository_restored", repository=repository.where)
 
 
 def _clear_refresh(repository: Repository) -> None:
@@ -594,9 +602,3 @@ def describe(error: BaseException) -> str:
     if isinstance(error, FetchError):
         return error.reason
     return str(error) or type(error).__name__
-
-
-def refuse(request: web.Request, status: int, code: str, reason: str) -> web.Response:
-    """A plain-text error a package client shows, carried by the request's access log line."""
-    remember(request, ERROR_KEY, (code, reason))
-    return web.Response(status=status, text=reason + "\n")

@@ -5,10 +5,13 @@ the routes (cache/app.py) they answer."""
 from __future__ import annotations
 
 import aiohttp
+from prometheus_client.registry import Collector
 
-from dnsoverride.cache.app import Route
+from dnsoverride.cache.app import Order, Route
 from dnsoverride.cache.fetch import Fetcher
 from dnsoverride.cache.packages.config import PackagesConfig
+from dnsoverride.cache.packages.metalink import Metalink
+from dnsoverride.cache.packages.mirrorlist import Mirrorlist
 from dnsoverride.cache.packages.repos import PackagesMeter, RepositoryCache
 from dnsoverride.cache.store import Store
 
@@ -25,9 +28,30 @@ class PackagesService:
         self.meter = PackagesMeter()
         self.fetcher = Fetcher(store, self.meter)
         self.repositories = RepositoryCache(config.repositories, store, self.fetcher, session)
+        self.mirrorlist = Mirrorlist(config.mirrorlist)
+        self.metalink = Metalink(config.metalink, self.repositories)
 
     def routes(self) -> list[Route]:
-        return self.repositories.routes()
+        """The routes (cache/app.py) of the package side, each at its `Order`."""
+        return [
+            Route(
+                "mirrorlist",
+                Order.MIRRORLIST,
+                self.mirrorlist.handle,
+                frozenset(self.config.mirrorlist.hosts),
+            ),
+            Route(
+                "metalink",
+                Order.METALINK,
+                self.metalink.handle,
+                frozenset(self.config.metalink.hosts),
+            ),
+            *self.repositories.routes(),
+        ]
+
+    def collectors(self) -> list[Collector]:
+        """Prometheus collectors of the package side, for the admin listener's /metrics."""
+        return []
 
     async def close(self) -> None:
         """Stop what runs in the background (downloads in flight are cut short)."""
