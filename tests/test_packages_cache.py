@@ -97,7 +97,10 @@ def start_cache_process(netns: Netns, config: Path, log: Path, ca: Path) -> subp
 
 
 def make_cache(
-    tmp_path: Path, internet: PackageInternet, **packages: object
+    tmp_path: Path,
+    internet: PackageInternet,
+    top: dict[str, object] | None = None,
+    **packages: object,
 ) -> Iterator[PackageCache]:
     netns = internet.netns
     subprocess.run(
@@ -119,6 +122,7 @@ def make_cache(
                     "key": str(tmp_path / "cache-tls.key"),
                 },
                 "packages": packages,
+                **(top or {}),
             }
         )
     )
@@ -330,3 +334,129 @@ def http_get(netns: Netns, host: str, path: str) -> bytes:
             connection.close()
 
     return netns.call(fetch)
+
+
+def cache_get(
+    netns: Netns, host: str, path: str, headers: dict[str, str] | None = None, method: str = "GET"
+) -> tuple[int, dict[str, str], bytes]:
+    """(status, headers, body) of one request to the cache as `host`, from the namespace."""
+
+    def fetch() -> tuple[int, dict[str, str], bytes]:
+        connection = http.client.HTTPConnection(CACHE, 80, timeout=20)
+        try:
+            connection.request(method, path, headers={"Host": host, **(headers or {})})
+            response = connection.getresponse()
+            return response.status, dict(response.getheaders()), response.read()
+        finally:
+            connection.close()
+
+    return netns.call(fetch)
+
+
+VAULT = "vault.centos.org"
+C7_PATH = "/7.9.2009/os/x86_64/"
+
+
+def test_what_the_snapshot_does_not_describe(
+    package_cache: PackageCache, package_set: PackageSet, world: World
+) -> None:
+    """.rpm and repodata/ files the served snapshot does not list are refused (404 with the
+    reason, the upstream never asked); other files pass through unstored, logged."""
+    netns, upstream = package_cache.netns, package_cache.internet.upstream
+    status, _, _ = cache_get(netns, VAULT, C7_PATH + "repodata/repomd.xml")
+    assert status == 200
+    before = len(upstream.requests)
+    status, _, body = cache_get(netns, VAULT, C7_PATH + "Packages/evil-1.0-1.noarch.rpm")
+    assert status == 404
+    assert b"not described by the primary metadata" in body
+    bogus = "repodata/" + "0" * 64 + "-primary.xml.gz"
+    status, _, body = cache_get(netns, VAULT, C7_PATH + bogus)
+    assert (status, body.startswith(bogus.encode())) == (404, True)
+    assert b"is not listed by the repomd.xml served" in body
+    assert len(upstream.requests) == before
+
+    status, _, body = cache_get(netns, VAULT, C7_PATH + "RPM-GPG-KEY-CentOS-7")
+    assert status == 200
+    assert body == (world.repos[C7_OS].root / "RPM-GPG-KEY-CentOS-7").read_bytes()
+    assert upstream.count("/RPM-GPG-KEY-CentOS-7") == 1
+    assert package_cache.events("package_passthrough")[-1]["path"] == (
+        C7_PATH.lstrip("/") + "RPM-GPG-KEY-CentOS-7"
+    )
+    stored = {path.name for path in package_cache.storage.rglob("*") if path.is_file()}
+    assert hashlib.sha256(body).hexdigest() not in stored
+
+
+def test_package_ranges_while_downloading_and_stored(
+    package_cache: PackageCache, package_set: PackageSet, world: World
+) -> None:
+    netns, upstream = package_cache.netns, package_cache.internet.upstream
+    big = package_set.big[1]
+    data = big.path.read_bytes()
+    assert cache_get(netns, VAULT, C7_PATH + "repodata/repomd.xml")[0] == 200
+    path = C7_PATH + world.repos[C7_OS].packages[big.filename]
+    upstream.chunk = 64 * 1024  # still arriving while the range is asked for
+    status, headers, body = cache_get(netns, VAULT, path, {"Range": "bytes=1000-1999"})
+    assert (status, body) == (206, data[1000:2000])
+    assert headers["Content-Range"] == f"bytes 1000-1999/{len(data)}"
+    status, headers, _ = cache_get(netns, VAULT, path, method="HEAD")
+    assert (status, int(headers["Content-Length"])) == (200, len(data))
+    status, _, body = cache_get(netns, VAULT, path)
+    assert (status, body) == (200, data)
+    status, _, body = cache_get(netns, VAULT, path, {"Range": f"bytes={len(data) - 10}-"})
+    assert (status, body) == (206, data[-10:])
+    assert upstream.count("/" + big.filename) == 1
+    assert package_cache.stored(big)
+
+
+def test_captive_portal_repomd_is_never_served(
+    eager_cache: PackageCache, package_set: PackageSet
+) -> None:
+    """An HTML 200 (a login page) instead of repomd.xml: a warm cache serves its snapshot
+    (logged stale), and nothing of the page reaches a client."""
+    netns, upstream = eager_cache.netns, eager_cache.internet.upstream
+    ok(eager_cache.c7("warm").install(netns, "hello-ci"))
+    upstream.html.add("/repodata/repomd.xml")
+    status, _, body = cache_get(netns, VAULT, C7_PATH + "repodata/repomd.xml")
+    assert status == 200 and body.startswith(b"<?xml") and b"<repomd" in body
+    stale = eager_cache.events("repository_stale")
+    assert stale and "root element" in str(stale[-1]["reason"])
+
+
+def test_captive_portal_on_a_cold_cache_is_a_clear_error(package_cache: PackageCache) -> None:
+    netns, upstream = package_cache.netns, package_cache.internet.upstream
+    upstream.html.add("/repodata/repomd.xml")
+    status, _, body = cache_get(netns, VAULT, C7_PATH + "repodata/repomd.xml")
+    assert status == 502
+    assert b"root element" in body and b"centos-vault/7.9.2009/os/x86_64/" in body
+    warnings = [
+        json.loads(line)
+        for line in package_cache.log.read_text().splitlines()
+        if line.startswith("{") and '"path": "/7.9.2009/os/x86_64/repodata/repomd.xml"' in line
+    ]
+    assert [event["status"] for event in warnings] == [502]
+    assert "root element" in str(warnings[0]["error"])
+
+
+@pytest.fixture
+def impatient_cache(tmp_path: Path, package_internet: PackageInternet) -> Iterator[PackageCache]:
+    """A cache that gives up on an upstream silent for a second."""
+    yield from make_cache(tmp_path, package_internet, {"timeouts": {"idle": 1}})
+
+
+def test_stalled_upstream_fails_the_package_and_stores_nothing(
+    impatient_cache: PackageCache, package_set: PackageSet, world: World
+) -> None:
+    netns, upstream = impatient_cache.netns, impatient_cache.internet.upstream
+    assert cache_get(netns, VAULT, C7_PATH + "repodata/repomd.xml")[0] == 200
+    upstream.stall["/" + package_set.lib.filename] = 5
+    path = C7_PATH + world.repos[C7_OS].packages[package_set.lib.filename]
+    status, _, body = cache_get(netns, VAULT, path)
+    assert status in (502, 503) and package_set.lib.filename.encode() in body
+    assert not impatient_cache.stored(package_set.lib)
+    failed = impatient_cache.events("content_fetch_failed")
+    assert len(failed) == 1 and failed[0]["digest"] == f"sha256:{package_set.lib.sha256}"
+    # The upstream speaks again: the next request fetches and verifies it.
+    del upstream.stall["/" + package_set.lib.filename]
+    status, _, body = cache_get(netns, VAULT, path)
+    assert (status, body) == (200, package_set.lib.path.read_bytes())
+    assert impatient_cache.stored(package_set.lib)

@@ -205,6 +205,13 @@ STREAM9_BASEOS = "mirror.stream.centos.org/9-stream/BaseOS/x86_64/os"
 EPEL9 = "dl.fedoraproject.org/pub/epel/9/Everything/x86_64"
 
 
+GPG_KEY = (
+    "-----BEGIN PGP PUBLIC KEY BLOCK-----\nVersion: GnuPG v1.4.5 (GNU/Linux)\n\n"
+    "mQINBFOn/0sBEADLDyZ+DQHkcTHDQSE0a0B2iYAEXwpPvs67cJ4tmhe/iMOyVMh9\n"
+    "-----END PGP PUBLIC KEY BLOCK-----\n"
+)
+
+
 @dataclass(frozen=True)
 class World:
     """The upstream trees by `host/path`, plus second generations for the change tests."""
@@ -233,4 +240,6 @@ def build_world(workdir: Path, packages: PackageSet) -> World:
         )
     for location in C7_EMPTY:
         repos[location] = make_repo(root / location, [], **styles[C7_OS])  # type: ignore[arg-type]
+    # What a distribution tree holds beside its repositories: keys, installer metadata.
+    (root / C7_OS / "RPM-GPG-KEY-CentOS-7").write_text(GPG_KEY)
     return World(root, repos, next_generation)
