@@ -285,6 +285,35 @@ def test_issue_from_zones_takes_the_names_pointing_at_the_cache(
 
 
 @pytest.mark.parametrize(
+    ("zones", "address"),
+    [("zones", "127.0.0.1"), ("packaging/config/zones", "10.0.0.5")],
+    ids=["zones-example", "packaged-sample"],
+)
+def test_issue_from_the_shipped_zones_covers_the_package_hosts(
+    ca_dir: Path, tmp_path: Path, zones: str, address: str
+) -> None:
+    """The shipped example zones point Docker Hub and every package host (the mirrorlist
+    and metalink hosts, the repositories they name) at the cache: one `ca issue
+    --from-zones` certificate then covers the HTTPS ones dnf asks (mirrors.centos.org,
+    mirror.stream.centos.org, ...). Fails on the zones before issue 12 (two names)."""
+    out = str(tmp_path / "cache")
+    root = Path(__file__).resolve().parent.parent
+    command = ["ca", "issue", "--dir", str(ca_dir), "--from-zones", str(root / zones)]
+    assert main([*command, "--out", out, "--cache-address", address]) == 0
+    cert = _cert(tmp_path / "cache.crt")
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert sorted(sans.get_values_for_type(x509.DNSName)) == [
+        "dl.fedoraproject.org",
+        "mirror.stream.centos.org",
+        "mirrorlist.centos.org",
+        "mirrors.centos.org",
+        "mirrors.fedoraproject.org",
+        "registry-1.docker.io",
+        "vault.centos.org",
+    ]
+
+
+@pytest.mark.parametrize(
     ("extra", "message"),
     [
         ([], "--from-zones needs --cache-address"),

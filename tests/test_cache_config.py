@@ -124,3 +124,57 @@ def test_check_cache_config_and_its_old_name(tmp_path: Path) -> None:
         )
         assert (result.returncode, result.stderr) == (0, "")
         assert result.stdout.startswith("ok: cache: listen 127.0.0.1:5001, 2 registry upstreams")
+
+
+def test_package_rules_and_their_problems(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "cache.yaml",
+        """\
+packages:
+  mirrorlist:
+    preset: none
+    vault_url: http://vault.ci.example/centos
+    rules:
+      - release: 7
+        repo: [OS, updates]
+        urls: ["http://m.ci.example/$release/$repo/$basearch/"]
+      - arch: []
+        urls: ["ftp://m.ci.example/", "http://m.ci.example/$os/"]
+      - release: [true]
+  metalink:
+    hosts: [Mirrors.Example.org.]
+    presets: [epel, rhel]
+    rules:
+      - repo: epel-9
+        url: https://mirror.ci.example/epel/$arch/
+      - repo: x
+""",
+    )
+    found = [line.split(": ", 1)[1] for line in problems(path)]
+    assert found == [
+        "packages: mirrorlist: vault_url: 'http://vault.ci.example/centos' must end in '/' "
+        "(a repository's base URL)",
+        "packages: mirrorlist: rules[1]: arch: expected at least one name "
+        "(leave the key out to match any)",
+        "packages: mirrorlist: rules[1]: urls: expected an http(s):// URL, not 'ftp://m.ci.example/'",
+        "packages: mirrorlist: rules[1]: urls: unknown variable $os in "
+        "'http://m.ci.example/$os/' (known: $release, $repo, $arch, $basearch)",
+        "packages: mirrorlist: rules[2]: 'urls' is required",
+        "packages: mirrorlist: rules[2]: release: expected a name, not True",
+        "packages: metalink: presets: unknown preset 'rhel' (known: centos-stream, epel, fedora)",
+        "packages: metalink: rules[1]: 'url' is required",
+    ]
+    good = path.read_text().split("      - arch: []")[0] + "  metalink:\n    presets: [epel]\n"
+    path.write_text(good.replace("/centos\n", "/centos/\n"))
+    packages = cache_config.load(path).packages
+    (rule,) = packages.mirrorlist.rules
+    assert (rule.releases, rule.repos, rule.arches) == (
+        frozenset({"7"}),
+        frozenset({"os", "updates"}),
+        None,
+    )
+    assert packages.mirrorlist.preset is None
+    assert packages.mirrorlist.vault_url == "http://vault.ci.example/centos/"
+    assert packages.metalink.presets == ("epel",)
+    assert packages.metalink.hosts == ("mirrors.centos.org", "mirrors.fedoraproject.org")

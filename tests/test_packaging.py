@@ -17,6 +17,7 @@ from peers import dnsmasq, dnsoverride_serve, free_port
 
 from dnsoverride.ca import names_from_zones
 from dnsoverride.cache import config as cache_config
+from dnsoverride.cache.packages import config as packages_config
 from dnsoverride.cache.registry import config as registry_config
 from dnsoverride.cli import build_parser
 from dnsoverride.dns import config as serve_config
@@ -28,6 +29,16 @@ UNITS = PACKAGING / "systemd"
 UNIT_FILES = sorted([*UNITS.glob("*.service"), *UNITS.glob("*.socket")])
 SERVICES = [path for path in UNIT_FILES if path.suffix == ".service"]
 CONFIG = PACKAGING / "config"
+# The package hosts the example zones point at the cache: what the mirrorlist and
+# metalink clients ask, and the repositories their answers name (which the repository
+# cache routes: REPOSITORY_HOSTS).
+REPOSITORY_HOSTS = {"vault.centos.org", "mirror.stream.centos.org", "dl.fedoraproject.org"}
+PACKAGE_HOSTS = {
+    "mirrorlist.centos.org",
+    "mirrors.centos.org",
+    "mirrors.fedoraproject.org",
+    *REPOSITORY_HOSTS,
+}
 
 needs_systemd = pytest.mark.skipif(
     shutil.which("systemd-analyze") is None, reason="needs systemd-analyze"
@@ -147,10 +158,51 @@ def test_socket_passes_udp_before_tcp_on_port_53() -> None:
     assert _unit(UNITS / "dnsoverride.service")["Unit"]["Requires"] == "dnsoverride.socket"
 
 
-def test_registry_keeps_its_blobs_in_the_cache_directory() -> None:
-    section = _unit(UNITS / "dnsoverride-registry.service")["Service"]
+def test_cache_keeps_its_store_in_the_cache_directory() -> None:
+    """The store directory keeps its name from before the cache served packages, so an
+    upgraded host's store carries over."""
+    section = _unit(UNITS / "dnsoverride-cache.service")["Service"]
     store = Path("/var/cache") / section["CacheDirectory"]
-    assert cache_config.load(CONFIG / "registry.yaml").storage == store
+    assert store == Path("/var/cache/dnsoverride/registry")
+    assert cache_config.load(CONFIG / "cache.yaml").storage == store
+    assert "--config /etc/dnsoverride/cache.yaml" in section["ExecStart"]
+
+
+@pytest.mark.skipif(shutil.which("systemctl") is None, reason="needs systemctl")
+def test_registry_unit_name_is_an_alias_of_the_cache(tmp_path: Path) -> None:
+    """dnsoverride-registry.service keeps working: enabling the cache links its old name
+    too (Alias=), and the packaged unit-file symlink (the RPM's) is that same unit."""
+    unit_dir = tmp_path / "usr/lib/systemd/system"
+    unit_dir.mkdir(parents=True)
+    (unit_dir / "dnsoverride-cache.service").write_text(
+        (UNITS / "dnsoverride-cache.service").read_text()
+    )
+    (unit_dir / "dnsoverride-registry.service").symlink_to("dnsoverride-cache.service")
+    spec = (PACKAGING / "rpm" / "dnsoverride.spec").read_text()
+    assert (
+        "ln -s dnsoverride-cache.service %{buildroot}%{_unitdir}/dnsoverride-registry.service"
+        in spec
+    )
+
+    def systemctl(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["systemctl", f"--root={tmp_path}", *argv],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=60,
+        )
+
+    enabled = systemctl("enable", "dnsoverride-registry.service")
+    assert enabled.returncode == 0, enabled.stderr
+    etc = tmp_path / "etc/systemd/system"
+    wanted = etc / "multi-user.target.wants" / "dnsoverride-cache.service"
+    assert wanted.is_symlink()
+    assert systemctl("is-enabled", "dnsoverride-cache.service").stdout.strip() == "enabled"
+    assert systemctl("is-enabled", "dnsoverride-registry.service").stdout.strip() in (
+        "alias",
+        "enabled",
+    )
 
 
 @pytest.mark.skipif(
@@ -218,24 +270,32 @@ def test_dnsoverride_yaml_parses_with_the_serve_config_loader(tmp_path: Path) ->
     assert zones.load_zone_set(loaded.zones, loaded.view_selectors()).names()
 
 
-def test_registry_yaml_parses_with_the_registry_config_loader() -> None:
-    path = CONFIG / "registry.yaml"
+def test_cache_yaml_parses_with_the_cache_config_loader() -> None:
+    path = CONFIG / "cache.yaml"
     loaded = cache_config.load(path)
     assert loaded.metrics is not None
     assert loaded.budget is not None
+    assert loaded.registry.upstreams[0].name == "registry-1.docker.io"
+    assert loaded.packages.mirrorlist.preset == "centos-vault"
+    # Every setting the daemon knows is documented in the shipped file.
     documented = _documented_keys(path)
     known = {
-        *cache_config.SHARED_KEYS,
-        *registry_config.REGISTRY_KEYS,
-        *registry_config.UPSTREAM_KEYS,
+        *cache_config.TOP_KEYS,
         *cache_config.TLS_KEYS,
+        *registry_config.UPSTREAM_KEYS,
+        *registry_config.CLIENTS_KEYS,
+        *packages_config.PACKAGES_KEYS,
+        *packages_config.MIRRORLIST_KEYS,
+        *packages_config.MIRROR_RULE_KEYS,
+        *packages_config.METALINK_KEYS,
+        *packages_config.METALINK_RULE_KEYS,
     }
     assert known - documented == set()
 
 
 def test_example_zone_loads() -> None:
     loaded = zones.load_zone_set(CONFIG / "zones")
-    assert loaded.names() == {"registry-1.docker.io", "mirrorlist.centos.org", "*.apps.ci.example"}
+    assert loaded.names() == {"registry-1.docker.io", *PACKAGE_HOSTS, "*.apps.ci.example"}
     assert [gated.name for gated in loaded.health_gated()] == ["registry-1.docker.io"]
 
 
@@ -256,8 +316,8 @@ def test_packaged_cache_config_serves_what_the_zone_sample_points_at(tmp_path: P
     sample = zones.load_zone_set(CONFIG / "zones")
     (gated,) = sample.health_gated()
     assert gated.check.kind == "https"
-    text = (CONFIG / "registry.yaml").read_text()
-    path = tmp_path / "registry.yaml"
+    text = (CONFIG / "cache.yaml").read_text()
+    path = tmp_path / "cache.yaml"
     path.write_text(_uncommented(text, "tls"))
     cache = cache_config.load(path)
     assert cache.tls_listen is not None
@@ -267,8 +327,10 @@ def test_packaged_cache_config_serves_what_the_zone_sample_points_at(tmp_path: P
     issue = re.search(r"--cache-address (\S+)", text)
     assert issue and issue.group(1) == host
     certified = names_from_zones(CONFIG / "zones", [ipaddress.ip_address(host)])
-    assert certified == [gated.name]
+    assert certified == sorted([gated.name, *PACKAGE_HOSTS])
     routed = {name for upstream in cache.registry.upstreams for name in upstream.hosts}
+    routed |= {*cache.packages.mirrorlist.hosts, *cache.packages.metalink.hosts}
+    routed |= REPOSITORY_HOSTS
     assert set(certified) <= routed
 
 
@@ -297,7 +359,8 @@ def test_packaged_config_and_example_zone_serve(tmp_path: Path) -> None:
     ):
         (rrset,) = server.query("registry-1.docker.io").answer
         assert str(rrset[0]) == "127.0.0.5"
-        (rrset,) = server.query("mirrorlist.centos.org").answer
-        assert str(rrset[0]) == "127.0.0.6"
+        for name in PACKAGE_HOSTS:
+            (rrset,) = server.query(name).answer
+            assert str(rrset[0]) == "127.0.0.5"
         (rrset,) = server.query("forwarded.test").answer
         assert str(rrset[0]) == "192.0.2.1"

@@ -50,13 +50,22 @@ def _host(value: Any) -> str:
     return value.lower().rstrip(".")
 
 
+def _word(value: Any) -> str:
+    """A release, repo or arch name; a whole number is one too (`release: 7`)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, str) or not value:
+        raise GrammarError(f"expected a name, not {brief(value)}")
+    return value
+
+
 def _words(section: Section, key: str, *, fold: bool = False) -> frozenset[str] | None:
     """A rule's match list (None: the key is absent, every value matches)."""
-    values = section.strings(key)
+    values = section.each(key, _word)
     if values is None:
         return None
-    if not values or any(not value for value in values):
-        section.problem(key, "expected non-empty names (leave the key out to match any)")
+    if not values:
+        section.problem(key, "expected at least one name (leave the key out to match any)")
         return None
     return frozenset(value.lower() if fold else value for value in values)
 
