@@ -53,6 +53,17 @@ def netns_unsupported() -> str | None:
     return None
 
 
+def join_netns(name: str) -> None:
+    """Move the calling thread into network namespace `name` (setns is per thread)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(f"/run/netns/{name}", os.O_RDONLY)
+    try:
+        if libc.setns(fd, CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), "setns failed")
+    finally:
+        os.close(fd)
+
+
 class Netns:
     def __init__(self, name: str) -> None:
         self.name = name
@@ -97,13 +108,7 @@ class Netns:
 
         def inside() -> None:
             try:
-                libc = ctypes.CDLL(None, use_errno=True)
-                fd = os.open(f"/run/netns/{self.name}", os.O_RDONLY)
-                try:
-                    if libc.setns(fd, CLONE_NEWNET) != 0:
-                        raise OSError(ctypes.get_errno(), "setns failed")
-                finally:
-                    os.close(fd)
+                join_netns(self.name)
                 outcome["value"] = fn(*args)
             except BaseException as error:
                 outcome["error"] = error

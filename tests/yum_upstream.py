@@ -31,9 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import hashlib
-import os
 import re
 import ssl
 import threading
@@ -46,10 +44,11 @@ from typing import Any
 
 from aiohttp import web
 
+from tests.transparent_netns import join_netns
+
 LOGIN_PAGE = (
     b"<!DOCTYPE html><html><head><title>Sign in</title></head><body>Wi-Fi login</body></html>"
 )
-CLONE_NEWNET = 0x40000000
 TYPES = {".rpm": "application/x-rpm", ".xml": "text/xml"}
 
 
@@ -300,17 +299,6 @@ def not_modified_since(header: str | None, mtime: float) -> bool:
     with contextlib.suppress(TypeError, ValueError):
         return int(mtime) <= parsedate_to_datetime(header).timestamp()
     return False
-
-
-def join_netns(name: str) -> None:
-    """Move the calling thread into network namespace `name` (setns is per thread)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    fd = os.open(f"/run/netns/{name}", os.O_RDONLY)
-    try:
-        if libc.setns(fd, CLONE_NEWNET) != 0:
-            raise OSError(ctypes.get_errno(), "setns failed")
-    finally:
-        os.close(fd)
 
 
 def metalink_for(repomd: bytes, url: str) -> bytes:
