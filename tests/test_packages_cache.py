@@ -30,6 +30,7 @@ from pathlib import Path
 import pytest
 
 from tests.dnf_client import CENTOS7_BASE_REPO, EPEL9_REPO, STREAM9_CENTOS_REPO, Client
+from tests.test_registry_diskfull import tmpfs
 from tests.transparent_netns import Netns
 from tests.yum_fixtures import CACHE, DNS, PACKAGE_HOSTS, UPSTREAM_DNS, PackageInternet
 from tests.yum_repos import C7_OS, PackageSet, Rpm, World
@@ -460,3 +461,31 @@ def test_stalled_upstream_fails_the_package_and_stores_nothing(
     status, _, body = cache_get(netns, VAULT, path)
     assert (status, body) == (200, package_set.lib.path.read_bytes())
     assert impatient_cache.stored(package_set.lib)
+
+
+@pytest.fixture
+def small_disk_cache(tmp_path: Path, package_internet: PackageInternet) -> Iterator[PackageCache]:
+    """A cache whose store is a 3 MB tmpfs: room for the metadata, not for a big package."""
+    with tmpfs(tmp_path / "store", "3m"):
+        yield from make_cache(tmp_path, package_internet)
+
+
+def test_disk_full_mid_package_cuts_the_client_short_and_stores_nothing(
+    small_disk_cache: PackageCache, package_set: PackageSet, world: World
+) -> None:
+    netns = small_disk_cache.netns
+    assert cache_get(netns, VAULT, C7_PATH + "repodata/repomd.xml")[0] == 200
+    big = package_set.big[2]
+    path = C7_PATH + world.repos[C7_OS].packages[big.filename]
+    # The store takes bytes as they land: the disk fills mid-download, so the client's
+    # response (200, sent as bytes arrived) is cut short before its end.
+    with pytest.raises(http.client.IncompleteRead):
+        cache_get(netns, VAULT, path)
+    assert not small_disk_cache.stored(big)
+    failed = small_disk_cache.events("store_write_failed")
+    assert len(failed) == 1 and big.sha256 in str(failed[0]["digest"])
+    assert not [p for p in (small_disk_cache.storage / "tmp").iterdir()]
+    # What fits still does.
+    small = C7_PATH + world.repos[C7_OS].packages[package_set.hello.filename]
+    status, _, body = cache_get(netns, VAULT, small)
+    assert (status, body) == (200, package_set.hello.path.read_bytes())
