@@ -106,16 +106,24 @@ class RepositoriesConfig:
         if ttl is not None:
             values["metadata_ttl"] = ttl
         if "upstreams" in section:
-            upstreams = [
-                upstream
-                for item in section.sections("upstreams", UPSTREAM_KEYS)
-                if (upstream := RepositoryUpstream.read(item)) is not None
-            ]
-            names = [upstream.name for upstream in upstreams]
-            for duplicate in sorted({name for name in names if names.count(name) > 1}):
-                section.problem("upstreams", f"two upstreams are named {duplicate!r}")
-            places = [(host, u.prefix) for u in upstreams for host in sorted(u.hosts)]
-            for host, prefix in sorted({p for p in places if places.count(p) > 1}):
-                section.problem("upstreams", f"two upstreams serve {host}{prefix}")
-            values["upstreams"] = tuple(upstreams)
+            values["upstreams"] = _upstreams(section)
         return cls(**values)  # type: ignore[arg-type]
+
+
+def _upstreams(section: Section) -> tuple[RepositoryUpstream, ...]:
+    """The `upstreams:` list; a name, or a host and prefix, used twice is a problem at the
+    later item's line."""
+    upstreams: list[RepositoryUpstream] = []
+    taken: dict[str, int] = {}
+    for item in section.sections("upstreams", UPSTREAM_KEYS):
+        upstream = RepositoryUpstream.read(item)
+        if upstream is None:
+            continue
+        places = [upstream.name] + [f"{host}{upstream.prefix}" for host in sorted(upstream.hosts)]
+        for index, place in enumerate(places):
+            if place in taken:
+                what = f"name {place!r}" if index == 0 else place
+                item.add(item.line, f"{what} is taken (line {taken[place]})")
+            taken.setdefault(place, item.line)
+        upstreams.append(upstream)
+    return tuple(upstreams)
