@@ -409,6 +409,10 @@ class RepositoryCache:
                 repository.refresh.add_done_callback(lambda _: _clear_refresh(repository))
             await asyncio.shield(repository.refresh)
         if repository.served is None:
+            # Nothing kept for a root that has nothing to serve: requests for made-up
+            # paths do not pile up state.
+            if repository.refresh is None:
+                self.repositories.pop((upstream.name, root), None)
             raise RepositoryUnavailableError(
                 f"{upstream.name}/{root}{REPOMD}: {repository.failure or 'not available'}"
             )
