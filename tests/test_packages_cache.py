@@ -29,7 +29,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.dnf_client import CENTOS7_BASE_REPO, EPEL9_REPO, STREAM9_CENTOS_REPO, Client
+from tests.dnf_client import (
+    CENTOS7_BASE_REPO,
+    EPEL9_REPO,
+    FEDORA41_REPO,
+    STREAM9_CENTOS_REPO,
+    Client,
+)
 from tests.test_registry_diskfull import tmpfs
 from tests.transparent_netns import Netns
 from tests.yum_fixtures import CACHE, DNS, PACKAGE_HOSTS, UPSTREAM_DNS, PackageInternet
@@ -82,6 +88,10 @@ class PackageCache:
 
     def epel9(self, name: str) -> Client:
         return Client(self.tmp / name, "9", {"epel.repo": EPEL9_REPO}, ca=self.internet.ca_cert)
+
+    def fedora41(self, name: str) -> Client:
+        repos = {"fedora.repo": FEDORA41_REPO}
+        return Client(self.tmp / name, "41", repos, ca=self.internet.ca_cert)
 
 
 def start_cache_process(netns: Netns, config: Path, log: Path, ca: Path) -> subprocess.Popen[bytes]:
@@ -189,7 +199,7 @@ def test_centos7_unchanged_repo_file_installs_through_the_cache(
     assert [r.path for r in upstream.requests[before:] if r.host == "vault.centos.org"] == []
 
 
-def test_stream9_and_epel9_metalinks_over_https_install(
+def test_stream9_epel9_fedora41_metalinks_over_https_install(
     package_cache: PackageCache, package_set: PackageSet
 ) -> None:
     stream = package_cache.stream9("stream")
@@ -203,6 +213,15 @@ def test_stream9_and_epel9_metalinks_over_https_install(
     ok(epel.install(package_cache.netns, "ci-big-0"))
     assert nevra(package_set.big[0]) in epel.installed()
     assert package_cache.stored(package_set.big[0], "sha512")
+    fedora = package_cache.fedora41("fedora")  # zstd metadata, parsed by the cache too
+    ok(fedora.install(package_cache.netns, "ci-app"))
+    assert {nevra(package_set.app), nevra(package_set.lib)} <= fedora.installed()
+    updated = package_cache.events("repository_updated")
+    assert any(
+        event["repository"] == "fedora/fedora/linux/releases/41/Everything/x86_64/os/"
+        and event["packages"] == len(package_set.all_v1())
+        for event in updated
+    )
 
 
 def test_wrong_package_bytes_fail_the_client_and_store_nothing(

@@ -12,7 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.dnf_client import CENTOS7_BASE_REPO, EPEL9_REPO, STREAM9_CENTOS_REPO, Client
+from tests.dnf_client import (
+    CENTOS7_BASE_REPO,
+    EPEL9_REPO,
+    FEDORA41_REPO,
+    STREAM9_CENTOS_REPO,
+    Client,
+)
 from tests.yum_fixtures import PackageInternet
 from tests.yum_repos import C7_OS, PackageSet, World
 
@@ -46,6 +52,15 @@ def test_stock_repo_files_install_straight_from_the_fake_upstream(
     assert result.returncode == 0, result.stdout + result.stderr
     assert nevra(package_set.big[0]) <= epel.installed()
     assert upstream.count(f"/Packages/c/{package_set.big[0].filename}") == 1
+
+    # Fedora-style: zstd-compressed metadata (createrepo_c >= 1.0), Packages/<letter>/.
+    fedora = Client(
+        tmp_path / "fedora", "41", {"fedora.repo": FEDORA41_REPO}, ca=package_internet.ca_cert
+    )
+    ok = fedora.install(netns, "ci-app")
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert nevra(package_set.app, package_set.lib) <= fedora.installed()
+    assert upstream.count("-primary.xml.zst") == 1
 
 
 def test_dnf_itself_rejects_what_a_lying_upstream_serves(

@@ -18,6 +18,7 @@ Nothing here is a stand-in: dnf reads these repositories exactly as it reads the
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import shutil
 import subprocess
@@ -25,6 +26,8 @@ import textwrap
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import zstandard
 
 REPO_NS = "{http://linux.duke.edu/metadata/repo}"
 
@@ -203,6 +206,33 @@ C7_OS = "vault.centos.org/7.9.2009/os/x86_64"
 C7_EMPTY = ("vault.centos.org/7.9.2009/updates/x86_64", "vault.centos.org/7.9.2009/extras/x86_64")
 STREAM9_BASEOS = "mirror.stream.centos.org/9-stream/BaseOS/x86_64/os"
 EPEL9 = "dl.fedoraproject.org/pub/epel/9/Everything/x86_64"
+FEDORA41 = "dl.fedoraproject.org/pub/fedora/linux/releases/41/Everything/x86_64/os"
+
+
+def zstd_metadata(repo: Repo) -> Repo:
+    """Recompress a repository's XML metadata with zstd, as createrepo_c >= 1.0 writes it
+    for Fedora (Debian's createrepo_c 0.17 cannot): new file names, checksums and sizes in
+    repomd.xml, edited as text so that everything else stays byte for byte."""
+    text = repo.repomd.decode()
+    for kind in ("primary", "filelists", "other"):
+        entry = repo.data()[kind]
+        old = repo.root / entry.href
+        data = zstandard.ZstdCompressor().compress(gzip.decompress(old.read_bytes()))
+        digest = hashlib.new(entry.checksum_type, data).hexdigest()
+        href = f"repodata/{digest}-{kind}.xml.zst"
+        (repo.root / href).write_bytes(data)
+        old.unlink()
+        start = text.index(f'<data type="{kind}">')
+        end = text.index("</data>", start)
+        block = (
+            text[start:end]
+            .replace(entry.href, href)  # (before the checksum: the name holds it too)
+            .replace(entry.checksum, digest)
+            .replace(f"<size>{entry.size}</size>", f"<size>{len(data)}</size>")
+        )
+        text = text[:start] + block + text[end:]
+    (repo.root / "repodata" / "repomd.xml").write_text(text)
+    return repo
 
 
 GPG_KEY = (
@@ -238,6 +268,8 @@ def build_world(workdir: Path, packages: PackageSet) -> World:
             [*packages.all_v1(), packages.hello_v2],
             **style,  # type: ignore[arg-type]
         )
+    fedora = make_repo(root / FEDORA41, packages.all_v1(), database=False, letter_dirs=True)
+    repos[FEDORA41] = zstd_metadata(fedora)
     for location in C7_EMPTY:
         repos[location] = make_repo(root / location, [], **styles[C7_OS])  # type: ignore[arg-type]
     # What a distribution tree holds beside its repositories: keys, installer metadata.

@@ -227,6 +227,8 @@ class YumUpstream:
             location = f"mirror.stream.centos.org/9-stream/BaseOS/{arch}/os"
         elif repo == "epel-9":
             location = f"dl.fedoraproject.org/pub/epel/9/Everything/{arch}"
+        elif repo == "fedora-41":
+            location = f"dl.fedoraproject.org/pub/fedora/linux/releases/41/Everything/{arch}/os"
         else:
             return self._record(host, full, web.Response(status=404, text="no such repo\n"), 13)
         host_part, _, path_part = location.partition("/")
