@@ -12,14 +12,20 @@ real repository cache lives with repos.py's tests).
 from __future__ import annotations
 
 import hashlib
+import http.client
+import json
 import logging
+import socket
+import ssl
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from xml.etree import ElementTree
 
 import aiohttp
 import pytest
 from aiohttp import web
+from registry_peers import CacheProcess
 from structlog.testing import capture_logs
 
 from dnsoverride.cache.accesslog import AccessLogger
@@ -33,6 +39,7 @@ from dnsoverride.cache.packages.metalink import (
     repomd_timestamp,
 )
 from dnsoverride.cache.packages.refusal import NoAnswerError
+from dnsoverride.cli import main
 
 ML = "{http://www.metalinker.org/}"
 MM0 = "{http://fedorahosted.org/mirrormanager}"
@@ -300,3 +307,49 @@ async def test_nothing_to_serve_is_a_503_with_the_reason(serving: tuple[str, Sou
     assert (status, body) == (503, f"{EPEL9}: upstream unreachable and nothing cached\n")
     (line,) = [entry for entry in logs if entry["event"] == "request"]
     assert line["error_code"] == "UNAVAILABLE"
+
+
+def test_the_cache_answers_the_metalink_hosts_over_https(tmp_path: Path) -> None:
+    """`dnsoverride cache` as a real process with a certificate from `ca issue
+    --from-zones` over the shipped example zones: a client trusting only that CA reaches
+    mirrors.fedoraproject.org and mirrors.centos.org by SNI and Host; an unknown repo is
+    MirrorManager's 404 with its reason, in the access log."""
+    root = Path(__file__).resolve().parent.parent
+    ca_dir = tmp_path / "ca"
+    assert main(["ca", "init", "--dir", str(ca_dir)]) == 0
+    out = tmp_path / "cache"
+    command = ["ca", "issue", "--dir", str(ca_dir), "--from-zones", str(root / "zones")]
+    assert main([*command, "--cache-address", "127.0.0.1", "--out", str(out)]) == 0
+    config = {"tls": {"cert": f"{out}.crt", "key": f"{out}.key"}}
+    cache = CacheProcess(tmp_path / "store", "", config=config, command="cache").start()
+    context = ssl.create_default_context(cafile=str(ca_dir / "ca.crt"))
+    try:
+        for host in ("mirrors.fedoraproject.org", "mirrors.centos.org"):
+            status, body = https_get(cache.port, host, "/metalink?repo=epel-6&arch=x86_64", context)
+            assert (status, body) == (
+                404,
+                "repo = epel-6 arch = x86_64 error: invalid repo or arch\n",
+            )
+        line = cache.wait_log('"METALINK_UNKNOWN"')[0]
+        assert json.loads(line)["path"] == "/metalink?repo=epel-6&arch=x86_64"
+        # The same listener, another name of the certificate: the mirror list.
+        status, body = https_get(
+            cache.port, "mirrorlist.centos.org", "/?release=8&arch=aarch64&repo=BaseOS", context
+        )
+        assert (status, body) == (200, "http://vault.centos.org/8.5.2111/BaseOS/aarch64/os/\n")
+    finally:
+        cache.stop()
+
+
+def https_get(port: int, host: str, path: str, context: ssl.SSLContext) -> tuple[int, str]:
+    """GET over TLS to 127.0.0.1:`port` as the client of `host` would (SNI and Host)."""
+    connection = http.client.HTTPSConnection("127.0.0.1", port, timeout=30, context=context)
+    try:
+        connection._tunnel_host = None
+        sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        connection.sock = context.wrap_socket(sock, server_hostname=host)
+        connection.request("GET", path, headers={"Host": host})
+        response = connection.getresponse()
+        return response.status, response.read().decode()
+    finally:
+        connection.close()
