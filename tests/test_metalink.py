@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import http.client
 import json
-import logging
 import socket
 import ssl
 from collections.abc import AsyncIterator, Sequence
@@ -22,14 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from xml.etree import ElementTree
 
-import aiohttp
 import pytest
-from aiohttp import web
+from cache_routes import get
+from cache_routes import serving as serving_routes
 from registry_peers import CacheProcess
 from structlog.testing import capture_logs
 
-from dnsoverride.cache.accesslog import AccessLogger
-from dnsoverride.cache.app import Order, Route, Router, build_app
+from dnsoverride.cache.app import Order, Route
 from dnsoverride.cache.fetch import FetchError
 from dnsoverride.cache.packages.config import MetalinkConfig, MetalinkRule
 from dnsoverride.cache.packages.metalink import (
@@ -230,26 +228,14 @@ def test_yums_checks_pass() -> None:
 async def serving() -> AsyncIterator[tuple[str, Source]]:
     source = Source({EPEL9: [repomd(5, 1795969900), repomd(4, 1795969800)]})
     route = Route("metalink", Order.METALINK, Metalink(MetalinkConfig(), source).handle)
-    runner = web.AppRunner(
-        build_app(Router([route])),
-        access_log=logging.getLogger("test.access"),
-        access_log_class=AccessLogger,
-    )
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    yield f"http://127.0.0.1:{runner.addresses[0][1]}", source
-    await runner.cleanup()
-
-
-async def _get(url: str) -> tuple[int, str, str]:
-    async with aiohttp.ClientSession() as session, session.get(url) as response:
-        return response.status, response.content_type, await response.text()
+    async with serving_routes([route]) as base_url:
+        yield base_url, source
 
 
 async def test_epel_9_metalink_as_dnf_asks_it(serving: tuple[str, Source]) -> None:
     base_url, source = serving
     query = "/metalink?repo=epel-9&arch=x86_64&infra=stock&content=centos&countme=2"
-    status, content_type, text = await _get(base_url + query)
+    status, content_type, text = await get(base_url + query)
     assert (status, content_type) == (200, CONTENT_TYPE)
     assert source.asked == [EPEL9]
     file = next(ElementTree.fromstring(text).iter(f"{ML}file"))
@@ -294,7 +280,7 @@ async def test_no_answer_is_a_404_with_the_reason_logged(
 ) -> None:
     base_url, _ = serving
     with capture_logs() as logs:
-        assert await _get(base_url + query) == (status, "text/plain", reason + "\n")
+        assert await get(base_url + query) == (status, "text/plain", reason + "\n")
     (line,) = [entry for entry in logs if entry["event"] == "request"]
     assert (line["status"], line["error_code"], line["error"]) == (status, code, reason)
 
@@ -303,7 +289,7 @@ async def test_nothing_to_serve_is_a_503_with_the_reason(serving: tuple[str, Sou
     base_url, source = serving
     source.down = True
     with capture_logs() as logs:
-        status, _, body = await _get(base_url + "/metalink?repo=epel-9&arch=x86_64")
+        status, _, body = await get(base_url + "/metalink?repo=epel-9&arch=x86_64")
     assert (status, body) == (503, f"{EPEL9}: upstream unreachable and nothing cached\n")
     (line,) = [entry for entry in logs if entry["event"] == "request"]
     assert line["error_code"] == "UNAVAILABLE"
