@@ -268,11 +268,12 @@ async def test_epel_9_metalink_as_dnf_asks_it(serving: tuple[str, Source]) -> No
             f"no upstream repository is configured for {PUB}epel/8/Everything/x86_64/",
         ),
         (
-            "/mirrorlist?repo=epel-9&arch=x86_64",
+            "/repodata/repomd.xml?repo=epel-9&arch=x86_64",
             404,
             "METALINK_UNKNOWN",
-            "no metalink at /mirrorlist: ask /metalink?repo=R&arch=A",
+            "no metalink at /repodata/repomd.xml: ask /metalink?repo=R&arch=A",
         ),
+        ("/mirrorlist?repo=epel-6&arch=x86_64", 404, "METALINK_UNKNOWN", "repo = epel-6 arch"),
     ],
 )
 async def test_no_answer_is_a_404_with_the_reason_logged(
@@ -280,9 +281,21 @@ async def test_no_answer_is_a_404_with_the_reason_logged(
 ) -> None:
     base_url, _ = serving
     with capture_logs() as logs:
-        assert await get(base_url + query) == (status, "text/plain", reason + "\n")
+        answered, content_type, body = await get(base_url + query)
+    assert (answered, content_type) == (status, "text/plain")
+    assert body.startswith(reason) and body.count("\n") == 1
     (line,) = [entry for entry in logs if entry["event"] == "request"]
-    assert (line["status"], line["error_code"], line["error"]) == (status, code, reason)
+    assert (line["status"], line["error_code"], line["error"]) == (status, code, body.strip())
+
+
+async def test_the_mirrorlist_form_answers_the_base_url(serving: tuple[str, Source]) -> None:
+    """`mirrorlist=https://mirrors.fedoraproject.org/mirrorlist?repo=epel-9&arch=...`
+    (older repo files) gets the repository's base URL, one line, without asking the
+    repository cache."""
+    base_url, source = serving
+    answer = await get(base_url + "/mirrorlist?repo=epel-9&arch=x86_64")
+    assert answer == (200, "text/plain", EPEL9 + "\n")
+    assert source.asked == []
 
 
 async def test_nothing_to_serve_is_a_503_with_the_reason(serving: tuple[str, Source]) -> None:
