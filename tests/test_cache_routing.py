@@ -3,16 +3,14 @@ in the design's order; anything else is a 404 with a one-line reason, in the acc
 
 from __future__ import annotations
 
-import logging
 from collections.abc import AsyncIterator
 
-import aiohttp
 import pytest
 from aiohttp import web
+from cache_routes import get, serving
 from structlog.testing import capture_logs
 
-from dnsoverride.cache.accesslog import AccessLogger
-from dnsoverride.cache.app import Order, Route, Router, build_app, host_name
+from dnsoverride.cache.app import Order, Route, host_name
 
 
 def _answer(name: str) -> web.Response:
@@ -44,25 +42,13 @@ ROUTES = [
 
 @pytest.fixture
 async def base_url() -> AsyncIterator[str]:
-    runner = web.AppRunner(
-        build_app(Router(ROUTES)),
-        access_log=logging.getLogger("test.access"),
-        access_log_class=AccessLogger,
-    )
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    yield f"http://127.0.0.1:{port}"
-    await runner.cleanup()
+    async with serving(ROUTES) as url:
+        yield url
 
 
 async def _get(base_url: str, host: str, path: str) -> tuple[int, str]:
-    async with (
-        aiohttp.ClientSession() as session,
-        session.get(base_url + path, headers={"Host": host}) as response,
-    ):
-        return response.status, await response.text()
+    status, _, body = await get(base_url + path, host)
+    return status, body
 
 
 @pytest.mark.parametrize(

@@ -12,18 +12,22 @@ real repository cache lives with repos.py's tests).
 from __future__ import annotations
 
 import hashlib
-import logging
+import http.client
+import json
+import socket
+import ssl
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from xml.etree import ElementTree
 
-import aiohttp
 import pytest
-from aiohttp import web
+from cache_routes import get
+from cache_routes import serving as serving_routes
+from registry_peers import CacheProcess
 from structlog.testing import capture_logs
 
-from dnsoverride.cache.accesslog import AccessLogger
-from dnsoverride.cache.app import Order, Route, Router, build_app
+from dnsoverride.cache.app import Order, Route
 from dnsoverride.cache.fetch import FetchError
 from dnsoverride.cache.packages.config import MetalinkConfig, MetalinkRule
 from dnsoverride.cache.packages.metalink import (
@@ -33,6 +37,7 @@ from dnsoverride.cache.packages.metalink import (
     repomd_timestamp,
 )
 from dnsoverride.cache.packages.refusal import NoAnswerError
+from dnsoverride.cli import main
 
 ML = "{http://www.metalinker.org/}"
 MM0 = "{http://fedorahosted.org/mirrormanager}"
@@ -223,26 +228,14 @@ def test_yums_checks_pass() -> None:
 async def serving() -> AsyncIterator[tuple[str, Source]]:
     source = Source({EPEL9: [repomd(5, 1795969900), repomd(4, 1795969800)]})
     route = Route("metalink", Order.METALINK, Metalink(MetalinkConfig(), source).handle)
-    runner = web.AppRunner(
-        build_app(Router([route])),
-        access_log=logging.getLogger("test.access"),
-        access_log_class=AccessLogger,
-    )
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    yield f"http://127.0.0.1:{runner.addresses[0][1]}", source
-    await runner.cleanup()
-
-
-async def _get(url: str) -> tuple[int, str, str]:
-    async with aiohttp.ClientSession() as session, session.get(url) as response:
-        return response.status, response.content_type, await response.text()
+    async with serving_routes([route]) as base_url:
+        yield base_url, source
 
 
 async def test_epel_9_metalink_as_dnf_asks_it(serving: tuple[str, Source]) -> None:
     base_url, source = serving
     query = "/metalink?repo=epel-9&arch=x86_64&infra=stock&content=centos&countme=2"
-    status, content_type, text = await _get(base_url + query)
+    status, content_type, text = await get(base_url + query)
     assert (status, content_type) == (200, CONTENT_TYPE)
     assert source.asked == [EPEL9]
     file = next(ElementTree.fromstring(text).iter(f"{ML}file"))
@@ -275,11 +268,12 @@ async def test_epel_9_metalink_as_dnf_asks_it(serving: tuple[str, Source]) -> No
             f"no upstream repository is configured for {PUB}epel/8/Everything/x86_64/",
         ),
         (
-            "/mirrorlist?repo=epel-9&arch=x86_64",
+            "/repodata/repomd.xml?repo=epel-9&arch=x86_64",
             404,
             "METALINK_UNKNOWN",
-            "no metalink at /mirrorlist: ask /metalink?repo=R&arch=A",
+            "no metalink at /repodata/repomd.xml: ask /metalink?repo=R&arch=A",
         ),
+        ("/mirrorlist?repo=epel-6&arch=x86_64", 404, "METALINK_UNKNOWN", "repo = epel-6 arch"),
     ],
 )
 async def test_no_answer_is_a_404_with_the_reason_logged(
@@ -287,16 +281,74 @@ async def test_no_answer_is_a_404_with_the_reason_logged(
 ) -> None:
     base_url, _ = serving
     with capture_logs() as logs:
-        assert await _get(base_url + query) == (status, "text/plain", reason + "\n")
+        answered, content_type, body = await get(base_url + query)
+    assert (answered, content_type) == (status, "text/plain")
+    assert body.startswith(reason) and body.count("\n") == 1
     (line,) = [entry for entry in logs if entry["event"] == "request"]
-    assert (line["status"], line["error_code"], line["error"]) == (status, code, reason)
+    assert (line["status"], line["error_code"], line["error"]) == (status, code, body.strip())
+
+
+async def test_the_mirrorlist_form_answers_the_base_url(serving: tuple[str, Source]) -> None:
+    """`mirrorlist=https://mirrors.fedoraproject.org/mirrorlist?repo=epel-9&arch=...`
+    (older repo files) gets the repository's base URL, one line, without asking the
+    repository cache."""
+    base_url, source = serving
+    answer = await get(base_url + "/mirrorlist?repo=epel-9&arch=x86_64")
+    assert answer == (200, "text/plain", EPEL9 + "\n")
+    assert source.asked == []
 
 
 async def test_nothing_to_serve_is_a_503_with_the_reason(serving: tuple[str, Source]) -> None:
     base_url, source = serving
     source.down = True
     with capture_logs() as logs:
-        status, _, body = await _get(base_url + "/metalink?repo=epel-9&arch=x86_64")
+        status, _, body = await get(base_url + "/metalink?repo=epel-9&arch=x86_64")
     assert (status, body) == (503, f"{EPEL9}: upstream unreachable and nothing cached\n")
     (line,) = [entry for entry in logs if entry["event"] == "request"]
     assert line["error_code"] == "UNAVAILABLE"
+
+
+def test_the_cache_answers_the_metalink_hosts_over_https(tmp_path: Path) -> None:
+    """`dnsoverride cache` as a real process with a certificate from `ca issue
+    --from-zones` over the shipped example zones: a client trusting only that CA reaches
+    mirrors.fedoraproject.org and mirrors.centos.org by SNI and Host; an unknown repo is
+    MirrorManager's 404 with its reason, in the access log."""
+    root = Path(__file__).resolve().parent.parent
+    ca_dir = tmp_path / "ca"
+    assert main(["ca", "init", "--dir", str(ca_dir)]) == 0
+    out = tmp_path / "cache"
+    command = ["ca", "issue", "--dir", str(ca_dir), "--from-zones", str(root / "zones")]
+    assert main([*command, "--cache-address", "127.0.0.1", "--out", str(out)]) == 0
+    config = {"tls": {"cert": f"{out}.crt", "key": f"{out}.key"}}
+    cache = CacheProcess(tmp_path / "store", "", config=config, command="cache").start()
+    context = ssl.create_default_context(cafile=str(ca_dir / "ca.crt"))
+    try:
+        for host in ("mirrors.fedoraproject.org", "mirrors.centos.org"):
+            status, body = https_get(cache.port, host, "/metalink?repo=epel-6&arch=x86_64", context)
+            assert (status, body) == (
+                404,
+                "repo = epel-6 arch = x86_64 error: invalid repo or arch\n",
+            )
+        line = cache.wait_log('"METALINK_UNKNOWN"')[0]
+        assert json.loads(line)["path"] == "/metalink?repo=epel-6&arch=x86_64"
+        # The same listener, another name of the certificate: the mirror list.
+        status, body = https_get(
+            cache.port, "mirrorlist.centos.org", "/?release=8&arch=aarch64&repo=BaseOS", context
+        )
+        assert (status, body) == (200, "http://vault.centos.org/8.5.2111/BaseOS/aarch64/os/\n")
+    finally:
+        cache.stop()
+
+
+def https_get(port: int, host: str, path: str, context: ssl.SSLContext) -> tuple[int, str]:
+    """GET over TLS to 127.0.0.1:`port` as the client of `host` would (SNI and Host)."""
+    connection = http.client.HTTPSConnection("127.0.0.1", port, timeout=30, context=context)
+    try:
+        connection._tunnel_host = None
+        sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        connection.sock = context.wrap_socket(sock, server_hostname=host)
+        connection.request("GET", path, headers={"Host": host})
+        response = connection.getresponse()
+        return response.status, response.read().decode()
+    finally:
+        connection.close()

@@ -10,18 +10,15 @@ from __future__ import annotations
 
 import http.client
 import json
-import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import aiohttp
 import pytest
-from aiohttp import web
+from cache_routes import get, serving
 from registry_peers import CacheProcess
 from structlog.testing import capture_logs
 
-from dnsoverride.cache.accesslog import AccessLogger
-from dnsoverride.cache.app import Order, Route, Router, build_app
+from dnsoverride.cache.app import Order, Route
 from dnsoverride.cache.packages.config import MirrorlistConfig, MirrorRule
 from dnsoverride.cache.packages.mirrorlist import Mirrorlist
 from dnsoverride.cache.packages.refusal import NoAnswerError
@@ -136,20 +133,8 @@ def test_rules_come_first_and_fill_their_templates() -> None:
 async def base_url() -> AsyncIterator[str]:
     mirrorlist = Mirrorlist(MirrorlistConfig())
     route = Route("mirrorlist", Order.MIRRORLIST, mirrorlist.handle)
-    runner = web.AppRunner(
-        build_app(Router([route])),
-        access_log=logging.getLogger("test.access"),
-        access_log_class=AccessLogger,
-    )
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    yield f"http://127.0.0.1:{runner.addresses[0][1]}"
-    await runner.cleanup()
-
-
-async def _get(url: str) -> tuple[int, str, str]:
-    async with aiohttp.ClientSession() as session, session.get(url) as response:
-        return response.status, response.content_type, await response.text()
+    async with serving([route]) as url:
+        yield url
 
 
 @pytest.mark.parametrize(
@@ -164,7 +149,7 @@ async def _get(url: str) -> tuple[int, str, str]:
     ],
 )
 async def test_the_forms_clients_send(base_url: str, query: str) -> None:
-    assert await _get(base_url + query) == (200, "text/plain", f"{VAULT}7.9.2009/os/x86_64/\n")
+    assert await get(base_url + query) == (200, "text/plain", f"{VAULT}7.9.2009/os/x86_64/\n")
 
 
 @pytest.mark.parametrize(
@@ -184,7 +169,7 @@ async def test_no_answer_is_a_404_with_the_reason_logged(
     base_url: str, query: str, reason: str
 ) -> None:
     with capture_logs() as logs:
-        status, content_type, body = await _get(base_url + query)
+        status, content_type, body = await get(base_url + query)
     assert (status, content_type) == (404, "text/plain")
     assert body.startswith(reason) and body.endswith("\n") and body.count("\n") == 1
     (line,) = [entry for entry in logs if entry["event"] == "request"]

@@ -20,7 +20,8 @@ from dnsoverride.cache.registry import upstream as upstream_module
 from dnsoverride.cache.registry.errors import RegistryError
 from dnsoverride.cache.registry.links import Links
 from dnsoverride.cache.registry.names import parse_digest, parse_name, parse_tag
-from dnsoverride.cache.store import Budget, Store, StoreWriteError, TagRecord
+from dnsoverride.cache.registry.tags import TagRecord, Tags
+from dnsoverride.cache.store import Budget, Store, StoreWriteError
 from dnsoverride.common.errors import UserError
 from dnsoverride.common.grammar import GrammarError, parse_size
 
@@ -204,11 +205,12 @@ def test_store_files_follow_the_index(tmp_path: Path) -> None:
 def test_tag_records_round_trip(tmp_path: Path) -> None:
     store = Store(tmp_path)
     store.open()
+    tags = Tags(store)
     record = TagRecord("sha256:" + "b" * 64, "application/vnd.oci.image.index.v1+json", 12.5)
-    store.write_tag("registry-1.docker.io", "library/alpine", "3", record)
-    store.write_tag("registry-1.docker.io", "library/alpine/3", "x", record)  # no clash
-    assert store.read_tag("registry-1.docker.io", "library/alpine", "3") == record
-    assert store.read_tag("registry-1.docker.io", "library/alpine", "4") is None
+    tags.write("registry-1.docker.io", "library/alpine", "3", record)
+    tags.write("registry-1.docker.io", "library/alpine/3", "x", record)  # no clash
+    assert tags.read("registry-1.docker.io", "library/alpine", "3") == record
+    assert tags.read("registry-1.docker.io", "library/alpine", "4") is None
 
 
 def test_store_write_loops_over_short_writes(

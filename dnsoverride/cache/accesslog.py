@@ -1,12 +1,14 @@
-"""The access log: one structlog event per request, written after the response is sent.
+"""The access log: one structlog event per request, whichever part of the cache answered
+it, written after the response is sent.
 
 aiohttp calls `AccessLogger.log` once a response has gone out (or the connection ended),
 with the time it took; the event names the request (method, path, upstream, client and
 user), its status, bytes sent (headers and body, sendfile included), duration and the
 cache's part in it (`cache`: hit/miss/coalesced/stale, set by the handlers through
-`note_cache`). An error response
-carries its OCI code and message (`error_code`, `error`), so every failure is one line
-that names the request and the reason; a blob stream cut short after its 200 went out
+`note_cache`). An error response carries its code and message (`error_code`, `error`:
+an OCI code from the registry, MIRRORLIST_UNKNOWN, NOT_ROUTED, ...), noted by the
+handler with `remember(request, ERROR_KEY, (code, message))`, so every failure is one
+line that names the request and the reason; a stream cut short after its 200 went out
 carries the reason too. Successful requests log at info, failures at warning; so
 `--log-level warning` keeps the failures and drops the rest.
 

@@ -1,6 +1,5 @@
 """The cache's one content-addressed on-disk store and its one size budget, for every
-kind of content the cache serves (registry blobs and manifests, package-repository files),
-plus the registry's tag records.
+kind of content the cache serves (registry blobs and manifests, package-repository files).
 
 Layout under the storage root::
 
@@ -8,8 +7,9 @@ Layout under the storage root::
     manifests/sha256/ab/abcd...    verified manifest bytes (exact upstream bytes)
     packages/sha256/ab/abcd...     verified package files (.rpm), by their checksum
     repodata/sha256/ab/abcd...     verified repository metadata files, by their checksum
-    tags/<upstream>/<name>/_tags/<tag>   JSON: digest, media type, last upstream check
     tmp/                           downloads in progress (removed at start-up)
+
+(and `tags/`, the registry's tag records: registry/tags.py, written through `write_temp`).
 
 Content is written to `tmp/`, fsynced, then renamed into place, so a reader never sees
 a half-written file. Every write checks its byte count (`os.write` may write less) and the
@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import os
 import tempfile
 import time
@@ -82,13 +81,6 @@ class Budget:
         return int(self.max_size * self.low_watermark)
 
 
-@dataclass(frozen=True)
-class TagRecord:
-    digest: str
-    media_type: str
-    checked: float  # wall-clock time of the last successful upstream check
-
-
 class StoreWriteError(Exception):
     """Content could not be written to the store (disk full, I/O error, short write)."""
 
@@ -128,7 +120,7 @@ class Store:
     # -- start-up -----------------------------------------------------------------------
     def open(self) -> None:
         """Create the layout, remove leftover temp files, and index what is stored."""
-        for sub in (*KINDS, "tags", "tmp"):
+        for sub in (*KINDS, "tmp"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         for leftover in self.tmp_dir.iterdir():
             with contextlib.suppress(OSError):
@@ -314,11 +306,12 @@ class Store:
 
     def put_bytes(self, kind: Kind, digest: Digest, data: bytes) -> Path:
         """Store small verified content (manifests) synchronously."""
-        temp = self._write_file(data, f"{kind} {digest}")
+        temp = self.write_temp(data, f"{kind} {digest}")
         return self.commit(kind, digest, temp, len(data))
 
-    def _write_file(self, data: bytes, what: str) -> Path:
-        """A synced temp file holding exactly `data`; StoreWriteError leaves none behind."""
+    def write_temp(self, data: bytes, what: str) -> Path:
+        """A synced temp file holding exactly `data`, for the caller to rename into place;
+        StoreWriteError leaves none behind."""
         fd, temp = self.new_temp()
         try:
             try:
@@ -385,29 +378,3 @@ class Store:
             with contextlib.suppress(OSError):
                 os.utime(self._key_path(key), (now, now))
         self._touched.clear()
-
-    # -- tags ---------------------------------------------------------------------------
-    def _tag_path(self, upstream: str, name: str, tag: str) -> Path:
-        # `_tags` cannot be a repository component (components start with [a-z0-9]).
-        return self.root / "tags" / upstream / name / "_tags" / tag
-
-    def read_tag(self, upstream: str, name: str, tag: str) -> TagRecord | None:
-        try:
-            raw = json.loads(self._tag_path(upstream, name, tag).read_bytes())
-            return TagRecord(str(raw["digest"]), str(raw["media_type"]), float(raw["checked"]))
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
-
-    def write_tag(self, upstream: str, name: str, tag: str, record: TagRecord) -> None:
-        """Persist a tag record; raises StoreWriteError (nothing half-written) on failure."""
-        path = self._tag_path(upstream, name, tag)
-        data = json.dumps(
-            {"digest": record.digest, "media_type": record.media_type, "checked": record.checked}
-        ).encode()
-        temp = self._write_file(data, f"tag {upstream}/{name}:{tag}")
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(temp, path)
-        except OSError as error:
-            self.discard(temp)
-            raise self.write_failed(error, f"tag {upstream}/{name}:{tag}", len(data)) from error

@@ -30,6 +30,9 @@ then the presets:
                    updates-released-f<N> -> .../pub/fedora/linux/updates/<N>/Everything/<arch>/,
                    updates-testing-f<N> -> .../updates/testing/<N>/Everything/<arch>/
 
+`GET /mirrorlist?repo=R&arch=A` (MirrorManager's mirror-list form, in older EPEL and
+Fedora repo files) answers the same repository's base URL as `text/plain`.
+
 Unknown repo/arch: 404 with the reason (as MirrorManager answers), in the access log.
 A repository no configured upstream covers: 404; no snapshot to serve (the upstream
 down and nothing cached): 503 with the reason.
@@ -229,6 +232,10 @@ class Metalink:
             base = self._base_url(request)
         except NoAnswerError as unknown:
             return refuse(request, 404, "METALINK_UNKNOWN", str(unknown))
+        if request.path.rstrip("/") == "/mirrorlist":
+            # MirrorManager's mirror-list form of the same service (older EPEL/Fedora
+            # repo files): the repository's base URL, which the DNS override sends here.
+            return web.Response(text=base + "\n")
         try:
             served = await self.repositories.served_repomd(base)
         except FetchError as error:
@@ -242,7 +249,7 @@ class Metalink:
         )
 
     def _base_url(self, request: web.Request) -> str:
-        if request.path.rstrip("/") != "/metalink":
+        if request.path.rstrip("/") not in ("/metalink", "/mirrorlist"):
             raise NoAnswerError(f"no metalink at {request.path[:200]}: ask /metalink?repo=R&arch=A")
         if request.method not in ("GET", "HEAD"):
             raise NoAnswerError(f"{request.method} is not answered here: GET /metalink?..")

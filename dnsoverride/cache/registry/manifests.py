@@ -40,6 +40,7 @@ from dnsoverride.cache.registry.errors import RegistryError
 from dnsoverride.cache.registry.links import Links
 from dnsoverride.cache.registry.names import parse_digest
 from dnsoverride.cache.registry.stats import Stats
+from dnsoverride.cache.registry.tags import TagRecord, Tags
 from dnsoverride.cache.registry.upstream import (
     ACCEPT_MANIFESTS,
     MANIFEST_TYPES,
@@ -49,7 +50,7 @@ from dnsoverride.cache.registry.upstream import (
     as_registry_error,
     read_body,
 )
-from dnsoverride.cache.store import Digest, Kind, Store, StoreWriteError, TagRecord
+from dnsoverride.cache.store import Digest, Kind, Store, StoreWriteError
 
 log = structlog.get_logger(__name__)
 
@@ -176,6 +177,7 @@ def sniff_media_type(data: bytes) -> str:
 class Manifests:
     def __init__(self, store: Store, links: Links, stats: Stats, tag_ttl: float) -> None:
         self.store = store
+        self.tags = Tags(store)
         self.links = links
         self.stats = stats
         self.tag_ttl = tag_ttl
@@ -267,7 +269,7 @@ class Manifests:
         key = (upstream.name, name, tag)
         record = self._tags.get(key)
         if record is None:
-            record = self.store.read_tag(*key)
+            record = self.tags.read(*key)
             if record is not None:
                 self._tags[key] = record
         return record
@@ -409,7 +411,7 @@ class Manifests:
         record = TagRecord(manifest.digest, manifest.media_type, time.time())
         self._tags[(upstream.name, name, tag)] = record
         try:
-            self.store.write_tag(upstream.name, name, tag, record)
+            self.tags.write(upstream.name, name, tag, record)
         except StoreWriteError as error:
             log.error("store_write_failed", upstream=upstream.name, name=name, reason=error.message)
 
