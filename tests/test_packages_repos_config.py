@@ -8,7 +8,11 @@ from pathlib import Path
 import pytest
 
 from dnsoverride.cache import config as cache_config
-from dnsoverride.cache.packages.repos_config import BUILT_IN, RepositoryUpstream
+from dnsoverride.cache.packages.repos_config import (
+    BUILT_IN,
+    RepositoriesConfig,
+    RepositoryUpstream,
+)
 from dnsoverride.common.errors import ConfigError
 
 
@@ -79,3 +83,10 @@ def test_bad_values_are_problems_at_their_line(tmp_path: Path, text: str, messag
     with pytest.raises(ConfigError) as caught:
         load(tmp_path, text)
     assert message in str(caught.value)
+
+
+def test_the_packaged_config_spells_out_the_defaults() -> None:
+    packaged = Path(__file__).parents[1] / "packaging" / "config" / "cache.yaml"
+    repositories = cache_config.load(packaged).packages.repositories
+    assert repositories == RepositoriesConfig()
+    assert repositories.upstreams == BUILT_IN

@@ -18,6 +18,7 @@ from peers import dnsmasq, dnsoverride_serve, free_port
 from dnsoverride.ca import names_from_zones
 from dnsoverride.cache import config as cache_config
 from dnsoverride.cache.packages import config as packages_config
+from dnsoverride.cache.packages.repos_config import BUILT_IN
 from dnsoverride.cache.registry import config as registry_config
 from dnsoverride.cli import build_parser
 from dnsoverride.dns import config as serve_config
@@ -32,7 +33,7 @@ CONFIG = PACKAGING / "config"
 # The package hosts the example zones point at the cache: what the mirrorlist and
 # metalink clients ask, and the repositories their answers name (which the repository
 # cache routes: REPOSITORY_HOSTS).
-REPOSITORY_HOSTS = {"vault.centos.org", "mirror.stream.centos.org", "dl.fedoraproject.org"}
+REPOSITORY_HOSTS = {host for upstream in BUILT_IN for host in upstream.hosts}
 PACKAGE_HOSTS = {
     "mirrorlist.centos.org",
     "mirrors.centos.org",
