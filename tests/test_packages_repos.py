@@ -6,6 +6,7 @@ end-to-end tests (tests/test_packages_cache.py), without dnf and a namespace."""
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from dnsoverride.cache.app import Router, build_app
 from dnsoverride.cache.fetch import Fetcher
+from dnsoverride.cache.packages import repos
 from dnsoverride.cache.packages.repos import PackagesMeter, RepositoryCache
 from dnsoverride.cache.packages.repos_config import RepositoriesConfig, RepositoryUpstream
 from dnsoverride.cache.store import Store
@@ -141,3 +143,24 @@ async def test_a_restarted_cache_serves_its_snapshot_with_the_upstream_down(
             (repo.root / primary).read_bytes(),
         )
         assert await get(second, path) == (200, (repo.root / package).read_bytes())
+
+
+async def test_a_slow_new_version_does_not_hold_clients_up(
+    running: Running, upstream: YumUpstream, world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While a new repomd.xml's files download, clients get the served snapshot after
+    REVALIDATE_WAIT; once they are in, the new one."""
+    monkeypatch.setattr(repos, "REVALIDATE_WAIT", 0.2)
+    old, new = world.repos[C7_OS], world.next_generation[C7_OS]
+    assert await get(running, REPOMD) == (200, old.repomd)
+    upstream.publish(f"127.0.0.1/{C7_OS.partition('/')[2]}", new.root)
+    release = threading.Event()
+    upstream.hold[new.data()["primary"].href] = release
+    running.clock.now += TTL
+    assert await get(running, REPOMD) == (200, old.repomd)
+    assert upstream.holding.is_set()
+    release.set()
+    refresh = running.cache.repositories[("vault", "7.9.2009/os/x86_64/")].refresh
+    assert refresh is not None
+    await refresh
+    assert await get(running, REPOMD) == (200, new.repomd)

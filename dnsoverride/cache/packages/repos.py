@@ -14,7 +14,8 @@ its run against the files it was promised.
   (checksum and size) and its primary is parsed; until then, and whenever the upstream
   fails (down, 5xx, an HTML page, a repomd.xml whose files do not match it), the old
   snapshot is served and the failure logged (`repository_stale`). One revalidation per
-  repository at a time; the requests that come meanwhile wait for it.
+  repository at a time; the requests that come meanwhile wait for it, those that could
+  be served the current snapshot for REVALIDATE_WAIT at most.
 - `repodata/<file>`: served only if the served (or previous) snapshot lists it, from the
   store (pinned while a snapshot lists it: never evicted from under a served repomd.xml).
 - `*.rpm`: served only if the snapshot's primary describes it, verified against that
@@ -80,6 +81,8 @@ RPM_TYPE = "application/x-rpm"
 STATE_DIR = "packages-state"
 # How many repomd.xml versions one revalidation tries when the mirror changes under it.
 REBUILD_ATTEMPTS = 3
+# How long a request waits for a revalidation when a snapshot can be served meanwhile.
+REVALIDATE_WAIT = 5.0
 
 
 class RepositoryUnavailableError(FetchError):
@@ -357,6 +360,7 @@ class RepositoryCache:
         url = upstream.url + path
         note_cache("passthrough")
         log.info("package_passthrough", upstream=upstream.name, path=path)
+        response: web.StreamResponse | None = None
         try:
             async with self.session.request(request.method, url) as answer:
                 response = web.StreamResponse(status=answer.status)
@@ -370,7 +374,7 @@ class RepositoryCache:
                 return response
         except (aiohttp.ClientError, TimeoutError) as error:
             reason = f"upstream {upstream.name} failed for {path}: {describe(error)}"
-            if "response" in locals() and response.prepared:
+            if response is not None and response.prepared:
                 remember(request, ERROR_KEY, ("UPSTREAM_FAILED", f"cut short: {reason}"))
                 if request.transport is not None:
                     request.transport.abort()
@@ -407,7 +411,13 @@ class RepositoryCache:
             if repository.refresh is None:
                 repository.refresh = asyncio.create_task(self._refresh(repository))
                 repository.refresh.add_done_callback(lambda _: _clear_refresh(repository))
-            await asyncio.shield(repository.refresh)
+            if repository.served is None:
+                await asyncio.shield(repository.refresh)
+            else:
+                # A new version's files may take a while to fetch: past a short wait the
+                # client gets the snapshot served now (it is consistent, only older).
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(repository.refresh), REVALIDATE_WAIT)
         if repository.served is None:
             # Nothing kept for a root that has nothing to serve: requests for made-up
             # paths do not pile up state.
