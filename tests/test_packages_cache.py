@@ -324,7 +324,7 @@ def test_eight_concurrent_cold_clients_fetch_each_package_once(
     package_cache: PackageCache, package_set: PackageSet
 ) -> None:
     upstream = package_cache.internet.upstream
-    upstream.chunk = 64 * 1024  # many small writes: the downloads overlap
+    upstream.rate = 2_000_000  # 2 s per big package: the clients' requests overlap
     names = ["ci-app", *(rpm.name for rpm in package_set.big)]
     clients = [package_cache.c7(f"client-{index}") for index in range(8)]
     with ThreadPoolExecutor(8) as pool:
@@ -336,6 +336,13 @@ def test_eight_concurrent_cold_clients_fetch_each_package_once(
         assert package_cache.stored(rpm)
     for client in clients:
         assert {nevra(rpm) for rpm in package_set.install_set} <= client.installed()
+    # They did overlap: requests joined a download in flight rather than finding it stored.
+    joined = [
+        event
+        for event in package_cache.events("request")
+        if event.get("cache") == "coalesced" and str(event["path"]).endswith(".rpm")
+    ]
+    assert len(joined) >= len(package_set.big)
 
 
 def http_get(netns: Netns, host: str, path: str) -> bytes:

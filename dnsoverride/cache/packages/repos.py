@@ -252,6 +252,8 @@ class RepositoryCache:
             snapshot = await self.snapshot(upstream, root, revalidate=True)
         except RepositoryUnavailableError as error:
             return refuse(request, 502, "REPOSITORY_UNAVAILABLE", str(error))
+        failing = self._repository(upstream, root).failure is not None
+        noted(request, "stale" if failing else "hit")
         body = snapshot.repomd.body
         etag = '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
         return web.Response(body=body, content_type="text/xml", headers={"ETag": etag})
@@ -328,10 +330,10 @@ class RepositoryCache:
         headers = {"Content-Type": content_type}
         path = await self.fetcher.stored(kind, digest)
         if path is not None:
-            note_cache("hit")
+            noted(request, "hit")
             return self.fetcher.send_file(kind, digest, path, headers)
         coalesced = self.fetcher.in_flight(kind, digest) is not None
-        note_cache("coalesced" if coalesced else "miss")
+        noted(request, "coalesced" if coalesced else "miss")
         try:
             download = self.fetcher.start(
                 kind,
@@ -358,7 +360,7 @@ class RepositoryCache:
         self, request: web.Request, upstream: RepositoryUpstream, path: str
     ) -> web.StreamResponse:
         url = upstream.url + path
-        note_cache("passthrough")
+        noted(request, "passthrough")
         log.info("package_passthrough", upstream=upstream.name, path=path)
         response: web.StreamResponse | None = None
         try:
@@ -426,8 +428,6 @@ class RepositoryCache:
             raise RepositoryUnavailableError(
                 f"{upstream.name}/{root}{REPOMD}: {repository.failure or 'not available'}"
             )
-        if repository.failure is not None:
-            note_cache("stale")
         return repository.served
 
     async def served_repomd(self, url: str) -> tuple[Repomd, list[Repomd]] | None:
@@ -594,6 +594,13 @@ class RepositoryCache:
             return  # nothing usable recorded: fetched from upstream as if new
         self._switch(repository, snapshot)
         log.info("repository_restored", repository=repository.where)
+
+
+def noted(request: web.Request, result: str) -> None:
+    """The cache's part in the request (hit, miss, coalesced, stale, passthrough), for its
+    access-log line."""
+    note_cache(result)
+    remember(request, "cache", result)
 
 
 def _clear_refresh(repository: Repository) -> None:
