@@ -27,7 +27,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 from pathlib import Path
 
@@ -203,10 +202,8 @@ def main() -> None:
         finally:
             upstream.stop()
 
-    print(
-        textwrap.dedent(f"""
-        {"":24} {"wall s":>8} {"upstream .rpm bytes / set":>26} {"all upstream MB":>16}""")
-    )
+    print()
+    print(f"{'':24} {'wall s':>8} {'upstream .rpm bytes / set':>26} {'all upstream MB':>16}")
     for label, took, ratio, total in rows:
         print(f"{label:24} {took:8.1f} {ratio:25.2f}x {total / 1e6:16.1f}")
     direct = rows[0][1]
