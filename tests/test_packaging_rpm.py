@@ -280,7 +280,7 @@ def test_install_deps_on_el_installs_python311_and_reports_what_el_lacks(tmp_pat
     )
     assert result.returncode == 0, result.stderr
     required = (
-        "dnsmasq unbound skopeo bind-utils iproute systemd rpm-build vim-enhanced"
+        "dnsmasq unbound skopeo bind-utils iproute systemd rpm-build createrepo_c vim-enhanced"
         " python3.11 python3.11-pip"
     )
     assert calls == [
