@@ -22,7 +22,8 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,6 +68,19 @@ class PackageCache:
                 if event.get("event") == name:
                     events.append(event)
         return events
+
+    def access_lines(
+        self, keep: Callable[[dict[str, object]], bool], count: int, within: float = 10
+    ) -> list[dict[str, object]]:
+        """The access-log lines (event `request`) that `keep` keeps, once there are `count`
+        of them: a line is written after its response went out, so it may trail the
+        client's view by a moment (polled: the log has no event to wait on)."""
+        deadline = time.monotonic() + within
+        while True:
+            lines = [event for event in self.events("request") if keep(event)]
+            if len(lines) >= count or time.monotonic() > deadline:
+                return lines
+            time.sleep(0.05)
 
     def restart(self) -> None:
         Netns.stop(self.process)
@@ -337,11 +351,10 @@ def test_eight_concurrent_cold_clients_fetch_each_package_once(
     for client in clients:
         assert {nevra(rpm) for rpm in package_set.install_set} <= client.installed()
     # They did overlap: requests joined a download in flight rather than finding it stored.
-    joined = [
-        event
-        for event in package_cache.events("request")
-        if event.get("cache") == "coalesced" and str(event["path"]).endswith(".rpm")
-    ]
+    joined = package_cache.access_lines(
+        lambda event: event.get("cache") == "coalesced" and str(event["path"]).endswith(".rpm"),
+        len(package_set.big),
+    )
     assert len(joined) >= len(package_set.big)
 
 
@@ -455,11 +468,9 @@ def test_captive_portal_on_a_cold_cache_is_a_clear_error(package_cache: PackageC
     status, _, body = cache_get(netns, VAULT, C7_PATH + "repodata/repomd.xml")
     assert status == 502
     assert b"root element" in body and b"centos-vault/7.9.2009/os/x86_64/" in body
-    warnings = [
-        json.loads(line)
-        for line in package_cache.log.read_text().splitlines()
-        if line.startswith("{") and '"path": "/7.9.2009/os/x86_64/repodata/repomd.xml"' in line
-    ]
+    warnings = package_cache.access_lines(
+        lambda event: event["path"] == "/7.9.2009/os/x86_64/repodata/repomd.xml", 1
+    )
     assert [event["status"] for event in warnings] == [502]
     assert "root element" in str(warnings[0]["error"])
 

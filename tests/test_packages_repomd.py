@@ -66,59 +66,75 @@ def test_zstd_primary_as_fedora_ships_it(tmp_path: Path, package_set: PackageSet
     assert {p.href for p in read_primary(zst, entry)} == set(repo.packages.values())
 
 
-def synthetic_primary(count: int) -> bytes:
-    """A primary.xml of `count` packages shaped like EPEL's (format section included)."""
-    entry = (
-        '<package type="rpm"><name>pkg{i}</name><arch>x86_64</arch>'
-        '<version epoch="0" ver="1.{i}" rel="1.el9"/>'
-        '<checksum type="sha256" pkgid="YES">{digest}</checksum>'
-        "<summary>A package of a real repository, number {i}</summary>"
-        "<description>" + "Long description text. " * 20 + "</description>"
-        "<packager>Fedora Project</packager><url>https://example.org/{i}</url>"
-        '<time file="1700000000" build="1690000000"/>'
-        '<size package="{size}" installed="{size}" archive="{size}"/>'
-        '<location href="Packages/p/pkg{i}-1.{i}-1.el9.x86_64.rpm"/>'
-        "<format><rpm:license>MIT</rpm:license><rpm:vendor>Fedora Project</rpm:vendor>"
-        '<rpm:group>Unspecified</rpm:group><rpm:header-range start="4504" end="9973"/>'
-        '<rpm:provides><rpm:entry name="pkg{i}" flags="EQ" epoch="0" ver="1.{i}" rel="1"/>'
-        '<rpm:entry name="pkg{i}(x86-64)" flags="EQ" epoch="0" ver="1.{i}" rel="1"/>'
-        '</rpm:provides><rpm:requires><rpm:entry name="libc.so.6()(64bit)"/>'
-        '<rpm:entry name="rtld(GNU_HASH)"/></rpm:requires>'
-        "<file>/usr/bin/pkg{i}</file></format></package>\n"
-    )
-    head = (
-        '<?xml version="1.0" encoding="UTF-8"?>\n<metadata xmlns="http://linux.duke.edu/'
-        'metadata/common" xmlns:rpm="http://linux.duke.edu/metadata/rpm" '
-        f'packages="{count}">\n'
-    )
-    body = "".join(
-        entry.format(i=i, digest=hashlib.sha256(str(i).encode()).hexdigest(), size=1000 + i)
-        for i in range(count)
-    )
-    return (head + body + "</metadata>\n").encode()
+ENTRY = (
+    '<package type="rpm"><name>pkg{i}</name><arch>x86_64</arch>'
+    '<version epoch="0" ver="1.{i}" rel="1.el9"/>'
+    '<checksum type="sha256" pkgid="YES">{digest}</checksum>'
+    "<summary>A package of a real repository, number {i}</summary>"
+    "<description>" + "Long description text. " * 20 + "</description>"
+    "<packager>Fedora Project</packager><url>https://example.org/{i}</url>"
+    '<time file="1700000000" build="1690000000"/>'
+    '<size package="{size}" installed="{size}" archive="{size}"/>'
+    '<location href="Packages/p/pkg{i}-1.{i}-1.el9.x86_64.rpm"/>'
+    "<format><rpm:license>MIT</rpm:license><rpm:vendor>Fedora Project</rpm:vendor>"
+    '<rpm:group>Unspecified</rpm:group><rpm:header-range start="4504" end="9973"/>'
+    '<rpm:provides><rpm:entry name="pkg{i}" flags="EQ" epoch="0" ver="1.{i}" rel="1"/>'
+    '<rpm:entry name="pkg{i}(x86-64)" flags="EQ" epoch="0" ver="1.{i}" rel="1"/>'
+    '</rpm:provides><rpm:requires><rpm:entry name="libc.so.6()(64bit)"/>'
+    '<rpm:entry name="rtld(GNU_HASH)"/></rpm:requires>'
+    "<file>/usr/bin/pkg{i}</file></format></package>\n"
+)
+
+
+def write_synthetic_primary(path: Path, count: int) -> int:
+    """A gzip primary.xml of `count` packages shaped like EPEL's (format sections
+    included), written entry by entry (the test process stays small: later tests measure
+    the peak memory of processes it forks); its uncompressed size."""
+    written = 0
+    with gzip.open(path, "wb", compresslevel=1) as stream:
+
+        def put(text: str) -> None:
+            nonlocal written
+            data = text.encode()
+            stream.write(data)
+            written += len(data)
+
+        put(
+            '<?xml version="1.0" encoding="UTF-8"?>\n<metadata xmlns="http://linux.duke.edu/'
+            'metadata/common" xmlns:rpm="http://linux.duke.edu/metadata/rpm" '
+            f'packages="{count}">\n'
+        )
+        for i in range(count):
+            digest = hashlib.sha256(str(i).encode()).hexdigest()
+            put(ENTRY.format(i=i, digest=digest, size=1000 + i))
+        put("</metadata>\n")
+    return written
 
 
 def test_real_size_primary_streams(tmp_path: Path) -> None:
     """EPEL 9 has ~20k packages and a ~50 MB primary.xml: 40k entries here."""
-    xml = synthetic_primary(40_000)
-    assert len(xml) > 40_000_000
     path = tmp_path / "primary.xml.gz"
-    path.write_bytes(gzip.compress(xml, compresslevel=1))
+    size = write_synthetic_primary(path, 40_000)
+    assert size > 40_000_000
     entry = DataFile("primary", "repodata/x-primary.xml.gz", Digest("sha256", "0" * 64),
-                     None, len(xml), 1)  # fmt: skip
+                     None, size, 1)  # fmt: skip
     start = time.monotonic()
-    packages = list(read_primary(path, entry))
+    count, sample = 0, None
+    for package in read_primary(path, entry):
+        if count == 123:
+            sample = package
+        count += 1
     took = time.monotonic() - start
-    assert len(packages) == 40_000
-    assert packages[123].href == "Packages/p/pkg123-1.123-1.el9.x86_64.rpm"
-    assert packages[123].size == 1123
-    print(f"40k-package primary ({len(xml) / 1e6:.0f} MB) parsed in {took:.1f}s")
+    assert count == 40_000
+    assert sample is not None
+    assert sample.href == "Packages/p/pkg123-1.123-1.el9.x86_64.rpm"
+    assert sample.size == 1123
+    print(f"40k-package primary ({size / 1e6:.0f} MB) parsed in {took:.1f}s")
 
 
 def test_decompression_past_open_size_is_refused(tmp_path: Path) -> None:
-    xml = synthetic_primary(200)
     path = tmp_path / "primary.xml.gz"
-    path.write_bytes(gzip.compress(xml))
+    write_synthetic_primary(path, 200)
     entry = DataFile("primary", "repodata/p.xml.gz", Digest("sha256", "0" * 64), None, 1000, 1)
     with pytest.raises(RepodataError, match="more than its open-size 1000"):
         list(read_primary(path, entry))
