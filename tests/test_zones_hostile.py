@@ -73,35 +73,46 @@ class Finished:
     max_rss_mb: float
 
 
+# A forked child's ru_maxrss counts the resident pages it shared with its parent at the
+# fork (measured: `python -c pass` forked from a 300 MB process reports 313 MB), so a
+# child forked from pytest would carry pytest's size, which grows with the suite. A small
+# launcher (python -S, ~10 MB) forks it instead and hands over wait4's figures.
+LAUNCHER = (
+    "import os, subprocess, sys\n"
+    "child = subprocess.Popen(sys.argv[2:])\n"
+    "_, status, usage = os.wait4(child.pid, 0)\n"
+    "with open(sys.argv[1], 'w') as out:\n"
+    "    out.write(f'{os.waitstatus_to_exitcode(status)} {usage.ru_maxrss}')\n"
+)
+
+
 def run_measured(tmp_path: Path, *argv: str, timeout: float = 60) -> Finished:
     """Run `python -m dnsoverride ARGV` with output to files; its own peak RSS from wait4."""
-    out, err = tmp_path / "out.txt", tmp_path / "err.txt"
+    out, err, usage = tmp_path / "out.txt", tmp_path / "err.txt", tmp_path / "usage.txt"
     started = time.monotonic()
     with out.open("wb") as stdout, err.open("wb") as stderr:
         process = subprocess.Popen(
-            [sys.executable, "-m", "dnsoverride", *argv],
+            [sys.executable, "-S", "-c", LAUNCHER, str(usage),
+             sys.executable, "-m", "dnsoverride", *argv],
             stdout=stdout,
             stderr=stderr,
             stdin=subprocess.DEVNULL,
-        )
-    deadline = started + timeout
-    while True:
-        pid, status, usage = os.wait4(process.pid, os.WNOHANG)
-        if pid:
-            break
-        if time.monotonic() > deadline:
-            process.kill()
-            process.wait()
-            raise AssertionError(f"{argv} still running after {timeout}s")
-        time.sleep(0.01)
-    process.returncode = os.waitstatus_to_exitcode(status)
+            start_new_session=True,
+        )  # fmt: skip
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        raise AssertionError(f"{argv} still running after {timeout}s") from None
+    returncode, max_rss = (int(field) for field in usage.read_text().split())
     return Finished(
-        returncode=process.returncode,
+        returncode=returncode,
         stdout=out.read_text(errors="replace"),
         stderr=err.read_text(errors="replace")[:10_000],
         stderr_bytes=err.stat().st_size,
         seconds=time.monotonic() - started,
-        max_rss_mb=usage.ru_maxrss / 1024,
+        max_rss_mb=max_rss / 1024,
     )
 
 
