@@ -96,7 +96,7 @@ def test_fast_key_is_case_insensitive_and_strict() -> None:
     # Trailing garbage may make a key, but no reply is ever stored under it.
     garbage = wire.fast_key(upper + b"x", 1232)
     assert garbage is not None
-    cache = AnswerCache(10, views=1)
+    cache = AnswerCache(10, views=1, udp_size=1232)
     reply = dnslib.DNSRecord.parse(upper).reply().pack()
     cache.store(0, garbage, reply, generation=1, now=0, ttl=9, counter=[0], age_ttls=False)
     assert len(cache) == 0
@@ -119,7 +119,7 @@ def test_ttls_age_in_cached_bytes() -> None:
 
 
 def test_answer_cache_splices_id_and_case_and_honours_generation() -> None:
-    cache = AnswerCache(2, views=1)
+    cache = AnswerCache(2, views=1, udp_size=1232)
     query = dnslib.DNSRecord.question("a.example", "A")
     packed = query.reply().pack()
     key = wire.fast_key(query.pack(), 1232)

@@ -103,6 +103,7 @@ class _Answer:
         "generation",
         "head",
         "offsets",
+        "open_tail",
         "qend",
         "rendered_age",
         "stored_at",
@@ -119,10 +120,13 @@ class _Answer:
         expires: float,
         offsets: tuple[tuple[int, int], ...],
         counter: list[int],
+        bare_opt: bool,
     ) -> None:
         self.base = reply
         self.head = reply[2:12]
         self.tail = reply[qend:]
+        # The tail without the OPT's RDLENGTH, for a hit that adds a COOKIE option.
+        self.open_tail = self.tail[:-2] if bare_opt else None
         self.qend = qend
         self.generation = generation
         self.stored_at = stored_at
@@ -142,8 +146,9 @@ class AnswerCache:
     front (measured 28 us per eviction at 100,000 entries, growing with the size).
     """
 
-    def __init__(self, size: int, views: int) -> None:
+    def __init__(self, size: int, views: int, udp_size: int) -> None:
         self.size = size
+        self._bare_opts = wire.bare_opts(udp_size)
         self._views: list[dict[bytes, _Answer]] = [{} for _ in range(views)]
         self._order: list[deque[tuple[bytes, _Answer]]] = [deque() for _ in range(views)]
         self.hits = 0
@@ -160,21 +165,42 @@ class AnswerCache:
         self._order.extend(deque() for _ in range(views - len(self._order)))
 
     def lookup(
-        self, view: int, key: bytes, data: bytes, generation: int, now: float
+        self,
+        view: int,
+        key: bytes,
+        data: bytes,
+        generation: int,
+        now: float,
+        *,
+        cookie: bytes | None = None,
     ) -> bytes | None:
-        """The reply for query `data` (counted in its stats cell), or None on a miss."""
+        """The reply for query `data` (counted in its stats cell), or None on a miss.
+
+        `cookie` is our OPT's RDLENGTH and RDATA for a query that sent a COOKIE option
+        (cookies.Verdict.rdata): the reply carries it in place of its empty OPT, or it is
+        None (a miss) when the cached reply does not end in our OPT without options.
+        """
         entry = self._views[view].get(key)
         if entry is None or entry.generation != generation or now >= entry.expires:
             self.misses += 1
             return None
-        self.hits += 1
-        entry.counter[0] += 1
         if entry.offsets:
             age = int(now - entry.stored_at)
             if age != entry.rendered_age:
                 entry.tail = wire.aged(entry.base, entry.offsets, age)[entry.qend :]
+                if entry.open_tail is not None:
+                    entry.open_tail = entry.tail[:-2]
                 entry.rendered_age = age
-        return data[:2] + entry.head + data[12 : entry.qend] + entry.tail
+        if cookie is None:
+            reply = data[:2] + entry.head + data[12 : entry.qend] + entry.tail
+        elif entry.open_tail is not None:
+            reply = data[:2] + entry.head + data[12 : entry.qend] + entry.open_tail + cookie
+        else:
+            self.misses += 1
+            return None
+        self.hits += 1
+        entry.counter[0] += 1
+        return reply
 
     def store(
         self,
@@ -213,6 +239,7 @@ class AnswerCache:
             expires=now + ttl,
             offsets=offsets,
             counter=counter,
+            bare_opt=reply.endswith(self._bare_opts),
         )
         entries[key] = entry
         order.append((key, entry))
