@@ -107,11 +107,18 @@ _COLLECTION_KEY = "mapping keys must be plain values, not a mapping or a list"
 # Resolver.resolve for a plain scalar, as one regex per first character: its resolvers'
 # patterns as named alternatives in their order, so the first that matches names the tag
 # (`lastgroup`), as Resolver's loop would, for one match call instead of one per resolver.
-_RESOLVERS = {
-    first: re.compile(
-        "|".join(f"(?P<r{i}>{regexp.pattern})" for i, (_, regexp) in enumerate(resolvers)),
-        re.X,
+_ALTERNATIVES: dict[tuple[tuple[str, re.Pattern[str]], ...], re.Pattern[str]] = {}
+for _resolvers in yaml.resolver.Resolver.yaml_implicit_resolvers.values():
+    # Compiled once per distinct list (the ten digits share one): each is a large regex.
+    _ALTERNATIVES.setdefault(
+        tuple(_resolvers),
+        re.compile(
+            "|".join(f"(?P<r{i}>{regexp.pattern})" for i, (_, regexp) in enumerate(_resolvers)),
+            re.X,
+        ),
     )
+_RESOLVERS = {
+    first: _ALTERNATIVES[tuple(resolvers)]
     for first, resolvers in yaml.resolver.Resolver.yaml_implicit_resolvers.items()
 }
 _RESOLVER_TAGS = {

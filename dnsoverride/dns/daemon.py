@@ -20,6 +20,7 @@ from prometheus_client.registry import CollectorRegistry
 
 from dnsoverride.common.errors import UserError
 from dnsoverride.common.grammar import Endpoint
+from dnsoverride.common.heaptrim import trim_heap
 from dnsoverride.common.lifecycle import Admin, Started, run_service
 from dnsoverride.common.log import LogOptions
 from dnsoverride.common.log import configure as configure_logging
@@ -225,6 +226,9 @@ class DnsService:
             upstreams=[str(u) for u in config.upstreams],
             views=[view.name for view in config.views],
         )
+        # Startup's garbage (config and zone parsing, imports) is freed by now: ~1 MB of
+        # the idle footprint glibc would otherwise keep.
+        trim_heap()
         status = f"serving {zone_set.name_count()} names on {', '.join(bound.names)}"
         admin = None
         if config.metrics is not None:

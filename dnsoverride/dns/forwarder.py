@@ -43,8 +43,8 @@ from collections.abc import Callable, Coroutine
 import dnslib
 import structlog
 
+from dnsoverride.common.dnsexchange import exchange_tcp
 from dnsoverride.common.grammar import Endpoint
-from dnsoverride.common.resolve import exchange_tcp
 from dnsoverride.dns import relay, wire
 from dnsoverride.dns.config import ForwardConfig, ProbeConfig
 from dnsoverride.dns.constants import CLASS_IN, REFUSED, SERVFAIL
