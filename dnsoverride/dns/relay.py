@@ -135,6 +135,8 @@ def scan(data: bytes, qend: int = 0) -> Reply:
         return _scan(data, qend)
     except (IndexError, struct.error) as error:
         raise ValueError(f"truncated reply ({error})") from None
+    except (dnslib.DNSError, dnslib.DNSLabelError) as error:  # the OPT-not-last path
+        raise ValueError(f"malformed reply ({error})") from None
 
 
 def _scan(data: bytes, qend: int = 0) -> Reply:
