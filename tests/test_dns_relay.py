@@ -12,14 +12,55 @@ from __future__ import annotations
 import asyncio
 import socket
 import struct
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
+import dns.message
+import dns.name
+import dns.rcode
 import pytest
 
 from dnsoverride.dns import relay, wire
 from dnsoverride.dns.udpexchange import SocketWatcher, UdpExchange
+from tests.peers import dnsoverride_serve
 
 OPT = b"\x00\x00\x29\x04\xd0\x00\x00\x00\x00\x00\x00"
 QUESTION = b"\xc0\x0c"  # a pointer to the question's name
+Responder = Callable[[bytes], bytes | None]
+
+
+class LyingUpstream:
+    """A UDP upstream on loopback answering each query with `respond(query)` bytes."""
+
+    def __init__(self, respond: Responder) -> None:
+        self.respond = respond
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self.sock.getsockname()[1]}"
+        self.asked: list[str] = []
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                data, peer = self.sock.recvfrom(65535)
+            except OSError:
+                return
+            self.asked.append(dns.message.from_wire(data).question[0].name.to_text())
+            reply = self.respond(data)
+            if reply is not None:
+                self.sock.sendto(reply, peer)
+
+
+@pytest.fixture
+def lying(request: pytest.FixtureRequest) -> Iterator[LyingUpstream]:
+    upstream = LyingUpstream(request.param)
+    try:
+        yield upstream
+    finally:
+        upstream.sock.close()
 
 
 def _reply(query: bytes, records: bytes, counts: tuple[int, int, int]) -> bytes:
@@ -31,6 +72,53 @@ def _reply(query: bytes, records: bytes, counts: tuple[int, int, int]) -> bytes:
 
 def _record(owner: bytes, rtype: int, rdata: bytes, ttl: int = 300) -> bytes:
     return owner + struct.pack("!HHIH", rtype, 1, ttl, len(rdata)) + rdata
+
+
+def _bad_pointers(query: bytes) -> bytes | None:
+    """Replies whose names a client cannot read, by the first label of the question:
+    `loop`: record 2's owner points back into record 1's CNAME data, which points
+    forward to record 2's owner; `forward`: a CNAME target pointing past the message;
+    `header`: an owner pointing into the header (which the relay rebuilds)."""
+    name = dns.message.from_wire(query).question[0].name
+    label = name.labels[0]
+    records_at = wire.question_end(query)
+    if label == b"loop":
+        cname_data_at = records_at + 12
+        second_at = cname_data_at + 2
+        first = _record(QUESTION, 5, struct.pack("!H", 0xC000 | second_at))
+        second = _record(struct.pack("!H", 0xC000 | cname_data_at), 1, b"\x06\x06\x06\x06")
+        return _reply(query, first + second, (2, 0, 0))
+    if label == b"forward":
+        return _reply(query, _record(QUESTION, 5, b"\xc3\xff"), (1, 0, 0))
+    if label == b"header":
+        return _reply(query, _record(b"\xc0\x05", 1, b"\x06\x06\x06\x06"), (1, 0, 0))
+    return _reply(query, _record(QUESTION, 1, b"\xc0\x00\x02\x01"), (1, 0, 0))
+
+
+@pytest.mark.parametrize("lying", [_bad_pointers], indirect=True)
+def test_replies_a_client_cannot_read_are_not_relayed(tmp_path: Path, lying: LyingUpstream) -> None:
+    """Compression pointers that loop, point forward or into the header: the relay checked
+    only that each owner's first pointer points back, so it relayed (and cached) replies
+    that dnspython rejects with BadPointer, where the dnslib path before it and unbound
+    answer SERVFAIL. Fails on the code before the fix: the client cannot parse the reply."""
+    zones = tmp_path / "zones"
+    zones.mkdir()
+    with dnsoverride_serve(tmp_path, zones, [lying.address]) as server:
+        for label in ("loop", "forward", "header"):
+            name = f"{label}.lie.test"
+            upstream_reply = _bad_pointers(dns.message.make_query(name, "A").to_wire())
+            assert upstream_reply is not None
+            if label != "header":  # what the upstream sends is unreadable as it is
+                with pytest.raises(dns.name.BadPointer):
+                    dns.message.from_wire(upstream_reply)
+            for _ in range(2):
+                reply = server.query(name)
+                assert reply.rcode() == dns.rcode.SERVFAIL, (name, reply)
+                assert not reply.answer
+            # Never cached: the second query was asked upstream again.
+            assert lying.asked.count(name + ".") >= 2
+        good = server.query("good.lie.test")
+        assert [rdata.to_text() for rrset in good.answer for rdata in rrset] == ["192.0.2.1"]
 
 
 def _opt_first_then_unparsable(query: bytes) -> bytes:
