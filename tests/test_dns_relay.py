@@ -23,7 +23,7 @@ import pytest
 
 from dnsoverride.dns import relay, wire
 from dnsoverride.dns.udpexchange import SocketWatcher, UdpExchange
-from tests.peers import dnsoverride_serve
+from tests.peers import DnsPeer, dnsoverride_serve
 
 OPT = b"\x00\x00\x29\x04\xd0\x00\x00\x00\x00\x00\x00"
 QUESTION = b"\xc0\x0c"  # a pointer to the question's name
@@ -176,3 +176,39 @@ async def test_a_reply_dnslib_cannot_parse_costs_only_its_own_question() -> None
             for exchange in exchanges:
                 exchange.close()
             watcher.close()
+
+
+def _ttls(query: bytes) -> bytes:
+    """One A record whose TTL the question's first label names: `high` 2^31 (the high
+    bit set), `week` 604,800 (over the default `cache.max_ttl` of a day); others 300."""
+    label = dns.message.from_wire(query).question[0].name.labels[0]
+    ttl = {b"high": 0x80000000, b"week": 604800}.get(label, 300)
+    return _reply(query, _record(QUESTION, 1, b"\xc0\x00\x02\x01", ttl), (1, 0, 0))
+
+
+def _ttls_seen(server: DnsPeer, name: str) -> list[int]:
+    """The TTLs of the reply to `name A` as sent (dnspython reads 2^31 and up as 0)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+        client.settimeout(3)
+        client.sendto(dns.message.make_query(name, "A").to_wire(), (server.host, server.port))
+        reply = client.recv(65535)
+    return [ttl for _, ttl in wire.ttl_offsets(reply)]
+
+
+@pytest.mark.parametrize("lying", [_ttls], indirect=True)
+def test_ttls_over_the_bounds_never_reach_a_client(tmp_path: Path, lying: LyingUpstream) -> None:
+    """RFC 2181 section 8: a TTL with the high bit set counts as 0. It was cached for a day
+    (`cache.max_ttl`) and sent on as it came, then as 2,147,483,646 from the answer cache
+    (unbound: 0, and not cached). A TTL over `cache.max_ttl` reached clients as it came,
+    in the first reply and in every answer-cache hit, while response-cache hits were capped
+    (unbound caps at `cache-max-ttl`). Fails on the code before the fix."""
+    zones = tmp_path / "zones"
+    zones.mkdir()
+    with dnsoverride_serve(tmp_path, zones, [lying.address]) as server:
+        for _ in range(2):
+            assert _ttls_seen(server, "high.lie.test") == [0]
+        assert lying.asked.count("high.lie.test.") == 2  # a TTL of 0 is never cached
+        for _ in range(2):
+            (ttl,) = _ttls_seen(server, "week.lie.test")
+            assert 86390 <= ttl <= 86400
+        assert lying.asked.count("week.lie.test.") == 1

@@ -31,6 +31,7 @@ from dnsoverride.dns.constants import (
     HEADER_SIZE,
     MAX_LABEL,
     MAX_NAME,
+    MAX_TTL,
     MX,
     NS,
     OPT,
@@ -174,6 +175,7 @@ def _scan(data: bytes, qend: int = 0) -> Reply:
     min_ttl: int | None = None
     negative_ttl: int | None = None
     opt: tuple[int, int] | None = None
+    zeroed = []  # TTL fields with the high bit set
     size = len(data)
     for index in range(ancount + nscount + arcount):
         start = offset
@@ -188,14 +190,15 @@ def _scan(data: bytes, qend: int = 0) -> Reply:
                 raise ValueError("OPT outside the additional section or twice")
             opt = (start, end)
         else:
+            if ttl > MAX_TTL:  # RFC 2181 section 8: as if it were 0
+                ttl = 0
+                zeroed.append(offset + RR_TTL)
             ttls.append((offset + RR_TTL, ttl))
             min_ttl = ttl if min_ttl is None or ttl < min_ttl else min_ttl
             if rtype == SOA and negative_ttl is None and ancount <= index < ancount + nscount:
-                if rdlength < SOA_MIN_RDATA:
-                    raise ValueError("short SOA")
-                negative_ttl = min(ttl, _ttl_at(data, end - SOA_MINIMUM_FROM_END))
+                negative_ttl = _negative_ttl(data, ttl, rdlength, end)
         offset = end
-    message = data[:offset]
+    message = _zero_ttls(data[:offset], zeroed)
     if opt is not None:
         if opt[1] != offset:
             # Legal but rare (OPT is last in practice): let dnslib re-encode without it.
@@ -215,6 +218,24 @@ def _scan(data: bytes, qend: int = 0) -> Reply:
         min_ttl,
         negative_ttl,
     )
+
+
+def _negative_ttl(data: bytes, ttl: int, rdlength: int, end: int) -> int:
+    """How long a negative answer is cached by the SOA record whose TTL is `ttl` and whose
+    data ends at `end` (RFC 2308 5: the lesser of its TTL and its MINIMUM)."""
+    if rdlength < SOA_MIN_RDATA:
+        raise ValueError("short SOA")
+    return min(ttl, _ttl_at(data, end - SOA_MINIMUM_FROM_END))
+
+
+def _zero_ttls(message: bytes, offsets: list[int]) -> bytes:
+    """`message` with the TTL fields at `offsets` set to 0."""
+    if not offsets:
+        return message
+    patched = bytearray(message)
+    for at in offsets:
+        struct.pack_into("!I", patched, at, 0)
+    return bytes(patched)
 
 
 def _check_rdata_names(

@@ -514,6 +514,10 @@ class Resolver:
                 raise  # logged by the forwarder, rate-limited per upstream
             return stale, self._stale_reuse, "stale"
         ttl = self._store(question, reply)
+        if ttl and any(record_ttl > ttl for _, record_ttl in reply.ttls):
+            # As the response cache serves it (capped at what it is kept for, at most
+            # cache.max_ttl): no client is told to keep it longer than we do.
+            reply = reply.retimed(0, ttl)
         return reply, ttl, "upstream"
 
     def _store(self, question: Question, reply: relay.Reply) -> int:
