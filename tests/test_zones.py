@@ -401,3 +401,30 @@ def test_a_failing_worker_is_logged_and_its_files_parsed_here(
     failures = [e for e in logs if e["event"] == "zone_parse_worker_failed"]
     assert len(failures) == 2
     assert "exit status 1: no workers here" in failures[0]["reason"]
+
+
+def test_workers_never_import_from_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A parse worker was `python -c ...`, which puts the working directory first on its
+    `sys.path`: run from a directory anyone can write (`cd /tmp; dnsoverride check`), a
+    planted `structlog.py` ran as root in every worker. The entry-point script and the
+    daemon under systemd do not import from there; their workers must not either. Fails
+    on the code before the fix (the planted module runs)."""
+    zone_dir = tmp_path / "zones"
+    zone_dir.mkdir()
+    big_set(zone_dir)
+    (zone_dir / "c.yaml").unlink()
+    planted = tmp_path / "shared"
+    planted.mkdir()
+    marker = tmp_path / "planted-module-ran"
+    (planted / "structlog.py").write_text(
+        f"open({str(marker)!r}, 'w').close()\nraise SystemExit('planted')\n"
+    )
+    monkeypatch.chdir(planted)
+    monkeypatch.setattr(workers, "PARALLEL_MIN_BYTES", 0)
+    with structlog.testing.capture_logs() as logs:
+        zone_set = load_zone_set(zone_dir)
+    assert zone_set.name_count() == 2004
+    assert not marker.exists()
+    assert not [event for event in logs if event["event"] == "zone_parse_worker_failed"]

@@ -57,7 +57,9 @@ def _in_worker(jobs: list[tuple[Path, bytes]]) -> list[Parts]:
     environment = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
     try:
         process = subprocess.run(
-            [sys.executable, "-c", _WORKER],
+            # -P: no working directory first on sys.path (`-c` puts it there), so nothing
+            # planted where the command was started is imported in place of a module.
+            [sys.executable, "-P", "-c", _WORKER],
             input=payload,
             capture_output=True,
             env=environment,
