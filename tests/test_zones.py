@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -428,3 +429,32 @@ def test_workers_never_import_from_the_working_directory(
     assert zone_set.name_count() == 2004
     assert not marker.exists()
     assert not [event for event in logs if event["event"] == "zone_parse_worker_failed"]
+
+
+def test_zone_file_names_that_are_not_readable_files_are_problems(tmp_path: Path) -> None:
+    """A `*.yaml` entry that is a dangling symlink (its target moved), a symlink loop, a
+    FIFO or a directory was skipped without a word: `check` said ok and a reload dropped
+    that file's names. Each is now a problem at the file; a FIFO is never opened for a
+    blocking read (the reload thread would hang). Fails on the code before the fix."""
+    zone_dir = tmp_path / "zones"
+    zone_dir.mkdir()
+    write(zone_dir, "good.yaml", MINIMAL)
+    (zone_dir / "moved.yaml").symlink_to(tmp_path / "elsewhere" / "ci.yaml")
+    (zone_dir / "loop.yaml").symlink_to(zone_dir / "loop.yaml")
+    os.mkfifo(zone_dir / "fifo.yaml")
+    (zone_dir / "dir.yaml").mkdir()
+    config = tmp_path / "config.yaml"
+    config.write_text("upstreams: [192.0.2.53]\n")
+    result = dnsoverride_check(config, zone_dir)
+    assert result.returncode == 1, result
+    lines = result.stderr.splitlines()
+    assert [line.split(":")[0] for line in lines] == [
+        str(zone_dir / name) for name in ("dir.yaml", "fifo.yaml", "loop.yaml", "moved.yaml")
+    ]
+    assert "not a regular file" in lines[0] and "not a regular file" in lines[1]
+    assert "Too many levels of symbolic links" in lines[2]
+    assert "No such file or directory" in lines[3]
+    for name in ("moved.yaml", "loop.yaml", "fifo.yaml"):
+        (zone_dir / name).unlink()
+    (zone_dir / "dir.yaml").rmdir()
+    assert dnsoverride_check(config, zone_dir).returncode == 0

@@ -46,6 +46,7 @@ from watchdog.observers.api import BaseObserver
 
 from dnsoverride.common.errors import ConfigError, Problem, UserError
 from dnsoverride.common.heaptrim import trim_heap
+from dnsoverride.common.readfile import read_regular_file
 from dnsoverride.common.yamlsource import brief
 
 log = structlog.get_logger(__name__)
@@ -200,7 +201,7 @@ def fingerprint(sources: Sources) -> str:
     paths.extend(sources.files)
     for path in paths:
         try:
-            data = path.read_bytes()
+            data = read_regular_file(path)
         except OSError as error:
             data = f"unreadable: {error}".encode()
         digest.update(f"{path}\0{len(data)}\0".encode())
