@@ -16,9 +16,11 @@ import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import dns.flags
 import dns.message
 import dns.name
 import dns.rcode
+import dns.rrset
 import pytest
 
 from dnsoverride.dns import relay, wire
@@ -212,3 +214,43 @@ def test_ttls_over_the_bounds_never_reach_a_client(tmp_path: Path, lying: LyingU
             (ttl,) = _ttls_seen(server, "week.lie.test")
             assert 86390 <= ttl <= 86400
         assert lying.asked.count("week.lie.test.") == 1
+
+
+def _with_strangers(query: bytes) -> bytes:
+    """The answer to the question, plus A records of other names: one the zones override
+    (registry-1.docker.io) and one they do not, each for a day."""
+    question = dns.message.from_wire(query)
+    reply = dns.message.make_response(question)
+    name = question.question[0].name
+    if name.labels[0] == b"real":
+        reply.answer.append(dns.rrset.from_text(name, 300, "IN", "A", "192.0.2.10"))
+        for stranger in ("registry-1.docker.io.", "victim.lie.test."):
+            reply.answer.append(dns.rrset.from_text(stranger, 86400, "IN", "A", "6.6.6.6"))
+    else:
+        reply.set_rcode(dns.rcode.NXDOMAIN)
+    return reply.to_wire()
+
+
+@pytest.mark.parametrize("lying", [_with_strangers], indirect=True)
+def test_an_override_cname_answer_carries_only_its_chain(
+    tmp_path: Path, lying: LyingUpstream
+) -> None:
+    """`alias.ci CNAME real.lie.test` with the target resolved upstream: the upstream's
+    records for other names were appended to our authoritative answer, one of them
+    `registry-1.docker.io A 6.6.6.6` against our own override of that name (unbound's
+    local-data CNAME answers with the chain only). Nothing is cached for those names
+    either way. Fails on the code before the fix."""
+    zones = tmp_path / "zones"
+    zones.mkdir()
+    (zones / "ci.yaml").write_text(
+        "records:\n  registry-1.docker.io: {A: 10.0.0.5}\n  alias.ci: {CNAME: real.lie.test}\n"
+    )
+    with dnsoverride_serve(tmp_path, zones, [lying.address]) as server:
+        reply = server.query("alias.ci")
+        assert reply.flags & dns.flags.AA
+        assert [rrset.to_text() for rrset in reply.answer] == [
+            "alias.ci. 60 IN CNAME real.lie.test.",
+            "real.lie.test. 300 IN A 192.0.2.10",
+        ]
+        (override,) = server.query("registry-1.docker.io").answer
+        assert [str(rdata) for rdata in override] == ["10.0.0.5"]

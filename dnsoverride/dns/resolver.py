@@ -440,7 +440,7 @@ class Resolver:
             except UpstreamFailedError:
                 local.reply.header.rcode = SERVFAIL
                 return self._local(local.reply, asked, "error", 0)
-            local.reply.rr.extend(upstream.records().rr)
+            local.reply.rr.extend(answer.chain_records(upstream.records().rr, local.forward))
             local.reply.header.rcode = upstream.rcode
             return self._local(local.reply, asked, "override", ttl, ages=True)
         if qtype == ANY:
