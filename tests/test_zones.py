@@ -458,3 +458,28 @@ def test_zone_file_names_that_are_not_readable_files_are_problems(tmp_path: Path
         (zone_dir / name).unlink()
     (zone_dir / "dir.yaml").rmdir()
     assert dnsoverride_check(config, zone_dir).returncode == 0
+
+
+@pytest.mark.parametrize(
+    "worker",
+    [
+        "pass",  # exits 0 having written nothing
+        "import sys; sys.stdout.write('2026-01-01 [warning] something\\n')",  # a log line
+        "import pickle, sys; pickle.dump(None, sys.stdout.buffer)",  # a pickle, not results
+    ],
+)
+def test_a_worker_that_exits_0_with_garbage_is_logged_and_its_files_parsed_here(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, worker: str
+) -> None:
+    """A worker that succeeds without writing its results (nothing, a stray line on stdout,
+    something else pickled) raised EOFError or TypeError out of the whole load: `check`
+    printed a traceback, a reload crashed. It is a failed worker like any other now.
+    Fails on the code before the fix."""
+    big_set(tmp_path)
+    (tmp_path / "c.yaml").unlink()
+    monkeypatch.setattr(workers, "PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setattr(workers, "_WORKER", worker)
+    with structlog.testing.capture_logs() as logs:
+        zone_set = load_zone_set(tmp_path)
+    assert zone_set.name_count() == 2004
+    assert len([e for e in logs if e["event"] == "zone_parse_worker_failed"]) == 2

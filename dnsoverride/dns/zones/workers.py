@@ -66,11 +66,15 @@ def _in_worker(jobs: list[tuple[Path, bytes]]) -> list[Parts]:
             check=False,
         )
         if process.returncode == 0:
+            # Whatever else reached its stdout fails in any of pickle's many ways.
             results: list[Parts] = pickle.loads(process.stdout)
-            return results
-        reason = f"exit status {process.returncode}: {process.stderr.decode(errors='replace')}"
-    except (OSError, pickle.UnpicklingError) as error:
-        reason = str(error)
+            if type(results) is list and len(results) == len(jobs):
+                return results
+            reason = f"exit status 0 without its results: {process.stdout[:60]!r}"
+        else:
+            reason = f"exit status {process.returncode}: {process.stderr.decode(errors='replace')}"
+    except Exception as error:
+        reason = f"{type(error).__name__}: {error}"
     log.warning("zone_parse_worker_failed", reason=brief(reason), files=len(jobs))
     return [parse_bytes(str(path), data) for path, data in jobs]
 
