@@ -121,7 +121,7 @@ class Resolver:
         self.zones = zones
         self.forwarder = forwarder
         self.stats = stats
-        self.answers = AnswerCache(config.cache.size, len(config.views))
+        self.answers = AnswerCache(config.cache.size, len(config.views), config.cache.max_bytes)
         self.responses = ResponseCache(config.cache)
         self.ratelimit = RateLimiter(config.ratelimit)
         self._acl = Acl(config.allow)
