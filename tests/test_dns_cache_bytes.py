@@ -11,9 +11,6 @@ socket answering such TXT records, and the server runs with `cache.max_bytes` of
 
 from __future__ import annotations
 
-import socket
-import struct
-import threading
 from pathlib import Path
 
 import dns.flags
@@ -22,7 +19,7 @@ import dns.name
 import dns.rdatatype
 import dns.rrset
 
-from tests.peers import DnsPeer, dnsoverride_serve, free_port
+from tests.peers import DnsPeer, dnsoverride_serve, free_port, lying_upstream
 from tests.test_dns_metrics import scrape
 
 STRINGS = " ".join(['"' + "x" * 255 + '"'] * 230)  # 230 strings: 59,110 bytes of TXT data
@@ -31,55 +28,17 @@ MAX_BYTES = 1 << 20  # `max_bytes: 1M` in the config below
 BIG = dns.name.from_text("big.test")
 
 
-class BigTxtUpstream:
-    """Answers TXT questions under `big.test` with a 59 KB record, TC over UDP."""
-
-    def __init__(self) -> None:
-        self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.udp.bind(("127.0.0.1", 0))
-        port = self.udp.getsockname()[1]
-        self.tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.tcp.bind(("127.0.0.1", port))
-        self.tcp.listen(16)
-        self.address = f"127.0.0.1:{port}"
-        threading.Thread(target=self._serve_udp, daemon=True).start()
-        threading.Thread(target=self._serve_tcp, daemon=True).start()
-
-    @staticmethod
-    def _reply(data: bytes, *, tcp: bool) -> bytes:
-        query = dns.message.from_wire(data)
-        reply = dns.message.make_response(query)
-        question = query.question[0]
-        if question.rdtype == dns.rdatatype.TXT and question.name.is_subdomain(BIG):
-            if tcp:
-                reply.answer.append(dns.rrset.from_text(question.name, 3600, "IN", "TXT", STRINGS))
-            else:
-                reply.flags |= dns.flags.TC
-        return reply.to_wire(max_size=65535)
-
-    def _serve_udp(self) -> None:
-        while True:
-            try:
-                data, peer = self.udp.recvfrom(65535)
-            except OSError:
-                return
-            self.udp.sendto(self._reply(data, tcp=False), peer)
-
-    def _serve_tcp(self) -> None:
-        while True:
-            try:
-                connection, _ = self.tcp.accept()
-            except OSError:
-                return
-            with connection:
-                (length,) = struct.unpack("!H", connection.recv(2, socket.MSG_WAITALL))
-                data = connection.recv(length, socket.MSG_WAITALL)
-                reply = self._reply(data, tcp=True)
-                connection.sendall(struct.pack("!H", len(reply)) + reply)
-
-    def close(self) -> None:
-        self.udp.close()
-        self.tcp.close()
+def _big_txt(data: bytes, tcp: bool) -> bytes:
+    """TXT questions under `big.test`: a 59 KB record over TCP, TC over UDP."""
+    query = dns.message.from_wire(data)
+    reply = dns.message.make_response(query)
+    question = query.question[0]
+    if question.rdtype == dns.rdatatype.TXT and question.name.is_subdomain(BIG):
+        if tcp:
+            reply.answer.append(dns.rrset.from_text(question.name, 3600, "IN", "TXT", STRINGS))
+        else:
+            reply.flags |= dns.flags.TC
+    return reply.to_wire(max_size=65535)
 
 
 def _cache_entries(metrics_port: int) -> dict[str, float]:
@@ -101,23 +60,22 @@ def test_big_answers_are_cached_within_max_bytes(tmp_path: Path) -> None:
     before the fix (no such key; with `cache.size` alone all 60 stay in both caches)."""
     zones = tmp_path / "zones"
     zones.mkdir()
-    upstream = BigTxtUpstream()
     metrics_port = free_port()
-    try:
-        with dnsoverride_serve(
+    with (
+        lying_upstream(_big_txt) as upstream,
+        dnsoverride_serve(
             tmp_path,
             zones,
             [upstream.address],
             "--metrics",
             f"127.0.0.1:{metrics_port}",
             config="cache: {max_bytes: 1M}\n",
-        ) as server:
-            for index in range(NAMES):
-                assert _ask_over_tcp(server, f"n{index}.big.test") == 230 * 255
-            entries = _cache_entries(metrics_port)
-            assert 0 < entries["answer"] <= MAX_BYTES // 59_000
-            assert 0 < entries["response"] <= MAX_BYTES // 59_000
-            # The most recent answer is still cached, complete.
-            assert _ask_over_tcp(server, f"n{NAMES - 1}.big.test") == 230 * 255
-    finally:
-        upstream.close()
+        ) as server,
+    ):
+        for index in range(NAMES):
+            assert _ask_over_tcp(server, f"n{index}.big.test") == 230 * 255
+        entries = _cache_entries(metrics_port)
+        assert 0 < entries["answer"] <= MAX_BYTES // 59_000
+        assert 0 < entries["response"] <= MAX_BYTES // 59_000
+        # The most recent answer is still cached, complete.
+        assert _ask_over_tcp(server, f"n{NAMES - 1}.big.test") == 230 * 255

@@ -1,10 +1,11 @@
 """The byte-level relay (dnsoverride/dns/relay.py) against an upstream that lies in bytes.
 
 dnsmasq and unbound only send well-formed replies; the upstream here is a real loopback
-UDP socket whose reply bytes each test writes by hand: compression pointers that loop or
-point forward, a record dnslib cannot re-encode behind an OPT record that is not last,
-TTLs with the high bit set. What a client gets is read with dnspython, which rejects a
-malformed message as a stub resolver would.
+socket (`tests.peers.LyingUpstream`) whose reply bytes each test writes by hand:
+compression pointers that loop or point forward, a record dnslib cannot re-encode behind
+an OPT record that is not last, TTLs with the high bit set, records for names nobody
+asked about. What a client gets is read with dnspython, which rejects a malformed
+message as a stub resolver would.
 """
 
 from __future__ import annotations
@@ -12,8 +13,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import struct
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import dns.flags
@@ -25,44 +25,16 @@ import pytest
 
 from dnsoverride.dns import relay, wire
 from dnsoverride.dns.udpexchange import SocketWatcher, UdpExchange
-from tests.peers import DnsPeer, dnsoverride_serve
+from tests.peers import DnsPeer, LyingUpstream, dnsoverride_serve, lying_upstream
 
 OPT = b"\x00\x00\x29\x04\xd0\x00\x00\x00\x00\x00\x00"
 QUESTION = b"\xc0\x0c"  # a pointer to the question's name
-Responder = Callable[[bytes], bytes | None]
-
-
-class LyingUpstream:
-    """A UDP upstream on loopback answering each query with `respond(query)` bytes."""
-
-    def __init__(self, respond: Responder) -> None:
-        self.respond = respond
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.address = f"127.0.0.1:{self.sock.getsockname()[1]}"
-        self.asked: list[str] = []
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                data, peer = self.sock.recvfrom(65535)
-            except OSError:
-                return
-            self.asked.append(dns.message.from_wire(data).question[0].name.to_text())
-            reply = self.respond(data)
-            if reply is not None:
-                self.sock.sendto(reply, peer)
 
 
 @pytest.fixture
 def lying(request: pytest.FixtureRequest) -> Iterator[LyingUpstream]:
-    upstream = LyingUpstream(request.param)
-    try:
+    with lying_upstream(request.param) as upstream:
         yield upstream
-    finally:
-        upstream.sock.close()
 
 
 def _reply(query: bytes, records: bytes, counts: tuple[int, int, int]) -> bytes:
@@ -76,7 +48,7 @@ def _record(owner: bytes, rtype: int, rdata: bytes, ttl: int = 300) -> bytes:
     return owner + struct.pack("!HHIH", rtype, 1, ttl, len(rdata)) + rdata
 
 
-def _bad_pointers(query: bytes) -> bytes | None:
+def _bad_pointers(query: bytes, _tcp: bool) -> bytes | None:
     """Replies whose names a client cannot read, by the first label of the question:
     `loop`: record 2's owner points back into record 1's CNAME data, which points
     forward to record 2's owner; `forward`: a CNAME target pointing past the message;
@@ -108,7 +80,7 @@ def test_replies_a_client_cannot_read_are_not_relayed(tmp_path: Path, lying: Lyi
     with dnsoverride_serve(tmp_path, zones, [lying.address]) as server:
         for label in ("loop", "forward", "header"):
             name = f"{label}.lie.test"
-            upstream_reply = _bad_pointers(dns.message.make_query(name, "A").to_wire())
+            upstream_reply = _bad_pointers(dns.message.make_query(name, "A").to_wire(), False)
             assert upstream_reply is not None
             if label != "header":  # what the upstream sends is unreadable as it is
                 with pytest.raises(dns.name.BadPointer):
@@ -180,7 +152,7 @@ async def test_a_reply_dnslib_cannot_parse_costs_only_its_own_question() -> None
             watcher.close()
 
 
-def _ttls(query: bytes) -> bytes:
+def _ttls(query: bytes, _tcp: bool) -> bytes:
     """One A record whose TTL the question's first label names: `high` 2^31 (the high
     bit set), `week` 604,800 (over the default `cache.max_ttl` of a day); others 300."""
     label = dns.message.from_wire(query).question[0].name.labels[0]
@@ -216,7 +188,7 @@ def test_ttls_over_the_bounds_never_reach_a_client(tmp_path: Path, lying: LyingU
         assert lying.asked.count("week.lie.test.") == 1
 
 
-def _with_strangers(query: bytes) -> bytes:
+def _with_strangers(query: bytes, _tcp: bool) -> bytes:
     """The answer to the question, plus A records of other names: one the zones override
     (registry-1.docker.io) and one they do not, each for a day."""
     question = dns.message.from_wire(query)
