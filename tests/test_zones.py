@@ -12,6 +12,7 @@ import dnslib
 import pytest
 import structlog
 
+from dnsoverride.dns.reload import fingerprint
 from dnsoverride.dns.zones import workers
 from dnsoverride.dns.zones.live import LiveZones
 from dnsoverride.dns.zones.load import ZoneFileCache, load_zone_set
@@ -483,3 +484,31 @@ def test_a_worker_that_exits_0_with_garbage_is_logged_and_its_files_parsed_here(
         zone_set = load_zone_set(tmp_path)
     assert zone_set.name_count() == 2004
     assert len([e for e in logs if e["event"] == "zone_parse_worker_failed"]) == 2
+
+
+def test_a_zone_file_name_that_is_not_utf8_is_read_like_any_other(tmp_path: Path) -> None:
+    """A file named in Latin-1 (`café.yaml` copied from an old host: b'caf\\xe9.yaml'): the
+    set's digest and the reload fingerprint encoded the name as UTF-8 and raised, so
+    `check` printed a traceback, `serve` would not start, and a running server's every
+    reload crashed while the file was there (no zone change applied again). Fails on
+    the code before the fix."""
+    zone_dir = tmp_path / "zones"
+    zone_dir.mkdir()
+    write(zone_dir, "good.yaml", MINIMAL)
+    latin1 = os.path.join(os.fsencode(zone_dir), b"caf\xe9.yaml")
+    with open(latin1, "w") as file:
+        file.write("records:\n  cafe.example: {A: 10.0.0.9}\n")
+    zone_set = load_zone_set(zone_dir)
+    assert zone_set.select(None).lookup("cafe.example") is not None
+    assert fingerprint(zone_dir, None) != fingerprint(tmp_path, None)
+    config = tmp_path / "config.yaml"
+    config.write_text("upstreams: [192.0.2.53]\n")
+    result = dnsoverride_check(config, zone_dir)
+    assert result.returncode == 0, result
+    with open(latin1, "w") as file:
+        file.write("records:\n  cafe.example: {A: 10.0.0.256}\n")
+    result = dnsoverride_check(config, zone_dir)
+    assert result.returncode == 1, result
+    assert result.stderr.splitlines() == [
+        f"{zone_dir}/caf\\udce9.yaml:2: cafe.example: bad A value '10.0.0.256': not an IPv4 address"
+    ]

@@ -10,7 +10,7 @@ from pathlib import Path
 from types import MappingProxyType
 
 from dnsoverride.common.errors import Problem
-from dnsoverride.common.readfile import read_regular_file
+from dnsoverride.common.readfile import FS_BYTES, read_regular_file
 from dnsoverride.dns.zones.chains import cname_problems, view_problems
 from dnsoverride.dns.zones.model import ZoneFile, ZoneSet, ZoneSetError
 from dnsoverride.dns.zones.parse import ParsedFile
@@ -107,7 +107,7 @@ def _load_zone_set(
     files = [file.zone for file in parsed]
     digest = hashlib.sha256()
     for file in parsed:
-        digest.update(f"== {file.zone.name} {file.digest}\n".encode())
+        digest.update(f"== {file.zone.name} {file.digest}\n".encode(errors=FS_BYTES))
     zone_set = ZoneSet(str(directory), tuple(files), digest.hexdigest())
     if views is None:
         problems.extend(cname_problems(zone_set.files, zone_set.select(None)))
