@@ -12,6 +12,7 @@ import dnslib
 import pytest
 import structlog
 
+from dnsoverride.common import yamlsource
 from dnsoverride.dns.reload import fingerprint
 from dnsoverride.dns.zones import workers
 from dnsoverride.dns.zones.live import LiveZones
@@ -511,4 +512,19 @@ def test_a_zone_file_name_that_is_not_utf8_is_read_like_any_other(tmp_path: Path
     assert result.returncode == 1, result
     assert result.stderr.splitlines() == [
         f"{zone_dir}/caf\\udce9.yaml:2: cafe.example: bad A value '10.0.0.256': not an IPv4 address"
+    ]
+
+
+def test_a_txt_escape_that_is_no_character_is_a_problem(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """libyaml refuses `"\\ud800"` (half of a UTF-16 pair) as a syntax error; PyYAML's
+    pure-Python parser, used where libyaml is not installed, makes a string of it, and
+    the TXT size check raised UnicodeEncodeError out of the whole load (a traceback from
+    `check`, a crashed reload). Fails on the code before the fix."""
+    monkeypatch.setattr(yamlsource, "_CParser", None)
+    write(tmp_path, "t.yaml", 'records:\n  a.example: {TXT: "x\\ud800"}\n')
+    assert problems_of(tmp_path) == [
+        f"{tmp_path / 't.yaml'}:2: a.example: bad TXT value 'x\\ud800': "
+        "not valid Unicode (half of a UTF-16 surrogate pair)"
     ]
