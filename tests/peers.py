@@ -7,6 +7,9 @@ manager exits, whatever happened inside. Use them from fixtures:
         with dnsoverride_serve(tmp_path, zones, [upstream.address]) as server:
             server.query("forwarded.test")
 
+`LyingUpstream` is the one peer that is not a real server: a loopback socket answering
+with whatever bytes a test writes, for replies no real server sends.
+
 Only 127.0.0.0/8 and ::1 are ever used.
 """
 
@@ -16,13 +19,15 @@ import contextlib
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -278,3 +283,65 @@ def dnsoverride_serve(
         env=environment,
     ) as peer:
         yield peer
+
+
+Responder = Callable[[bytes, bool], bytes | None]
+
+
+class LyingUpstream:
+    """A DNS upstream on a free loopback port, UDP and TCP, answering each query with the
+    bytes `respond(query, tcp)` returns (None: no answer). `asked` lists the question
+    names as they arrived (dnspython text, over either transport)."""
+
+    def __init__(self, respond: Responder) -> None:
+        self.respond = respond
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.asked: list[str] = []
+        self._udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self._udp.bind(("127.0.0.1", self.port))
+        self._tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._tcp.bind(("127.0.0.1", self.port))
+        self._tcp.listen(16)
+        threading.Thread(target=self._serve_udp, daemon=True).start()
+        threading.Thread(target=self._serve_tcp, daemon=True).start()
+
+    def _answer(self, data: bytes, tcp: bool) -> bytes | None:
+        self.asked.append(dns.message.from_wire(data).question[0].name.to_text())
+        return self.respond(data, tcp)
+
+    def _serve_udp(self) -> None:
+        while True:
+            try:
+                data, peer = self._udp.recvfrom(65535)
+            except OSError:
+                return
+            reply = self._answer(data, False)
+            if reply is not None:
+                self._udp.sendto(reply, peer)
+
+    def _serve_tcp(self) -> None:
+        while True:
+            try:
+                connection, _ = self._tcp.accept()
+            except OSError:
+                return
+            with connection:
+                (length,) = struct.unpack("!H", connection.recv(2, socket.MSG_WAITALL))
+                reply = self._answer(connection.recv(length, socket.MSG_WAITALL), True)
+                if reply is not None:
+                    connection.sendall(struct.pack("!H", len(reply)) + reply)
+
+    def close(self) -> None:
+        self._udp.close()
+        self._tcp.close()
+
+
+@contextlib.contextmanager
+def lying_upstream(respond: Responder) -> Iterator[LyingUpstream]:
+    """A `LyingUpstream`, closed on exit."""
+    upstream = LyingUpstream(respond)
+    try:
+        yield upstream
+    finally:
+        upstream.close()

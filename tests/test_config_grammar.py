@@ -137,7 +137,7 @@ def test_serve_file_problems_name_file_line_and_key(tmp_path: Path) -> None:
         "upstreams: [localhost]\n"
         "listen: 5353\n"
         "tiemout: 2s\n"
-        "cache: {min_ttl: 500ms}\n"
+        "cache: {min_ttl: 500ms, max_bytes: 67108864}\n"
         "tcp:\n"
         "  max_queued: 10K\n",
     )
@@ -147,6 +147,8 @@ def test_serve_file_problems_name_file_line_and_key(tmp_path: Path) -> None:
         f"{path}:2: listen: '5353' is a port without a host: write HOST:PORT, "
         "e.g. 127.0.0.1:5353 (one address) or 0.0.0.0:5353 (every IPv4 address)",
         f"{path}:3: unknown key 'tiemout' (did you mean 'timeout'?)",
+        f"{path}:4: cache: max_bytes: 67108864 has no unit: write 67108864G (GiB), "
+        "67108864GB (10^9 bytes), 67108864M, ... (a bare number would be 67108864 bytes)",
         f"{path}:4: cache: min_ttl: expected a number from 0 to 2147483647 whole seconds, "
         "not '500ms'",
         f"{path}:6: tcp: max_queued: '10K' is 10,240 bytes: expected 65,537 to 1,073,741,824",
@@ -161,13 +163,14 @@ def test_serve_takes_durations_and_sizes_with_units(tmp_path: Path) -> None:
         "timeout: 2s\n"
         "attempt_timeout: 500ms\n"
         "reload_interval: 1m\n"
-        "cache: {max_ttl: 1h, stale_reuse: 1500ms}\n"
+        "cache: {max_ttl: 1h, stale_reuse: 1500ms, max_bytes: 16M}\n"
         "tcp: {idle_timeout: 5s, max_queued: 1M}\n"
         "probe: {interval: 2s}\n",
     )
     config = load_config(path)
     assert (config.timeout, config.attempt_timeout, config.reload_interval) == (2.0, 0.5, 60.0)
     assert (config.cache.max_ttl, config.cache.stale_reuse) == (3600, 1.5)
+    assert config.cache.max_bytes == 16 << 20
     assert (config.tcp.idle_timeout, config.tcp.max_queued) == (5.0, 1 << 20)
     assert config.probe.interval == 2.0
 

@@ -100,6 +100,7 @@ def test_tuning_keys_defaults_and_values(tmp_path: Path) -> None:
     assert default.tcp == TcpConfig(max_connections=512, pipeline=100, idle_timeout=10.0)
     assert default.failure_log_interval == 10.0
     assert default.cache.stale_reuse == 2.0
+    assert default.cache.max_bytes == 64 << 20
     path = tmp_path / "tuned.yaml"
     path.write_text(
         "upstreams: [127.0.0.1]\n"
@@ -109,13 +110,14 @@ def test_tuning_keys_defaults_and_values(tmp_path: Path) -> None:
         "  max_connections: 64\n"
         "  pipeline: 8\n"
         "  idle_timeout: 2.5\n"
-        "cache: {stale_reuse: 0.5, size: 10}\n"
+        "cache: {stale_reuse: 0.5, size: 10, max_bytes: 1M}\n"
     )
     config = load_config(*args(config=str(path)))
     assert config.probe == ProbeConfig(interval=0.5, name="example.com")
     assert config.tcp == TcpConfig(max_connections=64, pipeline=8, idle_timeout=2.5)
     assert config.failure_log_interval == 60
     assert config.cache.stale_reuse == 0.5 and config.cache.size == 10
+    assert config.cache.max_bytes == 1 << 20
 
 
 def test_tuning_key_problems_with_file_and_line(tmp_path: Path) -> None:
@@ -131,13 +133,13 @@ def test_tuning_key_problems_with_file_and_line(tmp_path: Path) -> None:
         "  pipeline: lots\n"
         "  idle_timeout: -1\n"
         "failure_log_interval: soon\n"
-        "cache: {stale_reuse: 9999}\n"
+        "cache: {stale_reuse: 9999, max_bytes: 1K}\n"
         "tcp_extra: 1\n"
     )
     with pytest.raises(ConfigError) as caught:
         load_config(*args(config=str(path)))
     problems = sorted(map(str, caught.value.problems), key=lambda p: int(p.split(":")[1]))
-    assert [int(p.split(":")[1]) for p in problems] == [3, 4, 5, 7, 8, 9, 10, 11, 12]
+    assert [int(p.split(":")[1]) for p in problems] == [3, 4, 5, 7, 8, 9, 10, 11, 11, 12]
     text = "\n".join(problems)
     assert "probe: interval: expected a number from 0.1 to 3600" in problems[0]
     assert "probe: name:" in problems[1] and "empty label" in problems[1]
@@ -145,7 +147,8 @@ def test_tuning_key_problems_with_file_and_line(tmp_path: Path) -> None:
     assert "max_connections: expected an integer from 1 to 65535" in problems[3]
     assert "idle_timeout" in problems[5]
     assert "failure_log_interval" in problems[6]
-    assert "stale_reuse" in problems[7]
+    assert "stale_reuse" in text
+    assert "cache: max_bytes: '1K' is 1,024 bytes: expected 65,535 to" in text
     assert "unknown key 'tcp_extra'" in text
 
 
@@ -155,8 +158,8 @@ def test_settings_sections_must_be_mappings(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as caught:
         load_config(*args(config=str(path)))
     assert sorted(map(str, caught.value.problems)) == [
-        f"{path}:2: cache: expected a mapping with size, min_ttl, max_ttl, negative_max_ttl, "
-        "stale_ttl, stale_reuse",
+        f"{path}:2: cache: expected a mapping with size, max_bytes, min_ttl, max_ttl, "
+        "negative_max_ttl, stale_ttl, stale_reuse",
         f"{path}:3: probe: expected a mapping with interval, name",
         f"{path}:4: tcp: expected a mapping with max_connections, pipeline, idle_timeout, "
         "max_queued",

@@ -3,6 +3,7 @@ first upstream stops costing every query its attempt timeout once it is marked d
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import socket
 import threading
@@ -13,13 +14,19 @@ from pathlib import Path
 
 import dns.exception
 import dns.message
+import dns.name
 import dns.query
 import dns.rcode
+import dns.rrset
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from dnsoverride.common.grammar import RESOLVER, parse_endpoint
+from dnsoverride.dns import forwarder, wire
 from dnsoverride.dns.config import ProbeConfig
-from tests.peers import dnsmasq, dnsoverride_serve, free_port, http_status
+from dnsoverride.dns.forwarder import DEMOTE_AFTER
+from dnsoverride.dns.stats import DnsStats
+from tests.peers import dnsmasq, dnsoverride_serve, free_port, http_status, lying_upstream
 
 ATTEMPT_TIMEOUT = 0.8  # the default `attempt_timeout`
 PROBE_INTERVAL = ProbeConfig().interval
@@ -209,3 +216,98 @@ def test_a_slow_name_does_not_take_the_only_upstream_down(tmp_path: Path) -> Non
     assert rcodes == ["NOERROR"] * LEGITIMATE
     assert slow_rcodes and set(slow_rcodes) == {dns.rcode.SERVFAIL}  # only they fail
     assert "upstream_down" not in log_text
+
+
+class _ProbesOnly:
+    """An upstream's replies: the health probe (`. NS`) and anything outside `fwd.test`
+    answered, no question in `fwd.test` ever answered: a resolver whose own uplink is
+    gone still answers what it has cached. Once `recovered`, it answers those with
+    A 192.0.2.99."""
+
+    def __init__(self) -> None:
+        self.dropped = 0
+        self.recovered = False
+
+    def __call__(self, data: bytes, _tcp: bool) -> bytes | None:
+        query = dns.message.from_wire(data)
+        name = query.question[0].name
+        reply = dns.message.make_response(query)
+        if not name.is_subdomain(dns.name.from_text("fwd.test")):
+            reply.set_rcode(dns.rcode.NXDOMAIN)
+        elif self.recovered:
+            reply.answer.append(dns.rrset.from_text(name, 60, "IN", "A", "192.0.2.99"))
+        else:
+            self.dropped += 1
+            return None
+        return reply.to_wire()
+
+
+@pytest.mark.timeout(60)
+def test_an_upstream_that_answers_probes_but_drops_questions_is_tried_last(
+    tmp_path: Path,
+) -> None:
+    """The first upstream answers the probe but lets every client question time out; the
+    second answers them. The probe kept the first one up and first in line, so every
+    uncached query paid its attempt timeout (0.8 s each, for as long as it lasted; unbound
+    with both as forward-addr: ~1 ms). Now an upstream that let DEMOTE_AFTER questions in
+    a row time out that another upstream answered is tried after the others. Fails on
+    the code before the fix (all 12 took 0.8 s)."""
+    zones = tmp_path / "zones"
+    zones.mkdir()
+    dropping = _ProbesOnly()
+    with (
+        lying_upstream(dropping) as first,
+        dnsmasq(tmp_path, "--address=/fwd.test/192.0.2.1") as good,
+        dnsoverride_serve(tmp_path, zones, [first.address, good.address]) as server,
+    ):
+        seconds = []
+        for index in range(12):
+            started = time.monotonic()
+            reply = server.query(f"n{index}.fwd.test", timeout=5)
+            seconds.append(time.monotonic() - started)
+            assert reply.rcode() == dns.rcode.NOERROR
+    slow = [s for s in seconds if s >= ATTEMPT_TIMEOUT * 0.9]
+    assert len(slow) == DEMOTE_AFTER, seconds
+    assert max(seconds[DEMOTE_AFTER:]) < 0.3, seconds
+    assert dropping.dropped == DEMOTE_AFTER
+
+
+async def test_a_demoted_upstream_is_tried_first_again_after_the_demotion(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The forwarder itself, with a short demotion: after it, the next question goes to the
+    demoted upstream first again, and one answer puts it back in its place."""
+    monkeypatch.setattr(forwarder, "DEMOTION", 1.0)
+    dropping = _ProbesOnly()
+    with (
+        lying_upstream(dropping) as first,
+        dnsmasq(tmp_path, "--address=/fwd.test/192.0.2.1") as good,
+    ):
+        upstreams = (
+            parse_endpoint(first.address, RESOLVER),
+            parse_endpoint(good.address, RESOLVER),
+        )
+        ask = forwarder.Forwarder(
+            upstreams,
+            2.0,
+            ATTEMPT_TIMEOUT,
+            1232,
+            DnsStats(),
+            probe=ProbeConfig(),
+            failure_log_interval=10.0,
+        )
+
+        async def first_address(name: str) -> str:
+            reply = await ask.resolve((wire.encode_name(name), 1, 1, False, False))
+            (rrset,) = dns.message.from_wire(reply.wire).answer
+            return str(rrset[0])
+
+        for index in range(DEMOTE_AFTER):
+            assert await first_address(f"d{index}.fwd.test") == "192.0.2.1"
+        assert dropping.dropped == DEMOTE_AFTER
+        assert await first_address("after.fwd.test") == "192.0.2.1"
+        assert dropping.dropped == DEMOTE_AFTER  # not asked: tried last
+        dropping.recovered = True
+        await asyncio.sleep(1.0)  # the demotion runs out
+        assert await first_address("again.fwd.test") == "192.0.2.99"
+        assert await first_address("back.fwd.test") == "192.0.2.99"

@@ -508,3 +508,30 @@ def test_file_cache_rechecks_a_file_that_names_a_health_ca(zones: Path) -> None:
     assert [p.file for p in error.value.problems] == [str(zones / "b.yaml")]
     ca.cert_file.write_bytes(good)
     assert addresses(load_zone_set(zones, cache=cache), "b.test") == ("10.0.1.1",)
+
+
+async def test_a_zone_file_turned_dangling_symlink_or_fifo_keeps_the_last_good_set(
+    zones: Path, tmp_path: Path
+) -> None:
+    """`a.yaml` made a symlink to a file that is not there (a checkout moved), then a FIFO:
+    the reload used to succeed without the file, dropping its names. Now each is a failed
+    reload naming the file, the last good set stays, and the FIFO blocks nothing. Fails
+    on the code before the fix."""
+    with structlog.testing.capture_logs() as logs:
+        async with reloading(zones) as h:
+            before = h.live.current
+            (zones / "a.yaml").unlink()
+            (zones / "a.yaml").symlink_to(tmp_path / "moved" / "a.yaml")
+            await h.until(lambda: h.reloader.stats.failures == 1)
+            (zones / "a.yaml").unlink()
+            os.mkfifo(zones / "a.yaml")
+            await h.until(lambda: h.reloader.stats.failures == 2)
+            assert h.live.current is before
+            assert h.answer("a.test") == ("10.0.0.1",)
+            (zones / "a.yaml").unlink()
+            (zones / "a.yaml").write_text(zone_text({"a.test": "10.0.0.2"}))
+            await h.answer_becomes("a.test", ("10.0.0.2",))
+    problems = [e for e in logs if e["event"] == "zone_problem"]
+    assert [problem["file"] for problem in problems] == [str(zones / "a.yaml")] * 2
+    assert "No such file or directory" in problems[0]["reason"]
+    assert "not a regular file" in problems[1]["reason"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -11,6 +12,8 @@ import dnslib
 import pytest
 import structlog
 
+from dnsoverride.common import yamlsource
+from dnsoverride.dns.reload import fingerprint
 from dnsoverride.dns.zones import workers
 from dnsoverride.dns.zones.live import LiveZones
 from dnsoverride.dns.zones.load import ZoneFileCache, load_zone_set
@@ -401,3 +404,127 @@ def test_a_failing_worker_is_logged_and_its_files_parsed_here(
     failures = [e for e in logs if e["event"] == "zone_parse_worker_failed"]
     assert len(failures) == 2
     assert "exit status 1: no workers here" in failures[0]["reason"]
+
+
+def test_workers_never_import_from_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A parse worker was `python -c ...`, which puts the working directory first on its
+    `sys.path`: run from a directory anyone can write (`cd /tmp; dnsoverride check`), a
+    planted `structlog.py` ran as root in every worker. The entry-point script and the
+    daemon under systemd do not import from there; their workers must not either. Fails
+    on the code before the fix (the planted module runs)."""
+    zone_dir = tmp_path / "zones"
+    zone_dir.mkdir()
+    big_set(zone_dir)
+    (zone_dir / "c.yaml").unlink()
+    planted = tmp_path / "shared"
+    planted.mkdir()
+    marker = tmp_path / "planted-module-ran"
+    (planted / "structlog.py").write_text(
+        f"open({str(marker)!r}, 'w').close()\nraise SystemExit('planted')\n"
+    )
+    monkeypatch.chdir(planted)
+    monkeypatch.setattr(workers, "PARALLEL_MIN_BYTES", 0)
+    with structlog.testing.capture_logs() as logs:
+        zone_set = load_zone_set(zone_dir)
+    assert zone_set.name_count() == 2004
+    assert not marker.exists()
+    assert not [event for event in logs if event["event"] == "zone_parse_worker_failed"]
+
+
+def test_zone_file_names_that_are_not_readable_files_are_problems(tmp_path: Path) -> None:
+    """A `*.yaml` entry that is a dangling symlink (its target moved), a symlink loop, a
+    FIFO or a directory was skipped without a word: `check` said ok and a reload dropped
+    that file's names. Each is now a problem at the file; a FIFO is never opened for a
+    blocking read (the reload thread would hang). Fails on the code before the fix."""
+    zone_dir = tmp_path / "zones"
+    zone_dir.mkdir()
+    write(zone_dir, "good.yaml", MINIMAL)
+    (zone_dir / "moved.yaml").symlink_to(tmp_path / "elsewhere" / "ci.yaml")
+    (zone_dir / "loop.yaml").symlink_to(zone_dir / "loop.yaml")
+    os.mkfifo(zone_dir / "fifo.yaml")
+    (zone_dir / "dir.yaml").mkdir()
+    config = tmp_path / "config.yaml"
+    config.write_text("upstreams: [192.0.2.53]\n")
+    result = dnsoverride_check(config, zone_dir)
+    assert result.returncode == 1, result
+    lines = result.stderr.splitlines()
+    assert [line.split(":")[0] for line in lines] == [
+        str(zone_dir / name) for name in ("dir.yaml", "fifo.yaml", "loop.yaml", "moved.yaml")
+    ]
+    assert "not a regular file" in lines[0] and "not a regular file" in lines[1]
+    assert "Too many levels of symbolic links" in lines[2]
+    assert "No such file or directory" in lines[3]
+    for name in ("moved.yaml", "loop.yaml", "fifo.yaml"):
+        (zone_dir / name).unlink()
+    (zone_dir / "dir.yaml").rmdir()
+    assert dnsoverride_check(config, zone_dir).returncode == 0
+
+
+@pytest.mark.parametrize(
+    "worker",
+    [
+        "pass",  # exits 0 having written nothing
+        "import sys; sys.stdout.write('2026-01-01 [warning] something\\n')",  # a log line
+        "import pickle, sys; pickle.dump(None, sys.stdout.buffer)",  # a pickle, not results
+    ],
+)
+def test_a_worker_that_exits_0_with_garbage_is_logged_and_its_files_parsed_here(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, worker: str
+) -> None:
+    """A worker that succeeds without writing its results (nothing, a stray line on stdout,
+    something else pickled) raised EOFError or TypeError out of the whole load: `check`
+    printed a traceback, a reload crashed. It is a failed worker like any other now.
+    Fails on the code before the fix."""
+    big_set(tmp_path)
+    (tmp_path / "c.yaml").unlink()
+    monkeypatch.setattr(workers, "PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setattr(workers, "_WORKER", worker)
+    with structlog.testing.capture_logs() as logs:
+        zone_set = load_zone_set(tmp_path)
+    assert zone_set.name_count() == 2004
+    assert len([e for e in logs if e["event"] == "zone_parse_worker_failed"]) == 2
+
+
+def test_a_zone_file_name_that_is_not_utf8_is_read_like_any_other(tmp_path: Path) -> None:
+    """A file named in Latin-1 (`café.yaml` copied from an old host: b'caf\\xe9.yaml'): the
+    set's digest and the reload fingerprint encoded the name as UTF-8 and raised, so
+    `check` printed a traceback, `serve` would not start, and a running server's every
+    reload crashed while the file was there (no zone change applied again). Fails on
+    the code before the fix."""
+    zone_dir = tmp_path / "zones"
+    zone_dir.mkdir()
+    write(zone_dir, "good.yaml", MINIMAL)
+    latin1 = os.path.join(os.fsencode(zone_dir), b"caf\xe9.yaml")
+    with open(latin1, "w") as file:
+        file.write("records:\n  cafe.example: {A: 10.0.0.9}\n")
+    zone_set = load_zone_set(zone_dir)
+    assert zone_set.select(None).lookup("cafe.example") is not None
+    assert fingerprint(zone_dir, None) != fingerprint(tmp_path, None)
+    config = tmp_path / "config.yaml"
+    config.write_text("upstreams: [192.0.2.53]\n")
+    result = dnsoverride_check(config, zone_dir)
+    assert result.returncode == 0, result
+    with open(latin1, "w") as file:
+        file.write("records:\n  cafe.example: {A: 10.0.0.256}\n")
+    result = dnsoverride_check(config, zone_dir)
+    assert result.returncode == 1, result
+    assert result.stderr.splitlines() == [
+        f"{zone_dir}/caf\\udce9.yaml:2: cafe.example: bad A value '10.0.0.256': not an IPv4 address"
+    ]
+
+
+def test_a_txt_escape_that_is_no_character_is_a_problem(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """libyaml refuses `"\\ud800"` (half of a UTF-16 pair) as a syntax error; PyYAML's
+    pure-Python parser, used where libyaml is not installed, makes a string of it, and
+    the TXT size check raised UnicodeEncodeError out of the whole load (a traceback from
+    `check`, a crashed reload). Fails on the code before the fix."""
+    monkeypatch.setattr(yamlsource, "_CParser", None)
+    write(tmp_path, "t.yaml", 'records:\n  a.example: {TXT: "x\\ud800"}\n')
+    assert problems_of(tmp_path) == [
+        f"{tmp_path / 't.yaml'}:2: a.example: bad TXT value 'x\\ud800': "
+        "not valid Unicode (half of a UTF-16 surrogate pair)"
+    ]

@@ -27,6 +27,7 @@ import dns.exception
 import pytest
 
 from tests.peers import DnsPeer, dnsmasq, dnsoverride_serve, free_port, memory_mb
+from tests.test_zones_yaml import laughs_through_redefined_anchors
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -302,3 +303,21 @@ def test_running_server_rejects_the_file_keeps_answering_and_does_not_retry(
 
 def periodic_unchanged(server: DnsPeer) -> list[dict[str, object]]:
     return [e for e in log_events(server, "zones_unchanged") if e.get("trigger") == "periodic"]
+
+
+HEALTH = "records:\n  bomb.test:\n    A: 10.0.0.1\n    health:\n      tcp: 443\n"
+
+
+def test_check_stops_laughs_hidden_behind_redefined_anchors(workdir: Path) -> None:
+    """Billion laughs whose levels reuse the ids of freed, redefined anchors slipped past
+    the alias budget (see test_zones_yaml), and a health check's `interval` turned the
+    value into text: 6 levels (10.9 million nodes) cost `check` seconds and hundreds of
+    MB, 9 levels (7.9 billion) all memory. Fails on the code before the fix (6 levels:
+    the problem named the interval, not the aliases)."""
+    laughs = laughs_through_redefined_anchors(6).replace("last: ", "      interval: ")
+    path = workdir / "zones" / "bomb.yaml"
+    path.write_text(laughs.replace("      interval: ", HEALTH + "      interval: "))
+    result = check(workdir)
+    assert result.returncode == 1, result
+    assert "YAML aliases stand for more than 10,000 nodes" in result.stderr, result.stderr
+    assert result.seconds < 10 and result.max_rss_mb < 200, result

@@ -220,6 +220,35 @@ def test_billion_laughs_stops_at_the_alias_over_budget(levels: int) -> None:
     assert len(caught.value.reason) < 200
 
 
+def laughs_through_redefined_anchors(levels: int, fan: int = 9) -> str:
+    """Billion laughs where each level's mapping is the merged copy of a `<<` whose merge
+    source `&t` redefines an anchor that was measured once (line 2 of each level): the
+    old `t`, kept only by the anchor, is freed, and the next mapping built may take its
+    place in memory (and its id)."""
+    lines = ["u0: &u0 {" + ", ".join(f"k{i}: v" for i in range(fan)) + "}"]
+    for level in range(1, levels + 1):
+        aliases = ", ".join(f"a{i}: *u{level - 1}" for i in range(fan))
+        lines += [
+            f"p{level}: {{<<: &t {{z: 1}}}}",
+            f"q{level}: {{<<: *t}}",
+            f"r{level}: &u{level} {{<<: &t {{z: 2}}, {aliases}}}",
+        ]
+    return "\n".join([*lines, f"last: *u{levels}"]) + "\n"
+
+
+def test_a_redefined_anchor_lends_its_count_to_nothing() -> None:
+    """The alias budget memoised what each aliased collection stands for by `id()`, but a
+    redefined anchor's old collection (a `<<` source, kept by nothing else) was freed, and
+    its id reused by a new mapping: 1.3 KB with 9 levels loaded with 417 nodes charged for
+    7,942,120,023, which the next `str()` of the value (a health `interval`) expanded.
+    Fails on the code before the fix."""
+    text = laughs_through_redefined_anchors(9)
+    assert len(text) < 1400
+    with pytest.raises(yamlsource.YamlError) as caught:
+        yamlsource.load(text)
+    assert "YAML aliases stand for more than 10,000 nodes" in caught.value.reason
+
+
 def test_aliases_within_budget_are_shared_not_copied() -> None:
     # A defaults block used by many names: what anchors are for, well within budget.
     names = "\n".join(f"  host{i}.test: *defaults" for i in range(2000))

@@ -117,7 +117,9 @@ class Resolver:
         self.zones = zones
         self.forwarder = forwarder
         self.stats = stats
-        self.answers = AnswerCache(config.cache.size, len(config.views), config.edns_udp_size)
+        self.answers = AnswerCache(
+            config.cache.size, len(config.views), config.edns_udp_size, config.cache.max_bytes
+        )
         self.responses = ResponseCache(config.cache)
         self.ratelimit = RateLimiter(config.ratelimit)
         self._acl = Acl(config.allow)
@@ -436,7 +438,7 @@ class Resolver:
             except UpstreamFailedError:
                 local.reply.header.rcode = SERVFAIL
                 return self._local(local.reply, asked, "error", 0)
-            local.reply.rr.extend(upstream.records().rr)
+            local.reply.rr.extend(answer.chain_records(upstream.records().rr, local.forward))
             local.reply.header.rcode = upstream.rcode
             return self._local(local.reply, asked, "override", ttl, ages=True)
         if qtype == ANY:
@@ -510,6 +512,10 @@ class Resolver:
                 raise  # logged by the forwarder, rate-limited per upstream
             return stale, self._stale_reuse, "stale"
         ttl = self._store(question, reply)
+        if ttl and any(record_ttl > ttl for _, record_ttl in reply.ttls):
+            # As the response cache serves it (capped at what it is kept for, at most
+            # cache.max_ttl): no client is told to keep it longer than we do.
+            reply = reply.retimed(0, ttl)
         return reply, ttl, "upstream"
 
     def _store(self, question: Question, reply: relay.Reply) -> int:
