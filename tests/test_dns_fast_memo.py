@@ -21,8 +21,14 @@ import dns.query
 import dns.rdatatype
 
 from dnsoverride.dns import wire
+from dnsoverride.dns.config import ServeFlags, load_config
 from dnsoverride.dns.constants import COOKIE
 from dnsoverride.dns.cookies import Cookies
+from dnsoverride.dns.forwarder import Forwarder
+from dnsoverride.dns.reload import serve_start
+from dnsoverride.dns.resolver import Resolver
+from dnsoverride.dns.stats import DnsStats
+from dnsoverride.dns.zones.live import LiveZones
 from tests.peers import dnsmasq, dnsoverride_serve
 
 NAME = b"\x03www\x07Example\x04test\x00"
@@ -198,3 +204,63 @@ def test_edns_and_cookie_hits_keep_qtypes_apart_over_real_sockets(tmp_path: Path
                         assert len(returned) == (cookie is not None)
                         if cookie is not None:
                             assert returned[0].to_wire()[:8] == cookie
+
+
+async def _resolver(tmp_path: Path) -> Resolver:
+    zones = tmp_path / "zones"
+    zones.mkdir()
+    (zones / "z.yaml").write_text("records:\n  www.example.test: {A: 10.0.0.1}\n")
+    flags = ServeFlags(listen=("127.0.0.1:0",), upstream=("127.0.0.1:9",), zones=str(zones))
+    config = load_config(None, flags)
+    routing = serve_start(config, None, flags).load()
+    stats = DnsStats()
+    forwarder = Forwarder(
+        config.upstreams,
+        config.timeout,
+        config.attempt_timeout,
+        config.edns_udp_size,
+        stats,
+        probe=config.probe,
+        failure_log_interval=config.failure_log_interval,
+        forward=config.forward,
+    )
+    resolver = Resolver(config, LiveZones(routing.zone_set), forwarder, stats)
+    resolver.route(routing)
+    return resolver
+
+
+def _returned_cookie(reply: bytes) -> bytes:
+    message = dns.message.from_wire(reply)
+    (option,) = [o for o in message.options if o.otype == COOKIE]
+    return option.to_wire()
+
+
+async def test_cookie_queries_are_fast_path_hits_with_their_own_cookie(tmp_path: Path) -> None:
+    """After one answer is cached, EDNS and cookie queries (client cookie alone, then
+    client and server cookie, from two clients) are answered by `fast` (no slow path),
+    each with its own ID and its own cookie; a forged server cookie is replaced, and
+    another client's cookie is not echoed."""
+    resolver = await _resolver(tmp_path)
+    host, other = "127.0.0.1", "127.0.0.2"
+    first = _query(edns=True, options=_cookie_option(b"client01"))
+    assert await resolver.resolve(first, host, tcp=False)  # the slow path caches it
+    for query_id in range(3):
+        plain_edns = _query(edns=True, query_id=query_id)
+        reply = resolver.fast(plain_edns, host)
+        assert reply is not None and reply[:2] == plain_edns[:2]
+        assert not [o for o in dns.message.from_wire(reply).options if o.otype == COOKIE]
+    issued = _returned_cookie(resolver.fast(first, host) or b"")
+    assert issued[:8] == b"client01" and len(issued) == 24
+    full = _query(edns=True, options=_cookie_option(issued), query_id=7)
+    for _ in range(3):
+        reply = resolver.fast(full, host)
+        assert reply is not None and reply[:2] == full[:2]
+        assert _returned_cookie(reply) == issued  # valid: echoed unchanged
+        assert resolver.cookies.valid(issued, host, resolver._loop.time())
+    moved = resolver.fast(full, other)  # the same cookie from another address
+    assert moved is not None and _returned_cookie(moved) != issued
+    forged = issued[:16] + bytes(8)
+    replaced = resolver.fast(_query(edns=True, options=_cookie_option(forged)), host)
+    assert replaced is not None
+    assert _returned_cookie(replaced)[:8] == b"client01"
+    assert _returned_cookie(replaced) != forged
