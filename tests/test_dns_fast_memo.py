@@ -214,16 +214,7 @@ async def _resolver(tmp_path: Path) -> Resolver:
     config = load_config(None, flags)
     routing = serve_start(config, None, flags).load()
     stats = DnsStats()
-    forwarder = Forwarder(
-        config.upstreams,
-        config.timeout,
-        config.attempt_timeout,
-        config.edns_udp_size,
-        stats,
-        probe=config.probe,
-        failure_log_interval=config.failure_log_interval,
-        forward=config.forward,
-    )
+    forwarder = Forwarder.for_config(config, stats)
     resolver = Resolver(config, LiveZones(routing.zone_set), forwarder, stats)
     resolver.route(routing)
     return resolver

@@ -98,28 +98,23 @@ def servers(work: Path) -> Iterator[dict[str, DnsPeer]]:
             dnsmasq(work, "--address=/fwd.bench/192.0.2.1", "--local-ttl=3600")
         )
         up = f"{upstream.host}#{upstream.port}"
+        local_data = [f"{name}. 300 IN A {ip}" for name, ip in map(overridden, range(NAMES))]
         peers = {
             "dnsoverride": stack.enter_context(
                 dnsoverride_serve(work, zones, [upstream.address], "--log-level", "warning")
             ),
-            "unbound": stack.enter_context(
-                unbound(
-                    work,
-                    [f"{name}. 300 IN A {ip}" for name, ip in map(overridden, range(NAMES))],
-                    local_zones=['"ci.bench." transparent'],
-                    forward_to=upstream,
-                    extra=f"{UNBOUND_CACHES}num-threads: 1\n",
+            **{
+                label: stack.enter_context(
+                    unbound(
+                        work,
+                        local_data,
+                        local_zones=['"ci.bench." transparent'],
+                        forward_to=upstream,
+                        extra=f"{UNBOUND_CACHES}num-threads: {threads}\n",
+                    )
                 )
-            ),
-            "unbound 2 threads": stack.enter_context(
-                unbound(
-                    work,
-                    [f"{name}. 300 IN A {ip}" for name, ip in map(overridden, range(NAMES))],
-                    local_zones=['"ci.bench." transparent'],
-                    forward_to=upstream,
-                    extra=f"{UNBOUND_CACHES}num-threads: 2\n",
-                )
-            ),
+                for label, threads in (("unbound", 1), ("unbound 2 threads", 2))
+            },
             "dnsmasq": stack.enter_context(
                 dnsmasq(
                     work,
