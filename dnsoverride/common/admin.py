@@ -17,7 +17,7 @@ asks, at most `MAX_CONNECTIONS` clients at once.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 
 import structlog
@@ -50,10 +50,12 @@ class AdminServer:
         registry: CollectorRegistry,
         ready: Callable[[], bool],
         why_not_ready: Callable[[], str | None] | None,
+        before_scrape: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self._registry = registry
         self._ready = ready
         self._why_not_ready = why_not_ready
+        self._before_scrape = before_scrape
         self._server: asyncio.Server | None = None
         self._clients: set[asyncio.StreamWriter] = set()
 
@@ -75,12 +77,14 @@ class AdminServer:
         if self._server is not None:
             await self._server.wait_closed()
 
-    def _route(self, method: str, path: str) -> _Reply:
+    async def _route(self, method: str, path: str) -> _Reply:
         if path not in {"/metrics", "/healthz", "/readyz"}:
             return _Reply(HTTPStatus.NOT_FOUND, b"not found\n")
         if method not in {"GET", "HEAD"}:
             return _Reply(HTTPStatus.METHOD_NOT_ALLOWED, b"GET or HEAD\n")
         if path == "/metrics":
+            if self._before_scrape is not None:
+                await self._before_scrape()
             return _Reply(HTTPStatus.OK, generate_latest(self._registry), CONTENT_TYPE_LATEST)
         if path == "/healthz":
             return _Reply(HTTPStatus.OK, b"ok\n")
@@ -126,7 +130,7 @@ class AdminServer:
             await _send(writer, _Reply(HTTPStatus.BAD_REQUEST, b"no request bodies\n"), "GET")
             return False
         method, target, version = parts
-        reply = self._route(method, target.partition("?")[0])
+        reply = await self._route(method, target.partition("?")[0])
         keep = version == "HTTP/1.1" and headers.get("connection", "").lower() != "close"
         await _send(writer, reply, method, keep=keep)
         return keep
@@ -155,15 +159,18 @@ async def start_admin(
     registry: CollectorRegistry,
     ready: Callable[[], bool],
     why_not_ready: Callable[[], str | None] | None = None,
+    *,
+    before_scrape: Callable[[], Awaitable[None]] | None = None,
 ) -> AdminServer:
     """Serve /metrics, /healthz and /readyz on host:port until `close()`.
 
-    `why_not_ready`, when given, puts the reason into the body of a 503 from /readyz.
+    `why_not_ready`, when given, puts the reason into the body of a 503 from /readyz;
+    `before_scrape` is awaited before each /metrics answer.
     Scrapes are not logged (every few seconds, they would drown the daemon's own events).
 
     Raises UserError when the address cannot be bound (port in use, bad host).
     """
-    server = AdminServer(registry, ready, why_not_ready)
+    server = AdminServer(registry, ready, why_not_ready, before_scrape)
     try:
         await server.listen(host, port)
     except OSError as error:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -45,6 +45,8 @@ class Admin:
     registry: CollectorRegistry
     ready: Callable[[], bool]
     why_not_ready: Callable[[], str | None] | None = None
+    # Awaited before each /metrics scrape (a supervisor gathers its workers' metrics).
+    before_scrape: Callable[[], Awaitable[None]] | None = None
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,7 @@ async def run_service(service: Service) -> int:
                 spec.registry,
                 spec.ready,
                 spec.why_not_ready,
+                before_scrape=spec.before_scrape,
             )
         started.set()
         systemd.notify("READY=1", f"STATUS={outcome.status}")

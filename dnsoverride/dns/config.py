@@ -225,6 +225,7 @@ class ServeConfig:
     tcp: TcpConfig = field(default_factory=TcpConfig)
     ratelimit: RateLimitConfig = field(default_factory=RateLimitConfig)
     forward: ForwardConfig = field(default_factory=ForwardConfig)
+    workers: int = 1  # processes answering queries (SO_REUSEPORT); 1: this one alone
 
     def view_selectors(self) -> dict[str, frozenset[str] | None]:
         """View name -> zone file selectors, as `zones.load_zone_set(views=...)` wants."""
@@ -232,6 +233,7 @@ class ServeConfig:
 
 
 TOP_KEYS = keys_of(ServeConfig)
+MAX_WORKERS = 64
 VIEW_KEYS = keys_of(View)
 CACHE_KEYS = keys_of(CacheConfig)
 PROBE_KEYS = keys_of(ProbeConfig)
@@ -283,6 +285,7 @@ def _read_top(top: Section, path: Path) -> None:
         top.duration(key, 0, DAY)
     top.size("edns_udp_size", PLAIN_UDP_SIZE, 4096, unit_required=False)
     top.boolean("query_log")
+    top.integer("workers", 1, MAX_WORKERS)
     top.endpoint("metrics", HTTP_LISTENER)
     for key, section_class in SECTIONS.items():
         settings = top.section(key, keys_of(section_class))

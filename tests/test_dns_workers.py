@@ -1,0 +1,220 @@
+"""`workers: 3` over real sockets: three processes on one port (SO_REUSEPORT), one service.
+
+Each query goes out from a fresh source port (dnspython), so the kernel spreads them over
+the processes; the query log says which process answered (`worker`: 0 is the supervisor).
+A zone edit after SIGHUP and a health flip must be answered by every worker within one
+reload; a worker killed with SIGKILL is logged and replaced while queries keep being
+answered; /metrics is one sum over the processes; systemd hears one READY, from the
+supervisor, once every worker serves.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+import dns.rdatatype
+import pytest
+
+from tests.peers import DnsPeer, dnsmasq, dnsoverride_serve, free_port
+from tests.test_systemd_daemon import NotifySocket, _clean_env, notify_socket
+
+__all__ = ["notify_socket"]  # the fixture, used by name
+
+pytestmark = pytest.mark.timeout(120)
+
+WORKERS = 3
+NAME = "over.test"
+GATED = "gated.test"
+REAL = "192.0.2.44"  # what the upstream says for GATED
+
+
+def _config(metrics: int) -> str:
+    return f"workers: {WORKERS}\nquery_log: true\nmetrics: 127.0.0.1:{metrics}\n"
+
+
+def _zone(address: str, health_port: int) -> str:
+    check = {"tcp": health_port, "interval": 0.2, "timeout": 0.2, "fall": 2, "rise": 2}
+    gated = {"A": "127.0.0.1", "ttl": 1, "health": check}
+    return json.dumps({"records": {NAME: {"A": address, "ttl": 1}, GATED: gated}})
+
+
+def _events(server: DnsPeer, event: str) -> list[dict[str, object]]:
+    found = []
+    for line in server.log.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if record.get("event") == event:
+            found.append(record)
+    return found
+
+
+def _started(server: DnsPeer) -> None:
+    """Until the supervisor logged `started` (after every worker said it serves; the
+    supervisor itself answers from the moment it has bound, before)."""
+    _until(lambda: bool(_events(server, "started")), 60)
+
+
+def _address(server: DnsPeer, name: str) -> str:
+    reply = server.query(name, timeout=2.0)
+    (rrset,) = [rrset for rrset in reply.answer if rrset.rdtype == dns.rdatatype.A]
+    return str(rrset[0].address)
+
+
+def _every_worker_answers(server: DnsPeer, name: str, expected: str) -> None:
+    """300 queries from fresh ports all get `expected`, and the query log shows every
+    process answering `name` among them."""
+    seen = len(_events(server, "query"))
+    for _ in range(300):
+        assert _address(server, name) == expected
+    time.sleep(0.2)  # the last query lines reach the log file (no event shows it)
+    logged = _events(server, "query")[seen:]
+    workers = {record.get("worker") for record in logged if record.get("name") == name}
+    assert workers == set(range(WORKERS)), workers
+
+
+def _until(condition: Callable[[], bool], within: float) -> None:
+    deadline = time.monotonic() + within
+    while not condition():
+        assert time.monotonic() < deadline, f"not within {within}s"
+        time.sleep(0.05)
+
+
+def _scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+        return str(reply.read().decode())
+
+
+def _sample(text: str, name: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_zone_edit_and_health_flip_reach_every_worker(tmp_path: Path) -> None:
+    target = socket.socket()
+    target.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    target.bind(("127.0.0.1", 0))
+    target.listen(64)
+    health_port = target.getsockname()[1]
+    zones = tmp_path / "zones"
+    zones.mkdir()
+    (zones / "z.yaml").write_text(_zone("10.0.0.1", health_port))
+    metrics = free_port()
+    with (
+        dnsmasq(tmp_path, "--local=/test/", f"--host-record={GATED},{REAL}") as upstream,
+        dnsoverride_serve(tmp_path, zones, [upstream.address], config=_config(metrics)) as server,
+    ):
+        _started(server)
+        started = _events(server, "worker_started")
+        assert sorted(record["worker"] for record in started) == [1, 2]
+        _every_worker_answers(server, NAME, "10.0.0.1")
+        _every_worker_answers(server, GATED, "127.0.0.1")
+
+        (zones / "z.yaml").write_text(_zone("10.0.0.2", health_port))
+        server.process.send_signal(signal.SIGHUP)
+        _until(lambda: _address(server, NAME) == "10.0.0.2", 10)
+        # Within one reload: once one process answers the new zone, all do (each query
+        # from a fresh port; the answer TTL is 1 s, the answer caches follow the reload).
+        time.sleep(1.0)
+        _every_worker_answers(server, NAME, "10.0.0.2")
+
+        target.close()  # the health prober (one, in the supervisor) withdraws the override
+        _until(lambda: _address(server, GATED) == REAL, 10)
+        time.sleep(1.0)
+        _every_worker_answers(server, GATED, REAL)
+        probes = _events(server, "health_target_down") + _events(server, "health_withdrawn")
+        assert all(record.get("worker", 0) == 0 for record in probes)
+
+
+def test_a_killed_worker_is_replaced_and_metrics_add_up(tmp_path: Path) -> None:
+    zones = tmp_path / "zones"
+    zones.mkdir()
+    (zones / "z.yaml").write_text(json.dumps({"records": {NAME: {"A": "10.0.0.1"}}}))
+    metrics = free_port()
+    with (
+        dnsmasq(tmp_path) as upstream,
+        dnsoverride_serve(tmp_path, zones, [upstream.address], config=_config(metrics)) as server,
+    ):
+        _started(server)
+        before = _sample(_scrape(metrics), "dnsoverride_dns_queries_total")
+        for _ in range(200):
+            assert _address(server, NAME) == "10.0.0.1"
+        text = _scrape(metrics)
+        assert _sample(text, "dnsoverride_dns_queries_total") - before == 200
+        assert _sample(text, "dnsoverride_dns_workers") == WORKERS
+        answered = {r.get("worker") for r in _events(server, "query")}
+        assert answered == set(range(WORKERS))  # the sum is over all three
+
+        (victim,) = [r for r in _events(server, "worker_started") if r["worker"] == 1]
+        os.kill(int(str(victim["pid"])), signal.SIGKILL)
+        answers = 0
+        deadline = time.monotonic() + 15
+        while len(_events(server, "worker_started")) < 3:
+            assert time.monotonic() < deadline, "the killed worker was not replaced"
+            # Queries go on being answered meanwhile (the kernel stops routing to the
+            # dead process's socket once it is closed).
+            assert _address(server, NAME) == "10.0.0.1"
+            answers += 1
+        (exited,) = _events(server, "worker_exited")
+        assert exited["worker"] == 1 and exited["reason"] == "signal SIGKILL"
+        assert exited["pid"] == victim["pid"]
+        replacement = _events(server, "worker_started")[-1]
+        assert replacement["worker"] == 1 and replacement["pid"] != victim["pid"]
+        for _ in range(100):
+            assert _address(server, NAME) == "10.0.0.1"
+        text = _scrape(metrics)
+        assert _sample(text, "dnsoverride_dns_worker_restarts_total") == 1
+        assert _sample(text, "dnsoverride_dns_workers") == WORKERS
+        # The dead worker's counts up to the last scrape stay in the sum: it never falls.
+        assert _sample(text, "dnsoverride_dns_queries_total") - before >= 200 + 100
+
+
+def test_one_ready_once_every_worker_serves(tmp_path: Path, notify_socket: NotifySocket) -> None:
+    zones = tmp_path / "zones"
+    zones.mkdir()
+    (zones / "z.yaml").write_text(json.dumps({"records": {NAME: {"A": "10.0.0.1"}}}))
+    port = free_port()
+    log_path = tmp_path / "serve.log"
+    command = [sys.executable, "-m", "dnsoverride", "serve", "--zones", str(zones)]
+    command += ["--listen", f"127.0.0.1:{port}", "--upstream", "127.0.0.1:9", "--log-format"]
+    config = tmp_path / "serve.yaml"
+    config.write_text(f"workers: {WORKERS}\n")
+    command += ["json", "--config", str(config)]
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            command,
+            env=_clean_env(NOTIFY_SOCKET=str(notify_socket.path)),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        ready = notify_socket.next()
+        assert ready.fields.get("READY") == "1" and ready.pid == process.pid
+        # READY came after every worker said it serves.
+        started = [line for line in log_path.read_text().splitlines() if "worker_started" in line]
+        assert sorted(json.loads(line)["worker"] for line in started) == [1, 2]
+        process.send_signal(signal.SIGHUP)
+        assert notify_socket.next_with("READY").pid == process.pid
+        process.send_signal(signal.SIGTERM)
+        assert notify_socket.next_with("STOPPING").pid == process.pid
+        assert process.wait(timeout=20) == 0
+        # Nothing but the supervisor ever spoke to systemd: nothing else arrived.
+        with pytest.raises(TimeoutError):
+            notify_socket.next(timeout=1.0)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
