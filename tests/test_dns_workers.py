@@ -21,6 +21,7 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+import dns.edns
 import dns.rdatatype
 import pytest
 
@@ -218,3 +219,26 @@ def test_one_ready_once_every_worker_serves(tmp_path: Path, notify_socket: Notif
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_a_server_cookie_is_valid_on_every_worker(tmp_path: Path) -> None:
+    """One cookie secret for all processes: the server cookie one process made is echoed
+    unchanged by every other (with a secret per process, each would replace it)."""
+    zones = tmp_path / "zones"
+    zones.mkdir()
+    (zones / "z.yaml").write_text(json.dumps({"records": {NAME: {"A": "10.0.0.1"}}}))
+    with (
+        dnsmasq(tmp_path) as upstream,
+        dnsoverride_serve(
+            tmp_path, zones, [upstream.address], config=_config(free_port())
+        ) as server,
+    ):
+        _started(server)
+        first = server.query(NAME, use_edns=0, options=[dns.edns.GenericOption(10, b"client01")])
+        (issued,) = [option.to_wire() for option in first.options if option.otype == 10]
+        seen = len(_events(server, "query"))
+        for _ in range(150):
+            reply = server.query(NAME, use_edns=0, options=[dns.edns.GenericOption(10, issued)])
+            assert [option.to_wire() for option in reply.options if option.otype == 10] == [issued]
+        time.sleep(0.2)  # the last query lines reach the log file
+        assert {r.get("worker") for r in _events(server, "query")[seen:]} == set(range(WORKERS))

@@ -3,9 +3,9 @@
 A client that sends a client cookie gets it back with a server cookie in the layout of
 RFC 9018 (version 1, reserved, timestamp, hash). The hash is a keyed BLAKE2b-64 rather
 than RFC 9018's SipHash-2-4 (not in the standard library), which only matters for
-anycast fleets sharing one secret; the secret here is random per process (shared by the
-workers of one `serve`, which fork after it is made). A valid server cookie younger than
-half an hour is echoed unchanged (RFC 9018 section 4.3), anything else gets a fresh one.
+anycast fleets sharing one secret; the secret here is random per `serve` (its worker
+processes get the supervisor's). A valid server cookie younger than half an hour is
+echoed unchanged (RFC 9018 section 4.3), anything else gets a fresh one.
 Cookies are never required: a query without one, or with a wrong one, is answered
 normally (RFC 7873 5.2.3/5.2.4 allow that), so this never breaks a client; malformed
 COOKIE options get FORMERR (the caller's job).

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import secrets
 import signal
 import socket
 from collections.abc import Callable
@@ -50,6 +51,7 @@ from dnsoverride.dns.zones.live import LiveZones
 log = structlog.get_logger(__name__)
 
 SHUTDOWN_GRACE = 2.0
+COOKIE_SECRET_SIZE = 16
 
 
 # The cyclic garbage collector's thresholds (allocations before a young collection, young
@@ -200,7 +202,9 @@ class DnsService:
         routing: Routing,
         invocation: Invocation,
         start: ServeStart,
+        *,
         link: Connection | None = None,
+        cookie_secret: bytes | None = None,
     ) -> None:
         self._config = config
         self._first: Routing | None = routing
@@ -218,6 +222,8 @@ class DnsService:
         self._install: Callable[[Routing], None] | None = None
         self._registry = CollectorRegistry()
         self._routing_hash = routing.content_hash
+        # One DNS cookie secret for all processes: a client's next query may reach another.
+        self._cookie_secret = cookie_secret or secrets.token_bytes(COOKIE_SECRET_SIZE)
 
     async def start(self, inherited: list[socket.socket]) -> Started:
         config = self._config
@@ -227,7 +233,7 @@ class DnsService:
         self._zones = zones = LiveZones(zone_set)
         stats = DnsStats()
         forwarder = Forwarder.for_config(config, stats)
-        resolver = Resolver(config, zones, forwarder, stats)
+        resolver = Resolver(config, zones, forwarder, stats, self._cookie_secret)
         resolver.route(routing)  # the views the first load was validated with
         registry = self._registry
         registry.register(
@@ -301,6 +307,7 @@ class DnsService:
             invocation.path,
             invocation.flags,
             invocation.logging,
+            self._cookie_secret,
             tuple(inherited),
         )
         self._pool = WorkerPool(spec, config.workers - 1, worker_main)
@@ -396,7 +403,9 @@ def worker_main(spec: WorkerSpec, index: int, link: Connection) -> None:
         log.error("worker_start_failed", error=str(error)[:500])
         raise SystemExit(1) from None
     invocation = Invocation(spec.path, spec.flags, spec.logging)
-    service = DnsService(spec.config, routing, invocation, start, link)
+    service = DnsService(
+        spec.config, routing, invocation, start, link=link, cookie_secret=spec.cookie_secret
+    )
     gc.freeze()
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(service.serve_as_worker(list(spec.inherited)))

@@ -112,7 +112,12 @@ class Resolver:
     """Answers one query at a time; shared by the UDP and TCP listeners."""
 
     def __init__(
-        self, config: ServeConfig, zones: LiveZones, forwarder: Forwarder, stats: DnsStats
+        self,
+        config: ServeConfig,
+        zones: LiveZones,
+        forwarder: Forwarder,
+        stats: DnsStats,
+        cookie_secret: bytes | None = None,
     ) -> None:
         self.zones = zones
         self.forwarder = forwarder
@@ -131,7 +136,7 @@ class Resolver:
         self._unlimited: set[str] = set()  # clients the rate limit never applies to
         self._answering: dict[tuple[int, bytes], asyncio.Future[None]] = {}
         self._loop = asyncio.get_running_loop()
-        self.cookies = Cookies()
+        self.cookies = Cookies(cookie_secret)
         self._keys = wire.QueryKeys(self._udp_size)
         self._malformed_log = ThrottledLog("query_malformed", config.failure_log_interval)
         self._failed_log = ThrottledLog("query_failed", config.failure_log_interval)

@@ -67,6 +67,7 @@ class WorkerSpec:
     path: Path | None
     flags: ServeFlags
     logging: LogOptions
+    cookie_secret: bytes  # the supervisor's: a server cookie is valid on every process
     inherited: tuple[socket.socket, ...] = ()  # systemd's sockets, served by every process
 
 
