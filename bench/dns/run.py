@@ -8,7 +8,7 @@ Throughput (dnsperf: 8 sockets, 200 queries outstanding), each workload run for
 --seconds against each server, --rounds times, the servers' order reversed every other
 round (A/B alternation); the medians of the QPS and of the per-round ratio to unbound
 (1 thread) are printed, with the load average before and after (the machine is shared).
-unbound runs twice, with `num-threads: 1` and `2`:
+dnsoverride runs twice, with `workers: 1` and `2`, and unbound with `num-threads: 1` and `2`:
 
   overridden              100 names from the zone / local-data / host-records
   overridden EDNS         the same with EDNS (`dnsperf -e`)
@@ -100,9 +100,14 @@ def servers(work: Path) -> Iterator[dict[str, DnsPeer]]:
         up = f"{upstream.host}#{upstream.port}"
         local_data = [f"{name}. 300 IN A {ip}" for name, ip in map(overridden, range(NAMES))]
         peers = {
-            "dnsoverride": stack.enter_context(
-                dnsoverride_serve(work, zones, [upstream.address], "--log-level", "warning")
-            ),
+            **{
+                label: stack.enter_context(
+                    dnsoverride_serve(
+                        work, zones, [upstream.address], config=f"workers: {workers}\n"
+                    )
+                )
+                for label, workers in (("dnsoverride", 1), ("dnsoverride 2 workers", 2))
+            },
             **{
                 label: stack.enter_context(
                     unbound(
@@ -227,7 +232,19 @@ def abuse_servers(work: Path) -> Iterator[dict[str, DnsPeer]]:
                 )
             ),
         }
+        for peer in peers.values():
+            if peer.name == "dnsoverride":
+                wait_started(peer)
         yield peers
+
+
+def wait_started(peer: DnsPeer) -> None:
+    """Until dnsoverride logged `started`: with workers, all of them serve by then."""
+    deadline = time.monotonic() + 60
+    while '"event": "started"' not in peer.log.read_text(errors="replace"):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{peer.name} did not start: see {peer.log}")
+        time.sleep(0.1)
 
 
 def rrl(work: Path, count: int) -> None:

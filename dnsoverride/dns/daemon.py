@@ -392,7 +392,10 @@ class DnsService:
 def worker_main(spec: WorkerSpec, index: int, link: Connection) -> None:
     """A worker process of `workers: N` (started by WorkerPool from its fork server)."""
     worker_environment()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the supervisor, which stops us
+    # Ctrl-C and a terminal's hangup reach the whole process group: the supervisor stops
+    # or reloads the workers itself.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     configure_logging(spec.logging)
     structlog.contextvars.bind_contextvars(worker=index)
     gc.set_threshold(*GC_THRESHOLDS)

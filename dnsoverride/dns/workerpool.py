@@ -13,8 +13,9 @@ after every routing the supervisor installed (the worker loads the same files wi
 same validation and answers "reloaded" with its routing's content hash), "withdrawn"
 (the health prober's verdict), "metrics" (it answers with its registry's exposition text,
 merged into the supervisor's `/metrics`: `MergedMetrics`) and "stop"; from the worker,
-"ready" once it serves. A worker that exits is logged (`worker_exited`, with its exit
-code or the signal) and replaced, at most one start per `RESTART_DELAY` seconds.
+"ready" once it serves. A worker that fails (`worker_exited`, with its exit code or the
+signal) is logged and replaced, at most one start per `RESTART_DELAY` seconds; one that
+exits cleanly was stopped (SIGTERM to the whole control group) and is not.
 """
 
 from __future__ import annotations
@@ -171,7 +172,14 @@ class WorkerPool:
         for ack in worker.acks:
             if not ack.done():
                 ack.set_result(None)  # nothing to wait for: its replacement loads afresh
+        if worker.metrics is not None and not worker.metrics.done():
+            worker.metrics.cancel()  # this scrape goes on without it
         if self._stopping:
+            return
+        if code == 0:
+            # Only "stop" or SIGTERM end a worker cleanly: systemd stopping the whole
+            # control group, the supervisor's own SIGTERM on its way.
+            log.info("worker_stopped", worker=worker.index, pid=worker.process.pid)
             return
         last = self._last_metrics.pop(worker.index, None)
         if last is not None:
