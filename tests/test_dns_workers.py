@@ -26,7 +26,16 @@ import dns.rdatatype
 import pytest
 
 from tests.peers import DnsPeer, dnsmasq, dnsoverride_serve, free_port
-from tests.test_systemd_daemon import NotifySocket, _clean_env, notify_socket
+from tests.test_systemd_daemon import (
+    ADDRESS,
+    OVERRIDE,
+    NotifySocket,
+    _ask,
+    _ask_until_answered,
+    _clean_env,
+    _serve_command,
+    notify_socket,
+)
 
 __all__ = ["notify_socket"]  # the fixture, used by name
 
@@ -36,6 +45,7 @@ WORKERS = 3
 NAME = "over.test"
 GATED = "gated.test"
 REAL = "192.0.2.44"  # what the upstream says for GATED
+PYTHONPATH = os.environ.get("PYTHONPATH", "")  # the activator passes on only what -E names
 
 
 def _config(metrics: int) -> str:
@@ -242,3 +252,41 @@ def test_a_server_cookie_is_valid_on_every_worker(tmp_path: Path) -> None:
             assert [option.to_wire() for option in reply.options if option.otype == 10] == [issued]
         time.sleep(0.2)  # the last query lines reach the log file
         assert {r.get("worker") for r in _events(server, "query")[seen:]} == set(range(WORKERS))
+
+
+def test_workers_share_the_sockets_systemd_passes(tmp_path: Path) -> None:
+    """Socket activation with `workers: 2`: nothing bound by anyone, the inherited UDP and
+    TCP sockets served by both processes."""
+    zones = tmp_path / "zones"
+    zones.mkdir()
+    (zones / "z.yaml").write_text(json.dumps({"records": {OVERRIDE: {"A": ADDRESS}}}))
+    config = tmp_path / "serve.yaml"
+    config.write_text("workers: 2\nquery_log: true\n")
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    command = [
+        "systemd-socket-activate", "--datagram", "-l", address, "--",
+        "systemd-socket-activate", "-l", address, "-E", f"PYTHONPATH={PYTHONPATH}",
+        "--", *_serve_command(zones, "--config", str(config)),
+    ]  # fmt: skip
+    log_path = tmp_path / "serve.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(command, env=_clean_env(), stdout=log, stderr=subprocess.STDOUT)
+    try:
+        assert _ask_until_answered(port, deadline=time.monotonic() + 30) == ADDRESS
+        _until(lambda: '"event": "started"' in log_path.read_text(), 60)
+        for _ in range(100):
+            assert _ask(port) == ADDRESS
+        assert _ask(port, tcp=True) == ADDRESS
+        time.sleep(0.2)  # the last query lines reach the log file
+        answered = set()
+        for line in log_path.read_text().splitlines():
+            if '"event": "query"' in line:
+                answered.add(json.loads(line)["worker"])
+        assert answered == {0, 1}
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=20) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
