@@ -1,6 +1,7 @@
 """`dnsoverride serve`: wire config, zones, listeners, metrics and health checks together
 as a `DnsService`, which the service lifecycle (common/lifecycle.py) runs until
-SIGTERM/SIGINT and shuts down cleanly.
+SIGTERM/SIGINT and shuts down cleanly. With `workers: N` the same service runs in N
+processes: this one supervises (workerpool.py), `worker_main` is each worker's.
 
 Runs on uvloop: the DNS fast path is dominated by event-loop overhead per datagram,
 where uvloop answers several times more queries than the default loop
