@@ -34,7 +34,7 @@ _FUTURE = 300  # seconds of clock skew a timestamp may be ahead
 # How long a fresh server cookie made for a (client, option) pair is handed out again
 # to the same pair: well inside its validity, so a client echoing it is never refused.
 _REISSUE = 60
-MEMO_SIZE = 65536
+MEMO_SIZE = 16384  # (client, cookie) pairs; each about 300 bytes
 _SERVER_COOKIE = CLIENT_COOKIE_SIZE + 16  # RFC 9018: client cookie + 16-byte server cookie
 _STAMP = struct.Struct("!I")
 _OPTION_HEAD = struct.Struct("!HHH")  # OPT RDLENGTH, then the option's code and length
