@@ -189,12 +189,12 @@ def throughput(work: Path, seconds: float, rounds: int, workloads: list[str]) ->
                     ratios.setdefault(load, {}).setdefault(name, []).append(ratio)
     print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(f"medians of {rounds} rounds (servers alternating), ratio per round to unbound 1 thread")
-    print(f"{'workload':<26}{'server':<16}{'QPS':>10}{'vs unbound':>12}   per round")
+    print(f"{'workload':<26}{'server':<24}{'QPS':>10}{'vs unbound':>12}   per round")
     for load in workloads:
         for name in qps[load]:
             each = " ".join(f"{r:.2f}" for r in ratios[load][name])
             print(
-                f"{load:<26}{name:<16}{statistics.median(qps[load][name]):>10.0f}"
+                f"{load:<26}{name:<24}{statistics.median(qps[load][name]):>10.0f}"
                 f"{statistics.median(ratios[load][name]):>11.2f}x   {each}"
             )
 
