@@ -169,6 +169,7 @@ class WorkerPool:
         worker.conn.close()
         if not worker.ready.done():
             worker.ready.set_exception(RuntimeError(f"worker {worker.index} exited ({code})"))
+            worker.ready.exception()  # `start` re-raises it; a replacement's is logged below
         for ack in worker.acks:
             if not ack.done():
                 ack.set_result(None)  # nothing to wait for: its replacement loads afresh
