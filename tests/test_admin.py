@@ -192,3 +192,21 @@ async def test_silent_clients_are_dropped_and_capped(
             writer.close()
     finally:
         await server.close()
+
+
+async def test_close_ends_the_handlers_of_open_keep_alive_connections(
+    registry: CollectorRegistry,
+) -> None:
+    """A scraper's keep-alive connection open at shutdown: `close()` ends its handler (the
+    client sees the close) instead of leaving it to be cancelled with the loop, which
+    Python 3.11 logs as a traceback (seen in the registry's shutdown before the fix)."""
+    server = await start_admin("127.0.0.1", 0, registry, lambda: True)
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(b"GET /healthz HTTP/1.1\r\n\r\n")
+    assert (await reader.readuntil(b"ok\n")).startswith(b"HTTP/1.1 200 ")
+    await server.close()
+    handlers = [task for task in asyncio.all_tasks() if "AdminServer.serve" in repr(task)]
+    assert handlers == []
+    async with asyncio.timeout(3):
+        assert await reader.read() == b""
+    writer.close()

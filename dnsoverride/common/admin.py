@@ -58,6 +58,7 @@ class AdminServer:
         self._before_scrape = before_scrape
         self._server: asyncio.Server | None = None
         self._clients: set[asyncio.StreamWriter] = set()
+        self._handlers: set[asyncio.Task[None]] = set()
 
     @property
     def port(self) -> int:
@@ -74,6 +75,11 @@ class AdminServer:
             self._server.close()
         for writer in list(self._clients):
             writer.close()
+        # Their handlers end on the close (bounded): a handler task still waiting when the
+        # loop shuts down is cancelled, and Python 3.11's start_server then logs a
+        # traceback for it.
+        if self._handlers:
+            await asyncio.wait(set(self._handlers), timeout=REQUEST_TIMEOUT)
         if self._server is not None:
             await self._server.wait_closed()
 
@@ -100,6 +106,9 @@ class AdminServer:
             writer.close()
             return
         self._clients.add(writer)
+        handler = asyncio.current_task()
+        if handler is not None:
+            self._handlers.add(handler)
         try:
             while await self._exchange(reader, writer):
                 pass
@@ -107,6 +116,7 @@ class AdminServer:
             pass  # the client left, stalled or idled: nothing to answer
         finally:
             self._clients.discard(writer)
+            self._handlers.discard(handler)
             writer.close()
 
     async def _exchange(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
