@@ -1,3 +1,3 @@
 """Fixture plugins shared by several test modules."""
 
-pytest_plugins = ("tests.registry_fixtures",)
+pytest_plugins = ("tests.support.registry_fixtures",)

@@ -32,7 +32,7 @@ from pathlib import Path
 import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from tests.registry_peers import (
+from tests.support.registry_peers import (
     OCI_MANIFEST,
     CacheProcess,
     DistributionRegistry,

@@ -9,8 +9,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.registry_fixtures import Publish, StartCache
-from tests.registry_peers import CacheProcess, TestProxy, pull, verify_dir
+from tests.support.registry_fixtures import Publish, StartCache
+from tests.support.registry_peers import CacheProcess, TestProxy, pull, verify_dir
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -19,9 +19,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.registry_fixtures import StartCache
-from tests.registry_liar import LyingRegistry, digest_of, real_size_manifest
-from tests.registry_peers import OCI_MANIFEST, CacheProcess, free_port
+from tests.support.registry_fixtures import StartCache
+from tests.support.registry_liar import LyingRegistry, digest_of, real_size_manifest
+from tests.support.registry_peers import OCI_MANIFEST, CacheProcess, free_port
 
 pytestmark = pytest.mark.timeout(120)
 PAGE = 4096

@@ -19,9 +19,9 @@ import aiohttp
 import bcrypt
 import pytest
 
-from tests.registry_fixtures import StartCache
-from tests.registry_liar import LOGIN_PAGE, LyingRegistry, digest_of, real_size_manifest
-from tests.registry_peers import OCI_MANIFEST
+from tests.support.registry_fixtures import StartCache
+from tests.support.registry_liar import LOGIN_PAGE, LyingRegistry, digest_of, real_size_manifest
+from tests.support.registry_peers import OCI_MANIFEST
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.registry_fixtures import Publish, StartCache
-from tests.registry_peers import (
+from tests.support.registry_fixtures import Publish, StartCache
+from tests.support.registry_peers import (
     CacheProcess,
     DistributionRegistry,
     Image,

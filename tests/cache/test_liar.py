@@ -1,4 +1,4 @@
-"""The cache against a lying upstream (tests/registry_liar.py): real-size manifests in many
+"""The cache against a lying upstream (tests/support/registry_liar.py): real-size manifests in many
 small writes, HTML 200s, wrong Content-Length, stalls, token servers answering HTML or
 nothing, 429 with Retry-After. Nothing unverified is stored or served as complete.
 
@@ -17,14 +17,14 @@ from collections.abc import AsyncIterator
 import aiohttp
 import pytest
 
-from tests.registry_fixtures import StartCache
-from tests.registry_liar import (
+from tests.support.registry_fixtures import StartCache
+from tests.support.registry_liar import (
     LyingRegistry,
     digest_of,
     real_size_index,
     real_size_manifest,
 )
-from tests.registry_peers import OCI_INDEX, OCI_MANIFEST, CacheProcess
+from tests.support.registry_peers import OCI_INDEX, OCI_MANIFEST, CacheProcess
 
 pytestmark = pytest.mark.timeout(120)
 SIZES = (5 << 10, 12 << 10, 42 << 10, 60 << 10)

@@ -9,20 +9,12 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.registry_fixtures import Publish
-from tests.registry_peers import CacheProcess, DistributionRegistry, free_port, pull
+from tests.support.metrics import parse_samples
+from tests.support.registry_fixtures import Publish
+from tests.support.registry_peers import CacheProcess, DistributionRegistry, free_port, pull
 
 pytestmark = pytest.mark.timeout(120)
-
-
-def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
 
 
 async def test_metrics_count_known_traffic_and_notify_readiness(
@@ -52,7 +44,7 @@ async def test_metrics_count_known_traffic_and_notify_readiness(
             async with http.get(f"{admin}/readyz") as response:
                 assert response.status == 200
             async with http.get(f"{admin}/metrics") as response:
-                samples = _samples(await response.text())
+                samples = parse_samples(await response.text())
         upstream_name = upstream.address
         blobs = len(image.blobs)
         prefix = "dnsoverride_registry"

@@ -25,9 +25,9 @@ import aiohttp
 import bcrypt
 import pytest
 
-from tests.registry_fixtures import StartCache
-from tests.registry_liar import LyingRegistry, real_size_manifest
-from tests.registry_peers import (
+from tests.support.registry_fixtures import StartCache
+from tests.support.registry_liar import LyingRegistry, real_size_manifest
+from tests.support.registry_peers import (
     OCI_MANIFEST,
     CacheProcess,
     Containerd,

@@ -10,8 +10,8 @@ import aiohttp
 import pytest
 import yarl
 
-from tests.registry_fixtures import Publish, StartCache
-from tests.registry_peers import (
+from tests.support.registry_fixtures import Publish, StartCache
+from tests.support.registry_peers import (
     OCI_INDEX,
     OCI_MANIFEST,
     CacheProcess,

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.registry_fixtures import StartCache
-from tests.registry_peers import (
+from tests.support.registry_fixtures import StartCache
+from tests.support.registry_peers import (
     CacheProcess,
     Containerd,
     DistributionRegistry,

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import structlog
 from aiohttp import web
-from transparent_certs import CertAuthority, make_ca
 
 from dnsoverride.common.errors import UserError
 from dnsoverride.registry.tls import CertificateSet
+from tests.support.transparent_certs import CertAuthority, make_ca
 
 
 @pytest.fixture

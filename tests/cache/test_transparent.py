@@ -19,18 +19,18 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from transparent_certs import CertAuthority, make_ca
 
 from dnsoverride.common.resolve import UpstreamResolver
-from tests.peers import dnsmasq
-from tests.registry_fixtures import Publish, StartCache
-from tests.registry_peers import (
+from tests.support.peers import dnsmasq
+from tests.support.registry_fixtures import Publish, StartCache
+from tests.support.registry_peers import (
     DistributionRegistry,
     free_port,
     pull,
     verify_dir,
     wait_for_port,
 )
+from tests.support.transparent_certs import CertAuthority, make_ca
 
 HUB = "registry-1.docker.io"
 
@@ -110,7 +110,7 @@ async def test_https_by_sni_beside_http_with_own_resolvers(
         assert await served_names(tls_port, ca, "quay.io") == ["quay.io"]
 
         # Re-issue the Docker Hub certificate in place and SIGHUP: new handshakes get it
-        # (that open connections survive a reload is tested in test_transparent_tls.py).
+        # (that open connections survive a reload is tested in tests/cache/test_tls.py).
         ca.issue(tmp_path, "hub", HUB, "docker.io")
         cache.proc.send_signal(signal.SIGHUP)
         async with asyncio.timeout(10):

@@ -1,5 +1,5 @@
 """packaging/: units checked by systemd's own tools, configs by the daemons' real config
-loaders (the RPM spec: test_packaging_rpm.py)."""
+loaders (the RPM spec: tests/cli/test_packaging_rpm.py)."""
 
 from __future__ import annotations
 
@@ -13,15 +13,15 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from peers import dnsmasq, dnsoverride_serve, free_port
 
 from dnsoverride.ca import names_from_zones
 from dnsoverride.cli import build_parser
 from dnsoverride.dns import config as serve_config
 from dnsoverride.dns.zones import load as zones
 from dnsoverride.registry import config as registry_config
+from tests.support.peers import dnsmasq, dnsoverride_serve, free_port
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGING = ROOT / "packaging"
 UNITS = PACKAGING / "systemd"
 UNIT_FILES = sorted([*UNITS.glob("*.service"), *UNITS.glob("*.socket")])

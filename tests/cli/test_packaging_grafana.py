@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from peers import free_port
 from prometheus_client.parser import text_string_to_metric_families
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.support.peers import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "packaging" / "grafana" / "dnsoverride.json"
 METRIC = re.compile(r"\b(dnsoverride_[a-z0-9_]+)\b")
 

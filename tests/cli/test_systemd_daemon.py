@@ -23,7 +23,8 @@ import dns.message
 import dns.query
 import dns.rdatatype
 import pytest
-from peers import free_port
+
+from tests.support.peers import free_port
 
 OVERRIDE = "registry-1.docker.io"
 ADDRESS = "10.0.0.5"

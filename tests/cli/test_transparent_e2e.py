@@ -31,8 +31,9 @@ import dns.message
 import dns.query
 import dns.rdatatype
 import pytest
-from registry_peers import Image, build_image, verify_dir
-from transparent_netns import Netns, netns_unsupported
+
+from tests.support.registry_peers import Image, build_image, verify_dir
+from tests.support.transparent_netns import Netns, netns_unsupported
 
 NAME = "registry-1.docker.io"
 REPOSITORY = "library/transparent-test"

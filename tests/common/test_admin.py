@@ -8,10 +8,10 @@ from collections.abc import AsyncIterator
 import aiohttp
 import pytest
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter
-from prometheus_client.parser import text_string_to_metric_families
 
 from dnsoverride.common.admin import AdminServer, start_admin
 from dnsoverride.common.errors import UserError
+from tests.support.metrics import parse_samples
 
 
 class Readiness:
@@ -55,11 +55,7 @@ async def test_metrics_expose_the_daemon_registry(
         assert response.status == 200
         assert response.headers["Content-Type"] == CONTENT_TYPE_LATEST
         text = await response.text()
-    samples = {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
+    samples = parse_samples(text)
     assert samples[("dnsoverride_test_queries_total", (("view", "ci"),))] == 3.0
     # Only the daemon's own registry: no default process/python collectors leak in.
     assert not any(name.startswith(("process_", "python_")) for name, _ in samples)

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from peers import free_port
 from prometheus_client.registry import CollectorRegistry
 
 from dnsoverride.common.errors import UserError
 from dnsoverride.common.grammar import Endpoint
 from dnsoverride.common.lifecycle import Admin, Started, run_service
+from tests.support.peers import free_port
 
 
 class Recorder:

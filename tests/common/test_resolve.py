@@ -12,7 +12,7 @@ from aiohttp import web
 from dnsoverride.common.errors import UserError
 from dnsoverride.common.loops import listener_owns
 from dnsoverride.common.resolve import UpstreamResolver, refuse_loop
-from tests import peers
+from tests.support import peers
 
 BIG_RRSET = 40  # A records: more than fit a 512-byte UDP reply, so dnsmasq sets TC
 

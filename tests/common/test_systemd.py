@@ -16,9 +16,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from peers import free_port
 
 from dnsoverride.common import systemd
+from tests.support.peers import free_port
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from dnsoverride.common import yamlsource
+from tests.support.yaml_bombs import laughs_through_redefined_anchors
 
 SAMPLES = [
     "",
@@ -218,22 +219,6 @@ def test_billion_laughs_stops_at_the_alias_over_budget(levels: int) -> None:
     assert caught.value.line == 5
     assert "YAML aliases stand for more than 10,000 nodes" in caught.value.reason
     assert len(caught.value.reason) < 200
-
-
-def laughs_through_redefined_anchors(levels: int, fan: int = 9) -> str:
-    """Billion laughs where each level's mapping is the merged copy of a `<<` whose merge
-    source `&t` redefines an anchor that was measured once (line 2 of each level): the
-    old `t`, kept only by the anchor, is freed, and the next mapping built may take its
-    place in memory (and its id)."""
-    lines = ["u0: &u0 {" + ", ".join(f"k{i}: v" for i in range(fan)) + "}"]
-    for level in range(1, levels + 1):
-        aliases = ", ".join(f"a{i}: *u{level - 1}" for i in range(fan))
-        lines += [
-            f"p{level}: {{<<: &t {{z: 1}}}}",
-            f"q{level}: {{<<: *t}}",
-            f"r{level}: &u{level} {{<<: &t {{z: 2}}, {aliases}}}",
-        ]
-    return "\n".join([*lines, f"last: *u{levels}"]) + "\n"
 
 
 def test_a_redefined_anchor_lends_its_count_to_nothing() -> None:

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import dns.exception
 import pytest
-from peers import dnsmasq, dnsoverride_serve, free_port, http_status
+
+from tests.support.peers import dnsmasq, dnsoverride_serve, free_port, http_status
 
 pytestmark = pytest.mark.skipif(shutil.which("dnsmasq") is None, reason="needs dnsmasq")
 

@@ -18,9 +18,9 @@ from pathlib import Path
 import dns.rcode
 import pytest
 
-from tests.dns_load import Probes, flood
-from tests.peers import DnsPeer, dnsmasq, dnsoverride_serve, free_port
-from tests.test_dns_metrics import scrape
+from tests.support.dns_load import Probes, flood
+from tests.support.metrics import scrape
+from tests.support.peers import DnsPeer, dnsmasq, dnsoverride_serve, free_port
 
 LONG_NAME = b"".join(b"\x3f" + b"a" * 63 for _ in range(5)) + b"\x00"  # 321 octets
 FLOOD_RATE = 10_000  # packets per second

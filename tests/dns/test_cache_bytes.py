@@ -19,8 +19,8 @@ import dns.name
 import dns.rdatatype
 import dns.rrset
 
-from tests.peers import DnsPeer, dnsoverride_serve, free_port, lying_upstream
-from tests.test_dns_metrics import scrape
+from tests.support.metrics import scrape
+from tests.support.peers import DnsPeer, dnsoverride_serve, free_port, lying_upstream
 
 STRINGS = " ".join(['"' + "x" * 255 + '"'] * 230)  # 230 strings: 59,110 bytes of TXT data
 NAMES = 60

@@ -14,7 +14,7 @@ from pathlib import Path
 import dns.rdatatype
 
 from dnsoverride.dns import wire
-from tests.peers import dnsmasq, dnsoverride_serve
+from tests.support.peers import dnsmasq, dnsoverride_serve
 
 NAME = b"\x03www\x07Example\x04test\x00"
 

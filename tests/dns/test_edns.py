@@ -15,7 +15,7 @@ import dns.query
 import dns.rcode
 import pytest
 
-from tests.peers import DnsPeer, dnsmasq, dnsoverride_serve
+from tests.support.peers import DnsPeer, dnsmasq, dnsoverride_serve
 
 COOKIE = dns.edns.OptionType.COOKIE
 

@@ -13,7 +13,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from dnsoverride.dns.logthrottle import ThrottledLog
-from tests.peers import dnsoverride_serve
+from tests.support.peers import dnsoverride_serve
 
 QUERIES = 40
 FAILURE_LOG_INTERVAL = 4.0  # configured: `failure_log_interval`

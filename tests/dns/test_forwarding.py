@@ -18,7 +18,7 @@ import dns.rcode
 import dns.rrset
 import pytest
 
-from tests.peers import dnsoverride_serve, free_port
+from tests.support.peers import dnsoverride_serve, free_port
 
 CLIENTS = 10
 

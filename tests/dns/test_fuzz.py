@@ -33,8 +33,8 @@ import dns.rdatatype
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.dns_load import Probes, rss_kib
-from tests.peers import DnsPeer, dnsmasq, dnsoverride_serve, free_port
+from tests.support.dns_load import Probes, rss_kib
+from tests.support.peers import DnsPeer, dnsmasq, dnsoverride_serve, free_port
 
 UDP_PACKETS = 1_000_000
 TCP_FRAMES = 10_000

@@ -17,7 +17,6 @@ import pytest
 import structlog
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
-from transparent_certs import CertAuthority, make_ca
 
 from dnsoverride.dns.health import HealthMonitor, Prober, TargetState
 from dnsoverride.dns.zones.health import (
@@ -27,6 +26,7 @@ from dnsoverride.dns.zones.health import (
     HealthSpecError,
     parse_health,
 )
+from tests.support.transparent_certs import CertAuthority, make_ca
 
 NAME = "registry.health.test"
 

@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import json
 import socket
-import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import dns.rdatatype
 import pytest
 
-from tests.peers import DnsPeer, dnsmasq, dnsoverride_serve, free_port
+from tests.support.peers import DnsPeer, dnsmasq, dnsoverride_serve, free_port
+from tests.support.waits import poll
 
 NAME = "gated.test"
 ALIAS = "alias.test"  # a CNAME to the gated name follows it out of local data
@@ -78,16 +78,6 @@ def answers(server: DnsPeer, name: str = NAME) -> list[str]:
     return sorted(
         item.address for rrset in reply.answer if rrset.rdtype == dns.rdatatype.A for item in rrset
     )
-
-
-def poll(condition: Callable[[], bool], within: float) -> float:
-    """Seconds until `condition()` holds (polling: a flip has no event visible outside)."""
-    start = time.monotonic()
-    while time.monotonic() - start < within:
-        if condition():
-            return time.monotonic() - start
-        time.sleep(0.05)
-    raise AssertionError(f"not within {within}s")
 
 
 def scrape(port: int) -> str:

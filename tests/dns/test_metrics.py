@@ -9,18 +9,9 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.dns_load import flood
-from tests.peers import dnsmasq, dnsoverride_serve, free_port
-
-
-def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-        text = response.read().decode()
-    samples = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return samples
+from tests.support.dns_load import flood
+from tests.support.metrics import scrape
+from tests.support.peers import dnsmasq, dnsoverride_serve, free_port
 
 
 def queries(samples: dict, source: str, qtype: str = "A", rcode: str = "NOERROR") -> float:

@@ -24,11 +24,11 @@ import dns.rcode
 import pytest
 
 from dnsoverride.dns.config import RateLimitConfig
-from tests.dns_load import burst
-from tests.peers import DnsPeer, dnsmasq, dnsoverride_serve, free_port
-from tests.test_dns_metrics import scrape
-from tests.test_reload_config import save
-from tests.test_reload_server import RELOAD_DEADLINE, events, poll
+from tests.support.dns_load import burst
+from tests.support.edits import save
+from tests.support.metrics import scrape
+from tests.support.peers import DnsPeer, dnsmasq, dnsoverride_serve, events, free_port
+from tests.support.waits import RELOAD_DEADLINE, poll
 
 RATE = 100
 BURST = 5000

@@ -25,7 +25,7 @@ import pytest
 
 from dnsoverride.dns import relay, wire
 from dnsoverride.dns.udpexchange import SocketWatcher, UdpExchange
-from tests.peers import DnsPeer, LyingUpstream, dnsoverride_serve, lying_upstream
+from tests.support.peers import DnsPeer, LyingUpstream, dnsoverride_serve, lying_upstream
 
 OPT = b"\x00\x00\x29\x04\xd0\x00\x00\x00\x00\x00\x00"
 QUESTION = b"\xc0\x0c"  # a pointer to the question's name

@@ -17,9 +17,9 @@ from pathlib import Path
 import dns.exception
 import pytest
 
-from tests.peers import DnsPeer, dnsmasq, dnsoverride_serve, free_port, running
-from tests.test_reload_server import RELOAD_DEADLINE, events, poll
-from tests.test_reload_watch import zone_text
+from tests.support.edits import save, zone_text
+from tests.support.peers import DnsPeer, dnsmasq, dnsoverride_serve, events, free_port, running
+from tests.support.waits import RELOAD_DEADLINE, poll
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -42,13 +42,6 @@ def config_text(
         f"    zones: {ci_zones}\n"
         "reload_interval: 0\n" + extra
     )
-
-
-def save(path: Path, text: str) -> None:
-    """As editors and config management save: a new file renamed over the old one."""
-    temp = path.with_name("." + path.name + ".tmp")
-    temp.write_text(text)
-    os.replace(temp, path)
 
 
 def seen(server: DnsPeer, name: str, source: str) -> str:

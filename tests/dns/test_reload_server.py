@@ -7,18 +7,15 @@ finished to the first answer that shows the change.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import sys
 import threading
-import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import dns.exception
 import dns.message
@@ -26,12 +23,11 @@ import dns.rcode
 import dns.rdatatype
 import pytest
 
-from tests.peers import DnsPeer, dnsmasq, dnsoverride_serve, free_port
-from tests.test_reload_watch import BROKEN, configmap, write_unseen, zone_text
+from tests.support.edits import BROKEN, configmap, write_unseen, zone_text
+from tests.support.peers import DnsPeer, dnsmasq, dnsoverride_serve, events, free_port
+from tests.support.waits import RELOAD_DEADLINE, poll
 
 pytestmark = pytest.mark.timeout(90)
-
-RELOAD_DEADLINE = 1.0
 
 
 @pytest.fixture
@@ -47,28 +43,6 @@ def a_records(server: DnsPeer, name: str) -> tuple[str, ...]:
     if response.rcode() != dns.rcode.NOERROR:
         return (dns.rcode.to_text(response.rcode()),)
     return tuple(sorted(r.address for rrset in response.answer for r in rrset))
-
-
-def events(server: DnsPeer, name: str) -> list[dict[str, Any]]:
-    found = []
-    for line in server.log_text().splitlines():
-        try:
-            event = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(event, dict) and event.get("event") == name:
-            found.append(event)
-    return found
-
-
-def poll(predicate: Callable[[], bool], within: float, what: str) -> float:
-    """Seconds until `predicate()` held; fails after `within` seconds."""
-    start = time.monotonic()
-    while not predicate():
-        if time.monotonic() - start > within:
-            raise AssertionError(f"not within {within}s: {what}")
-        time.sleep(0.005)
-    return time.monotonic() - start
 
 
 def answer_becomes(server: DnsPeer, name: str, expected: tuple[str, ...]) -> float:

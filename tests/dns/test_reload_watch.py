@@ -2,7 +2,7 @@
 
 Each save style editors and tools use is performed for real (vim, sed -i, rename, a
 ConfigMap `..data` swap, ...) and the test waits, with a deadline, for the served set
-to change. The DNS wire side is covered by test_reload_server.py.
+to change. The DNS wire side is covered by tests/dns/test_reload_server.py.
 """
 
 from __future__ import annotations
@@ -18,22 +18,16 @@ import dnslib
 import pytest
 import structlog
 from prometheus_client import CollectorRegistry
-from transparent_certs import make_ca
 
 from dnsoverride.dns.config import ServeFlags, load_config
 from dnsoverride.dns.reload import fingerprint, serve_loader, zone_reloader
 from dnsoverride.dns.zones.live import LiveZones
 from dnsoverride.dns.zones.load import ZoneFileCache, load_zone_set
 from dnsoverride.dns.zones.model import ZoneSet, ZoneSetError
+from tests.support.edits import BROKEN, configmap, write_unseen, zone_text
+from tests.support.transparent_certs import make_ca
 
 pytestmark = pytest.mark.timeout(30)
-
-
-def zone_text(records: dict[str, str]) -> str:
-    lines = ["records:"]
-    for name, address in records.items():
-        lines += [f"  {name}:", f"    A: {address}"]
-    return "\n".join(lines) + "\n"
 
 
 def addresses(zone_set: ZoneSet, name: str) -> tuple[str, ...] | None:
@@ -187,24 +181,6 @@ async def test_file_deleted_and_added(zones: Path) -> None:
         await h.until(lambda: h.reloader.stats.successes == 2)
 
 
-def configmap(root: Path, stamp: str, files: dict[str, str]) -> None:
-    """What the kubelet does: new timestamped dir, `..data_tmp` symlink, rename to `..data`."""
-    data = root / f"..{stamp}"
-    data.mkdir()
-    for name, text in files.items():
-        (data / name).write_text(text)
-        link = root / name
-        if not link.is_symlink():
-            link.symlink_to(Path("..data") / name)
-    old = os.readlink(root / "..data") if (root / "..data").is_symlink() else None
-    (root / "..data_tmp").symlink_to(data.name)
-    os.replace(root / "..data_tmp", root / "..data")
-    if old:
-        for child in (root / old).iterdir():
-            child.unlink()
-        (root / old).rmdir()
-
-
 async def test_kubernetes_configmap_data_swap(tmp_path: Path) -> None:
     root = tmp_path / "configmap"
     root.mkdir()
@@ -263,18 +239,6 @@ async def test_file_rewritten_non_stop_still_reloads(zones: Path) -> None:
             os.replace(temp, zones / "a.yaml")
             await asyncio.sleep(0.05)  # a writer saving every 50 ms, faster than the debounce
         assert h.reloader.stats.failures == 0
-
-
-BROKEN = {
-    "yaml syntax error": ("records:\n  a.test:\n\tA: 10.0.0.2\n", 3, "YAML syntax error"),
-    "unknown type": ("records:\n  a.test:\n    AXFR: 10.0.0.2\n", 3, "unknown record type"),
-    "bad ip": ("records:\n  a.test:\n    A: 10.0.0.256\n", 3, "not an IPv4 address"),
-    "cname beside data": (
-        "records:\n  a.test:\n    CNAME: x.test.\n    A: 10.0.0.2\n",
-        2,
-        "CNAME cannot be combined",
-    ),
-}
 
 
 @pytest.mark.parametrize("case", sorted(BROKEN))
@@ -337,21 +301,6 @@ async def test_success_event_has_hash_and_change_summary(zones: Path) -> None:
     assert event["added_names"] == ["new.test"]
     assert event["removed_names"] == ["keep.test"]
     assert event["changed_names"] == ["a.test"]
-
-
-def write_unseen(zones: Path, elsewhere: Path, name: str, text: str) -> None:
-    """Change a zone file without an inotify event on the zones directory (as over NFS).
-
-    Writing through a hard link in another directory changes the same inode, but
-    inotify reports it only to watches on the directory the writer went through.
-    """
-    elsewhere.mkdir(exist_ok=True)
-    link = elsewhere / name
-    if not link.exists():
-        os.link(zones / name, link)
-    with link.open("r+") as file:
-        file.truncate(0)
-        file.write(text)
 
 
 async def test_sighup_request_reloads_what_events_missed(zones: Path, tmp_path: Path) -> None:

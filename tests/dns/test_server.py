@@ -20,7 +20,7 @@ import dns.rcode
 import dns.rdatatype
 import pytest
 
-from tests.peers import DnsPeer, dnsmasq, dnsoverride_serve, free_port, unbound
+from tests.support.peers import DnsPeer, dnsmasq, dnsoverride_serve, free_port, unbound
 
 ZONE = """\
 ttl: 60

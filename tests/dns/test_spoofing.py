@@ -30,8 +30,8 @@ import dns.rrset
 import pytest
 
 from dnsoverride.dns.forwarder import UNWANTED_LIMIT
-from tests.peers import DnsPeer, dnsmasq, dnsoverride_serve, free_port
-from tests.test_dns_metrics import scrape
+from tests.support.metrics import scrape
+from tests.support.peers import DnsPeer, dnsmasq, dnsoverride_serve, free_port
 
 TRIES = 4
 POISON = "6.6.6.6"

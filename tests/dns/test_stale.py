@@ -13,7 +13,7 @@ import pytest
 
 from dnsoverride.dns.cache import STALE_TTL
 from dnsoverride.dns.config import CacheConfig, ProbeConfig
-from tests.peers import DnsPeer, dnsmasq, dnsoverride_serve
+from tests.support.peers import DnsPeer, dnsmasq, dnsoverride_serve
 
 NAME = "www.fwd.test"
 

@@ -19,8 +19,8 @@ import dns.query
 import dns.rcode
 import pytest
 
-from tests.dns_load import Probes, non_readers, press, rss_kib
-from tests.peers import dnsmasq, dnsoverride_serve
+from tests.support.dns_load import Probes, non_readers, press, rss_kib
+from tests.support.peers import dnsmasq, dnsoverride_serve
 
 CLIENTS = 300
 IDLE_TIMEOUT = 2.0

@@ -8,8 +8,6 @@ import itertools
 import socket
 import threading
 import time
-import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 
 import dns.exception
@@ -19,14 +17,15 @@ import dns.query
 import dns.rcode
 import dns.rrset
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from dnsoverride.common.grammar import RESOLVER, parse_endpoint
 from dnsoverride.dns import forwarder, wire
 from dnsoverride.dns.config import ProbeConfig
 from dnsoverride.dns.forwarder import DEMOTE_AFTER
 from dnsoverride.dns.stats import DnsStats
-from tests.peers import dnsmasq, dnsoverride_serve, free_port, http_status, lying_upstream
+from tests.support.metrics import scrape
+from tests.support.peers import dnsmasq, dnsoverride_serve, free_port, http_status, lying_upstream
+from tests.support.waits import poll
 
 ATTEMPT_TIMEOUT = 0.8  # the default `attempt_timeout`
 PROBE_INTERVAL = ProbeConfig().interval
@@ -34,25 +33,8 @@ PROBE_INTERVAL = ProbeConfig().interval
 NOTICED_WITHIN = PROBE_INTERVAL + ATTEMPT_TIMEOUT + 1.5
 
 
-def _seconds_until(condition: Callable[[], bool], timeout: float) -> float:
-    """Poll `condition` (no DNS traffic) until true; seconds it took, or fail at `timeout`."""
-    started = time.monotonic()
-    while not condition():
-        assert time.monotonic() - started < timeout, f"not true within {timeout} s"
-        time.sleep(0.05)
-    return time.monotonic() - started
-
-
 def _upstream_up(metrics_port: int, upstream: str) -> float | None:
-    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
-        text = r.read().decode()
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == "dnsoverride_dns_upstream_up" and sample.labels == {
-                "upstream": upstream
-            }:
-                return sample.value
-    return None
+    return scrape(metrics_port).get(("dnsoverride_dns_upstream_up", (("upstream", upstream),)))
 
 
 @pytest.mark.timeout(60)
@@ -66,12 +48,12 @@ def test_readyz_follows_the_only_upstream_without_client_traffic(tmp_path: Path)
         with dnsoverride_serve(
             tmp_path, zones, [upstream.address], "--metrics", f"127.0.0.1:{metrics_port}"
         ) as server:
-            _seconds_until(lambda: http_status(readyz) == 200, NOTICED_WITHIN)
+            poll(lambda: http_status(readyz) == 200, NOTICED_WITHIN, every=0.05)
             upstream.stop()
             # Not one client query from here on: only the probes can notice.
-            _seconds_until(lambda: http_status(readyz) == 503, NOTICED_WITHIN)
+            poll(lambda: http_status(readyz) == 503, NOTICED_WITHIN, every=0.05)
             with dnsmasq(tmp_path, "--address=/fwd.test/192.0.2.1", port=port):
-                _seconds_until(lambda: http_status(readyz) == 200, NOTICED_WITHIN)
+                poll(lambda: http_status(readyz) == 200, NOTICED_WITHIN, every=0.05)
                 reply = server.query("www.fwd.test")
                 assert [str(rdata) for rrset in reply.answer for rdata in rrset] == ["192.0.2.1"]
 
@@ -91,7 +73,7 @@ def test_a_dead_first_upstream_is_skipped_once_probed(tmp_path: Path) -> None:
         with dnsoverride_serve(
             tmp_path, zones, [dead, alive.address], "--metrics", f"127.0.0.1:{metrics_port}"
         ) as server:
-            _seconds_until(lambda: _upstream_up(metrics_port, dead) == 0, NOTICED_WITHIN)
+            poll(lambda: _upstream_up(metrics_port, dead) == 0, NOTICED_WITHIN, every=0.05)
             assert _upstream_up(metrics_port, alive.address) == 1
             for index in range(10):
                 started = time.monotonic()
@@ -129,7 +111,7 @@ def test_all_upstreams_down_servfail_at_once_then_answers_after_recovery(tmp_pat
         dead = f"127.0.0.1:{port}"
         with dnsoverride_serve(tmp_path, zones, [dead], config=config) as server:
             # The first probe runs at start and times out: the only upstream is down.
-            _seconds_until(lambda: "upstream_down" in server.log_text(), NOTICED_WITHIN)
+            poll(lambda: "upstream_down" in server.log_text(), NOTICED_WITHIN, every=0.05)
             for index in range(10):
                 started = time.monotonic()
                 reply = server.query(f"n{index}.fwd.test", timeout=5)
@@ -144,7 +126,7 @@ def test_all_upstreams_down_servfail_at_once_then_answers_after_recovery(tmp_pat
                 asked.update(_drain(hole))
                 return wanted <= asked
 
-            _seconds_until(all_asked, NOTICED_WITHIN)
+            poll(all_asked, NOTICED_WITHIN, every=0.05)
             assert "." not in asked
             hole.close()
             with dnsmasq(tmp_path, "--address=/fwd.test/192.0.2.1", port=port):

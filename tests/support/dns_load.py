@@ -27,7 +27,7 @@ import dns.message
 import dns.query
 import dns.rcode
 
-from tests.peers import DnsPeer
+from tests.support.peers import DnsPeer
 
 
 def flood(

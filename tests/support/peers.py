@@ -16,6 +16,7 @@ Only 127.0.0.0/8 and ::1 are ever used.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -30,6 +31,7 @@ import urllib.request
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import dns.exception
 import dns.message
@@ -99,6 +101,19 @@ class DnsPeer:
     def log_text(self) -> str:
         """Everything the process wrote to stdout and stderr so far."""
         return self.log.read_text(errors="replace")
+
+
+def events(peer: DnsPeer, name: str) -> list[dict[str, Any]]:
+    """The structlog events called `name` that `peer` has logged so far (JSON lines)."""
+    found = []
+    for line in peer.log_text().splitlines():
+        try:
+            event = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(event, dict) and event.get("event") == name:
+            found.append(event)
+    return found
 
 
 def memory_mb(pid: int) -> dict[str, float]:

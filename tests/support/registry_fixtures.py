@@ -19,7 +19,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.registry_peers import (
+from tests.support.registry_peers import (
     CacheProcess,
     DistributionRegistry,
     Image,

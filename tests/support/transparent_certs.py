@@ -1,6 +1,6 @@
 """Test certificates made with dnsoverride.ca: a throw-away CA and server certificates it signs.
 
-Used by the health-check, zone and registry TLS tests. tests/test_ca.py verifies what
+Used by the health-check, zone and registry TLS tests. tests/cli/test_ca.py verifies what
 dnsoverride.ca builds on its own terms (cryptography's path validation, real handshakes),
 so these tests rely on it rather than on a second certificate builder of their own.
 """

@@ -6,12 +6,12 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from transparent_certs import make_ca
 
 from dnsoverride.dns.zones.health import GatedOverride, HealthCheck
 from dnsoverride.dns.zones.live import LiveZones
 from dnsoverride.dns.zones.load import load_zone_set
 from dnsoverride.dns.zones.model import ZoneSet, ZoneSetError
+from tests.support.transparent_certs import make_ca
 
 
 def write(directory: Path, name: str, text: str) -> Path:

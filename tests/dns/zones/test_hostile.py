@@ -26,8 +26,8 @@ from pathlib import Path
 import dns.exception
 import pytest
 
-from tests.peers import DnsPeer, dnsmasq, dnsoverride_serve, free_port, memory_mb
-from tests.test_zones_yaml import laughs_through_redefined_anchors
+from tests.support.peers import DnsPeer, dnsmasq, dnsoverride_serve, free_port, memory_mb
+from tests.support.yaml_bombs import laughs_through_redefined_anchors
 
 pytestmark = pytest.mark.timeout(120)
 

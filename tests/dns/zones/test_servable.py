@@ -24,7 +24,7 @@ from dnsoverride.dns.zones import load as zone_load
 from dnsoverride.dns.zones.load import load_zone_set
 from dnsoverride.dns.zones.model import Overrides, ZoneSetError
 from dnsoverride.dns.zones.records import ANSWER_ROOM
-from tests.peers import DnsPeer, dnsmasq, dnsoverride_serve
+from tests.support.peers import DnsPeer, dnsmasq, dnsoverride_serve
 
 
 def write(directory: Path, name: str, text: str) -> Path:
