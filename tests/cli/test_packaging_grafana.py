@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import signal
@@ -16,7 +17,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support.peers import free_port
+from tests.support.ports import free_port, silent_port
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "packaging" / "grafana" / "dnsoverride.json"
@@ -90,7 +91,9 @@ def exposed(tmp_path_factory: pytest.TempPathFactory) -> set[str]:
         f"    health: {{tcp: {free_port()}, interval: 1s, timeout: 1s}}\n"
     )
     dns_metrics, registry_metrics = free_port(), free_port()
-    dead = f"127.0.0.1:{free_port()}"  # nothing is forwarded anywhere real
+    # Nothing is forwarded anywhere real: a port held (never read) for the daemons' life.
+    held = contextlib.ExitStack()
+    dead = held.enter_context(silent_port())
     commands = [
         [
             sys.executable, "-m", "dnsoverride", "serve", "--zones", str(zones),
@@ -126,7 +129,8 @@ def exposed(tmp_path_factory: pytest.TempPathFactory) -> set[str]:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
-    names = set()
+        held.close()
+    names: set[str] = set()
     for text in texts:
         for family in text_string_to_metric_families(text):
             names.update(family.name + suffix for suffix in SAMPLE_SUFFIXES.get(family.type, ("",)))
@@ -149,19 +153,21 @@ def _scrape(port: int, process: subprocess.Popen[bytes]) -> str:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as answer:
                 return str(answer.read().decode())
         except OSError:
-            assert process.poll() is None, f"{process.args[3]} exited with {process.returncode}"
+            assert process.poll() is None, f"{process.args!r} exited with {process.returncode}"
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.1)
 
 
 @pytest.mark.timeout(90)
+@pytest.mark.e2e
 def test_every_queried_metric_is_exposed_by_a_daemon(exposed: set[str]) -> None:
     queried = {name for query in _queries(_dashboard()) for name in METRIC.findall(query)}
     assert queried - exposed == set()
 
 
 @pytest.mark.timeout(90)
+@pytest.mark.e2e
 def test_the_dashboard_covers_both_daemons(exposed: set[str]) -> None:
     """Guards the check above against a scrape that silently returns nothing, and keeps
     the dashboard from forgetting a whole daemon."""

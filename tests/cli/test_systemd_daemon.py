@@ -24,7 +24,9 @@ import dns.query
 import dns.rdatatype
 import pytest
 
-from tests.support.peers import free_port
+from tests.support.ports import free_port, silent_port
+
+pytestmark = pytest.mark.e2e
 
 OVERRIDE = "registry-1.docker.io"
 ADDRESS = "10.0.0.5"
@@ -94,10 +96,17 @@ def _clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def _serve_command(zones: Path, *extra: str) -> list[str]:
-    # The upstream is a closed loopback port: these tests only ask for overridden names,
-    # and nothing may go to the machine's real resolver.
-    dead_upstream = f"127.0.0.1:{free_port()}"
+@pytest.fixture
+def dead_upstream() -> Iterator[str]:
+    """A loopback port the test holds and never reads: these tests only ask for
+    overridden names, and nothing may go to the machine's real resolver. Not a port found
+    free and released: that was later handed out as the test client's own source port,
+    and the daemon's upstream probe, arriving there, failed the client's query."""
+    with silent_port() as address:
+        yield address
+
+
+def _serve_command(zones: Path, dead_upstream: str, *extra: str) -> list[str]:
     return [
         sys.executable, "-m", "dnsoverride", "serve", "--zones", str(zones),
         "--upstream", dead_upstream, "--log-format", "json", *extra,
@@ -129,12 +138,12 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
 
 @pytest.mark.timeout(60)
 def test_serve_notifies_ready_reloading_and_stopping(
-    tmp_path: Path, zones: Path, notify_socket: NotifySocket
+    tmp_path: Path, zones: Path, notify_socket: NotifySocket, dead_upstream: str
 ) -> None:
     port = free_port()
     with (tmp_path / "serve.log").open("wb") as log:
         process = subprocess.Popen(
-            _serve_command(zones, "--listen", f"127.0.0.1:{port}"),
+            _serve_command(zones, dead_upstream, "--listen", f"127.0.0.1:{port}"),
             env=_clean_env(NOTIFY_SOCKET=str(notify_socket.path)),
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -170,12 +179,14 @@ def test_serve_notifies_ready_reloading_and_stopping(
 
 
 @pytest.mark.timeout(60)
-def test_serve_pings_the_watchdog(tmp_path: Path, zones: Path, notify_socket: NotifySocket) -> None:
+def test_serve_pings_the_watchdog(
+    tmp_path: Path, zones: Path, notify_socket: NotifySocket, dead_upstream: str
+) -> None:
     port = free_port()
     env = _clean_env(NOTIFY_SOCKET=str(notify_socket.path), WATCHDOG_USEC="400000")
     with (tmp_path / "serve.log").open("wb") as log:
         process = subprocess.Popen(
-            _serve_command(zones, "--listen", f"127.0.0.1:{port}"),
+            _serve_command(zones, dead_upstream, "--listen", f"127.0.0.1:{port}"),
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -198,12 +209,12 @@ def test_serve_pings_the_watchdog(tmp_path: Path, zones: Path, notify_socket: No
 
 @pytest.mark.timeout(60)
 def test_registry_notifies_pings_and_survives_reload(
-    tmp_path: Path, notify_socket: NotifySocket
+    tmp_path: Path, notify_socket: NotifySocket, dead_upstream: str
 ) -> None:
     port = free_port()
     command = [
         sys.executable, "-m", "dnsoverride", "registry", "--storage", str(tmp_path / "store"),
-        "--listen", f"127.0.0.1:{port}", "--upstream", f"http://127.0.0.1:{free_port()}",
+        "--listen", f"127.0.0.1:{port}", "--upstream", f"http://{dead_upstream}",
         "--log-format", "json",
     ]  # fmt: skip
     env = _clean_env(NOTIFY_SOCKET=str(notify_socket.path), WATCHDOG_USEC="400000")
@@ -249,6 +260,7 @@ def test_serve_on_sockets_from_systemd_socket_activate(
     tmp_path: Path,
     zones: Path,
     notify_socket: NotifySocket,
+    dead_upstream: str,
     listen: str,
     clients: tuple[str, ...],
 ) -> None:
@@ -261,7 +273,7 @@ def test_serve_on_sockets_from_systemd_socket_activate(
     command = [
         "systemd-socket-activate", "--datagram", "-l", address, "--",
         "systemd-socket-activate", "-l", address, "-E", f"NOTIFY_SOCKET={notify_socket.path}",
-        "--", *_serve_command(zones),
+        "--", *_serve_command(zones, dead_upstream),
     ]  # fmt: skip
     with (tmp_path / "serve.log").open("wb") as log:
         process = subprocess.Popen(
@@ -313,7 +325,7 @@ def _listening(pid: int) -> set[tuple[str, str]]:
 @pytest.mark.skipif(shutil.which("systemd-socket-activate") is None, reason="needs systemd")
 @pytest.mark.timeout(60)
 def test_registry_on_a_socket_from_systemd_socket_activate(
-    tmp_path: Path, notify_socket: NotifySocket
+    tmp_path: Path, notify_socket: NotifySocket, dead_upstream: str
 ) -> None:
     """The registry serves a TCP socket passed by socket activation, through the same
     lifecycle as serve (before, it ignored LISTEN_FDS and bound its own `listen`)."""
@@ -323,7 +335,7 @@ def test_registry_on_a_socket_from_systemd_socket_activate(
         "systemd-socket-activate", "-l", f"127.0.0.1:{port}",
         "-E", f"NOTIFY_SOCKET={notify_socket.path}", "--",
         sys.executable, "-m", "dnsoverride", "registry", "--storage", str(tmp_path / "store"),
-        "--listen", f"127.0.0.1:{own}", "--upstream", f"http://127.0.0.1:{free_port()}",
+        "--listen", f"127.0.0.1:{own}", "--upstream", f"http://{dead_upstream}",
         "--log-format", "json",
     ]  # fmt: skip
     with (tmp_path / "registry.log").open("wb") as log:

@@ -23,6 +23,7 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
@@ -38,23 +39,9 @@ import dns.message
 import dns.query
 import dns.rdatatype
 
+from tests.support.ports import free_port
+
 STARTUP_TIMEOUT = 15.0
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port free for both UDP and TCP on `host` (DNS listens on both)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    for _ in range(50):
-        with socket.socket(family, socket.SOCK_DGRAM) as udp:
-            udp.bind((host, 0))
-            port = int(udp.getsockname()[1])
-            with socket.socket(family, socket.SOCK_STREAM) as tcp:
-                try:
-                    tcp.bind((host, port))
-                except OSError:
-                    continue
-                return port
-    raise RuntimeError("no free port")
 
 
 @dataclass
@@ -288,16 +275,55 @@ def dnsoverride_serve(
         path.write_text(textwrap.dedent(config))
         command += ["--config", str(path)]
     environment = {**os.environ, **(env or {})}
-    with running(
-        "dnsoverride",
-        command,
-        host,
-        port,
-        directory / f"dnsoverride-{port}.log",
-        startup_timeout=startup_timeout,
-        env=environment,
-    ) as peer:
+    with contextlib.ExitStack() as stack:
+        notify = None
+        if "NOTIFY_SOCKET" not in (env or {}):
+            # Ready is READY=1, as systemd sees it: sent once the admin listener is up too.
+            # Answering DNS is not enough: a test that went on to /healthz at that moment
+            # found nothing listening yet.
+            notify = stack.enter_context(_notify_socket())
+            environment["NOTIFY_SOCKET"] = notify.getsockname()
+        peer = stack.enter_context(
+            running(
+                "dnsoverride",
+                command,
+                host,
+                port,
+                directory / f"dnsoverride-{port}.log",
+                startup_timeout=startup_timeout,
+                env=environment,
+            )
+        )
+        if notify is not None:
+            _wait_for_ready(peer, notify, startup_timeout)
         yield peer
+
+
+@contextlib.contextmanager
+def _notify_socket() -> Iterator[socket.socket]:
+    """A datagram socket for sd_notify messages, in a directory of its own (a short path:
+    AF_UNIX paths are limited to 107 bytes)."""
+    with (
+        tempfile.TemporaryDirectory(prefix="dno-") as directory,
+        socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock,
+    ):
+        sock.bind(os.path.join(directory, "notify"))
+        yield sock
+
+
+def _wait_for_ready(peer: DnsPeer, notify: socket.socket, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0:
+        notify.settimeout(min(left, 0.5))
+        try:
+            message = notify.recv(4096)
+        except TimeoutError:
+            if peer.process.poll() is not None:
+                break
+            continue
+        if b"READY=1" in message.split(b"\n"):
+            return
+    raise AssertionError(f"{peer.name} never sent READY=1:\n{peer.log_text()}")
 
 
 Responder = Callable[[bytes, bool], bytes | None]

@@ -36,7 +36,8 @@ from typing import Any
 
 from aiohttp import web
 
-from tests.support.registry_peers import OCI_INDEX, OCI_MANIFEST, free_port
+from tests.support.ports import free_port
+from tests.support.registry_peers import OCI_INDEX, OCI_MANIFEST
 
 OCI_LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"

@@ -32,7 +32,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Self
+from typing import IO, Any, Self
 
 import aiohttp
 from aiohttp import web
@@ -42,16 +42,12 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.x509.oid import NameOID
 from multidict import CIMultiDict
 
+from tests.support.ports import free_port
+
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 OCI_LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 def wait_for_port(host: str, port: int, timeout: float = 15.0, proc: Any = None) -> None:
@@ -140,7 +136,7 @@ def build_image(
         (blobs_dir / digest.split(":")[1]).write_bytes(data)
         return digest
 
-    descriptors = []
+    descriptors: list[dict[str, Any]] = []
     for platform in platforms:
         os_name, arch = platform.split("/")
         layers, diff_ids = [], []
@@ -184,7 +180,7 @@ def build_image(
         index = _padded(
             {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": descriptors}, index_size
         )
-        top = {"mediaType": OCI_INDEX, "digest": put(index), "size": len(index)}
+        top: dict[str, Any] = {"mediaType": OCI_INDEX, "digest": put(index), "size": len(index)}
         image.manifests[top["digest"]] = len(index)
     else:
         top = {k: v for k, v in descriptors[0].items() if k != "platform"}
@@ -268,6 +264,7 @@ class _Daemon:
     """A peer process started by `start()` (which sets `proc` and `log`); a context manager."""
 
     proc: subprocess.Popen[bytes] | None
+    log: IO[bytes]
 
     def start(self) -> Self:
         raise NotImplementedError
