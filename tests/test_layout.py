@@ -111,7 +111,7 @@ def test_the_rules_catch_what_the_old_layout_did(tmp_path: Path) -> None:
         "dnsoverride.common.reloader": "from dnsoverride.dns.views import Routing\n",
         "dnsoverride.registry.app": "from dnsoverride.dns import wire\n",
     }
-    reasons = []
+    reasons: list[str] = []
     for name, text in samples.items():
         path = tmp_path / f"{name.rpartition('.')[2]}.py"
         path.write_text(text)

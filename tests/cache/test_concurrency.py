@@ -12,7 +12,7 @@ import pytest
 from tests.support.registry_fixtures import Publish, StartCache
 from tests.support.registry_peers import CacheProcess, TestProxy, pull, verify_dir
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 
 
 async def test_eight_concurrent_cold_pulls_fetch_each_blob_once(

@@ -19,11 +19,12 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from tests.support.ports import free_port
 from tests.support.registry_fixtures import StartCache
 from tests.support.registry_liar import LyingRegistry, digest_of, real_size_manifest
-from tests.support.registry_peers import OCI_MANIFEST, CacheProcess, free_port
+from tests.support.registry_peers import OCI_MANIFEST, CacheProcess
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 PAGE = 4096
 
 

@@ -23,7 +23,7 @@ from tests.support.registry_fixtures import StartCache
 from tests.support.registry_liar import LOGIN_PAGE, LyingRegistry, digest_of, real_size_manifest
 from tests.support.registry_peers import OCI_MANIFEST
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
 
 @pytest.fixture

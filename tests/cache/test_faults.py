@@ -22,7 +22,7 @@ from tests.support.registry_peers import (
     verify_dir,
 )
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
 
 @pytest.fixture
@@ -50,7 +50,7 @@ async def test_upstream_cut_mid_blob_fails_clients_and_stores_nothing(
     proxy.cut_after = 100_000
     url = f"{cache.url}/v2/ci/app/blobs/{digest}"
     results = await asyncio.gather(_get_blob(url), _get_blob(url))
-    assert results == [(200, None), (200, None)]  # both cut short, neither "complete"
+    assert list(results) == [(200, None), (200, None)]  # both cut short, neither "complete"
     code, out = await pull(f"{cache.address}/ci/app:v1", tmp_path / "failed")
     assert code != 0
     assert digest not in cache.stored_blobs()

@@ -13,6 +13,7 @@ import hashlib
 import json
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
 import pytest
@@ -26,7 +27,7 @@ from tests.support.registry_liar import (
 )
 from tests.support.registry_peers import OCI_INDEX, OCI_MANIFEST, CacheProcess
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 SIZES = (5 << 10, 12 << 10, 42 << 10, 60 << 10)
 
 
@@ -372,7 +373,7 @@ async def test_a_body_that_stalls_midway_is_a_503_not_a_crash(
     assert "Traceback" not in cache.logs()
 
 
-BOGUS_STRUCTURES = {
+BOGUS_STRUCTURES: dict[str, dict[str, Any]] = {
     "layers not a list": {"config": {"digest": digest_of(b"c"), "size": 1}, "layers": 5},
     "layers null": {"config": {"digest": digest_of(b"c"), "size": 1}, "layers": None},
     "digest not a digest": {

@@ -11,10 +11,11 @@ import aiohttp
 import pytest
 
 from tests.support.metrics import parse_samples
+from tests.support.ports import free_port
 from tests.support.registry_fixtures import Publish
-from tests.support.registry_peers import CacheProcess, DistributionRegistry, free_port, pull
+from tests.support.registry_peers import CacheProcess, DistributionRegistry, pull
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
 
 async def test_metrics_count_known_traffic_and_notify_readiness(

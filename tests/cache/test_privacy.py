@@ -41,7 +41,7 @@ from tests.support.registry_peers import (
     verify_dir,
 )
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 DEV = {"Authorization": "Basic " + base64.b64encode(b"dev:devpw").decode()}
 
 

@@ -28,7 +28,7 @@ from tests.support.registry_peers import (
     verify_dir,
 )
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 IMAGES = 20
 ARCHES = ("amd64", "arm64", "arm", "386", "ppc64le", "s390x", "riscv64", "mips64le", "loong64")
 PLATFORMS = (

@@ -22,19 +22,14 @@ import pytest
 
 from dnsoverride.common.resolve import UpstreamResolver
 from tests.support.peers import dnsmasq
+from tests.support.ports import free_port
 from tests.support.registry_fixtures import Publish, StartCache
-from tests.support.registry_peers import (
-    DistributionRegistry,
-    free_port,
-    pull,
-    verify_dir,
-    wait_for_port,
-)
+from tests.support.registry_peers import DistributionRegistry, pull, verify_dir, wait_for_port
 from tests.support.transparent_certs import CertAuthority, make_ca
 
 HUB = "registry-1.docker.io"
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
 
 @pytest.fixture(scope="module")

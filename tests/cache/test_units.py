@@ -69,6 +69,7 @@ def _args(config: str | None = None, **flags: str) -> tuple[Path | None, Registr
     return (Path(config) if config else None), RegistryFlags(**flags)
 
 
+@pytest.mark.e2e
 def test_embedded_defaults(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     config = registry_config.load(*_args())
@@ -81,6 +82,7 @@ def test_embedded_defaults(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> N
     assert config.budget is None
 
 
+@pytest.mark.e2e
 def test_config_file_and_flags(tmp_path: Path) -> None:
     path = tmp_path / "registry.yaml"
     path.write_text(
@@ -124,6 +126,7 @@ def test_bad_config_is_a_user_error(tmp_path: Path, text: str, message: str) -> 
         registry_config.load(*_args(config=str(path)))
 
 
+@pytest.mark.e2e
 def test_cli_reports_bad_config_without_traceback(tmp_path: Path) -> None:
     path = tmp_path / "registry.yaml"
     path.write_text("max_size: huge\n")

@@ -139,6 +139,7 @@ async def test_tls_handshake_fails_with_another_ca(tmp_path: Path, leaf: tuple[P
 
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl")
+@pytest.mark.e2e
 def test_openssl_verifies_the_chain(ca_dir: Path, leaf: tuple[Path, Path]) -> None:
     cert_path, _ = leaf
     base = ["openssl", "verify", "-CAfile", str(ca_dir / "ca.crt"), "-purpose", "sslserver"]

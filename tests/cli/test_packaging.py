@@ -19,7 +19,8 @@ from dnsoverride.cli import build_parser
 from dnsoverride.dns import config as serve_config
 from dnsoverride.dns.zones import load as zones
 from dnsoverride.registry import config as registry_config
-from tests.support.peers import dnsmasq, dnsoverride_serve, free_port
+from tests.support.peers import dnsmasq, dnsoverride_serve
+from tests.support.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGING = ROOT / "packaging"
@@ -55,6 +56,7 @@ def _installed_units(tmp_path: Path) -> list[Path]:
 
 
 @needs_systemd
+@pytest.mark.e2e
 def test_systemd_analyze_verify_passes_without_warnings(tmp_path: Path) -> None:
     units = _installed_units(tmp_path)
     result = subprocess.run(
@@ -75,6 +77,7 @@ def test_systemd_analyze_verify_passes_without_warnings(tmp_path: Path) -> None:
 
 
 @needs_systemd
+@pytest.mark.e2e
 def test_systemd_analyze_verify_would_catch_a_typo(tmp_path: Path) -> None:
     """The check above is only worth something if a misspelt hardening option shows up."""
     (unit,) = [u for u in _installed_units(tmp_path) if u.name == "dnsoverride.service"]
@@ -91,6 +94,7 @@ def test_systemd_analyze_verify_would_catch_a_typo(tmp_path: Path) -> None:
 
 @needs_systemd
 @pytest.mark.parametrize("service", SERVICES, ids=lambda p: p.name)
+@pytest.mark.e2e
 def test_services_are_hardened(tmp_path: Path, service: Path) -> None:
     """systemd's own exposure score (0 best .. 10 worst) stays at 2.0 or below."""
     (unit,) = [u for u in _installed_units(tmp_path) if u.name == service.name]
@@ -156,6 +160,7 @@ def test_registry_keeps_its_blobs_in_the_cache_directory() -> None:
     shutil.which("systemd-sysusers") is None or shutil.which("systemd-tmpfiles") is None,
     reason="needs systemd-sysusers and systemd-tmpfiles",
 )
+@pytest.mark.e2e
 def test_sysusers_and_tmpfiles_create_the_user_and_directories(tmp_path: Path) -> None:
     (tmp_path / "etc").mkdir()
     subprocess.run(
@@ -268,6 +273,7 @@ def test_packaged_cache_config_serves_what_the_zone_sample_points_at(tmp_path: P
 
 @pytest.mark.skipif(shutil.which("dnsmasq") is None, reason="needs dnsmasq")
 @pytest.mark.timeout(60)
+@pytest.mark.e2e
 def test_packaged_config_and_example_zone_serve(tmp_path: Path) -> None:
     """The shipped dnsoverride.yaml and example zone, run by the real daemon."""
     zones_dir = tmp_path / "zones"

@@ -50,7 +50,7 @@ INTERVAL, TIMEOUT, FALL, RISE = 0.5, 0.5, 2, 1
 WITHDRAW_WINDOW = FALL * (INTERVAL + TIMEOUT) + 1.0
 DNSOVERRIDE = [sys.executable, "-m", "dnsoverride"]
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
 
 @pytest.fixture

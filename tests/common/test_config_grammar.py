@@ -254,6 +254,7 @@ def run_check(*argv: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.e2e
 def test_check_validates_the_registry_config(tmp_path: Path) -> None:
     bad = write(tmp_path, "registry.yaml", "max_size: 0\ntls: {listen: '127.0.0.1:8443'}\n")
     result = run_check("--registry-config", str(bad))
@@ -269,6 +270,7 @@ def test_check_validates_the_registry_config(tmp_path: Path) -> None:
     assert result.stdout.startswith("ok: registry: listen 127.0.0.1:5001, 1 upstreams")
 
 
+@pytest.mark.e2e
 def test_check_with_both_configs_reports_both(tmp_path: Path) -> None:
     zones = tmp_path / "zones"
     zones.mkdir()

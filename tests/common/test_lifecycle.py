@@ -21,7 +21,7 @@ from prometheus_client.registry import CollectorRegistry
 from dnsoverride.common.errors import UserError
 from dnsoverride.common.grammar import Endpoint
 from dnsoverride.common.lifecycle import Admin, Started, run_service
-from tests.support.peers import free_port
+from tests.support.ports import free_port
 
 
 class Recorder:
@@ -85,6 +85,7 @@ async def notifications(
     notify.sock.close()
 
 
+@pytest.mark.e2e
 async def test_hup_reloads_between_reloading_and_ready_and_term_stops(
     notifications: Notifications,
 ) -> None:
@@ -113,6 +114,7 @@ async def test_a_failed_start_still_stops_and_never_says_ready(
         await asyncio.wait_for(notifications.next_with("READY"), 0.3)
 
 
+@pytest.mark.e2e
 async def test_hup_during_start_waits_for_it(notifications: Notifications) -> None:
     """The handlers are in before anything binds, so an early SIGHUP does not kill the
     process; its reload runs once the service has started."""
@@ -130,6 +132,7 @@ async def test_hup_during_start_waits_for_it(notifications: Notifications) -> No
     assert await asyncio.wait_for(running, 5) == 0
 
 
+@pytest.mark.e2e
 async def test_the_admin_listener_outlives_the_drain(notifications: Notifications) -> None:
     port = free_port()
     admin = Admin(Endpoint("127.0.0.1", port), CollectorRegistry(), lambda: True)

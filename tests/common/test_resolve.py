@@ -13,6 +13,7 @@ from dnsoverride.common.errors import UserError
 from dnsoverride.common.loops import listener_owns
 from dnsoverride.common.resolve import UpstreamResolver, refuse_loop
 from tests.support import peers
+from tests.support.ports import free_port
 
 BIG_RRSET = 40  # A records: more than fit a 512-byte UDP reply, so dnsmasq sets TC
 
@@ -32,6 +33,7 @@ def dnsmasq(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, int
         yield (server.host, server.port)
 
 
+@pytest.mark.e2e
 async def test_queries_the_given_servers(dnsmasq: tuple[str, int]) -> None:
     resolver = UpstreamResolver(servers=[dnsmasq])
     results = await resolver.resolve("UP.test", 443, socket.AF_INET)
@@ -50,11 +52,13 @@ async def test_queries_the_given_servers(dnsmasq: tuple[str, int]) -> None:
     assert await resolver.addresses("dual.test", socket.AF_INET6) == ["fd00::10"]
 
 
+@pytest.mark.e2e
 async def test_truncated_answer_is_retried_over_tcp(dnsmasq: tuple[str, int]) -> None:
     addresses = await UpstreamResolver(servers=[dnsmasq]).addresses("big.test", socket.AF_INET)
     assert sorted(addresses) == sorted(f"127.0.1.{i}" for i in range(1, BIG_RRSET + 1))
 
 
+@pytest.mark.e2e
 async def test_nxdomain_and_refused_are_errors(dnsmasq: tuple[str, int]) -> None:
     resolver = UpstreamResolver(servers=[dnsmasq])
     with pytest.raises(OSError, match="no address found"):
@@ -63,8 +67,9 @@ async def test_nxdomain_and_refused_are_errors(dnsmasq: tuple[str, int]) -> None
         await resolver.addresses("elsewhere.test")
 
 
+@pytest.mark.e2e
 async def test_dead_server_is_skipped(dnsmasq: tuple[str, int]) -> None:
-    dead = ("127.0.0.1", peers.free_port())  # nothing listens: ICMP port unreachable
+    dead = ("127.0.0.1", free_port())  # nothing listens: ICMP port unreachable
     resolver = UpstreamResolver(servers=[dead, dnsmasq], timeout=1.0)
     assert await resolver.addresses("up.test", socket.AF_INET) == ["127.0.0.9"]
     with pytest.raises(OSError, match="no resolver answered"):
@@ -78,6 +83,7 @@ async def test_fixed_hosts_win_and_filter_by_family() -> None:
     assert await resolver.addresses("127.0.0.7") == ["127.0.0.7"]
 
 
+@pytest.mark.e2e
 async def test_aiohttp_client_connects_where_the_resolver_says(
     dnsmasq: tuple[str, int],
 ) -> None:
@@ -127,6 +133,7 @@ async def test_no_loop_when_port_or_address_differ() -> None:
     await refuse_loop([("far.test", 443)], [("0.0.0.0", 443)], resolver)
 
 
+@pytest.mark.e2e
 async def test_unresolvable_upstream_is_not_a_loop(dnsmasq: tuple[str, int]) -> None:
     resolver = UpstreamResolver(servers=[dnsmasq])
     await refuse_loop([("nx.test", 443)], [("127.0.0.1", 443)], resolver)

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from dnsoverride.common import systemd
-from tests.support.peers import free_port
+from tests.support.ports import free_port
 
 
 @pytest.fixture
@@ -165,6 +165,7 @@ def test_inherited_sockets_ignores_another_process_fds(monkeypatch: pytest.Monke
     assert "LISTEN_PID" not in os.environ
 
 
+@pytest.mark.e2e
 def test_inherited_sockets_rejects_a_descriptor_that_is_no_socket() -> None:
     # In a child: fd 3 is /dev/null there, and wrapping fds must not touch pytest's own.
     child = textwrap.dedent(
@@ -213,6 +214,7 @@ _CHILD = textwrap.dedent(
 
 @pytest.mark.skipif(shutil.which("systemd-socket-activate") is None, reason="needs systemd")
 @pytest.mark.timeout(30)
+@pytest.mark.e2e
 def test_inherited_sockets_under_systemd_socket_activate(tmp_path: Path) -> None:
     port = free_port()
     address = f"127.0.0.1:{port}"

@@ -93,7 +93,7 @@ class _Oracle(yaml.SafeLoader):
         for key_node, value_node in merged:  # the last merged pair wins, as in PyYAML
             key = self.construct_object(key_node)
             if key not in explicit_keys:
-                key_node.merged = True  # type: ignore[attr-defined]
+                key_node.merged = True
                 last[key] = (key_node, value_node)
         node.value = [*last.values(), *explicit]
 

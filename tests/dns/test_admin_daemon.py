@@ -11,9 +11,13 @@ from pathlib import Path
 import dns.exception
 import pytest
 
-from tests.support.peers import dnsmasq, dnsoverride_serve, free_port, http_status
+from tests.support.peers import dnsmasq, dnsoverride_serve, http_status
+from tests.support.ports import free_port
 
-pytestmark = pytest.mark.skipif(shutil.which("dnsmasq") is None, reason="needs dnsmasq")
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(shutil.which("dnsmasq") is None, reason="needs dnsmasq"),
+]
 
 FORWARDED = "forwarded.test"
 

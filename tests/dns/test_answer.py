@@ -10,6 +10,7 @@ import pytest
 from dnsoverride.dns import answer, relay, wire
 from dnsoverride.dns.cache import AnswerCache, ResponseCache
 from dnsoverride.dns.config import CacheConfig
+from dnsoverride.dns.relay import Question
 from dnsoverride.dns.zones.load import load_zone_set
 from dnsoverride.dns.zones.model import Overrides, ZoneFile
 
@@ -169,7 +170,7 @@ def test_response_cache_clamps_negative_caching_and_stale() -> None:
     cache = ResponseCache(
         CacheConfig(size=2, min_ttl=5, max_ttl=100, negative_max_ttl=50, stale_ttl=60)
     )
-    key = (b"\x01x\x04test\x00", 1, 1, False, False)
+    key = Question(b"\x01x\x04test\x00", 1, 1, False, False)
     assert cache.put(key, upstream_reply(dnslib.RCODE.NOERROR, 1000), now=0) == 100
     assert cache.put(key, upstream_reply(dnslib.RCODE.NOERROR, 1), now=0) == 5
     assert cache.put(key, upstream_reply(dnslib.RCODE.NXDOMAIN, 3600, soa_minimum=20), now=0) == 20
@@ -187,5 +188,5 @@ def test_response_cache_clamps_negative_caching_and_stale() -> None:
     assert cache.get_stale(key, now=71) is None
     for index in range(3):  # LRU bound of 2
         name = f"\x02n{index}\x04test\x00".encode()
-        cache.put((name, 1, 1, False, False), upstream_reply(0, 10), now=0)
+        cache.put(Question(name, 1, 1, False, False), upstream_reply(0, 10), now=0)
     assert len(cache) == 2

@@ -20,7 +20,10 @@ import pytest
 
 from tests.support.dns_load import Probes, flood
 from tests.support.metrics import scrape
-from tests.support.peers import DnsPeer, dnsmasq, dnsoverride_serve, free_port
+from tests.support.peers import DnsPeer, dnsmasq, dnsoverride_serve
+from tests.support.ports import free_port
+
+pytestmark = pytest.mark.e2e
 
 LONG_NAME = b"".join(b"\x3f" + b"a" * 63 for _ in range(5)) + b"\x00"  # 321 octets
 FLOOD_RATE = 10_000  # packets per second

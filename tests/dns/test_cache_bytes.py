@@ -18,9 +18,13 @@ import dns.message
 import dns.name
 import dns.rdatatype
 import dns.rrset
+import pytest
 
 from tests.support.metrics import scrape
-from tests.support.peers import DnsPeer, dnsoverride_serve, free_port, lying_upstream
+from tests.support.peers import DnsPeer, dnsoverride_serve, lying_upstream
+from tests.support.ports import free_port
+
+pytestmark = pytest.mark.e2e
 
 STRINGS = " ".join(['"' + "x" * 255 + '"'] * 230)  # 230 strings: 59,110 bytes of TXT data
 NAMES = 60

@@ -17,6 +17,8 @@ import pytest
 
 from tests.support.peers import DnsPeer, dnsmasq, dnsoverride_serve
 
+pytestmark = pytest.mark.e2e
+
 COOKIE = dns.edns.OptionType.COOKIE
 
 
@@ -36,7 +38,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DnsPeer]:
 def _ask(
     server: DnsPeer, name: str, cookie: bytes | None, *, tcp: bool = False, version: int = 0
 ) -> dns.message.Message:
-    options = [] if cookie is None else [dns.edns.GenericOption(COOKIE, cookie)]
+    options: list[dns.edns.Option] = (
+        [] if cookie is None else [dns.edns.GenericOption(COOKIE, cookie)]
+    )
     query = dns.message.make_query(name, "A", use_edns=version, options=options)
     if tcp:
         return dns.query.tcp(query, server.host, 3, server.port)
@@ -143,7 +147,7 @@ def strict(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DnsPeer]:
 @pytest.mark.parametrize("tcp", [False, True])
 def test_refused_reply_carries_opt_and_cookie(strict: DnsPeer, tcp: bool) -> None:
     client = os.urandom(8)
-    options = [dns.edns.GenericOption(COOKIE, client)]
+    options: list[dns.edns.Option] = [dns.edns.GenericOption(COOKIE, client)]
     for _ in range(2):  # the second time from the client memo, still the fast path
         query = dns.message.make_query("over.example", "A", use_edns=0, options=options)
         send = dns.query.tcp if tcp else dns.query.udp

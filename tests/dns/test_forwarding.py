@@ -18,7 +18,10 @@ import dns.rcode
 import dns.rrset
 import pytest
 
-from tests.support.peers import dnsoverride_serve, free_port
+from tests.support.peers import dnsoverride_serve
+from tests.support.ports import free_port
+
+pytestmark = pytest.mark.e2e
 
 CLIENTS = 10
 

@@ -34,7 +34,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.dns_load import Probes, rss_kib
-from tests.support.peers import DnsPeer, dnsmasq, dnsoverride_serve, free_port
+from tests.support.peers import DnsPeer, dnsmasq, dnsoverride_serve
+from tests.support.ports import free_port
+
+pytestmark = pytest.mark.e2e
 
 UDP_PACKETS = 1_000_000
 TCP_FRAMES = 10_000
@@ -61,7 +64,10 @@ def _corpus() -> list[bytes]:
         )
         corpus.append(cookie.to_wire())
         padded = dns.message.make_query(
-            name, "A", use_edns=0, options=[dns.edns.GenericOption(12, bytes(40))]
+            name,
+            "A",
+            use_edns=0,
+            options=[dns.edns.GenericOption(dns.edns.OptionType.PADDING, bytes(40))],
         )
         corpus.append(padded.to_wire())
         response = dns.message.make_response(dns.message.make_query(name, "A"))

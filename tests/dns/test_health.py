@@ -40,8 +40,13 @@ class TlsServer:
         self.hosts: list[str] = []
         self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         self.context.load_cert_chain(cert, key)
-        self.context.sni_callback = lambda sock, name, ctx: self.sni.append(name)  # type: ignore[assignment,misc,func-returns-value]
+        self.context.sni_callback = self._record_sni
         self._runner: web.AppRunner | None = None
+
+    def _record_sni(
+        self, sock: ssl.SSLObject | ssl.SSLSocket, name: str | None, context: ssl.SSLContext
+    ) -> None:
+        self.sni.append(name)
 
     async def _v2(self, request: web.Request) -> web.Response:
         self.hosts.append(request.host)

@@ -17,7 +17,8 @@ from pathlib import Path
 import dns.rdatatype
 import pytest
 
-from tests.support.peers import DnsPeer, dnsmasq, dnsoverride_serve, free_port
+from tests.support.peers import DnsPeer, dnsmasq, dnsoverride_serve
+from tests.support.ports import free_port
 from tests.support.waits import poll
 
 NAME = "gated.test"
@@ -27,7 +28,7 @@ REAL = "192.0.2.44"
 INTERVAL, FALL, RISE = 0.2, 2, 2
 WINDOW = FALL * (INTERVAL * 2) + 2.0  # FALL rounds of at most timeout + interval, plus slack
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(60)]
 
 
 def zone(port: int, health: bool = True) -> str:

@@ -7,14 +7,18 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.dns_load import flood
-from tests.support.metrics import scrape
-from tests.support.peers import dnsmasq, dnsoverride_serve, free_port
+from tests.support.metrics import Samples, scrape
+from tests.support.peers import dnsmasq, dnsoverride_serve
+from tests.support.ports import free_port
+
+pytestmark = pytest.mark.e2e
 
 
-def queries(samples: dict, source: str, qtype: str = "A", rcode: str = "NOERROR") -> float:
+def queries(samples: Samples, source: str, qtype: str = "A", rcode: str = "NOERROR") -> float:
     key = (
         "dnsoverride_dns_queries_total",
         (("qtype", qtype), ("rcode", rcode), ("source", source), ("view", "default")),

@@ -27,7 +27,8 @@ from dnsoverride.dns.config import RateLimitConfig
 from tests.support.dns_load import burst
 from tests.support.edits import save
 from tests.support.metrics import scrape
-from tests.support.peers import DnsPeer, dnsmasq, dnsoverride_serve, events, free_port
+from tests.support.peers import DnsPeer, dnsmasq, dnsoverride_serve, events
+from tests.support.ports import free_port
 from tests.support.waits import RELOAD_DEADLINE, poll
 
 RATE = 100
@@ -61,6 +62,7 @@ def limited_config(rate: int = RATE, slip: int = 2) -> str:
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.e2e
 def test_a_burst_from_one_prefix_is_limited_and_amplification_bounded(
     tmp_path: Path, zones: Path, upstream: DnsPeer
 ) -> None:
@@ -100,6 +102,7 @@ def test_a_burst_from_one_prefix_is_limited_and_amplification_bounded(
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.e2e
 def test_tcp_cookies_and_stub_retries_are_answered_over_the_limit(
     tmp_path: Path, zones: Path, upstream: DnsPeer
 ) -> None:
@@ -137,6 +140,7 @@ def test_tcp_cookies_and_stub_retries_are_answered_over_the_limit(
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.e2e
 def test_the_limit_reloads_with_the_config(tmp_path: Path, zones: Path, upstream: DnsPeer) -> None:
     with dnsoverride_serve(
         tmp_path, zones, [upstream.address], config=limited_config(rate=10)

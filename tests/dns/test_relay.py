@@ -70,6 +70,7 @@ def _bad_pointers(query: bytes, _tcp: bool) -> bytes | None:
 
 
 @pytest.mark.parametrize("lying", [_bad_pointers], indirect=True)
+@pytest.mark.e2e
 def test_replies_a_client_cannot_read_are_not_relayed(tmp_path: Path, lying: LyingUpstream) -> None:
     """Compression pointers that loop, point forward or into the header: the relay checked
     only that each owner's first pointer points back, so it relayed (and cached) replies
@@ -170,6 +171,7 @@ def _ttls_seen(server: DnsPeer, name: str) -> list[int]:
 
 
 @pytest.mark.parametrize("lying", [_ttls], indirect=True)
+@pytest.mark.e2e
 def test_ttls_over_the_bounds_never_reach_a_client(tmp_path: Path, lying: LyingUpstream) -> None:
     """RFC 2181 section 8: a TTL with the high bit set counts as 0. It was cached for a day
     (`cache.max_ttl`) and sent on as it came, then as 2,147,483,646 from the answer cache
@@ -204,6 +206,7 @@ def _with_strangers(query: bytes, _tcp: bool) -> bytes:
 
 
 @pytest.mark.parametrize("lying", [_with_strangers], indirect=True)
+@pytest.mark.e2e
 def test_an_override_cname_answer_carries_only_its_chain(
     tmp_path: Path, lying: LyingUpstream
 ) -> None:

@@ -18,10 +18,11 @@ import dns.exception
 import pytest
 
 from tests.support.edits import save, zone_text
-from tests.support.peers import DnsPeer, dnsmasq, dnsoverride_serve, events, free_port, running
+from tests.support.peers import DnsPeer, dnsmasq, dnsoverride_serve, events, running
+from tests.support.ports import free_port
 from tests.support.waits import RELOAD_DEADLINE, poll
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(60)]
 
 CI = "127.0.0.2"
 OTHER = "127.0.0.1"
@@ -257,10 +258,14 @@ def test_config_and_zones_swapped_together_never_mix(tmp_path: Path, upstream: D
                 if gen:
                     publish(conf, gen)
                 # Both clients see this generation before the next one is published.
-                poll(
-                    lambda gen=gen: all(
+
+                def served(gen: int = gen) -> bool:
+                    return all(
                         seen_by[c] and seen_by[c][-1] == expected_answer(gen, c) for c in CLIENTS
-                    ),
+                    )
+
+                poll(
+                    served,
                     RELOAD_DEADLINE * 3,
                     f"generation {gen} served",
                 )

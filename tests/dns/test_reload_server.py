@@ -24,10 +24,11 @@ import dns.rdatatype
 import pytest
 
 from tests.support.edits import BROKEN, configmap, write_unseen, zone_text
-from tests.support.peers import DnsPeer, dnsmasq, dnsoverride_serve, events, free_port
+from tests.support.peers import DnsPeer, dnsmasq, dnsoverride_serve, events
+from tests.support.ports import free_port
 from tests.support.waits import RELOAD_DEADLINE, poll
 
-pytestmark = pytest.mark.timeout(90)
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(90)]
 
 
 @pytest.fixture

@@ -27,7 +27,7 @@ from dnsoverride.dns.zones.model import ZoneSet, ZoneSetError
 from tests.support.edits import BROKEN, configmap, write_unseen, zone_text
 from tests.support.transparent_certs import make_ca
 
-pytestmark = pytest.mark.timeout(30)
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(30)]
 
 
 def addresses(zone_set: ZoneSet, name: str) -> tuple[str, ...] | None:

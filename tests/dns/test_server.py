@@ -20,7 +20,10 @@ import dns.rcode
 import dns.rdatatype
 import pytest
 
-from tests.support.peers import DnsPeer, dnsmasq, dnsoverride_serve, free_port, unbound
+from tests.support.peers import DnsPeer, dnsmasq, dnsoverride_serve, unbound
+from tests.support.ports import free_port
+
+pytestmark = pytest.mark.e2e
 
 ZONE = """\
 ttl: 60

@@ -31,7 +31,10 @@ import pytest
 
 from dnsoverride.dns.forwarder import UNWANTED_LIMIT
 from tests.support.metrics import scrape
-from tests.support.peers import DnsPeer, dnsmasq, dnsoverride_serve, free_port
+from tests.support.peers import DnsPeer, dnsmasq, dnsoverride_serve
+from tests.support.ports import free_port
+
+pytestmark = pytest.mark.e2e
 
 TRIES = 4
 POISON = "6.6.6.6"
@@ -63,7 +66,7 @@ def _forwarding_ports(pid: int, upstream_port: int) -> set[int]:
 def _checksum(data: bytes) -> int:
     if len(data) % 2:
         data += b"\x00"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    total: int = sum(struct.unpack(f"!{len(data) // 2}H", data))
     while total >> 16:
         total = (total & 0xFFFF) + (total >> 16)
     return ~total & 0xFFFF

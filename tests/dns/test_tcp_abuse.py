@@ -22,6 +22,8 @@ import pytest
 from tests.support.dns_load import Probes, non_readers, press, rss_kib
 from tests.support.peers import dnsmasq, dnsoverride_serve
 
+pytestmark = pytest.mark.e2e
+
 CLIENTS = 300
 IDLE_TIMEOUT = 2.0
 STRINGS = 16  # TXT strings of 250 octets: a ~4 KB answer per query

@@ -22,10 +22,14 @@ from dnsoverride.common.grammar import RESOLVER, parse_endpoint
 from dnsoverride.dns import forwarder, wire
 from dnsoverride.dns.config import ProbeConfig
 from dnsoverride.dns.forwarder import DEMOTE_AFTER
+from dnsoverride.dns.relay import Question
 from dnsoverride.dns.stats import DnsStats
 from tests.support.metrics import scrape
-from tests.support.peers import dnsmasq, dnsoverride_serve, free_port, http_status, lying_upstream
+from tests.support.peers import dnsmasq, dnsoverride_serve, http_status, lying_upstream
+from tests.support.ports import free_port
 from tests.support.waits import poll
+
+pytestmark = pytest.mark.e2e
 
 ATTEMPT_TIMEOUT = 0.8  # the default `attempt_timeout`
 PROBE_INTERVAL = ProbeConfig().interval
@@ -280,7 +284,7 @@ async def test_a_demoted_upstream_is_tried_first_again_after_the_demotion(
         )
 
         async def first_address(name: str) -> str:
-            reply = await ask.resolve((wire.encode_name(name), 1, 1, False, False))
+            reply = await ask.resolve(Question(wire.encode_name(name), 1, 1, False, False))
             (rrset,) = dns.message.from_wire(reply.wire).answer
             return str(rrset[0])
 

@@ -233,8 +233,9 @@ def press(
     started = time.monotonic()
     while len(closed) < len(clients) and time.monotonic() - started < seconds:
         for key, _ in selector.select(timeout=0.1):
-            sock = key.fileobj
-            assert isinstance(sock, socket.socket)
+            ready = key.fileobj
+            assert isinstance(ready, socket.socket)
+            sock = ready
             try:
                 sock.send(payload)
             except BlockingIOError:

@@ -124,7 +124,7 @@ class Netns:
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
                 if process.poll() is not None:
-                    raise RuntimeError(f"{process.args} exited with {process.returncode}")
+                    raise RuntimeError(f"{process.args!r} exited with {process.returncode}")
                 with (
                     contextlib.suppress(OSError),
                     socket.create_connection((host, port), timeout=0.2),

@@ -19,17 +19,18 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import dns.exception
 import pytest
 
-from tests.support.peers import DnsPeer, dnsmasq, dnsoverride_serve, free_port, memory_mb
+from tests.support.peers import DnsPeer, dnsmasq, dnsoverride_serve, memory_mb
+from tests.support.ports import free_port
 from tests.support.yaml_bombs import laughs_through_redefined_anchors
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
 
 def deep(levels: int, *, anchor: bool) -> str:
@@ -245,7 +246,7 @@ def log_events(server: DnsPeer, name: str) -> list[dict[str, object]]:
 
 
 # What is saved (into a new zone file, or over the running config) and the line blamed.
-HOSTILE = {
+HOSTILE: dict[str, tuple[str, Callable[[], str], int]] = {
     "deep": ("zone", lambda: deep(100_000, anchor=True), 3),
     "laughs": ("zone", lambda: laughs_zone(9), 8),
     "laughs in allow": ("config", lambda: "reload_interval: 0.3\n" + laughs_allow(9), 8),

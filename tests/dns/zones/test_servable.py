@@ -58,6 +58,7 @@ def chain(length: int, *, end: str = "end.test") -> str:
     return "\n".join(lines) + "\n"
 
 
+@pytest.mark.e2e
 def test_check_reports_each_unservable_zone_at_its_line(tmp_path: Path) -> None:
     """The four cases of the issue through `dnsoverride check`: exit 0 ("ok") before."""
     zone_dir = tmp_path / "zones"
@@ -207,6 +208,7 @@ def upstream(tmp_path: Path) -> Iterator[DnsPeer]:
         yield peer
 
 
+@pytest.mark.e2e
 def test_a_real_server_answers_the_largest_accepted_records_over_tcp(
     tmp_path: Path, upstream: DnsPeer
 ) -> None:

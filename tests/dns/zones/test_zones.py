@@ -18,6 +18,7 @@ from dnsoverride.dns.zones import workers
 from dnsoverride.dns.zones.live import LiveZones
 from dnsoverride.dns.zones.load import ZoneFileCache, load_zone_set
 from dnsoverride.dns.zones.model import ZoneSetError
+from dnsoverride.dns.zones.parse import Parts
 
 MINIMAL = """\
 ttl: 60                      # optional default TTL for this file
@@ -327,6 +328,7 @@ def dnsoverride_check(config: Path, zones: Path) -> subprocess.CompletedProcess[
     )
 
 
+@pytest.mark.e2e
 def test_check_command_prints_problems_and_exits_1(tmp_path: Path) -> None:
     write(tmp_path, "bad.yaml", "records:\n  a.example:\n    A: 300.1.1.1\n")
     config = tmp_path.parent / f"{tmp_path.name}-config.yaml"
@@ -366,6 +368,7 @@ def big_set(directory: Path) -> None:
     write(directory, "c.yaml", "records:\n  bad.test: {A: 10.0.0.300}\n  ok.test: {A: 10.0.0.4}\n")
 
 
+@pytest.mark.e2e
 def test_worker_processes_parse_exactly_what_this_process_parses(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -375,7 +378,12 @@ def test_worker_processes_parse_exactly_what_this_process_parses(
     monkeypatch.setattr(workers, "PARALLEL_MIN_BYTES", 0)
     calls: list[int] = []
     real = workers._in_worker
-    monkeypatch.setattr(workers, "_in_worker", lambda jobs: calls.append(len(jobs)) or real(jobs))
+
+    def counted(jobs: list[tuple[Path, bytes]]) -> list[Parts]:
+        calls.append(len(jobs))
+        return real(jobs)
+
+    monkeypatch.setattr(workers, "_in_worker", counted)
     with pytest.raises(ZoneSetError) as shared:
         load_zone_set(tmp_path)
     assert sorted(calls) == [1, 2]  # three files over two workers, biggest alone
@@ -391,6 +399,7 @@ def test_worker_processes_parse_exactly_what_this_process_parses(
     assert parallel.files[1].cnames == ("alias.test",)
 
 
+@pytest.mark.e2e
 def test_a_failing_worker_is_logged_and_its_files_parsed_here(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -406,6 +415,7 @@ def test_a_failing_worker_is_logged_and_its_files_parsed_here(
     assert "exit status 1: no workers here" in failures[0]["reason"]
 
 
+@pytest.mark.e2e
 def test_workers_never_import_from_the_working_directory(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -433,6 +443,7 @@ def test_workers_never_import_from_the_working_directory(
     assert not [event for event in logs if event["event"] == "zone_parse_worker_failed"]
 
 
+@pytest.mark.e2e
 def test_zone_file_names_that_are_not_readable_files_are_problems(tmp_path: Path) -> None:
     """A `*.yaml` entry that is a dangling symlink (its target moved), a symlink loop, a
     FIFO or a directory was skipped without a word: `check` said ok and a reload dropped
@@ -470,6 +481,7 @@ def test_zone_file_names_that_are_not_readable_files_are_problems(tmp_path: Path
         "import pickle, sys; pickle.dump(None, sys.stdout.buffer)",  # a pickle, not results
     ],
 )
+@pytest.mark.e2e
 def test_a_worker_that_exits_0_with_garbage_is_logged_and_its_files_parsed_here(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, worker: str
 ) -> None:
@@ -487,6 +499,7 @@ def test_a_worker_that_exits_0_with_garbage_is_logged_and_its_files_parsed_here(
     assert len([e for e in logs if e["event"] == "zone_parse_worker_failed"]) == 2
 
 
+@pytest.mark.e2e
 def test_a_zone_file_name_that_is_not_utf8_is_read_like_any_other(tmp_path: Path) -> None:
     """A file named in Latin-1 (`café.yaml` copied from an old host: b'caf\\xe9.yaml'): the
     set's digest and the reload fingerprint encoded the name as UTF-8 and raised, so
