@@ -50,7 +50,7 @@ import structlog
 from dnsoverride.common.grammar import Endpoint
 from dnsoverride.common.resolve import exchange_tcp
 from dnsoverride.dns import relay, wire
-from dnsoverride.dns.config import ForwardConfig, ProbeConfig
+from dnsoverride.dns.config import ForwardConfig, ProbeConfig, ServeConfig
 from dnsoverride.dns.constants import CLASS_IN, REFUSED, SERVFAIL
 from dnsoverride.dns.logthrottle import ThrottledLog
 from dnsoverride.dns.relay import Question
@@ -143,6 +143,20 @@ class Forwarder:
         # on Python 3.11, five times a forwarded query.
         self._loop = asyncio.get_running_loop()
         self._watcher = SocketWatcher(self._loop)
+
+    @classmethod
+    def for_config(cls, config: ServeConfig, stats: DnsStats) -> Forwarder:
+        """The forwarder `serve` runs with `config`'s upstreams, timeouts and probes."""
+        return cls(
+            config.upstreams,
+            config.timeout,
+            config.attempt_timeout,
+            config.edns_udp_size,
+            stats,
+            probe=config.probe,
+            failure_log_interval=config.failure_log_interval,
+            forward=config.forward,
+        )
 
     def answering(self) -> bool:
         """Whether at least one upstream is answering (readiness)."""

@@ -58,47 +58,58 @@ async def registry() -> AsyncIterator[_Registry]:
     await runner.cleanup()
 
 
-async def test_a_token_is_reused_until_10_s_before_it_expires(registry: _Registry) -> None:
-    now = [1000.0]
-    upstream = Upstream(
-        UpstreamConfig("test", registry.url), Timeouts(), Stats(), clock=lambda: now[0]
-    )
-    try:
+class _Clock:
+    """Seconds that pass only when the test says so."""
 
-        async def status() -> int:
-            response = await upstream.request("GET", "team/private", "tags/list")
-            response.release()
-            return response.status
+    def __init__(self) -> None:
+        self.now = 1000.0
 
-        assert await status() == 200
-        assert registry.issued == 1
-        now[0] += LIFETIME - 10 - 0.1  # still good: reused
-        assert await status() == 200
-        assert registry.issued == 1
-        now[0] += 0.1  # 10 s before it expires: a new one
-        assert await status() == 200
-        assert registry.issued == 2
-        assert await status() == 200
-        assert registry.issued == 2
-    finally:
-        await upstream.close()
+    def __call__(self) -> float:
+        return self.now
 
 
-async def test_retry_after_holds_the_repository_off_for_its_seconds(registry: _Registry) -> None:
-    now = [1000.0]
-    upstream = Upstream(
-        UpstreamConfig("test", registry.url), Timeouts(), Stats(), clock=lambda: now[0]
-    )
-    try:
-        with pytest.raises(UpstreamUnavailableError) as first:
-            await upstream.request("GET", "busy/app", "tags/list")
-        assert first.value.status == 429
-        now[0] += 29.9
-        with pytest.raises(UpstreamUnavailableError, match="not asked again for 0 s"):
-            await upstream.request("GET", "busy/app", "tags/list")
-        now[0] += 0.1  # over: asked again (and 429 again)
-        with pytest.raises(UpstreamUnavailableError, match="HTTP 429") as again:
-            await upstream.request("GET", "busy/app", "tags/list")
-        assert "not asked again" not in str(again.value)
-    finally:
-        await upstream.close()
+@pytest.fixture
+def clock() -> _Clock:
+    return _Clock()
+
+
+@pytest.fixture
+async def upstream(registry: _Registry, clock: _Clock) -> AsyncIterator[Upstream]:
+    client = Upstream(UpstreamConfig("test", registry.url), Timeouts(), Stats(), clock=clock)
+    yield client
+    await client.close()
+
+
+async def test_a_token_is_reused_until_10_s_before_it_expires(
+    registry: _Registry, upstream: Upstream, clock: _Clock
+) -> None:
+    async def status() -> int:
+        response = await upstream.request("GET", "team/private", "tags/list")
+        response.release()
+        return response.status
+
+    assert await status() == 200
+    assert registry.issued == 1
+    clock.now += LIFETIME - 10 - 0.1  # still good: reused
+    assert await status() == 200
+    assert registry.issued == 1
+    clock.now += 0.1  # 10 s before it expires: a new one
+    assert await status() == 200
+    assert registry.issued == 2
+    assert await status() == 200
+    assert registry.issued == 2
+
+
+async def test_retry_after_holds_the_repository_off_for_its_seconds(
+    upstream: Upstream, clock: _Clock
+) -> None:
+    with pytest.raises(UpstreamUnavailableError) as first:
+        await upstream.request("GET", "busy/app", "tags/list")
+    assert first.value.status == 429
+    clock.now += 29.9
+    with pytest.raises(UpstreamUnavailableError, match="not asked again for 0 s"):
+        await upstream.request("GET", "busy/app", "tags/list")
+    clock.now += 0.1  # over: asked again (and 429 again)
+    with pytest.raises(UpstreamUnavailableError, match="HTTP 429") as again:
+        await upstream.request("GET", "busy/app", "tags/list")
+    assert "not asked again" not in str(again.value)

@@ -66,15 +66,7 @@ async def test_answers_age_expire_and_go_stale_on_the_injected_clock(tmp_path: P
         config = load_config(None, ServeFlags(upstream=(peer.address,)))
         zone_set = load_zone_set(tmp_path)
         stats = DnsStats()
-        forwarder = Forwarder(
-            config.upstreams,
-            config.timeout,
-            config.attempt_timeout,
-            config.edns_udp_size,
-            stats,
-            probe=config.probe,
-            failure_log_interval=config.failure_log_interval,
-        )
+        forwarder = Forwarder.for_config(config, stats)
         resolver = Resolver(config, LiveZones(zone_set), forwarder, stats, clock=lambda: now[0])
         resolver.route(Routing(config, zone_set))
 
