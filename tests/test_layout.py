@@ -173,17 +173,19 @@ def test_test_modules_import_shared_code_one_way() -> None:
     wrong = []
     for path in sorted(TESTS.rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            names = []
             if isinstance(node, ast.ImportFrom) and node.module and not node.level:
                 names = [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
             elif isinstance(node, ast.Import):
                 names = [alias.name for alias in node.names]
+            else:
+                continue
+            where = f"{path.relative_to(TESTS)}:{node.lineno}"
             for name in names:
                 first, _, rest = name.partition(".")
                 if first == "tests" and rest and not rest.startswith("support"):
-                    wrong.append(f"{path.relative_to(TESTS)}:{node.lineno}: {name}")
+                    wrong.append(f"{where}: {name}")
                 elif first in local:
-                    wrong.append(f"{path.relative_to(TESTS)}:{node.lineno}: bare {name}")
+                    wrong.append(f"{where}: bare {name}")
     assert wrong == []
     # Only the whole-tree check sits at the top; every other test is in its package's dir.
     top = {path.name for path in TESTS.glob("*.py")}
