@@ -54,8 +54,8 @@ import dns.edns  # after the sys.path line
 import dns.message
 import dns.query
 
-from tests.dns_load import burst, non_readers, press, rss_kib
-from tests.peers import DnsPeer, dnsmasq, dnsoverride_serve, unbound
+from tests.support.dns_load import burst, non_readers, press, rss_kib
+from tests.support.peers import DnsPeer, dnsmasq, dnsoverride_serve, unbound
 
 NAMES = 100
 COLD_NAMES = 400_000  # more than any server answers in one run

@@ -118,7 +118,12 @@ class Resolver:
         forwarder: Forwarder,
         stats: DnsStats,
         cookie_secret: bytes | None = None,
+        clock: Callable[[], float] | None = None,
     ) -> None:
+        """`cookie_secret` signs server cookies (shared by every worker; a fresh one
+        unless given). `clock` tells the caches', the cookies' and the rate limit's time,
+        in seconds: the event loop's monotonic clock unless given (tests age cached
+        answers with their own)."""
         self.zones = zones
         self.forwarder = forwarder
         self.stats = stats
@@ -136,6 +141,7 @@ class Resolver:
         self._unlimited: set[str] = set()  # clients the rate limit never applies to
         self._answering: dict[tuple[int, bytes], asyncio.Future[None]] = {}
         self._loop = asyncio.get_running_loop()
+        self._now = clock or self._loop.time
         self.cookies = Cookies(cookie_secret)
         self._keys = wire.QueryKeys(self._udp_size)
         self._malformed_log = ThrottledLog("query_malformed", config.failure_log_interval)
@@ -179,7 +185,7 @@ class Resolver:
         index = self._clients.get(host)
         if index is None:
             index = self._classify(host)
-        now = self._loop.time()
+        now = self._now()
         reply = self._hit(data, known, host, index, now, tcp=tcp)
         if reply is None or tcp or host in self._unlimited:
             return reply
@@ -251,7 +257,7 @@ class Resolver:
             reply = wire.error_reply(data, SERVFAIL)
         if reply is None or tcp:
             return reply
-        return self._rate_limited(reply, data, known, host, self._loop.time()) or None
+        return self._rate_limited(reply, data, known, host, self._now()) or None
 
     async def _resolve(
         self, data: bytes, known: wire.QueryKey | None, host: str, tcp: bool
@@ -267,7 +273,7 @@ class Resolver:
         first = self._answering.get(herd)
         if first is not None:
             await asyncio.shield(first)
-        reply = self._hit(data, known, host, index, self._loop.time(), tcp=tcp)
+        reply = self._hit(data, known, host, index, self._now(), tcp=tcp)
         if reply is not None:
             return reply
         done = self._loop.create_future()
@@ -402,7 +408,7 @@ class Resolver:
                 known.tcp if tcp else known.udp,
                 packed,
                 generation=generation,
-                now=self._loop.time(),
+                now=self._now(),
                 ttl=outcome.cache_for,
                 counter=self.stats.cell((view.name, qtype_name, rcode_name, hit_source)),
                 age_ttls=outcome.ages,
@@ -417,7 +423,7 @@ class Resolver:
         """Our COOKIE option for the reply, when the client sent a (well-formed) cookie."""
         if edns is None or not edns.cookie:
             return []
-        option = self.cookies.reply_option(edns.cookie, host, self._loop.time())
+        option = self.cookies.reply_option(edns.cookie, host, self._now())
         return [dnslib.EDNSOption(COOKIE, option)]
 
     async def _answer(
@@ -497,7 +503,7 @@ class Resolver:
 
     async def _forwarded(self, question: Question) -> tuple[relay.Reply, float, str]:
         """(upstream answer, seconds it may be reused, source) from cache, upstream or stale."""
-        cached = self.responses.get(question, self._loop.time())
+        cached = self.responses.get(question, self._now())
         if cached is not None:
             return cached[0], cached[1], "cache"
         if not self.forwarder.answering():
@@ -505,14 +511,14 @@ class Resolver:
             # than after the whole timeout budget. The upstreams are still asked, in the
             # background (and probed), so answers come back as soon as one recovers.
             self.forwarder.refresh(question, self._store)
-            stale = self.responses.get_stale(question, self._loop.time())
+            stale = self.responses.get_stale(question, self._now())
             if stale is None:
                 raise UpstreamFailedError(wire.name_text(question[0]))
             return stale, self._stale_reuse, "stale"
         try:
             reply = await self.forwarder.resolve(question)
         except UpstreamFailedError:
-            stale = self.responses.get_stale(question, self._loop.time())
+            stale = self.responses.get_stale(question, self._now())
             if stale is None:
                 raise  # logged by the forwarder, rate-limited per upstream
             return stale, self._stale_reuse, "stale"
@@ -524,7 +530,7 @@ class Resolver:
         return reply, ttl, "upstream"
 
     def _store(self, question: Question, reply: relay.Reply) -> int:
-        return self.responses.put(question, reply, self._loop.time())
+        return self.responses.put(question, reply, self._now())
 
 
 def _display(qname: bytes) -> str:
