@@ -234,7 +234,7 @@ class DnsService:
         self._zones = zones = LiveZones(zone_set)
         stats = DnsStats()
         forwarder = Forwarder.for_config(config, stats)
-        resolver = Resolver(config, zones, forwarder, stats, self._cookie_secret)
+        resolver = Resolver(config, zones, forwarder, stats, cookie_secret=self._cookie_secret)
         resolver.route(routing)  # the views the first load was validated with
         registry = self._registry
         registry.register(

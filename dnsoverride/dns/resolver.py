@@ -117,6 +117,7 @@ class Resolver:
         zones: LiveZones,
         forwarder: Forwarder,
         stats: DnsStats,
+        *,
         cookie_secret: bytes | None = None,
         clock: Callable[[], float] | None = None,
     ) -> None:
