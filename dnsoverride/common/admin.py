@@ -1,14 +1,17 @@
 """The admin HTTP listener each daemon runs beside its service port.
 
-Owns three endpoints and nothing else: `/metrics` (Prometheus exposition of the
-daemon's own CollectorRegistry), `/healthz` (the process answers) and `/readyz`
-(the daemon's `ready()` says it can do its job). It is a separate listener so that
-metrics never share a port, an ACL or a TLS setup with DNS or registry clients.
+Owns `/metrics` (Prometheus exposition of the daemon's own CollectorRegistry), `/healthz`
+(the process answers), `/readyz` (the daemon's `ready()` says it can do its job), and
+the daemon's read-only JSON endpoints (`/status`, DNS's `/explain`: `JsonEndpoint`s, what
+`dnsoverride status` and `explain --live` read). It is a separate listener so that
+metrics and state never share a port, an ACL or a TLS setup with DNS or registry clients.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import json
+import os
+from collections.abc import Awaitable, Callable, Mapping
 
 import structlog
 from aiohttp import web
@@ -17,6 +20,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from dnsoverride.common.errors import UserError
 
 log = structlog.get_logger(__name__)
+
+# A read-only JSON endpoint: the request's query parameters -> a JSON-able value.
+# ValueError is the caller's mistake (400, its message as `error`).
+JsonEndpoint = Callable[[Mapping[str, str]], object]
 
 
 class AdminServer:
@@ -38,6 +45,7 @@ def _build_app(
     registry: CollectorRegistry,
     ready: Callable[[], bool],
     why_not_ready: Callable[[], str | None] | None = None,
+    endpoints: Mapping[str, JsonEndpoint] | None = None,
 ) -> web.Application:
     async def metrics(_: web.Request) -> web.Response:
         return web.Response(
@@ -57,7 +65,26 @@ def _build_app(
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    for path, endpoint in (endpoints or {}).items():
+        app.router.add_get(path, _json_handler(endpoint))
     return app
+
+
+def _json_handler(endpoint: JsonEndpoint) -> Callable[[web.Request], Awaitable[web.Response]]:
+    async def handle(request: web.Request) -> web.Response:
+        try:
+            body = endpoint(request.query)
+        except ValueError as error:
+            return _json({"error": str(error)}, status=400)
+        return _json(body)
+
+    return handle
+
+
+def _json(body: object, status: int = 200) -> web.Response:
+    return web.Response(
+        text=json.dumps(body, indent=1) + "\n", status=status, content_type="application/json"
+    )
 
 
 async def start_admin(
@@ -66,22 +93,29 @@ async def start_admin(
     registry: CollectorRegistry,
     ready: Callable[[], bool],
     why_not_ready: Callable[[], str | None] | None = None,
+    *,
+    endpoints: Mapping[str, JsonEndpoint] | None = None,
 ) -> AdminServer:
     """Serve /metrics, /healthz and /readyz on host:port until `close()`.
 
-    `why_not_ready`, when given, puts the reason into the body of a 503 from /readyz.
+    `why_not_ready`, when given, puts the reason into the body of a 503 from /readyz;
+    `endpoints` adds read-only JSON endpoints by path.
 
     Raises UserError when the address cannot be bound (port in use, bad host).
     """
     # Scrapes every few seconds would drown the daemon's own events in access logs.
-    runner = web.AppRunner(_build_app(registry, ready, why_not_ready), access_log=None)
+    app = _build_app(registry, ready, why_not_ready, endpoints)
+    runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     try:
         await site.start()
     except OSError as error:
         await runner.cleanup()
-        raise UserError(f"admin listener {host}:{port}: {error.strerror or error}") from error
+        # aiohttp's message repeats the address and the errno text ("error while attempting
+        # to bind on address (...): address already in use"); the errno's own is enough.
+        reason = os.strerror(error.errno) if error.errno else str(error)
+        raise UserError(f"admin listener {host}:{port}: {reason}") from error
     server = AdminServer(runner)
     log.info("admin_listening", host=host, port=server.port)
     return server

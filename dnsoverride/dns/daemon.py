@@ -31,8 +31,10 @@ from dnsoverride.dns.listener import READ_LIMIT, TcpListener, UdpListener
 from dnsoverride.dns.reload import ServeStart, serve_reloader, serve_start
 from dnsoverride.dns.resolver import Resolver
 from dnsoverride.dns.stats import DnsCollector, DnsStats
+from dnsoverride.dns.status import DnsState
 from dnsoverride.dns.views import Routing
 from dnsoverride.dns.zones.live import LiveZones
+from dnsoverride.dns.zones.load import empty_reason
 
 log = structlog.get_logger(__name__)
 
@@ -225,10 +227,26 @@ class DnsService:
             upstreams=[str(u) for u in config.upstreams],
             views=[view.name for view in config.views],
         )
+        if not zone_set.files:
+            log.warning(
+                "zones_empty", directory=str(config.zones), reason=empty_reason(config.zones)
+            )
         status = f"serving {zone_set.name_count()} names on {', '.join(bound.names)}"
         admin = None
         if config.metrics is not None:
-            admin = Admin(config.metrics, registry, forwarder.answering)
+            reloader = self._reloader
+            state = DnsState(
+                config,
+                bound.names,
+                zones,
+                lambda: reloader.current,
+                self._start.stats,
+                health,
+                stats,
+                {"answer": resolver.answers, "response": resolver.responses},
+            )
+            endpoints = {"/status": state.status, "/explain": state.explain}
+            admin = Admin(config.metrics, registry, forwarder.answering, endpoints=endpoints)
         return Started(status, admin)
 
     async def reload(self) -> str:
