@@ -15,6 +15,10 @@ from typing import Any
 
 from dnsoverride import adminclient
 from dnsoverride.common.errors import UserError
+from dnsoverride.dns.config import ServeFlags, load_config
+from dnsoverride.dns.explain import explain
+from dnsoverride.dns.views import Routing
+from dnsoverride.dns.zones.load import load_zone_set
 from dnsoverride.report import Report, Section, render
 
 
@@ -22,11 +26,6 @@ def from_files(
     config: Path | None, zones: str | None, name: str, qtype: str, client: str | None
 ) -> dict[str, object]:
     """The explanation from the config and zone files, as `check` reads them."""
-    from dnsoverride.dns.config import ServeFlags, load_config
-    from dnsoverride.dns.explain import explain
-    from dnsoverride.dns.views import Routing
-    from dnsoverride.dns.zones.load import load_zone_set
-
     serve = load_config(config, ServeFlags(zones=zones))
     routing = Routing(serve, load_zone_set(serve.zones, serve.view_selectors()))
     upstreams = [str(upstream) for upstream in serve.upstreams]

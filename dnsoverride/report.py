@@ -11,6 +11,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TextIO
 
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
 Row = tuple[str, ...]
 
 
@@ -63,10 +67,6 @@ def plain(reports: list[Report]) -> str:
 
 
 def _rich(reports: list[Report], out: TextIO) -> None:
-    from rich.console import Console
-    from rich.table import Table
-    from rich.text import Text
-
     console = Console(file=out, highlight=False)
     for report in reports:
         style = "bold green" if report.ok else "bold red"

@@ -121,7 +121,7 @@ def dns_report(admin: str, doc: Mapping[str, Any]) -> Report:
             )
         )
     ok = not failed and all(u["up"] for u in doc["upstreams"])
-    headline = f"DNS server {doc['version']}, pid {doc['pid']}, up {_duration(doc)}"
+    headline = f"DNS server, pid {doc['pid']}, up {_duration(doc)}"
     return Report(f"dns {admin}", headline, sections, ok)
 
 
@@ -190,7 +190,7 @@ def registry_report(admin: str, doc: Mapping[str, Any]) -> Report:
             ("when", "request", "status", "reason"),
         ),
     ]
-    headline = f"registry cache {doc['version']}, pid {doc['pid']}, up {_duration(doc)}"
+    headline = f"registry cache, pid {doc['pid']}, up {_duration(doc)}"
     return Report(f"registry {admin}", headline, sections, store["not_ready"] is None)
 
 

@@ -10,14 +10,13 @@ metrics and state never share a port, an ACL or a TLS setup with DNS or registry
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Awaitable, Callable, Mapping
 
 import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from dnsoverride.common.errors import UserError
+from dnsoverride.common.errors import listen_error
 
 log = structlog.get_logger(__name__)
 
@@ -114,8 +113,7 @@ async def start_admin(
         await runner.cleanup()
         # aiohttp's message repeats the address and the errno text ("error while attempting
         # to bind on address (...): address already in use"); the errno's own is enough.
-        reason = os.strerror(error.errno) if error.errno else str(error)
-        raise UserError(f"admin listener {host}:{port}: {reason}") from error
+        raise listen_error(f"admin listener {host}:{port}", port, error) from error
     server = AdminServer(runner)
     log.info("admin_listening", host=host, port=server.port)
     return server

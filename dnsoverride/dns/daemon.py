@@ -18,7 +18,7 @@ import structlog
 import uvloop
 from prometheus_client.registry import CollectorRegistry
 
-from dnsoverride.common.errors import UserError
+from dnsoverride.common.errors import listen_error
 from dnsoverride.common.grammar import Endpoint
 from dnsoverride.common.lifecycle import Admin, Started, run_service
 from dnsoverride.common.log import LogOptions
@@ -154,7 +154,7 @@ async def _bind(
                 )
             )
         except OSError as error:
-            raise UserError(f"cannot listen on {endpoint}: {error.strerror or error}") from None
+            raise listen_error(str(endpoint), endpoint.port, error) from None
         bound.names.append(str(Endpoint(endpoint.host, port)))
 
 

@@ -16,7 +16,6 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from dnsoverride import __version__
 from dnsoverride.common.reloader import ReloadStats
 from dnsoverride.dns.cache import AnswerCache, ResponseCache
 from dnsoverride.dns.config import ServeConfig
@@ -56,7 +55,6 @@ class DnsState:
         withdrawn = self.zones.withdrawn
         return {
             "daemon": "dns",
-            "version": __version__,
             "pid": os.getpid(),
             "started_unix": self.started,
             "listeners": self.listeners,

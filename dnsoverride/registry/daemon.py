@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 import structlog
 from aiohttp import web
 
-from dnsoverride.common.errors import UserError
+from dnsoverride.common.errors import UserError, listen_error
 from dnsoverride.common.grammar import Endpoint
 from dnsoverride.common.lifecycle import Admin, Started, run_service
 from dnsoverride.common.log import LogOptions, configure
@@ -146,7 +146,8 @@ class RegistryService:
             try:
                 await site.start()
             except OSError as error:
-                raise UserError(f"cannot listen on {where}: {error.strerror}") from error
+                port = where.rpartition(":")[2]  # "HOST:PORT", or "fd N" under systemd
+                raise listen_error(where, int(port) if port.isdigit() else 0, error) from error
         log.info(
             "registry_listening",
             host=config.host,

@@ -12,7 +12,6 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from dnsoverride import __version__
 from dnsoverride.registry.blobs import Blobs
 from dnsoverride.registry.stats import Stats
 from dnsoverride.registry.store import Store
@@ -38,7 +37,6 @@ class CacheState:
         budget = store.budget
         return {
             "daemon": "registry",
-            "version": __version__,
             "pid": os.getpid(),
             "started_unix": self.started,
             "listeners": self.listeners,
