@@ -20,7 +20,7 @@ from dnsoverride.dns.constants import MAX_CNAME_CHAIN
 from dnsoverride.dns.health import TargetState
 from dnsoverride.dns.views import Routing
 from dnsoverride.dns.zones.model import NameEntry, Overrides
-from dnsoverride.dns.zones.names import normalize_name
+from dnsoverride.dns.zones.names import name_problem, normalize_name
 from dnsoverride.dns.zones.records import TYPE_NAMES
 
 Health = Mapping[str, Mapping[str, TargetState]]
@@ -31,10 +31,10 @@ def qtype_number(text: str) -> int:
     upper = text.upper()
     if upper.startswith("TYPE") and upper[4:].isdigit() and int(upper[4:]) < 1 << 16:
         return int(upper[4:])
-    try:
-        return int(getattr(dnslib.QTYPE, upper))
-    except AttributeError:
-        raise ValueError(f"unknown record type {text!r}") from None
+    number = dnslib.QTYPE.reverse.get(upper)
+    if number is None:
+        raise ValueError(f"unknown record type {text!r}")
+    return int(number)
 
 
 def explain(
@@ -52,9 +52,10 @@ def explain(
     `withdrawn` and `health` are the running daemon's health verdicts (none on files
     alone: every override is served). ValueError for a bad name, type or address.
     """
+    problem = name_problem(name, wildcard_ok=False)
+    if problem is not None:
+        raise ValueError(f"not a DNS name: {problem}")
     qname = normalize_name(name)
-    if not qname or len(qname) > 253:
-        raise ValueError(f"not a DNS name: {name!r}")
     number = qtype_number(qtype)
     report: dict[str, object] = {
         "name": qname,
