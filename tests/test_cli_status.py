@@ -232,9 +232,10 @@ async def test_registry_status_shows_downloads_waiters_backoff_and_errors(
         "TOOMANYREQUESTS",
     )
     assert document["coalesced"] == 2
-    plain = subprocess.run(
-        [*COMMAND, "--admin", admin], capture_output=True, text=True, check=True
-    ).stdout
+    process = await asyncio.create_subprocess_exec(
+        *COMMAND, "--admin", admin, stdout=subprocess.PIPE
+    )
+    plain = (await process.communicate())[0].decode()
     assert "3.0 MiB in 1 entries of 1.0 GiB (0%)" in plain, plain
     assert "team/other 429 for" in plain
     assert re.search(r"GET /v2/team/other/manifests/v1 +429 TOOMANYREQUESTS", plain), plain
