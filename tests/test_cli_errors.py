@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from peers import free_port, running
+from peers import dnsoverride_serve, free_port
 
 NO_CAPS = ["setpriv", "--bounding-set=-all", "--inh-caps=-all"]
 needs_setpriv = pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv")
@@ -192,34 +192,18 @@ def test_zones_dir_unreadable_while_running_is_a_zone_problem(workdir: Path) -> 
     `zone_problem` naming the directory and the reason; the last good set stays. An empty
     directory at start is served (everything forwarded) with a `zones_empty` warning."""
     zones = workdir / "zones"
-    port = free_port()
-    log = workdir / "serve.log"
-    command = [
-        *NO_CAPS,
-        sys.executable,
-        "-m",
-        "dnsoverride",
-        "serve",
-        "--zones",
-        str(zones),
-        "--listen",
-        f"127.0.0.1:{port}",
-        "--upstream",
-        f"127.0.0.1:{free_port()}",
-        "--log-format",
-        "json",
-    ]
-    with running("dnsoverride", command, "127.0.0.1", port, log) as server:
+    with dnsoverride_serve(workdir, zones, [f"127.0.0.1:{free_port()}"], wrapper=NO_CAPS) as server:
         zones.chmod(0)
         try:
             server.process.send_signal(signal.SIGHUP)
             deadline = time.monotonic() + 20
-            while not any(e["event"] == "zones_reload_failed" for e in _events(log)):
-                assert time.monotonic() < deadline, log.read_text()
+            while not any(e["event"] == "zones_reload_failed" for e in _events(server.log)):
+                assert time.monotonic() < deadline, server.log_text()
                 time.sleep(0.05)
             answer = server.query("a.test")
         finally:
             zones.chmod(0o755)
+    log = server.log
     events = list(_events(log))
     assert not [e for e in events if e["event"] == "zone_reload_crashed"]
     [problem] = [e for e in events if e["event"] == "zone_problem"]
@@ -230,9 +214,8 @@ def test_zones_dir_unreadable_while_running_is_a_zone_problem(workdir: Path) -> 
 
     empty = workdir / "empty"
     empty.mkdir()
-    command[command.index(str(zones))] = str(empty)
-    with running("dnsoverride", command, "127.0.0.1", port, log):
+    with dnsoverride_serve(workdir, empty, [f"127.0.0.1:{free_port()}"], wrapper=NO_CAPS) as idle:
         pass
-    [warning] = [e for e in _events(log) if e["event"] == "zones_empty"]
+    [warning] = [e for e in _events(idle.log) if e["event"] == "zones_empty"]
     assert warning["level"] == "warning"
     assert "the directory is empty" in str(warning["reason"])
