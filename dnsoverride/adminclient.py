@@ -87,7 +87,7 @@ def find(admins: Sequence[str], configs: Sequence[tuple[Path, str | None]]) -> l
     if not found:
         looked = ", ".join(str(path) for path, _ in configs)
         raise UserError(
-            f"no admin endpoint found: none of {looked} sets `metrics:`; "
+            f"no admin endpoint found in {looked} (no such file, or no `metrics:` in it); "
             "give --admin HOST:PORT (the daemon's --metrics)"
         )
     return found

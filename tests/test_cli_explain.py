@@ -151,7 +151,7 @@ def test_live_shows_an_override_withdrawn_by_health(tmp_path: Path) -> None:
     admin = f"127.0.0.1:{free_port()}"
     with (
         dnsmasq(tmp_path, "--address=/gated.test/192.0.2.77") as upstream,
-        dnsoverride_serve(tmp_path, zones, [upstream.address], "--metrics", admin),
+        dnsoverride_serve(tmp_path, zones, [upstream.address], "--metrics", admin) as server,
     ):
         command = [sys.executable, "-m", "dnsoverride", "explain", "gated.test", "--live"]
         deadline = time.monotonic() + 20
@@ -168,6 +168,9 @@ def test_live_shows_an_override_withdrawn_by_health(tmp_path: Path) -> None:
         assert step["health"] == {"withdrawn": True, "targets": {"127.0.0.1": False}}
         assert step["why"] == "override withdrawn: every health-checked address is down"
         assert document["outcome"] == f"forwarded to {upstream.address}"
+        # What the server answers agrees: the upstream's address, not the override's.
+        reply = server.query("gated.test")
+        assert [rr.to_text().split()[-1] for rr in reply.answer] == ["192.0.2.77"]
         text = subprocess.run(
             [*command, "--admin", admin], capture_output=True, text=True, check=True
         ).stdout
