@@ -175,6 +175,18 @@ def test_live_shows_an_override_withdrawn_by_health(tmp_path: Path) -> None:
             [*command, "--admin", admin], capture_output=True, text=True, check=True
         ).stdout
         assert "[health: withdrawn; 127.0.0.1 down]" in text
+        # The daemon's 400 for a bad question is one line too.
+        bad = subprocess.run(
+            [*command[:4], "bad..name", "--live", "--admin", admin],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert bad.returncode == 2
+        assert bad.stderr.splitlines() == [
+            f"dnsoverride: error: {admin} (--admin): not a DNS name: "
+            "name 'bad..name' has an empty label"
+        ]
     files = subprocess.run(
         [sys.executable, "-m", "dnsoverride", "explain", "gated.test", "--zones", str(zones)],
         capture_output=True,
