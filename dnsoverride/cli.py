@@ -192,7 +192,22 @@ dnsoverride completion zsh > "${fpath[1]}/_dnsoverride"
 """,
     )
     completion.add_argument("shell", choices=SHELLS, help="the shell to complete for")
+    # Every command's examples under `dnsoverride --help`, and so in the man page (which
+    # argparse-manpage renders from the top-level parser's epilog only).
+    parser.epilog = "examples:\n" + "\n".join(dict.fromkeys(_examples(parser)))
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     return parser
+
+
+def _examples(parser: argparse.ArgumentParser) -> list[str]:
+    """The example lines of every subcommand's epilog, in parser order."""
+    lines = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                lines += [line for line in (sub.epilog or "").splitlines()[1:] if line]
+                lines += _examples(sub)
+    return lines
 
 
 def _add_ca(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

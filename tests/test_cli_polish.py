@@ -127,3 +127,7 @@ def test_man_page_builds_from_the_parser_as_the_spec_builds_it(tmp_path: Path) -
             env={"MANWIDTH": "100", "PATH": "/usr/bin:/bin", "MAN_KEEP_FORMATTING": ""},
         ).stdout
         assert "Show how the DNS server answers a name, and why." in rendered
+        # Every command's examples, from the top-level epilog (man justifies the lines).
+        words = " ".join(rendered.split())
+        assert "examples: dnsoverride serve --zones ./zones" in words
+        assert "dnsoverride status --admin 127.0.0.1:9353 --admin 127.0.0.1:9354" in words
