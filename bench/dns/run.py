@@ -42,8 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import dns.message  # after the sys.path line
 
-from tests.dns_load import burst, non_readers, press, rss_kib
-from tests.peers import DnsPeer, dnsmasq, dnsoverride_serve, unbound
+from tests.support.dns_load import burst, non_readers, press, rss_kib
+from tests.support.peers import DnsPeer, dnsmasq, dnsoverride_serve, unbound
 
 NAMES = 100
 COLD_NAMES = 400_000  # more than any server answers in one run

@@ -46,6 +46,7 @@ from watchdog.observers.api import BaseObserver
 
 from dnsoverride.common.errors import ConfigError, Problem, UserError
 from dnsoverride.common.heaptrim import trim_heap
+from dnsoverride.common.readfile import FS_BYTES, read_regular_file
 from dnsoverride.common.yamlsource import brief
 
 log = structlog.get_logger(__name__)
@@ -221,14 +222,15 @@ def fingerprint(sources: Sources) -> str:
         paths = sources.listing(sources.directory)
     except OSError as error:
         paths = []
-        digest.update(f"directory unreadable: {error}".encode())
+        digest.update(f"directory unreadable: {error}".encode(errors=FS_BYTES))
     paths.extend(sources.files)
     for path in paths:
         try:
-            data = path.read_bytes()
+            data = read_regular_file(path)
         except OSError as error:
-            data = f"unreadable: {error}".encode()
-        digest.update(f"{path}\0{len(data)}\0".encode())
+            data = f"unreadable: {error}".encode(errors=FS_BYTES)
+        # A file name that is not UTF-8 is hashed as its own bytes.
+        digest.update(f"{path}\0{len(data)}\0".encode(errors=FS_BYTES))
         digest.update(data)
     return digest.hexdigest()
 

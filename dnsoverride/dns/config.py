@@ -80,9 +80,11 @@ class View:
 
 @dataclass(frozen=True)
 class CacheConfig:
-    """Response cache bounds (entries) and TTL clamps (seconds)."""
+    """Cache bounds (entries, and bytes of replies: an answer may take 64 KiB, and who
+    runs a domain chooses its answers' size) and TTL clamps (seconds)."""
 
     size: int = 10000
+    max_bytes: int = 64 << 20
     min_ttl: int = 0
     max_ttl: int = 86400
     negative_max_ttl: int = 3600
@@ -95,6 +97,8 @@ class CacheConfig:
     @classmethod
     def read(cls, section: Section) -> Self:
         section.integer("size", 1, MAX_TTL)
+        # A budget, so its unit is required; at least one largest reply (65,535 bytes).
+        section.size("max_bytes", 65535, 1 << 40)
         for key in ("min_ttl", "max_ttl", "negative_max_ttl", "stale_ttl"):
             section.duration(key, 0, MAX_TTL, whole=True)
         section.duration("stale_reuse", 0, 3600)

@@ -182,16 +182,7 @@ class DnsService:
         zone_set = routing.zone_set
         self._zones = zones = LiveZones(zone_set)
         stats = DnsStats()
-        forwarder = Forwarder(
-            config.upstreams,
-            config.timeout,
-            config.attempt_timeout,
-            config.edns_udp_size,
-            stats,
-            probe=config.probe,
-            failure_log_interval=config.failure_log_interval,
-            forward=config.forward,
-        )
+        forwarder = Forwarder.for_config(config, stats)
         resolver = Resolver(config, zones, forwarder, stats)
         resolver.route(routing)  # the views the first load was validated with
         registry = CollectorRegistry()

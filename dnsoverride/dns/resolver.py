@@ -116,12 +116,19 @@ class Resolver:
     """Answers one query at a time; shared by the UDP and TCP listeners."""
 
     def __init__(
-        self, config: ServeConfig, zones: LiveZones, forwarder: Forwarder, stats: DnsStats
+        self,
+        config: ServeConfig,
+        zones: LiveZones,
+        forwarder: Forwarder,
+        stats: DnsStats,
+        clock: Callable[[], float] | None = None,
     ) -> None:
+        """`clock` tells the caches' and the rate limit's time, in seconds: the event
+        loop's monotonic clock unless given (tests age cached answers with their own)."""
         self.zones = zones
         self.forwarder = forwarder
         self.stats = stats
-        self.answers = AnswerCache(config.cache.size, len(config.views))
+        self.answers = AnswerCache(config.cache.size, len(config.views), config.cache.max_bytes)
         self.responses = ResponseCache(config.cache)
         self.ratelimit = RateLimiter(config.ratelimit)
         self._acl = Acl(config.allow)
@@ -133,6 +140,7 @@ class Resolver:
         self._unlimited: set[str] = set()  # clients the rate limit never applies to
         self._answering: dict[tuple[int, bytes], asyncio.Future[None]] = {}
         self._loop = asyncio.get_running_loop()
+        self._now = clock or self._loop.time
         self.cookies = Cookies()
         self._malformed_log = ThrottledLog("query_malformed", config.failure_log_interval)
         self._failed_log = ThrottledLog("query_failed", config.failure_log_interval)
@@ -177,7 +185,7 @@ class Resolver:
         index = self._clients.get(host)
         if index is None:
             index = self._classify(host)
-        now = self._loop.time()
+        now = self._now()
         reply = self._hit(data, key, host, index, now)
         if reply is None or tcp or host in self._unlimited:
             return reply
@@ -245,7 +253,7 @@ class Resolver:
             reply = wire.error_reply(data, SERVFAIL)
         if reply is None or tcp:
             return reply
-        return self._rate_limited(reply, data, key, host, self._loop.time()) or None
+        return self._rate_limited(reply, data, key, host, self._now()) or None
 
     async def _resolve(self, data: bytes, key: bytes | None, host: str, tcp: bool) -> bytes | None:
         if key is None:
@@ -259,7 +267,7 @@ class Resolver:
         first = self._answering.get(herd)
         if first is not None:
             await asyncio.shield(first)
-        reply = self._hit(data, herd[1], host, index, self._loop.time())
+        reply = self._hit(data, herd[1], host, index, self._now())
         if reply is not None:
             return reply
         done = self._loop.create_future()
@@ -400,7 +408,7 @@ class Resolver:
                 wire.tcp_key(key) if tcp else key,
                 packed,
                 generation=generation,
-                now=self._loop.time(),
+                now=self._now(),
                 ttl=outcome.cache_for,
                 counter=self.stats.cell((view.name, qtype_name, rcode_name, hit_source)),
                 age_ttls=outcome.ages,
@@ -440,7 +448,7 @@ class Resolver:
             except UpstreamFailedError:
                 local.reply.header.rcode = SERVFAIL
                 return self._local(local.reply, asked, "error", 0)
-            local.reply.rr.extend(upstream.records().rr)
+            local.reply.rr.extend(answer.chain_records(upstream.records().rr, local.forward))
             local.reply.header.rcode = upstream.rcode
             return self._local(local.reply, asked, "override", ttl, ages=True)
         if qtype == ANY:
@@ -494,7 +502,7 @@ class Resolver:
 
     async def _forwarded(self, question: Question) -> tuple[relay.Reply, float, str]:
         """(upstream answer, seconds it may be reused, source) from cache, upstream or stale."""
-        cached = self.responses.get(question, self._loop.time())
+        cached = self.responses.get(question, self._now())
         if cached is not None:
             return cached[0], cached[1], "cache"
         if not self.forwarder.answering():
@@ -502,22 +510,26 @@ class Resolver:
             # than after the whole timeout budget. The upstreams are still asked, in the
             # background (and probed), so answers come back as soon as one recovers.
             self.forwarder.refresh(question, self._store)
-            stale = self.responses.get_stale(question, self._loop.time())
+            stale = self.responses.get_stale(question, self._now())
             if stale is None:
                 raise UpstreamFailedError(wire.name_text(question[0]))
             return stale, self._stale_reuse, "stale"
         try:
             reply = await self.forwarder.resolve(question)
         except UpstreamFailedError:
-            stale = self.responses.get_stale(question, self._loop.time())
+            stale = self.responses.get_stale(question, self._now())
             if stale is None:
                 raise  # logged by the forwarder, rate-limited per upstream
             return stale, self._stale_reuse, "stale"
         ttl = self._store(question, reply)
+        if ttl and any(record_ttl > ttl for _, record_ttl in reply.ttls):
+            # As the response cache serves it (capped at what it is kept for, at most
+            # cache.max_ttl): no client is told to keep it longer than we do.
+            reply = reply.retimed(0, ttl)
         return reply, ttl, "upstream"
 
     def _store(self, question: Question, reply: relay.Reply) -> int:
-        return self.responses.put(question, reply, self._loop.time())
+        return self.responses.put(question, reply, self._now())
 
 
 def _display(qname: bytes) -> str:

@@ -30,6 +30,7 @@ import json
 import math
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit
 
@@ -173,8 +174,12 @@ class Upstream:
         timeouts: Timeouts,
         stats: Stats,
         session: aiohttp.ClientSession | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """`clock` (seconds, monotonic) tells when a token expires and a Retry-After ends;
+        tests turn their own."""
         self.config = config
+        self._clock = clock
         self.name = config.name
         self.stats = stats
         self.timeouts = timeouts
@@ -251,7 +256,7 @@ class Upstream:
             reason = f"{self.name}: HTTP {response.status} for {method} {name}/{path}"
             retry_after = _retry_after(response.headers.get("Retry-After"))
             if response.status in (429, 503) and retry_after:
-                self._backoff[name] = (time.monotonic() + retry_after, response.status, reason)
+                self._backoff[name] = (self._clock() + retry_after, response.status, reason)
                 log.warning(
                     "upstream_backoff",
                     upstream=self.name,
@@ -277,7 +282,7 @@ class Upstream:
         if entry is None:
             return
         until, status, reason = entry
-        remaining = until - time.monotonic()
+        remaining = until - self._clock()
         if remaining <= 0:
             del self._backoff[name]
             return
@@ -323,7 +328,7 @@ class Upstream:
 
     async def _auth_for(self, scope: str, anonymous: bool) -> str | None:
         token = self._tokens.get((scope, anonymous))
-        if token and token.expires > time.monotonic():
+        if token and token.expires > self._clock():
             return f"Bearer {token.value}"
         if self._bearer is not None:
             return await self._token(self._bearer, scope, anonymous)
@@ -348,7 +353,7 @@ class Upstream:
         """A token for `scope`: cached, or from the one fetch in flight for it, or a new one."""
         key = (scope, anonymous)
         token = self._tokens.get(key)
-        if token and token.expires > time.monotonic():
+        if token and token.expires > self._clock():
             return f"Bearer {token.value}"
         fetch = self._token_fetches.get(key)
         if fetch is None:
@@ -430,7 +435,7 @@ class Upstream:
             lifetime = _DEFAULT_TOKEN_LIFETIME
         log.debug("token_fetched", upstream=self.name, scope=scope, lifetime=lifetime)
         # Renew a little early so a token never expires in flight.
-        return _Token(value, time.monotonic() + max(lifetime - 10, 1))
+        return _Token(value, self._clock() + max(lifetime - 10, 1))
 
 
 def as_registry_error(error: BaseException) -> RegistryError:

@@ -10,6 +10,7 @@ from pathlib import Path
 from types import MappingProxyType
 
 from dnsoverride.common.errors import Problem
+from dnsoverride.common.readfile import FS_BYTES, read_regular_file
 from dnsoverride.dns.zones.chains import cname_problems, view_problems
 from dnsoverride.dns.zones.model import ZoneFile, ZoneSet, ZoneSetError
 from dnsoverride.dns.zones.parse import ParsedFile
@@ -25,11 +26,10 @@ def is_zone_file_name(name: str) -> bool:
 
 
 def zone_files(directory: Path) -> list[Path]:
-    """The zone files of a directory, sorted: top-level, named as `is_zone_file_name` says,
-    symlinks followed."""
-    return sorted(
-        path for path in directory.iterdir() if is_zone_file_name(path.name) and path.is_file()
-    )
+    """The zone files of a directory, sorted: every top-level entry named as
+    `is_zone_file_name` says, whatever it is (`read_regular_file` tells what is wrong with
+    a dangling symlink, a FIFO or a directory: skipping one would drop its names unseen)."""
+    return sorted(path for path in directory.iterdir() if is_zone_file_name(path.name))
 
 
 def empty_reason(directory: Path) -> str:
@@ -64,7 +64,7 @@ class ZoneFileCache:
         misses: dict[tuple[str, bytes], tuple[Path, bytes]] = {}
         for path in paths:
             try:
-                data = path.read_bytes()
+                data = read_regular_file(path)
             except OSError as error:
                 problem = Problem(str(path), 0, f"cannot read: {error}")
                 files[(str(path), b"")] = ParsedFile(
@@ -130,7 +130,7 @@ def _load_zone_set(
     files = [file.zone for file in parsed]
     digest = hashlib.sha256()
     for file in parsed:
-        digest.update(f"== {file.zone.name} {file.digest}\n".encode())
+        digest.update(f"== {file.zone.name} {file.digest}\n".encode(errors=FS_BYTES))
     zone_set = ZoneSet(str(directory), tuple(files), digest.hexdigest())
     if views is None:
         problems.extend(cname_problems(zone_set.files, zone_set.select(None)))
