@@ -15,8 +15,9 @@ from typing import Any
 import pytest
 
 from dnsoverride.cli import main
+from tests.support.edits import health_withdrawn_zone
 from tests.support.peers import dnsmasq, dnsoverride_serve
-from tests.support.ports import free_port, silent_port
+from tests.support.ports import free_port
 
 ZONE = """\
 records:
@@ -146,58 +147,50 @@ def test_live_shows_an_override_withdrawn_by_health(tmp_path: Path) -> None:
     its TCP check is withdrawn, and explain --live says so (on the files it is served)."""
     zones = tmp_path / "zones"
     zones.mkdir()
-    with silent_port() as held:  # bound, not listening: the TCP check is refused
-        dead = held.rpartition(":")[2]
-        (zones / "gated.yaml").write_text(
-            "records:\n  gated.test:\n    A: 127.0.0.1\n"
-            f"    health: {{tcp: {dead}, interval: 200ms, timeout: 100ms, fall: 1}}\n"
-        )
-        admin = f"127.0.0.1:{free_port()}"
-        with (
-            dnsmasq(tmp_path, "--address=/gated.test/192.0.2.77") as upstream,
-            dnsoverride_serve(tmp_path, zones, [upstream.address], "--metrics", admin) as server,
-        ):
-            command = [sys.executable, "-m", "dnsoverride", "explain", "gated.test", "--live"]
-            deadline = time.monotonic() + 20
-            while True:
-                result = subprocess.run(
-                    [*command, "--admin", admin, "--json"],
-                    capture_output=True,
-                    text=True,
-                    check=True,
-                )
-                document = json.loads(result.stdout)
-                if document["steps"][0].get("health", {}).get("withdrawn"):
-                    break
-                assert time.monotonic() < deadline, document
-                time.sleep(0.1)
-            step = document["steps"][0]
-            assert step["health"] == {"withdrawn": True, "targets": {"127.0.0.1": False}}
-            assert step["why"] == "override withdrawn: every health-checked address is down"
-            assert document["outcome"] == f"forwarded to {upstream.address}"
-            # What the server answers agrees: the upstream's address, not the override's.
-            reply = server.query("gated.test")
-            assert [rr.to_text().split()[-1] for rr in reply.answer] == ["192.0.2.77"]
-            text = subprocess.run(
-                [*command, "--admin", admin], capture_output=True, text=True, check=True
-            ).stdout
-            assert "[health: withdrawn; 127.0.0.1 down]" in text
-            # The daemon's 400 for a bad question is one line too.
-            bad = subprocess.run(
-                [*command[:4], "bad..name", "--live", "--admin", admin],
-                capture_output=True,
-                text=True,
-                check=False,
+    admin = f"127.0.0.1:{free_port()}"
+    with (
+        health_withdrawn_zone(zones),
+        dnsmasq(tmp_path, "--address=/gated.test/192.0.2.77") as upstream,
+        dnsoverride_serve(tmp_path, zones, [upstream.address], "--metrics", admin) as server,
+    ):
+        command = [sys.executable, "-m", "dnsoverride", "explain", "gated.test", "--live"]
+        deadline = time.monotonic() + 20
+        while True:
+            result = subprocess.run(
+                [*command, "--admin", admin, "--json"], capture_output=True, text=True, check=True
             )
-            assert bad.returncode == 2
-            assert bad.stderr.splitlines() == [
-                f"dnsoverride: error: {admin} (--admin): not a DNS name: "
-                "name 'bad..name' has an empty label"
-            ]
-        files = subprocess.run(
-            [sys.executable, "-m", "dnsoverride", "explain", "gated.test", "--zones", str(zones)],
+            document = json.loads(result.stdout)
+            if document["steps"][0].get("health", {}).get("withdrawn"):
+                break
+            assert time.monotonic() < deadline, document
+            time.sleep(0.1)
+        step = document["steps"][0]
+        assert step["health"] == {"withdrawn": True, "targets": {"127.0.0.1": False}}
+        assert step["why"] == "override withdrawn: every health-checked address is down"
+        assert document["outcome"] == f"forwarded to {upstream.address}"
+        # What the server answers agrees: the upstream's address, not the override's.
+        reply = server.query("gated.test")
+        assert [rr.to_text().split()[-1] for rr in reply.answer] == ["192.0.2.77"]
+        text = subprocess.run(
+            [*command, "--admin", admin], capture_output=True, text=True, check=True
+        ).stdout
+        assert "[health: withdrawn; 127.0.0.1 down]" in text
+        # The daemon's 400 for a bad question is one line too.
+        bad = subprocess.run(
+            [*command[:4], "bad..name", "--live", "--admin", admin],
             capture_output=True,
             text=True,
             check=False,
         )
-        assert "answered locally" in files.stdout, files
+        assert bad.returncode == 2
+        assert bad.stderr.splitlines() == [
+            f"dnsoverride: error: {admin} (--admin): not a DNS name: "
+            "name 'bad..name' has an empty label"
+        ]
+    files = subprocess.run(
+        [sys.executable, "-m", "dnsoverride", "explain", "gated.test", "--zones", str(zones)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert "answered locally" in files.stdout, files

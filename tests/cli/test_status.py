@@ -22,8 +22,9 @@ from typing import Any
 import aiohttp
 import pytest
 
+from tests.support.edits import health_withdrawn_zone
 from tests.support.peers import dnsmasq, dnsoverride_serve
-from tests.support.ports import free_port, silent_port
+from tests.support.ports import free_port
 from tests.support.registry_fixtures import StartCache
 from tests.support.registry_liar import LyingRegistry, digest_of
 
@@ -71,80 +72,75 @@ def test_dns_status_reports_what_was_loaded_and_asked(tmp_path: Path) -> None:
     (zones / "ci.yaml").write_text(
         "records:\n  registry-1.docker.io:\n    A: 10.0.0.5\n  quay.io:\n    A: 10.0.0.6\n"
     )
-    with silent_port() as held:  # bound, not listening: the TCP check is refused
-        dead = held.rpartition(":")[2]
-        (zones / "gated.yaml").write_text(
-            "records:\n  gated.test:\n    A: 127.0.0.1\n"
-            f"    health: {{tcp: {dead}, interval: 200ms, timeout: 100ms, fall: 1}}\n"
-        )
-        admin = f"127.0.0.1:{free_port()}"
-        config = (
-            f"zones: {zones}\nmetrics: {admin}\n"
-            "views:\n  - {name: cache-host, clients: [10.0.0.5/32], zones: []}\n"
-        )
-        with (
-            dnsmasq(tmp_path, "--address=/forwarded.test/192.0.2.1") as upstream,
-            dnsoverride_serve(tmp_path, zones, [upstream.address], config=config) as server,
-        ):
-            for _ in range(5):
-                server.query("registry-1.docker.io")
-            server.query("forwarded.test")
-            config_file = next(tmp_path.glob("dnsoverride-*.yaml"))
-            deadline = time.monotonic() + 20
-            while True:
-                [dns] = status_json("--config", str(config_file))  # found from its `metrics:`
-                if dns["health"] and dns["health"][0]["withdrawn"]:
-                    break
-                assert time.monotonic() < deadline, dns
-                time.sleep(0.1)
-            assert dns["daemon"] == "dns" and dns["admin"] == admin
-            assert dns["listeners"] == [server.address]
-            assert dns["zones"]["names"] == 3
-            assert dns["zones"]["files"] == [
-                {"name": "ci.yaml", "names": 2},
-                {"name": "gated.yaml", "names": 1},
-            ]
-            assert dns["reload"]["last_result"] == "success"
-            assert dns["reload"]["successes"] == 1
-            assert [(v["name"], v["clients"], v["default"]) for v in dns["views"]] == [
-                ("cache-host", ["10.0.0.5/32"], False),
-                ("default", [], True),
-            ]
-            assert dns["health"] == [
-                {"name": "gated.test", "withdrawn": True, "targets": {"127.0.0.1": False}}
-            ]
-            assert dns["upstreams"][0]["address"] == upstream.address
-            assert dns["upstreams"][0]["up"] is True
-            answer = dns["caches"]["answer"]
-            assert answer["hits"] >= 4 and answer["entries"] >= 1, answer
-            assert dns["queries"]["total"] >= 6
-            assert dns["queries"]["qps"] is not None and dns["queries"]["qps"] > 0
+    admin = f"127.0.0.1:{free_port()}"
+    config = (
+        f"zones: {zones}\nmetrics: {admin}\n"
+        "views:\n  - {name: cache-host, clients: [10.0.0.5/32], zones: []}\n"
+    )
+    with (
+        health_withdrawn_zone(zones),
+        dnsmasq(tmp_path, "--address=/forwarded.test/192.0.2.1") as upstream,
+        dnsoverride_serve(tmp_path, zones, [upstream.address], config=config) as server,
+    ):
+        for _ in range(5):
+            server.query("registry-1.docker.io")
+        server.query("forwarded.test")
+        config_file = next(tmp_path.glob("dnsoverride-*.yaml"))
+        deadline = time.monotonic() + 20
+        while True:
+            [dns] = status_json("--config", str(config_file))  # found from its `metrics:`
+            if dns["health"] and dns["health"][0]["withdrawn"]:
+                break
+            assert time.monotonic() < deadline, dns
+            time.sleep(0.1)
+        assert dns["daemon"] == "dns" and dns["admin"] == admin
+        assert dns["listeners"] == [server.address]
+        assert dns["zones"]["names"] == 3
+        assert dns["zones"]["files"] == [
+            {"name": "ci.yaml", "names": 2},
+            {"name": "gated.yaml", "names": 1},
+        ]
+        assert dns["reload"]["last_result"] == "success"
+        assert dns["reload"]["successes"] == 1
+        assert [(v["name"], v["clients"], v["default"]) for v in dns["views"]] == [
+            ("cache-host", ["10.0.0.5/32"], False),
+            ("default", [], True),
+        ]
+        assert dns["health"] == [
+            {"name": "gated.test", "withdrawn": True, "targets": {"127.0.0.1": False}}
+        ]
+        assert dns["upstreams"][0]["address"] == upstream.address
+        assert dns["upstreams"][0]["up"] is True
+        answer = dns["caches"]["answer"]
+        assert answer["hits"] >= 4 and answer["entries"] >= 1, answer
+        assert dns["queries"]["total"] >= 6
+        assert dns["queries"]["qps"] is not None and dns["queries"]["qps"] > 0
 
-            (zones / "ci.yaml").write_text("records:\n  bad.test:\n    A: 10.0.0.300\n")
-            deadline = time.monotonic() + 20
-            while dns["reload"]["last_result"] != "failure":
-                assert time.monotonic() < deadline, dns["reload"]
-                time.sleep(0.1)
-                [dns] = status_json("--admin", admin)
-            [problem] = dns["reload"]["last_problems"]
-            assert problem.startswith(f"{zones / 'ci.yaml'}:3: ")
-            assert "not an IPv4 address" in problem
-            assert dns["zones"]["names"] == 3  # the last good set is still served
+        (zones / "ci.yaml").write_text("records:\n  bad.test:\n    A: 10.0.0.300\n")
+        deadline = time.monotonic() + 20
+        while dns["reload"]["last_result"] != "failure":
+            assert time.monotonic() < deadline, dns["reload"]
+            time.sleep(0.1)
+            [dns] = status_json("--admin", admin)
+        [problem] = dns["reload"]["last_problems"]
+        assert problem.startswith(f"{zones / 'ci.yaml'}:3: ")
+        assert "not an IPv4 address" in problem
+        assert dns["zones"]["names"] == 3  # the last good set is still served
 
-            drawn = on_a_terminal("--admin", admin)
-            assert "\x1b[" in drawn  # colour
-            table = re.sub(r"\x1b\[[0-9;]*m", "", drawn)
-            assert re.search(r"┃ upstream +┃ state +┃ failures +┃", table), table
-            assert re.search(rf"│ {re.escape(upstream.address)} +│ up +│", table), table
-            assert re.search(r"│ gated\.test +│ WITHDRAWN +│ 127\.0\.0\.1 down +│", table), table
-            assert re.search(rf"│ +problem +│ {re.escape(problem)} +│", table), table
-            plain = subprocess.run(
-                [*COMMAND, "--admin", admin], capture_output=True, text=True, check=True
-            ).stdout
-            assert "\x1b[" not in plain and "│" not in plain
-            assert f"dns {admin}: DNS server, pid" in plain
-            assert re.search(rf"^ +problem +{re.escape(problem)}$", plain, re.MULTILINE), plain
-            assert "gated.test  WITHDRAWN  127.0.0.1 down" in plain
+        drawn = on_a_terminal("--admin", admin)
+        assert "\x1b[" in drawn  # colour
+        table = re.sub(r"\x1b\[[0-9;]*m", "", drawn)
+        assert re.search(r"┃ upstream +┃ state +┃ failures +┃", table), table
+        assert re.search(rf"│ {re.escape(upstream.address)} +│ up +│", table), table
+        assert re.search(r"│ gated\.test +│ WITHDRAWN +│ 127\.0\.0\.1 down +│", table), table
+        assert re.search(rf"│ +problem +│ {re.escape(problem)} +│", table), table
+        plain = subprocess.run(
+            [*COMMAND, "--admin", admin], capture_output=True, text=True, check=True
+        ).stdout
+        assert "\x1b[" not in plain and "│" not in plain
+        assert f"dns {admin}: DNS server, pid" in plain
+        assert re.search(rf"^ +problem +{re.escape(problem)}$", plain, re.MULTILINE), plain
+        assert "gated.test  WITHDRAWN  127.0.0.1 down" in plain
 
 
 def test_an_unreachable_daemon_is_one_line_and_exit_1(tmp_path: Path) -> None:
