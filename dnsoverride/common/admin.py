@@ -1,36 +1,50 @@
 """The admin HTTP listener each daemon runs beside its service port.
 
-Owns three endpoints and nothing else: `/metrics` (Prometheus exposition of the
-daemon's own CollectorRegistry), `/healthz` (the process answers) and `/readyz`
-(the daemon's `ready()` says it can do its job). It is a separate listener so that
-metrics never share a port, an ACL or a TLS setup with DNS or registry clients.
+Owns `/metrics` (Prometheus exposition of the daemon's own CollectorRegistry), `/healthz`
+(the process answers), `/readyz` (the daemon's `ready()` says it can do its job), and
+the daemon's read-only JSON endpoints (`/status`, DNS's `/explain`: `JsonEndpoint`s, what
+`dnsoverride status` and `explain --live` read). It is a separate listener so that
+metrics and state never share a port, an ACL or a TLS setup with DNS or registry clients.
 
-A small HTTP/1.1 server on asyncio streams rather than aiohttp.web: three GET routes do
+A small HTTP/1.1 server on asyncio streams rather than aiohttp.web: a few GET routes do
 not need a web framework, and aiohttp's server is 12 MB of an otherwise 34 MB idle
 `serve` (issue 13). The standard library's http.server is thread-based, and the
 collectors must run on the loop thread that mutates what they read. What it accepts:
 GET and HEAD (405 otherwise), no request bodies (400), a request head of at most
 `MAX_HEAD` bytes (431) read within `REQUEST_TIMEOUT` seconds, keep-alive as HTTP/1.1
-asks, at most `MAX_CONNECTIONS` clients at once.
+asks, at most `MAX_CONNECTIONS` clients at once. A JSON endpoint gets the query string's
+parameters decoded (the first of a repeated one; bytes that are not UTF-8 replaced, never
+an error of their own); the ValueError it raises is the client's mistake, a 400 with
+`{"error": ...}`; anything else it raises is logged and a 500.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import json
+import urllib.parse
+from collections.abc import Awaitable, Callable, Mapping
 from http import HTTPStatus
 
 import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from dnsoverride.common.errors import UserError
+from dnsoverride.common.errors import listen_error
 
 log = structlog.get_logger(__name__)
 
 MAX_HEAD = 8192
 REQUEST_TIMEOUT = 10.0  # seconds for a request head, and for a response to be read
 MAX_CONNECTIONS = 64
+MAX_PARAMETERS = 32  # in one query string: no endpoint takes more than a few
 _TEXT = "text/plain; charset=utf-8"
+_JSON = "application/json"
+_FIXED = frozenset({"/metrics", "/healthz", "/readyz"})
+
+# A read-only JSON endpoint: the request's query parameters -> a JSON-able value, awaited
+# (a supervisor asks its workers). ValueError is the caller's mistake (400, its message
+# as `error`).
+JsonEndpoint = Callable[[Mapping[str, str]], Awaitable[object]]
 
 
 class _Reply:
@@ -51,11 +65,13 @@ class AdminServer:
         ready: Callable[[], bool],
         why_not_ready: Callable[[], str | None] | None,
         before_scrape: Callable[[], Awaitable[None]] | None = None,
+        endpoints: Mapping[str, JsonEndpoint] | None = None,
     ) -> None:
         self._registry = registry
         self._ready = ready
         self._why_not_ready = why_not_ready
         self._before_scrape = before_scrape
+        self._endpoints = dict(endpoints or {})
         self._server: asyncio.Server | None = None
         self._clients: set[asyncio.StreamWriter] = set()
         self._handlers: set[asyncio.Task[None]] = set()
@@ -83,11 +99,15 @@ class AdminServer:
         if self._server is not None:
             await self._server.wait_closed()
 
-    async def _route(self, method: str, path: str) -> _Reply:
-        if path not in {"/metrics", "/healthz", "/readyz"}:
+    async def _route(self, method: str, target: str) -> _Reply:
+        path, _, query = target.partition("?")
+        if path not in _FIXED and path not in self._endpoints:
             return _Reply(HTTPStatus.NOT_FOUND, b"not found\n")
         if method not in {"GET", "HEAD"}:
             return _Reply(HTTPStatus.METHOD_NOT_ALLOWED, b"GET or HEAD\n")
+        endpoint = self._endpoints.get(path)
+        if endpoint is not None:
+            return await _answer_json(path, endpoint, query)
         if path == "/metrics":
             if self._before_scrape is not None:
                 await self._before_scrape()
@@ -140,10 +160,32 @@ class AdminServer:
             await _send(writer, _Reply(HTTPStatus.BAD_REQUEST, b"no request bodies\n"), "GET")
             return False
         method, target, version = parts
-        reply = await self._route(method, target.partition("?")[0])
+        reply = await self._route(method, target)
         keep = version == "HTTP/1.1" and headers.get("connection", "").lower() != "close"
         await _send(writer, reply, method, keep=keep)
         return keep
+
+
+async def _answer_json(path: str, endpoint: JsonEndpoint, query: str) -> _Reply:
+    try:
+        pairs = urllib.parse.parse_qsl(query, keep_blank_values=True, max_num_fields=MAX_PARAMETERS)
+    except ValueError:  # more fields than that
+        return _json_reply({"error": "too many query parameters"}, HTTPStatus.BAD_REQUEST)
+    parameters: dict[str, str] = {}
+    for key, value in pairs:
+        parameters.setdefault(key, value)
+    try:
+        body = await endpoint(parameters)
+    except ValueError as error:
+        return _json_reply({"error": str(error)}, HTTPStatus.BAD_REQUEST)
+    except Exception as error:  # a bug of ours, not the client's: said once, served on
+        log.exception("admin_endpoint_failed", path=path, error=str(error))
+        return _json_reply({"error": "internal error, see the daemon's log"}, 500)
+    return _json_reply(body, HTTPStatus.OK)
+
+
+def _json_reply(body: object, status: int) -> _Reply:
+    return _Reply(status, (json.dumps(body, indent=1) + "\n").encode(), _JSON)
 
 
 async def _send(
@@ -171,19 +213,21 @@ async def start_admin(
     why_not_ready: Callable[[], str | None] | None = None,
     *,
     before_scrape: Callable[[], Awaitable[None]] | None = None,
+    endpoints: Mapping[str, JsonEndpoint] | None = None,
 ) -> AdminServer:
     """Serve /metrics, /healthz and /readyz on host:port until `close()`.
 
     `why_not_ready`, when given, puts the reason into the body of a 503 from /readyz;
-    `before_scrape` is awaited before each /metrics answer.
+    `before_scrape` is awaited before each /metrics answer; `endpoints` adds read-only
+    JSON endpoints by path.
     Scrapes are not logged (every few seconds, they would drown the daemon's own events).
 
     Raises UserError when the address cannot be bound (port in use, bad host).
     """
-    server = AdminServer(registry, ready, why_not_ready, before_scrape)
+    server = AdminServer(registry, ready, why_not_ready, before_scrape, endpoints)
     try:
         await server.listen(host, port)
     except OSError as error:
-        raise UserError(f"admin listener {host}:{port}: {error.strerror or error}") from error
+        raise listen_error(f"admin listener {host}:{port}", port, error) from error
     log.info("admin_listening", host=host, port=server.port)
     return server

@@ -11,12 +11,13 @@ so the server only ever sees typed values.
 from __future__ import annotations
 
 import ipaddress
+import os
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Self
 
-from dnsoverride.common.configfile import Document, Flags, Section
-from dnsoverride.common.errors import ConfigError, Problem, UserError
+from dnsoverride.common.configfile import Document, Flags, Section, require_file
+from dnsoverride.common.errors import ConfigError, Problem
 from dnsoverride.common.grammar import (
     DNS_LISTENER,
     HTTP_LISTENER,
@@ -334,8 +335,7 @@ def load_config(
     problems: list[Problem] = []
     origins = _Origins()
     if path is not None:
-        if not path.is_file():
-            raise UserError(f"config file {path} does not exist")
+        require_file(path, f"config file {path}")
         document = Document(path)
         top = document.top(TOP_KEYS)
         if top is not None:
@@ -357,6 +357,7 @@ def load_config(
         values["metrics"] = metrics
     if flags.zones:
         values["zones"] = Path(flags.zones)
+        origins.note("zones", f"--zones {flags.zones}", None)
     if flags.query_log:
         values["query_log"] = True
     problems.extend(command_line.problems)
@@ -367,6 +368,7 @@ def load_config(
     if config.timeout < config.attempt_timeout:
         config = replace(config, attempt_timeout=config.timeout)
     problems.extend(_forwarding_loops(config, origins))
+    problems.extend(_zones_directory(config.zones, origins))
     if problems:
         raise ConfigError(sorted(problems, key=lambda problem: (problem.file, problem.line or 0)))
     return config
@@ -417,6 +419,27 @@ def _with_default_view(
         )
         return config
     return replace(config, views=(*config.views, View(config.default_view)))
+
+
+def _zones_directory(zones: Path, origins: _Origins) -> list[Problem]:
+    """The zones directory as named by the flag or key that gave it, when it cannot be
+    read: a user sees `--zones nozones: ...`, `dnsoverride.yaml:4: zones: ...` or, for the
+    default, which flag or key would name another one."""
+    try:
+        with os.scandir(zones):
+            return []
+    except FileNotFoundError:
+        reason = "zones directory does not exist"
+    except NotADirectoryError:
+        reason = "is a file, not a zones directory"
+    except OSError as error:
+        reason = f"cannot read the zones directory: {error.strerror or error}"
+    source, line = origins.where.get("zones", ("", None))
+    if not source:
+        return [Problem(f"./{zones}", None, f"{reason} (the default; set --zones or zones:)")]
+    if source.startswith("--"):
+        return [Problem(source, None, reason)]
+    return [Problem(source, line, f"zones: {zones}: {reason}")]
 
 
 def _forwarding_loops(config: ServeConfig, origins: _Origins) -> list[Problem]:

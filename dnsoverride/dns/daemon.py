@@ -25,7 +25,7 @@ import uvloop
 from prometheus_client import generate_latest
 from prometheus_client.registry import CollectorRegistry
 
-from dnsoverride.common.errors import UserError
+from dnsoverride.common.errors import UserError, listen_error
 from dnsoverride.common.grammar import Endpoint
 from dnsoverride.common.heaptrim import trim_heap
 from dnsoverride.common.lifecycle import Admin, Started, run_service
@@ -39,6 +39,7 @@ from dnsoverride.dns.listener import READ_LIMIT, TcpListener, UdpListener
 from dnsoverride.dns.reload import ServeStart, serve_reloader, serve_start
 from dnsoverride.dns.resolver import Resolver
 from dnsoverride.dns.stats import DnsCollector, DnsStats
+from dnsoverride.dns.status import Caches, Counts, DnsState, counts
 from dnsoverride.dns.views import Routing
 from dnsoverride.dns.workerpool import (
     MergedMetrics,
@@ -48,6 +49,7 @@ from dnsoverride.dns.workerpool import (
     worker_environment,
 )
 from dnsoverride.dns.zones.live import LiveZones
+from dnsoverride.dns.zones.load import empty_reason
 
 log = structlog.get_logger(__name__)
 
@@ -176,7 +178,7 @@ async def _bind(
                 )
             )
         except OSError as error:
-            raise UserError(f"cannot listen on {endpoint}: {error.strerror or error}") from None
+            raise listen_error(str(endpoint), endpoint.port, error) from None
         bound.names.append(str(Endpoint(endpoint.host, port)))
         bound.endpoints.append(Endpoint(endpoint.host, port))
 
@@ -221,6 +223,7 @@ class DnsService:
         self._pool: WorkerPool | None = None
         self._worker_acks: list[asyncio.Future[None]] = []
         self._install: Callable[[Routing], None] | None = None
+        self._counts: Callable[[], Counts] | None = None
         self._registry = CollectorRegistry()
         self._routing_hash = routing.content_hash
         # One DNS cookie secret for all processes: a client's next query may reach another.
@@ -240,6 +243,8 @@ class DnsService:
         registry.register(
             DnsCollector(stats, resolver.answers, resolver.responses, resolver.ratelimit)
         )
+        caches: Caches = {"answer": resolver.answers, "response": resolver.responses}
+        self._counts = lambda: counts(stats, caches)
         if self._link is None:
             # Health-gated overrides: checker tasks that follow every zone swap and withdraw
             # names (in the supervisor only: workers get its verdict).
@@ -291,13 +296,35 @@ class DnsService:
             views=[view.name for view in config.views],
             workers=config.workers,
         )
+        if not zone_set.files:
+            log.warning(
+                "zones_empty", directory=str(config.zones), reason=empty_reason(config.zones)
+            )
         # Startup's garbage (config and zone parsing, imports) is freed by now: ~1 MB of
         # the idle footprint glibc would otherwise keep.
         trim_heap()
         status = f"serving {zone_set.name_count()} names on {', '.join(bound.names)}"
         admin = None
         if config.metrics is not None:
-            admin = Admin(config.metrics, registry, forwarder.answering, None, before_scrape)
+            reloader = self._reloader
+            state = DnsState(
+                config,
+                bound.names,
+                zones,
+                lambda: reloader.current,
+                self._start.stats,
+                self._health,
+                stats,
+                caches,
+                self._pool,
+            )
+            admin = Admin(
+                config.metrics,
+                registry,
+                forwarder.answering,
+                before_scrape=before_scrape,
+                endpoints={"/status": state.status, "/explain": state.explain},
+            )
         return Started(status, admin)
 
     async def _start_workers(self, inherited: list[socket.socket], bound: _Bound) -> None:
@@ -380,6 +407,9 @@ class DnsService:
                 self._zones.withdraw(message.value)
             elif message.kind == "metrics":
                 link.send(Message("metrics", generate_latest(self._registry).decode()))
+            elif message.kind == "counts":
+                assert self._counts is not None
+                link.send(Message("counts", self._counts()))
             elif message.kind == "stop":
                 stopping.set()
 

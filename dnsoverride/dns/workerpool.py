@@ -12,7 +12,8 @@ One pipe per worker carries the control messages (`Message`): to the worker, "re
 after every routing the supervisor installed (the worker loads the same files with the
 same validation and answers "reloaded" with its routing's content hash), "withdrawn"
 (the health prober's verdict), "metrics" (it answers with its registry's exposition text,
-merged into the supervisor's `/metrics`: `MergedMetrics`) and "stop"; from the worker,
+merged into the supervisor's `/metrics`: `MergedMetrics`), "counts" (it answers with what
+it has counted, summed into the supervisor's `/status`) and "stop"; from the worker,
 "ready" once it serves. A worker that fails (`worker_exited`, with its exit code or the
 signal) is logged and replaced, at most one start per `RESTART_DELAY` seconds; one that
 exits cleanly was stopped (SIGTERM to the whole control group) and is not.
@@ -82,7 +83,8 @@ class _Worker:
     started_at: float
     ready: asyncio.Future[None]
     reloaded: str | None = None  # content hash of its routing after the last "reload"
-    metrics: asyncio.Future[str] | None = None
+    routing: str | None = None  # content hash of the routing it serves (ready, reloaded)
+    asked: dict[str, asyncio.Future[Any]] = field(default_factory=dict)  # by message kind
     acks: list[asyncio.Future[None]] = field(default_factory=list)
 
 
@@ -144,6 +146,7 @@ class WorkerPool:
             self._loop.remove_reader(worker.conn.fileno())  # it exited: `_exited` follows
             return
         if message.kind == "ready":
+            worker.routing = message.value
             log.info("worker_started", worker=worker.index, pid=worker.process.pid)
             if self._withdrawn:
                 self._send(worker, Message("withdrawn", self._withdrawn))
@@ -152,13 +155,15 @@ class WorkerPool:
             if not worker.ready.done():
                 worker.ready.set_result(None)
         elif message.kind == "reloaded":
-            worker.reloaded = message.value
+            worker.reloaded = worker.routing = message.value
             for ack in worker.acks:
                 if not ack.done():
                     ack.set_result(None)
             worker.acks.clear()
-        elif message.kind == "metrics" and worker.metrics and not worker.metrics.done():
-            worker.metrics.set_result(message.value)
+        elif message.kind in worker.asked:
+            answer = worker.asked.pop(message.kind)
+            if not answer.done():
+                answer.set_result(message.value)
 
     def _exited(self, worker: _Worker) -> None:
         self._loop.remove_reader(worker.process.sentinel)
@@ -173,8 +178,9 @@ class WorkerPool:
         for ack in worker.acks:
             if not ack.done():
                 ack.set_result(None)  # nothing to wait for: its replacement loads afresh
-        if worker.metrics is not None and not worker.metrics.done():
-            worker.metrics.cancel()  # this scrape goes on without it
+        for answer in worker.asked.values():
+            answer.cancel()  # the scrape or status request goes on without it
+        worker.asked.clear()
         if self._stopping:
             return
         if code == 0:
@@ -204,11 +210,7 @@ class WorkerPool:
 
     def serving(self) -> int:
         """Workers that have said they serve and are still running."""
-        return sum(
-            1
-            for worker in self._workers.values()
-            if worker.ready.done() and not worker.ready.exception() and worker.process.is_alive()
-        )
+        return sum(1 for worker in self._workers.values() if _serves(worker))
 
     def reload(self, routing_hash: str) -> list[asyncio.Future[None]]:
         """Tell every worker to load the routing with `routing_hash` (the supervisor's
@@ -236,20 +238,44 @@ class WorkerPool:
         for worker in self._workers.values():
             self._send(worker, Message("withdrawn", names))
 
-    async def gather_metrics(self) -> list[str]:
-        """Every serving worker's exposition text (a worker that does not answer within
-        `REPLY_TIMEOUT` is left out of this scrape)."""
+    async def ask_each(self, kind: str) -> dict[int, Any]:
+        """Every serving worker's answer to a `kind` message ("metrics", "counts"), by
+        worker; a worker that does not answer within `REPLY_TIMEOUT` is left out. A worker
+        still asked from an earlier request is not asked again: both wait for its answer."""
         asked = {}
         for worker in self._workers.values():
-            if worker.ready.done() and self._send(worker, Message("metrics")):
-                worker.metrics = self._loop.create_future()
-                asked[worker.index] = worker.metrics
+            pending = worker.asked.get(kind)
+            if pending is not None and not pending.done():
+                asked[worker.index] = pending
+            elif worker.ready.done() and self._send(worker, Message(kind)):
+                worker.asked[kind] = asked[worker.index] = self._loop.create_future()
         if asked:
             await asyncio.wait(asked.values(), timeout=REPLY_TIMEOUT)
-        for index, future in asked.items():
-            if future.done() and not future.cancelled():
-                self._last_metrics[index] = future.result()
-        return [self._last_metrics[index] for index in asked if index in self._last_metrics]
+        return {
+            index: answer.result()
+            for index, answer in asked.items()
+            if answer.done() and not answer.cancelled()
+        }
+
+    async def gather_metrics(self) -> list[str]:
+        """Every serving worker's exposition text: its answer now, or else (it was slow)
+        the last one it gave."""
+        self._last_metrics.update(await self.ask_each("metrics"))
+        serving = {worker.index for worker in self._workers.values() if _serves(worker)}
+        return [text for index, text in sorted(self._last_metrics.items()) if index in serving]
+
+    def describe(self) -> list[dict[str, object]]:
+        """Each worker process for `/status`: its index, PID, whether it serves, and the
+        content hash of the routing it serves."""
+        return [
+            {
+                "worker": worker.index,
+                "pid": worker.process.pid,
+                "serving": _serves(worker),
+                "routing": worker.routing,
+            }
+            for worker in self._workers.values()
+        ]
 
     async def stop(self) -> None:
         """Stop every worker: "stop", `STOP_GRACE` seconds to drain, then SIGKILL."""
@@ -266,6 +292,11 @@ class WorkerPool:
                 self._loop.remove_reader(worker.process.sentinel)
                 self._loop.remove_reader(worker.conn.fileno())
             worker.conn.close()
+
+
+def _serves(worker: _Worker) -> bool:
+    """Whether `worker` said it serves and is still running."""
+    return worker.ready.done() and not worker.ready.exception() and worker.process.is_alive()
 
 
 # Gauges that are not amounts: merged by maximum (an upstream is up if any worker finds

@@ -52,6 +52,7 @@ class Download:
         self.owner = owner  # the (upstream, repository) it is fetched for
         self.size: int | None = None  # expected length, from upstream Content-Length
         self.written = 0
+        self.waiters = 0  # client requests being answered from this download now
         self.final: Path | None = None
         self.error: RegistryError | None = None
         # Resolved once upstream headers arrived (size known) or the fetch failed.
@@ -156,6 +157,19 @@ class Blobs:
         else:
             self.stats.coalesced += 1
             note_cache("coalesced")
+        download.waiters += 1
+        try:
+            return await self._serve_download(request, download, digest, headers)
+        finally:
+            download.waiters -= 1
+
+    def downloads(self) -> list[Download]:
+        """The downloads in flight, oldest first."""
+        return list(self._downloads.values())
+
+    async def _serve_download(
+        self, request: web.Request, download: Download, digest: Digest, headers: dict[str, str]
+    ) -> web.StreamResponse:
         await asyncio.shield(download.started)
         if download.error is not None:
             raise download.error
@@ -248,7 +262,11 @@ class Blobs:
                     # Cut the connection short: the client must not take this as complete.
                     # Its access log line carries the reason (the status was already sent).
                     error = download.error
-                    remember(request, ERROR_KEY, (error.code, f"cut short: {error.message}"))
+                    reason = f"cut short: {error.message}"
+                    remember(request, ERROR_KEY, (error.code, reason))
+                    self.stats.note_error(
+                        request.method, request.path_qs, status, error.code, reason
+                    )
                     if request.transport is not None:
                         request.transport.abort()
                     return response

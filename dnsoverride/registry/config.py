@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any, Self
 from urllib.parse import urlsplit
 
-from dnsoverride.common.configfile import Document, Flags, Section
-from dnsoverride.common.errors import Problem, UserError
+from dnsoverride.common.configfile import Document, Flags, Section, require_file
+from dnsoverride.common.errors import Problem
 from dnsoverride.common.grammar import (
     HTTP_LISTENER,
     RESOLVER,
@@ -433,8 +433,7 @@ def load(path: Path | None, flags: RegistryFlags | None = None) -> RegistryConfi
     document = Document(path or Path("(no config file)"))
     top: Section | None = None
     if path is not None:
-        if not path.is_file():
-            raise UserError(f"config file {path} does not exist")
+        require_file(path, f"config file {path}")
         top = document.top(TOP_KEYS)
     if top is None:
         top = document.blank(TOP_KEYS)

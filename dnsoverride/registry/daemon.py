@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 import structlog
 from aiohttp import web
 
-from dnsoverride.common.errors import UserError
+from dnsoverride.common.errors import UserError, listen_error
 from dnsoverride.common.grammar import Endpoint
 from dnsoverride.common.lifecycle import Admin, Started, run_service
 from dnsoverride.common.log import LogOptions, configure
@@ -38,6 +38,7 @@ from dnsoverride.registry.links import Links
 from dnsoverride.registry.manifests import Manifests
 from dnsoverride.registry.metrics import build_registry
 from dnsoverride.registry.stats import Stats
+from dnsoverride.registry.status import CacheState
 from dnsoverride.registry.store import Store
 from dnsoverride.registry.tls import CertificateSet
 from dnsoverride.registry.upstream import Upstream, make_session
@@ -140,11 +141,13 @@ class RegistryService:
             handle_signals=False,
         )
         await runner.setup()
-        for where, site in _sites(runner, config, self._certificates, inherited):
+        sites = _sites(runner, config, self._certificates, inherited)
+        for where, site in sites:
             try:
                 await site.start()
             except OSError as error:
-                raise UserError(f"cannot listen on {where}: {error.strerror}") from error
+                port = where.rpartition(":")[2]  # "HOST:PORT", or "fd N" under systemd
+                raise listen_error(where, int(port) if port.isdigit() else 0, error) from error
         log.info(
             "registry_listening",
             host=config.host,
@@ -160,7 +163,20 @@ class RegistryService:
         admin = None
         if config.metrics is not None:
             registry = build_registry(cache.stats, cache.store)
-            admin = Admin(config.metrics, registry, cache.store.writable, cache.store.not_ready)
+            state = CacheState(
+                [where for where, _ in sites],
+                cache.store,
+                cache.stats,
+                cache.blobs,
+                cache.upstreams,
+            )
+            admin = Admin(
+                config.metrics,
+                registry,
+                cache.store.writable,
+                cache.store.not_ready,
+                endpoints={"/status": state.status},
+            )
         status = f"serving {cache.store.stats.entries} stored items from {config.storage}"
         return Started(status, admin)
 

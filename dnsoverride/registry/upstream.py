@@ -267,6 +267,15 @@ class Upstream:
             raise UpstreamUnavailableError(reason, response.status, retry_after)
         return response
 
+    def backoffs(self) -> dict[str, dict[str, object]]:
+        """Repositories inside a Retry-After now: seconds left, the status that set it."""
+        now = time.monotonic()
+        return {
+            name: {"seconds_left": round(until - now, 1), "status": status, "reason": reason}
+            for name, (until, status, reason) in self._backoff.items()
+            if until > now
+        }
+
     def _check_backoff(self, name: str) -> None:
         """Fail at once, costing the upstream nothing, while `name` is in its Retry-After."""
         entry = self._backoff.get(name)

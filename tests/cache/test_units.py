@@ -138,8 +138,9 @@ def test_cli_reports_bad_config_without_traceback(tmp_path: Path) -> None:
         check=False,
     )
     assert result.returncode == 2
-    assert result.stderr.startswith("dnsoverride: error: invalid configuration")
-    assert f"{path}:1: max_size: expected a size" in result.stderr
+    # One line per problem, each naming file:line and key.
+    assert result.stderr.startswith(f"dnsoverride: error: {path}:1: max_size: expected a size")
+    assert len(result.stderr.splitlines()) == 1
     assert "Traceback" not in result.stderr
 
 

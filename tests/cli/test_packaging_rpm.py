@@ -161,7 +161,7 @@ def test_fedora_uses_the_system_python_and_its_libraries(tmp_path: Path) -> None
     assert not [r for r in _tags(spec, "(?:Build)?Requires") if "python3.11" in r]
     assert _tags(spec, "BuildArch") == ["noarch"]
     assert _tags(spec, "Source2") == []
-    assert "\n%pyproject_buildrequires\n" in _before_install(spec)
+    assert "\n%pyproject_buildrequires -x man\n" in _before_install(spec)
     assert "\n%pyproject_wheel\n" in _before_install(spec)
     assert "%pyproject_install" in _section(spec, "install")
     assert VENV not in spec.split("%changelog")[0]
@@ -315,3 +315,44 @@ def test_install_deps_fails_when_a_required_package_is_missing(tmp_path: Path) -
     assert result.returncode != 0
     assert "No match for argument: unbound" in result.stderr
     assert not [call for call in calls if "pip install" in call]
+
+
+@needs_rpmspec
+@pytest.mark.parametrize("defines", DISTS, ids=lambda d: d[0] if d else "default")
+def test_the_man_page_is_built_from_the_parser_and_shipped(defines: list[str]) -> None:
+    """dnsoverride(1) is made by argparse-manpage from `dnsoverride.cli:build_parser` in
+    %install (EL: argparse-manpage from the wheelhouse in a build-tree virtualenv, the
+    parser from the installed one; Fedora: the `man` extra as a generated BuildRequires)
+    and listed in %files."""
+    spec = _parsed(defines)
+    install = _section(spec, "install")
+    assert re.search(
+        r"argparse-manpage --module dnsoverride\.cli --function build_parser .*"
+        rf"--version {re.escape(VERSION)} .*--output dnsoverride\.1$",
+        install,
+        re.MULTILINE,
+    )
+    assert re.search(
+        r"^install -Dpm 0644 dnsoverride\.1 \S+/usr/share/man/man1/dnsoverride\.1$",
+        install,
+        re.MULTILINE,
+    )
+    assert re.search(r"^/usr/share/man/man1/dnsoverride\.1\*$", _section(spec, "files"), re.M)
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert any(r.startswith("argparse-manpage") for r in project["optional-dependencies"]["man"])
+    if defines in EL:
+        build = _before_install(spec)
+        assert re.search(
+            rf"install -q --no-index --find-links dnsoverride-wheelhouse-{VERSION} "
+            r"argparse-manpage$",
+            build,
+            re.MULTILINE,
+        )
+        assert re.search(
+            rf"PYTHONPATH=\S+{VENV}/lib/python3\.11/site-packages \\\n +manpage-venv/bin/",
+            install,
+        )
+        wheelhouse = (PACKAGING / "rpm" / "make-wheelhouse").read_text()
+        assert '["optional-dependencies"]["man"]' in wheelhouse
+    elif defines == ["fedora 41"]:
+        assert "\n%pyproject_buildrequires -x man\n" in _before_install(spec)

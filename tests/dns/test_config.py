@@ -35,6 +35,8 @@ def test_embedded_defaults(tmp_path: Path) -> None:
 
 
 def test_file_then_flags(tmp_path: Path) -> None:
+    (tmp_path / "myzones").mkdir()
+    (tmp_path / "other").mkdir()
     path = tmp_path / "dnsoverride.yaml"
     path.write_text(
         "listen: ['[::1]:53', 127.0.0.1:53]\n"
@@ -61,11 +63,16 @@ def test_file_then_flags(tmp_path: Path) -> None:
     assert (config.cache.size, config.cache.min_ttl, config.cache.max_ttl) == (5, 1, 60)
     assert config.attempt_timeout <= config.timeout == 1.5
     flagged = load_config(
-        *args(config=str(path), listen=["127.0.0.2:5300"], upstream=["192.0.2.9"], zones="other")
+        *args(
+            config=str(path),
+            listen=["127.0.0.2:5300"],
+            upstream=["192.0.2.9"],
+            zones=str(tmp_path / "other"),
+        )
     )
     assert flagged.listen == (Endpoint("127.0.0.2", 5300),)
     assert flagged.upstreams == (Endpoint("192.0.2.9", 53),)
-    assert flagged.zones == Path("other")
+    assert flagged.zones == tmp_path / "other"
     assert flagged.default_view == "ci"  # the rest still from the file
 
 

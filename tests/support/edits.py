@@ -1,11 +1,16 @@
 """How people and tools change the files a daemon watches, done for real: a file renamed
 over the old one (editors, config management), a Kubernetes ConfigMap `..data` swap, a
-write the watched directory never sees (NFS); and zone texts, good and broken."""
+write the watched directory never sees (NFS); and zone texts, good, broken,
+and one whose override a failing health check withdraws."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
+
+from tests.support.ports import silent_port
 
 
 def zone_text(records: dict[str, str]) -> str:
@@ -67,3 +72,17 @@ def write_unseen(zones: Path, elsewhere: Path, name: str, text: str) -> None:
     with link.open("r+") as file:
         file.truncate(0)
         file.write(text)
+
+
+@contextlib.contextmanager
+def health_withdrawn_zone(zones: Path) -> Iterator[None]:
+    """`gated.yaml` in `zones`: gated.test -> 127.0.0.1, health-checked over TCP every
+    200 ms (fall: 1) on a port held bound and not listening while the block runs, so the
+    check is refused and a running server withdraws the override at its first probe."""
+    with silent_port() as held:
+        port = held.rpartition(":")[2]
+        (zones / "gated.yaml").write_text(
+            "records:\n  gated.test:\n    A: 127.0.0.1\n"
+            f"    health: {{tcp: {port}, interval: 200ms, timeout: 100ms, fall: 1}}\n"
+        )
+        yield

@@ -252,11 +252,14 @@ def dnsoverride_serve(
     host: str = "127.0.0.1",
     env: dict[str, str] | None = None,
     startup_timeout: float = STARTUP_TIMEOUT,
+    wrapper: Sequence[str] = (),
 ) -> Iterator[DnsPeer]:
-    """`python -m dnsoverride serve` on a free port of `host`, JSON logs in its log file."""
+    """`python -m dnsoverride serve` on a free port of `host`, JSON logs in its log file;
+    run through `wrapper` when given (e.g. `setpriv ...` to drop capabilities)."""
     port = free_port(host)
     listen = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     command = [
+        *wrapper,
         sys.executable,
         "-m",
         "dnsoverride",

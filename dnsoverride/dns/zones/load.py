@@ -32,6 +32,21 @@ def zone_files(directory: Path) -> list[Path]:
     return sorted(path for path in directory.iterdir() if is_zone_file_name(path.name))
 
 
+def empty_reason(directory: Path) -> str:
+    """Why `directory` yields no zone files: empty, or what it holds instead (a few names)."""
+    try:
+        others = sorted(path.name for path in directory.iterdir())
+    except OSError as error:
+        return f"cannot read it: {error.strerror or error}"
+    if not others:
+        return "the directory is empty: nothing is overridden, every query is forwarded"
+    shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+    return (
+        f"no zone files: only names ending in {' or '.join(ZONE_SUFFIXES)} (not hidden) are "
+        f"read, it holds {shown}; nothing is overridden, every query is forwarded"
+    )
+
+
 class ZoneFileCache:
     """Parsed files by path and content digest, so a reload re-parses only what changed.
 
@@ -81,7 +96,8 @@ def load_zone_set(
     unchanged files.
     """
     if not directory.is_dir():
-        raise ZoneSetError([Problem(str(directory), 0, "zones directory does not exist")])
+        reason = "is a file, not a zones directory" if directory.exists() else "does not exist"
+        raise ZoneSetError([Problem(str(directory), None, f"zones directory {reason}")])
     # Building ~10^6 objects triggers repeated full collections that also walk everything
     # already alive (the set being served): 3x slower for 100,000 names. What is built
     # here is acyclic, so reference counting alone frees whatever is dropped.
@@ -102,7 +118,14 @@ def load_zone_set(
 def _load_zone_set(
     directory: Path, views: Mapping[str, frozenset[str] | None] | None, cache: ZoneFileCache
 ) -> ZoneSet:
-    parsed = cache.parse(zone_files(directory))
+    try:
+        paths = zone_files(directory)
+    except OSError as error:
+        # Unreadable now (permissions changed under a running server): a problem like a
+        # broken file, so a reload keeps the last good set and says why.
+        reason = f"cannot read the zones directory: {error.strerror or error}"
+        raise ZoneSetError([Problem(str(directory), None, reason)]) from None
+    parsed = cache.parse(paths)
     problems = [problem for file in parsed for problem in file.problems]
     files = [file.zone for file in parsed]
     digest = hashlib.sha256()

@@ -307,7 +307,7 @@ def test_live_zones_swap_bumps_generation(tmp_path: Path) -> None:
 def test_empty_directory_and_missing_directory(tmp_path: Path) -> None:
     assert load_zone_set(tmp_path).names() == frozenset()
     problems = problems_of(tmp_path / "missing")
-    assert problems == [f"{tmp_path / 'missing'}:0: zones directory does not exist"]
+    assert problems == [f"{tmp_path / 'missing'}: zones directory does not exist"]
 
 
 def dnsoverride_check(config: Path, zones: Path) -> subprocess.CompletedProcess[str]:
