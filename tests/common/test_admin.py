@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 
 import aiohttp
 import pytest
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter
+from structlog.testing import capture_logs
 
 from dnsoverride.common import admin as admin_module
 from dnsoverride.common.admin import AdminServer, start_admin
@@ -206,3 +208,66 @@ async def test_close_ends_the_handlers_of_open_keep_alive_connections(
     async with asyncio.timeout(3):
         assert await reader.read() == b""
     writer.close()
+
+
+class Recorder:
+    """A JSON endpoint that keeps the parameters it was called with and answers them,
+    a 400 for `fail=client` and an error of ours for `fail=bug`."""
+
+    def __init__(self) -> None:
+        self.calls: list[dict[str, str]] = []
+
+    async def __call__(self, parameters: Mapping[str, str]) -> object:
+        self.calls.append(dict(parameters))
+        if parameters.get("fail") == "client":
+            raise ValueError("not a DNS name: '..'")
+        if parameters.get("fail") == "bug":
+            raise KeyError("a bug")
+        return {"got": dict(parameters)}
+
+
+async def _json_get(port: int, target: str) -> tuple[int, object]:
+    answer = await _raw(port, f"GET {target} HTTP/1.1\r\nConnection: close\r\n\r\n".encode())
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert b"Content-Type: application/json" in head, head
+    return int(head.split(b" ")[1]), json.loads(body)
+
+
+async def test_json_endpoints_get_decoded_parameters_and_say_what_was_wrong(
+    registry: CollectorRegistry,
+) -> None:
+    """The query string arrives decoded (percent escapes, `+`, the first of a repeated
+    name, bytes that are not UTF-8 replaced); a ValueError is the client's 400 with its
+    message; a bug of ours is a 500 and one log event, and the listener serves on."""
+    endpoint = Recorder()
+    server = await start_admin(
+        "127.0.0.1", 0, registry, lambda: True, endpoints={"/explain": endpoint}
+    )
+    try:
+        port = server.port
+        status, body = await _json_get(port, "/explain?name=a%2Eb+c&type=AAAA&name=x&from=")
+        assert status == 200
+        assert body == {"got": {"name": "a.b c", "type": "AAAA", "from": ""}}
+        status, body = await _json_get(port, "/explain?name=%ff%fe%zz")
+        assert status == 200 and body == {"got": {"name": "\ufffd\ufffd%zz"}}
+        assert await _json_get(port, "/explain?fail=client") == (
+            400,
+            {"error": "not a DNS name: '..'"},
+        )
+        many = "&".join(f"k{n}=v" for n in range(100))
+        assert await _json_get(port, f"/explain?{many}") == (
+            400,
+            {"error": "too many query parameters"},
+        )
+        with capture_logs() as logs:
+            status, body = await _json_get(port, "/explain?fail=bug")
+        assert status == 500 and body == {"error": "internal error, see the daemon's log"}
+        assert [(e["event"], e["path"]) for e in logs] == [("admin_endpoint_failed", "/explain")]
+        head = await _raw(port, b"HEAD /explain?name=a HTTP/1.1\r\nConnection: close\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 ") and head.endswith(b"\r\n\r\n")  # no body
+        post = await _raw(port, b"POST /explain HTTP/1.1\r\nConnection: close\r\n\r\n")
+        assert post.startswith(b"HTTP/1.1 405 ")
+        assert (await _raw(port, b"GET /explainx HTTP/1.0\r\n\r\n")).startswith(b"HTTP/1.1 404 ")
+        assert len(endpoint.calls) == 5  # the HEAD too; never the 405, 404, too many
+    finally:
+        await server.close()

@@ -18,12 +18,14 @@ import subprocess
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import dns.edns
 import dns.message
 import dns.rdatatype
 import pytest
 
+from tests.support.metrics import scrape, total
 from tests.support.peers import DnsPeer, dnsmasq, dnsoverride_serve, events
 from tests.support.ports import free_port
 from tests.support.systemd import (
@@ -97,17 +99,20 @@ def _answering(log: Path, since: int, count: int, name: str | None = None) -> se
     return {record.get("worker") for record in logged if name in (None, record.get("name"))}
 
 
-def _scrape(port: int) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
-        return str(reply.read().decode())
+def _admin(port: int, target: str) -> dict[str, Any]:
+    """The JSON document the admin listener answers `target` with."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{target}", timeout=10) as reply:
+        document: dict[str, Any] = json.loads(reply.read())
+    return document
 
 
-def _sample(text: str, name: str) -> float:
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{"):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
+def _every_process_serves(port: int, content_hash: str) -> bool:
+    """Whether /status says every process serves the routing with `content_hash`."""
+    workers = _admin(port, "/status")["workers"]
+    processes = workers["processes"]
+    return len(processes) == WORKERS and all(
+        p["serving"] and p["routing"] == content_hash for p in processes
+    )
 
 
 def test_zone_edit_and_health_flip_reach_every_worker(tmp_path: Path) -> None:
@@ -130,16 +135,25 @@ def test_zone_edit_and_health_flip_reach_every_worker(tmp_path: Path) -> None:
         _every_worker_answers(server, NAME, "10.0.0.1")
         _every_worker_answers(server, GATED, "127.0.0.1")
 
+        before = _admin(metrics, "/status")["zones"]["content_hash"]
+        assert _every_process_serves(metrics, before)
         (zones / "z.yaml").write_text(_zone("10.0.0.2", health_port))
         server.process.send_signal(signal.SIGHUP)
-        poll(lambda: _address(server, NAME) == "10.0.0.2", 10, "the new zone", every=0.05)
-        # Within one reload: once one process answers the new zone, all do (each query
-        # from a fresh port; the answer TTL is 1 s, the answer caches follow the reload).
-        time.sleep(1.0)
+        # /status says when every worker has loaded the new files (and answered with their
+        # hash); from then on every process answers the new zone (each query from a fresh
+        # port; the answer caches follow the reload).
+        poll(lambda: _admin(metrics, "/status")["zones"]["content_hash"] != before, 10, "reload")
+        after = _admin(metrics, "/status")["zones"]["content_hash"]
+        poll(lambda: _every_process_serves(metrics, after), 10, "every worker reloaded")
         _every_worker_answers(server, NAME, "10.0.0.2")
+        # /explain is the supervisor's, on the routing every process now serves.
+        (step,) = _admin(metrics, f"/explain?name={NAME}")["steps"]
+        assert step["records"] == ["10.0.0.2"] and step["file"].endswith("z.yaml")
 
         target.close()  # the health prober (one, in the supervisor) withdraws the override
         poll(lambda: _address(server, GATED) == REAL, 10, "the withdrawal", every=0.05)
+        # The verdict goes to every worker as the supervisor applies it; no process says
+        # when it has, so a second for the pipe's message to be read everywhere.
         time.sleep(1.0)
         _every_worker_answers(server, GATED, REAL)
         probes = events(server, "health_target_down") + events(server, "health_withdrawn")
@@ -156,12 +170,20 @@ def test_a_killed_worker_is_replaced_and_metrics_add_up(tmp_path: Path) -> None:
         dnsoverride_serve(tmp_path, zones, [upstream.address], config=_config(metrics)) as server,
     ):
         _started(server)
-        before = _sample(_scrape(metrics), "dnsoverride_dns_queries_total")
+        before = total(scrape(metrics), "dnsoverride_dns_queries_total")
+        status_before = _admin(metrics, "/status")
         for _ in range(200):
             assert _address(server, NAME) == "10.0.0.1"
-        text = _scrape(metrics)
-        assert _sample(text, "dnsoverride_dns_queries_total") - before == 200
-        assert _sample(text, "dnsoverride_dns_workers") == WORKERS
+        samples = scrape(metrics)
+        assert total(samples, "dnsoverride_dns_queries_total") - before == 200
+        assert total(samples, "dnsoverride_dns_workers") == WORKERS
+        # /status counts the whole service too: the sum over the three processes (the
+        # supervisor alone answered about a third), and the answer cache's hits with it.
+        status = _admin(metrics, "/status")
+        assert status["queries"]["total"] - status_before["queries"]["total"] == 200
+        hits = status["caches"]["answer"]["hits"] - status_before["caches"]["answer"]["hits"]
+        assert hits >= 200 - WORKERS  # each process's first query may be a miss
+        assert status["workers"]["serving"] == status["workers"]["configured"] == WORKERS
         answered = {r.get("worker") for r in events(server, "query")}
         assert answered == set(range(WORKERS))  # the sum is over all three
 
@@ -182,11 +204,15 @@ def test_a_killed_worker_is_replaced_and_metrics_add_up(tmp_path: Path) -> None:
         assert replacement["worker"] == 1 and replacement["pid"] != victim["pid"]
         for _ in range(100):
             assert _address(server, NAME) == "10.0.0.1"
-        text = _scrape(metrics)
-        assert _sample(text, "dnsoverride_dns_worker_restarts_total") == 1
-        assert _sample(text, "dnsoverride_dns_workers") == WORKERS
+        samples = scrape(metrics)
+        assert total(samples, "dnsoverride_dns_worker_restarts_total") == 1
+        assert total(samples, "dnsoverride_dns_workers") == WORKERS
         # The dead worker's counts up to the last scrape stay in the sum: it never falls.
-        assert _sample(text, "dnsoverride_dns_queries_total") - before >= 200 + 100
+        assert total(samples, "dnsoverride_dns_queries_total") - before >= 200 + 100
+        workers = _admin(metrics, "/status")["workers"]
+        assert workers["restarts"] == 1 and workers["serving"] == WORKERS
+        pids = [p["pid"] for p in workers["processes"]]
+        assert victim["pid"] not in pids and replacement["pid"] in pids
 
 
 def test_one_ready_once_every_worker_serves(

@@ -25,3 +25,8 @@ def scrape(port: int, host: str = "127.0.0.1") -> Samples:
     with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=5) as response:
         text: str = response.read().decode()
     return parse_samples(text)
+
+
+def total(samples: Samples, name: str) -> float:
+    """The sum of `name`'s samples over all their labels."""
+    return sum(value for (sample, _), value in samples.items() if sample == name)
