@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -97,6 +99,15 @@ def _answering(log: Path, since: int, count: int, name: str | None = None) -> se
     poll(lambda: len(_queries(log)) >= since + count, 10, f"{count} query lines", every=0.05)
     logged = _queries(log)[since:]
     return {record.get("worker") for record in logged if name in (None, record.get("name"))}
+
+
+def _dead(pid: int) -> bool:
+    """Whether process `pid` has exited (a zombie, or reaped)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return True
+    return "\nState:\tZ" in status
 
 
 def _admin(port: int, target: str) -> dict[str, Any]:
@@ -189,6 +200,9 @@ def test_a_killed_worker_is_replaced_and_metrics_add_up(tmp_path: Path) -> None:
 
         (victim,) = [r for r in events(server, "worker_started") if r["worker"] == 1]
         os.kill(int(str(victim["pid"])), signal.SIGKILL)
+        # Until it has died, a query the kernel hands its socket is lost with it (the
+        # socket closes as it exits, before it is a zombie).
+        poll(lambda: _dead(int(str(victim["pid"]))), 10, "the worker died", every=0.01)
         answers = 0
         deadline = time.monotonic() + 15
         while len(events(server, "worker_started")) < 3:
@@ -213,6 +227,15 @@ def test_a_killed_worker_is_replaced_and_metrics_add_up(tmp_path: Path) -> None:
         assert workers["restarts"] == 1 and workers["serving"] == WORKERS
         pids = [p["pid"] for p in workers["processes"]]
         assert victim["pid"] not in pids and replacement["pid"] in pids
+        shown = subprocess.run(
+            [sys.executable, "-m", "dnsoverride", "status", "--admin", f"127.0.0.1:{metrics}"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=30,
+        ).stdout
+        assert f"workers       {WORKERS} of {WORKERS} serving, 1 restarted since start" in shown
+        assert len(re.findall(r" serving +current\n", shown)) == WORKERS, shown
 
 
 def test_one_ready_once_every_worker_serves(
