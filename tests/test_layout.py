@@ -121,7 +121,7 @@ def test_the_rules_catch_what_the_old_layout_did(tmp_path: Path) -> None:
         "dnsoverride.common.reloader": "from dnsoverride.dns.views import Routing\n",
         "dnsoverride.cache.registry.app": "from dnsoverride.dns import wire\n",
     }
-    reasons = []
+    reasons: list[str] = []
     for name, text in samples.items():
         path = tmp_path / f"{name.rpartition('.')[2]}.py"
         path.write_text(text)
@@ -182,3 +182,33 @@ def test_shared_pieces_import_only_shared_pieces() -> None:
         if not (within(target, SHARED) or target in SHARED_DOWNWARD)
     ]
     assert found == []
+
+
+TESTS = Path(__file__).parent
+
+
+def test_test_modules_import_shared_code_one_way() -> None:
+    """Tests mirror the package, and what they share lives in `tests/support/`, imported
+    as `tests.support.*`: no test module imports another test module, and nothing is
+    imported by a bare name that works only with `tests/` on `sys.path`."""
+    local = {path.stem for path in TESTS.rglob("*.py")} - {"__init__", "conftest"}
+    wrong = []
+    for path in sorted(TESTS.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                names = [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            else:
+                continue
+            where = f"{path.relative_to(TESTS)}:{node.lineno}"
+            for name in names:
+                first, _, rest = name.partition(".")
+                if first == "tests" and rest and not rest.startswith("support"):
+                    wrong.append(f"{where}: {name}")
+                elif first in local:
+                    wrong.append(f"{where}: bare {name}")
+    assert wrong == []
+    # Only the whole-tree check sits at the top; every other test is in its package's dir.
+    top = {path.name for path in TESTS.glob("*.py")}
+    assert top == {"__init__.py", "conftest.py", "test_layout.py"}

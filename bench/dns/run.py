@@ -1,16 +1,23 @@
 #!/usr/bin/env python3
 """DNS benchmark: dnsoverride beside unbound and dnsmasq, in one run.
 
-All three serve the same overrides and forward everything else to the same upstream (a
+All of them serve the same overrides and forward everything else to the same upstream (a
 dnsmasq on loopback answering `*.fwd.bench`). Everything listens on 127.0.0.1.
 
 Throughput (dnsperf: 8 sockets, 200 queries outstanding), each workload run for
---seconds against each server, --rounds times with the servers interleaved; the best
-round counts (the machine is shared, so the best round is the least disturbed one):
+--seconds against each server, --rounds times, the servers' order reversed every other
+round (A/B alternation); the medians of the QPS and of the per-round ratio to unbound
+(1 thread) are printed, with the load average before and after (the machine is shared).
+dnsoverride runs twice, with `workers: 1` and `2`, and unbound with `num-threads: 1` and `2`:
 
-  overridden            100 names from the zone / local-data / host-records
-  forwarded (cached)    100 names under fwd.bench, warmed first so they are cached
-  forwarded (cold)      every query a name never asked before: each is forwarded
+  overridden              100 names from the zone / local-data / host-records
+  overridden EDNS         the same with EDNS (`dnsperf -e`)
+  overridden EDNS+cookie  the same with the COOKIE a stub sends after its first reply:
+                          a client cookie and the server cookie that server returned
+                          (Debian 12's unbound 1.17 and dnsmasq answer no cookies: they
+                          get the client cookie alone, and skip the work of one)
+  forwarded (cached)      100 names under fwd.bench, warmed first so they are cached
+  forwarded (cold)        every query a name never asked before: each is forwarded
 
 Abuse, against dnsoverride and unbound configured alike (dnsmasq has neither feature):
 
@@ -23,31 +30,38 @@ Abuse, against dnsoverride and unbound configured alike (dnsmasq has neither fea
   tcp    300 TCP clients that send queries and never read: seconds until the server
          closed them all (or the --tcp-seconds cap), RSS before, at the peak, 3 s after
 
-    python3 bench/dns/run.py [--seconds 10] [--rounds 2] [--only overridden,cached,cold,rrl,tcp]
+    python3 bench/dns/run.py [--seconds 10] [--rounds 3]
+        [--only overridden,edns,cookie,cached,cold,rrl,tcp]
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import dns.message  # after the sys.path line
+import dns.edns  # after the sys.path line
+import dns.message
+import dns.query
 
-from tests.dns_load import burst, non_readers, press, rss_kib
-from tests.peers import DnsPeer, dnsmasq, dnsoverride_serve, unbound
+from tests.support.dns_load import burst, non_readers, press, rss_kib
+from tests.support.peers import DnsPeer, dnsmasq, dnsoverride_serve, unbound
 
 NAMES = 100
 COLD_NAMES = 400_000  # more than any server answers in one run
 RRL_RATE = 100
+# unbound's caches large enough for every workload.
+UNBOUND_CACHES = "msg-cache-size: 64m\nrrset-cache-size: 64m\n"
 RRL_ADDRESSES = 20
 TCP_CLIENTS = 300
 
@@ -56,11 +70,11 @@ def overridden(index: int) -> tuple[str, str]:
     return f"ovr{index}.ci.bench", f"10.0.{index // 250}.{index % 250 + 1}"
 
 
-def dnsperf(server: DnsPeer, queries: Path, seconds: float) -> float:
+def dnsperf(server: DnsPeer, queries: Path, seconds: float, flags: Sequence[str] = ()) -> float:
     """Queries per second dnsperf measured; notes on stderr if many queries were lost."""
     # 8 client sockets, up to 200 queries outstanding, 2 s timeout.
     command = ["dnsperf", "-s", server.host, "-p", str(server.port), "-d", str(queries)]
-    command += ["-l", str(seconds), "-c", "8", "-q", "200", "-t", "2"]
+    command += ["-l", str(seconds), "-c", "8", "-q", "200", "-t", "2", *flags]
     result = subprocess.run(command, capture_output=True, text=True, check=True)
     qps = re.search(r"Queries per second:\s+([\d.]+)", result.stdout)
     sent = re.search(r"Queries sent:\s+(\d+)", result.stdout)
@@ -84,19 +98,28 @@ def servers(work: Path) -> Iterator[dict[str, DnsPeer]]:
             dnsmasq(work, "--address=/fwd.bench/192.0.2.1", "--local-ttl=3600")
         )
         up = f"{upstream.host}#{upstream.port}"
+        local_data = [f"{name}. 300 IN A {ip}" for name, ip in map(overridden, range(NAMES))]
         peers = {
-            "dnsoverride": stack.enter_context(
-                dnsoverride_serve(work, zones, [upstream.address], "--log-level", "warning")
-            ),
-            "unbound": stack.enter_context(
-                unbound(
-                    work,
-                    [f"{name}. 300 IN A {ip}" for name, ip in map(overridden, range(NAMES))],
-                    local_zones=['"ci.bench." transparent'],
-                    forward_to=upstream,
-                    extra="msg-cache-size: 64m\nrrset-cache-size: 64m\n",
+            **{
+                label: stack.enter_context(
+                    dnsoverride_serve(
+                        work, zones, [upstream.address], config=f"workers: {workers}\n"
+                    )
                 )
-            ),
+                for label, workers in (("dnsoverride", 1), ("dnsoverride 2 workers", 2))
+            },
+            **{
+                label: stack.enter_context(
+                    unbound(
+                        work,
+                        local_data,
+                        local_zones=['"ci.bench." transparent'],
+                        forward_to=upstream,
+                        extra=f"{UNBOUND_CACHES}num-threads: {threads}\n",
+                    )
+                )
+                for label, threads in (("unbound", 1), ("unbound 2 threads", 2))
+            },
             "dnsmasq": stack.enter_context(
                 dnsmasq(
                     work,
@@ -110,32 +133,70 @@ def servers(work: Path) -> Iterator[dict[str, DnsPeer]]:
         yield peers
 
 
+CLIENT_COOKIE = "0102030405060708"
+
+
+def cookie_flags(peer: DnsPeer) -> list[str]:
+    """dnsperf flags sending the COOKIE a stub would after its first reply: our client
+    cookie and the server cookie `peer` returned for it (the client cookie alone when
+    the server sends none, as dnsmasq)."""
+    option = dns.edns.GenericOption(dns.edns.OptionType.COOKIE, bytes.fromhex(CLIENT_COOKIE))
+    query = dns.message.make_query(overridden(0)[0], "A", use_edns=0, options=[option])
+    reply = dns.query.udp(query, peer.host, 3, peer.port)
+    found = [o for o in reply.options if o.otype == dns.edns.OptionType.COOKIE]
+    cookie = found[0].to_wire().hex() if found else CLIENT_COOKIE
+    return ["-E", f"10:{cookie}"]
+
+
 def throughput(work: Path, seconds: float, rounds: int, workloads: list[str]) -> None:
+    """Each workload against each server, `rounds` times, the servers' order alternating
+    from round to round; per round the ratio to unbound (1 thread); medians printed."""
     files = {"overridden": work / "overridden.txt", "forwarded (cached)": work / "cached.txt"}
     files["overridden"].write_text("".join(f"{overridden(i)[0]} A\n" for i in range(NAMES)))
     files["forwarded (cached)"].write_text("".join(f"name{i}.fwd.bench A\n" for i in range(NAMES)))
-    results: dict[str, dict[str, float]] = {}
+    qps: dict[str, dict[str, list[float]]] = {}
+    ratios: dict[str, dict[str, list[float]]] = {}
+    print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     with servers(work) as peers:
+        cookies = {name: cookie_flags(peer) for name, peer in peers.items()}
         for peer in peers.values():
             dnsperf(peer, files["forwarded (cached)"], 1)  # warm the caches
         for round_ in range(rounds):
-            for name, peer in peers.items():
-                # Names no server has seen: each cold run gets its own.
-                cold = work / f"cold-{name}-{round_}.txt"
-                cold.write_text(
-                    "".join(f"c{i}.r{round_}.{name}.fwd.bench A\n" for i in range(COLD_NAMES))
-                )
-                best = results.setdefault(name, {})
-                for load in workloads:
-                    path = cold if load == "forwarded (cold)" else files[load]
-                    best[load] = max(best.get(load, 0.0), dnsperf(peer, path, seconds))
-                cold.unlink()
-    print(f"{'workload':<22}{'server':<14}{'QPS':>10}{'vs unbound':>12}")
+            order = list(peers.items())
+            if round_ % 2:
+                order.reverse()
+            for load in workloads:
+                measured = {}
+                for name, peer in order:
+                    flags: list[str] = []
+                    path = files.get(load.removesuffix(" EDNS").removesuffix(" EDNS+cookie"))
+                    if load.endswith(" EDNS"):
+                        flags = ["-e"]
+                    elif load.endswith(" EDNS+cookie"):
+                        flags = cookies[name]
+                    if load == "forwarded (cold)":
+                        # Names no server has seen: each cold run gets its own.
+                        path = work / f"cold-{name}-{round_}.txt"
+                        prefix = f"r{round_}.{name.replace(' ', '-')}.fwd.bench"
+                        path.write_text("".join(f"c{i}.{prefix} A\n" for i in range(COLD_NAMES)))
+                    assert path is not None
+                    measured[name] = dnsperf(peer, path, seconds, flags)
+                    if load == "forwarded (cold)":
+                        path.unlink()
+                for name, value in measured.items():
+                    qps.setdefault(load, {}).setdefault(name, []).append(value)
+                    ratio = value / measured["unbound"]
+                    ratios.setdefault(load, {}).setdefault(name, []).append(ratio)
+    print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(f"medians of {rounds} rounds (servers alternating), ratio per round to unbound 1 thread")
+    print(f"{'workload':<26}{'server':<24}{'QPS':>10}{'vs unbound':>12}   per round")
     for load in workloads:
-        for name in results:
-            qps = results[name][load]
-            ratio = qps / results["unbound"][load]
-            print(f"{load:<22}{name:<14}{qps:>10.0f}{ratio:>11.2f}x")
+        for name in qps[load]:
+            each = " ".join(f"{r:.2f}" for r in ratios[load][name])
+            print(
+                f"{load:<26}{name:<24}{statistics.median(qps[load][name]):>10.0f}"
+                f"{statistics.median(ratios[load][name]):>11.2f}x   {each}"
+            )
 
 
 @contextlib.contextmanager
@@ -171,7 +232,19 @@ def abuse_servers(work: Path) -> Iterator[dict[str, DnsPeer]]:
                 )
             ),
         }
+        for peer in peers.values():
+            if peer.name == "dnsoverride":
+                wait_started(peer)
         yield peers
+
+
+def wait_started(peer: DnsPeer) -> None:
+    """Until dnsoverride logged `started`: with workers, all of them serve by then."""
+    deadline = time.monotonic() + 60
+    while '"event": "started"' not in peer.log.read_text(errors="replace"):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{peer.name} did not start: see {peer.log}")
+        time.sleep(0.1)
 
 
 def rrl(work: Path, count: int) -> None:
@@ -214,17 +287,23 @@ def tcp(work: Path, cap: float) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=10.0, help="dnsperf run length")
-    parser.add_argument("--rounds", type=int, default=2, help="runs per server and workload")
+    parser.add_argument("--rounds", type=int, default=3, help="runs per server and workload")
     parser.add_argument("--burst", type=int, default=5000, help="queries in the RRL burst")
     parser.add_argument("--tcp-seconds", type=float, default=40.0, help="cap of the TCP run")
     parser.add_argument(
         "--only",
-        default="overridden,cached,cold,rrl,tcp",
-        help="comma-separated parts to run: overridden,cached,cold,rrl,tcp",
+        default="overridden,edns,cookie,cached,cold,rrl,tcp",
+        help="comma-separated parts to run: overridden,edns,cookie,cached,cold,rrl,tcp",
     )
     args = parser.parse_args()
     parts = set(args.only.split(","))
-    loads = {"overridden": "overridden", "cached": "forwarded (cached)", "cold": "forwarded (cold)"}
+    loads = {
+        "overridden": "overridden",
+        "edns": "overridden EDNS",
+        "cookie": "overridden EDNS+cookie",
+        "cached": "forwarded (cached)",
+        "cold": "forwarded (cold)",
+    }
     with tempfile.TemporaryDirectory(prefix="bench-dns-") as tmp:
         work = Path(tmp)
         workloads = [load for part, load in loads.items() if part in parts]

@@ -1,7 +1,7 @@
 """Benchmark: the repository cache against nginx `proxy_cache` + `proxy_cache_lock` as a
 yum cache (the usual choice), with 8 concurrent cold `dnf` clients.
 
-One upstream (tests/yum_upstream.py, paced to `--mbit` per connection like a remote
+One upstream (tests/support/yum_upstream.py, paced to `--mbit` per connection like a remote
 mirror) holds a CentOS-7-style repository built with rpmbuild + createrepo_c: `--big`
 packages of `--mb` MB of incompressible payload plus small ones. In one run:
 
@@ -31,10 +31,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from tests.dnf_client import Client, dnf_env
-from tests.registry_peers import free_port, wait_for_port
-from tests.yum_repos import Rpm, build_rpm, make_repo
-from tests.yum_upstream import YumUpstream
+from tests.support.dnf_client import Client, dnf_env
+from tests.support.ports import free_port
+from tests.support.registry_peers import wait_for_port
+from tests.support.yum_repos import Rpm, build_rpm, make_repo
+from tests.support.yum_upstream import YumUpstream
 
 TREE = "7.9.2009/os/x86_64"
 HOST = "vault.centos.org"

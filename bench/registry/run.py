@@ -32,13 +32,13 @@ from pathlib import Path
 import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from tests.registry_peers import (
+from tests.support.ports import free_port
+from tests.support.registry_peers import (
     OCI_MANIFEST,
     CacheProcess,
     DistributionRegistry,
     TestProxy,
     build_image,
-    free_port,
     push,
     wait_for_port,
 )
@@ -183,7 +183,7 @@ async def cold_phase(root: Path, upstream: DistributionRegistry, clients: int) -
         counting_proxy(upstream.url) as (theirs_up, theirs_conn),
         counting_proxy(upstream.url) as (ours_up, ours_conn),
     ):
-        contenders = [
+        contenders: list[tuple[str, DistributionRegistry | CacheProcess, Connection]] = [
             (
                 "distribution proxy",
                 DistributionRegistry(root / "distribution", {"proxy": {"remoteurl": theirs_up}}),
@@ -209,7 +209,7 @@ async def warm_phase(
 ) -> None:
     """Warm blob and manifest-by-tag rates; both caches restarted on their warm stores and
     pointed straight at the upstream, so the counting proxy slows neither."""
-    servers = [
+    servers: list[DistributionRegistry | CacheProcess] = [
         DistributionRegistry(root / "distribution", {"proxy": {"remoteurl": upstream.url}}),
         CacheProcess(root / "store", upstream.url),
     ]

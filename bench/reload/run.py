@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import dns.exception  # after the sys.path line
 import dns.rcode
 
-from tests.peers import DnsPeer, dnsmasq, dnsoverride_serve, memory_mb
+from tests.support.peers import DnsPeer, dnsmasq, dnsoverride_serve, memory_mb
 
 
 def address(index: int, version: int) -> str:

@@ -26,8 +26,8 @@ from dnsoverride.cache.packages.config import PACKAGES_KEYS, PackagesConfig
 from dnsoverride.cache.registry.config import REGISTRY_KEYS, RegistryConfig, UpstreamConfig
 from dnsoverride.cache.session import TIMEOUT_KEYS, Timeouts
 from dnsoverride.cache.store import Budget
-from dnsoverride.common.configfile import Document, Flags, Section
-from dnsoverride.common.errors import Problem, UserError
+from dnsoverride.common.configfile import Document, Flags, Section, require_file
+from dnsoverride.common.errors import Problem
 from dnsoverride.common.grammar import (
     HTTP_LISTENER,
     RESOLVER,
@@ -218,8 +218,7 @@ def load(path: Path | None, flags: CacheFlags | None = None) -> CacheConfig:
     document = Document(path or Path("(no config file)"))
     top: Section | None = None
     if path is not None:
-        if not path.is_file():
-            raise UserError(f"config file {path} does not exist")
+        require_file(path, f"config file {path}")
         top = document.top(TOP_KEYS)
     if top is None:
         top = document.blank(TOP_KEYS)

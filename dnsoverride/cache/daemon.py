@@ -40,9 +40,10 @@ from dnsoverride.cache.registry.metrics import build_registry
 from dnsoverride.cache.registry.stats import Stats
 from dnsoverride.cache.registry.upstream import Upstream
 from dnsoverride.cache.session import make_session, upstream_resolver
+from dnsoverride.cache.status import CacheState
 from dnsoverride.cache.store import Store
 from dnsoverride.cache.tls import CertificateSet
-from dnsoverride.common.errors import UserError
+from dnsoverride.common.errors import UserError, listen_error
 from dnsoverride.common.grammar import Endpoint
 from dnsoverride.common.lifecycle import Admin, Started, run_service
 from dnsoverride.common.log import LogOptions, configure
@@ -161,11 +162,13 @@ class CacheService:
             handle_signals=False,
         )
         await runner.setup()
-        for where, site in _sites(runner, config, self._certificates, inherited):
+        sites = _sites(runner, config, self._certificates, inherited)
+        for where, site in sites:
             try:
                 await site.start()
             except OSError as error:
-                raise UserError(f"cannot listen on {where}: {error.strerror}") from error
+                port = where.rpartition(":")[2]  # "HOST:PORT", or "fd N" under systemd
+                raise listen_error(where, int(port) if port.isdigit() else 0, error) from error
         log.info(
             "cache_listening",
             host=config.host,
@@ -183,7 +186,21 @@ class CacheService:
             registry = build_registry(cache.stats, cache.store)
             for collector in cache.packages.collectors():
                 registry.register(collector)
-            admin = Admin(config.metrics, registry, cache.store.writable, cache.store.not_ready)
+            state = CacheState(
+                [where for where, _ in sites],
+                cache.store,
+                cache.stats,
+                cache.fetcher,
+                cache.upstreams,
+                cache.packages,
+            )
+            admin = Admin(
+                config.metrics,
+                registry,
+                cache.store.writable,
+                cache.store.not_ready,
+                endpoints={"/status": state.status},
+            )
         status = f"serving {cache.store.stats.entries} stored items from {config.storage}"
         return Started(status, admin)
 

@@ -81,8 +81,9 @@ class Meter(Protocol):
     def sent(self, request: BaseRequest, count: int, *, sendfile: bool) -> None:
         """`count` body bytes went to the client of `request`."""
 
-    def cut_short(self, request: BaseRequest, error: FetchError) -> None:
-        """The response to `request` was aborted after its status: the download failed."""
+    def cut_short(self, request: BaseRequest, status: int, error: FetchError) -> None:
+        """The response to `request` was aborted after its `status` was sent: the download
+        failed."""
 
     def verify_failed(self, download: Download) -> None:
         """The upstream's bytes did not match the expected digest or size."""
@@ -99,6 +100,7 @@ class Download:
         self.owner = owner  # the caller's tag (the registry: the (upstream, repository))
         self.size: int | None = None  # expected length: the caller's, else Content-Length
         self.written = 0
+        self.waiters = 0  # client requests being answered from this download now
         self.final: Path | None = None
         self.error: FetchError | None = None
         # Resolved once upstream headers arrived (size known) or the fetch failed.
@@ -175,6 +177,10 @@ class Fetcher:
     def in_flight(self, kind: Kind, digest: Digest) -> Download | None:
         return self._downloads.get((kind, digest))
 
+    def downloads(self) -> list[Download]:
+        """The downloads in flight, oldest first."""
+        return list(self._downloads.values())
+
     async def stored(self, kind: Kind, digest: Digest) -> Path | None:
         """The stored file of `digest`, re-hashed first if it was only indexed at start-up
         (a damaged one is removed: a miss); None when absent."""
@@ -226,6 +232,15 @@ class Fetcher:
     ) -> web.StreamResponse:
         """The response to GET/HEAD (Range or not) of content being downloaded. Raises the
         download's FetchError when it failed before anything was sent."""
+        download.waiters += 1
+        try:
+            return await self._respond(request, download, headers)
+        finally:
+            download.waiters -= 1
+
+    async def _respond(
+        self, request: web.Request, download: Download, headers: dict[str, str]
+    ) -> web.StreamResponse:
         await asyncio.shield(download.started)
         if download.error is not None:
             raise download.error
@@ -312,7 +327,7 @@ class Fetcher:
                 elif download.error is not None:
                     # Cut the connection short: the client must not take this as complete.
                     # Its access log line carries the reason (the status was already sent).
-                    self.meter.cut_short(request, download.error)
+                    self.meter.cut_short(request, status, download.error)
                     if request.transport is not None:
                         request.transport.abort()
                     return response

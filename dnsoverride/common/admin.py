@@ -1,63 +1,208 @@
 """The admin HTTP listener each daemon runs beside its service port.
 
-Owns three endpoints and nothing else: `/metrics` (Prometheus exposition of the
-daemon's own CollectorRegistry), `/healthz` (the process answers) and `/readyz`
-(the daemon's `ready()` says it can do its job). It is a separate listener so that
-metrics never share a port, an ACL or a TLS setup with DNS or registry clients.
+Owns `/metrics` (Prometheus exposition of the daemon's own CollectorRegistry), `/healthz`
+(the process answers), `/readyz` (the daemon's `ready()` says it can do its job), and
+the daemon's read-only JSON endpoints (`/status`, DNS's `/explain`: `JsonEndpoint`s, what
+`dnsoverride status` and `explain --live` read). It is a separate listener so that
+metrics and state never share a port, an ACL or a TLS setup with DNS or registry clients.
+
+A small HTTP/1.1 server on asyncio streams rather than aiohttp.web: a few GET routes do
+not need a web framework, and aiohttp's server is 12 MB of an otherwise 34 MB idle
+`serve` (issue 13). The standard library's http.server is thread-based, and the
+collectors must run on the loop thread that mutates what they read. What it accepts:
+GET and HEAD (405 otherwise), no request bodies (400), a request head of at most
+`MAX_HEAD` bytes (431) read within `REQUEST_TIMEOUT` seconds, keep-alive as HTTP/1.1
+asks, at most `MAX_CONNECTIONS` clients at once. A JSON endpoint gets the query string's
+parameters decoded (the first of a repeated one; bytes that are not UTF-8 replaced, never
+an error of their own); the ValueError it raises is the client's mistake, a 400 with
+`{"error": ...}`; anything else it raises is logged and a 500.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+import json
+import urllib.parse
+from collections.abc import Awaitable, Callable, Mapping
+from http import HTTPStatus
 
 import structlog
-from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from dnsoverride.common.errors import UserError
+from dnsoverride.common.errors import listen_error
 
 log = structlog.get_logger(__name__)
 
+MAX_HEAD = 8192
+REQUEST_TIMEOUT = 10.0  # seconds for a request head, and for a response to be read
+MAX_CONNECTIONS = 64
+MAX_PARAMETERS = 32  # in one query string: no endpoint takes more than a few
+_TEXT = "text/plain; charset=utf-8"
+_JSON = "application/json"
+_FIXED = frozenset({"/metrics", "/healthz", "/readyz"})
+
+# A read-only JSON endpoint: the request's query parameters -> a JSON-able value, awaited
+# (a supervisor asks its workers). ValueError is the caller's mistake (400, its message
+# as `error`).
+JsonEndpoint = Callable[[Mapping[str, str]], Awaitable[object]]
+
+
+class _Reply:
+    """A response before framing."""
+
+    def __init__(self, status: int, body: bytes, content_type: str = _TEXT) -> None:
+        self.status = status
+        self.body = body
+        self.content_type = content_type
+
 
 class AdminServer:
-    """A running admin listener; `close()` stops it."""
+    """A running admin listener; `close()` stops it and its connections."""
 
-    def __init__(self, runner: web.AppRunner) -> None:
-        self._runner = runner
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        ready: Callable[[], bool],
+        why_not_ready: Callable[[], str | None] | None,
+        before_scrape: Callable[[], Awaitable[None]] | None = None,
+        endpoints: Mapping[str, JsonEndpoint] | None = None,
+    ) -> None:
+        self._registry = registry
+        self._ready = ready
+        self._why_not_ready = why_not_ready
+        self._before_scrape = before_scrape
+        self._endpoints = dict(endpoints or {})
+        self._server: asyncio.Server | None = None
+        self._clients: set[asyncio.StreamWriter] = set()
+        self._handlers: set[asyncio.Task[None]] = set()
 
     @property
     def port(self) -> int:
         """The bound TCP port (useful when started with port 0)."""
-        return int(self._runner.addresses[0][1])
+        assert self._server is not None
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def listen(self, host: str, port: int) -> None:
+        """Bind host:port and accept clients; OSError when it cannot be bound."""
+        self._server = await asyncio.start_server(self.serve, host, port, limit=MAX_HEAD)
 
     async def close(self) -> None:
-        await self._runner.cleanup()
+        if self._server is not None:
+            self._server.close()
+        for writer in list(self._clients):
+            writer.close()
+        # Their handlers end on the close (bounded): a handler task still waiting when the
+        # loop shuts down is cancelled, and Python 3.11's start_server then logs a
+        # traceback for it.
+        if self._handlers:
+            await asyncio.wait(set(self._handlers), timeout=REQUEST_TIMEOUT)
+        if self._server is not None:
+            await self._server.wait_closed()
+
+    async def _route(self, method: str, target: str) -> _Reply:
+        path, _, query = target.partition("?")
+        if path not in _FIXED and path not in self._endpoints:
+            return _Reply(HTTPStatus.NOT_FOUND, b"not found\n")
+        if method not in {"GET", "HEAD"}:
+            return _Reply(HTTPStatus.METHOD_NOT_ALLOWED, b"GET or HEAD\n")
+        endpoint = self._endpoints.get(path)
+        if endpoint is not None:
+            return await _answer_json(path, endpoint, query)
+        if path == "/metrics":
+            if self._before_scrape is not None:
+                await self._before_scrape()
+            return _Reply(HTTPStatus.OK, generate_latest(self._registry), CONTENT_TYPE_LATEST)
+        if path == "/healthz":
+            return _Reply(HTTPStatus.OK, b"ok\n")
+        if self._ready():
+            return _Reply(HTTPStatus.OK, b"ready\n")
+        reason = self._why_not_ready() if self._why_not_ready is not None else None
+        text = f"not ready: {reason}\n" if reason else "not ready\n"
+        return _Reply(HTTPStatus.SERVICE_UNAVAILABLE, text.encode())
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """One client connection: requests answered in turn until it closes or idles."""
+        if len(self._clients) >= MAX_CONNECTIONS:
+            writer.close()
+            return
+        self._clients.add(writer)
+        handler = asyncio.current_task()
+        if handler is not None:
+            self._handlers.add(handler)
+        try:
+            while await self._exchange(reader, writer):
+                pass
+        except (asyncio.IncompleteReadError, TimeoutError, ConnectionError):
+            pass  # the client left, stalled or idled: nothing to answer
+        finally:
+            self._clients.discard(writer)
+            self._handlers.discard(handler)
+            writer.close()
+
+    async def _exchange(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        """Read one request, write its response; whether the connection stays open."""
+        try:
+            async with asyncio.timeout(REQUEST_TIMEOUT):
+                head = await reader.readuntil(b"\r\n\r\n")
+        except asyncio.LimitOverrunError:
+            await _send(writer, _Reply(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, b""), "HEAD")
+            return False
+        request_line, *lines = head.decode("latin-1").split("\r\n")
+        parts = request_line.split(" ")
+        headers = {}
+        for line in lines:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        if len(parts) != 3 or parts[2] not in {"HTTP/1.0", "HTTP/1.1"}:
+            await _send(writer, _Reply(HTTPStatus.BAD_REQUEST, b"bad request line\n"), "GET")
+            return False
+        if headers.get("content-length", "0") != "0" or "transfer-encoding" in headers:
+            await _send(writer, _Reply(HTTPStatus.BAD_REQUEST, b"no request bodies\n"), "GET")
+            return False
+        method, target, version = parts
+        reply = await self._route(method, target)
+        keep = version == "HTTP/1.1" and headers.get("connection", "").lower() != "close"
+        await _send(writer, reply, method, keep=keep)
+        return keep
 
 
-def _build_app(
-    registry: CollectorRegistry,
-    ready: Callable[[], bool],
-    why_not_ready: Callable[[], str | None] | None = None,
-) -> web.Application:
-    async def metrics(_: web.Request) -> web.Response:
-        return web.Response(
-            body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
-        )
+async def _answer_json(path: str, endpoint: JsonEndpoint, query: str) -> _Reply:
+    try:
+        pairs = urllib.parse.parse_qsl(query, keep_blank_values=True, max_num_fields=MAX_PARAMETERS)
+    except ValueError:  # more fields than that
+        return _json_reply({"error": "too many query parameters"}, HTTPStatus.BAD_REQUEST)
+    parameters: dict[str, str] = {}
+    for key, value in pairs:
+        parameters.setdefault(key, value)
+    try:
+        body = await endpoint(parameters)
+    except ValueError as error:
+        return _json_reply({"error": str(error)}, HTTPStatus.BAD_REQUEST)
+    except Exception as error:  # a bug of ours, not the client's: said once, served on
+        log.exception("admin_endpoint_failed", path=path, error=str(error))
+        return _json_reply({"error": "internal error, see the daemon's log"}, 500)
+    return _json_reply(body, HTTPStatus.OK)
 
-    async def healthz(_: web.Request) -> web.Response:
-        return web.Response(text="ok\n")
 
-    async def readyz(_: web.Request) -> web.Response:
-        if ready():
-            return web.Response(text="ready\n")
-        reason = why_not_ready() if why_not_ready is not None else None
-        return web.Response(status=503, text=f"not ready: {reason}\n" if reason else "not ready\n")
+def _json_reply(body: object, status: int) -> _Reply:
+    return _Reply(status, (json.dumps(body, indent=1) + "\n").encode(), _JSON)
 
-    app = web.Application()
-    app.router.add_get("/metrics", metrics)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    return app
+
+async def _send(
+    writer: asyncio.StreamWriter, reply: _Reply, method: str, *, keep: bool = False
+) -> None:
+    status = HTTPStatus(reply.status)
+    head = (
+        f"HTTP/1.1 {status.value} {status.phrase}\r\n"
+        f"Content-Type: {reply.content_type}\r\n"
+        f"Content-Length: {len(reply.body)}\r\n"
+        f"Connection: {'keep-alive' if keep else 'close'}\r\n"
+    )
+    if status == HTTPStatus.METHOD_NOT_ALLOWED:
+        head += "Allow: GET, HEAD\r\n"
+    writer.write(head.encode() + b"\r\n" + (b"" if method == "HEAD" else reply.body))
+    async with asyncio.timeout(REQUEST_TIMEOUT):  # a client that does not read is dropped
+        await writer.drain()
 
 
 async def start_admin(
@@ -66,22 +211,23 @@ async def start_admin(
     registry: CollectorRegistry,
     ready: Callable[[], bool],
     why_not_ready: Callable[[], str | None] | None = None,
+    *,
+    before_scrape: Callable[[], Awaitable[None]] | None = None,
+    endpoints: Mapping[str, JsonEndpoint] | None = None,
 ) -> AdminServer:
     """Serve /metrics, /healthz and /readyz on host:port until `close()`.
 
-    `why_not_ready`, when given, puts the reason into the body of a 503 from /readyz.
+    `why_not_ready`, when given, puts the reason into the body of a 503 from /readyz;
+    `before_scrape` is awaited before each /metrics answer; `endpoints` adds read-only
+    JSON endpoints by path.
+    Scrapes are not logged (every few seconds, they would drown the daemon's own events).
 
     Raises UserError when the address cannot be bound (port in use, bad host).
     """
-    # Scrapes every few seconds would drown the daemon's own events in access logs.
-    runner = web.AppRunner(_build_app(registry, ready, why_not_ready), access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, host, port)
+    server = AdminServer(registry, ready, why_not_ready, before_scrape, endpoints)
     try:
-        await site.start()
+        await server.listen(host, port)
     except OSError as error:
-        await runner.cleanup()
-        raise UserError(f"admin listener {host}:{port}: {error.strerror or error}") from error
-    server = AdminServer(runner)
+        raise listen_error(f"admin listener {host}:{port}", port, error) from error
     log.info("admin_listening", host=host, port=server.port)
     return server

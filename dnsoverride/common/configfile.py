@@ -33,6 +33,19 @@ def number_text(value: float) -> str:
     return str(int(value)) if value == int(value) else f"{value:g}"
 
 
+def require_file(path: Path, label: str) -> None:
+    """UserError unless `path` is a file: `LABEL: does not exist` (or `is a directory, not
+    a file`). `label` names the path as the user gave it: the flag with its value
+    (`--config conf.yaml`) on the command line, `config file PATH` elsewhere."""
+    if path.is_file():
+        return
+    if path.is_dir():
+        raise UserError(f"{label}: is a directory, not a file")
+    if path.exists():
+        raise UserError(f"{label}: is not a regular file")
+    raise UserError(f"{label}: does not exist")
+
+
 def unknown_key(key: object, known: Sequence[str]) -> str:
     """The reason for an unknown key: the closest known one, else the list of them."""
     close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
@@ -60,8 +73,10 @@ class Document:
         except yamlsource.YamlError as error:
             self.add(error.line, error.reason)
             return None
-        except (OSError, UnicodeDecodeError) as error:
-            raise UserError(f"cannot read config file {self.path}: {error}") from None
+        except OSError as error:
+            raise UserError(f"config file {self.path}: cannot read: {error.strerror}") from None
+        except UnicodeDecodeError as error:
+            raise UserError(f"config file {self.path}: not UTF-8 text: {error}") from None
         if document is None:
             return self.blank(keys)
         if not isinstance(document, LineMap):

@@ -8,12 +8,32 @@ Anything raised as (a subclass of) `UserError` is printed by the CLI as
 
 from __future__ import annotations
 
+import errno
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass
+
+# Below this a port needs privilege (net.ipv4.ip_unprivileged_port_start's default).
+PRIVILEGED_PORTS = 1024
 
 
 class UserError(Exception):
     """A problem the user can fix: bad flag, bad config, port in use, forwarding loop..."""
+
+
+def listen_error(what: str, port: int, error: OSError) -> UserError:
+    """The one-line error for a listener that cannot bind: the errno's text (not aiohttp's
+    or asyncio's restatement of the address), and for a privileged port what to do."""
+    # A name that does not resolve (socket.gaierror) carries a negative EAI_* code.
+    code = error.errno
+    reason = os.strerror(code) if code is not None and code > 0 else error.strerror or str(error)
+    message = f"cannot listen on {what}: {reason}"
+    if error.errno == errno.EACCES and 0 < port < PRIVILEGED_PORTS:
+        message += (
+            f" (port {port} needs privilege: start it from its systemd socket unit, or give "
+            "it CAP_NET_BIND_SERVICE: AmbientCapabilities= in the unit, or setcap on python)"
+        )
+    return UserError(message)
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,8 @@ for `serve` and `registry`:
    answers must not meet the default action (SIGHUP would kill the process);
 2. `start` binds its listeners, or takes the sockets systemd passed (socket activation,
    `systemd.inherited_sockets`), and starts serving;
-3. the admin listener (/metrics, /healthz, /readyz), when the service has one;
+3. the admin listener (/metrics, /healthz, /readyz, its JSON endpoints), when the
+   service has one;
 4. READY=1 with a one-line STATUS, then WATCHDOG=1 pings when systemd asks for them;
 5. SIGHUP: RELOADING=1, `reload`, READY=1 with the new STATUS whatever the outcome
    (systemd's reload job waits for it; the daemon serves on either way), one at a time;
@@ -21,15 +22,15 @@ from __future__ import annotations
 import asyncio
 import signal
 import socket
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import structlog
 from prometheus_client.registry import CollectorRegistry
 
 from dnsoverride.common import systemd
-from dnsoverride.common.admin import AdminServer, start_admin
+from dnsoverride.common.admin import AdminServer, JsonEndpoint, start_admin
 from dnsoverride.common.grammar import Endpoint
 
 log = structlog.get_logger(__name__)
@@ -45,6 +46,9 @@ class Admin:
     registry: CollectorRegistry
     ready: Callable[[], bool]
     why_not_ready: Callable[[], str | None] | None = None
+    # Awaited before each /metrics scrape (a supervisor gathers its workers' metrics).
+    before_scrape: Callable[[], Awaitable[None]] | None = None
+    endpoints: Mapping[str, JsonEndpoint] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -93,6 +97,8 @@ async def run_service(service: Service) -> int:
                 spec.registry,
                 spec.ready,
                 spec.why_not_ready,
+                before_scrape=spec.before_scrape,
+                endpoints=spec.endpoints,
             )
         started.set()
         systemd.notify("READY=1", f"STATUS={outcome.status}")

@@ -47,6 +47,8 @@ def configure(options: LogOptions) -> None:
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping()[level.upper()]
         ),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stdout),
+        # One write per line (PrintLogger writes the newline apart): the worker processes
+        # of `serve` share stdout, and their lines must not interleave.
+        logger_factory=structlog.WriteLoggerFactory(file=sys.stdout),
         cache_logger_on_first_use=True,
     )

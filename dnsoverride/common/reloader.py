@@ -31,7 +31,7 @@ import heapq
 import os
 import resource
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +46,7 @@ from watchdog.observers.api import BaseObserver
 
 from dnsoverride.common.errors import ConfigError, Problem, UserError
 from dnsoverride.common.heaptrim import trim_heap
+from dnsoverride.common.readfile import FS_BYTES, read_regular_file
 from dnsoverride.common.yamlsource import brief
 
 log = structlog.get_logger(__name__)
@@ -89,12 +90,37 @@ class ReloadStats:
     failures: int = 0
     last_success_unix: float | None = None
     last_duration_seconds: float | None = None
+    last_failure_unix: float | None = None
+    # The last failed reload's problems (the first SUMMARY_SAMPLE), for `dnsoverride status`.
+    last_problems: tuple[str, ...] = ()
 
     def succeeded(self, seconds: float) -> None:
         """Count a successful load that took `seconds`."""
         self.successes += 1
         self.last_success_unix = time.time()
         self.last_duration_seconds = seconds
+
+    def failed(self, problems: Sequence[Problem]) -> None:
+        """Count a failed load and keep what it said."""
+        self.failures += 1
+        self.last_failure_unix = time.time()
+        self.last_problems = tuple(str(p) for p in problems[:SUMMARY_SAMPLE])
+
+    def summary(self) -> dict[str, object]:
+        """The outcome of the last reload, for a status report: when, which result, and
+        the problems of the last failure (a failure older than the last success is past)."""
+        failed_last = self.last_failure_unix is not None and (
+            self.last_success_unix is None or self.last_failure_unix > self.last_success_unix
+        )
+        return {
+            "successes": self.successes,
+            "failures": self.failures,
+            "last_result": "failure" if failed_last else "success",
+            "last_success_unix": self.last_success_unix,
+            "last_failure_unix": self.last_failure_unix,
+            "last_duration_seconds": self.last_duration_seconds,
+            "last_problems": list(self.last_problems),
+        }
 
 
 class ReloadCollector(Collector):
@@ -196,14 +222,15 @@ def fingerprint(sources: Sources) -> str:
         paths = sources.listing(sources.directory)
     except OSError as error:
         paths = []
-        digest.update(f"directory unreadable: {error}".encode())
+        digest.update(f"directory unreadable: {error}".encode(errors=FS_BYTES))
     paths.extend(sources.files)
     for path in paths:
         try:
-            data = path.read_bytes()
+            data = read_regular_file(path)
         except OSError as error:
-            data = f"unreadable: {error}".encode()
-        digest.update(f"{path}\0{len(data)}\0".encode())
+            data = f"unreadable: {error}".encode(errors=FS_BYTES)
+        # A file name that is not UTF-8 is hashed as its own bytes.
+        digest.update(f"{path}\0{len(data)}\0".encode(errors=FS_BYTES))
         digest.update(data)
     return digest.hexdigest()
 
@@ -563,8 +590,8 @@ class Reloader(Generic[S]):
         self.stats.succeeded(loaded_in)
 
     def _record_failure(self, trigger: Trigger, problems: Iterable[Problem]) -> None:
-        self.stats.failures += 1
         problems = tuple(problems)
+        self.stats.failed(problems)
         for problem in problems[:MAX_LOGGED_PROBLEMS]:
             log.error("zone_problem", file=problem.file, line=problem.line, reason=problem.reason)
         log.error(

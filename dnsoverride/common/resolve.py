@@ -16,7 +16,6 @@ import asyncio
 import ipaddress
 import secrets
 import socket
-import struct
 from collections.abc import Iterable, Mapping, Sequence
 
 import structlog
@@ -24,6 +23,7 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import ThreadedResolver
 from dnslib import QTYPE, RCODE, DNSRecord
 
+from dnsoverride.common.dnsexchange import exchange_tcp, exchange_udp
 from dnsoverride.common.errors import UserError
 from dnsoverride.common.loops import listener_owns
 
@@ -31,54 +31,6 @@ log = structlog.get_logger(__name__)
 
 _LOOP_CHECK_SECONDS = 5.0
 _QTYPES = {socket.AF_INET: QTYPE.A, socket.AF_INET6: QTYPE.AAAA}
-
-
-class _UdpExchange(asyncio.DatagramProtocol):
-    """One query over UDP: resolves with the first datagram that is a reply to it."""
-
-    def __init__(self, server: tuple[str, int], query_id: int) -> None:
-        self.reply: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        self._server = server
-        self._query_id = query_id
-
-    def datagram_received(self, data: bytes, addr: tuple[str | object, ...]) -> None:
-        # Spoofing defence: only the server we asked, only our ID.
-        if (
-            addr[:2] == self._server
-            and len(data) >= 2
-            and struct.unpack("!H", data[:2])[0] == self._query_id
-            and not self.reply.done()
-        ):
-            self.reply.set_result(data)
-
-    def error_received(self, exc: Exception) -> None:
-        if not self.reply.done():
-            self.reply.set_exception(exc)
-
-
-async def _exchange_udp(server: tuple[str, int], packet: bytes, query_id: int) -> bytes:
-    loop = asyncio.get_running_loop()
-    transport, protocol = await loop.create_datagram_endpoint(
-        lambda: _UdpExchange(server, query_id), remote_addr=server
-    )
-    try:
-        transport.sendto(packet)
-        return await protocol.reply
-    finally:
-        transport.close()
-
-
-async def exchange_tcp(server: tuple[str, int], packet: bytes) -> bytes:
-    """One DNS message over TCP (two-byte length prefix, RFC 7766) and the reply's bytes;
-    the forwarder's TCP retry uses it too."""
-    reader, writer = await asyncio.open_connection(*server)
-    try:
-        writer.write(struct.pack("!H", len(packet)) + packet)
-        await writer.drain()
-        (length,) = struct.unpack("!H", await reader.readexactly(2))
-        return await reader.readexactly(length)
-    finally:
-        writer.close()
 
 
 class UpstreamResolver(AbstractResolver):
@@ -166,7 +118,7 @@ class UpstreamResolver(AbstractResolver):
             packet = request.pack()
             try:
                 async with asyncio.timeout(self._timeout):
-                    reply = DNSRecord.parse(await _exchange_udp(server, packet, query_id))
+                    reply = DNSRecord.parse(await exchange_udp(server, packet, query_id))
                     if reply.header.tc:
                         reply = DNSRecord.parse(await exchange_tcp(server, packet))
             except (OSError, TimeoutError, asyncio.IncompleteReadError) as error:

@@ -107,11 +107,18 @@ _COLLECTION_KEY = "mapping keys must be plain values, not a mapping or a list"
 # Resolver.resolve for a plain scalar, as one regex per first character: its resolvers'
 # patterns as named alternatives in their order, so the first that matches names the tag
 # (`lastgroup`), as Resolver's loop would, for one match call instead of one per resolver.
-_RESOLVERS = {
-    first: re.compile(
-        "|".join(f"(?P<r{i}>{regexp.pattern})" for i, (_, regexp) in enumerate(resolvers)),
-        re.X,
+_ALTERNATIVES: dict[tuple[tuple[str, re.Pattern[str]], ...], re.Pattern[str]] = {}
+for _resolvers in yaml.resolver.Resolver.yaml_implicit_resolvers.values():
+    # Compiled once per distinct list (the ten digits share one): each is a large regex.
+    _ALTERNATIVES.setdefault(
+        tuple(_resolvers),
+        re.compile(
+            "|".join(f"(?P<r{i}>{regexp.pattern})" for i, (_, regexp) in enumerate(_resolvers)),
+            re.X,
+        ),
     )
+_RESOLVERS = {
+    first: _ALTERNATIVES[tuple(resolvers)]
     for first, resolvers in yaml.resolver.Resolver.yaml_implicit_resolvers.items()
 }
 _RESOLVER_TAGS = {
@@ -191,9 +198,10 @@ class _Builder:
         self.anchors: dict[str, Any] = {}
         self.open_anchors: set[str] = set()
         self.alias_nodes = 0
-        # id(collection) -> (nodes, height) of what an alias stands for; the anchors
-        # dict keeps every measured collection alive, so ids are not reused meanwhile.
-        self.measured: dict[int, tuple[int, int]] = {}
+        # id(collection) -> (collection, nodes, height) of what an alias stands for. The
+        # entry keeps the collection alive: a redefined anchor's old one (a `<<` source
+        # is in no other place) would be freed, and its id reused by a new collection.
+        self.measured: dict[int, tuple[Any, int, int]] = {}
 
     # Over the size rules on purpose: the loop runs a few times per zone name (10^6 names),
     # and a call per event costs more than the whole loop body; see the class docstring.
@@ -389,15 +397,14 @@ class _Builder:
             return 1, 0
         known = self.measured.get(id(value))
         if known is not None:
-            return known
+            return known[1], known[2]
         nodes, height = 1, 0
         for item in value.values() if isinstance(value, LineMap) else value:
             item_nodes, item_height = self._measure(item)
             nodes += item_nodes + (1 if isinstance(value, LineMap) else 0)
             height = max(height, item_height)
-        result = (nodes, height + 1)
-        self.measured[id(value)] = result
-        return result
+        self.measured[id(value)] = (value, nodes, height + 1)
+        return nodes, height + 1
 
 
 def _open(event: Any, line: int, is_mapping: bool) -> LineMap | LineList:

@@ -19,6 +19,7 @@ from dnsoverride.dns import wire
 from dnsoverride.dns.constants import (
     ANSWER_RR_OVERHEAD,
     ANY,
+    CNAME,
     COOKIE,
     DO,
     HINFO,
@@ -130,6 +131,30 @@ def local_answer(
         current = following
     reply.header.rcode = dnslib.RCODE.SERVFAIL  # a CNAME loop in the zones
     return LocalAnswer(reply, None)
+
+
+def chain_records(records: Sequence[dnslib.RR], target: str) -> list[dnslib.RR]:
+    """The records of an upstream answer for `target` (lowercase, no trailing dot) that
+    continue a local CNAME: those owned by `target` or by a name a kept CNAME leads to.
+    Records for other names are left out: appended to our authoritative answer they would
+    vouch for them (an upstream's `registry-1.docker.io A` beside an override of it). One
+    pass per CNAME out of order, at most as many as the server follows locally."""
+    names = {target}
+    kept: list[dnslib.RR] = []
+    left = list(records)
+    for _ in range(MAX_CNAME_CHAIN + 1):
+        others = []
+        for rr in left:
+            if str(rr.rname).rstrip(".").lower() not in names:
+                others.append(rr)
+                continue
+            kept.append(rr)
+            if rr.rtype == CNAME:
+                names.add(str(rr.rdata.label).rstrip(".").lower())
+        if len(others) == len(left):
+            break
+        left = others
+    return kept
 
 
 def _wire_size(rrset: RRSet) -> int:

@@ -4,6 +4,10 @@
 clamped to the configured bounds, negative answers cached for the SOA's negative TTL
 (RFC 2308), entries kept past expiry for serve-stale (RFC 8767), bounded by LRU.
 
+Both are bounded in entries (`cache.size`) and in bytes of replies (`cache.max_bytes`,
+the answer cache per view): an answer may take 64 KiB, and anyone who runs a domain
+chooses how big its answers are.
+
 `AnswerCache` is the hot path: finished reply bytes keyed by the view and the raw
 question key from `wire.fast_key`. A hit costs a dict lookup and a few byte slices: the
 client's ID and question (in its case) are spliced in, and forwarded answers have their
@@ -40,6 +44,7 @@ class ResponseCache:
     def __init__(self, config: CacheConfig) -> None:
         self.config = config
         self._entries: OrderedDict[Question, _Response] = OrderedDict()
+        self._bytes = 0  # of the replies kept
         self.hits = 0
         self.misses = 0
 
@@ -63,10 +68,14 @@ class ResponseCache:
         ttl = self.cache_ttl(reply)
         if ttl <= 0:
             return 0
+        old = self._entries.get(key)
+        if old is not None:
+            self._bytes -= len(old.reply.wire)
         self._entries[key] = _Response(reply, now, ttl)
         self._entries.move_to_end(key)
-        while len(self._entries) > self.config.size:
-            self._entries.popitem(last=False)
+        self._bytes += len(reply.wire)
+        while len(self._entries) > self.config.size or self._bytes > self.config.max_bytes:
+            self._bytes -= len(self._entries.popitem(last=False)[1].reply.wire)
         return ttl
 
     def get(self, key: Question, now: float) -> tuple[relay.Reply, int] | None:
@@ -80,6 +89,7 @@ class ResponseCache:
             self.misses += 1
             if age >= entry.ttl + self.config.stale_ttl:
                 del self._entries[key]
+                self._bytes -= len(entry.reply.wire)
             return None
         self.hits += 1
         self._entries.move_to_end(key)
@@ -103,6 +113,7 @@ class _Answer:
         "generation",
         "head",
         "offsets",
+        "open_tail",
         "qend",
         "rendered_age",
         "stored_at",
@@ -119,10 +130,13 @@ class _Answer:
         expires: float,
         offsets: tuple[tuple[int, int], ...],
         counter: list[int],
+        bare_opt: bool,
     ) -> None:
         self.base = reply
         self.head = reply[2:12]
         self.tail = reply[qend:]
+        # The tail without the OPT's RDLENGTH, for a hit that adds a COOKIE option.
+        self.open_tail = self.tail[:-2] if bare_opt else None
         self.qend = qend
         self.generation = generation
         self.stored_at = stored_at
@@ -135,17 +149,23 @@ class _Answer:
 class AnswerCache:
     """Finished UDP reply bytes by view and question key (`wire.fast_key`); the fast path.
 
-    One dict per view, each bounded to `size` entries; the oldest insertion goes first
+    One dict per view, each bounded to `size` entries and `max_bytes` bytes of replies;
+    the oldest insertion goes first
     (hits do not reorder: the fast path stays a plain dict lookup; `ResponseCache` is
     the LRU that keeps upstream data). The insertion order is kept in a deque beside
     the dict: `next(iter(dict))` after many deletions walks every deleted slot at the
     front (measured 28 us per eviction at 100,000 entries, growing with the size).
     """
 
-    def __init__(self, size: int, views: int) -> None:
+    def __init__(
+        self, size: int, views: int, udp_size: int, max_bytes: int = CacheConfig.max_bytes
+    ) -> None:
         self.size = size
+        self.max_bytes = max_bytes
+        self._bare_opts = wire.bare_opts(udp_size)
         self._views: list[dict[bytes, _Answer]] = [{} for _ in range(views)]
         self._order: list[deque[tuple[bytes, _Answer]]] = [deque() for _ in range(views)]
+        self._bytes = [0] * views  # of the replies each view keeps
         self.hits = 0
         self.misses = 0
 
@@ -158,23 +178,45 @@ class AnswerCache:
         generation is stale by then, so it is never served."""
         self._views.extend({} for _ in range(views - len(self._views)))
         self._order.extend(deque() for _ in range(views - len(self._order)))
+        self._bytes.extend(0 for _ in range(views - len(self._bytes)))
 
     def lookup(
-        self, view: int, key: bytes, data: bytes, generation: int, now: float
+        self,
+        view: int,
+        key: bytes,
+        data: bytes,
+        generation: int,
+        now: float,
+        *,
+        cookie: bytes | None = None,
     ) -> bytes | None:
-        """The reply for query `data` (counted in its stats cell), or None on a miss."""
+        """The reply for query `data` (counted in its stats cell), or None on a miss.
+
+        `cookie` is our OPT's RDLENGTH and RDATA for a query that sent a COOKIE option
+        (cookies.Verdict.rdata): the reply carries it in place of its empty OPT, or it is
+        None (a miss) when the cached reply does not end in our OPT without options.
+        """
         entry = self._views[view].get(key)
         if entry is None or entry.generation != generation or now >= entry.expires:
             self.misses += 1
             return None
-        self.hits += 1
-        entry.counter[0] += 1
         if entry.offsets:
             age = int(now - entry.stored_at)
             if age != entry.rendered_age:
                 entry.tail = wire.aged(entry.base, entry.offsets, age)[entry.qend :]
+                if entry.open_tail is not None:
+                    entry.open_tail = entry.tail[:-2]
                 entry.rendered_age = age
-        return data[:2] + entry.head + data[12 : entry.qend] + entry.tail
+        if cookie is None:
+            reply = data[:2] + entry.head + data[12 : entry.qend] + entry.tail
+        elif entry.open_tail is not None:
+            reply = data[:2] + entry.head + data[12 : entry.qend] + entry.open_tail + cookie
+        else:
+            self.misses += 1
+            return None
+        self.hits += 1
+        entry.counter[0] += 1
+        return reply
 
     def store(
         self,
@@ -213,13 +255,19 @@ class AnswerCache:
             expires=now + ttl,
             offsets=offsets,
             counter=counter,
+            bare_opt=reply.endswith(self._bare_opts),
         )
+        replaced = entries.get(key)
+        if replaced is not None:
+            self._bytes[view] -= len(replaced.base)
         entries[key] = entry
         order.append((key, entry))
-        while len(entries) > self.size:
+        self._bytes[view] += len(reply)
+        while len(entries) > self.size or self._bytes[view] > self.max_bytes:
             old_key, old = order.popleft()
             if entries.get(old_key) is old:
                 del entries[old_key]
+                self._bytes[view] -= len(old.base)
         if len(order) > 2 * self.size:
             # Keys stored again left their old places behind: keep the deque bounded.
             order.clear()

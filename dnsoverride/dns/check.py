@@ -1,12 +1,15 @@
 """What `dnsoverride check` validates of the DNS server: its config and every zone file,
-as `serve` would load them (with the config's views), without serving."""
+as `serve` would load them (with the config's views), without serving. A zones directory
+without zone files is valid for `serve` (it forwards everything, with a warning) but is
+reported here as a problem: it is almost always a wrong path or file extension."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from dnsoverride.common.errors import ConfigError, Problem
 from dnsoverride.dns.config import ServeFlags, load_config
-from dnsoverride.dns.zones.load import load_zone_set
+from dnsoverride.dns.zones.load import empty_reason, load_zone_set
 
 
 def check(path: Path | None, flags: ServeFlags) -> str:
@@ -14,6 +17,9 @@ def check(path: Path | None, flags: ServeFlags) -> str:
     problems, or the zones') otherwise."""
     config = load_config(path, flags)
     zone_set = load_zone_set(config.zones, config.view_selectors())
+    if not zone_set.files:
+        warning = Problem(str(config.zones), None, f"warning: {empty_reason(config.zones)}")
+        raise ConfigError([warning], "no zone files")
     return (
         f"{len(zone_set.files)} zone files, {zone_set.name_count()} names, "
         f"{len(config.views)} views, upstreams {', '.join(map(str, config.upstreams))}"

@@ -11,12 +11,13 @@ so the server only ever sees typed values.
 from __future__ import annotations
 
 import ipaddress
+import os
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Self
 
-from dnsoverride.common.configfile import Document, Flags, Section
-from dnsoverride.common.errors import ConfigError, Problem, UserError
+from dnsoverride.common.configfile import Document, Flags, Section, require_file
+from dnsoverride.common.errors import ConfigError, Problem
 from dnsoverride.common.grammar import (
     DNS_LISTENER,
     HTTP_LISTENER,
@@ -79,9 +80,11 @@ class View:
 
 @dataclass(frozen=True)
 class CacheConfig:
-    """Response cache bounds (entries) and TTL clamps (seconds)."""
+    """Cache bounds (entries, and bytes of replies: an answer may take 64 KiB, and who
+    runs a domain chooses its answers' size) and TTL clamps (seconds)."""
 
     size: int = 10000
+    max_bytes: int = 64 << 20
     min_ttl: int = 0
     max_ttl: int = 86400
     negative_max_ttl: int = 3600
@@ -94,6 +97,8 @@ class CacheConfig:
     @classmethod
     def read(cls, section: Section) -> Self:
         section.integer("size", 1, MAX_TTL)
+        # A budget, so its unit is required; at least one largest reply (65,535 bytes).
+        section.size("max_bytes", 65535, 1 << 40)
         for key in ("min_ttl", "max_ttl", "negative_max_ttl", "stale_ttl"):
             section.duration(key, 0, MAX_TTL, whole=True)
         section.duration("stale_reuse", 0, 3600)
@@ -221,6 +226,7 @@ class ServeConfig:
     tcp: TcpConfig = field(default_factory=TcpConfig)
     ratelimit: RateLimitConfig = field(default_factory=RateLimitConfig)
     forward: ForwardConfig = field(default_factory=ForwardConfig)
+    workers: int = 1  # processes answering queries (SO_REUSEPORT); 1: this one alone
 
     def view_selectors(self) -> dict[str, frozenset[str] | None]:
         """View name -> zone file selectors, as `zones.load_zone_set(views=...)` wants."""
@@ -228,6 +234,7 @@ class ServeConfig:
 
 
 TOP_KEYS = keys_of(ServeConfig)
+MAX_WORKERS = 64
 VIEW_KEYS = keys_of(View)
 CACHE_KEYS = keys_of(CacheConfig)
 PROBE_KEYS = keys_of(ProbeConfig)
@@ -279,6 +286,7 @@ def _read_top(top: Section, path: Path) -> None:
         top.duration(key, 0, DAY)
     top.size("edns_udp_size", PLAIN_UDP_SIZE, 4096, unit_required=False)
     top.boolean("query_log")
+    top.integer("workers", 1, MAX_WORKERS)
     top.endpoint("metrics", HTTP_LISTENER)
     for key, section_class in SECTIONS.items():
         settings = top.section(key, keys_of(section_class))
@@ -327,8 +335,7 @@ def load_config(
     problems: list[Problem] = []
     origins = _Origins()
     if path is not None:
-        if not path.is_file():
-            raise UserError(f"config file {path} does not exist")
+        require_file(path, f"config file {path}")
         document = Document(path)
         top = document.top(TOP_KEYS)
         if top is not None:
@@ -350,6 +357,7 @@ def load_config(
         values["metrics"] = metrics
     if flags.zones:
         values["zones"] = Path(flags.zones)
+        origins.note("zones", f"--zones {flags.zones}", None)
     if flags.query_log:
         values["query_log"] = True
     problems.extend(command_line.problems)
@@ -360,6 +368,7 @@ def load_config(
     if config.timeout < config.attempt_timeout:
         config = replace(config, attempt_timeout=config.timeout)
     problems.extend(_forwarding_loops(config, origins))
+    problems.extend(_zones_directory(config.zones, origins))
     if problems:
         raise ConfigError(sorted(problems, key=lambda problem: (problem.file, problem.line or 0)))
     return config
@@ -410,6 +419,27 @@ def _with_default_view(
         )
         return config
     return replace(config, views=(*config.views, View(config.default_view)))
+
+
+def _zones_directory(zones: Path, origins: _Origins) -> list[Problem]:
+    """The zones directory as named by the flag or key that gave it, when it cannot be
+    read: a user sees `--zones nozones: ...`, `dnsoverride.yaml:4: zones: ...` or, for the
+    default, which flag or key would name another one."""
+    try:
+        with os.scandir(zones):
+            return []
+    except FileNotFoundError:
+        reason = "zones directory does not exist"
+    except NotADirectoryError:
+        reason = "is a file, not a zones directory"
+    except OSError as error:
+        reason = f"cannot read the zones directory: {error.strerror or error}"
+    source, line = origins.where.get("zones", ("", None))
+    if not source:
+        return [Problem(f"./{zones}", None, f"{reason} (the default; set --zones or zones:)")]
+    if source.startswith("--"):
+        return [Problem(source, None, reason)]
+    return [Problem(source, line, f"zones: {zones}: {reason}")]
 
 
 def _forwarding_loops(config: ServeConfig, origins: _Origins) -> list[Problem]:

@@ -47,8 +47,14 @@ NOTIMP = 4
 REFUSED = 5
 
 # Record types and the class the server answers.
+NS = 2
+CNAME = 5
 SOA = 6
+PTR = 12
 HINFO = 13
+MX = 15
+SRV = 33
+DNAME = 39
 OPT = 41
 IXFR = 251
 AXFR = 252

@@ -3,11 +3,17 @@
 A client that sends a client cookie gets it back with a server cookie in the layout of
 RFC 9018 (version 1, reserved, timestamp, hash). The hash is a keyed BLAKE2b-64 rather
 than RFC 9018's SipHash-2-4 (not in the standard library), which only matters for
-anycast fleets sharing one secret; the secret here is random per process. A valid
-server cookie younger than half an hour is echoed unchanged (RFC 9018 section 4.3),
-anything else gets a fresh one. Cookies are never required: a query without one, or
-with a wrong one, is answered normally (RFC 7873 5.2.3/5.2.4 allow that), so this
-never breaks a client; malformed COOKIE options get FORMERR (the caller's job).
+anycast fleets sharing one secret; the secret here is random per `serve` (its worker
+processes get the supervisor's). A valid server cookie younger than half an hour is
+echoed unchanged (RFC 9018 section 4.3), anything else gets a fresh one.
+Cookies are never required: a query without one, or with a wrong one, is answered
+normally (RFC 7873 5.2.3/5.2.4 allow that), so this never breaks a client; malformed
+COOKIE options get FORMERR (the caller's job).
+
+A stub resolver sends the same cookie with every query for as long as it stays valid,
+so the verdict on a (client address, COOKIE option) pair is remembered until the
+cookie's validity ends: the keyed hash then runs once per client and cookie, not once
+per query. The memo is bounded (cleared when full, like the resolver's other memos).
 """
 
 from __future__ import annotations
@@ -18,59 +24,110 @@ import socket
 import struct
 import time
 from collections.abc import Callable
+from typing import NamedTuple
 
-from dnsoverride.dns import wire
-from dnsoverride.dns.constants import CLIENT_COOKIE_SIZE, COOKIE
+from dnsoverride.dns.constants import CLIENT_COOKIE_SIZE, COOKIE, OPTION_HEADER
 
 _VERSION_RESERVED = b"\x01\x00\x00\x00"
 _FRESH = 1800  # seconds a server cookie is echoed before a new one is made
 _FUTURE = 300  # seconds of clock skew a timestamp may be ahead
+# How long a fresh server cookie made for a (client, option) pair is handed out again
+# to the same pair: well inside its validity, so a client echoing it is never refused.
+_REISSUE = 60
+MEMO_SIZE = 16384  # (client, cookie) pairs; each about 300 bytes
+_SERVER_COOKIE = CLIENT_COOKIE_SIZE + 16  # RFC 9018: client cookie + 16-byte server cookie
+_STAMP = struct.Struct("!I")
+_OPTION_HEAD = struct.Struct("!HHH")  # OPT RDLENGTH, then the option's code and length
+
+
+class Verdict(NamedTuple):
+    """What a query's COOKIE option earns, from `since` to `until` (the caller's
+    monotonic clock, the event loop's)."""
+
+    valid: bool  # a server cookie we made for this client, still fresh
+    rdata: bytes  # our reply's OPT RDLENGTH and RDATA: the COOKIE option to send back
+    since: float
+    until: float
 
 
 class Cookies:
-    """Makes and checks server cookies with one secret."""
+    """Makes and checks server cookies with one secret; remembers its verdicts.
 
-    def __init__(self, secret: bytes | None = None, clock: Callable[[], float] = time.time) -> None:
+    Timestamps in cookies are wall-clock seconds (`clock`, RFC 9018); the memo runs on
+    the monotonic time each caller passes as `now` (a wall-clock step never stretches a
+    verdict past the cookie's validity).
+    """
+
+    def __init__(
+        self,
+        secret: bytes | None = None,
+        clock: Callable[[], float] = time.time,
+        memo_size: int = MEMO_SIZE,
+    ) -> None:
         self._secret = secret or secrets.token_bytes(16)
         self._clock = clock
+        self._memo: dict[tuple[str, bytes], Verdict] = {}
+        self._memo_size = memo_size
 
-    def reply_option(self, option: bytes, host: str) -> bytes:
+    def rdata(self, option: bytes, host: str, now: float) -> bytes:
+        """Our OPT's RDLENGTH and RDATA for a reply to `host`'s COOKIE `option`: the
+        fast path's `verdict(...).rdata`."""
+        known = self._memo.get((host, option))
+        if known is not None and known[2] <= now < known[3]:  # since, until
+            return known[1]
+        return self.verdict(option, host, now).rdata
+
+    def verdict(self, option: bytes, host: str, now: float) -> Verdict:
+        """The verdict on `option` (a query's COOKIE data) from `host`, remembered."""
+        memo_key = (host, option)
+        known = self._memo.get(memo_key)
+        if known is not None and known.since <= now < known.until:
+            return known
+        stamp = int(self._clock())
+        age = self._age(option, stamp)
+        if age is not None and self._hash_ok(option, host):
+            reply, lasts = option, _FRESH - age
+        else:
+            client = option[:CLIENT_COOKIE_SIZE]
+            head = _VERSION_RESERVED + _STAMP.pack(stamp & 0xFFFFFFFF)
+            reply, lasts, age = client + head + self._hash(client, head, host), _REISSUE, None
+        rdata = _OPTION_HEAD.pack(OPTION_HEADER + len(reply), COOKIE, len(reply)) + reply
+        # One second less: `stamp` was rounded down, the clocks are read apart.
+        verdict = Verdict(age is not None, rdata, now, now + lasts - 1)
+        if len(self._memo) >= self._memo_size:
+            self._memo.clear()
+        self._memo[memo_key] = verdict
+        return verdict
+
+    def reply_option(self, option: bytes, host: str, now: float) -> bytes:
         """The COOKIE option data for our reply to a query that sent `option`."""
-        if self.valid(option, host):
-            return option
-        client = option[:CLIENT_COOKIE_SIZE]
-        head = _VERSION_RESERVED + struct.pack("!I", int(self._clock()) & 0xFFFFFFFF)
-        return client + head + self._hash(client, head, host)
+        return self.verdict(option, host, now).rdata[_OPTION_HEAD.size :]
 
-    def valid(self, option: bytes, host: str) -> bool:
+    def valid(self, option: bytes, host: str, now: float) -> bool:
         """Whether `option` (a query's COOKIE data) holds a server cookie we made for
         `host` within the last half hour: the client has proven its address."""
-        if len(option) != CLIENT_COOKIE_SIZE + 16 or option[8:12] != _VERSION_RESERVED:
-            return False
-        (stamp,) = struct.unpack_from("!I", option, 12)
-        age = (int(self._clock()) - stamp) % (1 << 32)  # serial arithmetic: the stamp wraps
-        if not (age < _FRESH or (1 << 32) - age <= _FUTURE):
-            return False
-        return secrets.compare_digest(
-            option[16:], self._hash(option[:CLIENT_COOKIE_SIZE], option[8:16], host)
-        )
+        return self.verdict(option, host, now).valid
+
+    def _age(self, option: bytes, now: int) -> int | None:
+        """The age in seconds of the server cookie in `option` when it has our layout and
+        is fresh (a timestamp up to `_FUTURE` seconds ahead counts as age 0); else None."""
+        if len(option) != _SERVER_COOKIE or option[8:12] != _VERSION_RESERVED:
+            return None
+        stamp = int.from_bytes(option[12:16], "big")
+        age = (now - stamp) % (1 << 32)  # serial arithmetic: the stamp wraps
+        if age < _FRESH:
+            return age
+        if (1 << 32) - age <= _FUTURE:
+            return 0
+        return None
+
+    def _hash_ok(self, option: bytes, host: str) -> bool:
+        expected = self._hash(option[:CLIENT_COOKIE_SIZE], option[8:16], host)
+        return secrets.compare_digest(option[16:], expected)
 
     def _hash(self, client: bytes, head: bytes, host: str) -> bytes:
         digest = hashlib.blake2b(client + head + _address(host), digest_size=8, key=self._secret)
         return digest.digest()
-
-    def add_to_hit(
-        self, reply: bytes, query: bytes, options_at: int, host: str, limit: int
-    ) -> bytes | None:
-        """A cached `reply` with our COOKIE option when `query` sent one; None when the
-        result would not fit `limit` (the slow path then truncates properly)."""
-        option = wire.find_option(query, options_at, COOKIE)
-        if option is None:
-            return reply
-        if not wire.ends_with_bare_opt(reply):
-            return None  # not ending in an OPT without options: let dnslib build it
-        reply = wire.with_option(reply, COOKIE, self.reply_option(option, host))
-        return reply if len(reply) <= limit else None
 
 
 def _address(host: str) -> bytes:

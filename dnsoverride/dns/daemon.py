@@ -1,6 +1,7 @@
 """`dnsoverride serve`: wire config, zones, listeners, metrics and health checks together
 as a `DnsService`, which the service lifecycle (common/lifecycle.py) runs until
-SIGTERM/SIGINT and shuts down cleanly.
+SIGTERM/SIGINT and shuts down cleanly. With `workers: N` the same service runs in N
+processes: this one supervises (workerpool.py), `worker_main` is each worker's.
 
 Runs on uvloop: the DNS fast path is dominated by event-loop overhead per datagram,
 where uvloop answers several times more queries than the default loop
@@ -11,15 +12,22 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import secrets
+import signal
 import socket
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 import structlog
 import uvloop
+from prometheus_client import generate_latest
 from prometheus_client.registry import CollectorRegistry
 
-from dnsoverride.common.errors import UserError
+from dnsoverride.common.errors import UserError, listen_error
 from dnsoverride.common.grammar import Endpoint
+from dnsoverride.common.heaptrim import trim_heap
 from dnsoverride.common.lifecycle import Admin, Started, run_service
 from dnsoverride.common.log import LogOptions
 from dnsoverride.common.log import configure as configure_logging
@@ -31,12 +39,22 @@ from dnsoverride.dns.listener import READ_LIMIT, TcpListener, UdpListener
 from dnsoverride.dns.reload import ServeStart, serve_reloader, serve_start
 from dnsoverride.dns.resolver import Resolver
 from dnsoverride.dns.stats import DnsCollector, DnsStats
+from dnsoverride.dns.status import Caches, Counts, DnsState, counts
 from dnsoverride.dns.views import Routing
+from dnsoverride.dns.workerpool import (
+    MergedMetrics,
+    Message,
+    WorkerPool,
+    WorkerSpec,
+    worker_environment,
+)
 from dnsoverride.dns.zones.live import LiveZones
+from dnsoverride.dns.zones.load import empty_reason
 
 log = structlog.get_logger(__name__)
 
 SHUTDOWN_GRACE = 2.0
+COOKIE_SECRET_SIZE = 16
 
 
 # The cyclic garbage collector's thresholds (allocations before a young collection, young
@@ -58,7 +76,9 @@ def run(path: Path | None, flags: ServeFlags, logging: LogOptions) -> int:
     # A ZoneSetError (a UserError) lists every problem of the zones. The service holds
     # the first routing until it starts, not this frame: after a reload replaces it,
     # nothing keeps the old zone set alive.
-    service = DnsService(config, start.load(), path, start)
+    if config.workers > 1:
+        structlog.contextvars.bind_contextvars(worker=0)  # the supervisor: worker 0 of N
+    service = DnsService(config, start.load(), Invocation(path, flags, logging), start)
     # The zone set lives until the next reload (refcounting frees it then): out of the
     # collector's sight, a large one is not millions of objects for every full collection
     # to walk. The same after each swap (`install`).
@@ -74,6 +94,7 @@ class _Bound:
         self.udp: list[asyncio.DatagramTransport] = []
         self.tcp: list[asyncio.Server] = []
         self.names: list[str] = []
+        self.endpoints: list[Endpoint] = []  # bound addresses, port 0 resolved
 
 
 UDP_RECEIVE_BUFFER = 4 << 20
@@ -85,10 +106,12 @@ def _grow_receive_buffer(sock: socket.socket) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_RECEIVE_BUFFER)
 
 
-def _udp_socket(endpoint: Endpoint) -> socket.socket:
+def _udp_socket(endpoint: Endpoint, *, reuse_port: bool) -> socket.socket:
     family = socket.AF_INET6 if ":" in endpoint.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
+        if reuse_port:  # `workers`: every process binds the port, the kernel spreads clients
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         _grow_receive_buffer(sock)
@@ -107,8 +130,10 @@ async def _bind(
     inherited: list[socket.socket],
     bound: _Bound,
 ) -> None:
-    """Serve the inherited sockets, or bind `config.listen`; into `bound`, so that what
-    was bound before a failure is closed too."""
+    """Serve the inherited sockets, or bind `config.listen` (with SO_REUSEPORT when there
+    are several workers); into `bound`, so that what was bound before a failure is closed
+    too."""
+    reuse_port = config.workers > 1
     # TCP listeners get a backlog as large as the connection cap: clients retrying over
     # TCP after TC replies arrive together, and an overflowing accept queue resets them.
     loop = asyncio.get_running_loop()
@@ -136,7 +161,7 @@ async def _bind(
     for endpoint in config.listen:
         try:
             transport, _ = await loop.create_datagram_endpoint(
-                udp_protocol, sock=_udp_socket(endpoint)
+                udp_protocol, sock=_udp_socket(endpoint, reuse_port=reuse_port)
             )
             bound.udp.append(transport)
             port = transport.get_extra_info("sockname")[1]
@@ -147,31 +172,62 @@ async def _bind(
                     endpoint.host,
                     port,
                     reuse_address=True,
+                    reuse_port=reuse_port,
                     backlog=config.tcp.max_connections,
                     limit=READ_LIMIT,
                 )
             )
         except OSError as error:
-            raise UserError(f"cannot listen on {endpoint}: {error.strerror or error}") from None
+            raise listen_error(str(endpoint), endpoint.port, error) from None
         bound.names.append(str(Endpoint(endpoint.host, port)))
+        bound.endpoints.append(Endpoint(endpoint.host, port))
+
+
+@dataclass(frozen=True)
+class Invocation:
+    """How `serve` was started: what a worker process is started with too."""
+
+    path: Path | None
+    flags: ServeFlags
+    logging: LogOptions
 
 
 class DnsService:
-    """The DNS server as the service lifecycle runs it (common/lifecycle.py)."""
+    """The DNS server as the service lifecycle runs it (common/lifecycle.py); with
+    `workers: N`, the supervisor of N-1 worker processes (dns/workerpool.py), or, with
+    `link`, one of those workers: it serves, and takes reloads, the health verdict and
+    metrics requests from the supervisor instead of watching files, probing and
+    listening for scrapes itself."""
 
     def __init__(
-        self, config: ServeConfig, routing: Routing, path: Path | None, start: ServeStart
+        self,
+        config: ServeConfig,
+        routing: Routing,
+        invocation: Invocation,
+        start: ServeStart,
+        *,
+        link: Connection | None = None,
+        cookie_secret: bytes | None = None,
     ) -> None:
         self._config = config
         self._first: Routing | None = routing
-        self._path = path
+        self._invocation = invocation
         self._start = start
+        self._link = link
         self._tasks: set[asyncio.Task[None]] = set()  # slow-path UDP queries in flight
         self._zones: LiveZones | None = None
         self._health: HealthMonitor | None = None
         self._bound: _Bound | None = None
         self._probing: asyncio.Task[None] | None = None
         self._reloader: Reloader[Routing] | None = None
+        self._pool: WorkerPool | None = None
+        self._worker_acks: list[asyncio.Future[None]] = []
+        self._install: Callable[[Routing], None] | None = None
+        self._counts: Callable[[], Counts] | None = None
+        self._registry = CollectorRegistry()
+        self._routing_hash = routing.content_hash
+        # One DNS cookie secret for all processes: a client's next query may reach another.
+        self._cookie_secret = cookie_secret or secrets.token_bytes(COOKIE_SECRET_SIZE)
 
     async def start(self, inherited: list[socket.socket]) -> Started:
         config = self._config
@@ -180,27 +236,22 @@ class DnsService:
         zone_set = routing.zone_set
         self._zones = zones = LiveZones(zone_set)
         stats = DnsStats()
-        forwarder = Forwarder(
-            config.upstreams,
-            config.timeout,
-            config.attempt_timeout,
-            config.edns_udp_size,
-            stats,
-            probe=config.probe,
-            failure_log_interval=config.failure_log_interval,
-            forward=config.forward,
-        )
-        resolver = Resolver(config, zones, forwarder, stats)
+        forwarder = Forwarder.for_config(config, stats)
+        resolver = Resolver(config, zones, forwarder, stats, cookie_secret=self._cookie_secret)
         resolver.route(routing)  # the views the first load was validated with
-        registry = CollectorRegistry()
+        registry = self._registry
         registry.register(
             DnsCollector(stats, resolver.answers, resolver.responses, resolver.ratelimit)
         )
-        # Health-gated overrides: checker tasks that follow every zone swap and withdraw names.
-        self._health = health = HealthMonitor(zones.withdraw)
-        registry.register(health.collector())
-        health.update(zone_set.health_gated())
-        zones.on_swap(lambda new: health.update(new.health_gated()))
+        caches: Caches = {"answer": resolver.answers, "response": resolver.responses}
+        self._counts = lambda: counts(stats, caches)
+        if self._link is None:
+            # Health-gated overrides: checker tasks that follow every zone swap and withdraw
+            # names (in the supervisor only: workers get its verdict).
+            self._health = health = HealthMonitor(self._withdraw)
+            registry.register(health.collector())
+            health.update(zone_set.health_gated())
+            zones.on_swap(lambda new: health.update(new.health_gated()))
         self._bound = bound = _Bound()
         await _bind(config, resolver, self._tasks, inherited, bound)
         self._probing = forwarder.start_probing()  # upstream health for readiness and ordering
@@ -211,11 +262,30 @@ class DnsService:
             resolver.route(new)
             zones.swap(new.zone_set)
             gc.freeze()  # the new zone set, as at start (see `run`)
+            self._routing_hash = new.content_hash
+            if self._pool is not None:
+                self._worker_acks = self._pool.reload(new.content_hash)
 
+        self._install = install
+        if self._link is not None:
+            return Started("worker")
         self._reloader = serve_reloader(
-            install, routing, config=config, path=self._path, start=self._start, registry=registry
+            install,
+            routing,
+            config=config,
+            path=self._invocation.path,
+            start=self._start,
+            registry=registry,
         )
         await self._reloader.start()
+        before_scrape = None
+        if config.workers > 1:
+            await self._start_workers(inherited, bound)
+            assert self._pool is not None
+            merged = MergedMetrics(registry, self._pool)
+            registry = CollectorRegistry()
+            registry.register(merged)
+            before_scrape = merged.refresh
         log.info(
             "started",
             listeners=bound.names,
@@ -224,20 +294,74 @@ class DnsService:
             names=zone_set.name_count(),
             upstreams=[str(u) for u in config.upstreams],
             views=[view.name for view in config.views],
+            workers=config.workers,
         )
+        if not zone_set.files:
+            log.warning(
+                "zones_empty", directory=str(config.zones), reason=empty_reason(config.zones)
+            )
+        # Startup's garbage (config and zone parsing, imports) is freed by now: ~1 MB of
+        # the idle footprint glibc would otherwise keep.
+        trim_heap()
         status = f"serving {zone_set.name_count()} names on {', '.join(bound.names)}"
         admin = None
         if config.metrics is not None:
-            admin = Admin(config.metrics, registry, forwarder.answering)
+            reloader = self._reloader
+            state = DnsState(
+                config,
+                bound.names,
+                zones,
+                lambda: reloader.current,
+                self._start.stats,
+                self._health,
+                stats,
+                caches,
+                self._pool,
+            )
+            admin = Admin(
+                config.metrics,
+                registry,
+                forwarder.answering,
+                before_scrape=before_scrape,
+                endpoints={"/status": state.status, "/explain": state.explain},
+            )
         return Started(status, admin)
 
+    async def _start_workers(self, inherited: list[socket.socket], bound: _Bound) -> None:
+        config = self._config
+        invocation = self._invocation
+        spec = WorkerSpec(
+            replace(config, listen=tuple(bound.endpoints)),
+            invocation.path,
+            invocation.flags,
+            invocation.logging,
+            self._cookie_secret,
+            tuple(inherited),
+        )
+        self._pool = WorkerPool(spec, config.workers - 1, worker_main)
+        try:
+            await self._pool.start(self._routing_hash)
+        except RuntimeError as error:
+            raise UserError(f"workers: {error}") from None
+
+    def _withdraw(self, names: frozenset[str]) -> None:
+        assert self._zones is not None
+        self._zones.withdraw(names)
+        if self._pool is not None:
+            self._pool.withdraw(names)
+
     async def reload(self) -> str:
-        """The zones and the config, as a save would reload them, but even if unchanged."""
+        """The zones and the config, as a save would reload them, but even if unchanged;
+        with workers, once every worker has loaded them too (bounded)."""
         assert self._reloader is not None and self._zones is not None
         await self._reloader.reload_now()
+        if self._pool is not None:
+            await self._pool.reloaded(self._worker_acks)
         return f"serving {self._zones.current.name_count()} names"
 
     async def stop(self) -> None:
+        if self._pool is not None:
+            await self._pool.stop()
         if self._probing is not None:
             self._probing.cancel()
         if self._health is not None:
@@ -246,6 +370,79 @@ class DnsService:
             await self._reloader.stop()
         if self._bound is not None:
             await _close(self._bound, self._tasks)
+
+    async def serve_as_worker(self, inherited: list[socket.socket]) -> None:
+        """A worker's life: serve, tell the supervisor, follow its messages until "stop"
+        (or SIGTERM, or the supervisor gone), then drain and close."""
+        assert self._link is not None
+        link = self._link
+        loop = asyncio.get_running_loop()
+        stopping = asyncio.Event()
+        loop.add_signal_handler(signal.SIGTERM, stopping.set)
+        reloading = asyncio.Lock()
+        await self.start(inherited)
+
+        async def reload() -> None:
+            async with reloading:
+                try:
+                    new = await asyncio.to_thread(self._start.loader)
+                except Exception as error:  # the supervisor's load passed: files changed since
+                    log.warning("worker_reload_failed", error=str(error)[:500])
+                else:
+                    assert self._install is not None
+                    self._install(new)
+                link.send(Message("reloaded", self._routing_hash))
+
+        def receive() -> None:
+            try:
+                message: Message = link.recv()
+            except (EOFError, OSError):
+                loop.remove_reader(link.fileno())
+                stopping.set()
+                return
+            if message.kind == "reload":
+                self._tasks.add(loop.create_task(reload()))
+            elif message.kind == "withdrawn":
+                assert self._zones is not None
+                self._zones.withdraw(message.value)
+            elif message.kind == "metrics":
+                link.send(Message("metrics", generate_latest(self._registry).decode()))
+            elif message.kind == "counts":
+                assert self._counts is not None
+                link.send(Message("counts", self._counts()))
+            elif message.kind == "stop":
+                stopping.set()
+
+        loop.add_reader(link.fileno(), receive)
+        link.send(Message("ready", self._routing_hash))
+        await stopping.wait()
+        loop.remove_reader(link.fileno())
+        await self.stop()
+
+
+def worker_main(spec: WorkerSpec, index: int, link: Connection) -> None:
+    """A worker process of `workers: N` (started by WorkerPool from its fork server)."""
+    worker_environment()
+    # Ctrl-C and a terminal's hangup reach the whole process group: the supervisor stops
+    # or reloads the workers itself.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    configure_logging(spec.logging)
+    structlog.contextvars.bind_contextvars(worker=index)
+    gc.set_threshold(*GC_THRESHOLDS)
+    start = serve_start(spec.config, spec.path, spec.flags)
+    try:
+        routing = start.load()
+    except UserError as error:  # the files changed since the supervisor loaded them
+        log.error("worker_start_failed", error=str(error)[:500])
+        raise SystemExit(1) from None
+    invocation = Invocation(spec.path, spec.flags, spec.logging)
+    service = DnsService(
+        spec.config, routing, invocation, start, link=link, cookie_secret=spec.cookie_secret
+    )
+    gc.freeze()
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(service.serve_as_worker(list(spec.inherited)))
 
 
 async def _close(bound: _Bound, tasks: set[asyncio.Task[None]]) -> None:

@@ -19,7 +19,11 @@ makes the upstream suspect and starts a probe at once; the upstream is marked do
 that probe fails too (two different questions failed in a row, and one of them is the
 probe's known-good `<probe.name> NS`). A name an upstream cannot resolve in time (a
 black-holed zone) costs only its own question a SERVFAIL. Upstreams are tried healthy
-first, in configured order. Off the hot path, `probe` asks `<probe.name> NS` (default
+first, in configured order, except that one which let `DEMOTE_AFTER` client questions in
+a row time out that another upstream then answered is tried after the others for
+`DEMOTION` seconds (or until it answers one): a resolver whose own uplink is gone still
+answers the probe from its cache, and would otherwise cost every uncached query its
+attempt timeout. Off the hot path, `probe` asks `<probe.name> NS` (default
 `. NS`) of every upstream that is down or has answered nothing for `probe.interval`
 seconds: any well-formed reply, whatever its rcode, means the upstream is answering.
 That keeps readiness ("at least one upstream answering") true to the upstreams with no
@@ -43,10 +47,10 @@ from collections.abc import Callable, Coroutine
 import dnslib
 import structlog
 
+from dnsoverride.common.dnsexchange import exchange_tcp
 from dnsoverride.common.grammar import Endpoint
-from dnsoverride.common.resolve import exchange_tcp
 from dnsoverride.dns import relay, wire
-from dnsoverride.dns.config import ForwardConfig, ProbeConfig
+from dnsoverride.dns.config import ForwardConfig, ProbeConfig, ServeConfig
 from dnsoverride.dns.constants import CLASS_IN, REFUSED, SERVFAIL
 from dnsoverride.dns.logthrottle import ThrottledLog
 from dnsoverride.dns.relay import Question
@@ -58,6 +62,8 @@ log = structlog.get_logger(__name__)
 MAX_INFLIGHT = 512
 UNWANTED_LIMIT = 3  # unwanted datagrams on one query's socket before it is abandoned
 SOCKETS_PER_ATTEMPT = 3  # fresh ports (and IDs) one attempt may use before it gives up
+DEMOTE_AFTER = 3  # client questions in a row an upstream let time out that another answered
+DEMOTION = 30.0  # seconds it is then tried after the others; then one question tries it again
 _RETRY_RCODES = {SERVFAIL: "servfail", REFUSED: "refused"}
 # Reasons that say nothing about the question: the upstream did not reply at all.
 _SILENT = ("timeout", "error")
@@ -78,7 +84,16 @@ def question_text(question: Question) -> str:
 class _Upstream:
     """One upstream resolver and what the forwarder knows of it."""
 
-    __slots__ = ("address", "confirming", "last_answer", "name", "unwanted", "up")
+    __slots__ = (
+        "address",
+        "confirming",
+        "demoted_until",
+        "last_answer",
+        "name",
+        "passed_over",
+        "unwanted",
+        "up",
+    )
 
     def __init__(self, endpoint: Endpoint, stats: DnsStats) -> None:
         self.address = (endpoint.host, endpoint.port)
@@ -87,6 +102,8 @@ class _Upstream:
         self.up = True  # until shown otherwise: the first probe runs at start
         self.last_answer = -math.inf  # loop time of its last well-formed reply
         self.confirming = False  # a probe started by a failed client question is running
+        self.passed_over = 0  # client questions in a row it let time out, another answered
+        self.demoted_until = -math.inf  # loop time until which it is tried last
 
 
 class Forwarder:
@@ -107,6 +124,7 @@ class Forwarder:
         self._upstreams = tuple(_Upstream(endpoint, stats) for endpoint in upstreams)
         self._order = list(self._upstreams)  # healthy first, each group in configured order
         self._any_up = True  # whether any upstream is up: asked once per query
+        self._demotions_end = -math.inf  # the last `demoted_until` of any upstream
         stats.upstream_up.update((upstream.name, True) for upstream in self._upstreams)
         self._budget = budget
         self._attempt_timeout = attempt_timeout
@@ -125,6 +143,20 @@ class Forwarder:
         # on Python 3.11, five times a forwarded query.
         self._loop = asyncio.get_running_loop()
         self._watcher = SocketWatcher(self._loop)
+
+    @classmethod
+    def for_config(cls, config: ServeConfig, stats: DnsStats) -> Forwarder:
+        """The forwarder `serve` runs with `config`'s upstreams, timeouts and probing."""
+        return cls(
+            config.upstreams,
+            config.timeout,
+            config.attempt_timeout,
+            config.edns_udp_size,
+            stats,
+            probe=config.probe,
+            failure_log_interval=config.failure_log_interval,
+            forward=config.forward,
+        )
 
     def answering(self) -> bool:
         """Whether at least one upstream is answering (readiness)."""
@@ -212,9 +244,14 @@ class Forwarder:
 
     async def _ask_all(self, question: Question) -> relay.Reply:
         loop = self._loop
-        deadline = loop.time() + self._budget
+        now = loop.time()
+        deadline = now + self._budget
         replied = False
-        for upstream in list(self._order):
+        order = self._order
+        if now < self._demotions_end:
+            order = sorted(order, key=lambda upstream: upstream.demoted_until > now)
+        silent: list[_Upstream] = []  # let this question time out
+        for upstream in list(order):
             remaining = deadline - loop.time()
             if remaining <= 0.01 or (replied and not upstream.up):
                 # Upstreams marked down are a last resort for when no upstream replied at
@@ -227,6 +264,7 @@ class Forwarder:
                 )
             except TimeoutError:
                 self._failed(upstream, "timeout", question, started)
+                silent.append(upstream)
                 continue
             except AbandonedError:
                 self._failed(upstream, "unwanted", question, started)
@@ -235,11 +273,15 @@ class Forwarder:
                 self._failed(upstream, "error", question, started, error)
                 continue
             self._answered(upstream)
+            upstream.passed_over = 0
+            upstream.demoted_until = -math.inf
             replied = True
             reason = _RETRY_RCODES.get(answer.rcode)
             if reason is not None:
                 self._failed(upstream, reason, question, started)
                 continue
+            for passed in silent:
+                self._passed_over(passed)
             self._stats.upstream_answered(upstream.name, loop.time() - started)
             return answer
         raise UpstreamFailedError(question_text(question))
@@ -250,6 +292,22 @@ class Forwarder:
             upstream.up = True
             self._reorder()
             log.info("upstream_up", upstream=upstream.name)
+
+    def _passed_over(self, upstream: _Upstream) -> None:
+        """`upstream` let a client question time out that another upstream answered."""
+        upstream.passed_over += 1
+        if upstream.passed_over < DEMOTE_AFTER:
+            return
+        now = self._loop.time()
+        if upstream.demoted_until <= now:
+            log.warning(
+                "upstream_demoted",
+                upstream=upstream.name,
+                questions=upstream.passed_over,
+                seconds=DEMOTION,
+            )
+        upstream.demoted_until = now + DEMOTION
+        self._demotions_end = max(self._demotions_end, upstream.demoted_until)
 
     def _failed(
         self,

@@ -23,16 +23,21 @@ import ssl
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import aiohttp
 import structlog
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from dnsoverride.common.resolve import UpstreamResolver
 from dnsoverride.dns.zones.health import GatedOverride, HealthCheck
 
+if TYPE_CHECKING:
+    import aiohttp
+
 log = structlog.get_logger(__name__)
+
+
+HTTPS_PORT = 443
 
 
 def _client_context(ca_file: Path | None) -> ssl.SSLContext:
@@ -118,14 +123,14 @@ class Prober:
                 return await self._probe_https(address)
         except TimeoutError:
             return f"no answer within {self._check.timeout:g}s"
-        except (OSError, aiohttp.ClientError) as error:
+        except OSError as error:
             return self._reason(error)
         except Exception as error:  # anything else costs one check, never the checker task
             log.exception("health_probe_error", name=self._name, address=address)
             return f"{type(error).__name__}: {error}"
 
     def _reason(self, error: Exception) -> str:
-        if isinstance(error, ssl.SSLError | aiohttp.ClientSSLError):
+        if isinstance(error, ssl.SSLError):
             return str(error)
         # asyncio's connect errors repeat the address; the log event already has it.
         if isinstance(error, OSError) and error.errno:
@@ -133,26 +138,37 @@ class Prober:
         return str(error) or type(error).__name__
 
     async def _probe_https(self, address: str) -> str | None:
+        # Imported on the first HTTPS check: an HTTP client is 10 MB of a `serve` that has
+        # none (issue 13); TCP checks and the DNS path never need it.
+        import aiohttp
+
         context = self._trust()
         if context is None:
             return f"CA file unusable: {self._ssl_error}"
         session = self._sessions.get(address)
         if session is None:
-            # The resolver pins the overridden name to this one target; force_close makes
-            # every probe a fresh TCP+TLS handshake, which is what clients will do.
-            connector = aiohttp.TCPConnector(
-                resolver=UpstreamResolver(hosts={self._name: [address]}),
-                ssl=context,
-                force_close=True,
-                use_dns_cache=False,
-            )
+            # force_close makes every probe a fresh TCP+TLS handshake, which is what
+            # clients will do.
+            connector = aiohttp.TCPConnector(ssl=context, force_close=True)
             session = aiohttp.ClientSession(connector=connector)
             self._sessions[address] = session
-        url = f"https://{self._name}:{self._check.port}{self._check.path}"
-        async with session.get(url, allow_redirects=False) as response:
-            if response.status in self._check.expect:
-                return None
-            return f"HTTP status {response.status}"
+        # The connection goes to this one target; SNI, certificate verification and Host
+        # use the overridden name, as a client's would.
+        port = self._check.port
+        host = f"[{address}]" if ":" in address else address
+        url = f"https://{host}:{port}{self._check.path}"
+        headers = {"Host": self._name if port == HTTPS_PORT else f"{self._name}:{port}"}
+        try:
+            async with session.get(
+                url, headers=headers, server_hostname=self._name, allow_redirects=False
+            ) as response:
+                if response.status in self._check.expect:
+                    return None
+                return f"HTTP status {response.status}"
+        except aiohttp.ClientSSLError as error:
+            return str(error)
+        except aiohttp.ClientError as error:
+            return self._reason(error)
 
     async def close(self) -> None:
         for session in self._sessions.values():

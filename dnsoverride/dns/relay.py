@@ -7,7 +7,9 @@ everything else together. None of it is needed to forward: the upstream's record
 relayed as they came, behind a header rebuilt for the client and the client's own
 question (same length as ours, so the upstream's compression pointers stay valid), with
 the upstream's OPT record replaced by ours and the TTLs rewritten in place. An upstream
-reply is walked once (`scan`) to check its framing and find what caching needs.
+reply is walked once (`scan`) to check its framing and find what caching needs, and every
+name a client will decompress (owners, and the names in NS, CNAME, PTR, DNAME, MX, SRV and
+SOA data) is read as the client will read it: relayed bytes must parse at the client.
 """
 
 from __future__ import annotations
@@ -22,11 +24,19 @@ from dnsoverride.dns.constants import (
     AD,
     ARCOUNT,
     CD,
+    CNAME,
     COUNTS,
+    DNAME,
     FLAGS,
     HEADER_SIZE,
+    MAX_LABEL,
+    MAX_NAME,
+    MAX_TTL,
+    MX,
+    NS,
     OPT,
     OPT_SIZE,
+    PTR,
     QR,
     QUESTION_TAIL,
     RA,
@@ -37,12 +47,24 @@ from dnsoverride.dns.constants import (
     SOA,
     SOA_MIN_RDATA,
     SOA_MINIMUM_FROM_END,
+    SRV,
     TC,
 )
 
 _HEADER = struct.Struct("!HBBHHHH")
 _COUNTS = struct.Struct("!HHHH")
 _RR_FIXED = struct.Struct("!HHIH")
+# Record types whose data holds names a client decompresses: (octets before the first
+# name, names, octets after the last). The rest is relayed unread.
+_RDATA_NAMES = {
+    NS: (0, 1, 0),
+    CNAME: (0, 1, 0),
+    SOA: (0, 2, 20),  # MNAME, RNAME, five 32-bit numbers
+    PTR: (0, 1, 0),
+    MX: (2, 1, 0),  # the preference first
+    SRV: (6, 1, 0),  # priority, weight and port first
+    DNAME: (0, 1, 0),
+}
 
 
 class Question(NamedTuple):
@@ -135,40 +157,48 @@ def scan(data: bytes, qend: int = 0) -> Reply:
         return _scan(data, qend)
     except (IndexError, struct.error) as error:
         raise ValueError(f"truncated reply ({error})") from None
+    except (dnslib.DNSError, dnslib.DNSLabelError) as error:  # the OPT-not-last path
+        raise ValueError(f"malformed reply ({error})") from None
 
 
 def _scan(data: bytes, qend: int = 0) -> Reply:
     _id, flags, low, qdcount, ancount, nscount, arcount = _HEADER.unpack_from(data)
     if qdcount != 1:
         raise ValueError(f"{qdcount} questions")
-    if not qend:
-        qend = wire.skip_name(data, HEADER_SIZE) + QUESTION_TAIL
+    names: dict[int, int] = {}  # see _name_end
+    if qend:  # checked by answers_query: our query's name, plain labels
+        names[HEADER_SIZE] = qend - QUESTION_TAIL - HEADER_SIZE
+    else:
+        qend = _name_end(data, HEADER_SIZE, names) + QUESTION_TAIL
     offset = qend
     ttls = []
     min_ttl: int | None = None
     negative_ttl: int | None = None
     opt: tuple[int, int] | None = None
+    zeroed = []  # TTL fields with the high bit set
     size = len(data)
     for index in range(ancount + nscount + arcount):
         start = offset
-        offset = wire.skip_name(data, offset)
+        offset = _name_end(data, offset, names)
         rtype, _rclass, ttl, rdlength = _RR_FIXED.unpack_from(data, offset)
         end = offset + RR_FIXED + rdlength
         if end > size:
             raise ValueError("record runs past the end")
+        _check_rdata_names(data, rtype, offset + RR_FIXED, end, names)
         if rtype == OPT:
             if index < ancount + nscount or opt is not None:
                 raise ValueError("OPT outside the additional section or twice")
             opt = (start, end)
         else:
+            if ttl > MAX_TTL:  # RFC 2181 section 8: as if it were 0
+                ttl = 0
+                zeroed.append(offset + RR_TTL)
             ttls.append((offset + RR_TTL, ttl))
             min_ttl = ttl if min_ttl is None or ttl < min_ttl else min_ttl
             if rtype == SOA and negative_ttl is None and ancount <= index < ancount + nscount:
-                if rdlength < SOA_MIN_RDATA:
-                    raise ValueError("short SOA")
-                negative_ttl = min(ttl, _ttl_at(data, end - SOA_MINIMUM_FROM_END))
+                negative_ttl = _negative_ttl(data, ttl, rdlength, end)
         offset = end
-    message = data[:offset]
+    message = _zero_ttls(data[:offset], zeroed)
     if opt is not None:
         if opt[1] != offset:
             # Legal but rare (OPT is last in practice): let dnslib re-encode without it.
@@ -188,6 +218,83 @@ def _scan(data: bytes, qend: int = 0) -> Reply:
         min_ttl,
         negative_ttl,
     )
+
+
+def _negative_ttl(data: bytes, ttl: int, rdlength: int, end: int) -> int:
+    """How long a negative answer is cached by the SOA record whose TTL is `ttl` and whose
+    data ends at `end` (RFC 2308 5: the lesser of its TTL and its MINIMUM)."""
+    if rdlength < SOA_MIN_RDATA:
+        raise ValueError("short SOA")
+    return min(ttl, _ttl_at(data, end - SOA_MINIMUM_FROM_END))
+
+
+def _zero_ttls(message: bytes, offsets: list[int]) -> bytes:
+    """`message` with the TTL fields at `offsets` set to 0."""
+    if not offsets:
+        return message
+    patched = bytearray(message)
+    for at in offsets:
+        struct.pack_into("!I", patched, at, 0)
+    return bytes(patched)
+
+
+def _check_rdata_names(
+    data: bytes, rtype: int, start: int, end: int, names: dict[int, int]
+) -> None:
+    """Read the names in the data of a record of type `rtype` (from `start` to `end`) as
+    a client will, if the type holds any (`_RDATA_NAMES`); the data must end where they
+    and the octets after them do."""
+    layout = _RDATA_NAMES.get(rtype)
+    if layout is None:
+        return
+    before, count, after = layout
+    at = start + before
+    for _ in range(count):
+        at = _name_end(data, at, names)
+    if at + after != end:
+        raise ValueError(f"TYPE{rtype} data does not fill its length")
+
+
+def _name_end(data: bytes, offset: int, names: dict[int, int]) -> int:
+    """Offset just past the name at `offset`, read as a client decompresses it. Like
+    dnspython, each compression pointer must point below the previous one (below the name
+    itself, first), so a name always ends; and into the records, not the header, which
+    `to_client` rebuilds. At most 255 octets in all. `names` maps the offsets where a
+    name read so far (or the rest of one) starts to its length: a pointer there ends the
+    walk. ValueError for anything else; IndexError past the end."""
+    end = 0
+    length = 0
+    below = offset
+    labels = []
+    while True:
+        byte = data[offset]
+        if byte >= 0xC0:
+            target = ((byte & 0x3F) << 8) | data[offset + 1]
+            if not end:
+                end = offset + 2
+            if not HEADER_SIZE <= target < below:
+                raise ValueError("compression pointer not back into the records")
+            below = target
+            known = names.get(target)
+            if known is not None:
+                length += known
+                break
+            offset = target
+            continue
+        if byte > MAX_LABEL:
+            raise ValueError(f"bad label type {byte:#x}")
+        labels.append((offset, length))
+        length += byte + 1
+        if not byte:
+            if not end:
+                end = offset + 1
+            break
+        offset += byte + 1
+    if length > MAX_NAME:
+        raise ValueError("name longer than 255 octets")
+    for start, before in labels:
+        names[start] = length - before
+    return end
 
 
 def to_client(

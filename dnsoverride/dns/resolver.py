@@ -44,7 +44,6 @@ from dnsoverride.dns.constants import (
     MAX_MESSAGE,
     MAX_NAME,
     NOTIMP,
-    OPT_SIZE,
     PLAIN_UDP_SIZE,
     RD,
     REFUSED,
@@ -66,9 +65,6 @@ MAX_CLIENTS_CACHED = 65536
 ZONE_TRANSFERS = (IXFR, AXFR)
 # Types the plain forwarding path leaves to the parsed one: answered here, never forwarded.
 _NOT_PLAIN = frozenset((ANY, *ZONE_TRANSFERS))
-# A query longer than its key by more than this carries EDNS options (wire.options_start,
-# inlined on the fast path).
-_OPTIONS_SHIFT = wire.QUESTION_SHIFT + OPT_SIZE
 # Refused clients are counted without their query type: the label set stays bounded.
 _REFUSED_LABELS = ("", "", "REFUSED", "error")
 _PARSE_ERRORS = (dnslib.DNSError, ValueError, struct.error, IndexError, UnicodeError)
@@ -116,12 +112,25 @@ class Resolver:
     """Answers one query at a time; shared by the UDP and TCP listeners."""
 
     def __init__(
-        self, config: ServeConfig, zones: LiveZones, forwarder: Forwarder, stats: DnsStats
+        self,
+        config: ServeConfig,
+        zones: LiveZones,
+        forwarder: Forwarder,
+        stats: DnsStats,
+        *,
+        cookie_secret: bytes | None = None,
+        clock: Callable[[], float] | None = None,
     ) -> None:
+        """`cookie_secret` signs server cookies (shared by every worker; a fresh one
+        unless given). `clock` tells the caches', the cookies' and the rate limit's time,
+        in seconds: the event loop's monotonic clock unless given (tests age cached
+        answers with their own)."""
         self.zones = zones
         self.forwarder = forwarder
         self.stats = stats
-        self.answers = AnswerCache(config.cache.size, len(config.views))
+        self.answers = AnswerCache(
+            config.cache.size, len(config.views), config.edns_udp_size, config.cache.max_bytes
+        )
         self.responses = ResponseCache(config.cache)
         self.ratelimit = RateLimiter(config.ratelimit)
         self._acl = Acl(config.allow)
@@ -133,7 +142,9 @@ class Resolver:
         self._unlimited: set[str] = set()  # clients the rate limit never applies to
         self._answering: dict[tuple[int, bytes], asyncio.Future[None]] = {}
         self._loop = asyncio.get_running_loop()
-        self.cookies = Cookies()
+        self._now = clock or self._loop.time
+        self.cookies = Cookies(cookie_secret)
+        self._keys = wire.QueryKeys(self._udp_size)
         self._malformed_log = ThrottledLog("query_malformed", config.failure_log_interval)
         self._failed_log = ThrottledLog("query_failed", config.failure_log_interval)
 
@@ -169,34 +180,37 @@ class Resolver:
     def fast(self, data: bytes, host: str, tcp: bool = False) -> bytes | None:
         """The reply from the answer cache (or REFUSED), b"" to drop the query (rate
         limited), or None to take `resolve`."""
-        key = wire.fast_key(data, self._udp_size)
-        if key is None:
+        known = self._keys(data)
+        if known is None:
             return None
-        if tcp:
-            key = wire.tcp_key(key)
         index = self._clients.get(host)
         if index is None:
             index = self._classify(host)
-        now = self._loop.time()
-        reply = self._hit(data, key, host, index, now)
+        now = self._now()
+        reply = self._hit(data, known, host, index, now, tcp=tcp)
         if reply is None or tcp or host in self._unlimited:
             return reply
-        return self._rate_limited(reply, data, key, host, now)
+        return self._rate_limited(reply, data, known, host, now)
 
-    def _hit(self, data: bytes, key: bytes, host: str, index: int, now: float) -> bytes | None:
+    def _hit(
+        self, data: bytes, known: wire.QueryKey, host: str, index: int, now: float, *, tcp: bool
+    ) -> bytes | None:
         """The answer cache's reply (or REFUSED) to `data`, counted, or None."""
+        key, tcp_key, cookie, udp_limit = known
+        rdata = None if cookie is None else self.cookies.rdata(cookie, host, now)
         reply: bytes | None
         if index == NOT_ALLOWED:
             reply = wire.refused(data, key, self._udp_size)
+            if rdata is not None:
+                reply = reply[:-2] + rdata  # it ends in our OPT without options
         else:
-            reply = self.answers.lookup(index, key, data, self.zones.state[1], now)
+            generation = self.zones.state[1]
+            cache_key = tcp_key if tcp else key
+            reply = self.answers.lookup(index, cache_key, data, generation, now, cookie=rdata)
             if reply is None:
                 return None
-        if len(data) > len(key) + _OPTIONS_SHIFT:
-            limit = MAX_MESSAGE if key[wire.KEY_FLAGS] & wire.KEY_TCP else wire.key_udp_size(key)
-            reply = self.cookies.add_to_hit(reply, data, wire.options_start(key), host, limit)
-            if reply is None:
-                return None  # the slow path answers (and counts) it
+        if rdata is not None and len(reply) > (MAX_MESSAGE if tcp else udp_limit):
+            return None  # the slow path truncates it properly (and counts it)
         if index == NOT_ALLOWED:
             self.stats.count(_REFUSED_LABELS)
         elif self._query_log:
@@ -212,7 +226,7 @@ class Resolver:
         return reply
 
     def _rate_limited(
-        self, reply: bytes, data: bytes, key: bytes | None, host: str, now: float
+        self, reply: bytes, data: bytes, known: wire.QueryKey | None, host: str, now: float
     ) -> bytes:
         """`reply`, an empty TC reply, or b"" (drop): response rate limiting of UDP."""
         verdict = self.ratelimit.check(host, now)
@@ -220,23 +234,22 @@ class Resolver:
             if self.ratelimit.never_limits(host) and len(self._unlimited) < MAX_CLIENTS_CACHED:
                 self._unlimited.add(host)  # the fast path skips the limiter for it
             return reply
-        if key is not None and len(data) > wire.options_start(key):
-            option = wire.find_option(data, wire.options_start(key), COOKIE)
-            if option is not None and self.cookies.valid(option, host):
-                return reply  # the client proved its address with our cookie
-        if verdict == ratelimit.TRUNCATE and key is not None:
+        cookie = None if known is None else known.cookie
+        if cookie is not None and self.cookies.valid(cookie, host, now):
+            return reply  # the client proved its address with our cookie
+        if verdict == ratelimit.TRUNCATE and known is not None:
             self.ratelimit.truncated += 1
-            return wire.truncated(data, key, self._udp_size)
+            return wire.truncated(data, known.udp, self._udp_size)
         self.ratelimit.dropped += 1
         return b""
 
     async def resolve(self, data: bytes, host: str, tcp: bool) -> bytes | None:
         """The reply to any query, or None when it must be dropped (not even a header, a
         response, or rate limited)."""
-        key: bytes | None = None
+        known: wire.QueryKey | None = None
         try:
-            key = wire.fast_key(data, self._udp_size)
-            reply = await self._resolve(data, key, host, tcp)
+            known = self._keys(data)
+            reply = await self._resolve(data, known, host, tcp)
         except Exception as error:  # a bug must cost one answer (and one log line a while)
             self.stats.query_errors["internal"] += 1
             self._failed_log.emit(
@@ -245,27 +258,29 @@ class Resolver:
             reply = wire.error_reply(data, SERVFAIL)
         if reply is None or tcp:
             return reply
-        return self._rate_limited(reply, data, key, host, self._loop.time()) or None
+        return self._rate_limited(reply, data, known, host, self._now()) or None
 
-    async def _resolve(self, data: bytes, key: bytes | None, host: str, tcp: bool) -> bytes | None:
-        if key is None:
+    async def _resolve(
+        self, data: bytes, known: wire.QueryKey | None, host: str, tcp: bool
+    ) -> bytes | None:
+        if known is None:
             return await self._resolve_parsed(data, host, tcp)
         # The same question arriving again while its first copy is being answered (a
         # burst of clients, or one pipelining it over TCP) waits for that answer and
         # takes it from the answer cache, rather than building it once per copy; so
         # does one queued behind the copy that was answered meanwhile.
         index = self._classify(host)
-        herd = (index, wire.tcp_key(key) if tcp else key)
+        herd = (index, known.tcp if tcp else known.udp)
         first = self._answering.get(herd)
         if first is not None:
             await asyncio.shield(first)
-        reply = self._hit(data, herd[1], host, index, self._loop.time())
+        reply = self._hit(data, known, host, index, self._now(), tcp=tcp)
         if reply is not None:
             return reply
         done = self._loop.create_future()
         self._answering[herd] = done
         try:
-            reply = await self._forward_plain(data, key, host, tcp)
+            reply = await self._forward_plain(data, known, host, tcp)
             if reply is None:
                 reply = await self._resolve_parsed(data, host, tcp)
             return reply
@@ -274,9 +289,12 @@ class Resolver:
                 del self._answering[herd]
             done.set_result(None)
 
-    async def _forward_plain(self, data: bytes, key: bytes, host: str, tcp: bool) -> bytes | None:
+    async def _forward_plain(
+        self, data: bytes, known: wire.QueryKey, host: str, tcp: bool
+    ) -> bytes | None:
         """The reply to an ordinary query for a name no override answers, without dnslib;
         None to leave the query to `_resolve_parsed`."""
+        key = known.udp
         qtype = wire.key_qtype(key)
         if wire.key_qclass(key) != CLASS_IN or qtype in _NOT_PLAIN:
             return None
@@ -295,21 +313,18 @@ class Resolver:
         flags, edns_byte = key[wire.KEY_FLAGS], key[wire.KEY_EDNS]
         do = bool(edns_byte & DO)
         udp_size = wire.key_udp_size(key) if edns_byte else PLAIN_UDP_SIZE
-        cookie = b""
-        if len(data) > wire.options_start(key):
-            cookie = wire.find_option(data, wire.options_start(key), COOKIE) or b""
         asked = _Asked(
             query_id=data[:2],
             rd=flags & RD,
             cd=bool(flags & CD),
             ad=bool(flags & AD),
             question=data[HEADER_SIZE : wire.key_question_end(key)],
-            edns=answer.ClientEdns(bool(edns_byte), udp_size, do, 0, cookie),
+            edns=answer.ClientEdns(bool(edns_byte), udp_size, do, 0, known.cookie or b""),
             limit=MAX_MESSAGE if tcp else udp_size,
         )
         outcome = await self._forward(asked, Question(qname, qtype, CLASS_IN, do, asked.cd))
         return self._finish(
-            data, key, outcome, _Where(tcp, host, index, view, generation, qname, qtype)
+            known, outcome, _Where(tcp, host, index, view, generation, qname, qtype)
         )
 
     async def _resolve_parsed(self, data: bytes, host: str, tcp: bool) -> bytes | None:
@@ -368,15 +383,9 @@ class Resolver:
         )
         outcome = await self._answer(request, asked, view, qname)
         where = _Where(tcp, host, index, view, generation, qname, request.q.qtype)
-        return self._finish(data, wire.fast_key(data, self._udp_size), outcome, where)
+        return self._finish(self._keys(data), outcome, where)
 
-    def _finish(
-        self,
-        data: bytes,
-        key: bytes | None,
-        outcome: _Outcome,
-        where: _Where,
-    ) -> bytes:
+    def _finish(self, known: wire.QueryKey | None, outcome: _Outcome, where: _Where) -> bytes:
         """Count and log the answer, keep it for the fast path, and add the client's cookie."""
         tcp, host, index, view, generation, qname, qtype = where
         packed = outcome.render([])
@@ -393,14 +402,14 @@ class Resolver:
                 rcode=rcode_name,
                 source=outcome.source,
             )
-        if key is not None and outcome.cache_for > 0:
+        if known is not None and outcome.cache_for > 0:
             hit_source = "cache" if outcome.source == "upstream" else outcome.source
             self.answers.store(
                 index,
-                wire.tcp_key(key) if tcp else key,
+                known.tcp if tcp else known.udp,
                 packed,
                 generation=generation,
-                now=self._loop.time(),
+                now=self._now(),
                 ttl=outcome.cache_for,
                 counter=self.stats.cell((view.name, qtype_name, rcode_name, hit_source)),
                 age_ttls=outcome.ages,
@@ -415,7 +424,8 @@ class Resolver:
         """Our COOKIE option for the reply, when the client sent a (well-formed) cookie."""
         if edns is None or not edns.cookie:
             return []
-        return [dnslib.EDNSOption(COOKIE, self.cookies.reply_option(edns.cookie, host))]
+        option = self.cookies.reply_option(edns.cookie, host, self._now())
+        return [dnslib.EDNSOption(COOKIE, option)]
 
     async def _answer(
         self, request: dnslib.DNSRecord, asked: _Asked, view: View, qname: bytes
@@ -440,7 +450,7 @@ class Resolver:
             except UpstreamFailedError:
                 local.reply.header.rcode = SERVFAIL
                 return self._local(local.reply, asked, "error", 0)
-            local.reply.rr.extend(upstream.records().rr)
+            local.reply.rr.extend(answer.chain_records(upstream.records().rr, local.forward))
             local.reply.header.rcode = upstream.rcode
             return self._local(local.reply, asked, "override", ttl, ages=True)
         if qtype == ANY:
@@ -494,7 +504,7 @@ class Resolver:
 
     async def _forwarded(self, question: Question) -> tuple[relay.Reply, float, str]:
         """(upstream answer, seconds it may be reused, source) from cache, upstream or stale."""
-        cached = self.responses.get(question, self._loop.time())
+        cached = self.responses.get(question, self._now())
         if cached is not None:
             return cached[0], cached[1], "cache"
         if not self.forwarder.answering():
@@ -502,22 +512,26 @@ class Resolver:
             # than after the whole timeout budget. The upstreams are still asked, in the
             # background (and probed), so answers come back as soon as one recovers.
             self.forwarder.refresh(question, self._store)
-            stale = self.responses.get_stale(question, self._loop.time())
+            stale = self.responses.get_stale(question, self._now())
             if stale is None:
                 raise UpstreamFailedError(wire.name_text(question[0]))
             return stale, self._stale_reuse, "stale"
         try:
             reply = await self.forwarder.resolve(question)
         except UpstreamFailedError:
-            stale = self.responses.get_stale(question, self._loop.time())
+            stale = self.responses.get_stale(question, self._now())
             if stale is None:
                 raise  # logged by the forwarder, rate-limited per upstream
             return stale, self._stale_reuse, "stale"
         ttl = self._store(question, reply)
+        if ttl and any(record_ttl > ttl for _, record_ttl in reply.ttls):
+            # As the response cache serves it (capped at what it is kept for, at most
+            # cache.max_ttl): no client is told to keep it longer than we do.
+            reply = reply.retimed(0, ttl)
         return reply, ttl, "upstream"
 
     def _store(self, question: Question, reply: relay.Reply) -> int:
-        return self.responses.put(question, reply, self._loop.time())
+        return self.responses.put(question, reply, self._now())
 
 
 def _display(qname: bytes) -> str:

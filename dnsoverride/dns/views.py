@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable
 
+from dnsoverride.common.grammar import IPNetwork
 from dnsoverride.dns.acl import Acl, IPAddress
 from dnsoverride.dns.config import ServeConfig, View
 from dnsoverride.dns.zones.model import ZoneSet
@@ -25,10 +26,15 @@ class ViewTable:
 
     def view_for(self, address: IPAddress) -> View:
         """The first view whose networks contain `address`, else the default view."""
+        return self.choose(address)[0]
+
+    def choose(self, address: IPAddress) -> tuple[View, IPNetwork | None]:
+        """`view_for`, with the network that chose the view (None: the default view)."""
         for view in self.views:
-            if any(address in network for network in view.clients):
-                return view
-        return self.default
+            for network in view.clients:
+                if address in network:
+                    return view, network
+        return self.default, None
 
 
 class Routing:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 import struct
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 from dnsoverride.dns.constants import (
     AD,
@@ -135,6 +135,59 @@ def fast_key(data: bytes, max_udp: int) -> bytes | None:
     return _FLAGS[flags] + edns + question + data[qend - QUESTION_TAIL : qend]
 
 
+class QueryKey(NamedTuple):
+    """What the fast path needs of an ordinary query, derived from its bytes after the ID."""
+
+    udp: bytes  # its `fast_key` key
+    tcp: bytes  # the same over TCP (`tcp_key`)
+    cookie: bytes | None  # its COOKIE option's data, None without one
+    udp_limit: int  # the largest UDP reply it takes (`key_udp_size`, 512 without EDNS)
+
+
+# How many queries `QueryKeys` remembers: a server's hot set of distinct query byte
+# strings (a client cookie makes each client's its own); a flood of new ones only clears
+# it now and then. Each costs about 350 bytes.
+KEY_MEMO_SIZE = 8192
+
+
+class QueryKeys:
+    """`fast_key` and the COOKIE option of a query, remembered by its bytes after the ID.
+
+    Both are pure functions of those bytes (and the fixed `max_udp`), so a query sent
+    again (another ID, the same everything else: a stub's retries, every client of a CI
+    farm asking the same name with the same EDNS options) costs one dict lookup instead
+    of a walk of its EDNS options. The memo key is the exact bytes, so queries differing
+    in any flag, letter, QTYPE/QCLASS byte or EDNS option never share an entry. Bounded:
+    cleared when `size` entries are reached.
+    """
+
+    def __init__(self, max_udp: int, size: int = KEY_MEMO_SIZE) -> None:
+        self._max_udp = max_udp
+        self._size = size
+        self._known: dict[bytes, QueryKey] = {}
+
+    def __len__(self) -> int:
+        return len(self._known)
+
+    def __call__(self, data: bytes) -> QueryKey | None:
+        """The `QueryKey` of `data`, None when `fast_key` has none."""
+        body = data[FLAGS:]
+        known = self._known.get(body)
+        if known is not None:
+            return known
+        key = fast_key(data, self._max_udp)
+        if key is None:
+            return None
+        start = options_start(key)
+        cookie = find_option(data, start, COOKIE) if len(data) > start else None
+        limit = key_udp_size(key) if key[KEY_EDNS] else PLAIN_UDP_SIZE
+        known = QueryKey(key, tcp_key(key), cookie, limit)
+        if len(self._known) >= self._size:
+            self._known.clear()
+        self._known[body] = known
+        return known
+
+
 def _options_ok(data: bytes, offset: int) -> bool:
     """Whether the EDNS options from `offset` fill the packet exactly, COOKIE well-formed."""
     size = len(data)
@@ -178,18 +231,10 @@ def find_option(data: bytes, offset: int, code: int) -> bytes | None:
     return None
 
 
-def ends_with_bare_opt(reply: bytes) -> bool:
-    """Whether the last record of `reply` is an OPT record without options (ours)."""
-    return (
-        reply[-OPT_SIZE : -OPT_SIZE + OPT_UDP_SIZE] == b"\x00" + _OPT_TYPE_BYTES
-        and reply[-2:] == b"\x00\x00"
-    )
-
-
-def with_option(reply: bytes, code: int, value: bytes) -> bytes:
-    """`reply`, whose last record is an OPT without options, with one option added."""
-    option = struct.pack("!HH", code, len(value)) + value
-    return reply[:-2] + struct.pack("!H", len(option)) + option
+def bare_opts(udp_size: int) -> tuple[bytes, bytes]:
+    """Our OPT record without options (`opt_record`), without and with DO: how each of
+    our replies to an EDNS query ends before a COOKIE option is added to it."""
+    return opt_record(udp_size, False), opt_record(udp_size, True)
 
 
 def tcp_key(key: bytes) -> bytes:

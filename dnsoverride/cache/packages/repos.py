@@ -146,7 +146,7 @@ class PackagesMeter:
         if sendfile:
             remember(request, SENDFILE_KEY, count)
 
-    def cut_short(self, request: BaseRequest, error: FetchError) -> None:
+    def cut_short(self, request: BaseRequest, status: int, error: FetchError) -> None:
         remember(request, ERROR_KEY, ("FETCH_FAILED", f"cut short: {error.reason}"))
 
     def verify_failed(self, download: Download) -> None:
@@ -172,6 +172,8 @@ class RepositoryCache:
         self.by_name = {upstream.name: upstream for upstream in config.upstreams}
         self.repositories: dict[tuple[str, str], Repository] = {}
         self.state = store.root / STATE_DIR
+        # Content requests by (kind, "hit" | "miss"), coalesced ones misses: `/status`.
+        self.lookups: Counter[tuple[Kind, str]] = Counter()
 
     async def close(self) -> None:
         """Cancel the revalidations in flight."""
@@ -330,8 +332,10 @@ class RepositoryCache:
         headers = {"Content-Type": content_type}
         path = await self.fetcher.stored(kind, digest)
         if path is not None:
+            self.lookups[(kind, "hit")] += 1
             noted(request, "hit")
             return self.fetcher.send_file(kind, digest, path, headers)
+        self.lookups[(kind, "miss")] += 1
         coalesced = self.fetcher.in_flight(kind, digest) is not None
         noted(request, "coalesced" if coalesced else "miss")
         try:

@@ -323,6 +323,10 @@ class RegistryHandler:
         if error is not None:
             response = error.response(head)
             remember(request, ERROR_KEY, (error.code, error.message))
+            if not (response.status == 401 and request.path == "/v2/"):  # the auth handshake
+                self.stats.note_error(
+                    request.method, request.path_qs, response.status, error.code, error.message
+                )
         if accesslog.cache_result():
             remember(request, "cache", accesslog.cache_result())
         self.stats.requests[(_endpoint(request.path), response.status)] += 1

@@ -43,9 +43,11 @@ class RegistryMeter:
         if sendfile:
             remember(request, SENDFILE_KEY, count)
 
-    def cut_short(self, request: BaseRequest, error: FetchError) -> None:
+    def cut_short(self, request: BaseRequest, status: int, error: FetchError) -> None:
         code = registry_error(error).code
-        remember(request, ERROR_KEY, (code, f"cut short: {error.reason}"))
+        reason = f"cut short: {error.reason}"
+        remember(request, ERROR_KEY, (code, reason))
+        self.stats.note_error(request.method, request.path_qs, status, code, reason)
 
     def verify_failed(self, download: Download) -> None:
         self.stats.verify_failures += 1

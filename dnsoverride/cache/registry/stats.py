@@ -6,8 +6,12 @@ scrape time, so serving a request never touches a labelled metric object.
 
 from __future__ import annotations
 
-from collections import Counter
+import time
+from collections import Counter, deque
 from dataclasses import dataclass, field
+
+# Error responses kept for `dnsoverride status` (the log has them all).
+RECENT_ERRORS = 20
 
 
 @dataclass
@@ -31,3 +35,19 @@ class Stats:
     ratelimit_remaining: dict[str, int] = field(default_factory=dict)
     stale_serves: int = 0
     verify_failures: int = 0
+    # The last RECENT_ERRORS error responses, newest last.
+    recent_errors: deque[dict[str, object]] = field(
+        default_factory=lambda: deque(maxlen=RECENT_ERRORS)
+    )
+
+    def note_error(self, method: str, path: str, status: int, code: str, message: str) -> None:
+        """An error answered to a client (or a stream cut short), for the status report."""
+        self.recent_errors.append(
+            {
+                "unix": time.time(),
+                "request": f"{method} {path}",
+                "status": status,
+                "code": code,
+                "message": message,
+            }
+        )

@@ -30,6 +30,7 @@ import json
 import math
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit
 
@@ -152,8 +153,12 @@ class Upstream:
         timeouts: Timeouts,
         stats: Stats,
         session: aiohttp.ClientSession | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """`clock` (seconds, monotonic) tells when a token expires and a Retry-After ends;
+        tests turn their own."""
         self.config = config
+        self._clock = clock
         self.name = config.name
         self.stats = stats
         self.timeouts = timeouts
@@ -230,7 +235,7 @@ class Upstream:
             reason = f"{self.name}: HTTP {response.status} for {method} {name}/{path}"
             retry_after = _retry_after(response.headers.get("Retry-After"))
             if response.status in (429, 503) and retry_after:
-                self._backoff[name] = (time.monotonic() + retry_after, response.status, reason)
+                self._backoff[name] = (self._clock() + retry_after, response.status, reason)
                 log.warning(
                     "upstream_backoff",
                     upstream=self.name,
@@ -241,13 +246,22 @@ class Upstream:
             raise UpstreamUnavailableError(reason, response.status, retry_after)
         return response
 
+    def backoffs(self) -> dict[str, dict[str, object]]:
+        """Repositories inside a Retry-After now: seconds left, the status that set it."""
+        now = time.monotonic()
+        return {
+            name: {"seconds_left": round(until - now, 1), "status": status, "reason": reason}
+            for name, (until, status, reason) in self._backoff.items()
+            if until > now
+        }
+
     def _check_backoff(self, name: str) -> None:
         """Fail at once, costing the upstream nothing, while `name` is in its Retry-After."""
         entry = self._backoff.get(name)
         if entry is None:
             return
         until, status, reason = entry
-        remaining = until - time.monotonic()
+        remaining = until - self._clock()
         if remaining <= 0:
             del self._backoff[name]
             return
@@ -293,7 +307,7 @@ class Upstream:
 
     async def _auth_for(self, scope: str, anonymous: bool) -> str | None:
         token = self._tokens.get((scope, anonymous))
-        if token and token.expires > time.monotonic():
+        if token and token.expires > self._clock():
             return f"Bearer {token.value}"
         if self._bearer is not None:
             return await self._token(self._bearer, scope, anonymous)
@@ -318,7 +332,7 @@ class Upstream:
         """A token for `scope`: cached, or from the one fetch in flight for it, or a new one."""
         key = (scope, anonymous)
         token = self._tokens.get(key)
-        if token and token.expires > time.monotonic():
+        if token and token.expires > self._clock():
             return f"Bearer {token.value}"
         fetch = self._token_fetches.get(key)
         if fetch is None:
@@ -400,7 +414,7 @@ class Upstream:
             lifetime = _DEFAULT_TOKEN_LIFETIME
         log.debug("token_fetched", upstream=self.name, scope=scope, lifetime=lifetime)
         # Renew a little early so a token never expires in flight.
-        return _Token(value, time.monotonic() + max(lifetime - 10, 1))
+        return _Token(value, self._clock() + max(lifetime - 10, 1))
 
 
 def as_registry_error(error: BaseException) -> RegistryError:

@@ -10,6 +10,7 @@ from pathlib import Path
 from types import MappingProxyType
 
 from dnsoverride.common.errors import Problem
+from dnsoverride.common.readfile import FS_BYTES, read_regular_file
 from dnsoverride.dns.zones.chains import cname_problems, view_problems
 from dnsoverride.dns.zones.model import ZoneFile, ZoneSet, ZoneSetError
 from dnsoverride.dns.zones.parse import ParsedFile
@@ -25,10 +26,24 @@ def is_zone_file_name(name: str) -> bool:
 
 
 def zone_files(directory: Path) -> list[Path]:
-    """The zone files of a directory, sorted: top-level, named as `is_zone_file_name` says,
-    symlinks followed."""
-    return sorted(
-        path for path in directory.iterdir() if is_zone_file_name(path.name) and path.is_file()
+    """The zone files of a directory, sorted: every top-level entry named as
+    `is_zone_file_name` says, whatever it is (`read_regular_file` tells what is wrong with
+    a dangling symlink, a FIFO or a directory: skipping one would drop its names unseen)."""
+    return sorted(path for path in directory.iterdir() if is_zone_file_name(path.name))
+
+
+def empty_reason(directory: Path) -> str:
+    """Why `directory` yields no zone files: empty, or what it holds instead (a few names)."""
+    try:
+        others = sorted(path.name for path in directory.iterdir())
+    except OSError as error:
+        return f"cannot read it: {error.strerror or error}"
+    if not others:
+        return "the directory is empty: nothing is overridden, every query is forwarded"
+    shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+    return (
+        f"no zone files: only names ending in {' or '.join(ZONE_SUFFIXES)} (not hidden) are "
+        f"read, it holds {shown}; nothing is overridden, every query is forwarded"
     )
 
 
@@ -49,7 +64,7 @@ class ZoneFileCache:
         misses: dict[tuple[str, bytes], tuple[Path, bytes]] = {}
         for path in paths:
             try:
-                data = path.read_bytes()
+                data = read_regular_file(path)
             except OSError as error:
                 problem = Problem(str(path), 0, f"cannot read: {error}")
                 files[(str(path), b"")] = ParsedFile(
@@ -81,7 +96,8 @@ def load_zone_set(
     unchanged files.
     """
     if not directory.is_dir():
-        raise ZoneSetError([Problem(str(directory), 0, "zones directory does not exist")])
+        reason = "is a file, not a zones directory" if directory.exists() else "does not exist"
+        raise ZoneSetError([Problem(str(directory), None, f"zones directory {reason}")])
     # Building ~10^6 objects triggers repeated full collections that also walk everything
     # already alive (the set being served): 3x slower for 100,000 names. What is built
     # here is acyclic, so reference counting alone frees whatever is dropped.
@@ -102,12 +118,19 @@ def load_zone_set(
 def _load_zone_set(
     directory: Path, views: Mapping[str, frozenset[str] | None] | None, cache: ZoneFileCache
 ) -> ZoneSet:
-    parsed = cache.parse(zone_files(directory))
+    try:
+        paths = zone_files(directory)
+    except OSError as error:
+        # Unreadable now (permissions changed under a running server): a problem like a
+        # broken file, so a reload keeps the last good set and says why.
+        reason = f"cannot read the zones directory: {error.strerror or error}"
+        raise ZoneSetError([Problem(str(directory), None, reason)]) from None
+    parsed = cache.parse(paths)
     problems = [problem for file in parsed for problem in file.problems]
     files = [file.zone for file in parsed]
     digest = hashlib.sha256()
     for file in parsed:
-        digest.update(f"== {file.zone.name} {file.digest}\n".encode())
+        digest.update(f"== {file.zone.name} {file.digest}\n".encode(errors=FS_BYTES))
     zone_set = ZoneSet(str(directory), tuple(files), digest.hexdigest())
     if views is None:
         problems.extend(cname_problems(zone_set.files, zone_set.select(None)))

@@ -11,6 +11,7 @@ from types import MappingProxyType
 from typing import NamedTuple
 
 from dnsoverride.common.errors import ConfigError, Problem
+from dnsoverride.common.readfile import FS_BYTES
 from dnsoverride.dns.zones.health import GatedOverride, HealthCheck
 from dnsoverride.dns.zones.names import normalize_name
 from dnsoverride.dns.zones.records import (
@@ -207,7 +208,7 @@ class ZoneSet:
         for zone in self.files:
             stored = zone.stored.get(key)
             if stored is not None:
-                digest.update(f"{zone.name}\n{data_of(stored)}\n".encode())
+                digest.update(f"{zone.name}\n{data_of(stored)}\n".encode(errors=FS_BYTES))
         return digest.hexdigest()
 
     def changes_from(self, old: ZoneSet) -> tuple[list[str], list[str], list[str]]:

@@ -100,6 +100,9 @@ def _txt_text(value: Any) -> tuple[str, str | None]:
     if isinstance(value, bool) or not isinstance(value, str | int | float):
         return "", "expected a string"
     text = str(value)
+    if not text.isascii() and any("\ud800" <= char <= "\udfff" for char in text):
+        # Only PyYAML's pure-Python parser makes these (libyaml refuses the escape).
+        return "", "not valid Unicode (half of a UTF-16 surrogate pair)"
     size = _txt_bytes(text)
     if size > MAX_RDATA:
         return "", (

@@ -57,18 +57,24 @@ def _in_worker(jobs: list[tuple[Path, bytes]]) -> list[Parts]:
     environment = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
     try:
         process = subprocess.run(
-            [sys.executable, "-c", _WORKER],
+            # -P: no working directory first on sys.path (`-c` puts it there), so nothing
+            # planted where the command was started is imported in place of a module.
+            [sys.executable, "-P", "-c", _WORKER],
             input=payload,
             capture_output=True,
             env=environment,
             check=False,
         )
         if process.returncode == 0:
+            # Whatever else reached its stdout fails in any of pickle's many ways.
             results: list[Parts] = pickle.loads(process.stdout)
-            return results
-        reason = f"exit status {process.returncode}: {process.stderr.decode(errors='replace')}"
-    except (OSError, pickle.UnpicklingError) as error:
-        reason = str(error)
+            if type(results) is list and len(results) == len(jobs):
+                return results
+            reason = f"exit status 0 without its results: {process.stdout[:60]!r}"
+        else:
+            reason = f"exit status {process.returncode}: {process.stderr.decode(errors='replace')}"
+    except Exception as error:
+        reason = f"{type(error).__name__}: {error}"
     log.warning("zone_parse_worker_failed", reason=brief(reason), files=len(jobs))
     return [parse_bytes(str(path), data) for path, data in jobs]
 

@@ -1,0 +1,382 @@
+"""`workers: N`: the DNS server in N processes on one port, one service to the admin.
+
+The process `serve` starts (the supervisor) answers queries like every worker and also
+runs what must exist once: the reloader that watches the files, the health prober, the
+admin listener, READY. It starts N-1 worker processes from a fork server (multiprocessing
+"forkserver": forked from a clean single-threaded process, never from the supervisor's
+running event loop and threads). Each binds the supervisor's UDP and TCP ports with
+SO_REUSEPORT, so the kernel spreads clients over the processes by address and port; under
+socket activation they all serve the inherited sockets instead.
+
+One pipe per worker carries the control messages (`Message`): to the worker, "reload"
+after every routing the supervisor installed (the worker loads the same files with the
+same validation and answers "reloaded" with its routing's content hash), "withdrawn"
+(the health prober's verdict), "metrics" (it answers with its registry's exposition text,
+merged into the supervisor's `/metrics`: `MergedMetrics`), "counts" (it answers with what
+it has counted, summed into the supervisor's `/status`) and "stop"; from the worker,
+"ready" once it serves. A worker that fails (`worker_exited`, with its exit code or the
+signal) is logged and replaced, at most one start per `RESTART_DELAY` seconds; one that
+exits cleanly was stopped (SIGTERM to the whole control group) and is not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import multiprocessing
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+from pathlib import Path
+from typing import Any
+
+import structlog
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import Collector
+
+from dnsoverride.common.log import LogOptions
+from dnsoverride.dns.config import ServeConfig, ServeFlags
+
+log = structlog.get_logger(__name__)
+
+READY_TIMEOUT = 60.0  # seconds for a worker to load its zones and bind
+REPLY_TIMEOUT = 5.0  # seconds for a worker's answer to "reload" or "metrics"
+RESTART_DELAY = 1.0  # at least this long between two starts of one worker
+STOP_GRACE = 3.0  # seconds a worker has to drain after "stop"
+
+
+@dataclass(frozen=True)
+class Message:
+    """One control message: `kind` and what it carries."""
+
+    kind: str
+    value: Any = None
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What a worker process is started with (pickled to it; `config.listen` holds the
+    supervisor's bound ports, which the worker binds again with SO_REUSEPORT)."""
+
+    config: ServeConfig
+    path: Path | None
+    flags: ServeFlags
+    logging: LogOptions
+    cookie_secret: bytes  # the supervisor's: a server cookie is valid on every process
+    inherited: tuple[socket.socket, ...] = ()  # systemd's sockets, served by every process
+
+
+@dataclass
+class _Worker:
+    """One worker process as the supervisor sees it."""
+
+    index: int
+    process: BaseProcess
+    conn: Connection
+    started_at: float
+    ready: asyncio.Future[None]
+    reloaded: str | None = None  # content hash of its routing after the last "reload"
+    routing: str | None = None  # content hash of the routing it serves (ready, reloaded)
+    asked: dict[str, asyncio.Future[Any]] = field(default_factory=dict)  # by message kind
+    acks: list[asyncio.Future[None]] = field(default_factory=list)
+
+
+WorkerMain = Callable[[WorkerSpec, int, Connection], None]
+
+
+class WorkerPool:
+    """The supervisor's side: starts, feeds, watches and restarts the workers."""
+
+    def __init__(self, spec: WorkerSpec, count: int, main: WorkerMain) -> None:
+        self._spec = spec
+        self._count = count
+        self._main = main
+        self._context = multiprocessing.get_context("forkserver")
+        # The fork server imports the daemon once; each worker forks from it ready to run.
+        self._context.set_forkserver_preload([main.__module__])
+        self._workers: dict[int, _Worker] = {}
+        self._loop = asyncio.get_running_loop()
+        self._withdrawn: frozenset[str] = frozenset()
+        self._routing_hash = ""
+        self._stopping = False
+        self.restarts = 0
+        self._last_metrics: dict[int, str] = {}  # per worker, from the last scrape
+        # The last metrics of workers that exited: their counters stay in the sums, so a
+        # restart does not make the merged counters fall (a reset to Prometheus).
+        self.retired_metrics: list[str] = []
+
+    async def start(self, routing_hash: str) -> None:
+        """Start every worker and wait until each serves (RuntimeError if one does not)."""
+        self._routing_hash = routing_hash
+        for index in range(1, self._count + 1):
+            self._spawn(index)
+        await asyncio.gather(*(self._await_ready(worker) for worker in self._workers.values()))
+
+    def _spawn(self, index: int) -> _Worker:
+        ours, theirs = self._context.Pipe()
+        process = self._context.Process(
+            target=self._main, args=(self._spec, index, theirs), name=f"dnsoverride-worker-{index}"
+        )
+        process.start()
+        theirs.close()
+        worker = _Worker(index, process, ours, time.monotonic(), self._loop.create_future())
+        self._workers[index] = worker
+        self._loop.add_reader(ours.fileno(), self._receive, worker)
+        self._loop.add_reader(process.sentinel, self._exited, worker)
+        return worker
+
+    async def _await_ready(self, worker: _Worker) -> None:
+        try:
+            async with asyncio.timeout(READY_TIMEOUT):
+                await worker.ready
+        except TimeoutError:
+            raise RuntimeError(f"worker {worker.index} did not start") from None
+
+    def _receive(self, worker: _Worker) -> None:
+        try:
+            message: Message = worker.conn.recv()
+        except (EOFError, OSError):
+            self._loop.remove_reader(worker.conn.fileno())  # it exited: `_exited` follows
+            return
+        if message.kind == "ready":
+            worker.routing = message.value
+            log.info("worker_started", worker=worker.index, pid=worker.process.pid)
+            if self._withdrawn:
+                self._send(worker, Message("withdrawn", self._withdrawn))
+            if self._routing_hash and message.value != self._routing_hash:
+                self._send(worker, Message("reload"))  # the files changed as it started
+            if not worker.ready.done():
+                worker.ready.set_result(None)
+        elif message.kind == "reloaded":
+            worker.reloaded = worker.routing = message.value
+            for ack in worker.acks:
+                if not ack.done():
+                    ack.set_result(None)
+            worker.acks.clear()
+        elif message.kind in worker.asked:
+            answer = worker.asked.pop(message.kind)
+            if not answer.done():
+                answer.set_result(message.value)
+
+    def _exited(self, worker: _Worker) -> None:
+        self._loop.remove_reader(worker.process.sentinel)
+        with contextlib.suppress(OSError, ValueError):  # closed already
+            self._loop.remove_reader(worker.conn.fileno())
+        worker.process.join(0)
+        code = worker.process.exitcode
+        worker.conn.close()
+        if not worker.ready.done():
+            worker.ready.set_exception(RuntimeError(f"worker {worker.index} exited ({code})"))
+            worker.ready.exception()  # `start` re-raises it; a replacement's is logged below
+        for ack in worker.acks:
+            if not ack.done():
+                ack.set_result(None)  # nothing to wait for: its replacement loads afresh
+        for answer in worker.asked.values():
+            answer.cancel()  # the scrape or status request goes on without it
+        worker.asked.clear()
+        if self._stopping:
+            return
+        if code == 0:
+            # Only "stop" or SIGTERM end a worker cleanly: systemd stopping the whole
+            # control group, the supervisor's own SIGTERM on its way.
+            log.info("worker_stopped", worker=worker.index, pid=worker.process.pid)
+            return
+        last = self._last_metrics.pop(worker.index, None)
+        if last is not None:
+            self.retired_metrics.append(last)
+        reason = f"signal {signal.Signals(-code).name}" if code and code < 0 else f"exit {code}"
+        log.warning("worker_exited", worker=worker.index, pid=worker.process.pid, reason=reason)
+        self.restarts += 1
+        delay = max(0.0, worker.started_at + RESTART_DELAY - time.monotonic())
+        self._loop.call_later(delay, self._restart, worker.index)
+
+    def _restart(self, index: int) -> None:
+        if not self._stopping:
+            self._spawn(index)
+
+    def _send(self, worker: _Worker, message: Message) -> bool:
+        try:
+            worker.conn.send(message)
+        except (OSError, ValueError):  # it exited: `_exited` replaces it
+            return False
+        return True
+
+    def serving(self) -> int:
+        """Workers that have said they serve and are still running."""
+        return sum(1 for worker in self._workers.values() if _serves(worker))
+
+    def reload(self, routing_hash: str) -> list[asyncio.Future[None]]:
+        """Tell every worker to load the routing with `routing_hash` (the supervisor's
+        new one); the futures resolve as each answers."""
+        self._routing_hash = routing_hash
+        acks = []
+        for worker in self._workers.values():
+            ack = self._loop.create_future()
+            if self._send(worker, Message("reload")):
+                worker.acks.append(ack)
+                acks.append(ack)
+        return acks
+
+    async def reloaded(self, acks: list[asyncio.Future[None]]) -> None:
+        """Wait (bounded) for `acks`; log a worker whose routing differs from ours."""
+        if acks:
+            await asyncio.wait(acks, timeout=REPLY_TIMEOUT)
+        for worker in self._workers.values():
+            if worker.reloaded is not None and worker.reloaded != self._routing_hash:
+                log.warning("worker_routing_differs", worker=worker.index)
+
+    def withdraw(self, names: frozenset[str]) -> None:
+        """Pass the health prober's verdict to every worker."""
+        self._withdrawn = names
+        for worker in self._workers.values():
+            self._send(worker, Message("withdrawn", names))
+
+    async def ask_each(self, kind: str) -> dict[int, Any]:
+        """Every serving worker's answer to a `kind` message ("metrics", "counts"), by
+        worker; a worker that does not answer within `REPLY_TIMEOUT` is left out. A worker
+        still asked from an earlier request is not asked again: both wait for its answer."""
+        asked = {}
+        for worker in self._workers.values():
+            pending = worker.asked.get(kind)
+            if pending is not None and not pending.done():
+                asked[worker.index] = pending
+            elif worker.ready.done() and self._send(worker, Message(kind)):
+                worker.asked[kind] = asked[worker.index] = self._loop.create_future()
+        if asked:
+            await asyncio.wait(asked.values(), timeout=REPLY_TIMEOUT)
+        return {
+            index: answer.result()
+            for index, answer in asked.items()
+            if answer.done() and not answer.cancelled()
+        }
+
+    async def gather_metrics(self) -> list[str]:
+        """Every serving worker's exposition text: its answer now, or else (it was slow)
+        the last one it gave."""
+        self._last_metrics.update(await self.ask_each("metrics"))
+        serving = {worker.index for worker in self._workers.values() if _serves(worker)}
+        return [text for index, text in sorted(self._last_metrics.items()) if index in serving]
+
+    def describe(self) -> list[dict[str, object]]:
+        """Each worker process for `/status`: its index, PID, whether it serves, and the
+        content hash of the routing it serves."""
+        return [
+            {
+                "worker": worker.index,
+                "pid": worker.process.pid,
+                "serving": _serves(worker),
+                "routing": worker.routing,
+            }
+            for worker in self._workers.values()
+        ]
+
+    async def stop(self) -> None:
+        """Stop every worker: "stop", `STOP_GRACE` seconds to drain, then SIGKILL."""
+        self._stopping = True
+        for worker in self._workers.values():
+            self._send(worker, Message("stop"))
+        deadline = time.monotonic() + STOP_GRACE
+        for worker in self._workers.values():
+            await asyncio.to_thread(worker.process.join, max(0.0, deadline - time.monotonic()))
+            if worker.process.is_alive():
+                worker.process.kill()
+                await asyncio.to_thread(worker.process.join)
+            with contextlib.suppress(OSError, ValueError):  # closed already
+                self._loop.remove_reader(worker.process.sentinel)
+                self._loop.remove_reader(worker.conn.fileno())
+            worker.conn.close()
+
+
+def _serves(worker: _Worker) -> bool:
+    """Whether `worker` said it serves and is still running."""
+    return worker.ready.done() and not worker.ready.exception() and worker.process.is_alive()
+
+
+# Gauges that are not amounts: merged by maximum (an upstream is up if any worker finds
+# it answering) or by mean (a ratio); every other sample is summed over the processes.
+_MAX_SUFFIX = "_up"
+_MEAN_SUFFIX = "_ratio"
+RETIRED_KEPT = 16  # exited workers' texts kept apart before they are folded into one
+
+
+def merge_metrics(texts: list[str], *, counts_from: int) -> Iterator[Metric]:
+    """The metric families of several processes' exposition `texts`, merged sample by
+    sample; from the `counts_from`th text on (exited workers), gauges are left out."""
+    merged: dict[str, Metric] = {}
+    values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], list[float]]] = {}
+    for number, text in enumerate(texts):
+        for family in text_string_to_metric_families(text):
+            if number >= counts_from and family.type == "gauge":
+                continue  # an exited worker's state is gone; its counts are not
+            if family.name not in merged:
+                merged[family.name] = Metric(family.name, family.documentation, family.type)
+                values[family.name] = {}
+            for sample in family.samples:
+                key = (sample.name, tuple(sorted(sample.labels.items())))
+                values[family.name].setdefault(key, []).append(sample.value)
+    for name, family in merged.items():
+        for (sample_name, labels), seen in values[name].items():
+            if family.type == "gauge" and name.endswith(_MAX_SUFFIX):
+                value = max(seen)
+            elif family.type == "gauge" and name.endswith(_MEAN_SUFFIX):
+                value = sum(seen) / len(seen)
+            else:
+                value = sum(seen)
+            family.add_sample(sample_name, dict(labels), value)
+        yield family
+
+
+class _Families(Collector):
+    """Fixed metric families, to render them as exposition text."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self._families = families
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self._families)
+
+
+class MergedMetrics(Collector):
+    """The supervisor's `/metrics`: its own registry and its workers' texts, merged."""
+
+    def __init__(self, own: CollectorRegistry, pool: WorkerPool) -> None:
+        self._own = own
+        self._pool = pool
+        self._texts: list[str] = []
+
+    async def refresh(self) -> None:
+        """Ask every worker for its metrics (before a scrape)."""
+        self._texts = await self._pool.gather_metrics()
+
+    def collect(self) -> Iterator[Metric]:
+        retired = self._pool.retired_metrics
+        if len(retired) > RETIRED_KEPT:
+            # Folded into one text: a worker crashing in a loop must not grow the supervisor.
+            folded = CollectorRegistry()
+            folded.register(_Families(list(merge_metrics(retired, counts_from=0))))
+            retired[:] = [generate_latest(folded).decode()]
+        live = [generate_latest(self._own).decode(), *self._texts]
+        yield from merge_metrics([*live, *retired], counts_from=len(live))
+        workers = GaugeMetricFamily(
+            "dnsoverride_dns_workers", "Processes answering queries (the supervisor included)"
+        )
+        workers.add_metric([], 1 + self._pool.serving())
+        yield workers
+        restarts = CounterMetricFamily(
+            "dnsoverride_dns_worker_restarts", "Worker processes that exited and were replaced"
+        )
+        restarts.add_metric([], self._pool.restarts)
+        yield restarts
+
+
+def worker_environment() -> None:
+    """In a worker: never mistake the supervisor's systemd sockets for its own."""
+    for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
+        os.environ.pop(name, None)

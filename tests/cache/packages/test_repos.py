@@ -1,0 +1,166 @@
+"""The repository cache in-process, with an injected clock: revalidation after
+`metadata_ttl` (conditional GET, one at a time), no state kept for roots with nothing to
+serve, a restart with the upstream gone. The same real repositories and upstream as the
+end-to-end tests (tests/cache/packages/test_cache.py), without dnf and a namespace."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from dnsoverride.cache.app import Router, build_app
+from dnsoverride.cache.fetch import Fetcher
+from dnsoverride.cache.packages import repos
+from dnsoverride.cache.packages.repos import PackagesMeter, RepositoryCache
+from dnsoverride.cache.packages.repos_config import RepositoriesConfig, RepositoryUpstream
+from dnsoverride.cache.store import Store
+from tests.support.ports import free_port
+from tests.support.yum_repos import C7_OS, World
+from tests.support.yum_upstream import YumUpstream
+
+TTL = 300.0
+REPOMD = "/7.9.2009/os/x86_64/repodata/repomd.xml"
+VAULT = {"Host": "vault.centos.org"}
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def upstream(world: World) -> Iterator[YumUpstream]:
+    server = YumUpstream(world.root)
+    # The cache asks it by address: its tree is published under that host too.
+    server.publish(f"127.0.0.1/{C7_OS.partition('/')[2]}", world.repos[C7_OS].root)
+    port = free_port()
+    server.start([("127.0.0.1", port, None)])
+    server.mirrorlist_base = f"http://127.0.0.1:{port}"
+    yield server
+    server.stop()
+
+
+@dataclass
+class Running:
+    client: TestClient[aiohttp.web.Request, aiohttp.web.Application]
+    cache: RepositoryCache
+    clock: Clock
+
+
+async def start(storage: Path, upstream: YumUpstream) -> AsyncIterator[Running]:
+    port = upstream.listeners[0][1]
+    config = RepositoriesConfig(
+        metadata_ttl=TTL,
+        upstreams=(
+            RepositoryUpstream.make("vault", f"http://127.0.0.1:{port}/", ("vault.centos.org",)),
+        ),
+    )
+    store = Store(storage)
+    store.open()
+    clock = Clock()
+    async with aiohttp.ClientSession() as session:
+        fetcher = Fetcher(store, PackagesMeter())
+        cache = RepositoryCache(config, store, fetcher, session, clock=clock)
+        async with TestClient(TestServer(build_app(Router(cache.routes())))) as client:
+            yield Running(client, cache, clock)
+        await cache.close()
+        await fetcher.close()
+
+
+@pytest.fixture
+async def running(tmp_path: Path, upstream: YumUpstream) -> AsyncIterator[Running]:
+    async for item in start(tmp_path / "store", upstream):
+        yield item
+
+
+async def get(running: Running, path: str) -> tuple[int, bytes]:
+    async with running.client.get(path, headers=VAULT) as response:
+        return response.status, await response.read()
+
+
+async def test_repomd_is_revalidated_after_the_ttl_with_a_conditional_get(
+    running: Running, upstream: YumUpstream, world: World
+) -> None:
+    assert await get(running, REPOMD) == (200, world.repos[C7_OS].repomd)
+    running.clock.now += TTL - 1
+    assert (await get(running, REPOMD))[0] == 200
+    assert upstream.count(REPOMD) == 1  # within the TTL: not asked
+    running.clock.now += 1
+    assert await get(running, REPOMD) == (200, world.repos[C7_OS].repomd)
+    assert [r.status for r in upstream.requests if r.path == REPOMD] == [200, 304]
+    # Nothing else was fetched again for an unchanged repomd.xml.
+    assert len(upstream.requests) == 1 + len(world.repos[C7_OS].data()) + 1
+
+
+async def test_concurrent_requests_share_one_revalidation(
+    running: Running, upstream: YumUpstream
+) -> None:
+    results = await asyncio.gather(*(get(running, REPOMD) for _ in range(16)))
+    assert {status for status, _ in results} == {200}
+    assert len({body for _, body in results}) == 1
+    running.clock.now += TTL
+    await asyncio.gather(*(get(running, REPOMD) for _ in range(16)))
+    assert upstream.count(REPOMD) == 2
+
+
+async def test_roots_with_nothing_to_serve_leave_no_state(
+    running: Running, upstream: YumUpstream
+) -> None:
+    """Fails without the clean-up in `snapshot`: every made-up path kept a Repository."""
+    for index in range(50):
+        status, body = await get(running, f"/made-up/{index}/repodata/repomd.xml")
+        assert status == 502 and b"upstream answered 404" in body
+    assert running.cache.repositories == {}
+    assert (await get(running, REPOMD))[0] == 200
+    assert list(running.cache.repositories) == [("vault", "7.9.2009/os/x86_64/")]
+
+
+async def test_a_restarted_cache_serves_its_snapshot_with_the_upstream_down(
+    tmp_path: Path, upstream: YumUpstream, world: World
+) -> None:
+    repo = world.repos[C7_OS]
+    package = next(iter(repo.packages.values()))
+    path = "/7.9.2009/os/x86_64/" + package
+    async for first in start(tmp_path / "store", upstream):
+        assert (await get(first, REPOMD))[0] == 200
+        assert await get(first, path) == (200, (repo.root / package).read_bytes())
+    upstream.set_down(True)
+    async for second in start(tmp_path / "store", upstream):
+        assert await get(second, REPOMD) == (200, repo.repomd)
+        primary = repo.data()["primary"].href
+        assert await get(second, "/7.9.2009/os/x86_64/" + primary) == (
+            200,
+            (repo.root / primary).read_bytes(),
+        )
+        assert await get(second, path) == (200, (repo.root / package).read_bytes())
+
+
+async def test_a_slow_new_version_does_not_hold_clients_up(
+    running: Running, upstream: YumUpstream, world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While a new repomd.xml's files download, clients get the served snapshot after
+    REVALIDATE_WAIT; once they are in, the new one."""
+    monkeypatch.setattr(repos, "REVALIDATE_WAIT", 0.2)
+    old, new = world.repos[C7_OS], world.next_generation[C7_OS]
+    assert await get(running, REPOMD) == (200, old.repomd)
+    upstream.publish(f"127.0.0.1/{C7_OS.partition('/')[2]}", new.root)
+    release = threading.Event()
+    upstream.hold[new.data()["primary"].href] = release
+    running.clock.now += TTL
+    assert await get(running, REPOMD) == (200, old.repomd)
+    assert upstream.holding.is_set()
+    release.set()
+    refresh = running.cache.repositories[("vault", "7.9.2009/os/x86_64/")].refresh
+    assert refresh is not None
+    await refresh
+    assert await get(running, REPOMD) == (200, new.repomd)

@@ -1,0 +1,247 @@
+"""cache/fetch.py, the single-flight download the registry's blobs and the repository
+cache's packages share, against a lying upstream on loopback: content addressed by
+sha1/sha256/sha512, an expected size from metadata, bodies in many small writes, a
+Content-Length that disagrees with the metadata, wrong bytes, short bodies. Nothing
+unverified is stored; every waiter of a failed download is cut short; one upstream
+request however many clients ask; ranges served while the bytes land.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.web_request import BaseRequest
+from structlog.testing import capture_logs
+
+from dnsoverride.cache.app import Order, Route
+from dnsoverride.cache.fetch import Download, Fetcher, FetchError
+from dnsoverride.cache.store import Budget, Digest, Store
+from tests.support.cache_routes import serving
+
+PACKAGE = os.urandom(3 << 20)  # a 3 MiB .rpm
+
+
+@dataclass
+class Liar:
+    """The upstream: `body` for GET /pkg, in `chunk`-byte writes; `declared` as its
+    Content-Length (None: chunked); `gate` holds the last write until set."""
+
+    body: bytes = PACKAGE
+    chunk: int = 4096
+    declared: int | None = len(PACKAGE)
+    gate: asyncio.Event = field(default_factory=asyncio.Event)
+    requests: int = 0
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        self.requests += 1
+        response = web.StreamResponse()
+        if self.declared is not None:
+            response.content_length = self.declared
+        await response.prepare(request)
+        head, tail = self.body[: -self.chunk], self.body[-self.chunk :]
+        for start in range(0, len(head), self.chunk):
+            await response.write(head[start : start + self.chunk])
+        await self.gate.wait()
+        await response.write(tail)
+        await response.write_eof()
+        return response
+
+
+@dataclass
+class Meter:
+    received_bytes: int = 0
+    sent_bytes: int = 0
+    cut: list[str] = field(default_factory=list)
+    verify_failures: int = 0
+    # (threshold, event): set once that many upstream bytes have been received.
+    waiting: list[tuple[int, asyncio.Event]] = field(default_factory=list)
+
+    def received(self, source: str, count: int) -> None:
+        self.received_bytes += count
+        for threshold, event in self.waiting:
+            if self.received_bytes >= threshold:
+                event.set()
+
+    async def reached(self, threshold: int) -> None:
+        """Until `threshold` upstream bytes have landed in the growing file."""
+        event = asyncio.Event()
+        self.waiting.append((threshold, event))
+        self.received(source="", count=0)
+        await event.wait()
+
+    def sent(self, request: BaseRequest, count: int, *, sendfile: bool) -> None:
+        self.sent_bytes += count
+
+    def cut_short(self, request: BaseRequest, status: int, error: FetchError) -> None:
+        self.cut.append(error.reason)
+
+    def verify_failed(self, download: Download) -> None:
+        self.verify_failures += 1
+
+
+@dataclass
+class World:
+    liar: Liar
+    store: Store
+    fetcher: Fetcher
+    meter: Meter
+    base_url: str
+    stored: list[Digest]
+    expected_size: int | None = len(PACKAGE)
+
+
+def _digest(algorithm: str, data: bytes = PACKAGE) -> Digest:
+    return Digest(algorithm, hashlib.new(algorithm, data).hexdigest())
+
+
+@pytest.fixture
+async def world(tmp_path: Path) -> AsyncIterator[World]:
+    liar = Liar()
+    upstream = web.Application()
+    upstream.router.add_get("/pkg", liar.handle)
+    runner = web.AppRunner(upstream)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    upstream_url = f"http://127.0.0.1:{runner.addresses[0][1]}/pkg"
+    store = Store(tmp_path / "store", Budget(64 << 20))
+    store.open()
+    meter = Meter()
+    fetcher = Fetcher(store, meter)
+    session = aiohttp.ClientSession(auto_decompress=False)
+    stored: list[Digest] = []
+    state: dict[str, World] = {}
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        digest = Digest(request.query["algorithm"], request.query["hex"])
+        path = await fetcher.stored("packages", digest)
+        if path is not None:
+            return fetcher.send_file("packages", digest, path, {})
+
+        async def opener() -> aiohttp.ClientResponse:
+            return await session.get(upstream_url)
+
+        download = fetcher.start(
+            "packages",
+            digest,
+            opener,
+            source="liar",
+            size=state["world"].expected_size,
+            on_stored=lambda done: stored.append(done.digest),
+        )
+        try:
+            return await fetcher.respond(request, download, {"Content-Type": "x-rpm"})
+        except FetchError as error:
+            return web.Response(status=error.status, text=error.reason)
+
+    async with serving([Route("packages", Order.REPOSITORIES, handler)]) as base_url:
+        state["world"] = World(liar, store, fetcher, meter, base_url, stored)
+        yield state["world"]
+        await fetcher.close()
+    await session.close()
+    await runner.cleanup()
+
+
+def _url(world: World, digest: Digest) -> str:
+    return f"{world.base_url}/p?algorithm={digest.algorithm}&hex={digest.hex}"
+
+
+async def _fetch(url: str, headers: dict[str, str] | None = None) -> tuple[int, bytes | None]:
+    """(status, body), body None when the connection was cut short."""
+    async with aiohttp.ClientSession() as session:
+        try:
+            async with session.get(url, headers=headers) as response:
+                return response.status, await response.read()
+        except aiohttp.ClientPayloadError:
+            return 200, None
+
+
+def _temp_files(world: World) -> list[Path]:
+    return list(world.store.tmp_dir.iterdir())
+
+
+@pytest.mark.parametrize("algorithm", ["sha1", "sha256", "sha512"])
+async def test_one_upstream_fetch_streamed_to_every_waiter(world: World, algorithm: str) -> None:
+    digest = _digest(algorithm)
+    clients = [asyncio.create_task(_fetch(_url(world, digest))) for _ in range(8)]
+    await world.meter.reached(len(PACKAGE) - world.liar.chunk)
+    # Everything but the last write has landed: no client holds the whole package yet.
+    assert not any(client.done() for client in clients)
+    world.liar.gate.set()
+    results = await asyncio.gather(*clients)
+    assert results == [(200, PACKAGE)] * 8
+    assert world.liar.requests == 1
+    assert world.stored == [digest]
+    assert world.store.lookup("packages", digest) is not None
+    # A later request is a hit, sent from the store.
+    assert await _fetch(_url(world, digest)) == (200, PACKAGE)
+    assert world.liar.requests == 1
+
+
+async def test_a_range_is_sent_while_the_bytes_land(world: World) -> None:
+    digest = _digest("sha256")
+    whole = asyncio.create_task(_fetch(_url(world, digest)))
+    await world.meter.reached(1 << 20)
+    status, body = await _fetch(_url(world, digest), {"Range": "bytes=1000-1999"})
+    assert (status, body) == (206, PACKAGE[1000:2000])
+    assert not whole.done()
+    world.liar.gate.set()
+    assert await whole == (200, PACKAGE)
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"body": PACKAGE[:-1] + b"X"}, "content does not match its digest"),
+        ({"declared": len(PACKAGE) + 10}, f"upstream sends {len(PACKAGE) + 10} bytes"),
+        ({"declared": None, "body": PACKAGE[:-100]}, "closed packages"),
+        ({"declared": None, "body": PACKAGE + b"tail"}, "longer than its"),
+    ],
+    ids=["wrong-bytes", "content-length-lies", "short-unsized", "long-unsized"],
+)
+async def test_nothing_unverified_is_stored_or_served_complete(
+    world: World, change: dict[str, object], reason: str
+) -> None:
+    """The metadata says the package has `len(PACKAGE)` bytes hashing to its digest; an
+    upstream that disagrees fails the download: a client still waiting is cut short (or
+    refused when nothing was sent yet), nothing is stored, the temp file is gone, and the
+    failure is one log line with the reason."""
+    for key, value in change.items():
+        setattr(world.liar, key, value)
+    world.liar.gate.set()
+    digest = _digest("sha256")
+    with capture_logs() as logs:
+        results = await asyncio.gather(*(_fetch(_url(world, digest)) for _ in range(3)))
+    for status, body in results:
+        assert body != PACKAGE
+        assert status == 502 or body is None
+    assert world.stored == []
+    assert world.store.lookup("packages", digest) is None
+    assert _temp_files(world) == []
+    (failure,) = [entry for entry in logs if entry["event"] == "content_fetch_failed"]
+    assert reason in failure["error"]
+    assert world.meter.verify_failures == 1
+
+
+async def test_pinned_content_is_never_evicted(tmp_path: Path) -> None:
+    """A served snapshot's files are pinned: the budget evicts around them."""
+    store = Store(tmp_path, Budget(1000, high_watermark=0.8, low_watermark=0.5))
+    store.open()
+    items = [os.urandom(300) for _ in range(3)]
+    digests = [_digest("sha256", data) for data in items]
+    store.put_bytes("repodata", digests[0], items[0])
+    store.pin("repodata", digests[0])
+    store.put_bytes("packages", digests[1], items[1])
+    store.put_bytes("packages", digests[2], items[2])  # 900 > 1000 * 0.8: evict to 500
+    assert store.has("repodata", digests[0])  # pinned, though least recently used
+    assert not store.has("packages", digests[1])
+    store.unpin("repodata", digests[0])
+    store.put_bytes("packages", digests[1], items[1])
+    assert not store.has("repodata", digests[0])

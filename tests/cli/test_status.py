@@ -1,0 +1,249 @@
+"""`dnsoverride status` against real running daemons: the DNS server (with a dnsmasq
+upstream, views, a health-withdrawn override, a reload that fails) and the cache daemon's
+registry (with a lying upstream holding a blob, so a download is in flight with waiters, and a
+429 with Retry-After). The JSON is compared with what was loaded and asked; the table is
+checked under a real pseudo-terminal, the plain text through a pipe."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import pty
+import re
+import select
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.support.edits import health_withdrawn_zone
+from tests.support.peers import dnsmasq, dnsoverride_serve
+from tests.support.ports import free_port
+from tests.support.registry_fixtures import StartCache
+from tests.support.registry_liar import LyingRegistry, digest_of
+
+pytestmark = pytest.mark.e2e  # every test runs the CLI or a daemon
+DNSMASQ = pytest.mark.skipif(shutil.which("dnsmasq") is None, reason="needs dnsmasq")
+COMMAND = [sys.executable, "-m", "dnsoverride", "status"]
+
+
+def status_json(*args: str) -> list[dict[str, Any]]:
+    result = subprocess.run(
+        [*COMMAND, "--json", *args], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result
+    documents: list[dict[str, Any]] = json.loads(result.stdout)
+    return documents
+
+
+def on_a_terminal(*args: str) -> str:
+    """The output of `status ARGS` with stdout on a pseudo-terminal, as a user sees it."""
+    leader, follower = pty.openpty()
+    env = {**os.environ, "COLUMNS": "200", "TERM": "xterm-256color"}
+    process = subprocess.Popen([*COMMAND, *args], stdout=follower, stderr=subprocess.PIPE, env=env)
+    os.close(follower)
+    chunks = []
+    while True:
+        ready, _, _ = select.select([leader], [], [], 10)
+        assert ready, "status printed nothing within 10 s"
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # EIO: the terminal's other end closed
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(leader)
+    assert process.wait(10) == 0
+    return b"".join(chunks).decode()
+
+
+@DNSMASQ
+@pytest.mark.timeout(90)
+def test_dns_status_reports_what_was_loaded_and_asked(tmp_path: Path) -> None:
+    zones = tmp_path / "zones"
+    zones.mkdir()
+    (zones / "ci.yaml").write_text(
+        "records:\n  registry-1.docker.io:\n    A: 10.0.0.5\n  quay.io:\n    A: 10.0.0.6\n"
+    )
+    admin = f"127.0.0.1:{free_port()}"
+    config = (
+        f"zones: {zones}\nmetrics: {admin}\n"
+        "views:\n  - {name: cache-host, clients: [10.0.0.5/32], zones: []}\n"
+    )
+    with (
+        health_withdrawn_zone(zones),
+        dnsmasq(tmp_path, "--address=/forwarded.test/192.0.2.1") as upstream,
+        dnsoverride_serve(tmp_path, zones, [upstream.address], config=config) as server,
+    ):
+        for _ in range(5):
+            server.query("registry-1.docker.io")
+        server.query("forwarded.test")
+        config_file = next(tmp_path.glob("dnsoverride-*.yaml"))
+        deadline = time.monotonic() + 20
+        while True:
+            [dns] = status_json("--config", str(config_file))  # found from its `metrics:`
+            if dns["health"] and dns["health"][0]["withdrawn"]:
+                break
+            assert time.monotonic() < deadline, dns
+            time.sleep(0.1)
+        assert dns["daemon"] == "dns" and dns["admin"] == admin
+        assert dns["listeners"] == [server.address]
+        assert dns["zones"]["names"] == 3
+        assert dns["zones"]["files"] == [
+            {"name": "ci.yaml", "names": 2},
+            {"name": "gated.yaml", "names": 1},
+        ]
+        assert dns["reload"]["last_result"] == "success"
+        assert dns["reload"]["successes"] == 1
+        assert [(v["name"], v["clients"], v["default"]) for v in dns["views"]] == [
+            ("cache-host", ["10.0.0.5/32"], False),
+            ("default", [], True),
+        ]
+        assert dns["health"] == [
+            {"name": "gated.test", "withdrawn": True, "targets": {"127.0.0.1": False}}
+        ]
+        assert dns["upstreams"][0]["address"] == upstream.address
+        assert dns["upstreams"][0]["up"] is True
+        answer = dns["caches"]["answer"]
+        assert answer["hits"] >= 4 and answer["entries"] >= 1, answer
+        assert dns["queries"]["total"] >= 6
+        assert dns["queries"]["qps"] is not None and dns["queries"]["qps"] > 0
+
+        (zones / "ci.yaml").write_text("records:\n  bad.test:\n    A: 10.0.0.300\n")
+        deadline = time.monotonic() + 20
+        while dns["reload"]["last_result"] != "failure":
+            assert time.monotonic() < deadline, dns["reload"]
+            time.sleep(0.1)
+            [dns] = status_json("--admin", admin)
+        [problem] = dns["reload"]["last_problems"]
+        assert problem.startswith(f"{zones / 'ci.yaml'}:3: ")
+        assert "not an IPv4 address" in problem
+        assert dns["zones"]["names"] == 3  # the last good set is still served
+
+        drawn = on_a_terminal("--admin", admin)
+        assert "\x1b[" in drawn  # colour
+        table = re.sub(r"\x1b\[[0-9;]*m", "", drawn)
+        assert re.search(r"┃ upstream +┃ state +┃ failures +┃", table), table
+        assert re.search(rf"│ {re.escape(upstream.address)} +│ up +│", table), table
+        assert re.search(r"│ gated\.test +│ WITHDRAWN +│ 127\.0\.0\.1 down +│", table), table
+        assert re.search(rf"│ +problem +│ {re.escape(problem)} +│", table), table
+        plain = subprocess.run(
+            [*COMMAND, "--admin", admin], capture_output=True, text=True, check=True
+        ).stdout
+        assert "\x1b[" not in plain and "│" not in plain
+        assert f"dns {admin}: DNS server, pid" in plain
+        assert re.search(rf"^ +problem +{re.escape(problem)}$", plain, re.MULTILINE), plain
+        assert "gated.test  WITHDRAWN  127.0.0.1 down" in plain
+
+
+def test_an_unreachable_daemon_is_one_line_and_exit_1(tmp_path: Path) -> None:
+    port = free_port()
+    result = subprocess.run(
+        [*COMMAND, "--admin", f"127.0.0.1:{port}"], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 1
+    assert result.stdout.splitlines()[0] == (
+        f"unreachable 127.0.0.1:{port}: 127.0.0.1:{port} (--admin): cannot connect: "
+        "Connection refused"
+    )
+    nothing = tmp_path / "serve.yaml"
+    nothing.write_text("listen: 127.0.0.1:5353\n")
+    missing = subprocess.run(
+        [*COMMAND, "--config", str(nothing)], capture_output=True, text=True, check=False
+    )
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    assert missing.stderr.splitlines() == [
+        f"dnsoverride: error: no admin endpoint found in {nothing} (no such file, or no "
+        "`metrics:` in it); give --admin HOST:PORT (the daemon's --metrics)"
+    ]
+
+
+@pytest.mark.timeout(60)
+async def test_registry_status_shows_downloads_waiters_backoff_and_errors(
+    tmp_path: Path, start_cache: StartCache
+) -> None:
+    blob = os.urandom(3 << 20)
+    digest = digest_of(blob)
+    async with LyingRegistry() as liar:
+        liar.blobs[digest] = blob
+        release = liar.hold[f"/blobs/{digest}"] = asyncio.Event()
+        admin = f"127.0.0.1:{free_port()}"
+        cache = start_cache(liar.url, "--metrics", admin, "--max-size", "1G")
+
+        async def status() -> dict[str, Any]:
+            process = await asyncio.create_subprocess_exec(
+                *COMMAND, "--json", "--admin", admin, stdout=subprocess.PIPE
+            )
+            out, _ = await process.communicate()
+            assert process.returncode == 0
+            [document] = json.loads(out)
+            return document  # type: ignore[no-any-return]
+
+        try:
+            async with aiohttp.ClientSession() as http:
+                url = f"http://{cache.address}/v2/team/app/blobs/{digest}"
+                pulls = [asyncio.create_task(http.get(url)) for _ in range(3)]
+                await asyncio.wait_for(liar.holding.wait(), 10)
+                deadline = time.monotonic() + 10
+                while True:
+                    document = await status()
+                    downloads = document["downloads"]
+                    if downloads and downloads[0]["waiters"] == 3:
+                        break
+                    assert time.monotonic() < deadline, downloads
+                    await asyncio.sleep(0.05)
+                assert downloads == [
+                    {
+                        "side": "registry",
+                        "kind": "blobs",
+                        "digest": digest,
+                        "upstream": f"127.0.0.1:{liar.port}",  # an upstream's name: its URL's host
+                        "repository": "team/app",
+                        "bytes": 0,
+                        "size": None,
+                        "waiters": 3,
+                    }
+                ]
+                release.set()
+                for pull in pulls:
+                    response = await pull
+                    assert await response.read() == blob
+                liar.fail = (429, {"Retry-After": "120"})
+                missing = f"http://{cache.address}/v2/team/other/manifests/v1"
+                async with http.get(missing) as response:
+                    assert response.status == 429
+        finally:
+            release.set()  # a failed assertion must not leave the liar's handler held
+        document = await status()
+    assert document["downloads"] == []
+    assert document["daemon"] == "cache"
+    store = document["store"]
+    assert store["budget_bytes"] == 1 << 30 and store["bytes"] == len(blob)
+    assert document["hits"]["blob"]["misses"] == 3
+    # The package side's kinds, from the same daemon and store (nothing asked of them here).
+    for kind in ("packages", "repodata"):
+        assert document["hits"][kind] == {"hits": 0, "misses": 0, "hit_ratio": None}
+    [upstream] = document["upstreams"]
+    assert upstream["backoff"]["team/other"]["status"] == 429
+    assert 100 < upstream["backoff"]["team/other"]["seconds_left"] <= 120
+    [error] = document["recent_errors"]
+    assert (error["request"], error["status"], error["code"]) == (
+        "GET /v2/team/other/manifests/v1",
+        429,
+        "TOOMANYREQUESTS",
+    )
+    assert document["coalesced"] == 2
+    process = await asyncio.create_subprocess_exec(
+        *COMMAND, "--admin", admin, stdout=subprocess.PIPE
+    )
+    plain = (await process.communicate())[0].decode()
+    assert "3.0 MiB in 1 entries of 1.0 GiB (0%)" in plain, plain
+    assert "team/other 429 for" in plain
+    assert re.search(r"GET /v2/team/other/manifests/v1 +429 TOOMANYREQUESTS", plain), plain

@@ -1,0 +1,273 @@
+"""dnsoverride.admin served over real TCP and read with a real HTTP client."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+from collections.abc import AsyncIterator, Mapping
+
+import aiohttp
+import pytest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter
+from structlog.testing import capture_logs
+
+from dnsoverride.common import admin as admin_module
+from dnsoverride.common.admin import AdminServer, start_admin
+from dnsoverride.common.errors import UserError
+from tests.support.metrics import parse_samples
+
+
+class Readiness:
+    def __init__(self) -> None:
+        self.ready = False
+
+    def __call__(self) -> bool:
+        return self.ready
+
+
+@pytest.fixture
+def registry() -> CollectorRegistry:
+    return CollectorRegistry()
+
+
+@pytest.fixture
+def readiness() -> Readiness:
+    return Readiness()
+
+
+@pytest.fixture
+async def admin(
+    registry: CollectorRegistry, readiness: Readiness
+) -> AsyncIterator[tuple[AdminServer, aiohttp.ClientSession, str]]:
+    server = await start_admin("127.0.0.1", 0, registry, readiness)
+    try:
+        async with aiohttp.ClientSession() as session:
+            yield server, session, f"http://127.0.0.1:{server.port}"
+    finally:
+        await server.close()
+
+
+async def test_metrics_expose_the_daemon_registry(
+    admin: tuple[AdminServer, aiohttp.ClientSession, str], registry: CollectorRegistry
+) -> None:
+    _, session, base = admin
+    # Declared without the suffix; prometheus-client exposes it as *_total.
+    queries = Counter("dnsoverride_test_queries", "queries", ["view"], registry=registry)
+    queries.labels(view="ci").inc(3)
+    async with session.get(f"{base}/metrics") as response:
+        assert response.status == 200
+        assert response.headers["Content-Type"] == CONTENT_TYPE_LATEST
+        text = await response.text()
+    samples = parse_samples(text)
+    assert samples[("dnsoverride_test_queries_total", (("view", "ci"),))] == 3.0
+    # Only the daemon's own registry: no default process/python collectors leak in.
+    assert not any(name.startswith(("process_", "python_")) for name, _ in samples)
+
+    queries.labels(view="ci").inc()
+    async with session.get(f"{base}/metrics") as response:
+        assert 'dnsoverride_test_queries_total{view="ci"} 4.0' in await response.text()
+
+
+async def test_healthz_answers_while_not_ready(
+    admin: tuple[AdminServer, aiohttp.ClientSession, str],
+) -> None:
+    _, session, base = admin
+    async with session.get(f"{base}/healthz") as response:
+        assert response.status == 200
+        assert (await response.text()).strip() == "ok"
+
+
+async def test_readyz_follows_the_ready_callback(
+    admin: tuple[AdminServer, aiohttp.ClientSession, str], readiness: Readiness
+) -> None:
+    _, session, base = admin
+    async with session.get(f"{base}/readyz") as response:
+        assert response.status == 503
+    readiness.ready = True
+    async with session.get(f"{base}/readyz") as response:
+        assert response.status == 200
+    readiness.ready = False
+    async with session.get(f"{base}/readyz") as response:
+        assert response.status == 503
+
+
+async def test_unknown_path_is_404(admin: tuple[AdminServer, aiohttp.ClientSession, str]) -> None:
+    _, session, base = admin
+    async with session.get(f"{base}/metricz") as response:
+        assert response.status == 404
+
+
+async def test_close_releases_the_port(registry: CollectorRegistry) -> None:
+    server = await start_admin("127.0.0.1", 0, registry, lambda: True)
+    port = server.port
+    await server.close()
+    with pytest.raises(aiohttp.ClientConnectionError):
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"http://127.0.0.1:{port}/healthz"),
+        ):
+            pass
+
+
+async def test_port_in_use_is_a_user_error(registry: CollectorRegistry) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(UserError, match=f"127.0.0.1:{port}"):
+            await start_admin("127.0.0.1", port, registry, lambda: True)
+
+
+async def _raw(port: int, request: bytes) -> bytes:
+    """Everything the listener sends back to `request` until it closes the connection."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request)
+        await writer.drain()
+        async with asyncio.timeout(5):
+            return await reader.read(1 << 20) + await reader.read()
+    finally:
+        writer.close()
+
+
+async def test_hostile_requests_get_a_status_and_a_close(registry: CollectorRegistry) -> None:
+    """Garbage, a request body, an oversized head, a method other than GET/HEAD: each
+    gets its status line (never a hang, never a traceback) and the connection closes."""
+    server = await start_admin("127.0.0.1", 0, registry, lambda: True)
+    try:
+        port = server.port
+        assert (await _raw(port, b"\x16\x03\x01garbage\r\n\r\n")).startswith(b"HTTP/1.1 400 ")
+        body = b"POST /metrics HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc"
+        assert (await _raw(port, body)).startswith(b"HTTP/1.1 400 ")
+        huge = b"GET /metrics HTTP/1.1\r\nX: " + b"a" * 20000 + b"\r\n\r\n"
+        assert (await _raw(port, huge)).startswith(b"HTTP/1.1 431 ")
+        put = await _raw(port, b"PUT /readyz HTTP/1.1\r\nConnection: close\r\n\r\n")
+        assert put.startswith(b"HTTP/1.1 405 ") and b"Allow: GET, HEAD" in put
+        head = await _raw(port, b"HEAD /healthz HTTP/1.0\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 ") and head.endswith(b"\r\n\r\n")  # no body
+    finally:
+        await server.close()
+
+
+async def test_keep_alive_serves_requests_in_turn(registry: CollectorRegistry) -> None:
+    server = await start_admin("127.0.0.1", 0, registry, lambda: True)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        for path in ("/healthz", "/readyz", "/metrics"):
+            writer.write(f"GET {path}?x=1 HTTP/1.1\r\nHost: a\r\n\r\n".encode())
+            head = await reader.readuntil(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200 ") and b"Connection: keep-alive" in head
+            length = int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0])
+            await reader.readexactly(length)
+        writer.close()
+    finally:
+        await server.close()
+
+
+async def test_silent_clients_are_dropped_and_capped(
+    registry: CollectorRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client that idles (sends nothing more) is closed after the request timeout; past
+    the connection cap a new client is closed at once, and answered again after."""
+    monkeypatch.setattr(admin_module, "REQUEST_TIMEOUT", 0.5)
+    monkeypatch.setattr(admin_module, "MAX_CONNECTIONS", 3)
+    server = await start_admin("127.0.0.1", 0, registry, lambda: True)
+    try:
+        silent = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(3)]
+        for reader, writer in silent:  # each served once (so surely accepted), then idle
+            writer.write(b"GET /healthz HTTP/1.1\r\n\r\n")
+            assert (await reader.readuntil(b"ok\n")).startswith(b"HTTP/1.1 200 ")
+        with contextlib.suppress(ConnectionResetError):  # closed unanswered (or reset)
+            assert await _raw(server.port, b"GET /healthz HTTP/1.1\r\n\r\n") == b""
+        for reader, _ in silent:
+            async with asyncio.timeout(3):
+                assert await reader.read() == b""  # closed by the server
+        answer = await _raw(server.port, b"GET /healthz HTTP/1.1\r\nConnection: close\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b"ok\n")
+        for _, writer in silent:
+            writer.close()
+    finally:
+        await server.close()
+
+
+async def test_close_ends_the_handlers_of_open_keep_alive_connections(
+    registry: CollectorRegistry,
+) -> None:
+    """A scraper's keep-alive connection open at shutdown: `close()` ends its handler (the
+    client sees the close) instead of leaving it to be cancelled with the loop, which
+    Python 3.11 logs as a traceback (seen in the registry's shutdown before the fix)."""
+    server = await start_admin("127.0.0.1", 0, registry, lambda: True)
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(b"GET /healthz HTTP/1.1\r\n\r\n")
+    assert (await reader.readuntil(b"ok\n")).startswith(b"HTTP/1.1 200 ")
+    await server.close()
+    handlers = [task for task in asyncio.all_tasks() if "AdminServer.serve" in repr(task)]
+    assert handlers == []
+    async with asyncio.timeout(3):
+        assert await reader.read() == b""
+    writer.close()
+
+
+class Recorder:
+    """A JSON endpoint that keeps the parameters it was called with and answers them,
+    a 400 for `fail=client` and an error of ours for `fail=bug`."""
+
+    def __init__(self) -> None:
+        self.calls: list[dict[str, str]] = []
+
+    async def __call__(self, parameters: Mapping[str, str]) -> object:
+        self.calls.append(dict(parameters))
+        if parameters.get("fail") == "client":
+            raise ValueError("not a DNS name: '..'")
+        if parameters.get("fail") == "bug":
+            raise KeyError("a bug")
+        return {"got": dict(parameters)}
+
+
+async def _json_get(port: int, target: str) -> tuple[int, object]:
+    answer = await _raw(port, f"GET {target} HTTP/1.1\r\nConnection: close\r\n\r\n".encode())
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert b"Content-Type: application/json" in head, head
+    return int(head.split(b" ")[1]), json.loads(body)
+
+
+async def test_json_endpoints_get_decoded_parameters_and_say_what_was_wrong(
+    registry: CollectorRegistry,
+) -> None:
+    """The query string arrives decoded (percent escapes, `+`, the first of a repeated
+    name, bytes that are not UTF-8 replaced); a ValueError is the client's 400 with its
+    message; a bug of ours is a 500 and one log event, and the listener serves on."""
+    endpoint = Recorder()
+    server = await start_admin(
+        "127.0.0.1", 0, registry, lambda: True, endpoints={"/explain": endpoint}
+    )
+    try:
+        port = server.port
+        status, body = await _json_get(port, "/explain?name=a%2Eb+c&type=AAAA&name=x&from=")
+        assert status == 200
+        assert body == {"got": {"name": "a.b c", "type": "AAAA", "from": ""}}
+        status, body = await _json_get(port, "/explain?name=%ff%fe%zz")
+        assert status == 200 and body == {"got": {"name": "\ufffd\ufffd%zz"}}
+        assert await _json_get(port, "/explain?fail=client") == (
+            400,
+            {"error": "not a DNS name: '..'"},
+        )
+        many = "&".join(f"k{n}=v" for n in range(100))
+        assert await _json_get(port, f"/explain?{many}") == (
+            400,
+            {"error": "too many query parameters"},
+        )
+        with capture_logs() as logs:
+            status, body = await _json_get(port, "/explain?fail=bug")
+        assert status == 500 and body == {"error": "internal error, see the daemon's log"}
+        assert [(e["event"], e["path"]) for e in logs] == [("admin_endpoint_failed", "/explain")]
+        head = await _raw(port, b"HEAD /explain?name=a HTTP/1.1\r\nConnection: close\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 ") and head.endswith(b"\r\n\r\n")  # no body
+        post = await _raw(port, b"POST /explain HTTP/1.1\r\nConnection: close\r\n\r\n")
+        assert post.startswith(b"HTTP/1.1 405 ")
+        assert (await _raw(port, b"GET /explainx HTTP/1.0\r\n\r\n")).startswith(b"HTTP/1.1 404 ")
+        assert len(endpoint.calls) == 5  # the HEAD too; never the 405, 404, too many
+    finally:
+        await server.close()
