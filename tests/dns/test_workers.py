@@ -168,9 +168,10 @@ def test_zone_edit_and_health_flip_reach_every_worker(tmp_path: Path) -> None:
 
         target.close()  # the health prober (one, in the supervisor) withdraws the override
         poll(lambda: _address(server, GATED) == REAL, 10, "the withdrawal", every=0.05)
-        # The verdict goes to every worker as the supervisor applies it; no process says
-        # when it has, so a second for the pipe's message to be read everywhere.
-        time.sleep(1.0)
+        # Once any process answers REAL, the supervisor has sent every worker the verdict;
+        # a worker answers /status's "counts" request only after the messages before it
+        # on its pipe, so a /status with every process serving is past the withdrawal.
+        assert _admin(metrics, "/status")["workers"]["serving"] == WORKERS
         _every_worker_answers(server, GATED, REAL)
         probes = events(server, "health_target_down") + events(server, "health_withdrawn")
         assert all(record.get("worker", 0) == 0 for record in probes)
