@@ -10,6 +10,7 @@ supervisor, once every worker serves.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -102,12 +103,16 @@ def _answering(log: Path, since: int, count: int, name: str | None = None) -> se
 
 
 def _dead(pid: int) -> bool:
-    """Whether process `pid` has exited (a zombie, or reaped)."""
+    """Whether process `pid` has exited: every thread of it. A worker has several, and
+    its sockets close with the last; its main thread alone can be a zombie before."""
+    states = []
     try:
-        status = Path(f"/proc/{pid}/status").read_text()
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(FileNotFoundError):
+                states.append((task / "stat").read_text().rpartition(")")[2].split()[0])
     except FileNotFoundError:
-        return True
-    return "\nState:\tZ" in status
+        return True  # reaped
+    return all(state in {"Z", "X"} for state in states)
 
 
 def _admin(port: int, target: str) -> dict[str, Any]:
@@ -163,9 +168,10 @@ def test_zone_edit_and_health_flip_reach_every_worker(tmp_path: Path) -> None:
 
         target.close()  # the health prober (one, in the supervisor) withdraws the override
         poll(lambda: _address(server, GATED) == REAL, 10, "the withdrawal", every=0.05)
-        # The verdict goes to every worker as the supervisor applies it; no process says
-        # when it has, so a second for the pipe's message to be read everywhere.
-        time.sleep(1.0)
+        # Once any process answers REAL, the supervisor has sent every worker the verdict;
+        # a worker answers /status's "counts" request only after the messages before it
+        # on its pipe, so a /status with every process serving is past the withdrawal.
+        assert _admin(metrics, "/status")["workers"]["serving"] == WORKERS
         _every_worker_answers(server, GATED, REAL)
         probes = events(server, "health_target_down") + events(server, "health_withdrawn")
         assert all(record.get("worker", 0) == 0 for record in probes)
@@ -200,8 +206,7 @@ def test_a_killed_worker_is_replaced_and_metrics_add_up(tmp_path: Path) -> None:
 
         (victim,) = [r for r in events(server, "worker_started") if r["worker"] == 1]
         os.kill(int(str(victim["pid"])), signal.SIGKILL)
-        # Until it has died, a query the kernel hands its socket is lost with it (the
-        # socket closes as it exits, before it is a zombie).
+        # Until it has died, a query the kernel hands its socket is lost with it.
         poll(lambda: _dead(int(str(victim["pid"]))), 10, "the worker died", every=0.01)
         answers = 0
         deadline = time.monotonic() + 15
