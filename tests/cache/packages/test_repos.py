@@ -164,3 +164,21 @@ async def test_a_slow_new_version_does_not_hold_clients_up(
     assert refresh is not None
     await refresh
     assert await get(running, REPOMD) == (200, new.repomd)
+
+
+async def test_content_lookups_are_counted_by_kind_for_status(
+    running: Running, world: World
+) -> None:
+    """What `/status` reports as the package side's hit ratio (cache/status.py): a package
+    is a miss, then a hit; repodata the snapshot fetched is a hit when a client asks."""
+    repo = world.repos[C7_OS]
+    package = "/7.9.2009/os/x86_64/" + next(iter(repo.packages.values()))
+    assert (await get(running, REPOMD))[0] == 200
+    for _ in range(2):
+        assert (await get(running, package))[0] == 200
+    assert (await get(running, "/7.9.2009/os/x86_64/" + repo.data()["primary"].href))[0] == 200
+    assert running.cache.lookups == {
+        ("packages", "miss"): 1,
+        ("packages", "hit"): 1,
+        ("repodata", "hit"): 1,
+    }
