@@ -35,9 +35,17 @@ def subcommands(
 
 def test_every_subcommand_has_a_description_and_examples() -> None:
     commands = subcommands(build_parser())
-    assert {"serve", "registry", "check", "status", "explain", "ca", "ca init", "ca issue"} <= set(
-        commands
-    )
+    assert {
+        "serve",
+        "cache",
+        "registry",
+        "check",
+        "status",
+        "explain",
+        "ca",
+        "ca init",
+        "ca issue",
+    } <= set(commands)
     for name, parser in commands.items():
         text = parser.format_help()
         description = parser.description or ""
@@ -60,7 +68,8 @@ def test_completion_scripts_are_generated_from_the_parser(tmp_path: Path) -> Non
             check=True,
         )
         script = result.stdout
-        for word in ("status", "explain", "--registry-config", "--live", "--admin"):
+        words = ("cache", "status", "explain", "--cache-config", "--registry-config", "--live")
+        for word in (*words, "--admin"):
             assert word in script, (shell, word)
         (tmp_path / shell).write_text(script)
     syntax = subprocess.run(
