@@ -174,9 +174,16 @@ async def test_one_upstream_fetch_streamed_to_every_waiter(world: World, algorit
     await world.meter.reached(len(PACKAGE) - world.liar.chunk)
     # Everything but the last write has landed: no client holds the whole package yet.
     assert not any(client.done() for client in clients)
+    # The one download, with every client on it (what the cache's /status shows).
+    [download] = world.fetcher.downloads()
+    deadline = asyncio.get_running_loop().time() + 10
+    while download.waiters < 8:
+        assert asyncio.get_running_loop().time() < deadline, download.waiters
+        await asyncio.sleep(0.01)
     world.liar.gate.set()
     results = await asyncio.gather(*clients)
     assert results == [(200, PACKAGE)] * 8
+    assert (download.waiters, world.fetcher.downloads()) == (0, [])
     assert world.liar.requests == 1
     assert world.stored == [digest]
     assert world.store.lookup("packages", digest) is not None
