@@ -111,7 +111,9 @@ def test_metrics_port_in_use_names_it_without_the_raw_oserror(workdir: Path) -> 
         result = dnsoverride(
             "serve",
             "--listen",
-            "127.0.0.1:0",
+            # Not port 0: the TCP twin of the UDP port the kernel picks from the ephemeral
+            # range may be another process's (seen once in a full run on a shared box).
+            f"127.0.0.1:{free_port()}",
             "--upstream",
             f"127.0.0.1:{free_port()}",
             "--metrics",
