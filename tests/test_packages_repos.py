@@ -164,3 +164,22 @@ async def test_a_slow_new_version_does_not_hold_clients_up(
     assert refresh is not None
     await refresh
     assert await get(running, REPOMD) == (200, new.repomd)
+
+
+async def test_a_version_that_failed_to_build_is_tried_again(
+    running: Running, upstream: YumUpstream, world: World
+) -> None:
+    """A new repomd.xml whose primary failed once is fetched in full at the next
+    revalidation and served once its files come. Failed before the fix: its ETag was kept
+    although it was never served, the upstream answered 304 and the old snapshot stayed
+    served for good, without a log line."""
+    old, new = world.repos[C7_OS], world.next_generation[C7_OS]
+    assert await get(running, REPOMD) == (200, old.repomd)
+    upstream.publish(f"127.0.0.1/{C7_OS.partition('/')[2]}", new.root)
+    upstream.fail[new.data()["primary"].href] = 503
+    running.clock.now += TTL
+    assert await get(running, REPOMD) == (200, old.repomd)
+    del upstream.fail[new.data()["primary"].href]
+    running.clock.now += TTL
+    assert await get(running, REPOMD) == (200, new.repomd)
+    assert [r.status for r in upstream.requests if r.path == REPOMD][-1] == 200

@@ -132,6 +132,16 @@ class Repository:
         return [snapshot for snapshot in (self.served, self.previous) if snapshot is not None]
 
 
+@dataclass(frozen=True)
+class Fetched:
+    """An upstream repomd.xml and its validators (kept only once it is served: a version
+    that failed to build must not be revalidated as unchanged)."""
+
+    body: bytes
+    etag: str | None
+    last_modified: str | None
+
+
 class PackagesMeter:
     """What the package downloads report (cache/fetch.py's Meter): upstream bytes by
     upstream, and the access log's sendfile count and cut-short reason."""
@@ -447,10 +457,11 @@ class RepositoryCache:
     async def _refresh(self, repository: Repository) -> None:
         where = repository.where
         try:
-            body = await self._fetch_repomd(repository)
-            if body is not None:
-                snapshot = await self._build_latest(repository, body)
+            fetched = await self._fetch_repomd(repository)
+            if fetched is not None:
+                snapshot, fetched = await self._build_latest(repository, fetched)
                 self._switch(repository, snapshot)
+                repository.etag, repository.last_modified = fetched.etag, fetched.last_modified
                 log.info(
                     "repository_updated",
                     repository=where,
@@ -469,29 +480,33 @@ class RepositoryCache:
             else:
                 log.warning("repository_unavailable", repository=where, reason=repository.failure)
 
-    async def _build_latest(self, repository: Repository, body: bytes) -> Snapshot:
-        """The snapshot of `body`; when one of its files cannot be fetched, the upstream's
+    async def _build_latest(
+        self, repository: Repository, fetched: Fetched
+    ) -> tuple[Snapshot, Fetched]:
+        """The snapshot of `fetched`; when one of its files cannot be fetched, the upstream's
         repomd.xml is read again: a mirror that synced meanwhile lists other files (the
         ones it has now), so the newer one is built instead, a few times at most."""
         for _ in range(REBUILD_ATTEMPTS - 1):
             try:
-                return await self._build(repository, body)
+                return await self._build(repository, fetched.body), fetched
             except FetchError as error:
                 newer = await self._fetch_repomd(repository, conditional=False)
-                if newer is None or newer == body:
+                if newer is None or newer.body == fetched.body:
                     raise
                 log.info(
                     "repository_changed_while_fetching",
                     repository=repository.where,
                     reason=error.reason,
                 )
-                body = newer
-        return await self._build(repository, body)
+                fetched = newer
+        return await self._build(repository, fetched.body), fetched
 
     async def _fetch_repomd(
         self, repository: Repository, *, conditional: bool = True
-    ) -> bytes | None:
-        """The upstream's repomd.xml, or None when it has not changed from the served one."""
+    ) -> Fetched | None:
+        """The upstream's repomd.xml, or None when it has not changed from the served one.
+        The validators sent are the served version's: a newer one is asked for in full
+        until it is built and served."""
         headers = {}
         if conditional and repository.served is not None:
             if repository.etag:
@@ -505,10 +520,10 @@ class RepositoryCache:
                 raise FetchError(f"upstream answered {response.status} for repomd.xml")
             body = await read_limited(response, 1 << 20)
             etag, modified = response.headers.get("ETag"), response.headers.get("Last-Modified")
-        repository.etag, repository.last_modified = etag, modified
         if repository.served is not None and body == repository.served.repomd.body:
+            repository.etag, repository.last_modified = etag, modified
             return None
-        return body
+        return Fetched(body, etag, modified)
 
     async def _build(self, repository: Repository, body: bytes) -> Snapshot:
         """Fetch and verify every file `body` lists, parse its primary: the new snapshot."""
