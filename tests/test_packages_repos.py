@@ -13,6 +13,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+import structlog.testing
 from aiohttp.test_utils import TestClient, TestServer
 
 from dnsoverride.cache.app import Router, build_app
@@ -183,3 +184,56 @@ async def test_a_version_that_failed_to_build_is_tried_again(
     running.clock.now += TTL
     assert await get(running, REPOMD) == (200, new.repomd)
     assert [r.status for r in upstream.requests if r.path == REPOMD][-1] == 200
+
+
+async def test_upstream_redirects_are_followed_only_within_its_origin(
+    tmp_path: Path, upstream: YumUpstream, world: World
+) -> None:
+    """A redirect to another origin (here an address standing for one inside the network)
+    is refused with a 502 and a log line; one within the upstream's origin is followed.
+    Failed before the fix: the passthrough answered 200 with the other address's body."""
+    elsewhere = f"http://127.0.0.1:{upstream.listeners[0][1]}/7.9.2009/os/x86_64/"
+    repo = world.repos[C7_OS]
+    package = next(iter(repo.packages.values()))
+
+    async def mirror(request: aiohttp.web.Request) -> aiohttp.web.Response:
+        name = request.match_info["name"]
+        if name.startswith("a/"):  # moved, within the origin
+            raise aiohttp.web.HTTPFound("/b/" + name.removeprefix("a/"))
+        if name.startswith("b/"):
+            file = repo.root / name.removeprefix("b/")
+            if not file.is_file():
+                raise aiohttp.web.HTTPNotFound()
+            return aiohttp.web.Response(body=file.read_bytes())
+        raise aiohttp.web.HTTPFound(elsewhere + name)
+
+    app = aiohttp.web.Application()
+    app.router.add_get("/{name:.*}", mirror)
+    async with TestServer(app) as redirector:
+        config = RepositoriesConfig(
+            metadata_ttl=TTL,
+            upstreams=(
+                RepositoryUpstream.make(
+                    "vault", f"http://127.0.0.1:{redirector.port}/", ("vault.centos.org",)
+                ),
+            ),
+        )
+        store = Store(tmp_path / "store")
+        store.open()
+        async with aiohttp.ClientSession() as session:
+            fetcher = Fetcher(store, PackagesMeter())
+            cache = RepositoryCache(config, store, fetcher, session)
+            async with TestClient(TestServer(build_app(Router(cache.routes())))) as client:
+                with structlog.testing.capture_logs() as logs:
+                    async with client.get("/RPM-GPG-KEY-CentOS-7", headers=VAULT) as r:
+                        assert r.status == 502
+                        assert "another origin" in await r.text()
+                assert [e["event"] for e in logs if e["log_level"] == "warning"] == [
+                    "upstream_redirect_refused"
+                ]
+                async with client.get("/a/repodata/repomd.xml", headers=VAULT) as r:
+                    assert (r.status, await r.read()) == (200, repo.repomd)
+                async with client.get("/a/" + package, headers=VAULT) as r:
+                    assert (r.status, await r.read()) == (200, (repo.root / package).read_bytes())
+            await cache.close()
+            await fetcher.close()

@@ -83,6 +83,9 @@ STATE_DIR = "packages-state"
 REBUILD_ATTEMPTS = 3
 # How long a request waits for a revalidation when a snapshot can be served meanwhile.
 REVALIDATE_WAIT = 5.0
+# Redirects followed per upstream request (same host only, see `_upstream`).
+MAX_REDIRECTS = 5
+REDIRECTS = frozenset({301, 302, 303, 307, 308})
 
 
 class RepositoryUnavailableError(FetchError):
@@ -356,9 +359,37 @@ class RepositoryCache:
         except FetchError as error:
             return refuse(request, error.status, "FETCH_FAILED", f"{href}: {error.reason}")
 
+    async def _upstream(
+        self, method: str, url: str, headers: dict[str, str] | None = None
+    ) -> aiohttp.ClientResponse:
+        """The upstream's answer for `url`, following its redirects only within its origin
+        (scheme, host, port; or the host's https): a mirror that moves a path is followed,
+        one that points elsewhere (another mirror, or an address inside the network: the
+        cache would fetch it for any client) is refused with a 502 and a log line."""
+        start = URL(url)
+        # The same origin, or its https upgrade.
+        allowed = {(start.scheme, start.host, start.port), ("https", start.host, 443)}
+        for _ in range(MAX_REDIRECTS + 1):
+            response = await self.session.request(
+                method, url, headers=headers, allow_redirects=False
+            )
+            location = response.headers.get("Location")
+            if response.status not in REDIRECTS or location is None:
+                return response
+            response.release()
+            target = URL(url).join(URL(location))
+            if (target.scheme, target.host, target.port) not in allowed:
+                log.warning("upstream_redirect_refused", url=url, location=str(target)[:500])
+                raise FetchError(
+                    f"upstream redirected {url} to {str(target)[:200]} (another origin)",
+                    status=502,
+                )
+            url = str(target)
+        raise FetchError(f"upstream redirected {url} more than {MAX_REDIRECTS} times", status=502)
+
     def _opener(self, url: str) -> Opener:
         async def open_upstream() -> aiohttp.ClientResponse:
-            response = await self.session.get(url)
+            response = await self._upstream("GET", url)
             if response.status != 200:
                 response.release()
                 raise FetchError(f"upstream answered {response.status} for {url}", status=502)
@@ -374,7 +405,7 @@ class RepositoryCache:
         log.info("package_passthrough", upstream=upstream.name, path=path)
         response: web.StreamResponse | None = None
         try:
-            async with self.session.request(request.method, url) as answer:
+            async with await self._upstream(request.method, url) as answer:
                 response = web.StreamResponse(status=answer.status)
                 for name in ("Content-Type", "Content-Length", "Last-Modified", "ETag"):
                     if name in answer.headers:
@@ -384,7 +415,7 @@ class RepositoryCache:
                     await response.write(chunk)
                 await response.write_eof()
                 return response
-        except (aiohttp.ClientError, TimeoutError) as error:
+        except (aiohttp.ClientError, TimeoutError, FetchError) as error:
             reason = f"upstream {upstream.name} failed for {path}: {describe(error)}"
             if response is not None and response.prepared:
                 remember(request, ERROR_KEY, ("UPSTREAM_FAILED", f"cut short: {reason}"))
@@ -513,7 +544,7 @@ class RepositoryCache:
                 headers["If-None-Match"] = repository.etag
             if repository.last_modified:
                 headers["If-Modified-Since"] = repository.last_modified
-        async with self.session.get(repository.url + REPOMD, headers=headers) as response:
+        async with await self._upstream("GET", repository.url + REPOMD, headers) as response:
             if response.status == 304 and repository.served is not None:
                 return None
             if response.status != 200:
