@@ -237,3 +237,21 @@ async def test_upstream_redirects_are_followed_only_within_its_origin(
                     assert (r.status, await r.read()) == (200, (repo.root / package).read_bytes())
             await cache.close()
             await fetcher.close()
+
+
+async def test_a_trickling_repomd_is_given_up_after_a_total_timeout(
+    running: Running, upstream: YumUpstream, world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An upstream that sends repomd.xml a few bytes at a time (never idle long enough for
+    the idle timeout): the revalidation gives up after REPOMD_TIMEOUT, the snapshot is
+    served stale with `repository_stale`. Failed before the fix: no total bound, no log
+    line, the revalidation ran on (and cold clients waited for it)."""
+    monkeypatch.setattr(repos, "REPOMD_TIMEOUT", 0.3, raising=False)
+    assert await get(running, REPOMD) == (200, world.repos[C7_OS].repomd)
+    upstream.publish(f"127.0.0.1/{C7_OS.partition('/')[2]}", world.next_generation[C7_OS].root)
+    upstream.chunk, upstream.rate = 16, 200.0
+    running.clock.now += TTL
+    with structlog.testing.capture_logs() as logs:
+        assert await asyncio.wait_for(get(running, REPOMD), 3) == (200, world.repos[C7_OS].repomd)
+    stale = [e for e in logs if e["event"] == "repository_stale"]
+    assert stale and "longer than 0.3 s" in stale[0]["reason"]

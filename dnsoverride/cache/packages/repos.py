@@ -83,6 +83,10 @@ STATE_DIR = "packages-state"
 REBUILD_ATTEMPTS = 3
 # How long a request waits for a revalidation when a snapshot can be served meanwhile.
 REVALIDATE_WAIT = 5.0
+# The longest a repomd.xml fetch may take, redirects and body included: the idle timeout
+# alone lets an upstream that trickles a byte a second hold a revalidation (and the cold
+# clients waiting for it) for good. A repomd.xml is a few KiB.
+REPOMD_TIMEOUT = 30.0
 # Redirects followed per upstream request (same host only, see `_upstream`).
 MAX_REDIRECTS = 5
 REDIRECTS = frozenset({301, 302, 303, 307, 308})
@@ -544,13 +548,19 @@ class RepositoryCache:
                 headers["If-None-Match"] = repository.etag
             if repository.last_modified:
                 headers["If-Modified-Since"] = repository.last_modified
-        async with await self._upstream("GET", repository.url + REPOMD, headers) as response:
-            if response.status == 304 and repository.served is not None:
-                return None
-            if response.status != 200:
-                raise FetchError(f"upstream answered {response.status} for repomd.xml")
-            body = await read_limited(response, 1 << 20)
-            etag, modified = response.headers.get("ETag"), response.headers.get("Last-Modified")
+        try:
+            async with asyncio.timeout(REPOMD_TIMEOUT):
+                url = repository.url + REPOMD
+                async with await self._upstream("GET", url, headers) as response:
+                    if response.status == 304 and repository.served is not None:
+                        return None
+                    if response.status != 200:
+                        raise FetchError(f"upstream answered {response.status} for repomd.xml")
+                    body = await read_limited(response, 1 << 20)
+                    etag = response.headers.get("ETag")
+                    modified = response.headers.get("Last-Modified")
+        except TimeoutError:
+            raise FetchError(f"repomd.xml took longer than {REPOMD_TIMEOUT:g} s") from None
         if repository.served is not None and body == repository.served.repomd.body:
             repository.etag, repository.last_modified = etag, modified
             return None
