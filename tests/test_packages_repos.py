@@ -255,3 +255,23 @@ async def test_a_trickling_repomd_is_given_up_after_a_total_timeout(
         assert await asyncio.wait_for(get(running, REPOMD), 3) == (200, world.repos[C7_OS].repomd)
     stale = [e for e in logs if e["event"] == "repository_stale"]
     assert stale and "longer than 0.3 s" in stale[0]["reason"]
+
+
+async def test_dot_and_empty_segments_name_the_same_repository(
+    running: Running, world: World
+) -> None:
+    """`./` and `//` in a path are one repository with the plain path, not one each.
+    Failed before the fix: every alias was a repository of its own (fetched, built and
+    recorded again)."""
+    assert await get(running, REPOMD) == (200, world.repos[C7_OS].repomd)
+    for alias in ("/./7.9.2009/os/x86_64/", "/7.9.2009/./os//x86_64/", "//7.9.2009/os/x86_64/./"):
+        # Raw: the HTTP client would remove the dot segments itself.
+        reader, writer = await asyncio.open_connection("127.0.0.1", running.client.port)
+        writer.write(
+            f"GET {alias}repodata/repomd.xml HTTP/1.1\r\nHost: vault.centos.org\r\n"
+            "Connection: close\r\n\r\n".encode()
+        )
+        answer = await reader.read()
+        writer.close()
+        assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(world.repos[C7_OS].repomd)
+    assert list(running.cache.repositories) == [("vault", "7.9.2009/os/x86_64/")]

@@ -249,9 +249,12 @@ class RepositoryCache:
         remember(request, UPSTREAM_KEY, upstream.name)
         if request.method not in ("GET", "HEAD"):
             return refuse(request, 405, "METHOD", f"{request.method} is not served here")
-        parts = path.split("/")
-        if ".." in parts or path.startswith("/"):
+        if ".." in path.split("/"):
             return refuse(request, 404, "BAD_PATH", f"unusable path {path[:200]!r}")
+        # One key per repository: `a/./b` and `a//b` are `a/b` (each alias would otherwise
+        # be a repository of its own, fetched and kept again).
+        parts = [part for part in path.split("/") if part not in ("", ".")]
+        path = "/".join(parts) + ("/" if parts and path.endswith("/") else "")
         if path.endswith(REPOMD):
             return await self._repomd(request, upstream, path[: -len(REPOMD)])
         if "repodata" in parts[:-1]:
