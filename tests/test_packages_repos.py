@@ -21,7 +21,7 @@ from dnsoverride.cache.fetch import Fetcher
 from dnsoverride.cache.packages import repos
 from dnsoverride.cache.packages.repos import PackagesMeter, RepositoryCache
 from dnsoverride.cache.packages.repos_config import RepositoriesConfig, RepositoryUpstream
-from dnsoverride.cache.store import Store
+from dnsoverride.cache.store import Budget, Store
 from tests.registry_peers import free_port
 from tests.yum_repos import C7_OS, World
 from tests.yum_upstream import YumUpstream
@@ -58,7 +58,9 @@ class Running:
     clock: Clock
 
 
-async def start(storage: Path, upstream: YumUpstream) -> AsyncIterator[Running]:
+async def start(
+    storage: Path, upstream: YumUpstream, budget: Budget | None = None
+) -> AsyncIterator[Running]:
     port = upstream.listeners[0][1]
     config = RepositoriesConfig(
         metadata_ttl=TTL,
@@ -66,7 +68,7 @@ async def start(storage: Path, upstream: YumUpstream) -> AsyncIterator[Running]:
             RepositoryUpstream.make("vault", f"http://127.0.0.1:{port}/", ("vault.centos.org",)),
         ),
     )
-    store = Store(storage)
+    store = Store(storage, budget)
     store.open()
     clock = Clock()
     async with aiohttp.ClientSession() as session:
@@ -275,3 +277,35 @@ async def test_dot_and_empty_segments_name_the_same_repository(
         writer.close()
         assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(world.repos[C7_OS].repomd)
     assert list(running.cache.repositories) == [("vault", "7.9.2009/os/x86_64/")]
+
+
+async def test_a_snapshot_larger_than_the_budget_is_kept_whole(
+    tmp_path: Path, upstream: YumUpstream, world: World
+) -> None:
+    """A budget of half one snapshot's metadata: the snapshot is kept whole (pinned from the
+    start of its build, its repomd.xml with it) above the budget, with one
+    `store_budget_too_small` line; its files and repomd.xml are served with the upstream
+    down, also after a restart and packages downloaded meanwhile. Failed before the fix:
+    files committed early in the build were evicted by later ones (pins came only at the
+    switch), so the served repomd.xml listed files the store had lost, and the recorded
+    repomd.xml was evicted by the packages (after a restart: 502)."""
+    repo = world.repos[C7_OS]
+    root = "/7.9.2009/os/x86_64/"
+    budget = Budget(sum(item.size for item in repo.data().values()) // 2)
+    packages = list(repo.packages.values())[:3]
+    async for first in start(tmp_path / "store", upstream, budget):
+        with structlog.testing.capture_logs() as logs:
+            assert await get(first, REPOMD) == (200, repo.repomd)
+        assert [e["event"] for e in logs if e["log_level"] == "warning"] == [
+            "store_budget_too_small"
+        ]
+        for package in packages:
+            assert await get(first, root + package) == (200, (repo.root / package).read_bytes())
+        upstream.set_down(True)
+        for item in repo.data().values():
+            assert await get(first, root + item.href) == (
+                200,
+                (repo.root / item.href).read_bytes(),
+            ), item.type
+    async for second in start(tmp_path / "store", upstream, budget):
+        assert await get(second, REPOMD) == (200, repo.repomd)

@@ -109,7 +109,14 @@ class Snapshot:
 
     @property
     def digests(self) -> list[Digest]:
+        """Its data files' digests: pinned from the start of its build while it is built,
+        served or previous."""
         return [item.checksum for item in self.repomd.data]
+
+    @property
+    def recorded(self) -> Digest:
+        """The digest its repomd.xml is stored (and pinned with it) by, for a restart."""
+        return repomd_digest(self.repomd.body)
 
 
 @dataclass
@@ -575,16 +582,39 @@ class RepositoryCache:
         primary = repomd.by_type("primary")
         if primary is None:
             raise RepodataError("repomd.xml lists no primary metadata")
-        await asyncio.gather(*(self._stored(repository, item) for item in repomd.data))
-        digest = primary.checksum
-        with self.store.pinned("repodata", digest):
-            path = self.store.lookup("repodata", digest)
+        snapshot_digests = [item.checksum for item in repomd.data]
+        # Pinned before they are fetched: a file committed early in the build is not
+        # evicted by the ones after it (the snapshot would list a file the store lost).
+        for digest in snapshot_digests:
+            self.store.pin("repodata", digest)
+        try:
+            await asyncio.gather(*(self._stored(repository, item) for item in repomd.data))
+            path = self.store.lookup("repodata", primary.checksum)
             if path is None:
                 raise RepodataError(f"{primary.href} left the store before it was read")
             packages = await asyncio.to_thread(
                 lambda: {package.href: package for package in read_primary(path, primary)}
             )
+        except BaseException:
+            for digest in snapshot_digests:
+                self.store.unpin("repodata", digest)
+            raise
+        self._check_budget(repository, repomd)
         return Snapshot(repomd, repomd.by_href(), packages)
+
+    def _check_budget(self, repository: Repository, repomd: Repomd) -> None:
+        """Warn when one snapshot's metadata is more than the store's budget: it is kept
+        (pinned) above the budget rather than evicted and fetched again on every request."""
+        budget = self.store.budget
+        size = sum(item.size or 0 for item in repomd.data)
+        if budget is not None and size > budget.high:
+            log.warning(
+                "store_budget_too_small",
+                repository=repository.where,
+                snapshot_bytes=size,
+                high_watermark_bytes=budget.high,
+                reason="one snapshot's metadata is larger than the budget: kept above it",
+            )
 
     async def _stored(self, repository: Repository, item: DataFile) -> None:
         digest = item.checksum
@@ -602,13 +632,12 @@ class RepositoryCache:
             raise FetchError(f"{item.href}: {download.error.reason}")
 
     def _switch(self, repository: Repository, snapshot: Snapshot) -> None:
-        """Serve `snapshot`; the one before becomes `previous`, the one before that is
-        unpinned (its files may be evicted now)."""
-        for digest in snapshot.digests:
-            self.store.pin("repodata", digest)
+        """Serve `snapshot` (its files pinned by its build); the one before becomes
+        `previous`, the one before that is unpinned (its files may be evicted now)."""
+        self.store.pin("repodata", snapshot.recorded)
         dropped = repository.previous
         if dropped is not None:
-            for digest in dropped.digests:
+            for digest in [*dropped.digests, dropped.recorded]:
                 self.store.unpin("repodata", digest)
         repository.previous, repository.served = repository.served, snapshot
         self._record(repository, snapshot)
@@ -621,7 +650,7 @@ class RepositoryCache:
 
     def _record(self, repository: Repository, snapshot: Snapshot) -> None:
         """Remember the served repomd.xml (stored content-addressed) for after a restart."""
-        digest = Digest("sha256", hashlib.sha256(snapshot.repomd.body).hexdigest())
+        digest = snapshot.recorded
         try:
             if not self.store.has("repodata", digest):
                 self.store.put_bytes("repodata", digest, snapshot.repomd.body)
@@ -676,6 +705,10 @@ async def read_limited(response: aiohttp.ClientResponse, limit: int) -> bytes:
             raise RepodataError(f"repomd.xml larger than {limit} bytes")
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def repomd_digest(body: bytes) -> Digest:
+    return Digest("sha256", hashlib.sha256(body).hexdigest())
 
 
 def describe(error: BaseException) -> str:
