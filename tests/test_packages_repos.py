@@ -6,6 +6,7 @@ end-to-end tests (tests/test_packages_cache.py), without dnf and a namespace."""
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -309,3 +310,31 @@ async def test_a_snapshot_larger_than_the_budget_is_kept_whole(
             ), item.type
     async for second in start(tmp_path / "store", upstream, budget):
         assert await get(second, REPOMD) == (200, repo.repomd)
+
+
+@pytest.mark.parametrize("damage", ["null", "[]", '{"repomd": 5}', "{not json", "flipped"])
+async def test_a_damaged_record_is_logged_and_not_served(
+    tmp_path: Path, upstream: YumUpstream, world: World, damage: str
+) -> None:
+    """A state file that is JSON but not an object, names no digest, is not JSON, or names a
+    stored repomd.xml whose bytes changed on disk: with the upstream down the client gets
+    502 with the reason, the log `repository_not_restored` naming the file. Failed before
+    the fix: `null` raised TypeError (500 and a traceback on every request), `flipped`
+    served the changed bytes, the others were dropped without a log line."""
+    repo = world.repos[C7_OS]
+    async for first in start(tmp_path / "store", upstream):
+        assert (await get(first, REPOMD))[0] == 200
+    [state] = (tmp_path / "store" / "packages-state").glob("*/*.json")
+    if damage == "flipped":
+        recorded = json.loads(state.read_text())["repomd"].removeprefix("sha256:")
+        [blob] = (tmp_path / "store" / "repodata").glob(f"sha256/*/{recorded}")
+        blob.write_bytes(repo.repomd.replace(b"<revision>", b"<revision>9"))
+    else:
+        state.write_text(damage)
+    upstream.set_down(True)
+    async for second in start(tmp_path / "store", upstream):
+        with structlog.testing.capture_logs() as logs:
+            status, _ = await get(second, REPOMD)
+        assert status == 502
+        [line] = [e for e in logs if e["event"] == "repository_not_restored"]
+        assert line["file"] == str(state)

@@ -40,6 +40,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -79,6 +80,7 @@ REPOMD = "repodata/repomd.xml"
 MIRROR_PREFIX = "/packages/"
 RPM_TYPE = "application/x-rpm"
 STATE_DIR = "packages-state"
+RECORDED_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 # How many repomd.xml versions one revalidation tries when the mirror changes under it.
 REBUILD_ATTEMPTS = 3
 # How long a request waits for a revalidation when a snapshot can be served meanwhile.
@@ -665,23 +667,51 @@ class RepositoryCache:
             )
 
     async def _restore(self, repository: Repository) -> None:
-        """The snapshot served before a restart, if its files are all still stored."""
+        """The snapshot served before a restart, if its files are all still stored; a
+        record that cannot be used is logged (`repository_not_restored`) and the
+        repository fetched from the upstream as if new."""
         path = self._state_file(repository)
         try:
-            recorded = json.loads(path.read_text())
-            algorithm, _, hexdigest = str(recorded["repomd"]).partition(":")
-            stored = self.store.lookup("repodata", Digest(algorithm, hexdigest))
-            if stored is None:
-                return
-            body = stored.read_bytes()
+            text = path.read_text()
+        except FileNotFoundError:
+            return  # never served before
+        except (OSError, ValueError) as error:
+            self._not_restored(repository, path, describe(error))
+            return
+        try:
+            body = self._recorded_repomd(text)
             repomd = parse_repomd(body)
-            if not all(self.store.has("repodata", i.checksum) for i in repomd.data):
-                return
+            missing = [i.href for i in repomd.data if not self.store.has("repodata", i.checksum)]
+            if missing:
+                raise RepodataError(f"{len(missing)} of its files are no longer stored")
             snapshot = await self._build(repository, body)
-        except (OSError, ValueError, KeyError, RepodataError, FetchError):
-            return  # nothing usable recorded: fetched from upstream as if new
+        except (OSError, ValueError, RepodataError, FetchError) as error:
+            self._not_restored(repository, path, describe(error))
+            return
         self._switch(repository, snapshot)
         log.info("repository_restored", repository=repository.where)
+
+    def _recorded_repomd(self, text: str) -> bytes:
+        """The repomd.xml a state file names, checked against its digest (the store's
+        bytes may have changed on disk since)."""
+        recorded = json.loads(text)
+        named = recorded.get("repomd") if isinstance(recorded, dict) else None
+        if not isinstance(named, str) or not RECORDED_DIGEST.fullmatch(named):
+            raise ValueError(f"no sha256 repomd.xml digest recorded (found {str(named)[:80]!r})")
+        digest = Digest("sha256", named.removeprefix("sha256:"))
+        stored = self.store.lookup("repodata", digest)
+        if stored is None:
+            raise ValueError("its repomd.xml is no longer stored")
+        body = stored.read_bytes()
+        if repomd_digest(body) != digest:
+            raise ValueError(f"its stored repomd.xml does not match {digest}")
+        return body
+
+    @staticmethod
+    def _not_restored(repository: Repository, path: Path, reason: str) -> None:
+        log.warning(
+            "repository_not_restored", repository=repository.where, file=str(path), reason=reason
+        )
 
 
 def noted(request: web.Request, result: str) -> None:
