@@ -89,6 +89,10 @@ REVALIDATE_WAIT = 5.0
 # alone lets an upstream that trickles a byte a second hold a revalidation (and the cold
 # clients waiting for it) for good. A repomd.xml is a few KiB.
 REPOMD_TIMEOUT = 30.0
+# The most bytes a repodata file without a `<size>` in repomd.xml may have (very old
+# repositories; createrepo_c always writes one): Fedora's largest, filelists.sqlite, is
+# some 100 MB.
+UNSIZED_REPODATA_LIMIT = 1 << 30
 # Redirects followed per upstream request (same host only, see `_upstream`).
 MAX_REDIRECTS = 5
 REDIRECTS = frozenset({301, 302, 303, 307, 308})
@@ -370,6 +374,7 @@ class RepositoryCache:
                 self._opener(repository.url + href),
                 source=repository.upstream.name,
                 size=size,
+                limit=UNSIZED_REPODATA_LIMIT,
             )
             return await self.fetcher.respond(request, download, headers)
         except FetchError as error:
@@ -628,6 +633,7 @@ class RepositoryCache:
             self._opener(repository.url + item.href),
             source=repository.upstream.name,
             size=item.size,
+            limit=UNSIZED_REPODATA_LIMIT,
         )
         await download.wait_finished()
         if download.error is not None:
