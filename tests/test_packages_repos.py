@@ -338,3 +338,15 @@ async def test_a_damaged_record_is_logged_and_not_served(
         assert status == 502
         [line] = [e for e in logs if e["event"] == "repository_not_restored"]
         assert line["file"] == str(state)
+
+
+async def test_escaped_query_and_fragment_characters_stay_in_the_upstream_path(
+    running: Running, upstream: YumUpstream
+) -> None:
+    """`%3F` and `%23` in a client's path are path characters: the upstream is asked for
+    the same path, not a query or a fragment. Failed before the fix: the decoded path was
+    appended as it was, `?x=1` became the upstream request's query."""
+    for name in ("RPM-GPG-KEY%3Fx=1", "RPM-GPG-KEY%23frag"):
+        status, _ = await get(running, "/7.9.2009/os/x86_64/" + name)
+        assert status == 404  # the upstream has no such file, and said so
+        assert upstream.requests[-1].path == "/7.9.2009/os/x86_64/" + name

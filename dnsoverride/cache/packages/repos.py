@@ -42,6 +42,7 @@ import json
 import os
 import re
 import time
+import urllib.parse
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -141,7 +142,7 @@ class Repository:
 
     @property
     def url(self) -> str:
-        return self.upstream.url + self.root
+        return below(self.upstream.url, self.root)
 
     @property
     def where(self) -> str:
@@ -371,7 +372,7 @@ class RepositoryCache:
             download = self.fetcher.start(
                 kind,
                 digest,
-                self._opener(repository.url + href),
+                self._opener(repository.url + quoted(href)),
                 source=repository.upstream.name,
                 size=size,
                 limit=UNSIZED_REPODATA_LIMIT,
@@ -421,7 +422,7 @@ class RepositoryCache:
     async def _passthrough(
         self, request: web.Request, upstream: RepositoryUpstream, path: str
     ) -> web.StreamResponse:
-        url = upstream.url + path
+        url = below(upstream.url, path)
         noted(request, "passthrough")
         log.info("package_passthrough", upstream=upstream.name, path=path)
         response: web.StreamResponse | None = None
@@ -630,7 +631,7 @@ class RepositoryCache:
         download = self.fetcher.start(
             "repodata",
             digest,
-            self._opener(repository.url + item.href),
+            self._opener(repository.url + quoted(item.href)),
             source=repository.upstream.name,
             size=item.size,
             limit=UNSIZED_REPODATA_LIMIT,
@@ -741,6 +742,16 @@ async def read_limited(response: aiohttp.ClientResponse, limit: int) -> bytes:
             raise RepodataError(f"repomd.xml larger than {limit} bytes")
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def quoted(path: str) -> str:
+    """A decoded path (a request's, a metadata href) as a URL path again: `%3F` in a
+    client's path, or `?` and `#` in an href, stay part of the path upstream."""
+    return urllib.parse.quote(path, safe="/:@!$&'()*+,;=~")
+
+
+def below(base: str, path: str) -> str:
+    return base + quoted(path)
 
 
 def repomd_digest(body: bytes) -> Digest:
