@@ -258,3 +258,28 @@ def test_one_huge_entry_in_primary_is_refused(
                      len(body), 1)  # fmt: skip
     with pytest.raises(RepodataError, match="an entry larger than 262144 bytes"):
         list(read_primary(path, entry))
+
+
+def test_duplicate_hrefs_with_other_checksums_are_reported(tmp_path: Path) -> None:
+    """Two entries at one href with different checksums: the last is kept and the earlier
+    one reported (the cache logs `primary_duplicate_href` naming both); an identical repeat
+    is not a conflict. Failed before the fix: the earlier entry was dropped silently (no
+    `package_map`)."""
+
+    def entry(digit: str, size: int) -> bytes:
+        return (
+            b'<package><checksum type="sha256">' + digit.encode() * 64 + b"</checksum>"
+            b'<size package="' + str(size).encode() + b'"/><location href="a.rpm"/></package>'
+        )
+
+    body = (
+        b'<metadata xmlns="http://linux.duke.edu/metadata/common">'
+        + entry("a", 5) + entry("a", 5) + entry("b", 6)
+        + b"</metadata>"
+    )  # fmt: skip
+    path = tmp_path / "primary.xml.gz"
+    path.write_bytes(gzip.compress(body))
+    data = DataFile("primary", "repodata/p.xml.gz", Digest("sha256", "0" * 64), None, None, 1)
+    packages, replaced = repomd.package_map(path, data)
+    assert packages["a.rpm"].checksum == Digest("sha256", "b" * 64)
+    assert [(p.checksum, p.size) for p in replaced] == [(Digest("sha256", "a" * 64), 5)]

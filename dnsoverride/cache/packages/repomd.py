@@ -177,6 +177,20 @@ def read_primary(path: Path, data: DataFile) -> Iterator[Package]:
             raise RepodataError(f"{data.href}: cannot decompress: {error}") from None
 
 
+def package_map(path: Path, data: DataFile) -> tuple[dict[str, Package], list[Package]]:
+    """The packages of a primary by href, and the entries that were replaced by a later
+    one at the same href with another checksum or size (a broken repository: the last one
+    is kept, the caller says so)."""
+    packages: dict[str, Package] = {}
+    replaced: list[Package] = []
+    for package in read_primary(path, data):
+        earlier = packages.get(package.href)
+        if earlier is not None and earlier != package:
+            replaced.append(earlier)
+        packages[package.href] = package
+    return packages, replaced
+
+
 def _package(element: ET.Element) -> Package | None:
     location = element.find(f"{COMMON}location")
     checksum = element.find(f"{COMMON}checksum")

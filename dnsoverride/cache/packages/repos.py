@@ -69,8 +69,8 @@ from dnsoverride.cache.packages.repomd import (
     Package,
     RepodataError,
     Repomd,
+    package_map,
     parse_repomd,
-    read_primary,
 )
 from dnsoverride.cache.packages.repos_config import RepositoriesConfig, RepositoryUpstream
 from dnsoverride.cache.store import Digest, Kind, Store
@@ -600,14 +600,21 @@ class RepositoryCache:
             path = self.store.lookup("repodata", primary.checksum)
             if path is None:
                 raise RepodataError(f"{primary.href} left the store before it was read")
-            packages = await asyncio.to_thread(
-                lambda: {package.href: package for package in read_primary(path, primary)}
-            )
+            packages, replaced = await asyncio.to_thread(package_map, path, primary)
         except BaseException:
             for digest in snapshot_digests:
                 self.store.unpin("repodata", digest)
             raise
         self._check_budget(repository, repomd)
+        for earlier in replaced[:10]:
+            log.warning(
+                "primary_duplicate_href",
+                repository=repository.where,
+                href=earlier.href,
+                replaced=f"{earlier.checksum} ({earlier.size} bytes)",
+                kept=f"{packages[earlier.href].checksum} ({packages[earlier.href].size} bytes)",
+                duplicates=len(replaced),
+            )
         return Snapshot(repomd, repomd.by_href(), packages)
 
     def _check_budget(self, repository: Repository, repomd: Repomd) -> None:
