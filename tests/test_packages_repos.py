@@ -163,6 +163,10 @@ async def test_a_slow_new_version_does_not_hold_clients_up(
     running.clock.now += TTL
     assert await get(running, REPOMD) == (200, old.repomd)
     assert upstream.holding.is_set()
+    # Past REVALIDATE_WAIT from the revalidation's start, later requests do not wait again
+    # (failed before: each waited REVALIDATE_WAIT, 5 s per request against a slow mirror).
+    monkeypatch.setattr(repos, "REVALIDATE_WAIT", 30.0)
+    assert await asyncio.wait_for(get(running, REPOMD), 5) == (200, old.repomd)
     release.set()
     refresh = running.cache.repositories[("vault", "7.9.2009/os/x86_64/")].refresh
     assert refresh is not None

@@ -15,7 +15,8 @@ its run against the files it was promised.
   fails (down, 5xx, an HTML page, a repomd.xml whose files do not match it), the old
   snapshot is served and the failure logged (`repository_stale`). One revalidation per
   repository at a time; the requests that come meanwhile wait for it, those that could
-  be served the current snapshot for REVALIDATE_WAIT at most.
+  be served the current snapshot for REVALIDATE_WAIT at most after the revalidation
+  began (later ones do not wait again).
 - `repodata/<file>`: served only if the served (or previous) snapshot lists it, from the
   store (pinned while a snapshot lists it: never evicted from under a served repomd.xml).
 - `*.rpm`: served only if the snapshot's primary describes it, verified against that
@@ -138,6 +139,7 @@ class Repository:
     etag: str | None = None
     last_modified: str | None = None
     refresh: asyncio.Task[None] | None = None
+    refresh_deadline: float = 0.0  # loop time until which requests wait for `refresh`
     failure: str | None = None
 
     @property
@@ -475,14 +477,18 @@ class RepositoryCache:
         if repository.served is None or (revalidate and due):
             if repository.refresh is None:
                 repository.refresh = asyncio.create_task(self._refresh(repository))
+                loop = asyncio.get_running_loop()
+                repository.refresh_deadline = loop.time() + REVALIDATE_WAIT
                 repository.refresh.add_done_callback(lambda _: _clear_refresh(repository))
             if repository.served is None:
                 await asyncio.shield(repository.refresh)
             else:
-                # A new version's files may take a while to fetch: past a short wait the
-                # client gets the snapshot served now (it is consistent, only older).
+                # A new version's files may take a while to fetch: past a short wait from
+                # the revalidation's start the client gets the snapshot served now (it is
+                # consistent, only older); a slow revalidation delays clients once.
+                wait = repository.refresh_deadline - asyncio.get_running_loop().time()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(asyncio.shield(repository.refresh), REVALIDATE_WAIT)
+                    await asyncio.wait_for(asyncio.shield(repository.refresh), max(wait, 0))
         if repository.served is None:
             # Nothing kept for a root that has nothing to serve: requests for made-up
             # paths do not pile up state.
