@@ -688,8 +688,8 @@ class RepositoryCache:
 
     async def _restore(self, repository: Repository) -> None:
         """The snapshot served before a restart, if its files are all still stored; a
-        record that cannot be used is logged (`repository_not_restored`) and the
-        repository fetched from the upstream as if new."""
+        record that cannot be used is logged (`repository_not_restored`), removed when it
+        never will be, and the repository fetched from the upstream as if new."""
         path = self._state_file(repository)
         try:
             text = path.read_text()
@@ -705,7 +705,13 @@ class RepositoryCache:
             if missing:
                 raise RepodataError(f"{len(missing)} of its files are no longer stored")
             snapshot = await self._build(repository, body)
-        except (OSError, ValueError, RepodataError, FetchError) as error:
+        except (ValueError, RepodataError) as error:
+            # Unusable for good: removed, so it is logged once, not on every request.
+            self._not_restored(repository, path, describe(error))
+            with contextlib.suppress(OSError):
+                path.unlink()
+            return
+        except (OSError, FetchError) as error:
             self._not_restored(repository, path, describe(error))
             return
         self._switch(repository, snapshot)
