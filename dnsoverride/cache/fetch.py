@@ -13,11 +13,13 @@ not cancel it for the others.
 
 The expected size is the caller's when it knows one (a package's `size package` from the
 repository metadata: an upstream Content-Length that disagrees fails the download at
-once), else the upstream's Content-Length. While content downloads, a HEAD answers at
-once with that size, and a `Range` request (206) is sent as soon as its bytes have landed
-in the growing file; a range that takes in the last byte waits for the verified content
-like a whole GET does. Stored content is sent with sendfile, pinned against eviction
-while it is sent, ranges included (aiohttp's FileResponse).
+once), else the upstream's Content-Length. A caller without an expected size may give a
+`limit`: a body longer than that fails (an upstream that never stops fills no disk).
+While content downloads, a HEAD answers at once with that size, and a `Range` request
+(206) is sent as soon as its bytes have landed in the growing file; a range that takes in
+the last byte waits for the verified content like a whole GET does. Stored content is sent
+with sendfile, pinned against eviction while it is sent, ranges included (aiohttp's
+FileResponse).
 
 What a failure means to a client is the caller's protocol (an OCI error, a plain-text
 404): a failed download carries a `FetchError` whose `cause` is the exception it came
@@ -99,6 +101,7 @@ class Download:
         self.source = source  # the upstream's name, for counters and logs
         self.owner = owner  # the caller's tag (the registry: the (upstream, repository))
         self.size: int | None = None  # expected length: the caller's, else Content-Length
+        self.limit: int | None = None  # the most bytes accepted when no size is expected
         self.written = 0
         self.waiters = 0  # client requests being answered from this download now
         self.final: Path | None = None
@@ -204,11 +207,13 @@ class Fetcher:
         *,
         source: str,
         size: int | None = None,
+        limit: int | None = None,
         owner: object = None,
         on_stored: Callable[[Download], None] | None = None,
     ) -> Download:
         """The download of `digest` in flight, or a new one from `opener` (its response's
-        body must hash to `digest` and be `size` bytes long when given); `on_stored` is
+        body must hash to `digest` and be `size` bytes long when given, at most `limit`
+        bytes when it is not); `on_stored` is
         called once it is committed to the store. Raises FetchError (507/503) when no temp
         file can be made."""
         download = self._downloads.get((kind, digest))
@@ -220,7 +225,7 @@ class Fetcher:
             log.error("store_write_failed", kind=kind, digest=str(digest), reason=error.message)
             raise _store_error(error) from error
         download = Download(kind, digest, temp, source, owner)
-        download.size = size
+        download.size, download.limit = size, limit
         self._downloads[(kind, digest)] = download
         task = asyncio.create_task(self._fetch(download, opener, fd, on_stored))
         self._tasks.add(task)
@@ -354,13 +359,7 @@ class Fetcher:
         try:
             response = await opener()
             with contextlib.closing(response):
-                length = response.content_length
-                if expected is not None and length is not None and length != expected:
-                    raise FetchError(
-                        f"upstream sends {length} bytes for {kind} {digest}, expected {expected}",
-                        verification=True,
-                    )
-                download.size = expected if expected is not None else length
+                download.size = _declared_size(download, response.content_length)
                 if download.size is not None:
                     self.store.check_fits(download.size)
                 download.started.set_result(None)
@@ -438,6 +437,10 @@ class Fetcher:
                     f"upstream {kind} {digest}: longer than its {download.size} bytes",
                     verification=True,
                 )
+            if download.limit is not None and download.written > download.limit:
+                raise FetchError(
+                    f"upstream {kind} {digest}: longer than the limit {download.limit} bytes"
+                )
             download.notify()
         return hasher.hexdigest()
 
@@ -471,6 +474,20 @@ def file_matches(path: Path, digest: Digest) -> bool:
     except OSError:
         return False
     return hasher.hexdigest() == digest.hex
+
+
+def _declared_size(download: Download, length: int | None) -> int | None:
+    """The size a download will have: the caller's, else the upstream's Content-Length;
+    FetchError when they disagree or the length is past the download's limit."""
+    expected, what = download.size, f"{download.kind} {download.digest}"
+    if expected is not None and length is not None and length != expected:
+        raise FetchError(
+            f"upstream sends {length} bytes for {what}, expected {expected}", verification=True
+        )
+    limit = download.limit
+    if expected is None and length is not None and limit is not None and length > limit:
+        raise FetchError(f"upstream sends {length} bytes for {what}, more than the limit {limit}")
+    return expected if expected is not None else length
 
 
 def byte_range(request: web.Request, size: int) -> tuple[int, int] | None:

@@ -96,6 +96,7 @@ class World:
     base_url: str
     stored: list[Digest]
     expected_size: int | None = len(PACKAGE)
+    limit: int | None = None
 
 
 def _digest(algorithm: str, data: bytes = PACKAGE) -> Digest:
@@ -134,6 +135,7 @@ async def world(tmp_path: Path) -> AsyncIterator[World]:
             opener,
             source="liar",
             size=state["world"].expected_size,
+            limit=state["world"].limit,
             on_stored=lambda done: stored.append(done.digest),
         )
         try:
@@ -235,6 +237,25 @@ async def test_nothing_unverified_is_stored_or_served_complete(
     (failure,) = [entry for entry in logs if entry["event"] == "content_fetch_failed"]
     assert reason in failure["error"]
     assert world.meter.verify_failures == 1
+
+
+@pytest.mark.parametrize("declared", [None, len(PACKAGE)], ids=["chunked", "content-length"])
+async def test_an_unsized_download_stops_at_its_limit(world: World, declared: int | None) -> None:
+    """No expected size (a repodata entry without `<size>`) and a limit of 1 MiB: a 3 MiB
+    body fails at the limit (or at once by its Content-Length), nothing is stored, one log
+    line. Failed before the fix: there was no limit, an endless body filled the disk."""
+    world.expected_size, world.limit = None, 1 << 20
+    world.liar.declared = declared
+    world.liar.gate.set()
+    digest = _digest("sha256")
+    with capture_logs() as logs:
+        status, body = await _fetch(_url(world, digest))
+    assert status == 502 or body is None
+    assert world.meter.received_bytes <= (1 << 20) + (64 << 10)
+    assert world.store.lookup("packages", digest) is None
+    assert _temp_files(world) == []
+    (failure,) = [entry for entry in logs if entry["event"] == "content_fetch_failed"]
+    assert "the limit 1048576" in failure["error"]
 
 
 async def test_pinned_content_is_never_evicted(tmp_path: Path) -> None:

@@ -12,7 +12,9 @@ Checksum types are those createrepo_c writes: `sha` (sha1), `sha1`, `sha224`, `s
 `sha384`, `sha512`; `md5` and anything else are refused (a repository that only offers
 md5 cannot be verified, so it is not cached). Malformed input raises `RepodataError`
 with the reason; decompressed primary data larger than the size its repomd.xml declares
-(`open-size`) is refused too, so a compression bomb costs nothing.
+(`open-size`) or than MAX_PRIMARY_OPEN whatever it declares, or with more than
+MAX_PRIMARY_ENTRY bytes between two package entries (iterparse would hold one huge text
+node whole), is refused too, so a compression bomb costs nothing.
 """
 
 from __future__ import annotations
@@ -46,6 +48,11 @@ CHECKSUM_TYPES = {
 }
 # A real repomd.xml is 3-10 KiB (Fedora's, with zchunk and modules entries, ~7 KiB).
 MAX_REPOMD = 1 << 20
+# A 40,000-package primary (EPEL-sized) is ~60 MB uncompressed, Fedora's ~75,000 ~120 MB:
+# 1 GiB is eight times the largest real one and what one parse may decompress at most.
+MAX_PRIMARY_OPEN = 1 << 30
+# One <package> entry is a few KiB (the largest, with long file lists, some 100 KiB).
+MAX_PRIMARY_ENTRY = 16 << 20
 _READ = 1 << 16
 
 
@@ -150,7 +157,8 @@ def read_primary(path: Path, data: DataFile) -> Iterator[Package]:
     skipped: the cache only serves what is below the repository root.
     """
     with path.open("rb") as raw, _decompressed(raw, data.href) as stream:
-        limited = _Limited(stream, data.open_size)
+        limit = min(data.open_size or MAX_PRIMARY_OPEN, MAX_PRIMARY_OPEN)
+        limited = _Limited(stream, limit, declared=data.open_size is not None)
         root: ET.Element | None = None
         try:
             for event, element in ET.iterparse(limited, events=("start", "end")):
@@ -160,12 +168,27 @@ def read_primary(path: Path, data: DataFile) -> Iterator[Package]:
                     continue
                 package = _package(element)
                 root.clear()  # the packages seen so far: memory stays flat however many
+                limited.entry_done()
                 if package is not None:
                     yield package
         except ET.ParseError as error:
             raise RepodataError(f"{data.href}: not XML: {error}") from None
         except (OSError, EOFError, lzma.LZMAError, zstandard.ZstdError) as error:
             raise RepodataError(f"{data.href}: cannot decompress: {error}") from None
+
+
+def package_map(path: Path, data: DataFile) -> tuple[dict[str, Package], list[Package]]:
+    """The packages of a primary by href, and the entries that were replaced by a later
+    one at the same href with another checksum or size (a broken repository: the last one
+    is kept, the caller says so)."""
+    packages: dict[str, Package] = {}
+    replaced: list[Package] = []
+    for package in read_primary(path, data):
+        earlier = packages.get(package.href)
+        if earlier is not None and earlier != package:
+            replaced.append(earlier)
+        packages[package.href] = package
+    return packages, replaced
 
 
 def _package(element: ET.Element) -> Package | None:
@@ -218,16 +241,27 @@ def _decompressed(raw: IO[bytes], href: str) -> Readable:
 
 
 class _Limited:
-    """A read-only stream that fails once more than `limit` bytes came out (when known)."""
+    """A read-only stream that fails once more than `limit` bytes came out, or more than
+    MAX_PRIMARY_ENTRY since the last `entry_done`."""
 
-    def __init__(self, stream: Readable, limit: int | None) -> None:
+    def __init__(self, stream: Readable, limit: int, *, declared: bool) -> None:
         self.stream = stream
         self.limit = limit
+        self.declared = declared
         self.count = 0
+        self.entry = 0
 
     def read(self, size: int = _READ) -> bytes:
         chunk = self.stream.read(size if size > 0 else _READ)
         self.count += len(chunk)
-        if self.limit is not None and self.count > self.limit:
-            raise RepodataError(f"primary decompresses to more than its open-size {self.limit}")
+        self.entry += len(chunk)
+        if self.count > self.limit:
+            if self.declared and self.limit < MAX_PRIMARY_OPEN:
+                raise RepodataError(f"primary decompresses to more than its open-size {self.limit}")
+            raise RepodataError(f"primary decompresses to more than {self.limit} bytes (the limit)")
+        if self.entry > MAX_PRIMARY_ENTRY:
+            raise RepodataError(f"primary has an entry larger than {MAX_PRIMARY_ENTRY} bytes")
         return chunk
+
+    def entry_done(self) -> None:
+        self.entry = 0

@@ -15,7 +15,8 @@ its run against the files it was promised.
   fails (down, 5xx, an HTML page, a repomd.xml whose files do not match it), the old
   snapshot is served and the failure logged (`repository_stale`). One revalidation per
   repository at a time; the requests that come meanwhile wait for it, those that could
-  be served the current snapshot for REVALIDATE_WAIT at most.
+  be served the current snapshot for REVALIDATE_WAIT at most after the revalidation
+  began (later ones do not wait again).
 - `repodata/<file>`: served only if the served (or previous) snapshot lists it, from the
   store (pinned while a snapshot lists it: never evicted from under a served repomd.xml).
 - `*.rpm`: served only if the snapshot's primary describes it, verified against that
@@ -40,7 +41,9 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import time
+import urllib.parse
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -67,8 +70,8 @@ from dnsoverride.cache.packages.repomd import (
     Package,
     RepodataError,
     Repomd,
+    package_map,
     parse_repomd,
-    read_primary,
 )
 from dnsoverride.cache.packages.repos_config import RepositoriesConfig, RepositoryUpstream
 from dnsoverride.cache.store import Digest, Kind, Store
@@ -79,10 +82,22 @@ REPOMD = "repodata/repomd.xml"
 MIRROR_PREFIX = "/packages/"
 RPM_TYPE = "application/x-rpm"
 STATE_DIR = "packages-state"
+RECORDED_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 # How many repomd.xml versions one revalidation tries when the mirror changes under it.
 REBUILD_ATTEMPTS = 3
 # How long a request waits for a revalidation when a snapshot can be served meanwhile.
 REVALIDATE_WAIT = 5.0
+# The longest a repomd.xml fetch may take, redirects and body included: the idle timeout
+# alone lets an upstream that trickles a byte a second hold a revalidation (and the cold
+# clients waiting for it) for good. A repomd.xml is a few KiB.
+REPOMD_TIMEOUT = 30.0
+# The most bytes a repodata file without a `<size>` in repomd.xml may have (very old
+# repositories; createrepo_c always writes one): Fedora's largest, filelists.sqlite, is
+# some 100 MB.
+UNSIZED_REPODATA_LIMIT = 1 << 30
+# Redirects followed per upstream request (same host only, see `_upstream`).
+MAX_REDIRECTS = 5
+REDIRECTS = frozenset({301, 302, 303, 307, 308})
 
 
 class RepositoryUnavailableError(FetchError):
@@ -102,7 +117,14 @@ class Snapshot:
 
     @property
     def digests(self) -> list[Digest]:
+        """Its data files' digests: pinned from the start of its build while it is built,
+        served or previous."""
         return [item.checksum for item in self.repomd.data]
+
+    @property
+    def recorded(self) -> Digest:
+        """The digest its repomd.xml is stored (and pinned with it) by, for a restart."""
+        return repomd_digest(self.repomd.body)
 
 
 @dataclass
@@ -117,11 +139,12 @@ class Repository:
     etag: str | None = None
     last_modified: str | None = None
     refresh: asyncio.Task[None] | None = None
+    refresh_deadline: float = 0.0  # loop time until which requests wait for `refresh`
     failure: str | None = None
 
     @property
     def url(self) -> str:
-        return self.upstream.url + self.root
+        return below(self.upstream.url, self.root)
 
     @property
     def where(self) -> str:
@@ -130,6 +153,16 @@ class Repository:
 
     def snapshots(self) -> list[Snapshot]:
         return [snapshot for snapshot in (self.served, self.previous) if snapshot is not None]
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """An upstream repomd.xml and its validators (kept only once it is served: a version
+    that failed to build must not be revalidated as unchanged)."""
+
+    body: bytes
+    etag: str | None
+    last_modified: str | None
 
 
 class PackagesMeter:
@@ -234,9 +267,12 @@ class RepositoryCache:
         remember(request, UPSTREAM_KEY, upstream.name)
         if request.method not in ("GET", "HEAD"):
             return refuse(request, 405, "METHOD", f"{request.method} is not served here")
-        parts = path.split("/")
-        if ".." in parts or path.startswith("/"):
+        if ".." in path.split("/"):
             return refuse(request, 404, "BAD_PATH", f"unusable path {path[:200]!r}")
+        # One key per repository: `a/./b` and `a//b` are `a/b` (each alias would otherwise
+        # be a repository of its own, fetched and kept again).
+        parts = [part for part in path.split("/") if part not in ("", ".")]
+        path = "/".join(parts) + ("/" if parts and path.endswith("/") else "")
         if path.endswith(REPOMD):
             return await self._repomd(request, upstream, path[: -len(REPOMD)])
         if "repodata" in parts[:-1]:
@@ -342,17 +378,46 @@ class RepositoryCache:
             download = self.fetcher.start(
                 kind,
                 digest,
-                self._opener(repository.url + href),
+                self._opener(repository.url + quoted(href)),
                 source=repository.upstream.name,
                 size=size,
+                limit=UNSIZED_REPODATA_LIMIT,
             )
             return await self.fetcher.respond(request, download, headers)
         except FetchError as error:
             return refuse(request, error.status, "FETCH_FAILED", f"{href}: {error.reason}")
 
+    async def _upstream(
+        self, method: str, url: str, headers: dict[str, str] | None = None
+    ) -> aiohttp.ClientResponse:
+        """The upstream's answer for `url`, following its redirects only within its origin
+        (scheme, host, port; or the host's https): a mirror that moves a path is followed,
+        one that points elsewhere (another mirror, or an address inside the network: the
+        cache would fetch it for any client) is refused with a 502 and a log line."""
+        start = URL(url)
+        # The same origin, or its https upgrade.
+        allowed = {(start.scheme, start.host, start.port), ("https", start.host, 443)}
+        for _ in range(MAX_REDIRECTS + 1):
+            response = await self.session.request(
+                method, url, headers=headers, allow_redirects=False
+            )
+            location = response.headers.get("Location")
+            if response.status not in REDIRECTS or location is None:
+                return response
+            response.release()
+            target = URL(url).join(URL(location))
+            if (target.scheme, target.host, target.port) not in allowed:
+                log.warning("upstream_redirect_refused", url=url, location=str(target)[:500])
+                raise FetchError(
+                    f"upstream redirected {url} to {str(target)[:200]} (another origin)",
+                    status=502,
+                )
+            url = str(target)
+        raise FetchError(f"upstream redirected {url} more than {MAX_REDIRECTS} times", status=502)
+
     def _opener(self, url: str) -> Opener:
         async def open_upstream() -> aiohttp.ClientResponse:
-            response = await self.session.get(url)
+            response = await self._upstream("GET", url)
             if response.status != 200:
                 response.release()
                 raise FetchError(f"upstream answered {response.status} for {url}", status=502)
@@ -363,12 +428,12 @@ class RepositoryCache:
     async def _passthrough(
         self, request: web.Request, upstream: RepositoryUpstream, path: str
     ) -> web.StreamResponse:
-        url = upstream.url + path
+        url = below(upstream.url, path)
         noted(request, "passthrough")
         log.info("package_passthrough", upstream=upstream.name, path=path)
         response: web.StreamResponse | None = None
         try:
-            async with self.session.request(request.method, url) as answer:
+            async with await self._upstream(request.method, url) as answer:
                 response = web.StreamResponse(status=answer.status)
                 for name in ("Content-Type", "Content-Length", "Last-Modified", "ETag"):
                     if name in answer.headers:
@@ -378,7 +443,7 @@ class RepositoryCache:
                     await response.write(chunk)
                 await response.write_eof()
                 return response
-        except (aiohttp.ClientError, TimeoutError) as error:
+        except (aiohttp.ClientError, TimeoutError, FetchError) as error:
             reason = f"upstream {upstream.name} failed for {path}: {describe(error)}"
             if response is not None and response.prepared:
                 remember(request, ERROR_KEY, ("UPSTREAM_FAILED", f"cut short: {reason}"))
@@ -416,14 +481,18 @@ class RepositoryCache:
         if repository.served is None or (revalidate and due):
             if repository.refresh is None:
                 repository.refresh = asyncio.create_task(self._refresh(repository))
+                loop = asyncio.get_running_loop()
+                repository.refresh_deadline = loop.time() + REVALIDATE_WAIT
                 repository.refresh.add_done_callback(lambda _: _clear_refresh(repository))
             if repository.served is None:
                 await asyncio.shield(repository.refresh)
             else:
-                # A new version's files may take a while to fetch: past a short wait the
-                # client gets the snapshot served now (it is consistent, only older).
+                # A new version's files may take a while to fetch: past a short wait from
+                # the revalidation's start the client gets the snapshot served now (it is
+                # consistent, only older); a slow revalidation delays clients once.
+                wait = repository.refresh_deadline - asyncio.get_running_loop().time()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(asyncio.shield(repository.refresh), REVALIDATE_WAIT)
+                    await asyncio.wait_for(asyncio.shield(repository.refresh), max(wait, 0))
         if repository.served is None:
             # Nothing kept for a root that has nothing to serve: requests for made-up
             # paths do not pile up state.
@@ -451,10 +520,11 @@ class RepositoryCache:
     async def _refresh(self, repository: Repository) -> None:
         where = repository.where
         try:
-            body = await self._fetch_repomd(repository)
-            if body is not None:
-                snapshot = await self._build_latest(repository, body)
+            fetched = await self._fetch_repomd(repository)
+            if fetched is not None:
+                snapshot, fetched = await self._build_latest(repository, fetched)
                 self._switch(repository, snapshot)
+                repository.etag, repository.last_modified = fetched.etag, fetched.last_modified
                 log.info(
                     "repository_updated",
                     repository=where,
@@ -473,46 +543,56 @@ class RepositoryCache:
             else:
                 log.warning("repository_unavailable", repository=where, reason=repository.failure)
 
-    async def _build_latest(self, repository: Repository, body: bytes) -> Snapshot:
-        """The snapshot of `body`; when one of its files cannot be fetched, the upstream's
+    async def _build_latest(
+        self, repository: Repository, fetched: Fetched
+    ) -> tuple[Snapshot, Fetched]:
+        """The snapshot of `fetched`; when one of its files cannot be fetched, the upstream's
         repomd.xml is read again: a mirror that synced meanwhile lists other files (the
         ones it has now), so the newer one is built instead, a few times at most."""
         for _ in range(REBUILD_ATTEMPTS - 1):
             try:
-                return await self._build(repository, body)
+                return await self._build(repository, fetched.body), fetched
             except FetchError as error:
                 newer = await self._fetch_repomd(repository, conditional=False)
-                if newer is None or newer == body:
+                if newer is None or newer.body == fetched.body:
                     raise
                 log.info(
                     "repository_changed_while_fetching",
                     repository=repository.where,
                     reason=error.reason,
                 )
-                body = newer
-        return await self._build(repository, body)
+                fetched = newer
+        return await self._build(repository, fetched.body), fetched
 
     async def _fetch_repomd(
         self, repository: Repository, *, conditional: bool = True
-    ) -> bytes | None:
-        """The upstream's repomd.xml, or None when it has not changed from the served one."""
+    ) -> Fetched | None:
+        """The upstream's repomd.xml, or None when it has not changed from the served one.
+        The validators sent are the served version's: a newer one is asked for in full
+        until it is built and served."""
         headers = {}
         if conditional and repository.served is not None:
             if repository.etag:
                 headers["If-None-Match"] = repository.etag
             if repository.last_modified:
                 headers["If-Modified-Since"] = repository.last_modified
-        async with self.session.get(repository.url + REPOMD, headers=headers) as response:
-            if response.status == 304 and repository.served is not None:
-                return None
-            if response.status != 200:
-                raise FetchError(f"upstream answered {response.status} for repomd.xml")
-            body = await read_limited(response, 1 << 20)
-            etag, modified = response.headers.get("ETag"), response.headers.get("Last-Modified")
-        repository.etag, repository.last_modified = etag, modified
+        try:
+            async with asyncio.timeout(REPOMD_TIMEOUT):
+                url = repository.url + REPOMD
+                async with await self._upstream("GET", url, headers) as response:
+                    if response.status == 304 and repository.served is not None:
+                        return None
+                    if response.status != 200:
+                        raise FetchError(f"upstream answered {response.status} for repomd.xml")
+                    body = await read_limited(response, 1 << 20)
+                    etag = response.headers.get("ETag")
+                    modified = response.headers.get("Last-Modified")
+        except TimeoutError:
+            raise FetchError(f"repomd.xml took longer than {REPOMD_TIMEOUT:g} s") from None
         if repository.served is not None and body == repository.served.repomd.body:
+            repository.etag, repository.last_modified = etag, modified
             return None
-        return body
+        return Fetched(body, etag, modified)
 
     async def _build(self, repository: Repository, body: bytes) -> Snapshot:
         """Fetch and verify every file `body` lists, parse its primary: the new snapshot."""
@@ -520,16 +600,46 @@ class RepositoryCache:
         primary = repomd.by_type("primary")
         if primary is None:
             raise RepodataError("repomd.xml lists no primary metadata")
-        await asyncio.gather(*(self._stored(repository, item) for item in repomd.data))
-        digest = primary.checksum
-        with self.store.pinned("repodata", digest):
-            path = self.store.lookup("repodata", digest)
+        snapshot_digests = [item.checksum for item in repomd.data]
+        # Pinned before they are fetched: a file committed early in the build is not
+        # evicted by the ones after it (the snapshot would list a file the store lost).
+        for digest in snapshot_digests:
+            self.store.pin("repodata", digest)
+        try:
+            await asyncio.gather(*(self._stored(repository, item) for item in repomd.data))
+            path = self.store.lookup("repodata", primary.checksum)
             if path is None:
                 raise RepodataError(f"{primary.href} left the store before it was read")
-            packages = await asyncio.to_thread(
-                lambda: {package.href: package for package in read_primary(path, primary)}
+            packages, replaced = await asyncio.to_thread(package_map, path, primary)
+        except BaseException:
+            for digest in snapshot_digests:
+                self.store.unpin("repodata", digest)
+            raise
+        self._check_budget(repository, repomd)
+        for earlier in replaced[:10]:
+            log.warning(
+                "primary_duplicate_href",
+                repository=repository.where,
+                href=earlier.href,
+                replaced=f"{earlier.checksum} ({earlier.size} bytes)",
+                kept=f"{packages[earlier.href].checksum} ({packages[earlier.href].size} bytes)",
+                duplicates=len(replaced),
             )
         return Snapshot(repomd, repomd.by_href(), packages)
+
+    def _check_budget(self, repository: Repository, repomd: Repomd) -> None:
+        """Warn when one snapshot's metadata is more than the store's budget: it is kept
+        (pinned) above the budget rather than evicted and fetched again on every request."""
+        budget = self.store.budget
+        size = sum(item.size or 0 for item in repomd.data)
+        if budget is not None and size > budget.high:
+            log.warning(
+                "store_budget_too_small",
+                repository=repository.where,
+                snapshot_bytes=size,
+                high_watermark_bytes=budget.high,
+                reason="one snapshot's metadata is larger than the budget: kept above it",
+            )
 
     async def _stored(self, repository: Repository, item: DataFile) -> None:
         digest = item.checksum
@@ -538,22 +648,22 @@ class RepositoryCache:
         download = self.fetcher.start(
             "repodata",
             digest,
-            self._opener(repository.url + item.href),
+            self._opener(repository.url + quoted(item.href)),
             source=repository.upstream.name,
             size=item.size,
+            limit=UNSIZED_REPODATA_LIMIT,
         )
         await download.wait_finished()
         if download.error is not None:
             raise FetchError(f"{item.href}: {download.error.reason}")
 
     def _switch(self, repository: Repository, snapshot: Snapshot) -> None:
-        """Serve `snapshot`; the one before becomes `previous`, the one before that is
-        unpinned (its files may be evicted now)."""
-        for digest in snapshot.digests:
-            self.store.pin("repodata", digest)
+        """Serve `snapshot` (its files pinned by its build); the one before becomes
+        `previous`, the one before that is unpinned (its files may be evicted now)."""
+        self.store.pin("repodata", snapshot.recorded)
         dropped = repository.previous
         if dropped is not None:
-            for digest in dropped.digests:
+            for digest in [*dropped.digests, dropped.recorded]:
                 self.store.unpin("repodata", digest)
         repository.previous, repository.served = repository.served, snapshot
         self._record(repository, snapshot)
@@ -566,7 +676,7 @@ class RepositoryCache:
 
     def _record(self, repository: Repository, snapshot: Snapshot) -> None:
         """Remember the served repomd.xml (stored content-addressed) for after a restart."""
-        digest = Digest("sha256", hashlib.sha256(snapshot.repomd.body).hexdigest())
+        digest = snapshot.recorded
         try:
             if not self.store.has("repodata", digest):
                 self.store.put_bytes("repodata", digest, snapshot.repomd.body)
@@ -581,23 +691,57 @@ class RepositoryCache:
             )
 
     async def _restore(self, repository: Repository) -> None:
-        """The snapshot served before a restart, if its files are all still stored."""
+        """The snapshot served before a restart, if its files are all still stored; a
+        record that cannot be used is logged (`repository_not_restored`), removed when it
+        never will be, and the repository fetched from the upstream as if new."""
         path = self._state_file(repository)
         try:
-            recorded = json.loads(path.read_text())
-            algorithm, _, hexdigest = str(recorded["repomd"]).partition(":")
-            stored = self.store.lookup("repodata", Digest(algorithm, hexdigest))
-            if stored is None:
-                return
-            body = stored.read_bytes()
+            text = path.read_text()
+        except FileNotFoundError:
+            return  # never served before
+        except (OSError, ValueError) as error:
+            self._not_restored(repository, path, describe(error))
+            return
+        try:
+            body = self._recorded_repomd(text)
             repomd = parse_repomd(body)
-            if not all(self.store.has("repodata", i.checksum) for i in repomd.data):
-                return
+            missing = [i.href for i in repomd.data if not self.store.has("repodata", i.checksum)]
+            if missing:
+                raise RepodataError(f"{len(missing)} of its files are no longer stored")
             snapshot = await self._build(repository, body)
-        except (OSError, ValueError, KeyError, RepodataError, FetchError):
-            return  # nothing usable recorded: fetched from upstream as if new
+        except (ValueError, RepodataError) as error:
+            # Unusable for good: removed, so it is logged once, not on every request.
+            self._not_restored(repository, path, describe(error))
+            with contextlib.suppress(OSError):
+                path.unlink()
+            return
+        except (OSError, FetchError) as error:
+            self._not_restored(repository, path, describe(error))
+            return
         self._switch(repository, snapshot)
         log.info("repository_restored", repository=repository.where)
+
+    def _recorded_repomd(self, text: str) -> bytes:
+        """The repomd.xml a state file names, checked against its digest (the store's
+        bytes may have changed on disk since)."""
+        recorded = json.loads(text)
+        named = recorded.get("repomd") if isinstance(recorded, dict) else None
+        if not isinstance(named, str) or not RECORDED_DIGEST.fullmatch(named):
+            raise ValueError(f"no sha256 repomd.xml digest recorded (found {str(named)[:80]!r})")
+        digest = Digest("sha256", named.removeprefix("sha256:"))
+        stored = self.store.lookup("repodata", digest)
+        if stored is None:
+            raise ValueError("its repomd.xml is no longer stored")
+        body = stored.read_bytes()
+        if repomd_digest(body) != digest:
+            raise ValueError(f"its stored repomd.xml does not match {digest}")
+        return body
+
+    @staticmethod
+    def _not_restored(repository: Repository, path: Path, reason: str) -> None:
+        log.warning(
+            "repository_not_restored", repository=repository.where, file=str(path), reason=reason
+        )
 
 
 def noted(request: web.Request, result: str) -> None:
@@ -621,6 +765,20 @@ async def read_limited(response: aiohttp.ClientResponse, limit: int) -> bytes:
             raise RepodataError(f"repomd.xml larger than {limit} bytes")
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def quoted(path: str) -> str:
+    """A decoded path (a request's, a metadata href) as a URL path again: `%3F` in a
+    client's path, or `?` and `#` in an href, stay part of the path upstream."""
+    return urllib.parse.quote(path, safe="/:@!$&'()*+,;=~")
+
+
+def below(base: str, path: str) -> str:
+    return base + quoted(path)
+
+
+def repomd_digest(body: bytes) -> Digest:
+    return Digest("sha256", hashlib.sha256(body).hexdigest())
 
 
 def describe(error: BaseException) -> str:

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import zstandard
 
+from dnsoverride.cache.packages import repomd
 from dnsoverride.cache.packages.repomd import (
     DataFile,
     RepodataError,
@@ -220,3 +221,67 @@ def data_entry(kind: str, href: str, checksum: str = "sha256", value: str = "c" 
 def test_unusable_repomd_is_a_clear_error(body: bytes, message: str) -> None:
     with pytest.raises(RepodataError, match=re.escape(message)):
         parse_repomd(body)
+
+
+def test_a_primary_without_open_size_is_bounded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No `open-size` (or a lying huge one): decompression still stops at
+    MAX_PRIMARY_OPEN (lowered here to 1 MiB for a 2 MiB primary). Failed before the fix: a
+    primary without open-size was decompressed without limit (a gzip bomb)."""
+    monkeypatch.setattr(repomd, "MAX_PRIMARY_OPEN", 1 << 20, raising=False)
+    path = tmp_path / "primary.xml.gz"
+    assert write_synthetic_primary(path, 2000) > 2 << 20
+    for declared in (None, 10**12):
+        entry = DataFile("primary", "repodata/p.xml.gz", Digest("sha256", "0" * 64), None,
+                         declared, 1)  # fmt: skip
+        with pytest.raises(RepodataError, match="more than 1048576 bytes"):
+            list(read_primary(path, entry))
+
+
+def test_one_huge_entry_in_primary_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One text node of 1 MiB (iterparse would hold it whole) past MAX_PRIMARY_ENTRY
+    (lowered to 256 KiB) is refused, with a truthful open-size. Failed before the fix: the
+    only bound was the open-size, so one entry could be gigabytes in memory."""
+    monkeypatch.setattr(repomd, "MAX_PRIMARY_ENTRY", 256 << 10, raising=False)
+    body = (
+        b'<metadata xmlns="http://linux.duke.edu/metadata/common"><package><description>'
+        + b"A" * (1 << 20)
+        + b'</description><checksum type="sha256">'
+        + b"a" * 64
+        + b"</checksum>"
+        b'<size package="5"/><location href="a.rpm"/></package></metadata>'
+    )
+    path = tmp_path / "primary.xml.gz"
+    path.write_bytes(gzip.compress(body))
+    entry = DataFile("primary", "repodata/p.xml.gz", Digest("sha256", "0" * 64), None,
+                     len(body), 1)  # fmt: skip
+    with pytest.raises(RepodataError, match="an entry larger than 262144 bytes"):
+        list(read_primary(path, entry))
+
+
+def test_duplicate_hrefs_with_other_checksums_are_reported(tmp_path: Path) -> None:
+    """Two entries at one href with different checksums: the last is kept and the earlier
+    one reported (the cache logs `primary_duplicate_href` naming both); an identical repeat
+    is not a conflict. Failed before the fix: the earlier entry was dropped silently (no
+    `package_map`)."""
+
+    def entry(digit: str, size: int) -> bytes:
+        return (
+            b'<package><checksum type="sha256">' + digit.encode() * 64 + b"</checksum>"
+            b'<size package="' + str(size).encode() + b'"/><location href="a.rpm"/></package>'
+        )
+
+    body = (
+        b'<metadata xmlns="http://linux.duke.edu/metadata/common">'
+        + entry("a", 5) + entry("a", 5) + entry("b", 6)
+        + b"</metadata>"
+    )  # fmt: skip
+    path = tmp_path / "primary.xml.gz"
+    path.write_bytes(gzip.compress(body))
+    data = DataFile("primary", "repodata/p.xml.gz", Digest("sha256", "0" * 64), None, None, 1)
+    packages, replaced = repomd.package_map(path, data)
+    assert packages["a.rpm"].checksum == Digest("sha256", "b" * 64)
+    assert [(p.checksum, p.size) for p in replaced] == [(Digest("sha256", "a" * 64), 5)]
