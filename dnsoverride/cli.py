@@ -138,7 +138,14 @@ dnsoverride cache --config /etc/dnsoverride/cache.yaml
             metavar="HOST:PORT",
             help="admin listener for /metrics, /healthz, /readyz, /status",
         )
+        cache.add_argument(
+            "--control-socket",
+            metavar="PATH",
+            help="unix socket for `cache purge` and `cache warm` (mode 0660)",
+        )
         _add_logging_flags(cache)
+        if name == "cache":
+            _add_cache_commands(cache)
 
     check = _command(
         commands,
@@ -236,6 +243,61 @@ def _examples(parser: argparse.ArgumentParser) -> list[str]:
                 lines += [line for line in (sub.epilog or "").splitlines()[1:] if line]
                 lines += _examples(sub)
     return lines
+
+
+def _add_cache_commands(cache: argparse.ArgumentParser) -> None:
+    """`cache ls | purge | warm`, beside the daemon's own flags (no action: run it)."""
+    actions = cache.add_subparsers(dest="cache_command", metavar="ACTION")
+    ls = _command(
+        actions,
+        "ls",
+        "list what the running cache holds: images and package repositories",
+        """
+dnsoverride cache ls
+dnsoverride cache ls --repo 'library/*' --json
+""",
+    )
+    ls.add_argument("--repo", metavar="PATTERN", help="only repositories matching PATTERN")
+    purge = _command(
+        actions,
+        "purge",
+        "remove an image, a digest, or what was not used for a while from the running cache",
+        """
+dnsoverride cache purge library/alpine:3.20
+dnsoverride cache purge sha256:4bcff63911fcb4448bd4fdacec207030997caf25e9bea4045fa6c8c44de311d1
+dnsoverride cache purge --older-than 30d --dry-run
+""",
+    )
+    purge.add_argument("target", nargs="?", metavar="IMAGE|DIGEST", help="what to remove")
+    purge.add_argument("--older-than", metavar="DURATION", help="everything unused that long")
+    purge.add_argument("--dry-run", action="store_true", help="say what would go, remove nothing")
+    warm = _command(
+        actions,
+        "warm",
+        "fetch images (every platform) into the running cache before clients ask",
+        """
+dnsoverride cache warm library/alpine:3.20 registry-1.docker.io/library/python:3.12
+dnsoverride cache warm --listed        # the config's warm: list, now
+""",
+    )
+    warm.add_argument("images", nargs="*", metavar="IMAGE", help="[REGISTRY/]NAME[:TAG|@DIGEST]")
+    warm.add_argument("--listed", action="store_true", help="warm the config's warm: list now")
+    for parser in (ls, purge, warm):
+        parser.add_argument(
+            "--admin",
+            metavar="SOCKET|HOST:PORT",
+            action="append",
+            help="the cache's control socket or admin listener (default: its config's "
+            "control_socket:, else metrics:)",
+        )
+        parser.add_argument(
+            "--cache-config",
+            "--config",
+            dest="cache_config",
+            metavar="FILE",
+            help=f"the cache's config (default {PACKAGED_CONFIGS[1]})",
+        )
+        parser.add_argument("--json", action="store_true", help="print JSON (for scripts)")
 
 
 def _add_ca(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -355,6 +417,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         from dnsoverride.ca import run as run_ca
 
         return run_ca(args)
+    if args.command == "cache" and args.cache_command:
+        return _cache_command(args)
     logging = LogOptions(args.log_format, args.log_level or "info")
     config = _config("--config", args.config)
     if args.command == "serve":
@@ -380,8 +444,26 @@ def _dispatch(args: argparse.Namespace) -> int:
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         metrics=args.metrics,
+        control_socket=args.control_socket,
     )
     return run_cache(config, cache_flags, logging)
+
+
+def _cache_command(args: argparse.Namespace) -> int:
+    from dnsoverride import cachectl
+
+    cachectl.check(args)
+    configs: list[tuple[Path, str | None]]
+    if args.cache_config:
+        configs = [(Path(args.cache_config), "--cache-config")]
+    else:
+        configs = [(path, None) for path in PACKAGED_CONFIGS[1:]]
+    admin = cachectl.find(args.admin or [], configs)
+    if args.cache_command == "ls":
+        return cachectl.ls(admin, args.repo, args.json)
+    if args.cache_command == "purge":
+        return cachectl.purge(admin, args.target, args.older_than, args.dry_run, args.json)
+    return cachectl.warm(admin, args.images, args.listed, args.json)
 
 
 def _explain(args: argparse.Namespace) -> int:

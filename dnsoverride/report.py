@@ -7,6 +7,7 @@ scripts that grep the output see no escape codes. `--json` bypasses this module.
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TextIO
@@ -35,6 +36,34 @@ class Report:
     headline: str
     sections: list[Section] = field(default_factory=list)
     ok: bool = True  # False: drawn as a problem (red on a terminal)
+
+
+def ago(unix: float | None) -> str:
+    """`12 s ago`, `5 min ago`, `3.2 h ago`; `never` for None."""
+    if unix is None:
+        return "never"
+    return f"{seconds_text(time.time() - unix)} ago"
+
+
+def seconds_text(seconds: float) -> str:
+    seconds = max(seconds, 0)
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 3 * 86400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} d"
+
+
+def size_text(count: int) -> str:
+    """Bytes in binary units: `512 B`, `3.0 MiB`."""
+    size = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024:
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TiB"
 
 
 def render(reports: list[Report], stream: TextIO | None = None) -> None:

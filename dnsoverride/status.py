@@ -15,7 +15,7 @@ from typing import Any
 
 from dnsoverride import adminclient
 from dnsoverride.common.errors import UserError
-from dnsoverride.report import Report, Section, render
+from dnsoverride.report import Report, Section, ago, render, seconds_text, size_text
 
 
 def run(admins: Sequence[str], configs: Sequence[tuple[Path, str | None]], as_json: bool) -> int:
@@ -56,7 +56,7 @@ def dns_report(admin: str, doc: Mapping[str, Any]) -> Report:
         ("content hash", f"{zones['content_hash'][:16]} (generation {zones['generation']})"),
         (
             "last reload",
-            f"{reload['last_result']} {_ago(last)} "
+            f"{reload['last_result']} {ago(last)} "
             f"({reload['successes']} ok, {reload['failures']} failed since start)",
         ),
         *(("  problem", problem) for problem in (reload["last_problems"] if failed else [])),
@@ -159,9 +159,9 @@ def cache_report(admin: str, doc: Mapping[str, Any]) -> Report:
     """The cache's `/status` as a Report."""
     store = doc["store"]
     budget = store["budget_bytes"]
-    use = f"{_bytes(store['bytes'])} in {store['entries']} entries"
+    use = f"{size_text(store['bytes'])} in {store['entries']} entries"
     if budget:
-        use += f" of {_bytes(budget)} ({store['bytes'] / budget:.0%})"
+        use += f" of {size_text(budget)} ({store['bytes'] / budget:.0%})"
     else:
         use += " (no budget)"
     overview = [
@@ -188,7 +188,7 @@ def cache_report(admin: str, doc: Mapping[str, Any]) -> Report:
                     d["digest"][:19],
                     f"{d['upstream']}/{d['repository']}" if d["repository"] else d["upstream"],
                     d["kind"],
-                    f"{_bytes(d['bytes'])} of {_bytes(d['size']) if d['size'] else '?'}",
+                    f"{size_text(d['bytes'])} of {size_text(d['size']) if d['size'] else '?'}",
                     str(d["waiters"]),
                 )
                 for d in doc["downloads"]
@@ -200,6 +200,8 @@ def cache_report(admin: str, doc: Mapping[str, Any]) -> Report:
             [
                 (
                     u["name"],
+                    u["state"],
+                    u["detail"] or "-",
                     str(u["errors"]),
                     "-" if u["ratelimit_remaining"] is None else str(u["ratelimit_remaining"]),
                     ", ".join(
@@ -210,47 +212,53 @@ def cache_report(admin: str, doc: Mapping[str, Any]) -> Report:
                 )
                 for u in doc["upstreams"]
             ],
-            ("registry upstream", "errors", "rate limit left", "Retry-After"),
+            ("registry upstream", "state", "why", "errors", "rate limit left", "Retry-After"),
+        ),
+        Section(
+            "package upstreams",
+            [
+                (p["name"], p["state"], p["detail"] or "-", str(p["repositories"]))
+                for p in doc["package_upstreams"]
+            ],
+            ("package upstream", "state", "why", "repositories"),
         ),
         Section(
             "recent errors",
             [
-                (_ago(e["unix"]), e["request"], f"{e['status']} {e['code']}", e["message"])
+                (ago(e["unix"]), e["request"], f"{e['status']} {e['code']}", e["message"])
                 for e in doc["recent_errors"][-10:]
             ],
             ("when", "request", "status", "reason"),
         ),
     ]
+    if doc["warm"]:
+        sections.append(
+            Section(
+                "warm list",
+                [
+                    (
+                        w["image"],
+                        f"every {seconds_text(w['interval'])}",
+                        "never" if w["last_run_unix"] is None else ago(w["last_run_unix"]),
+                        "FAILED: " + w["last_error"] if w["last_error"] else _ago_ok(w),
+                    )
+                    for w in doc["warm"]
+                ],
+                ("image", "interval", "last warm", "result"),
+            )
+        )
+    upstreams = [*doc["upstreams"], *doc["package_upstreams"]]
+    ok = store["not_ready"] is None and all(u["state"] != "DOWN" for u in upstreams)
     headline = f"cache, pid {doc['pid']}, up {_duration(doc)}"
-    return Report(f"cache {admin}", headline, sections, store["not_ready"] is None)
+    return Report(f"cache {admin}", headline, sections, ok)
 
 
-def _ago(unix: float | None) -> str:
-    if unix is None:
-        return "never"
-    return f"{_seconds(time.time() - unix)} ago"
+def _ago_ok(warm: Mapping[str, Any]) -> str:
+    return "-" if warm["last_success_unix"] is None else "ok"
 
 
 def _duration(doc: Mapping[str, Any]) -> str:
-    return _seconds(time.time() - doc["started_unix"])
-
-
-def _seconds(seconds: float) -> str:
-    seconds = max(seconds, 0)
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
-
-
-def _bytes(count: int) -> str:
-    size = float(count)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024:
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{size:.1f} TiB"
+    return seconds_text(time.time() - doc["started_unix"])
 
 
 def _ratio(ratio: float | None) -> str:

@@ -23,7 +23,14 @@ from pathlib import Path
 from typing import Any
 
 from dnsoverride.cache.packages.config import PACKAGES_KEYS, PackagesConfig
-from dnsoverride.cache.registry.config import REGISTRY_KEYS, RegistryConfig, UpstreamConfig
+from dnsoverride.cache.registry.config import (
+    REGISTRY_KEYS,
+    WARM_KEYS,
+    RegistryConfig,
+    UpstreamConfig,
+    WarmConfig,
+)
+from dnsoverride.cache.registry.references import parse_image
 from dnsoverride.cache.session import TIMEOUT_KEYS, Timeouts
 from dnsoverride.cache.store import Budget
 from dnsoverride.common.configfile import Document, Flags, Section, require_file
@@ -64,8 +71,11 @@ class CacheConfig:
     # DNS servers the upstream client asks instead of the system resolver (session.py).
     resolvers: tuple[Endpoint, ...] = ()
     metrics: Endpoint | None = None
+    # The unix socket of the admin actions (purge, warm), mode 0660 (common/admin.py).
+    control_socket: Path | None = None
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     packages: PackagesConfig = field(default_factory=PackagesConfig)
+    warm: WarmConfig = field(default_factory=WarmConfig)
 
     @property
     def host(self) -> str:
@@ -89,8 +99,9 @@ SHARED_KEYS = (
     "tls",
     "resolvers",
     "metrics",
+    "control_socket",
 )
-TOP_KEYS = (*SHARED_KEYS, "registry", "packages", *REGISTRY_KEYS)
+TOP_KEYS = (*SHARED_KEYS, "registry", "packages", "warm", *REGISTRY_KEYS)
 TLS_KEYS = ("cert", "key", "certificates", "listen")
 PAIR_KEYS = ("cert", "key")
 
@@ -107,6 +118,7 @@ class CacheFlags:
     tls_cert: str | None = None
     tls_key: str | None = None
     metrics: str | None = None
+    control_socket: str | None = None
 
 
 def _budget(top: Section, max_size: int | None) -> Budget | None:
@@ -178,6 +190,12 @@ def _read_shared(top: Section) -> dict[str, Any]:
     top.text("storage", "a directory path")
     top.endpoints("resolvers", RESOLVER)
     top.endpoint("metrics", HTTP_LISTENER)
+    socket = top.text("control_socket", "a unix socket path")
+    if socket is not None:
+        if not Path(socket).is_absolute():
+            top.problem("control_socket", f"expected an absolute path, not {socket!r}")
+        else:
+            values["control_socket"] = Path(socket)
     for key in ("listen", "resolvers", "metrics"):
         if key in top.values:
             values[key] = top.values[key]
@@ -228,6 +246,7 @@ def load(path: Path | None, flags: CacheFlags | None = None) -> CacheConfig:
         ("listen", command_line.read("--listen", flags.listen, _http_listener)),
         ("metrics", command_line.read("--metrics", flags.metrics, _http_listener)),
         ("storage", Path(flags.storage) if flags.storage else None),
+        ("control_socket", Path(flags.control_socket).absolute() if flags.control_socket else None),
     ):
         if given is not None:
             values[key] = given
@@ -240,6 +259,12 @@ def load(path: Path | None, flags: CacheFlags | None = None) -> CacheConfig:
     packages = top.section("packages", PACKAGES_KEYS)
     if packages is not None:
         values["packages"] = PackagesConfig.read(packages)
+    warm = top.section("warm", WARM_KEYS)
+    if warm is not None:
+        registry: RegistryConfig = values["registry"]
+        values["warm"] = WarmConfig.read(
+            warm, lambda text: parse_image(text, registry.upstreams, registry.default_upstream)
+        )
     document.raise_problems(*command_line.problems)
     return CacheConfig(**{key: value for key, value in values.items() if value is not None})
 

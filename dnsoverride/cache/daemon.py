@@ -29,16 +29,19 @@ from dnsoverride.cache import config as cache_config
 from dnsoverride.cache.accesslog import AccessLogger, server_logger
 from dnsoverride.cache.app import Order, Route, Router, build_app
 from dnsoverride.cache.config import CacheConfig, CacheFlags
+from dnsoverride.cache.contents import CacheContents
 from dnsoverride.cache.fetch import Fetcher
 from dnsoverride.cache.packages.service import PackagesService
 from dnsoverride.cache.registry.access import Access
 from dnsoverride.cache.registry.app import PATHS, RegistryHandler, Routes
 from dnsoverride.cache.registry.blobs import Blobs, RegistryMeter
+from dnsoverride.cache.registry.contents import RegistryContents
 from dnsoverride.cache.registry.links import Links
 from dnsoverride.cache.registry.manifests import Manifests
 from dnsoverride.cache.registry.metrics import build_registry
 from dnsoverride.cache.registry.stats import Stats
 from dnsoverride.cache.registry.upstream import Upstream
+from dnsoverride.cache.registry.warm import WarmCollector, Warmer
 from dnsoverride.cache.session import make_session, upstream_resolver
 from dnsoverride.cache.status import CacheState
 from dnsoverride.cache.store import Store
@@ -66,8 +69,11 @@ class Cache:
     packages: PackagesService
     session: aiohttp.ClientSession
     app: web.Application
+    warmer: Warmer
+    contents: CacheContents
 
     async def close(self) -> None:
+        await self.warmer.close()
         await self.fetcher.close()
         await self.packages.close()
         for upstream in self.upstreams.values():
@@ -106,7 +112,24 @@ def build_cache(config: CacheConfig) -> Cache:
         ]
     )
     app = build_app(router)
-    return Cache(config, store, links, stats, upstreams, manifests, fetcher, packages, session, app)
+    warmer = Warmer(registry, upstreams, manifests, blobs, config.warm)
+    contents = CacheContents(
+        store, RegistryContents(store, manifests, fetcher), packages.repositories, warmer
+    )
+    return Cache(
+        config,
+        store,
+        links,
+        stats,
+        upstreams,
+        manifests,
+        fetcher,
+        packages,
+        session,
+        app,
+        warmer,
+        contents,
+    )
 
 
 def listeners(
@@ -181,10 +204,11 @@ class CacheService:
             storage=str(config.storage),
         )
         self._flusher = asyncio.create_task(_flush_access(cache.store))
+        cache.warmer.start_schedule()
         admin = None
-        if config.metrics is not None:
+        if config.metrics is not None or config.control_socket is not None:
             registry = build_registry(cache.stats, cache.store)
-            for collector in cache.packages.collectors():
+            for collector in [*cache.packages.collectors(), WarmCollector(cache.warmer)]:
                 registry.register(collector)
             state = CacheState(
                 [where for where, _ in sites],
@@ -193,13 +217,16 @@ class CacheService:
                 cache.fetcher,
                 cache.upstreams,
                 cache.packages,
+                cache.warmer,
             )
             admin = Admin(
                 config.metrics,
                 registry,
                 cache.store.writable,
                 cache.store.not_ready,
-                endpoints={"/status": state.status},
+                endpoints={"/status": state.status, **cache.contents.endpoints()},
+                actions=cache.contents.actions(),
+                control_socket=config.control_socket,
             )
         status = f"serving {cache.store.stats.entries} stored items from {config.storage}"
         return Started(status, admin)

@@ -4,6 +4,12 @@ blobs and manifests, package files and repodata), the downloads in flight with h
 requests wait on each, each registry upstream's errors, last reported rate limit and the
 repositories inside a Retry-After, and the registry's last error responses. Read from
 what the cache keeps anyway; nothing is counted for it on the request path.
+
+Each upstream (registry and package) gets a verdict from how its requests went:
+`DOWN` while its last request failed (since when, the reason), `rate-limited` while a
+Retry-After holds or it reported no requests left, `recent failures` when requests failed
+within RECENT seconds though the last one was answered, `up` when answered, `unused` when
+never asked. The `warm:` list's last warms are there too.
 """
 
 from __future__ import annotations
@@ -15,12 +21,14 @@ from dataclasses import dataclass, field
 
 from dnsoverride.cache.fetch import Download, Fetcher
 from dnsoverride.cache.packages.service import PackagesService
-from dnsoverride.cache.registry.stats import Stats
+from dnsoverride.cache.registry.stats import Stats, UpstreamHealth
 from dnsoverride.cache.registry.upstream import Upstream
+from dnsoverride.cache.registry.warm import Warmer
 from dnsoverride.cache.store import Kind, Store
 
 REGISTRY_KINDS = ("blob", "manifest")
 PACKAGE_KINDS: tuple[Kind, ...] = ("packages", "repodata")
+RECENT = 300.0  # seconds in which failures make an answering upstream `recent failures`
 
 
 @dataclass
@@ -33,6 +41,7 @@ class CacheState:
     fetcher: Fetcher  # the registry's blobs
     upstreams: Mapping[str, Upstream]
     packages: PackagesService
+    warmer: Warmer
     started: float = field(default_factory=time.time)
 
     async def status(self, _: Mapping[str, str]) -> dict[str, object]:
@@ -77,6 +86,11 @@ class CacheState:
                 {
                     "name": name,
                     "url": upstream.config.url,
+                    **registry_verdict(
+                        stats.health.get(name),
+                        bool(upstream.backoffs()),
+                        stats.ratelimit_remaining.get(name),
+                    ),
                     "errors": stats.upstream_errors[name],
                     "bytes": stats.upstream_bytes[name],
                     "ratelimit_remaining": stats.ratelimit_remaining.get(name),
@@ -84,8 +98,63 @@ class CacheState:
                 }
                 for name, upstream in self.upstreams.items()
             ],
+            "package_upstreams": self._package_upstreams(),
             "recent_errors": list(stats.recent_errors),
+            "warm": self.warmer.status(),
         }
+
+    def _package_upstreams(self) -> list[dict[str, object]]:
+        repositories = self.packages.repositories
+        found: list[dict[str, object]] = []
+        for upstream in repositories.config.upstreams:
+            asked = [r for r in repositories.repositories.values() if r.upstream == upstream]
+            failing = [r for r in asked if r.failure is not None]
+            if not asked:
+                state, detail = "unused", None
+            elif failing and len(failing) == len(asked):
+                state, detail = "DOWN", failing[0].failure
+            elif failing:
+                state, detail = "recent failures", failing[0].failure
+            else:
+                state, detail = "up", None
+            found.append(
+                {
+                    "name": upstream.name,
+                    "url": upstream.url,
+                    "state": state,
+                    "detail": detail,
+                    "repositories": len(asked),
+                    "failing": [r.where for r in failing],
+                    "bytes": self.packages.meter.upstream_bytes[upstream.name],
+                }
+            )
+        return found
+
+
+def registry_verdict(
+    health: UpstreamHealth | None, backoff: bool, remaining: int | None
+) -> dict[str, object]:
+    """`state` and `detail` of a registry upstream (see the module docstring)."""
+    now = time.time()
+    last = health.last_answer if health else None
+    if health is not None and health.failing_since is not None:
+        since = now - health.failing_since
+        detail = f"failing for {since:.0f} s: {health.reason}"
+        state = "rate-limited" if backoff else "DOWN"
+        return {"state": state, "detail": detail, "last_answer_unix": last}
+    if backoff or remaining == 0:
+        return {
+            "state": "rate-limited",
+            "detail": "inside a Retry-After" if backoff else "ratelimit-remaining: 0",
+            "last_answer_unix": last,
+        }
+    if health is None or health.last_answer is None:
+        return {"state": "unused", "detail": None, "last_answer_unix": None}
+    recent = sum(1 for t in health.failures if now - t < RECENT)
+    if recent:
+        detail = f"{recent} failed in the last {RECENT:.0f} s, last: {health.reason}"
+        return {"state": "recent failures", "detail": detail, "last_answer_unix": last}
+    return {"state": "up", "detail": None, "last_answer_unix": last}
 
 
 def _download(download: Download, side: str) -> dict[str, object]:

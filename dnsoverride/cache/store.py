@@ -110,6 +110,9 @@ class Store:
         self._entries: OrderedDict[str, int] = OrderedDict()
         self._pins: Counter[str] = Counter()
         self._touched: set[str] = set()
+        # key -> wall-clock time of its last use (commit or lookup): `cache ls`, `purge
+        # --older-than`; the file's mtime at start-up (see flush_access).
+        self._used: dict[str, float] = {}
         # Keys whose content this process verified: committed here, or re-hashed.
         self._checked: set[str] = set()
         self.stats = StoreStats()
@@ -136,8 +139,9 @@ class Store:
                     continue
                 found.append((info.st_mtime, f"{kind}/{algorithm}:{path.name}", info.st_size))
         # The mtime of stored files is the cache's own record of last access (see flush).
-        for _, key, size in sorted(found):
+        for mtime, key, size in sorted(found):
             self._entries[key] = size
+            self._used[key] = mtime
             self.stats.size += size
         self.stats.entries = len(self._entries)
         log.info(
@@ -200,6 +204,7 @@ class Store:
             return None
         self._entries.move_to_end(key)
         self._touched.add(key)
+        self._used[key] = time.time()
         return path
 
     def checked(self, kind: Kind, digest: Digest) -> bool:
@@ -298,6 +303,7 @@ class Store:
         self._entries[key] = size
         self._entries.move_to_end(key)
         self._checked.add(key)
+        self._used[key] = time.time()
         self.stats.size += size
         self.stats.entries = len(self._entries)
         # What was just written is about to be served: never its own eviction victim.
@@ -370,11 +376,46 @@ class Store:
         self.stats.entries = len(self._entries)
         self._touched.discard(key)
         self._checked.discard(key)
+        self._used.pop(key, None)
+
+    # -- contents (`dnsoverride cache ls` / `purge`) ------------------------------------
+    def size_of(self, kind: Kind, digest: Digest) -> int | None:
+        """The stored size of `digest`, from the index alone; None when absent."""
+        return self._entries.get(f"{kind}/{digest}")
+
+    def last_use(self, kind: Kind, digest: Digest) -> float | None:
+        """Wall-clock time `digest` was last stored or served; None when absent."""
+        return self._used.get(f"{kind}/{digest}")
+
+    def items(self, kind: Kind) -> Iterator[tuple[Digest, int]]:
+        """(digest, size) of everything stored of `kind`."""
+        prefix = f"{kind}/"
+        for key, size in list(self._entries.items()):
+            if key.startswith(prefix):
+                algorithm, _, hex_part = key[len(prefix) :].partition(":")
+                yield Digest(algorithm, hex_part), size
+
+    def is_pinned(self, kind: Kind, digest: Digest) -> bool:
+        """Whether `digest` is being served or downloaded, or held by a served snapshot."""
+        return bool(self._pins.get(f"{kind}/{digest}"))
+
+    def remove(self, kind: Kind, digest: Digest) -> bool:
+        """Delete stored `digest` on an admin's request; False (nothing done) when it is
+        pinned. Whether stored or not, it is not afterwards."""
+        key = f"{kind}/{digest}"
+        if self._pins.get(key):
+            return False
+        with contextlib.suppress(FileNotFoundError):
+            self._key_path(key).unlink()
+        if key in self._entries:
+            self._forget(key)
+        return True
 
     def flush_access(self) -> None:
         """Persist access order as file mtimes so LRU survives a restart."""
         now = time.time()
         for key in self._touched:
+            used = self._used.get(key, now)
             with contextlib.suppress(OSError):
-                os.utime(self._key_path(key), (now, now))
+                os.utime(self._key_path(key), (used, used))
         self._touched.clear()

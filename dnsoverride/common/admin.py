@@ -16,20 +16,35 @@ asks, at most `MAX_CONNECTIONS` clients at once. A JSON endpoint gets the query 
 parameters decoded (the first of a repeated one; bytes that are not UTF-8 replaced, never
 an error of their own); the ValueError it raises is the client's mistake, a 400 with
 `{"error": ...}`; anything else it raises is logged and a 500.
+
+Actions (the cache's purge and warm trigger: `Action`s) change what the daemon holds, so
+they are answered to POST only, and only on a listener nobody else can reach: the unix
+control socket (`listen_unix`: mode 0660, group `dnsoverride` when that group exists,
+else the daemon's, like unbound-control's) or a TCP listener bound to a loopback address.
+On a listener bound to any other address an action is refused (403) and logged
+(`admin_action_refused`), whoever asks: a wildcard listener is reachable from the network.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
+import grp
+import ipaddress
 import json
+import os
+import socket
+import stat
 import urllib.parse
 from collections.abc import Awaitable, Callable, Mapping
 from http import HTTPStatus
+from pathlib import Path
 
 import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from dnsoverride.common.errors import listen_error
+from dnsoverride.common.errors import UserError, listen_error
 
 log = structlog.get_logger(__name__)
 
@@ -45,6 +60,20 @@ _FIXED = frozenset({"/metrics", "/healthz", "/readyz"})
 # (a supervisor asks its workers). ValueError is the caller's mistake (400, its message
 # as `error`).
 JsonEndpoint = Callable[[Mapping[str, str]], Awaitable[object]]
+# A mutating action: the same shape, answered to POST on a local listener only.
+Action = JsonEndpoint
+SOCKET_MODE = 0o660
+SOCKET_GROUP = "dnsoverride"
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a listener bound to `host` can only be reached from this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 class _Reply:
@@ -66,13 +95,18 @@ class AdminServer:
         why_not_ready: Callable[[], str | None] | None,
         before_scrape: Callable[[], Awaitable[None]] | None = None,
         endpoints: Mapping[str, JsonEndpoint] | None = None,
+        *,
+        actions: Mapping[str, Action] | None = None,
     ) -> None:
         self._registry = registry
         self._ready = ready
         self._why_not_ready = why_not_ready
         self._before_scrape = before_scrape
         self._endpoints = dict(endpoints or {})
+        self._actions = dict(actions or {})
         self._server: asyncio.Server | None = None
+        self._unix: asyncio.Server | None = None
+        self._unix_path: Path | None = None
         self._clients: set[asyncio.StreamWriter] = set()
         self._handlers: set[asyncio.Task[None]] = set()
 
@@ -83,12 +117,35 @@ class AdminServer:
         return int(self._server.sockets[0].getsockname()[1])
 
     async def listen(self, host: str, port: int) -> None:
-        """Bind host:port and accept clients; OSError when it cannot be bound."""
-        self._server = await asyncio.start_server(self.serve, host, port, limit=MAX_HEAD)
+        """Bind host:port and accept clients; OSError when it cannot be bound. Actions are
+        answered there only when `host` is a loopback address."""
+        serve = functools.partial(self.serve, local=is_loopback(host))
+        self._server = await asyncio.start_server(serve, host, port, limit=MAX_HEAD)
+
+    async def listen_unix(self, path: Path) -> None:
+        """Accept clients on the unix socket `path` (mode 0660, group `dnsoverride` if it
+        exists, else the process's); a stale socket file there is replaced, a live one
+        (another daemon's) is OSError EADDRINUSE, as is anything that is not a socket."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_socket(path)
+        serve = functools.partial(self.serve, local=True)
+        self._unix = await asyncio.start_unix_server(serve, path, limit=MAX_HEAD)
+        self._unix_path = path
+        try:
+            group = grp.getgrnam(SOCKET_GROUP).gr_gid
+        except KeyError:
+            group = os.getegid()
+        with contextlib.suppress(PermissionError):  # not root: the process's group it is
+            os.chown(path, -1, group)
+        os.chmod(path, SOCKET_MODE)
 
     async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
+        for server in (self._server, self._unix):
+            if server is not None:
+                server.close()
+        if self._unix_path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self._unix_path.unlink()
         for writer in list(self._clients):
             writer.close()
         # Their handlers end on the close (bounded): a handler task still waiting when the
@@ -96,11 +153,25 @@ class AdminServer:
         # traceback for it.
         if self._handlers:
             await asyncio.wait(set(self._handlers), timeout=REQUEST_TIMEOUT)
-        if self._server is not None:
-            await self._server.wait_closed()
+        for server in (self._server, self._unix):
+            if server is not None:
+                await server.wait_closed()
 
-    async def _route(self, method: str, target: str) -> _Reply:
+    async def _route(self, method: str, target: str, local: bool, peer: str) -> _Reply:
         path, _, query = target.partition("?")
+        action = self._actions.get(path)
+        if action is not None:
+            if method != "POST":
+                return _Reply(HTTPStatus.METHOD_NOT_ALLOWED, b"POST\n")
+            if not local:
+                refusal = (
+                    "actions are answered on the control socket or a loopback admin listener only"
+                )
+                log.warning(
+                    "admin_action_refused", request=f"{method} {path}", client=peer, reason=refusal
+                )
+                return _json_reply({"error": refusal}, HTTPStatus.FORBIDDEN)
+            return await _answer_json(path, action, query)
         if path not in _FIXED and path not in self._endpoints:
             return _Reply(HTTPStatus.NOT_FOUND, b"not found\n")
         if method not in {"GET", "HEAD"}:
@@ -120,8 +191,11 @@ class AdminServer:
         text = f"not ready: {reason}\n" if reason else "not ready\n"
         return _Reply(HTTPStatus.SERVICE_UNAVAILABLE, text.encode())
 
-    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """One client connection: requests answered in turn until it closes or idles."""
+    async def serve(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, local: bool = False
+    ) -> None:
+        """One client connection: requests answered in turn until it closes or idles;
+        `local`: it came through a listener only this machine reaches (actions allowed)."""
         if len(self._clients) >= MAX_CONNECTIONS:
             writer.close()
             return
@@ -130,7 +204,7 @@ class AdminServer:
         if handler is not None:
             self._handlers.add(handler)
         try:
-            while await self._exchange(reader, writer):
+            while await self._exchange(reader, writer, local):
                 pass
         except (asyncio.IncompleteReadError, TimeoutError, ConnectionError):
             pass  # the client left, stalled or idled: nothing to answer
@@ -139,7 +213,9 @@ class AdminServer:
             self._handlers.discard(handler)
             writer.close()
 
-    async def _exchange(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+    async def _exchange(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, local: bool
+    ) -> bool:
         """Read one request, write its response; whether the connection stays open."""
         try:
             async with asyncio.timeout(REQUEST_TIMEOUT):
@@ -160,7 +236,9 @@ class AdminServer:
             await _send(writer, _Reply(HTTPStatus.BAD_REQUEST, b"no request bodies\n"), "GET")
             return False
         method, target, version = parts
-        reply = await self._route(method, target)
+        peer = writer.get_extra_info("peername")
+        client = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix socket"
+        reply = await self._route(method, target, local, client)
         keep = version == "HTTP/1.1" and headers.get("connection", "").lower() != "close"
         await _send(writer, reply, method, keep=keep)
         return keep
@@ -199,14 +277,31 @@ async def _send(
         f"Connection: {'keep-alive' if keep else 'close'}\r\n"
     )
     if status == HTTPStatus.METHOD_NOT_ALLOWED:
-        head += "Allow: GET, HEAD\r\n"
+        head += f"Allow: {reply.body.decode().strip().replace(' or ', ', ')}\r\n"
     writer.write(head.encode() + b"\r\n" + (b"" if method == "HEAD" else reply.body))
     async with asyncio.timeout(REQUEST_TIMEOUT):  # a client that does not read is dropped
         await writer.drain()
 
 
+def _remove_stale_socket(path: Path) -> None:
+    """Remove a socket file no daemon listens on any more (left by a SIGKILL)."""
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise OSError(98, f"{path} exists and is not a socket")
+    with socket.socket(socket.AF_UNIX) as probe:
+        try:
+            probe.connect(str(path))
+        except (ConnectionRefusedError, FileNotFoundError):
+            path.unlink(missing_ok=True)
+            return
+    raise OSError(98, f"another process listens on {path}")
+
+
 async def start_admin(
-    host: str,
+    host: str | None,
     port: int,
     registry: CollectorRegistry,
     ready: Callable[[], bool],
@@ -214,20 +309,35 @@ async def start_admin(
     *,
     before_scrape: Callable[[], Awaitable[None]] | None = None,
     endpoints: Mapping[str, JsonEndpoint] | None = None,
+    actions: Mapping[str, Action] | None = None,
+    unix: Path | None = None,
 ) -> AdminServer:
-    """Serve /metrics, /healthz and /readyz on host:port until `close()`.
+    """Serve /metrics, /healthz and /readyz on host:port (None: no TCP listener) and on the
+    unix socket `unix` (when given) until `close()`.
 
     `why_not_ready`, when given, puts the reason into the body of a 503 from /readyz;
     `before_scrape` is awaited before each /metrics answer; `endpoints` adds read-only
-    JSON endpoints by path.
+    JSON endpoints by path, `actions` mutating ones (POST, local listeners only).
     Scrapes are not logged (every few seconds, they would drown the daemon's own events).
 
-    Raises UserError when the address cannot be bound (port in use, bad host).
+    Raises UserError when an address cannot be bound (port in use, bad host, a socket path
+    in use or not writable).
     """
-    server = AdminServer(registry, ready, why_not_ready, before_scrape, endpoints)
-    try:
-        await server.listen(host, port)
-    except OSError as error:
-        raise listen_error(f"admin listener {host}:{port}", port, error) from error
-    log.info("admin_listening", host=host, port=server.port)
+    server = AdminServer(registry, ready, why_not_ready, before_scrape, endpoints, actions=actions)
+    if host is not None:
+        try:
+            await server.listen(host, port)
+        except OSError as error:
+            raise listen_error(f"admin listener {host}:{port}", port, error) from error
+        log.info("admin_listening", host=host, port=server.port)
+    if unix is not None:
+        try:
+            await server.listen_unix(unix)
+        except OSError as error:
+            await server.close()
+            raise UserError(
+                f"control socket {unix}: {error.strerror or error} "
+                "(set control_socket: to a path the daemon may create)"
+            ) from error
+        log.info("admin_listening", socket=str(unix))
     return server

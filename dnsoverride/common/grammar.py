@@ -141,13 +141,13 @@ def _host(host: str, text: str, rule: EndpointRule) -> str:
     return host.rstrip(".").lower()
 
 
-_DURATION = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h)?\s*", re.IGNORECASE)
-_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
-DURATION_FORMS = "5 or 5s, 500ms, 1m, 1h"
+_DURATION = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h|d)?\s*", re.IGNORECASE)
+_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+DURATION_FORMS = "5 or 5s, 500ms, 1m, 1h, 7d"
 
 
 def parse_duration(value: object) -> float:
-    """Seconds of a duration: a number (seconds), or a number with ms, s, m or h."""
+    """Seconds of a duration: a number (seconds), or a number with ms, s, m, h or d."""
     if isinstance(value, bool):
         raise GrammarError(f"expected a duration ({DURATION_FORMS}), not {brief(value)}")
     if isinstance(value, int | float):

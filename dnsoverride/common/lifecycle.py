@@ -7,8 +7,8 @@ for `serve` and `registry`:
    answers must not meet the default action (SIGHUP would kill the process);
 2. `start` binds its listeners, or takes the sockets systemd passed (socket activation,
    `systemd.inherited_sockets`), and starts serving;
-3. the admin listener (/metrics, /healthz, /readyz, its JSON endpoints), when the
-   service has one;
+3. the admin listener (/metrics, /healthz, /readyz, its JSON endpoints and actions) and
+   the control socket, when the service has them;
 4. READY=1 with a one-line STATUS, then WATCHDOG=1 pings when systemd asks for them;
 5. SIGHUP: RELOADING=1, `reload`, READY=1 with the new STATUS whatever the outcome
    (systemd's reload job waits for it; the daemon serves on either way), one at a time;
@@ -24,13 +24,14 @@ import signal
 import socket
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 import structlog
 from prometheus_client.registry import CollectorRegistry
 
 from dnsoverride.common import systemd
-from dnsoverride.common.admin import AdminServer, JsonEndpoint, start_admin
+from dnsoverride.common.admin import Action, AdminServer, JsonEndpoint, start_admin
 from dnsoverride.common.grammar import Endpoint
 
 log = structlog.get_logger(__name__)
@@ -40,15 +41,18 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 @dataclass(frozen=True)
 class Admin:
-    """The admin listener of a service: where, what it exposes, and its readiness."""
+    """The admin listener of a service: where (a TCP endpoint and/or a unix control
+    socket), what it exposes, and its readiness."""
 
-    endpoint: Endpoint
+    endpoint: Endpoint | None
     registry: CollectorRegistry
     ready: Callable[[], bool]
     why_not_ready: Callable[[], str | None] | None = None
     # Awaited before each /metrics scrape (a supervisor gathers its workers' metrics).
     before_scrape: Callable[[], Awaitable[None]] | None = None
     endpoints: Mapping[str, JsonEndpoint] = field(default_factory=dict)
+    actions: Mapping[str, Action] = field(default_factory=dict)
+    control_socket: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -92,13 +96,15 @@ async def run_service(service: Service) -> int:
         if outcome.admin is not None:
             spec = outcome.admin
             admin = await start_admin(
-                spec.endpoint.host,
-                spec.endpoint.port,
+                spec.endpoint.host if spec.endpoint else None,
+                spec.endpoint.port if spec.endpoint else 0,
                 spec.registry,
                 spec.ready,
                 spec.why_not_ready,
                 before_scrape=spec.before_scrape,
                 endpoints=spec.endpoints,
+                actions=spec.actions,
+                unix=spec.control_socket,
             )
         started.set()
         systemd.notify("READY=1", f"STATUS={outcome.status}")

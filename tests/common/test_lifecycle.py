@@ -50,7 +50,7 @@ class Recorder:
 
     async def stop(self) -> None:
         self.calls.append("stop")
-        if self.admin is not None:
+        if self.admin is not None and self.admin.endpoint is not None:
             url = f"http://127.0.0.1:{self.admin.endpoint.port}/healthz"
             async with aiohttp.ClientSession() as http, http.get(url) as response:
                 self.admin_during_stop = response.status

@@ -670,6 +670,23 @@ class RepositoryCache:
 
     # -- state across restarts -----------------------------------------------------------
 
+    async def restore_recorded(self) -> list[Repository]:
+        """Every repository with a snapshot: served now, or recorded before a restart and
+        restored from the store here (never from the upstream); for `cache ls`."""
+        for upstream in self.config.upstreams:
+            for path in sorted((self.state / upstream.name).glob("*.json")):
+                try:
+                    root = json.loads(path.read_text())["root"]
+                except (OSError, ValueError, KeyError, TypeError):
+                    continue  # logged when a request restores it
+                if not isinstance(root, str) or (upstream.name, root) in self.repositories:
+                    continue
+                repository = self._repository(upstream, root)
+                await self._restore(repository)
+                if repository.served is None:
+                    del self.repositories[(upstream.name, root)]
+        return [r for r in self.repositories.values() if r.served is not None]
+
     def _state_file(self, repository: Repository) -> Path:
         key = hashlib.sha256(f"{repository.upstream.name}\0{repository.root}".encode())
         return self.state / repository.upstream.name / f"{key.hexdigest()[:32]}.json"

@@ -140,3 +140,15 @@ class Blobs:
             await response.prepare(request)
             await response.write_eof()
             return response
+
+    async def prefetch(self, upstream: Upstream, name: str, digest: Digest) -> bool:
+        """Store `digest` for (upstream, name) with no client waiting (`cache warm`): True
+        when it was fetched now (or joined in flight), False when it was stored already.
+        RegistryError when it cannot be had."""
+        if self.store.has("blobs", digest):
+            return False
+        download = self.fetcher.in_flight("blobs", digest) or self._start(upstream, name, digest)
+        await download.wait_finished()
+        if download.error is not None:
+            raise registry_error(download.error)
+        return True

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
@@ -22,6 +23,7 @@ from dnsoverride.common.grammar import (
     GrammarError,
     IPNetwork,
 )
+from dnsoverride.common.yamlsource import LineMap
 
 DEFAULT_UPSTREAM = "https://registry-1.docker.io"
 # Docker Hub serves official images under `library/`; clients may leave the prefix out.
@@ -258,3 +260,59 @@ def _upstreams(top: Section, flag: UpstreamConfig | None) -> dict[str, Any]:
             top.problem("default_upstream", f"{default!r} is not an upstream")
         values["default_upstream"] = default
     return values
+
+
+DEFAULT_WARM_INTERVAL = 3600.0
+WARM_KEYS = ("interval", "images")
+WARM_IMAGE_KEYS = ("image", "interval")
+
+
+@dataclass(frozen=True)
+class WarmImage:
+    """One image of the `warm:` list, as written (resolved against the upstreams when
+    warmed: registry/references.py) and how often it is refreshed."""
+
+    image: str
+    interval: float
+
+
+@dataclass(frozen=True)
+class WarmConfig:
+    """The images the cache keeps hot: fetched at start and every `interval` after."""
+
+    images: tuple[WarmImage, ...] = ()
+
+    @classmethod
+    def read(cls, section: Section, check: Callable[[str], object]) -> Self:
+        """The `warm:` section; `check(text)` raises ValueError for an image reference the
+        upstreams cannot resolve (the problem is recorded at its line)."""
+        interval = section.duration("interval", 60, 30 * DAY)
+        default = interval if interval is not None else DEFAULT_WARM_INTERVAL
+        images = []
+        raw = section.raw("images")
+        if raw is not None and not isinstance(raw, list):
+            section.problem("images", "expected a list of images (NAME:TAG or image: + interval:)")
+            return cls()
+        lines = getattr(raw, "item_lines", None) or []
+        for index, item in enumerate(raw or []):
+            line = lines[index] if index < len(lines) else section.line_of("images")
+            if isinstance(item, str):
+                text, every = item, default
+            elif isinstance(item, LineMap):
+                entry = Section(section.document, item, f"warm: images[{index}]", WARM_IMAGE_KEYS)
+                text = entry.required_text("image", "an image reference, NAME:TAG") or ""
+                every = entry.duration("interval", 60, 30 * DAY) or default
+                if not text:
+                    continue
+            else:
+                section.add(line, f"images[{index}]: expected NAME:TAG or a mapping with image")
+                continue
+            try:
+                check(text)
+            except ValueError as error:
+                section.add(line, f"images[{index}]: {error}")
+                continue
+            images.append(WarmImage(text, every))
+        if len({image.image for image in images}) != len(images):
+            section.problem("images", "an image is listed twice")
+        return cls(tuple(images))

@@ -302,6 +302,34 @@ class Manifests:
             note_cache("stale")
         return manifest
 
+    async def resolve_tag(self, upstream: Upstream, name: str, tag: str) -> Manifest:
+        """The tag's manifest as the upstream has it now, whatever the TTL (`cache warm`: a
+        moved tag is fetched). RegistryError when the upstream cannot say: no stale answer
+        here, a warm that did not reach the upstream failed."""
+        self.stats.misses["manifest"] += 1
+        record = self._record(upstream, name, tag)
+        manifest, _ = await self._single_flight(
+            ("resolve", upstream.name, name, tag),
+            lambda: self._revalidate(upstream, name, tag, record, stale_ok=False),
+        )
+        return manifest
+
+    def forget_tag(self, upstream: str, name: str, tag: str) -> None:
+        """Drop a tag's record (`cache purge`): its next pull asks the upstream."""
+        self._tags.pop((upstream, name, tag), None)
+        self.tags.remove(upstream, name, tag)
+
+    def stored(self, digest: Digest) -> Manifest | None:
+        """A stored manifest read for `cache ls`/`purge` without counting as a use (no
+        LRU touch, no re-hash: nothing is served from it); None when absent/unreadable."""
+        if not self.store.has("manifests", digest):
+            return None
+        try:
+            data = self.store.path("manifests", digest).read_bytes()
+        except OSError:
+            return None
+        return Manifest(data, str(digest), sniff_media_type(data))
+
     # -- upstream -----------------------------------------------------------------------
     async def _single_flight(self, key: object, work: Callable[[], Awaitable[T]]) -> T:
         """Run `work` once for every concurrent caller with the same key.
@@ -326,9 +354,16 @@ class Manifests:
             task.exception()  # retrieved here too, in case every caller went away
 
     async def _revalidate(
-        self, upstream: Upstream, name: str, tag: str, record: TagRecord | None
+        self,
+        upstream: Upstream,
+        name: str,
+        tag: str,
+        record: TagRecord | None,
+        *,
+        stale_ok: bool = True,
     ) -> tuple[Manifest, bool]:
-        """(the tag's manifest, whether it is served stale because the upstream failed)."""
+        """(the tag's manifest, whether it is served stale because the upstream failed;
+        never with `stale_ok` False: the failure is raised)."""
         known = self.local(parse_digest(record.digest)) if record else None
         try:
             if known is not None:
@@ -346,7 +381,7 @@ class Manifests:
             # An answer that fails verification (502: a portal's HTML, wrong bytes) is an
             # upstream failure too; a 404 or 401 is an answer, and stands.
             unanswered = not isinstance(error, RegistryError) or error.status == 502
-            if known is None or not unanswered:
+            if known is None or not unanswered or not stale_ok:
                 raise as_registry_error(error) from error
             self._check_complete(known)
             self.stats.stale_serves += 1

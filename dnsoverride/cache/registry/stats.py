@@ -15,6 +15,29 @@ RECENT_ERRORS = 20
 
 
 @dataclass
+class UpstreamHealth:
+    """How an upstream's requests went lately, for its verdict in `dnsoverride status`:
+    an answer (2xx, 404, 401/403: the upstream is there) or a failure (no connection, a
+    timeout, 429, 5xx), with wall-clock times."""
+
+    last_answer: float | None = None
+    last_failure: float | None = None
+    reason: str | None = None
+    failing_since: float | None = None  # the first failure of those in a row, if failing
+    failures: deque[float] = field(default_factory=lambda: deque(maxlen=64))
+
+    def answered(self) -> None:
+        self.last_answer = time.time()
+        self.failing_since = None
+
+    def failed(self, reason: str) -> None:
+        now = time.time()
+        self.last_failure, self.reason = now, reason
+        self.failing_since = self.failing_since or now
+        self.failures.append(now)
+
+
+@dataclass
 class Stats:
     # (endpoint, status) -> requests answered; endpoint is base/manifest/blob/tags/other.
     requests: Counter[tuple[str, int]] = field(default_factory=Counter)
@@ -31,6 +54,8 @@ class Stats:
     backoff_refusals: Counter[str] = field(default_factory=Counter)
     # upstream name -> anonymous requests made to tell public from private repositories.
     visibility_checks: Counter[str] = field(default_factory=Counter)
+    # upstream name -> how its requests went lately.
+    health: dict[str, UpstreamHealth] = field(default_factory=dict)
     # upstream name -> last `ratelimit-remaining` value it reported.
     ratelimit_remaining: dict[str, int] = field(default_factory=dict)
     stale_serves: int = 0
@@ -39,6 +64,12 @@ class Stats:
     recent_errors: deque[dict[str, object]] = field(
         default_factory=lambda: deque(maxlen=RECENT_ERRORS)
     )
+
+    def upstream(self, name: str) -> UpstreamHealth:
+        health = self.health.get(name)
+        if health is None:
+            health = self.health[name] = UpstreamHealth()
+        return health
 
     def note_error(self, method: str, path: str, status: int, code: str, message: str) -> None:
         """An error answered to a client (or a stream cut short), for the status report."""

@@ -4,13 +4,15 @@ reader never sees half a record.
 
 Layout: `tags/<upstream>/<name>/_tags/<tag>`; `_tags` cannot be a repository component
 (components start with [a-z0-9]), so `library/alpine:3` and `library/alpine/3:x` never
-clash.
+clash. `records` lists them all (`dnsoverride cache ls`), `remove` drops one (`purge`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,3 +56,17 @@ class Tags:
         except OSError as error:
             self.store.discard(temp)
             raise self.store.write_failed(error, what, len(data)) from error
+
+    def records(self) -> Iterator[tuple[str, str, str, TagRecord]]:
+        """(upstream, repository, tag, record) of every readable tag record."""
+        root = self.store.root / "tags"
+        for path in sorted(root.glob("*/**/_tags/*")):
+            parts = path.relative_to(root).parts
+            upstream, name, tag = parts[0], "/".join(parts[1:-2]), parts[-1]
+            record = self.read(upstream, name, tag)
+            if record is not None:
+                yield upstream, name, tag, record
+
+    def remove(self, upstream: str, name: str, tag: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self._path(upstream, name, tag).unlink()

@@ -218,10 +218,12 @@ class Upstream:
                 response = await self._send(method, url, headers, auth)
         except (aiohttp.ClientError, TimeoutError, OSError) as error:
             self.stats.upstream_errors[self.name] += 1
-            raise UpstreamUnavailableError(
-                f"{self.name}: {type(error).__name__}: {error}"
-            ) from error
+            reason = f"{self.name}: {type(error).__name__}: {error}"
+            self.stats.upstream(self.name).failed(reason)
+            raise UpstreamUnavailableError(reason) from error
         self._record_ratelimit(response)
+        if response.status < 300 or response.status in (401, 403, 404):
+            self.stats.upstream(self.name).answered()
         if response.status in (401, 403):
             response.release()
             raise UpstreamDeniedError(f"{self.name}: {response.status} for {name}")
@@ -233,6 +235,7 @@ class Upstream:
             response.release()
             self.stats.upstream_errors[self.name] += 1
             reason = f"{self.name}: HTTP {response.status} for {method} {name}/{path}"
+            self.stats.upstream(self.name).failed(reason)
             retry_after = _retry_after(response.headers.get("Retry-After"))
             if response.status in (429, 503) and retry_after:
                 self._backoff[name] = (self._clock() + retry_after, response.status, reason)
