@@ -37,8 +37,9 @@ from tests.support.registry_peers import (
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 CLI = [sys.executable, "-m", "dnsoverride", "cache"]
 # Real shapes: a dozen platforms, padded manifests and index (Docker Hub's run 5-60 KiB).
-REAL = {
-    "platforms": tuple(f"linux/arch{n}" for n in range(12)),
+PLATFORMS = tuple(f"linux/arch{n}" for n in range(12))
+REAL: dict[str, Any] = {
+    "platforms": PLATFORMS,
     "layer_sizes": (30_000, 20_000),
     "manifest_size": 6_000,
     "index_size": 24_000,
@@ -165,7 +166,7 @@ async def test_ls_and_purge_remove_exactly_what_was_asked(
     size = sum(shared.blobs.values()) + sum(shared.manifests.values())
     assert (app["tag"], app["digest"]) == ("v1", shared.top_digest)
     assert app["bytes"] == size and app["shared_bytes"] == size  # team/copy has it all too
-    assert [p["platform"] for p in app["platforms"]] == list(REAL["platforms"])
+    assert [p["platform"] for p in app["platforms"]] == list(PLATFORMS)
     assert all(p["cached"] for p in app["platforms"])
     assert app["manifests"] == 13 and app["blobs"] == len(shared.blobs)
     lone = images["team/solo"]
