@@ -58,7 +58,7 @@ def parse_image(text: str, upstreams: Iterable[UpstreamConfig], default: str) ->
                 tag = "latest"
         name = parse_name(rest)
     except RegistryError as error:
-        raise ValueError(f"{text!r}: {error.message}") from None
+        raise ValueError(error.message) from None
     if upstream.library_prefix and "/" not in name:
         name = f"library/{name}"
     return ImageRef(upstream.name, name, tag, digest)
