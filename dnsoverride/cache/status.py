@@ -7,7 +7,7 @@ what the cache keeps anyway; nothing is counted for it on the request path.
 
 Each upstream (registry and package) gets a verdict from how its requests went:
 `DOWN` while its last request failed (since when, the reason), `rate-limited` while a
-Retry-After holds or it reported no requests left, `recent failures` when requests failed
+Retry-After holds or its last answer was a 429, `recent failures` when requests failed
 within RECENT seconds though the last one was answered, `up` when answered, `unused` when
 never asked. The `warm:` list's last warms are there too.
 """
@@ -20,8 +20,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from dnsoverride.cache.fetch import Download, Fetcher
+from dnsoverride.cache.health import UpstreamHealth
 from dnsoverride.cache.packages.service import PackagesService
-from dnsoverride.cache.registry.stats import Stats, UpstreamHealth
+from dnsoverride.cache.registry.stats import Stats
 from dnsoverride.cache.registry.upstream import Upstream
 from dnsoverride.cache.registry.warm import Warmer
 from dnsoverride.cache.store import Kind, Store
@@ -86,11 +87,7 @@ class CacheState:
                 {
                     "name": name,
                     "url": upstream.config.url,
-                    **registry_verdict(
-                        stats.health.get(name),
-                        bool(upstream.backoffs()),
-                        stats.ratelimit_remaining.get(name),
-                    ),
+                    **verdict(stats.health.get(name), bool(upstream.backoffs())),
                     "errors": stats.upstream_errors[name],
                     "bytes": stats.upstream_bytes[name],
                     "ratelimit_remaining": stats.ratelimit_remaining.get(name),
@@ -108,47 +105,32 @@ class CacheState:
         found: list[dict[str, object]] = []
         for upstream in repositories.config.upstreams:
             asked = [r for r in repositories.repositories.values() if r.upstream == upstream]
-            failing = [r for r in asked if r.failure is not None]
-            if not asked:
-                state, detail = "unused", None
-            elif failing and len(failing) == len(asked):
-                state, detail = "DOWN", failing[0].failure
-            elif failing:
-                state, detail = "recent failures", failing[0].failure
-            else:
-                state, detail = "up", None
             found.append(
                 {
                     "name": upstream.name,
                     "url": upstream.url,
-                    "state": state,
-                    "detail": detail,
+                    **verdict(repositories.health[upstream.name], backoff=False),
                     "repositories": len(asked),
-                    "failing": [r.where for r in failing],
+                    "failing": [r.where for r in asked if r.failure is not None],
                     "bytes": self.packages.meter.upstream_bytes[upstream.name],
                 }
             )
         return found
 
 
-def registry_verdict(
-    health: UpstreamHealth | None, backoff: bool, remaining: int | None
-) -> dict[str, object]:
-    """`state` and `detail` of a registry upstream (see the module docstring)."""
+def verdict(health: UpstreamHealth | None, backoff: bool) -> dict[str, object]:
+    """`state` and `detail` of an upstream (see the module docstring)."""
     now = time.time()
     last = health.last_answer if health else None
     if health is not None and health.failing_since is not None:
         since = now - health.failing_since
         detail = f"failing for {since:.0f} s: {health.reason}"
-        state = "rate-limited" if backoff else "DOWN"
+        limited = backoff or "HTTP 429 " in (health.reason or "")
+        state = "rate-limited" if limited else "DOWN"
         return {"state": state, "detail": detail, "last_answer_unix": last}
-    if backoff or remaining == 0:
-        return {
-            "state": "rate-limited",
-            "detail": "inside a Retry-After" if backoff else "ratelimit-remaining: 0",
-            "last_answer_unix": last,
-        }
-    if health is None or health.last_answer is None:
+    if backoff:
+        return {"state": "rate-limited", "detail": "inside a Retry-After", "last_answer_unix": last}
+    if health is None or last is None:
         return {"state": "unused", "detail": None, "last_answer_unix": None}
     recent = sum(1 for t in health.failures if now - t < RECENT)
     if recent:

@@ -24,9 +24,10 @@ import pytest
 
 from tests.support.edits import health_withdrawn_zone
 from tests.support.peers import dnsmasq, dnsoverride_serve
-from tests.support.ports import free_port
-from tests.support.registry_fixtures import StartCache
+from tests.support.ports import free_port, silent_port
+from tests.support.registry_fixtures import Publish, StartCache
 from tests.support.registry_liar import LyingRegistry, digest_of
+from tests.support.registry_peers import TestProxy
 
 pytestmark = pytest.mark.e2e  # every test runs the CLI or a daemon
 DNSMASQ = pytest.mark.skipif(shutil.which("dnsmasq") is None, reason="needs dnsmasq")
@@ -247,3 +248,60 @@ async def test_registry_status_shows_downloads_waiters_backoff_and_errors(
     assert "3.0 MiB in 1 entries of 1.0 GiB (0%)" in plain, plain
     assert "team/other 429 for" in plain
     assert re.search(r"GET /v2/team/other/manifests/v1 +429 TOOMANYREQUESTS", plain), plain
+
+
+@pytest.mark.timeout(60)
+async def test_cache_status_says_which_upstreams_are_down(
+    tmp_path: Path, start_cache: StartCache, proxy: TestProxy, publish: Publish
+) -> None:
+    """A registry and a package upstream nobody answers for are DOWN (with the reason), one
+    that failed and answered again has `recent failures`, and the report is not ok. Fails
+    before issue 14's status fix: the cache's upstreams had no verdict at all, a dead one
+    looked like any other."""
+    await publish("team/app:v1", platforms=("linux/amd64",))
+    admin = f"127.0.0.1:{free_port()}"
+    with silent_port() as dead:
+        config = {
+            "registry": {
+                "upstreams": [{"url": f"http://{dead}"}, {"url": proxy.url}],
+                "default_upstream": dead,
+            },
+            "packages": {
+                "upstreams": [
+                    {"name": "vault", "url": f"http://{dead}/vault/", "hosts": ["vault.test"]}
+                ]
+            },
+            "metrics": admin,
+        }
+        cache = start_cache(config=config)
+        live = f"{proxy.host}:{proxy.port}"
+        async with aiohttp.ClientSession() as http:
+            base = f"http://{cache.address}"
+            async with http.get(f"{base}/v2/team/app/manifests/v1") as response:
+                assert response.status == 503
+            async with http.get(f"{base}/packages/vault/9/repodata/repomd.xml") as response:
+                assert response.status == 502
+            proxy.fail_status = 500
+            async with http.get(f"{base}/v2/team/app/manifests/v1?ns={live}") as response:
+                assert response.status == 503
+            proxy.fail_status = None
+            async with http.get(f"{base}/v2/team/app/manifests/v1?ns={live}") as response:
+                assert response.status == 200
+        [document] = status_json("--admin", admin)
+        registry = {u["name"]: u for u in document["upstreams"]}
+        assert registry[dead]["state"] == "DOWN"
+        assert "Connect" in registry[dead]["detail"], registry[dead]
+        assert registry[live]["state"] == "recent failures"
+        assert "HTTP 500" in registry[live]["detail"]
+        [vault] = document["package_upstreams"]
+        assert (vault["name"], vault["state"]) == ("vault", "DOWN")
+        assert vault["detail"].startswith("failing for ") and "vault/9/: " in vault["detail"]
+        process = await asyncio.create_subprocess_exec(
+            *COMMAND, "--admin", admin, stdout=subprocess.PIPE
+        )
+        plain = (await process.communicate())[0].decode()
+        assert re.search(rf"^ +{re.escape(dead)} +DOWN +failing for \d+ s: ", plain, re.M), plain
+        assert re.search(rf"^ +{re.escape(live)} +recent failures +1 failed", plain, re.M)
+        assert re.search(r"^ +vault +DOWN +", plain, re.M), plain
+        drawn = on_a_terminal("--admin", admin)
+        assert "\x1b[1;31mcache " in drawn  # the report drawn as a problem: red

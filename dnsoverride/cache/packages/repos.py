@@ -64,6 +64,7 @@ from dnsoverride.cache.accesslog import (
 )
 from dnsoverride.cache.app import Handler, Order, Route
 from dnsoverride.cache.fetch import Download, Fetcher, FetchError, Opener
+from dnsoverride.cache.health import UpstreamHealth
 from dnsoverride.cache.packages.refusal import refuse
 from dnsoverride.cache.packages.repomd import (
     DataFile,
@@ -207,6 +208,8 @@ class RepositoryCache:
         self.state = store.root / STATE_DIR
         # Content requests by (kind, "hit" | "miss"), coalesced ones misses: `/status`.
         self.lookups: Counter[tuple[Kind, str]] = Counter()
+        # upstream name -> how its repository revalidations went: `/status`.
+        self.health = {upstream.name: UpstreamHealth() for upstream in config.upstreams}
 
     async def close(self) -> None:
         """Cancel the revalidations in flight."""
@@ -534,8 +537,10 @@ class RepositoryCache:
                 )
             repository.failure = None
             repository.checked = self.clock()
+            self.health[repository.upstream.name].answered()
         except (aiohttp.ClientError, TimeoutError, OSError, RepodataError, FetchError) as error:
             repository.failure = describe(error)
+            self.health[repository.upstream.name].failed(f"{where}: {repository.failure}")
             if repository.served is not None:
                 # Served stale until the next revalidation is due.
                 repository.checked = self.clock()

@@ -10,31 +10,10 @@ import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 
+from dnsoverride.cache.health import UpstreamHealth
+
 # Error responses kept for `dnsoverride status` (the log has them all).
 RECENT_ERRORS = 20
-
-
-@dataclass
-class UpstreamHealth:
-    """How an upstream's requests went lately, for its verdict in `dnsoverride status`:
-    an answer (2xx, 404, 401/403: the upstream is there) or a failure (no connection, a
-    timeout, 429, 5xx), with wall-clock times."""
-
-    last_answer: float | None = None
-    last_failure: float | None = None
-    reason: str | None = None
-    failing_since: float | None = None  # the first failure of those in a row, if failing
-    failures: deque[float] = field(default_factory=lambda: deque(maxlen=64))
-
-    def answered(self) -> None:
-        self.last_answer = time.time()
-        self.failing_since = None
-
-    def failed(self, reason: str) -> None:
-        now = time.time()
-        self.last_failure, self.reason = now, reason
-        self.failing_since = self.failing_since or now
-        self.failures.append(now)
 
 
 @dataclass
