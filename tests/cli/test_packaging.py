@@ -173,6 +173,18 @@ def test_cache_keeps_its_store_in_the_cache_directory() -> None:
     assert "--config /etc/dnsoverride/cache.yaml" in section["ExecStart"]
 
 
+def test_the_control_socket_is_where_the_unit_lets_the_cache_create_it() -> None:
+    """/run is read-only to the unit (ProtectSystem=strict) but for its RuntimeDirectory=;
+    `dnsoverride cache purge/warm` look for the socket there by default."""
+    from dnsoverride import cachectl
+
+    section = _unit(UNITS / "dnsoverride-cache.service")["Service"]
+    socket = cache_config.load(CONFIG / "cache.yaml").control_socket
+    assert socket is not None and socket.parent == Path("/run") / section["RuntimeDirectory"]
+    assert section["RuntimeDirectoryMode"] == "0750"
+    assert socket == cachectl.DEFAULT_SOCKET
+
+
 @pytest.mark.skipif(shutil.which("systemctl") is None, reason="needs systemctl")
 @pytest.mark.e2e
 def test_registry_unit_name_is_an_alias_of_the_cache(tmp_path: Path) -> None:
