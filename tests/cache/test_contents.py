@@ -33,6 +33,7 @@ from tests.support.registry_peers import (
     push,
     verify_dir,
 )
+from tests.support.terminal import on_a_terminal
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 CLI = [sys.executable, "-m", "dnsoverride", "cache"]
@@ -312,3 +313,21 @@ async def test_command_line_errors_are_one_line(
     assert unknown.stdout.splitlines() == [
         f"FAILED {proxy.host}:{proxy.port}/team/missing:v1: manifest unknown: team/missing:v1"
     ]
+
+
+async def test_ls_draws_a_table_and_warm_a_progress_bar_on_a_terminal(
+    publish: Publish, proxy: TestProxy, start_cache: StartCache, control: Path
+) -> None:
+    image = await publish("team/app:v1", **REAL)
+    start_cache(proxy.url, "--control-socket", str(control))
+    admin = ["--admin", str(control)]
+    drawn = await asyncio.to_thread(on_a_terminal, [*CLI, "warm", *admin, "team/app:v1"])
+    text = re.sub(r"\x1b\[[0-9;?]*[a-zA-Z]", "", drawn)
+    assert "━" in text  # rich's bar
+    assert f"team/app:v1 {len(image.blobs)}/{len(image.blobs)} blobs" in text, text
+    assert f"warmed {proxy.host}:{proxy.port}/team/app:v1 {image.top_digest}" in text
+    table = await asyncio.to_thread(on_a_terminal, [*CLI, "ls", *admin])
+    assert "\x1b[" in table  # colour
+    plain = re.sub(r"\x1b\[[0-9;]*m", "", table)
+    assert re.search(r"┃ image +┃ digest +┃ platforms +┃ bytes +┃ last use +┃", plain), plain
+    assert re.search(rf"│ {re.escape(proxy.host)}:{proxy.port}/team/app:v1 +│ sha256:", plain)

@@ -9,9 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import pty
 import re
-import select
 import shutil
 import subprocess
 import sys
@@ -22,6 +20,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from tests.support import terminal
 from tests.support.edits import health_withdrawn_zone
 from tests.support.peers import dnsmasq, dnsoverride_serve
 from tests.support.ports import free_port, silent_port
@@ -45,24 +44,7 @@ def status_json(*args: str) -> list[dict[str, Any]]:
 
 def on_a_terminal(*args: str) -> str:
     """The output of `status ARGS` with stdout on a pseudo-terminal, as a user sees it."""
-    leader, follower = pty.openpty()
-    env = {**os.environ, "COLUMNS": "200", "TERM": "xterm-256color"}
-    process = subprocess.Popen([*COMMAND, *args], stdout=follower, stderr=subprocess.PIPE, env=env)
-    os.close(follower)
-    chunks = []
-    while True:
-        ready, _, _ = select.select([leader], [], [], 10)
-        assert ready, "status printed nothing within 10 s"
-        try:
-            chunk = os.read(leader, 65536)
-        except OSError:  # EIO: the terminal's other end closed
-            break
-        if not chunk:
-            break
-        chunks.append(chunk)
-    os.close(leader)
-    assert process.wait(10) == 0
-    return b"".join(chunks).decode()
+    return terminal.on_a_terminal([*COMMAND, *args])
 
 
 @DNSMASQ
