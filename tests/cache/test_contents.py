@@ -25,7 +25,9 @@ import pytest
 
 from tests.support.ports import free_port
 from tests.support.registry_fixtures import Publish, StartCache
+from tests.support.registry_liar import LyingRegistry, digest_of, real_size_manifest
 from tests.support.registry_peers import (
+    OCI_MANIFEST,
     Containerd,
     Image,
     TestProxy,
@@ -331,3 +333,46 @@ async def test_ls_draws_a_table_and_warm_a_progress_bar_on_a_terminal(
     plain = re.sub(r"\x1b\[[0-9;]*m", "", table)
     assert re.search(r"┃ image +┃ digest +┃ platforms +┃ bytes +┃ last use +┃", plain), plain
     assert re.search(rf"│ {re.escape(proxy.host)}:{proxy.port}/team/app:v1 +│ sha256:", plain)
+
+
+async def test_purge_skips_a_blob_downloading_and_says_so(
+    start_cache: StartCache, control: Path
+) -> None:
+    """A layer whose download is in flight (held by the upstream) when its image is
+    purged: the rest goes, the layer is reported skipped, and it lands once released."""
+    manifest, blobs = real_size_manifest(8_000, layers=3)
+    *rest, held = list(blobs)
+    async with LyingRegistry() as liar:
+        liar.blobs.update(blobs)
+        liar.add_manifest("team/app", "v1", manifest, OCI_MANIFEST)
+        release = liar.hold[f"/blobs/{held}"] = asyncio.Event()
+        cache = start_cache(liar.url, "--control-socket", str(control))
+        admin = ["--admin", str(control)]
+        try:
+            async with aiohttp.ClientSession() as http:
+                base = f"http://{cache.address}/v2/team/app"
+                async with http.get(f"{base}/manifests/v1") as response:
+                    assert response.status == 200
+                for digest in rest:
+                    async with http.get(f"{base}/blobs/{digest}") as response:
+                        assert await response.read() == blobs[digest]
+                pending = asyncio.create_task(http.get(f"{base}/blobs/{held}"))
+                await asyncio.wait_for(liar.holding.wait(), 10)
+                purged = await cli("purge", *admin, "team/app:v1", "--json")
+                assert purged.returncode == 0, purged.stderr
+                document = json.loads(purged.stdout)
+                removed = {r["digest"] for r in document["removed"]}
+                assert removed == {*rest, digest_of(manifest)}
+                assert document["skipped"] == [
+                    {
+                        "kind": "blobs",
+                        "digest": held,
+                        "reason": "a download of it is in flight: stored when it ends",
+                    }
+                ]
+                release.set()
+                response = await pending
+                assert await response.read() == blobs[held]
+        finally:
+            release.set()
+    assert cache.stored_blobs() == {held}
