@@ -5,8 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import socket
+import stat
 from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -271,3 +274,63 @@ async def test_json_endpoints_get_decoded_parameters_and_say_what_was_wrong(
         assert len(endpoint.calls) == 5  # the HEAD too; never the 405, 404, too many
     finally:
         await server.close()
+
+
+async def test_actions_answer_post_on_the_unix_socket_and_loopback_only(
+    registry: CollectorRegistry, tmp_path: Path
+) -> None:
+    """Issue 14: actions (a cache's purge, warm) are POST only, on the control socket or a
+    loopback listener; a wildcard listener refuses them (403, logged), whoever asks."""
+    done: list[Mapping[str, str]] = []
+
+    async def act(query: Mapping[str, str]) -> object:
+        done.append(query)
+        return {"did": query.get("what")}
+
+    path = tmp_path / "run" / "admin.sock"
+    local = await start_admin(
+        "127.0.0.1", 0, registry, lambda: True, actions={"/act": act}, unix=path
+    )
+    wild = await start_admin("0.0.0.0", 0, registry, lambda: True, actions={"/act": act})
+    try:
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o660 and stat.S_ISSOCK(os.stat(path).st_mode)
+        connector = aiohttp.UnixConnector(path=str(path))
+        async with aiohttp.ClientSession(connector=connector) as over_socket:
+            async with over_socket.post("http://localhost/act?what=purge") as response:
+                assert response.status == 200 and await response.json() == {"did": "purge"}
+            async with over_socket.get("http://localhost/act") as response:
+                assert response.status == 405 and response.headers["Allow"] == "POST"
+        async with aiohttp.ClientSession() as session:
+            async with session.post(f"http://127.0.0.1:{local.port}/act?what=warm") as response:
+                assert response.status == 200
+            with capture_logs() as logs:
+                async with session.post(f"http://127.0.0.1:{wild.port}/act?what=x") as response:
+                    assert response.status == 403
+                    assert "loopback" in (await response.json())["error"]
+            async with session.post(f"http://127.0.0.1:{wild.port}/metrics") as response:
+                assert response.status == 405  # not an action: read-only paths stay GET
+        assert [q["what"] for q in done] == ["purge", "warm"]
+        [refused] = [e for e in logs if e["event"] == "admin_action_refused"]
+        assert refused["request"] == "POST /act" and refused["client"].startswith("127.0.0.1:")
+    finally:
+        await local.close()
+        await wild.close()
+    assert not path.exists()  # removed at close
+
+
+async def test_a_stale_control_socket_is_replaced_and_a_live_one_refused(
+    registry: CollectorRegistry, tmp_path: Path
+) -> None:
+    path = tmp_path / "admin.sock"
+    with socket.socket(socket.AF_UNIX) as stale:
+        stale.bind(str(path))  # bound, never listening: left by a killed daemon
+    server = await start_admin(None, 0, registry, lambda: True, unix=path)
+    try:
+        with pytest.raises(UserError, match=f"control socket {path}: another process listens"):
+            await start_admin(None, 0, registry, lambda: True, unix=path)
+        assert path.exists()  # the live one's socket is left alone
+    finally:
+        await server.close()
+    path.write_text("not a socket")
+    with pytest.raises(UserError, match="exists and is not a socket"):
+        await start_admin(None, 0, registry, lambda: True, unix=path)
