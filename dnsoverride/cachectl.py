@@ -38,11 +38,19 @@ def find(
     admins: Sequence[str], configs: Sequence[tuple[Path, str | None]]
 ) -> adminclient.AdminEndpoint:
     """The cache's endpoint (see the module docstring)."""
+    if admins:
+        return adminclient.parse_admin(admins[0])
     try:
-        return adminclient.find(admins, configs, ("control_socket", "metrics"))[0]
-    except UserError:
-        if admins or not DEFAULT_SOCKET.exists():
+        return adminclient.find([], configs, ("control_socket", "metrics"))[0]
+    except UserError as error:
+        if any(flag for _, flag in configs):  # a config named on the command line: its error
             raise
+        if not DEFAULT_SOCKET.exists():
+            looked = ", ".join(str(path) for path, _ in configs)
+            raise UserError(
+                f"no cache found: no control_socket: or metrics: in {looked} (or no such "
+                f"file), and no {DEFAULT_SOCKET}; give --admin SOCKET|HOST:PORT or --cache-config"
+            ) from error
         return adminclient.AdminEndpoint(None, "the packaged control socket", DEFAULT_SOCKET)
 
 

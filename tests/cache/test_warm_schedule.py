@@ -81,6 +81,10 @@ async def test_the_warm_list_is_warmed_at_start_and_refreshed_when_triggered(
     assert cache.stored_blobs() == set(first.blobs) | set(moved.blobs)
     listing = json.loads((await run("cache", "ls", "--json", "--admin", admin)).stdout)
     assert [i["digest"] for i in listing["images"]] == [moved.top_digest]
+    # Found from the config's control_socket: as an admin runs it.
+    config_file = str(cache.log_path.with_suffix(".yaml"))
+    found = await run("cache", "ls", "--json", "--cache-config", config_file)
+    assert json.loads(found.stdout)["images"] == listing["images"]
 
     proxy.fail_status = 503
     failing = await run("cache", "warm", "--listed", "--admin", str(control))
