@@ -224,6 +224,7 @@ async def test_ls_and_purge_remove_exactly_what_was_asked(
     one_line_error(await cli("purge", *admin, "team/nothing:v9"), "no cached image")
     one_line_error(await cli("purge", *admin, "sha256:" + "0" * 64), "is not stored")
     one_line_error(await cli("purge", *admin, "Bad Name"), "invalid")
+    one_line_error(await cli("warm", *admin, "quay.io/org/app:1"), "no upstream named 'quay.io'")
     one_line_error(await cli("purge", *admin, "--older-than", "soon"), "expected a duration")
     one_line_error(await cli("purge", *admin), "give IMAGE, DIGEST or --older-than")
 

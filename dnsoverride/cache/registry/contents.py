@@ -55,14 +55,14 @@ class Image:
 class PurgePlan:
     """What a purge removes (or, dry, would remove) and what it leaves, and why."""
 
-    tags: list[str] = field(default_factory=list)
+    tags: list[tuple[str, str, str]] = field(default_factory=list)  # (upstream, name, tag)
     removed: list[tuple[Kind, Digest, int]] = field(default_factory=list)
     skipped: list[tuple[Kind, Digest, str]] = field(default_factory=list)
 
     def document(self, dry_run: bool) -> dict[str, object]:
         return {
             "dry_run": dry_run,
-            "tags": self.tags,
+            "tags": [f"{upstream}/{name}:{tag}" for upstream, name, tag in self.tags],
             "removed": [
                 {"kind": kind, "digest": str(digest), "bytes": size}
                 for kind, digest, size in self.removed
@@ -218,7 +218,7 @@ class RegistryContents:
         # A blob asked for by its digest goes even when a kept manifest lists it (that
         # manifest's next pull fetches it again).
         kept -= {item for item in targets if item[0] == "blobs"}
-        plan = PurgePlan(tags=sorted(i.reference for i in chosen))
+        plan = PurgePlan(tags=sorted((i.upstream, i.name, i.tag) for i in chosen))
         for kind, stored in sorted(candidates - kept, key=str):
             reason = self.busy(kind, stored)
             if reason:
@@ -289,9 +289,7 @@ class RegistryContents:
     def apply(self, plan: PurgePlan) -> None:
         """Remove what `plan` says (the tag records first: no tag points at a removed
         manifest); content pinned since the plan was made moves to `skipped`."""
-        for reference in plan.tags:
-            upstream, _, rest = reference.partition("/")
-            name, _, tag = rest.rpartition(":")
+        for upstream, name, tag in plan.tags:
             self.manifests.forget_tag(upstream, name, tag)
         removed = []
         for kind, digest, size in plan.removed:

@@ -2,8 +2,9 @@
 `[REGISTRY/]NAME[:TAG|@DIGEST]`, resolved against the configured upstreams.
 
 A first component that names an upstream (its name or an alias, as in
-`registry-1.docker.io/library/alpine:3` or `127.0.0.1:5000/team/app`) selects it; anything
-else is a repository of the default upstream, whose `library/` rule applies
+`registry-1.docker.io/library/alpine:3` or `127.0.0.1:5000/team/app`) selects it; one that
+looks like a registry's name (a dot, a port, `localhost`: docker's rule) but names none is
+refused; anything else is a repository of the default upstream, whose `library/` rule applies
 (`alpine:3` is `library/alpine:3` on Docker Hub). No tag and no digest means `latest`,
 as docker and skopeo read it.
 """
@@ -41,6 +42,9 @@ def parse_image(text: str, upstreams: Iterable[UpstreamConfig], default: str) ->
     upstream = by_host.get(first.lower()) if slash else None
     if upstream is not None:
         rest = remainder
+    elif slash and ("." in first or ":" in first or first == "localhost"):
+        # A registry's name, as docker tells one from a repository's first component.
+        raise ValueError(f"{text!r}: no upstream named {first!r} is configured")
     else:
         upstream = next(u for u in by_host.values() if u.name == default)
     digest = None
