@@ -48,12 +48,12 @@ class AdminEndpoint:
         suffix = f"?{urllib.parse.urlencode(query)}" if query else ""
         return f"{path}{suffix}"
 
-    def connection(self) -> http.client.HTTPConnection:
+    def connection(self, timeout: float = TIMEOUT) -> http.client.HTTPConnection:
         if self.socket is not None:
-            return _UnixConnection(self.socket)
+            return _UnixConnection(self.socket, timeout)
         assert self.endpoint is not None
         host = _ANY.get(self.endpoint.host, self.endpoint.host)
-        return http.client.HTTPConnection(host, self.endpoint.port, timeout=TIMEOUT)
+        return http.client.HTTPConnection(host, self.endpoint.port, timeout=timeout)
 
     def __str__(self) -> str:
         return str(self.socket) if self.socket is not None else str(self.endpoint)
@@ -62,8 +62,8 @@ class AdminEndpoint:
 class _UnixConnection(http.client.HTTPConnection):
     """HTTP over a unix stream socket (the standard library speaks it over TCP only)."""
 
-    def __init__(self, path: Path) -> None:
-        super().__init__("localhost", timeout=TIMEOUT)
+    def __init__(self, path: Path, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
         self._path = path
 
     def connect(self) -> None:
@@ -142,18 +142,28 @@ def find(
     return found
 
 
-def get_json(admin: AdminEndpoint, path: str, query: dict[str, str] | None = None) -> object:
+def get_json(
+    admin: AdminEndpoint,
+    path: str,
+    query: dict[str, str] | None = None,
+    timeout: float = TIMEOUT,
+) -> object:
     """GET a JSON endpoint; UserError with the reason when the daemon cannot be asked."""
-    return ask(admin, "GET", path, query)
+    return ask(admin, "GET", path, query, timeout)
 
 
 def ask(
-    admin: AdminEndpoint, method: str, path: str, query: dict[str, str] | None = None
+    admin: AdminEndpoint,
+    method: str,
+    path: str,
+    query: dict[str, str] | None = None,
+    timeout: float = TIMEOUT,
 ) -> object:
-    """`method` a JSON endpoint (POST: an action) and return its answer; UserError with
-    the reason (the daemon's own `error`, or why it cannot be reached) otherwise."""
+    """`method` a JSON endpoint (POST: an action) and return its answer within `timeout`
+    seconds; UserError with the reason (the daemon's own `error`, or why it cannot be
+    reached) otherwise."""
     where = f"{admin} ({admin.source})"
-    connection = admin.connection()
+    connection = admin.connection(timeout)
     try:
         connection.request(method, admin.target(path, query))
         response = connection.getresponse()

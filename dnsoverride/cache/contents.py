@@ -13,11 +13,14 @@ ls`, `cache purge` and `cache warm` ask.
   `GET /warm/jobs[?job=N]` is the progress `cache warm` polls.
 
 The POSTs are actions (common/admin.py): answered on the control socket or a loopback
-admin listener only.
+admin listener only. Listing and planning a purge read every stored manifest: that runs in
+a thread, so the cache serves on meanwhile; the removal itself is quick and on the loop
+(what became pinned in between is skipped then).
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 
 import structlog
@@ -66,7 +69,8 @@ class CacheContents:
                 "entries": self.store.stats.entries,
                 "budget_bytes": budget.max_size if budget else None,
             },
-            **self.registry.listing(repository),
+            # Thousands of manifests read and parsed: off the loop, which serves meanwhile.
+            **await asyncio.to_thread(self.registry.listing, repository),
             "repositories": await package_contents.listing(self.repositories, repository),
         }
 
@@ -85,7 +89,7 @@ class CacheContents:
             plan = PurgePlan()
             self._packages(plan, [(kind, digest) for kind in package_kinds])
         else:
-            plan = self.registry.plan(image, digest, older_than)
+            plan = await asyncio.to_thread(self.registry.plan, image, digest, older_than)
             if older_than is not None:
                 old = [
                     (kind, stored)

@@ -23,6 +23,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from dnsoverride.cache.fetch import Fetcher
+from dnsoverride.cache.registry.errors import RegistryError
 from dnsoverride.cache.registry.manifests import INDEX_TYPES, Manifest, Manifests
 from dnsoverride.cache.registry.names import parse_digest
 from dnsoverride.cache.registry.references import ImageRef
@@ -75,53 +76,65 @@ class PurgePlan:
         }
 
 
+class _Walk:
+    """One listing's or purge plan's reads of the stored manifests, each read and parsed
+    once however many images reach it (a thousand 10-platform images are 11000 manifests,
+    and shared ones are reached again and again)."""
+
+    def __init__(self, store: Store, manifests: Manifests) -> None:
+        self.store = store
+        self.manifests = manifests
+        self._read: dict[Digest, Manifest | None] = {}
+        self._reach: dict[Digest, frozenset[Item]] = {}
+
+    def manifest(self, digest: Digest) -> Manifest | None:
+        if digest not in self._read:
+            self._read[digest] = self.manifests.stored(digest)
+        return self._read[digest]
+
+    def reach(self, digest: Digest) -> frozenset[Item]:
+        """The stored manifests and blobs a manifest (or index) leads to, itself included."""
+        found = self._reach.get(digest)
+        if found is not None:
+            return found
+        self._reach[digest] = frozenset()  # a manifest listing itself ends here
+        manifest = self.manifest(digest)
+        items: set[Item] = set()
+        if manifest is not None:
+            items.add(("manifests", digest))
+            for kind, child in manifest.references:
+                if kind == "manifests":
+                    items |= self.reach(child)
+                elif self.store.has(kind, child):
+                    items.add((kind, child))
+        found = self._reach[digest] = frozenset(items)
+        return found
+
+
 class RegistryContents:
+    """Reads run off the event loop (`asyncio.to_thread`): they only read files and look
+    the store's index up; removing (`apply`) runs on the loop."""
+
     def __init__(self, store: Store, manifests: Manifests, fetcher: Fetcher) -> None:
         self.store = store
         self.manifests = manifests
         self.fetcher = fetcher
 
     # -- reading --------------------------------------------------------------------------
-    def reach(self, digest: Digest) -> set[Item]:
-        """The stored manifests and blobs a manifest (or index) leads to, itself included."""
-        found: set[Item] = set()
-        pending = [digest]
-        while pending:
-            current = pending.pop()
-            if ("manifests", current) in found:
-                continue
-            manifest = self.manifests.stored(current)
-            if manifest is None:
-                continue
-            found.add(("manifests", current))
-            for kind, child in manifest.references:
-                if kind == "manifests":
-                    pending.append(child)
-                elif self.store.has(kind, child):
-                    found.add((kind, child))
-        return found
-
-    def images(self, repository: str | None = None) -> list[Image]:
-        """Every tag record (those whose repository matches the `repository` pattern, as
-        `name` or `upstream/name`), with what it reaches."""
+    def images(self, walk: _Walk) -> list[Image]:
+        """Every tag record, with what it reaches."""
         images = []
         for upstream, name, tag, record in self.manifests.tags.records():
-            if repository and not (
-                fnmatch.fnmatchcase(name, repository)
-                or fnmatch.fnmatchcase(f"{upstream}/{name}", repository)
-            ):
-                continue
             try:
                 top = parse_digest(record.digest)
-            except ValueError:
+            except RegistryError:
                 continue
-            items = self.reach(top)
-            manifest = self.manifests.stored(top)
-            platforms = self._platforms(manifest) if manifest is not None else ()
-            images.append(Image(upstream, name, tag, record, platforms, frozenset(items)))
+            manifest = walk.manifest(top)
+            platforms = self._platforms(walk, manifest) if manifest is not None else ()
+            images.append(Image(upstream, name, tag, record, platforms, walk.reach(top)))
         return images
 
-    def _platforms(self, index: Manifest) -> tuple[tuple[str, bool], ...]:
+    def _platforms(self, walk: _Walk, index: Manifest) -> tuple[tuple[str, bool], ...]:
         if index.media_type not in INDEX_TYPES:
             return ()
         try:
@@ -135,9 +148,9 @@ class RegistryContents:
                 parts = [platform.get("os"), platform.get("architecture"), platform.get("variant")]
                 label = "/".join(str(part) for part in parts if part) or "unknown"
                 digest = parse_digest(str(entry["digest"]))
-            except (AttributeError, KeyError, ValueError):
+            except (AttributeError, KeyError, ValueError, RegistryError):
                 continue
-            manifest = self.manifests.stored(digest)
+            manifest = walk.manifest(digest)
             complete = manifest is not None and all(
                 self.store.has(kind, child)
                 for kind, child in manifest.references
@@ -154,9 +167,16 @@ class RegistryContents:
         return max((t for t in times if t is not None), default=None)
 
     def listing(self, repository: str | None) -> dict[str, object]:
-        """The `images` and `loose` parts of `/contents`."""
-        everything = self.images()
-        shown = self.images(repository) if repository else everything
+        """The `images` and `loose` parts of `/contents` (images whose repository matches
+        the `repository` pattern, as `name` or `upstream/name`)."""
+        everything = self.images(_Walk(self.store, self.manifests))
+        shown = [
+            image
+            for image in everything
+            if not repository
+            or fnmatch.fnmatchcase(image.name, repository)
+            or fnmatch.fnmatchcase(f"{image.upstream}/{image.name}", repository)
+        ]
         reached: dict[Item, int] = {}
         for image in everything:
             for item in image.items:
@@ -204,8 +224,9 @@ class RegistryContents:
         """What purging `image`, `digest` (a manifest's: with what only it reaches; a blob's:
         that blob) or everything last used before the wall-clock time `older_than` removes.
         ValueError when an image or digest asked for is not stored."""
-        images = self.images()
-        chosen, targets = self._chosen(images, image, digest, older_than)
+        walk = _Walk(self.store, self.manifests)
+        images = self.images(walk)
+        chosen, targets = self._chosen(walk, images, image, digest, older_than)
         candidates = set(targets)
         for chosen_image in chosen:
             candidates |= chosen_image.items
@@ -214,7 +235,7 @@ class RegistryContents:
                 for stored, _ in self.store.items(kind):
                     if (self.store.last_use(kind, stored) or 0) < older_than:
                         candidates.add((kind, stored))
-        kept = self._kept(images, chosen, candidates)
+        kept = self._kept(walk, images, chosen, candidates)
         # A blob asked for by its digest goes even when a kept manifest lists it (that
         # manifest's next pull fetches it again).
         kept -= {item for item in targets if item[0] == "blobs"}
@@ -235,6 +256,7 @@ class RegistryContents:
 
     def _chosen(
         self,
+        walk: _Walk,
         images: list[Image],
         image: ImageRef | None,
         digest: Digest | None,
@@ -257,7 +279,7 @@ class RegistryContents:
             if not kinds:
                 raise ValueError(f"{digest} is not stored in the cache")
             for kind in kinds:
-                targets |= self.reach(digest) if kind == "manifests" else {(kind, digest)}
+                targets |= walk.reach(digest) if kind == "manifests" else {(kind, digest)}
             chosen += [i for i in images if i.record.digest == str(digest) and i not in chosen]
         if older_than is not None:
             chosen += [
@@ -265,7 +287,9 @@ class RegistryContents:
             ]
         return chosen, targets
 
-    def _kept(self, images: list[Image], chosen: list[Image], candidates: set[Item]) -> set[Item]:
+    def _kept(
+        self, walk: _Walk, images: list[Image], chosen: list[Image], candidates: set[Item]
+    ) -> set[Item]:
         """What stays reaches: the other images, and every manifest that is not going (one
         pulled by digest still serves) with what it lists."""
         chosen_keys = {(i.upstream, i.name, i.tag) for i in chosen}
@@ -275,7 +299,7 @@ class RegistryContents:
                 kept |= other.items
         for root, _ in self.store.items("manifests"):
             if ("manifests", root) not in candidates:
-                kept |= self.reach(root)
+                kept |= walk.reach(root)
         return kept
 
     def busy(self, kind: Kind, digest: Digest) -> str | None:
