@@ -8,6 +8,7 @@ they must be. Fails before issue 14 item 3: none of these commands or endpoints 
 from __future__ import annotations
 
 import asyncio
+import grp
 import hashlib
 import json
 import os
@@ -96,8 +97,13 @@ async def test_warm_makes_the_next_pulls_hit_only(
 ) -> None:
     image = await publish("team/app:v1", **REAL)
     cache = start_cache(proxy.url, "--control-socket", str(control))
-    mode = os.stat(control).st_mode
-    assert stat.S_ISSOCK(mode) and stat.S_IMODE(mode) == 0o660
+    info = os.stat(control)
+    assert stat.S_ISSOCK(info.st_mode) and stat.S_IMODE(info.st_mode) == 0o660
+    try:  # the group `dnsoverride` when it exists, else the daemon's (root's here)
+        group = grp.getgrnam("dnsoverride").gr_gid
+    except KeyError:
+        group = os.getgid()
+    assert info.st_gid == group
 
     warmed = await cli("warm", "--admin", str(control), "team/app:v1")
     assert warmed.returncode == 0, warmed.stderr + cache.logs()
@@ -113,12 +119,6 @@ async def test_warm_makes_the_next_pulls_hit_only(
     code, out = await pull(f"{cache.address}/team/app:v1", tmp_path / "out", all_platforms=True)
     assert code == 0, out
     assert verify_dir(tmp_path / "out") == set(image.blobs)
-    if shutil.which("ctr") is not None:
-        with Containerd(tmp_path / "containerd") as containerd:
-            code, out = await containerd.pull(f"{cache.address}/team/app:v1")
-        # containerd picks linux/amd64, which this image lacks: it names the platforms it
-        # saw, having read the index (and nothing else) through the cache.
-        assert code != 0 and "no match for platform" in out, out
     assert proxy.requests[asked:] == [], "the pulls after the warm asked the upstream"
 
     # A second warm of an unchanged image asks the upstream for the tag only.
