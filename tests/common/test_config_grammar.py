@@ -91,16 +91,10 @@ def test_endpoint_grammar_refusals_say_why(text: str, rule: object, reason: str)
 
 
 def test_durations() -> None:
-    assert [parse_duration(text) for text in ("5", "5s", "500ms", "1m", "1h", " 2.5s ")] == [
-        5.0,
-        5.0,
-        0.5,
-        60.0,
-        3600.0,
-        2.5,
-    ]
+    texts = ("5", "5s", "500ms", "1m", "1h", " 2.5s ", "7d")
+    assert [parse_duration(text) for text in texts] == [5.0, 5.0, 0.5, 60.0, 3600.0, 2.5, 604800.0]
     assert parse_duration(3) == 3.0
-    for bad in ("fast", "5d", "-1s", True, [1]):
+    for bad in ("fast", "5w", "-1s", True, [1]):
         with pytest.raises(GrammarError, match=r"expected a duration \(5 or 5s, 500ms"):
             parse_duration(bad)
 
@@ -195,7 +189,7 @@ def test_registry_reports_every_problem_with_file_and_line(tmp_path: Path) -> No
         f"{path}:2: max_size: 20 has no unit: write 20G (GiB), 20GB (10^9 bytes), 20M, "
         "... (a bare number would be 20 bytes)",
         f"{path}:3: tag_ttl: expected a number from 0 to 2592000 seconds (a duration: 5 or "
-        "5s, 500ms, 1m, 1h), not 'soon'",
+        "5s, 500ms, 1m, 1h, 7d), not 'soon'",
         f"{path}:4: timeouts: unknown key 'idel' (did you mean 'idle'?)",
         f"{path}:6: upstreams[0]: invalid upstream URL 'ftp://x' (expected http(s)://host[:port])",
         f"{path}:7: upstreams[1]: 'url' is required",
@@ -286,7 +280,7 @@ def test_check_with_both_configs_reports_both(tmp_path: Path) -> None:
     assert result.stdout == "ok: serve: 1 zone files, 1 names, 1 views, upstreams 192.0.2.53:53\n"
     assert result.stderr.splitlines() == [
         f"{registry}:1: tag_ttl: expected a number from 0 to 2592000 seconds (a duration: 5 "
-        "or 5s, 500ms, 1m, 1h), not '5 min'"
+        "or 5s, 500ms, 1m, 1h, 7d), not '5 min'"
     ]
     missing = run_check("--registry-config", str(tmp_path / "nope.yaml"))
     assert missing.returncode == 1
