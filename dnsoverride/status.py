@@ -23,7 +23,8 @@ def run(admins: Sequence[str], configs: Sequence[tuple[Path, str | None]], as_js
     documents: list[dict[str, Any]] = []
     reports: list[Report] = []
     status = 0
-    for admin in adminclient.find(admins, configs):
+    # A cache with a control socket and no `metrics:` is asked on its socket.
+    for admin in adminclient.find(admins, configs, ("metrics", "control_socket")):
         try:
             document = adminclient.get_json(admin, "/status")
         except UserError as error:

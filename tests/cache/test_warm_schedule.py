@@ -97,6 +97,8 @@ async def test_the_warm_list_is_warmed_at_start_and_refreshed_when_triggered(
     assert "warmed" in (await run("cache", "warm", "--listed", "--admin", str(control))).stdout
     done = {w["image"]: w for w in (await status(admin))["warm"]}["team/app:v1"]
     assert done["last_error"] is None and done["runs"] == 4 and done["failures"] == 1
+    over_socket = await run("status", "--json", "--admin", str(control))
+    assert json.loads(over_socket.stdout)[0]["warm"] == (await status(admin))["warm"]
     plain = (await run("status", "--admin", admin)).stdout
     assert "team/gone:v1  every 60 min" in plain and "FAILED: manifest unknown" in plain
     metrics = (await run_metrics(admin)).splitlines()

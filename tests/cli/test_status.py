@@ -144,7 +144,7 @@ def test_an_unreachable_daemon_is_one_line_and_exit_1(tmp_path: Path) -> None:
     assert missing.returncode == 2 and "Traceback" not in missing.stderr
     assert missing.stderr.splitlines() == [
         f"dnsoverride: error: no admin endpoint found in {nothing} (no such file, or no "
-        "`metrics:` in it); give --admin HOST:PORT (the daemon's --metrics)"
+        "`metrics:` or `control_socket:` in it); give --admin HOST:PORT (the daemon's --metrics)"
     ]
 
 
