@@ -23,7 +23,10 @@ until such a write would fit again.
 
 The store tracks access order itself (not filesystem atime) and evicts
 least-recently-used content down to the low watermark when the budget's high watermark is
-passed, skipping anything pinned (being served). It knows nothing of HTTP.
+passed, skipping anything pinned (being served). It keeps each item's last use (wall clock;
+its file's mtime across restarts) for `dnsoverride cache ls` and `purge --older-than`, and
+removes an item on an admin's request (`remove`) unless it is pinned. It knows nothing of
+HTTP.
 """
 
 from __future__ import annotations
