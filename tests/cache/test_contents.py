@@ -221,6 +221,12 @@ async def test_ls_and_purge_remove_exactly_what_was_asked(
     assert by_digest.returncode == 0 and by_digest.stdout.startswith("removed 1 items")
     assert set(store_files(cache.storage)) == set(after) | image_items(solo) - {f"blobs/{blob}"}
 
+    # A platform's manifest that team/copy's index still lists stays, and is said so.
+    child = shared.platforms[PLATFORMS[0]]
+    kept = json.loads((await cli("purge", *admin, child, "--json")).stdout)
+    assert kept["removed"] == [] and [s["digest"] for s in kept["skipped"]] == [child]
+    assert kept["skipped"][0]["reason"].startswith("still listed by a kept image")
+
     one_line_error(await cli("purge", *admin, "team/nothing:v9"), "no cached image")
     one_line_error(await cli("purge", *admin, "sha256:" + "0" * 64), "is not stored")
     one_line_error(await cli("purge", *admin, "Bad Name"), "invalid")

@@ -238,7 +238,9 @@ class RegistryContents:
         kept = self._kept(walk, images, chosen, candidates)
         # A blob asked for by its digest goes even when a kept manifest lists it (that
         # manifest's next pull fetches it again).
-        kept -= {item for item in targets if item[0] == "blobs"}
+        asked = image.digest if image is not None and image.digest else digest
+        if asked is not None:
+            kept.discard(("blobs", asked))
         plan = PurgePlan(tags=sorted((i.upstream, i.name, i.tag) for i in chosen))
         for kind, stored in sorted(candidates - kept, key=str):
             reason = self.busy(kind, stored)
@@ -246,6 +248,10 @@ class RegistryContents:
                 plan.skipped.append((kind, stored, reason))
             else:
                 plan.removed.append((kind, stored, self.store.size_of(kind, stored) or 0))
+        # A manifest asked for by digest that another image or manifest lists: said so.
+        if asked is not None and ("manifests", asked) in kept:
+            reason = "still listed by a kept image or manifest (purge that one first)"
+            plan.skipped.append(("manifests", asked, reason))
         # Content of a chosen image still on its way in lands after the purge: said so.
         owners = {(i.upstream, i.name) for i in chosen}
         for download in self.fetcher.downloads():
