@@ -12,6 +12,9 @@ A purge removes the chosen tag records, then every manifest and blob they reach 
 kept content reaches: a kept tag's manifests and blobs, and every other stored manifest
 and what it lists (a manifest pulled by digest still serves). Pinned content (being sent
 or downloaded, Store.is_pinned) is never removed: it is reported as skipped, with why.
+The plan is made in a thread while the cache serves on; what a client used after the plan
+was begun (a store lookup or commit since) is skipped when the plan is applied, and so is
+a tag whose manifest was used or whose record was rewritten meanwhile.
 Nothing is read from the upstream and nothing counts as a use of what it reads.
 """
 
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -32,6 +36,7 @@ from dnsoverride.cache.store import Digest, Kind, Store
 
 Item = tuple[Kind, Digest]
 REGISTRY_KINDS: tuple[Kind, ...] = ("manifests", "blobs")
+USED_SINCE_PLANNED = "used since the purge was planned"
 
 
 @dataclass(frozen=True)
@@ -57,6 +62,10 @@ class PurgePlan:
     """What a purge removes (or, dry, would remove) and what it leaves, and why."""
 
     tags: list[tuple[str, str, str]] = field(default_factory=list)  # (upstream, name, tag)
+    # Each tag's record as the plan read it: a record rewritten since is not forgotten.
+    records: dict[tuple[str, str, str], TagRecord] = field(default_factory=dict)
+    # Wall-clock start of planning: content used since then stays (`apply`).
+    planned_at: float = field(default_factory=time.time)
     removed: list[tuple[Kind, Digest, int]] = field(default_factory=list)
     skipped: list[tuple[Kind, Digest, str]] = field(default_factory=list)
 
@@ -224,6 +233,7 @@ class RegistryContents:
         """What purging `image`, `digest` (a manifest's: with what only it reaches; a blob's:
         that blob) or everything last used before the wall-clock time `older_than` removes.
         ValueError when an image or digest asked for is not stored."""
+        planned_at = time.time()
         walk = _Walk(self.store, self.manifests)
         images = self.images(walk)
         chosen, targets = self._chosen(walk, images, image, digest, older_than)
@@ -241,7 +251,11 @@ class RegistryContents:
         asked = image.digest if image is not None and image.digest else digest
         if asked is not None:
             kept.discard(("blobs", asked))
-        plan = PurgePlan(tags=sorted((i.upstream, i.name, i.tag) for i in chosen))
+        plan = PurgePlan(
+            tags=sorted((i.upstream, i.name, i.tag) for i in chosen),
+            records={(i.upstream, i.name, i.tag): i.record for i in chosen},
+            planned_at=planned_at,
+        )
         for kind, stored in sorted(candidates - kept, key=str):
             reason = self.busy(kind, stored)
             if reason:
@@ -318,12 +332,26 @@ class RegistryContents:
 
     def apply(self, plan: PurgePlan) -> None:
         """Remove what `plan` says (the tag records first: no tag points at a removed
-        manifest); content pinned since the plan was made moves to `skipped`."""
-        for upstream, name, tag in plan.tags:
-            self.manifests.forget_tag(upstream, name, tag)
+        manifest). Content pinned or used since the plan was begun moves to `skipped`, and
+        a tag whose manifest was used or whose record was rewritten meanwhile stays."""
+        used = {
+            (kind, digest)
+            for kind, digest, _ in plan.removed
+            if (self.store.last_use(kind, digest) or 0) >= plan.planned_at
+        }
+        forgotten = []
+        for key in plan.tags:
+            record = plan.records.get(key)
+            if record is not None and ("manifests", parse_digest(record.digest)) in used:
+                continue
+            if self.manifests.forget_tag(*key, planned=record):
+                forgotten.append(key)
+        plan.tags = forgotten
         removed = []
         for kind, digest, size in plan.removed:
-            if self.store.remove(kind, digest):
+            if (kind, digest) in used:
+                plan.skipped.append((kind, digest, USED_SINCE_PLANNED))
+            elif self.store.remove(kind, digest):
                 removed.append((kind, digest, size))
             else:
                 plan.skipped.append((kind, digest, "in use: being sent to a client"))

@@ -314,10 +314,20 @@ class Manifests:
         )
         return manifest
 
-    def forget_tag(self, upstream: str, name: str, tag: str) -> None:
-        """Drop a tag's record (`cache purge`): its next pull asks the upstream."""
-        self._tags.pop((upstream, name, tag), None)
+    def forget_tag(
+        self, upstream: str, name: str, tag: str, planned: TagRecord | None = None
+    ) -> bool:
+        """Drop a tag's record (`cache purge`): its next pull asks the upstream. With
+        `planned` (the record a purge plan read), only if no pull has rewritten it since
+        (every write goes through `_record_tag`, so the one in memory is the newest);
+        whether it was dropped."""
+        key = (upstream, name, tag)
+        current = self._tags.get(key)
+        if planned is not None and current is not None and current != planned:
+            return False
+        self._tags.pop(key, None)
         self.tags.remove(upstream, name, tag)
+        return True
 
     def stored(self, digest: Digest) -> Manifest | None:
         """A stored manifest read for `cache ls`/`purge` without counting as a use (no

@@ -1,0 +1,90 @@
+"""`cache purge` against what happens while it plans: the plan reads every stored manifest
+in a thread (seconds on a large store) while the cache serves on, so content a client used
+in that window must not be removed by the plan made before it, and the warm: list must not
+storm the upstream. In process (build_cache), against a real distribution registry.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dnsoverride.cache import config as cache_config
+from dnsoverride.cache.daemon import build_cache
+from dnsoverride.cache.registry.names import parse_digest
+from tests.support.registry_fixtures import Publish
+from tests.support.registry_peers import DistributionRegistry
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
+
+
+def config_file(tmp_path: Path, upstream: str, extra: str = "") -> Path:
+    path = tmp_path / "cache.yaml"
+    path.write_text(
+        f"storage: {tmp_path / 'store'}\nregistry:\n  upstreams:\n    - url: {upstream}\n{extra}"
+    )
+    return path
+
+
+async def test_content_used_while_a_purge_plans_is_kept(
+    tmp_path: Path, publish: Publish, upstream: DistributionRegistry
+) -> None:
+    """A client pulling the image between the plan and its removal keeps what it used:
+    the tag, the manifest it was served and the blob it was sent stay, reported skipped;
+    what nobody used since goes. Failed on s14-ops: the plan made before the pull removed
+    the tag record, the manifest and the blob the client had just been served."""
+    image = await publish("team/app:v1", platforms=("linux/amd64",))
+    cache = build_cache(cache_config.load(config_file(tmp_path, upstream.url)))
+    try:
+        job = cache.warmer.trigger("team/app:v1")
+        await job.done.wait()
+        assert job.state == "done", job.error
+        contents = cache.contents.registry
+        ref = cache.warmer.parse("team/app:v1")
+        plan = contents.plan(image=ref)
+        assert len(plan.removed) == len(image.blobs) + len(image.manifests)
+        # Meanwhile a client pulls: the tag's manifest and one layer are served (a hit
+        # is a store lookup).
+        top = parse_digest(image.top_digest)
+        used = parse_digest(sorted(image.blobs)[0])
+        assert cache.store.lookup("manifests", top) is not None
+        assert cache.store.lookup("blobs", used) is not None
+        contents.apply(plan)
+        assert cache.store.has("manifests", top) and cache.store.has("blobs", used)
+        assert cache.manifests.tags.read(ref.upstream, ref.name, "v1") is not None
+        assert plan.tags == [], "the tag whose manifest was just served is kept"
+        skipped = {(kind, str(digest)): why for kind, digest, why in plan.skipped}
+        assert skipped[("blobs", str(used))] == "used since the purge was planned"
+        assert skipped[("manifests", str(top))] == "used since the purge was planned"
+        gone = {str(digest) for _, digest, _ in plan.removed}
+        assert gone == (set(image.blobs) | set(image.manifests)) - {str(used), str(top)}
+        assert not any(cache.store.has("blobs", parse_digest(d)) for d in gone)
+    finally:
+        await cache.close()
+
+
+async def test_a_tag_moved_while_a_purge_plans_keeps_its_new_record(
+    tmp_path: Path, publish: Publish, upstream: DistributionRegistry
+) -> None:
+    """A tag re-resolved to a new manifest between the plan and its removal keeps its new
+    record (and the new manifest, which the plan never saw). Failed
+    on s14-ops: the plan dropped the record the pull had just written."""
+    await publish("team/app:v1", platforms=("linux/amd64",))
+    cache = build_cache(cache_config.load(config_file(tmp_path, upstream.url)))
+    try:
+        first = cache.warmer.trigger("team/app:v1")
+        await first.done.wait()
+        ref = cache.warmer.parse("team/app:v1")
+        plan = cache.contents.registry.plan(image=ref)
+        moved = await publish("team/app:v1", platforms=("linux/amd64",))
+        second = cache.warmer.trigger("team/app:v1")
+        await second.done.wait()
+        assert second.digest == moved.top_digest
+        cache.contents.registry.apply(plan)
+        record = cache.manifests.tags.read(ref.upstream, ref.name, "v1")
+        assert record is not None and record.digest == moved.top_digest
+        assert plan.tags == []
+        assert cache.store.has("manifests", parse_digest(moved.top_digest))
+    finally:
+        await cache.close()
