@@ -6,15 +6,18 @@ storm the upstream. In process (build_cache), against a real distribution regist
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 
 from dnsoverride.cache import config as cache_config
 from dnsoverride.cache.daemon import build_cache
 from dnsoverride.cache.registry.names import parse_digest
+from dnsoverride.cache.registry.warm import PARALLEL_BLOBS
 from tests.support.registry_fixtures import Publish
-from tests.support.registry_peers import DistributionRegistry
+from tests.support.registry_peers import DistributionRegistry, TestProxy
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
@@ -88,3 +91,59 @@ async def test_a_tag_moved_while_a_purge_plans_keeps_its_new_record(
         assert cache.store.has("manifests", parse_digest(moved.top_digest))
     finally:
         await cache.close()
+
+
+class CountingProxy(TestProxy):
+    """Counts the blob GETs the upstream is answering at once (the peak)."""
+
+    __test__ = False
+
+    def __init__(self, target: str) -> None:
+        super().__init__(target)
+        self.now = 0
+        self.peak = 0
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        counted = request.method == "GET" and "/blobs/" in request.path
+        if counted:
+            self.now += 1
+            self.peak = max(self.peak, self.now)
+        try:
+            return await super().handle(request)
+        finally:
+            if counted:
+                self.now -= 1
+
+
+async def test_the_warm_list_fetches_a_few_blobs_at_once_in_all(
+    tmp_path: Path, publish: Publish, upstream: DistributionRegistry
+) -> None:
+    """Six listed images warmed at start fetch at most PARALLEL_BLOBS blobs at once from
+    the upstream, not that many per image (the warm: list must not storm the upstream at
+    start, beside the CI pulls it is meant to help). Failed on s14-ops: 16 at once."""
+    names = [f"team/app{n}:v1" for n in range(6)]
+    images = [await publish(name, platforms=("linux/amd64",)) for name in names]
+    async with CountingProxy(upstream.url) as proxy:
+        proxy.throttle = 2_000_000  # bytes/s per blob: the downloads overlap
+        listed = "".join(f"    - {name}\n" for name in names)
+        path = config_file(tmp_path, proxy.url, f"warm:\n  images:\n{listed}")
+        cache = build_cache(cache_config.load(path))
+        never = asyncio.Event()
+
+        async def sleep(seconds: float) -> None:
+            await never.wait()
+
+        cache.warmer.sleep = sleep
+        try:
+            cache.warmer.start_schedule()
+            async with asyncio.timeout(60):
+                while not all(last.runs for last in cache.warmer.schedule.values()):
+                    await asyncio.sleep(0.05)
+            assert all(last.last_error is None for last in cache.warmer.schedule.values())
+            stored = {str(d) for d, _ in cache.store.items("blobs")}
+            assert stored == {blob for image in images for blob in image.blobs}
+            # The proxy counts a stream until its handler returns, a moment after the cache
+            # has the last byte and starts the next one: one over the limit is that.
+            assert 1 < proxy.peak <= PARALLEL_BLOBS + 1, proxy.peak
+        finally:
+            await cache.close()

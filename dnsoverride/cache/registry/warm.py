@@ -46,7 +46,8 @@ from dnsoverride.cache.store import Digest
 
 log = structlog.get_logger(__name__)
 
-# Blobs of one image fetched at once: a few streams fill a link; more only compete.
+# Blobs fetched at once by all warms together (the warm: list starts every image at
+# once): a few streams fill a link; more only compete with the CI pulls warming is for.
 PARALLEL_BLOBS = 4
 UPSTREAM_FAILURES = (UpstreamUnavailableError, UpstreamDeniedError, TimeoutError)
 KEPT_JOBS = 64  # finished jobs kept for `cache warm` to read their outcome
@@ -126,6 +127,7 @@ class Warmer:
         self._jobs: OrderedDict[int, WarmJob] = OrderedDict()
         self._ids = itertools.count(1)
         self._tasks: set[asyncio.Task[None]] = set()
+        self._turns = asyncio.Semaphore(PARALLEL_BLOBS)
 
     def parse(self, text: str) -> ImageRef:
         """The image `text` names; ValueError with the reason."""
@@ -206,10 +208,9 @@ class Warmer:
         for manifest in manifests:
             sizes.update(_blob_sizes(manifest))
         job.blobs, job.bytes = len(sizes), sum(sizes.values())
-        turns = asyncio.Semaphore(PARALLEL_BLOBS)
 
         async def fetch(digest: Digest, size: int) -> None:
-            async with turns:
+            async with self._turns:
                 if await self.blobs.prefetch(upstream, image.name, digest):
                     job.blobs_fetched += 1
             job.blobs_done += 1
