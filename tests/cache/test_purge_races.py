@@ -128,17 +128,19 @@ async def test_the_warm_list_fetches_a_few_blobs_at_once_in_all(
         listed = "".join(f"    - {name}\n" for name in names)
         path = config_file(tmp_path, proxy.url, f"warm:\n  images:\n{listed}")
         cache = build_cache(cache_config.load(path))
-        never = asyncio.Event()
+        never, all_warmed = asyncio.Event(), asyncio.Event()
+        asleep: list[float] = []
 
-        async def sleep(seconds: float) -> None:
+        async def sleep(seconds: float) -> None:  # each entry sleeps once its warm ended
+            asleep.append(seconds)
+            if len(asleep) == len(names):
+                all_warmed.set()
             await never.wait()
 
         cache.warmer.sleep = sleep
         try:
             cache.warmer.start_schedule()
-            async with asyncio.timeout(60):
-                while not all(last.runs for last in cache.warmer.schedule.values()):
-                    await asyncio.sleep(0.05)
+            await asyncio.wait_for(all_warmed.wait(), 60)
             assert all(last.last_error is None for last in cache.warmer.schedule.values())
             stored = {str(d) for d, _ in cache.store.items("blobs")}
             assert stored == {blob for image in images for blob in image.blobs}
