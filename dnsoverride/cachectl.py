@@ -1,8 +1,8 @@
 """`dnsoverride cache ls | purge | warm`: the running cache's contents, asked over its
 control socket or admin listener (cache/contents.py answers them).
 
-`ls` reads (any admin listener will do); `purge` and `warm` are actions, which the cache
-answers only on its control socket or a loopback admin listener. The endpoint is
+`ls` reads and `purge` and `warm` act: the cache answers all three only on its control
+socket or a loopback admin listener (a listing names private repositories too). The endpoint is
 `--admin` (HOST:PORT or a socket path), else the cache config's `control_socket:`, else
 its `metrics:`, else the packaged socket `/run/dnsoverride/cache.sock`. Tables and a
 progress bar on a terminal (rich), plain lines otherwise, JSON with `--json`; an error is

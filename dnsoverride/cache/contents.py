@@ -12,10 +12,11 @@ ls`, `cache purge` and `cache warm` ask.
   `POST /warm?listed=1` warms the `warm:` list now and answers when it is done;
   `GET /warm/jobs[?job=N]` is the progress `cache warm` polls.
 
-The POSTs are actions (common/admin.py): answered on the control socket or a loopback
-admin listener only. Listing and planning a purge read every stored manifest: that runs in
-a thread, so the cache serves on meanwhile; the removal itself is quick and on the loop
-(what became pinned in between is skipped then).
+The POSTs are actions and the GETs local reads (common/admin.py): answered on the control
+socket or a loopback admin listener only (a listing names private repositories too).
+Listing and planning a purge read every stored manifest: that runs in a thread, so the
+cache serves on meanwhile; the removal itself is quick and on the loop (what became pinned
+or was used in between is skipped then).
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ class CacheContents:
         self.repositories = repositories
         self.warmer = warmer
 
-    def endpoints(self) -> dict[str, JsonEndpoint]:
+    def local_reads(self) -> dict[str, JsonEndpoint]:
         return {"/contents": self.contents, "/warm/jobs": self.jobs}
 
     def actions(self) -> dict[str, Action]:

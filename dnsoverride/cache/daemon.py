@@ -224,8 +224,9 @@ class CacheService:
                 registry,
                 cache.store.writable,
                 cache.store.not_ready,
-                endpoints={"/status": state.status, **cache.contents.endpoints()},
+                endpoints={"/status": state.status},
                 actions=cache.contents.actions(),
+                local_reads=cache.contents.local_reads(),
                 control_socket=config.control_socket,
             )
         status = f"serving {cache.store.stats.entries} stored items from {config.storage}"

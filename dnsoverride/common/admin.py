@@ -23,6 +23,8 @@ control socket (`listen_unix`: mode 0660, group `dnsoverride` when that group ex
 else the daemon's, like unbound-control's) or a TCP listener bound to a loopback address.
 On a listener bound to any other address an action is refused (403) and logged
 (`admin_action_refused`), whoever asks: a wildcard listener is reachable from the network.
+So is a local read (`local_reads`: GET, such as the cache's `/contents`), which lists
+what the daemon holds, private repositories' names included.
 """
 
 from __future__ import annotations
@@ -97,6 +99,7 @@ class AdminServer:
         endpoints: Mapping[str, JsonEndpoint] | None = None,
         *,
         actions: Mapping[str, Action] | None = None,
+        local_reads: Mapping[str, JsonEndpoint] | None = None,
     ) -> None:
         self._registry = registry
         self._ready = ready
@@ -104,6 +107,7 @@ class AdminServer:
         self._before_scrape = before_scrape
         self._endpoints = dict(endpoints or {})
         self._actions = dict(actions or {})
+        self._local_reads = dict(local_reads or {})
         self._server: asyncio.Server | None = None
         self._unix: asyncio.Server | None = None
         self._unix_path: Path | None = None
@@ -159,19 +163,21 @@ class AdminServer:
 
     async def _route(self, method: str, target: str, local: bool, peer: str) -> _Reply:
         path, _, query = target.partition("?")
-        action = self._actions.get(path)
-        if action is not None:
-            if method != "POST":
-                return _Reply(HTTPStatus.METHOD_NOT_ALLOWED, b"POST\n")
+        local_only = self._actions.get(path) or self._local_reads.get(path)
+        if local_only is not None:
+            allowed = ("POST",) if path in self._actions else ("GET", "HEAD")
+            if method not in allowed:
+                return _Reply(HTTPStatus.METHOD_NOT_ALLOWED, " or ".join(allowed).encode() + b"\n")
             if not local:
+                what = "actions" if path in self._actions else "the daemon's contents"
                 refusal = (
-                    "actions are answered on the control socket or a loopback admin listener only"
+                    f"{what} are answered on the control socket or a loopback admin listener only"
                 )
                 log.warning(
                     "admin_action_refused", request=f"{method} {path}", client=peer, reason=refusal
                 )
                 return _json_reply({"error": refusal}, HTTPStatus.FORBIDDEN)
-            return await _answer_json(path, action, query)
+            return await _answer_json(path, local_only, query)
         if path not in _FIXED and path not in self._endpoints:
             return _Reply(HTTPStatus.NOT_FOUND, b"not found\n")
         if method not in {"GET", "HEAD"}:
@@ -310,6 +316,7 @@ async def start_admin(
     before_scrape: Callable[[], Awaitable[None]] | None = None,
     endpoints: Mapping[str, JsonEndpoint] | None = None,
     actions: Mapping[str, Action] | None = None,
+    local_reads: Mapping[str, JsonEndpoint] | None = None,
     unix: Path | None = None,
 ) -> AdminServer:
     """Serve /metrics, /healthz and /readyz on host:port (None: no TCP listener) and on the
@@ -317,13 +324,22 @@ async def start_admin(
 
     `why_not_ready`, when given, puts the reason into the body of a 503 from /readyz;
     `before_scrape` is awaited before each /metrics answer; `endpoints` adds read-only
-    JSON endpoints by path, `actions` mutating ones (POST, local listeners only).
+    JSON endpoints by path, `actions` mutating ones (POST, local listeners only),
+    `local_reads` read-only ones answered on local listeners only.
     Scrapes are not logged (every few seconds, they would drown the daemon's own events).
 
     Raises UserError when an address cannot be bound (port in use, bad host, a socket path
     in use or not writable).
     """
-    server = AdminServer(registry, ready, why_not_ready, before_scrape, endpoints, actions=actions)
+    server = AdminServer(
+        registry,
+        ready,
+        why_not_ready,
+        before_scrape,
+        endpoints,
+        actions=actions,
+        local_reads=local_reads,
+    )
     if host is not None:
         try:
             await server.listen(host, port)

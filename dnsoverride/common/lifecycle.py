@@ -52,6 +52,7 @@ class Admin:
     before_scrape: Callable[[], Awaitable[None]] | None = None
     endpoints: Mapping[str, JsonEndpoint] = field(default_factory=dict)
     actions: Mapping[str, Action] = field(default_factory=dict)
+    local_reads: Mapping[str, JsonEndpoint] = field(default_factory=dict)
     control_socket: Path | None = None
 
 
@@ -104,6 +105,7 @@ async def run_service(service: Service) -> int:
                 before_scrape=spec.before_scrape,
                 endpoints=spec.endpoints,
                 actions=spec.actions,
+                local_reads=spec.local_reads,
                 unix=spec.control_socket,
             )
         started.set()

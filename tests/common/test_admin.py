@@ -334,3 +334,36 @@ async def test_a_stale_control_socket_is_replaced_and_a_live_one_refused(
     path.write_text("not a socket")
     with pytest.raises(UserError, match="exists and is not a socket"):
         await start_admin(None, 0, registry, lambda: True, unix=path)
+
+
+async def test_local_reads_are_refused_off_loopback(
+    registry: CollectorRegistry, tmp_path: Path
+) -> None:
+    """A read that lists what the daemon holds (the cache's `/contents`: every repository,
+    tag and digest, private ones too) is answered on the control socket and a loopback
+    listener only; a wildcard listener answers 403 and logs it, like an action. Failed on
+    s14-ops: `/contents` was an ordinary endpoint, answered to anyone reaching the
+    metrics port."""
+
+    async def contents(query: Mapping[str, str]) -> object:
+        return {"images": ["acme/private-app:v2"]}
+
+    local = await start_admin("127.0.0.1", 0, registry, lambda: True, local_reads={"/c": contents})
+    wild = await start_admin("0.0.0.0", 0, registry, lambda: True, local_reads={"/c": contents})
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"http://127.0.0.1:{local.port}/c") as response:
+                assert response.status == 200
+                assert await response.json() == {"images": ["acme/private-app:v2"]}
+            async with session.post(f"http://127.0.0.1:{local.port}/c") as response:
+                assert response.status == 405
+            with capture_logs() as logs:
+                async with session.get(f"http://127.0.0.1:{wild.port}/c") as response:
+                    assert response.status == 403
+                    body = await response.text()
+            assert "private-app" not in body and "loopback" in body
+        [refused] = [e for e in logs if e["event"] == "admin_action_refused"]
+        assert refused["request"] == "GET /c"
+    finally:
+        await local.close()
+        await wild.close()
