@@ -123,7 +123,8 @@ async def test_the_warm_list_fetches_a_few_blobs_at_once_in_all(
     start, beside the CI pulls it is meant to help). Failed on s14-ops: 16 at once."""
     names = [f"team/app{n}:v1" for n in range(6)]
     images = [await publish(name, platforms=("linux/amd64",)) for name in names]
-    async with CountingProxy(upstream.url) as proxy:
+    proxy = CountingProxy(upstream.url)
+    async with proxy:
         proxy.throttle = 2_000_000  # bytes/s per blob: the downloads overlap
         listed = "".join(f"    - {name}\n" for name in names)
         path = config_file(tmp_path, proxy.url, f"warm:\n  images:\n{listed}")
