@@ -16,8 +16,10 @@ from dnsoverride.cache import config as cache_config
 from dnsoverride.cache.daemon import build_cache
 from dnsoverride.cache.registry.names import parse_digest
 from dnsoverride.cache.registry.warm import PARALLEL_BLOBS
+from dnsoverride.cache.status import verdict
 from tests.support.registry_fixtures import Publish
-from tests.support.registry_peers import DistributionRegistry, TestProxy
+from tests.support.registry_liar import LyingRegistry, real_size_manifest
+from tests.support.registry_peers import OCI_MANIFEST, DistributionRegistry, TestProxy
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
@@ -148,5 +150,30 @@ async def test_the_warm_list_fetches_a_few_blobs_at_once_in_all(
             # The proxy counts a stream until its handler returns, a moment after the cache
             # has the last byte and starts the next one: one over the limit is that.
             assert 1 < proxy.peak <= PARALLEL_BLOBS + 1, proxy.peak
+        finally:
+            await cache.close()
+
+
+async def test_an_upstream_answering_a_login_page_is_not_up(tmp_path: Path) -> None:
+    """A captive portal answering `200 text/html` for the manifest: the warm fails with
+    the reason, nothing is stored, and the upstream's verdict in `status` says it failed
+    (not `up`, which its 200s alone would make it). Failed on s14-ops: the verdict was
+    `up` while every pull through it failed verification."""
+    manifest, blobs = real_size_manifest(6_000, layers=2)
+    async with LyingRegistry() as liar:
+        liar.blobs.update(blobs)
+        liar.add_manifest("team/app", "v1", manifest, OCI_MANIFEST)
+        liar.html.add("v1")
+        cache = build_cache(cache_config.load(config_file(tmp_path, liar.url)))
+        try:
+            job = cache.warmer.trigger("team/app:v1")
+            await job.done.wait()
+            assert job.state == "failed" and job.error and "upstream manifest" in job.error
+            assert list(cache.store.items("manifests")) == []
+            assert list(cache.manifests.tags.records()) == []
+            [name] = cache.upstreams
+            judged = verdict(cache.stats.health.get(name), backoff=False)
+            assert judged["state"] == "DOWN", judged
+            assert "upstream manifest team/app:v1" in str(judged["detail"]), judged
         finally:
             await cache.close()

@@ -436,8 +436,10 @@ class Manifests:
         self.stats.upstream_bytes[upstream.name] += len(data)
         try:
             manifest = _verify(data, digest, claimed, content_type, what)
-        except RegistryError:
+        except RegistryError as error:
             self.stats.verify_failures += 1
+            # Its 200 counted as an answer; a portal's page or wrong bytes is a failure.
+            self.stats.upstream(upstream.name).failed(f"{upstream.name}: {error.message}")
             raise
         try:
             self.store.put_bytes("manifests", parse_digest(manifest.digest), data)
