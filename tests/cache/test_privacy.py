@@ -17,6 +17,7 @@ import base64
 import json
 import os
 import shutil
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ from tests.support.registry_peers import (
 )
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
+WARM_CLI = [sys.executable, "-m", "dnsoverride", "cache", "warm"]
 DEV = {"Authorization": "Basic " + base64.b64encode(b"dev:devpw").decode()}
 
 
@@ -519,3 +521,40 @@ async def test_docker_and_containerd_pull_public_images_anonymously_private_ones
             assert code == 0, out + cache.logs()
         posts = cache.wait_log('"method": "POST", "path": "/token"')
         assert posts and all('"status": 200' in line for line in posts), posts
+
+
+async def test_a_warmed_private_image_stays_private(
+    tmp_path: Path, tokens: TokenServer, start_cache: StartCache, http: aiohttp.ClientSession
+) -> None:
+    """Issue 14: `cache warm` fetches a private image with the cache's credentials into the
+    store ahead of any client; that must not make it anyone's: anonymous clients still get
+    401 for its tag, its manifest and layers by digest, under its own name and another,
+    and skopeo cannot pull it; a granted user pulls it from the store."""
+    with DistributionRegistry(tmp_path / "secured", tokens.registry_auth()) as secured:
+        private = build_image(tmp_path / "private", platforms=("linux/amd64",))
+        await push(private, f"{secured.address}/team/private:v1", creds="ci:s3cret")
+        control = tmp_path / "cache.sock"
+        config = {**_hub(secured.url, tmp_path, repositories=["team/private"])}
+        config["control_socket"] = str(control)
+        cache = start_cache(config=config)
+        process = await asyncio.create_subprocess_exec(
+            *WARM_CLI, "--admin", str(control), "team/private:v1", stdout=asyncio.subprocess.PIPE
+        )
+        out, _ = await process.communicate()
+        assert process.returncode == 0, out
+        assert set(private.blobs) <= cache.stored_blobs()
+        paths = [
+            "/v2/team/private/manifests/v1",
+            "/v2/team/private/manifests/{manifest}",
+            "/v2/team/private/blobs/{blob}",
+            "/v2/team/public/blobs/{blob}",
+            "/v2/team/public/manifests/{manifest}",
+        ]
+        assert await _leaks(http, cache, private, paths) == []
+        code, text = await pull(f"{cache.address}/team/private:v1", tmp_path / "anon")
+        assert code != 0, text
+        code, text = await pull(
+            f"{cache.address}/team/private:v1", tmp_path / "dev", creds="dev:devpw"
+        )
+        assert code == 0, text + cache.logs()
+        assert verify_dir(tmp_path / "dev") == set(private.blobs)
