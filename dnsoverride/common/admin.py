@@ -133,7 +133,11 @@ class AdminServer:
         path.parent.mkdir(parents=True, exist_ok=True)
         _remove_stale_socket(path)
         serve = functools.partial(self.serve, local=True)
-        self._unix = await asyncio.start_unix_server(serve, path, limit=MAX_HEAD)
+        # Not listening until its mode is set: the file is made with the umask's mode, and
+        # a connection accepted meanwhile would outlive the chmod.
+        self._unix = await asyncio.start_unix_server(
+            serve, path, limit=MAX_HEAD, start_serving=False
+        )
         self._unix_path = path
         try:
             group = grp.getgrnam(SOCKET_GROUP).gr_gid
@@ -142,6 +146,7 @@ class AdminServer:
         with contextlib.suppress(PermissionError):  # not root: the process's group it is
             os.chown(path, -1, group)
         os.chmod(path, SOCKET_MODE)
+        await self._unix.start_serving()
 
     async def close(self) -> None:
         for server in (self._server, self._unix):

@@ -367,3 +367,33 @@ async def test_local_reads_are_refused_off_loopback(
     finally:
         await local.close()
         await wild.close()
+
+
+async def test_the_control_socket_listens_only_once_its_mode_is_set(
+    registry: CollectorRegistry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Between creating the socket file (with the umask's mode: 0777 under umask 0) and
+    setting 0660, nobody may connect: the socket listens only after its mode and group
+    are set. Failed on s14-ops: it listened (and served) from creation, so a connection
+    made in that window stayed open after the chmod, past the mode meant to keep it out."""
+    path = tmp_path / "admin.sock"
+    real_chmod = os.chmod
+    connected: list[bool] = []
+
+    def chmod(target: object, mode: int) -> None:
+        with socket.socket(socket.AF_UNIX) as early:
+            try:
+                early.connect(str(target))
+                connected.append(True)
+            except ConnectionRefusedError:
+                connected.append(False)
+        real_chmod(target, mode)  # type: ignore[arg-type]
+
+    monkeypatch.setattr("dnsoverride.common.admin.os.chmod", chmod)
+    server = await start_admin(None, 0, registry, lambda: True, unix=path)
+    try:
+        assert connected == [False]
+        with socket.socket(socket.AF_UNIX) as later:
+            later.connect(str(path))  # and it does listen afterwards
+    finally:
+        await server.close()
