@@ -19,7 +19,7 @@ from dnsoverride.cache.registry.warm import PARALLEL_BLOBS
 from dnsoverride.cache.status import verdict
 from tests.support.registry_fixtures import Publish
 from tests.support.registry_liar import LyingRegistry, real_size_manifest
-from tests.support.registry_peers import OCI_MANIFEST, DistributionRegistry, TestProxy
+from tests.support.registry_peers import OCI_MANIFEST, DistributionRegistry, TestProxy, push
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
@@ -177,3 +177,34 @@ async def test_an_upstream_answering_a_login_page_is_not_up(tmp_path: Path) -> N
             assert "upstream manifest team/app:v1" in str(judged["detail"]), judged
         finally:
             await cache.close()
+
+
+async def test_purging_an_image_by_digest_keeps_another_repository_s_tag(
+    tmp_path: Path, publish: Publish, upstream: DistributionRegistry
+) -> None:
+    """The same image pushed to team/a and team/b (one digest, one stored copy): `purge
+    team/a@DIGEST` drops team/a's tag only; team/b:v1 keeps its tag, manifest and layers,
+    and the manifest is reported skipped with why. (`purge DIGEST` alone is the one that
+    means every repository.) Failed on s14-ops: the name was ignored, team/b:v1's tag
+    went too and so did every manifest and layer."""
+    image = await publish("team/a:v1", platforms=("linux/amd64",))
+    await push(image, f"{upstream.address}/team/b:v1")
+    cache = build_cache(cache_config.load(config_file(tmp_path, upstream.url)))
+    try:
+        for name in ("team/a:v1", "team/b:v1"):
+            job = cache.warmer.trigger(name)
+            await job.done.wait()
+            assert job.state == "done", job.error
+        contents = cache.contents.registry
+        plan = contents.plan(image=cache.warmer.parse(f"team/a@{image.top_digest}"))
+        contents.apply(plan)
+        b = cache.warmer.parse("team/b:v1")
+        assert [(u, n, t) for u, n, t in plan.tags] == [(b.upstream, "team/a", "v1")]
+        assert plan.removed == []
+        assert cache.manifests.tags.read(b.upstream, "team/b", "v1") is not None
+        stored = {str(d) for d, _ in cache.store.items("blobs")}
+        assert stored == set(image.blobs)
+        [(kind, digest, why)] = plan.skipped
+        assert (kind, str(digest)) == ("manifests", image.top_digest) and "kept image" in why
+    finally:
+        await cache.close()

@@ -300,7 +300,15 @@ class RegistryContents:
                 raise ValueError(f"{digest} is not stored in the cache")
             for kind in kinds:
                 targets |= walk.reach(digest) if kind == "manifests" else {(kind, digest)}
-            chosen += [i for i in images if i.record.digest == str(digest) and i not in chosen]
+            # Its tags: every repository's for a bare digest, the named one's for NAME@DIGEST
+            # (another repository's tag keeps the content it shares).
+            chosen += [
+                i
+                for i in images
+                if i.record.digest == str(digest)
+                and i not in chosen
+                and (image is None or (i.upstream, i.name) == (image.upstream, image.name))
+            ]
         if older_than is not None:
             chosen += [
                 i for i in images if i not in chosen and (self.last_use(i.items) or 0) < older_than
