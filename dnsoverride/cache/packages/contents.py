@@ -1,6 +1,6 @@
 """What the package side of the store holds, repository by repository, for `dnsoverride
 cache ls`: for each repository with a snapshot (served, or recorded before a restart and
-restored from the store), the files of its snapshots that are stored (repository metadata
+read from the store, not restored), the files of its snapshots that are stored (repository metadata
 and packages its primary describes), their bytes, and when any of them was last used.
 Reading it is not a use, and never asks the upstream.
 """
@@ -14,7 +14,7 @@ from dnsoverride.cache.store import Digest, Kind, Store
 async def listing(repositories: RepositoryCache, repository: str | None) -> list[dict[str, object]]:
     """One entry per repository (those whose `upstream/root` starts with `repository`)."""
     found = []
-    for repo in await repositories.restore_recorded():
+    for repo in await repositories.recorded():
         if repository and not repo.where.startswith(repository):
             continue
         found.append(_entry(repositories.store, repo))

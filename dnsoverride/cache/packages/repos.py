@@ -675,22 +675,39 @@ class RepositoryCache:
 
     # -- state across restarts -----------------------------------------------------------
 
-    async def restore_recorded(self) -> list[Repository]:
-        """Every repository with a snapshot: served now, or recorded before a restart and
-        restored from the store here (never from the upstream); for `cache ls`."""
+    async def recorded(self) -> list[Repository]:
+        """Every repository with a snapshot, for `cache ls`: those served now, and those
+        recorded before a restart as the store holds them (read, never restored: that is
+        not a use, pins nothing and never asks the upstream; a client's request restores)."""
+        found = [r for r in self.repositories.values() if r.served is not None]
         for upstream in self.config.upstreams:
             for path in sorted((self.state / upstream.name).glob("*.json")):
                 try:
-                    root = json.loads(path.read_text())["root"]
+                    text = path.read_text()
+                    root = json.loads(text)["root"]
                 except (OSError, ValueError, KeyError, TypeError):
                     continue  # logged when a request restores it
-                if not isinstance(root, str) or (upstream.name, root) in self.repositories:
+                known = self.repositories.get((upstream.name, root))
+                if not isinstance(root, str) or (known is not None and known.served):
                     continue
-                repository = self._repository(upstream, root)
-                await self._restore(repository)
-                if repository.served is None:
-                    del self.repositories[(upstream.name, root)]
-        return [r for r in self.repositories.values() if r.served is not None]
+                snapshot = await self._read_recorded(text)
+                if snapshot is not None:
+                    found.append(Repository(upstream, root, served=snapshot))
+        return found
+
+    async def _read_recorded(self, text: str) -> Snapshot | None:
+        """The snapshot a state file records, read from the store without a use; None
+        when it cannot be (a request that restores it says why)."""
+        try:
+            repomd = parse_repomd(self._recorded_repomd(text, use=False))
+            primary = repomd.by_type("primary")
+            if primary is None or not self.store.has("repodata", primary.checksum):
+                return None
+            where = self.store.path("repodata", primary.checksum)
+            packages, _ = await asyncio.to_thread(package_map, where, primary)
+        except (OSError, ValueError, RepodataError):
+            return None
+        return Snapshot(repomd, repomd.by_href(), packages)
 
     def _state_file(self, repository: Repository) -> Path:
         key = hashlib.sha256(f"{repository.upstream.name}\0{repository.root}".encode())
@@ -743,15 +760,20 @@ class RepositoryCache:
         self._switch(repository, snapshot)
         log.info("repository_restored", repository=repository.where)
 
-    def _recorded_repomd(self, text: str) -> bytes:
+    def _recorded_repomd(self, text: str, *, use: bool = True) -> bytes:
         """The repomd.xml a state file names, checked against its digest (the store's
-        bytes may have changed on disk since)."""
+        bytes may have changed on disk since); `use`: a store lookup (a use), else read
+        as `cache ls` reads."""
         recorded = json.loads(text)
         named = recorded.get("repomd") if isinstance(recorded, dict) else None
         if not isinstance(named, str) or not RECORDED_DIGEST.fullmatch(named):
             raise ValueError(f"no sha256 repomd.xml digest recorded (found {str(named)[:80]!r})")
         digest = Digest("sha256", named.removeprefix("sha256:"))
-        stored = self.store.lookup("repodata", digest)
+        stored: Path | None = None
+        if use:
+            stored = self.store.lookup("repodata", digest)
+        elif self.store.has("repodata", digest):
+            stored = self.store.path("repodata", digest)
         if stored is None:
             raise ValueError("its repomd.xml is no longer stored")
         body = stored.read_bytes()

@@ -10,6 +10,7 @@ import hashlib
 import json
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -103,7 +104,10 @@ async def test_ls_lists_package_repositories_and_purge_takes_a_package(
     assert not path.exists()
     gone = json.loads((await cache_cli("ls", "--admin", str(control), "--json")).stdout)
     assert gone["repositories"][0]["packages"] == 0
-    # The served snapshot's metadata stays: skipped, and said why.
+    # The served snapshot's metadata stays: skipped, and said why (a client's request
+    # restores the snapshot recorded before the restart; a listing does not).
+    async with aiohttp.ClientSession() as http, http.get(base + "repodata/repomd.xml") as got:
+        assert got.status == 200
     data = next(iter(repo.data().values()))
     held = await cache_cli("purge", "--admin", str(control), f"sha256:{data.checksum}", "--json")
     answer = json.loads(held.stdout)
@@ -115,3 +119,43 @@ async def test_ls_lists_package_repositories_and_purge_takes_a_package(
     ):
         assert await response.read() == rpm
     assert path.exists()
+
+
+async def test_ls_after_a_restart_neither_uses_nor_holds_the_repositories(
+    tmp_path: Path, start_cache: StartCache, origin: YumUpstream, world: World
+) -> None:
+    """`ls` reads: after a restart it lists a repository served before from the store, but
+    that is not a use (its last use stays what it was) and does not hold its metadata as
+    a served snapshot would (a purge by age plans the same before and after the `ls`).
+    Failed on s14-ops: `ls` restored every recorded repository as if a client had asked,
+    touching each metadata file's last use and pinning them, so `purge --older-than`
+    skipped what nobody had used ("in use: listed by a served repository snapshot")."""
+    port = origin.listeners[0][1]
+    control = tmp_path / "cache.sock"
+    config = {
+        "packages": {
+            "upstreams": [
+                {"name": "vault", "url": f"http://127.0.0.1:{port}/", "hosts": ["vault.test"]}
+            ]
+        },
+        "control_socket": str(control),
+    }
+    cache = start_cache(config=config)
+    base = f"http://{cache.address}/packages/vault/{ROOT}"
+    async with aiohttp.ClientSession() as http, http.get(base + "repodata/repomd.xml") as got:
+        assert got.status == 200
+    admin = ("--admin", str(control))
+    before = json.loads((await cache_cli("ls", *admin, "--json")).stdout)["repositories"]
+    assert cache.stop() == 0
+    cache.start()
+    dry = ("purge", *admin, "--older-than", "0s", "--dry-run", "--json")
+    planned = json.loads((await cache_cli(*dry)).stdout)
+    assert planned["skipped"] == [] and len(planned["removed"]) == before[0]["repodata_files"]
+    listed_at = time.time()
+    after = json.loads((await cache_cli("ls", *admin, "--json")).stdout)["repositories"]
+    # Listed from the store after the restart, its last use the one before (the files'
+    # mtimes), not the listing's.
+    assert after[0]["last_use_unix"] < listed_at
+    assert after[0]["last_use_unix"] == pytest.approx(before[0]["last_use_unix"], abs=0.5)
+    assert {**after[0], "last_use_unix": None} == {**before[0], "last_use_unix": None}
+    assert json.loads((await cache_cli(*dry)).stdout) == planned
