@@ -15,7 +15,7 @@ from aiohttp import web
 from dnsoverride.cache import config as cache_config
 from dnsoverride.cache.daemon import build_cache
 from dnsoverride.cache.registry.names import parse_digest
-from dnsoverride.cache.registry.warm import PARALLEL_BLOBS
+from dnsoverride.cache.registry.warm import PARALLEL_BLOBS, WarmJob
 from dnsoverride.cache.status import verdict
 from tests.support.registry_fixtures import Publish
 from tests.support.registry_liar import LyingRegistry, real_size_manifest
@@ -208,3 +208,47 @@ async def test_purging_an_image_by_digest_keeps_another_repository_s_tag(
         assert (kind, str(digest)) == ("manifests", image.top_digest) and "kept image" in why
     finally:
         await cache.close()
+
+
+async def test_a_listed_warm_joined_by_the_trigger_counts_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`cache warm --listed` while the scheduled warm of the same image is running joins
+    that warm: one warm, so one run (and one failure) in /status and /metrics. Failed on
+    s14-ops: both waiters recorded it, two runs and two failures for one warm."""
+    manifest, blobs = real_size_manifest(6_000, layers=2)
+    held = next(iter(blobs))
+    async with LyingRegistry() as liar:
+        liar.blobs.update(blobs)
+        del liar.blobs[held]  # the warm fails on it, once released
+        liar.add_manifest("team/app", "v1", manifest, OCI_MANIFEST)
+        release = liar.hold[f"/blobs/{held}"] = asyncio.Event()
+        path = config_file(tmp_path, liar.url, "warm:\n  images:\n    - team/app:v1\n")
+        cache = build_cache(cache_config.load(path))
+        never = asyncio.Event()
+
+        async def sleep(seconds: float) -> None:
+            await never.wait()
+
+        cache.warmer.sleep = sleep
+        trigger, joined = cache.warmer.trigger, asyncio.Event()
+
+        def join(text: str) -> WarmJob:
+            job = trigger(text)
+            joined.set()
+            return job
+
+        try:
+            cache.warmer.start_schedule()
+            await asyncio.wait_for(liar.holding.wait(), 20)
+            monkeypatch.setattr(cache.warmer, "trigger", join)
+            triggered = asyncio.create_task(cache.warmer.run_schedule_now())
+            await asyncio.wait_for(joined.wait(), 20)  # it joined the running warm
+            release.set()
+            [job] = await asyncio.wait_for(triggered, 20)
+            assert job.state == "failed" and len(cache.warmer.jobs()) == 1
+            [last] = cache.warmer.schedule.values()
+            assert (last.runs, last.failures) == (1, 1)
+        finally:
+            release.set()
+            await cache.close()

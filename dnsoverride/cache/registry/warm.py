@@ -103,6 +103,7 @@ class LastWarm:
     last_success: float | None = None
     last_error: str | None = None
     next_run: float | None = None
+    recorded_job: int | None = None  # the job last counted: one joined twice counts once
 
 
 class Warmer:
@@ -239,6 +240,9 @@ class Warmer:
         """One scheduled warm of `last.entry`, its outcome recorded."""
         job = self.trigger(last.entry.image)
         await job.done.wait()
+        if last.recorded_job == job.id:  # the schedule and `--listed` joined one warm
+            return job
+        last.recorded_job = job.id
         last.runs += 1
         last.last_run = job.finished
         if job.state == "done":
