@@ -7,6 +7,8 @@ storm the upstream. In process (build_cache), against a real distribution regist
 from __future__ import annotations
 
 import asyncio
+import json
+import time
 from pathlib import Path
 
 import pytest
@@ -252,3 +254,39 @@ async def test_a_listed_warm_joined_by_the_trigger_counts_once(
         finally:
             release.set()
             await cache.close()
+
+
+async def test_ls_and_purge_take_a_damaged_store(
+    tmp_path: Path, publish: Publish, upstream: DistributionRegistry
+) -> None:
+    """A truncated manifest file, a tag record naming a manifest the store lost, one that
+    is not JSON and one with a digest that is not one: `ls` lists what it can (the lost
+    manifest's tag with nothing stored), purge by age removes the stale tag records with
+    the rest, and neither raises."""
+    image = await publish("team/app:v1", platforms=("linux/amd64", "linux/arm64"))
+    cache = build_cache(cache_config.load(config_file(tmp_path, upstream.url)))
+    try:
+        job = cache.warmer.trigger("team/app:v1")
+        await job.done.wait()
+        assert job.state == "done", job.error
+        ref = cache.warmer.parse("team/app:v1")
+        tags = cache.store.root / "tags" / ref.upstream / "team"
+        top = cache.store.path("manifests", parse_digest(image.top_digest))
+        top.write_bytes(top.read_bytes()[:100])  # truncated in place (a crash, a bad disk)
+        lost = {"digest": "sha256:" + "1" * 64, "media_type": OCI_MANIFEST, "checked": 1.0}
+        (tags / "lost" / "_tags").mkdir(parents=True)
+        (tags / "lost" / "_tags" / "v1").write_text(json.dumps(lost))
+        (tags / "app" / "_tags" / "garbage").write_bytes(b"\x00\xff not json")
+        (tags / "app" / "_tags" / "baddigest").write_text(json.dumps({**lost, "digest": "x"}))
+        listing = cache.contents.registry.listing(None)
+        images = {i["image"]: i for i in listing["images"]}  # type: ignore[union-attr]
+        assert set(images) == {f"{ref.upstream}/team/app:v1", f"{ref.upstream}/team/lost:v1"}
+        assert images[f"{ref.upstream}/team/lost:v1"]["bytes"] == 0
+        assert images[f"{ref.upstream}/team/app:v1"]["platforms"] == []  # unreadable index
+        plan = cache.contents.registry.plan(older_than=time.time() + 1)
+        cache.contents.registry.apply(plan)
+        assert {(n, t) for _, n, t in plan.tags} == {("team/app", "v1"), ("team/lost", "v1")}
+        assert list(cache.store.items("manifests")) == []
+        assert list(cache.store.items("blobs")) == []
+    finally:
+        await cache.close()
