@@ -10,6 +10,7 @@ import asyncio
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiohttp import web
@@ -278,8 +279,8 @@ async def test_ls_and_purge_take_a_damaged_store(
         (tags / "lost" / "_tags" / "v1").write_text(json.dumps(lost))
         (tags / "app" / "_tags" / "garbage").write_bytes(b"\x00\xff not json")
         (tags / "app" / "_tags" / "baddigest").write_text(json.dumps({**lost, "digest": "x"}))
-        listing = cache.contents.registry.listing(None)
-        images = {i["image"]: i for i in listing["images"]}  # type: ignore[union-attr]
+        listing: Any = cache.contents.registry.listing(None)
+        images = {i["image"]: i for i in listing["images"]}
         assert set(images) == {f"{ref.upstream}/team/app:v1", f"{ref.upstream}/team/lost:v1"}
         assert images[f"{ref.upstream}/team/lost:v1"]["bytes"] == 0
         assert images[f"{ref.upstream}/team/app:v1"]["platforms"] == []  # unreadable index
