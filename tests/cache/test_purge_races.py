@@ -20,6 +20,7 @@ from dnsoverride.cache.daemon import build_cache
 from dnsoverride.cache.registry.names import parse_digest
 from dnsoverride.cache.registry.warm import PARALLEL_BLOBS, WarmJob
 from dnsoverride.cache.status import verdict
+from dnsoverride.cache.store import Budget
 from tests.support.registry_fixtures import Publish
 from tests.support.registry_liar import LyingRegistry, real_size_manifest
 from tests.support.registry_peers import OCI_MANIFEST, DistributionRegistry, TestProxy, push
@@ -289,5 +290,26 @@ async def test_ls_and_purge_take_a_damaged_store(
         assert {(n, t) for _, n, t in plan.tags} == {("team/app", "v1"), ("team/lost", "v1")}
         assert list(cache.store.items("manifests")) == []
         assert list(cache.store.items("blobs")) == []
+    finally:
+        await cache.close()
+
+
+async def test_content_evicted_while_a_purge_plans_is_not_counted_as_removed(
+    tmp_path: Path, publish: Publish, upstream: DistributionRegistry
+) -> None:
+    """The store's budget evicts a layer between the plan and its removal: the purge does
+    not report it (nor its bytes) as what it removed. Failed on s14-ops: it was counted."""
+    image = await publish("team/app:v1", platforms=("linux/amd64",))
+    cache = build_cache(cache_config.load(config_file(tmp_path, upstream.url)))
+    try:
+        job = cache.warmer.trigger("team/app:v1")
+        await job.done.wait()
+        plan = cache.contents.registry.plan(image=cache.warmer.parse("team/app:v1"))
+        assert len(plan.removed) == len(image.blobs) + 1
+        cache.store.budget = Budget(max_size=10)
+        cache.store.evict()  # everything unpinned goes: the budget is ten bytes
+        assert list(cache.store.items("blobs")) == []
+        cache.contents.registry.apply(plan)
+        assert plan.removed == [] and plan.document(False)["removed_bytes"] == 0
     finally:
         await cache.close()

@@ -359,6 +359,8 @@ class RegistryContents:
         for kind, digest, size in plan.removed:
             if (kind, digest) in used:
                 plan.skipped.append((kind, digest, USED_SINCE_PLANNED))
+            elif not self.store.has(kind, digest):
+                continue  # evicted meanwhile: not this purge's bytes
             elif self.store.remove(kind, digest):
                 removed.append((kind, digest, size))
             else:
