@@ -15,8 +15,8 @@ ls`, `cache purge` and `cache warm` ask.
 The POSTs are actions and the GETs local reads (common/admin.py): answered on the control
 socket or a loopback admin listener only (a listing names private repositories too).
 Listing and planning a purge read every stored manifest: that runs in a thread, so the
-cache serves on meanwhile; the removal itself is quick and on the loop (what became pinned
-or was used in between is skipped then).
+cache serves on meanwhile; the removal runs on the loop in batches, the loop serving
+between them (what became pinned or was used in between is skipped then).
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ class CacheContents:
                 ]
                 self._packages(plan, old)
         if not dry_run:
-            self.registry.apply(plan)
+            await self.registry.apply(plan)
         document = plan.document(dry_run)
         log.info(
             "cache_purged" if not dry_run else "cache_purge_planned",

@@ -7,6 +7,7 @@ storm the upstream. In process (build_cache), against a real distribution regist
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -17,6 +18,7 @@ from aiohttp import web
 
 from dnsoverride.cache import config as cache_config
 from dnsoverride.cache.daemon import build_cache
+from dnsoverride.cache.registry.contents import REMOVE_BATCH
 from dnsoverride.cache.registry.names import parse_digest
 from dnsoverride.cache.registry.warm import PARALLEL_BLOBS, WarmJob
 from dnsoverride.cache.status import verdict
@@ -59,7 +61,7 @@ async def test_content_used_while_a_purge_plans_is_kept(
         used = parse_digest(sorted(image.blobs)[0])
         assert cache.store.lookup("manifests", top) is not None
         assert cache.store.lookup("blobs", used) is not None
-        contents.apply(plan)
+        await contents.apply(plan)
         assert cache.store.has("manifests", top) and cache.store.has("blobs", used)
         assert cache.manifests.tags.read(ref.upstream, ref.name, "v1") is not None
         assert plan.tags == [], "the tag whose manifest was just served is kept"
@@ -90,7 +92,7 @@ async def test_a_tag_moved_while_a_purge_plans_keeps_its_new_record(
         second = cache.warmer.trigger("team/app:v1")
         await second.done.wait()
         assert second.digest == moved.top_digest
-        cache.contents.registry.apply(plan)
+        await cache.contents.registry.apply(plan)
         record = cache.manifests.tags.read(ref.upstream, ref.name, "v1")
         assert record is not None and record.digest == moved.top_digest
         assert plan.tags == []
@@ -201,7 +203,7 @@ async def test_purging_an_image_by_digest_keeps_another_repository_s_tag(
             assert job.state == "done", job.error
         contents = cache.contents.registry
         plan = contents.plan(image=cache.warmer.parse(f"team/a@{image.top_digest}"))
-        contents.apply(plan)
+        await contents.apply(plan)
         b = cache.warmer.parse("team/b:v1")
         assert [(u, n, t) for u, n, t in plan.tags] == [(b.upstream, "team/a", "v1")]
         assert plan.removed == []
@@ -286,7 +288,7 @@ async def test_ls_and_purge_take_a_damaged_store(
         assert images[f"{ref.upstream}/team/lost:v1"]["bytes"] == 0
         assert images[f"{ref.upstream}/team/app:v1"]["platforms"] == []  # unreadable index
         plan = cache.contents.registry.plan(older_than=time.time() + 1)
-        cache.contents.registry.apply(plan)
+        await cache.contents.registry.apply(plan)
         assert {(n, t) for _, n, t in plan.tags} == {("team/app", "v1"), ("team/lost", "v1")}
         assert list(cache.store.items("manifests")) == []
         assert list(cache.store.items("blobs")) == []
@@ -309,7 +311,42 @@ async def test_content_evicted_while_a_purge_plans_is_not_counted_as_removed(
         cache.store.budget = Budget(max_size=10)
         cache.store.evict()  # everything unpinned goes: the budget is ten bytes
         assert list(cache.store.items("blobs")) == []
-        cache.contents.registry.apply(plan)
+        await cache.contents.registry.apply(plan)
         assert plan.removed == [] and plan.document(False)["removed_bytes"] == 0
     finally:
+        await cache.close()
+
+
+async def test_a_large_purge_lets_the_loop_turn_while_it_removes(tmp_path: Path) -> None:
+    """3000 stored blobs purged by age: the removal (a file unlinked each) gives the event
+    loop turns between batches, so the cache serves during a large purge. Failed on
+    s14-ops: `apply` removed everything in one step (no turn at all: the daemon stalled
+    for the whole removal)."""
+    root = tmp_path / "store"
+    for n in range(3000):
+        data = f"blob {n}".encode()
+        digest = hashlib.sha256(data).hexdigest()
+        path = root / "blobs" / "sha256" / digest[:2] / digest
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    cache = build_cache(cache_config.load(config_file(tmp_path, "http://127.0.0.1:9")))
+    turns = 0
+
+    async def ticker() -> None:
+        nonlocal turns
+        while True:
+            turns += 1
+            await asyncio.sleep(0)
+
+    ticking = asyncio.create_task(ticker())
+    try:
+        contents = cache.contents.registry
+        plan = await asyncio.to_thread(contents.plan, None, None, time.time() + 1)
+        assert len(plan.removed) == 3000
+        before = turns
+        await contents.apply(plan)
+        assert turns - before >= 3000 // REMOVE_BATCH - 1
+        assert len(plan.removed) == 3000 and list(cache.store.items("blobs")) == []
+    finally:
+        ticking.cancel()
         await cache.close()

@@ -20,6 +20,7 @@ Nothing is read from the upstream and nothing counts as a use of what it reads.
 
 from __future__ import annotations
 
+import asyncio
 import fnmatch
 import json
 import time
@@ -37,6 +38,7 @@ from dnsoverride.cache.store import Digest, Kind, Store
 Item = tuple[Kind, Digest]
 REGISTRY_KINDS: tuple[Kind, ...] = ("manifests", "blobs")
 USED_SINCE_PLANNED = "used since the purge was planned"
+REMOVE_BATCH = 256  # files removed between two turns of the event loop
 
 
 @dataclass(frozen=True)
@@ -122,7 +124,7 @@ class _Walk:
 
 class RegistryContents:
     """Reads run off the event loop (`asyncio.to_thread`): they only read files and look
-    the store's index up; removing (`apply`) runs on the loop."""
+    the store's index up; removing (`apply`) runs on the loop, in batches."""
 
     def __init__(self, store: Store, manifests: Manifests, fetcher: Fetcher) -> None:
         self.store = store
@@ -338,31 +340,34 @@ class RegistryContents:
             return "in use: being sent to a client"
         return None
 
-    def apply(self, plan: PurgePlan) -> None:
+    async def apply(self, plan: PurgePlan) -> None:
         """Remove what `plan` says (the tag records first: no tag points at a removed
         manifest). Content pinned or used since the plan was begun moves to `skipped`, and
-        a tag whose manifest was used or whose record was rewritten meanwhile stays."""
-        used = {
-            (kind, digest)
-            for kind, digest, _ in plan.removed
-            if (self.store.last_use(kind, digest) or 0) >= plan.planned_at
-        }
+        a tag whose manifest was used or whose record was rewritten meanwhile stays. The
+        loop serves between batches of removals (each a file unlinked: tens of thousands in
+        a large purge); each item is checked just before it goes."""
+
+        def used(kind: Kind, digest: Digest) -> bool:
+            return (self.store.last_use(kind, digest) or 0) >= plan.planned_at
+
         forgotten = []
         for key in plan.tags:
             record = plan.records.get(key)
-            if record is not None and ("manifests", parse_digest(record.digest)) in used:
+            if record is not None and used("manifests", parse_digest(record.digest)):
                 continue
             if self.manifests.forget_tag(*key, planned=record):
                 forgotten.append(key)
         plan.tags = forgotten
         removed = []
-        for kind, digest, size in plan.removed:
-            if (kind, digest) in used:
+        for number, (kind, digest, size) in enumerate(plan.removed, 1):
+            if used(kind, digest):
                 plan.skipped.append((kind, digest, USED_SINCE_PLANNED))
             elif not self.store.has(kind, digest):
-                continue  # evicted meanwhile: not this purge's bytes
+                pass  # evicted meanwhile: not this purge's bytes
             elif self.store.remove(kind, digest):
                 removed.append((kind, digest, size))
             else:
                 plan.skipped.append((kind, digest, "in use: being sent to a client"))
+            if number % REMOVE_BATCH == 0:
+                await asyncio.sleep(0)
         plan.removed = removed
