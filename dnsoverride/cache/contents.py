@@ -122,6 +122,8 @@ class CacheContents:
 
     async def warm(self, query: Mapping[str, str]) -> dict[str, object]:
         if query.get("listed"):
+            if not self.warmer.schedule:
+                raise ValueError("the cache's config has no warm: list (nothing to warm)")
             jobs = await self.warmer.run_schedule_now()
             return {"jobs": [job.document() for job in jobs]}
         text = query.get("image")

@@ -350,3 +350,15 @@ async def test_a_large_purge_lets_the_loop_turn_while_it_removes(tmp_path: Path)
     finally:
         ticking.cancel()
         await cache.close()
+
+
+async def test_warm_listed_without_a_warm_list_says_so(tmp_path: Path) -> None:
+    """`cache warm --listed` on a cache whose config lists nothing to warm is the admin's
+    mistake, said in one line (the CLI's exit status 2). Failed on s14-ops: it answered
+    no jobs, and the command printed nothing and exited 0."""
+    cache = build_cache(cache_config.load(config_file(tmp_path, "http://127.0.0.1:9")))
+    try:
+        with pytest.raises(ValueError, match="has no warm: list"):
+            await cache.contents.warm({"listed": "1"})
+    finally:
+        await cache.close()
