@@ -36,6 +36,16 @@ def origin(world: World) -> Iterator[YumUpstream]:
     server.stop()
 
 
+def vault_cache(origin: YumUpstream, control: Path) -> dict[str, Any]:
+    """A cache config with `origin` as package upstream `vault` and a control socket."""
+    port = origin.listeners[0][1]
+    url = f"http://127.0.0.1:{port}/"
+    return {
+        "packages": {"upstreams": [{"name": "vault", "url": url, "hosts": ["vault.test"]}]},
+        "control_socket": str(control),
+    }
+
+
 async def cache_cli(*args: str) -> subprocess.CompletedProcess[str]:
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "dnsoverride", "cache", *args,
@@ -53,17 +63,8 @@ async def test_ls_lists_package_repositories_and_purge_takes_a_package(
     world: World,
     package_set: PackageSet,
 ) -> None:
-    port = origin.listeners[0][1]
     control = tmp_path / "cache.sock"
-    config = {
-        "packages": {
-            "upstreams": [
-                {"name": "vault", "url": f"http://127.0.0.1:{port}/", "hosts": ["vault.test"]}
-            ]
-        },
-        "control_socket": str(control),
-    }
-    cache = start_cache(config=config)
+    cache = start_cache(config=vault_cache(origin, control))
     repo = world.repos[C7_OS]
     hello = package_set.hello
     base = f"http://{cache.address}/packages/vault/{ROOT}"
@@ -130,17 +131,8 @@ async def test_ls_after_a_restart_neither_uses_nor_holds_the_repositories(
     Failed on s14-ops: `ls` restored every recorded repository as if a client had asked,
     touching each metadata file's last use and pinning them, so `purge --older-than`
     skipped what nobody had used ("in use: listed by a served repository snapshot")."""
-    port = origin.listeners[0][1]
     control = tmp_path / "cache.sock"
-    config = {
-        "packages": {
-            "upstreams": [
-                {"name": "vault", "url": f"http://127.0.0.1:{port}/", "hosts": ["vault.test"]}
-            ]
-        },
-        "control_socket": str(control),
-    }
-    cache = start_cache(config=config)
+    cache = start_cache(config=vault_cache(origin, control))
     base = f"http://{cache.address}/packages/vault/{ROOT}"
     async with aiohttp.ClientSession() as http, http.get(base + "repodata/repomd.xml") as got:
         assert got.status == 200
