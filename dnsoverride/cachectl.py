@@ -192,7 +192,8 @@ def _start(admin: adminclient.AdminEndpoint, image: str) -> dict[str, Any]:
 
 def _poll(admin: adminclient.AdminEndpoint, job: dict[str, Any]) -> dict[str, Any]:
     answer = adminclient.get_json(admin, "/warm/jobs", {"job": str(job["job"])})
-    assert isinstance(answer, dict)
+    if not isinstance(answer, dict) or "state" not in answer:
+        raise UserError(f"{admin} ({admin.source}): /warm/jobs did not answer job {job['job']}")
     return answer
 
 
