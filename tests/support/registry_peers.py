@@ -499,13 +499,19 @@ class TestProxy:
                     assert request.transport is not None
                     request.transport.abort()
                     return response
+                if kind == "blob" and self.throttle:
+                    await asyncio.sleep(len(chunk) / self.throttle)
+                if sent + len(chunk) == upstream.content_length:
+                    self.last_bytes(request)
                 await response.write(chunk)
                 sent += len(chunk)
                 self.bytes[kind] += len(chunk)
-                if kind == "blob" and self.throttle:
-                    await asyncio.sleep(len(chunk) / self.throttle)
             await response.write_eof()
             return response
+
+    def last_bytes(self, request: web.Request) -> None:
+        """Called just before the last bytes of a response go out: the client cannot have
+        them (and act on them) yet."""
 
 
 # -- a token server for `auth: token` --------------------------------------------------------
