@@ -147,7 +147,7 @@ class Resolver:
             config.cache.size, len(config.views), config.edns_udp_size, config.cache.max_bytes
         )
         self.responses = ResponseCache(config.cache)
-        self.ratelimit = RateLimiter(config.ratelimit)
+        self.ratelimit = RateLimiter(config.ratelimit, share=config.workers)
         self._acl = Acl(config.allow)
         self._views = ViewTable(config.views, config.default_view)
         self._udp_size = config.edns_udp_size
