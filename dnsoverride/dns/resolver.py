@@ -306,11 +306,15 @@ class Resolver:
         self._answering[herd] = done
 
         def answered(future: asyncio.Future[relay.Reply]) -> None:
+            forwarded: _Forwarded | Exception
             try:
                 try:
                     forwarded = self._fresh(question, future.result())
                 except UpstreamFailedError:
                     forwarded = self._stale(question)
+            except Exception as error:  # a bug: as in `resolve`
+                forwarded = error
+            try:
                 self._answer_miss(miss, forwarded)
             finally:
                 if self._answering.get(herd) is done:
@@ -320,11 +324,14 @@ class Resolver:
         pending.add_done_callback(answered)
         return True
 
-    def _answer_miss(self, miss: _Miss, forwarded: _Forwarded) -> None:
-        """Finish a query `miss` took, with `forwarded`, and send the reply."""
+    def _answer_miss(self, miss: _Miss, forwarded: _Forwarded | Exception) -> None:
+        """Finish a query `miss` took, with `forwarded` (an exception: a bug, SERVFAIL),
+        and send the reply."""
         data, addr, send, known, asked, where = miss
         reply: bytes | None
         try:
+            if isinstance(forwarded, Exception):
+                raise forwarded
             reply = self._finish(known, self._relayed(asked, *forwarded), where)
         except Exception as error:  # as in `resolve`
             reply = self._internal_error(data, where.host, error)
