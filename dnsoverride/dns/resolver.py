@@ -96,6 +96,8 @@ class _Asked(NamedTuple):
     limit: int  # reply size limit: the client's UDP size, or 65,535 over TCP
 
 
+# The EDNS of a query without an OPT record (most of them): made once.
+_NO_EDNS = answer.ClientEdns(False, PLAIN_UDP_SIZE, False)
 # A forwarded answer: (the upstream's reply, seconds it may be reused, source).
 _Forwarded = tuple[relay.Reply, float, str]
 
@@ -405,15 +407,19 @@ class Resolver:
             return None
         flags, edns_byte = key[wire.KEY_FLAGS], key[wire.KEY_EDNS]
         do = bool(edns_byte & DO)
-        udp_size = wire.key_udp_size(key) if edns_byte else PLAIN_UDP_SIZE
+        if edns_byte:  # (a COOKIE comes in the OPT record)
+            udp_size = wire.key_udp_size(key)
+            edns = answer.ClientEdns(True, udp_size, do, 0, known.cookie or b"")
+        else:
+            udp_size, edns = PLAIN_UDP_SIZE, _NO_EDNS
         asked = _Asked(
-            query_id=data[:2],
-            rd=flags & RD,
-            cd=bool(flags & CD),
-            ad=bool(flags & AD),
-            question=data[HEADER_SIZE : wire.key_question_end(key)],
-            edns=answer.ClientEdns(bool(edns_byte), udp_size, do, 0, known.cookie or b""),
-            limit=MAX_MESSAGE if tcp else udp_size,
+            data[:2],  # the ID
+            flags & RD,
+            bool(flags & CD),
+            bool(flags & AD),
+            data[HEADER_SIZE : wire.key_question_end(key)],
+            edns,
+            MAX_MESSAGE if tcp else udp_size,
         )
         question = Question(qname, qtype, CLASS_IN, do, asked.cd)
         return asked, question, _Where(tcp, host, index, view, generation, qname, qtype)
