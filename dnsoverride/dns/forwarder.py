@@ -286,6 +286,12 @@ class Forwarder:
             future.exception()  # retrieved: there may be no waiters
             if not isinstance(error, Exception):
                 raise
+            if failure is None:  # a bug: its waiters get SERVFAIL (or stale), and a line here
+                log.error(
+                    "forward_failed",
+                    name=question_text(question),
+                    error=f"{type(error).__name__}: {str(error)[:200]}",
+                )
         else:
             future.set_result(answer)
         finally:

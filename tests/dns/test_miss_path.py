@@ -18,6 +18,7 @@ from typing import Any
 import dns.message
 import dns.rcode
 import pytest
+import structlog.testing
 
 from dnsoverride.dns.config import ServeFlags, load_config
 from dnsoverride.dns.forwarder import Forwarder
@@ -139,4 +140,29 @@ async def test_a_bug_making_the_reply_costs_one_servfail(
     assert reply.id == query.id
     assert reply.rcode() == dns.rcode.SERVFAIL
     assert resolver.stats.query_errors["internal"] == 1
+    assert not resolver.in_flight()
+
+
+async def test_a_bug_going_on_after_the_first_exchange_is_logged_and_answered(
+    tmp_path: Path, upstream: DnsPeer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """dnsmasq REFUSES the AAAA (no upstream of its own), so the question goes on in a
+    task after its first exchange; a bug there fails the question (SERVFAIL for the
+    client, the question not left in flight) with one `forward_failed` line, not a
+    silent task exception."""
+    resolver = await _resolver(tmp_path, upstream.address)
+    client = _Client()
+
+    async def broken(*_args: object) -> None:
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(resolver.forwarder, "_ask_all", broken)
+    query = dns.message.make_query("refused.fwd.test", "AAAA")
+    with structlog.testing.capture_logs() as logs:
+        assert resolver.miss(query.to_wire(), CLIENT, client.send)
+        reply = await client.reply()
+    assert reply.rcode() == dns.rcode.SERVFAIL
+    assert [entry["error"] for entry in logs if entry["event"] == "forward_failed"] == [
+        "RuntimeError: bug"
+    ]
     assert not resolver.in_flight()
