@@ -235,6 +235,26 @@ class ServeConfig:
 
 TOP_KEYS = keys_of(ServeConfig)
 MAX_WORKERS = 64
+# `workers: auto`: one per CPU this process may run on, at most this many (each copies
+# the zones: with a large zone set, memory grows by one zone set per worker).
+AUTO_WORKERS_CAP = 4
+
+
+def auto_workers() -> int:
+    """What `workers: auto` means here: the usable CPUs, at most `AUTO_WORKERS_CAP`."""
+    return max(1, min(len(os.sched_getaffinity(0)), AUTO_WORKERS_CAP))
+
+
+def _parse_workers(value: Any) -> int:
+    if value == "auto":
+        return auto_workers()
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_WORKERS:
+        raise GrammarError(
+            f"expected an integer from 1 to {MAX_WORKERS} or auto, not {brief(value)}"
+        )
+    return value
+
+
 VIEW_KEYS = keys_of(View)
 CACHE_KEYS = keys_of(CacheConfig)
 PROBE_KEYS = keys_of(ProbeConfig)
@@ -286,7 +306,7 @@ def _read_top(top: Section, path: Path) -> None:
         top.duration(key, 0, DAY)
     top.size("edns_udp_size", PLAIN_UDP_SIZE, 4096, unit_required=False)
     top.boolean("query_log")
-    top.integer("workers", 1, MAX_WORKERS)
+    top.read("workers", _parse_workers)
     top.endpoint("metrics", HTTP_LISTENER)
     for key, section_class in SECTIONS.items():
         settings = top.section(key, keys_of(section_class))

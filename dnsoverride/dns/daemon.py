@@ -218,6 +218,7 @@ class DnsService:
         self._zones: LiveZones | None = None
         self._health: HealthMonitor | None = None
         self._bound: _Bound | None = None
+        self._resolver: Resolver | None = None
         self._probing: asyncio.Task[None] | None = None
         self._reloader: Reloader[Routing] | None = None
         self._pool: WorkerPool | None = None
@@ -237,7 +238,9 @@ class DnsService:
         self._zones = zones = LiveZones(zone_set)
         stats = DnsStats()
         forwarder = Forwarder.for_config(config, stats)
-        resolver = Resolver(config, zones, forwarder, stats, cookie_secret=self._cookie_secret)
+        self._resolver = resolver = Resolver(
+            config, zones, forwarder, stats, cookie_secret=self._cookie_secret
+        )
         resolver.route(routing)  # the views the first load was validated with
         registry = self._registry
         registry.register(
@@ -369,7 +372,8 @@ class DnsService:
         if self._reloader is not None:
             await self._reloader.stop()
         if self._bound is not None:
-            await _close(self._bound, self._tasks)
+            assert self._resolver is not None
+            await _close(self._bound, self._tasks, self._resolver)
 
     async def serve_as_worker(self, inherited: list[socket.socket]) -> None:
         """A worker's life: serve, tell the supervisor, follow its messages until "stop"
@@ -445,11 +449,12 @@ def worker_main(spec: WorkerSpec, index: int, link: Connection) -> None:
         runner.run(service.serve_as_worker(list(spec.inherited)))
 
 
-async def _close(bound: _Bound, tasks: set[asyncio.Task[None]]) -> None:
+async def _close(bound: _Bound, tasks: set[asyncio.Task[None]], resolver: Resolver) -> None:
     for server in bound.tcp:
         server.close()
-    if tasks:
+    in_flight = {*tasks, *resolver.in_flight()}
+    if in_flight:
         # In-flight forwarded queries finish (bounded) so their clients get an answer.
-        await asyncio.wait(set(tasks), timeout=SHUTDOWN_GRACE)
+        await asyncio.wait(in_flight, timeout=SHUTDOWN_GRACE)
     for transport in bound.udp:
         transport.close()

@@ -41,8 +41,9 @@ from __future__ import annotations
 import asyncio
 import functools
 import math
+import os
 import secrets
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable
 
 import dnslib
 import structlog
@@ -64,9 +65,13 @@ UNWANTED_LIMIT = 3  # unwanted datagrams on one query's socket before it is aban
 SOCKETS_PER_ATTEMPT = 3  # fresh ports (and IDs) one attempt may use before it gives up
 DEMOTE_AFTER = 3  # client questions in a row an upstream let time out that another answered
 DEMOTION = 30.0  # seconds it is then tried after the others; then one question tries it again
-_RETRY_RCODES = {SERVFAIL: "servfail", REFUSED: "refused"}
+_RETRY = {SERVFAIL: "servfail", REFUSED: "refused"}
 # Reasons that say nothing about the question: the upstream did not reply at all.
 _SILENT = ("timeout", "error")
+
+
+# A question's first exchange, made before any task: (upstream, our query, its outcome).
+_Exchanged = tuple["_Upstream", bytes, "relay.Reply | Exception"]
 
 
 class UpstreamFailedError(Exception):
@@ -128,7 +133,7 @@ class Forwarder:
         stats.upstream_up.update((upstream.name, True) for upstream in self._upstreams)
         self._budget = budget
         self._attempt_timeout = attempt_timeout
-        self._edns_udp_size = edns_udp_size
+        self._opts = (wire.opt_record(edns_udp_size, False), wire.opt_record(edns_udp_size, True))
         self._case_randomization = (forward or ForwardConfig()).case_randomization
         self._stats = stats
         self._inflight: dict[Question, asyncio.Future[relay.Reply]] = {}
@@ -143,6 +148,7 @@ class Forwarder:
         # on Python 3.11, five times a forwarded query.
         self._loop = asyncio.get_running_loop()
         self._watcher = SocketWatcher(self._loop)
+        self._ids = QueryIds()
 
     @classmethod
     def for_config(cls, config: ServeConfig, stats: DnsStats) -> Forwarder:
@@ -203,28 +209,91 @@ class Forwarder:
 
     async def resolve(self, question: Question) -> relay.Reply:
         """The upstream answer to `question`, shared with identical concurrent callers."""
+        return await asyncio.shield(self.ask(question))
+
+    def ask(self, question: Question) -> asyncio.Future[relay.Reply]:
+        """The answer to `question` to come (or `UpstreamFailedError`), shared with the
+        identical questions in flight. Begun without a task: the first upstream's first
+        exchange calls back here, and a plain answer (the common case) settles the future
+        at once; only what that cannot settle (a timeout, forgeries, TC, a SERVFAIL or
+        REFUSED, the next upstream) goes on in a task, `_ask_all` from where it stands."""
         pending = self._inflight.get(question)
         if pending is not None:
-            return await asyncio.shield(pending)
+            return pending
+        future: asyncio.Future[relay.Reply] = self._loop.create_future()
         if len(self._inflight) >= MAX_INFLIGHT:
             # A flood of distinct names must not take every file descriptor (one socket
             # per upstream query): beyond this many, fail fast (SERVFAIL or stale).
             self._stats.upstream_failed("*", "busy")
             self._failure_log.emit("*", upstream="*", reason="busy", name=question_text(question))
-            raise UpstreamFailedError(question_text(question))
-        future: asyncio.Future[relay.Reply] = self._loop.create_future()
+            future.set_exception(UpstreamFailedError(question_text(question)))
+            future.exception()  # retrieved: there may be no waiters
+            return future
         self._inflight[question] = future
+        started = self._loop.time()
+        upstream = self._ordered(started)[0]
+        packet = self._packet(question)
         try:
-            answer = await self._ask_all(question)
+            UdpExchange(
+                self._watcher,
+                upstream.address,
+                packet,
+                deadline=started + min(self._attempt_timeout, self._budget),
+                exact_case=self._case_randomization,
+                unwanted=upstream.unwanted,
+                unwanted_limit=UNWANTED_LIMIT,
+                done=functools.partial(
+                    self._first, future, question, upstream, started=started, packet=packet
+                ),
+            )
+        except OSError as error:  # no socket (out of descriptors): an upstream failure
+            self._first(future, question, upstream, error, started=started, packet=packet)
+        return future
+
+    def _first(
+        self,
+        future: asyncio.Future[relay.Reply],
+        question: Question,
+        upstream: _Upstream,
+        outcome: relay.Reply | Exception,
+        *,
+        started: float,
+        packet: bytes,
+    ) -> None:
+        """The outcome of a question's first exchange: a plain answer settles it here."""
+        if isinstance(outcome, relay.Reply) and not outcome.tc and outcome.rcode not in _RETRY:
+            del self._inflight[question]
+            self._accepted(upstream, started, ())
+            future.set_result(outcome)
+            return
+        first = (upstream, packet, outcome)
+        self._background_task(self._settle(future, question, started, first))
+
+    async def _settle(
+        self,
+        future: asyncio.Future[relay.Reply],
+        question: Question,
+        started: float,
+        first: _Exchanged | None,
+    ) -> None:
+        """Go on with `question` after its first exchange, and settle `future`."""
+        try:
+            answer = await self._ask_all(question, started, first)
         except BaseException as error:
             # Waiters must never hang: even a cancelled lookup (shutdown) fails them.
             failure = error if isinstance(error, UpstreamFailedError) else None
             future.set_exception(failure or UpstreamFailedError(question_text(question)))
             future.exception()  # retrieved: there may be no waiters
-            raise
+            if not isinstance(error, Exception):
+                raise
+            if failure is None:  # a bug: its waiters get SERVFAIL (or stale), and a line here
+                log.error(
+                    "forward_failed",
+                    name=question_text(question),
+                    error=f"{type(error).__name__}: {str(error)[:200]}",
+                )
         else:
             future.set_result(answer)
-            return answer
         finally:
             del self._inflight[question]
 
@@ -242,49 +311,69 @@ class Forwarder:
             return  # counted and logged; the caller keeps serving stale
         store(question, answer)
 
-    async def _ask_all(self, question: Question) -> relay.Reply:
-        loop = self._loop
-        now = loop.time()
-        deadline = now + self._budget
-        replied = False
-        order = self._order
+    def _ordered(self, now: float) -> list[_Upstream]:
+        """The upstreams in the order a question asks them: healthy first, the demoted
+        after the others."""
         if now < self._demotions_end:
-            order = sorted(order, key=lambda upstream: upstream.demoted_until > now)
+            return sorted(self._order, key=lambda upstream: upstream.demoted_until > now)
+        return self._order
+
+    async def _ask_all(
+        self, question: Question, started: float, first: _Exchanged | None = None
+    ) -> relay.Reply:
+        """Ask the upstreams in turn, within the budget from `started`; `first` is the
+        first upstream's first exchange, when made already (its socket closed)."""
+        loop = self._loop
+        deadline = started + self._budget
+        replied = False
+        order = list(self._ordered(started))
+        if first is not None:
+            order.remove(first[0])
+            order.insert(0, first[0])
         silent: list[_Upstream] = []  # let this question time out
-        for upstream in list(order):
-            remaining = deadline - loop.time()
+        for upstream in order:
+            attempt_started = started if first is not None else loop.time()
+            remaining = deadline - attempt_started
             if remaining <= 0.01 or (replied and not upstream.up):
                 # Upstreams marked down are a last resort for when no upstream replied at
                 # all: a SERVFAIL from a live one is not worth a dead one's timeout.
                 break
-            started = loop.time()
+            attempt_deadline = attempt_started + min(self._attempt_timeout, remaining)
             try:
-                answer = await self._ask(
-                    upstream, question, started + min(self._attempt_timeout, remaining)
-                )
+                answer = await self._ask(upstream, question, attempt_deadline, first)
             except TimeoutError:
-                self._failed(upstream, "timeout", question, started)
+                self._failed(upstream, "timeout", question, attempt_started)
                 silent.append(upstream)
                 continue
             except AbandonedError:
-                self._failed(upstream, "unwanted", question, started)
+                self._failed(upstream, "unwanted", question, attempt_started)
                 continue
             except (OSError, ValueError, EOFError) as error:
-                self._failed(upstream, "error", question, started, error)
+                self._failed(upstream, "error", question, attempt_started, error)
                 continue
-            self._answered(upstream)
-            upstream.passed_over = 0
-            upstream.demoted_until = -math.inf
+            finally:
+                first = None
             replied = True
-            reason = _RETRY_RCODES.get(answer.rcode)
+            reason = _RETRY.get(answer.rcode)
             if reason is not None:
-                self._failed(upstream, reason, question, started)
+                self._answered(upstream)
+                upstream.passed_over = 0
+                upstream.demoted_until = -math.inf
+                self._failed(upstream, reason, question, attempt_started)
                 continue
-            for passed in silent:
-                self._passed_over(passed)
-            self._stats.upstream_answered(upstream.name, loop.time() - started)
+            self._accepted(upstream, attempt_started, silent)
             return answer
         raise UpstreamFailedError(question_text(question))
+
+    def _accepted(self, upstream: _Upstream, started: float, silent: Iterable[_Upstream]) -> None:
+        """`upstream` answered a question asked at `started`, that the upstreams in
+        `silent` let time out."""
+        self._answered(upstream)
+        upstream.passed_over = 0
+        upstream.demoted_until = -math.inf
+        for passed in silent:
+            self._passed_over(passed)
+        self._stats.upstream_answered(upstream.name, self._loop.time() - started)
 
     def _answered(self, upstream: _Upstream) -> None:
         upstream.last_answer = self._loop.time()
@@ -352,29 +441,22 @@ class Forwarder:
         self._any_up = any(upstream.up for upstream in self._upstreams)
         self._order = sorted(self._upstreams, key=lambda upstream: not upstream.up)
 
-    async def _ask(self, upstream: _Upstream, question: Question, deadline: float) -> relay.Reply:
-        """One attempt: UDP from up to `SOCKETS_PER_ATTEMPT` fresh ports, TCP after TC;
-        TimeoutError at `deadline`."""
-        watcher = self._watcher
-        name, qtype, qclass, do, cd = question
+    async def _ask(
+        self,
+        upstream: _Upstream,
+        question: Question,
+        deadline: float,
+        first: _Exchanged | None = None,
+    ) -> relay.Reply:
+        """One attempt: UDP from up to `SOCKETS_PER_ATTEMPT` fresh ports (the first of them
+        `first`, when made already), TCP after TC; TimeoutError at `deadline`."""
         for _ in range(SOCKETS_PER_ATTEMPT):
-            sent = _mixed_case(name) if self._case_randomization else name
-            query_id = secrets.randbits(16)
-            packet = relay.query(
-                query_id, sent, qtype, qclass, cd=cd, do=do, udp_size=self._edns_udp_size
-            )
-            exchange = UdpExchange(
-                watcher,
-                upstream.address,
-                packet,
-                deadline=deadline,
-                exact_case=self._case_randomization,
-                unwanted=upstream.unwanted,
-                unwanted_limit=UNWANTED_LIMIT,
-            )
-            try:
-                answer = await exchange.reply
-            except AbandonedError:
+            if first is None:
+                packet, outcome = await self._exchange(upstream, question, deadline)
+            else:
+                _, packet, outcome = first
+                first = None
+            if isinstance(outcome, AbandonedError):
                 self._spoof_log.emit(
                     upstream.name,
                     upstream=upstream.name,
@@ -382,19 +464,76 @@ class Forwarder:
                     unwanted=UNWANTED_LIMIT,
                 )
                 continue
-            finally:
-                exchange.close()
-            if answer.tc:
+            if isinstance(outcome, Exception):
+                raise outcome
+            if outcome.tc:
                 async with asyncio.timeout_at(deadline):
                     return await self._tcp(upstream, packet)
-            return answer
+            return outcome
         raise AbandonedError()
+
+    async def _exchange(
+        self, upstream: _Upstream, question: Question, deadline: float
+    ) -> tuple[bytes, relay.Reply | Exception]:
+        """Our query for `question` from a fresh port, and its outcome."""
+        outcome: asyncio.Future[relay.Reply | Exception] = self._loop.create_future()
+        packet = self._packet(question)
+        exchange = UdpExchange(
+            self._watcher,
+            upstream.address,
+            packet,
+            deadline=deadline,
+            exact_case=self._case_randomization,
+            unwanted=upstream.unwanted,
+            unwanted_limit=UNWANTED_LIMIT,
+            done=functools.partial(_set_unless_cancelled, outcome),
+        )
+        try:
+            return packet, await outcome
+        finally:
+            exchange.close()  # cancelled: the exchange must not call back
+
+    def _packet(self, question: Question) -> bytes:
+        """Our query for `question`, with a fresh random ID (and letter case, with 0x20)."""
+        name, qtype, qclass, do, cd = question
+        sent = _mixed_case(name) if self._case_randomization else name
+        return relay.query(self._ids(), sent, qtype, qclass, cd=cd, opt=self._opts[do])
 
     async def _tcp(self, upstream: _Upstream, packet: bytes) -> relay.Reply:
         data = await exchange_tcp(upstream.address, packet)
         if not relay.answers_query(packet, data, exact_case=self._case_randomization):
             raise ValueError("TCP reply does not match the query")
         return relay.scan(data)
+
+
+def _set_unless_cancelled(
+    future: asyncio.Future[relay.Reply | Exception], outcome: relay.Reply | Exception
+) -> None:
+    """An exchange's outcome for the task awaiting it, unless that task was cancelled
+    (its future is then cancelled, and the exchange not yet closed)."""
+    if not future.done():
+        future.set_result(outcome)
+
+
+class QueryIds:
+    """Random 16-bit query IDs from the kernel's CSPRNG (what `secrets` reads), fetched
+    `POOL` IDs at a time: one getrandom() call per 1,024 queries instead of one each
+    (0.6 us a query in `secrets.randbits`). Every ID is fresh random bits, used once;
+    nothing about one tells anything about the next, as with one call per ID."""
+
+    POOL = 1024
+
+    def __init__(self) -> None:
+        self._pool = b""
+        self._next = 0
+
+    def __call__(self) -> int:
+        at = self._next
+        if at >= len(self._pool):
+            self._pool = os.urandom(2 * self.POOL)
+            at = 0
+        self._next = at + 2
+        return (self._pool[at] << 8) | self._pool[at + 1]
 
 
 def _mixed_case(name: bytes) -> bytes:

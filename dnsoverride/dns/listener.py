@@ -1,7 +1,9 @@
 """UDP and TCP listeners: bytes in, bytes out, nothing else.
 
 UDP is a plain `asyncio.DatagramProtocol`: a cache hit is answered inside
-`datagram_received` without creating a task; a miss becomes a task. TCP reads
+`datagram_received` without creating a task; so is a cold forwarding miss begun (its
+reply sent from the forwarder's callback, `Resolver.miss`); any other query becomes a
+task. TCP reads
 length-prefixed messages (several per connection, answered concurrently and out of
 order, RFC 7766) until the client goes quiet, and closes a client that does not read
 its answers; cache hits are answered from the same answer cache as UDP. Neither knows
@@ -30,6 +32,7 @@ class UdpListener(asyncio.DatagramProtocol):
     def __init__(self, resolver: Resolver, tasks: set[asyncio.Task[None]]) -> None:
         self._resolver = resolver
         self._fast = resolver.fast  # bound once: the hot path is a handful of lookups
+        self._miss = resolver.miss
         self._tasks = tasks
         self._transport: asyncio.DatagramTransport | None = None
 
@@ -48,14 +51,23 @@ class UdpListener(asyncio.DatagramProtocol):
             if reply:  # b"": dropped by the rate limit
                 self._send(reply, addr)
             return
-        self._tasks.add(self._loop.create_task(self._slow(data, addr)))
+        try:
+            taken = self._miss(data, addr, self._reply)
+        except Exception:  # a bug: `resolve` answers, logs and counts it
+            taken = False
+        if not taken:
+            self._tasks.add(self._loop.create_task(self._slow(data, addr)))
+
+    def _reply(self, reply: bytes, addr: Any) -> None:
+        transport = self._transport
+        if transport is not None and not transport.is_closing():
+            transport.sendto(reply, addr)
 
     async def _slow(self, data: bytes, addr: Any) -> None:
         try:
             reply = await self._resolver.resolve(data, addr[0], tcp=False)
-            transport = self._transport
-            if reply is not None and transport is not None and not transport.is_closing():
-                transport.sendto(reply, addr)
+            if reply is not None:
+                self._reply(reply, addr)
         finally:
             # Itself, rather than a done callback: one loop callback less per query.
             self._tasks.discard(asyncio.current_task(self._loop))

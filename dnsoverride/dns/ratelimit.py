@@ -13,6 +13,13 @@ is proven), and the `exempt` networks (loopback by default: no outside host can 
 loopback source). The resolver calls `check` for every UDP reply, on the fast path too,
 so it is a dict lookup and a little arithmetic. Memory is bounded: at most `MAX_TRACKED`
 prefixes and as many remembered client addresses.
+
+With `workers: N` each process has its own limiter, enforcing `rate / N` (bursts of as
+much, at least one reply): the kernel spreads datagrams over the processes by a hash of
+source address and port, so a flood with forged sources from many ports reaches each
+process about equally and the limit holds in aggregate. A client sending from a single
+port reaches one process only, and gets `rate / N` replies a second before it is
+limited.
 """
 
 from __future__ import annotations
@@ -45,15 +52,18 @@ class RateLimiter:
     caller counts what it did in `dropped` and `truncated` (a client may turn out to be
     exempt after all: a valid cookie)."""
 
-    def __init__(self, config: RateLimitConfig) -> None:
+    def __init__(self, config: RateLimitConfig, share: int = 1) -> None:
+        """`share`: the number of processes the limit is shared by (`workers`)."""
         self.dropped = 0
         self.truncated = 0
+        self._share = share
         self.configure(config)
 
     def configure(self, config: RateLimitConfig) -> None:
         """Apply a (reloaded) configuration; buckets start afresh."""
         self.config = config
-        self._rate = float(config.rate)
+        self._rate = config.rate / self._share
+        self._burst = max(self._rate, 1.0)  # a bucket's capacity: at least one reply
         self._exempt = tuple(config.exempt)
         self._buckets: dict[tuple[int, int], _Bucket] = {}
         self._by_host: dict[str, _Bucket | None] = {}
@@ -65,11 +75,11 @@ class RateLimiter:
             bucket = self._classify(host, now)
         if bucket is None:
             return SEND
-        rate = self._rate
-        tokens = bucket.tokens + (now - bucket.stamp) * rate
+        tokens = bucket.tokens + (now - bucket.stamp) * self._rate
         bucket.stamp = now
         if tokens >= 1.0:
-            bucket.tokens = (rate if tokens > rate else tokens) - 1.0
+            burst = self._burst
+            bucket.tokens = (burst if tokens > burst else tokens) - 1.0
             return SEND
         bucket.tokens = tokens
         bucket.limited += 1
@@ -98,7 +108,7 @@ class RateLimiter:
             if bucket is None:
                 if len(self._buckets) >= MAX_TRACKED:
                     self._forget_idle(now)
-                bucket = self._buckets[prefix] = _Bucket(self._rate, now)
+                bucket = self._buckets[prefix] = _Bucket(self._burst, now)
         self._by_host[host] = bucket
         return bucket
 
@@ -111,7 +121,7 @@ class RateLimiter:
         full = [
             prefix
             for prefix, bucket in self._buckets.items()
-            if bucket.tokens + (now - bucket.stamp) * self._rate >= self._rate
+            if bucket.tokens + (now - bucket.stamp) * self._rate >= self._burst
         ]
         for prefix in full:
             del self._buckets[prefix]

@@ -54,6 +54,7 @@ from dnsoverride.dns.constants import (
 _HEADER = struct.Struct("!HBBHHHH")
 _COUNTS = struct.Struct("!HHHH")
 _RR_FIXED = struct.Struct("!HHIH")
+_QUESTION_TAIL = struct.Struct("!HH")
 # Record types whose data holds names a client decompresses: (octets before the first
 # name, names, octets after the last). The rest is relayed unread.
 _RDATA_NAMES = {
@@ -93,6 +94,7 @@ class Reply(NamedTuple):
     ttls: tuple[tuple[int, int], ...]  # (offset, TTL) of every record
     min_ttl: int | None  # over every record; None when there are none
     negative_ttl: int | None  # min(TTL, MINIMUM) of the first authority SOA
+    max_ttl: int  # over every record; 0 when there are none
 
     def retimed(self, age: int, cap: int) -> Reply:
         """The same reply with every TTL capped at `cap` and then lowered by `age`."""
@@ -104,7 +106,7 @@ class Reply(NamedTuple):
 
     def _with_wire(self, message: bytes) -> Reply:
         ttls = tuple((offset, _ttl_at(message, offset)) for offset, _ in self.ttls)
-        return self._replace(wire=message, ttls=ttls)
+        return self._replace(wire=message, ttls=ttls, max_ttl=max((t for _, t in ttls), default=0))
 
     def records(self) -> dnslib.DNSRecord:
         """The reply parsed by dnslib (for answers that mix in local records)."""
@@ -116,13 +118,11 @@ def _ttl_at(message: bytes, offset: int) -> int:
     return value
 
 
-def query(
-    query_id: int, name: bytes, qtype: int, qclass: int, *, cd: bool, do: bool, udp_size: int
-) -> bytes:
-    """Our query to an upstream: RD set, CD as the client's, EDNS with our buffer size and
-    the client's DO bit."""
+def query(query_id: int, name: bytes, qtype: int, qclass: int, *, cd: bool, opt: bytes) -> bytes:
+    """Our query to an upstream: RD set, CD as the client's, and `opt`, our OPT record
+    (`wire.opt_record`: our buffer size and the client's DO bit)."""
     header = _HEADER.pack(query_id, RD, CD if cd else 0, 1, 0, 0, 1)
-    return header + name + struct.pack("!HH", qtype, qclass) + wire.opt_record(udp_size, do)
+    return header + name + _QUESTION_TAIL.pack(qtype, qclass) + opt
 
 
 def answers_query(query_packet: bytes, data: bytes, *, exact_case: bool) -> bool:
@@ -173,6 +173,7 @@ def _scan(data: bytes, qend: int = 0) -> Reply:
     offset = qend
     ttls = []
     min_ttl: int | None = None
+    max_ttl = 0
     negative_ttl: int | None = None
     opt: tuple[int, int] | None = None
     zeroed = []  # TTL fields with the high bit set
@@ -195,6 +196,7 @@ def _scan(data: bytes, qend: int = 0) -> Reply:
                 zeroed.append(offset + RR_TTL)
             ttls.append((offset + RR_TTL, ttl))
             min_ttl = ttl if min_ttl is None or ttl < min_ttl else min_ttl
+            max_ttl = ttl if ttl > max_ttl else max_ttl
             if rtype == SOA and negative_ttl is None and ancount <= index < ancount + nscount:
                 negative_ttl = _negative_ttl(data, ttl, rdlength, end)
         offset = end
@@ -217,6 +219,7 @@ def _scan(data: bytes, qend: int = 0) -> Reply:
         tuple(ttls),
         min_ttl,
         negative_ttl,
+        max_ttl,
     )
 
 

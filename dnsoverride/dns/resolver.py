@@ -21,7 +21,7 @@ import math
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import dnslib
 import structlog
@@ -96,6 +96,12 @@ class _Asked(NamedTuple):
     limit: int  # reply size limit: the client's UDP size, or 65,535 over TCP
 
 
+# The EDNS of a query without an OPT record (most of them): made once.
+_NO_EDNS = answer.ClientEdns(False, PLAIN_UDP_SIZE, False)
+# A forwarded answer: (the upstream's reply, seconds it may be reused, source).
+_Forwarded = tuple[relay.Reply, float, str]
+
+
 class _Where(NamedTuple):
     """Who asked what, and under which routing: what an answer is counted and cached by."""
 
@@ -106,6 +112,17 @@ class _Where(NamedTuple):
     generation: int  # of the zones the answer was made from
     qname: bytes  # wire format, lowercase
     qtype: int
+
+
+class _Miss(NamedTuple):
+    """A UDP query `Resolver.miss` took: what its reply is made from and sent with."""
+
+    data: bytes
+    addr: Any
+    send: Callable[[bytes, Any], object]
+    known: wire.QueryKey
+    asked: _Asked
+    where: _Where
 
 
 class Resolver:
@@ -132,7 +149,7 @@ class Resolver:
             config.cache.size, len(config.views), config.edns_udp_size, config.cache.max_bytes
         )
         self.responses = ResponseCache(config.cache)
-        self.ratelimit = RateLimiter(config.ratelimit)
+        self.ratelimit = RateLimiter(config.ratelimit, share=config.workers)
         self._acl = Acl(config.allow)
         self._views = ViewTable(config.views, config.default_view)
         self._udp_size = config.edns_udp_size
@@ -251,14 +268,83 @@ class Resolver:
             known = self._keys(data)
             reply = await self._resolve(data, known, host, tcp)
         except Exception as error:  # a bug must cost one answer (and one log line a while)
-            self.stats.query_errors["internal"] += 1
-            self._failed_log.emit(
-                "internal", client=host, error=f"{type(error).__name__}: {str(error)[:200]}"
-            )
-            reply = wire.error_reply(data, SERVFAIL)
+            reply = self._internal_error(data, host, error)
         if reply is None or tcp:
             return reply
         return self._rate_limited(reply, data, known, host, self._now()) or None
+
+    def _internal_error(self, data: bytes, host: str, error: Exception) -> bytes | None:
+        self.stats.query_errors["internal"] += 1
+        self._failed_log.emit(
+            "internal", client=host, error=f"{type(error).__name__}: {str(error)[:200]}"
+        )
+        return wire.error_reply(data, SERVFAIL)
+
+    def miss(self, data: bytes, addr: Any, send: Callable[[bytes, Any], object]) -> bool:
+        """Begin answering a UDP query `fast` did not answer without a task: True when
+        taken (`send(reply, addr)` follows, unless the reply is dropped), False to leave
+        it to `resolve`. Taken: the cold miss of a forwarding server, an ordinary query
+        for a name no override answers, not being answered already, while an upstream
+        answers; `resolve` in a task costs some 15 us more of coroutines and futures."""
+        known = self._keys(data)
+        if known is None or not self.forwarder.answering():
+            return False  # with every upstream down, `_forwarded` answers stale at once
+        host = addr[0]
+        index = self._classify(host)
+        herd = (index, known.udp)
+        if herd in self._answering:
+            return False
+        plain = self._plain(data, known, host, index, tcp=False)
+        if plain is None:
+            return False
+        asked, question, where = plain
+        miss = _Miss(data, addr, send, known, asked, where)
+        cached = self.responses.get(question, self._now())
+        if cached is not None:
+            self._answer_miss(miss, (*cached, "cache"))
+            return True
+        pending = self.forwarder.ask(question)
+        done = self._loop.create_future()
+        self._answering[herd] = done
+
+        def answered(future: asyncio.Future[relay.Reply]) -> None:
+            forwarded: _Forwarded | Exception
+            try:
+                try:
+                    forwarded = self._fresh(question, future.result())
+                except UpstreamFailedError:
+                    forwarded = self._stale(question)
+            except Exception as error:  # a bug: as in `resolve`
+                forwarded = error
+            try:
+                self._answer_miss(miss, forwarded)
+            finally:
+                if self._answering.get(herd) is done:
+                    del self._answering[herd]
+                done.set_result(None)
+
+        pending.add_done_callback(answered)
+        return True
+
+    def _answer_miss(self, miss: _Miss, forwarded: _Forwarded | Exception) -> None:
+        """Finish a query `miss` took, with `forwarded` (an exception: a bug, SERVFAIL),
+        and send the reply."""
+        data, addr, send, known, asked, where = miss
+        reply: bytes | None
+        try:
+            if isinstance(forwarded, Exception):
+                raise forwarded
+            reply = self._finish(known, self._relayed(asked, *forwarded), where)
+        except Exception as error:  # as in `resolve`
+            reply = self._internal_error(data, where.host, error)
+        if reply is not None and where.host not in self._unlimited:
+            reply = self._rate_limited(reply, data, known, where.host, self._now())
+        if reply:
+            send(reply, addr)
+
+    def in_flight(self) -> list[asyncio.Future[None]]:
+        """One future per distinct query being answered, done when it is."""
+        return list(self._answering.values())
 
     async def _resolve(
         self, data: bytes, known: wire.QueryKey | None, host: str, tcp: bool
@@ -294,12 +380,21 @@ class Resolver:
     ) -> bytes | None:
         """The reply to an ordinary query for a name no override answers, without dnslib;
         None to leave the query to `_resolve_parsed`."""
+        plain = self._plain(data, known, host, self._classify(host), tcp=tcp)
+        if plain is None:
+            return None
+        asked, question, where = plain
+        return self._finish(known, await self._forward(asked, question), where)
+
+    def _plain(
+        self, data: bytes, known: wire.QueryKey, host: str, index: int, *, tcp: bool
+    ) -> tuple[_Asked, Question, _Where] | None:
+        """What forwarding `data` as it is takes, from its key: None unless it is an
+        ordinary IN query (not ANY or a transfer) of an allowed client for a name no
+        override answers."""
         key = known.udp
         qtype = wire.key_qtype(key)
-        if wire.key_qclass(key) != CLASS_IN or qtype in _NOT_PLAIN:
-            return None
-        index = self._classify(host)
-        if index == NOT_ALLOWED:
+        if wire.key_qclass(key) != CLASS_IN or qtype in _NOT_PLAIN or index == NOT_ALLOWED:
             return None
         qname = wire.key_name(key)
         try:
@@ -312,20 +407,22 @@ class Resolver:
             return None
         flags, edns_byte = key[wire.KEY_FLAGS], key[wire.KEY_EDNS]
         do = bool(edns_byte & DO)
-        udp_size = wire.key_udp_size(key) if edns_byte else PLAIN_UDP_SIZE
+        if edns_byte:  # (a COOKIE comes in the OPT record)
+            udp_size = wire.key_udp_size(key)
+            edns = answer.ClientEdns(True, udp_size, do, 0, known.cookie or b"")
+        else:
+            udp_size, edns = PLAIN_UDP_SIZE, _NO_EDNS
         asked = _Asked(
-            query_id=data[:2],
-            rd=flags & RD,
-            cd=bool(flags & CD),
-            ad=bool(flags & AD),
-            question=data[HEADER_SIZE : wire.key_question_end(key)],
-            edns=answer.ClientEdns(bool(edns_byte), udp_size, do, 0, known.cookie or b""),
-            limit=MAX_MESSAGE if tcp else udp_size,
+            data[:2],  # the ID
+            flags & RD,
+            bool(flags & CD),
+            bool(flags & AD),
+            data[HEADER_SIZE : wire.key_question_end(key)],
+            edns,
+            MAX_MESSAGE if tcp else udp_size,
         )
-        outcome = await self._forward(asked, Question(qname, qtype, CLASS_IN, do, asked.cd))
-        return self._finish(
-            known, outcome, _Where(tcp, host, index, view, generation, qname, qtype)
-        )
+        question = Question(qname, qtype, CLASS_IN, do, asked.cd)
+        return asked, question, _Where(tcp, host, index, view, generation, qname, qtype)
 
     async def _resolve_parsed(self, data: bytes, host: str, tcp: bool) -> bytes | None:
         index = self._classify(host)
@@ -479,9 +576,13 @@ class Resolver:
     async def _forward(self, asked: _Asked, question: Question) -> _Outcome:
         """The forwarded answer to `asked` (cache, upstream or stale), or SERVFAIL."""
         try:
-            upstream, ttl, source = await self._forwarded(question)
+            forwarded = await self._forwarded(question)
         except UpstreamFailedError:
-            upstream, ttl, source = _SERVFAIL, 0, "error"
+            forwarded = _FAILED
+        return self._relayed(asked, *forwarded)
+
+    def _relayed(self, asked: _Asked, upstream: relay.Reply, ttl: float, source: str) -> _Outcome:
+        """The outcome relaying `upstream` to the client who asked `asked`."""
         udp_size = self._udp_size
         edns = asked.edns
 
@@ -502,7 +603,7 @@ class Resolver:
 
         return _Outcome(render, upstream.rcode, source, ttl, True, edns, upstream.ttls)
 
-    async def _forwarded(self, question: Question) -> tuple[relay.Reply, float, str]:
+    async def _forwarded(self, question: Question) -> _Forwarded:
         """(upstream answer, seconds it may be reused, source) from cache, upstream or stale."""
         cached = self.responses.get(question, self._now())
         if cached is not None:
@@ -523,8 +624,19 @@ class Resolver:
             if stale is None:
                 raise  # logged by the forwarder, rate-limited per upstream
             return stale, self._stale_reuse, "stale"
+        return self._fresh(question, reply)
+
+    def _stale(self, question: Question) -> _Forwarded:
+        """After every upstream failed: the stale answer if there is one, else SERVFAIL."""
+        stale = self.responses.get_stale(question, self._now())
+        if stale is None:
+            return _FAILED
+        return stale, self._stale_reuse, "stale"
+
+    def _fresh(self, question: Question, reply: relay.Reply) -> _Forwarded:
+        """An upstream's answer, cached, as it is served."""
         ttl = self._store(question, reply)
-        if ttl and any(record_ttl > ttl for _, record_ttl in reply.ttls):
+        if ttl and reply.max_ttl > ttl:
             # As the response cache serves it (capped at what it is kept for, at most
             # cache.max_ttl): no client is told to keep it longer than we do.
             reply = reply.retimed(0, ttl)
@@ -543,4 +655,7 @@ def _display(qname: bytes) -> str:
 
 
 # What a client gets when no upstream answered: SERVFAIL, no records, never cached.
-_SERVFAIL = relay.Reply(bytes(HEADER_SIZE), SERVFAIL, False, False, 0, HEADER_SIZE, (), None, None)
+_SERVFAIL = relay.Reply(
+    bytes(HEADER_SIZE), SERVFAIL, False, False, 0, HEADER_SIZE, (), None, None, 0
+)
+_FAILED: _Forwarded = (_SERVFAIL, 0, "error")

@@ -9,7 +9,13 @@ import pytest
 
 from dnsoverride.common.errors import ConfigError, UserError
 from dnsoverride.common.grammar import Endpoint
-from dnsoverride.dns.config import ProbeConfig, ServeFlags, TcpConfig, load_config
+from dnsoverride.dns.config import (
+    AUTO_WORKERS_CAP,
+    ProbeConfig,
+    ServeFlags,
+    TcpConfig,
+    load_config,
+)
 
 
 def args(config: str | None = None, **flags: object) -> tuple[Path | None, ServeFlags]:
@@ -197,3 +203,19 @@ def test_no_upstream_anywhere(tmp_path: Path) -> None:
     empty.write_text("search example\n")
     with pytest.raises(ConfigError, match="no upstream resolvers"):
         load_config(*args(), resolv_conf=empty)
+
+
+def test_workers_auto_is_the_usable_cpus_capped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "dnsoverride.yaml"
+    for cpus, expected in ((range(1), 1), (range(3), 3), (range(16), AUTO_WORKERS_CAP)):
+        monkeypatch.setattr("os.sched_getaffinity", lambda _pid, cpus=cpus: set(cpus))
+        path.write_text("workers: auto\nupstreams: [192.0.2.1]\n")
+        assert load_config(*args(str(path))).workers == expected
+    assert load_config(*args(None, upstream=["192.0.2.1"])).workers == 1  # the default
+    for bad in ("0", "65", "many", "true"):
+        path.write_text(f"workers: {bad}\nupstreams: [192.0.2.1]\n")
+        with pytest.raises(ConfigError) as raised:
+            load_config(*args(str(path)))
+        assert f"{path}:1: workers: expected an integer from 1 to 64 or auto" in str(raised.value)

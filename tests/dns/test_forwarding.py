@@ -7,6 +7,7 @@ a real socket in a thread whose replies the test chooses.
 
 from __future__ import annotations
 
+import signal
 import socket
 import struct
 import threading
@@ -18,8 +19,9 @@ import dns.rcode
 import dns.rrset
 import pytest
 
-from tests.support.peers import dnsoverride_serve
+from tests.support.peers import dnsoverride_serve, events
 from tests.support.ports import free_port
+from tests.support.waits import poll
 
 pytestmark = pytest.mark.e2e
 
@@ -175,3 +177,29 @@ def test_pipelined_tcp_queries_are_answered_out_of_order(
         # Same connection, still open, and a repeat is a cache hit answered in order.
         sock.sendall(_framed(local))
         assert _read_framed(sock).id == local.id
+
+
+def test_sigterm_lets_a_forwarded_query_in_flight_finish(
+    tmp_path: Path, scripted: ScriptedUpstream
+) -> None:
+    """A cold miss begun without a task (`Resolver.miss`) is still answered when SIGTERM
+    arrives while its upstream query is out: shutdown waits (≤ 2 s) for the queries in
+    flight, not only for tasks. Without `Resolver.in_flight` in the wait, the client got
+    no answer: the socket was closed first."""
+    zones = tmp_path / "zones"
+    zones.mkdir()
+    with (
+        dnsoverride_serve(tmp_path, zones, [f"127.0.0.1:{scripted.port}"]) as server,
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client,
+    ):
+        client.settimeout(5)
+        query = dns.message.make_query("b.slow.test", "A")
+        client.sendto(query.to_wire(), (server.host, server.port))
+        assert scripted.first_held.wait(5)
+        server.process.send_signal(signal.SIGTERM)
+        poll(lambda: bool(events(server, "stopping")), 5, "stopping logged")
+        scripted.release.set()
+        reply = dns.message.from_wire(client.recv(65535))
+        assert server.process.wait(5) == 0
+    assert reply.id == query.id
+    assert [rdata.to_text() for rrset in reply.answer for rdata in rrset] == ["192.0.2.55"]

@@ -166,3 +166,25 @@ def test_on_by_default_with_loopback_exempt() -> None:
         56,
     )
     assert [str(network) for network in default.exempt] == ["127.0.0.0/8", "::1/128"]
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.e2e
+def test_with_two_workers_the_limit_holds_in_aggregate(
+    tmp_path: Path, zones: Path, upstream: DnsPeer
+) -> None:
+    """`workers: 2`, a burst from one client prefix over 32 source ports, which the kernel
+    spreads over both processes: the replies in full stay within one `rate` (the burst
+    allowance plus `rate` a second), not one per process. Each worker enforced the whole
+    rate before (twice the limit in aggregate): this fails there."""
+    query = a_query("big.test")
+    config = limited_config() + "workers: 2\n"
+    with dnsoverride_serve(tmp_path, zones, [upstream.address], config=config) as server:
+        result = burst(server, query, BURST, ports=32)
+    allowed = RATE + RATE * result.seconds
+    # Tolerance: the split between the workers is by hash, not exact, and one bucket
+    # refills while the other is still being drained.
+    tolerance = 1.15
+    assert result.full <= allowed * tolerance + 2, result
+    # Both processes answered in full: one alone gives at most half of `allowed`.
+    assert result.full > allowed / 2 * tolerance + 2, result

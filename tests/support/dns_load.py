@@ -152,36 +152,44 @@ class Burst:
         return self.bytes_out / self.bytes_in
 
 
-def burst(server: DnsPeer, query: bytes, count: int, *, settle: float = 0.5) -> Burst:
-    """Send `query` `count` times as fast as the socket takes it (fresh IDs), then read
-    replies until none has come for `settle` seconds."""
+def burst(
+    server: DnsPeer, query: bytes, count: int, *, settle: float = 0.5, ports: int = 1
+) -> Burst:
+    """Send `query` `count` times as fast as the sockets take it (fresh IDs), from `ports`
+    source ports in turn (one address: one client prefix), then read replies until none
+    has come for `settle` seconds."""
     full = truncated = bytes_out = largest = largest_truncated = 0
     last = started = time.monotonic()
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
-        sock.setblocking(False)
+    with contextlib.ExitStack() as stack:
+        socks = []
+        for _ in range(ports):
+            sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, (8 << 20) // ports)
+            sock.setblocking(False)
+            socks.append(sock)
 
         def read() -> None:
             nonlocal full, truncated, bytes_out, largest, largest_truncated, last
-            while True:
-                try:
-                    reply = sock.recv(65535)
-                except BlockingIOError:
-                    return
-                last = time.monotonic()
-                bytes_out += len(reply)
-                largest = max(largest, len(reply))
-                if reply[2] & 0x02:
-                    truncated += 1
-                    largest_truncated = max(largest_truncated, len(reply))
-                elif struct.unpack_from("!H", reply, 6)[0]:
-                    full += 1
+            for sock in socks:
+                while True:
+                    try:
+                        reply = sock.recv(65535)
+                    except BlockingIOError:
+                        break
+                    last = time.monotonic()
+                    bytes_out += len(reply)
+                    largest = max(largest, len(reply))
+                    if reply[2] & 0x02:
+                        truncated += 1
+                        largest_truncated = max(largest_truncated, len(reply))
+                    elif struct.unpack_from("!H", reply, 6)[0]:
+                        full += 1
 
         for index in range(count):
             packet = struct.pack("!H", index) + query[2:]
             while True:
                 try:
-                    sock.sendto(packet, (server.host, server.port))
+                    socks[index % ports].sendto(packet, (server.host, server.port))
                     break
                 except BlockingIOError:
                     read()

@@ -170,15 +170,16 @@ class Overrides:
         zone = owners.get(qname)
         if zone is not None:
             return zone.entry(qname)
-        labels = qname.split(".")
-        for index in range(1, len(labels)):
-            parent = ".".join(labels[index:])
+        dot = qname.find(".")
+        while dot >= 0:  # each parent, nearest first (no list of labels: a cold miss's cost)
+            parent = qname[dot + 1 :]
             wildcard = "*." + parent
             zone = owners.get(wildcard)
             if zone is not None:
                 return zone.entry(wildcard)
             if parent in owners:
                 return None
+            dot = qname.find(".", dot + 1)
         return None
 
 
