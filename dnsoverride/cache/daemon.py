@@ -93,12 +93,12 @@ def build_cache(config: CacheConfig) -> Cache:
         for u in registry.upstreams
     }
     manifests = Manifests(store, links, stats, registry.tag_ttl)
-    fetcher = Fetcher(store, RegistryMeter(stats))
+    fetcher = Fetcher(store, RegistryMeter(stats), config.timeouts.send)
     blobs = Blobs(store, links, stats, fetcher)
     access = Access(registry.clients, upstreams, store, links, stats)
     routes = Routes(upstreams, registry.default_upstream, manifests, blobs, access)
     session = make_session(config.timeouts, resolver)
-    packages = PackagesService(config.packages, store, session)
+    packages = PackagesService(config.packages, store, session, config.timeouts.send)
     router = Router(
         [
             Route("registry", Order.REGISTRY, RegistryHandler(routes, stats), prefixes=PATHS),

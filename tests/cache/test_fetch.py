@@ -124,7 +124,7 @@ async def world(tmp_path: Path) -> AsyncIterator[World]:
         digest = Digest(request.query["algorithm"], request.query["hex"])
         path = await fetcher.stored("packages", digest)
         if path is not None:
-            return fetcher.send_file("packages", digest, path, {})
+            return fetcher.send_file(request, "packages", digest, path, {})
 
         async def opener() -> aiohttp.ClientResponse:
             return await session.get(upstream_url)
@@ -202,6 +202,24 @@ async def test_a_range_is_sent_while_the_bytes_land(world: World) -> None:
     assert (status, body) == (206, PACKAGE[1000:2000])
     assert not whole.done()
     world.liar.gate.set()
+    assert await whole == (200, PACKAGE)
+
+
+async def test_range_edge_cases_of_a_download_in_flight(world: World) -> None:
+    """While the content lands: `bytes=-0` selects nothing, 416 at once (before: 206 with
+    the whole content); several ranges are ignored, the whole content as 200 (before: 416)."""
+    digest = _digest("sha256")
+    whole = asyncio.create_task(_fetch(_url(world, digest)))
+    await world.meter.reached(1 << 20)
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(_url(world, digest), headers={"Range": "bytes=-0"}) as response,
+    ):
+        assert response.status == 416
+        assert response.headers["Content-Range"] == f"bytes */{len(PACKAGE)}"
+    several = asyncio.create_task(_fetch(_url(world, digest), {"Range": "bytes=0-9,20-29"}))
+    world.liar.gate.set()
+    assert await several == (200, PACKAGE)
     assert await whole == (200, PACKAGE)
 
 

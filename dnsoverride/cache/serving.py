@@ -1,0 +1,341 @@
+"""Sending stored content to clients: the direct path for hits, byte ranges, and the send
+deadline that closes a client which stops taking bytes.
+
+A plain GET/HEAD of a stored file, or one with a single byte range, takes the direct path:
+the file is opened and `fstat`ed inline (a local file, already looked up: no thread-pool
+round trip), the headers are written and the bytes go with `loop.sendfile`; a body of at
+most `_SMALL` bytes is read and written with the headers instead, in one write (sendfile's
+setup costs more than copying 64 KiB). For a body larger than `_LARGE` the socket's send
+buffer is raised first, so the kernel takes it in a few sendfile calls rather than
+hundreds. Requests with a conditional header (If-Match, If-None-Match, If-Modified-Since,
+If-Unmodified-Since, If-Range) are answered by aiohttp's `FileResponse`, which evaluates
+them. The content is pinned against eviction while it is sent, either way.
+
+Ranges follow RFC 9110 §14: a single `bytes=` range is served as 206; a range that cannot
+be satisfied (`bytes=-0`, a first byte past the end) is 416 with `Content-Range: bytes
+*/size`; several ranges, another unit or a malformed range are ignored (§14.2 allows it):
+the whole content, 200.
+
+The send deadline (`timeouts: send`): while a response is being sent, a client that takes
+no bytes for that long (the kernel's count of bytes it acknowledged, `TCP_INFO`, has not
+moved while bytes wait for it) is disconnected, logged once as `client_send_stalled` with
+the client, the path and the bytes it took, and the content it pinned is released. Waiting
+for bytes that have not arrived from upstream yet is not a stall.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import functools
+import io
+import os
+import socket
+import struct
+import termios
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import structlog
+from aiohttp import hdrs, web
+from aiohttp.abc import AbstractStreamWriter
+from aiohttp.web_request import BaseRequest
+
+log = structlog.get_logger(__name__)
+
+DEFAULT_SEND_TIMEOUT = 60.0
+
+# Bodies up to this size are read into memory and written with the headers in one write.
+_SMALL = 64 << 10
+# Bodies above this size get a larger socket send buffer before sendfile (_large_sndbuf).
+_LARGE = 1 << 20
+_LARGE_SNDBUF = 8 << 20
+_CONDITIONAL = (
+    hdrs.IF_MATCH,
+    hdrs.IF_NONE_MATCH,
+    hdrs.IF_MODIFIED_SINCE,
+    hdrs.IF_UNMODIFIED_SINCE,
+    hdrs.IF_RANGE,
+)
+# struct tcp_info (linux/tcp.h): tcpi_bytes_acked, a __u64 at byte 120 (Linux 4.1+).
+_TCP_INFO_LENGTH = 128
+_BYTES_ACKED = struct.Struct("=Q")
+_BYTES_ACKED_OFFSET = 120
+
+
+class RangeNotSatisfiableError(Exception):
+    """The request's byte range selects nothing of the content (answered 416)."""
+
+
+def byte_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """[start, stop) of a single `bytes=` range `header` within `size` bytes; None when the
+    whole content is to be sent (no range, or one ignored: several ranges, another unit,
+    malformed). RangeNotSatisfiableError when it selects nothing."""
+    if header is None:
+        return None
+    unit, _, spec = header.strip().partition("=")
+    if unit.strip().lower() != "bytes" or "," in spec:
+        return None
+    first, dash, last = spec.strip().partition("-")
+    first, last = first.strip(), last.strip()
+    if not dash or not (first.isdigit() or first == "") or not (last.isdigit() or last == ""):
+        return None
+    if not first:  # bytes=-N: the last N bytes
+        if not last:
+            return None
+        suffix = int(last)
+        if suffix == 0 or size == 0:
+            raise RangeNotSatisfiableError
+        return max(size - suffix, 0), size
+    start = int(first)
+    stop = size if not last else int(last) + 1
+    if last and stop <= start:
+        return None  # last before first: an invalid range, ignored (RFC 9110 §14.1.1)
+    if start >= size:
+        raise RangeNotSatisfiableError
+    return start, min(stop, size)
+
+
+def not_satisfiable(size: int, headers: dict[str, str]) -> web.Response:
+    return web.Response(status=416, headers={**headers, "Content-Range": f"bytes */{size}"})
+
+
+# -- the send deadline ------------------------------------------------------------------
+def _acked(sock: Any) -> int | None:
+    """The bytes the peer of `sock` has acknowledged; None where TCP_INFO lacks the count."""
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_LENGTH)
+    except (OSError, AttributeError):
+        return None
+    if len(info) < _BYTES_ACKED_OFFSET + _BYTES_ACKED.size:
+        return None
+    return int(_BYTES_ACKED.unpack_from(info, _BYTES_ACKED_OFFSET)[0])
+
+
+def _unsent(sock: Any) -> int:
+    """Bytes in the socket's send queue not yet acknowledged (SIOCOUTQ)."""
+    try:
+        return int(fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")[0])
+    except OSError:
+        return 0
+
+
+@contextlib.asynccontextmanager
+async def send_deadline(request: BaseRequest, seconds: float) -> AsyncIterator[None]:
+    """Disconnect the client of `request` (and leave the block) when it takes no bytes for
+    `seconds` while bytes wait for it; see the module docstring."""
+    transport = request.transport
+    sock = None if transport is None else transport.get_extra_info("socket")
+    start = None if sock is None else _acked(sock)
+    if transport is None or start is None:
+        yield  # not TCP on Linux 4.1+: no way to tell a slow client from a stalled one
+        return
+    loop = asyncio.get_running_loop()
+    interval = min(seconds / 4, 1.0)
+    last = start
+    timer: asyncio.TimerHandle | None = None
+    try:
+        async with asyncio.timeout(loop.time() + seconds) as deadline:
+
+            def check() -> None:
+                nonlocal last, timer
+                acked = _acked(sock)
+                waiting = transport.get_write_buffer_size() + _unsent(sock)
+                if acked is not None and (acked != last or not waiting):
+                    last = acked
+                    deadline.reschedule(loop.time() + seconds)
+                timer = loop.call_later(interval, check)
+
+            timer = loop.call_later(interval, check)
+            yield
+    except TimeoutError:
+        log.warning(
+            "client_send_stalled",
+            client=request.remote,
+            path=request.path_qs,
+            bytes_taken=last - start,
+            seconds=seconds,
+            reason=f"the client took no bytes for {seconds:g} s: disconnected",
+        )
+        transport.abort()
+    finally:
+        if timer is not None:
+            timer.cancel()
+
+
+@functools.cache
+def _large_sndbuf() -> int | None:
+    """The SO_SNDBUF for a large body; None when one would not beat TCP's own tuning.
+
+    Setting SO_SNDBUF turns the kernel's send-buffer autotuning off for the socket, and
+    the kernel caps the value at net.core.wmem_max (and doubles it). Where wmem_max is
+    small (212992 on most distributions) that is far below what autotuning reaches
+    (net.ipv4.tcp_wmem's maximum, 4 MiB), so the buffer is only set where it is larger.
+    """
+    try:
+        wmem_max = int(Path("/proc/sys/net/core/wmem_max").read_text())
+        autotuned = int(Path("/proc/sys/net/ipv4/tcp_wmem").read_text().split()[2])
+    except (OSError, ValueError, IndexError):
+        return None
+    size = min(_LARGE_SNDBUF, wmem_max)
+    return size if 2 * size > autotuned else None
+
+
+async def sendfile(request: BaseRequest, fd: int, offset: int, count: int) -> None:
+    """`count` bytes of `fd` from `offset` to the client with `loop.sendfile`."""
+    transport = request.transport
+    if transport is None:
+        raise ConnectionResetError("connection lost")
+    if count > _LARGE and (sndbuf := _large_sndbuf()) is not None:
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+    # closefd=False: the caller owns fd; loop.sendfile needs a file object.
+    with io.FileIO(fd, "rb", closefd=False) as file:
+        await asyncio.get_running_loop().sendfile(transport, file, offset, count)
+
+
+# -- responses --------------------------------------------------------------------------
+Sent = Callable[[BaseRequest, int], None]
+
+
+class StoredFile(web.StreamResponse):
+    """The direct path: a stored file (whole or one range), pinned while sent."""
+
+    def __init__(
+        self,
+        path: Path,
+        pin: contextlib.AbstractContextManager[None],
+        sent: Sent,
+        headers: dict[str, str],
+        send_timeout: float,
+    ) -> None:
+        super().__init__(headers=headers)
+        self._path = path
+        self._pin = pin
+        self._sent = sent
+        self._send_timeout = send_timeout
+
+    async def prepare(self, request: BaseRequest) -> AbstractStreamWriter | None:
+        with self._pin:
+            try:
+                fd = os.open(self._path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as error:
+                log.error("stored_file_unreadable", path=str(self._path), error=str(error))
+                self.set_status(404)
+                return await super().prepare(request)
+            try:
+                return await self._send(request, fd)
+            finally:
+                os.close(fd)
+
+    async def _send(self, request: BaseRequest, fd: int) -> AbstractStreamWriter | None:
+        info = os.fstat(fd)
+        size = info.st_size
+        # The same validators FileResponse gives, so a client's If-* request that follows
+        # (answered by FileResponse) matches what it got here.
+        self.etag = f"{info.st_mtime_ns:x}-{size:x}"
+        self.last_modified = info.st_mtime
+        self._headers[hdrs.ACCEPT_RANGES] = "bytes"
+        try:
+            window = byte_range(request.headers.get(hdrs.RANGE), size)
+        except RangeNotSatisfiableError:
+            self.set_status(416)
+            self._headers[hdrs.CONTENT_RANGE] = f"bytes */{size}"
+            self.content_length = 0
+            return await super().prepare(request)
+        start, stop = window if window is not None else (0, size)
+        if window is not None:
+            self.set_status(206)
+            self._headers[hdrs.CONTENT_RANGE] = f"bytes {start}-{stop - 1}/{size}"
+        count = stop - start
+        self.content_length = count
+        if request.method != "GET" or count == 0:
+            return await super().prepare(request)
+        async with send_deadline(request, self._send_timeout):
+            if count <= _SMALL:
+                body = os.pread(fd, count, start)
+                self._send_headers_immediately = False  # one write: headers and body
+                writer = await super().prepare(request)
+                await self.write(body)
+            else:
+                writer = await super().prepare(request)
+                await sendfile(request, fd, start, count)
+            await self.write_eof()
+            self._sent(request, count)
+        return writer
+
+
+class ConditionalFile(web.FileResponse):
+    """A stored file for a request with If-* headers, which aiohttp evaluates; pinned
+    while sent, under the send deadline.
+
+    Its range answers are this module's: FileResponse is given the request without a
+    Range this module ignores, and with `bytes=SIZE-` (which it answers 416 once the
+    preconditions have passed, as RFC 9110 §13.2.2 orders them) for one that selects
+    nothing (it would send `bytes=-0` whole as 206 and refuse several ranges with 416).
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        pin: contextlib.AbstractContextManager[None],
+        sent: Sent,
+        headers: dict[str, str],
+        send_timeout: float,
+    ) -> None:
+        super().__init__(path, headers=headers)
+        self._pin = pin
+        self._sent = sent
+        self._send_timeout = send_timeout
+
+    async def prepare(self, request: BaseRequest) -> AbstractStreamWriter | None:
+        with self._pin:
+            asked = request.headers.get(hdrs.RANGE)
+            if asked is not None:
+                request = _with_range(request, self._range_for(asked))
+            async with send_deadline(request, self._send_timeout):
+                writer = await super().prepare(request)
+        if request.method == "GET" and self.status in (200, 206):
+            self._sent(request, self.content_length or 0)
+        return writer
+
+    def _range_for(self, asked: str) -> str | None:
+        """The Range FileResponse is to see for `asked` (None: none)."""
+        try:
+            size = self._path.stat().st_size
+        except OSError:
+            return asked  # FileResponse answers the missing file
+        try:
+            return asked if byte_range(asked, size) is not None else None
+        except RangeNotSatisfiableError:
+            return f"bytes={size}-"
+
+
+def _with_range(request: BaseRequest, value: str | None) -> BaseRequest:
+    if value == request.headers.get(hdrs.RANGE):
+        return request
+    headers = request.headers.copy()
+    del headers[hdrs.RANGE]
+    if value is not None:
+        headers[hdrs.RANGE] = value
+    return request.clone(headers=headers)
+
+
+def stored_response(
+    request: BaseRequest,
+    path: Path,
+    pin: contextlib.AbstractContextManager[None],
+    *,
+    sent: Sent,
+    headers: dict[str, str],
+    send_timeout: float,
+) -> web.StreamResponse:
+    """The response for stored content at `path`: the direct path, or FileResponse for a
+    conditional request."""
+    if any(name in request.headers for name in _CONDITIONAL):
+        return ConditionalFile(path, pin, sent, headers, send_timeout)
+    return StoredFile(path, pin, sent, headers, send_timeout)

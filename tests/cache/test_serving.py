@@ -1,0 +1,254 @@
+"""cache/serving.py: stored content sent to real clients on loopback — the direct path and
+FileResponse for conditional requests, byte ranges by RFC 9110, and the send deadline that
+disconnects a client which stops reading (a real socket that never reads a 24 MiB blob
+while the store is over its budget and eviction waits on the blob's pin).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import hashlib
+import os
+import socket
+import struct
+import termios
+import time
+from collections.abc import AsyncIterator, MutableMapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.web_request import BaseRequest
+from structlog.testing import capture_logs
+
+from dnsoverride.cache.app import Order, Route
+from dnsoverride.cache.fetch import Download, Fetcher, FetchError
+from dnsoverride.cache.serving import RangeNotSatisfiableError, byte_range
+from dnsoverride.cache.store import Budget, Digest, Store
+from tests.support.cache_routes import serving
+from tests.support.waits import poll_async
+
+SMALL = os.urandom(4096)
+MEDIUM = os.urandom(300_000)  # above the one-write size: sent with sendfile
+SEND_TIMEOUT = 1.0
+
+
+class Meter:
+    def __init__(self) -> None:
+        self.sent_bytes = 0
+
+    def received(self, source: str, count: int) -> None:
+        pass
+
+    def sent(self, request: BaseRequest, count: int, *, sendfile: bool) -> None:
+        self.sent_bytes += count
+
+    def cut_short(self, request: BaseRequest, status: int, error: FetchError) -> None:
+        pass
+
+    def verify_failed(self, download: Download) -> None:
+        pass
+
+
+def _digest(data: bytes) -> Digest:
+    return Digest("sha256", hashlib.sha256(data).hexdigest())
+
+
+@dataclass
+class Served:
+    store: Store
+    meter: Meter
+    base_url: str
+
+    def url(self, data: bytes) -> str:
+        return f"{self.base_url}/blob/{_digest(data).hex}"
+
+    @property
+    def port(self) -> int:
+        return int(self.base_url.rpartition(":")[2])
+
+
+@pytest.fixture
+async def served(tmp_path: Path) -> AsyncIterator[Served]:
+    """Stored blobs served by digest (GET /blob/HEX) through Fetcher.send_file; a 40 MB
+    budget (high watermark 38 MB)."""
+    store = Store(tmp_path / "store", Budget(40_000_000))
+    store.open()
+    meter = Meter()
+    fetcher = Fetcher(store, meter, send_timeout=SEND_TIMEOUT)
+    for data in (SMALL, MEDIUM):
+        store.put_bytes("blobs", _digest(data), data)
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        digest = Digest("sha256", request.path.rpartition("/")[2])
+        path = await fetcher.stored("blobs", digest)
+        if path is None:
+            return web.Response(status=404)
+        return fetcher.send_file(request, "blobs", digest, path, {"Content-Type": "x-blob"})
+
+    async with serving([Route("blobs", Order.REGISTRY, handler)]) as base_url:
+        yield Served(store, meter, base_url)
+
+
+async def _get(url: str, method: str = "GET", **headers: str) -> tuple[int, Any, bytes]:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.request(method, url, headers=headers) as response,
+    ):
+        return response.status, response.headers, await response.read()
+
+
+# -- byte ranges ------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("header", "window"),
+    [
+        (None, None),
+        ("bytes=0-99", (0, 100)),
+        ("bytes=100-", (100, 1000)),
+        ("bytes=990-5000", (990, 1000)),  # a last byte past the end: to the end
+        ("bytes=-10", (990, 1000)),
+        ("bytes=-5000", (0, 1000)),  # a suffix longer than the content: all of it
+        (" Bytes = 5 - 9 ", (5, 10)),
+        ("bytes=0-1,5-9", None),  # several ranges: ignored (RFC 9110 §14.2 allows it)
+        ("bytes=9-5", None),  # last before first: invalid, ignored
+        ("bytes=abc", None),
+        ("bytes=-", None),
+        ("items=0-9", None),  # another unit
+    ],
+)
+def test_byte_range(header: str | None, window: tuple[int, int] | None) -> None:
+    assert byte_range(header, 1000) == window
+
+
+@pytest.mark.parametrize(("header", "size"), [("bytes=-0", 1000), ("bytes=1000-", 1000)])
+def test_byte_range_not_satisfiable(header: str, size: int) -> None:
+    with pytest.raises(RangeNotSatisfiableError):
+        byte_range(header, size)
+
+
+@pytest.mark.parametrize("data", [SMALL, MEDIUM], ids=["one-write", "sendfile"])
+async def test_whole_head_and_ranges_of_stored_content(served: Served, data: bytes) -> None:
+    url, size = served.url(data), len(data)
+    status, headers, body = await _get(url)
+    assert (status, body) == (200, data)
+    assert headers["Content-Length"] == str(size)
+    assert headers["Accept-Ranges"] == "bytes"
+    assert headers["Content-Type"] == "x-blob"
+    assert "ETag" in headers and "Last-Modified" in headers
+    status, headers, body = await _get(url, "HEAD")
+    assert (status, headers["Content-Length"], body) == (200, str(size), b"")
+
+    status, headers, body = await _get(url, Range="bytes=100-199")
+    assert (status, headers["Content-Range"], body) == (206, f"bytes 100-199/{size}", data[100:200])
+    status, headers, body = await _get(url, Range="bytes=-10")
+    assert (status, body) == (206, data[-10:])
+    assert served.meter.sent_bytes == size + 100 + 10
+
+
+async def test_suffix_range_of_zero_is_416_and_several_ranges_are_the_whole_content(
+    served: Served,
+) -> None:
+    """RFC 9110 §14.1.2: `bytes=-0` selects nothing (416); several ranges may be ignored
+    (§14.2): 200 with everything. Before: 206 with the whole content, and 416 (aiohttp's
+    FileResponse and `request.http_range`), on the stored and the conditional path alike."""
+    size = len(MEDIUM)
+    for conditional in ({}, {"If-None-Match": '"another"'}):
+        status, headers, body = await _get(served.url(MEDIUM), Range="bytes=-0", **conditional)
+        assert (status, headers["Content-Range"], body) == (416, f"bytes */{size}", b"")
+        status, headers, body = await _get(served.url(MEDIUM), Range="bytes=0-1,5-9", **conditional)
+        assert (status, body) == (200, MEDIUM)
+        assert "Content-Range" not in headers
+
+
+async def test_conditional_requests_are_answered_by_their_validators(served: Served) -> None:
+    url = served.url(SMALL)
+    _, headers, _ = await _get(url)
+    etag = headers["ETag"]
+    status, _, body = await _get(url, **{"If-None-Match": etag})
+    assert (status, body) == (304, b"")
+    status, _, body = await _get(url, **{"If-Match": '"another"'})
+    assert status == 412
+    status, headers, body = await _get(url, Range="bytes=0-9", **{"If-Range": etag})
+    assert (status, body) == (206, SMALL[:10])
+    # Preconditions before the range (RFC 9110 §13.2.2): a match is 304, not 416.
+    status, _, _ = await _get(url, Range="bytes=-0", **{"If-None-Match": etag})
+    assert status == 304
+
+
+# -- the send deadline --------------------------------------------------------------------
+def _queued(sock: socket.socket) -> int:
+    """Bytes waiting in `sock`'s receive queue (FIONREAD)."""
+    return int(struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0" * 4))[0])
+
+
+async def test_a_client_that_never_reads_is_disconnected_and_its_pin_released(
+    served: Served,
+) -> None:
+    """A client that takes no bytes for `timeouts.send` is disconnected and logged once,
+    and the blob it pinned can be evicted again. Before the deadline existed the pin was
+    held for as long as the client kept the connection: the store stayed over budget."""
+    large, other = os.urandom(24 << 20), os.urandom(16 << 20)
+    store = served.store
+    store.put_bytes("blobs", _digest(large), large)
+    loop = asyncio.get_running_loop()
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 << 10)
+    client.setblocking(False)
+    with contextlib.closing(client), capture_logs() as logs:
+        await loop.sock_connect(client, ("127.0.0.1", served.port))
+        path = f"/blob/{_digest(large).hex}"
+        await loop.sock_sendall(client, f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        await poll_async(lambda: _queued(client) > 0, 10, "the response to start")
+        asked = time.monotonic()
+
+        # Over the high watermark: eviction would take the large blob, but it is pinned.
+        store.put_bytes("blobs", _digest(other), other)
+        assert store.has("blobs", _digest(large))
+        assert store.stats.size > served.store.budget.max_size  # type: ignore[union-attr]
+
+        def stalled() -> list[MutableMapping[str, Any]]:
+            return [e for e in logs if e["event"] == "client_send_stalled"]
+
+        await poll_async(stalled, 10, "client_send_stalled")
+        waited = time.monotonic() - asked
+        assert SEND_TIMEOUT <= waited < SEND_TIMEOUT + 2, waited
+        [event] = stalled()
+        assert event["client"] == "127.0.0.1"
+        assert event["path"] == path
+        assert 0 < event["bytes_taken"] < len(large)
+
+        # The pin is gone: the next eviction takes the least recently used blob.
+        await poll_async(lambda: not store._pins, 5, "the pin to be released")
+        store.evict()
+        assert not store.has("blobs", _digest(large))
+        assert store.stats.size <= served.store.budget.high  # type: ignore[union-attr]
+
+        # The client sees the connection end short of the blob.
+        received = 0
+        while chunk := await asyncio.wait_for(loop.sock_recv(client, 1 << 20), 5):
+            received += len(chunk)
+        assert received < len(large)
+
+
+async def test_a_slow_client_that_keeps_reading_gets_the_whole_blob(served: Served) -> None:
+    """The deadline is on no bytes taken, not on the whole response: a client that reads
+    2 MiB every 0.5 s takes about 3 s (3x the send timeout) for 12 MiB and gets all."""
+    data = os.urandom(12 << 20)
+    served.store.put_bytes("blobs", _digest(data), data)
+    reader, writer = await asyncio.open_connection("127.0.0.1", served.port, limit=1 << 16)
+    with capture_logs() as logs:
+        writer.write(f"GET /blob/{_digest(data).hex} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200")
+        body = bytearray()
+        while len(body) < len(data):
+            body += await reader.readexactly(min(2 << 20, len(data) - len(body)))
+            await asyncio.sleep(0.5)
+        writer.close()
+    assert body == data
+    assert [e for e in logs if e["event"] == "client_send_stalled"] == []
