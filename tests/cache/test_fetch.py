@@ -9,11 +9,14 @@ request however many clients ask; ranges served while the bytes land.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
-from collections.abc import AsyncIterator
+import socket
+from collections.abc import AsyncIterator, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -25,6 +28,7 @@ from dnsoverride.cache.app import Order, Route
 from dnsoverride.cache.fetch import Download, Fetcher, FetchError
 from dnsoverride.cache.store import Budget, Digest, Store
 from tests.support.cache_routes import serving
+from tests.support.waits import poll_async
 
 PACKAGE = os.urandom(3 << 20)  # a 3 MiB .rpm
 
@@ -221,6 +225,40 @@ async def test_range_edge_cases_of_a_download_in_flight(world: World) -> None:
     world.liar.gate.set()
     assert await several == (200, PACKAGE)
     assert await whole == (200, PACKAGE)
+
+
+async def test_a_client_that_stops_reading_a_download_in_flight_is_disconnected(
+    world: World,
+) -> None:
+    """The send deadline holds while content streams from upstream too: a client that
+    never reads is cut after `send_timeout` (logged), while a client that has taken every
+    byte landed so far and waits for the upstream (longer than the timeout) is not."""
+    world.fetcher.send_timeout = 1.0
+    digest = _digest("sha256")
+    patient = asyncio.create_task(_fetch(_url(world, digest)))
+    loop = asyncio.get_running_loop()
+    stuck = socket.socket()
+    stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 << 10)
+    stuck.setblocking(False)
+    with contextlib.closing(stuck), capture_logs() as logs:
+        await loop.sock_connect(stuck, ("127.0.0.1", int(world.base_url.rpartition(":")[2])))
+        target = _url(world, digest).partition(world.base_url)[2]
+        await loop.sock_sendall(stuck, f"GET {target} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        await world.meter.reached(len(PACKAGE) - world.liar.chunk)
+
+        def stalled() -> list[MutableMapping[str, Any]]:
+            return [e for e in logs if e["event"] == "client_send_stalled"]
+
+        waited = await poll_async(stalled, 10, "client_send_stalled")
+        assert waited >= 1.0
+        [event] = stalled()
+        assert event["path"] == target
+        assert 0 < event["bytes_taken"] < len(PACKAGE)
+        # The patient client has waited on the upstream past the timeout: still served.
+        await asyncio.sleep(0.5)  # the upstream's stall, not a synchronisation
+        world.liar.gate.set()
+        assert await patient == (200, PACKAGE)
+        assert len(stalled()) == 1
 
 
 @pytest.mark.parametrize(
