@@ -44,6 +44,7 @@ from aiohttp.web_request import BaseRequest
 
 from dnsoverride.cache.serving import (
     DEFAULT_SEND_TIMEOUT,
+    Delivery,
     RangeNotSatisfiableError,
     byte_range,
     not_satisfiable,
@@ -184,10 +185,8 @@ class Fetcher:
     ) -> web.StreamResponse:
         """Stored content (serving.py: the direct path, ranges, If-* by aiohttp), pinned
         while sent."""
-        pin = self.store.pinned(kind, digest)
-        return stored_response(
-            request, path, pin, sent=self._sent, headers=headers, send_timeout=self.send_timeout
-        )
+        delivery = Delivery(self.store.pinned(kind, digest), self._sent, self.send_timeout)
+        return stored_response(request, path, delivery, headers)
 
     def _sent(self, request: BaseRequest, count: int) -> None:
         self.meter.sent(request, count, sendfile=True)

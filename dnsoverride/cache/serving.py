@@ -35,6 +35,7 @@ import socket
 import struct
 import termios
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -199,28 +200,26 @@ async def sendfile(request: BaseRequest, fd: int, offset: int, count: int) -> No
 
 
 # -- responses --------------------------------------------------------------------------
-Sent = Callable[[BaseRequest, int], None]
+@dataclass(frozen=True)
+class Delivery:
+    """What a response of stored content needs besides the file: the pin held while it
+    is sent, the caller's count of body bytes sent, the send deadline in seconds."""
+
+    pin: contextlib.AbstractContextManager[None]
+    sent: Callable[[BaseRequest, int], None]
+    send_timeout: float
 
 
 class StoredFile(web.StreamResponse):
     """The direct path: a stored file (whole or one range), pinned while sent."""
 
-    def __init__(
-        self,
-        path: Path,
-        pin: contextlib.AbstractContextManager[None],
-        sent: Sent,
-        headers: dict[str, str],
-        send_timeout: float,
-    ) -> None:
+    def __init__(self, path: Path, delivery: Delivery, headers: dict[str, str]) -> None:
         super().__init__(headers=headers)
+        self._delivery = delivery
         self._path = path
-        self._pin = pin
-        self._sent = sent
-        self._send_timeout = send_timeout
 
     async def prepare(self, request: BaseRequest) -> AbstractStreamWriter | None:
-        with self._pin:
+        with self._delivery.pin:
             try:
                 fd = os.open(self._path, os.O_RDONLY | os.O_CLOEXEC)
             except OSError as error:
@@ -255,7 +254,7 @@ class StoredFile(web.StreamResponse):
         self.content_length = count
         if request.method != "GET" or count == 0:
             return await super().prepare(request)
-        async with send_deadline(request, self._send_timeout):
+        async with send_deadline(request, self._delivery.send_timeout):
             if count <= _SMALL:
                 body = os.pread(fd, count, start)
                 self._send_headers_immediately = False  # one write: headers and body
@@ -265,7 +264,7 @@ class StoredFile(web.StreamResponse):
                 writer = await super().prepare(request)
                 await sendfile(request, fd, start, count)
             await self.write_eof()
-            self._sent(request, count)
+            self._delivery.sent(request, count)
         return writer
 
 
@@ -279,28 +278,19 @@ class ConditionalFile(web.FileResponse):
     nothing (it would send `bytes=-0` whole as 206 and refuse several ranges with 416).
     """
 
-    def __init__(
-        self,
-        path: Path,
-        pin: contextlib.AbstractContextManager[None],
-        sent: Sent,
-        headers: dict[str, str],
-        send_timeout: float,
-    ) -> None:
+    def __init__(self, path: Path, delivery: Delivery, headers: dict[str, str]) -> None:
         super().__init__(path, headers=headers)
-        self._pin = pin
-        self._sent = sent
-        self._send_timeout = send_timeout
+        self._delivery = delivery
 
     async def prepare(self, request: BaseRequest) -> AbstractStreamWriter | None:
-        with self._pin:
+        with self._delivery.pin:
             asked = request.headers.get(hdrs.RANGE)
             if asked is not None:
                 request = _with_range(request, self._range_for(asked))
-            async with send_deadline(request, self._send_timeout):
+            async with send_deadline(request, self._delivery.send_timeout):
                 writer = await super().prepare(request)
         if request.method == "GET" and self.status in (200, 206):
-            self._sent(request, self.content_length or 0)
+            self._delivery.sent(request, self.content_length or 0)
         return writer
 
     def _range_for(self, asked: str) -> str | None:
@@ -326,16 +316,10 @@ def _with_range(request: BaseRequest, value: str | None) -> BaseRequest:
 
 
 def stored_response(
-    request: BaseRequest,
-    path: Path,
-    pin: contextlib.AbstractContextManager[None],
-    *,
-    sent: Sent,
-    headers: dict[str, str],
-    send_timeout: float,
+    request: BaseRequest, path: Path, delivery: Delivery, headers: dict[str, str]
 ) -> web.StreamResponse:
     """The response for stored content at `path`: the direct path, or FileResponse for a
     conditional request."""
     if any(name in request.headers for name in _CONDITIONAL):
-        return ConditionalFile(path, pin, sent, headers, send_timeout)
-    return StoredFile(path, pin, sent, headers, send_timeout)
+        return ConditionalFile(path, delivery, headers)
+    return StoredFile(path, delivery, headers)
