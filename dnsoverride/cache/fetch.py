@@ -188,8 +188,8 @@ class Fetcher:
         delivery = Delivery(self.store.pinned(kind, digest), self._sent, self.send_timeout)
         return stored_response(request, path, delivery, headers)
 
-    def _sent(self, request: BaseRequest, count: int) -> None:
-        self.meter.sent(request, count, sendfile=True)
+    def _sent(self, request: BaseRequest, count: int, sendfile: bool) -> None:
+        self.meter.sent(request, count, sendfile=sendfile)
 
     def start(
         self,

@@ -203,10 +203,12 @@ async def sendfile(request: BaseRequest, fd: int, offset: int, count: int) -> No
 @dataclass(frozen=True)
 class Delivery:
     """What a response of stored content needs besides the file: the pin held while it
-    is sent, the caller's count of body bytes sent, the send deadline in seconds."""
+    is sent, the caller's count of body bytes sent (with whether they went by sendfile,
+    which aiohttp's own count of a response's bytes leaves out), the send deadline in
+    seconds."""
 
     pin: contextlib.AbstractContextManager[None]
-    sent: Callable[[BaseRequest, int], None]
+    sent: Callable[[BaseRequest, int, bool], None]
     send_timeout: float
 
 
@@ -255,16 +257,17 @@ class StoredFile(web.StreamResponse):
         if request.method != "GET" or count == 0:
             return await super().prepare(request)
         async with send_deadline(request, self._delivery.send_timeout):
-            if count <= _SMALL:
+            by_sendfile = count > _SMALL
+            if by_sendfile:
+                writer = await super().prepare(request)
+                await sendfile(request, fd, start, count)
+            else:
                 body = os.pread(fd, count, start)
                 self._send_headers_immediately = False  # one write: headers and body
                 writer = await super().prepare(request)
                 await self.write(body)
-            else:
-                writer = await super().prepare(request)
-                await sendfile(request, fd, start, count)
             await self.write_eof()
-            self._delivery.sent(request, count)
+            self._delivery.sent(request, count, by_sendfile)
         return writer
 
 
@@ -290,7 +293,7 @@ class ConditionalFile(web.FileResponse):
             async with send_deadline(request, self._delivery.send_timeout):
                 writer = await super().prepare(request)
         if request.method == "GET" and self.status in (200, 206):
-            self._delivery.sent(request, self.content_length or 0)
+            self._delivery.sent(request, self.content_length or 0, True)
         return writer
 
     def _range_for(self, asked: str) -> str | None:

@@ -23,11 +23,12 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from aiohttp.web_request import BaseRequest
 from structlog.testing import capture_logs
 
 from dnsoverride.cache.app import Order, Route
-from dnsoverride.cache.fetch import Download, Fetcher, FetchError
+from dnsoverride.cache.fetch import Fetcher
+from dnsoverride.cache.registry.blobs import RegistryMeter
+from dnsoverride.cache.registry.stats import Stats
 from dnsoverride.cache.serving import RangeNotSatisfiableError, byte_range
 from dnsoverride.cache.store import Budget, Digest, Store
 from tests.support.cache_routes import serving
@@ -38,23 +39,6 @@ MEDIUM = os.urandom(300_000)  # above the one-write size: sent with sendfile
 SEND_TIMEOUT = 1.0
 
 
-class Meter:
-    def __init__(self) -> None:
-        self.sent_bytes = 0
-
-    def received(self, source: str, count: int) -> None:
-        pass
-
-    def sent(self, request: BaseRequest, count: int, *, sendfile: bool) -> None:
-        self.sent_bytes += count
-
-    def cut_short(self, request: BaseRequest, status: int, error: FetchError) -> None:
-        pass
-
-    def verify_failed(self, download: Download) -> None:
-        pass
-
-
 def _digest(data: bytes) -> Digest:
     return Digest("sha256", hashlib.sha256(data).hexdigest())
 
@@ -62,7 +46,7 @@ def _digest(data: bytes) -> Digest:
 @dataclass
 class Served:
     store: Store
-    meter: Meter
+    stats: Stats
     base_url: str
 
     def url(self, data: bytes) -> str:
@@ -79,8 +63,8 @@ async def served(tmp_path: Path) -> AsyncIterator[Served]:
     budget (high watermark 38 MB)."""
     store = Store(tmp_path / "store", Budget(40_000_000))
     store.open()
-    meter = Meter()
-    fetcher = Fetcher(store, meter, send_timeout=SEND_TIMEOUT)
+    stats = Stats()
+    fetcher = Fetcher(store, RegistryMeter(stats), send_timeout=SEND_TIMEOUT)
     for data in (SMALL, MEDIUM):
         store.put_bytes("blobs", _digest(data), data)
 
@@ -92,7 +76,7 @@ async def served(tmp_path: Path) -> AsyncIterator[Served]:
         return fetcher.send_file(request, "blobs", digest, path, {"Content-Type": "x-blob"})
 
     async with serving([Route("blobs", Order.REGISTRY, handler)]) as base_url:
-        yield Served(store, meter, base_url)
+        yield Served(store, stats, base_url)
 
 
 async def _get(url: str, method: str = "GET", **headers: str) -> tuple[int, Any, bytes]:
@@ -134,8 +118,13 @@ def test_byte_range_not_satisfiable(header: str, size: int) -> None:
 @pytest.mark.parametrize("data", [SMALL, MEDIUM], ids=["one-write", "sendfile"])
 async def test_whole_head_and_ranges_of_stored_content(served: Served, data: bytes) -> None:
     url, size = served.url(data), len(data)
-    status, headers, body = await _get(url)
+    with capture_logs() as logs:
+        status, headers, body = await _get(url)
+        await poll_async(lambda: any(e["event"] == "request" for e in logs), 5, "access log")
     assert (status, body) == (200, data)
+    # The access log counts the body once, whichever way it went (headers: ~250 bytes).
+    [access] = [e for e in logs if e["event"] == "request"]
+    assert size < access["bytes"] < size + 400, access
     assert headers["Content-Length"] == str(size)
     assert headers["Accept-Ranges"] == "bytes"
     assert headers["Content-Type"] == "x-blob"
@@ -147,7 +136,7 @@ async def test_whole_head_and_ranges_of_stored_content(served: Served, data: byt
     assert (status, headers["Content-Range"], body) == (206, f"bytes 100-199/{size}", data[100:200])
     status, headers, body = await _get(url, Range="bytes=-10")
     assert (status, body) == (206, data[-10:])
-    assert served.meter.sent_bytes == size + 100 + 10
+    assert served.stats.bytes_served == size + 100 + 10
 
 
 async def test_suffix_range_of_zero_is_416_and_several_ranges_are_the_whole_content(
