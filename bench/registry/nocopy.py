@@ -47,7 +47,9 @@ class ResponseError(Exception):
     pass
 
 
-def _one(sock: socket.socket, request: bytes, expected: int, head: bytearray) -> int:
+def _one(
+    sock: socket.socket, request: bytes, expected: int, head: bytearray, discard: mmap.mmap
+) -> int:
     """Send one GET and discard its body; the body's length. ResponseError when the
     status is not 200 or the body is not `expected` bytes."""
     sock.sendall(request)
@@ -75,21 +77,11 @@ def _one(sock: socket.socket, request: bytes, expected: int, head: bytearray) ->
     if remaining < 0:
         raise ResponseError("more bytes than Content-Length")
     while remaining:
-        got = sock.recv_into(_discard_buffer(), min(remaining, _DISCARD), socket.MSG_TRUNC)
+        got = sock.recv_into(discard, min(remaining, _DISCARD), socket.MSG_TRUNC)
         if got == 0:
             raise ResponseError(f"connection closed {remaining} bytes short")
         remaining -= got
     return length
-
-
-_buffer: mmap.mmap | None = None
-
-
-def _discard_buffer() -> mmap.mmap:
-    global _buffer
-    if _buffer is None:
-        _buffer = mmap.mmap(-1, _DISCARD)
-    return _buffer
 
 
 def _client(
@@ -98,13 +90,14 @@ def _client(
     load = Load()
     request = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode()
     head = bytearray(_HEAD_LIMIT)
+    discard = mmap.mmap(-1, _DISCARD)
     sock = socket.create_connection(("127.0.0.1", port))
     time.sleep(max(0.0, start_at - time.time()))
     started = time.perf_counter()
     deadline = started + seconds
     try:
         while time.perf_counter() < deadline:
-            load.body_bytes += _one(sock, request, expected, head)
+            load.body_bytes += _one(sock, request, expected, head, discard)
             load.requests += 1
     except (ResponseError, OSError) as error:
         load.failures += 1

@@ -11,10 +11,11 @@ holding one generated image) and are measured in the same run:
 That load is an aiohttp client in this process, bounded by time. Then, server-limited:
 
 4. warm hits of a small (4 KiB) and a large (48 MiB) blob with a client that discards
-   bodies in the kernel (nocopy.py), against nginx (`sendfile on`, one worker) serving the
-   same blob files: throughput, requests/s and the server's CPU per request, over several
-   rounds with the order alternated; the ratios are medians of per-round ratios. A response
-   that is not 200 with its full length fails the bench (exit 1).
+   bodies in the kernel (nocopy.py), against nginx (`sendfile on`, one worker) serving
+   the files in the cache's store: throughput, requests/s and the server's CPU per
+   request, over several rounds with the order alternated; the ratios are medians of
+   per-round ratios. A response that is not 200 with its full length fails the bench
+   (exit 1).
 
 Usage:
 
@@ -314,7 +315,8 @@ async def server_limited(
     ratios: dict[str, list[float]] = {"small": [], "large": []}
     cpu: dict[tuple[str, str], list[float]] = {}
     cache = CacheProcess(root / "store-nocopy", upstream.url, "--log-level", "info")
-    with nginx(root / "nginx", root / "blobs-layout") as (nginx_pid, nginx_port):
+    # nginx serves the very files the cache stored (its store's layout, blobs/sha256/ab/abcd…).
+    with nginx(root / "nginx", root / "store-nocopy") as (nginx_pid, nginx_port):
         cache.start()
         assert cache.proc is not None
         try:
@@ -322,7 +324,12 @@ async def server_limited(
                 for kind, (size, digest) in blobs.items():
                     targets = [
                         ("cache", cache.proc.pid, cache.port, f"/v2/{name}/blobs/{digest}"),
-                        ("nginx", nginx_pid, nginx_port, f"/blobs/sha256/{digest[7:]}"),
+                        (
+                            "nginx",
+                            nginx_pid,
+                            nginx_port,
+                            f"/blobs/sha256/{digest[7:9]}/{digest[7:]}",
+                        ),
                     ]
                     if round_ % 2:
                         targets.reverse()
