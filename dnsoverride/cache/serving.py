@@ -256,6 +256,7 @@ class StoredFile(web.StreamResponse):
         self.content_length = count
         if request.method != "GET" or count == 0:
             return await super().prepare(request)
+        writer = None  # stays None when the client stalls before the headers are out
         async with send_deadline(request, self._delivery.send_timeout):
             by_sendfile = count > _SMALL
             if by_sendfile:
