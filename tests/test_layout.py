@@ -26,6 +26,7 @@ SHARED_DOWNWARD = {
     "dnsoverride.cache.accesslog",
     "dnsoverride.cache.app",
     "dnsoverride.cache.fetch",
+    "dnsoverride.cache.serving",
     "dnsoverride.cache.session",
     "dnsoverride.cache.store",
     "dnsoverride.cache.tls",
