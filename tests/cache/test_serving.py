@@ -32,6 +32,8 @@ from dnsoverride.cache.registry.stats import Stats
 from dnsoverride.cache.serving import RangeNotSatisfiableError, byte_range
 from dnsoverride.cache.store import Budget, Digest, Store
 from tests.support.cache_routes import serving
+from tests.support.registry_fixtures import Publish, StartCache
+from tests.support.registry_peers import DistributionRegistry
 from tests.support.waits import poll_async
 
 SMALL = os.urandom(4096)
@@ -241,3 +243,30 @@ async def test_a_slow_client_that_keeps_reading_gets_the_whole_blob(served: Serv
         writer.close()
     assert body == data
     assert [e for e in logs if e["event"] == "client_send_stalled"] == []
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(120)
+async def test_the_daemon_applies_timeouts_send(
+    publish: Publish, upstream: DistributionRegistry, start_cache: StartCache
+) -> None:
+    """`timeouts: {send: 1s}` in the config file reaches the running `dnsoverride cache`:
+    a client that never reads a stored 24 MiB blob is disconnected and logged."""
+    image = await publish("ci/big:v1", platforms=("linux/amd64",), layer_sizes=(24 << 20,))
+    digest, size = max(image.blobs.items(), key=lambda item: item[1])
+    config = {"registry": {"upstreams": [{"url": upstream.url}]}, "timeouts": {"send": "1s"}}
+    cache = start_cache(config=config)
+    path = f"/v2/ci/big/blobs/{digest}"
+    async with aiohttp.ClientSession() as session, session.get(cache.url + path) as response:
+        assert (response.status, len(await response.read())) == (200, size)  # now stored
+
+    loop = asyncio.get_running_loop()
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 << 10)
+    client.setblocking(False)
+    with contextlib.closing(client):
+        await loop.sock_connect(client, ("127.0.0.1", cache.port))
+        await loop.sock_sendall(client, f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        lines = await asyncio.to_thread(cache.wait_log, "client_send_stalled", path)
+        assert len(lines) == 1, cache.logs()
+        assert '"client": "127.0.0.1"' in lines[0]
