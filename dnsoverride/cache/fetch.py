@@ -18,8 +18,8 @@ once), else the upstream's Content-Length. A caller without an expected size may
 While content downloads, a HEAD answers at once with that size, and a `Range` request
 (206) is sent as soon as its bytes have landed in the growing file; a range that takes in
 the last byte waits for the verified content like a whole GET does. Stored content is sent
-with sendfile, pinned against eviction while it is sent, ranges included (aiohttp's
-FileResponse).
+by serving.py (the direct path, ranges, the send deadline), pinned against eviction while
+it is sent; a streamed response is under the same send deadline.
 
 What a failure means to a client is the caller's protocol (an OCI error, a plain-text
 404): a failed download carries a `FetchError` whose `cause` is the exception it came
