@@ -2,8 +2,8 @@
 session, the registry and the package side, and the Host routes together as a
 `CacheService`, which the service lifecycle (common/lifecycle.py) runs.
 
-Runs on the default asyncio loop on purpose: aiohttp's FileResponse uses
-`loop.sendfile` there, which uvloop lacks (3x slower blob hits; docs/architecture.md,
+Runs on the default asyncio loop on purpose: hits are sent with `loop.sendfile` there
+(serving.py), which uvloop lacks (3x slower blob hits; docs/architecture.md,
 "Event loops").
 The store is opened (temp files removed, content indexed) before the listener binds;
 no upstream is contacted at start-up, so the cache serves what it has even when the
