@@ -64,6 +64,8 @@ _CONDITIONAL = (
 _TCP_INFO_LENGTH = 128
 _BYTES_ACKED = struct.Struct("=Q")
 _BYTES_ACKED_OFFSET = 120
+# SIOCOUTQ (= TIOCOUTQ) fills in an int.
+_QUEUED = struct.Struct("=i")
 
 
 class RangeNotSatisfiableError(Exception):
@@ -118,9 +120,10 @@ def _acked(sock: Any) -> int | None:
 def _unsent(sock: Any) -> int:
     """Bytes in the socket's send queue not yet acknowledged (SIOCOUTQ)."""
     try:
-        return int(fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")[0])
+        queued = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, bytes(_QUEUED.size))
     except OSError:
         return 0
+    return int(_QUEUED.unpack(queued)[0])
 
 
 @contextlib.asynccontextmanager

@@ -29,7 +29,7 @@ from dnsoverride.cache.app import Order, Route
 from dnsoverride.cache.fetch import Fetcher
 from dnsoverride.cache.registry.blobs import RegistryMeter
 from dnsoverride.cache.registry.stats import Stats
-from dnsoverride.cache.serving import RangeNotSatisfiableError, byte_range
+from dnsoverride.cache.serving import RangeNotSatisfiableError, _acked, _unsent, byte_range
 from dnsoverride.cache.store import Budget, Digest, Store
 from tests.support.cache_routes import serving
 from tests.support.registry_fixtures import Publish, StartCache
@@ -270,3 +270,29 @@ async def test_the_daemon_applies_timeouts_send(
         lines = await asyncio.to_thread(cache.wait_log, "client_send_stalled", path)
         assert len(lines) == 1, cache.logs()
         assert '"client": "127.0.0.1"' in lines[0]
+
+
+def test_unsent_counts_the_whole_send_queue() -> None:
+    """`_unsent` is the socket's send queue as an int (SIOCOUTQ): unacknowledged plus
+    unsent bytes, which with a peer that reads nothing is everything sent minus what the
+    peer's kernel acknowledged (TCP_INFO). Before: the ioctl's first byte only, the
+    queue's length mod 256 (256 queued bytes read as 0, which the send deadline took for
+    "nothing waits for the client" and so never cut it)."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        sender = socket.create_connection(server.getsockname())
+        receiver, _ = server.accept()
+        with contextlib.closing(sender), contextlib.closing(receiver):
+            sender.setblocking(False)
+            before = _acked(sender)  # counts the SYN on Linux: only differences mean bytes
+            assert before is not None
+            sent = 0
+            with contextlib.suppress(BlockingIOError):
+                while True:
+                    sent += sender.send(b"x" * 65536)
+            for _ in range(50):  # in case the last ACK is still on its way
+                acked, unsent = (_acked(sender) or 0) - before, _unsent(sender)
+                if acked + unsent == sent:
+                    break
+                time.sleep(0.01)
+            assert unsent > 256
+            assert acked + unsent == sent
