@@ -46,10 +46,13 @@ from dnsoverride.cache.serving import (
     DEFAULT_SEND_TIMEOUT,
     Delivery,
     RangeNotSatisfiableError,
+    StoredFile,
     byte_range,
+    content_etag,
     not_satisfiable,
+    range_asked,
+    refusal,
     send_deadline,
-    stored_response,
 )
 from dnsoverride.cache.store import Digest, Kind, Store, StoreWriteError
 
@@ -183,10 +186,9 @@ class Fetcher:
     def send_file(
         self, request: BaseRequest, kind: Kind, digest: Digest, path: Path, headers: dict[str, str]
     ) -> web.StreamResponse:
-        """Stored content (serving.py: the direct path, ranges, If-* by aiohttp), pinned
-        while sent."""
+        """Stored content (serving.py: the direct path, ranges, If-*), pinned while sent."""
         delivery = Delivery(self.store.pinned(kind, digest), self._sent, self.send_timeout)
-        return stored_response(request, path, delivery, headers)
+        return StoredFile(path, delivery, {**headers, "ETag": content_etag(digest)})
 
     def _sent(self, request: BaseRequest, count: int, sendfile: bool) -> None:
         self.meter.sent(request, count, sendfile=sendfile)
@@ -243,13 +245,21 @@ class Fetcher:
             raise download.error
         if download.final is not None:
             return self.send_file(request, download.kind, download.digest, download.final, headers)
+        # In flight the ETag is already the digest's: a client only ever gets all of the
+        # body when it hashes to it (else the connection is cut).
+        etag = content_etag(download.digest)
+        headers = {**headers, "ETag": etag}
+        refused = refusal(request, etag)
+        if refused is not None:
+            return web.Response(status=refused, headers=headers)
+        asked = range_asked(request, etag)
         if download.size is None:
-            return await self._respond_unsized(request, download, headers)
+            return await self._respond_unsized(request, download, headers, asked)
         if request.method == "HEAD":
             # In flight: the length is the expected one, known since the headers arrived.
             return web.Response(headers={**headers, "Content-Length": str(download.size)})
         try:
-            window = byte_range(request.headers.get("Range"), download.size)
+            window = byte_range(asked, download.size)
         except RangeNotSatisfiableError:
             return not_satisfiable(download.size, headers)
         if window is None:
@@ -259,11 +269,15 @@ class Fetcher:
         return await self._stream(request, download, headers, (start, stop), status=206)
 
     async def _respond_unsized(
-        self, request: web.Request, download: Download, headers: dict[str, str]
+        self,
+        request: web.Request,
+        download: Download,
+        headers: dict[str, str],
+        asked: str | None,
     ) -> web.StreamResponse:
-        """Content in flight without a known length: neither a length nor a range can be
-        given until it has landed (FileResponse handles ranges of the finished file)."""
-        if request.method == "HEAD" or "Range" in request.headers:
+        """Content in flight without a known length: neither a length nor the range
+        `asked` can be given until it has landed (then served as stored)."""
+        if request.method == "HEAD" or asked is not None:
             await download.wait_finished()
             if download.final is None:
                 raise download.error or FetchError("download failed", status=503)

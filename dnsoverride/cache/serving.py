@@ -1,15 +1,18 @@
 """Sending stored content to clients: the direct path for hits, byte ranges, and the send
 deadline that closes a client which stops taking bytes.
 
-A plain GET/HEAD of a stored file, or one with a single byte range, takes the direct path:
-the file is opened and `fstat`ed inline (a local file, already looked up: no thread-pool
+A GET/HEAD of a stored file, whole or a single byte range, takes the direct path: the
+file is opened and `fstat`ed inline (a local file, already looked up: no thread-pool
 round trip), the headers are written and the bytes go with `loop.sendfile`; a body of at
 most `_SMALL` bytes is read and written with the headers instead, in one write (sendfile's
 setup costs more than copying 64 KiB). For a body larger than `_LARGE` the socket's send
 buffer is raised first, so the kernel takes it in a few sendfile calls rather than
-hundreds. Requests with a conditional header (If-Match, If-None-Match, If-Modified-Since,
-If-Unmodified-Since, If-Range) are answered by aiohttp's `FileResponse`, which evaluates
-them. The content is pinned against eviction while it is sent, either way.
+hundreds. The content is pinned against eviction while it is sent.
+
+Validators: the ETag is the content's digest (`"sha256:<hex>"`, content_etag), stable
+across restarts and mtime rewrites; there is no Last-Modified (the store's mtimes record
+last use). If-Match, If-None-Match and If-Range are evaluated against it in RFC 9110
+§13.2.2's order, before the range: a 304 or 412 opens no file.
 
 Ranges follow RFC 9110 §14: a single `bytes=` range is served as 206; a range that cannot
 be satisfied (`bytes=-0`, a first byte past the end) is 416 with `Content-Range: bytes
@@ -42,7 +45,10 @@ from typing import Any
 import structlog
 from aiohttp import hdrs, web
 from aiohttp.abc import AbstractStreamWriter
+from aiohttp.helpers import ETAG_ANY
 from aiohttp.web_request import BaseRequest
+
+from dnsoverride.cache.store import Digest
 
 log = structlog.get_logger(__name__)
 
@@ -53,13 +59,6 @@ _SMALL = 64 << 10
 # Bodies above this size get a larger socket send buffer before sendfile (_large_sndbuf).
 _LARGE = 1 << 20
 _LARGE_SNDBUF = 8 << 20
-_CONDITIONAL = (
-    hdrs.IF_MATCH,
-    hdrs.IF_NONE_MATCH,
-    hdrs.IF_MODIFIED_SINCE,
-    hdrs.IF_UNMODIFIED_SINCE,
-    hdrs.IF_RANGE,
-)
 # struct tcp_info (linux/tcp.h): tcpi_bytes_acked, a __u64 at byte 120 (Linux 4.1+).
 _TCP_INFO_LENGTH = 128
 _BYTES_ACKED = struct.Struct("=Q")
@@ -202,6 +201,42 @@ async def sendfile(request: BaseRequest, fd: int, offset: int, count: int) -> No
         await asyncio.get_running_loop().sendfile(transport, file, offset, count)
 
 
+# -- validators -------------------------------------------------------------------------
+def content_etag(digest: Digest | str) -> str:
+    """The ETag of content-addressed content: its digest, strong (what distribution sends
+    for a blob), so the same for as long as the content exists, across restarts and
+    whatever the store does to the file's mtime (its record of last use)."""
+    return f'"{digest}"'
+
+
+def refusal(request: BaseRequest, etag: str) -> int | None:
+    """304 or 412 when the request's preconditions, evaluated in RFC 9110 §13.2.2's order
+    against `etag`, stop it; None when it goes ahead. Stored content has no Last-Modified
+    (a file's mtime records its last use, not a change), so If-Unmodified-Since and
+    If-Modified-Since are ignored, as §13.1.3 and §13.1.4 require without one."""
+    value = etag[1:-1]
+    if_match = request.if_match  # strong comparison (§13.1.1)
+    if if_match is not None and not any(
+        tag.value == ETAG_ANY or (not tag.is_weak and tag.value == value) for tag in if_match
+    ):
+        return 412
+    if_none_match = request.if_none_match  # weak comparison (§13.1.2)
+    if if_none_match is not None and any(tag.value in (ETAG_ANY, value) for tag in if_none_match):
+        return 304 if request.method in ("GET", "HEAD") else 412
+    return None
+
+
+def range_asked(request: BaseRequest, etag: str) -> str | None:
+    """The request's Range header, unless an If-Range that is not `etag` (compared
+    strongly; a date never matches, there being no Last-Modified) voids it: then the
+    whole content is sent (§13.1.5)."""
+    asked = request.headers.get(hdrs.RANGE)
+    if_range = request.headers.get(hdrs.IF_RANGE)
+    if asked is None or if_range is None or if_range.strip() == etag:
+        return asked
+    return None
+
+
 # -- responses --------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Delivery:
@@ -216,7 +251,8 @@ class Delivery:
 
 
 class StoredFile(web.StreamResponse):
-    """The direct path: a stored file (whole or one range), pinned while sent."""
+    """Stored content (whole, one range, 304 or 412), pinned while sent; `headers` carry
+    its ETag (content_etag)."""
 
     def __init__(self, path: Path, delivery: Delivery, headers: dict[str, str]) -> None:
         super().__init__(headers=headers)
@@ -224,6 +260,12 @@ class StoredFile(web.StreamResponse):
         self._path = path
 
     async def prepare(self, request: BaseRequest) -> AbstractStreamWriter | None:
+        etag = self._headers[hdrs.ETAG]
+        refused = refusal(request, etag)
+        if refused is not None:  # before the file is opened: a revalidation costs no I/O
+            self.set_status(refused)
+            self.content_length = 0
+            return await super().prepare(request)
         with self._delivery.pin:
             try:
                 fd = os.open(self._path, os.O_RDONLY | os.O_CLOEXEC)
@@ -232,20 +274,17 @@ class StoredFile(web.StreamResponse):
                 self.set_status(404)
                 return await super().prepare(request)
             try:
-                return await self._send(request, fd)
+                return await self._send(request, fd, range_asked(request, etag))
             finally:
                 os.close(fd)
 
-    async def _send(self, request: BaseRequest, fd: int) -> AbstractStreamWriter | None:
-        info = os.fstat(fd)
-        size = info.st_size
-        # The same validators FileResponse gives, so a client's If-* request that follows
-        # (answered by FileResponse) matches what it got here.
-        self.etag = f"{info.st_mtime_ns:x}-{size:x}"
-        self.last_modified = info.st_mtime
+    async def _send(
+        self, request: BaseRequest, fd: int, asked: str | None
+    ) -> AbstractStreamWriter | None:
+        size = os.fstat(fd).st_size
         self._headers[hdrs.ACCEPT_RANGES] = "bytes"
         try:
-            window = byte_range(request.headers.get(hdrs.RANGE), size)
+            window = byte_range(asked, size)
         except RangeNotSatisfiableError:
             self.set_status(416)
             self._headers[hdrs.CONTENT_RANGE] = f"bytes */{size}"
@@ -273,60 +312,3 @@ class StoredFile(web.StreamResponse):
             await self.write_eof()
             self._delivery.sent(request, count, by_sendfile)
         return writer
-
-
-class ConditionalFile(web.FileResponse):
-    """A stored file for a request with If-* headers, which aiohttp evaluates; pinned
-    while sent, under the send deadline.
-
-    Its range answers are this module's: FileResponse is given the request without a
-    Range this module ignores, and with `bytes=SIZE-` (which it answers 416 once the
-    preconditions have passed, as RFC 9110 §13.2.2 orders them) for one that selects
-    nothing (it would send `bytes=-0` whole as 206 and refuse several ranges with 416).
-    """
-
-    def __init__(self, path: Path, delivery: Delivery, headers: dict[str, str]) -> None:
-        super().__init__(path, headers=headers)
-        self._delivery = delivery
-
-    async def prepare(self, request: BaseRequest) -> AbstractStreamWriter | None:
-        with self._delivery.pin:
-            asked = request.headers.get(hdrs.RANGE)
-            if asked is not None:
-                request = _with_range(request, self._range_for(asked))
-            async with send_deadline(request, self._delivery.send_timeout):
-                writer = await super().prepare(request)
-        if request.method == "GET" and self.status in (200, 206):
-            self._delivery.sent(request, self.content_length or 0, True)
-        return writer
-
-    def _range_for(self, asked: str) -> str | None:
-        """The Range FileResponse is to see for `asked` (None: none)."""
-        try:
-            size = self._path.stat().st_size
-        except OSError:
-            return asked  # FileResponse answers the missing file
-        try:
-            return asked if byte_range(asked, size) is not None else None
-        except RangeNotSatisfiableError:
-            return f"bytes={size}-"
-
-
-def _with_range(request: BaseRequest, value: str | None) -> BaseRequest:
-    if value == request.headers.get(hdrs.RANGE):
-        return request
-    headers = request.headers.copy()
-    del headers[hdrs.RANGE]
-    if value is not None:
-        headers[hdrs.RANGE] = value
-    return request.clone(headers=headers)
-
-
-def stored_response(
-    request: BaseRequest, path: Path, delivery: Delivery, headers: dict[str, str]
-) -> web.StreamResponse:
-    """The response for stored content at `path`: the direct path, or FileResponse for a
-    conditional request."""
-    if any(name in request.headers for name in _CONDITIONAL):
-        return ConditionalFile(path, delivery, headers)
-    return StoredFile(path, delivery, headers)

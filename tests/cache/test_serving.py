@@ -59,16 +59,14 @@ class Served:
         return int(self.base_url.rpartition(":")[2])
 
 
-@pytest.fixture
-async def served(tmp_path: Path) -> AsyncIterator[Served]:
-    """Stored blobs served by digest (GET /blob/HEX) through Fetcher.send_file; a 40 MB
-    budget (high watermark 38 MB)."""
-    store = Store(tmp_path / "store", Budget(40_000_000))
+@contextlib.asynccontextmanager
+async def _serving(root: Path) -> AsyncIterator[Served]:
+    """Stored blobs under `root` served by digest (GET /blob/HEX) through
+    Fetcher.send_file; a 40 MB budget (high watermark 38 MB)."""
+    store = Store(root, Budget(40_000_000))
     store.open()
     stats = Stats()
     fetcher = Fetcher(store, RegistryMeter(stats), send_timeout=SEND_TIMEOUT)
-    for data in (SMALL, MEDIUM):
-        store.put_bytes("blobs", _digest(data), data)
 
     async def handler(request: web.Request) -> web.StreamResponse:
         digest = Digest("sha256", request.path.rpartition("/")[2])
@@ -79,6 +77,14 @@ async def served(tmp_path: Path) -> AsyncIterator[Served]:
 
     async with serving([Route("blobs", Order.REGISTRY, handler)]) as base_url:
         yield Served(store, stats, base_url)
+
+
+@pytest.fixture
+async def served(tmp_path: Path) -> AsyncIterator[Served]:
+    async with _serving(tmp_path / "store") as served:
+        for data in (SMALL, MEDIUM):
+            served.store.put_bytes("blobs", _digest(data), data)
+        yield served
 
 
 async def _get(url: str, method: str = "GET", **headers: str) -> tuple[int, Any, bytes]:
@@ -130,7 +136,8 @@ async def test_whole_head_and_ranges_of_stored_content(served: Served, data: byt
     assert headers["Content-Length"] == str(size)
     assert headers["Accept-Ranges"] == "bytes"
     assert headers["Content-Type"] == "x-blob"
-    assert "ETag" in headers and "Last-Modified" in headers
+    assert headers["ETag"] == f'"{_digest(data)}"'
+    assert "Last-Modified" not in headers
     status, headers, body = await _get(url, "HEAD")
     assert (status, headers["Content-Length"], body) == (200, str(size), b"")
 
@@ -146,7 +153,7 @@ async def test_suffix_range_of_zero_is_416_and_several_ranges_are_the_whole_cont
 ) -> None:
     """RFC 9110 §14.1.2: `bytes=-0` selects nothing (416); several ranges may be ignored
     (§14.2): 200 with everything. Before: 206 with the whole content, and 416 (aiohttp's
-    FileResponse and `request.http_range`), on the stored and the conditional path alike."""
+    FileResponse and `request.http_range`), with a conditional header or without."""
     size = len(MEDIUM)
     for conditional in ({}, {"If-None-Match": '"another"'}):
         status, headers, body = await _get(served.url(MEDIUM), Range="bytes=-0", **conditional)
@@ -169,6 +176,58 @@ async def test_conditional_requests_are_answered_by_their_validators(served: Ser
     # Preconditions before the range (RFC 9110 §13.2.2): a match is 304, not 416.
     status, _, _ = await _get(url, Range="bytes=-0", **{"If-None-Match": etag})
     assert status == 304
+
+
+async def test_the_etag_is_the_digest_and_survives_mtime_rewrites_and_restarts(
+    tmp_path: Path,
+) -> None:
+    """The ETag is the content's digest: the store rewriting the file's mtime (its record
+    of last use) or a restart changes nothing, so a client's revalidation (If-None-Match:
+    304) and resumption (If-Range: 206) keep working; an If-Range with another validator
+    (the mtime-size ETag served before) gets the whole content. Before: ETag and
+    Last-Modified came from the mtime, so after os.utime If-None-Match was a full 200 and
+    If-Range a full 200 instead of the range."""
+    root = tmp_path / "store"
+    async with _serving(root) as served:
+        path = served.store.put_bytes("blobs", _digest(MEDIUM), MEDIUM)
+        info = path.stat()
+        before = f'"{info.st_mtime_ns:x}-{info.st_size:x}"'  # what FileResponse sent
+        _, headers, _ = await _get(served.url(MEDIUM))
+        etag = headers["ETag"]
+        assert etag == f'"sha256:{_digest(MEDIUM).hex}"'
+        os.utime(path, (time.time() - 86400, time.time() - 86400))
+        _, headers, _ = await _get(served.url(MEDIUM), "HEAD")
+        assert headers["ETag"] == etag
+    async with _serving(root) as served:  # a restart: a new store over the same files
+        status, headers, body = await _get(served.url(MEDIUM), **{"If-None-Match": etag})
+        assert (status, headers["ETag"], body) == (304, etag, b"")
+        status, _, body = await _get(served.url(MEDIUM), **{"If-None-Match": f"W/{etag}"})
+        assert (status, body) == (304, b"")  # If-None-Match compares weakly
+        status, headers, body = await _get(
+            served.url(MEDIUM), Range="bytes=1000-1999", **{"If-Range": etag}
+        )
+        assert (status, headers["Content-Range"], body) == (
+            206,
+            f"bytes 1000-1999/{len(MEDIUM)}",
+            MEDIUM[1000:2000],
+        )
+        for other in (before, f"W/{etag}", "Sun, 29 Nov 2026 10:00:00 GMT"):
+            # Another validator, a weak one (If-Range compares strongly), a date (there is
+            # no Last-Modified to compare it with): the Range is ignored, all of it is sent.
+            status, headers, body = await _get(
+                served.url(MEDIUM), Range="bytes=1000-1999", **{"If-Range": other}
+            )
+            assert (status, body) == (200, MEDIUM), other
+            assert "Content-Range" not in headers
+        status, _, _ = await _get(served.url(MEDIUM), **{"If-Match": etag})
+        assert status == 200
+        status, _, body = await _get(served.url(MEDIUM), **{"If-Match": f"W/{etag}"})
+        assert (status, body) == (412, b"")  # If-Match compares strongly
+        # No Last-Modified: If-Modified-Since and If-Unmodified-Since are ignored.
+        status, _, body = await _get(
+            served.url(MEDIUM), **{"If-Unmodified-Since": "Thu, 01 Jan 1970 00:00:00 GMT"}
+        )
+        assert (status, body) == (200, MEDIUM)
 
 
 # -- the send deadline --------------------------------------------------------------------
