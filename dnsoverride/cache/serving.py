@@ -186,8 +186,9 @@ def _large_sndbuf() -> int | None:
     return size if 2 * size > autotuned else None
 
 
-async def sendfile(request: BaseRequest, fd: int, offset: int, count: int) -> None:
-    """`count` bytes of `fd` from `offset` to the client with `loop.sendfile`."""
+async def sendfile(request: BaseRequest, fd: int, offset: int, count: int) -> int:
+    """`count` bytes of `fd` from `offset` to the client with `loop.sendfile`; the bytes
+    sent, fewer when the file ends early."""
     transport = request.transport
     if transport is None:
         raise ConnectionResetError("connection lost")
@@ -198,7 +199,7 @@ async def sendfile(request: BaseRequest, fd: int, offset: int, count: int) -> No
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
     # closefd=False: the caller owns fd; loop.sendfile needs a file object.
     with io.FileIO(fd, "rb", closefd=False) as file:
-        await asyncio.get_running_loop().sendfile(transport, file, offset, count)
+        return await asyncio.get_running_loop().sendfile(transport, file, offset, count)
 
 
 # -- validators -------------------------------------------------------------------------
@@ -303,12 +304,32 @@ class StoredFile(web.StreamResponse):
             by_sendfile = count > _SMALL
             if by_sendfile:
                 writer = await super().prepare(request)
-                await sendfile(request, fd, start, count)
+                sent = await sendfile(request, fd, start, count)
             else:
                 body = os.pread(fd, count, start)
+                sent = len(body)
                 self._send_headers_immediately = False  # one write: headers and body
                 writer = await super().prepare(request)
                 await self.write(body)
+            self._delivery.sent(request, sent, by_sendfile)
+            if sent < count:
+                self._cut_short(request, count, sent)
+                return writer
             await self.write_eof()
-            self._delivery.sent(request, count, by_sendfile)
         return writer
+
+    def _cut_short(self, request: BaseRequest, count: int, sent: int) -> None:
+        """The file shrank under the response (its stored size was checked when it was
+        looked up): the client must not take what it got as complete, nor wait for the
+        rest on a connection kept alive."""
+        log.error(
+            "stored_file_short",
+            path=str(self._path),
+            client=request.remote,
+            request=request.path_qs,
+            expected=count,
+            sent=sent,
+            reason="the stored file ended early: connection cut",
+        )
+        if request.transport is not None:
+            request.transport.abort()

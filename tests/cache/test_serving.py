@@ -355,3 +355,38 @@ def test_unsent_counts_the_whole_send_queue() -> None:
                 time.sleep(0.01)
             assert unsent > 256
             assert acked + unsent == sent
+
+
+async def test_a_stored_file_truncated_while_sent_cuts_the_connection(served: Served) -> None:
+    """A stored file that shrinks while it is sent (disk trouble, someone else's hand in
+    the store) ends the response short of its Content-Length with the connection cut and
+    one `stored_file_short` error, so the client sees a failed download. Before:
+    loop.sendfile returned early at the new end of file, the response was finished as if
+    complete and the connection kept alive: the client waited for bytes that never came."""
+    large = os.urandom(24 << 20)
+    path = served.store.put_bytes("blobs", _digest(large), large)
+    loop = asyncio.get_running_loop()
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 << 10)
+    client.setblocking(False)
+    with contextlib.closing(client), capture_logs() as logs:
+        await loop.sock_connect(client, ("127.0.0.1", served.port))
+        request = f"GET /blob/{_digest(large).hex} HTTP/1.1\r\nHost: x\r\n\r\n"
+        await loop.sock_sendall(client, request.encode())
+        await poll_async(lambda: _queued(client) > 0, 10, "the response to start")
+        os.truncate(path, 8 << 20)
+        received = bytearray()
+        while chunk := await asyncio.wait_for(loop.sock_recv(client, 1 << 20), 5):
+            received += chunk
+        head, _, body = bytes(received).partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200")
+        assert len(body) < len(large)
+        assert body == large[: len(body)]  # no wrong byte, only missing ones
+        await poll_async(
+            lambda: [e for e in logs if e["event"] == "stored_file_short"], 5, "the error"
+        )
+    [event] = [e for e in logs if e["event"] == "stored_file_short"]
+    assert event["log_level"] == "error"
+    assert event["path"] == str(path)
+    assert [e["event"] for e in logs if e["log_level"] == "error"] == ["stored_file_short"]
+    assert not any("exc_info" in e or "exception" in e for e in logs), logs
