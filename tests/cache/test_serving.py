@@ -285,6 +285,38 @@ async def test_a_client_that_never_reads_is_disconnected_and_its_pin_released(
         assert received < len(large)
 
 
+async def test_many_stalled_clients_leak_no_pin_and_no_fd(served: Served) -> None:
+    """32 clients that never read a 24 MiB blob: each is cut once after the deadline, and
+    afterwards no pin is held and the process has the file descriptors it had before
+    (the stored file's and the sockets')."""
+    large = os.urandom(24 << 20)
+    served.store.put_bytes("blobs", _digest(large), large)
+    fds = len(os.listdir("/proc/self/fd"))
+    loop = asyncio.get_running_loop()
+    clients = []
+    with capture_logs() as logs:
+        for _ in range(32):
+            client = socket.socket()
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 << 10)
+            client.setblocking(False)
+            clients.append(client)
+            await loop.sock_connect(client, ("127.0.0.1", served.port))
+            request = f"GET /blob/{_digest(large).hex} HTTP/1.1\r\nHost: x\r\n\r\n"
+            await loop.sock_sendall(client, request.encode())
+
+        def stalled() -> list[MutableMapping[str, Any]]:
+            return [e for e in logs if e["event"] == "client_send_stalled"]
+
+        await poll_async(lambda: len(stalled()) == 32, 20, "32 client_send_stalled")
+        await poll_async(lambda: not served.store._pins, 5, "the pins to be released")
+        for client in clients:
+            client.close()
+        await poll_async(
+            lambda: len(os.listdir("/proc/self/fd")) <= fds, 5, "the descriptors to be closed"
+        )
+    assert len(stalled()) == 32
+
+
 async def test_a_slow_client_that_keeps_reading_gets_the_whole_blob(served: Served) -> None:
     """The deadline is on no bytes taken, not on the whole response: a client that reads
     2 MiB every 0.5 s takes about 3 s (3x the send timeout) for 12 MiB and gets all."""
@@ -301,6 +333,32 @@ async def test_a_slow_client_that_keeps_reading_gets_the_whole_blob(served: Serv
             await asyncio.sleep(0.5)
         writer.close()
     assert body == data
+    assert [e for e in logs if e["event"] == "client_send_stalled"] == []
+
+
+async def test_a_client_reading_64_kib_a_quarter_second_is_not_cut(served: Served) -> None:
+    """Near the slowest reader the deadline can see: the kernel only counts bytes as taken
+    once the client's receive window reopens, which on loopback takes a whole 64 KiB
+    segment consumed (1 B/s is indistinguishable from a stall and is cut, as with nginx's
+    send_timeout). A client reading 64 KiB every 0.25 s from a 48 MiB blob for 4 s, with
+    a 1 s deadline, is not disconnected."""
+    data = os.urandom(48 << 20)
+    served.store.put_bytes("blobs", _digest(data), data)
+    loop = asyncio.get_running_loop()
+    client = socket.socket()
+    client.setblocking(False)
+    with contextlib.closing(client), capture_logs() as logs:
+        await loop.sock_connect(client, ("127.0.0.1", served.port))
+        request = f"GET /blob/{_digest(data).hex} HTTP/1.1\r\nHost: x\r\n\r\n"
+        await loop.sock_sendall(client, request.encode())
+        received = 0
+        until = time.monotonic() + 4
+        while time.monotonic() < until:
+            chunk = await asyncio.wait_for(loop.sock_recv(client, 64 << 10), 5)
+            assert chunk, "the connection was cut"
+            received += len(chunk)
+            await asyncio.sleep(0.25)
+    assert received > 512 << 10
     assert [e for e in logs if e["event"] == "client_send_stalled"] == []
 
 
@@ -389,4 +447,33 @@ async def test_a_stored_file_truncated_while_sent_cuts_the_connection(served: Se
     assert event["log_level"] == "error"
     assert event["path"] == str(path)
     assert [e["event"] for e in logs if e["log_level"] == "error"] == ["stored_file_short"]
+    assert not any("exc_info" in e or "exception" in e for e in logs), logs
+
+
+@pytest.mark.parametrize("reset", [True, False], ids=["rst", "fin"])
+async def test_a_client_gone_mid_sendfile_releases_its_pin_quietly(
+    served: Served, reset: bool
+) -> None:
+    """A client that disconnects (RST or FIN) in the middle of a 24 MiB sendfile: its pin
+    is released, the request still gets its access log line, and nothing is logged as an
+    error or with a traceback (a client leaving is not a fault of the cache)."""
+    large = os.urandom(24 << 20)
+    served.store.put_bytes("blobs", _digest(large), large)
+    loop = asyncio.get_running_loop()
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 << 10)
+    client.setblocking(False)
+    with capture_logs() as logs:
+        await loop.sock_connect(client, ("127.0.0.1", served.port))
+        request = f"GET /blob/{_digest(large).hex} HTTP/1.1\r\nHost: x\r\n\r\n"
+        await loop.sock_sendall(client, request.encode())
+        await poll_async(lambda: _queued(client) > 0, 10, "the response to start")
+        await loop.sock_recv(client, 4096)
+        assert served.store._pins
+        if reset:
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        client.close()
+        await poll_async(lambda: not served.store._pins, 5, "the pin to be released")
+        await poll_async(lambda: any(e["event"] == "request" for e in logs), 5, "access log")
+    assert not [e for e in logs if e["log_level"] in ("error", "critical")], logs
     assert not any("exc_info" in e or "exception" in e for e in logs), logs
