@@ -227,6 +227,33 @@ async def test_range_edge_cases_of_a_download_in_flight(world: World) -> None:
     assert await whole == (200, PACKAGE)
 
 
+async def test_validators_of_a_download_in_flight(world: World) -> None:
+    """While the content lands its ETag is already its digest, and If-* are evaluated
+    against it as for stored content: If-None-Match → 304 and If-Match with another
+    ETag → 412, both at once; If-Range with it → the range (206) as soon as it landed;
+    If-Range with another validator → the whole content (200). Before: no ETag, If-*
+    ignored, so a client resuming with a stale If-Range got a 206 of other content."""
+    digest = _digest("sha256")
+    etag = f'"{digest}"'
+    whole = asyncio.create_task(_fetch(_url(world, digest)))
+    await world.meter.reached(1 << 20)
+    async with (
+        aiohttp.ClientSession() as session,
+        session.head(_url(world, digest)) as response,
+    ):
+        assert response.headers["ETag"] == etag
+    assert await _fetch(_url(world, digest), {"If-None-Match": etag}) == (304, b"")
+    assert await _fetch(_url(world, digest), {"If-Match": '"sha256:00"'}) == (412, b"")
+    ranged = {"Range": "bytes=1000-1999", "If-Range": etag}
+    assert await _fetch(_url(world, digest), ranged) == (206, PACKAGE[1000:2000])
+    stale = asyncio.create_task(
+        _fetch(_url(world, digest), {"Range": "bytes=1000-1999", "If-Range": '"1-2"'})
+    )
+    world.liar.gate.set()
+    assert await stale == (200, PACKAGE)
+    assert await whole == (200, PACKAGE)
+
+
 async def test_a_client_that_stops_reading_a_download_in_flight_is_disconnected(
     world: World,
 ) -> None:
