@@ -238,6 +238,22 @@ def _queued(sock: socket.socket) -> int:
     return int(struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0" * 4))[0])
 
 
+async def _ask(port: int, path: str) -> socket.socket:
+    """A non-blocking client with a 16 KiB receive buffer that has sent GET `path` and
+    has read nothing yet; the caller closes it."""
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 << 10)
+    client.setblocking(False)
+    loop = asyncio.get_running_loop()
+    try:
+        await loop.sock_connect(client, ("127.0.0.1", port))
+        await loop.sock_sendall(client, f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    except BaseException:
+        client.close()
+        raise
+    return client
+
+
 async def test_a_client_that_never_reads_is_disconnected_and_its_pin_released(
     served: Served,
 ) -> None:
@@ -248,13 +264,8 @@ async def test_a_client_that_never_reads_is_disconnected_and_its_pin_released(
     store = served.store
     store.put_bytes("blobs", _digest(large), large)
     loop = asyncio.get_running_loop()
-    client = socket.socket()
-    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 << 10)
-    client.setblocking(False)
-    with contextlib.closing(client), capture_logs() as logs:
-        await loop.sock_connect(client, ("127.0.0.1", served.port))
-        path = f"/blob/{_digest(large).hex}"
-        await loop.sock_sendall(client, f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    path = f"/blob/{_digest(large).hex}"
+    with capture_logs() as logs, contextlib.closing(await _ask(served.port, path)) as client:
         await poll_async(lambda: _queued(client) > 0, 10, "the response to start")
         asked = time.monotonic()
 
@@ -294,17 +305,10 @@ async def test_many_stalled_clients_leak_no_pin_and_no_fd(served: Served) -> Non
     large = os.urandom(24 << 20)
     served.store.put_bytes("blobs", _digest(large), large)
     fds = len(os.listdir("/proc/self/fd"))
-    loop = asyncio.get_running_loop()
     clients = []
     with capture_logs() as logs:
         for _ in range(32):
-            client = socket.socket()
-            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 << 10)
-            client.setblocking(False)
-            clients.append(client)
-            await loop.sock_connect(client, ("127.0.0.1", served.port))
-            request = f"GET /blob/{_digest(large).hex} HTTP/1.1\r\nHost: x\r\n\r\n"
-            await loop.sock_sendall(client, request.encode())
+            clients.append(await _ask(served.port, f"/blob/{_digest(large).hex}"))
 
         def stalled() -> list[MutableMapping[str, Any]]:
             return [e for e in logs if e["event"] == "client_send_stalled"]
@@ -379,13 +383,7 @@ async def test_the_daemon_applies_timeouts_send(
     async with aiohttp.ClientSession() as session, session.get(cache.url + path) as response:
         assert (response.status, len(await response.read())) == (200, size)  # now stored
 
-    loop = asyncio.get_running_loop()
-    client = socket.socket()
-    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 << 10)
-    client.setblocking(False)
-    with contextlib.closing(client):
-        await loop.sock_connect(client, ("127.0.0.1", cache.port))
-        await loop.sock_sendall(client, f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    with contextlib.closing(await _ask(cache.port, path)):
         lines = await asyncio.to_thread(cache.wait_log, "client_send_stalled", path)
         assert len(lines) == 1, cache.logs()
         assert '"client": "127.0.0.1"' in lines[0]
@@ -426,13 +424,8 @@ async def test_a_stored_file_truncated_while_sent_cuts_the_connection(served: Se
     large = os.urandom(24 << 20)
     path = served.store.put_bytes("blobs", _digest(large), large)
     loop = asyncio.get_running_loop()
-    client = socket.socket()
-    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 << 10)
-    client.setblocking(False)
-    with contextlib.closing(client), capture_logs() as logs:
-        await loop.sock_connect(client, ("127.0.0.1", served.port))
-        request = f"GET /blob/{_digest(large).hex} HTTP/1.1\r\nHost: x\r\n\r\n"
-        await loop.sock_sendall(client, request.encode())
+    path_asked = f"/blob/{_digest(large).hex}"
+    with capture_logs() as logs, contextlib.closing(await _ask(served.port, path_asked)) as client:
         await poll_async(lambda: _queued(client) > 0, 10, "the response to start")
         os.truncate(path, 8 << 20)
         received = bytearray()
@@ -462,13 +455,8 @@ async def test_a_client_gone_mid_sendfile_releases_its_pin_quietly(
     large = os.urandom(24 << 20)
     served.store.put_bytes("blobs", _digest(large), large)
     loop = asyncio.get_running_loop()
-    client = socket.socket()
-    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 << 10)
-    client.setblocking(False)
     with capture_logs() as logs:
-        await loop.sock_connect(client, ("127.0.0.1", served.port))
-        request = f"GET /blob/{_digest(large).hex} HTTP/1.1\r\nHost: x\r\n\r\n"
-        await loop.sock_sendall(client, request.encode())
+        client = await _ask(served.port, f"/blob/{_digest(large).hex}")
         await poll_async(lambda: _queued(client) > 0, 10, "the response to start")
         await loop.sock_recv(client, 4096)
         assert served.store._pins
