@@ -5,9 +5,10 @@ what limits the rate, not the client.
 
 Each connection is a process of its own (blocking socket, no event loop). Every response
 is checked: the status must be 200 and exactly Content-Length body bytes must arrive
-(a connection closed early counts as a failure); the bench fails on any failure instead
-of counting it as served. The server's CPU time is read from /proc (user + system of the
-process and of its children: nginx's workers), so CPU per request is the server's own.
+(a connection closed early, or no byte for `stall` seconds, counts as a failure); the
+bench fails on any failure instead of counting it as served. The server's CPU time is
+read from /proc (user + system of the process and of its children: nginx's workers), so
+CPU per request is the server's own.
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ _HEAD_LIMIT = 64 << 10
 # Bodies are discarded with MSG_TRUNC: this anonymous mapping is only the kernel's nominal
 # target and is never written, so its pages are never touched (never resident).
 _DISCARD = 64 << 20
+# No byte for this long is a failure: a server that sends a short body on a connection it
+# keeps open would otherwise hang the bench instead of failing it.
+STALL = 10.0
 
 
 @dataclass
@@ -64,7 +68,8 @@ def _one(
         filled += got
     lines = bytes(head[:end]).decode("latin-1").split("\r\n")
     status = lines[0].split(" ", 2)
-    if len(status) < 2 or status[1] != "200":
+    # A status line not at the start: bytes past the previous body's Content-Length.
+    if len(status) < 2 or not status[0].startswith("HTTP/1.") or status[1] != "200":
         raise ResponseError(f"status line {lines[0]!r}")
     length = -1
     for line in lines[1:]:
@@ -85,13 +90,19 @@ def _one(
 
 
 def _client(
-    port: int, path: str, expected: int, start_at: float, seconds: float, conn: Connection
+    port: int,
+    path: str,
+    expected: int,
+    start_at: float,
+    seconds: float,
+    stall: float,
+    conn: Connection,
 ) -> None:
     load = Load()
     request = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode()
     head = bytearray(_HEAD_LIMIT)
     discard = mmap.mmap(-1, _DISCARD)
-    sock = socket.create_connection(("127.0.0.1", port))
+    sock = socket.create_connection(("127.0.0.1", port), timeout=stall)
     time.sleep(max(0.0, start_at - time.time()))
     started = time.perf_counter()
     deadline = started + seconds
@@ -142,7 +153,13 @@ class Measured:
 
 
 def measure(
-    server_pid: int, port: int, path: str, expected: int, clients: int, seconds: float
+    server_pid: int,
+    port: int,
+    path: str,
+    expected: int,
+    clients: int,
+    seconds: float,
+    stall: float = STALL,
 ) -> Measured:
     """`clients` connections GETting `path` (`expected` bytes) for `seconds`."""
     context = multiprocessing.get_context("fork")
@@ -151,7 +168,7 @@ def measure(
     for _ in range(clients):
         parent, child = context.Pipe(duplex=False)
         process = context.Process(
-            target=_client, args=(port, path, expected, start_at, seconds, child)
+            target=_client, args=(port, path, expected, start_at, seconds, stall, child)
         )
         process.start()
         pipes.append(parent)
