@@ -323,6 +323,25 @@ async def test_many_stalled_clients_leak_no_pin_and_no_fd(served: Served) -> Non
     assert len(stalled()) == 32
 
 
+async def test_a_client_pipelining_small_gets_and_never_reading_is_cut(served: Served) -> None:
+    """Small bodies go out without a send deadline only while the transport can hold
+    them: 2000 pipelined GETs of a 4 KiB blob from a client that never reads fill the
+    kernel's buffers and then the transport's, and the deadline cuts the client once,
+    its pin released (without the deadline a response would wait forever in drain)."""
+    path = f"/blob/{_digest(SMALL).hex}"
+    request = f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+    loop = asyncio.get_running_loop()
+    with capture_logs() as logs, contextlib.closing(await _ask(served.port, path)) as client:
+        await loop.sock_sendall(client, request * 1999)
+
+        def stalled() -> list[MutableMapping[str, Any]]:
+            return [e for e in logs if e["event"] == "client_send_stalled"]
+
+        await poll_async(stalled, 10, "client_send_stalled")
+        await poll_async(lambda: not served.store._pins, 5, "the pin to be released")
+    assert len(stalled()) == 1
+
+
 async def test_a_slow_client_that_keeps_reading_gets_the_whole_blob(served: Served) -> None:
     """The deadline is on no bytes taken, not on the whole response: a client that reads
     2 MiB every 0.5 s takes about 3 s (3x the send timeout) for 12 MiB and gets all."""
