@@ -59,6 +59,9 @@ from dnsoverride.cache.store import Digest, Kind, Store, StoreWriteError
 log = structlog.get_logger(__name__)
 
 _CHUNK = 1 << 20
+# What a response in flight reads of the temp file per write: inline on the event loop,
+# so no more than serving.py reads at once.
+_SEND_CHUNK = 64 << 10
 
 # Starts the upstream GET and returns the response once its status is known good (the
 # opener raises for a 404, a 5xx, ...: that exception becomes the download's error cause).
@@ -346,7 +349,7 @@ class Fetcher:
         while True:
             landed = download.landed if stop is None else min(download.landed, stop)
             if sent < landed:
-                data = os.pread(fd, min(landed - sent, _CHUNK), sent)
+                data = os.pread(fd, min(landed - sent, _SEND_CHUNK), sent)
                 await response.write(data)
                 sent += len(data)
                 self.meter.sent(request, len(data), sendfile=False)

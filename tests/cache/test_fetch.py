@@ -227,6 +227,29 @@ async def test_range_edge_cases_of_a_download_in_flight(world: World) -> None:
     assert await whole == (200, PACKAGE)
 
 
+async def test_a_download_in_flight_is_read_64_kib_at_a_time(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The bytes of a download in flight are read from its temp file on the event loop,
+    so at most 64 KiB at a time (like stored content in serving.py). Before: up to 1 MiB
+    per pread, a millisecond-scale stall of the loop on a cold page cache."""
+    reads: list[int] = []
+    pread = os.pread
+
+    def counted(fd: int, length: int, offset: int) -> bytes:
+        reads.append(length)
+        return pread(fd, length, offset)
+
+    monkeypatch.setattr(os, "pread", counted)
+    digest = _digest("sha256")
+    whole = asyncio.create_task(_fetch(_url(world, digest)))
+    await world.meter.reached(2 << 20)
+    world.liar.gate.set()
+    assert await whole == (200, PACKAGE)
+    assert reads
+    assert max(reads) <= 64 << 10
+
+
 async def test_validators_of_a_download_in_flight(world: World) -> None:
     """While the content lands its ETag is already its digest, and If-* are evaluated
     against it as for stored content: If-None-Match → 304 and If-Match with another
