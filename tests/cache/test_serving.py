@@ -1,7 +1,9 @@
-"""cache/serving.py: stored content sent to real clients on loopback — the direct path and
-FileResponse for conditional requests, byte ranges by RFC 9110, and the send deadline that
-disconnects a client which stops reading (a real socket that never reads a 24 MiB blob
-while the store is over its budget and eviction waits on the blob's pin).
+"""cache/serving.py: stored content sent to real clients on loopback, over TCP and TLS —
+the direct path, the digest as ETag and the If-* preconditions, byte ranges by RFC 9110,
+a file shrinking under a response, and the send deadline that disconnects a client which
+stops reading (a real socket that never reads a 24 MiB blob while the store is over its
+budget and eviction waits on the blob's pin; many of them; pipelined small GETs; the
+slowest reader it keeps).
 """
 
 from __future__ import annotations
