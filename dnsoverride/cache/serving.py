@@ -239,7 +239,10 @@ def refusal(request: BaseRequest, etag: str) -> int | None:
 def range_asked(request: BaseRequest, etag: str) -> str | None:
     """The request's Range header, unless an If-Range that is not `etag` (compared
     strongly; a date never matches, there being no Last-Modified) voids it: then the
-    whole content is sent (§13.1.5)."""
+    whole content is sent (§13.1.5). None for a method other than GET, the only one
+    with range handling, whose Range a server must ignore (§14.2)."""
+    if request.method != "GET":
+        return None
     asked = request.headers.get(hdrs.RANGE)
     if_range = request.headers.get(hdrs.IF_RANGE)
     if asked is None or if_range is None or if_range.strip() == etag:

@@ -167,6 +167,18 @@ async def test_suffix_range_of_zero_is_416_and_several_ranges_are_the_whole_cont
         assert "Content-Range" not in headers
 
 
+@pytest.mark.parametrize("data", [SMALL, MEDIUM], ids=["one-write", "sendfile"])
+async def test_head_ignores_range(served: Served, data: bytes) -> None:
+    """RFC 9110 §14.2: range handling is defined for GET only, and a server MUST ignore
+    Range on other methods: HEAD with a Range is the whole content's 200 and length.
+    Before: 206 with the range's Content-Range and length."""
+    status, headers, body = await _get(served.url(data), "HEAD", Range="bytes=0-9")
+    assert (status, headers["Content-Length"], body) == (200, str(len(data)), b"")
+    assert "Content-Range" not in headers
+    status, headers, _ = await _get(served.url(data), "HEAD", Range="bytes=-0")
+    assert (status, headers["Content-Length"]) == (200, str(len(data)))
+
+
 async def test_conditional_requests_are_answered_by_their_validators(served: Served) -> None:
     url = served.url(SMALL)
     _, headers, _ = await _get(url)
