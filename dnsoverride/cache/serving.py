@@ -283,7 +283,13 @@ class StoredFile(web.StreamResponse):
             try:
                 fd = os.open(self._path, os.O_RDONLY | os.O_CLOEXEC)
             except OSError as error:
-                log.error("stored_file_unreadable", path=str(self._path), error=str(error))
+                log.error(
+                    "stored_file_unreadable",
+                    path=str(self._path),
+                    client=request.remote,
+                    request=request.path_qs,
+                    error=str(error),
+                )
                 self.set_status(404)
                 return await super().prepare(request)
             try:

@@ -562,3 +562,26 @@ async def test_the_direct_path_and_the_send_deadline_over_tls(tmp_path: Path) ->
             )
             await poll_async(lambda: not served.store._pins, 5, "the pin to be released")
             writer.close()
+
+
+async def test_a_stored_file_gone_between_lookup_and_open_is_one_error(
+    served: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stored file removed after the store looked it up and before it is opened (someone
+    else's hand in the store): 404 and one `stored_file_unreadable` error naming the file
+    and the request, no traceback. The lookup is made to hand out the removed path."""
+    path = served.store.path("blobs", _digest(SMALL))
+    lookup = served.store.lookup
+
+    def looked_up_then_removed(*args: Any) -> Path | None:
+        found = lookup(*args)
+        path.unlink(missing_ok=True)
+        return found
+
+    monkeypatch.setattr(served.store, "lookup", looked_up_then_removed)
+    with capture_logs() as logs:
+        status, _, _ = await _get(served.url(SMALL))
+    assert status == 404
+    [event] = [e for e in logs if e["log_level"] == "error"]
+    assert event["event"] == "stored_file_unreadable"
+    assert (event["path"], event["request"]) == (str(path), f"/blob/{_digest(SMALL).hex}")
