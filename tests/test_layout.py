@@ -27,6 +27,7 @@ SHARED_DOWNWARD = {
     "dnsoverride.cache.app",
     "dnsoverride.cache.fetch",
     "dnsoverride.cache.health",
+    "dnsoverride.cache.serving",
     "dnsoverride.cache.session",
     "dnsoverride.cache.store",
     "dnsoverride.cache.tls",

@@ -2,8 +2,8 @@
 session, the registry and the package side, and the Host routes together as a
 `CacheService`, which the service lifecycle (common/lifecycle.py) runs.
 
-Runs on the default asyncio loop on purpose: aiohttp's FileResponse uses
-`loop.sendfile` there, which uvloop lacks (3x slower blob hits; docs/architecture.md,
+Runs on the default asyncio loop on purpose: hits are sent with `loop.sendfile` there
+(serving.py), which uvloop lacks (3x slower blob hits; docs/architecture.md,
 "Event loops").
 The store is opened (temp files removed, content indexed) before the listener binds;
 no upstream is contacted at start-up, so the cache serves what it has even when the
@@ -99,12 +99,12 @@ def build_cache(config: CacheConfig) -> Cache:
         for u in registry.upstreams
     }
     manifests = Manifests(store, links, stats, registry.tag_ttl)
-    fetcher = Fetcher(store, RegistryMeter(stats))
+    fetcher = Fetcher(store, RegistryMeter(stats), config.timeouts.send)
     blobs = Blobs(store, links, stats, fetcher)
     access = Access(registry.clients, upstreams, store, links, stats)
     routes = Routes(upstreams, registry.default_upstream, manifests, blobs, access)
     session = make_session(config.timeouts, resolver)
-    packages = PackagesService(config.packages, store, session)
+    packages = PackagesService(config.packages, store, session, config.timeouts.send)
     router = Router(
         [
             Route("registry", Order.REGISTRY, RegistryHandler(routes, stats), prefixes=PATHS),

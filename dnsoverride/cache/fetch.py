@@ -18,8 +18,8 @@ once), else the upstream's Content-Length. A caller without an expected size may
 While content downloads, a HEAD answers at once with that size, and a `Range` request
 (206) is sent as soon as its bytes have landed in the growing file; a range that takes in
 the last byte waits for the verified content like a whole GET does. Stored content is sent
-with sendfile, pinned against eviction while it is sent, ranges included (aiohttp's
-FileResponse).
+by serving.py (the direct path, ranges, the send deadline), pinned against eviction while
+it is sent; a streamed response is under the same send deadline.
 
 What a failure means to a client is the caller's protocol (an OCI error, a plain-text
 404): a failed download carries a `FetchError` whose `cause` is the exception it came
@@ -40,14 +40,28 @@ from typing import Protocol
 import aiohttp
 import structlog
 from aiohttp import web
-from aiohttp.abc import AbstractStreamWriter
 from aiohttp.web_request import BaseRequest
 
+from dnsoverride.cache.serving import (
+    DEFAULT_SEND_TIMEOUT,
+    Delivery,
+    RangeNotSatisfiableError,
+    StoredFile,
+    byte_range,
+    content_etag,
+    not_satisfiable,
+    range_asked,
+    refusal,
+    send_deadline,
+)
 from dnsoverride.cache.store import Digest, Kind, Store, StoreWriteError
 
 log = structlog.get_logger(__name__)
 
 _CHUNK = 1 << 20
+# What a response in flight reads of the temp file per write: inline on the event loop,
+# so no more than serving.py reads at once.
+_SEND_CHUNK = 64 << 10
 
 # Starts the upstream GET and returns the response once its status is known good (the
 # opener raises for a 404, a 5xx, ...: that exception becomes the download's error cause).
@@ -138,35 +152,15 @@ class Download:
             await self.wait_change()
 
 
-class _PinnedFileResponse(web.FileResponse):
-    """A sendfile response that keeps its content pinned (not evictable) while it is sent."""
-
-    def __init__(
-        self,
-        path: Path,
-        pin: contextlib.AbstractContextManager[None],
-        meter: Meter,
-        headers: dict[str, str],
-    ) -> None:
-        super().__init__(path, headers=headers)
-        self._pin = pin
-        self._meter = meter
-
-    async def prepare(self, request: BaseRequest) -> AbstractStreamWriter | None:
-        # FileResponse.prepare sends the whole file (sendfile) before it returns.
-        with self._pin:
-            writer = await super().prepare(request)
-        if request.method == "GET":
-            self._meter.sent(request, self.content_length or 0, sendfile=True)
-        return writer
-
-
 class Fetcher:
     """The downloads in flight over one store; see the module docstring."""
 
-    def __init__(self, store: Store, meter: Meter) -> None:
+    def __init__(
+        self, store: Store, meter: Meter, send_timeout: float = DEFAULT_SEND_TIMEOUT
+    ) -> None:
         self.store = store
         self.meter = meter
+        self.send_timeout = send_timeout
         self._downloads: dict[tuple[Kind, Digest], Download] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._rechecks: dict[tuple[Kind, Digest], asyncio.Future[bool]] = {}
@@ -193,11 +187,14 @@ class Fetcher:
         return path
 
     def send_file(
-        self, kind: Kind, digest: Digest, path: Path, headers: dict[str, str]
+        self, request: BaseRequest, kind: Kind, digest: Digest, path: Path, headers: dict[str, str]
     ) -> web.StreamResponse:
-        """Stored content with sendfile (HEAD, Range and If-* by aiohttp), pinned while sent."""
-        pin = self.store.pinned(kind, digest)
-        return _PinnedFileResponse(path, pin, self.meter, headers=headers)
+        """Stored content (serving.py: the direct path, ranges, If-*), pinned while sent."""
+        delivery = Delivery(self.store.pinned(kind, digest), self._sent, self.send_timeout)
+        return StoredFile(path, delivery, {**headers, "ETag": content_etag(digest)})
+
+    def _sent(self, request: BaseRequest, count: int, sendfile: bool) -> None:
+        self.meter.sent(request, count, sendfile=sendfile)
 
     def start(
         self,
@@ -250,33 +247,44 @@ class Fetcher:
         if download.error is not None:
             raise download.error
         if download.final is not None:
-            return self.send_file(download.kind, download.digest, download.final, headers)
+            return self.send_file(request, download.kind, download.digest, download.final, headers)
+        # In flight the ETag is already the digest's: a client only ever gets all of the
+        # body when it hashes to it (else the connection is cut).
+        etag = content_etag(download.digest)
+        headers = {**headers, "ETag": etag}
+        refused = refusal(request, etag)
+        if refused is not None:
+            return web.Response(status=refused, headers=headers)
+        asked = range_asked(request, etag)
         if download.size is None:
-            return await self._respond_unsized(request, download, headers)
+            return await self._respond_unsized(request, download, headers, asked)
         if request.method == "HEAD":
             # In flight: the length is the expected one, known since the headers arrived.
             return web.Response(headers={**headers, "Content-Length": str(download.size)})
-        if "Range" not in request.headers:
-            return await self._stream(request, download, headers, (0, download.size))
-        window = byte_range(request, download.size)
+        try:
+            window = byte_range(asked, download.size)
+        except RangeNotSatisfiableError:
+            return not_satisfiable(download.size, headers)
         if window is None:
-            return web.Response(
-                status=416, headers={**headers, "Content-Range": f"bytes */{download.size}"}
-            )
+            return await self._stream(request, download, headers, (0, download.size))
         start, stop = window
         headers = {**headers, "Content-Range": f"bytes {start}-{stop - 1}/{download.size}"}
         return await self._stream(request, download, headers, (start, stop), status=206)
 
     async def _respond_unsized(
-        self, request: web.Request, download: Download, headers: dict[str, str]
+        self,
+        request: web.Request,
+        download: Download,
+        headers: dict[str, str],
+        asked: str | None,
     ) -> web.StreamResponse:
-        """Content in flight without a known length: neither a length nor a range can be
-        given until it has landed (FileResponse handles ranges of the finished file)."""
-        if request.method == "HEAD" or "Range" in request.headers:
+        """Content in flight without a known length: neither a length nor the range
+        `asked` can be given until it has landed (then served as stored)."""
+        if request.method == "HEAD" or asked is not None:
             await download.wait_finished()
             if download.final is None:
                 raise download.error or FetchError("download failed", status=503)
-            return self.send_file(download.kind, download.digest, download.final, headers)
+            return self.send_file(request, download.kind, download.digest, download.final, headers)
         return await self._stream(request, download, headers, (0, None))
 
     async def _recheck(self, kind: Kind, digest: Digest, path: Path) -> bool:
@@ -318,33 +326,45 @@ class Fetcher:
         if stop is not None:
             response.content_length = stop - start
         try:
-            await response.prepare(request)
-            sent = start
-            while True:
-                landed = download.landed if stop is None else min(download.landed, stop)
-                if sent < landed:
-                    data = os.pread(fd, min(landed - sent, _CHUNK), sent)
-                    await response.write(data)
-                    sent += len(data)
-                    self.meter.sent(request, len(data), sendfile=False)
-                elif sent == stop or download.final is not None:
-                    break
-                elif download.error is not None:
-                    # Cut the connection short: the client must not take this as complete.
-                    # Its access log line carries the reason (the status was already sent).
-                    self.meter.cut_short(request, status, download.error)
-                    if request.transport is not None:
-                        request.transport.abort()
-                    return response
-                else:
-                    await download.wait_change()
-            await response.write_eof()
+            async with send_deadline(request, self.send_timeout):
+                await self._send_landed(request, response, download, fd, window)
         except ConnectionResetError:
             # The client went away; the download carries on for the others.
             log.debug("client_disconnected", kind=download.kind, digest=str(download.digest))
         finally:
             os.close(fd)
         return response
+
+    async def _send_landed(
+        self,
+        request: web.Request,
+        response: web.StreamResponse,
+        download: Download,
+        fd: int,
+        window: tuple[int, int | None],
+    ) -> None:
+        start, stop = window
+        await response.prepare(request)
+        sent = start
+        while True:
+            landed = download.landed if stop is None else min(download.landed, stop)
+            if sent < landed:
+                data = os.pread(fd, min(landed - sent, _SEND_CHUNK), sent)
+                await response.write(data)
+                sent += len(data)
+                self.meter.sent(request, len(data), sendfile=False)
+            elif sent == stop or download.final is not None:
+                break
+            elif download.error is not None:
+                # Cut the connection short: the client must not take this as complete.
+                # Its access log line carries the reason (the status was already sent).
+                self.meter.cut_short(request, response.status, download.error)
+                if request.transport is not None:
+                    request.transport.abort()
+                return
+            else:
+                await download.wait_change()
+        await response.write_eof()
 
     async def _fetch(
         self,
@@ -488,16 +508,3 @@ def _declared_size(download: Download, length: int | None) -> int | None:
     if expected is None and length is not None and limit is not None and length > limit:
         raise FetchError(f"upstream sends {length} bytes for {what}, more than the limit {limit}")
     return expected if expected is not None else length
-
-
-def byte_range(request: web.Request, size: int) -> tuple[int, int] | None:
-    """[start, stop) of the request's single byte range within `size`; None: unsatisfiable."""
-    try:
-        wanted = request.http_range
-    except ValueError:
-        return None
-    start, stop = wanted.start or 0, wanted.stop
-    if start < 0:  # bytes=-N: the last N bytes
-        start, stop = max(size + start, 0), size
-    stop = size if stop is None else min(stop, size)
-    return (start, stop) if start < stop else None

@@ -15,6 +15,7 @@ from typing import Self
 
 import aiohttp
 
+from dnsoverride.cache.serving import DEFAULT_SEND_TIMEOUT
 from dnsoverride.common.configfile import Section
 from dnsoverride.common.grammar import Endpoint
 from dnsoverride.common.resolve import UpstreamResolver
@@ -24,19 +25,23 @@ DAY = 86400.0
 
 @dataclass(frozen=True)
 class Timeouts:
-    """Upstream client timeouts in seconds; short so a dead upstream fails fast to stale."""
+    """Timeouts in seconds. Upstream: `connect` and `idle`, short so a dead upstream fails
+    fast to stale. Clients: `send`, how long a client may take no bytes of a response
+    before it is disconnected (serving.py), which releases what it pinned."""
 
     connect: float = 5.0
     idle: float = 30.0
+    send: float = DEFAULT_SEND_TIMEOUT
 
     @classmethod
     def read(cls, section: Section) -> Self:
         section.duration("connect", 0.1, 300)
         section.duration("idle", 0.1, DAY)
+        section.duration("send", 1, DAY)
         return cls(**section.values)
 
 
-TIMEOUT_KEYS = ("connect", "idle")
+TIMEOUT_KEYS = ("connect", "idle", "send")
 
 
 def upstream_resolver(resolvers: Sequence[Endpoint]) -> UpstreamResolver | None:

@@ -16,8 +16,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import structlog
-from cryptography import x509
-from cryptography.x509.oid import NameOID
 
 from dnsoverride.common.errors import UserError
 
@@ -39,6 +37,10 @@ def _context(pair: CertificatePair) -> ssl.SSLContext:
 
 def _names(cert_file: Path) -> tuple[str, ...]:
     """The DNS names a certificate is for: its SANs, else its common name."""
+    # Imported here: only a cache with TLS configured pays for cryptography (~7 MB of RSS).
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
     try:
         cert = x509.load_pem_x509_certificate(cert_file.read_bytes())
     except (OSError, ValueError) as error:

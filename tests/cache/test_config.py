@@ -180,3 +180,16 @@ packages:
     assert packages.mirrorlist.vault_url == "http://vault.ci.example/centos/"
     assert packages.metalink.presets == ("epel",)
     assert packages.metalink.hosts == ("mirrors.centos.org", "mirrors.fedoraproject.org")
+
+
+def test_the_send_timeout(tmp_path: Path) -> None:
+    """`timeouts.send`: how long a client may take no bytes of a response (serving.py)."""
+    assert cache_config.load(None).timeouts.send == 60.0
+    path = write(tmp_path, "cache.yaml", "timeouts: {send: 2m}\n")
+    assert cache_config.load(path).timeouts.send == 120.0
+    for bad in ("0.5s", "forever", "-1s"):
+        path = write(tmp_path, "bad.yaml", f"timeouts:\n  send: {bad}\n")
+        [problem] = problems(path)
+        assert problem.startswith(f"{path}:2: timeouts: send: expected a number from 1 to "), (
+            problem
+        )

@@ -9,11 +9,14 @@ request however many clients ask; ranges served while the bytes land.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
-from collections.abc import AsyncIterator
+import socket
+from collections.abc import AsyncIterator, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -25,6 +28,7 @@ from dnsoverride.cache.app import Order, Route
 from dnsoverride.cache.fetch import Download, Fetcher, FetchError
 from dnsoverride.cache.store import Budget, Digest, Store
 from tests.support.cache_routes import serving
+from tests.support.waits import poll_async
 
 PACKAGE = os.urandom(3 << 20)  # a 3 MiB .rpm
 
@@ -124,7 +128,7 @@ async def world(tmp_path: Path) -> AsyncIterator[World]:
         digest = Digest(request.query["algorithm"], request.query["hex"])
         path = await fetcher.stored("packages", digest)
         if path is not None:
-            return fetcher.send_file("packages", digest, path, {})
+            return fetcher.send_file(request, "packages", digest, path, {})
 
         async def opener() -> aiohttp.ClientResponse:
             return await session.get(upstream_url)
@@ -203,6 +207,108 @@ async def test_a_range_is_sent_while_the_bytes_land(world: World) -> None:
     assert not whole.done()
     world.liar.gate.set()
     assert await whole == (200, PACKAGE)
+
+
+async def test_range_edge_cases_of_a_download_in_flight(world: World) -> None:
+    """While the content lands: `bytes=-0` selects nothing, 416 at once (before: 206 with
+    the whole content); several ranges are ignored, the whole content as 200 (before: 416)."""
+    digest = _digest("sha256")
+    whole = asyncio.create_task(_fetch(_url(world, digest)))
+    await world.meter.reached(1 << 20)
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(_url(world, digest), headers={"Range": "bytes=-0"}) as response,
+    ):
+        assert response.status == 416
+        assert response.headers["Content-Range"] == f"bytes */{len(PACKAGE)}"
+    several = asyncio.create_task(_fetch(_url(world, digest), {"Range": "bytes=0-9,20-29"}))
+    world.liar.gate.set()
+    assert await several == (200, PACKAGE)
+    assert await whole == (200, PACKAGE)
+
+
+async def test_a_download_in_flight_is_read_64_kib_at_a_time(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The bytes of a download in flight are read from its temp file on the event loop,
+    so at most 64 KiB at a time (like stored content in serving.py). Before: up to 1 MiB
+    per pread, a millisecond-scale stall of the loop on a cold page cache."""
+    reads: list[int] = []
+    pread = os.pread
+
+    def counted(fd: int, length: int, offset: int) -> bytes:
+        reads.append(length)
+        return pread(fd, length, offset)
+
+    monkeypatch.setattr(os, "pread", counted)
+    digest = _digest("sha256")
+    whole = asyncio.create_task(_fetch(_url(world, digest)))
+    await world.meter.reached(2 << 20)
+    world.liar.gate.set()
+    assert await whole == (200, PACKAGE)
+    assert reads
+    assert max(reads) <= 64 << 10
+
+
+async def test_validators_of_a_download_in_flight(world: World) -> None:
+    """While the content lands its ETag is already its digest, and If-* are evaluated
+    against it as for stored content: If-None-Match → 304 and If-Match with another
+    ETag → 412, both at once; If-Range with it → the range (206) as soon as it landed;
+    If-Range with another validator → the whole content (200). Before: no ETag, If-*
+    ignored, so a client resuming with a stale If-Range got a 206 of other content."""
+    digest = _digest("sha256")
+    etag = f'"{digest}"'
+    whole = asyncio.create_task(_fetch(_url(world, digest)))
+    await world.meter.reached(1 << 20)
+    async with (
+        aiohttp.ClientSession() as session,
+        session.head(_url(world, digest)) as response,
+    ):
+        assert response.headers["ETag"] == etag
+    assert await _fetch(_url(world, digest), {"If-None-Match": etag}) == (304, b"")
+    assert await _fetch(_url(world, digest), {"If-Match": '"sha256:00"'}) == (412, b"")
+    ranged = {"Range": "bytes=1000-1999", "If-Range": etag}
+    assert await _fetch(_url(world, digest), ranged) == (206, PACKAGE[1000:2000])
+    stale = asyncio.create_task(
+        _fetch(_url(world, digest), {"Range": "bytes=1000-1999", "If-Range": '"1-2"'})
+    )
+    world.liar.gate.set()
+    assert await stale == (200, PACKAGE)
+    assert await whole == (200, PACKAGE)
+
+
+async def test_a_client_that_stops_reading_a_download_in_flight_is_disconnected(
+    world: World,
+) -> None:
+    """The send deadline holds while content streams from upstream too: a client that
+    never reads is cut after `send_timeout` (logged), while a client that has taken every
+    byte landed so far and waits for the upstream (longer than the timeout) is not."""
+    world.fetcher.send_timeout = 1.0
+    digest = _digest("sha256")
+    patient = asyncio.create_task(_fetch(_url(world, digest)))
+    loop = asyncio.get_running_loop()
+    stuck = socket.socket()
+    stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 << 10)
+    stuck.setblocking(False)
+    with contextlib.closing(stuck), capture_logs() as logs:
+        await loop.sock_connect(stuck, ("127.0.0.1", int(world.base_url.rpartition(":")[2])))
+        target = _url(world, digest).partition(world.base_url)[2]
+        await loop.sock_sendall(stuck, f"GET {target} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        await world.meter.reached(len(PACKAGE) - world.liar.chunk)
+
+        def stalled() -> list[MutableMapping[str, Any]]:
+            return [e for e in logs if e["event"] == "client_send_stalled"]
+
+        waited = await poll_async(stalled, 10, "client_send_stalled")
+        assert waited >= 1.0
+        [event] = stalled()
+        assert event["path"] == target
+        assert 0 < event["bytes_taken"] < len(PACKAGE)
+        # The patient client has waited on the upstream past the timeout: still served.
+        await asyncio.sleep(0.5)  # the upstream's stall, not a synchronisation
+        world.liar.gate.set()
+        assert await patient == (200, PACKAGE)
+        assert len(stalled()) == 1
 
 
 @pytest.mark.parametrize(

@@ -283,7 +283,7 @@ def test_install_deps_on_el_installs_python311_and_reports_what_el_lacks(tmp_pat
     assert result.returncode == 0, result.stderr
     required = (
         "dnsmasq unbound skopeo bind-utils iproute systemd rpm-build createrepo_c vim-enhanced"
-        " python3.11 python3.11-pip"
+        " nginx python3.11 python3.11-pip"
     )
     assert calls == [
         f"dnf install -y -q {required}",
@@ -304,7 +304,7 @@ def test_install_deps_on_el_installs_python311_and_reports_what_el_lacks(tmp_pat
 def test_install_deps_on_fedora_uses_python3(tmp_path: Path) -> None:
     result, calls = _install_deps_on_dnf(tmp_path, "3, 13")
     assert result.returncode == 0, result.stderr
-    assert calls[0].endswith(" vim-enhanced python3-pip")
+    assert calls[0].endswith(" vim-enhanced nginx python3-pip")
     assert calls[-1] == "python3 -m pip install -q --disable-pip-version-check -e .[test]"
     assert result.stderr == ""
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import ssl
 from collections.abc import AsyncIterator, Sequence
 
 import aiohttp
@@ -16,8 +17,11 @@ from dnsoverride.cache.app import Route, Router, build_app
 
 
 @contextlib.asynccontextmanager
-async def serving(routes: Sequence[Route]) -> AsyncIterator[str]:
-    """The base URL (`http://127.0.0.1:PORT`) of the app over `routes`, while in the block."""
+async def serving(
+    routes: Sequence[Route], ssl_context: ssl.SSLContext | None = None
+) -> AsyncIterator[str]:
+    """The base URL (`http://127.0.0.1:PORT`, https with `ssl_context`) of the app over
+    `routes`, while in the block."""
     runner = web.AppRunner(
         build_app(Router(routes)),
         access_log=logging.getLogger("test.access"),
@@ -25,8 +29,9 @@ async def serving(routes: Sequence[Route]) -> AsyncIterator[str]:
     )
     await runner.setup()
     try:
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+        await web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ssl_context).start()
+        scheme = "http" if ssl_context is None else "https"
+        yield f"{scheme}://127.0.0.1:{runner.addresses[0][1]}"
     finally:
         await runner.cleanup()
 

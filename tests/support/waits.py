@@ -3,6 +3,7 @@ process's state seen from outside has no event), and how long a reload may take.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 
@@ -19,4 +20,17 @@ def poll(
         if time.monotonic() - start > within:
             raise AssertionError(f"not within {within}s: {what}")
         time.sleep(every)
+    return time.monotonic() - start
+
+
+async def poll_async(
+    predicate: Callable[[], object], within: float, what: str = "condition", every: float = 0.02
+) -> float:
+    """`poll` for a test on the event loop: the loop runs (the server under test with it)
+    while it waits."""
+    start = time.monotonic()
+    while not predicate():
+        if time.monotonic() - start > within:
+            raise AssertionError(f"not within {within}s: {what}")
+        await asyncio.sleep(every)
     return time.monotonic() - start

@@ -373,7 +373,7 @@ class RepositoryCache:
         if path is not None:
             self.lookups[(kind, "hit")] += 1
             noted(request, "hit")
-            return self.fetcher.send_file(kind, digest, path, headers)
+            return self.fetcher.send_file(request, kind, digest, path, headers)
         self.lookups[(kind, "miss")] += 1
         coalesced = self.fetcher.in_flight(kind, digest) is not None
         noted(request, "coalesced" if coalesced else "miss")

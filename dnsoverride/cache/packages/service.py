@@ -13,20 +13,27 @@ from dnsoverride.cache.packages.config import PackagesConfig
 from dnsoverride.cache.packages.metalink import Metalink
 from dnsoverride.cache.packages.mirrorlist import Mirrorlist
 from dnsoverride.cache.packages.repos import PackagesMeter, RepositoryCache
+from dnsoverride.cache.serving import DEFAULT_SEND_TIMEOUT
 from dnsoverride.cache.store import Store
 
 
 class PackagesService:
     """Everything that answers package clients, for the daemon and for tests."""
 
-    def __init__(self, config: PackagesConfig, store: Store, session: aiohttp.ClientSession):
+    def __init__(
+        self,
+        config: PackagesConfig,
+        store: Store,
+        session: aiohttp.ClientSession,
+        send_timeout: float = DEFAULT_SEND_TIMEOUT,
+    ):
         self.config = config
         self.store = store
         self.session = session
         # Its own fetcher (single flight per package/repodata digest) over the shared
         # store and budget; the registry's counts its blobs.
         self.meter = PackagesMeter()
-        self.fetcher = Fetcher(store, self.meter)
+        self.fetcher = Fetcher(store, self.meter, send_timeout)
         self.repositories = RepositoryCache(config.repositories, store, self.fetcher, session)
         self.mirrorlist = Mirrorlist(config.mirrorlist)
         self.metalink = Metalink(config.metalink, self.repositories)

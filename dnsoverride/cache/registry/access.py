@@ -32,7 +32,6 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
-import bcrypt
 import structlog
 from aiohttp import web
 from aiohttp.web_request import BaseRequest
@@ -148,6 +147,8 @@ class Access:
         hashed = self._hashes.get(user)
         if hashed is None:
             return None
+        import bcrypt  # here: only a cache with an htpasswd file loads it
+
         # bcrypt only ever looked at the first 72 bytes (so does `htpasswd -B`); bcrypt 5
         # refuses longer passwords instead of truncating them itself.
         secret = password.encode()[:_BCRYPT_BYTES]

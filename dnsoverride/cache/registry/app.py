@@ -43,6 +43,7 @@ from dnsoverride.cache.registry.upstream import (
     as_registry_error,
     read_body,
 )
+from dnsoverride.cache.serving import content_etag, refusal
 from dnsoverride.cache.store import Digest, Kind
 
 log = structlog.get_logger(__name__)
@@ -219,15 +220,16 @@ class Routes:
                     # Named by the index, so confirmed like any digest asked for by name.
                     await self._own(upstream, name, "manifests", child)
                     found = await self.manifests.by_digest(upstream, name, child)
-        etag = f'"{found.digest}"'
+        etag = content_etag(found.digest)
         headers = {
             **API_VERSION,
             "Docker-Content-Digest": found.digest,
             "ETag": etag,
             "Content-Type": found.media_type,
         }
-        if _matches(request.headers.getall("If-None-Match", []), etag):
-            return web.Response(status=304, headers=headers)
+        refused = refusal(request, etag)
+        if refused is not None:
+            return web.Response(status=refused, headers=headers)
         if isinstance(found, Descriptor):
             headers["Content-Length"] = str(found.size)
             return web.Response(headers=headers)
@@ -278,12 +280,6 @@ class Routes:
             response.release()
         headers = {**API_VERSION, **({"Link": link} if link else {})}
         return web.Response(body=body, content_type="application/json", headers=headers)
-
-
-def _matches(if_none_match: list[str], etag: str) -> bool:
-    """Whether an If-None-Match header names `etag` (or `*`); weak tags compare equal."""
-    tags = {tag.strip().removeprefix("W/") for value in if_none_match for tag in value.split(",")}
-    return "*" in tags or etag in tags
 
 
 def _endpoint(path: str) -> str:

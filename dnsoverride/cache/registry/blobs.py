@@ -88,7 +88,7 @@ class Blobs:
         if path is not None:
             self.stats.hits["blob"] += 1
             note_cache("hit")
-            return self.fetcher.send_file("blobs", digest, path, headers)
+            return self.fetcher.send_file(request, "blobs", digest, path, headers)
         self.stats.misses["blob"] += 1
         note_cache("miss")
         download = self.fetcher.in_flight("blobs", digest)
