@@ -91,7 +91,7 @@ def dns_report(admin: str, doc: Mapping[str, Any]) -> Report:
         Section(
             "upstreams",
             [
-                (u["address"], "up" if u["up"] else "DOWN", _counts(u["failures"]))
+                (u["address"], _upstream_state(u), _counts(u["failures"]))
                 for u in doc["upstreams"]
             ],
             ("upstream", "state", "failures"),
@@ -141,7 +141,7 @@ def dns_report(admin: str, doc: Mapping[str, Any]) -> Report:
         )
     ok = (
         not failed
-        and all(u["up"] for u in doc["upstreams"])
+        and all(u["up"] and not u.get("demoted_seconds") for u in doc["upstreams"])
         and workers["serving"] == workers["configured"]
     )
     headline = f"DNS server, pid {doc['pid']}, up {_duration(doc)}"
@@ -276,3 +276,12 @@ def _targets(targets: Mapping[str, bool]) -> str:
 
 def _counts(counts: Mapping[str, int]) -> str:
     return ", ".join(f"{reason} {count}" for reason, count in sorted(counts.items())) or "0"
+
+
+def _upstream_state(upstream: Mapping[str, Any]) -> str:
+    """A DNS upstream's verdict: DOWN (marked down), demoted (tried after the others for
+    the seconds shown: it let questions time out that another answered), else up."""
+    if not upstream["up"]:
+        return "DOWN"
+    demoted = upstream.get("demoted_seconds")
+    return f"demoted, {demoted:g} s left" if demoted else "up"

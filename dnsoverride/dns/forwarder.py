@@ -357,8 +357,7 @@ class Forwarder:
             reason = _RETRY.get(answer.rcode)
             if reason is not None:
                 self._answered(upstream)
-                upstream.passed_over = 0
-                upstream.demoted_until = -math.inf
+                self._undemote(upstream)
                 self._failed(upstream, reason, question, attempt_started)
                 continue
             self._accepted(upstream, attempt_started, silent)
@@ -369,8 +368,7 @@ class Forwarder:
         """`upstream` answered a question asked at `started`, that the upstreams in
         `silent` let time out."""
         self._answered(upstream)
-        upstream.passed_over = 0
-        upstream.demoted_until = -math.inf
+        self._undemote(upstream)
         for passed in silent:
             self._passed_over(passed)
         self._stats.upstream_answered(upstream.name, self._loop.time() - started)
@@ -397,6 +395,13 @@ class Forwarder:
             )
         upstream.demoted_until = now + DEMOTION
         self._demotions_end = max(self._demotions_end, upstream.demoted_until)
+        self._stats.upstream_demoted_until[upstream.name] = upstream.demoted_until
+
+    def _undemote(self, upstream: _Upstream) -> None:
+        """`upstream` replied to a question: it is back in its place in the order."""
+        upstream.passed_over = 0
+        upstream.demoted_until = -math.inf
+        self._stats.upstream_demoted_until.pop(upstream.name, None)
 
     def _failed(
         self,

@@ -71,6 +71,9 @@ class DnsStats:
         self.failures: dict[tuple[str, str], int] = {}
         self.latency: dict[str, list[float]] = {}
         self.upstream_up: dict[str, bool] = {}  # the forwarder's health verdict
+        # Upstreams tried after the others (they let questions time out that another
+        # answered), until this loop time.
+        self.upstream_demoted_until: dict[str, float] = {}
         self.tcp_refused = 0  # connections closed at once: the connection cap was reached
         self.tcp_stalled = 0  # connections closed because the client did not read
         self.unwanted: dict[str, int] = {}  # by upstream

@@ -17,6 +17,7 @@ workers serve the same routing and withdrawals).
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from collections import deque
@@ -145,6 +146,7 @@ class DnsState:
                 {
                     "address": upstream,
                     "up": up,
+                    "demoted_seconds": self._demoted_seconds(upstream),
                     "failures": _at(total, "upstream_failures", upstream),
                 }
                 for upstream, up in self.stats.upstream_up.items()
@@ -163,6 +165,12 @@ class DnsState:
             "restarts": self.pool.restarts,
             "processes": [supervisor, *self.pool.describe()],
         }
+
+    def _demoted_seconds(self, upstream: str) -> float | None:
+        """How much longer `upstream` is tried after the others (None: it is not)."""
+        until = self.stats.upstream_demoted_until.get(upstream)
+        left = None if until is None else until - asyncio.get_running_loop().time()
+        return round(left, 1) if left is not None and left > 0 else None
 
     async def explain(self, query: Mapping[str, str]) -> dict[str, object]:
         """The `/explain?name=N&type=T&from=IP` document: `dns.explain` on the running

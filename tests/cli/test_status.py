@@ -18,11 +18,15 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import dns.message
+import dns.name
+import dns.rcode
 import pytest
 
+from dnsoverride.dns.forwarder import DEMOTE_AFTER, DEMOTION
 from tests.support import terminal
 from tests.support.edits import health_withdrawn_zone
-from tests.support.peers import dnsmasq, dnsoverride_serve
+from tests.support.peers import dnsmasq, dnsoverride_serve, lying_upstream
 from tests.support.ports import free_port, silent_port
 from tests.support.registry_fixtures import Publish, StartCache
 from tests.support.registry_liar import LyingRegistry, digest_of
@@ -124,6 +128,52 @@ def test_dns_status_reports_what_was_loaded_and_asked(tmp_path: Path) -> None:
         assert f"dns {admin}: DNS server, pid" in plain
         assert re.search(rf"^ +problem +{re.escape(problem)}$", plain, re.MULTILINE), plain
         assert "gated.test  WITHDRAWN  127.0.0.1 down" in plain
+
+
+def _drops_questions(data: bytes, _tcp: bool) -> bytes | None:
+    """An upstream that answers the health probe but lets every client question time out
+    (a resolver whose own uplink is gone)."""
+    query = dns.message.from_wire(data)
+    if query.question[0].name.is_subdomain(dns.name.from_text("fwd.test")):
+        return None
+    reply = dns.message.make_response(query)
+    reply.set_rcode(dns.rcode.NXDOMAIN)
+    return reply.to_wire()
+
+
+@DNSMASQ
+def test_dns_status_shows_a_demoted_upstream(tmp_path: Path) -> None:
+    """An upstream that let DEMOTE_AFTER questions time out that the other answered is
+    tried after the others for DEMOTION seconds; `status` showed it as `up`, like one that
+    answers. Now: `demoted, N s left`, and the DNS server's headline a problem. Fails on
+    the code before (no demoted state in /status)."""
+    zones = tmp_path / "zones"
+    zones.mkdir()
+    admin = f"127.0.0.1:{free_port()}"
+    with (
+        lying_upstream(_drops_questions) as dropping,
+        dnsmasq(tmp_path, "--address=/fwd.test/192.0.2.1") as good,
+        dnsoverride_serve(
+            tmp_path, zones, [dropping.address, good.address], "--metrics", admin
+        ) as server,
+    ):
+        for index in range(DEMOTE_AFTER):
+            assert server.query(f"n{index}.fwd.test", timeout=5).rcode() == dns.rcode.NOERROR
+        [doc] = status_json("--admin", admin)
+        first, second = doc["upstreams"]
+        assert first["address"] == dropping.address and first["up"] is True
+        assert 0 < first["demoted_seconds"] <= DEMOTION, first
+        assert second["demoted_seconds"] is None, second
+        plain = subprocess.run(
+            [*COMMAND, "--admin", admin], capture_output=True, text=True, check=True
+        ).stdout
+        assert re.search(
+            rf"^ +{re.escape(dropping.address)} +demoted, [0-9.]+ s left +timeout {DEMOTE_AFTER}$",
+            plain,
+            re.MULTILINE,
+        ), plain
+        drawn = on_a_terminal("--admin", admin)
+        assert "\x1b[1;31mdns" in drawn, drawn  # the headline drawn as a problem
 
 
 def test_an_unreachable_daemon_is_one_line_and_exit_1(tmp_path: Path) -> None:
