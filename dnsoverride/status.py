@@ -90,10 +90,7 @@ def dns_report(admin: str, doc: Mapping[str, Any]) -> Report:
         ),
         Section(
             "upstreams",
-            [
-                (u["address"], _upstream_state(u), _counts(u["failures"]))
-                for u in doc["upstreams"]
-            ],
+            [(u["address"], _upstream_state(u), _counts(u["failures"])) for u in doc["upstreams"]],
             ("upstream", "state", "failures"),
         ),
         Section(
