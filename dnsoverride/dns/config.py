@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Self
 
 from dnsoverride.common.configfile import Document, Flags, Section, require_file
+from dnsoverride.common.cpus import usable_cpus
 from dnsoverride.common.errors import ConfigError, Problem
 from dnsoverride.common.grammar import (
     DNS_LISTENER,
@@ -235,14 +236,15 @@ class ServeConfig:
 
 TOP_KEYS = keys_of(ServeConfig)
 MAX_WORKERS = 64
-# `workers: auto`: one per CPU this process may run on, at most this many (each copies
+# `workers: auto`: one per CPU this process can keep busy, at most this many (each copies
 # the zones: with a large zone set, memory grows by one zone set per worker).
 AUTO_WORKERS_CAP = 4
 
 
 def auto_workers() -> int:
-    """What `workers: auto` means here: the usable CPUs, at most `AUTO_WORKERS_CAP`."""
-    return max(1, min(len(os.sched_getaffinity(0)), AUTO_WORKERS_CAP))
+    """What `workers: auto` means here: the usable CPUs (affinity and cgroup CPU limit),
+    at most `AUTO_WORKERS_CAP`."""
+    return min(usable_cpus(), AUTO_WORKERS_CAP)
 
 
 def _parse_workers(value: Any) -> int:
