@@ -31,6 +31,7 @@ from dnsoverride.common.grammar import (
 from dnsoverride.common.loops import listener_owns
 from dnsoverride.common.yamlsource import brief
 from dnsoverride.dns.constants import MAX_TTL, PLAIN_UDP_SIZE
+from dnsoverride.dns.logthrottle import DEFAULT_INTERVAL
 from dnsoverride.dns.zones.names import name_problem, normalize_name
 
 RESOLV_CONF = Path("/etc/resolv.conf")
@@ -223,7 +224,8 @@ class ServeConfig:
     metrics: Endpoint | None = None
     reload_interval: float = 30.0
     probe: ProbeConfig = field(default_factory=ProbeConfig)
-    failure_log_interval: float = 10.0  # seconds between two `upstream_failed` of one upstream
+    # seconds between two `upstream_failed` of one upstream
+    failure_log_interval: float = DEFAULT_INTERVAL
     tcp: TcpConfig = field(default_factory=TcpConfig)
     ratelimit: RateLimitConfig = field(default_factory=RateLimitConfig)
     forward: ForwardConfig = field(default_factory=ForwardConfig)

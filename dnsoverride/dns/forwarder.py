@@ -139,6 +139,9 @@ class Forwarder:
         self._inflight: dict[Question, asyncio.Future[relay.Reply]] = {}
         self._failure_log = ThrottledLog("upstream_failed", failure_log_interval)
         self._spoof_log = ThrottledLog("upstream_replies_unwanted", failure_log_interval)
+        # A bug every question meets (an upstream can steer all of them onto the path
+        # that has it) must not cost a line per question.
+        self._bug_log = ThrottledLog("forward_failed", failure_log_interval)
         self._probe_interval = probe.interval
         self._probe_question = Question(
             wire.encode_name(probe.name), dnslib.QTYPE.NS, CLASS_IN, do=False, cd=False
@@ -147,7 +150,7 @@ class Forwarder:
         # Made on the loop, once: asyncio.get_running_loop() is a getpid() call each time
         # on Python 3.11, five times a forwarded query.
         self._loop = asyncio.get_running_loop()
-        self._watcher = SocketWatcher(self._loop)
+        self._watcher = SocketWatcher(self._loop, failure_log_interval)
         self._ids = QueryIds()
 
     @classmethod
@@ -287,10 +290,9 @@ class Forwarder:
             if not isinstance(error, Exception):
                 raise
             if failure is None:  # a bug: its waiters get SERVFAIL (or stale), and a line here
-                log.error(
-                    "forward_failed",
-                    name=question_text(question),
-                    error=f"{type(error).__name__}: {str(error)[:200]}",
+                kind = type(error).__name__
+                self._bug_log.emit(
+                    kind, name=question_text(question), error=f"{kind}: {str(error)[:200]}"
                 )
         else:
             future.set_result(answer)

@@ -31,11 +31,8 @@ import socket
 from collections import deque
 from collections.abc import Callable
 
-import structlog
-
 from dnsoverride.dns import relay
-
-log = structlog.get_logger(__name__)
+from dnsoverride.dns.logthrottle import DEFAULT_INTERVAL, ThrottledLog
 
 _EVENTS = select.EPOLLIN | select.EPOLLONESHOT
 EXPIRY_SLACK = 0.01  # seconds an exchange may end after its deadline
@@ -49,8 +46,12 @@ class SocketWatcher:
     """A nested epoll: sockets registered with `watch` call back when readable (once per
     `watch`/`rearm`: EPOLLONESHOT, so a socket whose exchange is over cannot spin)."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, failure_log_interval: float = DEFAULT_INTERVAL
+    ) -> None:
         self.loop = loop
+        # A bug every upstream datagram meets must not cost a line per datagram.
+        self._bug_log = ThrottledLog("upstream_exchange_failed", failure_log_interval)
         self._epoll = select.epoll()
         self._callbacks: dict[int, Callable[[], None]] = {}
         loop.add_reader(self._epoll.fileno(), self._ready)
@@ -97,7 +98,8 @@ class SocketWatcher:
                 try:
                     callback()
                 except Exception as error:  # a bug; the sockets after it must still be read
-                    log.error("upstream_exchange_failed", error=f"{type(error).__name__}: {error}")
+                    kind = type(error).__name__
+                    self._bug_log.emit(kind, error=f"{kind}: {str(error)[:200]}")
 
     def close(self) -> None:
         """Unregister from the loop and close the epoll."""
