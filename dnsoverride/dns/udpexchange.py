@@ -63,7 +63,7 @@ class SocketWatcher:
         meanwhile: it must do nothing when its exchange is over."""
         due = self._due
         if due and deadline < due[-1][0]:
-            self.loop.call_at(deadline, expire)
+            self.loop.call_at(deadline, self._call, expire)
             return
         due.append((deadline, expire))
         if self._timer is None:
@@ -74,7 +74,7 @@ class SocketWatcher:
         due = self._due
         now = self.loop.time()
         while due and due[0][0] <= now:
-            due.popleft()[1]()
+            self._call(due.popleft()[1])
         if due:
             self._timer = self.loop.call_at(due[0][0] + EXPIRY_SLACK, self._expire_due)
 
@@ -95,11 +95,16 @@ class SocketWatcher:
         for fd, _events in self._epoll.poll(0):
             callback = self._callbacks.get(fd)
             if callback is not None:
-                try:
-                    callback()
-                except Exception as error:  # a bug; the sockets after it must still be read
-                    kind = type(error).__name__
-                    self._bug_log.emit(kind, error=f"{kind}: {str(error)[:200]}")
+                self._call(callback)
+
+    def _call(self, callback: Callable[[], None]) -> None:
+        """Call back for one socket or deadline: a bug in it must not stop the sockets
+        or deadlines after it (nor, in the loop's handler, cost a traceback each)."""
+        try:
+            callback()
+        except Exception as error:
+            kind = type(error).__name__
+            self._bug_log.emit(kind, error=f"{kind}: {str(error)[:200]}")
 
     def close(self) -> None:
         """Unregister from the loop and close the epoll."""

@@ -225,3 +225,27 @@ async def test_a_bug_reading_upstream_sockets_is_one_log_line_a_while() -> None:
     failed = [entry for entry in logs if entry["event"] == "upstream_exchange_failed"]
     assert len(failed) == 1
     assert failed[0]["error"] == "RuntimeError: bug"
+
+
+async def test_a_bug_at_one_deadline_does_not_stall_the_later_ones() -> None:
+    """Deadlines share one queue and one timer: an exception from one expiry must not
+    stop the ones after it (questions left hanging with no reply and no line until some
+    new query set the timer again). On s13-dns at 1d2c3b0 the exception went to the
+    loop's handler (a traceback) and the later deadline never fired."""
+    loop = asyncio.get_running_loop()
+    watcher = SocketWatcher(loop)
+    expired = asyncio.Event()
+
+    def broken() -> None:
+        raise RuntimeError("bug")
+
+    now = loop.time()
+    try:
+        with structlog.testing.capture_logs() as logs:
+            watcher.expire_at(now + 0.05, broken)
+            watcher.expire_at(now + 0.1, expired.set)
+            await asyncio.wait_for(expired.wait(), 2)
+    finally:
+        watcher.close()
+    failed = [entry for entry in logs if entry["event"] == "upstream_exchange_failed"]
+    assert [entry["error"] for entry in failed] == ["RuntimeError: bug"]
