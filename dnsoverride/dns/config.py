@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Self
 
 from dnsoverride.common.configfile import Document, Flags, Section, require_file
+from dnsoverride.common.cpus import usable_cpus
 from dnsoverride.common.errors import ConfigError, Problem
 from dnsoverride.common.grammar import (
     DNS_LISTENER,
@@ -30,6 +31,7 @@ from dnsoverride.common.grammar import (
 from dnsoverride.common.loops import listener_owns
 from dnsoverride.common.yamlsource import brief
 from dnsoverride.dns.constants import MAX_TTL, PLAIN_UDP_SIZE
+from dnsoverride.dns.logthrottle import DEFAULT_INTERVAL
 from dnsoverride.dns.zones.names import name_problem, normalize_name
 
 RESOLV_CONF = Path("/etc/resolv.conf")
@@ -222,7 +224,8 @@ class ServeConfig:
     metrics: Endpoint | None = None
     reload_interval: float = 30.0
     probe: ProbeConfig = field(default_factory=ProbeConfig)
-    failure_log_interval: float = 10.0  # seconds between two `upstream_failed` of one upstream
+    # seconds between two `upstream_failed` of one upstream
+    failure_log_interval: float = DEFAULT_INTERVAL
     tcp: TcpConfig = field(default_factory=TcpConfig)
     ratelimit: RateLimitConfig = field(default_factory=RateLimitConfig)
     forward: ForwardConfig = field(default_factory=ForwardConfig)
@@ -235,14 +238,15 @@ class ServeConfig:
 
 TOP_KEYS = keys_of(ServeConfig)
 MAX_WORKERS = 64
-# `workers: auto`: one per CPU this process may run on, at most this many (each copies
+# `workers: auto`: one per CPU this process can keep busy, at most this many (each copies
 # the zones: with a large zone set, memory grows by one zone set per worker).
 AUTO_WORKERS_CAP = 4
 
 
 def auto_workers() -> int:
-    """What `workers: auto` means here: the usable CPUs, at most `AUTO_WORKERS_CAP`."""
-    return max(1, min(len(os.sched_getaffinity(0)), AUTO_WORKERS_CAP))
+    """What `workers: auto` means here: the usable CPUs (affinity and cgroup CPU limit),
+    at most `AUTO_WORKERS_CAP`."""
+    return min(usable_cpus(), AUTO_WORKERS_CAP)
 
 
 def _parse_workers(value: Any) -> int:

@@ -139,6 +139,9 @@ class Forwarder:
         self._inflight: dict[Question, asyncio.Future[relay.Reply]] = {}
         self._failure_log = ThrottledLog("upstream_failed", failure_log_interval)
         self._spoof_log = ThrottledLog("upstream_replies_unwanted", failure_log_interval)
+        # A bug every question meets (an upstream can steer all of them onto the path
+        # that has it) must not cost a line per question.
+        self._bug_log = ThrottledLog("forward_failed", failure_log_interval)
         self._probe_interval = probe.interval
         self._probe_question = Question(
             wire.encode_name(probe.name), dnslib.QTYPE.NS, CLASS_IN, do=False, cd=False
@@ -147,7 +150,7 @@ class Forwarder:
         # Made on the loop, once: asyncio.get_running_loop() is a getpid() call each time
         # on Python 3.11, five times a forwarded query.
         self._loop = asyncio.get_running_loop()
-        self._watcher = SocketWatcher(self._loop)
+        self._watcher = SocketWatcher(self._loop, failure_log_interval)
         self._ids = QueryIds()
 
     @classmethod
@@ -274,7 +277,7 @@ class Forwarder:
         future: asyncio.Future[relay.Reply],
         question: Question,
         started: float,
-        first: _Exchanged | None,
+        first: _Exchanged,
     ) -> None:
         """Go on with `question` after its first exchange, and settle `future`."""
         try:
@@ -287,10 +290,9 @@ class Forwarder:
             if not isinstance(error, Exception):
                 raise
             if failure is None:  # a bug: its waiters get SERVFAIL (or stale), and a line here
-                log.error(
-                    "forward_failed",
-                    name=question_text(question),
-                    error=f"{type(error).__name__}: {str(error)[:200]}",
+                kind = type(error).__name__
+                self._bug_log.emit(
+                    kind, name=question_text(question), error=f"{kind}: {str(error)[:200]}"
                 )
         else:
             future.set_result(answer)
@@ -318,21 +320,19 @@ class Forwarder:
             return sorted(self._order, key=lambda upstream: upstream.demoted_until > now)
         return self._order
 
-    async def _ask_all(
-        self, question: Question, started: float, first: _Exchanged | None = None
-    ) -> relay.Reply:
-        """Ask the upstreams in turn, within the budget from `started`; `first` is the
-        first upstream's first exchange, when made already (its socket closed)."""
+    async def _ask_all(self, question: Question, started: float, first: _Exchanged) -> relay.Reply:
+        """Ask the upstreams in turn, within the budget from `started`: first the one
+        already asked once (`first`: that exchange, its socket closed), then the others
+        in `_ordered` order."""
         loop = self._loop
         deadline = started + self._budget
         replied = False
-        order = list(self._ordered(started))
-        if first is not None:
-            order.remove(first[0])
-            order.insert(0, first[0])
+        asked_first = first[0]
+        order = [asked_first, *(up for up in self._ordered(started) if up is not asked_first)]
+        pending: _Exchanged | None = first  # for the first attempt only
         silent: list[_Upstream] = []  # let this question time out
         for upstream in order:
-            attempt_started = started if first is not None else loop.time()
+            attempt_started = started if pending is not None else loop.time()
             remaining = deadline - attempt_started
             if remaining <= 0.01 or (replied and not upstream.up):
                 # Upstreams marked down are a last resort for when no upstream replied at
@@ -340,7 +340,7 @@ class Forwarder:
                 break
             attempt_deadline = attempt_started + min(self._attempt_timeout, remaining)
             try:
-                answer = await self._ask(upstream, question, attempt_deadline, first)
+                answer = await self._ask(upstream, question, attempt_deadline, pending)
             except TimeoutError:
                 self._failed(upstream, "timeout", question, attempt_started)
                 silent.append(upstream)
@@ -352,7 +352,7 @@ class Forwarder:
                 self._failed(upstream, "error", question, attempt_started, error)
                 continue
             finally:
-                first = None
+                pending = None
             replied = True
             reason = _RETRY.get(answer.rcode)
             if reason is not None:

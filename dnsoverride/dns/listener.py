@@ -3,11 +3,10 @@
 UDP is a plain `asyncio.DatagramProtocol`: a cache hit is answered inside
 `datagram_received` without creating a task; so is a cold forwarding miss begun (its
 reply sent from the forwarder's callback, `Resolver.miss`); any other query becomes a
-task. TCP reads
-length-prefixed messages (several per connection, answered concurrently and out of
-order, RFC 7766) until the client goes quiet, and closes a client that does not read
-its answers; cache hits are answered from the same answer cache as UDP. Neither knows
-anything about DNS beyond the framing.
+task. TCP reads length-prefixed messages (several per connection, answered concurrently
+and out of order, RFC 7766) until the client goes quiet, and closes a client that does
+not read its answers; cache hits are answered from the same answer cache as UDP.
+Neither knows anything about DNS beyond the framing.
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ from collections.abc import Callable
 import structlog
 
 log = structlog.get_logger(__name__)
+DEFAULT_INTERVAL = 10.0  # seconds; the default of the config's `failure_log_interval`
 
 
 class ThrottledLog:

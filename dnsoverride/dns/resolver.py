@@ -542,11 +542,11 @@ class Resolver:
                 return self._local(local.reply, asked, "override", math.inf)
             target = wire.encode_name(local.forward)
             question = Question(target, qtype, CLASS_IN, edns.do, asked.cd)
-            try:
-                upstream, ttl, _source = await self._forwarded(question)
-            except UpstreamFailedError:
+            forwarded = await self._forwarded(question)
+            if forwarded is _FAILED:
                 local.reply.header.rcode = SERVFAIL
                 return self._local(local.reply, asked, "error", 0)
+            upstream, ttl, _source = forwarded
             local.reply.rr.extend(answer.chain_records(upstream.records().rr, local.forward))
             local.reply.header.rcode = upstream.rcode
             return self._local(local.reply, asked, "override", ttl, ages=True)
@@ -575,11 +575,7 @@ class Resolver:
 
     async def _forward(self, asked: _Asked, question: Question) -> _Outcome:
         """The forwarded answer to `asked` (cache, upstream or stale), or SERVFAIL."""
-        try:
-            forwarded = await self._forwarded(question)
-        except UpstreamFailedError:
-            forwarded = _FAILED
-        return self._relayed(asked, *forwarded)
+        return self._relayed(asked, *await self._forwarded(question))
 
     def _relayed(self, asked: _Asked, upstream: relay.Reply, ttl: float, source: str) -> _Outcome:
         """The outcome relaying `upstream` to the client who asked `asked`."""
@@ -604,7 +600,8 @@ class Resolver:
         return _Outcome(render, upstream.rcode, source, ttl, True, edns, upstream.ttls)
 
     async def _forwarded(self, question: Question) -> _Forwarded:
-        """(upstream answer, seconds it may be reused, source) from cache, upstream or stale."""
+        """(upstream answer, seconds it may be reused, source) from cache, upstream or
+        stale; `_FAILED` when there is none."""
         cached = self.responses.get(question, self._now())
         if cached is not None:
             return cached[0], cached[1], "cache"
@@ -613,17 +610,11 @@ class Resolver:
             # than after the whole timeout budget. The upstreams are still asked, in the
             # background (and probed), so answers come back as soon as one recovers.
             self.forwarder.refresh(question, self._store)
-            stale = self.responses.get_stale(question, self._now())
-            if stale is None:
-                raise UpstreamFailedError(wire.name_text(question[0]))
-            return stale, self._stale_reuse, "stale"
+            return self._stale(question)
         try:
             reply = await self.forwarder.resolve(question)
-        except UpstreamFailedError:
-            stale = self.responses.get_stale(question, self._now())
-            if stale is None:
-                raise  # logged by the forwarder, rate-limited per upstream
-            return stale, self._stale_reuse, "stale"
+        except UpstreamFailedError:  # logged by the forwarder, rate-limited per upstream
+            return self._stale(question)
         return self._fresh(question, reply)
 
     def _stale(self, question: Question) -> _Forwarded:

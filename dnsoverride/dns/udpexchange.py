@@ -31,11 +31,8 @@ import socket
 from collections import deque
 from collections.abc import Callable
 
-import structlog
-
 from dnsoverride.dns import relay
-
-log = structlog.get_logger(__name__)
+from dnsoverride.dns.logthrottle import DEFAULT_INTERVAL, ThrottledLog
 
 _EVENTS = select.EPOLLIN | select.EPOLLONESHOT
 EXPIRY_SLACK = 0.01  # seconds an exchange may end after its deadline
@@ -49,8 +46,12 @@ class SocketWatcher:
     """A nested epoll: sockets registered with `watch` call back when readable (once per
     `watch`/`rearm`: EPOLLONESHOT, so a socket whose exchange is over cannot spin)."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, failure_log_interval: float = DEFAULT_INTERVAL
+    ) -> None:
         self.loop = loop
+        # A bug every upstream datagram meets must not cost a line per datagram.
+        self._bug_log = ThrottledLog("upstream_exchange_failed", failure_log_interval)
         self._epoll = select.epoll()
         self._callbacks: dict[int, Callable[[], None]] = {}
         loop.add_reader(self._epoll.fileno(), self._ready)
@@ -62,7 +63,7 @@ class SocketWatcher:
         meanwhile: it must do nothing when its exchange is over."""
         due = self._due
         if due and deadline < due[-1][0]:
-            self.loop.call_at(deadline, expire)
+            self.loop.call_at(deadline, self._call, expire)
             return
         due.append((deadline, expire))
         if self._timer is None:
@@ -73,7 +74,7 @@ class SocketWatcher:
         due = self._due
         now = self.loop.time()
         while due and due[0][0] <= now:
-            due.popleft()[1]()
+            self._call(due.popleft()[1])
         if due:
             self._timer = self.loop.call_at(due[0][0] + EXPIRY_SLACK, self._expire_due)
 
@@ -94,10 +95,16 @@ class SocketWatcher:
         for fd, _events in self._epoll.poll(0):
             callback = self._callbacks.get(fd)
             if callback is not None:
-                try:
-                    callback()
-                except Exception as error:  # a bug; the sockets after it must still be read
-                    log.error("upstream_exchange_failed", error=f"{type(error).__name__}: {error}")
+                self._call(callback)
+
+    def _call(self, callback: Callable[[], None]) -> None:
+        """Call back for one socket or deadline: a bug in it must not stop the sockets
+        or deadlines after it (nor, in the loop's handler, cost a traceback each)."""
+        try:
+            callback()
+        except Exception as error:
+            kind = type(error).__name__
+            self._bug_log.emit(kind, error=f"{kind}: {str(error)[:200]}")
 
     def close(self) -> None:
         """Unregister from the loop and close the epoll."""

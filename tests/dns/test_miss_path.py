@@ -11,6 +11,7 @@ bug in the reply's making costing one SERVFAIL (counted), not a silent drop.
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from dnsoverride.dns.forwarder import Forwarder
 from dnsoverride.dns.reload import serve_start
 from dnsoverride.dns.resolver import Resolver
 from dnsoverride.dns.stats import DnsStats
+from dnsoverride.dns.udpexchange import SocketWatcher
 from dnsoverride.dns.zones.live import LiveZones
 from tests.support.peers import DnsPeer, dnsmasq
 
@@ -166,3 +168,84 @@ async def test_a_bug_going_on_after_the_first_exchange_is_logged_and_answered(
         "RuntimeError: bug"
     ]
     assert not resolver.in_flight()
+
+
+async def test_a_bug_on_every_question_is_one_log_line_a_while(
+    tmp_path: Path, upstream: DnsPeer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug that every question going on after its first exchange meets (an upstream
+    that REFUSES them all can make every question take that path) costs one
+    `forward_failed` line per `failure_log_interval`, the others counted in its
+    `suppressed`, as `query_failed` does for the resolver; every client still gets its
+    SERVFAIL. On s13-dns at 1d2c3b0: one line per question (three here)."""
+    resolver = await _resolver(tmp_path, upstream.address)
+    client = _Client()
+
+    async def broken(*_args: object) -> None:
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(resolver.forwarder, "_ask_all", broken)
+    with structlog.testing.capture_logs() as logs:
+        for index in range(3):
+            query = dns.message.make_query(f"refused{index}.fwd.test", "AAAA")
+            assert resolver.miss(query.to_wire(), CLIENT, client.send)
+            assert (await client.reply()).rcode() == dns.rcode.SERVFAIL
+    failed = [entry for entry in logs if entry["event"] == "forward_failed"]
+    assert len(failed) == 1
+    assert failed[0]["error"] == "RuntimeError: bug"
+
+
+async def test_a_bug_reading_upstream_sockets_is_one_log_line_a_while() -> None:
+    """An exception from a socket's callback (a bug reading an upstream's datagram)
+    costs one `upstream_exchange_failed` line a while, and the sockets after it are
+    still read. On s13-dns at 1d2c3b0: one line per datagram (three here)."""
+    watcher = SocketWatcher(asyncio.get_running_loop())
+    called: list[int] = []
+    all_called = asyncio.Event()
+
+    def broken() -> None:
+        called.append(1)
+        if len(called) == 3:
+            all_called.set()
+        raise RuntimeError("bug")
+
+    sockets = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(3)]
+    try:
+        with structlog.testing.capture_logs() as logs:
+            for sock in sockets:
+                sock.bind(("127.0.0.1", 0))
+                watcher.watch(sock.fileno(), broken)
+                sock.sendto(b"x", sock.getsockname())
+            await asyncio.wait_for(all_called.wait(), 5)
+    finally:
+        for sock in sockets:
+            watcher.forget(sock.fileno())
+            sock.close()
+        watcher.close()
+    failed = [entry for entry in logs if entry["event"] == "upstream_exchange_failed"]
+    assert len(failed) == 1
+    assert failed[0]["error"] == "RuntimeError: bug"
+
+
+async def test_a_bug_at_one_deadline_does_not_stall_the_later_ones() -> None:
+    """Deadlines share one queue and one timer: an exception from one expiry must not
+    stop the ones after it (questions left hanging with no reply and no line until some
+    new query set the timer again). On s13-dns at 1d2c3b0 the exception went to the
+    loop's handler (a traceback) and the later deadline never fired."""
+    loop = asyncio.get_running_loop()
+    watcher = SocketWatcher(loop)
+    expired = asyncio.Event()
+
+    def broken() -> None:
+        raise RuntimeError("bug")
+
+    now = loop.time()
+    try:
+        with structlog.testing.capture_logs() as logs:
+            watcher.expire_at(now + 0.05, broken)
+            watcher.expire_at(now + 0.1, expired.set)
+            await asyncio.wait_for(expired.wait(), 2)
+    finally:
+        watcher.close()
+    failed = [entry for entry in logs if entry["event"] == "upstream_exchange_failed"]
+    assert [entry["error"] for entry in failed] == ["RuntimeError: bug"]
