@@ -52,9 +52,10 @@ LOGIN_PAGE = (
 TYPES = {".rpm": "application/x-rpm", ".xml": "text/xml"}
 
 
-@dataclass(frozen=True)
+@dataclass
 class Served:
-    """One answered request: host, path (with query), status and body bytes sent."""
+    """One answered request: host, path (with query), status and body bytes sent (so far,
+    while the body is going out)."""
 
     host: str
     path: str
@@ -267,24 +268,28 @@ class YumUpstream:
         response = web.StreamResponse(headers={**headers, "Content-Type": content_type})
         response.content_length = len(data)
         await response.prepare(request)
-        sent = 0
+        # Recorded before the body goes out, its bytes counted as each part is handed over:
+        # a client may have the whole body (and a test look at `requests`) before this
+        # handler runs again after its last write.
+        served = Served(host, full, 200, 0)
+        self.requests.append(served)
         if request.method != "HEAD":
             step = self.chunk or (1 << 16 if self.rate else len(data)) or 1
             began = asyncio.get_running_loop().time()
-            try:
-                for offset in range(0, len(data), step):
-                    await response.write(data[offset : offset + step])
-                    sent += len(data[offset : offset + step])
-                    if self.chunk:
-                        await asyncio.sleep(0.001)
-                    if self.rate:  # pace: the body so far may not have taken less time
-                        ahead = began + sent / self.rate - asyncio.get_running_loop().time()
-                        await asyncio.sleep(max(ahead, 0))
-                await response.write_eof()
-            finally:
-                self.requests.append(Served(host, full, 200, sent))
-        else:
-            self.requests.append(Served(host, full, 200, 0))
+            for offset in range(0, len(data), step):
+                part = data[offset : offset + step]
+                served.sent += len(part)
+                try:
+                    await response.write(part)
+                except BaseException:
+                    served.sent -= len(part)
+                    raise
+                if self.chunk:
+                    await asyncio.sleep(0.001)
+                if self.rate:  # pace: the body so far may not have taken less time
+                    ahead = began + served.sent / self.rate - asyncio.get_running_loop().time()
+                    await asyncio.sleep(max(ahead, 0))
+            await response.write_eof()
         for suffix in [suffix for suffix in self.after if request.path.endswith(suffix)]:
             self.after.pop(suffix)()
         return response
