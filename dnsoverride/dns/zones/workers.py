@@ -12,6 +12,7 @@ from pathlib import Path
 
 import structlog
 
+from dnsoverride.common.cpus import usable_cpus
 from dnsoverride.common.yamlsource import brief
 from dnsoverride.dns.zones.parse import ParsedFile, Parts, parse_bytes, parse_file, parsed_file
 
@@ -25,8 +26,9 @@ PARALLEL_MIN_BYTES = 8 << 20
 def parse_all(misses: list[tuple[Path, bytes]]) -> list[ParsedFile]:
     """Parse `misses` (path, bytes) in order. The parse is Python code (one core per
     process), so when there is enough to parse to pay for starting them, the files are
-    shared out, biggest first, among worker processes, one per core."""
-    workers = min(len(misses), len(os.sched_getaffinity(0)))
+    shared out, biggest first, among worker processes, one per usable CPU (a cgroup CPU
+    limit counts: more processes than it allows would only take turns)."""
+    workers = min(len(misses), usable_cpus())
     if workers < 2 or sum(len(data) for _, data in misses) < PARALLEL_MIN_BYTES:
         return [parse_file(path, data) for path, data in misses]
     shares: list[list[int]] = [[] for _ in range(workers)]

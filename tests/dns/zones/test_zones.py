@@ -399,6 +399,22 @@ def test_worker_processes_parse_exactly_what_this_process_parses(
     assert parallel.files[1].cnames == ("alias.test",)
 
 
+def test_a_cgroup_cpu_limit_of_one_keeps_the_parse_in_this_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A container limited to one CPU (`usable_cpus` counts the cgroup limit) parses here:
+    worker processes would only take turns on that CPU. Fails before: the count was the
+    affinity alone (2 on this box), so two workers started."""
+    big_set(tmp_path)
+    (tmp_path / "c.yaml").unlink()
+    monkeypatch.setattr(workers, "PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setattr(workers, "usable_cpus", lambda: 1)
+    calls: list[int] = []
+    monkeypatch.setattr(workers, "_in_worker", lambda jobs: calls.append(len(jobs)) or [])
+    assert load_zone_set(tmp_path).name_count() == 2004
+    assert calls == []
+
+
 @pytest.mark.e2e
 def test_a_failing_worker_is_logged_and_its_files_parsed_here(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
