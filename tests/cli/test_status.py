@@ -7,6 +7,7 @@ checked under a real pseudo-terminal, the plain text through a pipe."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -280,6 +281,32 @@ async def test_registry_status_shows_downloads_waiters_backoff_and_errors(
     assert "3.0 MiB in 1 entries of 1.0 GiB (0%)" in plain, plain
     assert "team/other 429 for" in plain
     assert re.search(r"GET /v2/team/other/manifests/v1 +429 TOOMANYREQUESTS", plain), plain
+
+
+@pytest.mark.timeout(60)
+async def test_a_blob_with_wrong_bytes_makes_its_upstream_failing(
+    tmp_path: Path, start_cache: StartCache, proxy: TestProxy, publish: Publish
+) -> None:
+    """An upstream that answers a blob 200 with bytes that do not match its digest is
+    failing in `status`, with the reason (as a manifest's wrong bytes already were).
+    Fails before: the 200 counted as an answer and the upstream stayed `up`."""
+    image = await publish("team/app:v1", platforms=("linux/amd64",))
+    admin = f"127.0.0.1:{free_port()}"
+    cache = start_cache(config={"registry": {"upstreams": [{"url": proxy.url}]}, "metrics": admin})
+    live = f"{proxy.host}:{proxy.port}"
+    blob = max(image.blobs, key=lambda digest: image.blobs[digest])
+    proxy.corrupt.add(blob)
+    async with aiohttp.ClientSession() as http:
+        base = f"http://{cache.address}"
+        async with http.get(f"{base}/v2/team/app/manifests/v1") as response:
+            assert response.status == 200
+        with contextlib.suppress(aiohttp.ClientPayloadError):
+            async with http.get(f"{base}/v2/team/app/blobs/{blob}") as response:
+                await response.read()  # streamed as it came: cut when the digest fails
+    [document] = status_json("--admin", admin)
+    [upstream] = [u for u in document["upstreams"] if u["name"] == live]
+    assert upstream["state"] == "DOWN", upstream
+    assert "does not match its digest" in upstream["detail"], upstream
 
 
 @pytest.mark.timeout(60)

@@ -45,7 +45,7 @@ import re
 import time
 import urllib.parse
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -168,10 +168,12 @@ class Fetched:
 
 class PackagesMeter:
     """What the package downloads report (cache/fetch.py's Meter): upstream bytes by
-    upstream, and the access log's sendfile count and cut-short reason."""
+    upstream, the access log's sendfile count and cut-short reason, and wrong bytes as a
+    failure of their upstream (`health`, by upstream name: what `status` reads)."""
 
-    def __init__(self) -> None:
+    def __init__(self, health: Mapping[str, UpstreamHealth] | None = None) -> None:
         self.upstream_bytes: Counter[str] = Counter()
+        self.health = health or {}
 
     def received(self, source: str, count: int) -> None:
         self.upstream_bytes[source] += count
@@ -184,7 +186,17 @@ class PackagesMeter:
         remember(request, ERROR_KEY, ("FETCH_FAILED", f"cut short: {error.reason}"))
 
     def verify_failed(self, download: Download) -> None:
-        """Logged by the fetch itself (`content_fetch_failed`), one line per download."""
+        """Logged by the fetch itself (`content_fetch_failed`), one line per download; its
+        200 counted as an answer, the wrong bytes behind it are a failure."""
+        health = self.health.get(download.source)
+        if health is not None:
+            reason = download.error.reason if download.error else "content does not match"
+            health.failed(f"{download.source}: {reason}")
+
+
+def upstream_health(config: RepositoriesConfig) -> dict[str, UpstreamHealth]:
+    """A fresh verdict record per configured package upstream."""
+    return {upstream.name: UpstreamHealth() for upstream in config.upstreams}
 
 
 class RepositoryCache:
@@ -197,6 +209,8 @@ class RepositoryCache:
         fetcher: Fetcher,
         session: aiohttp.ClientSession,
         clock: Callable[[], float] = time.monotonic,
+        *,
+        health: dict[str, UpstreamHealth] | None = None,
     ) -> None:
         self.config = config
         self.store = store
@@ -209,7 +223,7 @@ class RepositoryCache:
         # Content requests by (kind, "hit" | "miss"), coalesced ones misses: `/status`.
         self.lookups: Counter[tuple[Kind, str]] = Counter()
         # upstream name -> how its repository revalidations went: `/status`.
-        self.health = {upstream.name: UpstreamHealth() for upstream in config.upstreams}
+        self.health = health if health is not None else upstream_health(config)
 
     async def close(self) -> None:
         """Cancel the revalidations in flight."""

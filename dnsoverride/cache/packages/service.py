@@ -12,7 +12,7 @@ from dnsoverride.cache.fetch import Fetcher
 from dnsoverride.cache.packages.config import PackagesConfig
 from dnsoverride.cache.packages.metalink import Metalink
 from dnsoverride.cache.packages.mirrorlist import Mirrorlist
-from dnsoverride.cache.packages.repos import PackagesMeter, RepositoryCache
+from dnsoverride.cache.packages.repos import PackagesMeter, RepositoryCache, upstream_health
 from dnsoverride.cache.serving import DEFAULT_SEND_TIMEOUT
 from dnsoverride.cache.store import Store
 
@@ -32,9 +32,12 @@ class PackagesService:
         self.session = session
         # Its own fetcher (single flight per package/repodata digest) over the shared
         # store and budget; the registry's counts its blobs.
-        self.meter = PackagesMeter()
+        health = upstream_health(config.repositories)  # revalidations and downloads alike
+        self.meter = PackagesMeter(health)
         self.fetcher = Fetcher(store, self.meter, send_timeout)
-        self.repositories = RepositoryCache(config.repositories, store, self.fetcher, session)
+        self.repositories = RepositoryCache(
+            config.repositories, store, self.fetcher, session, health=health
+        )
         self.mirrorlist = Mirrorlist(config.mirrorlist)
         self.metalink = Metalink(config.metalink, self.repositories)
 

@@ -20,11 +20,11 @@ from aiohttp.test_utils import TestClient, TestServer
 from dnsoverride.cache.app import Router, build_app
 from dnsoverride.cache.fetch import Fetcher
 from dnsoverride.cache.packages import repos
-from dnsoverride.cache.packages.repos import PackagesMeter, RepositoryCache
+from dnsoverride.cache.packages.repos import PackagesMeter, RepositoryCache, upstream_health
 from dnsoverride.cache.packages.repos_config import RepositoriesConfig, RepositoryUpstream
 from dnsoverride.cache.store import Budget, Store
 from tests.support.ports import free_port
-from tests.support.yum_repos import C7_OS, World
+from tests.support.yum_repos import C7_OS, PackageSet, World
 from tests.support.yum_upstream import YumUpstream
 
 TTL = 300.0
@@ -73,8 +73,9 @@ async def start(
     store.open()
     clock = Clock()
     async with aiohttp.ClientSession() as session:
-        fetcher = Fetcher(store, PackagesMeter())
-        cache = RepositoryCache(config, store, fetcher, session, clock=clock)
+        health = upstream_health(config)  # as PackagesService shares it
+        fetcher = Fetcher(store, PackagesMeter(health))
+        cache = RepositoryCache(config, store, fetcher, session, clock=clock, health=health)
         async with TestClient(TestServer(build_app(Router(cache.routes())))) as client:
             yield Running(client, cache, clock)
         await cache.close()
@@ -374,3 +375,21 @@ async def test_escaped_query_and_fragment_characters_stay_in_the_upstream_path(
         status, _ = await get(running, "/7.9.2009/os/x86_64/" + name)
         assert status == 404  # the upstream has no such file, and said so
         assert upstream.requests[-1].path == "/7.9.2009/os/x86_64/" + name
+
+
+async def test_wrong_package_bytes_make_the_upstream_failing(
+    running: Running, upstream: YumUpstream, world: World, package_set: PackageSet
+) -> None:
+    """A package whose bytes do not match the repodata's checksum is a failure of its
+    upstream in `status` (its 200 was counted as an answer). Fails before: the download
+    failed and was logged, but the upstream stayed `up`."""
+    assert (await get(running, REPOMD))[0] == 200
+    health = running.cache.health["vault"]
+    assert health.failing_since is None
+    upstream.wrong_bytes.add("/" + package_set.hello.filename)
+    href = world.repos[C7_OS].packages[package_set.hello.filename]
+    path = REPOMD.replace("repodata/repomd.xml", href)
+    status, body = await get(running, path)
+    assert (status, body) != (200, package_set.hello.path.read_bytes())
+    assert health.failing_since is not None
+    assert "does not match its digest" in (health.reason or ""), health.reason
