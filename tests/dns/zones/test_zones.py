@@ -410,7 +410,13 @@ def test_a_cgroup_cpu_limit_of_one_keeps_the_parse_in_this_process(
     monkeypatch.setattr(workers, "PARALLEL_MIN_BYTES", 0)
     monkeypatch.setattr(workers, "usable_cpus", lambda: 1)
     calls: list[int] = []
-    monkeypatch.setattr(workers, "_in_worker", lambda jobs: calls.append(len(jobs)) or [])
+    real = workers._in_worker
+
+    def counted(jobs: list[tuple[Path, bytes]]) -> list[Parts]:
+        calls.append(len(jobs))
+        return real(jobs)
+
+    monkeypatch.setattr(workers, "_in_worker", counted)
     assert load_zone_set(tmp_path).name_count() == 2004
     assert calls == []
 
