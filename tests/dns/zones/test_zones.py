@@ -368,14 +368,8 @@ def big_set(directory: Path) -> None:
     write(directory, "c.yaml", "records:\n  bad.test: {A: 10.0.0.300}\n  ok.test: {A: 10.0.0.4}\n")
 
 
-@pytest.mark.e2e
-def test_worker_processes_parse_exactly_what_this_process_parses(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    big_set(tmp_path)
-    with pytest.raises(ZoneSetError) as alone:
-        load_zone_set(tmp_path)
-    monkeypatch.setattr(workers, "PARALLEL_MIN_BYTES", 0)
+def count_worker_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The number of files each worker process is handed, in the order they start."""
     calls: list[int] = []
     real = workers._in_worker
 
@@ -384,6 +378,18 @@ def test_worker_processes_parse_exactly_what_this_process_parses(
         return real(jobs)
 
     monkeypatch.setattr(workers, "_in_worker", counted)
+    return calls
+
+
+@pytest.mark.e2e
+def test_worker_processes_parse_exactly_what_this_process_parses(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    big_set(tmp_path)
+    with pytest.raises(ZoneSetError) as alone:
+        load_zone_set(tmp_path)
+    monkeypatch.setattr(workers, "PARALLEL_MIN_BYTES", 0)
+    calls = count_worker_calls(monkeypatch)
     with pytest.raises(ZoneSetError) as shared:
         load_zone_set(tmp_path)
     assert sorted(calls) == [1, 2]  # three files over two workers, biggest alone
@@ -409,14 +415,7 @@ def test_a_cgroup_cpu_limit_of_one_keeps_the_parse_in_this_process(
     (tmp_path / "c.yaml").unlink()
     monkeypatch.setattr(workers, "PARALLEL_MIN_BYTES", 0)
     monkeypatch.setattr(workers, "usable_cpus", lambda: 1)
-    calls: list[int] = []
-    real = workers._in_worker
-
-    def counted(jobs: list[tuple[Path, bytes]]) -> list[Parts]:
-        calls.append(len(jobs))
-        return real(jobs)
-
-    monkeypatch.setattr(workers, "_in_worker", counted)
+    calls = count_worker_calls(monkeypatch)
     assert load_zone_set(tmp_path).name_count() == 2004
     assert calls == []
 
