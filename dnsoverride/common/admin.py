@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import functools
 import grp
 import ipaddress
@@ -131,6 +132,7 @@ class AdminServer:
         exists, else the process's); a stale socket file there is replaced, a live one
         (another daemon's) is OSError EADDRINUSE, as is anything that is not a socket."""
         path.parent.mkdir(parents=True, exist_ok=True)
+        _refuse_shared_directory(path.parent)
         _remove_stale_socket(path)
         serve = functools.partial(self.serve, local=True)
         # Not listening until its mode is set: the file is made with the umask's mode, and
@@ -292,6 +294,18 @@ async def _send(
     writer.write(head.encode() + b"\r\n" + (b"" if method == "HEAD" else reply.body))
     async with asyncio.timeout(REQUEST_TIMEOUT):  # a client that does not read is dropped
         await writer.drain()
+
+
+def _refuse_shared_directory(directory: Path) -> None:
+    """A directory every user may write to (/tmp, /var/tmp) is no place for the socket:
+    another user could put their own socket there first, or, without the sticky bit,
+    replace ours, and `cache purge` would then talk to them."""
+    if directory.stat().st_mode & stat.S_IWOTH:
+        raise OSError(
+            errno.EPERM,
+            f"{directory} is writable by every user: use a directory of the daemon's own "
+            "(the packaged /run/dnsoverride)",
+        )
 
 
 def _remove_stale_socket(path: Path) -> None:

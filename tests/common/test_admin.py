@@ -336,6 +336,19 @@ async def test_a_stale_control_socket_is_replaced_and_a_live_one_refused(
         await start_admin(None, 0, registry, lambda: True, unix=path)
 
 
+async def test_a_control_socket_in_a_directory_every_user_may_write_is_refused(
+    registry: CollectorRegistry, tmp_path: Path
+) -> None:
+    """/tmp-like directories (mode 1777) are refused with the reason: another user could
+    have their socket there first. Failed before: the socket was made in any directory."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    with pytest.raises(UserError, match=f"{shared} is writable by every user"):
+        await start_admin(None, 0, registry, lambda: True, unix=shared / "admin.sock")
+    assert not (shared / "admin.sock").exists()
+
+
 async def test_local_reads_are_refused_off_loopback(
     registry: CollectorRegistry, tmp_path: Path
 ) -> None:
