@@ -169,6 +169,9 @@ def cache_report(admin: str, doc: Mapping[str, Any]) -> Report:
         ("writable", store["not_ready"] or "yes"),
         ("coalesced", f"{doc['coalesced']} requests joined a download in flight"),
     ]
+    if doc.get("names_withheld"):
+        # An admin listener others reach: repositories, digests and reasons left out.
+        overview.append(("names", "withheld on this listener: ask the control socket"))
     sections = [
         Section("overview", overview),
         Section(

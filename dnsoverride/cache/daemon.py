@@ -224,9 +224,9 @@ class CacheService:
                 registry,
                 cache.store.writable,
                 cache.store.not_ready,
-                endpoints={"/status": state.status},
+                endpoints={"/status": state.public_status},
                 actions=cache.contents.actions(),
-                local_reads=cache.contents.local_reads(),
+                local_reads={**cache.contents.local_reads(), "/status": state.status},
                 control_socket=config.control_socket,
             )
         status = f"serving {cache.store.stats.entries} stored items from {config.storage}"

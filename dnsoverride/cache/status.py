@@ -10,6 +10,12 @@ Each upstream (registry and package) gets a verdict from how its requests went:
 Retry-After holds or its last answer was a 429, `recent failures` when requests failed
 within RECENT seconds though the last one was answered, `up` when answered, `unused` when
 never asked. The `warm:` list's last warms are there too.
+
+Repository and image names (private ones too), digests and the reasons of failures (which
+name them) are in the document on local listeners only: the control socket and a loopback
+admin listener (`status`). An admin listener others reach (`public_status`: where
+Prometheus scrapes) gets the same document with them withheld, as `cache ls` is refused
+there.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from dnsoverride.cache.store import Kind, Store
 REGISTRY_KINDS = ("blob", "manifest")
 PACKAGE_KINDS: tuple[Kind, ...] = ("packages", "repodata")
 RECENT = 300.0  # seconds in which failures make an answering upstream `recent failures`
+WITHHELD = "(withheld)"  # a name or reason off the local listeners
 
 
 @dataclass
@@ -46,7 +53,14 @@ class CacheState:
     started: float = field(default_factory=time.time)
 
     async def status(self, _: Mapping[str, str]) -> dict[str, object]:
-        """The `/status` document."""
+        """The `/status` document, on a local listener."""
+        return self.document(names=True)
+
+    async def public_status(self, _: Mapping[str, str]) -> dict[str, object]:
+        """The `/status` document with names and reasons withheld, on other listeners."""
+        return self.document(names=False)
+
+    def document(self, *, names: bool) -> dict[str, object]:
         store, stats = self.store, self.stats
         budget = store.budget
         lookups = self.packages.repositories.lookups
@@ -80,27 +94,28 @@ class CacheState:
             },
             "coalesced": stats.coalesced,
             "downloads": [
-                *(_download(d, "registry") for d in self.fetcher.downloads()),
-                *(_download(d, "packages") for d in self.packages.fetcher.downloads()),
+                *(_download(d, "registry", names) for d in self.fetcher.downloads()),
+                *(_download(d, "packages", names) for d in self.packages.fetcher.downloads()),
             ],
             "upstreams": [
                 {
                     "name": name,
                     "url": upstream.config.url,
-                    **verdict(stats.health.get(name), bool(upstream.backoffs())),
+                    **verdict(stats.health.get(name), bool(upstream.backoffs()), reasons=names),
                     "errors": stats.upstream_errors[name],
                     "bytes": stats.upstream_bytes[name],
                     "ratelimit_remaining": stats.ratelimit_remaining.get(name),
-                    "backoff": upstream.backoffs(),
+                    "backoff": _backoffs(upstream.backoffs(), names),
                 }
                 for name, upstream in self.upstreams.items()
             ],
-            "package_upstreams": self._package_upstreams(),
-            "recent_errors": list(stats.recent_errors),
-            "warm": self.warmer.status(),
+            "package_upstreams": self._package_upstreams(names),
+            "recent_errors": [_error(e, names) for e in stats.recent_errors],
+            "warm": [_warm(w, names) for w in self.warmer.status()],
+            "names_withheld": not names,
         }
 
-    def _package_upstreams(self) -> list[dict[str, object]]:
+    def _package_upstreams(self, names: bool) -> list[dict[str, object]]:
         repositories = self.packages.repositories
         found: list[dict[str, object]] = []
         for upstream in repositories.config.upstreams:
@@ -109,22 +124,28 @@ class CacheState:
                 {
                     "name": upstream.name,
                     "url": upstream.url,
-                    **verdict(repositories.health[upstream.name], backoff=False),
+                    **verdict(repositories.health[upstream.name], backoff=False, reasons=names),
                     "repositories": len(asked),
-                    "failing": [r.where for r in asked if r.failure is not None],
+                    "failing": [
+                        r.where if names else WITHHELD for r in asked if r.failure is not None
+                    ],
                     "bytes": self.packages.meter.upstream_bytes[upstream.name],
                 }
             )
         return found
 
 
-def verdict(health: UpstreamHealth | None, backoff: bool) -> dict[str, object]:
-    """`state` and `detail` of an upstream (see the module docstring)."""
+def verdict(
+    health: UpstreamHealth | None, backoff: bool, *, reasons: bool = True
+) -> dict[str, object]:
+    """`state` and `detail` of an upstream (see the module docstring); `reasons`: the
+    detail names the last failure's reason."""
     now = time.time()
     last = health.last_answer if health else None
+    reason = health.reason if health is not None and reasons else WITHHELD
     if health is not None and health.failing_since is not None:
         since = now - health.failing_since
-        detail = f"failing for {since:.0f} s: {health.reason}"
+        detail = f"failing for {since:.0f} s: {reason}"
         limited = backoff or "HTTP 429 " in (health.reason or "")
         state = "rate-limited" if limited else "DOWN"
         return {"state": state, "detail": detail, "last_answer_unix": last}
@@ -134,21 +155,47 @@ def verdict(health: UpstreamHealth | None, backoff: bool) -> dict[str, object]:
         return {"state": "unused", "detail": None, "last_answer_unix": None}
     recent = sum(1 for t in health.failures if now - t < RECENT)
     if recent:
-        detail = f"{recent} failed in the last {RECENT:.0f} s, last: {health.reason}"
+        detail = f"{recent} failed in the last {RECENT:.0f} s, last: {reason}"
         return {"state": "recent failures", "detail": detail, "last_answer_unix": last}
     return {"state": "up", "detail": None, "last_answer_unix": last}
 
 
-def _download(download: Download, side: str) -> dict[str, object]:
+def _download(download: Download, side: str, names: bool) -> dict[str, object]:
     """One download in flight; `repository` is the registry's (upstream, repository) tag."""
     owner = download.owner if isinstance(download.owner, tuple) else (download.source, None)
     return {
         "side": side,
         "kind": download.kind,
-        "digest": str(download.digest),
+        "digest": str(download.digest) if names else WITHHELD,
         "upstream": owner[0],
-        "repository": owner[1],
+        "repository": owner[1] if names or owner[1] is None else WITHHELD,
         "bytes": download.written,
         "size": download.size,
         "waiters": download.waiters,
     }
+
+
+def _backoffs(backoffs: dict[str, dict[str, object]], names: bool) -> dict[str, object]:
+    """Repositories inside a Retry-After, by name; numbered when names are withheld."""
+    if names:
+        return dict(backoffs)
+    return {
+        f"{WITHHELD} {number}": {**backoff, "reason": WITHHELD}
+        for number, backoff in enumerate(backoffs.values(), 1)
+    }
+
+
+def _error(error: dict[str, object], names: bool) -> dict[str, object]:
+    """A recent error response; its request path and message name the repository."""
+    if names:
+        return error
+    method = str(error["request"]).partition(" ")[0]
+    return {**error, "request": f"{method} {WITHHELD}", "message": WITHHELD}
+
+
+def _warm(warm: dict[str, object], names: bool) -> dict[str, object]:
+    """A `warm:` entry's last warm; the image and its error name it."""
+    if names:
+        return warm
+    error = warm["last_error"]
+    return {**warm, "image": WITHHELD, "last_error": WITHHELD if error else error}

@@ -24,7 +24,9 @@ else the daemon's, like unbound-control's) or a TCP listener bound to a loopback
 On a listener bound to any other address an action is refused (403) and logged
 (`admin_action_refused`), whoever asks: a wildcard listener is reachable from the network.
 So is a local read (`local_reads`: GET, such as the cache's `/contents`), which lists
-what the daemon holds, private repositories' names included.
+what the daemon holds, private repositories' names included; a path that is both a local
+read and an endpoint (the cache's `/status`) gets the endpoint's answer elsewhere (the
+cache's has those names withheld) instead of a refusal.
 """
 
 from __future__ import annotations
@@ -171,6 +173,8 @@ class AdminServer:
     async def _route(self, method: str, target: str, local: bool, peer: str) -> _Reply:
         path, _, query = target.partition("?")
         local_only = self._actions.get(path) or self._local_reads.get(path)
+        if local_only is not None and not local and path in self._endpoints:
+            local_only = None  # a read with a version for every listener (names withheld)
         if local_only is not None:
             allowed = ("POST",) if path in self._actions else ("GET", "HEAD")
             if method not in allowed:

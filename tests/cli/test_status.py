@@ -284,6 +284,60 @@ async def test_registry_status_shows_downloads_waiters_backoff_and_errors(
 
 
 @pytest.mark.timeout(60)
+async def test_an_admin_listener_others_reach_withholds_repository_names(
+    tmp_path: Path, start_cache: StartCache
+) -> None:
+    """On an admin listener bound to a wildcard address (where Prometheus scrapes), `/status`
+    names no repository, digest or failure reason: a private repository's name is what
+    `cache ls` is refused there for. The control socket still has them all. Failed before:
+    the download in flight named team/secret and its digest, the error team/other."""
+    blob = os.urandom(1 << 20)
+    digest = digest_of(blob)
+    async with LyingRegistry() as liar:
+        liar.blobs[digest] = blob
+        release = liar.hold[f"/blobs/{digest}"] = asyncio.Event()
+        port = free_port()
+        wildcard, socket_path = f"127.0.0.1:{port}", tmp_path / "control" / "cache.sock"
+        cache = start_cache(
+            liar.url, "--metrics", f"0.0.0.0:{port}", "--control-socket", str(socket_path)
+        )
+        try:
+            async with aiohttp.ClientSession() as http:
+                pull = asyncio.create_task(
+                    http.get(f"http://{cache.address}/v2/team/secret/blobs/{digest}")
+                )
+                await asyncio.wait_for(liar.holding.wait(), 10)
+                [local] = status_json("--admin", str(socket_path))
+                assert [d["repository"] for d in local["downloads"]] == ["team/secret"]
+                [remote] = status_json("--admin", wildcard)
+                [download] = remote["downloads"]
+                assert (download["repository"], download["digest"]) == ("(withheld)",) * 2
+                assert "team/secret" not in json.dumps(remote) and digest not in json.dumps(remote)
+                release.set()
+                assert await (await pull).read() == blob
+                liar.fail = (429, {"Retry-After": "120"})
+                missing = f"http://{cache.address}/v2/team/other/manifests/v1"
+                async with http.get(missing) as response:
+                    assert response.status == 429
+        finally:
+            release.set()
+        [local] = status_json("--admin", str(socket_path))
+        assert local["names_withheld"] is False and "team/other" in json.dumps(local)
+        [remote] = status_json("--admin", wildcard)
+        assert remote["names_withheld"] is True
+        assert "team/other" not in json.dumps(remote), remote
+        [error] = remote["recent_errors"]
+        assert (error["request"], error["status"]) == ("GET (withheld)", 429)
+        [upstream] = remote["upstreams"]
+        assert [b["status"] for b in upstream["backoff"].values()] == [429]
+        process = await asyncio.create_subprocess_exec(
+            *COMMAND, "--admin", wildcard, stdout=subprocess.PIPE
+        )
+        plain = (await process.communicate())[0].decode()
+        assert "withheld on this listener" in plain and "team/other" not in plain, plain
+
+
+@pytest.mark.timeout(60)
 async def test_a_blob_with_wrong_bytes_makes_its_upstream_failing(
     tmp_path: Path, start_cache: StartCache, proxy: TestProxy, publish: Publish
 ) -> None:
