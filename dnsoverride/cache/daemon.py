@@ -14,10 +14,12 @@ forwarding loop back to our own listeners).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import socket
 import ssl
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -163,8 +165,11 @@ async def _flush_access(store: Store, interval: float = 60.0) -> None:
 class CacheService:
     """The cache as the service lifecycle runs it (common/lifecycle.py)."""
 
-    def __init__(self, config: CacheConfig) -> None:
+    def __init__(
+        self, config: CacheConfig, reread: Callable[[], CacheConfig] | None = None
+    ) -> None:
         self._config = config
+        self._reread = reread  # the config again from its file and flags, for a reload
         self._certificates: CertificateSet | None = None
         self._cache: Cache | None = None
         self._runner: web.AppRunner | None = None
@@ -233,12 +238,41 @@ class CacheService:
         return Started(status, admin)
 
     async def reload(self) -> str:
-        """Re-read the TLS pairs: new handshakes get them, open connections are untouched."""
-        if self._certificates is None:
-            log.info("reload_ignored", reason="no TLS certificates configured")
+        """Re-read the TLS pairs (new handshakes get them, open connections are untouched)
+        and the config file: its `warm:` list is followed at once; any other change needs
+        a restart and is logged as such. A config with problems changes nothing."""
+        done = []
+        if self._certificates is not None:
+            reloaded = self._certificates.reload()
+            done.append("certificates reloaded" if reloaded else "certificate reload failed")
+        if self._reread is not None and self._cache is not None:
+            done.append(await self._reload_config(self._cache, self._reread))
+        if not done:
+            log.info("reload_ignored", reason="no config file and no TLS certificates")
             return "nothing to reload"
-        reloaded = self._certificates.reload()
-        return "certificates reloaded" if reloaded else "certificate reload failed"
+        return "; ".join(done)
+
+    async def _reload_config(self, cache: Cache, reread: Callable[[], CacheConfig]) -> str:
+        try:
+            new = await asyncio.to_thread(reread)
+        except UserError as error:  # the file's problems with their lines, or a file gone
+            log.error("config_reload_failed", reason=str(error))
+            return "config reload failed"
+        old, self._config = self._config, replace(self._config, warm=new.warm)
+        unapplied = [
+            f.name
+            for f in fields(CacheConfig)
+            if f.name != "warm" and getattr(old, f.name) != getattr(new, f.name)
+        ]
+        if unapplied:
+            log.warning("config_reload_needs_restart", settings=unapplied)
+        if new.warm == old.warm:
+            return "warm list unchanged"
+        added, removed = cache.warmer.replace_schedule(new.warm)
+        log.info(
+            "warm_list_reloaded", added=added, removed=removed, images=len(cache.warmer.schedule)
+        )
+        return f"warm list reloaded ({len(cache.warmer.schedule)} images)"
 
     async def stop(self) -> None:
         log.info("cache_stopping")
@@ -280,4 +314,5 @@ def run(path: Path | None, flags: CacheFlags, logging: LogOptions) -> int:
     SIGTERM/SIGINT; returns the exit status."""
     configure(logging)
     config = cache_config.load(path, flags)
-    return asyncio.run(run_service(CacheService(config)))
+    reread = None if path is None else functools.partial(cache_config.load, path, flags)
+    return asyncio.run(run_service(CacheService(config, reread)))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -190,3 +191,65 @@ def test_warm_config_problems_name_file_and_line(tmp_path: Path) -> None:
         f"{path}:5: warm: images[1]: invalid repository name 'Team/App'",
         f"{path}:7: warm: unknown key 'imgs' (did you mean 'images'?)",
     ]
+
+
+async def test_sighup_follows_a_new_warm_list_and_names_what_needs_a_restart(
+    tmp_path: Path, publish: Publish, proxy: TestProxy, start_cache: StartCache
+) -> None:
+    """`systemctl reload` (SIGHUP) re-reads the config: a new `warm:` list is followed at
+    once (an added image warmed, a removed one no longer listed), a changed setting that
+    needs a restart is named in one line, and a config with a problem changes nothing and
+    says where. Fails before: SIGHUP only re-read TLS pairs (`reload_ignored` without
+    them), the warm list was the one read at start."""
+    app = await publish("team/app:v1", platforms=("linux/amd64",))
+    other = await publish("team/other:v1", platforms=("linux/amd64",))
+    admin = f"127.0.0.1:{free_port()}"
+    config: dict[str, Any] = {
+        "registry": {"upstreams": [{"url": proxy.url}]},
+        "metrics": admin,
+        "warm": {"interval": "1h", "images": ["team/app:v1"]},
+    }
+    cache = start_cache(config=config)
+    process = cache.proc
+    assert process is not None
+    config_file = cache.log_path.with_suffix(".yaml")
+
+    async def warmed(images: set[str]) -> dict[str, Any]:
+        deadline = time.monotonic() + 30  # warms seen from outside: polled
+        while True:
+            warm = {w["image"]: w for w in (await status(admin))["warm"]}
+            if set(warm) == images and all(w["runs"] for w in warm.values()):
+                return warm
+            assert time.monotonic() < deadline, warm
+            await asyncio.sleep(0.1)
+
+    def reload_with(images: list[str], count: int) -> str:
+        """SIGHUP after writing `images` as the list; the `count`th reload's line."""
+        config["warm"]["images"] = images
+        config_file.write_text(json.dumps(config))
+        process.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while len(lines := cache.wait_log('"warm_list_reloaded"')) < count:
+            assert time.monotonic() < deadline, cache.logs()
+            time.sleep(0.05)
+        return lines[-1]
+
+    await warmed({"team/app:v1"})
+    config["max_size"] = "2G"
+    reloaded = reload_with(["team/app:v1", "team/other:v1"], 1)
+    assert '"added": ["team/other:v1"]' in reloaded and '"removed": []' in reloaded
+    [restart] = cache.wait_log('"config_reload_needs_restart"')
+    assert '"settings": ["budget"]' in restart
+    warm = await warmed({"team/app:v1", "team/other:v1"})
+    assert warm["team/other:v1"]["last_error"] is None
+    assert warm["team/app:v1"]["runs"] == 1  # unchanged: on its schedule, not warmed again
+    assert set(other.blobs) | set(app.blobs) <= cache.stored_blobs()
+    reloaded = reload_with(["team/other:v1"], 2)
+    assert '"added": []' in reloaded and '"removed": ["team/app:v1"]' in reloaded
+    await warmed({"team/other:v1"})
+
+    config_file.write_text(config_file.read_text()[:-1] + ", nonsense: 1}")
+    process.send_signal(signal.SIGHUP)
+    [failed] = cache.wait_log('"config_reload_failed"')
+    assert str(config_file) in failed and "nonsense" in failed, failed
+    assert [w["image"] for w in (await status(admin))["warm"]] == ["team/other:v1"]

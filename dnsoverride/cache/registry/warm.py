@@ -11,9 +11,11 @@ for an image being warmed joins that job.
 
 The `warm:` list: each image is warmed at start-up and then every `interval` after its
 last warm ended, whatever the outcome; a failure is one log line (`warm_failed`, image
-and reason) and is tried again at the next interval. The last warm of each image (when,
-result, reason) is in `/status` and /metrics. `clock` (wall time) and `sleep` are
-injected: tests turn the schedule without waiting for it.
+and reason) and is tried again at the next interval. A reload (SIGHUP) replaces the list
+(`replace_schedule`): a new or changed entry is warmed at once, a removed one is no longer
+scheduled (a warm of it in progress finishes), an unchanged one keeps its schedule. The
+last warm of each image (when, result, reason) is in `/status` and /metrics. `clock`
+(wall time) and `sleep` are injected: tests turn the schedule without waiting for it.
 """
 
 from __future__ import annotations
@@ -125,6 +127,8 @@ class Warmer:
         self.clock = clock
         self.sleep = sleep
         self.schedule = {entry.image: LastWarm(entry) for entry in warm.images}
+        self._timers: dict[str, asyncio.Task[None]] = {}  # image -> its schedule's task
+        self._scheduling = False
         self._jobs: OrderedDict[int, WarmJob] = OrderedDict()
         self._ids = itertools.count(1)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -227,8 +231,32 @@ class Warmer:
     # -- the `warm:` list -------------------------------------------------------------------
     def start_schedule(self) -> None:
         """Warm each listed image now and every `interval` after (until `close`)."""
+        self._scheduling = True
         for last in self.schedule.values():
-            self._spawn(self._every(last))
+            self._start_timer(last)
+
+    def _start_timer(self, last: LastWarm) -> None:
+        task = asyncio.ensure_future(self._every(last))
+        self._timers[last.entry.image] = task
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def replace_schedule(self, warm: WarmConfig) -> tuple[list[str], list[str]]:
+        """Follow a new `warm:` list; (images added or changed, images removed)."""
+        wanted = {entry.image: entry for entry in warm.images}
+        stale = [image for image, last in self.schedule.items() if wanted.get(image) != last.entry]
+        for image in stale:
+            del self.schedule[image]
+            timer = self._timers.pop(image, None)
+            if timer is not None:
+                timer.cancel()  # the schedule only: a warm in progress is its own task
+        fresh = [image for image in wanted if image not in self.schedule]
+        for image in fresh:
+            last = self.schedule[image] = LastWarm(wanted[image])
+            if self._scheduling:
+                self._start_timer(last)
+        self.schedule = {image: self.schedule[image] for image in wanted}  # the file's order
+        return fresh, [image for image in stale if image not in wanted]
 
     async def _every(self, last: LastWarm) -> None:
         while True:
