@@ -258,16 +258,22 @@ class CacheService:
         except UserError as error:  # the file's problems with their lines, or a file gone
             log.error("config_reload_failed", reason=str(error))
             return "config reload failed"
-        old, self._config = self._config, replace(self._config, warm=new.warm)
+        old = self._config
         unapplied = [
             f.name
             for f in fields(CacheConfig)
             if f.name != "warm" and getattr(old, f.name) != getattr(new, f.name)
         ]
+        # The list's images name upstreams as the new `registry:` does, but the running
+        # cache has the old upstreams and default: its new list waits for the restart too.
+        follow = new.warm != old.warm and new.registry == old.registry
+        if new.warm != old.warm and not follow:
+            unapplied.append("warm")
         if unapplied:
             log.warning("config_reload_needs_restart", settings=unapplied)
-        if new.warm == old.warm:
+        if not follow:
             return "warm list unchanged"
+        self._config = replace(old, warm=new.warm)
         added, removed = cache.warmer.replace_schedule(new.warm)
         log.info(
             "warm_list_reloaded", added=added, removed=removed, images=len(cache.warmer.schedule)

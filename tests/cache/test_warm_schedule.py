@@ -253,3 +253,33 @@ async def test_sighup_follows_a_new_warm_list_and_names_what_needs_a_restart(
     [failed] = cache.wait_log('"config_reload_failed"')
     assert str(config_file) in failed and "nonsense" in failed, failed
     assert [w["image"] for w in (await status(admin))["warm"]] == ["team/other:v1"]
+
+
+async def test_a_warm_list_naming_a_new_upstream_waits_for_the_restart(
+    tmp_path: Path, publish: Publish, proxy: TestProxy, start_cache: StartCache
+) -> None:
+    """A reload whose config adds an upstream and a `warm:` image on it: the running cache
+    still has the old upstreams (they need a restart), so the new list is not followed
+    (it would warm an image against an upstream the cache does not have) and `warm` is
+    named with `registry` as needing a restart; the old list keeps its schedule. Failed
+    before: `warm_list_reloaded` named the new image, whose schedule then died on
+    `no upstream named 'mirror.test' is configured` (a task exception nobody read) and
+    never ran."""
+    await publish("team/app:v1", platforms=("linux/amd64",))
+    admin = f"127.0.0.1:{free_port()}"
+    config: dict[str, Any] = {
+        "registry": {"upstreams": [{"url": proxy.url}]},
+        "metrics": admin,
+        "warm": {"interval": "1h", "images": ["team/app:v1"]},
+    }
+    cache = start_cache(config=config)
+    assert cache.proc is not None
+    cache.wait_log('"warm_done"')
+    config["registry"]["upstreams"].append({"url": proxy.url, "name": "mirror.test"})
+    config["warm"]["images"] = ["team/app:v1", "mirror.test/team/app:v1"]
+    cache.log_path.with_suffix(".yaml").write_text(json.dumps(config))
+    cache.proc.send_signal(signal.SIGHUP)
+    [restart] = cache.wait_log('"config_reload_needs_restart"')
+    assert '"settings": ["registry", "warm"]' in restart, restart
+    assert '"warm_list_reloaded"' not in cache.logs()
+    assert [w["image"] for w in (await status(admin))["warm"]] == ["team/app:v1"]
