@@ -213,8 +213,12 @@ class CacheService:
         admin = None
         if config.metrics is not None or config.control_socket is not None:
             registry = build_registry(cache.stats, cache.store)
-            for collector in [*cache.packages.collectors(), WarmCollector(cache.warmer)]:
+            public = build_registry(cache.stats, cache.store)  # names withheld
+            for collector in cache.packages.collectors():
                 registry.register(collector)
+                public.register(collector)
+            registry.register(WarmCollector(cache.warmer))
+            public.register(WarmCollector(cache.warmer, names=False))
             state = CacheState(
                 [where for where, _ in sites],
                 cache.store,
@@ -233,6 +237,7 @@ class CacheService:
                 actions=cache.contents.actions(),
                 local_reads={**cache.contents.local_reads(), "/status": state.status},
                 control_socket=config.control_socket,
+                public_registry=public,
             )
         status = f"serving {cache.store.stats.entries} stored items from {config.storage}"
         return Started(status, admin)

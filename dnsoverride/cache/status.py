@@ -32,11 +32,11 @@ from dnsoverride.cache.registry.stats import Stats
 from dnsoverride.cache.registry.upstream import Upstream
 from dnsoverride.cache.registry.warm import Warmer
 from dnsoverride.cache.store import Kind, Store
+from dnsoverride.cache.withheld import WITHHELD, withheld
 
 REGISTRY_KINDS = ("blob", "manifest")
 PACKAGE_KINDS: tuple[Kind, ...] = ("packages", "repodata")
 RECENT = 300.0  # seconds in which failures make an answering upstream `recent failures`
-WITHHELD = "(withheld)"  # a name or reason off the local listeners
 
 
 @dataclass
@@ -111,7 +111,7 @@ class CacheState:
             ],
             "package_upstreams": self._package_upstreams(names),
             "recent_errors": [_error(e, names) for e in stats.recent_errors],
-            "warm": [_warm(w, names) for w in self.warmer.status()],
+            "warm": [_warm(w, n, names) for n, w in enumerate(self.warmer.status(), 1)],
             "names_withheld": not names,
         }
 
@@ -180,7 +180,7 @@ def _backoffs(backoffs: dict[str, dict[str, object]], names: bool) -> dict[str, 
     if names:
         return dict(backoffs)
     return {
-        f"{WITHHELD} {number}": {**backoff, "reason": WITHHELD}
+        withheld(number): {**backoff, "reason": WITHHELD}
         for number, backoff in enumerate(backoffs.values(), 1)
     }
 
@@ -193,9 +193,9 @@ def _error(error: dict[str, object], names: bool) -> dict[str, object]:
     return {**error, "request": f"{method} {WITHHELD}", "message": WITHHELD}
 
 
-def _warm(warm: dict[str, object], names: bool) -> dict[str, object]:
-    """A `warm:` entry's last warm; the image and its error name it."""
+def _warm(warm: dict[str, object], number: int, names: bool) -> dict[str, object]:
+    """The `number`th `warm:` entry's last warm; the image and its error name it."""
     if names:
         return warm
     error = warm["last_error"]
-    return {**warm, "image": WITHHELD, "last_error": WITHHELD if error else error}
+    return {**warm, "image": withheld(number), "last_error": WITHHELD if error else error}

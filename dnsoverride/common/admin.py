@@ -26,7 +26,8 @@ On a listener bound to any other address an action is refused (403) and logged
 So is a local read (`local_reads`: GET, such as the cache's `/contents`), which lists
 what the daemon holds, private repositories' names included; a path that is both a local
 read and an endpoint (the cache's `/status`) gets the endpoint's answer elsewhere (the
-cache's has those names withheld) instead of a refusal.
+cache's has those names withheld) instead of a refusal, and /metrics there is read from
+`public_registry` when one is given (the cache's labels no warm entry by its image).
 """
 
 from __future__ import annotations
@@ -103,8 +104,10 @@ class AdminServer:
         *,
         actions: Mapping[str, Action] | None = None,
         local_reads: Mapping[str, JsonEndpoint] | None = None,
+        public_registry: CollectorRegistry | None = None,
     ) -> None:
         self._registry = registry
+        self._public_registry = public_registry or registry
         self._ready = ready
         self._why_not_ready = why_not_ready
         self._before_scrape = before_scrape
@@ -199,7 +202,8 @@ class AdminServer:
         if path == "/metrics":
             if self._before_scrape is not None:
                 await self._before_scrape()
-            return _Reply(HTTPStatus.OK, generate_latest(self._registry), CONTENT_TYPE_LATEST)
+            registry = self._registry if local else self._public_registry
+            return _Reply(HTTPStatus.OK, generate_latest(registry), CONTENT_TYPE_LATEST)
         if path == "/healthz":
             return _Reply(HTTPStatus.OK, b"ok\n")
         if self._ready():
@@ -340,6 +344,7 @@ async def start_admin(
     endpoints: Mapping[str, JsonEndpoint] | None = None,
     actions: Mapping[str, Action] | None = None,
     local_reads: Mapping[str, JsonEndpoint] | None = None,
+    public_registry: CollectorRegistry | None = None,
     unix: Path | None = None,
 ) -> AdminServer:
     """Serve /metrics, /healthz and /readyz on host:port (None: no TCP listener) and on the
@@ -348,7 +353,8 @@ async def start_admin(
     `why_not_ready`, when given, puts the reason into the body of a 503 from /readyz;
     `before_scrape` is awaited before each /metrics answer; `endpoints` adds read-only
     JSON endpoints by path, `actions` mutating ones (POST, local listeners only),
-    `local_reads` read-only ones answered on local listeners only.
+    `local_reads` read-only ones answered on local listeners only; `public_registry`,
+    when given, is what /metrics serves on a listener others reach (names withheld).
     Scrapes are not logged (every few seconds, they would drown the daemon's own events).
 
     Raises UserError when an address cannot be bound (port in use, bad host, a socket path
@@ -362,6 +368,7 @@ async def start_admin(
         endpoints,
         actions=actions,
         local_reads=local_reads,
+        public_registry=public_registry,
     )
     if host is not None:
         try:

@@ -54,6 +54,8 @@ class Admin:
     actions: Mapping[str, Action] = field(default_factory=dict)
     local_reads: Mapping[str, JsonEndpoint] = field(default_factory=dict)
     control_socket: Path | None = None
+    # /metrics on a listener others reach, when it must differ (names withheld).
+    public_registry: CollectorRegistry | None = None
 
 
 @dataclass(frozen=True)
@@ -106,6 +108,7 @@ async def run_service(service: Service) -> int:
                 endpoints=spec.endpoints,
                 actions=spec.actions,
                 local_reads=spec.local_reads,
+                public_registry=spec.public_registry,
                 unix=spec.control_socket,
             )
         started.set()

@@ -283,3 +283,42 @@ async def test_a_warm_list_naming_a_new_upstream_waits_for_the_restart(
     assert '"settings": ["registry", "warm"]' in restart, restart
     assert '"warm_list_reloaded"' not in cache.logs()
     assert [w["image"] for w in (await status(admin))["warm"]] == ["team/app:v1"]
+
+
+async def test_warm_metrics_withhold_image_names_on_an_admin_listener_others_reach(
+    tmp_path: Path, publish: Publish, proxy: TestProxy, start_cache: StartCache
+) -> None:
+    """`/metrics` on a wildcard admin listener (where Prometheus scrapes) labels the warm
+    list's series by their place in the list, as `/status` there shows them, not by the
+    image (a private repository's name); the control socket's `/metrics` names them.
+    Failed before: `dnsoverride_cache_warm_runs_total{image="team/secret:v1"}` was on
+    the wildcard listener while its `/status` withheld the same name."""
+    await publish("team/secret:v1", platforms=("linux/amd64",))
+    port, control = free_port(), tmp_path / "control" / "cache.sock"
+    config = {
+        "registry": {"upstreams": [{"url": proxy.url}]},
+        "metrics": f"0.0.0.0:{port}",
+        "control_socket": str(control),
+        "warm": {"interval": "1h", "images": ["team/secret:v1"]},
+    }
+    start_cache(config=config)
+    deadline = time.monotonic() + 30  # the start-up warm, seen from outside: polled
+    while not all(w["runs"] for w in (await status(str(control)))["warm"]):
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.1)
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(f"http://127.0.0.1:{port}/metrics") as response,
+    ):
+        public = await response.text()
+    unix = aiohttp.UnixConnector(str(control))
+    async with (
+        aiohttp.ClientSession(connector=unix) as http,
+        http.get("http://cache/metrics") as response,
+    ):
+        local = await response.text()
+    assert 'dnsoverride_cache_warm_runs_total{image="team/secret:v1"} 1.0' in local, local
+    assert "team/secret" not in public, public
+    assert 'dnsoverride_cache_warm_runs_total{image="(withheld) 1"} 1.0' in public, public
+    [document] = json.loads((await run("status", "--json", "--admin", f"127.0.0.1:{port}")).stdout)
+    assert [w["image"] for w in document["warm"]] == ["(withheld) 1"]

@@ -45,6 +45,7 @@ from dnsoverride.cache.registry.upstream import (
     as_registry_error,
 )
 from dnsoverride.cache.store import Digest
+from dnsoverride.cache.withheld import withheld
 
 log = structlog.get_logger(__name__)
 
@@ -322,10 +323,13 @@ def _blob_sizes(manifest: Manifest) -> dict[Digest, int]:
 
 
 class WarmCollector(Collector):
-    """The `warm:` list's outcomes as metrics, per listed image."""
+    """The `warm:` list's outcomes as metrics, per listed image; with `names` False (an
+    admin listener others reach) the `image` label is the entry's place in the list,
+    `(withheld) N`, as `/status` shows it there."""
 
-    def __init__(self, warmer: Warmer) -> None:
+    def __init__(self, warmer: Warmer, *, names: bool = True) -> None:
         self.warmer = warmer
+        self.names = names
 
     def collect(self) -> Iterator[Metric]:
         prefix = "dnsoverride_cache_warm"
@@ -338,11 +342,12 @@ class WarmCollector(Collector):
             "When the image's last successful warm ended.",
             labels=["image"],
         )
-        for image, last in self.warmer.schedule.items():
-            runs.add_metric([image], last.runs)
-            failures.add_metric([image], last.failures)
+        for number, (image, last) in enumerate(self.warmer.schedule.items(), 1):
+            label = image if self.names else withheld(number)
+            runs.add_metric([label], last.runs)
+            failures.add_metric([label], last.failures)
             if last.last_success is not None:
-                success.add_metric([image], last.last_success)
+                success.add_metric([label], last.last_success)
         yield runs
         yield failures
         yield success
