@@ -136,7 +136,7 @@ class AdminServer:
         """Accept clients on the unix socket `path` (mode 0660, group `dnsoverride` if it
         exists, else the process's); a stale socket file there is replaced, a live one
         (another daemon's) is OSError EADDRINUSE, as is anything that is not a socket."""
-        path.parent.mkdir(parents=True, exist_ok=True)
+        _make_directory(path.parent)
         _refuse_shared_directory(path.parent)
         _remove_stale_socket(path)
         serve = functools.partial(self.serve, local=True)
@@ -304,10 +304,30 @@ async def _send(
         await writer.drain()
 
 
+def _make_directory(directory: Path) -> None:
+    """`directory` and its missing parents, mode 0755: the umask narrows mkdir's mode,
+    never widens it, and the default 0777 under a umask of 0 would be every user's."""
+    for missing in reversed([directory, *directory.parents]):
+        if not missing.exists():
+            missing.mkdir(mode=0o755, exist_ok=True)
+
+
 def _refuse_shared_directory(directory: Path) -> None:
-    """A directory every user may write to (/tmp, /var/tmp) is no place for the socket:
-    another user could put their own socket there first, or, without the sticky bit,
-    replace ours, and `cache purge` would then talk to them."""
+    """Refuse a place where another user could put their own socket first, or replace
+    ours, so that `cache purge` would talk to them: a directory every user may write to
+    (/tmp, /var/tmp), or a directory, symlink or ancestor of another user (not root, not
+    the daemon's), or an ancestor every user may write to without the sticky bit (they
+    could rename the directory away). A group-writable directory is allowed: its group
+    is trusted as the socket's group is."""
+    trusted = {0, os.geteuid()}
+    absolute, real = Path(os.path.abspath(directory)), directory.resolve()
+    for path in [*reversed(absolute.parents), absolute, *reversed(real.parents), real]:
+        info = path.lstat()
+        if info.st_uid not in trusted:
+            raise OSError(errno.EPERM, f"{path} belongs to another user (uid {info.st_uid})")
+        shared = info.st_mode & stat.S_IWOTH and not info.st_mode & stat.S_ISVTX
+        if stat.S_ISDIR(info.st_mode) and shared:
+            raise OSError(errno.EPERM, f"{path} is writable by every user")
     if directory.stat().st_mode & stat.S_IWOTH:
         raise OSError(
             errno.EPERM,

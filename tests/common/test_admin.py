@@ -410,3 +410,45 @@ async def test_the_control_socket_listens_only_once_its_mode_is_set(
             later.connect(str(path))  # and it does listen afterwards
     finally:
         await server.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="makes files of another user")
+async def test_a_control_socket_where_another_user_may_replace_it_is_refused(
+    registry: CollectorRegistry, tmp_path: Path
+) -> None:
+    """A directory of another user (not world-writable, so the mode check alone passed
+    it), or a symlink on the way that another user owns in a sticky directory (they may
+    point it elsewhere): either lets that user put their own socket where `cache purge`
+    connects. Failed before: both were accepted."""
+    nobody = 65534
+    theirs = tmp_path / "theirs"
+    theirs.mkdir(mode=0o755)
+    os.chown(theirs, nobody, nobody)
+    with pytest.raises(UserError, match=f"{theirs} belongs to another user"):
+        await start_admin(None, 0, registry, lambda: True, unix=theirs / "admin.sock")
+    ours, sticky = tmp_path / "ours", tmp_path / "sticky"
+    ours.mkdir(mode=0o755)
+    sticky.mkdir()
+    sticky.chmod(0o1777)
+    link = sticky / "link"
+    link.symlink_to(ours)
+    os.lchown(link, nobody, nobody)
+    with pytest.raises(UserError, match=f"{link} belongs to another user"):
+        await start_admin(None, 0, registry, lambda: True, unix=link / "admin.sock")
+    assert list(ours.iterdir()) == []
+
+
+async def test_the_control_socket_directory_the_daemon_makes_is_not_world_writable(
+    registry: CollectorRegistry, tmp_path: Path
+) -> None:
+    """Under a umask of 0 the directory made for the socket is still 0755, not 0777 (which
+    the daemon would then refuse as every user's). Failed before: mkdir took the
+    umask's mode, 0777, and the start failed on its own directory."""
+    made = tmp_path / "run" / "dnsoverride"
+    old = os.umask(0)
+    try:
+        server = await start_admin(None, 0, registry, lambda: True, unix=made / "admin.sock")
+    finally:
+        os.umask(old)
+    await server.close()
+    assert stat.S_IMODE(made.stat().st_mode) == 0o755
