@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import time
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -100,7 +101,7 @@ class CacheState:
             "upstreams": [
                 {
                     "name": name,
-                    "url": upstream.config.url,
+                    "url": _without_credentials(upstream.config.url),
                     **verdict(stats.health.get(name), bool(upstream.backoffs()), reasons=names),
                     "errors": stats.upstream_errors[name],
                     "bytes": stats.upstream_bytes[name],
@@ -123,7 +124,7 @@ class CacheState:
             found.append(
                 {
                     "name": upstream.name,
-                    "url": upstream.url,
+                    "url": _without_credentials(upstream.url),
                     **verdict(repositories.health[upstream.name], backoff=False, reasons=names),
                     "repositories": len(asked),
                     "failing": [
@@ -173,6 +174,13 @@ def _download(download: Download, side: str, names: bool) -> dict[str, object]:
         "size": download.size,
         "waiters": download.waiters,
     }
+
+
+def _without_credentials(url: str) -> str:
+    """`url` without a `user:password@` (yum's baseurl form), on every listener: a status
+    report gets pasted into tickets."""
+    parts = urllib.parse.urlsplit(url)
+    return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
 
 
 def _backoffs(backoffs: dict[str, dict[str, object]], names: bool) -> dict[str, object]:

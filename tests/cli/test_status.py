@@ -338,6 +338,50 @@ async def test_an_admin_listener_others_reach_withholds_repository_names(
 
 
 @pytest.mark.timeout(60)
+async def test_status_shows_no_credentials_of_an_upstream_url(
+    tmp_path: Path, start_cache: StartCache
+) -> None:
+    """An upstream URL with credentials in it (`http://user:password@mirror/`, as yum's
+    baseurl takes them) is shown without them, on the control socket too, and a wildcard
+    listener's document, its failing repositories withheld, renders as plain text and on
+    a terminal. Failed before: `url` carried `mirror:s3cret` to anyone reaching the
+    Prometheus port."""
+    port, control = free_port(), tmp_path / "control" / "cache.sock"
+    with silent_port() as dead:
+        config = {
+            "registry": {
+                "upstreams": [{"url": f"http://robot:s3cret@{dead}", "name": "registry.test"}]
+            },
+            "packages": {
+                "upstreams": [
+                    {"name": "vault", "url": f"http://mirror:s3cret@{dead}/vault/", "hosts": ["v"]}
+                ]
+            },
+            "metrics": f"0.0.0.0:{port}",
+            "control_socket": str(control),
+        }
+        cache = start_cache(config=config)
+        async with aiohttp.ClientSession() as http:
+            url = f"http://{cache.address}/packages/vault/9/repodata/repomd.xml"
+            async with http.get(url) as response:
+                assert response.status == 502
+        [local] = status_json("--admin", str(control))
+        [remote] = status_json("--admin", f"127.0.0.1:{port}")
+        assert "s3cret" not in json.dumps(local) + json.dumps(remote), (local, remote)
+        assert [u["url"] for u in local["upstreams"]] == [f"http://{dead}"]
+        assert [u["url"] for u in local["package_upstreams"]] == [f"http://{dead}/vault/"]
+        assert "vault/9/" in local["package_upstreams"][0]["detail"]
+        process = await asyncio.create_subprocess_exec(
+            *COMMAND, "--admin", f"127.0.0.1:{port}", stdout=subprocess.PIPE
+        )
+        plain = (await process.communicate())[0].decode()
+        drawn = on_a_terminal("--admin", f"127.0.0.1:{port}")
+        for text in (plain, drawn):
+            assert "withheld on this listener" in text and "vault/9" not in text, text
+            assert "s3cret" not in text and "Traceback" not in text, text
+
+
+@pytest.mark.timeout(60)
 async def test_a_blob_with_wrong_bytes_makes_its_upstream_failing(
     tmp_path: Path, start_cache: StartCache, proxy: TestProxy, publish: Publish
 ) -> None:
