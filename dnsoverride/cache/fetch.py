@@ -68,6 +68,10 @@ _SEND_CHUNK = 64 << 10
 Opener = Callable[[], Awaitable[aiohttp.ClientResponse]]
 
 
+# What a body breaking off after the upstream's answer raises (not our shutdown's cancel).
+_BROKEN_BODY = (aiohttp.ClientError, TimeoutError)
+
+
 class FetchError(Exception):
     """Why a download failed, in one line; `status` is what a client should get (502: the
     upstream sent wrong bytes, 503: it could not be reached, 507: the store is full);
@@ -103,6 +107,9 @@ class Meter(Protocol):
 
     def verify_failed(self, download: Download) -> None:
         """The upstream's bytes did not match the expected digest or size."""
+
+    def body_failed(self, download: Download) -> None:
+        """The upstream answered, then its body broke off (a reset, a stall)."""
 
 
 class Download:
@@ -420,6 +427,15 @@ class Fetcher:
             download.error = _as_fetch_error(error)
             if download.error.verification:
                 self.meter.verify_failed(download)
+            elif download.started.done() and isinstance(error, _BROKEN_BODY):
+                # Its answer counted for the upstream; the body it then cut is a failure.
+                download.error = FetchError(
+                    f"upstream {kind} {digest} broke off after {download.written} bytes: "
+                    f"{error or type(error).__name__}",
+                    status=503,
+                    cause=error,
+                )
+                self.meter.body_failed(download)
             log.warning(
                 "content_fetch_failed",
                 kind=kind,

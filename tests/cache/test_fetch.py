@@ -65,6 +65,7 @@ class Meter:
     sent_bytes: int = 0
     cut: list[str] = field(default_factory=list)
     verify_failures: int = 0
+    body_failures: int = 0
     # (threshold, event): set once that many upstream bytes have been received.
     waiting: list[tuple[int, asyncio.Event]] = field(default_factory=list)
 
@@ -89,6 +90,9 @@ class Meter:
 
     def verify_failed(self, download: Download) -> None:
         self.verify_failures += 1
+
+    def body_failed(self, download: Download) -> None:
+        self.body_failures += 1
 
 
 @dataclass
@@ -342,7 +346,7 @@ async def test_nothing_unverified_is_stored_or_served_complete(
     assert _temp_files(world) == []
     (failure,) = [entry for entry in logs if entry["event"] == "content_fetch_failed"]
     assert reason in failure["error"]
-    assert world.meter.verify_failures == 1
+    assert (world.meter.verify_failures, world.meter.body_failures) == (1, 0)
 
 
 @pytest.mark.parametrize("declared", [None, len(PACKAGE)], ids=["chunked", "content-length"])

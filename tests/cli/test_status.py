@@ -408,6 +408,37 @@ async def test_a_blob_with_wrong_bytes_makes_its_upstream_failing(
 
 
 @pytest.mark.timeout(60)
+async def test_a_blob_body_the_upstream_cuts_short_makes_it_failing(
+    tmp_path: Path, start_cache: StartCache, proxy: TestProxy, publish: Publish
+) -> None:
+    """An upstream that answers a blob 200 and then resets the connection mid-body is
+    failing in `status` (a reset connection is a failure, whenever it comes), and the next
+    whole answer makes it `recent failures`, not DOWN. Failed before: the 200 counted as
+    an answer, the cut nowhere, and the upstream stayed `up`."""
+    image = await publish("team/app:v1", platforms=("linux/amd64",))
+    admin = f"127.0.0.1:{free_port()}"
+    cache = start_cache(config={"registry": {"upstreams": [{"url": proxy.url}]}, "metrics": admin})
+    live = f"{proxy.host}:{proxy.port}"
+    blob = max(image.blobs, key=lambda digest: image.blobs[digest])
+    proxy.cut_after = 1000
+    async with aiohttp.ClientSession() as http:
+        base = f"http://{cache.address}"
+        with contextlib.suppress(aiohttp.ClientPayloadError):
+            async with http.get(f"{base}/v2/team/app/blobs/{blob}") as response:
+                await response.read()  # streamed as it came: cut when the upstream cut
+        [document] = status_json("--admin", admin)
+        [upstream] = [u for u in document["upstreams"] if u["name"] == live]
+        assert upstream["state"] == "DOWN", upstream
+        assert str(blob) in upstream["detail"], upstream
+        proxy.cut_after = None
+        async with http.get(f"{base}/v2/team/app/blobs/{blob}") as response:
+            assert response.status == 200 and len(await response.read()) == image.blobs[blob]
+    [document] = status_json("--admin", admin)
+    [upstream] = [u for u in document["upstreams"] if u["name"] == live]
+    assert upstream["state"] == "recent failures", upstream
+
+
+@pytest.mark.timeout(60)
 async def test_cache_status_says_which_upstreams_are_down(
     tmp_path: Path, start_cache: StartCache, proxy: TestProxy, publish: Publish
 ) -> None:

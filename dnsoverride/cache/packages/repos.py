@@ -186,8 +186,11 @@ class PackagesMeter:
         remember(request, ERROR_KEY, ("FETCH_FAILED", f"cut short: {error.reason}"))
 
     def verify_failed(self, download: Download) -> None:
+        self.body_failed(download)
+
+    def body_failed(self, download: Download) -> None:
         """Logged by the fetch itself (`content_fetch_failed`), one line per download; its
-        200 counted as an answer, the wrong bytes behind it are a failure."""
+        200 counted as an answer, wrong bytes or a cut body behind it are a failure."""
         health = self.health.get(download.source)
         if health is not None:
             reason = download.error.reason if download.error else "content does not match"

@@ -51,7 +51,10 @@ class RegistryMeter:
 
     def verify_failed(self, download: Download) -> None:
         self.stats.verify_failures += 1
-        # Its 200 counted as an answer; wrong bytes behind it are a failure (`status`).
+        self.body_failed(download)
+
+    def body_failed(self, download: Download) -> None:
+        # Its 200 counted as an answer; a body cut or wrong behind it is a failure (`status`).
         reason = download.error.reason if download.error else "content does not match"
         self.stats.upstream(download.source).failed(f"{download.source}: {reason}")
 
