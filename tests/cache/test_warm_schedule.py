@@ -193,6 +193,15 @@ def test_warm_config_problems_name_file_and_line(tmp_path: Path) -> None:
     ]
 
 
+def warm_config(proxy: TestProxy, admin: str, images: list[str]) -> dict[str, Any]:
+    """A cache config for `proxy` warming `images` hourly, its admin listener `admin`."""
+    return {
+        "registry": {"upstreams": [{"url": proxy.url}]},
+        "metrics": admin,
+        "warm": {"interval": "1h", "images": images},
+    }
+
+
 async def test_sighup_follows_a_new_warm_list_and_names_what_needs_a_restart(
     tmp_path: Path, publish: Publish, proxy: TestProxy, start_cache: StartCache
 ) -> None:
@@ -204,11 +213,7 @@ async def test_sighup_follows_a_new_warm_list_and_names_what_needs_a_restart(
     app = await publish("team/app:v1", platforms=("linux/amd64",))
     other = await publish("team/other:v1", platforms=("linux/amd64",))
     admin = f"127.0.0.1:{free_port()}"
-    config: dict[str, Any] = {
-        "registry": {"upstreams": [{"url": proxy.url}]},
-        "metrics": admin,
-        "warm": {"interval": "1h", "images": ["team/app:v1"]},
-    }
+    config = warm_config(proxy, admin, ["team/app:v1"])
     cache = start_cache(config=config)
     process = cache.proc
     assert process is not None
@@ -267,11 +272,7 @@ async def test_a_warm_list_naming_a_new_upstream_waits_for_the_restart(
     never ran."""
     await publish("team/app:v1", platforms=("linux/amd64",))
     admin = f"127.0.0.1:{free_port()}"
-    config: dict[str, Any] = {
-        "registry": {"upstreams": [{"url": proxy.url}]},
-        "metrics": admin,
-        "warm": {"interval": "1h", "images": ["team/app:v1"]},
-    }
+    config = warm_config(proxy, admin, ["team/app:v1"])
     cache = start_cache(config=config)
     assert cache.proc is not None
     cache.wait_log('"warm_done"')

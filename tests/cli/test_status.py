@@ -47,6 +47,21 @@ def status_json(*args: str) -> list[dict[str, Any]]:
     return documents
 
 
+def upstream_status(admin: str, name: str) -> dict[str, Any]:
+    """The registry upstream `name` of the cache's `status --json` at `admin`."""
+    [document] = status_json("--admin", admin)
+    [upstream] = [u for u in document["upstreams"] if u["name"] == name]
+    return upstream  # type: ignore[no-any-return]
+
+
+async def read_through_a_cut(http: aiohttp.ClientSession, url: str) -> None:
+    """GET `url` to its end, or to the cut that ends a body streamed as it came from an
+    upstream whose bytes then failed."""
+    with contextlib.suppress(aiohttp.ClientPayloadError):
+        async with http.get(url) as response:
+            await response.read()
+
+
 def on_a_terminal(*args: str) -> str:
     """The output of `status ARGS` with stdout on a pseudo-terminal, as a user sees it."""
     return terminal.on_a_terminal([*COMMAND, *args])
@@ -398,11 +413,8 @@ async def test_a_blob_with_wrong_bytes_makes_its_upstream_failing(
         base = f"http://{cache.address}"
         async with http.get(f"{base}/v2/team/app/manifests/v1") as response:
             assert response.status == 200
-        with contextlib.suppress(aiohttp.ClientPayloadError):
-            async with http.get(f"{base}/v2/team/app/blobs/{blob}") as response:
-                await response.read()  # streamed as it came: cut when the digest fails
-    [document] = status_json("--admin", admin)
-    [upstream] = [u for u in document["upstreams"] if u["name"] == live]
+        await read_through_a_cut(http, f"{base}/v2/team/app/blobs/{blob}")
+    upstream = upstream_status(admin, live)
     assert upstream["state"] == "DOWN", upstream
     assert "does not match its digest" in upstream["detail"], upstream
 
@@ -423,18 +435,14 @@ async def test_a_blob_body_the_upstream_cuts_short_makes_it_failing(
     proxy.cut_after = 1000
     async with aiohttp.ClientSession() as http:
         base = f"http://{cache.address}"
-        with contextlib.suppress(aiohttp.ClientPayloadError):
-            async with http.get(f"{base}/v2/team/app/blobs/{blob}") as response:
-                await response.read()  # streamed as it came: cut when the upstream cut
-        [document] = status_json("--admin", admin)
-        [upstream] = [u for u in document["upstreams"] if u["name"] == live]
+        await read_through_a_cut(http, f"{base}/v2/team/app/blobs/{blob}")
+        upstream = upstream_status(admin, live)
         assert upstream["state"] == "DOWN", upstream
         assert str(blob) in upstream["detail"], upstream
         proxy.cut_after = None
         async with http.get(f"{base}/v2/team/app/blobs/{blob}") as response:
             assert response.status == 200 and len(await response.read()) == image.blobs[blob]
-    [document] = status_json("--admin", admin)
-    [upstream] = [u for u in document["upstreams"] if u["name"] == live]
+    upstream = upstream_status(admin, live)
     assert upstream["state"] == "recent failures", upstream
 
 
