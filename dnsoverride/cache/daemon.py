@@ -274,16 +274,17 @@ class CacheService:
         follow = new.warm != old.warm and new.registry == old.registry
         if new.warm != old.warm and not follow:
             unapplied.append("warm")
+        restart = f"; {', '.join(unapplied)}: restart needed" if unapplied else ""
         if unapplied:
             log.warning("config_reload_needs_restart", settings=unapplied)
         if not follow:
-            return "warm list unchanged"
+            return f"warm list unchanged{restart}"
         self._config = replace(old, warm=new.warm)
         added, removed = cache.warmer.replace_schedule(new.warm)
         log.info(
             "warm_list_reloaded", added=added, removed=removed, images=len(cache.warmer.schedule)
         )
-        return f"warm list reloaded ({len(cache.warmer.schedule)} images)"
+        return f"warm list reloaded ({len(cache.warmer.schedule)} images){restart}"
 
     async def stop(self) -> None:
         log.info("cache_stopping")

@@ -25,6 +25,7 @@ from dnsoverride.common.errors import ConfigError
 from tests.support.ports import free_port
 from tests.support.registry_fixtures import Publish, StartCache
 from tests.support.registry_peers import DistributionRegistry, TestProxy
+from tests.support.systemd import NotifySocket
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 CLI = [sys.executable, "-m", "dnsoverride"]
@@ -261,20 +262,28 @@ async def test_sighup_follows_a_new_warm_list_and_names_what_needs_a_restart(
 
 
 async def test_a_warm_list_naming_a_new_upstream_waits_for_the_restart(
-    tmp_path: Path, publish: Publish, proxy: TestProxy, start_cache: StartCache
+    tmp_path: Path,
+    publish: Publish,
+    proxy: TestProxy,
+    start_cache: StartCache,
+    systemd_notify: NotifySocket,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A reload whose config adds an upstream and a `warm:` image on it: the running cache
     still has the old upstreams (they need a restart), so the new list is not followed
     (it would warm an image against an upstream the cache does not have) and `warm` is
-    named with `registry` as needing a restart; the old list keeps its schedule. Failed
+    named with `registry` as needing a restart (in the log and systemd's STATUS); the old
+    list keeps its schedule. Failed
     before: `warm_list_reloaded` named the new image, whose schedule then died on
     `no upstream named 'mirror.test' is configured` (a task exception nobody read) and
     never ran."""
     await publish("team/app:v1", platforms=("linux/amd64",))
     admin = f"127.0.0.1:{free_port()}"
     config = warm_config(proxy, admin, ["team/app:v1"])
+    monkeypatch.setenv("NOTIFY_SOCKET", str(systemd_notify.path))
     cache = start_cache(config=config)
     assert cache.proc is not None
+    systemd_notify.next_with("READY")
     cache.wait_log('"warm_done"')
     config["registry"]["upstreams"].append({"url": proxy.url, "name": "mirror.test"})
     config["warm"]["images"] = ["team/app:v1", "mirror.test/team/app:v1"]
@@ -282,6 +291,9 @@ async def test_a_warm_list_naming_a_new_upstream_waits_for_the_restart(
     cache.proc.send_signal(signal.SIGHUP)
     [restart] = cache.wait_log('"config_reload_needs_restart"')
     assert '"settings": ["registry", "warm"]' in restart, restart
+    systemd_notify.next_with("RELOADING")
+    reloaded = systemd_notify.next_with("READY").fields["STATUS"]
+    assert reloaded == "warm list unchanged; registry, warm: restart needed", reloaded
     assert '"warm_list_reloaded"' not in cache.logs()
     assert [w["image"] for w in (await status(admin))["warm"]] == ["team/app:v1"]
 
