@@ -398,7 +398,7 @@ class RepositoryCache:
             download = self.fetcher.start(
                 kind,
                 digest,
-                self._opener(repository.url + quoted(href)),
+                self._opener(repository, href),
                 source=repository.upstream.name,
                 size=size,
                 limit=UNSIZED_REPODATA_LIMIT,
@@ -435,12 +435,19 @@ class RepositoryCache:
             url = str(target)
         raise FetchError(f"upstream redirected {url} more than {MAX_REDIRECTS} times", status=502)
 
-    def _opener(self, url: str) -> Opener:
+    def _opener(self, repository: Repository, href: str) -> Opener:
+        """Opens `href` of `repository`; its 200 is an answer of the upstream (a body that
+        then fails is a failure of it: PackagesMeter), so good downloads after a bad one
+        make it `recent failures`, not DOWN until the next revalidation."""
+        url = repository.url + quoted(href)
+        health = self.health[repository.upstream.name]
+
         async def open_upstream() -> aiohttp.ClientResponse:
             response = await self._upstream("GET", url)
             if response.status != 200:
                 response.release()
                 raise FetchError(f"upstream answered {response.status} for {url}", status=502)
+            health.answered()
             return response
 
         return open_upstream
@@ -670,7 +677,7 @@ class RepositoryCache:
         download = self.fetcher.start(
             "repodata",
             digest,
-            self._opener(repository.url + quoted(item.href)),
+            self._opener(repository, item.href),
             source=repository.upstream.name,
             size=item.size,
             limit=UNSIZED_REPODATA_LIMIT,

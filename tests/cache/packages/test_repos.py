@@ -382,8 +382,10 @@ async def test_wrong_package_bytes_make_the_upstream_failing(
     running: Running, upstream: YumUpstream, world: World, package_set: PackageSet
 ) -> None:
     """A package whose bytes do not match the repodata's checksum is a failure of its
-    upstream in `status` (its 200 was counted as an answer). Fails before: the download
-    failed and was logged, but the upstream stayed `up`."""
+    upstream in `status` (its 200 was counted as an answer), and a package it then sends
+    whole is an answer again (`recent failures`, not DOWN). Fails before: the download
+    failed and was logged, but the upstream stayed `up`; then (the bad download counted)
+    the upstream stayed DOWN after good downloads until the next repomd revalidation."""
     assert (await get(running, REPOMD))[0] == 200
     health = running.cache.health["vault"]
     assert health.failing_since is None
@@ -396,3 +398,6 @@ async def test_wrong_package_bytes_make_the_upstream_failing(
         assert (status, body) != (200, package_set.hello.path.read_bytes())
     assert health.failing_since is not None
     assert "does not match its digest" in (health.reason or ""), health.reason
+    upstream.wrong_bytes.clear()
+    assert await get(running, path) == (200, package_set.hello.path.read_bytes())
+    assert health.failing_since is None and health.failures
