@@ -32,8 +32,8 @@ from dnsoverride.cache.packages.service import PackagesService
 from dnsoverride.cache.registry.stats import Stats
 from dnsoverride.cache.registry.upstream import Upstream
 from dnsoverride.cache.registry.warm import Warmer
+from dnsoverride.cache.registry.withheld import WITHHELD, withheld
 from dnsoverride.cache.store import Kind, Store
-from dnsoverride.cache.withheld import WITHHELD, withheld
 
 REGISTRY_KINDS = ("blob", "manifest")
 PACKAGE_KINDS: tuple[Kind, ...] = ("packages", "repodata")

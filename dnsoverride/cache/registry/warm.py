@@ -44,8 +44,8 @@ from dnsoverride.cache.registry.upstream import (
     UpstreamUnavailableError,
     as_registry_error,
 )
+from dnsoverride.cache.registry.withheld import withheld
 from dnsoverride.cache.store import Digest
-from dnsoverride.cache.withheld import withheld
 
 log = structlog.get_logger(__name__)
 
