@@ -1,6 +1,6 @@
 """The admin HTTP listener each daemon runs beside its service port.
 
-Owns `/metrics` (Prometheus exposition of the daemon's own CollectorRegistry), `/healthz`
+Owns `/metrics` (Prometheus exposition of the daemon's own collectors), `/healthz`
 (the process answers), `/readyz` (the daemon's `ready()` says it can do its job), and
 the daemon's read-only JSON endpoints (`/status`, DNS's `/explain`: `JsonEndpoint`s, what
 `dnsoverride status` and `explain --live` read). It is a separate listener so that
@@ -42,11 +42,15 @@ import urllib.parse
 from collections.abc import Awaitable, Callable, Mapping
 from http import HTTPStatus
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from dnsoverride.common.errors import UserError, listen_error
+from dnsoverride.common.metrics import content_type, exposition
+
+if TYPE_CHECKING:
+    from prometheus_client.registry import Collector
 
 log = structlog.get_logger(__name__)
 
@@ -92,7 +96,7 @@ class AdminServer:
 
     def __init__(
         self,
-        registry: CollectorRegistry,
+        registry: Collector,
         ready: Callable[[], bool],
         why_not_ready: Callable[[], str | None] | None,
         before_scrape: Callable[[], Awaitable[None]] | None = None,
@@ -193,7 +197,7 @@ class AdminServer:
         if path == "/metrics":
             if self._before_scrape is not None:
                 await self._before_scrape()
-            return _Reply(HTTPStatus.OK, generate_latest(self._registry), CONTENT_TYPE_LATEST)
+            return _Reply(HTTPStatus.OK, exposition(self._registry), content_type())
         if path == "/healthz":
             return _Reply(HTTPStatus.OK, b"ok\n")
         if self._ready():
@@ -314,7 +318,7 @@ def _remove_stale_socket(path: Path) -> None:
 async def start_admin(
     host: str | None,
     port: int,
-    registry: CollectorRegistry,
+    registry: Collector,
     ready: Callable[[], bool],
     why_not_ready: Callable[[], str | None] | None = None,
     *,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import secrets
+import os
 import signal
 import socket
 from collections.abc import Callable
@@ -22,8 +22,6 @@ from pathlib import Path
 
 import structlog
 import uvloop
-from prometheus_client import generate_latest
-from prometheus_client.registry import CollectorRegistry
 
 from dnsoverride.common.errors import UserError, listen_error
 from dnsoverride.common.grammar import Endpoint
@@ -31,6 +29,7 @@ from dnsoverride.common.heaptrim import trim_heap
 from dnsoverride.common.lifecycle import Admin, Started, run_service
 from dnsoverride.common.log import LogOptions
 from dnsoverride.common.log import configure as configure_logging
+from dnsoverride.common.metrics import Collectors, exposition
 from dnsoverride.common.reloader import Reloader
 from dnsoverride.dns.config import ServeConfig, ServeFlags, load_config
 from dnsoverride.dns.forwarder import Forwarder
@@ -225,10 +224,10 @@ class DnsService:
         self._worker_acks: list[asyncio.Future[None]] = []
         self._install: Callable[[Routing], None] | None = None
         self._counts: Callable[[], Counts] | None = None
-        self._registry = CollectorRegistry()
+        self._registry = Collectors()
         self._routing_hash = routing.content_hash
         # One DNS cookie secret for all processes: a client's next query may reach another.
-        self._cookie_secret = cookie_secret or secrets.token_bytes(COOKIE_SECRET_SIZE)
+        self._cookie_secret = cookie_secret or os.urandom(COOKIE_SECRET_SIZE)
 
     async def start(self, inherited: list[socket.socket]) -> Started:
         config = self._config
@@ -286,7 +285,7 @@ class DnsService:
             await self._start_workers(inherited, bound)
             assert self._pool is not None
             merged = MergedMetrics(registry, self._pool)
-            registry = CollectorRegistry()
+            registry = Collectors()
             registry.register(merged)
             before_scrape = merged.refresh
         log.info(
@@ -410,7 +409,7 @@ class DnsService:
                 assert self._zones is not None
                 self._zones.withdraw(message.value)
             elif message.kind == "metrics":
-                link.send(Message("metrics", generate_latest(self._registry).decode()))
+                link.send(Message("metrics", exposition(self._registry).decode()))
             elif message.kind == "counts":
                 assert self._counts is not None
                 link.send(Message("counts", self._counts()))

@@ -25,10 +25,9 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import structlog
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
 
 from dnsoverride.cache.registry.blobs import Blobs
 from dnsoverride.cache.registry.config import RegistryConfig, WarmConfig, WarmImage
@@ -43,6 +42,9 @@ from dnsoverride.cache.registry.upstream import (
     as_registry_error,
 )
 from dnsoverride.cache.store import Digest
+
+if TYPE_CHECKING:
+    from prometheus_client.metrics_core import Metric
 
 log = structlog.get_logger(__name__)
 
@@ -293,13 +295,16 @@ def _blob_sizes(manifest: Manifest) -> dict[Digest, int]:
         return {}
 
 
-class WarmCollector(Collector):
+class WarmCollector:
     """The `warm:` list's outcomes as metrics, per listed image."""
 
     def __init__(self, warmer: Warmer) -> None:
         self.warmer = warmer
 
     def collect(self) -> Iterator[Metric]:
+        # prometheus-client on a scrape only (common/metrics.py)
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
         prefix = "dnsoverride_cache_warm"
         runs = CounterMetricFamily(f"{prefix}_runs", "Scheduled warms run.", labels=["image"])
         failures = CounterMetricFamily(
