@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import secrets
+import os
 import socket
 from collections.abc import Iterable, Mapping, Sequence
 
@@ -112,7 +112,7 @@ class UpstreamResolver(AbstractResolver):
     async def _query(self, name: str, qtype: int) -> list[str]:
         failures: list[str] = []
         for server in self._servers:
-            query_id = secrets.randbelow(0x10000)
+            query_id = int.from_bytes(os.urandom(2))
             request = DNSRecord.question(name, QTYPE[qtype])
             request.header.id = query_id
             packet = request.pack()
