@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from dnsoverride.common.errors import UserError, listen_error
+from dnsoverride.common.listen import bound_socket, is_ip_address
 from dnsoverride.common.metrics import content_type, exposition
 
 if TYPE_CHECKING:
@@ -128,7 +129,15 @@ class AdminServer:
         """Bind host:port and accept clients; OSError when it cannot be bound. Actions are
         answered there only when `host` is a loopback address."""
         serve = functools.partial(self.serve, local=is_loopback(host))
-        self._server = await asyncio.start_server(serve, host, port, limit=MAX_HEAD)
+        if not is_ip_address(host):  # a name (localhost): the loop binds each of its addresses
+            self._server = await asyncio.start_server(serve, host, port, limit=MAX_HEAD)
+            return
+        sock = bound_socket(host, port, socket.SOCK_STREAM)  # no lookup: common/listen.py
+        try:
+            self._server = await asyncio.start_server(serve, sock=sock, limit=MAX_HEAD)
+        except OSError:
+            sock.close()
+            raise
 
     async def listen_unix(self, path: Path) -> None:
         """Accept clients on the unix socket `path` (mode 0660, group `dnsoverride` if it

@@ -27,6 +27,7 @@ from dnsoverride.common.errors import UserError, listen_error
 from dnsoverride.common.grammar import Endpoint
 from dnsoverride.common.heaptrim import trim_heap
 from dnsoverride.common.lifecycle import Admin, Started, run_service
+from dnsoverride.common.listen import bound_socket
 from dnsoverride.common.log import LogOptions
 from dnsoverride.common.log import configure as configure_logging
 from dnsoverride.common.metrics import Collectors, exposition
@@ -105,28 +106,9 @@ def _grow_receive_buffer(sock: socket.socket) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_RECEIVE_BUFFER)
 
 
-def _bound_socket(
-    endpoint: Endpoint, kind: socket.SocketKind, *, reuse_port: bool
-) -> socket.socket:
-    """A UDP or TCP socket bound to `endpoint`. Bound here for TCP too, rather than by the
-    event loop from the host: uvloop resolves even an address literal with getaddrinfo on
-    libuv's thread pool, which then idles as 4 threads, and imports the idna codec."""
-    family = socket.AF_INET6 if ":" in endpoint.host else socket.AF_INET
-    sock = socket.socket(family, kind)
-    try:
-        if kind == socket.SOCK_STREAM:  # as asyncio's create_server: rebind over TIME_WAIT
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if reuse_port:  # `workers`: every process binds the port, the kernel spreads clients
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        if kind == socket.SOCK_DGRAM:
-            _grow_receive_buffer(sock)
-        sock.bind((endpoint.host, endpoint.port))
-    except OSError:
-        sock.close()
-        raise
-    sock.setblocking(False)
+def _udp_socket(endpoint: Endpoint, *, reuse_port: bool) -> socket.socket:
+    sock = bound_socket(endpoint.host, endpoint.port, socket.SOCK_DGRAM, reuse_port=reuse_port)
+    _grow_receive_buffer(sock)
     return sock
 
 
@@ -167,14 +149,14 @@ async def _bind(
         return
     for endpoint in config.listen:
         try:
-            udp = _bound_socket(endpoint, socket.SOCK_DGRAM, reuse_port=reuse_port)
-            transport, _ = await loop.create_datagram_endpoint(udp_protocol, sock=udp)
+            transport, _ = await loop.create_datagram_endpoint(
+                udp_protocol, sock=_udp_socket(endpoint, reuse_port=reuse_port)
+            )
             bound.udp.append(transport)
             port = transport.get_extra_info("sockname")[1]
-            # A TCP listener on the same port as UDP (port 0 means: the one UDP got).
-            tcp = _bound_socket(
-                Endpoint(endpoint.host, port), socket.SOCK_STREAM, reuse_port=reuse_port
-            )
+            # A TCP listener on the same port as UDP (port 0 means: the one UDP got), bound
+            # here, not by the loop from the host (common/listen.py).
+            tcp = bound_socket(endpoint.host, port, socket.SOCK_STREAM, reuse_port=reuse_port)
             bound.tcp.append(
                 await asyncio.start_server(
                     handler, sock=tcp, backlog=config.tcp.max_connections, limit=READ_LIMIT
