@@ -21,8 +21,8 @@ every other Python on the box), so it understates a server on a busy box; the US
 leaves every shared page out: the least stopping the server frees. For one process, RSS
 is the figure to compare (what it costs alone); for several, Pss on a quiet box. Every
 server is started --rounds times, measured --idle seconds after it answers; the median
-of the sums is printed, in MB (1000 kB, as /proc prints kB) and MiB, then the processes
-of the median round.
+of the sums is printed, in MB (10^6 bytes) and MiB (2^20), then the processes of the
+median round. (/proc's "kB" are KiB, 1024 bytes: `kB / 1000` is not MB.)
 
     python3 bench/footprint/run.py [--rounds 3] [--idle 3]
 """
@@ -56,9 +56,9 @@ class Process:
 
     pid: int
     role: str
-    rss_kb: int
-    pss_kb: int
-    private_kb: int
+    rss_kib: int
+    pss_kib: int
+    private_kib: int
 
 
 def _parents() -> dict[int, int]:
@@ -187,15 +187,16 @@ SERVERS: dict[str, Server] = {
 }
 
 
-def _mb(kb: float) -> str:
-    return f"{kb / 1000:>8.1f}{kb / 1024:>7.1f}"
+def _mb(kib: float) -> str:
+    """`kib` (what /proc calls kB) in MB and MiB, as two columns."""
+    return f"{kib * 1024 / 1e6:>8.1f}{kib / 1024:>7.1f}"
 
 
 def _sums(processes: list[Process]) -> tuple[int, int, int]:
     return (
-        sum(p.rss_kb for p in processes),
-        sum(p.pss_kb for p in processes),
-        sum(p.private_kb for p in processes),
+        sum(p.rss_kib for p in processes),
+        sum(p.pss_kib for p in processes),
+        sum(p.private_kib for p in processes),
     )
 
 
@@ -226,12 +227,12 @@ def main() -> int:
             for column in range(3):
                 line += _mb(statistics.median(_sums(r)[column] for r in rounds))
             print(line)
-    print("\nthe processes of each server's median round (idle, by Pss): role RSS/Pss/USS MB")
+    print("\nthe processes of each server's median round (idle, by Pss): role RSS/Pss/USS MiB")
     for name in SERVERS:
         rounds = sorted(idle[name], key=lambda r: _sums(r)[1])
         median_round = rounds[len(rounds) // 2]
         parts = ", ".join(
-            f"{p.role} {p.rss_kb / 1000:.1f}/{p.pss_kb / 1000:.1f}/{p.private_kb / 1000:.1f}"
+            f"{p.role} {p.rss_kib / 1024:.1f}/{p.pss_kib / 1024:.1f}/{p.private_kib / 1024:.1f}"
             for p in median_round
         )
         print(f"  {name}: {parts}")
