@@ -48,7 +48,7 @@ import structlog
 
 from dnsoverride.common.errors import UserError, listen_error
 from dnsoverride.common.listen import bound_socket, is_ip_address
-from dnsoverride.common.metrics import content_type, exposition
+from dnsoverride.common.metrics import content_type, exposition, load_exposition
 
 if TYPE_CHECKING:
     from prometheus_client.registry import Collector
@@ -204,6 +204,7 @@ class AdminServer:
         if endpoint is not None:
             return await _answer_json(path, endpoint, query)
         if path == "/metrics":
+            await load_exposition()  # the first scrape's import, off the loop's thread
             if self._before_scrape is not None:
                 await self._before_scrape()
             return _Reply(HTTPStatus.OK, exposition(self._registry), content_type())

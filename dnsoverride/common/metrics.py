@@ -10,10 +10,19 @@ package's `__init__`, whose exposition module loads urllib.request, http.server 
 wsgiref: 3.3 MB of RSS (issue 13) for every daemon, scraped or not. So neither this
 module nor a collector imports it at module level; annotations name its types through
 TYPE_CHECKING imports.
+
+That first import is 40 ms of CPU, 50-190 ms of a loaded box: done on the event loop's
+thread it held every query to `serve` (and a worker's, asked for its metrics) that long.
+`load_exposition` imports it on a thread of its own, awaited before the first
+exposition: the loop runs between that thread's GIL switches.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import importlib
+import threading
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -37,6 +46,46 @@ class Collectors:
         """Every registered collector's metric families."""
         for collector in list(self._collectors):
             yield from collector.collect()
+
+
+# What a scrape imports: the package (exposition) and the metric families of collectors.
+_MODULES = ("prometheus_client", "prometheus_client.core")
+_imported = threading.Event()  # set once a thread finished importing them
+
+
+async def load_exposition() -> None:
+    """Import prometheus-client on a thread that ends with it, unless already done; awaited
+    before a process's first `exposition` so that the import does not stall its loop.
+    Concurrent first scrapes each start one: the import lock runs the import once."""
+    if _imported.is_set():
+        return
+    loop = asyncio.get_running_loop()
+    imported: asyncio.Future[None] = loop.create_future()
+    threading.Thread(
+        target=_import, args=(loop, imported), name="metrics-import", daemon=True
+    ).start()
+    await imported
+
+
+def _import(loop: asyncio.AbstractEventLoop, imported: asyncio.Future[None]) -> None:
+    error: BaseException | None = None
+    try:
+        for name in _MODULES:
+            importlib.import_module(name)
+        _imported.set()
+    except BaseException as caught:  # handed to the awaiting scrape, whatever it is
+        error = caught
+    with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits
+        loop.call_soon_threadsafe(_settle, imported, error)
+
+
+def _settle(imported: asyncio.Future[None], error: BaseException | None) -> None:
+    if imported.done():  # the scrape was cancelled (its client went away)
+        return
+    if error is None:
+        imported.set_result(None)
+    else:
+        imported.set_exception(error)
 
 
 def exposition(collector: Collector) -> bytes:

@@ -30,7 +30,7 @@ from dnsoverride.common.lifecycle import Admin, Started, run_service
 from dnsoverride.common.listen import bound_socket
 from dnsoverride.common.log import LogOptions
 from dnsoverride.common.log import configure as configure_logging
-from dnsoverride.common.metrics import Collectors, exposition
+from dnsoverride.common.metrics import Collectors, exposition, load_exposition
 from dnsoverride.common.reloader import Reloader
 from dnsoverride.dns.config import ServeConfig, ServeFlags, load_config
 from dnsoverride.dns.forwarder import Forwarder
@@ -382,6 +382,10 @@ class DnsService:
                     self._install(new)
                 link.send(Message("reloaded", self._routing_hash))
 
+        async def send_metrics() -> None:
+            await load_exposition()  # the first request's import, off the loop's thread
+            link.send(Message("metrics", exposition(self._registry).decode()))
+
         def receive() -> None:
             try:
                 message: Message = link.recv()
@@ -395,7 +399,9 @@ class DnsService:
                 assert self._zones is not None
                 self._zones.withdraw(message.value)
             elif message.kind == "metrics":
-                link.send(Message("metrics", exposition(self._registry).decode()))
+                task = loop.create_task(send_metrics())
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
             elif message.kind == "counts":
                 assert self._counts is not None
                 link.send(Message("counts", self._counts()))
