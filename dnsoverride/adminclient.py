@@ -4,11 +4,12 @@
 An admin endpoint is given with `--admin HOST:PORT` or `--admin /path/to/socket` (the
 cache's unix control socket), or read from the daemons' config files (the packaged ones,
 `/etc/dnsoverride/dnsoverride.yaml` and `/etc/dnsoverride/cache.yaml`, or
-`/etc/dnsoverride/registry.yaml` from before the cache served packages, unless
-`--config`/`--cache-config` name others): their `metrics:` key, and for the cache commands
-first the cache's `control_socket:`. An endpoint found in two files is asked once.
-Only those keys are read: the rest of a config (zones, TLS files) may be unreadable to the
-user running the command, and has no say in where the daemon listens for its admin.
+`/etc/dnsoverride/registry.yaml` from before the cache served packages: cli.py's
+`PACKAGED_CONFIGS`, unless `--config`/`--cache-config` name others): their `metrics:`
+key, and for the cache commands first the cache's `control_socket:`. An endpoint found in
+two files is asked once. Only those keys are read: the rest of a config (zones, TLS files)
+may be unreadable to the user running the command, and has no say in where the daemon
+listens for its admin.
 """
 
 from __future__ import annotations
@@ -25,11 +26,6 @@ from dnsoverride.common import yamlsource
 from dnsoverride.common.errors import UserError
 from dnsoverride.common.grammar import HTTP_LISTENER, Endpoint, GrammarError, parse_endpoint
 
-PACKAGED_CONFIGS = (
-    Path("/etc/dnsoverride/dnsoverride.yaml"),
-    Path("/etc/dnsoverride/cache.yaml"),
-    Path("/etc/dnsoverride/registry.yaml"),
-)
 TIMEOUT = 5.0
 # A listener on every address is reached on loopback.
 _ANY = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}

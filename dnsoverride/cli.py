@@ -26,13 +26,21 @@ if _HIDE_RICH:
     sys.modules["rich"] = None  # type: ignore[assignment]
 
 from dnsoverride import __version__  # noqa: E402 (after hiding rich)
-from dnsoverride.adminclient import PACKAGED_CONFIGS  # noqa: E402
 from dnsoverride.common.configfile import require_file  # noqa: E402
 from dnsoverride.common.errors import ConfigError, UserError  # noqa: E402
 from dnsoverride.common.log import LEVELS, LogOptions  # noqa: E402
 
 if _HIDE_RICH:
     del sys.modules["rich"]
+
+# Where `status`, `explain --live` and `cache ls/purge/warm` look for the daemons' admin
+# listeners (their `metrics:`, `control_socket:`) unless told: serve's config, the
+# cache's, and the cache's from before it served packages (dnsoverride/adminclient.py).
+PACKAGED_CONFIGS = (
+    Path("/etc/dnsoverride/dnsoverride.yaml"),
+    Path("/etc/dnsoverride/cache.yaml"),
+    Path("/etc/dnsoverride/registry.yaml"),
+)
 
 
 def _add_logging_flags(parser: argparse.ArgumentParser) -> None:

@@ -1,6 +1,6 @@
 """The admin HTTP listener each daemon runs beside its service port.
 
-Owns `/metrics` (Prometheus exposition of the daemon's own CollectorRegistry), `/healthz`
+Owns `/metrics` (Prometheus exposition of the daemon's own collectors), `/healthz`
 (the process answers), `/readyz` (the daemon's `ready()` says it can do its job), and
 the daemon's read-only JSON endpoints (`/status`, DNS's `/explain`: `JsonEndpoint`s, what
 `dnsoverride status` and `explain --live` read). It is a separate listener so that
@@ -46,11 +46,16 @@ import urllib.parse
 from collections.abc import Awaitable, Callable, Mapping
 from http import HTTPStatus
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from dnsoverride.common.errors import UserError, listen_error
+from dnsoverride.common.listen import bound_socket, is_ip_address
+from dnsoverride.common.metrics import content_type, exposition, load_exposition
+
+if TYPE_CHECKING:
+    from prometheus_client.registry import Collector
 
 log = structlog.get_logger(__name__)
 
@@ -96,7 +101,7 @@ class AdminServer:
 
     def __init__(
         self,
-        registry: CollectorRegistry,
+        registry: Collector,
         ready: Callable[[], bool],
         why_not_ready: Callable[[], str | None] | None,
         before_scrape: Callable[[], Awaitable[None]] | None = None,
@@ -104,7 +109,7 @@ class AdminServer:
         *,
         actions: Mapping[str, Action] | None = None,
         local_reads: Mapping[str, JsonEndpoint] | None = None,
-        public_registry: CollectorRegistry | None = None,
+        public_registry: Collector | None = None,
     ) -> None:
         self._registry = registry
         self._public_registry = public_registry or registry
@@ -130,7 +135,15 @@ class AdminServer:
         """Bind host:port and accept clients; OSError when it cannot be bound. Actions are
         answered there only when `host` is a loopback address."""
         serve = functools.partial(self.serve, local=is_loopback(host))
-        self._server = await asyncio.start_server(serve, host, port, limit=MAX_HEAD)
+        if not is_ip_address(host):  # a name (localhost): the loop binds each of its addresses
+            self._server = await asyncio.start_server(serve, host, port, limit=MAX_HEAD)
+            return
+        sock = bound_socket(host, port, socket.SOCK_STREAM)  # no lookup: common/listen.py
+        try:
+            self._server = await asyncio.start_server(serve, sock=sock, limit=MAX_HEAD)
+        except OSError:
+            sock.close()
+            raise
 
     async def listen_unix(self, path: Path) -> None:
         """Accept clients on the unix socket `path` (mode 0660, group `dnsoverride` if it
@@ -200,10 +213,11 @@ class AdminServer:
         if endpoint is not None:
             return await _answer_json(path, endpoint, query)
         if path == "/metrics":
+            await load_exposition()  # the first scrape's import, off the loop's thread
             if self._before_scrape is not None:
                 await self._before_scrape()
             registry = self._registry if local else self._public_registry
-            return _Reply(HTTPStatus.OK, generate_latest(registry), CONTENT_TYPE_LATEST)
+            return _Reply(HTTPStatus.OK, exposition(registry), content_type())
         if path == "/healthz":
             return _Reply(HTTPStatus.OK, b"ok\n")
         if self._ready():
@@ -356,7 +370,7 @@ def _remove_stale_socket(path: Path) -> None:
 async def start_admin(
     host: str | None,
     port: int,
-    registry: CollectorRegistry,
+    registry: Collector,
     ready: Callable[[], bool],
     why_not_ready: Callable[[], str | None] | None = None,
     *,
@@ -364,7 +378,7 @@ async def start_admin(
     endpoints: Mapping[str, JsonEndpoint] | None = None,
     actions: Mapping[str, Action] | None = None,
     local_reads: Mapping[str, JsonEndpoint] | None = None,
-    public_registry: CollectorRegistry | None = None,
+    public_registry: Collector | None = None,
     unix: Path | None = None,
 ) -> AdminServer:
     """Serve /metrics, /healthz and /readyz on host:port (None: no TCP listener) and on the

@@ -15,7 +15,6 @@ problems name the flag (`--listen: ...`).
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -48,6 +47,9 @@ def require_file(path: Path, label: str) -> None:
 
 def unknown_key(key: object, known: Sequence[str]) -> str:
     """The reason for an unknown key: the closest known one, else the list of them."""
+    # Imported for a config with a mistake in it, not by every daemon that starts.
+    import difflib
+
     close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
     if close:
         return f"unknown key {brief(key)} (did you mean {close[0]!r}?)"

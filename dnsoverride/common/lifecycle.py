@@ -25,14 +25,16 @@ import socket
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import structlog
-from prometheus_client.registry import CollectorRegistry
 
 from dnsoverride.common import systemd
 from dnsoverride.common.admin import Action, AdminServer, JsonEndpoint, start_admin
 from dnsoverride.common.grammar import Endpoint
+
+if TYPE_CHECKING:
+    from prometheus_client.registry import Collector
 
 log = structlog.get_logger(__name__)
 
@@ -45,7 +47,7 @@ class Admin:
     socket), what it exposes, and its readiness."""
 
     endpoint: Endpoint | None
-    registry: CollectorRegistry
+    registry: Collector  # what /metrics exposes (common/metrics.py)
     ready: Callable[[], bool]
     why_not_ready: Callable[[], str | None] | None = None
     # Awaited before each /metrics scrape (a supervisor gathers its workers' metrics).
@@ -55,7 +57,7 @@ class Admin:
     local_reads: Mapping[str, JsonEndpoint] = field(default_factory=dict)
     control_socket: Path | None = None
     # /metrics on a listener others reach, when it must differ (names withheld).
-    public_registry: CollectorRegistry | None = None
+    public_registry: Collector | None = None
 
 
 @dataclass(frozen=True)

@@ -35,19 +35,21 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Generic, Literal, Protocol, Self, TypeVar
+from typing import TYPE_CHECKING, Generic, Literal, Protocol, Self, TypeVar
 
 import structlog
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector, CollectorRegistry
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 
 from dnsoverride.common.errors import ConfigError, Problem, UserError
 from dnsoverride.common.heaptrim import trim_heap
+from dnsoverride.common.metrics import Collectors
 from dnsoverride.common.readfile import FS_BYTES, read_regular_file
 from dnsoverride.common.yamlsource import brief
+
+if TYPE_CHECKING:
+    from prometheus_client.metrics_core import Metric
 
 log = structlog.get_logger(__name__)
 
@@ -123,13 +125,16 @@ class ReloadStats:
         }
 
 
-class ReloadCollector(Collector):
+class ReloadCollector:
     """Exposes `ReloadStats` as `dnsoverride_zone_reload*` metrics at scrape time."""
 
     def __init__(self, stats: ReloadStats) -> None:
         self._stats = stats
 
     def collect(self) -> Iterator[Metric]:
+        # prometheus-client on a scrape only (common/metrics.py)
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
         reloads = CounterMetricFamily(
             "dnsoverride_zone_reloads",
             "Zone set reload attempts by result (a failure keeps the last good set).",
@@ -353,7 +358,7 @@ class Reloader(Generic[S]):
         interval: float,
         debounce: float = DEFAULT_DEBOUNCE,
         settle_max: float = DEFAULT_SETTLE_MAX,
-        registry: CollectorRegistry | None = None,
+        registry: Collectors | None = None,
         baseline: str | None = None,
         stats: ReloadStats | None = None,
     ) -> None:

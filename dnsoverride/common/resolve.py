@@ -7,21 +7,21 @@ the same fixed mapping to pin a check to one override target while the URL keeps
 overridden name (so SNI, Host and certificate verification use that name).
 
 aiohttp's own AsyncResolver needs aiodns, which is not a dependency; queries here are built
-and parsed with dnslib and sent over UDP, retried over TCP when truncated.
+and parsed with dnslib (imported on the first query: a cache without `resolvers:` never
+needs it, 0.5 MB) and sent over UDP, retried over TCP when truncated.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ipaddress
-import secrets
+import os
 import socket
 from collections.abc import Iterable, Mapping, Sequence
 
 import structlog
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import ThreadedResolver
-from dnslib import QTYPE, RCODE, DNSRecord
 
 from dnsoverride.common.dnsexchange import exchange_tcp, exchange_udp
 from dnsoverride.common.errors import UserError
@@ -30,7 +30,7 @@ from dnsoverride.common.loops import listener_owns
 log = structlog.get_logger(__name__)
 
 _LOOP_CHECK_SECONDS = 5.0
-_QTYPES = {socket.AF_INET: QTYPE.A, socket.AF_INET6: QTYPE.AAAA}
+_QTYPES = {socket.AF_INET: 1, socket.AF_INET6: 28}  # A (RFC 1035), AAAA (RFC 3596)
 
 
 class UpstreamResolver(AbstractResolver):
@@ -110,9 +110,11 @@ class UpstreamResolver(AbstractResolver):
         return found
 
     async def _query(self, name: str, qtype: int) -> list[str]:
+        from dnslib import QTYPE, RCODE, DNSRecord
+
         failures: list[str] = []
         for server in self._servers:
-            query_id = secrets.randbelow(0x10000)
+            query_id = int.from_bytes(os.urandom(2))
             request = DNSRecord.question(name, QTYPE[qtype])
             request.header.id = query_id
             packet = request.pack()

@@ -19,7 +19,8 @@ per query. The memo is bounded (cleared when full, like the resolver's other mem
 from __future__ import annotations
 
 import hashlib
-import secrets
+import hmac
+import os
 import socket
 import struct
 import time
@@ -64,7 +65,7 @@ class Cookies:
         clock: Callable[[], float] = time.time,
         memo_size: int = MEMO_SIZE,
     ) -> None:
-        self._secret = secret or secrets.token_bytes(16)
+        self._secret = secret or os.urandom(16)
         self._clock = clock
         self._memo: dict[tuple[str, bytes], Verdict] = {}
         self._memo_size = memo_size
@@ -123,7 +124,7 @@ class Cookies:
 
     def _hash_ok(self, option: bytes, host: str) -> bool:
         expected = self._hash(option[:CLIENT_COOKIE_SIZE], option[8:16], host)
-        return secrets.compare_digest(option[16:], expected)
+        return hmac.compare_digest(option[16:], expected)
 
     def _hash(self, client: bytes, head: bytes, host: str) -> bytes:
         digest = hashlib.blake2b(client + head + _address(host), digest_size=8, key=self._secret)

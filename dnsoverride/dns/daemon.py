@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import secrets
+import os
 import signal
 import socket
 from collections.abc import Callable
@@ -22,15 +22,15 @@ from pathlib import Path
 
 import structlog
 import uvloop
-from prometheus_client import generate_latest
-from prometheus_client.registry import CollectorRegistry
 
 from dnsoverride.common.errors import UserError, listen_error
 from dnsoverride.common.grammar import Endpoint
 from dnsoverride.common.heaptrim import trim_heap
 from dnsoverride.common.lifecycle import Admin, Started, run_service
+from dnsoverride.common.listen import bound_socket
 from dnsoverride.common.log import LogOptions
 from dnsoverride.common.log import configure as configure_logging
+from dnsoverride.common.metrics import Collectors, exposition, load_exposition
 from dnsoverride.common.reloader import Reloader
 from dnsoverride.dns.config import ServeConfig, ServeFlags, load_config
 from dnsoverride.dns.forwarder import Forwarder
@@ -107,19 +107,8 @@ def _grow_receive_buffer(sock: socket.socket) -> None:
 
 
 def _udp_socket(endpoint: Endpoint, *, reuse_port: bool) -> socket.socket:
-    family = socket.AF_INET6 if ":" in endpoint.host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_DGRAM)
-    try:
-        if reuse_port:  # `workers`: every process binds the port, the kernel spreads clients
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        _grow_receive_buffer(sock)
-        sock.bind((endpoint.host, endpoint.port))
-    except OSError:
-        sock.close()
-        raise
-    sock.setblocking(False)
+    sock = bound_socket(endpoint.host, endpoint.port, socket.SOCK_DGRAM, reuse_port=reuse_port)
+    _grow_receive_buffer(sock)
     return sock
 
 
@@ -165,16 +154,12 @@ async def _bind(
             )
             bound.udp.append(transport)
             port = transport.get_extra_info("sockname")[1]
-            # A TCP listener on the same port as UDP (port 0 means: the one UDP got).
+            # A TCP listener on the same port as UDP (port 0 means: the one UDP got), bound
+            # here, not by the loop from the host (common/listen.py).
+            tcp = bound_socket(endpoint.host, port, socket.SOCK_STREAM, reuse_port=reuse_port)
             bound.tcp.append(
                 await asyncio.start_server(
-                    handler,
-                    endpoint.host,
-                    port,
-                    reuse_address=True,
-                    reuse_port=reuse_port,
-                    backlog=config.tcp.max_connections,
-                    limit=READ_LIMIT,
+                    handler, sock=tcp, backlog=config.tcp.max_connections, limit=READ_LIMIT
                 )
             )
         except OSError as error:
@@ -225,10 +210,10 @@ class DnsService:
         self._worker_acks: list[asyncio.Future[None]] = []
         self._install: Callable[[Routing], None] | None = None
         self._counts: Callable[[], Counts] | None = None
-        self._registry = CollectorRegistry()
+        self._registry = Collectors()
         self._routing_hash = routing.content_hash
         # One DNS cookie secret for all processes: a client's next query may reach another.
-        self._cookie_secret = cookie_secret or secrets.token_bytes(COOKIE_SECRET_SIZE)
+        self._cookie_secret = cookie_secret or os.urandom(COOKIE_SECRET_SIZE)
 
     async def start(self, inherited: list[socket.socket]) -> Started:
         config = self._config
@@ -286,7 +271,7 @@ class DnsService:
             await self._start_workers(inherited, bound)
             assert self._pool is not None
             merged = MergedMetrics(registry, self._pool)
-            registry = CollectorRegistry()
+            registry = Collectors()
             registry.register(merged)
             before_scrape = merged.refresh
         log.info(
@@ -397,6 +382,10 @@ class DnsService:
                     self._install(new)
                 link.send(Message("reloaded", self._routing_hash))
 
+        async def send_metrics() -> None:
+            await load_exposition()  # the first request's import, off the loop's thread
+            link.send(Message("metrics", exposition(self._registry).decode()))
+
         def receive() -> None:
             try:
                 message: Message = link.recv()
@@ -410,7 +399,9 @@ class DnsService:
                 assert self._zones is not None
                 self._zones.withdraw(message.value)
             elif message.kind == "metrics":
-                link.send(Message("metrics", generate_latest(self._registry).decode()))
+                task = loop.create_task(send_metrics())
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
             elif message.kind == "counts":
                 assert self._counts is not None
                 link.send(Message("counts", self._counts()))

@@ -42,7 +42,6 @@ import asyncio
 import functools
 import math
 import os
-import secrets
 from collections.abc import Callable, Coroutine, Iterable
 
 import dnslib
@@ -543,7 +542,8 @@ class QueryIds:
 
 def _mixed_case(name: bytes) -> bytes:
     """`name` (lowercase wire format) with each letter's case chosen at random (0x20)."""
-    bits = secrets.randbits(len(name))
+    # What `secrets.randbits` reads, without importing `secrets` (and `random`) for it.
+    bits = int.from_bytes(os.urandom((len(name) + 7) // 8))
     return bytes(
         byte ^ 0x20 if 0x61 <= byte <= 0x7A and (bits >> index) & 1 else byte
         for index, byte in enumerate(name)

@@ -26,13 +26,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import structlog
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.registry import Collector
 
 from dnsoverride.dns.zones.health import GatedOverride, HealthCheck
 
 if TYPE_CHECKING:
     import aiohttp
+    from prometheus_client.metrics_core import Metric
+    from prometheus_client.registry import Collector
 
 log = structlog.get_logger(__name__)
 
@@ -293,15 +293,18 @@ class HealthMonitor:
         return {name: dict(health.targets) for name, health in self._names.items()}
 
     def collector(self) -> Collector:
-        """A prometheus collector of this monitor, to register in the daemon's registry."""
+        """A collector of this monitor's metrics, to register with the daemon's."""
         return _HealthCollector(self)
 
 
-class _HealthCollector(Collector):
+class _HealthCollector:
     def __init__(self, monitor: HealthMonitor) -> None:
         self._monitor = monitor
 
-    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+    def collect(self) -> Iterator[Metric]:
+        # prometheus-client on a scrape only (common/metrics.py)
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
         up = GaugeMetricFamily(
             "dnsoverride_health_target_up",
             "Whether a health-gated override target passes its check (1) or not (0)",

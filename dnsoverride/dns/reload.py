@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-from prometheus_client.registry import CollectorRegistry
 
 from dnsoverride.common import reloader
 from dnsoverride.common.heaptrim import trim_heap
+from dnsoverride.common.metrics import Collectors
 from dnsoverride.common.reloader import Reloader, ReloadStats, S, Sources
 from dnsoverride.dns.config import ServeConfig, ServeFlags, load_config
 from dnsoverride.dns.views import Routing
@@ -132,7 +132,7 @@ def serve_reloader(
     config: ServeConfig,
     path: Path | None,
     start: ServeStart,
-    registry: CollectorRegistry | None = None,
+    registry: Collectors | None = None,
 ) -> Reloader[Routing]:
     """The reloader of `dnsoverride serve`: watches the zones and the config file and hands
     every new `Routing` to `install` (on the loop thread)."""

@@ -1,5 +1,6 @@
 """DNS metrics: plain integer counters on the hot path, turned into Prometheus metrics
-only when scraped (a labelled `Counter.inc()` per query would cost more than the answer).
+only when scraped (a labelled `Counter.inc()` per query would cost more than the answer;
+prometheus-client is imported on the first scrape, common/metrics.py).
 
 Label sets are bounded whatever clients send: `qtype` is a type's name when dnslib knows
 it and `other` for the rest of the 65,536; refused clients are counted with empty `view`
@@ -32,18 +33,15 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import dnslib
-from prometheus_client.core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    HistogramMetricFamily,
-    Metric,
-)
-from prometheus_client.registry import Collector
 
 from dnsoverride.dns.cache import AnswerCache, ResponseCache
 from dnsoverride.dns.ratelimit import RateLimiter
+
+if TYPE_CHECKING:
+    from prometheus_client.metrics_core import Metric
 
 QueryKey = tuple[str, str, str, str]
 _QTYPE_NAMES: dict[int, str] = dict(dnslib.QTYPE.forward)
@@ -113,7 +111,7 @@ class DnsStats:
         self.failures[key] = self.failures.get(key, 0) + 1
 
 
-class DnsCollector(Collector):
+class DnsCollector:
     """Reads `DnsStats` and the caches at scrape time."""
 
     def __init__(
@@ -132,6 +130,12 @@ class DnsCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         """Yield the metric families (called by prometheus_client on scrape)."""
+        from prometheus_client.core import (
+            CounterMetricFamily,
+            GaugeMetricFamily,
+            HistogramMetricFamily,
+        )
+
         queries = CounterMetricFamily(
             "dnsoverride_dns_queries",
             "DNS queries answered, by view, query type, response code and answer source",

@@ -33,16 +33,16 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.parser import text_string_to_metric_families
-from prometheus_client.registry import Collector
 
 from dnsoverride.common.log import LogOptions
+from dnsoverride.common.metrics import Collectors, exposition
 from dnsoverride.dns.config import ServeConfig, ServeFlags
+
+if TYPE_CHECKING:
+    from prometheus_client.metrics_core import Metric
 
 log = structlog.get_logger(__name__)
 
@@ -309,6 +309,9 @@ RETIRED_KEPT = 16  # exited workers' texts kept apart before they are folded int
 def merge_metrics(texts: list[str], *, counts_from: int) -> Iterator[Metric]:
     """The metric families of several processes' exposition `texts`, merged sample by
     sample; from the `counts_from`th text on (exited workers), gauges are left out."""
+    from prometheus_client.metrics_core import Metric
+    from prometheus_client.parser import text_string_to_metric_families
+
     merged: dict[str, Metric] = {}
     values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], list[float]]] = {}
     for number, text in enumerate(texts):
@@ -333,7 +336,7 @@ def merge_metrics(texts: list[str], *, counts_from: int) -> Iterator[Metric]:
         yield family
 
 
-class _Families(Collector):
+class _Families:
     """Fixed metric families, to render them as exposition text."""
 
     def __init__(self, families: list[Metric]) -> None:
@@ -343,10 +346,10 @@ class _Families(Collector):
         return iter(self._families)
 
 
-class MergedMetrics(Collector):
+class MergedMetrics:
     """The supervisor's `/metrics`: its own registry and its workers' texts, merged."""
 
-    def __init__(self, own: CollectorRegistry, pool: WorkerPool) -> None:
+    def __init__(self, own: Collectors, pool: WorkerPool) -> None:
         self._own = own
         self._pool = pool
         self._texts: list[str] = []
@@ -356,13 +359,14 @@ class MergedMetrics(Collector):
         self._texts = await self._pool.gather_metrics()
 
     def collect(self) -> Iterator[Metric]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
         retired = self._pool.retired_metrics
         if len(retired) > RETIRED_KEPT:
             # Folded into one text: a worker crashing in a loop must not grow the supervisor.
-            folded = CollectorRegistry()
-            folded.register(_Families(list(merge_metrics(retired, counts_from=0))))
-            retired[:] = [generate_latest(folded).decode()]
-        live = [generate_latest(self._own).decode(), *self._texts]
+            folded = _Families(list(merge_metrics(retired, counts_from=0)))
+            retired[:] = [exposition(folded).decode()]
+        live = [exposition(self._own).decode(), *self._texts]
         yield from merge_metrics([*live, *retired], counts_from=len(live))
         workers = GaugeMetricFamily(
             "dnsoverride_dns_workers", "Processes answering queries (the supervisor included)"

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from dnsoverride import adminclient
-from dnsoverride.cli import build_parser
+from dnsoverride.cli import PACKAGED_CONFIGS, build_parser
 
 
 def test_the_cache_daemon_is_found_by_its_config_and_its_old_name(tmp_path: Path) -> None:
@@ -16,7 +16,7 @@ def test_the_cache_daemon_is_found_by_its_config_and_its_old_name(tmp_path: Path
         Path("/etc/dnsoverride/dnsoverride.yaml"),
         Path("/etc/dnsoverride/cache.yaml"),
         Path("/etc/dnsoverride/registry.yaml"),
-    ) == adminclient.PACKAGED_CONFIGS
+    ) == PACKAGED_CONFIGS
     cache = tmp_path / "cache.yaml"
     cache.write_text("listen: 0.0.0.0:5000\nmetrics: 127.0.0.1:9354\n")
     old = tmp_path / "registry.yaml"  # an upgrade copied it to cache.yaml and left it

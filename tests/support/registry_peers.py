@@ -30,6 +30,7 @@ import sys
 import tarfile
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Self
@@ -327,8 +328,10 @@ class CacheProcess(_OnLoopback):
         *extra: str,
         config: dict[str, Any] | None = None,
         command: str = "registry",
+        wrapper: Sequence[str] = (),
     ) -> None:
         self.command = command
+        self.wrapper = tuple(wrapper)  # run under it (tests/support/modules_probe.py)
         self.storage = storage
         self.upstream = upstream
         self.extra = extra
@@ -340,7 +343,7 @@ class CacheProcess(_OnLoopback):
         self.log_path = logs / f"cache-{self.port}.log"
 
     def start(self) -> CacheProcess:
-        argv = [sys.executable, "-m", "dnsoverride", self.command]
+        argv = [*self.wrapper, sys.executable, "-m", "dnsoverride", self.command]
         argv += ["--listen", self.address, "--storage", str(self.storage)]
         argv += ["--log-format", "json", *self.extra]
         if self.config is not None:

@@ -45,8 +45,6 @@ import hashlib
 import re
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
-from xml.etree import ElementTree
-from xml.sax.saxutils import escape, quoteattr
 
 from aiohttp import web
 
@@ -141,6 +139,9 @@ PRESETS: dict[str, Callable[[str, str], str | None]] = {
 def repomd_timestamp(repomd: bytes) -> int | None:
     """The newest `<data><timestamp>` of a repomd.xml (yum's idea of its timestamp); None
     when it has none or is not XML."""
+    # The XML modules are imported where they are used, like repomd.py's.
+    from xml.etree import ElementTree
+
     try:
         root = ElementTree.fromstring(repomd)
     except ElementTree.ParseError:
@@ -171,6 +172,8 @@ def _file_details(repomd: bytes, indent: str) -> str:
 def metalink_document(served: Served, urls: Sequence[str], now: float | None = None) -> str:
     """The metalink 3.0 document (MirrorManager's layout) for `served` at `urls` (each the
     full URL of repomd.xml)."""
+    from xml.sax.saxutils import escape, quoteattr
+
     current, previous_versions = served
     alternates = ""
     if previous_versions:

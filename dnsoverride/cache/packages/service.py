@@ -4,8 +4,9 @@ the routes (cache/app.py) they answer."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import aiohttp
-from prometheus_client.registry import Collector
 
 from dnsoverride.cache.app import Order, Route
 from dnsoverride.cache.fetch import Fetcher
@@ -15,6 +16,9 @@ from dnsoverride.cache.packages.mirrorlist import Mirrorlist
 from dnsoverride.cache.packages.repos import PackagesMeter, RepositoryCache, upstream_health
 from dnsoverride.cache.serving import DEFAULT_SEND_TIMEOUT
 from dnsoverride.cache.store import Store
+
+if TYPE_CHECKING:
+    from prometheus_client.registry import Collector
 
 
 class PackagesService:
@@ -60,7 +64,7 @@ class PackagesService:
         ]
 
     def collectors(self) -> list[Collector]:
-        """Prometheus collectors of the package side, for the admin listener's /metrics."""
+        """Metric collectors of the package side, for the admin listener's /metrics."""
         return []
 
     async def close(self) -> None:

@@ -2,29 +2,33 @@
 
 The request path only bumps plain integers in `Stats` and `StoreStats`; this collector
 turns them into metric families when /metrics is scraped, in the daemon's own
-CollectorRegistry (never the global default one).
+`Collectors` (never prometheus-client's global registry; prometheus-client is imported on
+the first scrape, common/metrics.py).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-
-from prometheus_client import CollectorRegistry
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
+from typing import TYPE_CHECKING
 
 from dnsoverride.cache.registry.stats import Stats
 from dnsoverride.cache.store import Store
+from dnsoverride.common.metrics import Collectors
+
+if TYPE_CHECKING:
+    from prometheus_client.metrics_core import Metric
 
 PREFIX = "dnsoverride_registry"
 
 
-class RegistryCollector(Collector):
+class RegistryCollector:
     def __init__(self, stats: Stats, store: Store) -> None:
         self.stats = stats
         self.store = store
 
     def collect(self) -> Iterator[Metric]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
         stats, store = self.stats, self.store.stats
         requests = CounterMetricFamily(
             f"{PREFIX}_requests",
@@ -91,7 +95,7 @@ class RegistryCollector(Collector):
             )
 
 
-def build_registry(stats: Stats, store: Store) -> CollectorRegistry:
-    registry = CollectorRegistry(auto_describe=True)
+def build_registry(stats: Stats, store: Store) -> Collectors:
+    registry = Collectors()
     registry.register(RegistryCollector(stats, store))
     return registry

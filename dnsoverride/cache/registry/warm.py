@@ -27,10 +27,9 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import structlog
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
 
 from dnsoverride.cache.registry.blobs import Blobs
 from dnsoverride.cache.registry.config import RegistryConfig, WarmConfig, WarmImage
@@ -46,6 +45,9 @@ from dnsoverride.cache.registry.upstream import (
 )
 from dnsoverride.cache.registry.withheld import withheld
 from dnsoverride.cache.store import Digest
+
+if TYPE_CHECKING:
+    from prometheus_client.metrics_core import Metric
 
 log = structlog.get_logger(__name__)
 
@@ -322,7 +324,7 @@ def _blob_sizes(manifest: Manifest) -> dict[Digest, int]:
         return {}
 
 
-class WarmCollector(Collector):
+class WarmCollector:
     """The `warm:` list's outcomes as metrics, per listed image; with `names` False (an
     admin listener others reach) the `image` label is the entry's place in the list,
     `(withheld) N`, as `/status` shows it there."""
@@ -332,6 +334,9 @@ class WarmCollector(Collector):
         self.names = names
 
     def collect(self) -> Iterator[Metric]:
+        # prometheus-client on a scrape only (common/metrics.py)
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
         prefix = "dnsoverride_cache_warm"
         runs = CounterMetricFamily(f"{prefix}_runs", "Scheduled warms run.", labels=["image"])
         failures = CounterMetricFamily(
