@@ -46,7 +46,6 @@ from dnsoverride.dns.workerpool import (
     Message,
     WorkerPool,
     WorkerSpec,
-    worker_environment,
 )
 from dnsoverride.dns.zones.live import LiveZones
 from dnsoverride.dns.zones.load import empty_reason
@@ -339,7 +338,7 @@ class DnsService:
             invocation.flags,
             invocation.logging,
             self._cookie_secret,
-            tuple(inherited),
+            tuple(sock.fileno() for sock in inherited),
         )
         self._pool = WorkerPool(spec, config.workers - 1, worker_main)
         try:
@@ -385,6 +384,7 @@ class DnsService:
         loop.add_signal_handler(signal.SIGTERM, stopping.set)
         reloading = asyncio.Lock()
         await self.start(inherited)
+        trim_heap()  # startup's garbage, as in the supervisor
 
         async def reload() -> None:
             async with reloading:
@@ -425,8 +425,7 @@ class DnsService:
 
 
 def worker_main(spec: WorkerSpec, index: int, link: Connection) -> None:
-    """A worker process of `workers: N` (started by WorkerPool from its fork server)."""
-    worker_environment()
+    """A worker process of `workers: N` (started by WorkerPool as a fresh interpreter)."""
     # Ctrl-C and a terminal's hangup reach the whole process group: the supervisor stops
     # or reloads the workers itself.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -446,7 +445,8 @@ def worker_main(spec: WorkerSpec, index: int, link: Connection) -> None:
     )
     gc.freeze()
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(service.serve_as_worker(list(spec.inherited)))
+        inherited = [socket.socket(fileno=fd) for fd in spec.inherited]
+        runner.run(service.serve_as_worker(inherited))
 
 
 async def _close(bound: _Bound, tasks: set[asyncio.Task[None]], resolver: Resolver) -> None:

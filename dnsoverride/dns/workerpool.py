@@ -2,36 +2,39 @@
 
 The process `serve` starts (the supervisor) answers queries like every worker and also
 runs what must exist once: the reloader that watches the files, the health prober, the
-admin listener, READY. It starts N-1 worker processes from a fork server (multiprocessing
-"forkserver": forked from a clean single-threaded process, never from the supervisor's
-running event loop and threads). Each binds the supervisor's UDP and TCP ports with
+admin listener, READY. It starts N-1 worker processes, each a fresh interpreter
+(`python -P -c`, started by fork+exec: nothing of the supervisor's running event loop and
+threads is copied, and no multiprocessing fork server or resource tracker sits beside
+them), handed one end of a control pipe and, under socket activation, systemd's sockets
+as inherited file descriptors. Each binds the supervisor's UDP and TCP ports with
 SO_REUSEPORT, so the kernel spreads clients over the processes by address and port; under
 socket activation they all serve the inherited sockets instead.
 
-One pipe per worker carries the control messages (`Message`): to the worker, "reload"
-after every routing the supervisor installed (the worker loads the same files with the
-same validation and answers "reloaded" with its routing's content hash), "withdrawn"
-(the health prober's verdict), "metrics" (it answers with its registry's exposition text,
-merged into the supervisor's `/metrics`: `MergedMetrics`), "counts" (it answers with what
-it has counted, summed into the supervisor's `/status`) and "stop"; from the worker,
-"ready" once it serves. A worker that fails (`worker_exited`, with its exit code or the
-signal) is logged and replaced, at most one start per `RESTART_DELAY` seconds; one that
-exits cleanly was stopped (SIGTERM to the whole control group) and is not.
+The pipe carries the control messages (`Message`): to the worker, first "start" (its
+`WorkerSpec` and index), then "reload" after every routing the supervisor installed (the
+worker loads the same files with the same validation and answers "reloaded" with its
+routing's content hash), "withdrawn" (the health prober's verdict), "metrics" (it answers
+with its registry's exposition text, merged into the supervisor's `/metrics`:
+`MergedMetrics`), "counts" (it answers with what it has counted, summed into the
+supervisor's `/status`) and "stop"; from the worker, "ready" once it serves. A worker
+that fails (`worker_exited`, with its exit code or the signal) is logged and replaced, at
+most one start per `RESTART_DELAY` seconds; one that exits cleanly was stopped (SIGTERM
+to the whole control group) and is not.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import multiprocessing
 import os
 import signal
-import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from multiprocessing import Pipe
 from multiprocessing.connection import Connection
-from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
@@ -62,15 +65,17 @@ class Message:
 
 @dataclass(frozen=True)
 class WorkerSpec:
-    """What a worker process is started with (pickled to it; `config.listen` holds the
-    supervisor's bound ports, which the worker binds again with SO_REUSEPORT)."""
+    """What a worker process is started with (pickled to it over its pipe; `config.listen`
+    holds the supervisor's bound ports, which the worker binds again with SO_REUSEPORT)."""
 
     config: ServeConfig
     path: Path | None
     flags: ServeFlags
     logging: LogOptions
     cookie_secret: bytes  # the supervisor's: a server cookie is valid on every process
-    inherited: tuple[socket.socket, ...] = ()  # systemd's sockets, served by every process
+    # systemd's sockets, served by every process: their file descriptors, which each
+    # worker inherits under the same numbers
+    inherited: tuple[int, ...] = ()
 
 
 @dataclass
@@ -78,7 +83,8 @@ class _Worker:
     """One worker process as the supervisor sees it."""
 
     index: int
-    process: BaseProcess
+    process: subprocess.Popen[bytes]
+    exited: int  # a pidfd of `process`: readable once it has exited
     conn: Connection
     started_at: float
     ready: asyncio.Future[None]
@@ -90,6 +96,12 @@ class _Worker:
 
 WorkerMain = Callable[[WorkerSpec, int, Connection], None]
 
+# The variables a worker must not take from the supervisor: systemd's notify socket and
+# watchdog are the supervisor's alone (systemd hears one READY), and so are its sockets.
+_SUPERVISOR_ONLY = (
+    "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES",
+)  # fmt: skip
+
 
 class WorkerPool:
     """The supervisor's side: starts, feeds, watches and restarts the workers."""
@@ -97,10 +109,8 @@ class WorkerPool:
     def __init__(self, spec: WorkerSpec, count: int, main: WorkerMain) -> None:
         self._spec = spec
         self._count = count
-        self._main = main
-        self._context = multiprocessing.get_context("forkserver")
-        # The fork server imports the daemon once; each worker forks from it ready to run.
-        self._context.set_forkserver_preload([main.__module__])
+        self._command = _command(main)
+        self._environment = _environment()
         self._workers: dict[int, _Worker] = {}
         self._loop = asyncio.get_running_loop()
         self._withdrawn: frozenset[str] = frozenset()
@@ -116,20 +126,34 @@ class WorkerPool:
         """Start every worker and wait until each serves (RuntimeError if one does not)."""
         self._routing_hash = routing_hash
         for index in range(1, self._count + 1):
-            self._spawn(index)
+            try:
+                self._spawn(index)
+            except OSError as error:
+                raise RuntimeError(f"worker {index} could not be started: {error}") from None
         await asyncio.gather(*(self._await_ready(worker) for worker in self._workers.values()))
 
     def _spawn(self, index: int) -> _Worker:
-        ours, theirs = self._context.Pipe()
-        process = self._context.Process(
-            target=self._main, args=(self._spec, index, theirs), name=f"dnsoverride-worker-{index}"
-        )
-        process.start()
-        theirs.close()
-        worker = _Worker(index, process, ours, time.monotonic(), self._loop.create_future())
+        """Start worker `index` (OSError if it cannot be: a task limit, a sandbox)."""
+        ours, theirs = Pipe()
+        try:
+            # fork+exec (vfork where it can): the child runs nothing of ours before exec.
+            process = subprocess.Popen(
+                [*self._command, str(theirs.fileno())],
+                env=self._environment,
+                pass_fds=(theirs.fileno(), *self._spec.inherited),
+                stdin=subprocess.DEVNULL,
+            )
+        except OSError:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        exited = os.pidfd_open(process.pid)
+        worker = _Worker(index, process, exited, ours, time.monotonic(), self._loop.create_future())
         self._workers[index] = worker
+        self._send(worker, Message("start", (self._spec, index)))
         self._loop.add_reader(ours.fileno(), self._receive, worker)
-        self._loop.add_reader(process.sentinel, self._exited, worker)
+        self._loop.add_reader(exited, self._exited, worker)
         return worker
 
     async def _await_ready(self, worker: _Worker) -> None:
@@ -166,11 +190,11 @@ class WorkerPool:
                 answer.set_result(message.value)
 
     def _exited(self, worker: _Worker) -> None:
-        self._loop.remove_reader(worker.process.sentinel)
+        self._loop.remove_reader(worker.exited)
+        os.close(worker.exited)
         with contextlib.suppress(OSError, ValueError):  # closed already
             self._loop.remove_reader(worker.conn.fileno())
-        worker.process.join(0)
-        code = worker.process.exitcode
+        code = worker.process.wait()  # it has exited: this reaps it at once
         worker.conn.close()
         if not worker.ready.done():
             worker.ready.set_exception(RuntimeError(f"worker {worker.index} exited ({code})"))
@@ -198,8 +222,13 @@ class WorkerPool:
         self._loop.call_later(delay, self._restart, worker.index)
 
     def _restart(self, index: int) -> None:
-        if not self._stopping:
+        if self._stopping:
+            return
+        try:
             self._spawn(index)
+        except OSError as error:
+            log.error("worker_start_failed", worker=index, error=str(error))
+            self._loop.call_later(RESTART_DELAY, self._restart, index)
 
     def _send(self, worker: _Worker, message: Message) -> bool:
         try:
@@ -284,19 +313,22 @@ class WorkerPool:
             self._send(worker, Message("stop"))
         deadline = time.monotonic() + STOP_GRACE
         for worker in self._workers.values():
-            await asyncio.to_thread(worker.process.join, max(0.0, deadline - time.monotonic()))
-            if worker.process.is_alive():
+            try:
+                await asyncio.to_thread(worker.process.wait, max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
                 worker.process.kill()
-                await asyncio.to_thread(worker.process.join)
+                await asyncio.to_thread(worker.process.wait)
             with contextlib.suppress(OSError, ValueError):  # closed already
-                self._loop.remove_reader(worker.process.sentinel)
+                self._loop.remove_reader(worker.exited)
+                os.close(worker.exited)
+            with contextlib.suppress(OSError, ValueError):
                 self._loop.remove_reader(worker.conn.fileno())
             worker.conn.close()
 
 
 def _serves(worker: _Worker) -> bool:
     """Whether `worker` said it serves and is still running."""
-    return worker.ready.done() and not worker.ready.exception() and worker.process.is_alive()
+    return worker.ready.done() and not worker.ready.exception() and worker.process.poll() is None
 
 
 # Gauges that are not amounts: merged by maximum (an upstream is up if any worker finds
@@ -376,7 +408,33 @@ class MergedMetrics(Collector):
         yield restarts
 
 
-def worker_environment() -> None:
-    """In a worker: never mistake the supervisor's systemd sockets for its own."""
-    for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
-        os.environ.pop(name, None)
+def _command(main: WorkerMain) -> list[str]:
+    """How a worker is started: a fresh interpreter that runs `main` through
+    `worker_process` (the control pipe's descriptor is appended)."""
+    code = (
+        # The CLI module first, as `dnsoverride` imports it: it keeps structlog from
+        # importing rich (5.5 MB of each process).
+        "import dnsoverride.cli; "
+        f"from {__name__} import worker_process; "
+        f"from {main.__module__} import {main.__name__} as main; worker_process(main)"
+    )
+    # -P: no working directory first on sys.path (`-c` puts it there), so nothing planted
+    # where `serve` was started is imported in place of a module.
+    return [sys.executable, "-P", "-c", code]
+
+
+def _environment() -> dict[str, str]:
+    """A worker's environment: ours, less what is the supervisor's alone, with our
+    sys.path (the worker imports this package from wherever this process did)."""
+    environment = {k: v for k, v in os.environ.items() if k not in _SUPERVISOR_ONLY}
+    environment["PYTHONPATH"] = os.pathsep.join(path for path in sys.path if path)
+    return environment
+
+
+def worker_process(main: WorkerMain) -> None:
+    """A worker's first steps (see `_command`): take the control pipe whose descriptor
+    is the last argument, read its "start" message and run `main` with what it says."""
+    link = Connection(int(sys.argv[-1]))
+    start: Message = link.recv()
+    spec, index = start.value
+    main(spec, index, link)
