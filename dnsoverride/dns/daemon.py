@@ -32,7 +32,7 @@ from dnsoverride.common.lifecycle import Admin, Started, run_service
 from dnsoverride.common.log import LogOptions
 from dnsoverride.common.log import configure as configure_logging
 from dnsoverride.common.reloader import Reloader
-from dnsoverride.dns.config import ServeConfig, ServeFlags, load_config
+from dnsoverride.dns.config import ServeConfig, ServeFlags, fit_workers, load_config
 from dnsoverride.dns.forwarder import Forwarder
 from dnsoverride.dns.health import HealthMonitor
 from dnsoverride.dns.listener import READ_LIMIT, TcpListener, UdpListener
@@ -70,14 +70,18 @@ def run(path: Path | None, flags: ServeFlags, logging: LogOptions) -> int:
     SIGTERM/SIGINT; returns the exit status (0 after a clean shutdown)."""
     configure_logging(logging)
     gc.set_threshold(*GC_THRESHOLDS)
-    config = load_config(path, flags)
-    start = serve_start(config, path, flags)
+    loaded = load_config(path, flags)
+    start = serve_start(loaded, path, flags)
     # A ZoneSetError (a UserError) lists every problem of the zones. The service holds
     # the first routing until it starts, not this frame: after a reload replaces it,
     # nothing keeps the old zone set alive.
+    routing = start.load()
+    # `workers: auto` counts the zones too (each process holds a copy), once, at start.
+    config = fit_workers(loaded, routing.zone_set.name_count())
     if config.workers > 1:
         structlog.contextvars.bind_contextvars(worker=0)  # the supervisor: worker 0 of N
-    service = DnsService(config, start.load(), Invocation(path, flags, logging), start)
+    invocation = Invocation(path, flags, logging, loaded)
+    service = DnsService(config, routing, invocation, start)
     # The zone set lives until the next reload (refcounting frees it then): out of the
     # collector's sight, a large one is not millions of objects for every full collection
     # to walk. The same after each swap (`install`).
@@ -189,6 +193,7 @@ class Invocation:
     path: Path | None
     flags: ServeFlags
     logging: LogOptions
+    loaded: ServeConfig  # as `load_config` read it (what a reload's config is compared with)
 
 
 class DnsService:
@@ -297,6 +302,7 @@ class DnsService:
             upstreams=[str(u) for u in config.upstreams],
             views=[view.name for view in config.views],
             workers=config.workers,
+            workers_auto=config.workers_auto,
         )
         if not zone_set.files:
             log.warning(
@@ -334,6 +340,7 @@ class DnsService:
         invocation = self._invocation
         spec = WorkerSpec(
             replace(config, listen=tuple(bound.endpoints)),
+            invocation.loaded,
             invocation.path,
             invocation.flags,
             invocation.logging,
@@ -433,13 +440,13 @@ def worker_main(spec: WorkerSpec, index: int, link: Connection) -> None:
     configure_logging(spec.logging)
     structlog.contextvars.bind_contextvars(worker=index)
     gc.set_threshold(*GC_THRESHOLDS)
-    start = serve_start(spec.config, spec.path, spec.flags)
+    start = serve_start(spec.loaded, spec.path, spec.flags)
     try:
         routing = start.load()
     except UserError as error:  # the files changed since the supervisor loaded them
         log.error("worker_start_failed", error=str(error)[:500])
         raise SystemExit(1) from None
-    invocation = Invocation(spec.path, spec.flags, spec.logging)
+    invocation = Invocation(spec.path, spec.flags, spec.logging, spec.loaded)
     service = DnsService(
         spec.config, routing, invocation, start, link=link, cookie_secret=spec.cookie_secret
     )

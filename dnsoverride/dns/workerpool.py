@@ -69,6 +69,7 @@ class WorkerSpec:
     holds the supervisor's bound ports, which the worker binds again with SO_REUSEPORT)."""
 
     config: ServeConfig
+    loaded: ServeConfig  # as `load_config` read it: what the worker's reloads compare with
     path: Path | None
     flags: ServeFlags
     logging: LogOptions

@@ -53,7 +53,7 @@ PYTHONPATH = os.environ.get("PYTHONPATH", "")  # the activator passes on only wh
 
 
 def _config(metrics: int) -> str:
-    return f"workers: {WORKERS}\nquery_log: true\nmetrics: 127.0.0.1:{metrics}\n"
+    return f"query_log: true\nmetrics: 127.0.0.1:{metrics}\n"
 
 
 def _zone(address: str, health_port: int) -> str:
@@ -143,7 +143,9 @@ def test_zone_edit_and_health_flip_reach_every_worker(tmp_path: Path) -> None:
     metrics = free_port()
     with (
         dnsmasq(tmp_path, "--local=/test/", f"--host-record={GATED},{REAL}") as upstream,
-        dnsoverride_serve(tmp_path, zones, [upstream.address], config=_config(metrics)) as server,
+        dnsoverride_serve(
+            tmp_path, zones, [upstream.address], config=_config(metrics), workers=WORKERS
+        ) as server,
     ):
         _started(server)
         started = events(server, "worker_started")
@@ -184,7 +186,9 @@ def test_a_killed_worker_is_replaced_and_metrics_add_up(tmp_path: Path) -> None:
     metrics = free_port()
     with (
         dnsmasq(tmp_path) as upstream,
-        dnsoverride_serve(tmp_path, zones, [upstream.address], config=_config(metrics)) as server,
+        dnsoverride_serve(
+            tmp_path, zones, [upstream.address], config=_config(metrics), workers=WORKERS
+        ) as server,
     ):
         _started(server)
         before = total(scrape(metrics), "dnsoverride_dns_queries_total")
@@ -291,7 +295,7 @@ def test_a_server_cookie_is_valid_on_every_worker(tmp_path: Path) -> None:
     with (
         dnsmasq(tmp_path) as upstream,
         dnsoverride_serve(
-            tmp_path, zones, [upstream.address], config=_config(free_port())
+            tmp_path, zones, [upstream.address], config=_config(free_port()), workers=WORKERS
         ) as server,
     ):
         _started(server)

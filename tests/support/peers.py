@@ -253,9 +253,14 @@ def dnsoverride_serve(
     env: dict[str, str] | None = None,
     startup_timeout: float = STARTUP_TIMEOUT,
     wrapper: Sequence[str] = (),
+    workers: int | None = 1,
 ) -> Iterator[DnsPeer]:
     """`python -m dnsoverride serve` on a free port of `host`, JSON logs in its log file;
-    run through `wrapper` when given (e.g. `setpriv ...` to drop capabilities)."""
+    run through `wrapper` when given (e.g. `setpriv ...` to drop capabilities).
+
+    `--workers 1` unless `workers` says otherwise: most tests look at one process (its
+    counts, its caches, its memory); None leaves the count to `config` or the default
+    (`auto`: 2 processes on a 2-CPU machine)."""
     port = free_port(host)
     listen = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     command = [
@@ -271,6 +276,7 @@ def dnsoverride_serve(
         "--log-format",
         "json",
         *(f"--upstream={upstream}" for upstream in upstreams),
+        *(() if workers is None else ("--workers", str(workers))),
         *args,
     ]
     if config is not None:
