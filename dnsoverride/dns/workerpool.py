@@ -149,7 +149,13 @@ class WorkerPool:
             raise
         finally:
             theirs.close()
-        exited = os.pidfd_open(process.pid)
+        try:
+            exited = os.pidfd_open(process.pid)  # Linux 5.3 and later
+        except OSError:
+            process.kill()
+            process.wait()
+            ours.close()
+            raise
         worker = _Worker(index, process, exited, ours, time.monotonic(), self._loop.create_future())
         self._workers[index] = worker
         self._send(worker, Message("start", (self._spec, index)))

@@ -77,7 +77,9 @@ def upstream(workdir: Path) -> Iterator[DnsPeer]:
 
 @pytest.fixture(scope="module")
 def server(workdir: Path, zones: Path, upstream: DnsPeer) -> Iterator[DnsPeer]:
-    with dnsoverride_serve(workdir, zones, [upstream.address]) as peer:
+    # The default `workers` (auto: a process per usable CPU): the protocol tests below
+    # hold whichever process the kernel hands each query (one per source port).
+    with dnsoverride_serve(workdir, zones, [upstream.address], workers=None) as peer:
         yield peer
 
 
@@ -368,7 +370,9 @@ def test_sigterm_and_sigint_exit_0_with_start_event(
     workdir: Path, zones: Path, upstream: DnsPeer
 ) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
-        with dnsoverride_serve(workdir, zones, [upstream.address], "--query-log") as server:
+        with dnsoverride_serve(
+            workdir, zones, [upstream.address], "--query-log", workers=None
+        ) as server:
             server.query("registry-1.docker.io")
             assert server.stop(sig) == 0
             log = server.log_text()
@@ -413,7 +417,7 @@ def test_ipv6_listener(workdir: Path, zones: Path, upstream: DnsPeer) -> None:
         free_port("::1")
     except OSError:
         pytest.skip("no ::1")
-    with dnsoverride_serve(workdir, zones, [upstream.address], host="::1") as server:
+    with dnsoverride_serve(workdir, zones, [upstream.address], host="::1", workers=None) as server:
         assert addresses(server.query("registry-1.docker.io")) == ["10.0.0.5"]
         assert addresses(server.query("www.forwarded.test", tcp=True)) == ["192.0.2.1"]
 
