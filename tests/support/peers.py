@@ -261,6 +261,8 @@ def dnsoverride_serve(
     `--workers 1` unless `workers` says otherwise: most tests look at one process (its
     counts, its caches, its memory); None leaves the count to `config` or the default
     (`auto`: 2 processes on a 2-CPU machine)."""
+    # --workers would silently override the file's `workers:` (the command line wins).
+    assert workers is None or "workers:" not in (config or ""), "workers= or config, not both"
     port = free_port(host)
     listen = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     command = [
