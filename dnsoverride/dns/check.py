@@ -27,6 +27,5 @@ def check(path: Path | None, flags: ServeFlags) -> str:
         workers += f" (auto: {fitted.workers_auto})"
     return (
         f"{len(zone_set.files)} zone files, {zone_set.name_count()} names, "
-        f"{len(config.views)} views, upstreams {', '.join(map(str, config.upstreams))}, "
-        + workers
+        f"{len(config.views)} views, upstreams {', '.join(map(str, config.upstreams))}, " + workers
     )

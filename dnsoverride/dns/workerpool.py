@@ -85,7 +85,7 @@ class _Worker:
 
     index: int
     process: subprocess.Popen[bytes]
-    exited: int  # a pidfd of `process`: readable once it has exited
+    exited: int  # a pidfd of `process`, readable once it has exited; -1 once closed
     conn: Connection
     started_at: float
     ready: asyncio.Future[None]
@@ -197,8 +197,7 @@ class WorkerPool:
                 answer.set_result(message.value)
 
     def _exited(self, worker: _Worker) -> None:
-        self._loop.remove_reader(worker.exited)
-        os.close(worker.exited)
+        _close_pidfd(self._loop, worker)
         with contextlib.suppress(OSError, ValueError):  # closed already
             self._loop.remove_reader(worker.conn.fileno())
         code = worker.process.wait()  # it has exited: this reaps it at once
@@ -325,12 +324,18 @@ class WorkerPool:
             except subprocess.TimeoutExpired:
                 worker.process.kill()
                 await asyncio.to_thread(worker.process.wait)
+            _close_pidfd(self._loop, worker)
             with contextlib.suppress(OSError, ValueError):  # closed already
-                self._loop.remove_reader(worker.exited)
-                os.close(worker.exited)
-            with contextlib.suppress(OSError, ValueError):
                 self._loop.remove_reader(worker.conn.fileno())
             worker.conn.close()
+
+
+def _close_pidfd(loop: asyncio.AbstractEventLoop, worker: _Worker) -> None:
+    """Stop watching `worker`'s pidfd and close it, once (its number may be reused)."""
+    if worker.exited >= 0:
+        loop.remove_reader(worker.exited)
+        os.close(worker.exited)
+        worker.exited = -1
 
 
 def _serves(worker: _Worker) -> bool:
