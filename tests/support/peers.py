@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import struct
@@ -262,7 +263,8 @@ def dnsoverride_serve(
     counts, its caches, its memory); None leaves the count to `config` or the default
     (`auto`: 2 processes on a 2-CPU machine)."""
     # --workers would silently override the file's `workers:` (the command line wins).
-    assert workers is None or "workers:" not in (config or ""), "workers= or config, not both"
+    sets_workers = re.search(r"^\s*workers:", config or "", re.MULTILINE)
+    assert workers is None or not sets_workers, "workers= or config's workers:, not both"
     port = free_port(host)
     listen = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     command = [
