@@ -246,7 +246,7 @@ MAX_WORKERS = 64
 # the zones and has its own caches).
 AUTO_WORKERS_CAP = 4
 # ... and fewer for a large zone set: every process holds its own copy of the zones
-# (~230-290 bytes of RSS per name), so the copies beyond the first hold at most this
+# (~220-290 bytes of RSS per name), so the copies beyond the first hold at most this
 # many names in all (~80 MB): 1,000,000 names are served by one process, not four.
 AUTO_EXTRA_NAMES = 300_000
 
