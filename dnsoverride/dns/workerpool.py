@@ -17,9 +17,12 @@ routing's content hash), "withdrawn" (the health prober's verdict), "metrics" (i
 with its registry's exposition text, merged into the supervisor's `/metrics`:
 `MergedMetrics`), "counts" (it answers with what it has counted, summed into the
 supervisor's `/status`) and "stop"; from the worker, "ready" once it serves. A worker
-that fails (`worker_exited`, with its exit code or the signal) is logged and replaced, at
-most one start per `RESTART_DELAY` seconds; one that exits cleanly was stopped (SIGTERM
-to the whole control group) and is not.
+that fails (`worker_exited`, with its exit code or the signal and when it is started
+again) is logged and replaced: at least `RESTART_DELAY` seconds after its last start,
+twice as long after each further failure within `RESTART_DELAY_MAX` seconds of its start,
+up to that (a worker that cannot load the files crash-loops slowly: its log does not
+flood). One that exits cleanly or by SIGTERM was stopped (SIGTERM to the whole control
+group, during start-up too) and is not replaced.
 """
 
 from __future__ import annotations
@@ -51,7 +54,8 @@ log = structlog.get_logger(__name__)
 
 READY_TIMEOUT = 60.0  # seconds for a worker to load its zones and bind
 REPLY_TIMEOUT = 5.0  # seconds for a worker's answer to "reload" or "metrics"
-RESTART_DELAY = 1.0  # at least this long between two starts of one worker
+RESTART_DELAY = 1.0  # at least this long between two starts of one worker ...
+RESTART_DELAY_MAX = 60.0  # ... doubled for each failure in a row, up to this
 STOP_GRACE = 3.0  # seconds a worker has to drain after "stop"
 
 
@@ -95,6 +99,9 @@ class _Worker:
     acks: list[asyncio.Future[None]] = field(default_factory=list)
 
 
+# Exit codes of a worker that was stopped, not failed (Popen's: -N for signal N).
+_STOPPED = (0, -signal.SIGTERM)
+
 WorkerMain = Callable[[WorkerSpec, int, Connection], None]
 
 # The variables a worker must not take from the supervisor: systemd's notify socket and
@@ -118,6 +125,9 @@ class WorkerPool:
         self._routing_hash = ""
         self._stopping = False
         self.restarts = 0
+        # Failures in a row of each worker (index) that exited within RESTART_DELAY_MAX
+        # seconds of its start: its next start waits twice as long for each.
+        self._failures: dict[int, int] = {}
         self._last_metrics: dict[int, str] = {}  # per worker, from the last scrape
         # The last metrics of workers that exited: their counters stay in the sums, so a
         # restart does not make the merged counters fall (a reset to Prometheus).
@@ -202,7 +212,9 @@ class WorkerPool:
             self._loop.remove_reader(worker.conn.fileno())
         code = worker.process.wait()  # it has exited: this reaps it at once
         worker.conn.close()
-        if not worker.ready.done():
+        if not worker.ready.done() and code in _STOPPED:
+            worker.ready.set_result(None)  # stopped as it started: `start` goes on without it
+        elif not worker.ready.done():
             worker.ready.set_exception(RuntimeError(f"worker {worker.index} exited ({code})"))
             worker.ready.exception()  # `start` re-raises it; a replacement's is logged below
         for ack in worker.acks:
@@ -213,18 +225,31 @@ class WorkerPool:
         worker.asked.clear()
         if self._stopping:
             return
-        if code == 0:
+        if code in _STOPPED:
             # Only "stop" or SIGTERM end a worker cleanly: systemd stopping the whole
-            # control group, the supervisor's own SIGTERM on its way.
+            # control group (during start-up, before a worker handles SIGTERM, it dies
+            # of it), the supervisor's own SIGTERM on its way.
             log.info("worker_stopped", worker=worker.index, pid=worker.process.pid)
             return
         last = self._last_metrics.pop(worker.index, None)
         if last is not None:
             self.retired_metrics.append(last)
+        now = time.monotonic()
+        failures = 1
+        if now - worker.started_at < RESTART_DELAY_MAX:
+            failures += self._failures.get(worker.index, 0)
+        self._failures[worker.index] = failures
+        wait = min(RESTART_DELAY * 2 ** (failures - 1), RESTART_DELAY_MAX)
+        delay = max(0.0, worker.started_at + wait - now)
         reason = f"signal {signal.Signals(-code).name}" if code and code < 0 else f"exit {code}"
-        log.warning("worker_exited", worker=worker.index, pid=worker.process.pid, reason=reason)
+        log.warning(
+            "worker_exited",
+            worker=worker.index,
+            pid=worker.process.pid,
+            reason=reason,
+            restart_in=round(delay, 1),
+        )
         self.restarts += 1
-        delay = max(0.0, worker.started_at + RESTART_DELAY - time.monotonic())
         self._loop.call_later(delay, self._restart, worker.index)
 
     def _restart(self, index: int) -> None:
