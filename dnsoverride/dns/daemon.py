@@ -11,6 +11,7 @@ where uvloop answers several times more queries than the default loop
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import secrets
 import signal
@@ -408,6 +409,9 @@ class DnsService:
             try:
                 message: Message = link.recv()
             except (EOFError, OSError):
+                # Nothing of the supervisor's holds the pipe open but the supervisor
+                # itself: it is gone (killed), and with it the one who would stop us.
+                log.warning("worker_supervisor_gone")
                 loop.remove_reader(link.fileno())
                 stopping.set()
                 return
@@ -425,7 +429,8 @@ class DnsService:
                 stopping.set()
 
         loop.add_reader(link.fileno(), receive)
-        link.send(Message("ready", self._routing_hash))
+        with contextlib.suppress(OSError):  # the supervisor died as we started: EOF follows
+            link.send(Message("ready", self._routing_hash))
         await stopping.wait()
         loop.remove_reader(link.fileno())
         await self.stop()

@@ -472,6 +472,9 @@ def worker_process(main: WorkerMain) -> None:
     """A worker's first steps (see `_command`): take the control pipe whose descriptor
     is the last argument, read its "start" message and run `main` with what it says."""
     link = Connection(int(sys.argv[-1]))
-    start: Message = link.recv()
+    try:
+        start: Message = link.recv()
+    except EOFError:  # the supervisor died before it said how (nor how to log): no one to serve
+        raise SystemExit(0) from None
     spec, index = start.value
     main(spec, index, link)
