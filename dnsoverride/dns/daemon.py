@@ -232,6 +232,7 @@ class DnsService:
         self._counts: Callable[[], Counts] | None = None
         self._registry = CollectorRegistry()
         self._routing_hash = routing.content_hash
+        self._auto_refit = config.workers  # what `workers: auto` came to at the last look
         # One DNS cookie secret for all processes: a client's next query may reach another.
         self._cookie_secret = cookie_secret or secrets.token_bytes(COOKIE_SECRET_SIZE)
 
@@ -270,9 +271,7 @@ class DnsService:
             resolver.route(new)
             zones.swap(new.zone_set)
             gc.freeze()  # the new zone set, as at start (see `run`)
-            self._routing_hash = new.content_hash
-            if self._pool is not None:
-                self._worker_acks = self._pool.reload(new.content_hash)
+            self._installed(new)
 
         self._install = install
         if self._link is not None:
@@ -335,6 +334,31 @@ class DnsService:
                 endpoints={"/status": state.status, "/explain": state.explain},
             )
         return Started(status, admin)
+
+    def _installed(self, new: Routing) -> None:
+        """After `new` was installed: the workers follow, `auto` looks again."""
+        self._routing_hash = new.content_hash
+        if self._pool is not None:
+            self._worker_acks = self._pool.reload(new.content_hash)
+        self._check_auto_workers(new.zone_set.name_count())
+
+    def _check_auto_workers(self, names: int) -> None:
+        """`workers: auto` is fitted to the zones once, at start: after a reload that
+        would fit another count (the zones grew or shrank past a step), say so, once
+        (the supervisor: a worker's count is not its own)."""
+        if self._config.workers_auto is None or self._link is not None:
+            return
+        fitted = fit_workers(self._invocation.loaded, names)
+        if fitted.workers != self._auto_refit:
+            self._auto_refit = fitted.workers
+            if fitted.workers != self._config.workers:
+                log.warning(
+                    "workers_auto_differs",
+                    workers=self._config.workers,
+                    at_restart=fitted.workers,
+                    names=names,
+                    why=fitted.workers_auto,
+                )
 
     async def _start_workers(self, inherited: list[socket.socket], bound: _Bound) -> None:
         config = self._config

@@ -9,8 +9,10 @@ Fails on main at 7ff8dae: the default was 1 (one process on any machine), and ne
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import signal
 import subprocess
 import sys
 import urllib.request
@@ -113,3 +115,32 @@ def test_one_usable_cpu_is_one_process_and_no_workers(tmp_path: Path, dead_upstr
         assert children.read_text().split() == []
         shown = _cli("status", "--admin", f"127.0.0.1:{admin}")
         assert "1 process (auto: 1 usable CPU)" in shown, shown
+
+
+def _loaded(server: DnsPeer, names: int) -> bool:
+    return any(event["names"] == names for event in events(server, "zones_reloaded"))
+
+
+def test_a_reload_past_a_step_of_auto_is_logged(tmp_path: Path, dead_upstream: str) -> None:
+    """`auto` is fitted to the zones at start only: a reload to 300,001 names (one
+    process at the next start) logs `workers_auto_differs` with both counts, once, while
+    the running processes serve on. Failed before the fix: nothing said so."""
+    cpus = min(usable_cpus(), AUTO_WORKERS_CAP)
+    if cpus < 2:
+        pytest.skip("auto is one process here: nothing to lower")
+    zones = _zones(tmp_path)
+    with dnsoverride_serve(tmp_path, zones, [dead_upstream], workers=None) as server:
+        assert _started(server)["workers"] == cpus
+        for names in (300_000, 300_001):  # past the step, then a little further
+            records = {f"h{i}.big.test": {"A": "10.0.0.2"} for i in range(names)}
+            records[NAME] = {"A": "10.0.0.1"}
+            grown = zones / "z.yaml.new"
+            grown.write_text(json.dumps({"records": records}))
+            grown.rename(zones / "z.yaml")
+            server.process.send_signal(signal.SIGHUP)
+            loaded = functools.partial(_loaded, server, names + 1)
+            poll(loaded, 90, f"{names + 1} names loaded", every=0.1)
+        (differs,) = events(server, "workers_auto_differs")  # once, not at every reload
+        assert (differs["workers"], differs["at_restart"], differs["names"]) == (cpus, 1, 300_001)
+        assert differs["why"].startswith("300,001 zone names, a copy in each process")
+        assert server.process.poll() is None
