@@ -38,6 +38,7 @@ from tests.support.systemd import (
     ask,
     ask_until_answered,
     clean_env,
+    listening_sockets,
     serve_command,
 )
 from tests.support.waits import poll
@@ -338,6 +339,11 @@ def test_workers_share_the_sockets_systemd_passes(tmp_path: Path, dead_upstream:
             assert ask(port) == ADDRESS
         assert ask(port, tcp=True) == ADDRESS
         assert _answering(log_path, 0, 1 + 100 + 1) == {0, 1}
+        # Neither process bound a socket of its own (the default 127.0.0.1:5353, say):
+        # each holds systemd's two and nothing else that listens.
+        (worker,) = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
+        for pid in (process.pid, int(worker)):
+            assert listening_sockets(pid) == {("udp", address), ("tcp", address)}, pid
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=20) == 0
     finally:
