@@ -449,6 +449,8 @@ class DnsService:
             elif message.kind == "counts":
                 assert self._counts is not None
                 link.send(Message("counts", self._counts()))
+            elif message.kind == "ping":
+                link.send(Message("pong"))
             elif message.kind == "stop":
                 stopping.set()
 

@@ -16,7 +16,8 @@ worker loads the same files with the same validation and answers "reloaded" with
 routing's content hash), "withdrawn" (the health prober's verdict), "metrics" (it answers
 with its registry's exposition text, merged into the supervisor's `/metrics`:
 `MergedMetrics`), "counts" (it answers with what it has counted, summed into the
-supervisor's `/status`) and "stop"; from the worker, "ready" once it serves. A worker
+supervisor's `/status`), "ping" (it answers "pong": a worker silent for `UNRESPONSIVE`
+seconds is killed and replaced) and "stop"; from the worker, "ready" once it serves. A worker
 that fails (`worker_exited`, with its exit code or the signal and when it is started
 again) is logged and replaced: at least `RESTART_DELAY` seconds after its last start,
 twice as long after each further failure within `RESTART_DELAY_MAX` seconds of its start,
@@ -56,6 +57,11 @@ READY_TIMEOUT = 60.0  # seconds for a worker to load its zones and bind
 REPLY_TIMEOUT = 5.0  # seconds for a worker's answer to "reload" or "metrics"
 RESTART_DELAY = 1.0  # at least this long between two starts of one worker ...
 RESTART_DELAY_MAX = 60.0  # ... doubled for each failure in a row, up to this
+# A serving worker is asked "ping" every HEARTBEAT seconds; one that has said nothing for
+# UNRESPONSIVE seconds since (stopped, its event loop stuck) is killed and replaced: the
+# kernel goes on handing it its share of the clients, who would get no answer.
+HEARTBEAT = 5.0
+UNRESPONSIVE = 30.0
 STOP_GRACE = 3.0  # seconds a worker has to drain after "stop"
 
 
@@ -96,6 +102,7 @@ class _Worker:
     reloaded: str | None = None  # content hash of its routing after the last "reload"
     routing: str | None = None  # content hash of the routing it serves (ready, reloaded)
     asked: dict[str, asyncio.Future[Any]] = field(default_factory=dict)  # by message kind
+    pinged: float | None = None  # when it was sent a "ping" it has not answered since
     acks: list[asyncio.Future[None]] = field(default_factory=list)
 
 
@@ -124,6 +131,7 @@ class WorkerPool:
         self._withdrawn: frozenset[str] = frozenset()
         self._routing_hash = ""
         self._stopping = False
+        self._heartbeat: asyncio.Task[None] | None = None
         self.restarts = 0
         # Failures in a row of each worker (index) that exited within RESTART_DELAY_MAX
         # seconds of its start: its next start waits twice as long for each.
@@ -142,6 +150,33 @@ class WorkerPool:
             except OSError as error:
                 raise RuntimeError(f"worker {index} could not be started: {error}") from None
         await asyncio.gather(*(self._await_ready(worker) for worker in self._workers.values()))
+        self._heartbeat = self._loop.create_task(self._watch())
+
+    async def _watch(self) -> None:
+        """Ping the serving workers; kill one that stays silent (`UNRESPONSIVE`)."""
+        while True:
+            await asyncio.sleep(HEARTBEAT)
+            now = time.monotonic()
+            for worker in list(self._workers.values()):
+                starting = not worker.ready.done() and worker.process.poll() is None
+                if starting and now - worker.started_at >= READY_TIMEOUT:
+                    # A replacement stuck as it starts: killed, and started again later.
+                    log.error("worker_start_timeout", worker=worker.index, pid=worker.process.pid)
+                    worker.process.kill()
+                if not _serves(worker):
+                    continue
+                if worker.pinged is None:
+                    if self._send(worker, Message("ping")):
+                        worker.pinged = now
+                elif now - worker.pinged >= UNRESPONSIVE:
+                    log.error(
+                        "worker_unresponsive",
+                        worker=worker.index,
+                        pid=worker.process.pid,
+                        seconds=round(now - worker.pinged, 1),
+                    )
+                    worker.pinged = None
+                    worker.process.kill()  # `_exited` logs and replaces it
 
     def _spawn(self, index: int) -> _Worker:
         """Start worker `index` (OSError if it cannot be: a task limit, a sandbox)."""
@@ -186,6 +221,7 @@ class WorkerPool:
         except (EOFError, OSError):
             self._loop.remove_reader(worker.conn.fileno())  # it exited: `_exited` follows
             return
+        worker.pinged = None  # it spoke: alive
         if message.kind == "ready":
             worker.routing = message.value
             log.info("worker_started", worker=worker.index, pid=worker.process.pid)
@@ -340,6 +376,8 @@ class WorkerPool:
     async def stop(self) -> None:
         """Stop every worker: "stop", `STOP_GRACE` seconds to drain, then SIGKILL."""
         self._stopping = True
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
         for worker in self._workers.values():
             self._send(worker, Message("stop"))
         deadline = time.monotonic() + STOP_GRACE

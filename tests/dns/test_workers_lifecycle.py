@@ -173,3 +173,51 @@ def test_workers_exit_if_the_supervisor_dies_while_they_start(tmp_path: Path) ->
     # A worker forked just before the kill may not have had its "start" (how to log,
     # what to serve): it exits without a word. The first has had it.
     assert 1 in {e["worker"] for e in _events(tmp_path, "worker_supervisor_gone")}
+
+
+def test_a_stuck_worker_is_killed_and_replaced(tmp_path: Path) -> None:
+    """A worker stopped with SIGSTOP (as a stuck event loop looks from outside) still
+    holds its socket, and the kernel goes on handing it its share of the clients: the
+    supervisor's "ping" goes unanswered, and after 30 s it logs `worker_unresponsive`,
+    kills it, and a replacement serves. Failed before the fix: nothing noticed, for ever
+    (a third of the clients unanswered)."""
+    zones = _zones(tmp_path)
+    with _serve(tmp_path, zones) as process:
+        poll(lambda: bool(_events(tmp_path, "started")), 60, "started", every=0.02)
+        (victim,) = [e for e in _events(tmp_path, "worker_started") if e["worker"] == 1]
+        os.kill(victim["pid"], signal.SIGSTOP)
+        poll(lambda: len(_events(tmp_path, "worker_started")) >= 3, 90, "replaced", every=0.2)
+        (stuck,) = _events(tmp_path, "worker_unresponsive")
+        assert stuck["pid"] == victim["pid"] and stuck["seconds"] >= 30
+        (exited,) = _events(tmp_path, "worker_exited")
+        assert (exited["pid"], exited["reason"]) == (victim["pid"], "signal SIGKILL")
+        assert _gone(victim["pid"]) and process.poll() is None
+
+
+@pytest.mark.timeout(200)
+def test_a_replacement_stuck_as_it_starts_is_killed_and_started_again(tmp_path: Path) -> None:
+    """A worker killed, and its replacement stopped (SIGSTOP) while it loads 60,000
+    names: 60 s after its start the supervisor logs `worker_start_timeout`, kills it,
+    and starts another, which serves. Failed before the fix: the stuck replacement was
+    waited for for ever (the supervisor's own start has a timeout, a replacement had
+    none)."""
+    zones = _zones(tmp_path, 60_000)
+    with _serve(tmp_path, zones) as process:
+        poll(lambda: bool(_events(tmp_path, "started")), 90, "started", every=0.05)
+        (victim,) = [e for e in _events(tmp_path, "worker_started") if e["worker"] == 1]
+        before = set(_children(process.pid))
+        os.kill(victim["pid"], signal.SIGKILL)
+
+        def forked() -> bool:
+            return bool(set(_children(process.pid)) - before)
+
+        poll(forked, 30, "a replacement forked", every=0.005)
+        (replacement,) = set(_children(process.pid)) - before
+        os.kill(replacement, signal.SIGSTOP)
+        assert len(_events(tmp_path, "worker_started")) == 2  # it had not served yet
+        poll(lambda: len(_events(tmp_path, "worker_started")) >= 3, 110, "started", every=0.2)
+        (timeout,) = _events(tmp_path, "worker_start_timeout")
+        assert timeout["pid"] == replacement
+        reasons = [(e["pid"], e["reason"]) for e in _events(tmp_path, "worker_exited")]
+        assert reasons == [(victim["pid"], "signal SIGKILL"), (replacement, "signal SIGKILL")]
+        assert process.poll() is None
