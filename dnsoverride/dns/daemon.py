@@ -471,7 +471,8 @@ def worker_main(spec: WorkerSpec, index: int, link: Connection) -> None:
     configure_logging(spec.logging)
     structlog.contextvars.bind_contextvars(worker=index)
     gc.set_threshold(*GC_THRESHOLDS)
-    start = serve_start(spec.loaded, spec.path, spec.flags)
+    # What needs a restart is the supervisor's to say, once: not once per process.
+    start = serve_start(spec.loaded, spec.path, spec.flags, report=False)
     try:
         routing = start.load()
     except UserError as error:  # the files changed since the supervisor loaded them

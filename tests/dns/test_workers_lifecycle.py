@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
@@ -221,3 +222,39 @@ def test_a_replacement_stuck_as_it_starts_is_killed_and_started_again(tmp_path: 
         reasons = [(e["pid"], e["reason"]) for e in _events(tmp_path, "worker_exited")]
         assert reasons == [(victim["pid"], "signal SIGKILL"), (replacement, "signal SIGKILL")]
         assert process.poll() is None
+
+
+def _status(admin: int) -> dict[str, Any]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin}/status", timeout=10) as reply:
+        status: dict[str, Any] = json.loads(reply.read())
+    return status
+
+
+def _all_on(admin: int, before: str) -> bool:
+    status = _status(admin)
+    current = status["zones"]["content_hash"]
+    routings = {process["routing"] for process in status["workers"]["processes"]}
+    return current != before and routings == {current}
+
+
+def test_a_change_that_needs_a_restart_is_logged_once_not_per_process(tmp_path: Path) -> None:
+    """A config edit to a key read at start only (`tcp`), with a zone edit, and SIGHUP:
+    every process loads the new routing, and `config_change_needs_restart` is logged
+    once, by the supervisor. Failed before the fix: each worker logged it too (three
+    lines; tests/dns/test_reload_config.py's listen test, now run with the default
+    `workers`, failed at random on the second)."""
+    zones = _zones(tmp_path)
+    config = tmp_path / "serve.yaml"
+    config.write_text("query_log: false\n")
+    admin = free_port()
+    args = ("--config", str(config), "--metrics", f"127.0.0.1:{admin}")
+    with _serve(tmp_path, zones, *args) as process:
+        poll(lambda: bool(_events(tmp_path, "started")), 60, "started", every=0.02)
+        before = _status(admin)["zones"]["content_hash"]
+        config.write_text("query_log: false\ntcp: {idle_timeout: 3}\n")
+        (zones / "z.yaml").write_text(json.dumps({"records": {NAME: {"A": "10.0.0.9"}}}))
+        process.send_signal(signal.SIGHUP)  # the watcher may have been first: either
+        poll(lambda: _all_on(admin, before), 30, "every process reloaded", every=0.1)
+        warnings = _events(tmp_path, "config_change_needs_restart")
+        # The supervisor's (its loads run on a thread that lacks its `worker: 0`).
+        assert [(w.get("worker"), w["keys"]) for w in warnings] == [(None, ["tcp"])]
