@@ -111,6 +111,12 @@ dnsoverride serve --config /etc/dnsoverride/dnsoverride.yaml
     serve.add_argument(
         "--query-log", action="store_true", default=None, help="log every query (off by default)"
     )
+    serve.add_argument(
+        "--workers",
+        metavar="N|auto",
+        help="processes answering queries on the same ports (default auto: one per usable "
+        "CPU, at most 4, fewer for a large zone set)",
+    )
     _add_logging_flags(serve)
 
     # `registry` is the name from before the cache served packages: the same daemon.
@@ -439,6 +445,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             metrics=args.metrics,
             zones=args.zones,
             query_log=bool(args.query_log),
+            workers=args.workers,
         )
         return run_serve(config, serve_flags, logging)
     from dnsoverride.cache.config import CacheFlags

@@ -146,11 +146,15 @@ def dns_report(admin: str, doc: Mapping[str, Any]) -> Report:
 
 
 def _workers_line(workers: Mapping[str, Any]) -> list[tuple[str, str]]:
-    """The overview's `workers` line, for `workers: N` (nothing for one process)."""
+    """The overview's `workers` line: the processes serving, and why `workers: auto`
+    chose their number (when it did)."""
     if workers["configured"] == 1:
-        return []
-    text = f"{workers['serving']} of {workers['configured']} serving"
-    return [("workers", f"{text}, {workers['restarts']} restarted since start")]
+        text = "1 process"
+    else:
+        text = f"{workers['serving']} of {workers['configured']} serving, "
+        text += f"{workers['restarts']} restarted since start"
+    why = workers.get("auto")  # absent from the /status of a server before it
+    return [("workers", f"{text} (auto: {why})" if why else text)]
 
 
 def cache_report(admin: str, doc: Mapping[str, Any]) -> Report:

@@ -102,9 +102,7 @@ def servers(work: Path) -> Iterator[dict[str, DnsPeer]]:
         peers = {
             **{
                 label: stack.enter_context(
-                    dnsoverride_serve(
-                        work, zones, [upstream.address], config=f"workers: {workers}\n"
-                    )
+                    dnsoverride_serve(work, zones, [upstream.address], workers=workers)
                 )
                 for label, workers in (("dnsoverride", 1), ("dnsoverride 2 workers", 2))
             },

@@ -230,28 +230,52 @@ class ServeConfig:
     ratelimit: RateLimitConfig = field(default_factory=RateLimitConfig)
     forward: ForwardConfig = field(default_factory=ForwardConfig)
     workers: int = 1  # processes answering queries (SO_REUSEPORT); 1: this one alone
+    # Why `workers: auto` (the default in a config `load_config` reads) chose `workers`;
+    # None when the config set a number.
+    workers_auto: str | None = None
 
     def view_selectors(self) -> dict[str, frozenset[str] | None]:
         """View name -> zone file selectors, as `zones.load_zone_set(views=...)` wants."""
         return {view.name: view.zones for view in self.views}
 
 
-TOP_KEYS = keys_of(ServeConfig)
+# The keys a config file may set: not `workers_auto`, which `workers: auto` derives.
+TOP_KEYS = tuple(key for key in keys_of(ServeConfig) if key != "workers_auto")
 MAX_WORKERS = 64
 # `workers: auto`: one per CPU this process can keep busy, at most this many (each copies
-# the zones: with a large zone set, memory grows by one zone set per worker).
+# the zones and has its own caches).
 AUTO_WORKERS_CAP = 4
+# ... and fewer for a large zone set: every process holds its own copy of the zones
+# (~220-290 bytes of RSS per name), so the copies beyond the first hold at most this
+# many names in all (~80 MB): 1,000,000 names are served by one process, not four.
+AUTO_EXTRA_NAMES = 300_000
 
 
-def auto_workers() -> int:
-    """What `workers: auto` means here: the usable CPUs (affinity and cgroup CPU limit),
-    at most `AUTO_WORKERS_CAP`."""
-    return min(usable_cpus(), AUTO_WORKERS_CAP)
+def auto_workers(cpus: int) -> tuple[int, str]:
+    """What `workers: auto` means with `cpus` usable CPUs (affinity and cgroup CPU
+    limit: `usable_cpus`), before the zones are known: the count and why."""
+    if cpus > AUTO_WORKERS_CAP:
+        return AUTO_WORKERS_CAP, f"{cpus} usable CPUs, at most {AUTO_WORKERS_CAP}"
+    return cpus, f"{cpus} usable CPU{'s' if cpus > 1 else ''}"
 
 
-def _parse_workers(value: Any) -> int:
+def fit_workers(config: ServeConfig, names: int) -> ServeConfig:
+    """`config` with `workers: auto` fitted to a zone set of `names` names (see
+    `AUTO_EXTRA_NAMES`); a number the config set stays."""
+    fitting = 1 + AUTO_EXTRA_NAMES // max(names, 1)
+    if config.workers_auto is None or fitting >= config.workers:
+        return config
+    why = (
+        f"{names:,} zone names, a copy in each process: the copies beyond the first hold "
+        f"at most {AUTO_EXTRA_NAMES:,} names ({config.workers_auto})"
+    )
+    return replace(config, workers=fitting, workers_auto=why)
+
+
+def _parse_workers(value: Any) -> int | str:
+    """A number of processes, or "auto" (resolved by `load_config`)."""
     if value == "auto":
-        return auto_workers()
+        return "auto"
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_WORKERS:
         raise GrammarError(
             f"expected an integer from 1 to {MAX_WORKERS} or auto, not {brief(value)}"
@@ -285,6 +309,7 @@ class ServeFlags:
     metrics: str | None = None
     zones: str | None = None
     query_log: bool = False
+    workers: str | None = None  # a number or "auto"
 
 
 def _read_top(top: Section, path: Path) -> None:
@@ -349,6 +374,30 @@ class _Origins:
         return Problem(source, line, reason)
 
 
+def _read_flags(flags: ServeFlags, values: dict[str, Any], origins: _Origins) -> list[Problem]:
+    """What the command line sets, into `values` over the file's; its problems."""
+    command_line = Flags()
+    for key, flag, given in (
+        ("listen", "--listen", command_line.each("--listen", flags.listen, _listener)),
+        ("upstreams", "--upstream", command_line.each("--upstream", flags.upstream, _resolver)),
+    ):
+        if given:
+            values[key] = given
+            origins.note(key, flag, None)
+    metrics = command_line.read("--metrics", flags.metrics, _http_listener)
+    if metrics is not None:
+        values["metrics"] = metrics
+    if flags.zones:
+        values["zones"] = Path(flags.zones)
+        origins.note("zones", f"--zones {flags.zones}", None)
+    if flags.query_log:
+        values["query_log"] = True
+    workers = command_line.read("--workers", flags.workers, _workers_flag)
+    if workers is not None:
+        values["workers"] = workers
+    return command_line.problems
+
+
 def load_config(
     path: Path | None, flags: ServeFlags | None = None, resolv_conf: Path = RESOLV_CONF
 ) -> ServeConfig:
@@ -368,23 +417,9 @@ def load_config(
             for key in top.mapping:
                 origins.note(key, str(path), top.line_of(key))
         problems = document.problems
-    command_line = Flags()
-    for key, flag, given in (
-        ("listen", "--listen", command_line.each("--listen", flags.listen, _listener)),
-        ("upstreams", "--upstream", command_line.each("--upstream", flags.upstream, _resolver)),
-    ):
-        if given:
-            values[key] = given
-            origins.note(key, flag, None)
-    metrics = command_line.read("--metrics", flags.metrics, _http_listener)
-    if metrics is not None:
-        values["metrics"] = metrics
-    if flags.zones:
-        values["zones"] = Path(flags.zones)
-        origins.note("zones", f"--zones {flags.zones}", None)
-    if flags.query_log:
-        values["query_log"] = True
-    problems.extend(command_line.problems)
+    problems.extend(_read_flags(flags, values, origins))
+    if values.get("workers", "auto") == "auto":
+        values["workers"], values["workers_auto"] = auto_workers(usable_cpus())
     config = ServeConfig(**values)
     if "upstreams" not in origins.where:
         config = _with_resolv_conf(config, resolv_conf, origins, problems)
@@ -396,6 +431,10 @@ def load_config(
     if problems:
         raise ConfigError(sorted(problems, key=lambda problem: (problem.file, problem.line or 0)))
     return config
+
+
+def _workers_flag(text: str) -> int | str:
+    return _parse_workers(int(text) if text.isdigit() else text)
 
 
 def _listener(text: str) -> Endpoint:

@@ -11,6 +11,7 @@ where uvloop answers several times more queries than the default loop
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import os
 import signal
@@ -32,7 +33,7 @@ from dnsoverride.common.log import LogOptions
 from dnsoverride.common.log import configure as configure_logging
 from dnsoverride.common.metrics import Collectors, exposition, load_exposition
 from dnsoverride.common.reloader import Reloader
-from dnsoverride.dns.config import ServeConfig, ServeFlags, load_config
+from dnsoverride.dns.config import ServeConfig, ServeFlags, fit_workers, load_config
 from dnsoverride.dns.forwarder import Forwarder
 from dnsoverride.dns.health import HealthMonitor
 from dnsoverride.dns.listener import READ_LIMIT, TcpListener, UdpListener
@@ -46,7 +47,6 @@ from dnsoverride.dns.workerpool import (
     Message,
     WorkerPool,
     WorkerSpec,
-    worker_environment,
 )
 from dnsoverride.dns.zones.live import LiveZones
 from dnsoverride.dns.zones.load import empty_reason
@@ -71,14 +71,18 @@ def run(path: Path | None, flags: ServeFlags, logging: LogOptions) -> int:
     SIGTERM/SIGINT; returns the exit status (0 after a clean shutdown)."""
     configure_logging(logging)
     gc.set_threshold(*GC_THRESHOLDS)
-    config = load_config(path, flags)
-    start = serve_start(config, path, flags)
+    loaded = load_config(path, flags)
+    start = serve_start(loaded, path, flags)
     # A ZoneSetError (a UserError) lists every problem of the zones. The service holds
     # the first routing until it starts, not this frame: after a reload replaces it,
     # nothing keeps the old zone set alive.
+    routing = start.load()
+    # `workers: auto` counts the zones too (each process holds a copy), once, at start.
+    config = fit_workers(loaded, routing.zone_set.name_count())
     if config.workers > 1:
         structlog.contextvars.bind_contextvars(worker=0)  # the supervisor: worker 0 of N
-    service = DnsService(config, start.load(), Invocation(path, flags, logging), start)
+    invocation = Invocation(path, flags, logging, loaded)
+    service = DnsService(config, routing, invocation, start)
     # The zone set lives until the next reload (refcounting frees it then): out of the
     # collector's sight, a large one is not millions of objects for every full collection
     # to walk. The same after each swap (`install`).
@@ -175,6 +179,7 @@ class Invocation:
     path: Path | None
     flags: ServeFlags
     logging: LogOptions
+    loaded: ServeConfig  # as `load_config` read it (what a reload's config is compared with)
 
 
 class DnsService:
@@ -212,6 +217,7 @@ class DnsService:
         self._counts: Callable[[], Counts] | None = None
         self._registry = Collectors()
         self._routing_hash = routing.content_hash
+        self._auto_refit = config.workers  # what `workers: auto` came to at the last look
         # One DNS cookie secret for all processes: a client's next query may reach another.
         self._cookie_secret = cookie_secret or os.urandom(COOKIE_SECRET_SIZE)
 
@@ -250,9 +256,7 @@ class DnsService:
             resolver.route(new)
             zones.swap(new.zone_set)
             gc.freeze()  # the new zone set, as at start (see `run`)
-            self._routing_hash = new.content_hash
-            if self._pool is not None:
-                self._worker_acks = self._pool.reload(new.content_hash)
+            self._installed(new)
 
         self._install = install
         if self._link is not None:
@@ -283,6 +287,7 @@ class DnsService:
             upstreams=[str(u) for u in config.upstreams],
             views=[view.name for view in config.views],
             workers=config.workers,
+            workers_auto=config.workers_auto,
         )
         if not zone_set.files:
             log.warning(
@@ -315,16 +320,42 @@ class DnsService:
             )
         return Started(status, admin)
 
+    def _installed(self, new: Routing) -> None:
+        """After `new` was installed: the workers follow, `auto` looks again."""
+        self._routing_hash = new.content_hash
+        if self._pool is not None:
+            self._worker_acks = self._pool.reload(new.content_hash)
+        self._check_auto_workers(new.zone_set.name_count())
+
+    def _check_auto_workers(self, names: int) -> None:
+        """`workers: auto` is fitted to the zones once, at start: after a reload that
+        would fit another count (the zones grew or shrank past a step), say so, once
+        (the supervisor: a worker's count is not its own)."""
+        if self._config.workers_auto is None or self._link is not None:
+            return
+        fitted = fit_workers(self._invocation.loaded, names)
+        if fitted.workers != self._auto_refit:
+            self._auto_refit = fitted.workers
+            if fitted.workers != self._config.workers:
+                log.warning(
+                    "workers_auto_differs",
+                    workers=self._config.workers,
+                    at_restart=fitted.workers,
+                    names=names,
+                    why=fitted.workers_auto,
+                )
+
     async def _start_workers(self, inherited: list[socket.socket], bound: _Bound) -> None:
         config = self._config
         invocation = self._invocation
         spec = WorkerSpec(
             replace(config, listen=tuple(bound.endpoints)),
+            invocation.loaded,
             invocation.path,
             invocation.flags,
             invocation.logging,
             self._cookie_secret,
-            tuple(inherited),
+            tuple(sock.fileno() for sock in inherited),
         )
         self._pool = WorkerPool(spec, config.workers - 1, worker_main)
         try:
@@ -370,6 +401,7 @@ class DnsService:
         loop.add_signal_handler(signal.SIGTERM, stopping.set)
         reloading = asyncio.Lock()
         await self.start(inherited)
+        trim_heap()  # startup's garbage, as in the supervisor
 
         async def reload() -> None:
             async with reloading:
@@ -390,6 +422,9 @@ class DnsService:
             try:
                 message: Message = link.recv()
             except (EOFError, OSError):
+                # Nothing of the supervisor's holds the pipe open but the supervisor
+                # itself: it is gone (killed), and with it the one who would stop us.
+                log.warning("worker_supervisor_gone")
                 loop.remove_reader(link.fileno())
                 stopping.set()
                 return
@@ -405,19 +440,21 @@ class DnsService:
             elif message.kind == "counts":
                 assert self._counts is not None
                 link.send(Message("counts", self._counts()))
+            elif message.kind == "ping":
+                link.send(Message("pong"))
             elif message.kind == "stop":
                 stopping.set()
 
         loop.add_reader(link.fileno(), receive)
-        link.send(Message("ready", self._routing_hash))
+        with contextlib.suppress(OSError):  # the supervisor died as we started: EOF follows
+            link.send(Message("ready", self._routing_hash))
         await stopping.wait()
         loop.remove_reader(link.fileno())
         await self.stop()
 
 
 def worker_main(spec: WorkerSpec, index: int, link: Connection) -> None:
-    """A worker process of `workers: N` (started by WorkerPool from its fork server)."""
-    worker_environment()
+    """A worker process of `workers: N` (started by WorkerPool as a fresh interpreter)."""
     # Ctrl-C and a terminal's hangup reach the whole process group: the supervisor stops
     # or reloads the workers itself.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -425,19 +462,21 @@ def worker_main(spec: WorkerSpec, index: int, link: Connection) -> None:
     configure_logging(spec.logging)
     structlog.contextvars.bind_contextvars(worker=index)
     gc.set_threshold(*GC_THRESHOLDS)
-    start = serve_start(spec.config, spec.path, spec.flags)
+    # What needs a restart is the supervisor's to say, once: not once per process.
+    start = serve_start(spec.loaded, spec.path, spec.flags, report=False)
     try:
         routing = start.load()
     except UserError as error:  # the files changed since the supervisor loaded them
         log.error("worker_start_failed", error=str(error)[:500])
         raise SystemExit(1) from None
-    invocation = Invocation(spec.path, spec.flags, spec.logging)
+    invocation = Invocation(spec.path, spec.flags, spec.logging, spec.loaded)
     service = DnsService(
         spec.config, routing, invocation, start, link=link, cookie_secret=spec.cookie_secret
     )
     gc.freeze()
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(service.serve_as_worker(list(spec.inherited)))
+        inherited = [socket.socket(fileno=fd) for fd in spec.inherited]
+        runner.run(service.serve_as_worker(inherited))
 
 
 async def _close(bound: _Bound, tasks: set[asyncio.Task[None]], resolver: Resolver) -> None:

@@ -63,7 +63,7 @@ HOT_CONFIG_KEYS = frozenset({"allow", "views", "default_view", "ratelimit"})
 
 
 def serve_loader(
-    config: ServeConfig, path: Path | None, flags: ServeFlags
+    config: ServeConfig, path: Path | None, flags: ServeFlags, *, report: bool = True
 ) -> Callable[[], Routing]:
     """What `dnsoverride serve` reloads: the config file and the zones, validated exactly as
     `dnsoverride check` would validate them now, as one `Routing` (ACL, views, zone set).
@@ -71,8 +71,9 @@ def serve_loader(
 
     `allow`, `views`, `default_view` and `ratelimit` take effect with the reload; a change
     to any other key (listeners, upstreams, cache, ...) is logged as needing a restart and
-    the running value stays. The zones directory is always the running one. Unchanged zone
-    files are not parsed again (a ZoneFileCache lives as long as the loader).
+    the running value stays (`report`: logged; a worker's loader does not, the supervisor
+    has). The zones directory is always the running one. Unchanged zone files are not
+    parsed again (a ZoneFileCache lives as long as the loader).
     """
 
     cache = ZoneFileCache()
@@ -88,7 +89,7 @@ def serve_loader(
         if restart != reported:
             # Once per distinct change, not on every reload after it.
             reported[:] = restart
-            if restart:
+            if restart and report:
                 log.warning("config_change_needs_restart", config=str(path), keys=restart)
         hot = replace(config, **{key: getattr(edited, key) for key in HOT_CONFIG_KEYS})
         zone_set = load_zone_set(config.zones, hot.view_selectors(), cache)
@@ -120,9 +121,12 @@ class ServeStart:
         return routing
 
 
-def serve_start(config: ServeConfig, path: Path | None, flags: ServeFlags) -> ServeStart:
-    """Call before the first load, then load with `.load()`."""
-    return ServeStart(fingerprint(config.zones, path), serve_loader(config, path, flags))
+def serve_start(
+    config: ServeConfig, path: Path | None, flags: ServeFlags, *, report: bool = True
+) -> ServeStart:
+    """Call before the first load, then load with `.load()` (`report`: see `serve_loader`)."""
+    loader = serve_loader(config, path, flags, report=report)
+    return ServeStart(fingerprint(config.zones, path), loader)
 
 
 def serve_reloader(

@@ -157,10 +157,18 @@ class DnsState:
 
     def _workers(self, routing_hash: str) -> dict[str, object]:
         supervisor = {"worker": 0, "pid": os.getpid(), "serving": True, "routing": routing_hash}
+        auto = self.config.workers_auto  # why `workers: auto` chose the count; None: set
         if self.pool is None:
-            return {"configured": 1, "serving": 1, "restarts": 0, "processes": [supervisor]}
+            return {
+                "configured": 1,
+                "auto": auto,
+                "serving": 1,
+                "restarts": 0,
+                "processes": [supervisor],
+            }
         return {
             "configured": self.config.workers,
+            "auto": auto,
             "serving": 1 + self.pool.serving(),
             "restarts": self.pool.restarts,
             "processes": [supervisor, *self.pool.describe()],

@@ -2,36 +2,43 @@
 
 The process `serve` starts (the supervisor) answers queries like every worker and also
 runs what must exist once: the reloader that watches the files, the health prober, the
-admin listener, READY. It starts N-1 worker processes from a fork server (multiprocessing
-"forkserver": forked from a clean single-threaded process, never from the supervisor's
-running event loop and threads). Each binds the supervisor's UDP and TCP ports with
+admin listener, READY. It starts N-1 worker processes, each a fresh interpreter
+(`python -P -c`, started by fork+exec: nothing of the supervisor's running event loop and
+threads is copied, and no multiprocessing fork server or resource tracker sits beside
+them), handed one end of a control pipe and, under socket activation, systemd's sockets
+as inherited file descriptors. Each binds the supervisor's UDP and TCP ports with
 SO_REUSEPORT, so the kernel spreads clients over the processes by address and port; under
 socket activation they all serve the inherited sockets instead.
 
-One pipe per worker carries the control messages (`Message`): to the worker, "reload"
-after every routing the supervisor installed (the worker loads the same files with the
-same validation and answers "reloaded" with its routing's content hash), "withdrawn"
-(the health prober's verdict), "metrics" (it answers with its registry's exposition text,
-merged into the supervisor's `/metrics`: `MergedMetrics`), "counts" (it answers with what
-it has counted, summed into the supervisor's `/status`) and "stop"; from the worker,
-"ready" once it serves. A worker that fails (`worker_exited`, with its exit code or the
-signal) is logged and replaced, at most one start per `RESTART_DELAY` seconds; one that
-exits cleanly was stopped (SIGTERM to the whole control group) and is not.
+The pipe carries the control messages (`Message`): to the worker, first "start" (its
+`WorkerSpec` and index), then "reload" after every routing the supervisor installed (the
+worker loads the same files with the same validation and answers "reloaded" with its
+routing's content hash), "withdrawn" (the health prober's verdict), "metrics" (it answers
+with its registry's exposition text, merged into the supervisor's `/metrics`:
+`MergedMetrics`), "counts" (it answers with what it has counted, summed into the
+supervisor's `/status`), "ping" (it answers "pong": a worker silent for `UNRESPONSIVE`
+seconds is killed and replaced) and "stop"; from the worker, "ready" once it serves. A worker
+that fails (`worker_exited`, with its exit code or the signal and when it is started
+again) is logged and replaced: at least `RESTART_DELAY` seconds after its last start,
+twice as long after each further failure within `RESTART_DELAY_MAX` seconds of its start,
+up to that (a worker that cannot load the files crash-loops slowly: its log does not
+flood). One that exits cleanly or by SIGTERM was stopped (SIGTERM to the whole control
+group, during start-up too) and is not replaced.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import multiprocessing
 import os
 import signal
-import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from multiprocessing import Pipe
 from multiprocessing.connection import Connection
-from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -48,7 +55,13 @@ log = structlog.get_logger(__name__)
 
 READY_TIMEOUT = 60.0  # seconds for a worker to load its zones and bind
 REPLY_TIMEOUT = 5.0  # seconds for a worker's answer to "reload" or "metrics"
-RESTART_DELAY = 1.0  # at least this long between two starts of one worker
+RESTART_DELAY = 1.0  # at least this long between two starts of one worker ...
+RESTART_DELAY_MAX = 60.0  # ... doubled for each failure in a row, up to this
+# A serving worker is asked "ping" every HEARTBEAT seconds; one that has said nothing for
+# UNRESPONSIVE seconds since (stopped, its event loop stuck) is killed and replaced: the
+# kernel goes on handing it its share of the clients, who would get no answer.
+HEARTBEAT = 5.0
+UNRESPONSIVE = 30.0
 STOP_GRACE = 3.0  # seconds a worker has to drain after "stop"
 
 
@@ -62,15 +75,18 @@ class Message:
 
 @dataclass(frozen=True)
 class WorkerSpec:
-    """What a worker process is started with (pickled to it; `config.listen` holds the
-    supervisor's bound ports, which the worker binds again with SO_REUSEPORT)."""
+    """What a worker process is started with (pickled to it over its pipe; `config.listen`
+    holds the supervisor's bound ports, which the worker binds again with SO_REUSEPORT)."""
 
     config: ServeConfig
+    loaded: ServeConfig  # as `load_config` read it: what the worker's reloads compare with
     path: Path | None
     flags: ServeFlags
     logging: LogOptions
     cookie_secret: bytes  # the supervisor's: a server cookie is valid on every process
-    inherited: tuple[socket.socket, ...] = ()  # systemd's sockets, served by every process
+    # systemd's sockets, served by every process: their file descriptors, which each
+    # worker inherits under the same numbers
+    inherited: tuple[int, ...] = ()
 
 
 @dataclass
@@ -78,17 +94,28 @@ class _Worker:
     """One worker process as the supervisor sees it."""
 
     index: int
-    process: BaseProcess
+    process: subprocess.Popen[bytes]
+    exited: int  # a pidfd of `process`, readable once it has exited; -1 once closed
     conn: Connection
     started_at: float
     ready: asyncio.Future[None]
     reloaded: str | None = None  # content hash of its routing after the last "reload"
     routing: str | None = None  # content hash of the routing it serves (ready, reloaded)
     asked: dict[str, asyncio.Future[Any]] = field(default_factory=dict)  # by message kind
+    pinged: float | None = None  # when it was sent a "ping" it has not answered since
     acks: list[asyncio.Future[None]] = field(default_factory=list)
 
 
+# Exit codes of a worker that was stopped, not failed (Popen's: -N for signal N).
+_STOPPED = (0, -signal.SIGTERM)
+
 WorkerMain = Callable[[WorkerSpec, int, Connection], None]
+
+# The variables a worker must not take from the supervisor: systemd's notify socket and
+# watchdog are the supervisor's alone (systemd hears one READY), and so are its sockets.
+_SUPERVISOR_ONLY = (
+    "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES",
+)  # fmt: skip
 
 
 class WorkerPool:
@@ -97,16 +124,18 @@ class WorkerPool:
     def __init__(self, spec: WorkerSpec, count: int, main: WorkerMain) -> None:
         self._spec = spec
         self._count = count
-        self._main = main
-        self._context = multiprocessing.get_context("forkserver")
-        # The fork server imports the daemon once; each worker forks from it ready to run.
-        self._context.set_forkserver_preload([main.__module__])
+        self._command = _command(main)
+        self._environment = _environment()
         self._workers: dict[int, _Worker] = {}
         self._loop = asyncio.get_running_loop()
         self._withdrawn: frozenset[str] = frozenset()
         self._routing_hash = ""
         self._stopping = False
+        self._heartbeat: asyncio.Task[None] | None = None
         self.restarts = 0
+        # Failures in a row of each worker (index) that exited within RESTART_DELAY_MAX
+        # seconds of its start: its next start waits twice as long for each.
+        self._failures: dict[int, int] = {}
         self._last_metrics: dict[int, str] = {}  # per worker, from the last scrape
         # The last metrics of workers that exited: their counters stay in the sums, so a
         # restart does not make the merged counters fall (a reset to Prometheus).
@@ -116,20 +145,67 @@ class WorkerPool:
         """Start every worker and wait until each serves (RuntimeError if one does not)."""
         self._routing_hash = routing_hash
         for index in range(1, self._count + 1):
-            self._spawn(index)
+            try:
+                self._spawn(index)
+            except OSError as error:
+                raise RuntimeError(f"worker {index} could not be started: {error}") from None
         await asyncio.gather(*(self._await_ready(worker) for worker in self._workers.values()))
+        self._heartbeat = self._loop.create_task(self._watch())
+
+    async def _watch(self) -> None:
+        """Ping the serving workers; kill one that stays silent (`UNRESPONSIVE`)."""
+        while True:
+            await asyncio.sleep(HEARTBEAT)
+            now = time.monotonic()
+            for worker in list(self._workers.values()):
+                starting = not worker.ready.done() and worker.process.poll() is None
+                if starting and now - worker.started_at >= READY_TIMEOUT:
+                    # A replacement stuck as it starts: killed, and started again later.
+                    log.error("worker_start_timeout", worker=worker.index, pid=worker.process.pid)
+                    worker.process.kill()
+                if not _serves(worker):
+                    continue
+                if worker.pinged is None:
+                    if self._send(worker, Message("ping")):
+                        worker.pinged = now
+                elif now - worker.pinged >= UNRESPONSIVE:
+                    log.error(
+                        "worker_unresponsive",
+                        worker=worker.index,
+                        pid=worker.process.pid,
+                        seconds=round(now - worker.pinged, 1),
+                    )
+                    worker.pinged = None
+                    worker.process.kill()  # `_exited` logs and replaces it
 
     def _spawn(self, index: int) -> _Worker:
-        ours, theirs = self._context.Pipe()
-        process = self._context.Process(
-            target=self._main, args=(self._spec, index, theirs), name=f"dnsoverride-worker-{index}"
-        )
-        process.start()
-        theirs.close()
-        worker = _Worker(index, process, ours, time.monotonic(), self._loop.create_future())
+        """Start worker `index` (OSError if it cannot be: a task limit, a sandbox)."""
+        ours, theirs = Pipe()
+        try:
+            # fork+exec (vfork where it can): the child runs nothing of ours before exec.
+            process = subprocess.Popen(
+                [*self._command, str(theirs.fileno())],
+                env=self._environment,
+                pass_fds=(theirs.fileno(), *self._spec.inherited),
+                stdin=subprocess.DEVNULL,
+            )
+        except OSError:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        try:
+            exited = os.pidfd_open(process.pid)  # Linux 5.3 and later
+        except OSError:
+            process.kill()
+            process.wait()
+            ours.close()
+            raise
+        worker = _Worker(index, process, exited, ours, time.monotonic(), self._loop.create_future())
         self._workers[index] = worker
+        self._send(worker, Message("start", (self._spec, index)))
         self._loop.add_reader(ours.fileno(), self._receive, worker)
-        self._loop.add_reader(process.sentinel, self._exited, worker)
+        self._loop.add_reader(exited, self._exited, worker)
         return worker
 
     async def _await_ready(self, worker: _Worker) -> None:
@@ -145,6 +221,7 @@ class WorkerPool:
         except (EOFError, OSError):
             self._loop.remove_reader(worker.conn.fileno())  # it exited: `_exited` follows
             return
+        worker.pinged = None  # it spoke: alive
         if message.kind == "ready":
             worker.routing = message.value
             log.info("worker_started", worker=worker.index, pid=worker.process.pid)
@@ -166,13 +243,14 @@ class WorkerPool:
                 answer.set_result(message.value)
 
     def _exited(self, worker: _Worker) -> None:
-        self._loop.remove_reader(worker.process.sentinel)
+        _close_pidfd(self._loop, worker)
         with contextlib.suppress(OSError, ValueError):  # closed already
             self._loop.remove_reader(worker.conn.fileno())
-        worker.process.join(0)
-        code = worker.process.exitcode
+        code = worker.process.wait()  # it has exited: this reaps it at once
         worker.conn.close()
-        if not worker.ready.done():
+        if not worker.ready.done() and code in _STOPPED:
+            worker.ready.set_result(None)  # stopped as it started: `start` goes on without it
+        elif not worker.ready.done():
             worker.ready.set_exception(RuntimeError(f"worker {worker.index} exited ({code})"))
             worker.ready.exception()  # `start` re-raises it; a replacement's is logged below
         for ack in worker.acks:
@@ -183,23 +261,41 @@ class WorkerPool:
         worker.asked.clear()
         if self._stopping:
             return
-        if code == 0:
+        if code in _STOPPED:
             # Only "stop" or SIGTERM end a worker cleanly: systemd stopping the whole
-            # control group, the supervisor's own SIGTERM on its way.
+            # control group (during start-up, before a worker handles SIGTERM, it dies
+            # of it), the supervisor's own SIGTERM on its way.
             log.info("worker_stopped", worker=worker.index, pid=worker.process.pid)
             return
         last = self._last_metrics.pop(worker.index, None)
         if last is not None:
             self.retired_metrics.append(last)
+        now = time.monotonic()
+        failures = 1
+        if now - worker.started_at < RESTART_DELAY_MAX:
+            failures += self._failures.get(worker.index, 0)
+        self._failures[worker.index] = failures
+        wait = min(RESTART_DELAY * 2 ** (failures - 1), RESTART_DELAY_MAX)
+        delay = max(0.0, worker.started_at + wait - now)
         reason = f"signal {signal.Signals(-code).name}" if code and code < 0 else f"exit {code}"
-        log.warning("worker_exited", worker=worker.index, pid=worker.process.pid, reason=reason)
+        log.warning(
+            "worker_exited",
+            worker=worker.index,
+            pid=worker.process.pid,
+            reason=reason,
+            restart_in=round(delay, 1),
+        )
         self.restarts += 1
-        delay = max(0.0, worker.started_at + RESTART_DELAY - time.monotonic())
         self._loop.call_later(delay, self._restart, worker.index)
 
     def _restart(self, index: int) -> None:
-        if not self._stopping:
+        if self._stopping:
+            return
+        try:
             self._spawn(index)
+        except OSError as error:
+            log.error("worker_start_failed", worker=index, error=str(error))
+            self._loop.call_later(RESTART_DELAY, self._restart, index)
 
     def _send(self, worker: _Worker, message: Message) -> bool:
         try:
@@ -280,23 +376,34 @@ class WorkerPool:
     async def stop(self) -> None:
         """Stop every worker: "stop", `STOP_GRACE` seconds to drain, then SIGKILL."""
         self._stopping = True
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
         for worker in self._workers.values():
             self._send(worker, Message("stop"))
         deadline = time.monotonic() + STOP_GRACE
         for worker in self._workers.values():
-            await asyncio.to_thread(worker.process.join, max(0.0, deadline - time.monotonic()))
-            if worker.process.is_alive():
+            try:
+                await asyncio.to_thread(worker.process.wait, max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
                 worker.process.kill()
-                await asyncio.to_thread(worker.process.join)
+                await asyncio.to_thread(worker.process.wait)
+            _close_pidfd(self._loop, worker)
             with contextlib.suppress(OSError, ValueError):  # closed already
-                self._loop.remove_reader(worker.process.sentinel)
                 self._loop.remove_reader(worker.conn.fileno())
             worker.conn.close()
 
 
+def _close_pidfd(loop: asyncio.AbstractEventLoop, worker: _Worker) -> None:
+    """Stop watching `worker`'s pidfd and close it, once (its number may be reused)."""
+    if worker.exited >= 0:
+        loop.remove_reader(worker.exited)
+        os.close(worker.exited)
+        worker.exited = -1
+
+
 def _serves(worker: _Worker) -> bool:
     """Whether `worker` said it serves and is still running."""
-    return worker.ready.done() and not worker.ready.exception() and worker.process.is_alive()
+    return worker.ready.done() and not worker.ready.exception() and worker.process.poll() is None
 
 
 # Gauges that are not amounts: merged by maximum (an upstream is up if any worker finds
@@ -380,7 +487,36 @@ class MergedMetrics:
         yield restarts
 
 
-def worker_environment() -> None:
-    """In a worker: never mistake the supervisor's systemd sockets for its own."""
-    for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
-        os.environ.pop(name, None)
+def _command(main: WorkerMain) -> list[str]:
+    """How a worker is started: a fresh interpreter that runs `main` through
+    `worker_process` (the control pipe's descriptor is appended)."""
+    code = (
+        # The CLI module first, as `dnsoverride` imports it: it keeps structlog from
+        # importing rich (5.5 MB of each process).
+        "import dnsoverride.cli; "
+        f"from {__name__} import worker_process; "
+        f"from {main.__module__} import {main.__name__} as main; worker_process(main)"
+    )
+    # -P: no working directory first on sys.path (`-c` puts it there), so nothing planted
+    # where `serve` was started is imported in place of a module.
+    return [sys.executable, "-P", "-c", code]
+
+
+def _environment() -> dict[str, str]:
+    """A worker's environment: ours, less what is the supervisor's alone, with our
+    sys.path (the worker imports this package from wherever this process did)."""
+    environment = {k: v for k, v in os.environ.items() if k not in _SUPERVISOR_ONLY}
+    environment["PYTHONPATH"] = os.pathsep.join(path for path in sys.path if path)
+    return environment
+
+
+def worker_process(main: WorkerMain) -> None:
+    """A worker's first steps (see `_command`): take the control pipe whose descriptor
+    is the last argument, read its "start" message and run `main` with what it says."""
+    link = Connection(int(sys.argv[-1]))
+    try:
+        start: Message = link.recv()
+    except EOFError:  # the supervisor died before it said how (nor how to log): no one to serve
+        raise SystemExit(0) from None
+    spec, index = start.value
+    main(spec, index, link)

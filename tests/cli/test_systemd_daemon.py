@@ -23,6 +23,7 @@ from tests.support.systemd import (
     ask,
     ask_until_answered,
     clean_env,
+    listening_sockets,
     serve_command,
 )
 
@@ -199,7 +200,7 @@ def test_serve_on_sockets_from_systemd_socket_activate(
         for client in clients:
             assert ask(port, host=client) == ADDRESS
             assert ask(port, host=client, tcp=True) == ADDRESS
-        listening = _listening(process.pid)
+        listening = listening_sockets(process.pid)
         assert {proto for proto, local in listening if local.endswith(f":{port}")} == {
             "udp",
             "tcp",
@@ -210,23 +211,6 @@ def test_serve_on_sockets_from_systemd_socket_activate(
         assert process.wait(timeout=15) == 0
     finally:
         _stop(process)
-
-
-def _listening(pid: int) -> set[tuple[str, str]]:
-    """(protocol, local address) of the listening/unconnected sockets `pid` holds."""
-    output = subprocess.run(
-        ["ss", "-H", "-l", "-n", "-p", "-t", "-u"],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=10,
-    ).stdout
-    found = set()
-    for line in output.splitlines():
-        if f"pid={pid}," in line:
-            columns = line.split()
-            found.add((columns[0], columns[4]))
-    return found
 
 
 @pytest.mark.skipif(shutil.which("systemd-socket-activate") is None, reason="needs systemd")
@@ -260,7 +244,7 @@ def test_registry_on_a_socket_from_systemd_socket_activate(
                 assert time.monotonic() < deadline, "never answered"
                 time.sleep(0.1)
         assert systemd_notify.next_with("READY").pid == process.pid
-        listening = _listening(process.pid)
+        listening = listening_sockets(process.pid)
         assert any(local.endswith(f":{port}") for proto, local in listening if proto == "tcp")
         assert not any(local.endswith(f":{own}") for _, local in listening), listening
         process.send_signal(signal.SIGTERM)

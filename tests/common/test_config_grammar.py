@@ -271,13 +271,17 @@ def test_check_with_both_configs_reports_both(tmp_path: Path) -> None:
     zones = tmp_path / "zones"
     zones.mkdir()
     (zones / "ci.yaml").write_text("records:\n  a.test: {A: 10.0.0.1}\n")
-    serve = write(tmp_path, "dnsoverride.yaml", "upstreams: [192.0.2.53]\ntimeout: 2 s\n")
+    serve = write(
+        tmp_path, "dnsoverride.yaml", "upstreams: [192.0.2.53]\ntimeout: 2 s\nworkers: 3\n"
+    )
     registry = write(tmp_path, "registry.yaml", "tag_ttl: 5 min\n")
     result = run_check(
         "--config", str(serve), "--zones", str(zones), "--registry-config", str(registry)
     )
     assert result.returncode == 1
-    assert result.stdout == "ok: serve: 1 zone files, 1 names, 1 views, upstreams 192.0.2.53:53\n"
+    assert result.stdout == (
+        "ok: serve: 1 zone files, 1 names, 1 views, upstreams 192.0.2.53:53, workers 3\n"
+    )
     assert result.stderr.splitlines() == [
         f"{registry}:1: tag_ttl: expected a number from 0 to 2592000 seconds (a duration: 5 "
         "or 5s, 500ms, 1m, 1h, 7d), not '5 min'"

@@ -12,8 +12,10 @@ from dnsoverride.common.grammar import Endpoint
 from dnsoverride.dns.config import (
     AUTO_WORKERS_CAP,
     ProbeConfig,
+    ServeConfig,
     ServeFlags,
     TcpConfig,
+    fit_workers,
     load_config,
 )
 
@@ -212,13 +214,61 @@ def test_workers_auto_is_the_usable_cpus_capped(
     # The affinity alone: a cgroup CPU limit of the machine running the tests would lower
     # the count (tests/dns/test_workers_auto.py covers that).
     monkeypatch.setattr("dnsoverride.common.cpus.cgroup_cpu_limit", lambda *_: None)
-    for cpus, expected in ((range(1), 1), (range(3), 3), (range(16), AUTO_WORKERS_CAP)):
+    for cpus, expected, why in (
+        (range(1), 1, "1 usable CPU"),
+        (range(3), 3, "3 usable CPUs"),
+        (range(16), AUTO_WORKERS_CAP, "16 usable CPUs, at most 4"),
+    ):
         monkeypatch.setattr("os.sched_getaffinity", lambda _pid, cpus=cpus: set(cpus))
         path.write_text("workers: auto\nupstreams: [192.0.2.1]\n")
+        config = load_config(*args(str(path)))
+        assert (config.workers, config.workers_auto) == (expected, why)
+        # auto is the default, in a file without `workers` and with no file at all
+        path.write_text("upstreams: [192.0.2.1]\n")
         assert load_config(*args(str(path))).workers == expected
-    assert load_config(*args(None, upstream=["192.0.2.1"])).workers == 1  # the default
+        default = load_config(*args(None, upstream=["192.0.2.1"]))
+        assert (default.workers, default.workers_auto) == (expected, why)
+        # --workers over the file, a number or auto
+        path.write_text("workers: 2\nupstreams: [192.0.2.1]\n")
+        assert load_config(path, ServeFlags(workers="auto")).workers == expected
+        assert load_config(path, ServeFlags(workers="5")).workers_auto is None
+    path.write_text("workers: 2\nupstreams: [192.0.2.1]\n")
+    config = load_config(*args(str(path)))
+    assert (config.workers, config.workers_auto) == (2, None)  # set, not derived
+    assert load_config(path, ServeFlags(workers="7")).workers == 7
+    with pytest.raises(ConfigError, match="--workers: expected an integer from 1 to 64 or auto"):
+        load_config(path, ServeFlags(workers="0"))
+    path.write_text("workers_auto: yes\nupstreams: [192.0.2.1]\n")  # derived, not a key
+    with pytest.raises(ConfigError, match="workers_auto"):
+        load_config(*args(str(path)))
     for bad in ("0", "65", "many", "true"):
         path.write_text(f"workers: {bad}\nupstreams: [192.0.2.1]\n")
         with pytest.raises(ConfigError) as raised:
             load_config(*args(str(path)))
         assert f"{path}:1: workers: expected an integer from 1 to 64 or auto" in str(raised.value)
+
+
+def test_workers_auto_fits_a_large_zone_set() -> None:
+    """Each process holds its own copy of the zones: `auto` keeps the copies beyond the
+    first within `AUTO_EXTRA_NAMES` names; a number the config set is never lowered."""
+    four = ServeConfig(workers=4, workers_auto="8 usable CPUs, at most 4")
+    for names, expected in (
+        (0, 4),
+        (7, 4),
+        (100_000, 4),
+        (100_001, 3),
+        (150_000, 3),
+        (150_001, 2),
+        (300_000, 2),
+        (300_001, 1),
+        (1_000_000, 1),
+    ):
+        assert fit_workers(four, names).workers == expected, names
+    assert fit_workers(four, 100_000) is four  # nothing to say: the CPUs decided
+    fitted = fit_workers(four, 1_000_000).workers_auto
+    assert fitted == (
+        "1,000,000 zone names, a copy in each process: the copies beyond the first hold at "
+        "most 300,000 names (8 usable CPUs, at most 4)"
+    )
+    assert fit_workers(ServeConfig(workers=2, workers_auto="2 usable CPUs"), 250_000).workers == 2
+    assert fit_workers(ServeConfig(workers=4), 1_000_000).workers == 4  # set by the admin

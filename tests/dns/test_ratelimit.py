@@ -179,7 +179,10 @@ def test_with_two_workers_the_limit_holds_in_aggregate(
     rate before (twice the limit in aggregate): this fails there."""
     query = a_query("big.test")
     config = limited_config() + "workers: 2\n"
-    with dnsoverride_serve(tmp_path, zones, [upstream.address], config=config) as server:
+    with dnsoverride_serve(
+        tmp_path, zones, [upstream.address], config=config, workers=None
+    ) as server:
+        assert events(server, "started")[0]["workers"] == 2
         result = burst(server, query, BURST, ports=32)
     allowed = RATE + RATE * result.seconds
     # Tolerance: the split between the workers is by hash, not exact, and one bucket

@@ -77,12 +77,26 @@ def upstream(workdir: Path) -> Iterator[DnsPeer]:
 
 @pytest.fixture(scope="module")
 def server(workdir: Path, zones: Path, upstream: DnsPeer) -> Iterator[DnsPeer]:
-    with dnsoverride_serve(workdir, zones, [upstream.address]) as peer:
+    # The default `workers` (auto: a process per usable CPU): the protocol tests below
+    # hold whichever process the kernel hands each query (one per source port).
+    with dnsoverride_serve(workdir, zones, [upstream.address], workers=None) as peer:
         yield peer
 
 
 def addresses(reply: dns.message.Message) -> list[str]:
     return sorted(rdata.to_text() for rrset in reply.answer for rdata in rrset)
+
+
+def _udp_socket() -> socket.socket:
+    """A datagram socket for several queries from one source port (dnspython wants it
+    non-blocking)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.setblocking(False)
+    return sock
+
+
+def _query(name: str) -> dns.message.Message:
+    return dns.message.make_query(name, "A")
 
 
 def test_overridden_a_over_udp_and_tcp_is_authoritative(server: DnsPeer) -> None:
@@ -99,11 +113,14 @@ def test_overridden_a_over_udp_and_tcp_is_authoritative(server: DnsPeer) -> None
 def test_rd_is_echoed_and_case_is_preserved(server: DnsPeer) -> None:
     query = dns.message.make_query("ReGiStRy-1.DoCkEr.Io", "A")
     query.flags &= ~dns.flags.RD
-    for _ in range(2):  # the second answer comes from the raw answer cache
-        reply = dns.query.udp(query, server.host, 3, server.port)
-        assert not reply.flags & dns.flags.RD
-        assert reply.question[0].name.to_text() == "ReGiStRy-1.DoCkEr.Io."
-        assert addresses(reply) == ["10.0.0.5"]
+    # One source port: the kernel hands both to the same process (the server runs the
+    # default `workers`), so the second answer comes from its raw answer cache.
+    with _udp_socket() as sock:
+        for _ in range(2):
+            reply = dns.query.udp(query, server.host, 3, server.port, sock=sock)
+            assert not reply.flags & dns.flags.RD
+            assert reply.question[0].name.to_text() == "ReGiStRy-1.DoCkEr.Io."
+            assert addresses(reply) == ["10.0.0.5"]
     other_case = dns.query.udp(
         dns.message.make_query("registry-1.DOCKER.io", "A"), server.host, 3, server.port
     )
@@ -144,12 +161,13 @@ def test_names_below_an_override_are_forwarded(server: DnsPeer, workdir: Path) -
 
 
 def test_forwarded_name_and_nxdomain_pass_through(server: DnsPeer) -> None:
-    reply = server.query("www.forwarded.test", "A")
-    assert reply.rcode() == dns.rcode.NOERROR
-    assert addresses(reply) == ["192.0.2.1"]
-    assert not reply.flags & dns.flags.AA
-    assert reply.flags & dns.flags.RA
-    again = server.query("WWW.forwarded.TEST", "A")
+    with _udp_socket() as sock:  # one process: `again` is its cached answer
+        reply = dns.query.udp(_query("www.forwarded.test"), server.host, 3, server.port, sock=sock)
+        assert reply.rcode() == dns.rcode.NOERROR
+        assert addresses(reply) == ["192.0.2.1"]
+        assert not reply.flags & dns.flags.AA
+        assert reply.flags & dns.flags.RA
+        again = dns.query.udp(_query("WWW.forwarded.TEST"), server.host, 3, server.port, sock=sock)
     assert again.question[0].name.to_text() == "WWW.forwarded.TEST."
     assert addresses(again) == ["192.0.2.1"]
     assert 0 < again.answer[0].ttl <= 300
@@ -175,10 +193,14 @@ def test_edns_is_echoed_and_large_udp_answers_are_truncated(server: DnsPeer) -> 
     assert edns_reply.edns == 0
     assert edns_reply.payload == 1232  # our buffer size, not the client's
     assert not edns_reply.flags & dns.flags.TC
-    full = server.query("big.ci.example", "A", tcp=True)
-    assert len(addresses(full)) == BIG
-    # TCP answers come from the answer cache too, never the truncated UDP one.
-    again = server.query("big.ci.example", "A", tcp=True)
+    # TCP answers come from the answer cache too, never the truncated UDP one: both over
+    # one connection, so from one process (the server runs the default `workers`).
+    with socket.create_connection((server.host, server.port), timeout=5) as connection:
+        full = dns.query.tcp(_query("big.ci.example"), server.host, 3, server.port, sock=connection)
+        assert len(addresses(full)) == BIG
+        again = dns.query.tcp(
+            _query("big.ci.example"), server.host, 3, server.port, sock=connection
+        )
     assert not again.flags & dns.flags.TC
     assert len(addresses(again)) == BIG
 
@@ -368,7 +390,9 @@ def test_sigterm_and_sigint_exit_0_with_start_event(
     workdir: Path, zones: Path, upstream: DnsPeer
 ) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
-        with dnsoverride_serve(workdir, zones, [upstream.address], "--query-log") as server:
+        with dnsoverride_serve(
+            workdir, zones, [upstream.address], "--query-log", workers=None
+        ) as server:
             server.query("registry-1.docker.io")
             assert server.stop(sig) == 0
             log = server.log_text()
@@ -413,7 +437,7 @@ def test_ipv6_listener(workdir: Path, zones: Path, upstream: DnsPeer) -> None:
         free_port("::1")
     except OSError:
         pytest.skip("no ::1")
-    with dnsoverride_serve(workdir, zones, [upstream.address], host="::1") as server:
+    with dnsoverride_serve(workdir, zones, [upstream.address], host="::1", workers=None) as server:
         assert addresses(server.query("registry-1.docker.io")) == ["10.0.0.5"]
         assert addresses(server.query("www.forwarded.test", tcp=True)) == ["192.0.2.1"]
 

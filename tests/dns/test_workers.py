@@ -38,6 +38,7 @@ from tests.support.systemd import (
     ask,
     ask_until_answered,
     clean_env,
+    listening_sockets,
     serve_command,
 )
 from tests.support.waits import poll
@@ -53,7 +54,7 @@ PYTHONPATH = os.environ.get("PYTHONPATH", "")  # the activator passes on only wh
 
 
 def _config(metrics: int) -> str:
-    return f"workers: {WORKERS}\nquery_log: true\nmetrics: 127.0.0.1:{metrics}\n"
+    return f"query_log: true\nmetrics: 127.0.0.1:{metrics}\n"
 
 
 def _zone(address: str, health_port: int) -> str:
@@ -143,7 +144,9 @@ def test_zone_edit_and_health_flip_reach_every_worker(tmp_path: Path) -> None:
     metrics = free_port()
     with (
         dnsmasq(tmp_path, "--local=/test/", f"--host-record={GATED},{REAL}") as upstream,
-        dnsoverride_serve(tmp_path, zones, [upstream.address], config=_config(metrics)) as server,
+        dnsoverride_serve(
+            tmp_path, zones, [upstream.address], config=_config(metrics), workers=WORKERS
+        ) as server,
     ):
         _started(server)
         started = events(server, "worker_started")
@@ -184,7 +187,9 @@ def test_a_killed_worker_is_replaced_and_metrics_add_up(tmp_path: Path) -> None:
     metrics = free_port()
     with (
         dnsmasq(tmp_path) as upstream,
-        dnsoverride_serve(tmp_path, zones, [upstream.address], config=_config(metrics)) as server,
+        dnsoverride_serve(
+            tmp_path, zones, [upstream.address], config=_config(metrics), workers=WORKERS
+        ) as server,
     ):
         _started(server)
         before = total(scrape(metrics), "dnsoverride_dns_queries_total")
@@ -291,7 +296,7 @@ def test_a_server_cookie_is_valid_on_every_worker(tmp_path: Path) -> None:
     with (
         dnsmasq(tmp_path) as upstream,
         dnsoverride_serve(
-            tmp_path, zones, [upstream.address], config=_config(free_port())
+            tmp_path, zones, [upstream.address], config=_config(free_port()), workers=WORKERS
         ) as server,
     ):
         _started(server)
@@ -334,6 +339,11 @@ def test_workers_share_the_sockets_systemd_passes(tmp_path: Path, dead_upstream:
             assert ask(port) == ADDRESS
         assert ask(port, tcp=True) == ADDRESS
         assert _answering(log_path, 0, 1 + 100 + 1) == {0, 1}
+        # Neither process bound a socket of its own (the default 127.0.0.1:5353, say):
+        # each holds systemd's two and nothing else that listens.
+        (worker,) = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
+        for pid in (process.pid, int(worker)):
+            assert listening_sockets(pid) == {("udp", address), ("tcp", address)}, pid
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=20) == 0
     finally:

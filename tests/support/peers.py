@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import struct
@@ -253,9 +254,17 @@ def dnsoverride_serve(
     env: dict[str, str] | None = None,
     startup_timeout: float = STARTUP_TIMEOUT,
     wrapper: Sequence[str] = (),
+    workers: int | None = 1,
 ) -> Iterator[DnsPeer]:
     """`python -m dnsoverride serve` on a free port of `host`, JSON logs in its log file;
-    run through `wrapper` when given (e.g. `setpriv ...` to drop capabilities)."""
+    run through `wrapper` when given (e.g. `setpriv ...` to drop capabilities).
+
+    `--workers 1` unless `workers` says otherwise: most tests look at one process (its
+    counts, its caches, its memory); None leaves the count to `config` or the default
+    (`auto`: 2 processes on a 2-CPU machine)."""
+    # --workers would silently override the file's `workers:` (the command line wins).
+    sets_workers = re.search(r"^\s*workers:", config or "", re.MULTILINE)
+    assert workers is None or not sets_workers, "workers= or config's workers:, not both"
     port = free_port(host)
     listen = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     command = [
@@ -271,6 +280,7 @@ def dnsoverride_serve(
         "--log-format",
         "json",
         *(f"--upstream={upstream}" for upstream in upstreams),
+        *(() if workers is None else ("--workers", str(workers))),
         *args,
     ]
     if config is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import socket
 import struct
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -118,3 +119,20 @@ def ask_until_answered(port: int, deadline: float) -> str:
         except (dns.exception.Timeout, ConnectionRefusedError):
             if time.monotonic() > deadline:
                 raise
+
+
+def listening_sockets(pid: int) -> set[tuple[str, str]]:
+    """(protocol, local address) of the listening/unconnected sockets `pid` holds."""
+    output = subprocess.run(
+        ["ss", "-H", "-l", "-n", "-p", "-t", "-u"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=10,
+    ).stdout
+    found = set()
+    for line in output.splitlines():
+        if f"pid={pid}," in line:
+            columns = line.split()
+            found.add((columns[0], columns[4]))
+    return found
