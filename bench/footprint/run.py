@@ -10,8 +10,8 @@ scrape of its `metrics:`, beside the distribution registry (`docker-registry ser
 filesystem storage).
 
 A server is the process started and every process below it (found by walking /proc's
-parent links: a `serve` with workers has multiprocessing's forkserver and resource
-tracker, and the workers forked from the forkserver). Each process's VmRSS (/proc/PID/
+parent links: a `serve` with workers has its worker processes, fresh interpreters it
+started). Each process's VmRSS (/proc/PID/
 status) and Pss (/proc/PID/smaps_rollup: its pages, those shared with other processes
 divided among them) and USS (its private pages: what its exit would free) are read; the
 server's figures are their sums. The RSS sum counts a page that forked processes share
@@ -72,16 +72,13 @@ def _parents() -> dict[int, int]:
     return parents
 
 
-def _role(pid: int, root: int, parent_role: str | None) -> str:
+def _role(pid: int, root: int) -> str:
     if pid == root:
         return "main"
     with contextlib.suppress(OSError):
         command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-        if "resource_tracker" in command:
-            return "resource tracker"
-        if "forkserver" in command:
-            # The forkserver's children run its command line too: they are the workers.
-            return "worker" if parent_role == "forkserver" else "forkserver"
+        if "dnsoverride.dns.workerpool" in command:  # a fresh interpreter (python -P -c)
+            return "worker"
     return "child"
 
 
@@ -103,10 +100,8 @@ def measure(root: int) -> list[Process]:
         pid = queue.pop(0)
         order.append(pid)
         queue += sorted(children.get(pid, []))
-    roles: dict[int, str] = {}
     measured = []
     for pid in order:
-        roles[pid] = _role(pid, root, roles.get(parents.get(pid, 0)))
         try:
             rss = _kb(f"/proc/{pid}/status", "VmRSS:")
             rollup = f"/proc/{pid}/smaps_rollup"
@@ -114,7 +109,7 @@ def measure(root: int) -> list[Process]:
             private = _kb(rollup, "Private_Clean:") + _kb(rollup, "Private_Dirty:")
         except (OSError, ValueError):
             continue  # exited meanwhile (a short-lived helper), or a kernel thread
-        measured.append(Process(pid, roles[pid], rss, pss, private))
+        measured.append(Process(pid, _role(pid, root), rss, pss, private))
     return measured
 
 
@@ -135,8 +130,8 @@ def serve(
     """`serve` with the example zones; `workers: N` when given, else the default."""
     port = free_port()
     extra = ("--metrics", f"127.0.0.1:{port}") if metrics else ()
-    config = f"workers: {workers}\n" if workers is not None else None
-    with dnsoverride_serve(work, EXAMPLE_ZONES, [UNUSED_UPSTREAM], *extra, config=config) as server:
+    count = int(workers) if workers is not None else None
+    with dnsoverride_serve(work, EXAMPLE_ZONES, [UNUSED_UPSTREAM], *extra, workers=count) as server:
         yield server.process.pid, (lambda: scrape(port)) if metrics else None
 
 

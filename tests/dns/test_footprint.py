@@ -78,7 +78,6 @@ def test_an_unscraped_serve_with_the_example_zones_imports_only_what_it_uses(
             tmp_path,
             EXAMPLE_ZONES,
             [upstream.address],
-            config="workers: 1\n",
             wrapper=_probe(probe),
         ) as server,
     ):
@@ -108,7 +107,6 @@ def test_serve_with_metrics_imports_prometheus_client_on_the_first_scrape(tmp_pa
             [upstream.address],
             "--metrics",
             f"127.0.0.1:{port}",
-            config="workers: 1\n",
             wrapper=_probe(probe),
         ) as server:
             assert server.query("over.example").answer  # serving
