@@ -40,6 +40,7 @@ from dnsoverride.dns.reload import ServeStart, serve_reloader, serve_start
 from dnsoverride.dns.resolver import Resolver
 from dnsoverride.dns.stats import DnsCollector, DnsStats
 from dnsoverride.dns.status import Caches, Counts, DnsState, counts
+from dnsoverride.dns.udpbatch import serve_udp
 from dnsoverride.dns.views import Routing
 from dnsoverride.dns.workerpool import (
     MergedMetrics,
@@ -136,7 +137,6 @@ async def _bind(
     reuse_port = config.workers > 1
     # TCP listeners get a backlog as large as the connection cap: clients retrying over
     # TCP after TC replies arrive together, and an overflowing accept queue resets them.
-    loop = asyncio.get_running_loop()
     handler = TcpListener(resolver, config.tcp)
 
     def udp_protocol() -> UdpListener:
@@ -147,8 +147,7 @@ async def _bind(
             sockname = sock.getsockname()
             if sock.type == socket.SOCK_DGRAM:
                 _grow_receive_buffer(sock)
-                transport, _ = await loop.create_datagram_endpoint(udp_protocol, sock=sock)
-                bound.udp.append(transport)
+                bound.udp.append(await serve_udp(udp_protocol(), sock))
                 bound.names.append(f"udp {sockname[0]}:{sockname[1]} (systemd)")
             else:
                 bound.tcp.append(
@@ -160,8 +159,8 @@ async def _bind(
         return
     for endpoint in config.listen:
         try:
-            transport, _ = await loop.create_datagram_endpoint(
-                udp_protocol, sock=_udp_socket(endpoint, reuse_port=reuse_port)
+            transport = await serve_udp(
+                udp_protocol(), _udp_socket(endpoint, reuse_port=reuse_port)
             )
             bound.udp.append(transport)
             port = transport.get_extra_info("sockname")[1]
