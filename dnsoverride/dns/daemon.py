@@ -40,6 +40,7 @@ from dnsoverride.dns.reload import ServeStart, serve_reloader, serve_start
 from dnsoverride.dns.resolver import Resolver
 from dnsoverride.dns.stats import DnsCollector, DnsStats
 from dnsoverride.dns.status import Caches, Counts, DnsState, counts
+from dnsoverride.dns.udpbatch import available as udp_batched
 from dnsoverride.dns.udpbatch import serve_udp
 from dnsoverride.dns.views import Routing
 from dnsoverride.dns.workerpool import (
@@ -297,6 +298,7 @@ class DnsService:
             upstreams=[str(u) for u in config.upstreams],
             views=[view.name for view in config.views],
             workers=config.workers,
+            udp="batched" if udp_batched() else "uvloop",
         )
         if not zone_set.files:
             log.warning(
