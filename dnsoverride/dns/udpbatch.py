@@ -26,7 +26,6 @@ import ctypes.util
 import errno
 import mmap
 import os
-import platform
 import socket
 import sys
 from typing import TYPE_CHECKING, Any
@@ -80,7 +79,10 @@ def _libc() -> Any | None:
         return None
     if sys.platform != "linux" or ctypes.sizeof(ctypes.c_void_p) != 8:
         return None
-    if platform.libc_ver()[0] != "glibc":  # the struct layout above is glibc's
+    try:  # the struct layout above is glibc's (musl pads msghdr otherwise)
+        if not (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc"):
+            return None
+    except (ValueError, OSError):
         return None
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
@@ -133,6 +135,7 @@ class BatchedUdpTransport(asyncio.DatagramTransport):
         assert _LIBC is not None
         self._recvmmsg, self._sendmmsg = _LIBC.recvmmsg, _LIBC.sendmmsg
         self._loop = loop
+        sock.setblocking(False)  # an inherited (socket-activated) one may not be
         self._sock = sock
         self._fd = sock.fileno()
         self._family = sock.family
@@ -167,6 +170,9 @@ class BatchedUdpTransport(asyncio.DatagramTransport):
         self._send_q = memoryview(self._send).cast("Q")
         self._iov_q = memoryview(self._iov).cast("Q")
         self._data_at = data
+        # Client address -> host, keyed by the raw address (no port): the bytes of a
+        # sockaddr_in's address, a sockaddr_in6's address and scope.
+        self._host_at = (4, 8) if self._family == socket.AF_INET else (8, 28)
         self._hosts: dict[bytes, str] = {}
         listener.connection_made(self)
         loop.add_reader(self._fd, self._readable)
@@ -188,11 +194,10 @@ class BatchedUdpTransport(asyncio.DatagramTransport):
         names_at, data_at = self._names_at, self._data_at
         hdr_i, hdr_q = _HDR // 4, _HDR // 8
         iov_q_size = ctypes.sizeof(_IoVec) // 8
+        host_from, host_to = self._host_at
         for _ in range(ROUNDS):
             if self._closing:
                 return
-            for i in range(BATCH):
-                recv_i[i * hdr_i + _NAMELEN] = NAME
             count = self._recvmmsg(self._fd, self._recv_at, BATCH, socket.MSG_DONTWAIT, None)
             if count < 0:
                 code = ctypes.get_errno()
@@ -204,23 +209,24 @@ class BatchedUdpTransport(asyncio.DatagramTransport):
                 start = i * SLOT
                 query = data[start : start + recv_i[i * hdr_i + _LEN]]
                 namelen = recv_i[i * hdr_i + _NAMELEN]
-                name = names[i * NAME : i * NAME + namelen]
-                host = hosts.get(name)
+                recv_i[i * hdr_i + _NAMELEN] = NAME  # the kernel reads it as the room there
+                at = i * NAME
+                host = hosts.get(names[at + host_from : at + host_to])
                 if host is None:
-                    host = self._host(name)
+                    host = self._host(names[at : at + namelen])
                 try:
                     reply = fast(query, host)
                 except Exception:  # a bug on the fast path: `resolve` answers, logs and counts it
                     reply = None
                 if reply is None:
-                    not_fast(query, _address(self._family, name)[1])
+                    not_fast(query, _address(self._family, names[at : at + namelen])[1])
                 elif reply:  # b"": dropped by the rate limit
                     # Into the query's own buffer (read already), to the query's sender.
                     data[start : start + len(reply)] = reply
                     slot = BATCH + replies
                     iov_q[slot * iov_q_size + _IOV_BASE] = data_at + start
                     iov_q[slot * iov_q_size + _IOV_LEN] = len(reply)
-                    send_q[replies * hdr_q + _NAME_PTR] = names_at + i * NAME
+                    send_q[replies * hdr_q + _NAME_PTR] = names_at + at
                     send_i[replies * hdr_i + _NAMELEN] = namelen
                     replies += 1
             if replies:
@@ -231,7 +237,8 @@ class BatchedUdpTransport(asyncio.DatagramTransport):
     def _host(self, name: bytes) -> str:
         if len(self._hosts) >= 65536:
             self._hosts.clear()
-        host = self._hosts[name] = _address(self._family, name)[0]
+        host = _address(self._family, name)[0]
+        self._hosts[name[self._host_at[0] : self._host_at[1]]] = host
         return host
 
     def _send_batch(self, replies: int) -> None:
@@ -241,7 +248,8 @@ class BatchedUdpTransport(asyncio.DatagramTransport):
             if self._queue:  # earlier replies wait: these go after them
                 self._enqueue_prepared(sent, replies)
                 return
-            count = self._sendmmsg(self._fd, self._send_at + sent * _HDR, replies - sent, 0)
+            at = self._send_at + sent * _HDR
+            count = self._sendmmsg(self._fd, at, replies - sent, socket.MSG_DONTWAIT)
             if count >= 0:
                 sent += count
                 continue
