@@ -6,11 +6,12 @@ dnsmasq on loopback answering `*.fwd.bench`). Everything listens on 127.0.0.1.
 
 Throughput (dnsperf: 8 sockets, 200 queries outstanding), each workload run for
 --seconds against each server, --rounds times, the servers' order reversed every other
-round (A/B alternation); the medians of the QPS, of the per-round ratio to unbound
-(1 thread) and of the server's CPU time per query answered (user + system of its
+round (A/B alternation); printed are the medians of the QPS, of the per-round ratio to
+unbound (1 thread), of dnsoverride's per-round ratio to unbound with as many threads as
+it has workers, and of the server's CPU time per query answered (user + system of its
 processes, workers included, over the queries dnsperf saw answered: less sensitive than
-QPS to what else runs on the machine) are printed, with the load average before and
-after (the machine is shared).
+QPS to what else runs on the machine), with the load average before and after (the
+machine is shared).
 dnsoverride runs twice, with `workers: 1` and `2`, and unbound with `num-threads: 1` and `2`:
 
   overridden              100 names from the zone / local-data / host-records
@@ -143,6 +144,8 @@ def servers(work: Path) -> Iterator[dict[str, DnsPeer]]:
 
 
 CLIENT_COOKIE = "0102030405060708"
+# dnsoverride against unbound at equal process/thread counts.
+EQUAL_THREADS = {"dnsoverride": "unbound", "dnsoverride 2 workers": "unbound 2 threads"}
 
 
 def cookie_flags(peer: DnsPeer) -> list[str]:
@@ -166,6 +169,7 @@ def throughput(work: Path, seconds: float, rounds: int, workloads: list[str]) ->
     qps: dict[str, dict[str, list[float]]] = {}
     ratios: dict[str, dict[str, list[float]]] = {}
     cpu: dict[str, dict[str, list[float]]] = {}  # us per query
+    equal: dict[str, dict[str, list[float]]] = {}  # ratio to unbound with as many threads
     print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     with servers(work) as peers:
         cookies = {name: cookie_flags(peer) for name, peer in peers.items()}
@@ -198,6 +202,9 @@ def throughput(work: Path, seconds: float, rounds: int, workloads: list[str]) ->
                     qps.setdefault(load, {}).setdefault(name, []).append(value)
                     ratio = value / measured["unbound"]
                     ratios.setdefault(load, {}).setdefault(name, []).append(ratio)
+                for ours, theirs in EQUAL_THREADS.items():
+                    ratio = measured[ours] / measured[theirs]
+                    equal.setdefault(load, {}).setdefault(ours, []).append(ratio)
     print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(f"medians of {rounds} rounds (servers alternating), ratio per round to unbound 1 thread")
     print(f"{'workload':<26}{'server':<24}{'QPS':>10}{'vs unbound':>12}{'CPU/q':>8}   per round")
@@ -209,6 +216,12 @@ def throughput(work: Path, seconds: float, rounds: int, workloads: list[str]) ->
                 f"{statistics.median(ratios[load][name]):>11.2f}x"
                 f"{statistics.median(cpu[load][name]):>6.1f}us   {each}"
             )
+    print("at equal threads: median of the per-round ratios (per round)")
+    for load in workloads:
+        for ours, theirs in EQUAL_THREADS.items():
+            each = " ".join(f"{r:.2f}" for r in equal[load][ours])
+            median = statistics.median(equal[load][ours])
+            print(f"{load:<26}{ours + ' / ' + theirs:<46}{median:>6.2f}x   {each}")
 
 
 @contextlib.contextmanager
