@@ -30,16 +30,11 @@ import pytest
 import structlog.testing
 
 from dnsoverride.dns import udpbatch
-from dnsoverride.dns.config import ServeFlags, load_config
-from dnsoverride.dns.forwarder import Forwarder
 from dnsoverride.dns.listener import UdpListener
-from dnsoverride.dns.reload import serve_start
-from dnsoverride.dns.resolver import Resolver
-from dnsoverride.dns.stats import DnsStats
-from dnsoverride.dns.zones.live import LiveZones
 from tests.support.metrics import scrape
 from tests.support.peers import DnsPeer, dnsmasq, dnsoverride_serve, events
 from tests.support.ports import free_port
+from tests.support.resolvers import in_process_resolver
 
 pytestmark = [
     pytest.mark.e2e,
@@ -230,17 +225,7 @@ def test_a_burst_from_64_sources_is_answered_exactly(tmp_path: Path, upstream: D
 
 async def _serving(tmp_path: Path) -> tuple[asyncio.DatagramTransport, tuple[str, int]]:
     """A resolver with the test zones behind a UDP listener on a loopback port."""
-    zones = _zones(tmp_path)
-    config_file = tmp_path / "serve.yaml"
-    config_file.write_text("allow: [127.0.0.0/8]\n")
-    flags = ServeFlags(listen=("127.0.0.1:0",), upstream=("127.0.0.1:9",), zones=str(zones))
-    config = load_config(config_file, flags)
-    routing = serve_start(config, config_file, flags).load()
-    stats = DnsStats()
-    resolver = Resolver(
-        config, LiveZones(routing.zone_set), Forwarder.for_config(config, stats), stats
-    )
-    resolver.route(routing)
+    resolver = in_process_resolver(_zones(tmp_path))
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.bind(("127.0.0.1", 0))
     sock.setblocking(False)
