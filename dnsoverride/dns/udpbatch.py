@@ -174,6 +174,31 @@ class BatchedUdpTransport(asyncio.DatagramTransport):
         # sockaddr_in's address, a sockaddr_in6's address and scope.
         self._host_at = (4, 8) if self._family == socket.AF_INET else (8, 28)
         self._hosts: dict[bytes, str] = {}
+        # Per datagram of a batch, where its parts are: offsets into the buffers and word
+        # indexes into the header arrays, worked out once rather than per query.
+        hdr_i, hdr_q, iov_q = _HDR // 4, _HDR // 8, ctypes.sizeof(_IoVec) // 8
+        key_from, key_to = self._host_at
+        self._received = [
+            (
+                i * SLOT,
+                i * hdr_i + _LEN,
+                i * hdr_i + _NAMELEN,
+                i * NAME,
+                i * NAME + key_from,
+                i * NAME + key_to,
+                self._names_at + i * NAME,
+            )
+            for i in range(BATCH)
+        ]
+        self._sending = [
+            (
+                (BATCH + i) * iov_q + _IOV_BASE,
+                (BATCH + i) * iov_q + _IOV_LEN,
+                i * hdr_q + _NAME_PTR,
+                i * hdr_i + _NAMELEN,
+            )
+            for i in range(BATCH)
+        ]
         listener.connection_made(self)
         loop.add_reader(self._fd, self._readable)
 
@@ -189,12 +214,9 @@ class BatchedUdpTransport(asyncio.DatagramTransport):
         hosts = self._hosts
         fast = self._listener.fast
         not_fast = self._listener.not_fast
-        data, names = self._data, self._names
+        data, names, family = self._data, self._names, self._family
         recv_i, send_i, send_q, iov_q = self._recv_i, self._send_i, self._send_q, self._iov_q
-        names_at, data_at = self._names_at, self._data_at
-        hdr_i, hdr_q = _HDR // 4, _HDR // 8
-        iov_q_size = ctypes.sizeof(_IoVec) // 8
-        host_from, host_to = self._host_at
+        received, sending = self._received, self._sending
         for _ in range(ROUNDS):
             if self._closing:
                 return
@@ -205,13 +227,12 @@ class BatchedUdpTransport(asyncio.DatagramTransport):
                     self.error_received(OSError(code, os.strerror(code)))
                 return
             replies = 0
-            for i in range(count):
-                start = i * SLOT
-                query = data[start : start + recv_i[i * hdr_i + _LEN]]
-                namelen = recv_i[i * hdr_i + _NAMELEN]
-                recv_i[i * hdr_i + _NAMELEN] = NAME  # the kernel reads it as the room there
-                at = i * NAME
-                host = hosts.get(names[at + host_from : at + host_to])
+            for index in range(count):
+                start, length_at, namelen_at, at, key_from, key_to, name_ptr = received[index]
+                query = data[start : start + recv_i[length_at]]
+                namelen = recv_i[namelen_at]
+                recv_i[namelen_at] = NAME  # the kernel reads it as the room there
+                host = hosts.get(names[key_from:key_to])
                 if host is None:
                     host = self._host(names[at : at + namelen])
                 try:
@@ -219,15 +240,16 @@ class BatchedUdpTransport(asyncio.DatagramTransport):
                 except Exception:  # a bug on the fast path: `resolve` answers, logs and counts it
                     reply = None
                 if reply is None:
-                    not_fast(query, _address(self._family, names[at : at + namelen])[1])
+                    not_fast(query, _address(family, names[at : at + namelen])[1])
                 elif reply:  # b"": dropped by the rate limit
                     # Into the query's own buffer (read already), to the query's sender.
-                    data[start : start + len(reply)] = reply
-                    slot = BATCH + replies
-                    iov_q[slot * iov_q_size + _IOV_BASE] = data_at + start
-                    iov_q[slot * iov_q_size + _IOV_LEN] = len(reply)
-                    send_q[replies * hdr_q + _NAME_PTR] = names_at + at
-                    send_i[replies * hdr_i + _NAMELEN] = namelen
+                    size = len(reply)
+                    data[start : start + size] = reply
+                    base_at, size_at, to_at, to_len_at = sending[replies]
+                    iov_q[base_at] = self._data_at + start
+                    iov_q[size_at] = size
+                    send_q[to_at] = name_ptr
+                    send_i[to_len_at] = namelen
                     replies += 1
             if replies:
                 self._send_batch(replies)
