@@ -28,12 +28,10 @@ import mmap
 import os
 import socket
 import sys
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any, Protocol, cast
 
 import structlog
-
-if TYPE_CHECKING:
-    from dnsoverride.dns.listener import UdpListener
 
 log = structlog.get_logger(__name__)
 
@@ -73,6 +71,19 @@ _IOV_BASE = _IoVec.base.offset // 8
 _IOV_LEN = _IoVec.len.offset // 8
 
 
+class BatchListener(Protocol):
+    """What the transport needs of the protocol it serves (listener.py's `UdpListener`)."""
+
+    @property
+    def fast(self) -> Callable[[bytes, str], bytes | None]:
+        """The reply to a query, b"" to drop it, None to hand it to `not_fast`."""
+
+    def not_fast(self, data: bytes, addr: Any) -> None: ...
+    def connection_made(self, transport: asyncio.BaseTransport) -> None: ...
+    def connection_lost(self, exc: Exception | None) -> None: ...
+    def error_received(self, exc: Exception) -> None: ...
+
+
 def _libc() -> Any | None:
     """glibc's recvmmsg and sendmmsg, or None where batching is not used."""
     if os.environ.get("DNSOVERRIDE_UDP_BATCH", "1") == "0":
@@ -104,12 +115,13 @@ def available() -> bool:
     return _LIBC is not None
 
 
-async def serve_udp(listener: UdpListener, sock: socket.socket) -> asyncio.DatagramTransport:
+async def serve_udp(listener: BatchListener, sock: socket.socket) -> asyncio.DatagramTransport:
     """Answer the datagrams of `sock` with `listener`: batched where available, else on
     uvloop's datagram transport."""
     loop = asyncio.get_running_loop()
     if _LIBC is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
-        transport, _ = await loop.create_datagram_endpoint(lambda: listener, sock=sock)
+        protocol = cast(asyncio.DatagramProtocol, listener)  # UdpListener is one
+        transport, _ = await loop.create_datagram_endpoint(lambda: protocol, sock=sock)
         return transport
     return BatchedUdpTransport(loop, sock, listener)
 
@@ -129,7 +141,7 @@ class BatchedUdpTransport(asyncio.DatagramTransport):
     """A UDP socket read with recvmmsg and answered with sendmmsg (see the module)."""
 
     def __init__(
-        self, loop: asyncio.AbstractEventLoop, sock: socket.socket, listener: UdpListener
+        self, loop: asyncio.AbstractEventLoop, sock: socket.socket, listener: BatchListener
     ) -> None:
         super().__init__()
         assert _LIBC is not None
