@@ -76,6 +76,10 @@ class UdpListener(asyncio.DatagramProtocol):
             # Itself, rather than a done callback: one loop callback less per query.
             self._tasks.discard(asyncio.current_task(self._loop))
 
+    def reply_dropped(self) -> None:
+        """A reply the batched transport's full send queue could not take (udpbatch.py)."""
+        self._resolver.stats.udp_dropped += 1
+
     def error_received(self, exc: Exception) -> None:
         # ICMP errors for earlier replies (client gone); nothing to do but note it.
         log.debug("udp_error", error=str(exc))

@@ -79,6 +79,7 @@ class BatchListener(Protocol):
         """The reply to a query, b"" to drop it, None to hand it to `not_fast`."""
 
     def not_fast(self, data: bytes, addr: Any) -> None: ...
+    def reply_dropped(self) -> None: ...  # one reply the full send queue could not take
     def connection_made(self, transport: asyncio.BaseTransport) -> None: ...
     def connection_lost(self, exc: Exception | None) -> None: ...
     def error_received(self, exc: Exception) -> None: ...
@@ -154,7 +155,6 @@ class BatchedUdpTransport(asyncio.DatagramTransport):
         self._listener = listener
         self._closing = False
         self._queue: collections.deque[tuple[bytes, Any]] = collections.deque()
-        self.dropped = 0  # replies the full queue could not take
         # Anonymous mappings: pages the kernel never writes to cost no memory.
         self._data = mmap.mmap(-1, BATCH * SLOT)
         self._names = mmap.mmap(-1, BATCH * NAME)
@@ -310,7 +310,7 @@ class BatchedUdpTransport(asyncio.DatagramTransport):
 
     def _enqueue(self, reply: bytes, addr: Any) -> None:
         if len(self._queue) >= QUEUE_LIMIT:
-            self.dropped += 1
+            self._listener.reply_dropped()
             log.debug("udp_reply_dropped", client=addr[0], reason="send queue full")
             return
         if not self._queue:

@@ -32,6 +32,7 @@ import structlog.testing
 
 from dnsoverride.dns import udpbatch
 from dnsoverride.dns.listener import UdpListener
+from dnsoverride.dns.stats import DnsCollector
 from tests.support.metrics import scrape
 from tests.support.peers import DnsPeer, dnsmasq, dnsoverride_serve, events
 from tests.support.ports import free_port
@@ -320,10 +321,16 @@ async def test_a_full_queue_drops_replies_counted(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """With the socket taking no reply and the queue bounded at 5, the sixth reply on is
-    dropped and counted, not queued without bound; once the socket takes replies again
-    the 5 queued go out, in order. Checked to fail with the bound removed."""
+    dropped and counted in `dnsoverride_dns_udp_replies_dropped_total`, not queued
+    without bound; once the socket takes replies again the 5 queued go out, in order.
+    Checked to fail with the bound removed, and before the drops were counted anywhere
+    but a transport attribute (no metric: a failure invisible at the default log level)."""
     monkeypatch.setattr(udpbatch, "QUEUE_LIMIT", 5)
-    transport, _ = await _listening(tmp_path)
+    resolver = in_process_resolver(_zones(tmp_path))
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    transport = await udpbatch.serve_udp(UdpListener(resolver, set()), sock)
+    assert isinstance(transport, udpbatch.BatchedUdpTransport)
     real_sendto = transport._sock.sendto
     blocked = True
 
@@ -331,6 +338,15 @@ async def test_a_full_queue_drops_replies_counted(
         if blocked:
             raise BlockingIOError(errno.EAGAIN, "would block")
         return real_sendto(data, addr)
+
+    collector = DnsCollector(
+        resolver.stats, resolver.answers, resolver.responses, resolver.ratelimit
+    )
+
+    def dropped() -> float:  # as /metrics shows it
+        name = "dnsoverride_dns_udp_replies_dropped"
+        (family,) = [metric for metric in collector.collect() if metric.name == name]
+        return float(family.samples[0].value)
 
     monkeypatch.setattr(transport, "_sock", _SendWrapper(transport._sock, sendto))
     loop = asyncio.get_running_loop()
@@ -340,12 +356,12 @@ async def test_a_full_queue_drops_replies_counted(
         try:
             for index in range(20):
                 transport.sendto(struct.pack("!H", index) + bytes(10), client.getsockname())
-            assert transport.get_write_buffer_size() == 5 and transport.dropped == 15
+            assert transport.get_write_buffer_size() == 5 and dropped() == 15
             blocked = False  # writable again: the writer sends what waits, in order
             async with asyncio.timeout(3):
                 got = [(await loop.sock_recv(client, 512))[:2] for _ in range(5)]
             assert got == [struct.pack("!H", index) for index in range(5)]
-            assert transport.get_write_buffer_size() == 0
+            assert transport.get_write_buffer_size() == 0 and dropped() == 15
         finally:
             transport.close()
 
