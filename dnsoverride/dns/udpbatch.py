@@ -12,9 +12,12 @@ A query the fast path does not answer goes to `UdpListener.not_fast` with the ad
 tuple uvloop would have given, and its reply comes back through `sendto`, one datagram at
 a time. A send the socket cannot take now (EAGAIN) waits in a bounded queue written when
 the socket is writable (uvloop queues without bound); any other send or receive error
-(ECONNREFUSED, ENOBUFS, EMSGSIZE ...) costs that datagram, and is logged at debug level
-as `udp_error`, as uvloop reports them to the listener. Nothing else about a query
-changes: the same `Resolver.fast` answers it, counts it, logs it and rate-limits it.
+(a spoofed source: EINVAL for port 0, EACCES for a broadcast address; ENOBUFS,
+EMSGSIZE ...) costs that datagram, and is logged at debug level as `udp_error`, as
+uvloop reports them to the listener. (ICMP port-unreachable for a reply to a client
+gone is no error here: Linux reports none on an unconnected socket without IP_RECVERR.)
+Nothing else about a query changes: the same `Resolver.fast` answers it, counts it,
+logs it and rate-limits it.
 """
 
 from __future__ import annotations
@@ -293,7 +296,7 @@ class BatchedUdpTransport(asyncio.DatagramTransport):
             if code in (errno.EAGAIN, errno.EWOULDBLOCK):
                 self._enqueue_prepared(sent, replies)
                 return
-            # This datagram failed (EMSGSIZE, ENOBUFS, ECONNREFUSED ...); the rest still go.
+            # This datagram failed (EINVAL, EACCES, ENOBUFS ...); the rest still go.
             self.error_received(OSError(code, os.strerror(code)))
             sent += 1
 

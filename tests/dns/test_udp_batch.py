@@ -300,13 +300,13 @@ async def test_replies_the_socket_cannot_take_wait_and_go_out(tmp_path: Path) ->
 
 
 async def test_a_send_error_costs_one_reply_and_is_logged(tmp_path: Path) -> None:
-    """A datagram the kernel refuses (ECONNREFUSED, ENOBUFS, EMSGSIZE: -1 for the
+    """A datagram the kernel refuses (ENOBUFS, EMSGSIZE, EINVAL: -1 for the
     batch's first) costs that reply alone, logged as `udp_error`; the rest of the batch
     still goes. Checked to fail with the batch abandoned at the error."""
     transport, address = await _listening(tmp_path)
     await _ask(address, NAMES)
     calls: list[int] = []
-    transport._sendmmsg = _failing(transport._sendmmsg, [errno.ECONNREFUSED], calls)
+    transport._sendmmsg = _failing(transport._sendmmsg, [errno.ENOBUFS], calls)
     try:
         with structlog.testing.capture_logs() as logs:
             replies, ids = await _ask(address, 20)
@@ -412,5 +412,84 @@ async def test_without_batching_the_uvloop_transport_serves(
         assert not isinstance(transport, udpbatch.BatchedUdpTransport)
         replies, ids = await _ask(address, 50)
         assert set(replies) == ids
+    finally:
+        transport.close()
+
+
+def _spoofed(source: str, port: int, to: tuple[str, int], payload: bytes) -> bytes:
+    """An IPv4 UDP datagram from `source`:`port` (the kernel fills the checksums)."""
+    udp = struct.pack("!HHHH", port, to[1], 8 + len(payload), 0) + payload
+    header = struct.pack(
+        "!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 0, 0, 64, socket.IPPROTO_UDP, 0,
+        socket.inet_aton(source), socket.inet_aton(to[0]),
+    )  # fmt: skip
+    return header + udp
+
+
+def _raw_socket() -> socket.socket:
+    try:
+        return socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+    except PermissionError:
+        pytest.skip("raw sockets need CAP_NET_RAW")
+
+
+async def test_replies_the_kernel_refuses_cost_only_themselves(tmp_path: Path) -> None:
+    """Queries with sources no reply can go to (spoofed on loopback through a raw socket:
+    port 0, refused with EINVAL; the broadcast address, EACCES) in the same batches as a
+    real client's: the kernel refuses those replies inside `sendmmsg`, each is logged as
+    `udp_error`, and every reply to the real client still goes. The injected errors of
+    `test_a_send_error_costs_one_reply_and_is_logged`, from the real kernel; answered
+    alike by uvloop's transport (checked with DNSOVERRIDE_UDP_BATCH=0 by hand)."""
+    transport, address = await _listening(tmp_path)
+    await _ask(address, 1)  # n0 in the answer cache: every query below takes the fast path
+    sizes: list[int] = []
+    real = transport._sendmmsg
+
+    def sendmmsg(*args: Any) -> int:
+        sizes.append(args[2])
+        return int(real(*args))
+
+    transport._sendmmsg = sendmmsg
+    query = dns.message.make_query("n0.batch.test", "A").to_wire()
+    with _raw_socket() as raw, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+        client.bind(("127.0.0.1", 0))
+        client.setblocking(False)
+        try:
+            with structlog.testing.capture_logs() as logs:
+                for index in range(30):
+                    if index % 3 == 0:
+                        raw.sendto(_spoofed("127.0.0.1", 0, address, query), (address[0], 0))
+                    elif index % 3 == 1:
+                        bad = _spoofed("255.255.255.255", 5353, address, query)
+                        raw.sendto(bad, (address[0], 0))
+                    client.sendto(struct.pack("!H", index) + query[2:], address)
+                got: set[int] = set()
+                async with asyncio.timeout(3):
+                    while len(got) < 30:
+                        reply = await asyncio.get_running_loop().sock_recv(client, 512)
+                        got.add(struct.unpack_from("!H", reply)[0])
+            errors = [str(entry["error"]) for entry in logs if entry["event"] == "udp_error"]
+            assert sorted({error.split("]")[0] for error in errors}) == ["[Errno 13", "[Errno 22"]
+            assert len(errors) == 20 and got == set(range(30))
+            assert max(sizes) > 1  # refused and good replies went in one sendmmsg
+        finally:
+            transport.close()
+
+
+async def test_clients_gone_before_their_replies_cost_nothing(tmp_path: Path) -> None:
+    """50 clients that close their socket right after asking: each reply meets a closed
+    port (ICMP port-unreachable on loopback), which Linux does not report to an
+    unconnected socket: no `udp_error`, and the next client is answered (its queries
+    are read after theirs, so their replies went first)."""
+    transport, address = await _listening(tmp_path)
+    query = dns.message.make_query("n0.batch.test", "A").to_wire()
+    try:
+        with structlog.testing.capture_logs() as logs:
+            for _ in range(50):
+                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as gone:
+                    gone.sendto(query, address)
+            replies, ids = await _ask(address, 5)
+        assert set(replies) == ids
+        assert not [entry for entry in logs if entry["event"] == "udp_error"]
     finally:
         transport.close()
