@@ -138,7 +138,8 @@ def _address(family: int, name: bytes) -> tuple[str, tuple[Any, ...]]:
         return host, (host, port)
     host = socket.inet_ntop(socket.AF_INET6, name[8:24])
     flowinfo = int.from_bytes(name[4:8], "big")
-    return host, (host, port, flowinfo, int.from_bytes(name[24:28], "little"))
+    # sin6_scope_id is in host order (the port and flowinfo in network order).
+    return host, (host, port, flowinfo, int.from_bytes(name[24:28], sys.byteorder))
 
 
 class BatchedUdpTransport(asyncio.DatagramTransport):

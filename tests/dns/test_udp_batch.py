@@ -493,3 +493,20 @@ async def test_clients_gone_before_their_replies_cost_nothing(tmp_path: Path) ->
         assert not [entry for entry in logs if entry["event"] == "udp_error"]
     finally:
         transport.close()
+
+
+def test_a_raw_ipv6_address_reads_as_the_socket_module_gives_it() -> None:
+    """A sockaddr_in6 as the kernel writes it (port and flowinfo in network order, the
+    scope ID in host order) reads as `socket` would give it. On this little-endian
+    machine the old code (scope ID always read little-endian) passes too: it was wrong
+    only on big-endian 64-bit glibc (s390x, ppc64)."""
+    raw = struct.pack(
+        "=H2sI16sI",
+        socket.AF_INET6,
+        struct.pack("!H", 5353),
+        socket.htonl(0x12345),
+        socket.inet_pton(socket.AF_INET6, "fe80::1"),
+        7,
+    )
+    assert len(raw) == 28
+    assert udpbatch._address(socket.AF_INET6, raw) == ("fe80::1", ("fe80::1", 5353, 0x12345, 7))
