@@ -159,12 +159,13 @@ class BatchedUdpTransport(asyncio.DatagramTransport):
         self._listener = listener
         self._closing = False
         self._queue: collections.deque[tuple[bytes, Any]] = collections.deque()
-        # Anonymous mappings: pages the kernel never writes to cost no memory.
-        self._data = mmap.mmap(-1, BATCH * SLOT)
-        self._names = mmap.mmap(-1, BATCH * NAME)
-        self._recv = mmap.mmap(-1, BATCH * _HDR)
-        self._send = mmap.mmap(-1, BATCH * _HDR)
-        self._iov = mmap.mmap(-1, 2 * BATCH * ctypes.sizeof(_IoVec))
+        # Anonymous mappings: pages the kernel never writes to cost no memory. Private
+        # (mmap's default is shared): a forked child must not write into our datagrams.
+        self._data = self._buffer(BATCH * SLOT)
+        self._names = self._buffer(BATCH * NAME)
+        self._recv = self._buffer(BATCH * _HDR)
+        self._send = self._buffer(BATCH * _HDR)
+        self._iov = self._buffer(2 * BATCH * ctypes.sizeof(_IoVec))
         data = self._address_of(self._data)
         self._names_at = self._address_of(self._names)
         self._recv_at = self._address_of(self._recv)
@@ -217,6 +218,10 @@ class BatchedUdpTransport(asyncio.DatagramTransport):
         ]
         listener.connection_made(self)
         loop.add_reader(self._fd, self._readable)
+
+    @staticmethod
+    def _buffer(size: int) -> mmap.mmap:
+        return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
 
     @staticmethod
     def _address_of(buffer: mmap.mmap) -> int:

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import ctypes
 import errno
+import os
 import random
 import selectors
 import socket
@@ -510,3 +511,21 @@ def test_a_raw_ipv6_address_reads_as_the_socket_module_gives_it() -> None:
     )
     assert len(raw) == 28
     assert udpbatch._address(socket.AF_INET6, raw) == ("fe80::1", ("fe80::1", 5353, 0x12345, 7))
+
+
+async def test_a_forked_child_does_not_share_the_buffers(tmp_path: Path) -> None:
+    """The datagram buffers are private to the process: a child forked after the
+    transport exists (the daemon's workers come from a fork server today, but a fork
+    is one library call away) writes into its own copy, not into the datagrams its
+    parent is reading and answering. Checked to fail with the default shared mapping."""
+    transport, _ = await _listening(tmp_path)
+    try:
+        before = transport._data[:8]
+        child = os.fork()
+        if child == 0:  # the child: scribble over the buffer, leave at once
+            transport._data[:8] = b"\xff" * 8
+            os._exit(0)
+        assert (await asyncio.to_thread(os.waitpid, child, 0))[1] == 0
+        assert transport._data[:8] == before
+    finally:
+        transport.close()
