@@ -13,13 +13,14 @@ import asyncio
 import contextlib
 import ctypes
 import errno
+import functools
 import os
 import random
 import selectors
 import socket
 import struct
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ import dns.query
 import dns.rcode
 import pytest
 import structlog.testing
+import uvloop
 
 from dnsoverride.dns import udpbatch
 from dnsoverride.dns.listener import UdpListener
@@ -43,6 +45,19 @@ pytestmark = [
     pytest.mark.e2e,
     pytest.mark.skipif(not udpbatch.available(), reason="no recvmmsg/sendmmsg here"),
 ]
+
+
+def _on_uvloop(test: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., None]:
+    """Run an async test on uvloop, the daemon's loop, rather than pytest-asyncio's
+    asyncio loop: their readers differ (libuv stops watching a socket in error, asyncio
+    calls the reader) and so do their datagram transports (the fallback is uvloop's)."""
+
+    @functools.wraps(test)
+    def run(*args: Any, **kwargs: Any) -> None:
+        uvloop.run(test(*args, **kwargs))
+
+    return run
+
 
 NAMES = 100
 TXT = ", ".join(f'"{index:03d}' + "x" * 247 + '"' for index in range(4))
@@ -277,6 +292,7 @@ async def _ask(address: tuple[str, int], count: int) -> tuple[dict[int, bytes], 
     return replies, ids
 
 
+@_on_uvloop
 async def test_replies_the_socket_cannot_take_wait_and_go_out(tmp_path: Path) -> None:
     """EAGAIN from sendmmsg: the replies wait in the queue and go out when the socket is
     writable, none lost. Checked to fail with the replies dropped on EAGAIN."""
@@ -300,6 +316,7 @@ async def test_replies_the_socket_cannot_take_wait_and_go_out(tmp_path: Path) ->
         transport.close()
 
 
+@_on_uvloop
 async def test_a_send_error_costs_one_reply_and_is_logged(tmp_path: Path) -> None:
     """A datagram the kernel refuses (ENOBUFS, EMSGSIZE, EINVAL: -1 for the
     batch's first) costs that reply alone, logged as `udp_error`; the rest of the batch
@@ -318,6 +335,7 @@ async def test_a_send_error_costs_one_reply_and_is_logged(tmp_path: Path) -> Non
         transport.close()
 
 
+@_on_uvloop
 async def test_a_full_queue_drops_replies_counted(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -400,6 +418,7 @@ def test_a_client_that_never_reads_costs_others_nothing(tmp_path: Path, upstream
         assert not errors and "Traceback" not in server.log_text()
 
 
+@_on_uvloop
 async def test_without_batching_the_uvloop_transport_serves(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -434,6 +453,7 @@ def _raw_socket() -> socket.socket:
         pytest.skip("raw sockets need CAP_NET_RAW")
 
 
+@_on_uvloop
 async def test_replies_the_kernel_refuses_cost_only_themselves(tmp_path: Path) -> None:
     """Queries with sources no reply can go to (spoofed on loopback through a raw socket:
     port 0, refused with EINVAL; the broadcast address, EACCES) in the same batches as a
@@ -477,6 +497,7 @@ async def test_replies_the_kernel_refuses_cost_only_themselves(tmp_path: Path) -
             transport.close()
 
 
+@_on_uvloop
 async def test_clients_gone_before_their_replies_cost_nothing(tmp_path: Path) -> None:
     """50 clients that close their socket right after asking: each reply meets a closed
     port (ICMP port-unreachable on loopback), which Linux does not report to an
@@ -513,6 +534,7 @@ def test_a_raw_ipv6_address_reads_as_the_socket_module_gives_it() -> None:
     assert udpbatch._address(socket.AF_INET6, raw) == ("fe80::1", ("fe80::1", 5353, 0x12345, 7))
 
 
+@_on_uvloop
 async def test_a_forked_child_does_not_share_the_buffers(tmp_path: Path) -> None:
     """The datagram buffers are private to the process: a child forked after the
     transport exists (the daemon's workers come from a fork server today, but a fork
