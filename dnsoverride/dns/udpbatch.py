@@ -123,11 +123,30 @@ async def serve_udp(listener: BatchListener, sock: socket.socket) -> asyncio.Dat
     """Answer the datagrams of `sock` with `listener`: batched where available, else on
     uvloop's datagram transport."""
     loop = asyncio.get_running_loop()
+    _no_error_queue(sock)
     if _LIBC is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
         protocol = cast(asyncio.DatagramProtocol, listener)  # UdpListener is one
         transport, _ = await loop.create_datagram_endpoint(lambda: protocol, sock=sock)
         return transport
     return BatchedUdpTransport(loop, sock, listener)
+
+
+# Linux's values (the socket module names them from Python 3.12 on).
+_RECVERR = ((socket.IPPROTO_IP, 11), (socket.IPPROTO_IPV6, 25))  # IP_RECVERR, IPV6_RECVERR
+
+
+def _no_error_queue(sock: socket.socket) -> None:
+    """Turn IP_RECVERR off (an inherited socket may have it on): with it, the ICMP error
+    of every reply to a client gone waits in the socket's error queue, which nothing
+    here reads; the socket stays in error for epoll, and once that comes with no
+    datagram waiting, libuv stops watching the socket (the listener goes deaf, silently;
+    uvloop's own transport crashed). Off, Linux reports no ICMP error to an unconnected
+    socket at all."""
+    if sys.platform != "linux" or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    for level, option in _RECVERR:  # both on IPv6: a dual-stack socket's IPv4 clients
+        if level == socket.IPPROTO_IP or sock.family == socket.AF_INET6:
+            sock.setsockopt(level, option, 0)
 
 
 def _address(family: int, name: bytes) -> tuple[str, tuple[Any, ...]]:

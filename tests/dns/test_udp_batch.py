@@ -551,3 +551,42 @@ async def test_a_forked_child_does_not_share_the_buffers(tmp_path: Path) -> None
         assert transport._data[:8] == before
     finally:
         transport.close()
+
+
+IP_RECVERR = 11  # Linux's value; the socket module names it from Python 3.12 on
+
+
+@pytest.mark.parametrize("batched", [True, False], ids=["batched", "uvloop"])
+@_on_uvloop
+async def test_a_socket_with_ip_recverr_keeps_being_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, batched: bool
+) -> None:
+    """A UDP socket with IP_RECVERR on (an inherited socket may come so) queues an ICMP
+    error for each reply to a client gone; the queue keeps the socket in error for
+    epoll, and once that error comes alone (no datagram waiting) libuv stops watching
+    the socket: the listener went deaf, silently (every later query unanswered before
+    the fix, no log line). `serve_udp` turns the option off. uvloop's own transport,
+    the fallback, died of it too: a segmentation fault (this test's process) before."""
+    if not batched:
+        monkeypatch.setattr(udpbatch, "_LIBC", None)
+    resolver = in_process_resolver(_zones(tmp_path))
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.setsockopt(socket.IPPROTO_IP, IP_RECVERR, 1)
+    address = sock.getsockname()
+    transport = await udpbatch.serve_udp(UdpListener(resolver, set()), sock)
+    query = dns.message.make_query("n0.batch.test", "A").to_wire()
+    try:
+        await _ask(address, 1)
+        for _ in range(3):
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as gone:
+                gone.sendto(query, address)
+            # Answered after the gone client's: by then its reply met the closed port.
+            replies, ids = await _ask(address, 1)
+            assert set(replies) == ids
+            for _ in range(3):  # loop iterations with nothing to read: the error alone
+                await asyncio.sleep(0)
+        replies, ids = await _ask(address, 20)
+        assert set(replies) == ids
+    finally:
+        transport.close()
