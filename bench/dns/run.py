@@ -6,8 +6,12 @@ dnsmasq on loopback answering `*.fwd.bench`). Everything listens on 127.0.0.1.
 
 Throughput (dnsperf: 8 sockets, 200 queries outstanding), each workload run for
 --seconds against each server, --rounds times, the servers' order reversed every other
-round (A/B alternation); the medians of the QPS and of the per-round ratio to unbound
-(1 thread) are printed, with the load average before and after (the machine is shared).
+round (A/B alternation); printed are the medians of the QPS, of the per-round ratio to
+unbound (1 thread), of dnsoverride's per-round ratio to unbound with as many threads as
+it has workers, and of the server's CPU time per query answered (user + system of its
+processes, workers included, over the queries dnsperf saw answered: less sensitive than
+QPS to what else runs on the machine), with the load average before and after (the
+machine is shared).
 dnsoverride runs twice, with `workers: 1` and `2`, and unbound with `num-threads: 1` and `2`:
 
   overridden              100 names from the zone / local-data / host-records
@@ -54,7 +58,7 @@ import dns.edns  # after the sys.path line
 import dns.message
 import dns.query
 
-from tests.support.dns_load import burst, non_readers, press, rss_kib
+from tests.support.dns_load import burst, cpu_seconds, non_readers, press, rss_kib
 from tests.support.peers import DnsPeer, dnsmasq, dnsoverride_serve, unbound
 
 NAMES = 100
@@ -70,21 +74,27 @@ def overridden(index: int) -> tuple[str, str]:
     return f"ovr{index}.ci.bench", f"10.0.{index // 250}.{index % 250 + 1}"
 
 
-def dnsperf(server: DnsPeer, queries: Path, seconds: float, flags: Sequence[str] = ()) -> float:
-    """Queries per second dnsperf measured; notes on stderr if many queries were lost."""
+def dnsperf(
+    server: DnsPeer, queries: Path, seconds: float, flags: Sequence[str] = ()
+) -> tuple[float, float]:
+    """Queries per second dnsperf measured and the server's CPU time per query answered
+    (its processes' user + system, in us); notes on stderr if many queries were lost."""
     # 8 client sockets, up to 200 queries outstanding, 2 s timeout.
     command = ["dnsperf", "-s", server.host, "-p", str(server.port), "-d", str(queries)]
     command += ["-l", str(seconds), "-c", "8", "-q", "200", "-t", "2", *flags]
+    cpu = cpu_seconds(server.process.pid)
     result = subprocess.run(command, capture_output=True, text=True, check=True)
+    cpu = cpu_seconds(server.process.pid) - cpu
     qps = re.search(r"Queries per second:\s+([\d.]+)", result.stdout)
     sent = re.search(r"Queries sent:\s+(\d+)", result.stdout)
     lost = re.search(r"Queries lost:\s+(\d+)", result.stdout)
-    if qps is None:
+    completed = re.search(r"Queries completed:\s+(\d+)", result.stdout)
+    if qps is None or completed is None:
         raise RuntimeError(f"dnsperf output not understood:\n{result.stdout}{result.stderr}")
     # A few queries still in flight when the run ends count as lost; more means overload.
     if sent and lost and int(lost.group(1)) > int(sent.group(1)) // 1000:
         print(f"  note: {server.name} lost {lost.group(1)} of {sent.group(1)}", file=sys.stderr)
-    return float(qps.group(1))
+    return float(qps.group(1)), cpu / max(1, int(completed.group(1))) * 1e6
 
 
 @contextlib.contextmanager
@@ -132,6 +142,8 @@ def servers(work: Path) -> Iterator[dict[str, DnsPeer]]:
 
 
 CLIENT_COOKIE = "0102030405060708"
+# dnsoverride against unbound at equal process/thread counts.
+EQUAL_THREADS = {"dnsoverride": "unbound", "dnsoverride 2 workers": "unbound 2 threads"}
 
 
 def cookie_flags(peer: DnsPeer) -> list[str]:
@@ -154,6 +166,8 @@ def throughput(work: Path, seconds: float, rounds: int, workloads: list[str]) ->
     files["forwarded (cached)"].write_text("".join(f"name{i}.fwd.bench A\n" for i in range(NAMES)))
     qps: dict[str, dict[str, list[float]]] = {}
     ratios: dict[str, dict[str, list[float]]] = {}
+    cpu: dict[str, dict[str, list[float]]] = {}  # us per query
+    equal: dict[str, dict[str, list[float]]] = {}  # ratio to unbound with as many threads
     print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     with servers(work) as peers:
         cookies = {name: cookie_flags(peer) for name, peer in peers.items()}
@@ -164,7 +178,7 @@ def throughput(work: Path, seconds: float, rounds: int, workloads: list[str]) ->
             if round_ % 2:
                 order.reverse()
             for load in workloads:
-                measured = {}
+                measured: dict[str, float] = {}
                 for name, peer in order:
                     flags: list[str] = []
                     path = files.get(load.removesuffix(" EDNS").removesuffix(" EDNS+cookie"))
@@ -178,23 +192,34 @@ def throughput(work: Path, seconds: float, rounds: int, workloads: list[str]) ->
                         prefix = f"r{round_}.{name.replace(' ', '-')}.fwd.bench"
                         path.write_text("".join(f"c{i}.{prefix} A\n" for i in range(COLD_NAMES)))
                     assert path is not None
-                    measured[name] = dnsperf(peer, path, seconds, flags)
+                    measured[name], used = dnsperf(peer, path, seconds, flags)
+                    cpu.setdefault(load, {}).setdefault(name, []).append(used)
                     if load == "forwarded (cold)":
                         path.unlink()
                 for name, value in measured.items():
                     qps.setdefault(load, {}).setdefault(name, []).append(value)
                     ratio = value / measured["unbound"]
                     ratios.setdefault(load, {}).setdefault(name, []).append(ratio)
+                for ours, theirs in EQUAL_THREADS.items():
+                    ratio = measured[ours] / measured[theirs]
+                    equal.setdefault(load, {}).setdefault(ours, []).append(ratio)
     print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(f"medians of {rounds} rounds (servers alternating), ratio per round to unbound 1 thread")
-    print(f"{'workload':<26}{'server':<24}{'QPS':>10}{'vs unbound':>12}   per round")
+    print(f"{'workload':<26}{'server':<24}{'QPS':>10}{'vs unbound':>12}{'CPU/q':>8}   per round")
     for load in workloads:
         for name in qps[load]:
             each = " ".join(f"{r:.2f}" for r in ratios[load][name])
             print(
                 f"{load:<26}{name:<24}{statistics.median(qps[load][name]):>10.0f}"
-                f"{statistics.median(ratios[load][name]):>11.2f}x   {each}"
+                f"{statistics.median(ratios[load][name]):>11.2f}x"
+                f"{statistics.median(cpu[load][name]):>6.1f}us   {each}"
             )
+    print("at equal threads: median of the per-round ratios (per round)")
+    for load in workloads:
+        for ours, theirs in EQUAL_THREADS.items():
+            each = " ".join(f"{r:.2f}" for r in equal[load][ours])
+            median = statistics.median(equal[load][ours])
+            print(f"{load:<26}{ours + ' / ' + theirs:<46}{median:>6.2f}x   {each}")
 
 
 @contextlib.contextmanager

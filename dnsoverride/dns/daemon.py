@@ -16,10 +16,11 @@ import gc
 import os
 import signal
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import Any
 
 import structlog
 import uvloop
@@ -41,6 +42,8 @@ from dnsoverride.dns.reload import ServeStart, serve_reloader, serve_start
 from dnsoverride.dns.resolver import Resolver
 from dnsoverride.dns.stats import DnsCollector, DnsStats
 from dnsoverride.dns.status import Caches, Counts, DnsState, counts
+from dnsoverride.dns.udpbatch import available as udp_batched
+from dnsoverride.dns.udpbatch import serve_udp
 from dnsoverride.dns.views import Routing
 from dnsoverride.dns.workerpool import (
     MergedMetrics,
@@ -129,7 +132,6 @@ async def _bind(
     reuse_port = config.workers > 1
     # TCP listeners get a backlog as large as the connection cap: clients retrying over
     # TCP after TC replies arrive together, and an overflowing accept queue resets them.
-    loop = asyncio.get_running_loop()
     handler = TcpListener(resolver, config.tcp)
 
     def udp_protocol() -> UdpListener:
@@ -140,8 +142,7 @@ async def _bind(
             sockname = sock.getsockname()
             if sock.type == socket.SOCK_DGRAM:
                 _grow_receive_buffer(sock)
-                transport, _ = await loop.create_datagram_endpoint(udp_protocol, sock=sock)
-                bound.udp.append(transport)
+                bound.udp.append(await serve_udp(udp_protocol(), sock))
                 bound.names.append(f"udp {sockname[0]}:{sockname[1]} (systemd)")
             else:
                 bound.tcp.append(
@@ -153,8 +154,8 @@ async def _bind(
         return
     for endpoint in config.listen:
         try:
-            transport, _ = await loop.create_datagram_endpoint(
-                udp_protocol, sock=_udp_socket(endpoint, reuse_port=reuse_port)
+            transport = await serve_udp(
+                udp_protocol(), _udp_socket(endpoint, reuse_port=reuse_port)
             )
             bound.udp.append(transport)
             port = transport.get_extra_info("sockname")[1]
@@ -288,6 +289,7 @@ class DnsService:
             views=[view.name for view in config.views],
             workers=config.workers,
             workers_auto=config.workers_auto,
+            udp="batched" if udp_batched() else "uvloop",
         )
         if not zone_set.files:
             log.warning(
@@ -403,20 +405,10 @@ class DnsService:
         await self.start(inherited)
         trim_heap()  # startup's garbage, as in the supervisor
 
-        async def reload() -> None:
-            async with reloading:
-                try:
-                    new = await asyncio.to_thread(self._start.loader)
-                except Exception as error:  # the supervisor's load passed: files changed since
-                    log.warning("worker_reload_failed", error=str(error)[:500])
-                else:
-                    assert self._install is not None
-                    self._install(new)
-                link.send(Message("reloaded", self._routing_hash))
-
-        async def send_metrics() -> None:
-            await load_exposition()  # the first request's import, off the loop's thread
-            link.send(Message("metrics", exposition(self._registry).decode()))
+        def spawn(work: Coroutine[Any, Any, None]) -> None:
+            task = loop.create_task(work)
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
         def receive() -> None:
             try:
@@ -429,14 +421,12 @@ class DnsService:
                 stopping.set()
                 return
             if message.kind == "reload":
-                self._tasks.add(loop.create_task(reload()))
+                spawn(self._reload_as_worker(link, reloading))
             elif message.kind == "withdrawn":
                 assert self._zones is not None
                 self._zones.withdraw(message.value)
             elif message.kind == "metrics":
-                task = loop.create_task(send_metrics())
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+                spawn(self._send_metrics(link))
             elif message.kind == "counts":
                 assert self._counts is not None
                 link.send(Message("counts", self._counts()))
@@ -451,6 +441,22 @@ class DnsService:
         await stopping.wait()
         loop.remove_reader(link.fileno())
         await self.stop()
+
+    async def _reload_as_worker(self, link: Connection, reloading: asyncio.Lock) -> None:
+        """The supervisor's "reload": the same files again, answered with the new hash."""
+        async with reloading:
+            try:
+                new = await asyncio.to_thread(self._start.loader)
+            except Exception as error:  # the supervisor's load passed: files changed since
+                log.warning("worker_reload_failed", error=str(error)[:500])
+            else:
+                assert self._install is not None
+                self._install(new)
+            link.send(Message("reloaded", self._routing_hash))
+
+    async def _send_metrics(self, link: Connection) -> None:
+        await load_exposition()  # the first request's import, off the loop's thread
+        link.send(Message("metrics", exposition(self._registry).decode()))
 
 
 def worker_main(spec: WorkerSpec, index: int, link: Connection) -> None:

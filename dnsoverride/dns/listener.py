@@ -1,12 +1,13 @@
 """UDP and TCP listeners: bytes in, bytes out, nothing else.
 
-UDP is a plain `asyncio.DatagramProtocol`: a cache hit is answered inside
+UDP is an `asyncio.DatagramProtocol`: a cache hit is answered inside
 `datagram_received` without creating a task; so is a cold forwarding miss begun (its
 reply sent from the forwarder's callback, `Resolver.miss`); any other query becomes a
-task. TCP reads length-prefixed messages (several per connection, answered concurrently
-and out of order, RFC 7766) until the client goes quiet, and closes a client that does
-not read its answers; cache hits are answered from the same answer cache as UDP.
-Neither knows anything about DNS beyond the framing.
+task. On Linux its transport reads and sends in batches (udpbatch.py), asking `fast`
+itself and handing the rest to `not_fast`. TCP reads length-prefixed messages (several
+per connection, answered concurrently and out of order, RFC 7766) until the client goes
+quiet, and closes a client that does not read its answers; cache hits are answered
+from the same answer cache as UDP. Neither knows anything about DNS beyond the framing.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ class UdpListener(asyncio.DatagramProtocol):
 
     def __init__(self, resolver: Resolver, tasks: set[asyncio.Task[None]]) -> None:
         self._resolver = resolver
-        self._fast = resolver.fast  # bound once: the hot path is a handful of lookups
+        self.fast = resolver.fast  # bound once: the hot path is a handful of lookups
         self._miss = resolver.miss
         self._tasks = tasks
         self._transport: asyncio.DatagramTransport | None = None
@@ -43,13 +44,17 @@ class UdpListener(asyncio.DatagramProtocol):
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
         try:
-            reply = self._fast(data, addr[0])
+            reply = self.fast(data, addr[0])
         except Exception:  # a bug on the fast path: `resolve` answers, logs and counts it
             reply = None
         if reply is not None:
             if reply:  # b"": dropped by the rate limit
                 self._send(reply, addr)
             return
+        self.not_fast(data, addr)
+
+    def not_fast(self, data: bytes, addr: Any) -> None:
+        """Answer a query `fast` did not: a forwarding miss begun, or a task."""
         try:
             taken = self._miss(data, addr, self._reply)
         except Exception:  # a bug: `resolve` answers, logs and counts it
@@ -70,6 +75,10 @@ class UdpListener(asyncio.DatagramProtocol):
         finally:
             # Itself, rather than a done callback: one loop callback less per query.
             self._tasks.discard(asyncio.current_task(self._loop))
+
+    def reply_dropped(self) -> None:
+        """A reply the batched transport's full send queue could not take (udpbatch.py)."""
+        self._resolver.stats.udp_dropped += 1
 
     def error_received(self, exc: Exception) -> None:
         # ICMP errors for earlier replies (client gone); nothing to do but note it.

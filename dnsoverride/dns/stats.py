@@ -74,6 +74,7 @@ class DnsStats:
         self.upstream_demoted_until: dict[str, float] = {}
         self.tcp_refused = 0  # connections closed at once: the connection cap was reached
         self.tcp_stalled = 0  # connections closed because the client did not read
+        self.udp_dropped = 0  # UDP replies dropped: the socket's send queue was full
         self.unwanted: dict[str, int] = {}  # by upstream
         self.query_errors = {"malformed": 0, "internal": 0}
 
@@ -182,6 +183,11 @@ class DnsCollector:
             "dnsoverride_dns_tcp_connections_stalled",
             "TCP connections closed because the client did not read its answers in time",
             value=self._stats.tcp_stalled,
+        )
+        yield CounterMetricFamily(
+            "dnsoverride_dns_udp_replies_dropped",
+            "UDP replies dropped: the socket could not take them and its send queue was full",
+            value=self._stats.udp_dropped,
         )
         unwanted = CounterMetricFamily(
             "dnsoverride_dns_upstream_unwanted_replies",

@@ -22,15 +22,11 @@ import dns.rdatatype
 import pytest
 
 from dnsoverride.dns import wire
-from dnsoverride.dns.config import ServeFlags, load_config
 from dnsoverride.dns.constants import COOKIE
 from dnsoverride.dns.cookies import Cookies
-from dnsoverride.dns.forwarder import Forwarder
-from dnsoverride.dns.reload import serve_start
 from dnsoverride.dns.resolver import Resolver
-from dnsoverride.dns.stats import DnsStats
-from dnsoverride.dns.zones.live import LiveZones
 from tests.support.peers import dnsmasq, dnsoverride_serve
+from tests.support.resolvers import in_process_resolver
 
 COOKIE_OPTION = dns.edns.OptionType.COOKIE
 NAME = b"\x03www\x07Example\x04test\x00"
@@ -215,14 +211,7 @@ async def _resolver(tmp_path: Path) -> Resolver:
     zones = tmp_path / "zones"
     zones.mkdir()
     (zones / "z.yaml").write_text("records:\n  www.example.test: {A: 10.0.0.1}\n")
-    flags = ServeFlags(listen=("127.0.0.1:0",), upstream=("127.0.0.1:9",), zones=str(zones))
-    config = load_config(None, flags)
-    routing = serve_start(config, None, flags).load()
-    stats = DnsStats()
-    forwarder = Forwarder.for_config(config, stats)
-    resolver = Resolver(config, LiveZones(routing.zone_set), forwarder, stats)
-    resolver.route(routing)
-    return resolver
+    return in_process_resolver(zones)
 
 
 def _returned_cookie(reply: bytes) -> bytes:

@@ -21,14 +21,10 @@ import dns.rcode
 import pytest
 import structlog.testing
 
-from dnsoverride.dns.config import ServeFlags, load_config
-from dnsoverride.dns.forwarder import Forwarder
-from dnsoverride.dns.reload import serve_start
 from dnsoverride.dns.resolver import Resolver
-from dnsoverride.dns.stats import DnsStats
 from dnsoverride.dns.udpexchange import SocketWatcher
-from dnsoverride.dns.zones.live import LiveZones
 from tests.support.peers import DnsPeer, dnsmasq
+from tests.support.resolvers import in_process_resolver
 
 pytestmark = pytest.mark.e2e
 
@@ -47,15 +43,7 @@ async def _resolver(tmp_path: Path, upstream: str, allow: str = "127.0.0.0/8") -
     (zones / "z.yaml").write_text("records:\n  over.fwd.test: {A: 10.0.0.1}\n")
     config_file = tmp_path / "serve.yaml"
     config_file.write_text(f"allow: [{allow}]\n")
-    flags = ServeFlags(listen=("127.0.0.1:0",), upstream=(upstream,), zones=str(zones))
-    config = load_config(config_file, flags)
-    routing = serve_start(config, config_file, flags).load()
-    stats = DnsStats()
-    resolver = Resolver(
-        config, LiveZones(routing.zone_set), Forwarder.for_config(config, stats), stats
-    )
-    resolver.route(routing)
-    return resolver
+    return in_process_resolver(zones, upstream, config_file)
 
 
 class _Client:
