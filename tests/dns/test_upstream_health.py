@@ -110,8 +110,11 @@ def test_all_upstreams_down_servfail_at_once_then_answers_after_recovery(tmp_pat
     config = "probe: {name: Health.Example.}\n"
     hole = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
-        hole.bind(("127.0.0.1", 0))
-        port = hole.getsockname()[1]
+        # Below the ephemeral range (tests/support/ports.py): between the hole's close and
+        # dnsmasq's start, a source port the kernel hands out (the daemon's upstream
+        # queries, dnspython's) could have been this one, and dnsmasq could not bind it.
+        port = free_port()
+        hole.bind(("127.0.0.1", port))
         dead = f"127.0.0.1:{port}"
         with dnsoverride_serve(tmp_path, zones, [dead], config=config) as server:
             # The first probe runs at start and times out: the only upstream is down.
