@@ -458,7 +458,12 @@ class Fetcher:
         hash (hex) of what came."""
         kind, digest = download.kind, download.digest
         hasher = hashlib.new(digest.algorithm)
-        async for chunk in response.content.iter_chunked(_CHUNK):
+        # Never more than one byte past the size or limit is taken from the stream: what
+        # aiohttp buffered beyond it is neither written nor counted as received.
+        bounds = [b for b in (download.size, download.limit) if b is not None]
+        while chunk := await response.content.read(
+            min(_CHUNK, min(bounds) - download.written + 1) if bounds else _CHUNK
+        ):
             try:
                 Store.write_all(fd, chunk)
             except OSError as error:
