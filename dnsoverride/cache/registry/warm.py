@@ -130,7 +130,7 @@ class Warmer:
         self.clock = clock
         self.sleep = sleep
         self.schedule = {entry.image: LastWarm(entry) for entry in warm.images}
-        self._timers: dict[str, asyncio.Task[None]] = {}  # image -> its schedule's task
+        self._timers: dict[str, asyncio.Future[None]] = {}  # image -> its schedule's task
         self._scheduling = False
         self._jobs: OrderedDict[int, WarmJob] = OrderedDict()
         self._ids = itertools.count(1)
@@ -164,10 +164,11 @@ class Warmer:
     def jobs(self) -> list[WarmJob]:
         return list(self._jobs.values())
 
-    def _spawn(self, work: Awaitable[None]) -> None:
+    def _spawn(self, work: Awaitable[None]) -> asyncio.Future[None]:
         task = asyncio.ensure_future(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     async def _run(self, job: WarmJob) -> None:
         try:
@@ -239,10 +240,7 @@ class Warmer:
             self._start_timer(last)
 
     def _start_timer(self, last: LastWarm) -> None:
-        task = asyncio.ensure_future(self._every(last))
-        self._timers[last.entry.image] = task
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._timers[last.entry.image] = self._spawn(self._every(last))
 
     def replace_schedule(self, warm: WarmConfig) -> tuple[list[str], list[str]]:
         """Follow a new `warm:` list; (images added or changed, images removed)."""
