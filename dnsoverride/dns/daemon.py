@@ -18,7 +18,6 @@ import signal
 import socket
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, replace
-from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +34,7 @@ from dnsoverride.common.log import configure as configure_logging
 from dnsoverride.common.metrics import Collectors, exposition, load_exposition
 from dnsoverride.common.reloader import Reloader
 from dnsoverride.dns.config import ServeConfig, ServeFlags, fit_workers, load_config
+from dnsoverride.dns.controllink import ControlLink
 from dnsoverride.dns.forwarder import Forwarder
 from dnsoverride.dns.health import HealthMonitor
 from dnsoverride.dns.listener import READ_LIMIT, TcpListener, UdpListener
@@ -197,7 +197,7 @@ class DnsService:
         invocation: Invocation,
         start: ServeStart,
         *,
-        link: Connection | None = None,
+        link: ControlLink | None = None,
         cookie_secret: bytes | None = None,
     ) -> None:
         self._config = config
@@ -442,7 +442,7 @@ class DnsService:
         loop.remove_reader(link.fileno())
         await self.stop()
 
-    async def _reload_as_worker(self, link: Connection, reloading: asyncio.Lock) -> None:
+    async def _reload_as_worker(self, link: ControlLink, reloading: asyncio.Lock) -> None:
         """The supervisor's "reload": the same files again, answered with the new hash."""
         async with reloading:
             try:
@@ -454,12 +454,12 @@ class DnsService:
                 self._install(new)
             link.send(Message("reloaded", self._routing_hash))
 
-    async def _send_metrics(self, link: Connection) -> None:
+    async def _send_metrics(self, link: ControlLink) -> None:
         await load_exposition()  # the first request's import, off the loop's thread
         link.send(Message("metrics", exposition(self._registry).decode()))
 
 
-def worker_main(spec: WorkerSpec, index: int, link: Connection) -> None:
+def worker_main(spec: WorkerSpec, index: int, link: ControlLink) -> None:
     """A worker process of `workers: N` (started by WorkerPool as a fresh interpreter)."""
     # Ctrl-C and a terminal's hangup reach the whole process group: the supervisor stops
     # or reloads the workers itself.

@@ -5,12 +5,12 @@ runs what must exist once: the reloader that watches the files, the health probe
 admin listener, READY. It starts N-1 worker processes, each a fresh interpreter
 (`python -P -c`, started by fork+exec: nothing of the supervisor's running event loop and
 threads is copied, and no multiprocessing fork server or resource tracker sits beside
-them), handed one end of a control pipe and, under socket activation, systemd's sockets
-as inherited file descriptors. Each binds the supervisor's UDP and TCP ports with
+them), handed one end of a control link (`ControlLink`) and, under socket activation,
+systemd's sockets as inherited file descriptors. Each binds the supervisor's UDP and TCP ports with
 SO_REUSEPORT, so the kernel spreads clients over the processes by address and port; under
 socket activation they all serve the inherited sockets instead.
 
-The pipe carries the control messages (`Message`): to the worker, first "start" (its
+The link carries the control messages (`Message`): to the worker, first "start" (its
 `WorkerSpec` and index), then "reload" after every routing the supervisor installed (the
 worker loads the same files with the same validation and answers "reloaded" with its
 routing's content hash), "withdrawn" (the health prober's verdict), "metrics" (it answers
@@ -37,8 +37,6 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from multiprocessing import Pipe
-from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -47,6 +45,7 @@ import structlog
 from dnsoverride.common.log import LogOptions
 from dnsoverride.common.metrics import Collectors, exposition
 from dnsoverride.dns.config import ServeConfig, ServeFlags
+from dnsoverride.dns.controllink import ControlLink
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
@@ -75,7 +74,7 @@ class Message:
 
 @dataclass(frozen=True)
 class WorkerSpec:
-    """What a worker process is started with (pickled to it over its pipe; `config.listen`
+    """What a worker process is started with (pickled to it over its link; `config.listen`
     holds the supervisor's bound ports, which the worker binds again with SO_REUSEPORT)."""
 
     config: ServeConfig
@@ -96,7 +95,7 @@ class _Worker:
     index: int
     process: subprocess.Popen[bytes]
     exited: int  # a pidfd of `process`, readable once it has exited; -1 once closed
-    conn: Connection
+    conn: ControlLink
     started_at: float
     ready: asyncio.Future[None]
     reloaded: str | None = None  # content hash of its routing after the last "reload"
@@ -109,7 +108,7 @@ class _Worker:
 # Exit codes of a worker that was stopped, not failed (Popen's: -N for signal N).
 _STOPPED = (0, -signal.SIGTERM)
 
-WorkerMain = Callable[[WorkerSpec, int, Connection], None]
+WorkerMain = Callable[[WorkerSpec, int, ControlLink], None]
 
 # The variables a worker must not take from the supervisor: systemd's notify socket and
 # watchdog are the supervisor's alone (systemd hears one READY), and so are its sockets.
@@ -180,7 +179,7 @@ class WorkerPool:
 
     def _spawn(self, index: int) -> _Worker:
         """Start worker `index` (OSError if it cannot be: a task limit, a sandbox)."""
-        ours, theirs = Pipe()
+        ours, theirs = ControlLink.pair()
         try:
             # fork+exec (vfork where it can): the child runs nothing of ours before exec.
             process = subprocess.Popen(
@@ -489,7 +488,7 @@ class MergedMetrics:
 
 def _command(main: WorkerMain) -> list[str]:
     """How a worker is started: a fresh interpreter that runs `main` through
-    `worker_process` (the control pipe's descriptor is appended)."""
+    `worker_process` (the control link's descriptor is appended)."""
     code = (
         # The CLI module first, as `dnsoverride` imports it: it keeps structlog from
         # importing rich (5.5 MB of each process).
@@ -511,9 +510,9 @@ def _environment() -> dict[str, str]:
 
 
 def worker_process(main: WorkerMain) -> None:
-    """A worker's first steps (see `_command`): take the control pipe whose descriptor
+    """A worker's first steps (see `_command`): take the control link whose descriptor
     is the last argument, read its "start" message and run `main` with what it says."""
-    link = Connection(int(sys.argv[-1]))
+    link = ControlLink.inherited(int(sys.argv[-1]))
     try:
         start: Message = link.recv()
     except EOFError:  # the supervisor died before it said how (nor how to log): no one to serve

@@ -47,6 +47,7 @@ NOT_AT_START = (
     "secrets",
     "difflib",
     "encodings.idna",
+    "multiprocessing",  # the workers' control link is a socket pair of ours (0.3 MiB)
 )
 
 
