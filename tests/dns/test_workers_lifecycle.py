@@ -256,5 +256,4 @@ def test_a_change_that_needs_a_restart_is_logged_once_not_per_process(tmp_path: 
         process.send_signal(signal.SIGHUP)  # the watcher may have been first: either
         poll(lambda: _all_on(admin, before), 30, "every process reloaded", every=0.1)
         warnings = _events(tmp_path, "config_change_needs_restart")
-        # The supervisor's (its loads run on a thread that lacks its `worker: 0`).
-        assert [(w.get("worker"), w["keys"]) for w in warnings] == [(None, ["tcp"])]
+        assert [(w.get("worker"), w["keys"]) for w in warnings] == [(0, ["tcp"])]
