@@ -5,10 +5,11 @@ runs what must exist once: the reloader that watches the files, the health probe
 admin listener, READY. It starts N-1 worker processes, each a fresh interpreter
 (`python -P -c`, started by fork+exec: nothing of the supervisor's running event loop and
 threads is copied, and no multiprocessing fork server or resource tracker sits beside
-them), handed one end of a control pipe and, under socket activation, systemd's sockets
-as inherited file descriptors. Each binds the supervisor's UDP and TCP ports with
-SO_REUSEPORT, so the kernel spreads clients over the processes by address and port; under
-socket activation they all serve the inherited sockets instead.
+them) with the supervisor's interpreter flags and sys.path, handed one end of a control
+pipe and, under socket activation, systemd's sockets as inherited file descriptors. Each
+binds the supervisor's UDP and TCP ports with SO_REUSEPORT, so the kernel spreads clients
+over the processes by address and port; under socket activation they all serve the
+inherited sockets instead.
 
 The pipe carries the control messages (`Message`): to the worker, first "start" (its
 `WorkerSpec` and index), then "reload" after every routing the supervisor installed (the
@@ -488,26 +489,34 @@ class MergedMetrics:
 
 
 def _command(main: WorkerMain) -> list[str]:
-    """How a worker is started: a fresh interpreter that runs `main` through
-    `worker_process` (the control pipe's descriptor is appended)."""
+    """How a worker is started: a fresh interpreter with our interpreter flags and our
+    sys.path that runs `main` through `worker_process` (the control pipe's descriptor is
+    appended)."""
     code = (
+        # Our sys.path, set in the code: under -E or -I the worker would ignore PYTHONPATH.
+        f"import sys; sys.path[:] = {[path for path in sys.path if path]!r}; "
         # The CLI module first, as `dnsoverride` imports it: it keeps structlog from
         # importing rich (5.5 MB of each process).
         "import dnsoverride.cli; "
         f"from {__name__} import worker_process; "
         f"from {main.__module__} import {main.__name__} as main; worker_process(main)"
     )
-    # -P: no working directory first on sys.path (`-c` puts it there), so nothing planted
-    # where `serve` was started is imported in place of a module.
-    return [sys.executable, "-P", "-c", code]
+    # The flags `python` was given (-X dev, -X faulthandler, -W, -O, -I, -E, -s, -B ...),
+    # as sys.flags, sys.warnoptions and sys._xoptions hold them: what multiprocessing
+    # passes to the interpreters it starts (multiprocessing.util re-exports this private
+    # function; its contract, "arguments reproducing the current settings", has held
+    # since Python 3.3). -P in any case: no working directory first on sys.path (`-c`
+    # puts it there), so nothing planted where `serve` was started is imported in place
+    # of a module (-I implies it).
+    flags = subprocess._args_from_interpreter_flags()  # type: ignore[attr-defined]
+    if not sys.flags.safe_path:
+        flags.append("-P")
+    return [sys.executable, *flags, "-c", code]
 
 
 def _environment() -> dict[str, str]:
-    """A worker's environment: ours, less what is the supervisor's alone, with our
-    sys.path (the worker imports this package from wherever this process did)."""
-    environment = {k: v for k, v in os.environ.items() if k not in _SUPERVISOR_ONLY}
-    environment["PYTHONPATH"] = os.pathsep.join(path for path in sys.path if path)
-    return environment
+    """A worker's environment: ours, less what is the supervisor's alone."""
+    return {k: v for k, v in os.environ.items() if k not in _SUPERVISOR_ONLY}
 
 
 def worker_process(main: WorkerMain) -> None:

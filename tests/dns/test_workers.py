@@ -400,3 +400,54 @@ def test_every_line_of_every_process_names_its_worker(tmp_path: Path) -> None:
     assert unnamed == []
     assert {record["worker"] for record in records} == {0, 1}
     assert {record["event"] for record in records} >= {"zones_reloaded", "query", "stopped"}
+
+
+def _cmdline(pid: int) -> list[str]:
+    return Path(f"/proc/{pid}/cmdline").read_text().split("\0")[:-1]
+
+
+def test_the_workers_run_with_the_supervisors_interpreter_flags(tmp_path: Path) -> None:
+    """`python -E -X faulthandler -W error::ResourceWarning -m dnsoverride serve
+    --workers 2` (from the checkout's root: -E ignores PYTHONPATH): the worker's command
+    line has the same flags (and -P); it imports this checkout (our sys.path, which -E
+    would not take from PYTHONPATH) and serves; and faulthandler is on in it: SIGSEGV
+    makes it write the Python traceback (`Fatal Python error: Segmentation fault`), and
+    its replacement has the flags too. Failed before the fix: the worker was `python -P
+    -c ...`, and died of SIGSEGV without a word."""
+    flags = ["-E", "-X", "faulthandler", "-W", "error::ResourceWarning"]
+    zones = tmp_path / "zones"
+    zones.mkdir()
+    (zones / "z.yaml").write_text(f"records:\n  {NAME}:\n    A: 10.0.0.1\n")
+    root = Path(__file__).parents[2]
+    with (
+        dnsmasq(tmp_path) as upstream,
+        dnsoverride_serve(
+            tmp_path,
+            zones,
+            [upstream.address],
+            workers=2,
+            python_flags=flags,
+            wrapper=["env", f"--chdir={root}"],
+        ) as server,
+    ):
+        _started(server)
+        (worker,) = events(server, "worker_started")
+        command = _cmdline(worker["pid"])
+        assert command[: command.index("-c")] == [
+            sys.executable,
+            "-E",
+            "-Werror::ResourceWarning",
+            "-X",
+            "faulthandler",
+            "-P",
+        ]
+        code = command[command.index("-c") + 1]
+        assert code.startswith(f"import sys; sys.path[:] = [{str(root)!r}, ")  # ours, cwd first
+        assert _address(server, NAME) == "10.0.0.1"
+        os.kill(worker["pid"], signal.SIGSEGV)
+        poll(lambda: len(events(server, "worker_started")) == 2, 30, "replaced", every=0.05)
+        (exited,) = events(server, "worker_exited")
+        assert (exited["pid"], exited["reason"]) == (worker["pid"], "signal SIGSEGV")
+        assert "Fatal Python error: Segmentation fault" in server.log_text()
+        replacement = events(server, "worker_started")[1]["pid"]
+        assert "faulthandler" in _cmdline(replacement)
