@@ -359,7 +359,14 @@ class DnsService:
             self._cookie_secret,
             tuple(sock.fileno() for sock in inherited),
         )
-        self._pool = WorkerPool(spec, config.workers - 1, worker_main)
+        zones = self._zones
+        assert zones is not None
+        self._pool = WorkerPool(
+            spec,
+            config.workers - 1,
+            worker_main,
+            lambda: self._start.load_seconds(zones.current.name_count()),
+        )
         try:
             await self._pool.start(self._routing_hash)
         except RuntimeError as error:
