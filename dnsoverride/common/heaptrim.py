@@ -15,26 +15,14 @@ malloc_trim) it does nothing.
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import ctypes.util
 from collections.abc import Callable
+
+from dnsoverride.common import libc
 
 BURST = 32  # open connections a peak must reach before its end is worth a trim
 DELAY = 0.5  # seconds after the drop, so one burst's closing connections trim once
 
-
-def _malloc_trim() -> Callable[[int], int] | None:
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return None
-    try:
-        trim: Callable[[int], int] = ctypes.CDLL(name).malloc_trim
-    except (OSError, AttributeError):
-        return None
-    return trim
-
-
-_TRIM = _malloc_trim()
+_TRIM: Callable[[int], int] | None = libc.function("malloc_trim")  # None: not glibc
 
 
 def trim_heap() -> None:

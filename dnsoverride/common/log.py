@@ -2,6 +2,9 @@
 
 JSON lines when stdout is not a terminal (journald, files, pipes) or when asked for;
 coloured key=value console output on a terminal. Everything is an event with fields.
+Fields of the process (`bind_process`: a worker's index) are on every line it writes,
+from whichever thread: structlog's contextvars stay in the context that bound them, and
+a thread starts with an empty one.
 """
 
 from __future__ import annotations
@@ -12,9 +15,12 @@ from dataclasses import dataclass
 from typing import Literal
 
 import structlog
+from structlog.typing import EventDict, WrappedLogger
 
 LogFormat = Literal["json", "console"]
 LEVELS = ("debug", "info", "warning", "error", "critical")
+
+_PROCESS_FIELDS: dict[str, object] = {}
 
 
 @dataclass(frozen=True)
@@ -23,6 +29,17 @@ class LogOptions:
 
     format: LogFormat | None = None
     level: str = "info"
+
+
+def bind_process(**fields: object) -> None:
+    """Put `fields` on every line this process logs from now on, whichever thread logs it."""
+    _PROCESS_FIELDS.update(fields)
+
+
+def _add_process_fields(_logger: WrappedLogger, _method: str, event: EventDict) -> EventDict:
+    for key, value in _PROCESS_FIELDS.items():
+        event.setdefault(key, value)
+    return event
 
 
 def configure(options: LogOptions) -> None:
@@ -39,6 +56,7 @@ def configure(options: LogOptions) -> None:
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
+            _add_process_fields,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,

@@ -29,7 +29,7 @@ from dnsoverride.common.grammar import Endpoint
 from dnsoverride.common.heaptrim import trim_heap
 from dnsoverride.common.lifecycle import Admin, Started, run_service
 from dnsoverride.common.listen import bound_socket
-from dnsoverride.common.log import LogOptions
+from dnsoverride.common.log import LogOptions, bind_process
 from dnsoverride.common.log import configure as configure_logging
 from dnsoverride.common.metrics import Collectors, exposition, load_exposition
 from dnsoverride.common.reloader import Reloader
@@ -83,7 +83,7 @@ def run(path: Path | None, flags: ServeFlags, logging: LogOptions) -> int:
     # `workers: auto` counts the zones too (each process holds a copy), once, at start.
     config = fit_workers(loaded, routing.zone_set.name_count())
     if config.workers > 1:
-        structlog.contextvars.bind_contextvars(worker=0)  # the supervisor: worker 0 of N
+        bind_process(worker=0)  # the supervisor: worker 0 of N
     invocation = Invocation(path, flags, logging, loaded)
     service = DnsService(config, routing, invocation, start)
     # The zone set lives until the next reload (refcounting frees it then): out of the
@@ -359,7 +359,14 @@ class DnsService:
             self._cookie_secret,
             tuple(sock.fileno() for sock in inherited),
         )
-        self._pool = WorkerPool(spec, config.workers - 1, worker_main)
+        zones = self._zones
+        assert zones is not None
+        self._pool = WorkerPool(
+            spec,
+            config.workers - 1,
+            worker_main,
+            lambda: self._start.load_seconds(zones.current.name_count()),
+        )
         try:
             await self._pool.start(self._routing_hash)
         except RuntimeError as error:
@@ -466,7 +473,7 @@ def worker_main(spec: WorkerSpec, index: int, link: ControlLink) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     configure_logging(spec.logging)
-    structlog.contextvars.bind_contextvars(worker=index)
+    bind_process(worker=index)
     gc.set_threshold(*GC_THRESHOLDS)
     # What needs a restart is the supervisor's to say, once: not once per process.
     start = serve_start(spec.loaded, spec.path, spec.flags, report=False)

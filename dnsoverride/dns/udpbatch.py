@@ -25,16 +25,17 @@ from __future__ import annotations
 import asyncio
 import collections
 import ctypes
-import ctypes.util
 import errno
 import mmap
 import os
 import socket
 import sys
 from collections.abc import Callable
-from typing import Any, Protocol, cast
+from typing import Any, NamedTuple, Protocol, cast
 
 import structlog
+
+from dnsoverride.common import libc
 
 log = structlog.get_logger(__name__)
 
@@ -88,7 +89,14 @@ class BatchListener(Protocol):
     def error_received(self, exc: Exception) -> None: ...
 
 
-def _libc() -> Any | None:
+class _Calls(NamedTuple):
+    """glibc's batch calls, typed for ctypes."""
+
+    recvmmsg: Any
+    sendmmsg: Any
+
+
+def _libc() -> _Calls | None:
     """glibc's recvmmsg and sendmmsg, or None where batching is not used."""
     if os.environ.get("DNSOVERRIDE_UDP_BATCH", "1") == "0":
         return None
@@ -99,16 +107,14 @@ def _libc() -> Any | None:
             return None
     except (ValueError, OSError):
         return None
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-        recvmmsg, sendmmsg = libc.recvmmsg, libc.sendmmsg
-    except (OSError, AttributeError):
+    recvmmsg, sendmmsg = libc.function("recvmmsg"), libc.function("sendmmsg")
+    if recvmmsg is None or sendmmsg is None:
         return None
     fd, pointer, count, flags = ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int
     recvmmsg.argtypes = (fd, pointer, count, flags, pointer)
     sendmmsg.argtypes = (fd, pointer, count, flags)
     recvmmsg.restype = sendmmsg.restype = ctypes.c_int
-    return libc
+    return _Calls(recvmmsg, sendmmsg)
 
 
 _LIBC = _libc()

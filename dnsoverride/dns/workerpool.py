@@ -5,10 +5,11 @@ runs what must exist once: the reloader that watches the files, the health probe
 admin listener, READY. It starts N-1 worker processes, each a fresh interpreter
 (`python -P -c`, started by fork+exec: nothing of the supervisor's running event loop and
 threads is copied, and no multiprocessing fork server or resource tracker sits beside
-them), handed one end of a control link (`ControlLink`) and, under socket activation,
-systemd's sockets as inherited file descriptors. Each binds the supervisor's UDP and TCP ports with
-SO_REUSEPORT, so the kernel spreads clients over the processes by address and port; under
-socket activation they all serve the inherited sockets instead.
+them) with the supervisor's interpreter flags and sys.path, handed one end of a control
+link (`ControlLink`) and, under socket activation, systemd's sockets as inherited file
+descriptors. Each binds the supervisor's UDP and TCP ports with SO_REUSEPORT, so the
+kernel spreads clients over the processes by address and port; under socket activation
+they all serve the inherited sockets instead.
 
 The link carries the control messages (`Message`): to the worker, first "start" (its
 `WorkerSpec` and index), then "reload" after every routing the supervisor installed (the
@@ -17,13 +18,15 @@ routing's content hash), "withdrawn" (the health prober's verdict), "metrics" (i
 with its registry's exposition text, merged into the supervisor's `/metrics`:
 `MergedMetrics`), "counts" (it answers with what it has counted, summed into the
 supervisor's `/status`), "ping" (it answers "pong": a worker silent for `UNRESPONSIVE`
-seconds is killed and replaced) and "stop"; from the worker, "ready" once it serves. A worker
-that fails (`worker_exited`, with its exit code or the signal and when it is started
-again) is logged and replaced: at least `RESTART_DELAY` seconds after its last start,
-twice as long after each further failure within `RESTART_DELAY_MAX` seconds of its start,
-up to that (a worker that cannot load the files crash-loops slowly: its log does not
-flood). One that exits cleanly or by SIGTERM was stopped (SIGTERM to the whole control
-group, during start-up too) and is not replaced.
+seconds is killed and replaced) and "stop"; from the worker, "ready" once it serves (one
+that has not within `READY_FLOOR` + `READY_FACTOR` times the supervisor's own zone load
+is killed: `worker_start_timeout`). A worker that fails (`worker_exited`, with its exit
+code or the signal and when it is started again) is logged and replaced: at least
+`RESTART_DELAY` seconds after its last start, twice as long after each further failure
+within `RESTART_DELAY_MAX` seconds of its start, up to that (a worker that cannot load
+the files crash-loops slowly: its log does not flood). One that exits cleanly or by
+SIGTERM was stopped (SIGTERM to the whole control group, during start-up too) and is not
+replaced.
 """
 
 from __future__ import annotations
@@ -52,7 +55,13 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger(__name__)
 
-READY_TIMEOUT = 60.0  # seconds for a worker to load its zones and bind
+# A worker that has not said it serves within READY_FLOOR + READY_FACTOR times the time
+# the supervisor itself took to load the zones (scaled to what they are now) is killed:
+# the floor is the imports and binds of a fresh interpreter on a busy machine (0.3 s on
+# an idle one); the factor, the worker loading while N-1 others and the supervisor's
+# serving share the CPUs.
+READY_FLOOR = 10.0
+READY_FACTOR = 5.0
 REPLY_TIMEOUT = 5.0  # seconds for a worker's answer to "reload" or "metrics"
 RESTART_DELAY = 1.0  # at least this long between two starts of one worker ...
 RESTART_DELAY_MAX = 60.0  # ... doubled for each failure in a row, up to this
@@ -102,6 +111,8 @@ class _Worker:
     routing: str | None = None  # content hash of the routing it serves (ready, reloaded)
     asked: dict[str, asyncio.Future[Any]] = field(default_factory=dict)  # by message kind
     pinged: float | None = None  # when it was sent a "ping" it has not answered since
+    within: float = 0.0  # seconds it has from its start to say it serves
+    start_timeout: asyncio.TimerHandle | None = None  # cancelled once it serves or exits
     acks: list[asyncio.Future[None]] = field(default_factory=list)
 
 
@@ -120,9 +131,14 @@ _SUPERVISOR_ONLY = (
 class WorkerPool:
     """The supervisor's side: starts, feeds, watches and restarts the workers."""
 
-    def __init__(self, spec: WorkerSpec, count: int, main: WorkerMain) -> None:
+    def __init__(
+        self, spec: WorkerSpec, count: int, main: WorkerMain, load_seconds: Callable[[], float]
+    ) -> None:
+        """`load_seconds`: how long loading the zones served now takes, as the supervisor
+        measured it (what a worker's start is given time for)."""
         self._spec = spec
         self._count = count
+        self._load_seconds = load_seconds
         self._command = _command(main)
         self._environment = _environment()
         self._workers: dict[int, _Worker] = {}
@@ -148,7 +164,7 @@ class WorkerPool:
                 self._spawn(index)
             except OSError as error:
                 raise RuntimeError(f"worker {index} could not be started: {error}") from None
-        await asyncio.gather(*(self._await_ready(worker) for worker in self._workers.values()))
+        await asyncio.gather(*(worker.ready for worker in self._workers.values()))
         self._heartbeat = self._loop.create_task(self._watch())
 
     async def _watch(self) -> None:
@@ -157,11 +173,6 @@ class WorkerPool:
             await asyncio.sleep(HEARTBEAT)
             now = time.monotonic()
             for worker in list(self._workers.values()):
-                starting = not worker.ready.done() and worker.process.poll() is None
-                if starting and now - worker.started_at >= READY_TIMEOUT:
-                    # A replacement stuck as it starts: killed, and started again later.
-                    log.error("worker_start_timeout", worker=worker.index, pid=worker.process.pid)
-                    worker.process.kill()
                 if not _serves(worker):
                     continue
                 if worker.pinged is None:
@@ -202,17 +213,37 @@ class WorkerPool:
             raise
         worker = _Worker(index, process, exited, ours, time.monotonic(), self._loop.create_future())
         self._workers[index] = worker
+        load = self._load_seconds()
+        worker.within = READY_FLOOR + READY_FACTOR * load
+        worker.start_timeout = self._loop.call_later(
+            worker.within, self._start_timed_out, worker, load
+        )
         self._send(worker, Message("start", (self._spec, index)))
         self._loop.add_reader(ours.fileno(), self._receive, worker)
         self._loop.add_reader(exited, self._exited, worker)
         return worker
 
-    async def _await_ready(self, worker: _Worker) -> None:
-        try:
-            async with asyncio.timeout(READY_TIMEOUT):
-                await worker.ready
-        except TimeoutError:
-            raise RuntimeError(f"worker {worker.index} did not start") from None
+    def _start_timed_out(self, worker: _Worker, load: float) -> None:
+        """`worker` has not said it serves within its time (`load`: the supervisor's zone
+        load it was given time for): killed (`_exited` starts another; during `start`,
+        the start fails)."""
+        if worker.ready.done() or worker.process.poll() is not None:
+            return
+        log.error(
+            "worker_start_timeout",
+            worker=worker.index,
+            pid=worker.process.pid,
+            within=round(worker.within, 1),
+            zone_load_seconds=round(load, 3),
+        )
+        worker.ready.set_exception(
+            RuntimeError(
+                f"worker {worker.index} did not serve within {worker.within:.1f} s"
+                f" ({READY_FLOOR:g} s + {READY_FACTOR:g} x the zones' load, {load:.2f} s)"
+            )
+        )
+        worker.ready.exception()  # `start` re-raises it; a replacement's is logged above
+        worker.process.kill()
 
     def _receive(self, worker: _Worker) -> None:
         try:
@@ -222,14 +253,23 @@ class WorkerPool:
             return
         worker.pinged = None  # it spoke: alive
         if message.kind == "ready":
+            if worker.ready.done():
+                return  # too late: it is being killed
+            if worker.start_timeout is not None:
+                worker.start_timeout.cancel()
             worker.routing = message.value
-            log.info("worker_started", worker=worker.index, pid=worker.process.pid)
+            log.info(
+                "worker_started",
+                worker=worker.index,
+                pid=worker.process.pid,
+                seconds=round(time.monotonic() - worker.started_at, 2),
+                within=round(worker.within, 1),
+            )
             if self._withdrawn:
                 self._send(worker, Message("withdrawn", self._withdrawn))
             if self._routing_hash and message.value != self._routing_hash:
                 self._send(worker, Message("reload"))  # the files changed as it started
-            if not worker.ready.done():
-                worker.ready.set_result(None)
+            worker.ready.set_result(None)
         elif message.kind == "reloaded":
             worker.reloaded = worker.routing = message.value
             for ack in worker.acks:
@@ -243,6 +283,8 @@ class WorkerPool:
 
     def _exited(self, worker: _Worker) -> None:
         _close_pidfd(self._loop, worker)
+        if worker.start_timeout is not None:
+            worker.start_timeout.cancel()
         with contextlib.suppress(OSError, ValueError):  # closed already
             self._loop.remove_reader(worker.conn.fileno())
         code = worker.process.wait()  # it has exited: this reaps it at once
@@ -378,6 +420,8 @@ class WorkerPool:
         if self._heartbeat is not None:
             self._heartbeat.cancel()
         for worker in self._workers.values():
+            if worker.start_timeout is not None:
+                worker.start_timeout.cancel()
             self._send(worker, Message("stop"))
         deadline = time.monotonic() + STOP_GRACE
         for worker in self._workers.values():
@@ -487,26 +531,34 @@ class MergedMetrics:
 
 
 def _command(main: WorkerMain) -> list[str]:
-    """How a worker is started: a fresh interpreter that runs `main` through
-    `worker_process` (the control link's descriptor is appended)."""
+    """How a worker is started: a fresh interpreter with our interpreter flags and our
+    sys.path that runs `main` through `worker_process` (the control link's descriptor is
+    appended)."""
     code = (
+        # Our sys.path, set in the code: under -E or -I the worker would ignore PYTHONPATH.
+        f"import sys; sys.path[:] = {[path for path in sys.path if path]!r}; "
         # The CLI module first, as `dnsoverride` imports it: it keeps structlog from
         # importing rich (5.5 MB of each process).
         "import dnsoverride.cli; "
         f"from {__name__} import worker_process; "
         f"from {main.__module__} import {main.__name__} as main; worker_process(main)"
     )
-    # -P: no working directory first on sys.path (`-c` puts it there), so nothing planted
-    # where `serve` was started is imported in place of a module.
-    return [sys.executable, "-P", "-c", code]
+    # The flags `python` was given (-X dev, -X faulthandler, -W, -O, -I, -E, -s, -B ...),
+    # as sys.flags, sys.warnoptions and sys._xoptions hold them: what multiprocessing
+    # passes to the interpreters it starts (multiprocessing.util re-exports this private
+    # function; its contract, "arguments reproducing the current settings", has held
+    # since Python 3.3). -P in any case: no working directory first on sys.path (`-c`
+    # puts it there), so nothing planted where `serve` was started is imported in place
+    # of a module (-I implies it).
+    flags = subprocess._args_from_interpreter_flags()  # type: ignore[attr-defined]
+    if not sys.flags.safe_path:
+        flags.append("-P")
+    return [sys.executable, *flags, "-c", code]
 
 
 def _environment() -> dict[str, str]:
-    """A worker's environment: ours, less what is the supervisor's alone, with our
-    sys.path (the worker imports this package from wherever this process did)."""
-    environment = {k: v for k, v in os.environ.items() if k not in _SUPERVISOR_ONLY}
-    environment["PYTHONPATH"] = os.pathsep.join(path for path in sys.path if path)
-    return environment
+    """A worker's environment: ours, less what is the supervisor's alone."""
+    return {k: v for k, v in os.environ.items() if k not in _SUPERVISOR_ONLY}
 
 
 def worker_process(main: WorkerMain) -> None:

@@ -350,3 +350,104 @@ def test_workers_share_the_sockets_systemd_passes(tmp_path: Path, dead_upstream:
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def _processes_on(port: int, content_hash: str, count: int) -> bool:
+    """Whether /status says `count` processes serve the routing with `content_hash`."""
+    processes = _admin(port, "/status")["workers"]["processes"]
+    return len(processes) == count and all(
+        p["serving"] and p["routing"] == content_hash for p in processes
+    )
+
+
+def test_every_line_of_every_process_names_its_worker(tmp_path: Path) -> None:
+    """`serve --workers 2` through a start, a zone edit, a config edit that needs a
+    restart, a failed reload, SIGHUP, queries and a stop: every line of its log is a JSON
+    event with `worker` (0 the supervisor, 1 the worker), whichever thread wrote it.
+    Failed before the fix: `config_change_needs_restart`, which the supervisor logs from
+    its reload thread, had no `worker` (a contextvar bound in the main thread is not in
+    a thread's context)."""
+    zones = tmp_path / "zones"
+    zones.mkdir()
+    (zones / "z.yaml").write_text(f"records:\n  {NAME}:\n    A: 10.0.0.1\n")
+    metrics = free_port()
+    with (
+        dnsmasq(tmp_path) as upstream,
+        dnsoverride_serve(
+            tmp_path, zones, [upstream.address], config=_config(metrics), workers=2
+        ) as server,
+    ):
+        _started(server)
+        first = _admin(metrics, "/status")["zones"]["content_hash"]
+        (zones / "z.yaml").write_text(f"records:\n  {NAME}:\n    A: 10.0.0.2\n")
+        poll(lambda: _admin(metrics, "/status")["zones"]["content_hash"] != first, 10, "reload")
+        edited = _admin(metrics, "/status")["zones"]["content_hash"]
+        poll(lambda: _processes_on(metrics, edited, 2), 10, "the worker reloaded")
+        config = tmp_path / f"dnsoverride-{server.port}.yaml"
+        config.write_text(f"{_config(metrics)}tcp: {{idle_timeout: 3}}\n")
+        poll(lambda: bool(events(server, "config_change_needs_restart")), 10, "the config")
+        (zones / "broken.yaml").write_text("records: [broken\n")  # a failed reload's lines
+        server.process.send_signal(signal.SIGHUP)
+        poll(lambda: bool(events(server, "zones_reload_failed")), 10, "the failed reload")
+        (zones / "broken.yaml").unlink()
+        server.process.send_signal(signal.SIGHUP)
+        poll(lambda: len(events(server, "zones_reloaded")) >= 2, 10, "SIGHUP's reload")
+        for _ in range(20):
+            assert _address(server, NAME) == "10.0.0.2"
+    lines = server.log_text().splitlines()
+    records = [json.loads(line) for line in lines]  # every line is JSON
+    unnamed = [record for record in records if "worker" not in record]
+    assert unnamed == []
+    assert {record["worker"] for record in records} == {0, 1}
+    assert {record["event"] for record in records} >= {"zones_reloaded", "query", "stopped"}
+
+
+def _cmdline(pid: int) -> list[str]:
+    return Path(f"/proc/{pid}/cmdline").read_text().split("\0")[:-1]
+
+
+def test_the_workers_run_with_the_supervisors_interpreter_flags(tmp_path: Path) -> None:
+    """`python -E -X faulthandler -W error::ResourceWarning -m dnsoverride serve
+    --workers 2` (from the checkout's root: -E ignores PYTHONPATH): the worker's command
+    line has the same flags (and -P); it imports this checkout (our sys.path, which -E
+    would not take from PYTHONPATH) and serves; and faulthandler is on in it: SIGSEGV
+    makes it write the Python traceback (`Fatal Python error: Segmentation fault`), and
+    its replacement has the flags too. Failed before the fix: the worker was `python -P
+    -c ...`, and died of SIGSEGV without a word."""
+    flags = ["-E", "-X", "faulthandler", "-W", "error::ResourceWarning"]
+    zones = tmp_path / "zones"
+    zones.mkdir()
+    (zones / "z.yaml").write_text(f"records:\n  {NAME}:\n    A: 10.0.0.1\n")
+    root = Path(__file__).parents[2]
+    with (
+        dnsmasq(tmp_path) as upstream,
+        dnsoverride_serve(
+            tmp_path,
+            zones,
+            [upstream.address],
+            workers=2,
+            python_flags=flags,
+            wrapper=["env", f"--chdir={root}"],
+        ) as server,
+    ):
+        _started(server)
+        (worker,) = events(server, "worker_started")
+        command = _cmdline(worker["pid"])
+        assert command[: command.index("-c")] == [
+            sys.executable,
+            "-E",
+            "-Werror::ResourceWarning",
+            "-X",
+            "faulthandler",
+            "-P",
+        ]
+        code = command[command.index("-c") + 1]
+        assert code.startswith(f"import sys; sys.path[:] = [{str(root)!r}, ")  # ours, cwd first
+        assert _address(server, NAME) == "10.0.0.1"
+        os.kill(worker["pid"], signal.SIGSEGV)
+        poll(lambda: len(events(server, "worker_started")) == 2, 30, "replaced", every=0.05)
+        (exited,) = events(server, "worker_exited")
+        assert (exited["pid"], exited["reason"]) == (worker["pid"], "signal SIGSEGV")
+        assert "Fatal Python error: Segmentation fault" in server.log_text()
+        replacement = events(server, "worker_started")[1]["pid"]
+        assert "faulthandler" in _cmdline(replacement)

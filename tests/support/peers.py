@@ -255,9 +255,11 @@ def dnsoverride_serve(
     startup_timeout: float = STARTUP_TIMEOUT,
     wrapper: Sequence[str] = (),
     workers: int | None = 1,
+    python_flags: Sequence[str] = (),
 ) -> Iterator[DnsPeer]:
     """`python -m dnsoverride serve` on a free port of `host`, JSON logs in its log file;
-    run through `wrapper` when given (e.g. `setpriv ...` to drop capabilities).
+    run through `wrapper` when given (e.g. `setpriv ...` to drop capabilities), `python`
+    with `python_flags` (e.g. `-X dev`).
 
     `--workers 1` unless `workers` says otherwise: most tests look at one process (its
     counts, its caches, its memory); None leaves the count to `config` or the default
@@ -270,6 +272,7 @@ def dnsoverride_serve(
     command = [
         *wrapper,
         sys.executable,
+        *python_flags,
         "-m",
         "dnsoverride",
         "serve",
