@@ -46,3 +46,14 @@ def test_a_first_load_of_a_handful_of_names_is_not_scaled_per_name(tmp_path: Pat
     from_many = many.load_seconds(1_000_000)
     # 20x: slack for a stall of the 1-name load on a busy machine (the bug was ~70x).
     assert from_many / 20 < one.load_seconds(1_000_000) < 20 * from_many
+
+
+def test_a_first_load_of_a_handful_of_names_scaled_to_as_many_is_what_it_took(
+    tmp_path: Path,
+) -> None:
+    """Fewer than 100 names then and now: the first load's seconds as they were (a slow
+    disk's 5 s for 50 names is 5 s), not a share of them."""
+    start, names = _start(tmp_path, 50)
+    start.seconds = 5.0
+    start.stats.last_duration_seconds = None
+    assert start.load_seconds(names) == 5.0
