@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from dnsoverride.common.interpreter import python_command
 from dnsoverride.common.log import LogOptions
 from dnsoverride.common.metrics import Collectors, exposition
 from dnsoverride.dns.config import ServeConfig, ServeFlags
@@ -535,39 +536,13 @@ def _command(main: WorkerMain) -> list[str]:
     """How a worker is started: a fresh interpreter with our interpreter flags and our
     sys.path that runs `main` through `worker_process` (the control pipe's descriptor is
     appended)."""
-    code = (
-        # Our sys.path, set in the code: under -E or -I the worker would ignore PYTHONPATH.
-        # Strings only (what imports read: a pathlib.Path's repr would not evaluate there);
-        # repr writes any string, quotes, newlines and surrogate escapes, as source.
-        f"import sys; sys.path[:] = {[p for p in sys.path if isinstance(p, str) and p]!r}; "
+    return python_command(
         # The CLI module first, as `dnsoverride` imports it: it keeps structlog from
         # importing rich (5.5 MB of each process).
         "import dnsoverride.cli; "
         f"from {__name__} import worker_process; "
         f"from {main.__module__} import {main.__name__} as main; worker_process(main)"
     )
-    return [sys.executable, *_interpreter_flags(), "-c", code]
-
-
-def _interpreter_flags() -> list[str]:
-    """The flags `python` was given (-X dev, -X faulthandler, -W, -O, -I, -E, -s, -B ...),
-    as sys.flags, sys.warnoptions and sys._xoptions hold them, and -P."""
-    # What multiprocessing passes to the interpreters it starts (multiprocessing.util
-    # re-exports this private function; its contract, "arguments reproducing the current
-    # settings", has held since Python 3.3) ...
-    flags: list[str] = subprocess._args_from_interpreter_flags()  # type: ignore[attr-defined]
-    # ... but of -X only the few it names: the rest (int_max_str_digits, pycache_prefix,
-    # no_debug_ranges, warn_default_encoding, perf ...) as they were given.
-    given = {flags[i + 1].partition("=")[0] for i, flag in enumerate(flags) if flag == "-X"}
-    for name, value in sys._xoptions.items():
-        if name not in given:
-            flags += ["-X", name if value is True else f"{name}={value}"]
-    # -P in any case: no working directory first on sys.path (`-c` puts it there), so
-    # nothing planted where `serve` was started is imported in place of a module (-I
-    # implies it).
-    if not sys.flags.safe_path:
-        flags.append("-P")
-    return flags
 
 
 def _environment() -> dict[str, str]:

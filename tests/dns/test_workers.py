@@ -469,7 +469,7 @@ SETTINGS = (
 def test_a_worker_interpreter_has_every_setting_of_the_supervisors(
     flags: list[str], tmp_path: Path
 ) -> None:
-    """An interpreter started with `python` and a worker's flags (`_interpreter_flags`,
+    """An interpreter started with `python` and a worker's flags (`interpreter_flags`,
     computed in an interpreter under `flags` and -P) has the same sys.flags,
     sys.warnoptions and sys._xoptions as that one. Failed before the fix: of -X only
     what subprocess._args_from_interpreter_flags names passed on (dev, faulthandler,
@@ -478,8 +478,8 @@ def test_a_worker_interpreter_has_every_setting_of_the_supervisors(
     parent = (
         f"import sys; sys.path.insert(0, {str(Path(__file__).parents[2])!r})\n"
         "import subprocess\n"
-        "from dnsoverride.dns.workerpool import _interpreter_flags\n"
-        f"child = subprocess.run([sys.executable, *_interpreter_flags(), '-c', {SETTINGS!r}],\n"
+        "from dnsoverride.common.interpreter import interpreter_flags\n"
+        f"child = subprocess.run([sys.executable, *interpreter_flags(), '-c', {SETTINGS!r}],\n"
         "    capture_output=True, text=True, check=True)\n"
         f"exec({SETTINGS!r})\n"
         "print(child.stdout, end='')\n"
