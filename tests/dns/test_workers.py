@@ -28,6 +28,7 @@ import dns.message
 import dns.rdatatype
 import pytest
 
+from tests.support.interpreters import python_output
 from tests.support.metrics import scrape, total
 from tests.support.peers import DnsPeer, dnsmasq, dnsoverride_serve, events
 from tests.support.ports import free_port
@@ -484,16 +485,8 @@ def test_a_worker_interpreter_has_every_setting_of_the_supervisors(
         f"exec({SETTINGS!r})\n"
         "print(child.stdout, end='')\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-P", *flags, "-c", parent],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=tmp_path,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    supervisor, worker = (json.loads(line) for line in done.stdout.splitlines())
+    output = python_output(["-P", *flags], parent, tmp_path)
+    supervisor, worker = (json.loads(line) for line in output.splitlines())
     assert worker == supervisor
 
 

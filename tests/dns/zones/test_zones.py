@@ -20,6 +20,7 @@ from dnsoverride.dns.zones.live import LiveZones
 from dnsoverride.dns.zones.load import ZoneFileCache, load_zone_set
 from dnsoverride.dns.zones.model import ZoneSetError
 from dnsoverride.dns.zones.parse import Parts
+from tests.support.interpreters import python_output
 
 MINIMAL = """\
 ttl: 60                      # optional default TTL for this file
@@ -587,17 +588,9 @@ def test_a_parse_worker_runs_with_our_interpreter_flags(tmp_path: Path) -> None:
         """
     )
     flags = ["-X", "faulthandler", "-X", "int_max_str_digits=1000", "-W", "error::ResourceWarning"]
-    done = subprocess.run(
-        [sys.executable, *flags, "-c", parent],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=tmp_path,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    assert "zone_parse_worker_failed" not in done.stdout
-    started, ours, parsed = json.loads(done.stdout.splitlines()[-1])
+    output = python_output(flags, parent, tmp_path)
+    assert "zone_parse_worker_failed" not in output
+    started, ours, parsed = json.loads(output.splitlines()[-1])
     assert started == [ours] and parsed == 1
     assert ours[0] == sys.executable and "-Werror::ResourceWarning" in ours
     assert ours[ours.index("-X") : ours.index("-c")] == [*flags[:4], "-P"]
