@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from dnsoverride.common.interpreter import python_command
 from dnsoverride.common.log import LogOptions
 from dnsoverride.common.metrics import Collectors, exposition
 from dnsoverride.dns.config import ServeConfig, ServeFlags
@@ -534,26 +535,13 @@ def _command(main: WorkerMain) -> list[str]:
     """How a worker is started: a fresh interpreter with our interpreter flags and our
     sys.path that runs `main` through `worker_process` (the control link's descriptor is
     appended)."""
-    code = (
-        # Our sys.path, set in the code: under -E or -I the worker would ignore PYTHONPATH.
-        f"import sys; sys.path[:] = {[path for path in sys.path if path]!r}; "
+    return python_command(
         # The CLI module first, as `dnsoverride` imports it: it keeps structlog from
         # importing rich (5.5 MB of each process).
         "import dnsoverride.cli; "
         f"from {__name__} import worker_process; "
         f"from {main.__module__} import {main.__name__} as main; worker_process(main)"
     )
-    # The flags `python` was given (-X dev, -X faulthandler, -W, -O, -I, -E, -s, -B ...),
-    # as sys.flags, sys.warnoptions and sys._xoptions hold them: what multiprocessing
-    # passes to the interpreters it starts (multiprocessing.util re-exports this private
-    # function; its contract, "arguments reproducing the current settings", has held
-    # since Python 3.3). -P in any case: no working directory first on sys.path (`-c`
-    # puts it there), so nothing planted where `serve` was started is imported in place
-    # of a module (-I implies it).
-    flags = subprocess._args_from_interpreter_flags()  # type: ignore[attr-defined]
-    if not sys.flags.safe_path:
-        flags.append("-P")
-    return [sys.executable, *flags, "-c", code]
 
 
 def _environment() -> dict[str, str]:

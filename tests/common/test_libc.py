@@ -87,9 +87,12 @@ def test_without_the_functions_nothing_is_trimmed_and_udp_is_not_batched() -> No
     batched (they run on uvloop's transport: test_udp_batch.py's
     test_without_batching_the_uvloop_transport_serves)."""
     result = _python(
-        "import asyncio, json, types\n"
+        "import asyncio, json\n"
         "from dnsoverride.common import libc\n"
-        "libc._PROCESS = types.SimpleNamespace()  # a C library with none of them\n"
+        "class Lacking:  # a C library with none of them, as ctypes.CDLL says so\n"
+        "    def __getitem__(self, name):\n"
+        "        raise AttributeError(name)\n"
+        "libc._PROCESS = Lacking()\n"
         "from dnsoverride.common import heaptrim\n"
         "from dnsoverride.dns import udpbatch\n"
         "heaptrim.trim_heap()\n"
@@ -125,3 +128,32 @@ def test_serve_starts_no_process_to_find_the_c_library(tmp_path: Path) -> None:
         assert server.query("registry-1.docker.io").answer  # serving the example zones
         assert '"event": "started"' in server.log_text()
     assert spawned.read_text() == ""
+
+
+def test_each_caller_gets_a_function_of_its_own() -> None:
+    """What udpbatch sets on recvmmsg (argtypes, restype) is not set on another caller's
+    recvmmsg. Failed before the fix: `getattr` on the CDLL returns one cached object."""
+    first, second = libc.function("recvmmsg"), libc.function("recvmmsg")
+    assert first is not None and second is not None and first is not second
+    first.restype = None
+    assert second.restype is not None
+
+
+@e2e
+def test_an_interpreter_that_cannot_dlopen_itself_serves_without_the_functions() -> None:
+    """A statically linked interpreter (static musl: `dlopen` fails with "Dynamic
+    loading not supported"): the imports go on, nothing is trimmed and UDP is not
+    batched. Failed before the fix: `ctypes.CDLL(None)` raised OSError at the import of
+    common/libc.py, and so of heaptrim and udpbatch: serve did not start."""
+    result = _python(
+        "import ctypes, json\n"
+        "def static(name, *args, **kwargs):\n"
+        "    raise OSError('Dynamic loading not supported')\n"
+        "ctypes.CDLL = static\n"
+        "from dnsoverride.common import heaptrim, libc\n"
+        "from dnsoverride.dns import udpbatch\n"
+        "heaptrim.trim_heap()\n"
+        "print(json.dumps({'trim': heaptrim._TRIM is None, 'batched': udpbatch.available(),\n"
+        "    'function': libc.function('malloc_trim')}))\n"
+    )
+    assert result == {"trim": True, "batched": False, "function": None}

@@ -28,6 +28,7 @@ import dns.message
 import dns.rdatatype
 import pytest
 
+from tests.support.interpreters import python_output
 from tests.support.metrics import scrape, total
 from tests.support.peers import DnsPeer, dnsmasq, dnsoverride_serve, events
 from tests.support.ports import free_port
@@ -451,3 +452,58 @@ def test_the_workers_run_with_the_supervisors_interpreter_flags(tmp_path: Path) 
         assert "Fatal Python error: Segmentation fault" in server.log_text()
         replacement = events(server, "worker_started")[1]["pid"]
         assert "faulthandler" in _cmdline(replacement)
+
+
+SETTINGS = (
+    "import json, sys\nprint(json.dumps([list(sys.flags), sys.warnoptions, sys._xoptions]))\n"
+)
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["-X", "int_max_str_digits=1000", "-X", "no_debug_ranges", "-X", "warn_default_encoding"],
+        ["-X", "pycache_prefix=/nonexistent/it's\nhere", "-X", "faulthandler", "-O", "-s"],
+        ["-I", "-X", "dev", "-W", "error::ResourceWarning", "-bb", "-X", "custom=a=b"],
+    ],
+)
+def test_a_worker_interpreter_has_every_setting_of_the_supervisors(
+    flags: list[str], tmp_path: Path
+) -> None:
+    """An interpreter started with `python` and a worker's flags (`interpreter_flags`,
+    computed in an interpreter under `flags` and -P) has the same sys.flags,
+    sys.warnoptions and sys._xoptions as that one. Failed before the fix: of -X only
+    what subprocess._args_from_interpreter_flags names passed on (dev, faulthandler,
+    tracemalloc, importtime, frozen_modules, showrefcount, utf8): int_max_str_digits (a
+    limit an admin sets), pycache_prefix, no_debug_ranges ... were dropped."""
+    parent = (
+        f"import sys; sys.path.insert(0, {str(Path(__file__).parents[2])!r})\n"
+        "import subprocess\n"
+        "from dnsoverride.common.interpreter import interpreter_flags\n"
+        f"child = subprocess.run([sys.executable, *interpreter_flags(), '-c', {SETTINGS!r}],\n"
+        "    capture_output=True, text=True, check=True)\n"
+        f"exec({SETTINGS!r})\n"
+        "print(child.stdout, end='')\n"
+    )
+    output = python_output(["-P", *flags], parent, tmp_path)
+    supervisor, worker = (json.loads(line) for line in output.splitlines())
+    assert worker == supervisor
+
+
+def test_a_workers_sys_path_is_ours_whatever_its_entries(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sys.path a worker's code sets is ours, entries with quotes, newlines and
+    undecodable bytes (surrogate escapes) included; a pathlib.Path on it (which imports
+    skip) is left out rather than written as `PosixPath(...)`, a NameError in every
+    worker. Failed before the fix: NameError: name 'PosixPath' is not defined."""
+    from types import SimpleNamespace
+
+    from dnsoverride.dns.daemon import worker_main
+    from dnsoverride.dns.workerpool import _command
+
+    odd = '/srv/it\'s "here"\n\udcff; import os'
+    monkeypatch.setattr(sys, "path", ["", Path("/srv/a path"), odd, "/usr/lib/python3"])
+    code = _command(worker_main)[-1]
+    assignment = code.removeprefix("import sys; ").partition("; import dnsoverride.cli;")[0]
+    worker_sys = SimpleNamespace(path=["whatever the worker had"])
+    exec(assignment, {"sys": worker_sys})  # the worker's own first statement
+    assert worker_sys.path == [odd, "/usr/lib/python3"]

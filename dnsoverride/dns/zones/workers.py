@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import os
 import pickle
 import subprocess
 import sys
@@ -13,6 +12,7 @@ from pathlib import Path
 import structlog
 
 from dnsoverride.common.cpus import usable_cpus
+from dnsoverride.common.interpreter import python_command
 from dnsoverride.common.yamlsource import brief
 from dnsoverride.dns.zones.parse import ParsedFile, Parts, parse_bytes, parse_file, parsed_file
 
@@ -55,16 +55,13 @@ _WORKER = "from dnsoverride.dns.zones.workers import main; main()"
 def _in_worker(jobs: list[tuple[Path, bytes]]) -> list[Parts]:
     """`parse_bytes` of each job in a worker process; in this one if that fails."""
     payload = pickle.dumps([(str(path), data) for path, data in jobs], pickle.HIGHEST_PROTOCOL)
-    # The worker imports this package from wherever this process did.
-    environment = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
     try:
         process = subprocess.run(
-            # -P: no working directory first on sys.path (`-c` puts it there), so nothing
-            # planted where the command was started is imported in place of a module.
-            [sys.executable, "-P", "-c", _WORKER],
+            # Our flags and sys.path: it imports this package from wherever this process
+            # did (under -E or -I too, where PYTHONPATH is not read).
+            python_command(_WORKER),
             input=payload,
             capture_output=True,
-            env=environment,
             check=False,
         )
         if process.returncode == 0:

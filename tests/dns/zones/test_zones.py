@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from dnsoverride.dns.zones.live import LiveZones
 from dnsoverride.dns.zones.load import ZoneFileCache, load_zone_set
 from dnsoverride.dns.zones.model import ZoneSetError
 from dnsoverride.dns.zones.parse import Parts
+from tests.support.interpreters import python_output
 
 MINIMAL = """\
 ttl: 60                      # optional default TTL for this file
@@ -562,3 +564,33 @@ def test_a_txt_escape_that_is_no_character_is_a_problem(
         f"{tmp_path / 't.yaml'}:2: a.example: bad TXT value 'x\\ud800': "
         "not valid Unicode (half of a UTF-16 surrogate pair)"
     ]
+
+
+@pytest.mark.e2e
+def test_a_parse_worker_runs_with_our_interpreter_flags(tmp_path: Path) -> None:
+    """A parse worker started by an interpreter under `-X faulthandler -X
+    int_max_str_digits=1000 -W error::ResourceWarning` is that interpreter with those
+    flags and its sys.path (as a `serve` worker is: common/interpreter.py), and parses.
+    Failed before the fix: it was `python -P -c ...`, none of the flags."""
+    parent = textwrap.dedent(
+        f"""
+        import json, sys
+        sys.path.insert(0, {str(Path(__file__).parents[3])!r})
+        from pathlib import Path
+        from dnsoverride.common.interpreter import python_command
+        from dnsoverride.dns.zones import workers
+        started = []
+        sys.addaudithook(
+            lambda event, args: event == "subprocess.Popen" and started.append(list(args[1]))
+        )
+        parsed = workers._in_worker([(Path("z.yaml"), b"records: {{a.test: {{A: 10.0.0.1}}}}")])
+        print(json.dumps([started, python_command(workers._WORKER), len(parsed)]))
+        """
+    )
+    flags = ["-X", "faulthandler", "-X", "int_max_str_digits=1000", "-W", "error::ResourceWarning"]
+    output = python_output(flags, parent, tmp_path)
+    assert "zone_parse_worker_failed" not in output
+    started, ours, parsed = json.loads(output.splitlines()[-1])
+    assert started == [ours] and parsed == 1
+    assert ours[0] == sys.executable and "-Werror::ResourceWarning" in ours
+    assert ours[ours.index("-X") : ours.index("-c")] == [*flags[:4], "-P"]
