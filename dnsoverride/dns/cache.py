@@ -22,7 +22,7 @@ from typing import NamedTuple
 
 from dnsoverride.dns import relay, wire
 from dnsoverride.dns.config import CacheConfig
-from dnsoverride.dns.constants import NOERROR, NXDOMAIN
+from dnsoverride.dns.constants import MAX_MESSAGE, NOERROR, NXDOMAIN
 from dnsoverride.dns.relay import Question
 
 # RFC 8767 section 4: stale records go out with a TTL above 0, recommended 30 seconds.
@@ -108,6 +108,8 @@ class _Answer:
 
     __slots__ = (
         "base",
+        "cookie_rdata",
+        "cookie_tail",
         "counter",
         "expires",
         "generation",
@@ -137,6 +139,11 @@ class _Answer:
         self.tail = reply[qend:]
         # The tail without the OPT's RDLENGTH, for a hit that adds a COOKIE option.
         self.open_tail = self.tail[:-2] if bare_opt else None
+        # The last COOKIE rdata a hit added and the tail with it: a client's cookie
+        # verdict is one bytes object for as long as it holds, so while the same
+        # client asks again (or only one does), a hit reuses the tail by identity.
+        self.cookie_rdata: bytes | None = None
+        self.cookie_tail = b""
         self.qend = qend
         self.generation = generation
         self.stored_at = stored_at
@@ -194,7 +201,9 @@ class AnswerCache:
 
         `cookie` is our OPT's RDLENGTH and RDATA for a query that sent a COOKIE option
         (cookies.Verdict.rdata): the reply carries it in place of its empty OPT, or it is
-        None (a miss) when the cached reply does not end in our OPT without options.
+        None (a miss) when the cached reply does not end in our OPT without options or
+        the option would take it over the key's size limit (its UDP size; 65535 bytes
+        over TCP). That check is made when the tail with `cookie` is built, not per hit.
         """
         entry = self._views[view].get(key)
         if entry is None or entry.generation != generation or now >= entry.expires:
@@ -206,14 +215,21 @@ class AnswerCache:
                 entry.tail = wire.aged(entry.base, entry.offsets, age)[entry.qend :]
                 if entry.open_tail is not None:
                     entry.open_tail = entry.tail[:-2]
+                entry.cookie_rdata = None  # its tail has the old TTLs
                 entry.rendered_age = age
         if cookie is None:
-            reply = data[:2] + entry.head + data[12 : entry.qend] + entry.tail
-        elif entry.open_tail is not None:
-            reply = data[:2] + entry.head + data[12 : entry.qend] + entry.open_tail + cookie
+            tail = entry.tail
+        elif cookie is entry.cookie_rdata:
+            tail = entry.cookie_tail
+        elif entry.open_tail is not None and entry.qend + len(entry.open_tail + cookie) <= (
+            MAX_MESSAGE if key[wire.KEY_FLAGS] & wire.KEY_TCP else wire.key_udp_size(key)
+        ):
+            tail = entry.cookie_tail = entry.open_tail + cookie
+            entry.cookie_rdata = cookie
         else:
             self.misses += 1
             return None
+        reply = data[:2] + entry.head + data[12 : entry.qend] + tail
         self.hits += 1
         entry.counter[0] += 1
         return reply

@@ -213,21 +213,29 @@ class Resolver:
         self, data: bytes, known: wire.QueryKey, host: str, index: int, now: float, *, tcp: bool
     ) -> bytes | None:
         """The answer cache's reply (or REFUSED) to `data`, counted, or None."""
-        key, tcp_key, cookie, udp_limit = known
-        rdata = None if cookie is None else self.cookies.rdata(cookie, host, now)
+        key, tcp_key, cookie = known
+        rdata = None
+        if cookie is not None:
+            # The cookie's remembered verdict, read here rather than through a call (this
+            # runs per query): it must be this client's and hold now (host, since, until).
+            verdict = self.cookies.verdicts.get(cookie)
+            if verdict is not None and verdict[4] == host and verdict[2] <= now < verdict[3]:
+                rdata = verdict[1]
+            else:
+                rdata = self.cookies.verdict(cookie, host, now).rdata
         reply: bytes | None
         if index == NOT_ALLOWED:
             reply = wire.refused(data, key, self._udp_size)
-            if rdata is not None:
+            if rdata is not None:  # fits any UDP size: a question, an OPT and a cookie
                 reply = reply[:-2] + rdata  # it ends in our OPT without options
         else:
             generation = self.zones.state[1]
             cache_key = tcp_key if tcp else key
+            # None also when our cookie would take the reply over the client's size: the
+            # slow path truncates it properly (and counts it).
             reply = self.answers.lookup(index, cache_key, data, generation, now, cookie=rdata)
             if reply is None:
                 return None
-        if rdata is not None and len(reply) > (MAX_MESSAGE if tcp else udp_limit):
-            return None  # the slow path truncates it properly (and counts it)
         if index == NOT_ALLOWED:
             self.stats.count(_REFUSED_LABELS)
         elif self._query_log:

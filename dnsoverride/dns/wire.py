@@ -141,7 +141,6 @@ class QueryKey(NamedTuple):
     udp: bytes  # its `fast_key` key
     tcp: bytes  # the same over TCP (`tcp_key`)
     cookie: bytes | None  # its COOKIE option's data, None without one
-    udp_limit: int  # the largest UDP reply it takes (`key_udp_size`, 512 without EDNS)
 
 
 # How many queries `QueryKeys` remembers: a server's hot set of distinct query byte
@@ -180,8 +179,7 @@ class QueryKeys:
             return None
         start = options_start(key)
         cookie = find_option(data, start, COOKIE) if len(data) > start else None
-        limit = key_udp_size(key) if key[KEY_EDNS] else PLAIN_UDP_SIZE
-        known = QueryKey(key, tcp_key(key), cookie, limit)
+        known = QueryKey(key, tcp_key(key), cookie)
         if len(self._known) >= self._size:
             self._known.clear()
         self._known[body] = known
