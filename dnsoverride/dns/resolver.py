@@ -38,6 +38,7 @@ from dnsoverride.dns.constants import (
     CLASS_IN,
     COOKIE,
     DO,
+    FLAGS,
     FORMERR,
     HEADER_SIZE,
     IXFR,
@@ -197,9 +198,13 @@ class Resolver:
     def fast(self, data: bytes, host: str, tcp: bool = False) -> bytes | None:
         """The reply from the answer cache (or REFUSED), b"" to drop the query (rate
         limited), or None to take `resolve`."""
-        known = self._keys(data)
+        # The key memo read here, not through a call (this runs per query); `_keys`
+        # makes and remembers the keys of queries it has not seen.
+        known = self._keys.known.get(data[FLAGS:])
         if known is None:
-            return None
+            known = self._keys(data)
+            if known is None:
+                return None
         index = self._clients.get(host)
         if index is None:
             index = self._classify(host)

@@ -163,15 +163,16 @@ class QueryKeys:
     def __init__(self, max_udp: int, size: int = KEY_MEMO_SIZE) -> None:
         self._max_udp = max_udp
         self._size = size
-        self._known: dict[bytes, QueryKey] = {}
+        # By the query's bytes after the ID (FLAGS on); the fast path reads it directly.
+        self.known: dict[bytes, QueryKey] = {}
 
     def __len__(self) -> int:
-        return len(self._known)
+        return len(self.known)
 
     def __call__(self, data: bytes) -> QueryKey | None:
         """The `QueryKey` of `data`, None when `fast_key` has none."""
         body = data[FLAGS:]
-        known = self._known.get(body)
+        known = self.known.get(body)
         if known is not None:
             return known
         key = fast_key(data, self._max_udp)
@@ -180,9 +181,9 @@ class QueryKeys:
         start = options_start(key)
         cookie = find_option(data, start, COOKIE) if len(data) > start else None
         known = QueryKey(key, tcp_key(key), cookie)
-        if len(self._known) >= self._size:
-            self._known.clear()
-        self._known[body] = known
+        if len(self.known) >= self._size:
+            self.known.clear()
+        self.known[body] = known
         return known
 
 
