@@ -22,9 +22,13 @@ from typing import NamedTuple
 
 from dnsoverride.dns import relay, wire
 from dnsoverride.dns.config import CacheConfig
-from dnsoverride.dns.constants import MAX_MESSAGE, NOERROR, NXDOMAIN
+from dnsoverride.dns.constants import MAX_MESSAGE, NOERROR, NXDOMAIN, PLAIN_UDP_SIZE
 from dnsoverride.dns.relay import Question
 
+# The largest reply whose tail with a client's cookie is remembered (most answers): the
+# copy is memory `cache.max_bytes` does not count, and for a bigger reply one
+# concatenation is a small part of copying it out.
+COOKIE_TAIL_REPLY = PLAIN_UDP_SIZE
 # RFC 8767 section 4: stale records go out with a TTL above 0, recommended 30 seconds.
 STALE_TTL = 30
 # ... but the answer cache reuses a stale reply for only `cache.stale_reuse` seconds.
@@ -224,8 +228,9 @@ class AnswerCache:
         elif entry.open_tail is not None and entry.qend + len(entry.open_tail + cookie) <= (
             MAX_MESSAGE if key[wire.KEY_FLAGS] & wire.KEY_TCP else wire.key_udp_size(key)
         ):
-            tail = entry.cookie_tail = entry.open_tail + cookie
-            entry.cookie_rdata = cookie
+            tail = entry.open_tail + cookie
+            if len(entry.base) <= COOKIE_TAIL_REPLY:
+                entry.cookie_rdata, entry.cookie_tail = cookie, tail
         else:
             self.misses += 1
             return None

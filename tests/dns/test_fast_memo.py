@@ -27,7 +27,7 @@ import dnslib
 import pytest
 
 from dnsoverride.dns import wire
-from dnsoverride.dns.cache import AnswerCache
+from dnsoverride.dns.cache import COOKIE_TAIL_REPLY, AnswerCache
 from dnsoverride.dns.constants import COOKIE
 from dnsoverride.dns.cookies import MEMO_SIZE, Cookies
 from dnsoverride.dns.resolver import Resolver
@@ -410,3 +410,21 @@ def test_a_cookie_taking_a_cached_answer_over_the_clients_size_is_a_miss() -> No
     for _ in range(3):
         assert cache.lookup(0, key, query, 1, 1.0, cookie=cookie) is None
     assert cache.lookup(0, key, query, 1, 1.0) == plain
+
+
+def test_only_small_replies_remember_a_cookie_tail() -> None:
+    """The remembered tail is a copy `cache.max_bytes` does not count: a reply over 512
+    bytes is answered with each cookie correctly but keeps no copy (made per hit); one
+    of 512 bytes or less keeps one."""
+    cache = AnswerCache(10, views=1, udp_size=1232)
+    big_query, big_key = _cached_forward(cache, ttl=300, txt_size=900)
+    small_cache = AnswerCache(10, views=1, udp_size=1232)
+    small_query, small_key = _cached_forward(small_cache, ttl=300)
+    cookie = _verdict_rdata(b"\x01" * 16)
+    for _ in range(2):
+        big = cache.lookup(0, big_key, big_query, 1, 1.0, cookie=cookie)
+        assert big is not None and len(big) > COOKIE_TAIL_REPLY and big.endswith(cookie[6:])
+        small = small_cache.lookup(0, small_key, small_query, 1, 1.0, cookie=cookie)
+        assert small is not None and small.endswith(cookie[6:])
+    assert cache._views[0][big_key].cookie_rdata is None
+    assert small_cache._views[0][small_key].cookie_rdata is cookie
