@@ -456,6 +456,8 @@ class Resolver:
         if request.header.qr:
             return None
         edns = answer.client_edns(request)
+        if edns is not None and edns.present and not wire.opt_options_ok(data):
+            edns = None  # options dnslib dropped unread: FORMERR, as any malformed OPT
         options = self._cookie_option(edns, host)
         rcode = None
         if request.header.opcode != 0:

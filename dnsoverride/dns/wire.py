@@ -204,6 +204,33 @@ def _options_ok(data: bytes, offset: int) -> bool:
     return offset == size
 
 
+def opt_options_ok(message: bytes) -> bool:
+    """Whether the options of the OPT record in `message` (which dnslib parsed) fill its
+    RDATA exactly, with at most one COOKIE option, well-formed (True without an OPT).
+
+    dnslib reads options only while more than 4 bytes are left and drops the rest: a
+    last COOKIE option of length 0, an option header without its data, 1-3 stray bytes.
+    Those are malformed (RFC 6891 6.1.2, RFC 7873 5.2.2: FORMERR), so the caller checks
+    the wire. A message this walk cannot follow (a compression pointer forward) keeps
+    dnslib's verdict.
+    """
+    try:
+        counts = struct.unpack_from("!HHHH", message, COUNTS)
+        offset = HEADER_SIZE
+        for _ in range(counts[0]):
+            offset = skip_name(message, offset) + QUESTION_TAIL
+        for _ in range(counts[1] + counts[2] + counts[3]):
+            offset = skip_name(message, offset)
+            rtype, _rclass, _ttl, rdlength = _RR_FIXED.unpack_from(message, offset)
+            offset += RR_FIXED
+            if rtype == OPT:
+                return _options_ok(message[offset : offset + rdlength], 0)
+            offset += rdlength
+    except (IndexError, ValueError, struct.error):
+        return True
+    return True
+
+
 def cookie_length_ok(length: int) -> bool:
     """RFC 7873 5.2.2: a COOKIE option holds a client cookie, optionally a server one."""
     return length == CLIENT_COOKIE_SIZE or length - CLIENT_COOKIE_SIZE in SERVER_COOKIE_SIZES
