@@ -16,12 +16,16 @@ Workloads, built with dnspython the way clients send them (each query a fresh ID
   EDNS+client cookie  a client cookie alone (a stub's first query; dnsperf -E 10:...)
   EDNS+full cookie    the client cookie and the server cookie this server returned for it
                       (every later query of a stub resolver, dig's default)
+  64 clients' cookies full cookies of 64 clients (127.0.0.2-65), each name asked by every
+                      client in turn, as a CI farm's runners ask the same names: no two
+                      queries in a row share a cookie (`fast` only: the batch client
+                      sends from one address)
 
 The workloads take turns in short rounds (other processes on a shared machine slow each
 alike). Printed per workload: the least CPU per query of any round (microseconds: the
 figure least disturbed by the rest of the machine) and the median over rounds of its
-ratio to plain's in the same round. Run it on other code with PYTHONPATH pointing there
-to compare (old vs new).
+ratio to plain's in the same round. It imports the tree it sits in (PYTHONPATH does
+not change that): to compare old and new code, run a copy of it in the old tree.
 
     python3 bench/dns/fastpath.py [--queries 20000] [--rounds 30]
 """
@@ -55,6 +59,8 @@ IDS = 16  # distinct query IDs per name: a real client never repeats one
 HOST = "127.0.0.1"
 CLIENT_COOKIE = bytes.fromhex("0102030405060708")
 WORKLOADS = ("plain", "EDNS", "EDNS+client cookie", "EDNS+full cookie")
+CLIENTS = [f"127.0.0.{index}" for index in range(2, 66)]
+MANY = "64 clients' cookies"
 
 
 def _name(index: int) -> str:
@@ -86,10 +92,12 @@ def _queries(cookie: bytes | None, edns: bool) -> list[bytes]:
     return queries
 
 
-async def _server_cookie(resolver: Resolver) -> bytes:
-    """The COOKIE this server returns for a query with the client cookie alone."""
-    query = _queries(CLIENT_COOKIE, True)[0]
-    reply = await resolver.resolve(query, HOST, False)
+async def _server_cookie(
+    resolver: Resolver, host: str = HOST, client: bytes = CLIENT_COOKIE
+) -> bytes:
+    """The COOKIE this server returns to `host` for a query with `client`'s cookie alone."""
+    query = _queries(client, True)[0]
+    reply = await resolver.resolve(query, host, False)
     assert reply is not None
     found = [o for o in dns.message.from_wire(bytes(reply)).options if o.otype == 10]
     return bytes(found[0].to_wire())
@@ -108,6 +116,32 @@ async def _workloads(resolver: Resolver) -> dict[str, list[bytes]]:
             await resolver.resolve(query, HOST, False)
         assert all(resolver.fast(query, HOST) for query in queries), "not on the fast path"
     return workloads
+
+
+async def _many_clients(resolver: Resolver) -> list[tuple[str, bytes]]:
+    """`MANY`'s (client, query) pairs: each name asked by every client in turn."""
+    per_client = []
+    for index, host in enumerate(CLIENTS):
+        full = await _server_cookie(resolver, host, bytes((index,)) * 8)
+        per_client.append(_queries(full, True)[:NAMES])
+    pairs = [
+        (host, queries[name])
+        for name in range(NAMES)
+        for host, queries in zip(CLIENTS, per_client, strict=True)
+    ]
+    assert all(resolver.fast(query, host) for host, query in pairs), "not on the fast path"
+    return pairs
+
+
+def _fast_many(resolver: Resolver, pairs: list[tuple[str, bytes]], count: int) -> float:
+    """CPU microseconds per `fast` call, each from its own client."""
+    fast = resolver.fast
+    rounds = max(1, count // len(pairs))
+    started = time.thread_time()
+    for _ in range(rounds):
+        for host, query in pairs:
+            fast(query, host)
+    return (time.thread_time() - started) / (rounds * len(pairs)) * 1e6
 
 
 def _fast(resolver: Resolver, queries: list[bytes], count: int) -> float:
@@ -150,6 +184,7 @@ async def _measure(count: int, rounds: int) -> dict[str, dict[str, list[float]]]
     with tempfile.TemporaryDirectory() as work:
         resolver = in_process_resolver(_zones(Path(work)))
         workloads = await _workloads(resolver)
+        many = await _many_clients(resolver)
         server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         server.bind((HOST, 0))
         server.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
@@ -158,12 +193,13 @@ async def _measure(count: int, rounds: int) -> dict[str, dict[str, list[float]]]
         loop = asyncio.get_running_loop()
         loop.remove_reader(server.fileno())  # driven by hand below, not by the loop
         readable = transport._readable  # the handler is what is measured
-        fast: dict[str, list[float]] = {name: [] for name in workloads}
+        fast: dict[str, list[float]] = {name: [] for name in (*workloads, MANY)}
         batch: dict[str, list[float]] = {name: [] for name in workloads}
         for _ in range(rounds):
             for name, queries in workloads.items():
                 fast[name].append(_fast(resolver, queries, count))
                 batch[name].append(_batch(readable, server, queries, count // 4))
+            fast[MANY].append(_fast_many(resolver, many, count))
         transport.close()
     return {"fast": fast, "batch": batch}
 
@@ -196,6 +232,7 @@ def main() -> int:
             f"{name:<20} {fast[name][0]:7.2f} {fast[name][1]:7.2f}x "
             f"{batch[name][0]:7.2f} {batch[name][1]:7.2f}x"
         )
+    print(f"{MANY:<20} {fast[MANY][0]:7.2f} {fast[MANY][1]:7.2f}x {'-':>7} {'-':>8}")
     return 0
 
 
