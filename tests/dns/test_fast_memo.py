@@ -412,6 +412,35 @@ def test_a_cookie_taking_a_cached_answer_over_the_clients_size_is_a_miss() -> No
     assert cache.lookup(0, key, query, 1, 1.0) == plain
 
 
+def test_a_cookie_reply_of_exactly_the_clients_size_is_a_hit_one_byte_more_a_miss() -> None:
+    """At the boundary, byte by byte: cached answers whose reply with a 24-byte server
+    cookie comes to 1,231, 1,232 and 1,233 bytes for a 1232-byte client are a hit, a
+    hit and a miss, over UDP; over TCP all three are hits. Fails with the room for the
+    cookie off by one either way (checked so)."""
+    cookie = _verdict_rdata(b"\x01" * 16)  # 30 bytes: RDLENGTH, option header, 24 bytes
+    for over in (-1, 0, 1):
+        cache = AnswerCache(10, views=1, udp_size=1232)
+        query, key = _cached_forward(cache, ttl=300, txt_size=1150)
+        plain = cache.lookup(0, key, query, 1, 1.0)
+        assert plain is not None
+        # Grow the answer so that with the cookie it is 1232 + `over` bytes.
+        query, key = _cached_forward(
+            cache, ttl=300, txt_size=1150 + 1232 + over - (len(plain) - 2 + 30)
+        )
+        for _ in range(2):  # building the tail, then the remembered one
+            reply = cache.lookup(0, key, query, 1, 1.0, cookie=cookie)
+            if over > 0:
+                assert reply is None, over
+            else:
+                assert reply is not None and len(reply) == 1232 + over
+                assert reply.endswith(cookie[6:])
+        tcp_key = wire.tcp_key(key)
+        packed = cache._views[0][key].base
+        cache.store(0, tcp_key, packed, generation=1, now=0.0, ttl=300, counter=[0], age_ttls=True)
+        reply = cache.lookup(0, tcp_key, query, 1, 1.0, cookie=cookie)
+        assert reply is not None and len(reply) == 1232 + over
+
+
 def test_only_small_replies_remember_a_cookie_tail() -> None:
     """The remembered tail is a copy `cache.max_bytes` does not count: a reply over 512
     bytes is answered with each cookie correctly but keeps no copy (made per hit); one
