@@ -22,9 +22,13 @@ from typing import NamedTuple
 
 from dnsoverride.dns import relay, wire
 from dnsoverride.dns.config import CacheConfig
-from dnsoverride.dns.constants import NOERROR, NXDOMAIN
+from dnsoverride.dns.constants import MAX_MESSAGE, NOERROR, NXDOMAIN, PLAIN_UDP_SIZE
 from dnsoverride.dns.relay import Question
 
+# The largest reply whose tail with a client's cookie is remembered (most answers): the
+# copy is memory `cache.max_bytes` does not count, and for a bigger reply one
+# concatenation is a small part of copying it out.
+COOKIE_TAIL_REPLY = PLAIN_UDP_SIZE
 # RFC 8767 section 4: stale records go out with a TTL above 0, recommended 30 seconds.
 STALE_TTL = 30
 # ... but the answer cache reuses a stale reply for only `cache.stale_reuse` seconds.
@@ -108,6 +112,9 @@ class _Answer:
 
     __slots__ = (
         "base",
+        "cookie_rdata",
+        "cookie_room",
+        "cookie_tail",
         "counter",
         "expires",
         "generation",
@@ -131,12 +138,21 @@ class _Answer:
         offsets: tuple[tuple[int, int], ...],
         counter: list[int],
         bare_opt: bool,
+        limit: int,
     ) -> None:
         self.base = reply
         self.head = reply[2:12]
         self.tail = reply[qend:]
-        # The tail without the OPT's RDLENGTH, for a hit that adds a COOKIE option.
-        self.open_tail = self.tail[:-2] if bare_opt else None
+        # The tail without the OPT's RDLENGTH, for a hit that adds a COOKIE option, and
+        # the longest OPT RDLENGTH and RDATA such a hit may add and stay within the key's
+        # size `limit` (ageing TTLs never changes a reply's length); -1: no cookie hits.
+        self.open_tail = self.tail[:-2] if bare_opt else b""
+        self.cookie_room = limit - len(reply) + 2 if bare_opt else -1
+        # The last COOKIE rdata a hit added and the tail with it: a client's cookie
+        # verdict is one bytes object for as long as it holds, so while the same
+        # client asks again (or only one does), a hit reuses the tail by identity.
+        self.cookie_rdata: bytes | None = None
+        self.cookie_tail = b""
         self.qend = qend
         self.generation = generation
         self.stored_at = stored_at
@@ -194,7 +210,9 @@ class AnswerCache:
 
         `cookie` is our OPT's RDLENGTH and RDATA for a query that sent a COOKIE option
         (cookies.Verdict.rdata): the reply carries it in place of its empty OPT, or it is
-        None (a miss) when the cached reply does not end in our OPT without options.
+        None (a miss) when the cached reply does not end in our OPT without options or
+        the option would take it over the key's size limit (its UDP size; 65535 bytes
+        over TCP). The room for it is worked out when the reply is stored.
         """
         entry = self._views[view].get(key)
         if entry is None or entry.generation != generation or now >= entry.expires:
@@ -204,16 +222,22 @@ class AnswerCache:
             age = int(now - entry.stored_at)
             if age != entry.rendered_age:
                 entry.tail = wire.aged(entry.base, entry.offsets, age)[entry.qend :]
-                if entry.open_tail is not None:
+                if entry.cookie_room >= 0:
                     entry.open_tail = entry.tail[:-2]
+                entry.cookie_rdata = None  # its tail has the old TTLs
                 entry.rendered_age = age
         if cookie is None:
-            reply = data[:2] + entry.head + data[12 : entry.qend] + entry.tail
-        elif entry.open_tail is not None:
-            reply = data[:2] + entry.head + data[12 : entry.qend] + entry.open_tail + cookie
+            tail = entry.tail
+        elif cookie is entry.cookie_rdata:
+            tail = entry.cookie_tail
+        elif len(cookie) <= entry.cookie_room:
+            tail = entry.open_tail + cookie
+            if len(entry.base) <= COOKIE_TAIL_REPLY:
+                entry.cookie_rdata, entry.cookie_tail = cookie, tail
         else:
             self.misses += 1
             return None
+        reply = data[:2] + entry.head + data[12 : entry.qend] + tail
         self.hits += 1
         entry.counter[0] += 1
         return reply
@@ -256,6 +280,7 @@ class AnswerCache:
             offsets=offsets,
             counter=counter,
             bare_opt=reply.endswith(self._bare_opts),
+            limit=MAX_MESSAGE if key[wire.KEY_FLAGS] & wire.KEY_TCP else wire.key_udp_size(key),
         )
         replaced = entries.get(key)
         if replaced is not None:

@@ -13,7 +13,11 @@ COOKIE options get FORMERR (the caller's job).
 A stub resolver sends the same cookie with every query for as long as it stays valid,
 so the verdict on a (client address, COOKIE option) pair is remembered until the
 cookie's validity ends: the keyed hash then runs once per client and cookie, not once
-per query. The memo is bounded (cleared when full, like the resolver's other memos).
+per query. The memo is keyed by the option's bytes alone (the very bytes object the
+query-key memo keeps, its hash computed once), and a verdict names the address it was
+made for: another address sending the same bytes never gets it (it gets its own
+verdict, which takes the slot; a client cookie is random per client, so only a replay
+shares one). The memo is bounded (cleared when full, like the resolver's other memos).
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ _FUTURE = 300  # seconds of clock skew a timestamp may be ahead
 # How long a fresh server cookie made for a (client, option) pair is handed out again
 # to the same pair: well inside its validity, so a client echoing it is never refused.
 _REISSUE = 60
-MEMO_SIZE = 16384  # (client, cookie) pairs; each about 300 bytes
+MEMO_SIZE = 16384  # verdicts, one per COOKIE option; each about 300 bytes
 _SERVER_COOKIE = CLIENT_COOKIE_SIZE + 16  # RFC 9018: client cookie + 16-byte server cookie
 _STAMP = struct.Struct("!I")
 _OPTION_HEAD = struct.Struct("!HHH")  # OPT RDLENGTH, then the option's code and length
@@ -49,6 +53,7 @@ class Verdict(NamedTuple):
     rdata: bytes  # our reply's OPT RDLENGTH and RDATA: the COOKIE option to send back
     since: float
     until: float
+    host: str  # the client it holds for
 
 
 class Cookies:
@@ -67,22 +72,18 @@ class Cookies:
     ) -> None:
         self._secret = secret or os.urandom(16)
         self._clock = clock
-        self._memo: dict[tuple[str, bytes], Verdict] = {}
+        # The memo, by COOKIE option bytes. The fast path reads it directly (a verdict
+        # holds for `host` from `since` until `until`); only `verdict` writes it.
+        self.verdicts: dict[bytes, Verdict] = {}
         self._memo_size = memo_size
 
-    def rdata(self, option: bytes, host: str, now: float) -> bytes:
-        """Our OPT's RDLENGTH and RDATA for a reply to `host`'s COOKIE `option`: the
-        fast path's `verdict(...).rdata`."""
-        known = self._memo.get((host, option))
-        if known is not None and known[2] <= now < known[3]:  # since, until
-            return known[1]
-        return self.verdict(option, host, now).rdata
+    def __len__(self) -> int:
+        return len(self.verdicts)  # verdicts remembered
 
     def verdict(self, option: bytes, host: str, now: float) -> Verdict:
         """The verdict on `option` (a query's COOKIE data) from `host`, remembered."""
-        memo_key = (host, option)
-        known = self._memo.get(memo_key)
-        if known is not None and known.since <= now < known.until:
+        known = self.verdicts.get(option)
+        if known is not None and known.host == host and known.since <= now < known.until:
             return known
         stamp = int(self._clock())
         age = self._age(option, stamp)
@@ -94,10 +95,10 @@ class Cookies:
             reply, lasts, age = client + head + self._hash(client, head, host), _REISSUE, None
         rdata = _OPTION_HEAD.pack(OPTION_HEADER + len(reply), COOKIE, len(reply)) + reply
         # One second less: `stamp` was rounded down, the clocks are read apart.
-        verdict = Verdict(age is not None, rdata, now, now + lasts - 1)
-        if len(self._memo) >= self._memo_size:
-            self._memo.clear()
-        self._memo[memo_key] = verdict
+        verdict = Verdict(age is not None, rdata, now, now + lasts - 1, host)
+        if len(self.verdicts) >= self._memo_size:
+            self.verdicts.clear()
+        self.verdicts[option] = verdict
         return verdict
 
     def reply_option(self, option: bytes, host: str, now: float) -> bytes:

@@ -38,6 +38,7 @@ from dnsoverride.dns.constants import (
     CLASS_IN,
     COOKIE,
     DO,
+    FLAGS,
     FORMERR,
     HEADER_SIZE,
     IXFR,
@@ -197,9 +198,13 @@ class Resolver:
     def fast(self, data: bytes, host: str, tcp: bool = False) -> bytes | None:
         """The reply from the answer cache (or REFUSED), b"" to drop the query (rate
         limited), or None to take `resolve`."""
-        known = self._keys(data)
+        # The key memo read here, not through a call (this runs per query); `_keys`
+        # makes and remembers the keys of queries it has not seen.
+        known = self._keys.known.get(data[FLAGS:])
         if known is None:
-            return None
+            known = self._keys(data)
+            if known is None:
+                return None
         index = self._clients.get(host)
         if index is None:
             index = self._classify(host)
@@ -213,21 +218,29 @@ class Resolver:
         self, data: bytes, known: wire.QueryKey, host: str, index: int, now: float, *, tcp: bool
     ) -> bytes | None:
         """The answer cache's reply (or REFUSED) to `data`, counted, or None."""
-        key, tcp_key, cookie, udp_limit = known
-        rdata = None if cookie is None else self.cookies.rdata(cookie, host, now)
+        key, tcp_key, cookie = known
+        rdata = None
+        if cookie is not None:
+            # The cookie's remembered verdict, read here rather than through a call (this
+            # runs per query): it must be this client's and hold now (host, since, until).
+            verdict = self.cookies.verdicts.get(cookie)
+            if verdict is not None and verdict[4] == host and verdict[2] <= now < verdict[3]:
+                rdata = verdict[1]
+            else:
+                rdata = self.cookies.verdict(cookie, host, now).rdata
         reply: bytes | None
         if index == NOT_ALLOWED:
             reply = wire.refused(data, key, self._udp_size)
-            if rdata is not None:
+            if rdata is not None:  # fits any UDP size: a question, an OPT and a cookie
                 reply = reply[:-2] + rdata  # it ends in our OPT without options
         else:
             generation = self.zones.state[1]
             cache_key = tcp_key if tcp else key
+            # None also when our cookie would take the reply over the client's size: the
+            # slow path truncates it properly (and counts it).
             reply = self.answers.lookup(index, cache_key, data, generation, now, cookie=rdata)
             if reply is None:
                 return None
-        if rdata is not None and len(reply) > (MAX_MESSAGE if tcp else udp_limit):
-            return None  # the slow path truncates it properly (and counts it)
         if index == NOT_ALLOWED:
             self.stats.count(_REFUSED_LABELS)
         elif self._query_log:
@@ -443,6 +456,8 @@ class Resolver:
         if request.header.qr:
             return None
         edns = answer.client_edns(request)
+        if edns is not None and edns.present and not wire.opt_options_ok(data):
+            edns = None  # options dnslib dropped unread: FORMERR, as any malformed OPT
         options = self._cookie_option(edns, host)
         rcode = None
         if request.header.opcode != 0:

@@ -223,6 +223,7 @@ class BatchedUdpTransport(asyncio.DatagramTransport):
         self._received = [
             (
                 i * SLOT,
+                data + i * SLOT,
                 i * hdr_i + _LEN,
                 i * hdr_i + _NAMELEN,
                 i * NAME,
@@ -273,8 +274,8 @@ class BatchedUdpTransport(asyncio.DatagramTransport):
                     self.error_received(OSError(code, os.strerror(code)))
                 return
             replies = 0
-            for index in range(count):
-                start, length_at, namelen_at, at, key_from, key_to, name_ptr = received[index]
+            for slot in received[:count]:
+                start, start_ptr, length_at, namelen_at, at, key_from, key_to, name_ptr = slot
                 query = data[start : start + recv_i[length_at]]
                 namelen = recv_i[namelen_at]
                 recv_i[namelen_at] = NAME  # the kernel reads it as the room there
@@ -292,7 +293,7 @@ class BatchedUdpTransport(asyncio.DatagramTransport):
                     size = len(reply)
                     data[start : start + size] = reply
                     base_at, size_at, to_at, to_len_at = sending[replies]
-                    iov_q[base_at] = self._data_at + start
+                    iov_q[base_at] = start_ptr
                     iov_q[size_at] = size
                     send_q[to_at] = name_ptr
                     send_i[to_len_at] = namelen

@@ -141,7 +141,6 @@ class QueryKey(NamedTuple):
     udp: bytes  # its `fast_key` key
     tcp: bytes  # the same over TCP (`tcp_key`)
     cookie: bytes | None  # its COOKIE option's data, None without one
-    udp_limit: int  # the largest UDP reply it takes (`key_udp_size`, 512 without EDNS)
 
 
 # How many queries `QueryKeys` remembers: a server's hot set of distinct query byte
@@ -164,15 +163,16 @@ class QueryKeys:
     def __init__(self, max_udp: int, size: int = KEY_MEMO_SIZE) -> None:
         self._max_udp = max_udp
         self._size = size
-        self._known: dict[bytes, QueryKey] = {}
+        # By the query's bytes after the ID (FLAGS on); the fast path reads it directly.
+        self.known: dict[bytes, QueryKey] = {}
 
     def __len__(self) -> int:
-        return len(self._known)
+        return len(self.known)
 
     def __call__(self, data: bytes) -> QueryKey | None:
         """The `QueryKey` of `data`, None when `fast_key` has none."""
         body = data[FLAGS:]
-        known = self._known.get(body)
+        known = self.known.get(body)
         if known is not None:
             return known
         key = fast_key(data, self._max_udp)
@@ -180,11 +180,10 @@ class QueryKeys:
             return None
         start = options_start(key)
         cookie = find_option(data, start, COOKIE) if len(data) > start else None
-        limit = key_udp_size(key) if key[KEY_EDNS] else PLAIN_UDP_SIZE
-        known = QueryKey(key, tcp_key(key), cookie, limit)
-        if len(self._known) >= self._size:
-            self._known.clear()
-        self._known[body] = known
+        known = QueryKey(key, tcp_key(key), cookie)
+        if len(self.known) >= self._size:
+            self.known.clear()
+        self.known[body] = known
         return known
 
 
@@ -203,6 +202,33 @@ def _options_ok(data: bytes, offset: int) -> bool:
                 return False
         offset += OPTION_HEADER + length
     return offset == size
+
+
+def opt_options_ok(message: bytes) -> bool:
+    """Whether the options of the OPT record in `message` (which dnslib parsed) fill its
+    RDATA exactly, with at most one COOKIE option, well-formed (True without an OPT).
+
+    dnslib reads options only while more than 4 bytes are left and drops the rest: a
+    last COOKIE option of length 0, an option header without its data, 1-3 stray bytes.
+    Those are malformed (RFC 6891 6.1.2, RFC 7873 5.2.2: FORMERR), so the caller checks
+    the wire. A message this walk cannot follow (a compression pointer forward) keeps
+    dnslib's verdict.
+    """
+    try:
+        counts = struct.unpack_from("!HHHH", message, COUNTS)
+        offset = HEADER_SIZE
+        for _ in range(counts[0]):
+            offset = skip_name(message, offset) + QUESTION_TAIL
+        for _ in range(counts[1] + counts[2] + counts[3]):
+            offset = skip_name(message, offset)
+            rtype, _rclass, _ttl, rdlength = _RR_FIXED.unpack_from(message, offset)
+            offset += RR_FIXED
+            if rtype == OPT:
+                return _options_ok(message[offset : offset + rdlength], 0)
+            offset += rdlength
+    except (IndexError, ValueError, struct.error):
+        return True
+    return True
 
 
 def cookie_length_ok(length: int) -> bool:

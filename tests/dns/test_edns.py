@@ -5,6 +5,7 @@ the answer-cache fast path and the dnslib path, and BADVERS for unknown EDNS ver
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 from collections.abc import Iterator
 
@@ -101,9 +102,32 @@ def test_a_valid_server_cookie_is_echoed_and_a_forged_one_replaced(server: DnsPe
     assert moved is not None and moved[:8] == client and moved[16:] != first[16:]
 
 
-@pytest.mark.parametrize("length", [1, 7, 9, 15, 41])
+@pytest.mark.parametrize("length", [0, 1, 7, 9, 15, 41])
 def test_malformed_cookie_is_formerr(server: DnsPeer, length: int) -> None:
+    """RFC 7873 5.2.2. Length 0 (the last option) was answered NOERROR without a cookie:
+    dnslib drops a last option shorter than 5 bytes, so the check never saw it."""
     assert _ask(server, "over.example", os.urandom(length)).rcode() == dns.rcode.FORMERR
+
+
+@pytest.mark.parametrize(
+    "tail", [b"\x00", b"\x00\x0a\x00", b"\x00\x0a\x00\x08"], ids=["1", "3", "header"]
+)
+@pytest.mark.parametrize("first", [b"", b"\x00\x0a\x00\x08client01"], ids=["alone", "cookie"])
+def test_opt_data_that_options_do_not_fill_is_formerr(
+    server: DnsPeer, first: bytes, tail: bytes
+) -> None:
+    """An OPT RDATA ending in 1-3 bytes (no room for an option header) or in an option
+    header whose data is missing (a COOKIE announcing 8 bytes, none there) is malformed
+    (RFC 6891 6.1.2: options fill RDATA): FORMERR, after a cookie or alone. Was answered
+    NOERROR: dnslib stops reading options at the last 4 bytes and drops them unread."""
+    options = first + tail
+    query = dns.message.make_query("over.example", "A", use_edns=0).to_wire()
+    query = query[:-2] + len(options).to_bytes(2, "big") + options  # our OPT ends it
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(3)
+        sock.sendto(query, (server.host, server.port))
+        reply = sock.recv(65535)
+    assert reply[:2] == query[:2] and reply[3] & 0x0F == dns.rcode.FORMERR
 
 
 @pytest.mark.parametrize("cookie", [None, b"12345678"])

@@ -6,7 +6,11 @@ A memo must never answer one query with another's key: QTYPEs differing in bit 0
 options. A remembered cookie verdict must end when the cookie's validity ends, and a
 forged or another client's cookie is never valid however often it is sent. Both memos
 are bounded. Checked to fail against a memo keyed by lowercased bytes (the QTYPE tests)
-and against verdicts that never expire (the validity tests).
+and against verdicts that never expire (the validity tests). The fast path reads the
+verdict memo inline and the answer cache remembers each entry's last cookie tail: the
+tests of those fail with the inline host or expiry check taken out, with the remembered
+tail kept across TTL ageing, with the size check on it left out, and with the memo never
+cleared (each checked so).
 """
 
 from __future__ import annotations
@@ -19,11 +23,13 @@ import dns.edns
 import dns.message
 import dns.query
 import dns.rdatatype
+import dnslib
 import pytest
 
 from dnsoverride.dns import wire
+from dnsoverride.dns.cache import COOKIE_TAIL_REPLY, AnswerCache
 from dnsoverride.dns.constants import COOKIE
-from dnsoverride.dns.cookies import Cookies
+from dnsoverride.dns.cookies import MEMO_SIZE, Cookies
 from dnsoverride.dns.resolver import Resolver
 from tests.support.peers import dnsmasq, dnsoverride_serve
 from tests.support.resolvers import in_process_resolver
@@ -61,8 +67,7 @@ def _direct(data: bytes) -> wire.QueryKey | None:
         return None
     start = wire.options_start(key)
     cookie = wire.find_option(data, start, COOKIE) if len(data) > start else None
-    limit = wire.key_udp_size(key) if key[wire.KEY_EDNS] else 512
-    return wire.QueryKey(key, wire.tcp_key(key), cookie, limit)
+    return wire.QueryKey(key, wire.tcp_key(key), cookie)
 
 
 def _variants() -> list[bytes]:
@@ -167,7 +172,7 @@ def test_cookie_memo_is_bounded() -> None:
     cookies = Cookies(secret=b"k" * 16, clock=lambda: 1_000_000.0, memo_size=50)
     for index in range(500):
         cookies.reply_option(b"%08d" % index, f"192.0.2.{index % 200}", now=0.0)
-        assert len(cookies._memo) <= 50
+        assert len(cookies) <= 50
 
 
 @pytest.mark.e2e
@@ -215,7 +220,7 @@ async def _resolver(tmp_path: Path) -> Resolver:
 
 
 def _returned_cookie(reply: bytes) -> bytes:
-    message = dns.message.from_wire(reply)
+    message = dns.message.from_wire(bytes(reply))  # a REFUSED reply is a bytearray
     (option,) = [o for o in message.options if o.otype == COOKIE]
     return bytes(option.to_wire())
 
@@ -249,3 +254,206 @@ async def test_cookie_queries_are_fast_path_hits_with_their_own_cookie(tmp_path:
     assert replaced is not None
     assert _returned_cookie(replaced)[:8] == b"client01"
     assert _returned_cookie(replaced) != forged
+
+
+async def test_the_fast_path_never_gives_one_clients_cookie_verdict_to_another(
+    tmp_path: Path,
+) -> None:
+    """The verdict memo is keyed by the COOKIE option's bytes alone and read inline by
+    `Resolver.fast`: a client replaying another's cookie (client and server part) from
+    its own address, interleaved with the owner's queries so each finds the other's
+    verdict in the memo, never gets it echoed (it gets a server cookie of its own,
+    bound to its address), and the owner's stays valid and echoed throughout. Fails
+    with the inline check's host comparison taken out (the replayer's reply echoes the
+    owner's cookie)."""
+    resolver = await _resolver(tmp_path)
+    owner, replayer = "10.1.2.3", "10.9.8.7"  # both allowed: answers, not REFUSED
+    first = _query(edns=True, options=_cookie_option(b"client01"))
+    assert await resolver.resolve(first, owner, tcp=False)
+    issued = _returned_cookie(resolver.fast(first, owner) or b"")
+    full = _query(edns=True, options=_cookie_option(issued), query_id=9)
+    for _ in range(4):
+        mine = resolver.fast(full, owner)
+        assert mine is not None and _returned_cookie(mine) == issued
+        theirs = resolver.fast(full, replayer)
+        assert theirs is not None
+        replaced = _returned_cookie(theirs)
+        assert replaced[:8] == b"client01" and replaced != issued
+        now = resolver._loop.time()
+        assert not resolver.cookies.valid(issued, replayer, now)
+        assert resolver.cookies.valid(replaced, replayer, now)
+        assert not resolver.cookies.valid(replaced, owner, now)
+
+
+async def test_an_expired_server_cookie_is_not_echoed_from_the_memo(tmp_path: Path) -> None:
+    """A valid server cookie's verdict, remembered on the fast path, is echoed while the
+    cookie is younger than 1800 s (both clocks moving together, as they do), and from
+    then on the query gets a fresh server cookie, though the memo held it as valid
+    a moment before and the same bytes keep coming. Fails with the inline check's
+    `until` comparison taken out (the expired cookie is echoed from the memo)."""
+    monotonic = [1000.0]
+    wall = [1_700_000_000.0]
+    zones = tmp_path / "zones"
+    zones.mkdir()
+    (zones / "z.yaml").write_text("records:\n  www.example.test: {A: 10.0.0.1}\n")
+    resolver = in_process_resolver(zones, clock=lambda: monotonic[0])
+    resolver.cookies = Cookies(secret=b"k" * 16, clock=lambda: wall[0])
+    host = "10.0.0.7"
+    first = _query(edns=True, options=_cookie_option(b"client01"))
+    assert await resolver.resolve(first, host, tcp=False)
+    issued = _returned_cookie(resolver.fast(first, host) or b"")
+    full = _query(edns=True, options=_cookie_option(issued))
+    for elapsed in (0.0, 1.0, 1000.0, 1798.0):
+        monotonic[0], wall[0] = 1000.0 + elapsed, 1_700_000_000.0 + elapsed
+        reply = resolver.fast(full, host)
+        assert reply is not None and _returned_cookie(reply) == issued, elapsed
+    for elapsed in (1800.0, 1801.0, 5000.0):
+        monotonic[0], wall[0] = 1000.0 + elapsed, 1_700_000_000.0 + elapsed
+        reply = resolver.fast(full, host)
+        assert reply is not None
+        fresh = _returned_cookie(reply)
+        assert fresh[:8] == b"client01" and fresh != issued, elapsed
+        assert not resolver.cookies.valid(issued, host, monotonic[0])
+        assert resolver.cookies.valid(fresh, host, monotonic[0])
+
+
+async def test_a_flood_of_distinct_cookies_keeps_the_memos_bounded(tmp_path: Path) -> None:
+    """Three times as many distinct client cookies as the verdict memo holds (its real
+    size, 16,384), from 1,000 addresses, through `fast`: the verdict memo and the query
+    key memo stay within their sizes at every step, every reply carries its own query's
+    client cookie, and a client that proved its address before the flood is still
+    echoed its server cookie after it (its verdict made again when the memo was
+    cleared)."""
+    resolver = await _resolver(tmp_path)
+    owner = "10.1.2.3"
+    first = _query(edns=True, options=_cookie_option(b"owner001"))
+    assert await resolver.resolve(first, owner, tcp=False)
+    issued = _returned_cookie(resolver.fast(first, owner) or b"")
+    flood = 3 * MEMO_SIZE
+    for index in range(flood):
+        client = struct.pack("!Q", index)
+        host = f"10.{index % 4}.{index % 250}.{index % 251 + 1}"
+        query = _query(edns=True, options=_cookie_option(client), query_id=index & 0xFFFF)
+        reply = resolver.fast(query, host)
+        # Our COOKIE option ends the reply: the client cookie, then 16 bytes of ours.
+        assert reply is not None and reply[-24:-16] == client
+        assert reply[3] & 0x0F == 0 and reply[6:8] == b"\x00\x01"  # the cached answer
+        if index % 1000 == 0:
+            assert _returned_cookie(reply)[:8] == client
+        assert len(resolver.cookies) <= MEMO_SIZE
+        assert len(resolver._keys) <= wire.KEY_MEMO_SIZE
+    full = _query(edns=True, options=_cookie_option(issued))
+    reply = resolver.fast(full, owner)
+    assert reply is not None and _returned_cookie(reply) == issued
+
+
+def _cached_forward(cache: AnswerCache, ttl: int, txt_size: int = 0) -> tuple[bytes, bytes]:
+    """A forwarded-style answer (TTLs aged) to an EDNS query from a 1232-byte client,
+    stored at time 0: the query and its key."""
+    query = dnslib.DNSRecord.question("a.example", "A")
+    query.add_ar(dnslib.EDNS0(udp_len=1232))
+    reply = query.reply()
+    reply.add_answer(dnslib.RR("a.example", rdata=dnslib.A("10.0.0.1"), ttl=ttl))
+    if txt_size:
+        text = dnslib.TXT([b"x" * 255] * (txt_size // 256) + [b"y" * (txt_size % 256)])
+        reply.add_answer(dnslib.RR("a.example", dnslib.QTYPE.TXT, rdata=text, ttl=ttl))
+    reply.ar = []
+    packed = reply.pack() + wire.opt_record(1232, False)
+    packed = packed[:10] + b"\x00\x01" + packed[12:]  # ARCOUNT: our OPT
+    key = wire.fast_key(query.pack(), 1232)
+    assert key is not None
+    cache.store(0, key, packed, generation=1, now=0.0, ttl=ttl, counter=[0], age_ttls=True)
+    return bytes(query.pack()), key
+
+
+def _verdict_rdata(server_cookie: bytes) -> bytes:
+    option = b"client01" + server_cookie
+    return struct.pack("!HHH", 4 + len(option), COOKIE, len(option)) + option
+
+
+def test_a_cached_answers_cookie_tail_follows_ttl_ageing_and_each_cookie() -> None:
+    """The answer cache remembers the last cookie's tail per entry (by identity of the
+    verdict's bytes): a hit with that cookie after the TTLs aged carries the aged TTLs,
+    a hit with another cookie carries that cookie, not the remembered one, and both
+    parse as the DNS message they should be. Fails when the remembered tail is not
+    dropped as the TTLs age (the old TTL is served)."""
+    cache = AnswerCache(10, views=1, udp_size=1232)
+    query, key = _cached_forward(cache, ttl=300)
+    mine, theirs = _verdict_rdata(b"\x01" * 16), _verdict_rdata(b"\x02" * 16)
+    for now, cookie, ttl in (
+        (1.0, mine, 299),
+        (1.5, mine, 299),
+        (11.0, mine, 289),
+        (11.0, theirs, 289),
+        (11.0, mine, 289),
+        (100.0, mine, 200),
+    ):
+        reply = cache.lookup(0, key, query, 1, now, cookie=cookie)
+        assert reply is not None
+        parsed = dns.message.from_wire(reply)
+        assert parsed.answer[0].ttl == ttl, now
+        (option,) = parsed.options
+        assert option.otype == COOKIE and option.to_wire() == cookie[6:]
+    plain = cache.lookup(0, key, query, 1, 100.0)  # no cookie: no option
+    assert plain is not None and not dns.message.from_wire(plain).options
+
+
+def test_a_cookie_taking_a_cached_answer_over_the_clients_size_is_a_miss() -> None:
+    """A cached UDP answer that fits the client's 1232 bytes only without our COOKIE
+    option is a hit without a cookie and a miss (for the slow path to truncate) with
+    one, each time (the remembered tail is only made for a cookie that fits)."""
+    cache = AnswerCache(10, views=1, udp_size=1232)
+    query, key = _cached_forward(cache, ttl=300, txt_size=1150)
+    plain = cache.lookup(0, key, query, 1, 1.0)
+    assert plain is not None and 1232 - 30 < len(plain) <= 1232
+    cookie = _verdict_rdata(b"\x01" * 16)
+    for _ in range(3):
+        assert cache.lookup(0, key, query, 1, 1.0, cookie=cookie) is None
+    assert cache.lookup(0, key, query, 1, 1.0) == plain
+
+
+def test_a_cookie_reply_of_exactly_the_clients_size_is_a_hit_one_byte_more_a_miss() -> None:
+    """At the boundary, byte by byte: cached answers whose reply with a 24-byte server
+    cookie comes to 1,231, 1,232 and 1,233 bytes for a 1232-byte client are a hit, a
+    hit and a miss, over UDP; over TCP all three are hits. Fails with the room for the
+    cookie off by one either way (checked so)."""
+    cookie = _verdict_rdata(b"\x01" * 16)  # 30 bytes: RDLENGTH, option header, 24 bytes
+    for over in (-1, 0, 1):
+        cache = AnswerCache(10, views=1, udp_size=1232)
+        query, key = _cached_forward(cache, ttl=300, txt_size=1150)
+        plain = cache.lookup(0, key, query, 1, 1.0)
+        assert plain is not None
+        # Grow the answer so that with the cookie it is 1232 + `over` bytes.
+        query, key = _cached_forward(
+            cache, ttl=300, txt_size=1150 + 1232 + over - (len(plain) - 2 + 30)
+        )
+        for _ in range(2):  # building the tail, then the remembered one
+            reply = cache.lookup(0, key, query, 1, 1.0, cookie=cookie)
+            if over > 0:
+                assert reply is None, over
+            else:
+                assert reply is not None and len(reply) == 1232 + over
+                assert reply.endswith(cookie[6:])
+        tcp_key = wire.tcp_key(key)
+        packed = cache._views[0][key].base
+        cache.store(0, tcp_key, packed, generation=1, now=0.0, ttl=300, counter=[0], age_ttls=True)
+        reply = cache.lookup(0, tcp_key, query, 1, 1.0, cookie=cookie)
+        assert reply is not None and len(reply) == 1232 + over
+
+
+def test_only_small_replies_remember_a_cookie_tail() -> None:
+    """The remembered tail is a copy `cache.max_bytes` does not count: a reply over 512
+    bytes is answered with each cookie correctly but keeps no copy (made per hit); one
+    of 512 bytes or less keeps one."""
+    cache = AnswerCache(10, views=1, udp_size=1232)
+    big_query, big_key = _cached_forward(cache, ttl=300, txt_size=900)
+    small_cache = AnswerCache(10, views=1, udp_size=1232)
+    small_query, small_key = _cached_forward(small_cache, ttl=300)
+    cookie = _verdict_rdata(b"\x01" * 16)
+    for _ in range(2):
+        big = cache.lookup(0, big_key, big_query, 1, 1.0, cookie=cookie)
+        assert big is not None and len(big) > COOKIE_TAIL_REPLY and big.endswith(cookie[6:])
+        small = small_cache.lookup(0, small_key, small_query, 1, 1.0, cookie=cookie)
+        assert small is not None and small.endswith(cookie[6:])
+    assert cache._views[0][big_key].cookie_rdata is None
+    assert small_cache._views[0][small_key].cookie_rdata is cookie
