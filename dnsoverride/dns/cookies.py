@@ -4,8 +4,10 @@ A client that sends a client cookie gets it back with a server cookie in the lay
 RFC 9018 (version 1, reserved, timestamp, hash). The hash is a keyed BLAKE2b-64 rather
 than RFC 9018's SipHash-2-4 (not in the standard library), which only matters for
 anycast fleets sharing one secret; the secret here is random per `serve` (its worker
-processes get the supervisor's). A valid server cookie younger than half an hour is
-echoed unchanged (RFC 9018 section 4.3), anything else gets a fresh one.
+processes get the supervisor's). A server cookie is valid for an hour after its
+timestamp (and up to 5 minutes before it: clock skew); one younger than half an hour is
+echoed unchanged, an older valid one is replaced by a fresh one though it still counts
+as valid (RFC 9018 section 4.3), and anything else gets a fresh one.
 Cookies are never required: a query without one, or with a wrong one, is answered
 normally (RFC 7873 5.2.3/5.2.4 allow that), so this never breaks a client; malformed
 COOKIE options get FORMERR (the caller's job).
@@ -34,7 +36,8 @@ from typing import NamedTuple
 from dnsoverride.dns.constants import CLIENT_COOKIE_SIZE, COOKIE, OPTION_HEADER
 
 _VERSION_RESERVED = b"\x01\x00\x00\x00"
-_FRESH = 1800  # seconds a server cookie is echoed before a new one is made
+_FRESH = 1800  # seconds a server cookie is echoed before a new one is made ...
+_VALID = 3600  # ... and valid (RFC 9018 4.3: the client may not have switched yet)
 _FUTURE = 300  # seconds of clock skew a timestamp may be ahead
 # How long a fresh server cookie made for a (client, option) pair is handed out again
 # to the same pair: well inside its validity, so a client echoing it is never refused.
@@ -87,12 +90,17 @@ class Cookies:
             return known
         stamp = int(self._clock())
         age = self._age(option, stamp)
-        if age is not None and self._hash_ok(option, host):
+        if age is not None and not self._hash_ok(option, host):
+            age = None
+        if age is not None and age < _FRESH:
             reply, lasts = option, _FRESH - age
         else:
             client = option[:CLIENT_COOKIE_SIZE]
             head = _VERSION_RESERVED + _STAMP.pack(stamp & 0xFFFFFFFF)
-            reply, lasts, age = client + head + self._hash(client, head, host), _REISSUE, None
+            reply = client + head + self._hash(client, head, host)
+            # A valid cookie past its half hour stays valid (the client has not seen the
+            # fresh one yet) only as long as the old one would.
+            lasts = _REISSUE if age is None else min(_REISSUE, _VALID - age)
         rdata = _OPTION_HEAD.pack(OPTION_HEADER + len(reply), COOKIE, len(reply)) + reply
         # One second less: `stamp` was rounded down, the clocks are read apart.
         verdict = Verdict(age is not None, rdata, now, now + lasts - 1, host)
@@ -107,17 +115,18 @@ class Cookies:
 
     def valid(self, option: bytes, host: str, now: float) -> bool:
         """Whether `option` (a query's COOKIE data) holds a server cookie we made for
-        `host` within the last half hour: the client has proven its address."""
+        `host` within the last hour: the client has proven its address."""
         return self.verdict(option, host, now).valid
 
     def _age(self, option: bytes, now: int) -> int | None:
         """The age in seconds of the server cookie in `option` when it has our layout and
-        is fresh (a timestamp up to `_FUTURE` seconds ahead counts as age 0); else None."""
+        is within its validity (a timestamp up to `_FUTURE` seconds ahead counts as age 0);
+        else None."""
         if len(option) != _SERVER_COOKIE or option[8:12] != _VERSION_RESERVED:
             return None
         stamp = int.from_bytes(option[12:16], "big")
         age = (now - stamp) % (1 << 32)  # serial arithmetic: the stamp wraps
-        if age < _FRESH:
+        if age < _VALID:
             return age
         if (1 << 32) - age <= _FUTURE:
             return 0

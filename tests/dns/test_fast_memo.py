@@ -121,9 +121,12 @@ def test_memo_is_bounded_and_keeps_answering_right() -> None:
 
 
 def test_cookie_verdict_ends_with_the_cookies_validity() -> None:
-    """Wall clock and monotonic clock move together, as they do; a valid server cookie
-    stays valid (and echoed) until 1800 s after its timestamp, then a new one is made,
-    however many times it was remembered as valid before."""
+    """Wall clock and monotonic clock move together, as they do; a valid server cookie is
+    echoed until 1800 s after its timestamp, then replaced by a fresh one while it stays
+    valid (RFC 9018 4.3: the client may not have switched yet) until 3600 s, then it is
+    not valid, however many times it was remembered as valid before. Fails on the code
+    before this (a cookie 1800-3600 s old was not valid: its client lost the rate-limit
+    exemption a proven address has)."""
     wall = [1_000_000.0]
     cookies = Cookies(secret=b"k" * 16, clock=lambda: wall[0])
     host = "192.0.2.7"
@@ -133,23 +136,30 @@ def test_cookie_verdict_ends_with_the_cookies_validity() -> None:
         wall[0] = 1_000_000.0 + elapsed
         assert cookies.valid(issued, host, now=elapsed), elapsed
         assert cookies.reply_option(issued, host, now=elapsed) == issued
-    wall[0] = 1_000_000.0 + 1800.0
-    assert not cookies.valid(issued, host, now=1800.0)
-    fresh = cookies.reply_option(issued, host, now=1800.0)
-    assert fresh[:8] == b"client01" and fresh != issued
-    assert cookies.valid(fresh, host, now=1800.0)
+    for elapsed in (1800.0, 1801.0, 3000.0, 3598.0):
+        wall[0] = 1_000_000.0 + elapsed
+        assert cookies.valid(issued, host, now=elapsed), elapsed
+        fresh = cookies.reply_option(issued, host, now=elapsed)
+        assert fresh[:8] == b"client01" and fresh != issued, elapsed
+        assert cookies.valid(fresh, host, now=elapsed)
+    for elapsed in (3600.0, 3601.0, 5000.0):
+        wall[0] = 1_000_000.0 + elapsed
+        assert not cookies.valid(issued, host, now=elapsed), elapsed
+        fresh = cookies.reply_option(issued, host, now=elapsed)
+        assert fresh[:8] == b"client01" and fresh != issued
+        assert cookies.valid(fresh, host, now=elapsed)
 
 
 def test_a_wall_clock_step_does_not_stretch_a_verdict() -> None:
-    """The memo runs on the monotonic clock: a valid verdict is not kept past 1800 s of
-    monotonic time even if the wall clock was stepped back meanwhile (then the cookie's
-    age is computed afresh from the wall clock, as without a memo)."""
+    """The memo runs on the monotonic clock: a valid verdict is not kept past the
+    cookie's validity (3600 s) of monotonic time (then the cookie's age is computed
+    afresh from the wall clock, as without a memo)."""
     wall = [1_000_000.0]
     cookies = Cookies(secret=b"k" * 16, clock=lambda: wall[0])
     issued = cookies.reply_option(b"client01", "192.0.2.7", now=0.0)
     assert cookies.valid(issued, "192.0.2.7", now=10.0)
-    wall[0] = 1_000_000.0 + 1900.0  # the wall clock moved on 1900 s, monotonic 1900 s too
-    assert not cookies.valid(issued, "192.0.2.7", now=1900.0)
+    wall[0] = 1_000_000.0 + 3700.0  # the wall clock moved on 3700 s, monotonic 3700 s too
+    assert not cookies.valid(issued, "192.0.2.7", now=3700.0)
 
 
 def test_forged_and_borrowed_cookies_are_never_valid_however_often_sent() -> None:
@@ -288,9 +298,10 @@ async def test_the_fast_path_never_gives_one_clients_cookie_verdict_to_another(
 async def test_an_expired_server_cookie_is_not_echoed_from_the_memo(tmp_path: Path) -> None:
     """A valid server cookie's verdict, remembered on the fast path, is echoed while the
     cookie is younger than 1800 s (both clocks moving together, as they do), and from
-    then on the query gets a fresh server cookie, though the memo held it as valid
-    a moment before and the same bytes keep coming. Fails with the inline check's
-    `until` comparison taken out (the expired cookie is echoed from the memo)."""
+    then on the query gets a fresh server cookie (the old one valid until 3600 s),
+    though the memo held it as valid a moment before and the same bytes keep coming.
+    Fails with the inline check's `until` comparison taken out (the expired cookie is
+    echoed from the memo), and on the code before the hour's validity (RFC 9018 4.3)."""
     monotonic = [1000.0]
     wall = [1_700_000_000.0]
     zones = tmp_path / "zones"
@@ -307,13 +318,14 @@ async def test_an_expired_server_cookie_is_not_echoed_from_the_memo(tmp_path: Pa
         monotonic[0], wall[0] = 1000.0 + elapsed, 1_700_000_000.0 + elapsed
         reply = resolver.fast(full, host)
         assert reply is not None and _returned_cookie(reply) == issued, elapsed
-    for elapsed in (1800.0, 1801.0, 5000.0):
+    for elapsed in (1800.0, 1801.0, 3000.0, 3600.0, 5000.0):
         monotonic[0], wall[0] = 1000.0 + elapsed, 1_700_000_000.0 + elapsed
         reply = resolver.fast(full, host)
         assert reply is not None
         fresh = _returned_cookie(reply)
         assert fresh[:8] == b"client01" and fresh != issued, elapsed
-        assert not resolver.cookies.valid(issued, host, monotonic[0])
+        # Replaced from 1800 s, still valid until 3600 s (RFC 9018 4.3).
+        assert resolver.cookies.valid(issued, host, monotonic[0]) == (elapsed < 3600), elapsed
         assert resolver.cookies.valid(fresh, host, monotonic[0])
 
 
