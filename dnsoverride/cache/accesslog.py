@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 from contextvars import ContextVar
+from typing import TypeVar
 
 import structlog
 from aiohttp import web
@@ -30,14 +31,20 @@ from aiohttp.web_request import BaseRequest
 
 log = structlog.get_logger("dnsoverride.cache.access")
 
+T = TypeVar("T")
+
 # What the cache did for the current request; handlers run in the request's own task.
 _cache_result: ContextVar[str | None] = ContextVar("cache_result", default=None)
 
-UPSTREAM_KEY = "upstream"
-USER_KEY = "user"
-ERROR_KEY = "error"
+# What a handler keeps with the request for its line (typed keys: aiohttp warns of str
+# keys in a request's storage, and two modules' keys cannot collide).
+UPSTREAM_KEY = web.RequestKey[str]("upstream")
+USER_KEY = web.RequestKey[str]("user")
+CACHE_KEY = web.RequestKey[str | None]("cache")
+ERROR_KEY = web.RequestKey[tuple[str, str]]("error")  # (code, message)
 # Body bytes sent with sendfile, which aiohttp's count (`body_length`) leaves out.
-SENDFILE_KEY = "sendfile_bytes"
+SENDFILE_KEY = web.RequestKey[int]("sendfile_bytes")
+_FIELDS = (("upstream", UPSTREAM_KEY), ("user", USER_KEY), ("cache", CACHE_KEY))
 
 
 def note_cache(result: str) -> None:
@@ -49,7 +56,7 @@ def cache_result() -> str | None:
     return _cache_result.get()
 
 
-def remember(request: BaseRequest, key: str, value: object) -> None:
+def remember(request: BaseRequest, key: web.RequestKey[T], value: T) -> None:
     """Keep a field (upstream, user, error, cache) with the request for its log line."""
     request[key] = value
 
@@ -66,12 +73,12 @@ class AccessLogger(AbstractAccessLogger):
             "duration_ms": round(time * 1000, 1),
             "client": request.remote,
         }
-        for key in (UPSTREAM_KEY, USER_KEY, "cache"):
+        for field, key in _FIELDS:
             value = request.get(key)
             if value is not None:
-                fields[key] = value
+                fields[field] = value
         error = request.get(ERROR_KEY)
-        if isinstance(error, tuple):
+        if error is not None:
             fields["error_code"], fields["error"] = error
         elif response.status >= 400 and isinstance(response, web.Response) and response.text:
             # aiohttp's own plain-text answer to a request it could not parse: the reason.

@@ -56,6 +56,7 @@ from aiohttp.web_request import BaseRequest
 from yarl import URL
 
 from dnsoverride.cache.accesslog import (
+    CACHE_KEY,
     ERROR_KEY,
     SENDFILE_KEY,
     UPSTREAM_KEY,
@@ -816,7 +817,7 @@ def noted(request: web.Request, result: str) -> None:
     """The cache's part in the request (hit, miss, coalesced, stale, passthrough), for its
     access-log line."""
     note_cache(result)
-    remember(request, "cache", result)
+    remember(request, CACHE_KEY, result)
 
 
 def _clear_refresh(repository: Repository) -> None:

@@ -21,7 +21,7 @@ import structlog
 from aiohttp import web
 
 from dnsoverride.cache import accesslog
-from dnsoverride.cache.accesslog import ERROR_KEY, UPSTREAM_KEY, USER_KEY, remember
+from dnsoverride.cache.accesslog import CACHE_KEY, ERROR_KEY, UPSTREAM_KEY, USER_KEY, remember
 from dnsoverride.cache.registry.access import Access, Probe, challenge
 from dnsoverride.cache.registry.blobs import Blobs
 from dnsoverride.cache.registry.client_tokens import LIFETIME as TOKEN_LIFETIME
@@ -324,7 +324,7 @@ class RegistryHandler:
                     request.method, request.path_qs, response.status, error.code, error.message
                 )
         if accesslog.cache_result():
-            remember(request, "cache", accesslog.cache_result())
+            remember(request, CACHE_KEY, accesslog.cache_result())
         self.stats.requests[(_endpoint(request.path), response.status)] += 1
         return response
 
